@@ -1,0 +1,19 @@
+//! The sandbox layer of storehost: one wasmtime engine for the host, one sandbox per store.
+//!
+//! This crate knows WebAssembly, limits and failure classes; it knows nothing of HTTP, SQLite or
+//! tenants' configuration. A store hands each sandbox a [`HostCapabilities`] implementation —
+//! the only way the guest reaches anything outside its own memory.
+
+pub mod bindings;
+pub mod failure;
+pub mod host;
+pub mod plugin;
+pub mod runtime;
+pub mod sandbox;
+
+pub use bindings::storehost::plugin::types::{Event, Rows, SqlError, Value};
+pub use failure::{FailureReason, InvocationError};
+pub use host::{HostCapabilities, LogLevel};
+pub use plugin::{Plugin, PluginError};
+pub use runtime::{Runtime, RuntimeOptions};
+pub use sandbox::{Limits, Sandbox, SandboxOptions, Usage};

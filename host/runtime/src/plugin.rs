@@ -1,0 +1,156 @@
+//! Plugins: validated, content-addressed, compiled once, cached on disk.
+
+use std::fs;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+
+use crate::bindings::PluginPre;
+use crate::host::HostCapabilities;
+use crate::runtime::Runtime;
+use crate::sandbox::InstanceState;
+
+/// A plugin that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The bytes are not a WebAssembly component wasmtime can compile.
+    #[error(
+        "not a valid WebAssembly component: {0}; build plugins with `cargo build --target wasm32-wasip2`"
+    )]
+    Compile(String),
+    /// The component does not implement the `storehost:plugin/plugin` world.
+    #[error("the component does not implement the storehost:plugin@0.1.0 world: {0}")]
+    World(String),
+}
+
+/// A compiled plugin, ready to instantiate sandboxes from.
+pub struct Plugin<H: HostCapabilities> {
+    sha256: String,
+    size: usize,
+    pub(crate) fuel_metered: bool,
+    pub(crate) pre: PluginPre<InstanceState<H>>,
+}
+
+impl<H: HostCapabilities> std::fmt::Debug for Plugin<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("sha256", &self.sha256)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: HostCapabilities> Plugin<H> {
+    /// Validates and compiles `wasm` (or loads its compiled form from the runtime's cache).
+    pub fn load(runtime: &Arc<Runtime<H>>, wasm: &[u8]) -> Result<Arc<Self>, PluginError> {
+        let sha256 = hex::encode(Sha256::digest(wasm));
+        let component = match &runtime.options.cache_dir {
+            Some(dir) => load_cached(runtime, dir, &sha256, wasm)?,
+            None => compile(runtime, wasm)?,
+        };
+        let instance_pre = runtime
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|err| PluginError::World(format!("{err:#}")))?;
+        let pre = PluginPre::new(instance_pre).map_err(|err| PluginError::World(format!("{err:#}")))?;
+        Ok(Arc::new(Self {
+            sha256,
+            size: wasm.len(),
+            fuel_metered: runtime.options.fuel,
+            pre,
+        }))
+    }
+
+    /// The SHA-256 of the component's bytes, hex-encoded.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// The size of the component, in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+}
+
+fn compile<H: HostCapabilities>(
+    runtime: &Runtime<H>,
+    wasm: &[u8],
+) -> Result<Component, PluginError> {
+    Component::new(&runtime.engine, wasm).map_err(|err| PluginError::Compile(format!("{err:#}")))
+}
+
+/// Looks the compiled artifact up by content and engine; recompiles on any mismatch.
+///
+/// A cached artifact is trusted only if the SHA-256 stored beside it matches its bytes: a
+/// deserialized artifact is executable code, and wasmtime does no integrity check of its own.
+fn load_cached<H: HostCapabilities>(
+    runtime: &Runtime<H>,
+    dir: &Path,
+    sha256: &str,
+    wasm: &[u8],
+) -> Result<Component, PluginError> {
+    let mut hasher = DefaultHasher::new();
+    runtime.engine.precompile_compatibility_hash().hash(&mut hasher);
+    let key = format!("{sha256}-{:016x}", hasher.finish());
+    let artifact = dir.join(format!("{key}.cwasm"));
+    let checksum = dir.join(format!("{key}.cwasm.sha256"));
+
+    if let (Ok(bytes), Ok(expected)) = (fs::read(&artifact), fs::read_to_string(&checksum))
+        && hex::encode(Sha256::digest(&bytes)) == expected.trim()
+    {
+        match deserialize_verified(runtime, &bytes) {
+            Ok(component) => return Ok(component),
+            Err(err) => tracing::warn!(
+                artifact = %artifact.display(),
+                "cached plugin artifact rejected, recompiling: {err:#}"
+            ),
+        }
+    }
+
+    let component = compile(runtime, wasm)?;
+    if let Err(err) = store_artifact(dir, &artifact, &checksum, &component) {
+        tracing::warn!(dir = %dir.display(), "could not cache the compiled plugin: {err}");
+    }
+    Ok(component)
+}
+
+#[allow(unsafe_code)]
+fn deserialize_verified<H: HostCapabilities>(
+    runtime: &Runtime<H>,
+    bytes: &[u8],
+) -> wasmtime::Result<Component> {
+    // SAFETY: `bytes` were produced by `Component::serialize` of an engine with the same
+    // compatibility hash (it is part of the file name), written by this host into its own cache
+    // directory, and their SHA-256 matched the checksum recorded next to them when written.
+    unsafe { Component::deserialize(&runtime.engine, bytes) }
+}
+
+fn store_artifact(
+    dir: &Path,
+    artifact: &Path,
+    checksum: &Path,
+    component: &Component,
+) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let bytes = component
+        .serialize()
+        .map_err(|err| std::io::Error::other(format!("{err:#}")))?;
+    write_atomically(dir, artifact, &bytes)?;
+    write_atomically(dir, checksum, hex::encode(Sha256::digest(&bytes)).as_bytes())
+}
+
+fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp: PathBuf = dir.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("artifact")
+    ));
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)
+}

@@ -1,0 +1,143 @@
+//! The one engine of a host: configuration, pooling allocator, epoch ticker, shared linker.
+
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wasmtime::component::Linker;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::bindings::Plugin as PluginWorld;
+use crate::host::HostCapabilities;
+use crate::sandbox::InstanceState;
+
+/// How often the epoch advances: the granularity of CPU-time accounting and of yields.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Host-wide settings of the runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Sandboxes that may be live at once (pool slots).
+    pub max_live_sandboxes: u32,
+    /// The largest linear memory any store may be granted, in bytes.
+    pub max_memory_bytes: u64,
+    /// Meter fuel (enables the `fuel_per_call` quota; costs some speed).
+    pub fuel: bool,
+    /// Where compiled plugins are cached; `None` compiles every time.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            max_live_sandboxes: 1_000,
+            max_memory_bytes: 256 << 20,
+            fuel: false,
+            cache_dir: None,
+        }
+    }
+}
+
+/// The host's wasmtime engine and the linker every sandbox is instantiated through.
+pub struct Runtime<H: HostCapabilities> {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<InstanceState<H>>,
+    pub(crate) options: RuntimeOptions,
+    ticker: EpochTicker,
+    _host: PhantomData<fn() -> H>,
+}
+
+impl<H: HostCapabilities> std::fmt::Debug for Runtime<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: HostCapabilities> Runtime<H> {
+    /// Builds the engine (pooling allocator sized from `options`) and starts its epoch ticker.
+    pub fn new(options: RuntimeOptions) -> wasmtime::Result<Arc<Self>> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.consume_fuel(options.fuel);
+        config.concurrency_support(false);
+        // One Rust wasip2 component: 3 core instances, 2 tables, 1 memory, 1 stack (ENGINEERING.md).
+        let slots = options.max_live_sandboxes.max(1);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(4))
+            .total_memories(slots.saturating_mul(2))
+            .total_tables(slots.saturating_mul(3))
+            .total_stacks(slots)
+            .max_memory_size(usize::try_from(options.max_memory_bytes).unwrap_or(usize::MAX));
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        PluginWorld::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |state| {
+            state
+        })?;
+
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            options,
+            ticker,
+            _host: PhantomData,
+        }))
+    }
+
+    /// The underlying wasmtime engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The options this runtime was built with.
+    pub fn options(&self) -> &RuntimeOptions {
+        &self.options
+    }
+
+    /// Whether the epoch ticker thread is alive (it only stops when the runtime is dropped).
+    pub fn ticker_running(&self) -> bool {
+        self.ticker.handle.as_ref().is_some_and(|h| !h.is_finished())
+    }
+}
+
+/// An OS thread advancing the engine's epoch every [`EPOCH_TICK`]; stopped on drop.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("storehost-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .ok();
+        Self { stop, handle }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}

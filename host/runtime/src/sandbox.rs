@@ -1,0 +1,522 @@
+//! One store's sandbox: a wasmtime `Store` and plugin instance, with its limits enforced and
+//! every failure classified.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::bindings::storehost::plugin::{clock, config, events, log, sql, types};
+use crate::bindings::Plugin as PluginInstance;
+use crate::failure::{FailureReason, InvocationError};
+use crate::host::HostCapabilities;
+use crate::plugin::Plugin;
+use crate::{Event, Rows, SqlError, Value};
+
+/// Where a sandbox's guest sees its own files directory.
+pub const GUEST_FILES_PATH: &str = "/data";
+
+/// How much of the guest's stderr is kept (panic messages are read from it).
+const STDERR_CAPACITY: usize = 64 << 10;
+
+/// The per-invocation limits of one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Maximum linear memory, in bytes.
+    pub memory_bytes: u64,
+    /// Fuel per call, when the runtime meters fuel; `None` = unlimited.
+    pub fuel_per_call: Option<u64>,
+    /// CPU time per call, in milliseconds.
+    pub cpu_ms_per_call: u64,
+    /// Wall-clock time per call, in milliseconds (covers time awaiting host calls).
+    pub wall_ms_per_call: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 64 << 20,
+            fuel_per_call: None,
+            cpu_ms_per_call: 1_000,
+            wall_ms_per_call: 10_000,
+        }
+    }
+}
+
+/// What a sandbox is created with.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxOptions {
+    /// A host directory the guest sees at [`GUEST_FILES_PATH`]; nothing else is reachable.
+    pub files_dir: Option<PathBuf>,
+    /// The limits of each invocation.
+    pub limits: Limits,
+}
+
+/// What a sandbox has used so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time used by guest code, in milliseconds (epoch ticks).
+    pub cpu_ms: u64,
+    /// The largest linear memory the guest reached, in bytes.
+    pub memory_peak: u64,
+    /// Fuel consumed (0 when the runtime does not meter fuel).
+    pub fuel: u64,
+}
+
+/// The data wasmtime keeps for one sandbox.
+pub struct InstanceState<H> {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    host: H,
+    limiter: MemoryLimiter,
+    cpu: CpuMeter,
+}
+
+/// One live plugin instance with its limits.
+pub struct Sandbox<H: HostCapabilities> {
+    store: Store<InstanceState<H>>,
+    instance: PluginInstance,
+    stderr: MemoryOutputPipe,
+    limits: Limits,
+    fuel_metered: bool,
+    fuel_used: u64,
+    poisoned: bool,
+}
+
+impl<H: HostCapabilities> std::fmt::Debug for Sandbox<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("limits", &self.limits)
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The error the epoch callback raises when a call used up its CPU time.
+#[derive(Debug, thiserror::Error)]
+#[error("used more than {limit_ms} ms of CPU time in one call")]
+struct CpuTimeExceeded {
+    limit_ms: u64,
+}
+
+/// A host function failed in a way the guest cannot handle; the call traps.
+#[derive(Debug, thiserror::Error)]
+#[error("host failure: {0}")]
+pub struct HostFailure(pub String);
+
+impl<H: HostCapabilities> Sandbox<H> {
+    /// Instantiates `plugin` with `host` as its capabilities.
+    pub async fn new(
+        plugin: &Plugin<H>,
+        host: H,
+        options: SandboxOptions,
+    ) -> Result<Self, InvocationError> {
+        let engine = plugin.pre.engine();
+        let fuel_metered = plugin.fuel_metered;
+        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stderr(stderr.clone()).stdout(stderr.clone());
+        if let Some(dir) = &options.files_dir {
+            wasi.preopened_dir(dir, GUEST_FILES_PATH, FsPerms::ReadWrite)
+                .map_err(|err| {
+                    InvocationError::new(
+                        FailureReason::HostError,
+                        format!("could not open the store's files directory: {err:#}"),
+                    )
+                })?;
+        }
+        let state = InstanceState {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            host,
+            limiter: MemoryLimiter::new(options.limits.memory_bytes),
+            cpu: CpuMeter::default(),
+        };
+        let mut store = Store::new(engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_callback(|mut ctx| {
+            let cpu = &mut ctx.data_mut().cpu;
+            cpu.ticks_this_call += 1;
+            cpu.total_ticks += 1;
+            if cpu.ticks_this_call > cpu.limit_ticks {
+                return Err(CpuTimeExceeded {
+                    limit_ms: cpu.limit_ticks,
+                }
+                .into());
+            }
+            // Yield every tick so a spinning guest never starves other stores on this worker.
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
+        if fuel_metered {
+            store
+                .set_fuel(options.limits.fuel_per_call.unwrap_or(u64::MAX))
+                .map_err(|err| InvocationError::new(FailureReason::HostError, format!("{err:#}")))?;
+        }
+        store.set_epoch_deadline(1);
+        store.data_mut().cpu.limit_ticks = options.limits.cpu_ms_per_call;
+
+        let wall = Duration::from_millis(options.limits.wall_ms_per_call);
+        let instance = match tokio::time::timeout(wall, plugin.pre.instantiate_async(&mut store)).await {
+            Ok(Ok(instance)) => instance,
+            Ok(Err(err)) => {
+                let limiter = &store.data().limiter;
+                return Err(classify_instantiation(&err, limiter));
+            }
+            Err(_) => {
+                return Err(InvocationError::new(
+                    FailureReason::WallTime,
+                    format!(
+                        "instantiating the plugin took longer than wall_ms_per_call ({} ms)",
+                        options.limits.wall_ms_per_call
+                    ),
+                ));
+            }
+        };
+        Ok(Self {
+            store,
+            instance,
+            stderr,
+            limits: options.limits,
+            fuel_metered,
+            fuel_used: 0,
+            poisoned: false,
+        })
+    }
+
+    /// Delivers one event to the plugin's `handle-event`.
+    pub async fn handle_event(&mut self, event: &Event) -> Result<(), InvocationError> {
+        let mark = self.begin_call()?;
+        let wall = self.wall_limit();
+        let call = self.instance.call_handle_event(&mut self.store, event);
+        let outcome = tokio::time::timeout(wall, call).await;
+        self.finish_call(mark, outcome)
+    }
+
+    /// Runs one scheduled task through the plugin's `run-task`.
+    pub async fn run_task(&mut self, task_id: &str, payload: &str) -> Result<(), InvocationError> {
+        let mark = self.begin_call()?;
+        let wall = self.wall_limit();
+        let call = self.instance.call_run_task(&mut self.store, task_id, payload);
+        let outcome = tokio::time::timeout(wall, call).await;
+        self.finish_call(mark, outcome)
+    }
+
+    /// Answers a named query through the plugin's `query`.
+    pub async fn query(&mut self, name: &str, args: &str) -> Result<String, InvocationError> {
+        let mark = self.begin_call()?;
+        let wall = self.wall_limit();
+        let call = self.instance.call_query(&mut self.store, name, args);
+        let outcome = tokio::time::timeout(wall, call).await;
+        self.finish_call(mark, outcome)
+    }
+
+    /// The capabilities this sandbox was given (for the store to read what a call buffered).
+    pub fn host_mut(&mut self) -> &mut H {
+        &mut self.store.data_mut().host
+    }
+
+    /// Whether a trap or timeout made this sandbox unusable; the store must build a new one.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Changes the limits of later calls (memory applies to later growth).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.store.data_mut().limiter.limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
+        self.limits = limits;
+    }
+
+    /// What this sandbox has used so far.
+    pub fn usage(&self) -> Usage {
+        let state = self.store.data();
+        Usage {
+            cpu_ms: state.cpu.total_ticks,
+            memory_peak: state.limiter.peak as u64,
+            fuel: self.fuel_used,
+        }
+    }
+
+    fn wall_limit(&self) -> Duration {
+        Duration::from_millis(self.limits.wall_ms_per_call)
+    }
+
+    /// Resets per-call meters; returns where this call's stderr output starts.
+    fn begin_call(&mut self) -> Result<usize, InvocationError> {
+        if self.poisoned {
+            return Err(InvocationError::new(
+                FailureReason::HostError,
+                "the sandbox is poisoned by an earlier failure; it must be rebuilt",
+            ));
+        }
+        let fuel = self.limits.fuel_per_call.unwrap_or(u64::MAX);
+        if self.fuel_metered {
+            self.store
+                .set_fuel(fuel)
+                .map_err(|err| InvocationError::new(FailureReason::HostError, format!("{err:#}")))?;
+        }
+        let limit_ticks = self.limits.cpu_ms_per_call;
+        let state = self.store.data_mut();
+        state.cpu.ticks_this_call = 0;
+        state.cpu.limit_ticks = limit_ticks;
+        state.limiter.refused = None;
+        let _ = state.host.take_breach();
+        self.store.set_epoch_deadline(1);
+        Ok(self.stderr.contents().len())
+    }
+
+    fn finish_call<R>(
+        &mut self,
+        stderr_mark: usize,
+        outcome: Result<wasmtime::Result<Result<R, String>>, tokio::time::error::Elapsed>,
+    ) -> Result<R, InvocationError> {
+        if self.fuel_metered {
+            let budget = self.limits.fuel_per_call.unwrap_or(u64::MAX);
+            let left = self.store.get_fuel().unwrap_or(0);
+            self.fuel_used = self.fuel_used.saturating_add(budget.saturating_sub(left));
+        }
+        let breach = self.store.data_mut().host.take_breach();
+        match outcome {
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(message))) => Err(match breach {
+                Some((reason, detail)) => {
+                    InvocationError::new(reason, format!("{detail} (the plugin said: {message})"))
+                }
+                None => InvocationError::new(FailureReason::PluginError, message),
+            }),
+            Ok(Err(err)) => {
+                self.poisoned = true;
+                Err(self.classify_trap(&err, stderr_mark, breach))
+            }
+            Err(_elapsed) => {
+                // Dropping the in-flight call poisons the store (ENGINEERING.md).
+                self.poisoned = true;
+                Err(InvocationError::new(
+                    FailureReason::WallTime,
+                    format!(
+                        "the call took longer than wall_ms_per_call ({} ms)",
+                        self.limits.wall_ms_per_call
+                    ),
+                ))
+            }
+        }
+    }
+
+    fn classify_trap(
+        &self,
+        err: &wasmtime::Error,
+        stderr_mark: usize,
+        breach: Option<(FailureReason, String)>,
+    ) -> InvocationError {
+        let state = self.store.data();
+        if let Some(limit) = err.downcast_ref::<CpuTimeExceeded>() {
+            return InvocationError::new(FailureReason::CpuTime, limit.to_string());
+        }
+        if let Some(failure) = err.downcast_ref::<HostFailure>() {
+            return InvocationError::new(FailureReason::HostError, failure.0.clone());
+        }
+        if let Some(refused) = state.limiter.refused {
+            return InvocationError::new(
+                FailureReason::Memory,
+                format!(
+                    "the guest asked for {refused} bytes of linear memory; its quota is {} bytes",
+                    state.limiter.limit
+                ),
+            );
+        }
+        if let Some((reason, detail)) = breach {
+            return InvocationError::new(reason, detail);
+        }
+        match err.downcast_ref::<Trap>() {
+            Some(Trap::OutOfFuel) => InvocationError::new(
+                FailureReason::OutOfFuel,
+                format!(
+                    "used all of fuel_per_call ({})",
+                    self.limits.fuel_per_call.unwrap_or(u64::MAX)
+                ),
+            ),
+            Some(Trap::Interrupt) => InvocationError::new(FailureReason::CpuTime, "interrupted"),
+            Some(Trap::UnreachableCodeReached) => {
+                let output = self.stderr.contents();
+                let since = output.get(stderr_mark..).unwrap_or_default();
+                match panic_message(&String::from_utf8_lossy(since)) {
+                    Some(message) => InvocationError::new(FailureReason::Panic, message),
+                    None => InvocationError::new(
+                        FailureReason::Trap,
+                        "wasm trap: unreachable instruction executed",
+                    ),
+                }
+            }
+            Some(trap) => InvocationError::new(FailureReason::Trap, format!("wasm trap: {trap}")),
+            None => InvocationError::new(FailureReason::Trap, format!("{err:#}")),
+        }
+    }
+}
+
+fn classify_instantiation(err: &wasmtime::Error, limiter: &MemoryLimiter) -> InvocationError {
+    if let Some(refused) = limiter.refused {
+        return InvocationError::new(
+            FailureReason::Memory,
+            format!(
+                "the plugin needs {refused} bytes of linear memory to start; the quota is {} bytes",
+                limiter.limit
+            ),
+        );
+    }
+    if err.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+        return InvocationError::new(
+            FailureReason::HostError,
+            "no free sandbox slot: the host runs as many live sandboxes as it is sized for",
+        );
+    }
+    InvocationError::new(
+        FailureReason::Trap,
+        format!("the plugin failed to start: {err:#}"),
+    )
+}
+
+/// The message of the last Rust panic in a guest's stderr, with its location.
+fn panic_message(stderr: &str) -> Option<String> {
+    let start = stderr.rfind("panicked at ")?;
+    let rest = &stderr[start + "panicked at ".len()..];
+    let (location, message) = rest.split_once('\n').unwrap_or((rest, ""));
+    let message = message
+        .split("\nnote:")
+        .next()
+        .unwrap_or_default()
+        .trim();
+    let location = location.trim_end_matches(':');
+    Some(if message.is_empty() {
+        format!("panicked at {location}")
+    } else {
+        format!("{message} (at {location})")
+    })
+}
+
+/// Refuses memory growth past the quota and remembers that it did, so the trap that follows
+/// (a Rust guest aborts with `unreachable`) is classified as `memory`, not `panic`.
+struct MemoryLimiter {
+    limit: usize,
+    refused: Option<usize>,
+    peak: usize,
+}
+
+impl MemoryLimiter {
+    fn new(limit: u64) -> Self {
+        Self {
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            refused: None,
+            peak: 0,
+        }
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.refused = Some(desired);
+            return Ok(false);
+        }
+        self.peak = self.peak.max(desired);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+#[derive(Default)]
+struct CpuMeter {
+    ticks_this_call: u64,
+    limit_ticks: u64,
+    total_ticks: u64,
+}
+
+impl<H: HostCapabilities> WasiView for InstanceState<H> {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl<H: HostCapabilities> types::Host for InstanceState<H> {}
+
+impl<H: HostCapabilities> sql::Host for InstanceState<H> {
+    fn execute(
+        &mut self,
+        statement: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<u64, SqlError>> {
+        Ok(self.host.sql_execute(&statement, params))
+    }
+
+    fn query(
+        &mut self,
+        statement: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<Rows, SqlError>> {
+        Ok(self.host.sql_query(&statement, params))
+    }
+}
+
+impl<H: HostCapabilities> events::Host for InstanceState<H> {
+    fn emit(&mut self, event_type: String, payload: String) -> wasmtime::Result<Result<(), String>> {
+        Ok(self.host.emit(event_type, payload))
+    }
+}
+
+impl<H: HostCapabilities> log::Host for InstanceState<H> {
+    fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        self.host.log(level, message);
+        Ok(())
+    }
+}
+
+impl<H: HostCapabilities> config::Host for InstanceState<H> {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.host.config_get(&key))
+    }
+
+    fn all(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
+        Ok(self.host.config_all())
+    }
+}
+
+impl<H: HostCapabilities> clock::Host for InstanceState<H> {
+    fn now_ms(&mut self) -> wasmtime::Result<i64> {
+        Ok(self.host.now_ms())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::panic_message;
+
+    #[test]
+    fn reads_the_panic_message_and_location_from_guest_stderr() {
+        let stderr = "noise\nthread '<unnamed>' panicked at src/bin/panicker.rs:7:5:\npanicker: deliberate panic\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
+        assert_eq!(
+            panic_message(stderr).as_deref(),
+            Some("panicker: deliberate panic (at src/bin/panicker.rs:7:5)")
+        );
+        assert_eq!(panic_message("no panic here"), None);
+    }
+}

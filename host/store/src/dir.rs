@@ -1,0 +1,115 @@
+//! A store's directory, `DATA_DIR/stores/<storeId>/`, created and checked through cap-std.
+//!
+//! Only a validated [`StoreId`] becomes a path component, and every step is taken relative to
+//! an opened directory that refuses to follow symlinks out of it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use cap_std::ambient_authority;
+use cap_std::fs::Dir;
+
+use crate::id::StoreId;
+
+/// The store's files, as paths the SQLite and WASI layers open.
+#[derive(Debug, Clone)]
+pub struct StoreDir {
+    /// `DATA_DIR/stores/<id>`.
+    pub root: PathBuf,
+    /// `DATA_DIR/stores/<id>/files`: the only directory the guest sees (at `/data`).
+    pub files: PathBuf,
+}
+
+impl StoreDir {
+    /// The event log file.
+    pub fn events_db(&self) -> PathBuf {
+        self.root.join("events.db")
+    }
+
+    /// The plugin's database file (with the host's cursor, outbox and dead letters).
+    pub fn store_db(&self) -> PathBuf {
+        self.root.join("store.db")
+    }
+}
+
+/// Creates (or checks) the directory of store `id` under `data_dir`.
+pub fn prepare(data_dir: &Path, id: &StoreId) -> io::Result<StoreDir> {
+    std::fs::create_dir_all(data_dir)?;
+    let data_dir = data_dir.canonicalize()?;
+    let data = Dir::open_ambient_dir(&data_dir, ambient_authority())?;
+    data.create_dir_all("stores")?;
+    let stores = data.open_dir("stores")?;
+    ensure_real_dir(&stores, id.as_str())?;
+    let store = stores.open_dir(id.as_str())?;
+    ensure_real_dir(&store, "files")?;
+    let root = data_dir.join("stores").join(id.as_str());
+    Ok(StoreDir {
+        files: root.join("files"),
+        root,
+    })
+}
+
+/// Moves the store's directory to `DATA_DIR/archive/<id>-<millis>` (data kept), or deletes it.
+pub fn remove(data_dir: &Path, id: &StoreId, purge: bool) -> io::Result<Option<PathBuf>> {
+    let data = Dir::open_ambient_dir(data_dir, ambient_authority())?;
+    let Ok(stores) = data.open_dir("stores") else {
+        return Ok(None);
+    };
+    if stores.symlink_metadata(id.as_str()).is_err() {
+        return Ok(None);
+    }
+    if purge {
+        stores.remove_dir_all(id.as_str())?;
+        return Ok(None);
+    }
+    data.create_dir_all("archive")?;
+    let archive = data.open_dir("archive")?;
+    let name = format!("{id}-{}", crate::sqlite::now_ms());
+    stores.rename(id.as_str(), &archive, &name)?;
+    Ok(Some(data_dir.join("archive").join(name)))
+}
+
+/// Creates `name` as a directory in `parent`, refusing anything else already there (a file or
+/// a symlink planted to lead elsewhere).
+fn ensure_real_dir(parent: &Dir, name: &str) -> io::Result<()> {
+    match parent.symlink_metadata(name) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(io::Error::other(format!(
+            "{name:?} exists but is not a directory (a file or symlink); move it away and retry"
+        ))),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => parent.create_dir(name),
+        Err(err) => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_the_store_directory_and_refuses_a_planted_symlink() {
+        let data = tempfile::tempdir().unwrap();
+        let id = StoreId::new("acme").unwrap();
+        let dir = prepare(data.path(), &id).unwrap();
+        assert!(dir.files.is_dir());
+
+        let evil = StoreId::new("evil").unwrap();
+        std::fs::create_dir_all(data.path().join("stores")).unwrap();
+        std::os::unix::fs::symlink("/etc", data.path().join("stores/evil")).unwrap();
+        let err = prepare(data.path(), &evil).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn removing_archives_unless_purged() {
+        let data = tempfile::tempdir().unwrap();
+        let id = StoreId::new("acme").unwrap();
+        prepare(data.path(), &id).unwrap();
+        let archived = remove(data.path(), &id, false).unwrap().unwrap();
+        assert!(archived.join("files").is_dir());
+        assert!(!data.path().join("stores/acme").exists());
+        prepare(data.path(), &id).unwrap();
+        assert_eq!(remove(data.path(), &id, true).unwrap(), None);
+        assert!(!data.path().join("stores/acme").exists());
+    }
+}

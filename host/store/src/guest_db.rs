@@ -1,0 +1,701 @@
+//! The store's own database (`store.db`): the plugin's tables beside the host's `_host_*` tables,
+//! behind a hardened connection.
+//!
+//! One file holds both so that the plugin's writes, the events it emits (an outbox) and the
+//! store's cursor commit in one SQLite transaction. The guest reaches this connection only
+//! through the `sql` capability while the authorizer is in a guest mode, which refuses ATTACH,
+//! pragmas that write, extensions, virtual tables, temp objects, transaction control and every
+//! access to the host's tables.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::limits::Limit;
+use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::{Connection, OptionalExtension, config::DbConfig, params};
+use storehost_runtime::{FailureReason, Rows, SqlError, Value};
+
+use crate::sqlite::{self, Durability};
+
+/// Prefix of every host-owned table; guests may not touch them.
+pub const HOST_TABLE_PREFIX: &str = "_host";
+
+/// SQLite's result code for an authorizer refusal.
+const SQLITE_AUTH: i32 = 23;
+/// SQLite's result code for "database or disk is full".
+const SQLITE_FULL: i32 = 13;
+/// SQLite's result code for an interrupted statement.
+const SQLITE_INTERRUPT: i32 = 9;
+/// SQLite's result code for "string or blob too big".
+const SQLITE_TOOBIG: i32 = 18;
+
+/// Prefixed to guest SQL before it reaches the statement cache, so a guest that sends the
+/// exact text of a host statement gets its own (authorized) compilation, never the host's.
+const GUEST_STATEMENT_PREFIX: &str = "/*guest*/ ";
+
+/// The largest result a guest query may return through the host, in bytes.
+const MAX_RESULT_BYTES: usize = 32 << 20;
+
+const MODE_HOST: u8 = 0;
+const MODE_GUEST_WRITE: u8 = 1;
+const MODE_GUEST_READ: u8 = 2;
+
+const HOST_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS _host_cursor (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    last_seq INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO _host_cursor (id, last_seq) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS _host_outbox (
+    id INTEGER PRIMARY KEY,
+    origin TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS _host_dead_letters (
+    seq INTEGER PRIMARY KEY,
+    type TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    error TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    failed_at INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'dead',
+    resolved_at INTEGER
+);
+";
+
+/// A dead-lettered event, as recorded in the store's database.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    /// The event's `seq`.
+    pub seq: u64,
+    /// The event's type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The classified reason of the last failure.
+    pub reason: String,
+    /// The last failure's message.
+    pub error: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When it was dead-lettered (ms since the Unix epoch).
+    pub failed_at: i64,
+    /// `dead`, or `resolved` once a retry succeeded.
+    pub status: String,
+    /// When a retry succeeded.
+    pub resolved_at: Option<i64>,
+}
+
+/// An event the plugin emitted, waiting in the outbox for the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEntry {
+    /// Row id in the outbox.
+    pub id: i64,
+    /// Unique origin of the emission (`<cause seq>:<index>`), so a drain is idempotent.
+    pub origin: String,
+    /// Event type.
+    pub event_type: String,
+    /// JSON payload.
+    pub payload: String,
+    /// When it was emitted.
+    pub at: i64,
+}
+
+/// The store's database connection, shared by the store's actor and its guest's `sql` capability.
+pub struct GuestDb {
+    conn: Connection,
+    mode: Arc<AtomicU8>,
+    deadline: Arc<std::sync::Mutex<Option<Instant>>>,
+    page_size: u64,
+}
+
+impl std::fmt::Debug for GuestDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestDb").finish_non_exhaustive()
+    }
+}
+
+impl GuestDb {
+    /// Opens `store.db`, hardens the connection and creates the host's tables.
+    pub fn open(path: &Path, durability: Durability, disk_quota: u64) -> rusqlite::Result<Self> {
+        let mut conn = sqlite::open(path, durability)?;
+        conn.execute_batch(HOST_SCHEMA)?;
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, 8_000_000)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_SQL_LENGTH, 100_000)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_COLUMN, 200)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_EXPR_DEPTH, 100)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_COMPOUND_SELECT, 10)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_VDBE_OP, 25_000)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_FUNCTION_ARG, 8)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_LIKE_PATTERN_LENGTH, 50)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_VARIABLE_NUMBER, 500)?;
+        conn.set_limit(Limit::SQLITE_LIMIT_TRIGGER_DEPTH, 10)?;
+        let page_size: u64 = conn.pragma_query_value(None, "page_size", |row| row.get(0))?;
+
+        let mode = Arc::new(AtomicU8::new(MODE_HOST));
+        let auth_mode = mode.clone();
+        conn.authorizer(Some(move |ctx: AuthContext<'_>| {
+            authorize(auth_mode.load(Ordering::Relaxed), &ctx)
+        }))?;
+        let deadline: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+        let handler_deadline = deadline.clone();
+        conn.progress_handler(
+            10_000,
+            Some(move || {
+                handler_deadline
+                    .lock()
+                    .ok()
+                    .and_then(|d| *d)
+                    .is_some_and(|d| Instant::now() > d)
+            }),
+        )?;
+        let db = Self {
+            conn,
+            mode,
+            deadline,
+            page_size,
+        };
+        db.set_disk_quota(disk_quota)?;
+        Ok(db)
+    }
+
+    /// Caps the database at `bytes` (rounded down to whole pages, never below its current size).
+    pub fn set_disk_quota(&self, bytes: u64) -> rusqlite::Result<()> {
+        let pages = (bytes / self.page_size.max(1)).max(1);
+        self.conn
+            .pragma_update(None, "max_page_count", pages.to_string())
+    }
+
+    /// The database's size in bytes.
+    pub fn size_bytes(&self) -> rusqlite::Result<u64> {
+        let pages: u64 = self
+            .conn
+            .pragma_query_value(None, "page_count", |row| row.get(0))?;
+        Ok(pages * self.page_size)
+    }
+
+    /// The `seq` of the last event whose effects are committed.
+    pub fn cursor(&self) -> rusqlite::Result<u64> {
+        self.conn
+            .query_row("SELECT last_seq FROM _host_cursor WHERE id = 1", [], |row| {
+                row.get(0)
+            })
+    }
+
+    /// Begins the transaction one invocation's effects go into.
+    pub fn begin(&self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")
+    }
+
+    /// Begins a read-only transaction for a query.
+    pub fn begin_read(&self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("BEGIN DEFERRED")
+    }
+
+    /// Commits the current transaction.
+    pub fn commit(&self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("COMMIT")
+    }
+
+    /// Rolls back the current transaction, if one is open.
+    pub fn rollback(&self) {
+        if !self.conn.is_autocommit()
+            && let Err(err) = self.conn.execute_batch("ROLLBACK")
+        {
+            tracing::error!("rollback failed: {err}");
+        }
+    }
+
+    /// Lets guest SQL run (`writable` or read-only) until `deadline`; returns to host mode on drop.
+    pub(crate) fn enter_guest(&self, writable: bool, deadline: Instant) {
+        if let Ok(mut d) = self.deadline.lock() {
+            *d = Some(deadline);
+        }
+        let mode = if writable {
+            MODE_GUEST_WRITE
+        } else {
+            MODE_GUEST_READ
+        };
+        self.mode.store(mode, Ordering::Relaxed);
+    }
+
+    /// Back to host mode: the host's own statements run unrestricted.
+    pub(crate) fn leave_guest(&self) {
+        self.mode.store(MODE_HOST, Ordering::Relaxed);
+        if let Ok(mut d) = self.deadline.lock() {
+            *d = None;
+        }
+    }
+
+    /// Stages an emitted event in the outbox (inside the current transaction).
+    pub fn stage_emitted(&self, origin: &str, event_type: &str, payload: &str, at: i64) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO _host_outbox (origin, type, payload, at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![origin, event_type, payload, at])?;
+        Ok(())
+    }
+
+    /// Moves the cursor to `seq` (inside the current transaction).
+    pub fn advance_cursor(&self, seq: u64) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached("UPDATE _host_cursor SET last_seq = ?1 WHERE id = 1 AND last_seq < ?1")?
+            .execute([seq])?;
+        Ok(())
+    }
+
+    /// The outbox, oldest first.
+    pub fn outbox(&self) -> rusqlite::Result<Vec<OutboxEntry>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, origin, type, payload, at FROM _host_outbox ORDER BY id")?;
+        let rows = stmt.query_map([], |row| {
+            Ok(OutboxEntry {
+                id: row.get(0)?,
+                origin: row.get(1)?,
+                event_type: row.get(2)?,
+                payload: row.get(3)?,
+                at: row.get(4)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Removes outbox entries up to `last_id` once they are in the log.
+    pub fn clear_outbox(&self, last_id: i64) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM _host_outbox WHERE id <= ?1")?
+            .execute([last_id])?;
+        Ok(())
+    }
+
+    /// Records a dead letter (inside the current transaction).
+    pub fn record_dead_letter(
+        &self,
+        seq: u64,
+        event_type: &str,
+        reason: FailureReason,
+        error: &str,
+        attempts: u32,
+    ) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO _host_dead_letters (seq, type, reason, error, attempts, failed_at, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'dead')
+                 ON CONFLICT (seq) DO UPDATE SET reason = ?3, error = ?4,
+                    attempts = _host_dead_letters.attempts + ?5, failed_at = ?6, status = 'dead'",
+            )?
+            .execute(params![seq, event_type, reason.as_str(), error, attempts, sqlite::now_ms()])?;
+        Ok(())
+    }
+
+    /// Marks a dead letter resolved (inside the transaction of its successful retry).
+    pub fn resolve_dead_letter(&self, seq: u64) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE _host_dead_letters SET status = 'resolved', resolved_at = ?2,
+                    attempts = attempts + 1 WHERE seq = ?1",
+            )?
+            .execute(params![seq, sqlite::now_ms()])?;
+        Ok(())
+    }
+
+    /// One dead letter.
+    pub fn dead_letter(&self, seq: u64) -> rusqlite::Result<Option<DeadLetter>> {
+        self.conn
+            .query_row(
+                "SELECT seq, type, reason, error, attempts, failed_at, status, resolved_at
+                 FROM _host_dead_letters WHERE seq = ?1",
+                [seq],
+                dead_letter_from_row,
+            )
+            .optional()
+    }
+
+    /// Runs a guest statement that returns no rows.
+    pub fn guest_execute(&self, statement: &str, params: Vec<Value>) -> Result<u64, SqlError> {
+        let mut stmt = self.prepare_guest(statement)?;
+        let params = params.into_iter().map(to_sqlite).collect::<Vec<_>>();
+        let changed = stmt
+            .execute(rusqlite::params_from_iter(params))
+            .map_err(sql_error)?;
+        Ok(changed as u64)
+    }
+
+    /// Runs a guest statement and returns its rows.
+    pub fn guest_query(&self, statement: &str, params: Vec<Value>) -> Result<Rows, SqlError> {
+        let mut stmt = self.prepare_guest(statement)?;
+        let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+        let params = params.into_iter().map(to_sqlite).collect::<Vec<_>>();
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(params))
+            .map_err(sql_error)?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(row) = rows.next().map_err(sql_error)? {
+            let mut values = Vec::with_capacity(columns.len());
+            for index in 0..columns.len() {
+                let value = row.get_ref(index).map_err(sql_error)?;
+                bytes += value_size(&value);
+                values.push(from_sqlite(value));
+            }
+            if bytes > MAX_RESULT_BYTES {
+                return Err(SqlError {
+                    code: SQLITE_TOOBIG,
+                    message: format!(
+                        "the query result is larger than {MAX_RESULT_BYTES} bytes; select fewer rows (LIMIT) or columns"
+                    ),
+                });
+            }
+            out.push(values);
+        }
+        Ok(Rows { columns, rows: out })
+    }
+
+    fn prepare_guest(&self, statement: &str) -> Result<rusqlite::CachedStatement<'_>, SqlError> {
+        self.conn
+            .prepare_cached(&format!("{GUEST_STATEMENT_PREFIX}{statement}"))
+            .map_err(sql_error)
+    }
+
+    /// Runs host SQL (used by tests and tools to inspect the plugin's tables).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// Reads every dead letter from a connection to `store.db`.
+pub(crate) fn list_dead_letters(conn: &Connection) -> rusqlite::Result<Vec<DeadLetter>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, type, reason, error, attempts, failed_at, status, resolved_at
+         FROM _host_dead_letters ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([], dead_letter_from_row)?;
+    rows.collect()
+}
+
+fn dead_letter_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    Ok(DeadLetter {
+        seq: row.get(0)?,
+        event_type: row.get(1)?,
+        reason: row.get(2)?,
+        error: row.get(3)?,
+        attempts: row.get(4)?,
+        failed_at: row.get(5)?,
+        status: row.get(6)?,
+        resolved_at: row.get(7)?,
+    })
+}
+
+/// The breach a SQL error stands for, if any (so the invocation is classified by it).
+pub(crate) fn breach_of(err: &SqlError, cpu_ms: u64) -> Option<(FailureReason, String)> {
+    match err.code {
+        SQLITE_FULL => Some((
+            FailureReason::DiskFull,
+            format!("the store's database reached its disk quota: {}", err.message),
+        )),
+        SQLITE_INTERRUPT => Some((
+            FailureReason::CpuTime,
+            format!("a SQL statement ran past the call's CPU time ({cpu_ms} ms)"),
+        )),
+        _ => None,
+    }
+}
+
+/// Pragmas a guest may read (never write).
+const READABLE_PRAGMAS: &[&str] = &[
+    "table_info",
+    "table_xinfo",
+    "index_list",
+    "index_info",
+    "index_xinfo",
+    "foreign_key_list",
+    "page_count",
+    "page_size",
+    "user_version",
+    "data_version",
+];
+
+fn authorize(mode: u8, ctx: &AuthContext<'_>) -> Authorization {
+    if mode == MODE_HOST {
+        return Authorization::Allow;
+    }
+    if ctx.database_name.is_some_and(|db| db != "main") {
+        return Authorization::Deny;
+    }
+    let read_only = mode == MODE_GUEST_READ;
+    let host_table = |name: &str| {
+        name.len() >= HOST_TABLE_PREFIX.len()
+            && name[..HOST_TABLE_PREFIX.len()].eq_ignore_ascii_case(HOST_TABLE_PREFIX)
+    };
+    let writable_table = |name: &str| {
+        // sqlite_* tables are written by CREATE/DROP themselves; defensive mode keeps direct
+        // writes to the schema out.
+        if read_only || host_table(name) {
+            Authorization::Deny
+        } else {
+            Authorization::Allow
+        }
+    };
+    match ctx.action {
+        AuthAction::Select | AuthAction::Recursive => Authorization::Allow,
+        AuthAction::Read { table_name, .. } => {
+            if host_table(table_name) {
+                Authorization::Deny
+            } else {
+                Authorization::Allow
+            }
+        }
+        AuthAction::Function { function_name } => {
+            if function_name.eq_ignore_ascii_case("load_extension") {
+                Authorization::Deny
+            } else {
+                Authorization::Allow
+            }
+        }
+        AuthAction::Pragma {
+            pragma_name,
+            pragma_value,
+        } => {
+            let readable = READABLE_PRAGMAS
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(pragma_name));
+            let is_query = pragma_value.is_none()
+                || matches!(
+                    pragma_name.to_ascii_lowercase().as_str(),
+                    "table_info" | "table_xinfo" | "index_list" | "index_info" | "index_xinfo" | "foreign_key_list"
+                );
+            if readable && is_query {
+                Authorization::Allow
+            } else {
+                Authorization::Deny
+            }
+        }
+        AuthAction::Insert { table_name }
+        | AuthAction::Delete { table_name }
+        | AuthAction::Update { table_name, .. }
+        | AuthAction::CreateTable { table_name }
+        | AuthAction::DropTable { table_name }
+        | AuthAction::CreateIndex { table_name, .. }
+        | AuthAction::DropIndex { table_name, .. }
+        | AuthAction::CreateTrigger { table_name, .. }
+        | AuthAction::DropTrigger { table_name, .. }
+        | AuthAction::AlterTable { table_name, .. }
+        | AuthAction::Analyze { table_name } => writable_table(table_name),
+        AuthAction::CreateView { view_name } | AuthAction::DropView { view_name } => {
+            writable_table(view_name)
+        }
+        AuthAction::Reindex { .. } => {
+            if read_only {
+                Authorization::Deny
+            } else {
+                Authorization::Allow
+            }
+        }
+        // Transactions belong to the host; attaching, virtual tables and temp objects are out.
+        _ => Authorization::Deny,
+    }
+}
+
+fn sql_error(err: rusqlite::Error) -> SqlError {
+    match &err {
+        rusqlite::Error::SqliteFailure(code, message) => {
+            let primary = code.extended_code & 0xff;
+            let message = match (primary, message) {
+                (SQLITE_AUTH, _) => format!(
+                    "not authorized: guest SQL cannot ATTACH, change pragmas, load extensions, \
+                     use virtual tables or temp objects, control transactions, or touch the \
+                     host's tables ({HOST_TABLE_PREFIX}*){}",
+                    message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
+                ),
+                (_, Some(m)) => m.clone(),
+                (_, None) => err.to_string(),
+            };
+            SqlError {
+                code: primary,
+                message,
+            }
+        }
+        rusqlite::Error::MultipleStatement => SqlError {
+            code: 1,
+            message: "one statement per call: split the SQL into separate execute/query calls"
+                .into(),
+        },
+        rusqlite::Error::ExecuteReturnedResults => SqlError {
+            code: 1,
+            message: "this statement returns rows: use query instead of execute".into(),
+        },
+        other => SqlError {
+            code: 1,
+            message: other.to_string(),
+        },
+    }
+}
+
+fn to_sqlite(value: Value) -> SqlValue {
+    match value {
+        Value::Null => SqlValue::Null,
+        Value::Integer(i) => SqlValue::Integer(i),
+        Value::Real(f) => SqlValue::Real(f),
+        Value::Text(s) => SqlValue::Text(s),
+        Value::Blob(b) => SqlValue::Blob(b),
+    }
+}
+
+fn from_sqlite(value: ValueRef<'_>) -> Value {
+    match value {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Integer(i),
+        ValueRef::Real(f) => Value::Real(f),
+        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+    }
+}
+
+fn value_size(value: &ValueRef<'_>) -> usize {
+    match value {
+        ValueRef::Text(t) | ValueRef::Blob(t) => t.len() + 8,
+        _ => 8,
+    }
+}
+
+/// The deadline a guest call's SQL must finish by.
+pub(crate) fn sql_deadline(cpu_ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(cpu_ms.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> (tempfile::TempDir, GuestDb) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = GuestDb::open(&dir.path().join("store.db"), Durability::Process, 1 << 30).unwrap();
+        (dir, db)
+    }
+
+    fn guest(db: &GuestDb, sql: &str) -> Result<u64, SqlError> {
+        db.enter_guest(true, sql_deadline(1_000));
+        let result = db.guest_execute(sql, vec![]);
+        db.leave_guest();
+        result
+    }
+
+    #[test]
+    fn guest_sql_works_on_its_own_tables() {
+        let (_dir, db) = db();
+        guest(&db, "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)").unwrap();
+        assert_eq!(guest(&db, "INSERT INTO notes (body) VALUES ('hi')").unwrap(), 1);
+        db.enter_guest(false, sql_deadline(1_000));
+        let rows = db.guest_query("SELECT body FROM notes", vec![]).unwrap();
+        db.leave_guest();
+        assert!(matches!(rows.rows.as_slice(), [row] if matches!(row.as_slice(), [Value::Text(t)] if t == "hi")));
+    }
+
+    #[test]
+    fn guest_sql_cannot_escape_its_database() {
+        let (dir, db) = db();
+        let other = dir.path().join("other.db");
+        let refused = [
+            format!("ATTACH DATABASE '{}' AS other", other.display()),
+            "PRAGMA journal_mode = DELETE".into(),
+            "PRAGMA max_page_count = 100000000".into(),
+            "PRAGMA writable_schema = ON".into(),
+            "SELECT load_extension('/tmp/evil.so')".into(),
+            "SELECT * FROM _host_cursor".into(),
+            "UPDATE _host_cursor SET last_seq = 99".into(),
+            "DELETE FROM _HOST_dead_letters".into(),
+            "DROP TABLE _host_outbox".into(),
+            "BEGIN".into(),
+            "COMMIT".into(),
+            "SAVEPOINT s1".into(),
+            "CREATE TEMP TABLE t (x)".into(),
+            "CREATE VIRTUAL TABLE v USING fts5(x)".into(),
+        ];
+        for sql in &refused {
+            let err = guest(&db, sql).expect_err(sql);
+            assert!(
+                [SQLITE_AUTH, 1].contains(&err.code),
+                "{sql}: unexpected error {err:?}"
+            );
+        }
+        assert!(!other.exists(), "ATTACH must not create another database file");
+        assert_eq!(db.cursor().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_view_over_host_tables_cannot_be_read() {
+        let (_dir, db) = db();
+        let _ = guest(&db, "CREATE VIEW peek AS SELECT * FROM _host_cursor");
+        db.enter_guest(false, sql_deadline(1_000));
+        let err = db.guest_query("SELECT * FROM peek", vec![]).unwrap_err();
+        db.leave_guest();
+        assert_eq!(err.code, SQLITE_AUTH, "{err:?}");
+    }
+
+    #[test]
+    fn guest_text_equal_to_a_host_statement_is_still_authorized() {
+        let (_dir, db) = db();
+        db.begin().unwrap();
+        db.advance_cursor(1).unwrap();
+        db.commit().unwrap();
+        let host_text = "UPDATE _host_cursor SET last_seq = ?1 WHERE id = 1 AND last_seq < ?1";
+        db.enter_guest(true, sql_deadline(1_000));
+        let err = db.guest_execute(host_text, vec![Value::Integer(99)]).unwrap_err();
+        db.leave_guest();
+        assert_eq!(err.code, SQLITE_AUTH);
+        assert_eq!(db.cursor().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_trigger_cannot_reach_host_tables_either() {
+        let (_dir, db) = db();
+        guest(&db, "CREATE TABLE t (x)").unwrap();
+        // Creating it may pass; firing it runs its body under the guest's authorizer.
+        let _ = guest(
+            &db,
+            "CREATE TRIGGER sneaky AFTER INSERT ON t BEGIN UPDATE _host_cursor SET last_seq = 99; END",
+        );
+        let err = guest(&db, "INSERT INTO t VALUES (1)").unwrap_err();
+        assert_eq!(err.code, SQLITE_AUTH, "{err:?}");
+        assert_eq!(db.cursor().unwrap(), 0);
+    }
+
+    #[test]
+    fn read_mode_refuses_writes() {
+        let (_dir, db) = db();
+        guest(&db, "CREATE TABLE t (x)").unwrap();
+        db.enter_guest(false, sql_deadline(1_000));
+        let err = db.guest_execute("INSERT INTO t VALUES (1)", vec![]).unwrap_err();
+        db.leave_guest();
+        assert_eq!(err.code, SQLITE_AUTH);
+    }
+
+    #[test]
+    fn disk_quota_and_runaway_sql_are_classified() {
+        let (_dir, db) = db();
+        db.set_disk_quota(64 << 10).unwrap();
+        guest(&db, "CREATE TABLE big (b BLOB)").unwrap();
+        let err = guest(&db, "INSERT INTO big VALUES (zeroblob(1000000))").unwrap_err();
+        assert_eq!(breach_of(&err, 10).map(|b| b.0), Some(FailureReason::DiskFull), "{err:?}");
+
+        db.enter_guest(false, sql_deadline(50));
+        let err = db
+            .guest_query(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
+                vec![],
+            )
+            .unwrap_err();
+        db.leave_guest();
+        assert_eq!(breach_of(&err, 50).map(|b| b.0), Some(FailureReason::CpuTime), "{err:?}");
+    }
+}

@@ -1,0 +1,29 @@
+//! One storehost store: its directory, SQLite databases, event log, and the actor that feeds
+//! its sandbox one event at a time.
+//!
+//! Files of a store (`DATA_DIR/stores/<storeId>/`):
+//! - `events.db` — the event log; appends are durable before the API answers 2xx;
+//! - `store.db` — the plugin's tables and the host's `_host_*` tables (cursor, outbox, dead
+//!   letters), so one transaction covers an invocation's effects and the cursor;
+//! - `files/` — the only directory the guest's WASI filesystem sees (at `/data`).
+
+mod actor;
+pub mod capabilities;
+pub mod dir;
+pub mod event_log;
+pub mod guest_db;
+pub mod id;
+pub mod quotas;
+pub mod sqlite;
+pub mod store;
+
+pub use capabilities::StoreCapabilities;
+pub use event_log::{LoggedEvent, NewEvent};
+pub use guest_db::DeadLetter;
+pub use id::{InvalidStoreId, STORE_ID_RULE, StoreId};
+pub use quotas::Quotas;
+pub use sqlite::Durability;
+pub use store::{
+    RetryPolicy, Store, StoreError, StorePlugin, StoreRuntime, StoreSettings, StoreState,
+    StoreStatus,
+};

@@ -1,0 +1,440 @@
+//! The handle to one running store: append, read, query, dead letters, status, stop.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use storehost_runtime::{FailureReason, InvocationError, Plugin, Runtime};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::actor::{Actor, Command};
+use crate::capabilities::StoreCapabilities;
+use crate::dir::{self, StoreDir};
+use crate::event_log::{EventLog, LoggedEvent, NewEvent};
+use crate::guest_db::{self, DeadLetter, GuestDb};
+use crate::id::StoreId;
+use crate::quotas::Quotas;
+use crate::sqlite::{self, Durability};
+
+/// A compiled plugin, as stores use it.
+pub type StorePlugin = Plugin<StoreCapabilities>;
+/// The runtime, as stores use it.
+pub type StoreRuntime = Runtime<StoreCapabilities>;
+
+/// How a failing event is retried before it is dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all (the first one included).
+    pub attempts: u32,
+    /// Delay before the second attempt; doubles each time.
+    pub base_delay: Duration,
+    /// The longest delay between attempts.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 5,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay after failed attempt number `attempt` (1-based).
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(30));
+        self.base_delay.saturating_mul(factor).min(self.max_delay)
+    }
+}
+
+/// What the control plane decides for one store; can change while it runs.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// The plugin's name (as configured).
+    pub plugin_name: String,
+    /// The compiled plugin.
+    pub plugin: Arc<StorePlugin>,
+    /// The store's quotas.
+    pub quotas: Quotas,
+    /// Key/values the plugin reads through `config`.
+    pub config: BTreeMap<String, String>,
+    /// How failing events are retried.
+    pub retry: RetryPolicy,
+}
+
+/// Everything that can go wrong talking to a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed (I/O, corruption, ...).
+    #[error("storage error: {0}")]
+    Storage(#[from] rusqlite::Error),
+    /// The store's directory could not be prepared.
+    #[error("the store's directory could not be prepared: {0}")]
+    Directory(#[from] std::io::Error),
+    /// The plugin failed the invocation.
+    #[error("{0}")]
+    Invocation(#[from] InvocationError),
+    /// The store is stopping or stopped.
+    #[error("store {0} is stopped")]
+    Stopped(StoreId),
+    /// Too many events are waiting to be processed.
+    #[error(
+        "store {store} has {pending} events waiting (max_pending_events = {max}); retry later"
+    )]
+    QueueFull {
+        /// The store.
+        store: StoreId,
+        /// Events accepted but not yet processed.
+        pending: u64,
+        /// The quota.
+        max: u64,
+    },
+    /// No dead letter with that `seq`.
+    #[error("store {store} has no dead letter with seq {seq}")]
+    NoDeadLetter {
+        /// The store.
+        store: StoreId,
+        /// The seq asked for.
+        seq: u64,
+    },
+    /// A blocking task panicked or was cancelled.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The lifecycle state of a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreState {
+    /// Processing events as they come.
+    Running,
+    /// An event failed; waiting before the next attempt.
+    Retrying,
+    /// Paused by an operator: events are accepted but not processed.
+    Paused,
+    /// Stopped; no longer processing.
+    Stopped,
+}
+
+/// The last failure of a store.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LastFailure {
+    /// Classified reason.
+    pub reason: String,
+    /// What happened.
+    pub message: String,
+    /// The event it happened on.
+    pub seq: Option<u64>,
+    /// When (ms since the Unix epoch).
+    pub at: i64,
+}
+
+/// Usage counters of a store.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageReport {
+    /// CPU time used by the guest, in ms.
+    pub cpu_ms: u64,
+    /// Fuel used (0 unless fuel is metered).
+    pub fuel: u64,
+    /// Peak linear memory of the guest, in bytes.
+    pub memory_peak: u64,
+    /// Size of the store's databases, in bytes.
+    pub disk_bytes: u64,
+}
+
+/// What `GET /v1/stores/{id}` shows about a store's processing.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreStatus {
+    /// Lifecycle state.
+    pub state: StoreState,
+    /// The newest `seq` in the log.
+    pub head: u64,
+    /// The last `seq` whose effects are committed.
+    pub cursor: u64,
+    /// Events accepted but not yet processed.
+    pub lag: u64,
+    /// Events processed successfully since the host started.
+    pub events_processed: u64,
+    /// Events dead-lettered since the host started.
+    pub dead_lettered: u64,
+    /// Failed invocations since the host started.
+    pub errors_count: u64,
+    /// Failed invocations by reason.
+    pub failures_by_reason: BTreeMap<String, u64>,
+    /// The last failure, if any.
+    pub last_failure: Option<LastFailure>,
+    /// When the store last processed or answered anything (ms since the Unix epoch).
+    pub last_activity: Option<i64>,
+    /// Resource usage.
+    pub usage: UsageReport,
+}
+
+/// State shared by a store's handle and its actor.
+pub(crate) struct Shared {
+    pub(crate) id: StoreId,
+    pub(crate) log: EventLog,
+    pub(crate) head: watch::Sender<u64>,
+    pub(crate) cursor: watch::Sender<u64>,
+    pub(crate) status: Mutex<StoreStatus>,
+    pub(crate) max_pending: std::sync::atomic::AtomicU64,
+    reader: Mutex<rusqlite::Connection>,
+}
+
+impl Shared {
+    pub(crate) fn status(&self) -> std::sync::MutexGuard<'_, StoreStatus> {
+        self.status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn record_failure(&self, err: &InvocationError, seq: Option<u64>) {
+        let mut status = self.status();
+        status.errors_count += 1;
+        *status
+            .failures_by_reason
+            .entry(err.reason.as_str().to_owned())
+            .or_default() += 1;
+        status.last_failure = Some(LastFailure {
+            reason: err.reason.as_str().to_owned(),
+            message: err.message.clone(),
+            seq,
+            at: sqlite::now_ms(),
+        });
+    }
+}
+
+/// A running store. Cheap to clone; every clone talks to the same actor.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+    actor: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    dir: StoreDir,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("id", &self.shared.id).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens store `id` under `data_dir` (creating its files on first use) and starts its actor
+    /// on the current tokio runtime. Events accepted before a crash are processed from where
+    /// its cursor stopped.
+    pub fn open(
+        id: StoreId,
+        data_dir: &Path,
+        durability: Durability,
+        settings: StoreSettings,
+    ) -> Result<Self, StoreError> {
+        let dir = dir::prepare(data_dir, &id)?;
+        let log = EventLog::open(&dir.events_db(), durability)?;
+        let db = GuestDb::open(&dir.store_db(), durability, settings.quotas.disk)?;
+        let reader = sqlite::open_reader(&dir.store_db())?;
+        let cursor = db.cursor()?;
+        let head = log.head()?;
+        let status = StoreStatus {
+            state: StoreState::Running,
+            head,
+            cursor,
+            lag: head.saturating_sub(cursor),
+            events_processed: 0,
+            dead_lettered: 0,
+            errors_count: 0,
+            failures_by_reason: BTreeMap::new(),
+            last_failure: None,
+            last_activity: None,
+            usage: UsageReport::default(),
+        };
+        let shared = Arc::new(Shared {
+            id: id.clone(),
+            log,
+            head: watch::Sender::new(head),
+            cursor: watch::Sender::new(cursor),
+            status: Mutex::new(status),
+            max_pending: settings.quotas.max_pending_events.into(),
+            reader: Mutex::new(reader),
+        });
+        let (commands, inbox) = mpsc::channel(64);
+        let actor = Actor::new(shared.clone(), db, dir.files.clone(), settings, inbox, cursor);
+        let span = tracing::info_span!("store", store_id = %id);
+        let handle = tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
+        Ok(Self {
+            shared,
+            commands,
+            actor: Arc::new(tokio::sync::Mutex::new(Some(handle))),
+            dir,
+        })
+    }
+
+    /// The store's id.
+    pub fn id(&self) -> &StoreId {
+        &self.shared.id
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &StoreDir {
+        &self.dir
+    }
+
+    /// Appends events from `source`; durable (survives `kill -9`) when this returns.
+    pub async fn append(&self, events: Vec<NewEvent>, source: &str) -> Result<Vec<u64>, StoreError> {
+        if self.commands.is_closed() {
+            return Err(StoreError::Stopped(self.shared.id.clone()));
+        }
+        let pending = self.head().saturating_sub(*self.shared.cursor.borrow());
+        let max = self.shared.max_pending.load(std::sync::atomic::Ordering::Relaxed);
+        if pending.saturating_add(events.len() as u64) > max {
+            return Err(StoreError::QueueFull {
+                store: self.shared.id.clone(),
+                pending,
+                max,
+            });
+        }
+        let shared = self.shared.clone();
+        let source = source.to_owned();
+        let seqs = blocking(move || shared.log.append(&events, &source)).await??;
+        if let Some(&newest) = seqs.iter().max() {
+            self.shared.head.send_if_modified(|head| {
+                let grew = newest > *head;
+                *head = (*head).max(newest);
+                grew
+            });
+        }
+        Ok(seqs)
+    }
+
+    /// Up to `limit` events after `after`; when none are there yet and `wait` is set, waits up to
+    /// that long for one to arrive.
+    pub async fn read(
+        &self,
+        after: u64,
+        limit: usize,
+        wait: Option<Duration>,
+    ) -> Result<Vec<LoggedEvent>, StoreError> {
+        if let Some(wait) = wait {
+            let mut head = self.shared.head.subscribe();
+            let _ = tokio::time::timeout(wait, head.wait_for(|&head| head > after)).await;
+        }
+        let shared = self.shared.clone();
+        Ok(blocking(move || shared.log.read_after(after, limit)).await??)
+    }
+
+    /// The newest `seq` in the log.
+    pub fn head(&self) -> u64 {
+        *self.shared.head.borrow()
+    }
+
+    /// Waits until every event up to `seq` is processed (or dead-lettered), up to `timeout`.
+    /// Returns whether it got there.
+    pub async fn wait_processed(&self, seq: u64, timeout: Duration) -> bool {
+        let mut cursor = self.shared.cursor.subscribe();
+        tokio::time::timeout(timeout, cursor.wait_for(|&c| c >= seq))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Calls the plugin's `query` export (read-only).
+    pub async fn query(&self, name: &str, args: &str) -> Result<String, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Query {
+            name: name.to_owned(),
+            args: args.to_owned(),
+            reply,
+        })
+        .await?;
+        answer
+            .await
+            .map_err(|_| StoreError::Stopped(self.shared.id.clone()))?
+    }
+
+    /// Every dead letter of the store, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let shared = self.shared.clone();
+        Ok(blocking(move || {
+            let conn = shared
+                .reader
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            guest_db::list_dead_letters(&conn)
+        })
+        .await??)
+    }
+
+    /// Delivers a dead-lettered event to the plugin once more; on success its effects commit
+    /// and the dead letter is marked resolved.
+    pub async fn retry_dead_letter(&self, seq: u64) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::RetryDeadLetter { seq, reply }).await?;
+        answer
+            .await
+            .map_err(|_| StoreError::Stopped(self.shared.id.clone()))?
+    }
+
+    /// Applies new settings (plugin, quotas, config) after the in-flight invocation.
+    pub async fn update(&self, settings: StoreSettings) -> Result<(), StoreError> {
+        self.shared.max_pending.store(
+            settings.quotas.max_pending_events,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.send(Command::Update(Box::new(settings))).await
+    }
+
+    /// Stops or restarts processing (events are still accepted while paused).
+    pub async fn set_paused(&self, paused: bool) -> Result<(), StoreError> {
+        self.send(Command::SetPaused(paused)).await
+    }
+
+    /// A snapshot of the store's status.
+    pub fn status(&self) -> StoreStatus {
+        let mut status = self.shared.status().clone();
+        status.head = self.head();
+        status.cursor = *self.shared.cursor.borrow();
+        status.lag = status.head.saturating_sub(status.cursor);
+        status
+    }
+
+    /// Stops the actor after its in-flight invocation and waits for it to finish.
+    pub async fn stop(&self) {
+        let _ = self.commands.send(Command::Stop).await;
+        if let Some(handle) = self.actor.lock().await.take() {
+            let _ = handle.await;
+        }
+        self.shared.status().state = StoreState::Stopped;
+    }
+
+    async fn send(&self, command: Command) -> Result<(), StoreError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| StoreError::Stopped(self.shared.id.clone()))
+    }
+}
+
+/// Runs SQLite work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| StoreError::Internal(format!("blocking task failed: {err}")))
+}
+
+impl StoreError {
+    /// The classified failure reason, when the error is an invocation failure.
+    pub fn failure_reason(&self) -> Option<FailureReason> {
+        match self {
+            StoreError::Invocation(err) => Some(err.reason),
+            _ => None,
+        }
+    }
+}
