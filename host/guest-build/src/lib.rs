@@ -51,7 +51,13 @@ impl GuestBuild {
         let mut command = Command::new(cargo);
         command
             .current_dir(root)
-            .args(["build", "--release", "--target", GUEST_TARGET, "--target-dir"])
+            .args([
+                "build",
+                "--release",
+                "--target",
+                GUEST_TARGET,
+                "--target-dir",
+            ])
             .arg(&target_dir);
         for package in &self.packages {
             command.args(["-p", package]);
@@ -104,7 +110,14 @@ fn clean_environment(command: &mut Command) {
             || key.starts_with("RUSTDOC")
             || matches!(
                 key,
-                "RUSTFLAGS" | "TARGET" | "HOST" | "OUT_DIR" | "PROFILE" | "OPT_LEVEL" | "DEBUG" | "NUM_JOBS"
+                "RUSTFLAGS"
+                    | "TARGET"
+                    | "HOST"
+                    | "OUT_DIR"
+                    | "PROFILE"
+                    | "OPT_LEVEL"
+                    | "DEBUG"
+                    | "NUM_JOBS"
             );
         if outer_only {
             command.env_remove(key);

@@ -56,7 +56,8 @@ impl<H: HostCapabilities> Plugin<H> {
             .linker
             .instantiate_pre(&component)
             .map_err(|err| PluginError::World(format!("{err:#}")))?;
-        let pre = PluginPre::new(instance_pre).map_err(|err| PluginError::World(format!("{err:#}")))?;
+        let pre =
+            PluginPre::new(instance_pre).map_err(|err| PluginError::World(format!("{err:#}")))?;
         Ok(Arc::new(Self {
             sha256,
             size: wasm.len(),
@@ -94,7 +95,10 @@ fn load_cached<H: HostCapabilities>(
     wasm: &[u8],
 ) -> Result<Component, PluginError> {
     let mut hasher = DefaultHasher::new();
-    runtime.engine.precompile_compatibility_hash().hash(&mut hasher);
+    runtime
+        .engine
+        .precompile_compatibility_hash()
+        .hash(&mut hasher);
     let key = format!("{sha256}-{:016x}", hasher.finish());
     let artifact = dir.join(format!("{key}.cwasm"));
     let checksum = dir.join(format!("{key}.cwasm.sha256"));
@@ -140,14 +144,20 @@ fn store_artifact(
         .serialize()
         .map_err(|err| std::io::Error::other(format!("{err:#}")))?;
     write_atomically(dir, artifact, &bytes)?;
-    write_atomically(dir, checksum, hex::encode(Sha256::digest(&bytes)).as_bytes())
+    write_atomically(
+        dir,
+        checksum,
+        hex::encode(Sha256::digest(&bytes)).as_bytes(),
+    )
 }
 
 fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp: PathBuf = dir.join(format!(
         ".tmp-{}-{}",
         std::process::id(),
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("artifact")
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("artifact")
     ));
     let mut file = fs::File::create(&tmp)?;
     file.write_all(bytes)?;

@@ -106,7 +106,10 @@ impl<H: HostCapabilities> Runtime<H> {
 
     /// Whether the epoch ticker thread is alive (it only stops when the runtime is dropped).
     pub fn ticker_running(&self) -> bool {
-        self.ticker.handle.as_ref().is_some_and(|h| !h.is_finished())
+        self.ticker
+            .handle
+            .as_ref()
+            .is_some_and(|h| !h.is_finished())
     }
 }
 

@@ -9,8 +9,8 @@ use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::bindings::storehost::plugin::{clock, config, events, log, sql, types};
 use crate::bindings::Plugin as PluginInstance;
+use crate::bindings::storehost::plugin::{clock, config, events, log, sql, types};
 use crate::failure::{FailureReason, InvocationError};
 use crate::host::HostCapabilities;
 use crate::plugin::Plugin;
@@ -156,28 +156,31 @@ impl<H: HostCapabilities> Sandbox<H> {
         if fuel_metered {
             store
                 .set_fuel(options.limits.fuel_per_call.unwrap_or(u64::MAX))
-                .map_err(|err| InvocationError::new(FailureReason::HostError, format!("{err:#}")))?;
+                .map_err(|err| {
+                    InvocationError::new(FailureReason::HostError, format!("{err:#}"))
+                })?;
         }
         store.set_epoch_deadline(1);
         store.data_mut().cpu.limit_ticks = options.limits.cpu_ms_per_call;
 
         let wall = Duration::from_millis(options.limits.wall_ms_per_call);
-        let instance = match tokio::time::timeout(wall, plugin.pre.instantiate_async(&mut store)).await {
-            Ok(Ok(instance)) => instance,
-            Ok(Err(err)) => {
-                let limiter = &store.data().limiter;
-                return Err(classify_instantiation(&err, limiter));
-            }
-            Err(_) => {
-                return Err(InvocationError::new(
-                    FailureReason::WallTime,
-                    format!(
-                        "instantiating the plugin took longer than wall_ms_per_call ({} ms)",
-                        options.limits.wall_ms_per_call
-                    ),
-                ));
-            }
-        };
+        let instance =
+            match tokio::time::timeout(wall, plugin.pre.instantiate_async(&mut store)).await {
+                Ok(Ok(instance)) => instance,
+                Ok(Err(err)) => {
+                    let limiter = &store.data().limiter;
+                    return Err(classify_instantiation(&err, limiter));
+                }
+                Err(_) => {
+                    return Err(InvocationError::new(
+                        FailureReason::WallTime,
+                        format!(
+                            "instantiating the plugin took longer than wall_ms_per_call ({} ms)",
+                            options.limits.wall_ms_per_call
+                        ),
+                    ));
+                }
+            };
         Ok(Self {
             store,
             instance,
@@ -202,7 +205,9 @@ impl<H: HostCapabilities> Sandbox<H> {
     pub async fn run_task(&mut self, task_id: &str, payload: &str) -> Result<(), InvocationError> {
         let mark = self.begin_call()?;
         let wall = self.wall_limit();
-        let call = self.instance.call_run_task(&mut self.store, task_id, payload);
+        let call = self
+            .instance
+            .call_run_task(&mut self.store, task_id, payload);
         let outcome = tokio::time::timeout(wall, call).await;
         self.finish_call(mark, outcome)
     }
@@ -228,7 +233,8 @@ impl<H: HostCapabilities> Sandbox<H> {
 
     /// Changes the limits of later calls (memory applies to later growth).
     pub fn set_limits(&mut self, limits: Limits) {
-        self.store.data_mut().limiter.limit = usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
+        self.store.data_mut().limiter.limit =
+            usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX);
         self.limits = limits;
     }
 
@@ -256,9 +262,9 @@ impl<H: HostCapabilities> Sandbox<H> {
         }
         let fuel = self.limits.fuel_per_call.unwrap_or(u64::MAX);
         if self.fuel_metered {
-            self.store
-                .set_fuel(fuel)
-                .map_err(|err| InvocationError::new(FailureReason::HostError, format!("{err:#}")))?;
+            self.store.set_fuel(fuel).map_err(|err| {
+                InvocationError::new(FailureReason::HostError, format!("{err:#}"))
+            })?;
         }
         let limit_ticks = self.limits.cpu_ms_per_call;
         let state = self.store.data_mut();
@@ -368,7 +374,10 @@ fn classify_instantiation(err: &wasmtime::Error, limiter: &MemoryLimiter) -> Inv
             ),
         );
     }
-    if err.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() {
+    if err
+        .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+        .is_some()
+    {
         return InvocationError::new(
             FailureReason::HostError,
             "no free sandbox slot: the host runs as many live sandboxes as it is sized for",
@@ -385,11 +394,7 @@ fn panic_message(stderr: &str) -> Option<String> {
     let start = stderr.rfind("panicked at ")?;
     let rest = &stderr[start + "panicked at ".len()..];
     let (location, message) = rest.split_once('\n').unwrap_or((rest, ""));
-    let message = message
-        .split("\nnote:")
-        .next()
-        .unwrap_or_default()
-        .trim();
+    let message = message.split("\nnote:").next().unwrap_or_default().trim();
     let location = location.trim_end_matches(':');
     Some(if message.is_empty() {
         format!("panicked at {location}")
@@ -478,7 +483,11 @@ impl<H: HostCapabilities> sql::Host for InstanceState<H> {
 }
 
 impl<H: HostCapabilities> events::Host for InstanceState<H> {
-    fn emit(&mut self, event_type: String, payload: String) -> wasmtime::Result<Result<(), String>> {
+    fn emit(
+        &mut self,
+        event_type: String,
+        payload: String,
+    ) -> wasmtime::Result<Result<(), String>> {
         Ok(self.host.emit(event_type, payload))
     }
 }

@@ -233,7 +233,13 @@ impl Actor {
             let db = self.lock_db();
             db.begin()?;
             let written = db
-                .record_dead_letter(event.seq, &event.event_type, err.reason, &err.message, attempts)
+                .record_dead_letter(
+                    event.seq,
+                    &event.event_type,
+                    err.reason,
+                    &err.message,
+                    attempts,
+                )
                 .and_then(|()| db.advance_cursor(event.seq))
                 .and_then(|()| db.commit());
             if written.is_err() {
@@ -244,12 +250,18 @@ impl Actor {
         match result {
             Ok(()) => {
                 tracing::error!(seq = event.seq, reason = %err.reason, "event dead-lettered after {attempts} attempts: {}", err.message);
-                self.shared.status().dead_lettered += 1;
+                let mut status = self.shared.status();
+                status.dead_lettered += 1;
+                status.state = StoreState::Running;
+                drop(status);
                 self.moved_to(event.seq);
             }
             Err(db_err) => {
                 // The event stays unprocessed and is tried again after a restart.
-                tracing::error!(seq = event.seq, "could not record the dead letter: {db_err}");
+                tracing::error!(
+                    seq = event.seq,
+                    "could not record the dead letter: {db_err}"
+                );
                 self.pending.push_front(event.clone());
             }
         }
@@ -425,7 +437,10 @@ impl Actor {
             self.sandbox = Some(sandbox);
         }
         self.sandbox.as_mut().ok_or_else(|| {
-            InvocationError::new(FailureReason::HostError, "sandbox missing after instantiation")
+            InvocationError::new(
+                FailureReason::HostError,
+                "sandbox missing after instantiation",
+            )
         })
     }
 

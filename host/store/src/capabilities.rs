@@ -58,7 +58,9 @@ impl StoreCapabilities {
     }
 
     fn db(&self) -> MutexGuard<'_, GuestDb> {
-        self.db.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.db
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn note_sql_error(&mut self, err: &SqlError) {
@@ -96,7 +98,9 @@ impl HostCapabilities for StoreCapabilities {
             return Err("an event type is 1 to 200 characters".into());
         }
         if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(&payload) {
-            return Err(format!("the payload of {event_type:?} is not valid JSON: {err}"));
+            return Err(format!(
+                "the payload of {event_type:?} is not valid JSON: {err}"
+            ));
         }
         self.emitted.push((event_type, payload));
         Ok(())

@@ -83,7 +83,8 @@ impl EventLog {
         let mut seqs = Vec::with_capacity(events.len());
         {
             let now = sqlite::now_ms();
-            let mut find = tx.prepare_cached("SELECT seq FROM events WHERE idempotency_key = ?1")?;
+            let mut find =
+                tx.prepare_cached("SELECT seq FROM events WHERE idempotency_key = ?1")?;
             let mut insert = tx.prepare_cached(
                 "INSERT INTO events (type, payload, at, source, idempotency_key) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
@@ -117,7 +118,12 @@ impl EventLog {
                 "INSERT OR IGNORE INTO events (type, payload, at, source, origin) VALUES (?1, ?2, ?3, 'plugin', ?4)",
             )?;
             for entry in entries {
-                insert.execute(params![entry.event_type, entry.payload, entry.at, entry.origin])?;
+                insert.execute(params![
+                    entry.event_type,
+                    entry.payload,
+                    entry.at,
+                    entry.origin
+                ])?;
             }
         }
         tx.commit()
@@ -150,14 +156,19 @@ impl EventLog {
 
     /// The event with `seq`, if any.
     pub fn get(&self, seq: u64) -> rusqlite::Result<Option<LoggedEvent>> {
-        Ok(self.read_after(seq.saturating_sub(1), 1)?.into_iter().find(|e| e.seq == seq))
+        Ok(self
+            .read_after(seq.saturating_sub(1), 1)?
+            .into_iter()
+            .find(|e| e.seq == seq))
     }
 }
 
 fn lock(mutex: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
     // A panic while holding the lock cannot leave SQLite half-written (its transaction rolls
     // back), so a poisoned lock is safe to keep using.
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -176,11 +187,26 @@ mod tests {
     fn seqs_are_gap_free_and_idempotency_keys_return_the_first_seq() {
         let dir = tempfile::tempdir().unwrap();
         let log = EventLog::open(&dir.path().join("events.db"), Durability::Process).unwrap();
-        assert_eq!(log.append(&[event("a", None), event("b", Some("k1"))], "api").unwrap(), vec![1, 2]);
-        assert_eq!(log.append(&[event("c", Some("k1")), event("d", None)], "api").unwrap(), vec![2, 3]);
-        assert_eq!(log.append(&[event("e", Some("k2")), event("e", Some("k2"))], "api").unwrap(), vec![4, 4]);
+        assert_eq!(
+            log.append(&[event("a", None), event("b", Some("k1"))], "api")
+                .unwrap(),
+            vec![1, 2]
+        );
+        assert_eq!(
+            log.append(&[event("c", Some("k1")), event("d", None)], "api")
+                .unwrap(),
+            vec![2, 3]
+        );
+        assert_eq!(
+            log.append(&[event("e", Some("k2")), event("e", Some("k2"))], "api")
+                .unwrap(),
+            vec![4, 4]
+        );
         let all = log.read_after(0, 100).unwrap();
-        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(
+            all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
         assert_eq!(log.head().unwrap(), 4);
     }
 }

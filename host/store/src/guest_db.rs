@@ -184,10 +184,11 @@ impl GuestDb {
 
     /// The `seq` of the last event whose effects are committed.
     pub fn cursor(&self) -> rusqlite::Result<u64> {
-        self.conn
-            .query_row("SELECT last_seq FROM _host_cursor WHERE id = 1", [], |row| {
-                row.get(0)
-            })
+        self.conn.query_row(
+            "SELECT last_seq FROM _host_cursor WHERE id = 1",
+            [],
+            |row| row.get(0),
+        )
     }
 
     /// Begins the transaction one invocation's effects go into.
@@ -236,7 +237,13 @@ impl GuestDb {
     }
 
     /// Stages an emitted event in the outbox (inside the current transaction).
-    pub fn stage_emitted(&self, origin: &str, event_type: &str, payload: &str, at: i64) -> rusqlite::Result<()> {
+    pub fn stage_emitted(
+        &self,
+        origin: &str,
+        event_type: &str,
+        payload: &str,
+        at: i64,
+    ) -> rusqlite::Result<()> {
         self.conn
             .prepare_cached(
                 "INSERT INTO _host_outbox (origin, type, payload, at) VALUES (?1, ?2, ?3, ?4)",
@@ -334,7 +341,7 @@ impl GuestDb {
     /// Runs a guest statement and returns its rows.
     pub fn guest_query(&self, statement: &str, params: Vec<Value>) -> Result<Rows, SqlError> {
         let mut stmt = self.prepare_guest(statement)?;
-        let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+        let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
         let params = params.into_iter().map(to_sqlite).collect::<Vec<_>>();
         let mut rows = stmt
             .query(rusqlite::params_from_iter(params))
@@ -401,7 +408,10 @@ pub(crate) fn breach_of(err: &SqlError, cpu_ms: u64) -> Option<(FailureReason, S
     match err.code {
         SQLITE_FULL => Some((
             FailureReason::DiskFull,
-            format!("the store's database reached its disk quota: {}", err.message),
+            format!(
+                "the store's database reached its disk quota: {}",
+                err.message
+            ),
         )),
         SQLITE_INTERRUPT => Some((
             FailureReason::CpuTime,
@@ -472,7 +482,12 @@ fn authorize(mode: u8, ctx: &AuthContext<'_>) -> Authorization {
             let is_query = pragma_value.is_none()
                 || matches!(
                     pragma_name.to_ascii_lowercase().as_str(),
-                    "table_info" | "table_xinfo" | "index_list" | "index_info" | "index_xinfo" | "foreign_key_list"
+                    "table_info"
+                        | "table_xinfo"
+                        | "index_list"
+                        | "index_info"
+                        | "index_xinfo"
+                        | "foreign_key_list"
                 );
             if readable && is_query {
                 Authorization::Allow
@@ -515,7 +530,10 @@ fn sql_error(err: rusqlite::Error) -> SqlError {
                     "not authorized: guest SQL cannot ATTACH, change pragmas, load extensions, \
                      use virtual tables or temp objects, control transactions, or touch the \
                      host's tables ({HOST_TABLE_PREFIX}*){}",
-                    message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
+                    message
+                        .as_deref()
+                        .map(|m| format!(" ({m})"))
+                        .unwrap_or_default()
                 ),
                 (_, Some(m)) => m.clone(),
                 (_, None) => err.to_string(),
@@ -593,12 +611,21 @@ mod tests {
     #[test]
     fn guest_sql_works_on_its_own_tables() {
         let (_dir, db) = db();
-        guest(&db, "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)").unwrap();
-        assert_eq!(guest(&db, "INSERT INTO notes (body) VALUES ('hi')").unwrap(), 1);
+        guest(
+            &db,
+            "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)",
+        )
+        .unwrap();
+        assert_eq!(
+            guest(&db, "INSERT INTO notes (body) VALUES ('hi')").unwrap(),
+            1
+        );
         db.enter_guest(false, sql_deadline(1_000));
         let rows = db.guest_query("SELECT body FROM notes", vec![]).unwrap();
         db.leave_guest();
-        assert!(matches!(rows.rows.as_slice(), [row] if matches!(row.as_slice(), [Value::Text(t)] if t == "hi")));
+        assert!(
+            matches!(rows.rows.as_slice(), [row] if matches!(row.as_slice(), [Value::Text(t)] if t == "hi"))
+        );
     }
 
     #[test]
@@ -628,7 +655,10 @@ mod tests {
                 "{sql}: unexpected error {err:?}"
             );
         }
-        assert!(!other.exists(), "ATTACH must not create another database file");
+        assert!(
+            !other.exists(),
+            "ATTACH must not create another database file"
+        );
         assert_eq!(db.cursor().unwrap(), 0);
     }
 
@@ -650,7 +680,9 @@ mod tests {
         db.commit().unwrap();
         let host_text = "UPDATE _host_cursor SET last_seq = ?1 WHERE id = 1 AND last_seq < ?1";
         db.enter_guest(true, sql_deadline(1_000));
-        let err = db.guest_execute(host_text, vec![Value::Integer(99)]).unwrap_err();
+        let err = db
+            .guest_execute(host_text, vec![Value::Integer(99)])
+            .unwrap_err();
         db.leave_guest();
         assert_eq!(err.code, SQLITE_AUTH);
         assert_eq!(db.cursor().unwrap(), 1);
@@ -675,7 +707,9 @@ mod tests {
         let (_dir, db) = db();
         guest(&db, "CREATE TABLE t (x)").unwrap();
         db.enter_guest(false, sql_deadline(1_000));
-        let err = db.guest_execute("INSERT INTO t VALUES (1)", vec![]).unwrap_err();
+        let err = db
+            .guest_execute("INSERT INTO t VALUES (1)", vec![])
+            .unwrap_err();
         db.leave_guest();
         assert_eq!(err.code, SQLITE_AUTH);
     }
@@ -686,7 +720,11 @@ mod tests {
         db.set_disk_quota(64 << 10).unwrap();
         guest(&db, "CREATE TABLE big (b BLOB)").unwrap();
         let err = guest(&db, "INSERT INTO big VALUES (zeroblob(1000000))").unwrap_err();
-        assert_eq!(breach_of(&err, 10).map(|b| b.0), Some(FailureReason::DiskFull), "{err:?}");
+        assert_eq!(
+            breach_of(&err, 10).map(|b| b.0),
+            Some(FailureReason::DiskFull),
+            "{err:?}"
+        );
 
         db.enter_guest(false, sql_deadline(50));
         let err = db
@@ -696,6 +734,10 @@ mod tests {
             )
             .unwrap_err();
         db.leave_guest();
-        assert_eq!(breach_of(&err, 50).map(|b| b.0), Some(FailureReason::CpuTime), "{err:?}");
+        assert_eq!(
+            breach_of(&err, 50).map(|b| b.0),
+            Some(FailureReason::CpuTime),
+            "{err:?}"
+        );
     }
 }

@@ -89,7 +89,16 @@ mod tests {
     #[test]
     fn refuses_ids_that_could_become_paths_or_break_the_rule() {
         for id in [
-            "", "ab", "../etc", "a/b/c", "-abc", "_abc", "abc.db", "a b c", "ábc", "..",
+            "",
+            "ab",
+            "../etc",
+            "a/b/c",
+            "-abc",
+            "_abc",
+            "abc.db",
+            "a b c",
+            "ábc",
+            "..",
             &"a".repeat(65),
         ] {
             let err = StoreId::new(id).unwrap_err();

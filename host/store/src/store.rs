@@ -83,9 +83,7 @@ pub enum StoreError {
     #[error("store {0} is stopped")]
     Stopped(StoreId),
     /// Too many events are waiting to be processed.
-    #[error(
-        "store {store} has {pending} events waiting (max_pending_events = {max}); retry later"
-    )]
+    #[error("store {store} has {pending} events waiting (max_pending_events = {max}); retry later")]
     QueueFull {
         /// The store.
         store: StoreId,
@@ -222,7 +220,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("id", &self.shared.id).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("id", &self.shared.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -265,7 +265,14 @@ impl Store {
             reader: Mutex::new(reader),
         });
         let (commands, inbox) = mpsc::channel(64);
-        let actor = Actor::new(shared.clone(), db, dir.files.clone(), settings, inbox, cursor);
+        let actor = Actor::new(
+            shared.clone(),
+            db,
+            dir.files.clone(),
+            settings,
+            inbox,
+            cursor,
+        );
         let span = tracing::info_span!("store", store_id = %id);
         let handle = tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
         Ok(Self {
@@ -287,12 +294,19 @@ impl Store {
     }
 
     /// Appends events from `source`; durable (survives `kill -9`) when this returns.
-    pub async fn append(&self, events: Vec<NewEvent>, source: &str) -> Result<Vec<u64>, StoreError> {
+    pub async fn append(
+        &self,
+        events: Vec<NewEvent>,
+        source: &str,
+    ) -> Result<Vec<u64>, StoreError> {
         if self.commands.is_closed() {
             return Err(StoreError::Stopped(self.shared.id.clone()));
         }
         let pending = self.head().saturating_sub(*self.shared.cursor.borrow());
-        let max = self.shared.max_pending.load(std::sync::atomic::Ordering::Relaxed);
+        let max = self
+            .shared
+            .max_pending
+            .load(std::sync::atomic::Ordering::Relaxed);
         if pending.saturating_add(events.len() as u64) > max {
             return Err(StoreError::QueueFull {
                 store: self.shared.id.clone(),

@@ -1,0 +1,65 @@
+//! Request bodies: size-limited, parsed as JSON, with errors that say what was wrong.
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// A JSON body of at most `http.max_body_bytes`.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+/// A raw body of at most `http.max_body_bytes` (plugin uploads).
+#[derive(Debug)]
+pub struct RawBody(pub bytes::Bytes);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let bytes = read_limited(req.into_body(), state.max_body_bytes).await?;
+        if bytes.is_empty() {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                "the request body is empty; send a JSON object",
+            ));
+        }
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|err| {
+            ApiError::bad_request(
+                "invalid_json",
+                format!("the request body is not valid: {err}"),
+            )
+        })
+    }
+}
+
+impl FromRequest<AppState> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        read_limited(req.into_body(), state.max_plugin_bytes)
+            .await
+            .map(RawBody)
+    }
+}
+
+async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the request body is larger than {limit} bytes; send less per request (batch events across requests)"
+            ),
+        )),
+        Err(err) => Err(ApiError::bad_request(
+            "body_unreadable",
+            format!("could not read the request body: {err}"),
+        )),
+    }
+}

@@ -1,0 +1,144 @@
+//! One error type for every route: client mistakes keep their status and say what to do;
+//! internal errors become a generic 500 and are logged once.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use storehost_control::ControlError;
+use storehost_runtime::FailureReason;
+use storehost_store::StoreError;
+
+/// An error answered as `{"error":{"code","message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    /// An error with a status, a stable code and a message for people.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    /// 400 with `code`.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 404 for a store this host does not run.
+    pub fn unknown_store(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "store_not_found",
+            format!("store {id:?} does not exist on this host; create it with PUT /v1/stores/{id}"),
+        )
+    }
+
+    /// 401.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// Adds a `Retry-After` header.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    /// A 500 whose details go to the log, not to the client.
+    pub fn internal(err: impl std::fmt::Display) -> Self {
+        tracing::error!("internal error: {err}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; the host log has the details",
+        )
+    }
+
+    /// The status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let mut response = (self.status, body).into_response();
+        if let Some(secs) = self.retry_after_secs
+            && let Ok(value) = HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Invocation(failure) => {
+                let (status, code) = match failure.reason {
+                    FailureReason::PluginError => {
+                        (StatusCode::UNPROCESSABLE_ENTITY, "plugin_error")
+                    }
+                    FailureReason::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+                    FailureReason::HostError => return Self::internal(failure),
+                    reason => (StatusCode::BAD_GATEWAY, reason_code(reason)),
+                };
+                Self::new(status, code, failure.message)
+            }
+            StoreError::QueueFull { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", err.to_string())
+                    .retry_after(1)
+            }
+            StoreError::Stopped(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_stopped",
+                err.to_string(),
+            ),
+            StoreError::NoDeadLetter { .. } => Self::new(
+                StatusCode::NOT_FOUND,
+                "dead_letter_not_found",
+                err.to_string(),
+            ),
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(err: ControlError) -> Self {
+        match err {
+            ControlError::UnknownPlugin { .. } => {
+                Self::bad_request("unknown_plugin", err.to_string())
+            }
+            ControlError::AtCapacity { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "at_capacity",
+                err.to_string(),
+            ),
+            ControlError::NotFound(id) => Self::unknown_store(id.as_str()),
+            ControlError::Plugin(plugin) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_plugin",
+                plugin.to_string(),
+            ),
+            ControlError::Store(store) => store.into(),
+            other => Self::internal(other),
+        }
+    }
+}
+
+fn reason_code(reason: FailureReason) -> &'static str {
+    reason.as_str()
+}

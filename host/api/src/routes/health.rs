@@ -1,0 +1,43 @@
+//! `GET /health`: is the host well, and what does it run.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+
+use crate::state::AppState;
+
+/// `{"status","stores":{state: count},"monitoredStoreIds",...}`
+pub async fn health(State(state): State<AppState>) -> Json<Value> {
+    let stores = state.orchestrator.list().await;
+    let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
+    for store in &stores {
+        let name = serde_json::to_value(store.status.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        *by_state.entry(name).or_default() += 1;
+    }
+    let config = state
+        .config_status
+        .read()
+        .map(|c| c.clone())
+        .unwrap_or_default();
+    let draining = state.draining.load(std::sync::atomic::Ordering::Relaxed);
+    let degraded = draining || config.last_error.is_some();
+    Json(json!({
+        "status": if degraded { "degraded" } else { "ok" },
+        "stores": by_state,
+        "monitoredStoreIds": stores.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        "lastProvisionedAt": stores.iter().map(|s| s.running_since).max(),
+        "reconciler": {
+            "enabled": false,
+            "lastRunAt": null,
+            "lastSuccessAt": null,
+            "lastError": null,
+            "drift": null,
+        },
+        "config": config,
+    }))
+}

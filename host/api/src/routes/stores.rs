@@ -1,0 +1,164 @@
+//! Admin routes over stores: list, show, create/update, remove, pause/resume, dead letters.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use storehost_control::config::StoreSpec;
+use storehost_control::{Provisioned, StoreSource};
+use storehost_store::Quotas;
+
+use super::{parse_store_id, running_store};
+use crate::body::JsonBody;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// `GET /v1/stores`
+pub async fn list(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "stores": state.orchestrator.list().await }))
+}
+
+/// `GET /v1/stores/{id}`
+pub async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = parse_store_id(&id)?;
+    let view = state
+        .orchestrator
+        .view(&id)
+        .await
+        .ok_or_else(|| ApiError::unknown_store(id.as_str()))?;
+    Ok(Json(view))
+}
+
+/// The body of `PUT /v1/stores/{id}`; every field is optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutStore {
+    plugin: Option<String>,
+    quotas: Option<serde_json::Map<String, Value>>,
+    config: Option<BTreeMap<String, String>>,
+}
+
+/// `PUT /v1/stores/{id}` → 201 created, 200 updated.
+pub async fn put(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<PutStore>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = parse_store_id(&id)?;
+    let (base, source) = match state.orchestrator.spec(&id).await {
+        Some((spec, source)) => (spec, source),
+        None => (
+            state.orchestrator.settings().defaults.clone(),
+            StoreSource::Api,
+        ),
+    };
+    let spec = StoreSpec {
+        plugin: body.plugin.unwrap_or(base.plugin),
+        quotas: match body.quotas {
+            Some(changes) => merge_quotas(&base.quotas, changes)?,
+            None => base.quotas,
+        },
+        config: body.config.unwrap_or(base.config),
+    };
+    let outcome = state.orchestrator.ensure_running(&id, spec, source).await?;
+    let view = state
+        .orchestrator
+        .view(&id)
+        .await
+        .ok_or_else(|| ApiError::unknown_store(id.as_str()))?;
+    let status = match outcome {
+        Provisioned::Created => StatusCode::CREATED,
+        Provisioned::Updated | Provisioned::Unchanged => StatusCode::OK,
+    };
+    Ok((status, Json(view)))
+}
+
+/// Applies the quota fields given over `base`; unknown fields and wrong types are errors.
+fn merge_quotas(
+    base: &Quotas,
+    changes: serde_json::Map<String, Value>,
+) -> Result<Quotas, ApiError> {
+    let mut merged = serde_json::to_value(base).map_err(ApiError::internal)?;
+    if let Value::Object(fields) = &mut merged {
+        fields.extend(changes);
+    }
+    serde_json::from_value(merged).map_err(|err| {
+        ApiError::bad_request(
+            "invalid_quotas",
+            format!(
+                "invalid quotas: {err} (quota values are numbers: bytes, milliseconds or counts)"
+            ),
+        )
+    })
+}
+
+/// `?purge=true`
+#[derive(Debug, Deserialize)]
+pub struct RemoveParams {
+    #[serde(default)]
+    purge: bool,
+}
+
+/// `DELETE /v1/stores/{id}[?purge=true]`
+pub async fn remove(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(params): Query<RemoveParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = parse_store_id(&id)?;
+    if !state.orchestrator.remove(&id, params.purge).await? {
+        return Err(ApiError::unknown_store(id.as_str()));
+    }
+    Ok(Json(json!({
+        "storeId": id,
+        "status": "removed",
+        "data": if params.purge { "purged" } else { "archived" },
+    })))
+}
+
+/// `POST /v1/stores/{id}/pause`
+pub async fn pause(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let store = running_store(&state, &id).await?;
+    store.set_paused(true).await?;
+    Ok(Json(json!({"storeId": store.id(), "state": "paused"})))
+}
+
+/// `POST /v1/stores/{id}/resume`
+pub async fn resume(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let store = running_store(&state, &id).await?;
+    store.set_paused(false).await?;
+    Ok(Json(json!({"storeId": store.id(), "state": "running"})))
+}
+
+/// `GET /v1/stores/{id}/dead-letters`
+pub async fn dead_letters(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let store = running_store(&state, &id).await?;
+    Ok(Json(json!({ "deadLetters": store.dead_letters().await? })))
+}
+
+/// `POST /v1/stores/{id}/dead-letters/{seq}/retry` — delivers the event once more and answers
+/// with the outcome.
+pub async fn retry_dead_letter(
+    State(state): State<AppState>,
+    Path((id, seq)): Path<(String, u64)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let store = running_store(&state, &id).await?;
+    store.retry_dead_letter(seq).await?;
+    Ok(Json(json!({"seq": seq, "status": "resolved"})))
+}

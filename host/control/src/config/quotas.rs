@@ -1,0 +1,204 @@
+//! Partial quota overrides: what `[defaults.quotas]` and `[stores.<id>.quotas]` may set, merged
+//! over [`Quotas::default`] and then over each other.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Unexpected, Visitor};
+use storehost_store::quotas::Quotas;
+
+use super::size;
+
+/// The smallest `memory` and `disk` quota: one WebAssembly page (64 KiB).
+pub const MIN_SIZE_QUOTA: u64 = 64 << 10;
+
+/// The word that sets `fuel_per_call` back to unmetered over a metered default.
+pub const UNMETERED: &str = "unmetered";
+
+/// Some or all fields of [`Quotas`]; an absent field keeps the value it overrides.
+///
+/// Sizes (`memory`, `disk`) accept an integer of bytes or a string like `"64MiB"`;
+/// `fuel_per_call` accepts an integer or `"unmetered"`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotasOverride {
+    /// Maximum guest linear memory, in bytes.
+    #[serde(deserialize_with = "size::deserialize_option")]
+    pub memory: Option<u64>,
+    /// Fuel per invocation: `Some(None)` = unmetered, `Some(Some(n))` = `n` units.
+    #[serde(deserialize_with = "deserialize_fuel")]
+    pub fuel_per_call: Option<Option<u64>>,
+    /// CPU time per invocation, in milliseconds.
+    pub cpu_ms_per_call: Option<u64>,
+    /// Wall time per invocation, in milliseconds.
+    pub wall_ms_per_call: Option<u64>,
+    /// CPU time budget per minute, in milliseconds.
+    pub cpu_ms_per_minute: Option<u64>,
+    /// Maximum database size, in bytes.
+    #[serde(deserialize_with = "size::deserialize_option")]
+    pub disk: Option<u64>,
+    /// Sustained ingress rate, in events per second.
+    pub events_per_second: Option<u32>,
+    /// Ingress burst above the sustained rate, in events.
+    pub burst: Option<u32>,
+    /// Maximum events accepted but not yet processed.
+    pub max_pending_events: Option<u64>,
+    /// LLM calls per minute.
+    pub llm_calls_per_minute: Option<u32>,
+}
+
+/// One quota value that is out of its accepted range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key} = {value} is out of range: {rule}")]
+pub struct QuotaProblem {
+    /// The quota's key, as written in the config.
+    pub key: &'static str,
+    /// The value given.
+    pub value: u64,
+    /// What is accepted.
+    pub rule: &'static str,
+}
+
+impl QuotasOverride {
+    /// Returns `base` with every field set here replaced.
+    pub fn apply_to(&self, base: &Quotas) -> Quotas {
+        Quotas {
+            memory: self.memory.unwrap_or(base.memory),
+            fuel_per_call: self.fuel_per_call.unwrap_or(base.fuel_per_call),
+            cpu_ms_per_call: self.cpu_ms_per_call.unwrap_or(base.cpu_ms_per_call),
+            wall_ms_per_call: self.wall_ms_per_call.unwrap_or(base.wall_ms_per_call),
+            cpu_ms_per_minute: self.cpu_ms_per_minute.unwrap_or(base.cpu_ms_per_minute),
+            disk: self.disk.unwrap_or(base.disk),
+            events_per_second: self.events_per_second.unwrap_or(base.events_per_second),
+            burst: self.burst.unwrap_or(base.burst),
+            max_pending_events: self.max_pending_events.unwrap_or(base.max_pending_events),
+            llm_calls_per_minute: self
+                .llm_calls_per_minute
+                .unwrap_or(base.llm_calls_per_minute),
+        }
+    }
+
+    /// Every value set here that no store could run under (a zero limit, or memory or disk
+    /// below one 64 KiB page).
+    pub fn problems(&self) -> Vec<QuotaProblem> {
+        const AT_LEAST_ONE: &str = "it must be at least 1 (zero would stop the store from working)";
+        const AT_LEAST_PAGE: &str = "it must be at least 64KiB (65536 bytes, one page)";
+        let sizes = [("memory", self.memory), ("disk", self.disk)]
+            .into_iter()
+            .filter_map(|(key, value)| Some((key, value?, MIN_SIZE_QUOTA, AT_LEAST_PAGE)));
+        let counts = [
+            ("fuel_per_call", self.fuel_per_call.flatten()),
+            ("cpu_ms_per_call", self.cpu_ms_per_call),
+            ("wall_ms_per_call", self.wall_ms_per_call),
+            ("cpu_ms_per_minute", self.cpu_ms_per_minute),
+            ("events_per_second", self.events_per_second.map(u64::from)),
+            ("burst", self.burst.map(u64::from)),
+            ("max_pending_events", self.max_pending_events),
+            (
+                "llm_calls_per_minute",
+                self.llm_calls_per_minute.map(u64::from),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| Some((key, value?, 1, AT_LEAST_ONE)));
+        sizes
+            .chain(counts)
+            .filter(|(_, value, min, _)| value < min)
+            .map(|(key, value, _, rule)| QuotaProblem { key, value, rule })
+            .collect()
+    }
+}
+
+/// Serde visitor for `fuel_per_call`: an integer or the word `"unmetered"`.
+struct FuelVisitor;
+
+impl Visitor<'_> for FuelVisitor {
+    type Value = Option<u64>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a whole number of fuel units, or \"{UNMETERED}\"")
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Some(v))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        u64::try_from(v)
+            .map(Some)
+            .map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        if v == UNMETERED {
+            Ok(None)
+        } else {
+            Err(E::invalid_value(Unexpected::Str(v), &self))
+        }
+    }
+}
+
+/// Deserializes `fuel_per_call`; `Some` whenever the key is present.
+fn deserialize_fuel<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<u64>>, D::Error> {
+    deserializer.deserialize_any(FuelVisitor).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::struct_fields;
+
+    #[test]
+    fn overrides_name_exactly_the_fields_of_quotas() {
+        assert_eq!(
+            struct_fields::<QuotasOverride>(),
+            struct_fields::<Quotas>(),
+            "QuotasOverride must follow storehost_store::quotas::Quotas field for field"
+        );
+    }
+
+    #[test]
+    fn an_override_replaces_only_what_it_sets() {
+        let base = Quotas {
+            fuel_per_call: Some(5),
+            ..Quotas::default()
+        };
+        let merged = QuotasOverride {
+            memory: Some(128 << 20),
+            fuel_per_call: Some(None),
+            burst: Some(7),
+            ..QuotasOverride::default()
+        }
+        .apply_to(&base);
+        assert_eq!(merged.memory, 128 << 20);
+        assert_eq!(merged.fuel_per_call, None);
+        assert_eq!(merged.burst, 7);
+        assert_eq!(merged.disk, base.disk);
+        assert_eq!(merged.cpu_ms_per_call, base.cpu_ms_per_call);
+    }
+
+    #[test]
+    fn reads_sizes_and_unmetered_fuel_from_json_too() {
+        let parsed: QuotasOverride = serde_json::from_str(
+            r#"{"memory":"32MiB","disk":1048576,"fuel_per_call":"unmetered"}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.memory, Some(32 << 20));
+        assert_eq!(parsed.disk, Some(1 << 20));
+        assert_eq!(parsed.fuel_per_call, Some(None));
+    }
+
+    #[test]
+    fn zero_limits_and_tiny_sizes_are_problems() {
+        let problems = QuotasOverride {
+            memory: Some(1024),
+            burst: Some(0),
+            ..QuotasOverride::default()
+        }
+        .problems();
+        let keys: Vec<_> = problems.iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["memory", "burst"]);
+    }
+}

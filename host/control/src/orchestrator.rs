@@ -1,0 +1,411 @@
+//! The one place that turns desired state into running stores.
+//!
+//! Every source of desired state (config file, `STORE_IDS`, the admin API) calls
+//! [`Orchestrator::ensure_running`] or [`Orchestrator::remove`]; both are idempotent and
+//! serialised, so calling them twice or concurrently for the same store is safe.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+use storehost_runtime::PluginError;
+use storehost_store::{
+    Durability, Quotas, RetryPolicy, Store, StoreError, StoreId, StorePlugin, StoreRuntime,
+    StoreSettings, StoreStatus, dir, sqlite::now_ms,
+};
+use tokio::sync::{Mutex, RwLock};
+
+use crate::config::StoreSpec;
+use crate::registry::Registry;
+
+/// Where a store's desired state came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreSource {
+    /// The config file.
+    Config,
+    /// The `STORE_IDS` environment variable.
+    Env,
+    /// The admin API.
+    Api,
+}
+
+impl StoreSource {
+    /// The stable name stored in the host registry.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreSource::Config => "config",
+            StoreSource::Env => "env",
+            StoreSource::Api => "api",
+        }
+    }
+
+    /// Parses a name produced by [`StoreSource::as_str`].
+    pub fn parse(name: &str) -> Option<Self> {
+        [StoreSource::Config, StoreSource::Env, StoreSource::Api]
+            .into_iter()
+            .find(|s| s.as_str() == name)
+    }
+
+    /// Whether the host registry keeps stores of this source across restarts (the config file
+    /// and the environment are read again at every start instead).
+    fn persisted(self) -> bool {
+        matches!(self, StoreSource::Api)
+    }
+}
+
+/// What `ensure_running` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provisioned {
+    /// The store did not run; now it does.
+    Created,
+    /// It ran with other settings; the new ones apply after its in-flight invocation.
+    Updated,
+    /// It already ran exactly so.
+    Unchanged,
+}
+
+/// Why the control plane refused or failed a change.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The spec names a plugin the host does not have.
+    #[error("unknown plugin {name:?}; known plugins: {known}. Deploy it first or fix the name")]
+    UnknownPlugin {
+        /// The name asked for.
+        name: String,
+        /// The names the host has, comma-separated.
+        known: String,
+    },
+    /// The host already runs `max_stores` stores.
+    #[error(
+        "this host already runs its maximum of {max} stores (max_stores / MAX_INSTANCES_PER_SERVER); remove a store or raise the limit"
+    )]
+    AtCapacity {
+        /// The limit.
+        max: usize,
+    },
+    /// No such store.
+    #[error("store {0} does not exist on this host")]
+    NotFound(StoreId),
+    /// The plugin could not be loaded.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// The store failed to open or apply the change.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The host registry database failed.
+    #[error("host registry error: {0}")]
+    Registry(#[from] rusqlite::Error),
+    /// Moving or deleting the store's files failed.
+    #[error("could not archive or delete the store's files: {0}")]
+    Files(#[from] std::io::Error),
+}
+
+/// Host-wide settings every store shares.
+#[derive(Debug, Clone)]
+pub struct HostSettings {
+    /// Where stores keep their files.
+    pub data_dir: PathBuf,
+    /// Commit durability.
+    pub durability: Durability,
+    /// Retry policy of failing events.
+    pub retry: RetryPolicy,
+    /// Most stores this host runs.
+    pub max_stores: usize,
+    /// The spec of a store created without one (default plugin and quotas, no config).
+    pub defaults: StoreSpec,
+}
+
+/// A running store with the spec it runs under.
+#[derive(Debug, Clone)]
+struct Entry {
+    store: Store,
+    spec: StoreSpec,
+    source: StoreSource,
+    since: i64,
+}
+
+/// What the API shows about one store.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreView {
+    /// The store's id.
+    pub id: StoreId,
+    /// Where its desired state came from.
+    pub source: StoreSource,
+    /// The plugin it runs.
+    pub plugin: PluginRef,
+    /// Its quotas.
+    pub quotas: Quotas,
+    /// Its config key/values.
+    pub config: BTreeMap<String, String>,
+    /// When it started on this host (ms since the Unix epoch).
+    pub running_since: i64,
+    /// Its processing status.
+    #[serde(flatten)]
+    pub status: StoreStatus,
+}
+
+/// A plugin by name and content hash.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginRef {
+    /// Its name.
+    pub name: String,
+    /// SHA-256 of its component bytes.
+    pub sha256: String,
+}
+
+/// Keeps the running stores equal to the desired ones.
+pub struct Orchestrator {
+    runtime: Arc<StoreRuntime>,
+    settings: HostSettings,
+    plugins: std::sync::RwLock<BTreeMap<String, Arc<StorePlugin>>>,
+    stores: RwLock<BTreeMap<StoreId, Entry>>,
+    changes: Mutex<()>,
+    registry: Registry,
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Orchestrator {
+    /// An orchestrator running no stores yet, with its registry in `DATA_DIR/host.db`.
+    pub fn new(runtime: Arc<StoreRuntime>, settings: HostSettings) -> Result<Self, ControlError> {
+        std::fs::create_dir_all(&settings.data_dir)?;
+        let registry = Registry::open(&settings.data_dir.join("host.db"))?;
+        Ok(Self {
+            runtime,
+            settings,
+            plugins: std::sync::RwLock::default(),
+            stores: RwLock::default(),
+            changes: Mutex::new(()),
+            registry,
+        })
+    }
+
+    /// The host-wide settings.
+    pub fn settings(&self) -> &HostSettings {
+        &self.settings
+    }
+
+    /// Compiles `wasm` as plugin `name` and switches every store using that name to it after
+    /// its in-flight invocation.
+    pub async fn deploy_plugin(
+        &self,
+        name: &str,
+        wasm: Vec<u8>,
+    ) -> Result<Arc<StorePlugin>, ControlError> {
+        let runtime = self.runtime.clone();
+        let plugin = tokio::task::spawn_blocking(move || StorePlugin::load(&runtime, &wasm))
+            .await
+            .map_err(|err| {
+                StoreError::Internal(format!("plugin compilation task failed: {err}"))
+            })??;
+        let _guard = self.changes.lock().await;
+        self.plugins
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_owned(), plugin.clone());
+        let stores = self.stores.read().await;
+        for entry in stores.values().filter(|e| e.spec.plugin == name) {
+            entry
+                .store
+                .update(self.store_settings(&entry.spec, plugin.clone()))
+                .await?;
+        }
+        Ok(plugin)
+    }
+
+    /// The plugins this host has, by name.
+    pub fn plugins(&self) -> BTreeMap<String, Arc<StorePlugin>> {
+        self.plugins
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn plugin(&self, name: &str) -> Result<Arc<StorePlugin>, ControlError> {
+        let plugins = self
+            .plugins
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        plugins
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownPlugin {
+                name: name.to_owned(),
+                known: plugins.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    fn store_settings(&self, spec: &StoreSpec, plugin: Arc<StorePlugin>) -> StoreSettings {
+        StoreSettings {
+            plugin_name: spec.plugin.clone(),
+            plugin,
+            quotas: spec.quotas.clone(),
+            config: spec.config.clone(),
+            retry: self.settings.retry.clone(),
+        }
+    }
+
+    /// Makes store `id` run under `spec`: starts it, changes it live, or leaves it as it is.
+    pub async fn ensure_running(
+        &self,
+        id: &StoreId,
+        spec: StoreSpec,
+        source: StoreSource,
+    ) -> Result<Provisioned, ControlError> {
+        let plugin = self.plugin(&spec.plugin)?;
+        let _guard = self.changes.lock().await;
+        let mut stores = self.stores.write().await;
+        if let Some(entry) = stores.get_mut(id) {
+            if entry.spec == spec {
+                return Ok(Provisioned::Unchanged);
+            }
+            entry
+                .store
+                .update(self.store_settings(&spec, plugin))
+                .await?;
+            if entry.source.persisted() {
+                self.registry.put(id, entry.source, &spec)?;
+            }
+            entry.spec = spec;
+            tracing::info!(store_id = %id, "store settings updated");
+            return Ok(Provisioned::Updated);
+        }
+        if stores.len() >= self.settings.max_stores {
+            return Err(ControlError::AtCapacity {
+                max: self.settings.max_stores,
+            });
+        }
+        let store = Store::open(
+            id.clone(),
+            &self.settings.data_dir,
+            self.settings.durability,
+            self.store_settings(&spec, plugin),
+        )?;
+        if source.persisted() {
+            self.registry.put(id, source, &spec)?;
+        }
+        stores.insert(
+            id.clone(),
+            Entry {
+                store,
+                spec,
+                source,
+                since: now_ms(),
+            },
+        );
+        tracing::info!(store_id = %id, source = source.as_str(), "store started");
+        Ok(Provisioned::Created)
+    }
+
+    /// Stops store `id` after its in-flight invocation; archives its files, or deletes them
+    /// when `purge`. Returns whether it was running.
+    pub async fn remove(&self, id: &StoreId, purge: bool) -> Result<bool, ControlError> {
+        let _guard = self.changes.lock().await;
+        let entry = self.stores.write().await.remove(id);
+        let Some(entry) = entry else {
+            return Ok(false);
+        };
+        entry.store.stop().await;
+        self.registry.delete(id)?;
+        let data_dir = self.settings.data_dir.clone();
+        let target = id.clone();
+        let archived = tokio::task::spawn_blocking(move || dir::remove(&data_dir, &target, purge))
+            .await
+            .map_err(|err| StoreError::Internal(format!("removal task failed: {err}")))??;
+        match archived {
+            Some(path) => {
+                tracing::info!(store_id = %id, archive = %path.display(), "store removed; data archived")
+            }
+            None => tracing::info!(store_id = %id, "store removed and its data purged"),
+        }
+        Ok(true)
+    }
+
+    /// Starts every store the registry remembers (those added through the API before a restart).
+    pub async fn restore_persisted(&self) -> Result<usize, ControlError> {
+        let mut started = 0;
+        for (id, source, spec) in self.registry.all()? {
+            match self.ensure_running(&id, spec, source).await {
+                Ok(_) => started += 1,
+                Err(err) => tracing::error!(store_id = %id, "could not restore the store: {err}"),
+            }
+        }
+        Ok(started)
+    }
+
+    /// The running store `id`.
+    pub async fn get(&self, id: &StoreId) -> Option<Store> {
+        self.stores.read().await.get(id).map(|e| e.store.clone())
+    }
+
+    /// The spec store `id` runs under.
+    pub async fn spec(&self, id: &StoreId) -> Option<(StoreSpec, StoreSource)> {
+        self.stores
+            .read()
+            .await
+            .get(id)
+            .map(|e| (e.spec.clone(), e.source))
+    }
+
+    /// What the API shows about store `id`.
+    pub async fn view(&self, id: &StoreId) -> Option<StoreView> {
+        let stores = self.stores.read().await;
+        stores.get(id).map(|entry| self.view_of(id, entry))
+    }
+
+    /// Every running store, by id.
+    pub async fn list(&self) -> Vec<StoreView> {
+        let stores = self.stores.read().await;
+        stores
+            .iter()
+            .map(|(id, entry)| self.view_of(id, entry))
+            .collect()
+    }
+
+    /// The ids of every running store.
+    pub async fn ids(&self) -> Vec<StoreId> {
+        self.stores.read().await.keys().cloned().collect()
+    }
+
+    fn view_of(&self, id: &StoreId, entry: &Entry) -> StoreView {
+        let sha256 = self
+            .plugins
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&entry.spec.plugin)
+            .map(|p| p.sha256().to_owned())
+            .unwrap_or_default();
+        StoreView {
+            id: id.clone(),
+            source: entry.source,
+            plugin: PluginRef {
+                name: entry.spec.plugin.clone(),
+                sha256,
+            },
+            quotas: entry.spec.quotas.clone(),
+            config: entry.spec.config.clone(),
+            running_since: entry.since,
+            status: entry.store.status(),
+        }
+    }
+
+    /// Stops every store cleanly (after their in-flight invocations).
+    pub async fn shutdown(&self) {
+        let _guard = self.changes.lock().await;
+        let mut stopping = tokio::task::JoinSet::new();
+        for entry in self.stores.read().await.values() {
+            let store = entry.store.clone();
+            stopping.spawn(async move { store.stop().await });
+        }
+        while stopping.join_next().await.is_some() {}
+    }
+}

@@ -1,0 +1,179 @@
+//! `storehost serve`: config → control plane → stores → API, until SIGTERM or Ctrl-C.
+
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow};
+use storehost_api::{AppState, ConfigStatus, ServeOptions};
+use storehost_control::config::{self, HostConfig, PluginSource, ProcessEnv};
+use storehost_control::{HostSettings, Orchestrator, StoreSource};
+use storehost_runtime::RuntimeOptions;
+use storehost_store::{StoreRuntime, sqlite::now_ms};
+
+use crate::admin_token::{self, TokenOrigin};
+use crate::cli::ServeArgs;
+
+/// Runs the server until a shutdown signal, then stops every store cleanly.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let (mut config, config_path) = match &args.config {
+        Some(path) => (
+            config::load_file(path).map_err(|errors| anyhow!("invalid config:\n{errors}"))?,
+            Some(path.clone()),
+        ),
+        None => (HostConfig::embedded_default(), None),
+    };
+    let report = config::apply_env(&mut config, &ProcessEnv)
+        .map_err(|errors| anyhow!("invalid environment:\n{errors}"))?;
+    for warning in &report.warnings {
+        tracing::warn!("{warning}");
+    }
+    for error in &report.errors {
+        tracing::error!("{error}");
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(data_dir) = args.data_dir {
+        config.data_dir = data_dir;
+    }
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "could not create the data directory {}",
+            config.data_dir.display()
+        )
+    })?;
+
+    let specs = config.store_specs();
+    let max_memory = specs
+        .values()
+        .map(|spec| spec.quotas.memory)
+        .chain([config.default_quotas().memory, 256 << 20])
+        .max()
+        .unwrap_or(256 << 20);
+    let runtime = StoreRuntime::new(RuntimeOptions {
+        max_live_sandboxes: u32::try_from(config.max_stores)
+            .unwrap_or(u32::MAX)
+            .clamp(1, 10_000),
+        max_memory_bytes: max_memory,
+        fuel: specs
+            .values()
+            .any(|spec| spec.quotas.fuel_per_call.is_some())
+            || config.default_quotas().fuel_per_call.is_some(),
+        cache_dir: Some(config.data_dir.join("cache")),
+    })
+    .map_err(|err| anyhow!("could not start the wasm runtime: {err:#}"))?;
+
+    let orchestrator = Arc::new(Orchestrator::new(
+        runtime,
+        HostSettings {
+            data_dir: config.data_dir.clone(),
+            durability: config.durability,
+            retry: config.retry.policy(),
+            max_stores: config.max_stores,
+            defaults: config.default_spec(),
+        },
+    )?);
+
+    for (name, source) in config.plugin_sources() {
+        let bytes = match &source {
+            PluginSource::Builtin => crate::BUILTIN_AGENT.to_vec(),
+            PluginSource::File(path) => std::fs::read(path).with_context(|| {
+                format!("could not read plugin {name:?} from {}", path.display())
+            })?,
+        };
+        let plugin = orchestrator
+            .deploy_plugin(&name, bytes)
+            .await
+            .with_context(|| format!("plugin {name:?} could not be loaded"))?;
+        tracing::info!(plugin = %name, sha256 = plugin.sha256(), "plugin ready");
+    }
+
+    for (id, spec) in specs {
+        let source = if config.is_env_store(&id) {
+            StoreSource::Env
+        } else {
+            StoreSource::Config
+        };
+        if let Err(err) = orchestrator.ensure_running(&id, spec, source).await {
+            tracing::error!(store_id = %id, "could not start the store: {err}");
+        }
+    }
+    let restored = orchestrator.restore_persisted().await?;
+    if restored > 0 {
+        tracing::info!("{restored} stores added through the API restored");
+    }
+
+    let (token, origin) = admin_token::resolve(&config.admin_token_env, &config.data_dir)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "could not listen on {}; is another server using the port? (set --listen or PORT)",
+                config.listen
+            )
+        })?;
+    let address = listener.local_addr()?;
+
+    let state = AppState::new(
+        orchestrator.clone(),
+        &token,
+        config.http.max_body_bytes as usize,
+    );
+    if let Ok(mut status) = state.config_status().write() {
+        *status = ConfigStatus {
+            path: config_path.as_ref().map(|p| p.display().to_string()),
+            loaded_at: Some(now_ms()),
+            last_error: None,
+        };
+    }
+    println!("storehost listening on http://{address}");
+    match origin {
+        TokenOrigin::Generated => println!(
+            "admin token (shown once, saved to {}): {token}",
+            config.data_dir.join("admin.token").display()
+        ),
+        TokenOrigin::File => println!(
+            "admin token: in {}",
+            config.data_dir.join("admin.token").display()
+        ),
+        TokenOrigin::Env(var) => println!("admin token: from ${var}"),
+    }
+
+    let options = ServeOptions {
+        max_connections: config.http.max_connections,
+        header_read_timeout: config.http.header_read_timeout(),
+        shutdown_grace: config.http.shutdown_grace(),
+    };
+    let draining = state.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: refusing new requests, finishing in-flight work");
+        draining.start_draining();
+    };
+    storehost_api::serve(listener, storehost_api::app(state), options, shutdown).await;
+    orchestrator.shutdown().await;
+    tracing::info!("all stores stopped cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(err) => {
+                    tracing::error!("cannot listen for SIGTERM: {err}");
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

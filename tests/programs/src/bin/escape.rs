@@ -1,0 +1,205 @@
+//! A hostile plugin that probes the sandbox's walls and records what it reached.
+//!
+//! The host preopens the store's own files directory at guest path `/data`; everything else
+//! must be out of reach, and guest SQL must be refused what SPEC §5 forbids.
+//!
+//! Events:
+//! - `probe.fs {path, op, target?}` with `op`:
+//!   `read` (read the file at `path`), `write` (write a few bytes to `path`), `list` (list the
+//!   directory at `path`), `symlink_read` (create a symlink at `path` pointing to `target`, when
+//!   given, then read through it; without `target`, read `path`, e.g. a link planted by a test);
+//! - `probe.sql {sql, mode?}` runs the statement with `sql::query` (`mode: "query"`, the default
+//!   for statements starting with SELECT, WITH, VALUES or PRAGMA) or `sql::execute`.
+//!
+//! Each probe records its outcome in `probes(seq, kind, target, allowed, detail)`:
+//! `allowed = 1` with what it read, listed or changed (truncated), or `allowed = 0` with the
+//! error. The handler then succeeds, so the record commits. `kind` is `fs.<op>` or `sql`.
+//!
+//! Query `probes` → `{"probes": [{seq, kind, target, allowed, detail}]}`.
+#![forbid(unsafe_code)]
+
+use std::fs;
+
+use serde::Deserialize;
+use serde_json::{Value as Json, json};
+use storehost_guest_sdk::sql::{self, SqlError};
+use storehost_guest_sdk::{Event, Plugin, export_plugin, params};
+use test_programs::truncate;
+
+/// How much of what a probe read is kept in `detail`.
+const DETAIL_CHARS: usize = 300;
+
+struct Escape;
+
+#[derive(Deserialize)]
+struct FsProbe {
+    path: String,
+    op: String,
+    #[serde(default)]
+    target: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SqlProbe {
+    sql: String,
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+/// What a probe reached: `Ok(what it saw)` or `Err(why it was stopped)`.
+type Outcome = Result<String, String>;
+
+fn probe_fs(probe: &FsProbe) -> Outcome {
+    let path = probe.path.as_str();
+    match probe.op.as_str() {
+        "read" => read(path),
+        "write" => {
+            let bytes = b"written by the escape probe";
+            fs::write(path, bytes)
+                .map(|()| format!("wrote {} bytes", bytes.len()))
+                .map_err(|err| format!("write failed: {err}"))
+        }
+        "list" => fs::read_dir(path)
+            .and_then(|entries| {
+                entries
+                    .map(|entry| {
+                        entry.map(|entry| entry.file_name().to_string_lossy().into_owned())
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map(|mut names| {
+                names.sort();
+                names.join(", ")
+            })
+            .map_err(|err| format!("list failed: {err}")),
+        "symlink_read" => {
+            if let Some(target) = &probe.target {
+                // `std::fs::soft_link` is the only stable way to make a symlink on WASI.
+                #[allow(deprecated)]
+                fs::soft_link(target, path)
+                    .map_err(|err| format!("symlink {path} -> {target} failed: {err}"))?;
+                return read(path).map_err(|err| format!("symlink created; {err}"));
+            }
+            read(path)
+        }
+        other => Err(format!(
+            "unknown op `{other}`: use read, write, list or symlink_read"
+        )),
+    }
+}
+
+fn read(path: &str) -> Outcome {
+    fs::read(path)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .map_err(|err| format!("read failed: {err}"))
+}
+
+fn probe_sql(probe: &SqlProbe) -> Outcome {
+    let as_query = match probe.mode.as_deref() {
+        Some("query") => true,
+        Some("execute") => false,
+        Some(other) => return Err(format!("unknown mode `{other}`: use query or execute")),
+        None => {
+            let head = probe.sql.trim_start().to_ascii_uppercase();
+            ["SELECT", "WITH", "VALUES", "PRAGMA"]
+                .iter()
+                .any(|keyword| head.starts_with(keyword))
+        }
+    };
+    if as_query {
+        sql::query(&probe.sql, params![])
+            .map(|rows| {
+                let rows: Vec<Vec<Json>> = rows
+                    .iter()
+                    .map(|row| {
+                        (0..row.values().len())
+                            .map(|index| row.get::<Json>(index).unwrap_or(Json::Null))
+                            .collect()
+                    })
+                    .collect();
+                Json::from(rows).to_string()
+            })
+            .map_err(|err| err.to_string())
+    } else {
+        sql::execute(&probe.sql, params![])
+            .map(|changed| format!("{changed} row(s) changed"))
+            .map_err(|err| err.to_string())
+    }
+}
+
+fn ensure_schema() -> Result<(), SqlError> {
+    sql::execute(
+        "CREATE TABLE IF NOT EXISTS probes (
+             seq INTEGER PRIMARY KEY, kind TEXT, target TEXT, allowed INTEGER, detail TEXT
+         )",
+        params![],
+    )?;
+    Ok(())
+}
+
+impl Plugin for Escape {
+    fn handle_event(event: Event) -> Result<(), String> {
+        let (kind, target, outcome) = match event.event_type.as_str() {
+            "probe.fs" => {
+                let probe: FsProbe = event.payload_json()?;
+                let target = match &probe.target {
+                    Some(link_target) => format!("{} -> {link_target}", probe.path),
+                    None => probe.path.clone(),
+                };
+                (format!("fs.{}", probe.op), target, probe_fs(&probe))
+            }
+            "probe.sql" => {
+                let probe: SqlProbe = event.payload_json()?;
+                ("sql".to_owned(), probe.sql.clone(), probe_sql(&probe))
+            }
+            _ => return Ok(()),
+        };
+        let (allowed, detail) = match outcome {
+            Ok(seen) => (true, seen),
+            Err(error) => (false, error),
+        };
+        ensure_schema()?;
+        sql::execute(
+            "INSERT INTO probes (seq, kind, target, allowed, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                event.seq as i64,
+                kind,
+                target,
+                allowed,
+                truncate(&detail, DETAIL_CHARS)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn query(name: &str, _args: Json) -> Result<Json, String> {
+        if name != "probes" {
+            return Err(format!("unknown query `{name}`; escape answers probes"));
+        }
+        let rows = match sql::query(
+            "SELECT seq, kind, target, allowed, detail FROM probes ORDER BY seq",
+            params![],
+        ) {
+            Ok(rows) => rows,
+            Err(err) if err.is_missing_table() => return Ok(json!({ "probes": [] })),
+            Err(err) => return Err(err.into()),
+        };
+        let probes = rows
+            .iter()
+            .map(|row| {
+                Ok(json!({
+                    "seq": row.get::<i64>("seq")?,
+                    "kind": row.get::<String>("kind")?,
+                    "target": row.get::<String>("target")?,
+                    "allowed": row.get::<bool>("allowed")?,
+                    "detail": row.get::<String>("detail")?,
+                }))
+            })
+            .collect::<Result<Vec<_>, SqlError>>()?;
+        Ok(json!({ "probes": probes }))
+    }
+}
+
+export_plugin!(Escape);
+
+fn main() {}
