@@ -1,1 +1,265 @@
+//! Test support for storehost's integration tests: the guest programs, an in-process host
+//! served on a real loopback port, and the real `storehost` binary as a child process.
 
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use storehost_api::{AppState, ServeOptions};
+use storehost_control::config::StoreSpec;
+use storehost_control::{HostSettings, Orchestrator, StoreSource};
+use storehost_runtime::RuntimeOptions;
+use storehost_store::{Durability, Quotas, RetryPolicy, Store, StoreId, StoreRuntime};
+
+/// Paths of the guest programs, built by `build.rs`.
+pub mod programs {
+    include!(concat!(env!("OUT_DIR"), "/programs.rs"));
+}
+
+/// The admin token every in-process test host uses.
+pub const TOKEN: &str = "test-admin-token";
+
+/// The workspace's target directory (where test hosts share a compiled-plugin cache).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// A host running in this test process, served on a real port-0 listener.
+pub struct TestHost {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The control plane, to reach stores directly.
+    pub orchestrator: Arc<Orchestrator>,
+    /// An HTTP client.
+    pub client: reqwest::Client,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    _dir: tempfile::TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Options of a test host.
+#[derive(Debug, Clone)]
+pub struct TestHostOptions {
+    /// Retry policy (fast by default so dead-lettering takes milliseconds).
+    pub retry: RetryPolicy,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Default quotas.
+    pub quotas: Quotas,
+}
+
+impl Default for TestHostOptions {
+    fn default() -> Self {
+        Self {
+            retry: RetryPolicy {
+                attempts: 3,
+                base_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(50),
+            },
+            max_body_bytes: 64 << 10,
+            quotas: Quotas::default(),
+        }
+    }
+}
+
+impl TestHost {
+    /// A host with default test options.
+    pub async fn start() -> Self {
+        Self::start_with(TestHostOptions::default()).await
+    }
+
+    /// A host with `options`.
+    pub async fn start_with(options: TestHostOptions) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().join("data");
+        let runtime = StoreRuntime::new(RuntimeOptions {
+            max_live_sandboxes: 64,
+            max_memory_bytes: 256 << 20,
+            fuel: false,
+            cache_dir: Some(target_dir().join("test-plugin-cache")),
+        })
+        .expect("runtime");
+        let orchestrator = Arc::new(
+            Orchestrator::new(
+                runtime,
+                HostSettings {
+                    data_dir: data_dir.clone(),
+                    durability: Durability::Process,
+                    retry: options.retry,
+                    max_stores: 100,
+                    defaults: StoreSpec {
+                        plugin: "writer".into(),
+                        quotas: options.quotas,
+                        config: BTreeMap::new(),
+                    },
+                },
+            )
+            .expect("orchestrator"),
+        );
+        let state = AppState::new(orchestrator.clone(), TOKEN, options.max_body_bytes);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(storehost_api::serve(
+            listener,
+            storehost_api::app(state),
+            ServeOptions::default(),
+            async move {
+                let _ = stop.await;
+            },
+        ));
+        Self {
+            url,
+            orchestrator,
+            client: reqwest::Client::new(),
+            data_dir,
+            _dir: dir,
+            shutdown: Some(shutdown),
+        }
+    }
+
+    /// Deploys the guest program at `path` as plugin `name`.
+    pub async fn deploy(&self, name: &str, path: &str) {
+        let wasm = std::fs::read(path).unwrap_or_else(|err| panic!("read {path}: {err}"));
+        self.orchestrator
+            .deploy_plugin(name, wasm)
+            .await
+            .unwrap_or_else(|err| panic!("deploy {name}: {err}"));
+    }
+
+    /// Starts store `id` on `plugin` with `config`, default quotas.
+    pub async fn add_store(&self, id: &str, plugin: &str, config: &[(&str, &str)]) -> Store {
+        self.add_store_with(id, plugin, config, Quotas::default())
+            .await
+    }
+
+    /// Starts store `id` on `plugin` with `config` and `quotas`.
+    pub async fn add_store_with(
+        &self,
+        id: &str,
+        plugin: &str,
+        config: &[(&str, &str)],
+        quotas: Quotas,
+    ) -> Store {
+        let id = StoreId::new(id).expect("valid id");
+        let spec = StoreSpec {
+            plugin: plugin.into(),
+            quotas,
+            config: config
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        self.orchestrator
+            .ensure_running(&id, spec, StoreSource::Api)
+            .await
+            .expect("store starts");
+        self.orchestrator.get(&id).await.expect("store runs")
+    }
+
+    /// `METHOD path` with the admin token and an optional JSON body; answers status and JSON.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json)
+    }
+
+    /// `GET path` as admin.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// `POST path` as admin with a JSON body.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// Appends one event to `store`; panics unless it is accepted. Returns its seq.
+    pub async fn append(&self, store: &str, event_type: &str, payload: Value) -> u64 {
+        let (status, body) = self
+            .post(
+                &format!("/v1/stores/{store}/events"),
+                serde_json::json!({"type": event_type, "payload": payload}),
+            )
+            .await;
+        assert_eq!(status, 202, "append failed: {body}");
+        body["seq"].as_u64().expect("seq")
+    }
+
+    /// Runs query `name` on `store` through the API; panics unless it answers 200.
+    pub async fn query(&self, store: &str, name: &str, args: Value) -> Value {
+        let path = format!(
+            "/v1/stores/{store}/query/{name}?args={}",
+            urlencode(&args.to_string())
+        );
+        let (status, body) = self.get(&path).await;
+        assert_eq!(status, 200, "query {name} failed: {body}");
+        body
+    }
+
+    /// Waits until store `id` has processed everything appended so far (including events its
+    /// plugin emitted meanwhile).
+    pub async fn settle(&self, id: &str) {
+        let store = self
+            .orchestrator
+            .get(&StoreId::new(id).expect("valid id"))
+            .await
+            .expect("store runs");
+        for _ in 0..100 {
+            let head = store.head();
+            assert!(
+                store.wait_processed(head, Duration::from_secs(30)).await,
+                "store {id} did not process up to {head}: {:?}",
+                store.status()
+            );
+            if store.head() == head {
+                return;
+            }
+        }
+        panic!("store {id} keeps emitting events");
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+/// Percent-encodes a query-string value.
+pub fn urlencode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 3);
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}

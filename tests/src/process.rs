@@ -1,0 +1,143 @@
+//! The real `storehost` binary as a child process: started on a free loopback port, killed with
+//! SIGKILL or stopped with SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::target_dir;
+
+/// The admin token given to spawned servers.
+pub const PROCESS_TOKEN: &str = "process-admin-token";
+
+/// Path of the `storehost` binary, built once per test process (`cargo build -p storehost`,
+/// a no-op when it is up to date), so tests always run the binary of the code under test.
+pub fn storehost_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let release = !cfg!(debug_assertions);
+        let mut command = Command::new(cargo);
+        command
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .args(["build", "--quiet", "-p", "storehost", "--bin", "storehost"]);
+        if release {
+            command.arg("--release");
+        }
+        let status = command.status().expect("run cargo build -p storehost");
+        assert!(status.success(), "cargo build -p storehost failed");
+        target_dir()
+            .join(if release { "release" } else { "debug" })
+            .join("storehost")
+    })
+}
+
+/// Runs `storehost` with `args` to completion; returns exit status, stdout and stderr.
+pub fn run_storehost(args: &[&str]) -> (ExitStatus, String, String) {
+    let output = Command::new(storehost_bin())
+        .args(args)
+        .output()
+        .expect("run storehost");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A running `storehost serve`.
+pub struct ServerProcess {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its log file (stderr).
+    pub log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `storehost serve` on a free port with data in `data_dir`, optional extra args
+    /// (e.g. `--config`) and environment; waits until it listens.
+    pub fn spawn(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        std::fs::create_dir_all(data_dir).expect("data dir");
+        let log = data_dir.with_extension("log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let mut command = Command::new(storehost_bin());
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra_args)
+            .env("STOREHOST_ADMIN_TOKEN", PROCESS_TOKEN)
+            .env_remove("STORE_IDS")
+            .env_remove("PORT")
+            .env_remove("STORE_DATA_PATH")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file));
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn storehost");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("storehost listening on ") {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = loop {
+            if let Ok(url) = rx.recv_timeout(Duration::from_millis(100)) {
+                break url;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "storehost exited with {status} before listening; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "storehost did not start within 60 s"
+            );
+        };
+        Self { child, url, log }
+    }
+
+    /// SIGKILL, like `kill -9`: no cleanup of any kind.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the process to exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("storehost did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,241 @@
+//! Event processing through the real router, real SQLite files and real WASM plugins:
+//! order, exactly-once effects, idempotency, emitted events, retries and dead letters.
+
+use serde_json::json;
+use storehost_tests::{TestHost, programs};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_applied_in_seq_order_exactly_once() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("orders", "writer", &[]).await;
+
+    let mut expected = Vec::new();
+    for batch in 0..10 {
+        let events: Vec<_> = (0..30)
+            .map(|i| json!({"type": "kv.put", "payload": {"key": format!("k{batch}-{i}"), "value": i}}))
+            .collect();
+        let (status, body) = host
+            .post("/v1/stores/orders/events", json!({"events": events}))
+            .await;
+        assert_eq!(status, 202, "{body}");
+        let seqs: Vec<u64> = serde_json::from_value(body["seqs"].clone()).unwrap();
+        expected.extend(seqs);
+    }
+    for i in 0..20 {
+        expected.push(host.append("orders", "note", json!({"i": i})).await);
+    }
+    assert_eq!(
+        expected,
+        (1..=320).collect::<Vec<u64>>(),
+        "seqs are gap-free and increasing"
+    );
+
+    host.settle("orders").await;
+    let applied = host.query("orders", "applied", json!({})).await;
+    assert_eq!(
+        applied["seqs"],
+        json!(expected),
+        "every event applied once, in seq order"
+    );
+    let count = host.query("orders", "count", json!({})).await;
+    assert_eq!(count, json!({"kv": 300, "applied": 320}));
+
+    let (_, page) = host.get("/v1/stores/orders/events?after=300&limit=5").await;
+    let seqs: Vec<u64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![301, 302, 303, 304, 305]);
+    assert_eq!(page["next"], 305);
+    assert_eq!(page["events"][0]["source"], "api");
+    assert_eq!(page["events"][0]["payload"], json!({"i": 0}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_returns_the_first_seq_and_appends_nothing() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("idem-a", "writer", &[]).await;
+    host.add_store("idem-b", "writer", &[]).await;
+
+    let event = json!({"type": "kv.put", "payload": {"key": "x", "value": 1}, "idempotencyKey": "order-17"});
+    let (_, first) = host.post("/v1/stores/idem-a/events", event.clone()).await;
+    host.append("idem-a", "note", json!({})).await;
+    let (status, again) = host.post("/v1/stores/idem-a/events", event.clone()).await;
+    assert_eq!(status, 202);
+    assert_eq!(first["seq"], 1);
+    assert_eq!(again["seq"], 1, "the same key returns the original seq");
+    let (_, other_store) = host.post("/v1/stores/idem-b/events", event).await;
+    assert_eq!(other_store["seq"], 1, "keys are per store");
+
+    host.settle("idem-a").await;
+    let (_, page) = host.get("/v1/stores/idem-a/events").await;
+    assert_eq!(page["events"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        host.query("idem-a", "applied", json!({})).await["seqs"],
+        json!([1, 2])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emitted_events_join_the_log_once_with_source_plugin() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("emitter", "writer", &[]).await;
+
+    let seq = host
+        .append(
+            "emitter",
+            "kv.emit",
+            json!({"type": "kv.put", "payload": {"key": "from-plugin", "value": "yes"}}),
+        )
+        .await;
+    host.settle("emitter").await;
+    let (_, page) = host
+        .get(&format!("/v1/stores/emitter/events?after={seq}"))
+        .await;
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{page}");
+    assert_eq!(events[0]["type"], "kv.put");
+    assert_eq!(events[0]["source"], "plugin");
+    let value = host
+        .query("emitter", "get", json!({"key": "from-plugin"}))
+        .await;
+    assert_eq!(
+        value["value"], "yes",
+        "the plugin saw its own emitted event"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_handler_leaves_no_trace_is_retried_dead_lettered_and_retried_later() {
+    let host = TestHost::start().await;
+    host.deploy("flaky", programs::FLAKY).await;
+    host.add_store("flaky-1", "flaky", &[("fail", "trap")])
+        .await;
+
+    let risky = host.append("flaky-1", "risky", json!({"id": 1})).await;
+    let after = host.append("flaky-1", "other", json!({})).await;
+    host.settle("flaky-1").await;
+
+    assert_eq!(
+        host.query("flaky-1", "risky", json!({})).await["ids"],
+        json!([]),
+        "the rows written before the trap were rolled back"
+    );
+    let (_, letters) = host.get("/v1/stores/flaky-1/dead-letters").await;
+    let letter = &letters["deadLetters"][0];
+    assert_eq!(letter["seq"], risky);
+    assert_eq!(letter["reason"], "trap");
+    assert_eq!(
+        letter["attempts"], 3,
+        "tried the configured number of times"
+    );
+    assert_eq!(letter["status"], "dead");
+
+    let (_, store) = host.get("/v1/stores/flaky-1").await;
+    assert_eq!(
+        store["cursor"], after,
+        "the store went on with the next event"
+    );
+    assert_eq!(store["failuresByReason"]["trap"], 3);
+    assert_eq!(store["lastFailure"]["reason"], "trap");
+    assert_eq!(store["state"], "running");
+
+    // While the cause is still there, a retry fails and says why.
+    let (status, body) = host
+        .post(
+            &format!("/v1/stores/flaky-1/dead-letters/{risky}/retry"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "trap");
+
+    // Remove the cause (a config value), then retry: the effect commits once.
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/flaky-1",
+            Some(json!({"config": {"fail": "no"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = host
+        .post(
+            &format!("/v1/stores/flaky-1/dead-letters/{risky}/retry"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        host.query("flaky-1", "risky", json!({})).await["ids"],
+        json!([1])
+    );
+    let (_, letters) = host.get("/v1/stores/flaky-1/dead-letters").await;
+    assert_eq!(letters["deadLetters"][0]["status"], "resolved");
+    let (status, _) = host
+        .post(
+            &format!("/v1/stores/flaky-1/dead-letters/{risky}/retry"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 404, "a resolved dead letter is not retried twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panics_and_plugin_errors_are_classified_with_their_message() {
+    let host = TestHost::start().await;
+    host.deploy("flaky", programs::FLAKY).await;
+    host.add_store("panics", "flaky", &[("fail", "panic")])
+        .await;
+    host.add_store("refuses", "flaky", &[("fail", "err")]).await;
+    for store in ["panics", "refuses"] {
+        host.append(store, "risky", json!({"id": 7})).await;
+        host.settle(store).await;
+    }
+    let (_, letters) = host.get("/v1/stores/panics/dead-letters").await;
+    assert_eq!(letters["deadLetters"][0]["reason"], "panic");
+    let message = letters["deadLetters"][0]["error"].as_str().unwrap();
+    assert!(message.contains("flaky panicked on purpose"), "{message}");
+
+    let (_, letters) = host.get("/v1/stores/refuses/dead-letters").await;
+    assert_eq!(letters["deadLetters"][0]["reason"], "plugin_error");
+    assert_eq!(letters["deadLetters"][0]["error"], "flaky refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_returns_as_soon_as_an_event_arrives() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("polled", "writer", &[]).await;
+    let waiter = {
+        let client = host.client.clone();
+        let url = format!("{}/v1/stores/polled/events?after=0&waitMs=20000", host.url);
+        tokio::spawn(async move {
+            client
+                .get(url)
+                .bearer_auth(storehost_tests::TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !waiter.is_finished(),
+        "nothing is there yet, so the poll waits"
+    );
+    host.append("polled", "note", json!({"hello": true})).await;
+    let page = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+        .await
+        .expect("the poll answered when the event arrived")
+        .unwrap();
+    assert_eq!(page["events"][0]["payload"], json!({"hello": true}));
+}
