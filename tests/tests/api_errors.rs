@@ -1,0 +1,242 @@
+//! Bad input gets a clear error with a fitting status, in the `{"error":{"code","message"}}`
+//! shape, and writes nothing.
+
+use serde_json::{Value, json};
+use storehost_tests::{TOKEN, TestHost, programs};
+
+async fn raw(
+    host: &TestHost,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
+    let mut request = host
+        .client
+        .request(method, format!("{}{path}", host.url))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn head(host: &TestHost, store: &str) -> u64 {
+    host.get(&format!("/v1/stores/{store}")).await.1["head"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_clearly_and_write_nothing() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("tenant", "writer", &[]).await;
+    let post = reqwest::Method::POST;
+    let good = r#"{"type":"kv.put","payload":{"key":"a","value":1}}"#;
+
+    let (status, body) = raw(&host, post.clone(), "/v1/stores/tenant/events", None, good).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "unauthorized");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Bearer"),
+        "{body}"
+    );
+
+    let (status, body) = raw(
+        &host,
+        post.clone(),
+        "/v1/stores/tenant/events",
+        Some("wrong"),
+        good,
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+
+    let (status, body) = raw(
+        &host,
+        post.clone(),
+        "/v1/stores/bad.id/events",
+        Some(TOKEN),
+        good,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "invalid_store_id");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("3 to 64 characters"),
+        "{body}"
+    );
+
+    let (status, body) = raw(
+        &host,
+        post.clone(),
+        "/v1/stores/nobody-here/events",
+        Some(TOKEN),
+        good,
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "store_not_found");
+
+    let (status, body) = raw(
+        &host,
+        post.clone(),
+        "/v1/stores/tenant/events",
+        Some(TOKEN),
+        "{\"type\": ",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "invalid_json");
+
+    let (status, body) = raw(
+        &host,
+        post.clone(),
+        "/v1/stores/tenant/events",
+        Some(TOKEN),
+        r#"{"payload":{}}"#,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("type"),
+        "{body}"
+    );
+
+    let (status, body) = raw(
+        &host,
+        post.clone(),
+        "/v1/stores/tenant/events",
+        Some(TOKEN),
+        r#"{"events":[]}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+
+    let huge = format!(r#"{{"type":"big","payload":"{}"}}"#, "x".repeat(200 << 10));
+    let (status, body) = raw(
+        &host,
+        post.clone(),
+        "/v1/stores/tenant/events",
+        Some(TOKEN),
+        &huge,
+    )
+    .await;
+    assert_eq!(status, 413);
+    assert_eq!(body["error"]["code"], "body_too_large");
+
+    let (status, body) = host.get("/v1/stores/tenant/events?limit=0").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = host.get("/v1/stores/tenant/events?after=minus-one").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = host
+        .get("/v1/stores/tenant/query/count?args=not-json")
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = host.get("/v1/stores/tenant/query/no-such-query").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "plugin_error");
+
+    assert_eq!(
+        head(&host, "tenant").await,
+        0,
+        "no refused request wrote an event"
+    );
+
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/new-one",
+            Some(json!({"quotas": {"memroy": 1}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("memroy"),
+        "{body}"
+    );
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/new-one",
+            Some(json!({"plugin": "nope"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_plugin");
+    let (status, _) = host.get("/v1/stores/new-one").await;
+    assert_eq!(status, 404, "a refused PUT creates nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_are_created_updated_and_removed_through_the_api() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+
+    let put = reqwest::Method::PUT;
+    let (status, body) = host
+        .call(
+            put.clone(),
+            "/v1/stores/acme-1",
+            Some(json!({"plugin": "writer", "quotas": {"cpu_ms_per_call": 500}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["quotas"]["cpu_ms_per_call"], 500);
+    assert_eq!(body["plugin"]["name"], "writer");
+    assert_eq!(body["plugin"]["sha256"].as_str().unwrap().len(), 64);
+    let (status, body) = host
+        .call(
+            put.clone(),
+            "/v1/stores/acme-1",
+            Some(json!({"config": {"k": "v"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["quotas"]["cpu_ms_per_call"], 500,
+        "an update keeps what it does not change"
+    );
+    assert_eq!(body["config"], json!({"k": "v"}));
+
+    host.append("acme-1", "kv.put", json!({"key": "a", "value": 1}))
+        .await;
+    host.settle("acme-1").await;
+    let (_, list) = host.get("/v1/stores").await;
+    assert_eq!(list["stores"][0]["id"], "acme-1");
+    assert_eq!(list["stores"][0]["eventsProcessed"], 1);
+
+    let (status, body) = host
+        .call(reqwest::Method::DELETE, "/v1/stores/acme-1", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"], "archived");
+    let (status, _) = host.get("/v1/stores/acme-1").await;
+    assert_eq!(status, 404);
+    let archive = std::fs::read_dir(host.data_dir.join("archive"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert!(
+        archive.path().join("events.db").exists(),
+        "removed store's data is kept"
+    );
+    let (status, _) = host
+        .call(reqwest::Method::DELETE, "/v1/stores/acme-1", None)
+        .await;
+    assert_eq!(status, 404);
+}

@@ -1,0 +1,164 @@
+//! The binary's commands: `check-config`, `plugin check`, `serve` on the embedded default,
+//! restarts that keep API-created stores, and SIGTERM.
+
+use serde_json::{Value, json};
+use storehost_tests::process::{PROCESS_TOKEN, ServerProcess, run_storehost};
+use storehost_tests::programs;
+
+#[test]
+fn check_config_accepts_the_example_and_lists_every_error_with_its_line() {
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/storehost.example.toml"
+    );
+    let (status, stdout, stderr) = run_storehost(&["check-config", example]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("ok"), "{stdout}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "listen = \"127.0.0.1:8080\"\nmax_stores = \"many\"\n\n[stores.\"../etc\"]\n\n[stores.good-one]\nquotas = { memroy = 5 }\n",
+    )
+    .unwrap();
+    let (status, _, stderr) = run_storehost(&["check-config", &bad.display().to_string()]);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("bad.toml:2:"),
+        "max_stores error with its line: {stderr}"
+    );
+    assert!(
+        stderr.contains("../etc"),
+        "invalid store id reported: {stderr}"
+    );
+    assert!(
+        stderr.contains("memroy"),
+        "unknown quota key reported: {stderr}"
+    );
+}
+
+#[test]
+fn plugin_check_tells_a_plugin_from_anything_else() {
+    let (status, stdout, stderr) = run_storehost(&["plugin", "check", programs::WRITER]);
+    assert!(status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("implements storehost:plugin@0.1.0"),
+        "{stdout}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm not really").unwrap();
+    let (status, _, stderr) = run_storehost(&["plugin", "check", &junk.display().to_string()]);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("not a valid WebAssembly component"),
+        "{stderr}"
+    );
+}
+
+async fn call(url: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{url}{path}"))
+        .bearer_auth(PROCESS_TOKEN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    (
+        response.status().as_u16(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_serves_demo_stores_and_a_restart_keeps_api_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = ServerProcess::spawn(&data, &[], &[]);
+    let (status, health) = call(&server.url, reqwest::Method::GET, "/health", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "ok");
+    assert_eq!(
+        health["monitoredStoreIds"],
+        json!(["demo-alpha", "demo-beta", "demo-gamma"])
+    );
+
+    let created =
+        json!({"type": "v2.TaskCreated", "payload": {"id": "t1", "title": "Water the plants"}});
+    let (status, body) = call(
+        &server.url,
+        reqwest::Method::POST,
+        "/v1/stores/demo-alpha/events",
+        Some(created),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = call(
+        &server.url,
+        reqwest::Method::PUT,
+        "/v1/stores/added-later",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(server.terminate().success(), "SIGTERM exits 0");
+
+    let server = ServerProcess::spawn(&data, &[], &[]);
+    let (_, health) = call(&server.url, reqwest::Method::GET, "/health", None).await;
+    assert_eq!(
+        health["monitoredStoreIds"],
+        json!(["added-later", "demo-alpha", "demo-beta", "demo-gamma"]),
+        "the store added through the API came back"
+    );
+    let mut tasks = Value::Null;
+    for _ in 0..100 {
+        let (_, answer) = call(
+            &server.url,
+            reqwest::Method::GET,
+            "/v1/stores/demo-alpha/query/tasks",
+            None,
+        )
+        .await;
+        tasks = answer;
+        if tasks["tasks"].as_array().is_some_and(|t| !t.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(tasks["tasks"][0]["title"], "Water the plants", "{tasks}");
+}
+
+#[test]
+fn the_embedded_default_generates_an_admin_token_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let bin = storehost_tests::process::storehost_bin();
+    let mut child = std::process::Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env_remove("STOREHOST_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let mut printed = None;
+    for line in lines.by_ref().take(5).map_while(Result::ok) {
+        if let Some((_, token)) = line
+            .split_once("saved to ")
+            .and_then(|(_, rest)| rest.split_once("): "))
+        {
+            printed = Some(token.to_owned());
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let printed = printed.expect("the generated token is printed");
+    let saved = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    assert_eq!(saved.trim(), printed);
+    assert_eq!(printed.len(), 64);
+}

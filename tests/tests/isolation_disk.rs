@@ -1,0 +1,132 @@
+//! Isolation on disk: a guest reaches its own files directory and its own tables, nothing else —
+//! not through WASI paths (`..`, absolute paths, planted symlinks), not through SQL (ATTACH,
+//! pragmas, extensions, the host's tables).
+
+use serde_json::{Value, json};
+use storehost_tests::{TestHost, programs};
+
+async fn probes(host: &TestHost, store: &str) -> Vec<Value> {
+    host.settle(store).await;
+    host.query(store, "probes", json!({})).await["probes"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cannot_open_anything_outside_its_files_directory() {
+    let host = TestHost::start().await;
+    host.deploy("escape", programs::ESCAPE).await;
+    let escape = host.add_store("escaper", "escape", &[]).await;
+    let victim = host.add_store("victim", "escape", &[]).await;
+    let secret = victim.dir().files.join("secret.txt");
+    std::fs::write(&secret, "the victim's secret").unwrap();
+    // Links planted in the guest's own directory by someone else still lead nowhere.
+    let files = &escape.dir().files;
+    std::os::unix::fs::symlink(&secret, files.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("../../victim/files/secret.txt", files.join("rel-link")).unwrap();
+    std::os::unix::fs::symlink("/etc", files.join("etc-link")).unwrap();
+
+    let victim_files = victim.dir().files.display().to_string();
+    let hostile = [
+        json!({"path": "/data/../store.db", "op": "read"}),
+        json!({"path": "/data/../../victim/files/secret.txt", "op": "read"}),
+        json!({"path": "../", "op": "list"}),
+        json!({"path": "/", "op": "list"}),
+        json!({"path": "/etc/passwd", "op": "read"}),
+        json!({"path": format!("{victim_files}/secret.txt"), "op": "read"}),
+        json!({"path": "/data/../events.db", "op": "write"}),
+        json!({"path": "/data/abs-link", "op": "read"}),
+        json!({"path": "/data/rel-link", "op": "read"}),
+        json!({"path": "/data/etc-link/passwd", "op": "read"}),
+        json!({"path": "/data/new-link", "op": "symlink_read", "target": "../store.db"}),
+        json!({"path": "/data/new-abs-link", "op": "symlink_read", "target": "/etc/passwd"}),
+    ];
+    for probe in &hostile {
+        host.append("escaper", "probe.fs", probe.clone()).await;
+    }
+    // Its own directory works, which shows the probes themselves work.
+    host.append(
+        "escaper",
+        "probe.fs",
+        json!({"path": "/data/mine.txt", "op": "write"}),
+    )
+    .await;
+    host.append(
+        "escaper",
+        "probe.fs",
+        json!({"path": "/data/mine.txt", "op": "read"}),
+    )
+    .await;
+
+    let results = probes(&host, "escaper").await;
+    assert_eq!(results.len(), hostile.len() + 2, "{results:#?}");
+    for result in &results[..hostile.len()] {
+        assert_eq!(result["allowed"], false, "escaped the sandbox: {result}");
+    }
+    for result in &results[hostile.len()..] {
+        assert_eq!(result["allowed"], true, "its own files must work: {result}");
+    }
+    assert!(escape.dir().files.join("mine.txt").exists());
+    assert_eq!(
+        std::fs::read_to_string(&secret).unwrap(),
+        "the victim's secret"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_sql_cannot_attach_another_store_or_touch_host_tables() {
+    let host = TestHost::start().await;
+    host.deploy("escape", programs::ESCAPE).await;
+    host.add_store("sql-escaper", "escape", &[]).await;
+    let victim = host.add_store("sql-victim", "escape", &[]).await;
+    let victim_db = victim.dir().store_db().display().to_string();
+
+    let hostile = [
+        format!("ATTACH DATABASE '{victim_db}' AS victim"),
+        format!("VACUUM INTO '{victim_db}.copy'"),
+        "PRAGMA journal_mode = DELETE".to_owned(),
+        "PRAGMA max_page_count = 999999999".to_owned(),
+        "PRAGMA writable_schema = ON".to_owned(),
+        "SELECT load_extension('/usr/lib/x86_64-linux-gnu/libz.so')".to_owned(),
+        "SELECT last_seq FROM _host_cursor".to_owned(),
+        "UPDATE _host_cursor SET last_seq = 1000".to_owned(),
+        "INSERT INTO _host_outbox (origin, type, payload, at) VALUES ('x', 'forged', '{}', 0)"
+            .to_owned(),
+        "DELETE FROM _host_dead_letters".to_owned(),
+        "BEGIN IMMEDIATE".to_owned(),
+        "COMMIT".to_owned(),
+        "CREATE TEMP TABLE sneaky (x)".to_owned(),
+    ];
+    for sql in &hostile {
+        host.append(
+            "sql-escaper",
+            "probe.sql",
+            json!({"sql": sql, "mode": "execute"}),
+        )
+        .await;
+    }
+    host.append(
+        "sql-escaper",
+        "probe.sql",
+        json!({"sql": "CREATE TABLE mine (x)", "mode": "execute"}),
+    )
+    .await;
+
+    let results = probes(&host, "sql-escaper").await;
+    assert_eq!(results.len(), hostile.len() + 1, "{results:#?}");
+    for (result, sql) in results.iter().zip(&hostile) {
+        assert_eq!(result["allowed"], false, "{sql} was allowed: {result}");
+    }
+    assert_eq!(
+        results.last().unwrap()["allowed"],
+        true,
+        "its own tables work"
+    );
+    assert!(!std::path::Path::new(&format!("{victim_db}.copy")).exists());
+
+    // Nothing forged reached the log; the cursor is where processing put it.
+    let (_, store) = host.get("/v1/stores/sql-escaper").await;
+    assert_eq!(store["head"], store["cursor"]);
+    assert_eq!(store["head"], hostile.len() as u64 + 1);
+}
