@@ -1,6 +1,7 @@
 //! Test support for storehost's integration tests: the guest programs, an in-process host
 //! served on a real loopback port, and the real `storehost` binary as a child process.
 
+pub mod control;
 pub mod process;
 
 use std::collections::BTreeMap;

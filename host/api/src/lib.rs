@@ -13,7 +13,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 
 pub use error::ApiError;
 pub use serve::{ServeOptions, serve};
@@ -44,13 +44,28 @@ pub fn app(state: AppState) -> Router {
             post(routes::events::append).get(routes::events::read),
         )
         .route("/v1/stores/{id}/query/{name}", get(routes::events::query))
+        .route("/v1/plugins", get(routes::plugins::list))
+        .route("/v1/plugins/{name}", put(routes::plugins::put))
+        .route("/stores", get(routes::admin::stores))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_admin,
         ));
+    let operations = Router::new()
+        .route("/admin/reconcile", post(routes::admin::reconcile))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            routes::admin::require_operator,
+        ));
+    let webhooks = Router::new().route(
+        "/webhooks/workspaces",
+        post(routes::webhooks::workspaces).fallback(routes::webhooks::method_not_allowed),
+    );
     Router::new()
         .route("/health", get(routes::health::health))
         .merge(admin)
+        .merge(operations)
+        .merge(webhooks)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

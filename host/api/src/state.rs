@@ -4,6 +4,12 @@ use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
 use storehost_control::Orchestrator;
+use storehost_control::config::Secret;
+use storehost_control::reconciler::Reconciler;
+use storehost_control::webhook::Webhooks;
+
+/// Rate limiter of webhook calls, keyed by source address.
+pub(crate) type SourceLimiter = governor::DefaultKeyedRateLimiter<String>;
 
 /// The config file's status, shown by `/health`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -26,6 +32,10 @@ pub struct AppState {
     pub(crate) max_plugin_bytes: usize,
     pub(crate) config_status: Arc<RwLock<ConfigStatus>>,
     pub(crate) draining: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) webhooks: Option<Arc<Webhooks>>,
+    pub(crate) webhook_limiter: Option<Arc<SourceLimiter>>,
+    pub(crate) reconciler: Option<Arc<Reconciler>>,
+    bypass_token_sha256: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -44,7 +54,44 @@ impl AppState {
             max_plugin_bytes: 64 << 20,
             config_status: Arc::default(),
             draining: Arc::default(),
+            webhooks: None,
+            webhook_limiter: None,
+            reconciler: None,
+            bypass_token_sha256: None,
         }
+    }
+
+    /// Serves `POST /webhooks/workspaces` with `webhooks`, at most `requests_per_minute` calls
+    /// per source address (without it, webhooks answer 500: not configured).
+    pub fn with_webhooks(mut self, webhooks: Arc<Webhooks>, requests_per_minute: u32) -> Self {
+        let per_minute = std::num::NonZeroU32::new(requests_per_minute.max(1))
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        self.webhooks = Some(webhooks);
+        self.webhook_limiter = Some(Arc::new(governor::RateLimiter::keyed(
+            governor::Quota::per_minute(per_minute),
+        )));
+        self
+    }
+
+    /// Serves `POST /admin/reconcile` and the reconciler's `/health` status with `reconciler`.
+    pub fn with_reconciler(mut self, reconciler: Arc<Reconciler>) -> Self {
+        self.reconciler = Some(reconciler);
+        self
+    }
+
+    /// Accepts `token` (`SERVER_BYPASS_TOKEN`) on the operations routes (`/admin/reconcile`).
+    pub fn with_bypass_token(mut self, token: Option<&Secret>) -> Self {
+        self.bypass_token_sha256 = token.map(|t| Sha256::digest(t.expose().as_bytes()).into());
+        self
+    }
+
+    /// Whether `token` is the `SERVER_BYPASS_TOKEN` (compared in constant time).
+    pub(crate) fn is_bypass(&self, token: &str) -> bool {
+        let Some(expected) = self.bypass_token_sha256 else {
+            return false;
+        };
+        let given: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        subtle::ConstantTimeEq::ct_eq(&given[..], &expected[..]).into()
     }
 
     /// The config status `/health` reports (the control plane updates it on reloads).

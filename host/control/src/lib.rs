@@ -4,8 +4,12 @@
 
 pub mod config;
 pub mod orchestrator;
+pub mod reconciler;
 pub mod registry;
+pub mod watcher;
+pub mod webhook;
 
 pub use orchestrator::{
-    ControlError, HostSettings, Orchestrator, Provisioned, StoreSource, StoreView,
+    ControlError, HostSettings, Orchestrator, Provisioned, ProvisioningActivity, StoreSource,
+    StoreView,
 };

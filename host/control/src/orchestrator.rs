@@ -29,6 +29,10 @@ pub enum StoreSource {
     Env,
     /// The admin API.
     Api,
+    /// A provisioning webhook (`POST /webhooks/workspaces`).
+    Webhook,
+    /// The reconciler, from the authoritative registry.
+    Registry,
 }
 
 impl StoreSource {
@@ -38,20 +42,37 @@ impl StoreSource {
             StoreSource::Config => "config",
             StoreSource::Env => "env",
             StoreSource::Api => "api",
+            StoreSource::Webhook => "webhook",
+            StoreSource::Registry => "registry",
         }
     }
 
     /// Parses a name produced by [`StoreSource::as_str`].
     pub fn parse(name: &str) -> Option<Self> {
-        [StoreSource::Config, StoreSource::Env, StoreSource::Api]
-            .into_iter()
-            .find(|s| s.as_str() == name)
+        [
+            StoreSource::Config,
+            StoreSource::Env,
+            StoreSource::Api,
+            StoreSource::Webhook,
+            StoreSource::Registry,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
     }
 
     /// Whether the host registry keeps stores of this source across restarts (the config file
     /// and the environment are read again at every start instead).
     fn persisted(self) -> bool {
-        matches!(self, StoreSource::Api)
+        matches!(
+            self,
+            StoreSource::Api | StoreSource::Webhook | StoreSource::Registry
+        )
+    }
+
+    /// Whether the config file or `STORE_IDS` owns the store (the reconciler and webhooks
+    /// leave such stores alone).
+    pub fn is_config_owned(self) -> bool {
+        matches!(self, StoreSource::Config | StoreSource::Env)
     }
 }
 
@@ -164,6 +185,21 @@ pub struct Orchestrator {
     stores: RwLock<BTreeMap<StoreId, Entry>>,
     changes: Mutex<()>,
     registry: Registry,
+    activity: std::sync::Mutex<ProvisioningActivity>,
+}
+
+/// Counts of stores started and removed since the host started (`GET /stores`).
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisioningActivity {
+    /// When a store last started (ms since the Unix epoch).
+    pub last_provisioned_at: Option<i64>,
+    /// When a store was last removed (ms since the Unix epoch).
+    pub last_deprovisioned_at: Option<i64>,
+    /// Stores started since the host started.
+    pub total_provisioned: u64,
+    /// Stores removed since the host started.
+    pub total_deprovisioned: u64,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -186,6 +222,7 @@ impl Orchestrator {
             stores: RwLock::default(),
             changes: Mutex::new(()),
             registry,
+            activity: std::sync::Mutex::default(),
         })
     }
 
@@ -303,6 +340,11 @@ impl Orchestrator {
             },
         );
         tracing::info!(store_id = %id, source = source.as_str(), "store started");
+        {
+            let mut activity = self.activity();
+            activity.total_provisioned += 1;
+            activity.last_provisioned_at = Some(now_ms());
+        }
         Ok(Provisioned::Created)
     }
 
@@ -316,6 +358,11 @@ impl Orchestrator {
         };
         entry.store.stop().await;
         self.registry.delete(id)?;
+        {
+            let mut activity = self.activity();
+            activity.total_deprovisioned += 1;
+            activity.last_deprovisioned_at = Some(now_ms());
+        }
         let data_dir = self.settings.data_dir.clone();
         let target = id.clone();
         let archived = tokio::task::spawn_blocking(move || dir::remove(&data_dir, &target, purge))
@@ -340,6 +387,47 @@ impl Orchestrator {
             }
         }
         Ok(started)
+    }
+
+    fn activity(&self) -> std::sync::MutexGuard<'_, ProvisioningActivity> {
+        self.activity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stores started and removed since the host started.
+    pub fn provisioning_activity(&self) -> ProvisioningActivity {
+        self.activity().clone()
+    }
+
+    /// The host registry (`DATA_DIR/host.db`), shared by the control plane's parts.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Where store `id`'s desired state came from, when it runs.
+    pub async fn source(&self, id: &StoreId) -> Option<StoreSource> {
+        self.stores.read().await.get(id).map(|e| e.source)
+    }
+
+    /// Every running store's id with its source.
+    pub async fn sources(&self) -> BTreeMap<StoreId, StoreSource> {
+        self.stores
+            .read()
+            .await
+            .iter()
+            .map(|(id, e)| (id.clone(), e.source))
+            .collect()
+    }
+
+    /// How many stores run.
+    pub async fn len(&self) -> usize {
+        self.stores.read().await.len()
+    }
+
+    /// Whether no store runs.
+    pub async fn is_empty(&self) -> bool {
+        self.stores.read().await.is_empty()
     }
 
     /// The running store `id`.

@@ -35,6 +35,16 @@ impl Registry {
                 source TEXT NOT NULL,
                 spec TEXT NOT NULL,
                 updated_at INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS webhook_answers (
+                webhook_id TEXT PRIMARY KEY,
+                status INTEGER NOT NULL,
+                body TEXT NOT NULL,
+                received_at INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS orphans (
+                id TEXT PRIMARY KEY,
+                missing_since INTEGER NOT NULL
             )",
         )?;
         Ok(Self {
@@ -106,5 +116,111 @@ impl Registry {
             }
         }
         Ok(out)
+    }
+}
+
+/// The first answer given to a `webhook-id`, kept to answer its replays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookAnswer {
+    /// HTTP status.
+    pub status: u16,
+    /// The JSON body.
+    pub body: String,
+}
+
+impl Registry {
+    /// The answer recorded for `webhook_id` at or after `not_before` (ms since the Unix epoch).
+    pub fn webhook_answer(
+        &self,
+        webhook_id: &str,
+        not_before: i64,
+    ) -> rusqlite::Result<Option<WebhookAnswer>> {
+        use rusqlite::OptionalExtension;
+        self.conn()
+            .query_row(
+                "SELECT status, body FROM webhook_answers WHERE webhook_id = ?1 AND received_at >= ?2",
+                params![webhook_id, not_before],
+                |row| {
+                    Ok(WebhookAnswer {
+                        status: row.get(0)?,
+                        body: row.get(1)?,
+                    })
+                },
+            )
+            .optional()
+    }
+
+    /// Records the first answer to `webhook_id`, and forgets answers older than `not_before`
+    /// so the table stays bounded.
+    pub fn record_webhook_answer(
+        &self,
+        webhook_id: &str,
+        answer: &WebhookAnswer,
+        not_before: i64,
+    ) -> rusqlite::Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO webhook_answers (webhook_id, status, body, received_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (webhook_id) DO UPDATE SET status = ?2, body = ?3, received_at = ?4",
+            params![webhook_id, answer.status, answer.body, now_ms()],
+        )?;
+        conn.execute(
+            "DELETE FROM webhook_answers WHERE received_at < ?1",
+            [not_before],
+        )?;
+        Ok(())
+    }
+
+    /// Records that the stores `ids` are missing from the authoritative registry (keeping the
+    /// time each was first seen missing), forgets every other orphan, and returns each
+    /// orphan's first-missing time.
+    pub fn mark_orphans(
+        &self,
+        ids: &[StoreId],
+        now: i64,
+    ) -> rusqlite::Result<BTreeMap<StoreId, i64>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut since = BTreeMap::new();
+        {
+            let keep: std::collections::BTreeSet<&str> = ids.iter().map(StoreId::as_str).collect();
+            let mut existing = Vec::new();
+            {
+                let mut stmt = tx.prepare("SELECT id, missing_since FROM orphans")?;
+                let rows = stmt.query_map([], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })?;
+                for row in rows {
+                    existing.push(row?);
+                }
+            }
+            for (id, missing_since) in existing {
+                if keep.contains(id.as_str()) {
+                    if let Ok(id) = StoreId::new(&id) {
+                        since.insert(id, missing_since);
+                    }
+                } else {
+                    tx.execute("DELETE FROM orphans WHERE id = ?1", [&id])?;
+                }
+            }
+            for id in ids {
+                if !since.contains_key(id) {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO orphans (id, missing_since) VALUES (?1, ?2)",
+                        params![id.as_str(), now],
+                    )?;
+                    since.insert(id.clone(), now);
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(since)
+    }
+
+    /// Forgets that store `id` was missing from the registry.
+    pub fn clear_orphan(&self, id: &StoreId) -> rusqlite::Result<()> {
+        self.conn()
+            .execute("DELETE FROM orphans WHERE id = ?1", [id.as_str()])?;
+        Ok(())
     }
 }

@@ -5,6 +5,9 @@ use std::sync::Arc;
 use anyhow::{Context, anyhow};
 use storehost_api::{AppState, ConfigStatus, ServeOptions};
 use storehost_control::config::{self, HostConfig, PluginSource, ProcessEnv};
+use storehost_control::reconciler::{Reconciler, ReconcilerSettings};
+use storehost_control::watcher::{self, ConfigReloader, ReloadOutcome};
+use storehost_control::webhook::{WebhookSettings, Webhooks};
 use storehost_control::{HostSettings, Orchestrator, StoreSource};
 use storehost_runtime::RuntimeOptions;
 use storehost_store::{StoreRuntime, sqlite::now_ms};
@@ -125,6 +128,65 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             last_error: None,
         };
     }
+    let webhooks = Arc::new(Webhooks::new(
+        orchestrator.clone(),
+        WebhookSettings::new(&config.webhook, config.env.webhook_secret.clone()),
+    ));
+    if config.env.webhook_secret.is_none() {
+        tracing::warn!(
+            "WEBHOOK_SECRET is not set: POST /webhooks/workspaces answers 500 until it is"
+        );
+    }
+    let mut state = state
+        .with_webhooks(webhooks, config.webhook.requests_per_minute)
+        .with_bypass_token(config.env.server_bypass_token.as_ref());
+    let interval_from_env = report.applied.contains(&"WORKSPACE_RECONCILE_INTERVAL_MS");
+    let reconciler_task = match ReconcilerSettings::from_config(&config, interval_from_env) {
+        Some(settings) => {
+            tracing::info!(registry = %settings.url, interval_ms = settings.interval.as_millis() as u64, "reconciler enabled");
+            let reconciler = Reconciler::new(orchestrator.clone(), settings);
+            state = state.with_reconciler(reconciler.clone());
+            Some(reconciler.spawn())
+        }
+        None => None,
+    };
+    let _config_watcher = match &config_path {
+        Some(path) => {
+            let status = state.config_status();
+            let listener: watcher::ReloadListener = Arc::new(move |outcome: &ReloadOutcome| {
+                let Ok(mut status) = status.write() else {
+                    return;
+                };
+                match outcome {
+                    ReloadOutcome::Unchanged => {}
+                    ReloadOutcome::Applied(summary) => {
+                        status.loaded_at = Some(now_ms());
+                        status.last_error = summary.failures();
+                    }
+                    ReloadOutcome::Refused(message) => status.last_error = Some(message.clone()),
+                }
+            });
+            let read_plugin: watcher::PluginReader = Arc::new(|_name, source| match source {
+                PluginSource::Builtin => Ok(crate::BUILTIN_AGENT.to_vec()),
+                PluginSource::File(path) => std::fs::read(path),
+            });
+            let reloader = Arc::new(ConfigReloader::new(
+                path.clone(),
+                config.clone(),
+                orchestrator.clone(),
+                read_plugin,
+                listener,
+            ));
+            match watcher::watch(reloader) {
+                Ok(watch) => Some(watch),
+                Err(err) => {
+                    tracing::error!(path = %path.display(), "cannot watch the config file; edits apply only at the next start: {err}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     println!("storehost listening on http://{address}");
     match origin {
         TokenOrigin::Generated => println!(
@@ -150,6 +212,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         draining.start_draining();
     };
     storehost_api::serve(listener, storehost_api::app(state), options, shutdown).await;
+    if let Some(task) = reconciler_task {
+        task.abort();
+    }
+    drop(_config_watcher);
     orchestrator.shutdown().await;
     tracing::info!("all stores stopped cleanly");
     Ok(())

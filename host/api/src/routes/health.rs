@@ -24,6 +24,11 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
         .read()
         .map(|c| c.clone())
         .unwrap_or_default();
+    let reconciler = state
+        .reconciler
+        .as_ref()
+        .map(|r| r.status())
+        .unwrap_or_default();
     let draining = state.draining.load(std::sync::atomic::Ordering::Relaxed);
     let degraded = draining || config.last_error.is_some();
     Json(json!({
@@ -31,13 +36,7 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
         "stores": by_state,
         "monitoredStoreIds": stores.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
         "lastProvisionedAt": stores.iter().map(|s| s.running_since).max(),
-        "reconciler": {
-            "enabled": false,
-            "lastRunAt": null,
-            "lastSuccessAt": null,
-            "lastError": null,
-            "drift": null,
-        },
+        "reconciler": reconciler,
         "config": config,
     }))
 }

@@ -1,8 +1,11 @@
 //! The routes of the HTTP API, one module per resource.
 
+pub mod admin;
 pub mod events;
 pub mod health;
+pub mod plugins;
 pub mod stores;
+pub mod webhooks;
 
 use storehost_store::{Store, StoreId};
 

@@ -18,8 +18,8 @@ use toml::de::{DeTable, DeValue};
 use super::error::{ConfigError, ConfigErrorKind as Kind, ConfigErrors, Location};
 use super::quotas::QuotasOverride;
 use super::{
-    BUILTIN_PLUGIN, DefaultsConfig, HostConfig, HttpConfig, PluginConfig, RetryConfig, StoreConfig,
-    validate_plugin_name,
+    BUILTIN_PLUGIN, DefaultsConfig, HostConfig, HttpConfig, PluginConfig, RegistryConfig,
+    RetryConfig, StoreConfig, WebhookConfig, validate_plugin_name,
 };
 
 /// Reads and checks the config file at `path`.
@@ -79,7 +79,9 @@ pub fn parse_str(text: &str, origin_path: impl AsRef<Path>) -> Result<HostConfig
 }
 
 /// The sections under the top level, checked apart from the top-level keys.
-const SECTIONS: &[&str] = &["http", "retry", "defaults", "plugins", "stores"];
+const SECTIONS: &[&str] = &[
+    "http", "retry", "defaults", "plugins", "stores", "webhook", "registry",
+];
 
 /// Checks the whole document; `Some` only when nothing was wrong.
 fn check_document(
@@ -92,6 +94,8 @@ fn check_document(
     let top_level = c.section::<HostConfig>(doc, root.span(), &top, SECTIONS);
     let http = c.optional_section::<HttpConfig>(doc, &top, "http", &[]);
     let retry = c.optional_section::<RetryConfig>(doc, &top, "retry", &[]);
+    let webhook = c.optional_section::<WebhookConfig>(doc, &top, "webhook", &[]);
+    let registry = c.optional_section::<RegistryConfig>(doc, &top, "registry", &[]);
     let defaults = check_defaults(c, doc);
     let known_plugins = known_plugin_names(doc);
     let plugins = check_plugins(c, doc, origin);
@@ -109,6 +113,8 @@ fn check_document(
         defaults,
         plugins: plugins?,
         stores: stores?,
+        webhook: webhook?,
+        registry: registry?,
         ..top_level?
     };
     if config.stores.len() > config.max_stores {
@@ -411,6 +417,70 @@ impl Problems for QuotasOverride {
             .into_iter()
             .map(|p| (p.key, p.to_string()))
             .collect()
+    }
+}
+
+impl Problems for WebhookConfig {
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if self.tolerance_secs == 0 {
+            problems.push((
+                "tolerance_secs",
+                "tolerance_secs = 0 would refuse every signed webhook; it must be at least 1 (300 is the Standard Webhooks default)".to_owned(),
+            ));
+        }
+        if self.requests_per_minute == 0 {
+            problems.push((
+                "requests_per_minute",
+                "requests_per_minute = 0 would refuse every webhook; it must be at least 1"
+                    .to_owned(),
+            ));
+        }
+        problems
+    }
+}
+
+impl Problems for RegistryConfig {
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if let Some(url) = &self.url {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"));
+            if rest.is_none_or(|rest| rest.is_empty() || rest.starts_with('/')) {
+                problems.push((
+                    "url",
+                    format!("url = {url:?} is not an http:// or https:// URL with a host; write it like \"http://auth-worker:8787\""),
+                ));
+            }
+        }
+        if self.interval_ms < super::MIN_RECONCILE_INTERVAL_MS {
+            problems.push((
+                "interval_ms",
+                format!(
+                    "interval_ms = {} is below the minimum of {} (30 seconds); raise it",
+                    self.interval_ms,
+                    super::MIN_RECONCILE_INTERVAL_MS
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.max_removal_share) {
+            problems.push((
+                "max_removal_share",
+                format!(
+                    "max_removal_share = {} is not a share; use a number from 0 to 1 (0.5 = at most half of the stores per pass)",
+                    self.max_removal_share
+                ),
+            ));
+        }
+        if self.request_timeout_ms == 0 {
+            problems.push((
+                "request_timeout_ms",
+                "request_timeout_ms = 0 would fail every registry request; it must be at least 1"
+                    .to_owned(),
+            ));
+        }
+        problems
     }
 }
 

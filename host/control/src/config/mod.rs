@@ -138,6 +138,63 @@ impl RetryConfig {
     }
 }
 
+/// `[webhook]`: how `POST /webhooks/workspaces` authenticates and paces provisioning calls.
+/// The shared secret itself comes from `WEBHOOK_SECRET` only.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Refuse `X-Webhook-Secret` alone: only Standard Webhooks signatures are accepted.
+    pub require_signature: bool,
+    /// Largest difference between a signed webhook's timestamp and the host's clock, in seconds.
+    pub tolerance_secs: u64,
+    /// Webhook calls accepted per source address per minute (more get 429 with `Retry-After`).
+    pub requests_per_minute: u32,
+    /// How long the answer to a `webhook-id` is kept to answer its replays, in hours.
+    pub replay_retention_hours: u64,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            require_signature: false,
+            tolerance_secs: 300,
+            requests_per_minute: 600,
+            replay_retention_hours: 24,
+        }
+    }
+}
+
+/// `[registry]`: the authoritative workspace registry the reconciler compares with (SPEC §7).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Base URL; the reconciler GETs `{url}/internal/workspaces`. `AUTH_WORKER_INTERNAL_URL`
+    /// replaces it. Neither set: no reconciler.
+    pub url: Option<String>,
+    /// Time between passes, in milliseconds (at least 30000); `WORKSPACE_RECONCILE_INTERVAL_MS`
+    /// replaces it.
+    pub interval_ms: u64,
+    /// How long a store missing from the registry is kept before it is removed, in ms.
+    pub grace_period_ms: u64,
+    /// Largest share of the stores (0 to 1) one pass may remove; a pass that would remove more
+    /// removes nothing and reports it.
+    pub max_removal_share: f64,
+    /// Deadline of one registry request, in milliseconds.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            interval_ms: env::DEFAULT_WORKSPACE_RECONCILE_INTERVAL_MS,
+            grace_period_ms: 24 * 60 * 60 * 1000,
+            max_removal_share: 0.5,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
 /// `[defaults]`: what a store gets when it does not say otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -228,6 +285,10 @@ pub struct HostConfig {
     pub plugins: BTreeMap<String, PluginConfig>,
     /// `[stores.<storeId>]`: stores declared in the config.
     pub stores: BTreeMap<StoreId, StoreConfig>,
+    /// `[webhook]`.
+    pub webhook: WebhookConfig,
+    /// `[registry]`.
+    pub registry: RegistryConfig,
     /// What the environment set (see [`apply_env`]); defaults when it was not applied.
     #[serde(skip)]
     pub env: EnvOverrides,
@@ -246,6 +307,8 @@ impl Default for HostConfig {
             defaults: DefaultsConfig::default(),
             plugins: BTreeMap::new(),
             stores: BTreeMap::new(),
+            webhook: WebhookConfig::default(),
+            registry: RegistryConfig::default(),
             env: EnvOverrides::default(),
         }
     }

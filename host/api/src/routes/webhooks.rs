@@ -1,0 +1,98 @@
+//! `POST /webhooks/workspaces`: provisioning webhooks (SPEC §6). Authentication, replays and
+//! store changes are the control plane's; this route paces callers and maps the answers.
+
+use std::net::SocketAddr;
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use governor::clock::{Clock, DefaultClock};
+use storehost_control::webhook::{WebhookError, WebhookRequest};
+
+use crate::body::RawBody;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// How many webhook calls pass between two prunings of the rate limiter's idle sources.
+const PRUNE_EVERY: u64 = 1024;
+
+/// `POST /webhooks/workspaces`
+pub async fn workspaces(
+    State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Response {
+    let Some(webhooks) = state.webhooks.clone() else {
+        return refusal(&WebhookError::NotConfigured);
+    };
+    if let Some(limiter) = &state.webhook_limiter {
+        // Keyed by the connection's address; without one (a server that does not record
+        // it), every caller shares one budget.
+        let source = peer.map_or_else(
+            || "unknown".to_owned(),
+            |Extension(ConnectInfo(addr))| addr.ip().to_string(),
+        );
+        if let Err(not_until) = limiter.check_key(&source) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            return ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "too many webhooks from {source}; retry after {} s (limit: [webhook] requests_per_minute)",
+                    wait.as_secs().max(1)
+                ),
+            )
+            .retry_after(wait.as_secs().max(1))
+            .into_response();
+        }
+        if CALLS
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(PRUNE_EVERY)
+        {
+            limiter.retain_recent();
+        }
+    }
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let request = WebhookRequest {
+        secret: text("x-webhook-secret"),
+        id: text("webhook-id"),
+        timestamp: text("webhook-timestamp"),
+        signature: text("webhook-signature"),
+        body: &body,
+    };
+    match webhooks.handle(request).await {
+        Ok(accepted) => Json(accepted).into_response(),
+        Err(err) => refusal(&err),
+    }
+}
+
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn refusal(err: &WebhookError) -> Response {
+    let status =
+        StatusCode::from_u16(err.status_code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = ApiError::new(status, err.code(), err.to_string()).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("30"));
+    }
+    response
+}
+
+/// Any other method on the webhook path: 405 with `Allow: POST`.
+pub async fn method_not_allowed() -> Response {
+    let mut response = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "webhooks are delivered with POST",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+    response
+}

@@ -1,0 +1,487 @@
+//! The reconciler (SPEC §7): compares the running stores with the authoritative workspace
+//! registry and repairs drift — adds missing stores, removes orphans after a grace period.
+//!
+//! Safety rails: one pass at a time; a pass that would remove more than a configured share of
+//! the stores removes nothing (an empty or truncated registry answer must not wipe the host);
+//! while the registry fails, passes back off exponentially and nothing is removed; stores the
+//! config file or `STORE_IDS` own are never removed.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use storehost_store::{StoreId, sqlite::now_ms};
+
+use crate::config::{HostConfig, Secret};
+use crate::orchestrator::{Orchestrator, StoreSource};
+use crate::webhook::rfc3339;
+
+/// First delay after a failed pass; it doubles with each further failure, up to the interval.
+const BACKOFF_BASE: Duration = Duration::from_secs(5);
+/// Most registry pages followed in one pass (a loop of `next` links ends there).
+const MAX_PAGES: usize = 10_000;
+
+/// How the reconciler runs.
+#[derive(Debug, Clone)]
+pub struct ReconcilerSettings {
+    /// The registry's base URL; passes GET `{url}/internal/workspaces`.
+    pub url: String,
+    /// Sent as `Authorization: Bearer` (`SERVER_BYPASS_TOKEN`).
+    pub token: Option<Secret>,
+    /// Time between passes.
+    pub interval: Duration,
+    /// How long a store missing from the registry is kept.
+    pub grace_period: Duration,
+    /// Largest share (0 to 1) of the running stores one pass may remove.
+    pub max_removal_share: f64,
+    /// Shortest time between manual passes (`POST /admin/reconcile`).
+    pub manual_min_interval: Duration,
+    /// Deadline of one registry request.
+    pub request_timeout: Duration,
+}
+
+impl ReconcilerSettings {
+    /// The settings of `config`, or `None` when no registry URL is configured.
+    /// `interval_from_env` says whether `WORKSPACE_RECONCILE_INTERVAL_MS` was set (it wins over
+    /// `[registry] interval_ms`).
+    pub fn from_config(config: &HostConfig, interval_from_env: bool) -> Option<Self> {
+        let url = config
+            .env
+            .auth_worker_internal_url
+            .clone()
+            .or_else(|| config.registry.url.clone())?;
+        let interval_ms = if interval_from_env {
+            config.env.workspace_reconcile_interval_ms
+        } else {
+            config.registry.interval_ms
+        };
+        Some(Self {
+            url: url.trim_end_matches('/').to_owned(),
+            token: config.env.server_bypass_token.clone(),
+            interval: Duration::from_millis(interval_ms),
+            grace_period: Duration::from_millis(config.registry.grace_period_ms),
+            max_removal_share: config.registry.max_removal_share,
+            manual_min_interval: Duration::from_millis(config.env.manual_reconcile_min_interval_ms),
+            request_timeout: Duration::from_millis(config.registry.request_timeout_ms),
+        })
+    }
+}
+
+/// What `/health` shows about the reconciler.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReconcilerStatus {
+    /// Whether a registry is configured.
+    pub enabled: bool,
+    /// When the last pass started (ms since the Unix epoch).
+    pub last_run_at: Option<i64>,
+    /// When a pass last completed (ms since the Unix epoch).
+    pub last_success_at: Option<i64>,
+    /// Why the last pass failed or was held back, if it did.
+    pub last_error: Option<String>,
+    /// Stores missing plus orphans found by the last completed pass.
+    pub drift: Option<usize>,
+    /// Whether a pass runs now.
+    pub running: bool,
+    /// Failed passes in a row (the next one waits longer each time).
+    pub consecutive_failures: u32,
+    /// When the next scheduled pass starts (ms since the Unix epoch).
+    pub next_run_at: Option<i64>,
+    /// Orphans kept through their grace period, by the last pass.
+    pub pending_removals: usize,
+}
+
+/// A store a pass could not add or remove.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedChange {
+    /// The store.
+    pub store_id: String,
+    /// Why.
+    pub error: String,
+}
+
+/// What one pass did (`result` of `POST /admin/reconcile`).
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PassResult {
+    /// Stores started because the registry lists them.
+    pub added: Vec<String>,
+    /// Orphans removed (their grace period was over; data archived).
+    pub removed: Vec<String>,
+    /// Stores that could not be started.
+    pub failed_adds: Vec<FailedChange>,
+    /// Orphans that could not be removed.
+    pub failed_removals: Vec<FailedChange>,
+    /// Valid workspaces in the registry.
+    pub authoritative_count: usize,
+    /// Stores running when the pass began.
+    pub monitored_count: usize,
+    /// Registry entries skipped because they had no valid `instanceId`.
+    pub skipped_entries: usize,
+    /// Orphans kept because their grace period is not over.
+    pub pending_removals: Vec<String>,
+    /// Why removals were held back by the max-removal guard, when they were.
+    pub removals_blocked: Option<String>,
+}
+
+/// A completed pass.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PassReport {
+    /// Always `"completed"`.
+    pub status: &'static str,
+    /// How long the pass took.
+    pub duration_ms: u64,
+    /// What it did.
+    pub result: PassResult,
+    /// Stores missing plus orphans found.
+    pub drift_count: usize,
+    /// When the pass started (RFC 3339).
+    pub triggered_at: String,
+}
+
+/// Why a pass did not run or failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReconcileError {
+    /// Another pass runs now.
+    #[error("a reconcile pass is already running; wait for it to finish")]
+    Busy,
+    /// A manual pass ran too recently.
+    #[error(
+        "a manual reconcile ran less than MANUAL_RECONCILE_MIN_INTERVAL_MS ago; retry in {} s",
+        retry_after.as_secs().max(1)
+    )]
+    TooSoon {
+        /// When the next manual pass is allowed.
+        retry_after: Duration,
+    },
+    /// The registry could not be read; nothing was changed.
+    #[error("the workspace registry could not be read: {0}; nothing was changed")]
+    Registry(String),
+}
+
+/// Keeps the running stores in line with the authoritative registry.
+pub struct Reconciler {
+    orchestrator: Arc<Orchestrator>,
+    settings: ReconcilerSettings,
+    client: reqwest::Client,
+    pass: tokio::sync::Mutex<()>,
+    status: std::sync::Mutex<ReconcilerStatus>,
+    last_manual: std::sync::Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reconciler {
+    /// A reconciler for `orchestrator`'s stores.
+    pub fn new(orchestrator: Arc<Orchestrator>, settings: ReconcilerSettings) -> Arc<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(settings.request_timeout)
+            .build()
+            .unwrap_or_default();
+        Arc::new(Self {
+            orchestrator,
+            settings,
+            client,
+            pass: tokio::sync::Mutex::new(()),
+            status: std::sync::Mutex::new(ReconcilerStatus {
+                enabled: true,
+                ..ReconcilerStatus::default()
+            }),
+            last_manual: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &ReconcilerSettings {
+        &self.settings
+    }
+
+    /// What `/health` shows.
+    pub fn status(&self) -> ReconcilerStatus {
+        self.status_mut().clone()
+    }
+
+    fn status_mut(&self) -> std::sync::MutexGuard<'_, ReconcilerStatus> {
+        self.status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs the first pass now, then one every interval (sooner, backing off, after failures).
+    pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let delay = match this.run_pass().await {
+                    Ok(_) => this.settings.interval,
+                    Err(ReconcileError::Busy) => this.settings.interval,
+                    Err(_) => {
+                        let failures = this.status().consecutive_failures.min(16);
+                        BACKOFF_BASE
+                            .saturating_mul(1 << failures.saturating_sub(1))
+                            .min(this.settings.interval)
+                    }
+                };
+                let next = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
+                this.status_mut().next_run_at = Some(next);
+                tokio::time::sleep(delay).await;
+            }
+        })
+    }
+
+    /// A pass asked for by an operator: refused while one runs, or too soon after the last.
+    pub async fn run_manual(&self) -> Result<PassReport, ReconcileError> {
+        let guard = self.pass.try_lock().map_err(|_| ReconcileError::Busy)?;
+        {
+            let mut last = self
+                .last_manual
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(at) = *last {
+                let since = at.elapsed();
+                if since < self.settings.manual_min_interval {
+                    return Err(ReconcileError::TooSoon {
+                        retry_after: self.settings.manual_min_interval - since,
+                    });
+                }
+            }
+            *last = Some(Instant::now());
+        }
+        self.pass_locked(guard).await
+    }
+
+    /// One pass; refused while another runs.
+    pub async fn run_pass(&self) -> Result<PassReport, ReconcileError> {
+        let guard = self.pass.try_lock().map_err(|_| ReconcileError::Busy)?;
+        self.pass_locked(guard).await
+    }
+
+    async fn pass_locked(
+        &self,
+        _guard: tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<PassReport, ReconcileError> {
+        let started = Instant::now();
+        let started_at = now_ms();
+        {
+            let mut status = self.status_mut();
+            status.running = true;
+            status.last_run_at = Some(started_at);
+        }
+        let outcome = self.pass_inner().await;
+        let mut status = self.status_mut();
+        status.running = false;
+        match outcome {
+            Ok((result, drift)) => {
+                status.last_success_at = Some(now_ms());
+                status.consecutive_failures = 0;
+                status.drift = Some(drift);
+                status.pending_removals = result.pending_removals.len();
+                status.last_error = result.removals_blocked.clone().or_else(|| {
+                    (!result.failed_adds.is_empty() || !result.failed_removals.is_empty()).then(
+                        || {
+                            format!(
+                                "{} stores could not be added and {} could not be removed; see the last pass's result",
+                                result.failed_adds.len(),
+                                result.failed_removals.len()
+                            )
+                        },
+                    )
+                });
+                tracing::info!(
+                    added = result.added.len(),
+                    removed = result.removed.len(),
+                    failed_adds = result.failed_adds.len(),
+                    failed_removals = result.failed_removals.len(),
+                    pending = result.pending_removals.len(),
+                    drift,
+                    "reconcile pass completed"
+                );
+                Ok(PassReport {
+                    status: "completed",
+                    duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    result,
+                    drift_count: drift,
+                    triggered_at: rfc3339(started_at),
+                })
+            }
+            Err(err) => {
+                status.consecutive_failures += 1;
+                status.last_error = Some(err.to_string());
+                tracing::warn!(
+                    failures = status.consecutive_failures,
+                    "reconcile pass failed: {err}"
+                );
+                Err(err)
+            }
+        }
+    }
+
+    /// The pass itself: its result and the drift it found (missing stores plus orphans).
+    async fn pass_inner(&self) -> Result<(PassResult, usize), ReconcileError> {
+        let (authoritative, skipped) = self.fetch_registry().await?;
+        let orchestrator = &self.orchestrator;
+        let sources = orchestrator.sources().await;
+        let mut result = PassResult {
+            authoritative_count: authoritative.len(),
+            monitored_count: sources.len(),
+            skipped_entries: skipped,
+            ..PassResult::default()
+        };
+        let missing: Vec<&StoreId> = authoritative
+            .iter()
+            .filter(|id| !sources.contains_key(*id))
+            .collect();
+        for id in missing.iter().copied() {
+            let spec = orchestrator.settings().defaults.clone();
+            match orchestrator
+                .ensure_running(id, spec, StoreSource::Registry)
+                .await
+            {
+                Ok(_) => result.added.push(id.to_string()),
+                Err(err) => {
+                    tracing::error!(store_id = %id, "reconciler could not add the store: {err}");
+                    result.failed_adds.push(FailedChange {
+                        store_id: id.to_string(),
+                        error: err.to_string(),
+                    });
+                }
+            }
+        }
+        let orphans: Vec<StoreId> = sources
+            .iter()
+            .filter(|(id, source)| !source.is_config_owned() && !authoritative.contains(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let now = now_ms();
+        let missing_since = orchestrator
+            .registry()
+            .mark_orphans(&orphans, now)
+            .map_err(|err| ReconcileError::Registry(format!("host registry: {err}")))?;
+        let drift = missing.len() + orphans.len();
+        if orphans.is_empty() {
+            return Ok((result, drift));
+        }
+        let limit = self.settings.max_removal_share * sources.len() as f64;
+        if orphans.len() as f64 > limit {
+            let message = format!(
+                "removals blocked: the registry lacks {} of the {} running stores, more than max_removal_share ({}) allows; an empty or truncated registry answer is the usual cause. Nothing was removed",
+                orphans.len(),
+                sources.len(),
+                self.settings.max_removal_share
+            );
+            tracing::error!("{message}");
+            result.removals_blocked = Some(message);
+            return Ok((result, drift));
+        }
+        let grace = i64::try_from(self.settings.grace_period.as_millis()).unwrap_or(i64::MAX);
+        for id in orphans {
+            let since = missing_since.get(&id).copied().unwrap_or(now);
+            if now.saturating_sub(since) < grace {
+                result.pending_removals.push(id.to_string());
+                continue;
+            }
+            match orchestrator.remove(&id, false).await {
+                Ok(_) => {
+                    if let Err(err) = orchestrator.registry().clear_orphan(&id) {
+                        tracing::warn!(store_id = %id, "could not forget the orphan record: {err}");
+                    }
+                    tracing::info!(store_id = %id, "reconciler removed an orphan store (data archived)");
+                    result.removed.push(id.to_string());
+                }
+                Err(err) => result.failed_removals.push(FailedChange {
+                    store_id: id.to_string(),
+                    error: err.to_string(),
+                }),
+            }
+        }
+        Ok((result, drift))
+    }
+
+    /// Every valid `instanceId` in the registry (all pages), and how many entries were skipped.
+    async fn fetch_registry(&self) -> Result<(BTreeSet<StoreId>, usize), ReconcileError> {
+        let first = format!("{}/internal/workspaces", self.settings.url);
+        let mut url = reqwest::Url::parse(&first).map_err(|err| {
+            ReconcileError::Registry(format!("invalid registry URL {first:?}: {err}"))
+        })?;
+        let mut seen_pages = BTreeSet::new();
+        let mut ids = BTreeSet::new();
+        let mut skipped = 0;
+        loop {
+            if !seen_pages.insert(url.to_string()) || seen_pages.len() > MAX_PAGES {
+                return Err(ReconcileError::Registry(format!(
+                    "the registry's `next` links loop or exceed {MAX_PAGES} pages (at {url})"
+                )));
+            }
+            let mut request = self.client.get(url.clone());
+            if let Some(token) = &self.settings.token {
+                request = request.bearer_auth(token.expose());
+            }
+            let response = request
+                .send()
+                .await
+                .map_err(|err| ReconcileError::Registry(format!("GET {url}: {err}")))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(ReconcileError::Registry(format!(
+                    "GET {url} answered {status}{}",
+                    if status.as_u16() == 401 || status.as_u16() == 403 {
+                        "; check SERVER_BYPASS_TOKEN"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            let page: serde_json::Value = response.json().await.map_err(|err| {
+                ReconcileError::Registry(format!("GET {url}: the answer is not JSON: {err}"))
+            })?;
+            let workspaces = page
+                .get("workspaces")
+                .and_then(|w| w.as_array())
+                .ok_or_else(|| {
+                    ReconcileError::Registry(format!(
+                        "GET {url}: the answer has no \"workspaces\" array"
+                    ))
+                })?;
+            for entry in workspaces {
+                match entry
+                    .get("instanceId")
+                    .and_then(|id| id.as_str())
+                    .and_then(|id| StoreId::new(id).ok())
+                {
+                    Some(id) => {
+                        ids.insert(id);
+                    }
+                    None => skipped += 1,
+                }
+            }
+            match page
+                .get("next")
+                .and_then(|n| n.as_str())
+                .filter(|n| !n.is_empty())
+            {
+                Some(next) => {
+                    url = url.join(next).map_err(|err| {
+                        ReconcileError::Registry(format!("invalid next link {next:?}: {err}"))
+                    })?;
+                }
+                None => break,
+            }
+        }
+        if skipped > 0 {
+            tracing::warn!(
+                skipped,
+                "registry entries without a valid instanceId were skipped"
+            );
+        }
+        Ok((ids, skipped))
+    }
+}

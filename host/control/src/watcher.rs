@@ -1,0 +1,394 @@
+//! The watched config file: edits apply live through the orchestrator, without a restart.
+//!
+//! The parent directory is watched, not the file: editors that save by writing a temporary
+//! file and renaming it over the original replace the file's inode, and a watch on the file
+//! itself goes silent after the first such save. Events are debounced, the file is re-read, a
+//! reload whose content hash did not change does nothing, and an edit that does not parse (or
+//! names a plugin that cannot load) keeps the last good config running.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::RecursiveMode;
+use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use sha2::{Digest, Sha256};
+use storehost_store::StoreId;
+
+use crate::config::{self, HostConfig, PluginSource};
+use crate::orchestrator::{Orchestrator, StoreSource};
+
+/// What one reload did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReloadOutcome {
+    /// The file's content is what was last read: nothing to do.
+    Unchanged,
+    /// The new config was applied (some stores may still have failed: see the summary).
+    Applied(ReloadSummary),
+    /// The edit was refused; the last good config keeps running. The message lists every
+    /// error with its `file:line:column`.
+    Refused(String),
+}
+
+/// The changes a reload applied.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReloadSummary {
+    /// Stores started.
+    pub added: Vec<StoreId>,
+    /// Stores whose plugin, quotas or config changed.
+    pub updated: Vec<StoreId>,
+    /// Stores stopped (data archived).
+    pub removed: Vec<StoreId>,
+    /// Plugins (re)deployed because their file changed.
+    pub plugins_deployed: Vec<String>,
+    /// Stores that could not be started, changed or stopped, with why.
+    pub failed: Vec<(StoreId, String)>,
+}
+
+impl ReloadSummary {
+    /// One line for the log and `/health`, when some store failed.
+    pub fn failures(&self) -> Option<String> {
+        if self.failed.is_empty() {
+            return None;
+        }
+        let shown: Vec<String> = self
+            .failed
+            .iter()
+            .take(5)
+            .map(|(id, err)| format!("{id}: {err}"))
+            .collect();
+        let more = self.failed.len().saturating_sub(shown.len());
+        let mut line = format!(
+            "{} stores of the config could not be applied: {}",
+            self.failed.len(),
+            shown.join("; ")
+        );
+        if more > 0 {
+            line.push_str(&format!(" (and {more} more)"));
+        }
+        Some(line)
+    }
+}
+
+/// Called after every reload that read the file (not for unchanged content).
+pub type ReloadListener = Arc<dyn Fn(&ReloadOutcome) + Send + Sync>;
+
+/// Reads bytes of a plugin the config names (the built-in one comes from the binary).
+pub type PluginReader = Arc<dyn Fn(&str, &PluginSource) -> std::io::Result<Vec<u8>> + Send + Sync>;
+
+/// Re-reads one config file and applies its differences.
+pub struct ConfigReloader {
+    path: PathBuf,
+    orchestrator: Arc<Orchestrator>,
+    read_plugin: PluginReader,
+    listener: ReloadListener,
+    /// The last good config (with the environment applied) and the hash of the last content read.
+    current: tokio::sync::Mutex<(HostConfig, [u8; 32])>,
+}
+
+impl std::fmt::Debug for ConfigReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigReloader")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConfigReloader {
+    /// A reloader for the file at `path`, whose content `running` (environment applied) runs now.
+    pub fn new(
+        path: impl Into<PathBuf>,
+        running: HostConfig,
+        orchestrator: Arc<Orchestrator>,
+        read_plugin: PluginReader,
+        listener: ReloadListener,
+    ) -> Self {
+        let path = path.into();
+        let hash = std::fs::read(&path).map(|b| hash(&b)).unwrap_or_default();
+        Self {
+            path,
+            orchestrator,
+            read_plugin,
+            listener,
+            current: tokio::sync::Mutex::new((running, hash)),
+        }
+    }
+
+    /// The config file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the file and applies what changed. Reloads run one at a time.
+    pub async fn reload(&self) -> ReloadOutcome {
+        let mut current = self.current.lock().await;
+        let bytes = match tokio::fs::read(&self.path).await {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                let outcome = ReloadOutcome::Refused(format!(
+                    "{}: cannot read the config file: {err}; the last good config keeps running",
+                    self.path.display()
+                ));
+                self.report(&outcome);
+                return outcome;
+            }
+        };
+        let content_hash = hash(&bytes);
+        if content_hash == current.1 {
+            return ReloadOutcome::Unchanged;
+        }
+        current.1 = content_hash;
+        let text = String::from_utf8_lossy(&bytes);
+        let mut next = match config::parse_str(&text, &self.path) {
+            Ok(next) => next,
+            Err(errors) => {
+                let outcome = ReloadOutcome::Refused(format!(
+                    "{errors}\n(the edit was not applied; the last good config keeps running)"
+                ));
+                self.report(&outcome);
+                return outcome;
+            }
+        };
+        next.env = current.0.env.clone();
+        warn_restart_only(&current.0, &next);
+        let mut summary = ReloadSummary::default();
+        if let Err(message) = self.deploy_changed_plugins(&next, &mut summary).await {
+            let outcome = ReloadOutcome::Refused(format!(
+                "{message}\n(the edit was not applied; the last good config keeps running)"
+            ));
+            self.report(&outcome);
+            return outcome;
+        }
+        self.apply_stores(&current.0, &next, &mut summary).await;
+        current.0 = next;
+        let outcome = ReloadOutcome::Applied(summary);
+        self.report(&outcome);
+        outcome
+    }
+
+    fn report(&self, outcome: &ReloadOutcome) {
+        match outcome {
+            ReloadOutcome::Unchanged => {}
+            ReloadOutcome::Refused(message) => {
+                tracing::error!(path = %self.path.display(), "config edit refused:\n{message}");
+            }
+            ReloadOutcome::Applied(summary) => {
+                tracing::info!(
+                    path = %self.path.display(),
+                    added = summary.added.len(),
+                    updated = summary.updated.len(),
+                    removed = summary.removed.len(),
+                    plugins = summary.plugins_deployed.len(),
+                    "config reloaded"
+                );
+                if let Some(failures) = summary.failures() {
+                    tracing::error!("{failures}");
+                }
+            }
+        }
+        (self.listener)(outcome);
+    }
+
+    /// Deploys every file plugin whose bytes differ from the deployed version. A plugin that
+    /// cannot be read or loaded refuses the whole edit.
+    async fn deploy_changed_plugins(
+        &self,
+        next: &HostConfig,
+        summary: &mut ReloadSummary,
+    ) -> Result<(), String> {
+        let deployed = self.orchestrator.plugins();
+        for (name, source) in next.plugin_sources() {
+            if source == PluginSource::Builtin && deployed.contains_key(&name) {
+                continue;
+            }
+            let reader = self.read_plugin.clone();
+            let (task_name, task_source) = (name.clone(), source.clone());
+            let bytes = tokio::task::spawn_blocking(move || reader(&task_name, &task_source))
+                .await
+                .map_err(|err| format!("reading plugin {name:?} failed: {err}"))?
+                .map_err(|err| {
+                    let path = match &source {
+                        PluginSource::File(path) => path.display().to_string(),
+                        PluginSource::Builtin => "(built in)".into(),
+                    };
+                    format!(
+                        "plugin {name:?}: cannot read {path}: {err}; fix the path in [plugins.{name}]"
+                    )
+                })?;
+            let sha256 = hex::encode(Sha256::digest(&bytes));
+            if deployed.get(&name).is_some_and(|p| p.sha256() == sha256) {
+                continue;
+            }
+            self.orchestrator
+                .deploy_plugin(&name, bytes)
+                .await
+                .map_err(|err| format!("plugin {name:?} could not be loaded: {err}"))?;
+            tracing::info!(plugin = %name, sha256, "plugin deployed from the config");
+            summary.plugins_deployed.push(name);
+        }
+        Ok(())
+    }
+
+    /// Starts, changes and stops stores so the running ones follow `next`.
+    async fn apply_stores(
+        &self,
+        previous: &HostConfig,
+        next: &HostConfig,
+        summary: &mut ReloadSummary,
+    ) {
+        let before = previous.store_specs();
+        let after = next.store_specs();
+        let sources = self.orchestrator.sources().await;
+        let gone: BTreeSet<&StoreId> = before
+            .keys()
+            .filter(|id| !after.contains_key(*id))
+            .collect();
+        for id in gone {
+            // A store the config no longer names is stopped only if the config (or STORE_IDS)
+            // still owns it; one taken over by the API or a webhook stays.
+            if !sources.get(id).is_some_and(|s| s.is_config_owned()) {
+                continue;
+            }
+            match self.orchestrator.remove(id, false).await {
+                Ok(true) => summary.removed.push(id.clone()),
+                Ok(false) => {}
+                Err(err) => summary.failed.push((id.clone(), err.to_string())),
+            }
+        }
+        let mut applied = 0usize;
+        for (id, spec) in after {
+            if before.get(&id) == Some(&spec) && sources.contains_key(&id) {
+                continue;
+            }
+            let source = if next.is_env_store(&id) {
+                StoreSource::Env
+            } else {
+                StoreSource::Config
+            };
+            match self.orchestrator.ensure_running(&id, spec, source).await {
+                Ok(crate::Provisioned::Created) => summary.added.push(id),
+                Ok(crate::Provisioned::Updated) => summary.updated.push(id),
+                Ok(crate::Provisioned::Unchanged) => {}
+                Err(err) => summary.failed.push((id, err.to_string())),
+            }
+            applied += 1;
+            if applied.is_multiple_of(16) {
+                // Thousands of stores in one edit: let API requests in between.
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+/// Logs the settings that a reload cannot change (they apply at the next start).
+fn warn_restart_only(previous: &HostConfig, next: &HostConfig) {
+    let mut changed = Vec::new();
+    if previous.listen != next.listen {
+        changed.push("listen");
+    }
+    if previous.data_dir != next.data_dir {
+        changed.push("data_dir");
+    }
+    if previous.admin_token_env != next.admin_token_env {
+        changed.push("admin_token_env");
+    }
+    if previous.max_stores != next.max_stores {
+        changed.push("max_stores");
+    }
+    if previous.durability != next.durability {
+        changed.push("durability");
+    }
+    if previous.http != next.http {
+        changed.push("[http]");
+    }
+    if previous.retry != next.retry {
+        changed.push("[retry]");
+    }
+    if previous.webhook != next.webhook {
+        changed.push("[webhook]");
+    }
+    if previous.registry != next.registry {
+        changed.push("[registry]");
+    }
+    if !changed.is_empty() {
+        tracing::warn!(
+            "config keys changed that apply only at the next start: {}; restart storehost to use them",
+            changed.join(", ")
+        );
+    }
+}
+
+fn hash(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// A running watch on a config file; dropping it stops watching.
+pub struct ConfigWatcher {
+    _debouncer: Box<dyn std::any::Any + Send>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ConfigWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigWatcher").finish_non_exhaustive()
+    }
+}
+
+impl Drop for ConfigWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// How long file events settle before a reload (editors write in several steps).
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Watches `reloader`'s file (through its parent directory) and reloads on every change.
+pub fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notify::Error> {
+    let path = reloader.path().to_owned();
+    let parent = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path.file_name().map(|n| n.to_owned()).ok_or_else(|| {
+        notify::Error::generic(&format!(
+            "{} does not name a file; pass the config file's path",
+            path.display()
+        ))
+    })?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut debouncer =
+        new_debouncer(
+            DEBOUNCE,
+            None,
+            move |result: DebounceEventResult| match result {
+                Ok(events) => {
+                    let ours = events
+                        .iter()
+                        .flat_map(|e| e.paths.iter())
+                        .any(|p| p.file_name() == Some(file_name.as_os_str()));
+                    if ours {
+                        let _ = tx.send(());
+                    }
+                }
+                Err(errors) => {
+                    for err in errors {
+                        tracing::warn!("config watch error: {err}");
+                    }
+                }
+            },
+        )?;
+    debouncer.watch(&parent, RecursiveMode::NonRecursive)?;
+    tracing::info!(path = %path.display(), "watching the config file for edits");
+    let task = tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            while rx.try_recv().is_ok() {}
+            reloader.reload().await;
+        }
+    });
+    Ok(ConfigWatcher {
+        _debouncer: Box::new(debouncer),
+        task,
+    })
+}

@@ -1,0 +1,460 @@
+//! `POST /webhooks/workspaces` through the real router on a real port: the scenarios of the
+//! service this replaces (shared secret), Standard Webhooks signatures, replays, limits, and
+//! webhook-created stores surviving a restart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use storehost_control::StoreSource;
+use storehost_control::config::Secret;
+use storehost_control::webhook::{WebhookSettings, Webhooks, signature_header};
+use storehost_store::StoreId;
+use storehost_tests::TestHost;
+use storehost_tests::control::ControlHostOptions;
+
+const SECRET: &str = "whsec_c2hhcmVkLXNlY3JldC1mb3ItdGVzdHM=";
+
+fn settings(secret: Option<&str>, require_signature: bool) -> WebhookSettings {
+    WebhookSettings {
+        secret: secret.map(Secret::new),
+        require_signature,
+        tolerance: Duration::from_secs(300),
+        replay_retention: Duration::from_secs(3600),
+    }
+}
+
+async fn host_with(
+    settings: WebhookSettings,
+    per_minute: u32,
+    options: ControlHostOptions,
+) -> TestHost {
+    TestHost::start_control(options, move |orchestrator, state| {
+        state.with_webhooks(
+            Arc::new(Webhooks::new(orchestrator.clone(), settings)),
+            per_minute,
+        )
+    })
+    .await
+}
+
+async fn host() -> TestHost {
+    host_with(
+        settings(Some(SECRET), false),
+        10_000,
+        ControlHostOptions::default(),
+    )
+    .await
+}
+
+/// Sends a webhook with `headers` and a raw `body`; answers status, JSON and headers.
+async fn send(
+    host: &TestHost,
+    method: reqwest::Method,
+    headers: &[(&str, String)],
+    body: &str,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let mut request = host
+        .client
+        .request(method, format!("{}/webhooks/workspaces", host.url))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        headers,
+    )
+}
+
+fn event(event: &str, id: &str) -> String {
+    json!({"event": event, "instanceId": id, "userId": "user-1", "timestamp": "2026-01-01T00:00:00Z"})
+        .to_string()
+}
+
+fn secret_header() -> Vec<(&'static str, String)> {
+    vec![("x-webhook-secret", SECRET.to_owned())]
+}
+
+/// Standard Webhooks headers for `body`, sent `age_secs` ago.
+fn signed(id: &str, body: &str, age_secs: i64) -> Vec<(&'static str, String)> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let timestamp = (now - age_secs).to_string();
+    let signature = signature_header(&Secret::new(SECRET), id, &timestamp, body.as_bytes());
+    vec![
+        ("webhook-id", id.to_owned()),
+        ("webhook-timestamp", timestamp),
+        ("webhook-signature", signature),
+    ]
+}
+
+async fn post(host: &TestHost, headers: &[(&str, String)], body: &str) -> (u16, Value) {
+    let (status, body, _) = send(host, reqwest::Method::POST, headers, body).await;
+    (status, body)
+}
+
+async fn running(host: &TestHost, id: &str) -> bool {
+    host.orchestrator
+        .get(&StoreId::new(id).unwrap())
+        .await
+        .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_missing_secret_is_401_and_changes_nothing() {
+    let host = host().await;
+    let body = event("workspace.created", "ws-intruder");
+    let (status, answer) = post(&host, &[("x-webhook-secret", "guess".into())], &body).await;
+    assert_eq!(status, 401, "{answer}");
+    assert_eq!(answer["error"]["code"], "unauthorized");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Unauthorized"),
+        "{answer}"
+    );
+    let (status, _) = post(&host, &[], &body).await;
+    assert_eq!(status, 401);
+    let (status, _) = post(&host, &signed("msg-x", &body, 0)[..2], &body).await;
+    assert_eq!(
+        status, 401,
+        "a signature header set without the signature is refused"
+    );
+    assert!(!running(&host, "ws-intruder").await);
+    assert!(
+        host.orchestrator.is_empty().await,
+        "nothing was provisioned"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_payloads_get_400_with_the_reason_and_invalid_ids_422() {
+    let host = host().await;
+    let cases = [
+        ("{not json", "Invalid JSON payload"),
+        ("[1,2]", "Invalid JSON payload"),
+        (
+            r#"{"event":"workspace.renamed","instanceId":"ws-one"}"#,
+            "Unsupported event type",
+        ),
+        (r#"{"instanceId":"ws-one"}"#, "Unsupported event type"),
+        (r#"{"event":"workspace.created"}"#, "instanceId is required"),
+        (
+            r#"{"event":"workspace.created","instanceId":""}"#,
+            "instanceId is required",
+        ),
+    ];
+    for (body, reason) in cases {
+        let (status, answer) = post(&host, &secret_header(), body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(reason),
+            "{body}: {answer}"
+        );
+    }
+    for bad_id in ["../etc", "a", "has space", "x/../../y"] {
+        let (status, answer) =
+            post(&host, &secret_header(), &event("workspace.created", bad_id)).await;
+        assert_eq!(status, 422, "{bad_id}: {answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("3 to 64 characters"),
+            "the rule is in the message: {answer}"
+        );
+    }
+    assert!(host.orchestrator.is_empty().await);
+    assert!(
+        !host.data_dir.join("etc").exists() && !host.data_dir.join("stores/a").exists(),
+        "an invalid id never becomes a path"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_already_monitored_deleted_already_stopped() {
+    let host = host().await;
+    let created = event("workspace.created", "ws-alpha");
+    let (status, answer) = post(&host, &secret_header(), &created).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], "monitoring_started");
+    assert_eq!(answer["storeId"], "ws-alpha");
+    assert!(
+        answer["receivedAt"].as_str().unwrap().ends_with('Z'),
+        "{answer}"
+    );
+
+    // The store runs and accepts events right away, on the default plugin.
+    host.append("ws-alpha", "kv.put", json!({"key": "k", "value": 1}))
+        .await;
+    host.settle("ws-alpha").await;
+    assert_eq!(host.query("ws-alpha", "count", json!({})).await["kv"], 1);
+    let (_, view) = host.get("/v1/stores/ws-alpha").await;
+    assert_eq!(view["source"], "webhook");
+
+    let (status, answer) = post(&host, &secret_header(), &created).await;
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("already_monitored"))
+    );
+
+    let deleted = event("workspace.deleted", "ws-alpha");
+    let (status, answer) = post(&host, &secret_header(), &deleted).await;
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("monitoring_stopped"))
+    );
+    assert!(!running(&host, "ws-alpha").await);
+    let archive = std::fs::read_dir(host.data_dir.join("archive"))
+        .expect("the deleted store's data is archived")
+        .count();
+    assert_eq!(archive, 1);
+
+    let (status, answer) = post(&host, &secret_header(), &deleted).await;
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("already_stopped"))
+    );
+
+    let (status, summary) = host.get("/stores").await;
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(summary["totalProvisioned"], 1);
+    assert_eq!(summary["totalDeprovisioned"], 1);
+    assert_eq!(summary["monitoredStoreIds"], json!([]));
+    assert!(summary["lastProvisionedAt"].is_i64() && summary["lastDeprovisionedAt"].is_i64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_webhooks_are_verified_and_a_replayed_id_gets_the_first_answer() {
+    let host = host().await;
+    let created = event("workspace.created", "ws-signed");
+    let (status, first) = post(&host, &signed("msg-1", &created, 0), &created).await;
+    assert_eq!(
+        (status, first["status"].as_str()),
+        (200, Some("monitoring_started")),
+        "{first}"
+    );
+
+    let tampered = event("workspace.created", "ws-tampered");
+    let (status, _) = post(&host, &signed("msg-2", &created, 0), &tampered).await;
+    assert_eq!(status, 401, "a body other than the signed one is refused");
+    assert!(!running(&host, "ws-tampered").await);
+
+    let old = event("workspace.created", "ws-old");
+    let (status, answer) = post(&host, &signed("msg-3", &old, 301), &old).await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tolerance"),
+        "{answer}"
+    );
+    let (status, _) = post(&host, &signed("msg-4", &old, -301), &old).await;
+    assert_eq!(status, 401, "a timestamp from the future is refused too");
+    assert!(!running(&host, "ws-old").await);
+
+    let deleted = event("workspace.deleted", "ws-signed");
+    let (status, stopped) = post(&host, &signed("msg-5", &deleted, 0), &deleted).await;
+    assert_eq!(
+        (status, stopped["status"].as_str()),
+        (200, Some("monitoring_stopped"))
+    );
+
+    // msg-1 delivered again: its first answer, and the store does not come back.
+    let (status, again) = post(&host, &signed("msg-1", &created, 0), &created).await;
+    assert_eq!(status, 200);
+    assert_eq!(again, first, "the first answer, receivedAt included");
+    assert!(
+        !running(&host, "ws-signed").await,
+        "a replay changes nothing"
+    );
+
+    // A replayed id with a bad signature is still refused (replays need valid credentials).
+    let (status, _) = post(&host, &signed("msg-1", &created, 0), &tampered).await;
+    assert_eq!(status, 401);
+
+    // The shared secret still works next to signatures, unless signatures are required.
+    let other = event("workspace.created", "ws-shared");
+    let (status, _) = post(&host, &secret_header(), &other).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_requires_signatures_refuses_the_shared_secret() {
+    let host = host_with(
+        settings(Some(SECRET), true),
+        10_000,
+        ControlHostOptions::default(),
+    )
+    .await;
+    let body = event("workspace.created", "ws-strict");
+    let (status, answer) = post(&host, &secret_header(), &body).await;
+    assert_eq!(status, 401, "{answer}");
+    assert!(!running(&host, "ws-strict").await);
+    let (status, answer) = post(&host, &signed("msg-strict", &body, 0), &body).await;
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("monitoring_started"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_secret_webhooks_answer_500_and_other_methods_405() {
+    let host = host_with(settings(None, false), 10_000, ControlHostOptions::default()).await;
+    let body = event("workspace.created", "ws-none");
+    let (status, answer) = post(&host, &secret_header(), &body).await;
+    assert_eq!(status, 500, "{answer}");
+    assert_eq!(answer["error"]["code"], "webhook_not_configured");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("WEBHOOK_SECRET")
+    );
+    assert!(!running(&host, "ws-none").await);
+
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::PUT,
+        reqwest::Method::DELETE,
+    ] {
+        let (status, answer, headers) = send(&host, method.clone(), &secret_header(), &body).await;
+        assert_eq!(status, 405, "{method}: {answer}");
+        assert_eq!(headers["allow"], "POST");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_over_its_rate_gets_429_with_retry_after() {
+    let host = host_with(
+        settings(Some(SECRET), false),
+        3,
+        ControlHostOptions::default(),
+    )
+    .await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for i in 0..6 {
+        let body = event("workspace.created", &format!("ws-rate-{i}"));
+        let (status, _, headers) =
+            send(&host, reqwest::Method::POST, &secret_header(), &body).await;
+        statuses.push(status);
+        if status == 429 {
+            retry_after = headers.get("retry-after").cloned();
+        }
+    }
+    assert_eq!(&statuses[..3], &[200, 200, 200], "{statuses:?}");
+    assert!(statuses[3..].iter().all(|s| *s == 429), "{statuses:?}");
+    let secs: u64 = retry_after.unwrap().to_str().unwrap().parse().unwrap();
+    assert!(secs >= 1);
+    assert_eq!(
+        host.orchestrator.len().await,
+        3,
+        "refused calls provision nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_host_answers_503_and_a_config_owned_store_is_not_deleted() {
+    let host = host_with(
+        settings(Some(SECRET), false),
+        10_000,
+        ControlHostOptions {
+            max_stores: 2,
+            ..ControlHostOptions::default()
+        },
+    )
+    .await;
+    let spec = host.orchestrator.settings().defaults.clone();
+    host.orchestrator
+        .ensure_running(
+            &StoreId::new("from-config").unwrap(),
+            spec,
+            StoreSource::Config,
+        )
+        .await
+        .unwrap();
+    let (status, _) = post(
+        &host,
+        &secret_header(),
+        &event("workspace.created", "ws-fits"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, answer) = post(
+        &host,
+        &secret_header(),
+        &event("workspace.created", "ws-overflow"),
+    )
+    .await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "at_capacity");
+    assert!(!running(&host, "ws-overflow").await);
+
+    let (status, answer) = post(
+        &host,
+        &secret_header(),
+        &event("workspace.deleted", "from-config"),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("config file")
+    );
+    assert!(running(&host, "from-config").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_stores_and_answers_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ControlHostOptions {
+        data_dir: Some(dir.path().join("data")),
+        ..ControlHostOptions::default()
+    };
+    let first_host = host_with(settings(Some(SECRET), false), 10_000, options.clone()).await;
+    let created = event("workspace.created", "ws-durable");
+    let (status, first) = post(&first_host, &signed("msg-durable", &created, 0), &created).await;
+    assert_eq!(status, 200, "{first}");
+    first_host
+        .append(
+            "ws-durable",
+            "kv.put",
+            json!({"key": "kept", "value": "seven"}),
+        )
+        .await;
+    first_host.settle("ws-durable").await;
+    first_host.stop().await;
+
+    let host = host_with(settings(Some(SECRET), false), 10_000, options).await;
+    assert_eq!(host.orchestrator.restore_persisted().await.unwrap(), 1);
+    let (_, view) = host.get("/v1/stores/ws-durable").await;
+    assert_eq!(view["source"], "webhook", "{view}");
+    assert_eq!(
+        host.query("ws-durable", "get", json!({"key": "kept"}))
+            .await["value"],
+        "seven"
+    );
+    let (status, again) = post(&host, &signed("msg-durable", &created, 0), &created).await;
+    assert_eq!(
+        (status, &again),
+        (200, &first),
+        "the replay answer is kept in host.db"
+    );
+}
