@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256};
 use storehost_control::Orchestrator;
 use storehost_control::config::Secret;
 use storehost_control::reconciler::Reconciler;
+use storehost_control::watcher::{ReloadListener, ReloadOutcome};
 use storehost_control::webhook::Webhooks;
 
 /// Rate limiter of webhook calls, keyed by source address.
@@ -83,6 +84,26 @@ impl AppState {
     pub fn with_bypass_token(mut self, token: Option<&Secret>) -> Self {
         self.bypass_token_sha256 = token.map(|t| Sha256::digest(t.expose().as_bytes()).into());
         self
+    }
+
+    /// A listener for the config watcher that keeps `/health`'s `config` current: a refused
+    /// edit sets `lastError`; an applied one sets `loadedAt` (and `lastError` when some store
+    /// of it failed).
+    pub fn config_reload_listener(&self) -> ReloadListener {
+        let status = self.config_status.clone();
+        Arc::new(move |outcome: &ReloadOutcome| {
+            let Ok(mut status) = status.write() else {
+                return;
+            };
+            match outcome {
+                ReloadOutcome::Unchanged => {}
+                ReloadOutcome::Applied(summary) => {
+                    status.loaded_at = Some(storehost_store::sqlite::now_ms());
+                    status.last_error = summary.failures();
+                }
+                ReloadOutcome::Refused(message) => status.last_error = Some(message.clone()),
+            }
+        })
     }
 
     /// Whether `token` is the `SERVER_BYPASS_TOKEN` (compared in constant time).

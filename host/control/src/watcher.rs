@@ -199,7 +199,8 @@ impl ConfigReloader {
     ) -> Result<(), String> {
         let deployed = self.orchestrator.plugins();
         for (name, source) in next.plugin_sources() {
-            if source == PluginSource::Builtin && deployed.contains_key(&name) {
+            if source == PluginSource::Builtin {
+                // Compiled into the binary: deployed at start, it never changes.
                 continue;
             }
             let reader = self.read_plugin.clone();

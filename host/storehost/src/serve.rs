@@ -6,7 +6,7 @@ use anyhow::{Context, anyhow};
 use storehost_api::{AppState, ConfigStatus, ServeOptions};
 use storehost_control::config::{self, HostConfig, PluginSource, ProcessEnv};
 use storehost_control::reconciler::{Reconciler, ReconcilerSettings};
-use storehost_control::watcher::{self, ConfigReloader, ReloadOutcome};
+use storehost_control::watcher::{self, ConfigReloader};
 use storehost_control::webhook::{WebhookSettings, Webhooks};
 use storehost_control::{HostSettings, Orchestrator, StoreSource};
 use storehost_runtime::RuntimeOptions;
@@ -152,20 +152,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let _config_watcher = match &config_path {
         Some(path) => {
-            let status = state.config_status();
-            let listener: watcher::ReloadListener = Arc::new(move |outcome: &ReloadOutcome| {
-                let Ok(mut status) = status.write() else {
-                    return;
-                };
-                match outcome {
-                    ReloadOutcome::Unchanged => {}
-                    ReloadOutcome::Applied(summary) => {
-                        status.loaded_at = Some(now_ms());
-                        status.last_error = summary.failures();
-                    }
-                    ReloadOutcome::Refused(message) => status.last_error = Some(message.clone()),
-                }
-            });
+            let listener = state.config_reload_listener();
             let read_plugin: watcher::PluginReader = Arc::new(|_name, source| match source {
                 PluginSource::Builtin => Ok(crate::BUILTIN_AGENT.to_vec()),
                 PluginSource::File(path) => std::fs::read(path),

@@ -1,0 +1,305 @@
+//! The watched config file: edits (atomic rename or in-place write) add, remove and change
+//! stores live; a broken edit keeps the last good config and shows its error with the line in
+//! `/health`; unchanged content does nothing; a thousand stores in one edit come up while the
+//! API keeps answering. Real files, the real watcher (notify on the parent directory), the
+//! real router on a real port.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use storehost_control::StoreSource;
+use storehost_control::config::{self, PluginSource};
+use storehost_control::watcher::{self, ConfigReloader, ConfigWatcher, ReloadOutcome};
+use storehost_store::StoreId;
+use storehost_tests::TestHost;
+use storehost_tests::control::{ControlHostOptions, eventually};
+use storehost_tests::programs;
+
+/// A host running the stores of the config at `path`, watching it.
+struct Watched {
+    host: TestHost,
+    reloader: Arc<ConfigReloader>,
+    _watch: ConfigWatcher,
+}
+
+fn header() -> String {
+    format!(
+        "max_stores = 1100\n[defaults]\nplugin = \"writer\"\n[plugins.writer]\npath = {:?}\n",
+        programs::WRITER
+    )
+}
+
+fn config_with(stores: &[&str], extra: &str) -> String {
+    let mut text = header();
+    for id in stores {
+        text.push_str(&format!("[stores.{id}]\n"));
+    }
+    text.push_str(extra);
+    text
+}
+
+async fn watched(path: &Path, max_stores: usize) -> Watched {
+    let config = config::load_file(path).unwrap_or_else(|e| panic!("{e}"));
+    let mut reloader = None;
+    let host = TestHost::start_control(
+        ControlHostOptions {
+            max_stores,
+            ..ControlHostOptions::default()
+        },
+        |orchestrator, state| {
+            let read_plugin: watcher::PluginReader = Arc::new(|_name, source| match source {
+                PluginSource::File(path) => std::fs::read(path),
+                PluginSource::Builtin => Err(std::io::ErrorKind::NotFound.into()),
+            });
+            reloader = Some(Arc::new(ConfigReloader::new(
+                path,
+                config.clone(),
+                orchestrator.clone(),
+                read_plugin,
+                state.config_reload_listener(),
+            )));
+            state
+        },
+    )
+    .await;
+    for (id, spec) in config.store_specs() {
+        host.orchestrator
+            .ensure_running(&id, spec, StoreSource::Config)
+            .await
+            .unwrap();
+    }
+    let reloader = reloader.unwrap();
+    let watch = watcher::watch(reloader.clone()).expect("watch the config directory");
+    Watched {
+        host,
+        reloader,
+        _watch: watch,
+    }
+}
+
+/// Writes `text` to a temporary file beside `path` and renames it over `path`, as editors do.
+fn save_by_rename(path: &Path, text: &str) {
+    let temp = path.with_extension("toml.swp");
+    std::fs::write(&temp, text).unwrap();
+    std::fs::rename(&temp, path).unwrap();
+}
+
+async fn ids(host: &TestHost) -> Vec<String> {
+    host.orchestrator
+        .ids()
+        .await
+        .iter()
+        .map(|id| id.to_string())
+        .collect()
+}
+
+async fn health(host: &TestHost) -> Value {
+    let (status, body) = host.get("/health").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn config_file() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("storehost.toml");
+    (dir, path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_add_and_remove_stores_live_by_rename_and_by_in_place_write() {
+    let (_dir, path) = config_file();
+    std::fs::write(&path, config_with(&["cfg-one", "cfg-two"], "")).unwrap();
+    let w = watched(&path, 100).await;
+    let host = &w.host;
+    host.append("cfg-two", "kv.put", json!({"key": "k", "value": "v"}))
+        .await;
+    host.settle("cfg-two").await;
+
+    save_by_rename(&path, &config_with(&["cfg-one", "cfg-three"], ""));
+    eventually("the renamed config applies", || async {
+        ids(host).await == ["cfg-one", "cfg-three"]
+    })
+    .await;
+    host.append("cfg-three", "kv.put", json!({"key": "k", "value": "v"}))
+        .await;
+    assert!(
+        std::fs::read_dir(host.data_dir.join("archive"))
+            .unwrap()
+            .next()
+            .is_some(),
+        "the removed store's data is archived, not deleted"
+    );
+
+    // A second save by rename: the watch survives the file being replaced.
+    save_by_rename(
+        &path,
+        &config_with(&["cfg-one", "cfg-three", "cfg-four"], ""),
+    );
+    eventually("the second rename applies", || async {
+        ids(host).await.len() == 3
+    })
+    .await;
+
+    // In-place write (truncate and write the same inode).
+    std::fs::write(&path, config_with(&["cfg-four"], "")).unwrap();
+    eventually("the in-place write applies", || async {
+        ids(host).await == ["cfg-four"]
+    })
+    .await;
+
+    // A store added through the API is not the config's to remove.
+    host.add_store("api-owned", "writer", &[]).await;
+    std::fs::write(&path, config_with(&["cfg-five"], "")).unwrap();
+    eventually("the next write applies", || async {
+        ids(host).await == ["api-owned", "cfg-five"]
+    })
+    .await;
+    let config_status = &health(host).await["config"];
+    assert!(config_status["lastError"].is_null(), "{config_status}");
+    assert!(config_status["loadedAt"].is_i64(), "{config_status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_edit_keeps_the_running_set_and_health_shows_the_error_with_its_line() {
+    let (_dir, path) = config_file();
+    std::fs::write(&path, config_with(&["keep-one", "keep-two"], "")).unwrap();
+    let w = watched(&path, 100).await;
+    let host = &w.host;
+
+    // Line 7: an unknown quota key; the edit also drops keep-two and adds new-one.
+    let broken = config_with(
+        &["keep-one", "new-one"],
+        "[stores.new-one.quotas]\nmemroy = \"1MiB\"\n",
+    );
+    let bad_line = broken
+        .lines()
+        .position(|l| l.starts_with("memroy"))
+        .unwrap()
+        + 1;
+    save_by_rename(&path, &broken);
+    eventually("the broken edit is reported", || async {
+        health(host).await["config"]["lastError"].is_string()
+    })
+    .await;
+    let health = health(host).await;
+    let error = health["config"]["lastError"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("storehost.toml:{bad_line}:")) && error.contains("memroy"),
+        "the error names its line: {error}"
+    );
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(
+        ids(host).await,
+        ["keep-one", "keep-two"],
+        "the last good config keeps running"
+    );
+
+    // A plugin path that does not exist is refused the same way.
+    std::fs::write(
+        &path,
+        config_with(
+            &["keep-one"],
+            "[plugins.ghost]\npath = \"/nowhere/ghost.wasm\"\n",
+        ),
+    )
+    .unwrap();
+    eventually("the missing plugin is reported", || async {
+        self::health(host).await["config"]["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("ghost"))
+    })
+    .await;
+    assert_eq!(ids(host).await, ["keep-one", "keep-two"]);
+
+    // Fixed: applies, and the error clears.
+    std::fs::write(&path, config_with(&["keep-one", "new-one"], "")).unwrap();
+    eventually("the fixed edit applies", || async {
+        ids(host).await == ["keep-one", "new-one"]
+    })
+    .await;
+    let health = self::health(host).await;
+    assert!(health["config"]["lastError"].is_null(), "{health}");
+    assert_eq!(health["status"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_change_applies_live_and_unchanged_content_does_nothing() {
+    let (_dir, path) = config_file();
+    let quotas = |n: u32| {
+        config_with(
+            &["quota-one"],
+            &format!("[stores.quota-one.quotas]\nmax_pending_events = {n}\n"),
+        )
+    };
+    std::fs::write(&path, quotas(1000)).unwrap();
+    let w = watched(&path, 100).await;
+    let host = &w.host;
+    let (status, _) = host.post("/v1/stores/quota-one/pause", json!({})).await;
+    assert_eq!(status, 200);
+
+    save_by_rename(&path, &quotas(2));
+    eventually("the quota change applies", || async {
+        host.get("/v1/stores/quota-one").await.1["quotas"]["max_pending_events"] == 2
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let (status, _) = host
+            .post(
+                "/v1/stores/quota-one/events",
+                json!({"type": "kv.put", "payload": {"key": format!("k{i}"), "value": i}}),
+            )
+            .await;
+        statuses.push(status);
+    }
+    assert_eq!(statuses, [202, 202, 429], "the new queue limit holds");
+    let (_, view) = host.get("/v1/stores/quota-one").await;
+    assert_eq!(
+        view["state"], "paused",
+        "the change kept the store's state: {view}"
+    );
+
+    // The same bytes written again: nothing to do.
+    let loaded_at = health(host).await["config"]["loadedAt"].clone();
+    std::fs::write(&path, quotas(2)).unwrap();
+    assert_eq!(w.reloader.reload().await, ReloadOutcome::Unchanged);
+    assert_eq!(health(host).await["config"]["loadedAt"], loaded_at);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_stores_in_one_edit_come_up_while_the_api_answers() {
+    let (_dir, path) = config_file();
+    std::fs::write(&path, config_with(&["bulk-seed"], "")).unwrap();
+    let w = watched(&path, 1100).await;
+    let host = &w.host;
+    let names: Vec<String> = (0..1000).map(|i| format!("bulk-{i:04}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    save_by_rename(&path, &config_with(&refs, ""));
+
+    let answered = std::sync::atomic::AtomicUsize::new(0);
+    eventually("all 1000 stores run", || async {
+        // The API answers while the edit is being applied.
+        let (status, _) = host.get("/health").await;
+        assert_eq!(status, 200);
+        answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        host.orchestrator.len().await == 1000
+    })
+    .await;
+    assert!(answered.into_inner() >= 1);
+    let store = host
+        .orchestrator
+        .get(&StoreId::new("bulk-0999").unwrap())
+        .await
+        .unwrap();
+    let seq = host
+        .append("bulk-0999", "kv.put", json!({"key": "last", "value": "ok"}))
+        .await;
+    assert_eq!(seq, 1);
+    drop(store);
+    host.settle("bulk-0999").await;
+    assert_eq!(
+        host.query("bulk-0999", "get", json!({"key": "last"})).await["value"],
+        "ok"
+    );
+}
