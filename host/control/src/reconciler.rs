@@ -22,6 +22,13 @@ const BACKOFF_BASE: Duration = Duration::from_secs(5);
 /// Most registry pages followed in one pass (a loop of `next` links ends there).
 const MAX_PAGES: usize = 10_000;
 
+/// The wait before the next pass after `failures` failed passes in a row: 5 s, doubling with
+/// each further failure, never longer than the regular `interval`.
+pub fn backoff(failures: u32, interval: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    BACKOFF_BASE.saturating_mul(1 << doublings).min(interval)
+}
+
 /// How the reconciler runs.
 #[derive(Debug, Clone)]
 pub struct ReconcilerSettings {
@@ -224,12 +231,7 @@ impl Reconciler {
                 let delay = match this.run_pass().await {
                     Ok(_) => this.settings.interval,
                     Err(ReconcileError::Busy) => this.settings.interval,
-                    Err(_) => {
-                        let failures = this.status().consecutive_failures.min(16);
-                        BACKOFF_BASE
-                            .saturating_mul(1 << failures.saturating_sub(1))
-                            .min(this.settings.interval)
-                    }
+                    Err(_) => backoff(this.status().consecutive_failures, this.settings.interval),
                 };
                 let next = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
                 this.status_mut().next_run_at = Some(next);
@@ -483,5 +485,18 @@ impl Reconciler {
             );
         }
         Ok((ids, skipped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_five_seconds_up_to_the_interval() {
+        let interval = Duration::from_secs(300);
+        let waits: Vec<u64> = (1..=8).map(|n| backoff(n, interval).as_secs()).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(backoff(1_000, interval), interval);
     }
 }

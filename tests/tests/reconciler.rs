@@ -1,0 +1,454 @@
+//! The reconciler against a local HTTP server that plays the workspace registry (axum on
+//! 127.0.0.1:0): adds missing stores, follows pages, skips invalid entries, removes orphans
+//! only after the grace period, reports failing adds, removes nothing while the registry is
+//! down or answers suspiciously little, and never touches config-owned stores. Plus
+//! `POST /admin/reconcile` with its 200/401/409/429/503 answers and `/health`'s status.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use storehost_control::StoreSource;
+use storehost_control::config::Secret;
+use storehost_control::reconciler::{ReconcileError, Reconciler, ReconcilerSettings};
+use storehost_store::StoreId;
+use storehost_tests::TestHost;
+use storehost_tests::control::{ControlHostOptions, eventually};
+
+const BYPASS: &str = "bypass-token-for-tests";
+
+/// What the fake registry answers.
+#[derive(Default)]
+struct Registry {
+    workspaces: Vec<Value>,
+    page_size: usize,
+    failing: bool,
+    /// When set, each request waits for a permit of it.
+    hold: Option<Arc<tokio::sync::Semaphore>>,
+    requests: usize,
+    tokens: Vec<Option<String>>,
+}
+
+type Shared = Arc<Mutex<Registry>>;
+
+async fn workspaces(
+    State(registry): State<Shared>,
+    Query(query): Query<std::collections::HashMap<String, usize>>,
+    headers: HeaderMap,
+) -> Response {
+    let hold = {
+        let mut r = registry.lock().unwrap();
+        r.requests += 1;
+        r.tokens.push(
+            headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        );
+        r.hold.clone()
+    };
+    if let Some(hold) = hold {
+        hold.acquire().await.unwrap().forget();
+    }
+    let r = registry.lock().unwrap();
+    if r.failing {
+        return (StatusCode::SERVICE_UNAVAILABLE, "registry down").into_response();
+    }
+    let page = query.get("page").copied().unwrap_or(0);
+    let size = if r.page_size == 0 {
+        usize::MAX
+    } else {
+        r.page_size
+    };
+    let items: Vec<Value> = r
+        .workspaces
+        .iter()
+        .skip(page * size)
+        .take(size)
+        .cloned()
+        .collect();
+    let more = r.page_size > 0 && (page + 1) * size < r.workspaces.len();
+    let mut body = json!({ "workspaces": items });
+    if more {
+        body["next"] = json!(format!("/internal/workspaces?page={}", page + 1));
+    }
+    axum::Json(body).into_response()
+}
+
+/// Starts the fake registry; answers its base URL and its state.
+async fn registry(ids: &[&str]) -> (String, Shared) {
+    let shared: Shared = Arc::new(Mutex::new(Registry {
+        workspaces: ids
+            .iter()
+            .map(|id| json!({"instanceId": id, "name": id}))
+            .collect(),
+        ..Registry::default()
+    }));
+    let app = axum::Router::new()
+        .route("/internal/workspaces", get(workspaces))
+        .with_state(shared.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, shared)
+}
+
+fn set_ids(registry: &Shared, ids: &[&str]) {
+    registry.lock().unwrap().workspaces = ids.iter().map(|id| json!({"instanceId": id})).collect();
+}
+
+struct Setup {
+    host: TestHost,
+    reconciler: Arc<Reconciler>,
+}
+
+fn settings(url: &str, grace: Duration, manual_min_interval: Duration) -> ReconcilerSettings {
+    ReconcilerSettings {
+        url: url.to_owned(),
+        token: Some(Secret::new(BYPASS)),
+        interval: Duration::from_secs(3600),
+        grace_period: grace,
+        max_removal_share: 0.5,
+        manual_min_interval,
+        request_timeout: Duration::from_secs(30),
+    }
+}
+
+async fn setup(settings: ReconcilerSettings, max_stores: usize) -> Setup {
+    let mut reconciler = None;
+    let host = TestHost::start_control(
+        ControlHostOptions {
+            max_stores,
+            ..ControlHostOptions::default()
+        },
+        |orchestrator, state| {
+            let r = Reconciler::new(orchestrator.clone(), settings);
+            reconciler = Some(r.clone());
+            state
+                .with_reconciler(r)
+                .with_bypass_token(Some(&Secret::new(BYPASS)))
+        },
+    )
+    .await;
+    Setup {
+        host,
+        reconciler: reconciler.unwrap(),
+    }
+}
+
+async fn running(host: &TestHost) -> Vec<String> {
+    host.orchestrator
+        .ids()
+        .await
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+async fn manual(host: &TestHost, headers: &[(&str, &str)]) -> (u16, Value, Option<String>) {
+    let mut request = host.client.post(format!("{}/admin/reconcile", host.url));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (
+        status,
+        response.json().await.unwrap_or(Value::Null),
+        retry_after,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_pass_needs_a_token_reports_its_result_and_is_paced() {
+    let (url, registry) = registry(&["ws-a", "ws-b"]).await;
+    let s = setup(settings(&url, Duration::ZERO, Duration::from_secs(60)), 100).await;
+    let host = &s.host;
+
+    let (status, _, _) = manual(host, &[]).await;
+    assert_eq!(status, 401);
+    let (status, _, _) = manual(host, &[("authorization", "Bearer wrong")]).await;
+    assert_eq!(status, 401);
+    let (status, _, _) = manual(host, &[("x-server-token", "wrong")]).await;
+    assert_eq!(status, 401);
+    assert!(
+        running(host).await.is_empty(),
+        "refused calls change nothing"
+    );
+
+    let (status, body, _) = manual(host, &[("x-server-token", BYPASS)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "completed");
+    assert_eq!(body["result"]["added"], json!(["ws-a", "ws-b"]));
+    assert_eq!(body["result"]["removed"], json!([]));
+    assert_eq!(body["result"]["failedAdds"], json!([]));
+    assert_eq!(body["result"]["failedRemovals"], json!([]));
+    assert_eq!(body["result"]["authoritativeCount"], 2);
+    assert_eq!(body["result"]["monitoredCount"], 0);
+    assert_eq!(body["driftCount"], 2);
+    assert!(
+        body["durationMs"].is_u64() && body["triggeredAt"].is_string(),
+        "{body}"
+    );
+    assert_eq!(running(host).await, ["ws-a", "ws-b"]);
+    let (_, view) = host.get("/v1/stores/ws-a").await;
+    assert_eq!(view["source"], "registry");
+    assert_eq!(
+        registry.lock().unwrap().tokens.last().unwrap().as_deref(),
+        Some(&*format!("Bearer {BYPASS}")),
+        "the registry is called with SERVER_BYPASS_TOKEN"
+    );
+
+    for auth in [
+        ("authorization", format!("Bearer {BYPASS}")),
+        (
+            "authorization",
+            format!("Bearer {}", storehost_tests::TOKEN),
+        ),
+    ] {
+        let (status, body, retry_after) = manual(host, &[(auth.0, &auth.1)]).await;
+        assert_eq!(status, 429, "{body}");
+        let secs: u64 = retry_after.expect("Retry-After").parse().unwrap();
+        assert!((1..=60).contains(&secs), "{secs}");
+    }
+
+    let (_, health) = host.get("/health").await;
+    let reconciler = &health["reconciler"];
+    assert_eq!(reconciler["enabled"], true);
+    assert!(reconciler["lastSuccessAt"].is_i64(), "{reconciler}");
+    assert!(reconciler["lastRunAt"].is_i64());
+    assert!(reconciler["lastError"].is_null());
+    assert_eq!(reconciler["drift"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_pass_while_one_runs_gets_409() {
+    let (url, registry) = registry(&["ws-slow"]).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    registry.lock().unwrap().hold = Some(gate.clone());
+    let s = setup(settings(&url, Duration::ZERO, Duration::ZERO), 100).await;
+    let host = Arc::new(s.host);
+
+    let first = {
+        let host = host.clone();
+        tokio::spawn(async move { manual(&host, &[("x-server-token", BYPASS)]).await })
+    };
+    eventually("the first pass reaches the registry", || async {
+        registry.lock().unwrap().requests == 1
+    })
+    .await;
+    let (status, body, _) = manual(&host, &[("x-server-token", BYPASS)]).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(matches!(
+        s.reconciler.run_pass().await,
+        Err(ReconcileError::Busy)
+    ));
+    let (_, health) = host.get("/health").await;
+    assert_eq!(health["reconciler"]["running"], true);
+
+    registry.lock().unwrap().hold = None;
+    gate.add_permits(1);
+    let (status, body, _) = first.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["added"], json!(["ws-slow"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_registry_manual_reconcile_is_503() {
+    let host = TestHost::start_control(ControlHostOptions::default(), |_, state| state).await;
+    let (status, body, _) = manual(
+        &host,
+        &[(
+            "authorization",
+            &format!("Bearer {}", storehost_tests::TOKEN),
+        )],
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("AUTH_WORKER_INTERNAL_URL")
+    );
+    let (_, health) = host.get("/health").await;
+    assert_eq!(health["reconciler"]["enabled"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_are_followed_invalid_entries_skipped_and_failing_adds_reported() {
+    let (url, registry) = registry(&[]).await;
+    {
+        let mut r = registry.lock().unwrap();
+        r.page_size = 2;
+        r.workspaces = vec![
+            json!({"instanceId": "page-one"}),
+            json!({"instanceId": "../escape"}),
+            json!({"name": "no id"}),
+            json!({"instanceId": "page-two"}),
+            json!({"instanceId": "page-three"}),
+        ];
+    }
+    let s = setup(settings(&url, Duration::ZERO, Duration::ZERO), 2).await;
+    let report = s.reconciler.run_pass().await.unwrap();
+    assert_eq!(registry.lock().unwrap().requests, 3, "three pages read");
+    let result = &report.result;
+    assert_eq!(result.authoritative_count, 3);
+    assert_eq!(result.skipped_entries, 2);
+    assert_eq!(result.added.len(), 2, "{result:?}");
+    assert_eq!(
+        result.failed_adds.len(),
+        1,
+        "the host holds 2 stores: {result:?}"
+    );
+    assert!(
+        result.failed_adds[0].error.contains("maximum"),
+        "{result:?}"
+    );
+    assert_eq!(running(&s.host).await.len(), 2);
+    let status = s.reconciler.status();
+    assert!(status.last_error.unwrap().contains("could not be added"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_is_kept_through_its_grace_period_and_config_stores_are_never_removed() {
+    let (url, registry) = registry(&["keep-a", "keep-b", "maybe-c"]).await;
+    let s = setup(
+        settings(&url, Duration::from_secs(24 * 3600), Duration::ZERO),
+        100,
+    )
+    .await;
+    let host = &s.host;
+    let spec = host.orchestrator.settings().defaults.clone();
+    host.orchestrator
+        .ensure_running(
+            &StoreId::new("config-owned").unwrap(),
+            spec,
+            StoreSource::Config,
+        )
+        .await
+        .unwrap();
+    s.reconciler.run_pass().await.unwrap();
+    host.append("maybe-c", "kv.put", json!({"key": "k", "value": "kept"}))
+        .await;
+    host.settle("maybe-c").await;
+
+    set_ids(&registry, &["keep-a", "keep-b"]);
+    let report = s.reconciler.run_pass().await.unwrap();
+    assert_eq!(report.result.pending_removals, ["maybe-c"]);
+    assert!(report.result.removed.is_empty());
+    assert_eq!(
+        running(host).await.len(),
+        4,
+        "the orphan stays during its grace period"
+    );
+    assert_eq!(s.reconciler.status().pending_removals, 1);
+
+    set_ids(&registry, &["keep-a", "keep-b", "maybe-c"]);
+    let report = s.reconciler.run_pass().await.unwrap();
+    assert!(report.result.pending_removals.is_empty());
+    assert_eq!(
+        host.query("maybe-c", "get", json!({"key": "k"})).await["value"],
+        "kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_grace_period_an_orphan_is_removed_and_archived() {
+    let (url, registry) = registry(&["stay-a", "stay-b", "gone-c"]).await;
+    let s = setup(settings(&url, Duration::ZERO, Duration::ZERO), 100).await;
+    let host = &s.host;
+    let spec = host.orchestrator.settings().defaults.clone();
+    host.orchestrator
+        .ensure_running(
+            &StoreId::new("from-config").unwrap(),
+            spec,
+            StoreSource::Config,
+        )
+        .await
+        .unwrap();
+    s.reconciler.run_pass().await.unwrap();
+    set_ids(&registry, &["stay-a", "stay-b"]);
+    let report = s.reconciler.run_pass().await.unwrap();
+    assert_eq!(report.result.removed, ["gone-c"]);
+    assert_eq!(report.drift_count, 1);
+    assert_eq!(running(host).await, ["from-config", "stay-a", "stay-b"]);
+    assert!(
+        std::fs::read_dir(host.data_dir.join("archive"))
+            .unwrap()
+            .next()
+            .is_some(),
+        "its data is archived"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_registry_removes_nothing_and_counts_failures() {
+    let (url, registry) = registry(&["up-a", "up-b"]).await;
+    let s = setup(settings(&url, Duration::ZERO, Duration::ZERO), 100).await;
+    s.reconciler.run_pass().await.unwrap();
+    registry.lock().unwrap().failing = true;
+    for expected in 1..=2 {
+        let err = s.reconciler.run_pass().await.unwrap_err();
+        assert!(err.to_string().contains("503"), "{err}");
+        assert_eq!(s.reconciler.status().consecutive_failures, expected);
+    }
+    assert_eq!(running(&s.host).await, ["up-a", "up-b"], "nothing removed");
+    let (status, body, _) = manual(&s.host, &[("x-server-token", BYPASS)]).await;
+    assert_eq!(status, 502, "{body}");
+    let (_, health) = s.host.get("/health").await;
+    assert!(
+        health["reconciler"]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was changed")
+    );
+
+    registry.lock().unwrap().failing = false;
+    s.reconciler.run_pass().await.unwrap();
+    let status = s.reconciler.status();
+    assert_eq!(status.consecutive_failures, 0);
+    assert!(status.last_error.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_answer_is_blocked_by_the_max_removal_guard() {
+    let (url, registry) = registry(&["guard-a", "guard-b", "guard-c"]).await;
+    let s = setup(settings(&url, Duration::ZERO, Duration::ZERO), 100).await;
+    s.reconciler.run_pass().await.unwrap();
+    set_ids(&registry, &[]);
+    let report = s.reconciler.run_pass().await.unwrap();
+    assert!(report.result.removed.is_empty());
+    let blocked = report.result.removals_blocked.expect("blocked");
+    assert!(blocked.contains("3 of the 3"), "{blocked}");
+    assert_eq!(running(&s.host).await.len(), 3, "nothing removed");
+    let (_, health) = s.host.get("/health").await;
+    assert!(
+        health["reconciler"]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("removals blocked"),
+        "{health}"
+    );
+    assert_eq!(health["reconciler"]["drift"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_pass_runs_at_start() {
+    let (url, _registry) = registry(&["at-start"]).await;
+    let s = setup(settings(&url, Duration::ZERO, Duration::ZERO), 100).await;
+    let task = s.reconciler.spawn();
+    eventually("the start-up pass adds the store", || async {
+        running(&s.host).await == ["at-start"]
+    })
+    .await;
+    task.abort();
+}
