@@ -209,3 +209,43 @@ async fn a_hot_swap_and_roll_back_under_load_lose_nothing_and_duplicate_nothing(
     assert_eq!(*applied.last().unwrap(), total);
     assert!(applied.len() as u64 >= 20 && (applied.len() as u64) < total);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploaded_plugin_and_its_stores_come_back_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ControlHostOptions {
+        data_dir: Some(dir.path().join("data")),
+        ..ControlHostOptions::default()
+    };
+    let flaky = std::fs::read(programs::FLAKY).unwrap();
+    let first = TestHost::start_control(options.clone(), |_, state| state).await;
+    let (status, _) = put_plugin(&first, "uploaded", flaky.clone(), Some(TOKEN)).await;
+    assert_eq!(status, 201);
+    let (status, _) = first
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/on-uploaded",
+            Some(json!({"plugin": "uploaded"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    first.append("on-uploaded", "risky", json!({"id": 1})).await;
+    first.settle("on-uploaded").await;
+    first.stop().await;
+    assert!(
+        dir.path()
+            .join(format!("data/plugins/{}.wasm", sha256(&flaky)))
+            .exists(),
+        "kept content-addressed"
+    );
+
+    let host = TestHost::start_control(options, |_, state| state).await;
+    assert_eq!(host.orchestrator.restore_persisted().await.unwrap(), 1);
+    let (_, view) = host.get("/v1/stores/on-uploaded").await;
+    assert_eq!(view["plugin"]["name"], "uploaded");
+    assert_eq!(view["plugin"]["sha256"], sha256(&flaky));
+    assert_eq!(
+        host.query("on-uploaded", "risky", json!({})).await["ids"],
+        json!([1])
+    );
+}

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::Serialize;
+use sha2::Digest as _;
 use storehost_runtime::PluginError;
 use storehost_store::{
     Durability, Quotas, RetryPolicy, Store, StoreError, StoreId, StorePlugin, StoreRuntime,
@@ -259,6 +260,72 @@ impl Orchestrator {
         Ok(plugin)
     }
 
+    /// Like [`Orchestrator::deploy_plugin`], and keeps the bytes content-addressed in
+    /// `DATA_DIR/plugins/<sha256>.wasm` so a restart deploys the same version again.
+    pub async fn deploy_plugin_persisted(
+        &self,
+        name: &str,
+        wasm: Vec<u8>,
+    ) -> Result<Arc<StorePlugin>, ControlError> {
+        let dir = self.settings.data_dir.join("plugins");
+        let plugin = self.deploy_plugin(name, wasm.clone()).await?;
+        let sha256 = plugin.sha256().to_owned();
+        let target = dir.join(format!("{sha256}.wasm"));
+        let temp = dir.join(format!(".{sha256}.wasm.tmp"));
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if target.exists() {
+                return Ok(());
+            }
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(&temp, &wasm)?;
+            std::fs::File::open(&temp)?.sync_all()?;
+            std::fs::rename(&temp, &target)
+        })
+        .await
+        .map_err(|err| StoreError::Internal(format!("plugin write task failed: {err}")))??;
+        self.registry.put_plugin(name, &sha256)?;
+        Ok(plugin)
+    }
+
+    /// Deploys again every plugin uploaded through the API before a restart (their bytes are
+    /// checked against their hash). Returns how many.
+    pub async fn restore_plugins(&self) -> Result<usize, ControlError> {
+        let mut restored = 0;
+        for (name, sha256) in self.registry.plugins()? {
+            let path = self
+                .settings
+                .data_dir
+                .join("plugins")
+                .join(format!("{sha256}.wasm"));
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(err) => {
+                    tracing::error!(plugin = %name, path = %path.display(), "an uploaded plugin's file is missing; upload it again: {err}");
+                    continue;
+                }
+            };
+            if hex::encode(sha2::Sha256::digest(&bytes)) != sha256 {
+                tracing::error!(plugin = %name, path = %path.display(), "an uploaded plugin's file does not match its hash; upload it again");
+                continue;
+            }
+            if self
+                .plugins()
+                .get(&name)
+                .is_some_and(|p| p.sha256() == sha256)
+            {
+                restored += 1;
+                continue;
+            }
+            match self.deploy_plugin(&name, bytes).await {
+                Ok(_) => restored += 1,
+                Err(err) => {
+                    tracing::error!(plugin = %name, "an uploaded plugin could not be loaded: {err}")
+                }
+            }
+        }
+        Ok(restored)
+    }
+
     /// The plugins this host has, by name.
     pub fn plugins(&self) -> BTreeMap<String, Arc<StorePlugin>> {
         self.plugins
@@ -377,8 +444,10 @@ impl Orchestrator {
         Ok(true)
     }
 
-    /// Starts every store the registry remembers (those added through the API before a restart).
+    /// Starts every store the registry remembers (those added through the API, webhooks or the
+    /// reconciler before a restart), after the plugins uploaded through the API.
     pub async fn restore_persisted(&self) -> Result<usize, ControlError> {
+        self.restore_plugins().await?;
         let mut started = 0;
         for (id, source, spec) in self.registry.all()? {
             match self.ensure_running(&id, spec, source).await {

@@ -42,6 +42,11 @@ impl Registry {
                 body TEXT NOT NULL,
                 received_at INTEGER NOT NULL
             );
+            CREATE TABLE IF NOT EXISTS plugins (
+                name TEXT PRIMARY KEY,
+                sha256 TEXT NOT NULL,
+                updated_at INTEGER NOT NULL
+            );
             CREATE TABLE IF NOT EXISTS orphans (
                 id TEXT PRIMARY KEY,
                 missing_since INTEGER NOT NULL
@@ -222,5 +227,26 @@ impl Registry {
         self.conn()
             .execute("DELETE FROM orphans WHERE id = ?1", [id.as_str()])?;
         Ok(())
+    }
+}
+
+impl Registry {
+    /// Records that plugin `name` is the component with hash `sha256` (uploaded through the API).
+    pub fn put_plugin(&self, name: &str, sha256: &str) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "INSERT INTO plugins (name, sha256, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET sha256 = ?2, updated_at = ?3",
+            params![name, sha256, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Every uploaded plugin: `(name, sha256)`, oldest upload first.
+    pub fn plugins(&self) -> rusqlite::Result<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT name, sha256 FROM plugins ORDER BY updated_at, name")?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        rows.collect()
     }
 }

@@ -29,7 +29,7 @@ pub async fn put(
     let existed = state.orchestrator.plugins().contains_key(&name);
     let plugin = state
         .orchestrator
-        .deploy_plugin(&name, wasm.to_vec())
+        .deploy_plugin_persisted(&name, wasm.to_vec())
         .await?;
     let stores: Vec<String> = state
         .orchestrator

@@ -472,3 +472,38 @@ fn retry_settings_become_the_store_retry_policy() {
         storehost_store::RetryPolicy::default()
     );
 }
+
+#[test]
+fn webhook_and_registry_sections_parse_and_check_their_values() {
+    let config = parse(
+        "[webhook]\nrequire_signature = true\ntolerance_secs = 60\n[registry]\nurl = \"http://auth-worker:8787\"\ngrace_period_ms = 0\nmax_removal_share = 0.25\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.webhook.require_signature);
+    assert_eq!(config.webhook.tolerance_secs, 60);
+    assert_eq!(config.webhook.requests_per_minute, 600);
+    assert_eq!(
+        config.registry.url.as_deref(),
+        Some("http://auth-worker:8787")
+    );
+    assert_eq!(config.registry.grace_period_ms, 0);
+    assert_eq!(config.registry.max_removal_share, 0.25);
+    assert_eq!(config.registry.interval_ms, 300_000);
+
+    let (kind, line, _, message) = only_error("[registry]\ninterval_ms = 1000\n");
+    assert_eq!((kind, line), (ConfigErrorKind::InvalidValue, 2));
+    assert!(message.contains("30000"), "{message}");
+    let (_, line, _, message) = only_error("[registry]\n\nmax_removal_share = 2.0\n");
+    assert_eq!(line, 3);
+    assert!(message.contains("from 0 to 1"), "{message}");
+    let (_, _, _, message) = only_error("[registry]\nurl = \"auth-worker\"\n");
+    assert!(message.contains("http://"), "{message}");
+    let (_, line, _, message) = only_error("[webhook]\nrequire_signatures = true\n");
+    assert_eq!(line, 2);
+    assert!(
+        message.contains("did you mean \"require_signature\""),
+        "{message}"
+    );
+    let (_, _, _, message) = only_error("[webhook]\ntolerance_secs = 0\n");
+    assert!(message.contains("at least 1"), "{message}");
+}
