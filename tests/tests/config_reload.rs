@@ -63,6 +63,12 @@ async fn watched(path: &Path, max_stores: usize) -> Watched {
         },
     )
     .await;
+    for (name, source) in config.plugin_sources() {
+        if let PluginSource::File(path) = source {
+            let wasm = std::fs::read(&path).unwrap();
+            host.orchestrator.deploy_plugin(&name, wasm).await.unwrap();
+        }
+    }
     for (id, spec) in config.store_specs() {
         host.orchestrator
             .ensure_running(&id, spec, StoreSource::Config)
@@ -92,6 +98,11 @@ async fn ids(host: &TestHost) -> Vec<String> {
         .iter()
         .map(|id| id.to_string())
         .collect()
+}
+
+async fn store_sha(host: &TestHost) -> String {
+    let (_, view) = host.get("/v1/stores/on-swap").await;
+    view["plugin"]["sha256"].as_str().unwrap_or("").to_owned()
 }
 
 async fn health(host: &TestHost) -> Value {
@@ -302,4 +313,60 @@ async fn a_thousand_stores_in_one_edit_come_up_while_the_api_answers() {
         host.query("bulk-0999", "get", json!({"key": "last"})).await["value"],
         "ok"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_file_rewritten_on_disk_is_deployed_live() {
+    let (dir, path) = config_file();
+    let plugin_path = dir.path().join("plugins").join("swap.wasm");
+    std::fs::create_dir_all(plugin_path.parent().unwrap()).unwrap();
+    let writer = std::fs::read(programs::WRITER).unwrap();
+    let flaky = std::fs::read(programs::FLAKY).unwrap();
+    std::fs::write(&plugin_path, &writer).unwrap();
+    std::fs::write(
+        &path,
+        config_with(
+            &[],
+            "[plugins.swap]\npath = \"plugins/swap.wasm\"\n[stores.on-swap]\nplugin = \"swap\"\n",
+        ),
+    )
+    .unwrap();
+    let w = watched(&path, 100).await;
+    let host = &w.host;
+    let writer_sha = store_sha(host).await;
+
+    // Replaced by rename (as `cp` to a temp name and `mv` would).
+    let temp = plugin_path.with_extension("wasm.new");
+    std::fs::write(&temp, &flaky).unwrap();
+    std::fs::rename(&temp, &plugin_path).unwrap();
+    eventually("the new plugin file is deployed", || async {
+        store_sha(host).await != writer_sha
+    })
+    .await;
+    let flaky_sha = store_sha(host).await;
+    host.append("on-swap", "risky", json!({"id": 7})).await;
+    host.settle("on-swap").await;
+    assert_eq!(
+        host.query("on-swap", "risky", json!({})).await["ids"],
+        json!([7]),
+        "the store runs the new version"
+    );
+
+    // Junk written in place: refused, the running version stays, /health says why.
+    std::fs::write(&plugin_path, b"not wasm at all").unwrap();
+    eventually("the broken plugin file is reported", || async {
+        health(host).await["config"]["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("swap"))
+    })
+    .await;
+    assert_eq!(store_sha(host).await, flaky_sha);
+
+    // Roll back by writing the previous bytes.
+    std::fs::write(&plugin_path, &writer).unwrap();
+    eventually("the rolled-back plugin is deployed", || async {
+        store_sha(host).await == writer_sha
+    })
+    .await;
+    assert!(health(host).await["config"]["lastError"].is_null());
 }

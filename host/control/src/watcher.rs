@@ -83,6 +83,8 @@ pub struct ConfigReloader {
     orchestrator: Arc<Orchestrator>,
     read_plugin: PluginReader,
     listener: ReloadListener,
+    /// The plugin files the config named when watching began.
+    plugin_files: Vec<PathBuf>,
     /// The last good config (with the environment applied) and the hash of the last content read.
     current: tokio::sync::Mutex<(HostConfig, [u8; 32])>,
 }
@@ -106,7 +108,16 @@ impl ConfigReloader {
     ) -> Self {
         let path = path.into();
         let hash = std::fs::read(&path).map(|b| hash(&b)).unwrap_or_default();
+        let plugin_files = running
+            .plugin_sources()
+            .into_values()
+            .filter_map(|source| match source {
+                PluginSource::File(path) => Some(path),
+                PluginSource::Builtin => None,
+            })
+            .collect();
         Self {
+            plugin_files,
             path,
             orchestrator,
             read_plugin,
@@ -163,6 +174,22 @@ impl ConfigReloader {
         self.apply_stores(&current.0, &next, &mut summary).await;
         current.0 = next;
         let outcome = ReloadOutcome::Applied(summary);
+        self.report(&outcome);
+        outcome
+    }
+
+    /// Deploys every plugin file of the running config whose bytes changed (the config itself
+    /// is not re-read). A file that cannot be read or loaded keeps the running version.
+    pub async fn refresh_plugins(&self) -> ReloadOutcome {
+        let current = self.current.lock().await;
+        let mut summary = ReloadSummary::default();
+        let outcome = match self.deploy_changed_plugins(&current.0, &mut summary).await {
+            Err(message) => ReloadOutcome::Refused(format!(
+                "{message}\n(the running version of the plugin keeps running)"
+            )),
+            Ok(()) if summary.plugins_deployed.is_empty() => return ReloadOutcome::Unchanged,
+            Ok(()) => ReloadOutcome::Applied(summary),
+        };
         self.report(&outcome);
         outcome
     }
@@ -345,32 +372,61 @@ impl Drop for ConfigWatcher {
 /// How long file events settle before a reload (editors write in several steps).
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
-/// Watches `reloader`'s file (through its parent directory) and reloads on every change.
-pub fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notify::Error> {
-    let path = reloader.path().to_owned();
-    let parent = match path.parent() {
+/// What a file event asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// The config file changed.
+    Config,
+    /// A plugin file the config names changed.
+    Plugin,
+}
+
+/// `path`'s directory (canonical when it exists) and file name.
+fn split(path: &Path) -> Option<(PathBuf, std::ffi::OsString)> {
+    let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
         _ => PathBuf::from("."),
     };
-    let file_name = path.file_name().map(|n| n.to_owned()).ok_or_else(|| {
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    Some((dir, path.file_name()?.to_owned()))
+}
+
+/// Watches `reloader`'s file and the plugin files its config names (through their parent
+/// directories): a config edit reloads it; a plugin file written anew is deployed (stores using
+/// it switch after their in-flight invocation). Plugin files named only by later edits are
+/// picked up at those edits.
+pub fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notify::Error> {
+    let path = reloader.path().to_owned();
+    let config = split(&path).ok_or_else(|| {
         notify::Error::generic(&format!(
             "{} does not name a file; pass the config file's path",
             path.display()
         ))
     })?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let plugins: BTreeSet<(PathBuf, std::ffi::OsString)> = reloader
+        .plugin_files
+        .iter()
+        .filter_map(|p| split(p))
+        .collect();
+    let mut directories: BTreeSet<PathBuf> = plugins.iter().map(|(dir, _)| dir.clone()).collect();
+    directories.insert(config.0.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Change>();
     let mut debouncer =
         new_debouncer(
             DEBOUNCE,
             None,
             move |result: DebounceEventResult| match result {
                 Ok(events) => {
-                    let ours = events
+                    for changed in events
                         .iter()
                         .flat_map(|e| e.paths.iter())
-                        .any(|p| p.file_name() == Some(file_name.as_os_str()));
-                    if ours {
-                        let _ = tx.send(());
+                        .filter_map(|p| split(p))
+                    {
+                        if changed == config {
+                            let _ = tx.send(Change::Config);
+                        } else if plugins.contains(&changed) {
+                            let _ = tx.send(Change::Plugin);
+                        }
                     }
                 }
                 Err(errors) => {
@@ -380,12 +436,21 @@ pub fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notify::Err
                 }
             },
         )?;
-    debouncer.watch(&parent, RecursiveMode::NonRecursive)?;
-    tracing::info!(path = %path.display(), "watching the config file for edits");
+    for directory in &directories {
+        debouncer.watch(directory, RecursiveMode::NonRecursive)?;
+    }
+    tracing::info!(path = %path.display(), "watching the config file and its plugin files for edits");
     let task = tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            while rx.try_recv().is_ok() {}
-            reloader.reload().await;
+        while let Some(first) = rx.recv().await {
+            let mut config_changed = first == Change::Config;
+            while let Ok(next) = rx.try_recv() {
+                config_changed |= next == Change::Config;
+            }
+            if config_changed {
+                reloader.reload().await;
+            } else {
+                reloader.refresh_plugins().await;
+            }
         }
     });
     Ok(ConfigWatcher {
