@@ -370,3 +370,75 @@ async fn a_plugin_file_rewritten_on_disk_is_deployed_live() {
     .await;
     assert!(health(host).await["config"]["lastError"].is_null());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_binary_applies_config_edits_live_and_reports_a_broken_one() {
+    use storehost_tests::process::{PROCESS_TOKEN, ServerProcess};
+    let (dir, path) = config_file();
+    let config = |stores: &[&str], extra: &str| {
+        let mut text = String::from("[defaults]\nplugin = \"agent\"\n");
+        for id in stores {
+            text.push_str(&format!("[stores.{id}]\n"));
+        }
+        text + extra
+    };
+    std::fs::write(&path, config(&["bin-one"], "")).unwrap();
+    let server = ServerProcess::spawn(
+        &dir.path().join("data"),
+        &["--config", path.to_str().unwrap()],
+        &[],
+    );
+    let client = reqwest::Client::new();
+    let health = || async {
+        client
+            .get(format!("{}/health", server.url))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    assert_eq!(health().await["monitoredStoreIds"], json!(["bin-one"]));
+    assert_eq!(
+        health().await["config"]["path"],
+        json!(path.display().to_string())
+    );
+
+    save_by_rename(&path, &config(&["bin-one", "bin-two"], ""));
+    eventually("the binary applies the edit", || async {
+        health().await["monitoredStoreIds"] == json!(["bin-one", "bin-two"])
+    })
+    .await;
+    let (status, view) = {
+        let response = client
+            .get(format!("{}/v1/stores/bin-two", server.url))
+            .bearer_auth(PROCESS_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        (
+            response.status().as_u16(),
+            response.json::<Value>().await.unwrap(),
+        )
+    };
+    assert_eq!((status, &view["source"]), (200, &json!("config")), "{view}");
+
+    let broken = config(&["bin-two"], "[stores.bin-two.quotas]\nburst = \"lots\"\n");
+    let bad_line = broken.lines().position(|l| l.starts_with("burst")).unwrap() + 1;
+    std::fs::write(&path, &broken).unwrap();
+    eventually("the binary reports the broken edit", || async {
+        health().await["config"]["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("storehost.toml:{bad_line}:")))
+    })
+    .await;
+    assert_eq!(
+        health().await["monitoredStoreIds"],
+        json!(["bin-one", "bin-two"]),
+        "the last good config keeps running"
+    );
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(log.contains("config edit refused"), "the log has it too");
+    assert!(server.terminate().success());
+}

@@ -452,3 +452,58 @@ async fn the_first_pass_runs_at_start() {
     .await;
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_binary_reconciles_at_start_and_on_demand() {
+    use storehost_tests::process::ServerProcess;
+    let (url, registry) = registry(&["bin-ws-one", "bin-ws-two"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::spawn(
+        &dir.path().join("data"),
+        &[],
+        &[
+            ("AUTH_WORKER_INTERNAL_URL", url.as_str()),
+            ("SERVER_BYPASS_TOKEN", BYPASS),
+            ("MANUAL_RECONCILE_MIN_INTERVAL_MS", "0"),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let health = || async {
+        client
+            .get(format!("{}/health", server.url))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    eventually("the start-up pass adds the registry's stores", || async {
+        let ids = health().await["monitoredStoreIds"].clone();
+        ids.as_array().is_some_and(|ids| {
+            ids.contains(&json!("bin-ws-one")) && ids.contains(&json!("bin-ws-two"))
+        })
+    })
+    .await;
+    let reconciler = health().await["reconciler"].clone();
+    assert_eq!(reconciler["enabled"], true, "{reconciler}");
+    assert!(reconciler["lastSuccessAt"].is_i64(), "{reconciler}");
+    assert_eq!(
+        registry.lock().unwrap().tokens[0].as_deref(),
+        Some(&*format!("Bearer {BYPASS}"))
+    );
+
+    set_ids(&registry, &["bin-ws-one", "bin-ws-two", "bin-ws-three"]);
+    let response = client
+        .post(format!("{}/admin/reconcile", server.url))
+        .header("x-server-token", BYPASS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["result"]["added"], json!(["bin-ws-three"]), "{body}");
+    // The embedded default's demo stores are config-owned: never orphans.
+    assert_eq!(body["result"]["pendingRemovals"], json!([]), "{body}");
+    assert!(server.terminate().success());
+}

@@ -458,3 +458,96 @@ async fn webhook_stores_and_answers_survive_a_restart() {
         "the replay answer is kept in host.db"
     );
 }
+
+/// `METHOD path` against a spawned server with the given headers; answers status and JSON.
+async fn call_process(
+    url: &str,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Option<String>,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new().request(method, format!("{url}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    if let Some(body) = body {
+        request = request.body(body);
+    }
+    let response = request.send().await.unwrap();
+    (
+        response.status().as_u16(),
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_binary_provisions_by_webhook_and_a_restart_keeps_the_set() {
+    use storehost_tests::process::{PROCESS_TOKEN, ServerProcess};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let env = [("WEBHOOK_SECRET", SECRET)];
+    let server = ServerProcess::spawn(&data, &[], &env);
+    let admin = [("authorization", format!("Bearer {PROCESS_TOKEN}"))];
+    let created = event("workspace.created", "ws-binary");
+    let (status, answer) = call_process(
+        &server.url,
+        reqwest::Method::POST,
+        "/webhooks/workspaces",
+        &signed("msg-binary", &created, 0),
+        Some(created.clone()),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("monitoring_started")),
+        "{answer}"
+    );
+    let (status, _) = call_process(
+        &server.url,
+        reqwest::Method::POST,
+        "/webhooks/workspaces",
+        &[("x-webhook-secret", "wrong".to_owned())],
+        Some(event("workspace.created", "ws-not-me")),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (_, summary) =
+        call_process(&server.url, reqwest::Method::GET, "/stores", &admin, None).await;
+    assert_eq!(
+        summary["totalProvisioned"], 4,
+        "3 demo stores and the webhook's: {summary}"
+    );
+    assert!(server.terminate().success());
+
+    let server = ServerProcess::spawn(&data, &[], &env);
+    let (_, view) = call_process(
+        &server.url,
+        reqwest::Method::GET,
+        "/v1/stores/ws-binary",
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(view["source"], "webhook", "{view}");
+    let (status, again) = call_process(
+        &server.url,
+        reqwest::Method::POST,
+        "/webhooks/workspaces",
+        &signed("msg-binary", &created, 0),
+        Some(created),
+    )
+    .await;
+    assert_eq!(
+        (status, &again),
+        (200, &answer),
+        "the replay answer survived the restart"
+    );
+    let (_, health) = call_process(&server.url, reqwest::Method::GET, "/health", &[], None).await;
+    let ids = health["monitoredStoreIds"].as_array().unwrap();
+    assert!(
+        ids.contains(&json!("ws-binary")) && !ids.contains(&json!("ws-not-me")),
+        "{health}"
+    );
+    assert!(server.terminate().success());
+}

@@ -62,6 +62,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .any(|spec| spec.quotas.fuel_per_call.is_some())
             || config.default_quotas().fuel_per_call.is_some(),
         cache_dir: Some(config.data_dir.join("cache")),
+        ..RuntimeOptions::default()
     })
     .map_err(|err| anyhow!("could not start the wasm runtime: {err:#}"))?;
 
