@@ -551,3 +551,13 @@ async fn the_real_binary_provisions_by_webhook_and_a_restart_keeps_the_set() {
     );
     assert!(server.terminate().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_webhook_body_is_refused_with_413() {
+    let host = host().await;
+    let huge = json!({"event": "workspace.created", "instanceId": "ws-huge", "pad": "x".repeat(100 << 10)})
+        .to_string();
+    let (status, answer) = post(&host, &secret_header(), &huge).await;
+    assert_eq!(status, 413, "{answer}");
+    assert!(!running(&host, "ws-huge").await);
+}

@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use storehost_control::webhook::{WebhookError, WebhookRequest};
 
-use crate::body::RawBody;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -23,7 +22,7 @@ pub async fn workspaces(
     State(state): State<AppState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
-    RawBody(body): RawBody,
+    body: axum::body::Body,
 ) -> Response {
     let Some(webhooks) = state.webhooks.clone() else {
         return refusal(&WebhookError::NotConfigured);
@@ -55,6 +54,26 @@ pub async fn workspaces(
             limiter.retain_recent();
         }
     }
+    // Read after the rate limit, and no more than an ordinary request body.
+    let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+        body,
+        state.max_body_bytes,
+    ))
+    .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "Invalid JSON payload: a webhook body may hold at most {} bytes",
+                    state.max_body_bytes
+                ),
+            )
+            .into_response();
+        }
+    };
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let request = WebhookRequest {
         secret: text("x-webhook-secret"),
