@@ -561,3 +561,63 @@ async fn an_oversized_webhook_body_is_refused_with_413() {
     assert_eq!(status, 413, "{answer}");
     assert!(!running(&host, "ws-huge").await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_transitions_are_recorded_and_a_store_that_cannot_open_shows_as_failed() {
+    let host = host().await;
+    let (status, _) = post(
+        &host,
+        &secret_header(),
+        &event("workspace.created", "ws-life"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/ws-life",
+            Some(json!({"config": {"mode": "b"}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, view) = host.get("/v1/stores/ws-life").await;
+    let states: Vec<&str> = view["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["provisioning", "running", "updated"], "{view}");
+    assert_eq!(view["transitions"][0]["detail"], "webhook");
+    assert!(view["transitions"][1]["at"].is_i64());
+
+    // A plain file where the store's directory should be: the store cannot open.
+    std::fs::create_dir_all(host.data_dir.join("stores")).unwrap();
+    std::fs::write(host.data_dir.join("stores/ws-blocked"), b"in the way").unwrap();
+    let (status, answer) = post(
+        &host,
+        &secret_header(),
+        &event("workspace.created", "ws-blocked"),
+    )
+    .await;
+    assert_eq!(status, 500, "{answer}");
+    let (_, health) = host.get("/health").await;
+    assert_eq!(health["stores"]["failed"], 1, "{health}");
+    assert_eq!(health["status"], "degraded");
+
+    // Cleared by a successful start.
+    std::fs::remove_file(host.data_dir.join("stores/ws-blocked")).unwrap();
+    let (status, answer) = post(
+        &host,
+        &secret_header(),
+        &event("workspace.created", "ws-blocked"),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["status"].as_str()),
+        (200, Some("monitoring_started"))
+    );
+    let (_, health) = host.get("/health").await;
+    assert!(health["stores"]["failed"].is_null(), "{health}");
+    assert_eq!(health["status"], "ok");
+}

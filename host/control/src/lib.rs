@@ -11,5 +11,5 @@ pub mod webhook;
 
 pub use orchestrator::{
     ControlError, HostSettings, Orchestrator, Provisioned, ProvisioningActivity, StoreSource,
-    StoreView,
+    StoreView, Transition,
 };

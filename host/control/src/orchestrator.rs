@@ -167,6 +167,8 @@ pub struct StoreView {
     /// Its processing status.
     #[serde(flatten)]
     pub status: StoreStatus,
+    /// Its last lifecycle transitions (control plane), oldest first.
+    pub transitions: Vec<Transition>,
 }
 
 /// A plugin by name and content hash.
@@ -187,6 +189,22 @@ pub struct Orchestrator {
     changes: Mutex<()>,
     registry: Registry,
     activity: std::sync::Mutex<ProvisioningActivity>,
+    history: std::sync::Mutex<BTreeMap<StoreId, std::collections::VecDeque<Transition>>>,
+}
+
+/// How many lifecycle transitions are kept per store.
+pub const TRANSITIONS_KEPT: usize = 20;
+
+/// One lifecycle transition of a store, as the control plane saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Transition {
+    /// `provisioning`, `running`, `updated`, `stopping` or `failed`.
+    pub state: &'static str,
+    /// When (ms since the Unix epoch).
+    pub at: i64,
+    /// The source for `provisioning`, the error for `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// Counts of stores started and removed since the host started (`GET /stores`).
@@ -224,6 +242,7 @@ impl Orchestrator {
             changes: Mutex::new(()),
             registry,
             activity: std::sync::Mutex::default(),
+            history: std::sync::Mutex::default(),
         })
     }
 
@@ -366,38 +385,63 @@ impl Orchestrator {
         source: StoreSource,
     ) -> Result<Provisioned, ControlError> {
         let plugin = self.plugin(&spec.plugin)?;
+        // `changes` serialises every change; the `stores` lock is held only to read or insert,
+        // so the API keeps answering while stores open (thousands in one config edit).
         let _guard = self.changes.lock().await;
-        let mut stores = self.stores.write().await;
-        if let Some(entry) = stores.get_mut(id) {
-            if entry.spec == spec {
+        let existing = self
+            .stores
+            .read()
+            .await
+            .get(id)
+            .map(|e| (e.store.clone(), e.spec.clone(), e.source));
+        if let Some((store, current, current_source)) = existing {
+            if current == spec {
                 return Ok(Provisioned::Unchanged);
             }
-            entry
-                .store
-                .update(self.store_settings(&spec, plugin))
-                .await?;
-            if entry.source.persisted() {
-                self.registry.put(id, entry.source, &spec)?;
+            store.update(self.store_settings(&spec, plugin)).await?;
+            if current_source.persisted() {
+                self.registry.put(id, current_source, &spec)?;
             }
-            entry.spec = spec;
+            if let Some(entry) = self.stores.write().await.get_mut(id) {
+                entry.spec = spec;
+            }
+            self.record(id, "updated", None);
             tracing::info!(store_id = %id, "store settings updated");
             return Ok(Provisioned::Updated);
         }
-        if stores.len() >= self.settings.max_stores {
+        if self.stores.read().await.len() >= self.settings.max_stores {
             return Err(ControlError::AtCapacity {
                 max: self.settings.max_stores,
             });
         }
-        let store = Store::open(
+        self.record(id, "provisioning", Some(source.as_str().to_owned()));
+        let settings = self.store_settings(&spec, plugin);
+        let (open_id, data_dir, durability) = (
             id.clone(),
-            &self.settings.data_dir,
+            self.settings.data_dir.clone(),
             self.settings.durability,
-            self.store_settings(&spec, plugin),
-        )?;
-        if source.persisted() {
-            self.registry.put(id, source, &spec)?;
+        );
+        let opened = tokio::task::spawn_blocking(move || {
+            Store::open(open_id, &data_dir, durability, settings)
+        })
+        .await
+        .map_err(|err| StoreError::Internal(format!("store open task failed: {err}")))
+        .and_then(|opened| opened);
+        let store = match opened {
+            Ok(store) => store,
+            Err(err) => {
+                self.record(id, "failed", Some(err.to_string()));
+                return Err(err.into());
+            }
+        };
+        if source.persisted()
+            && let Err(err) = self.registry.put(id, source, &spec)
+        {
+            store.stop().await;
+            self.record(id, "failed", Some(err.to_string()));
+            return Err(err.into());
         }
-        stores.insert(
+        self.stores.write().await.insert(
             id.clone(),
             Entry {
                 store,
@@ -406,6 +450,7 @@ impl Orchestrator {
                 since: now_ms(),
             },
         );
+        self.record(id, "running", None);
         tracing::info!(store_id = %id, source = source.as_str(), "store started");
         {
             let mut activity = self.activity();
@@ -413,6 +458,47 @@ impl Orchestrator {
             activity.last_provisioned_at = Some(now_ms());
         }
         Ok(Provisioned::Created)
+    }
+
+    /// Records a lifecycle transition of store `id` (the last [`TRANSITIONS_KEPT`] are kept).
+    fn record(&self, id: &StoreId, state: &'static str, detail: Option<String>) {
+        let mut history = self
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let transitions = history.entry(id.clone()).or_default();
+        if transitions.len() == TRANSITIONS_KEPT {
+            transitions.pop_front();
+        }
+        transitions.push_back(Transition {
+            state,
+            at: now_ms(),
+            detail,
+        });
+    }
+
+    /// The recorded lifecycle transitions of store `id`, oldest first.
+    pub fn transitions(&self, id: &StoreId) -> Vec<Transition> {
+        self.history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Stores whose last start failed (they do not run), with the failure.
+    pub fn failed(&self) -> BTreeMap<StoreId, Transition> {
+        self.history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter_map(|(id, t)| {
+                t.back()
+                    .filter(|last| last.state == "failed")
+                    .map(|last| (id.clone(), last.clone()))
+            })
+            .collect()
     }
 
     /// Stops store `id` after its in-flight invocation; archives its files, or deletes them
@@ -423,8 +509,14 @@ impl Orchestrator {
         let Some(entry) = entry else {
             return Ok(false);
         };
+        self.record(id, "stopping", None);
         entry.store.stop().await;
         self.registry.delete(id)?;
+        // A removed store's history goes with it (the map stays bounded by running stores).
+        self.history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
         {
             let mut activity = self.activity();
             activity.total_deprovisioned += 1;
@@ -552,6 +644,7 @@ impl Orchestrator {
             config: entry.spec.config.clone(),
             running_since: entry.since,
             status: entry.store.status(),
+            transitions: self.transitions(id),
         }
     }
 

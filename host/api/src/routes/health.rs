@@ -19,6 +19,10 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
             .unwrap_or_default();
         *by_state.entry(name).or_default() += 1;
     }
+    let failed = state.orchestrator.failed();
+    if !failed.is_empty() {
+        by_state.insert("failed".to_owned(), failed.len() as u64);
+    }
     let config = state
         .config_status
         .read()
@@ -30,7 +34,7 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
         .map(|r| r.status())
         .unwrap_or_default();
     let draining = state.draining.load(std::sync::atomic::Ordering::Relaxed);
-    let degraded = draining || config.last_error.is_some();
+    let degraded = draining || config.last_error.is_some() || !failed.is_empty();
     Json(json!({
         "status": if degraded { "degraded" } else { "ok" },
         "stores": by_state,
