@@ -414,6 +414,11 @@ impl Reconciler {
         let mut url = reqwest::Url::parse(&first).map_err(|err| {
             ReconcileError::Registry(format!("invalid registry URL {first:?}: {err}"))
         })?;
+        if url.scheme() == "https" {
+            return Err(ReconcileError::Registry(format!(
+                "{url} is an https URL, and this build's registry client speaks plain HTTP only; use the registry's internal http:// address"
+            )));
+        }
         let mut seen_pages = BTreeSet::new();
         let mut ids = BTreeSet::new();
         let mut skipped = 0;
