@@ -621,3 +621,47 @@ async fn lifecycle_transitions_are_recorded_and_a_store_that_cannot_open_shows_a
     assert!(health["stores"]["failed"].is_null(), "{health}");
     assert_eq!(health["status"], "ok");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deliveries_start_a_store_once() {
+    let host = Arc::new(host().await);
+    let created = event("workspace.created", "ws-race");
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let (host, created) = (host.clone(), created.clone());
+        tasks.push(tokio::spawn(async move {
+            // Half share one webhook-id (redeliveries), half are distinct deliveries.
+            let headers = if i % 2 == 0 {
+                signed("msg-race", &created, 0)
+            } else {
+                secret_header()
+            };
+            (i % 2 == 0, post(&host, &headers, &created).await)
+        }));
+    }
+    let mut started = 0;
+    let mut replayed = Vec::new();
+    for task in tasks {
+        let (same_id, (status, answer)) = task.await.unwrap();
+        if same_id {
+            replayed.push(answer.clone());
+        }
+        assert_eq!(status, 200, "{answer}");
+        match answer["status"].as_str().unwrap() {
+            "monitoring_started" => started += 1,
+            "already_monitored" => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(started >= 1, "the store started");
+    assert!(
+        replayed.windows(2).all(|w| w[0] == w[1]),
+        "every delivery of msg-race got its first answer: {replayed:?}"
+    );
+    let (_, summary) = host.get("/stores").await;
+    assert_eq!(
+        summary["totalProvisioned"], 1,
+        "started exactly once: {summary}"
+    );
+    assert_eq!(summary["monitoredStoreIds"], json!(["ws-race"]));
+}
