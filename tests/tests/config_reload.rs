@@ -423,6 +423,11 @@ async fn the_real_binary_applies_config_edits_live_and_reports_a_broken_one() {
         )
     };
     assert_eq!((status, &view["source"]), (200, &json!("config")), "{view}");
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(
+        !log.contains("only at the next start"),
+        "--listen and --data-dir are not mistaken for edits: {log}"
+    );
 
     let broken = config(&["bin-two"], "[stores.bin-two.quotas]\nburst = \"lots\"\n");
     let bad_line = broken.lines().position(|l| l.starts_with("burst")).unwrap() + 1;

@@ -86,7 +86,17 @@ pub struct ConfigReloader {
     /// The plugin files the config named when watching began.
     plugin_files: Vec<PathBuf>,
     /// The last good config (with the environment applied) and the hash of the last content read.
-    current: tokio::sync::Mutex<(HostConfig, [u8; 32])>,
+    current: tokio::sync::Mutex<Loaded>,
+}
+
+/// The config a reloader last applied.
+struct Loaded {
+    /// With the environment and command-line overrides applied: what runs.
+    running: HostConfig,
+    /// As the file says (no overrides): to tell which restart-only keys an edit changed.
+    file: HostConfig,
+    /// Hash of the content last read (good or not).
+    hash: [u8; 32],
 }
 
 impl std::fmt::Debug for ConfigReloader {
@@ -108,6 +118,7 @@ impl ConfigReloader {
     ) -> Self {
         let path = path.into();
         let hash = std::fs::read(&path).map(|b| hash(&b)).unwrap_or_default();
+        let file = config::load_file(&path).unwrap_or_else(|_| running.clone());
         let plugin_files = running
             .plugin_sources()
             .into_values()
@@ -122,7 +133,11 @@ impl ConfigReloader {
             orchestrator,
             read_plugin,
             listener,
-            current: tokio::sync::Mutex::new((running, hash)),
+            current: tokio::sync::Mutex::new(Loaded {
+                file,
+                running,
+                hash,
+            }),
         }
     }
 
@@ -146,10 +161,10 @@ impl ConfigReloader {
             }
         };
         let content_hash = hash(&bytes);
-        if content_hash == current.1 {
+        if content_hash == current.hash {
             return ReloadOutcome::Unchanged;
         }
-        current.1 = content_hash;
+        current.hash = content_hash;
         let text = String::from_utf8_lossy(&bytes);
         let mut next = match config::parse_str(&text, &self.path) {
             Ok(next) => next,
@@ -161,8 +176,9 @@ impl ConfigReloader {
                 return outcome;
             }
         };
-        next.env = current.0.env.clone();
-        warn_restart_only(&current.0, &next);
+        warn_restart_only(&current.file, &next);
+        let file = next.clone();
+        next.env = current.running.env.clone();
         let mut summary = ReloadSummary::default();
         if let Err(message) = self.deploy_changed_plugins(&next, &mut summary).await {
             let outcome = ReloadOutcome::Refused(format!(
@@ -171,8 +187,10 @@ impl ConfigReloader {
             self.report(&outcome);
             return outcome;
         }
-        self.apply_stores(&current.0, &next, &mut summary).await;
-        current.0 = next;
+        self.apply_stores(&current.running, &next, &mut summary)
+            .await;
+        current.running = next;
+        current.file = file;
         let outcome = ReloadOutcome::Applied(summary);
         self.report(&outcome);
         outcome
@@ -183,7 +201,10 @@ impl ConfigReloader {
     pub async fn refresh_plugins(&self) -> ReloadOutcome {
         let current = self.current.lock().await;
         let mut summary = ReloadSummary::default();
-        let outcome = match self.deploy_changed_plugins(&current.0, &mut summary).await {
+        let outcome = match self
+            .deploy_changed_plugins(&current.running, &mut summary)
+            .await
+        {
             Err(message) => ReloadOutcome::Refused(format!(
                 "{message}\n(the running version of the plugin keeps running)"
             )),

@@ -475,6 +475,13 @@ fn retry_settings_become_the_store_retry_policy() {
 
 #[test]
 fn webhook_and_registry_sections_parse_and_check_their_values() {
+    let example = parse_str(EXAMPLE, "config/storehost.example.toml").unwrap();
+    assert_eq!(
+        example.webhook,
+        WebhookConfig::default(),
+        "the example shows the defaults"
+    );
+    assert_eq!(example.registry, RegistryConfig::default());
     let config = parse(
         "[webhook]\nrequire_signature = true\ntolerance_secs = 60\n[registry]\nurl = \"http://auth-worker:8787\"\ngrace_period_ms = 0\nmax_removal_share = 0.25\n",
     )
