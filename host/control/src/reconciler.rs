@@ -498,6 +498,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn settings_come_from_the_environment_over_the_config() {
+        use crate::config::{MapEnv, apply_env, parse_str};
+        let mut config = parse_str(
+            "[registry]\nurl = \"http://from-config:1\"\ninterval_ms = 60000\ngrace_period_ms = 5\n",
+            "storehost.toml",
+        )
+        .unwrap();
+        let plain = ReconcilerSettings::from_config(&config, false).unwrap();
+        assert_eq!(plain.url, "http://from-config:1");
+        assert_eq!(plain.interval, Duration::from_secs(60));
+        assert_eq!(plain.grace_period, Duration::from_millis(5));
+        assert!(plain.token.is_none());
+
+        let env = MapEnv::new([
+            ("AUTH_WORKER_INTERNAL_URL", "http://auth-worker:8787/"),
+            ("SERVER_BYPASS_TOKEN", "bypass"),
+            ("WORKSPACE_RECONCILE_INTERVAL_MS", "45000"),
+            ("MANUAL_RECONCILE_MIN_INTERVAL_MS", "1000"),
+        ]);
+        let report = apply_env(&mut config, &env).unwrap();
+        let interval_from_env = report.applied.contains(&"WORKSPACE_RECONCILE_INTERVAL_MS");
+        let settings = ReconcilerSettings::from_config(&config, interval_from_env).unwrap();
+        assert_eq!(settings.url, "http://auth-worker:8787");
+        assert_eq!(settings.interval, Duration::from_secs(45));
+        assert_eq!(settings.manual_min_interval, Duration::from_secs(1));
+        assert_eq!(settings.token.unwrap().expose(), "bypass");
+
+        assert!(ReconcilerSettings::from_config(&HostConfig::default(), false).is_none());
+    }
+
+    #[test]
     fn backoff_doubles_from_five_seconds_up_to_the_interval() {
         let interval = Duration::from_secs(300);
         let waits: Vec<u64> = (1..=8).map(|n| backoff(n, interval).as_secs()).collect();
