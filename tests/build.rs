@@ -60,7 +60,7 @@ fn main() {
     )
     .unwrap();
     for name in &programs {
-        writeln!(code, "    $mac!({name});").unwrap();
+        writeln!(code, "    $mac!({});", name.to_uppercase()).unwrap();
     }
     writeln!(code, "}}; }}").unwrap();
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));

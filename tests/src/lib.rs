@@ -54,6 +54,12 @@ pub struct TestHostOptions {
     pub max_body_bytes: usize,
     /// Default quotas.
     pub quotas: Quotas,
+    /// Meter fuel (needed for the `fuel_per_call` quota).
+    pub fuel: bool,
+    /// Most stores the host runs.
+    pub max_stores: usize,
+    /// Guest invocations at once, host-wide.
+    pub max_concurrent_invocations: usize,
 }
 
 impl Default for TestHostOptions {
@@ -63,9 +69,13 @@ impl Default for TestHostOptions {
                 attempts: 3,
                 base_delay: Duration::from_millis(10),
                 max_delay: Duration::from_millis(50),
+                ..RetryPolicy::default()
             },
             max_body_bytes: 64 << 10,
             quotas: Quotas::default(),
+            fuel: false,
+            max_stores: 100,
+            max_concurrent_invocations: 2,
         }
     }
 }
@@ -83,8 +93,9 @@ impl TestHost {
         let runtime = StoreRuntime::new(RuntimeOptions {
             max_live_sandboxes: 64,
             max_memory_bytes: 256 << 20,
-            fuel: false,
+            fuel: options.fuel,
             cache_dir: Some(target_dir().join("test-plugin-cache")),
+            max_concurrent_invocations: options.max_concurrent_invocations,
         })
         .expect("runtime");
         let orchestrator = Arc::new(
@@ -94,7 +105,7 @@ impl TestHost {
                     data_dir: data_dir.clone(),
                     durability: Durability::Process,
                     retry: options.retry,
-                    max_stores: 100,
+                    max_stores: options.max_stores,
                     defaults: StoreSpec {
                         plugin: "writer".into(),
                         quotas: options.quotas,
@@ -219,6 +230,20 @@ impl TestHost {
         let (status, body) = self.get(&path).await;
         assert_eq!(status, 200, "query {name} failed: {body}");
         body
+    }
+
+    /// Polls `GET /v1/stores/{id}` until `check` holds (at most 30 s); returns that status.
+    pub async fn wait_for_status(&self, id: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..600 {
+            let (_, status) = self.get(&format!("/v1/stores/{id}")).await;
+            if check(&status) {
+                return status;
+            }
+            last = status;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("store {id} never reached the expected status; last: {last}");
     }
 
     /// Waits until store `id` has processed everything appended so far (including events its

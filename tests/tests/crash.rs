@@ -54,7 +54,7 @@ async fn client(url: String, id: usize, stop: Arc<AtomicBool>) -> Vec<Ack> {
                 n += 1;
                 let key = format!("r{}-c{id}-{n}", std::process::id());
                 keys.push(key.clone());
-                if n % 4 == 0 {
+                if n.is_multiple_of(4) {
                     json!({"type": "kv.emit", "payload": {"type": "kv.put", "payload": {"key": format!("e-{key}"), "value": n}}})
                 } else {
                     json!({"type": "kv.put", "payload": {"key": key, "value": n}})

@@ -101,6 +101,12 @@ impl From<StoreError> for ApiError {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", err.to_string())
                     .retry_after(1)
             }
+            StoreError::RateLimited { retry_after_ms, .. } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                err.to_string(),
+            )
+            .retry_after(retry_after_ms.div_ceil(1_000).max(1)),
             StoreError::Stopped(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_stopped",

@@ -32,6 +32,7 @@ pub struct Plugin<H: HostCapabilities> {
     sha256: String,
     size: usize,
     pub(crate) fuel_metered: bool,
+    invocation_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) pre: PluginPre<InstanceState<H>>,
 }
 
@@ -62,6 +63,7 @@ impl<H: HostCapabilities> Plugin<H> {
             sha256,
             size: wasm.len(),
             fuel_metered: runtime.options.fuel,
+            invocation_slots: runtime.invocation_slots.clone(),
             pre,
         }))
     }
@@ -69,6 +71,15 @@ impl<H: HostCapabilities> Plugin<H> {
     /// The SHA-256 of the component's bytes, hex-encoded.
     pub fn sha256(&self) -> &str {
         &self.sha256
+    }
+
+    /// Waits for one of the host's invocation slots (fair, FIFO); hold it while the guest runs.
+    pub async fn invocation_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.invocation_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the invocation semaphore is never closed")
     }
 
     /// The size of the component, in bytes.

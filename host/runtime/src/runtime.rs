@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -28,6 +29,10 @@ pub struct RuntimeOptions {
     pub fuel: bool,
     /// Where compiled plugins are cached; `None` compiles every time.
     pub cache_dir: Option<PathBuf>,
+    /// Guest invocations that may run at once, host-wide (about the core count); further
+    /// invocations wait their turn in FIFO order, so a store with a deep queue cannot starve a
+    /// store with a single event.
+    pub max_concurrent_invocations: usize,
 }
 
 impl Default for RuntimeOptions {
@@ -37,6 +42,7 @@ impl Default for RuntimeOptions {
             max_memory_bytes: 256 << 20,
             fuel: false,
             cache_dir: None,
+            max_concurrent_invocations: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -46,6 +52,7 @@ pub struct Runtime<H: HostCapabilities> {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<InstanceState<H>>,
     pub(crate) options: RuntimeOptions,
+    pub(crate) invocation_slots: Arc<Semaphore>,
     ticker: EpochTicker,
     _host: PhantomData<fn() -> H>,
 }
@@ -85,9 +92,11 @@ impl<H: HostCapabilities> Runtime<H> {
         })?;
 
         let ticker = EpochTicker::start(engine.clone());
+        let invocation_slots = Arc::new(Semaphore::new(options.max_concurrent_invocations.max(1)));
         Ok(Arc::new(Self {
             engine,
             linker,
+            invocation_slots,
             options,
             ticker,
             _host: PhantomData,

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use storehost_runtime::{Event, FailureReason, InvocationError, Limits, Sandbox, SandboxOptions};
 use tokio::sync::{mpsc, oneshot};
@@ -61,6 +61,9 @@ pub(crate) struct Actor {
     cursor: u64,
     pending: VecDeque<LoggedEvent>,
     paused: bool,
+    cpu_budget: CpuBudget,
+    consecutive_failures: u32,
+    breaker_trips: u32,
 }
 
 impl Actor {
@@ -72,6 +75,7 @@ impl Actor {
         inbox: mpsc::Receiver<Command>,
         cursor: u64,
     ) -> Self {
+        let settings_cpu_per_minute = settings.quotas.cpu_ms_per_minute;
         Self {
             shared,
             db: Arc::new(Mutex::new(db)),
@@ -83,6 +87,9 @@ impl Actor {
             cursor,
             pending: VecDeque::new(),
             paused: false,
+            cpu_budget: CpuBudget::new(settings_cpu_per_minute),
+            consecutive_failures: 0,
+            breaker_trips: 0,
         }
     }
 
@@ -171,6 +178,8 @@ impl Actor {
         } else if let Some(sandbox) = &mut self.sandbox {
             sandbox.set_limits(limits_of(&settings));
         }
+        self.cpu_budget
+            .set_per_minute(settings.quotas.cpu_ms_per_minute);
         if plugin_changed {
             tracing::info!(plugin = %settings.plugin_name, sha256 = settings.plugin.sha256(), "plugin switched");
         }
@@ -182,12 +191,18 @@ impl Actor {
         let policy = self.settings.retry.clone();
         let mut attempt = 0;
         loop {
+            if self.wait_for_cpu_budget().await == Flow::Stop {
+                return Flow::Stop;
+            }
             attempt += 1;
             match self.attempt(&event, Completion::AdvanceCursor).await {
                 Ok(()) => {
+                    self.consecutive_failures = 0;
+                    self.breaker_trips = 0;
                     let mut status = self.shared.status();
                     status.events_processed += 1;
                     status.state = StoreState::Running;
+                    status.waiting_until = None;
                     status.last_activity = Some(sqlite::now_ms());
                     drop(status);
                     self.moved_to(event.seq);
@@ -196,17 +211,66 @@ impl Actor {
                 Err(err) => {
                     tracing::warn!(seq = event.seq, attempt, reason = %err.reason, "event failed: {}", err.message);
                     self.shared.record_failure(&err, Some(event.seq));
-                    if attempt >= policy.attempts.max(1) {
+                    self.consecutive_failures += 1;
+                    let exhausted = attempt >= policy.attempts.max(1);
+                    if exhausted {
                         self.dead_letter(&event, &err, attempt);
-                        return Flow::Continue;
                     }
-                    self.shared.status().state = StoreState::Retrying;
-                    if self.wait(policy.delay_after(attempt)).await == Flow::Stop {
-                        return Flow::Stop;
+                    if self.consecutive_failures >= policy.breaker_failures.max(1) {
+                        if self.open_circuit(&policy).await == Flow::Stop {
+                            return Flow::Stop;
+                        }
+                    } else if !exhausted {
+                        self.shared.status().state = StoreState::Retrying;
+                        if self.wait(policy.delay_after(attempt)).await == Flow::Stop {
+                            return Flow::Stop;
+                        }
+                    }
+                    if exhausted {
+                        return Flow::Continue;
                     }
                 }
             }
         }
+    }
+
+    /// Too many failures in a row: the store rests (state `backoff`), then probes with its next
+    /// invocation. Each consecutive opening doubles the rest.
+    async fn open_circuit(&mut self, policy: &crate::store::RetryPolicy) -> Flow {
+        self.breaker_trips += 1;
+        self.consecutive_failures = 0;
+        let delay = policy.breaker_delay(self.breaker_trips);
+        tracing::warn!(
+            trips = self.breaker_trips,
+            "circuit open after {} consecutive failures; probing again in {} ms",
+            policy.breaker_failures,
+            delay.as_millis()
+        );
+        self.rest(StoreState::Backoff, delay).await
+    }
+
+    /// Waits until the store's CPU budget per minute has room again (state `throttled`).
+    async fn wait_for_cpu_budget(&mut self) -> Flow {
+        match self.cpu_budget.wait_needed() {
+            Some(delay) => self.rest(StoreState::Throttled, delay).await,
+            None => Flow::Continue,
+        }
+    }
+
+    async fn rest(&mut self, state: StoreState, delay: Duration) -> Flow {
+        {
+            let mut status = self.shared.status();
+            status.state = state;
+            let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+            status.waiting_until = Some(sqlite::now_ms().saturating_add(delay_ms));
+        }
+        let flow = self.wait(delay).await;
+        let mut status = self.shared.status();
+        if status.state == state {
+            status.state = StoreState::Running;
+        }
+        status.waiting_until = None;
+        flow
     }
 
     /// Waits `delay` while still answering commands (a stop ends the wait).
@@ -308,13 +372,18 @@ impl Actor {
             source: event.source.clone(),
         };
         let db = self.db.clone();
+        let plugin = self.settings.plugin.clone();
+        let _slot = plugin.invocation_slot().await;
         let sandbox = self.sandbox().await?;
         sandbox.host_mut().start_invocation();
+        let cpu_before = sandbox.usage().cpu_ms;
         lock(&db).enter_guest(true, guest_db::sql_deadline(cpu_ms));
         let result = sandbox.handle_event(&wit_event).await;
         lock(&db).leave_guest();
         let emitted = sandbox.host_mut().take_emitted();
-        self.note_usage();
+        let cpu_used = sandbox.usage().cpu_ms.saturating_sub(cpu_before);
+        self.cpu_budget.charge(cpu_used);
+        self.note_usage(cpu_used);
         if self.sandbox.as_ref().is_some_and(Sandbox::is_poisoned) {
             self.sandbox = None;
         }
@@ -364,18 +433,23 @@ impl Actor {
     async fn query(&mut self, name: &str, args: &str) -> Result<String, StoreError> {
         let cpu_ms = self.settings.quotas.cpu_ms_per_call;
         let db = self.db.clone();
+        let plugin = self.settings.plugin.clone();
+        let _slot = plugin.invocation_slot().await;
         lock(&db).begin_read()?;
-        let outcome = async {
-            let sandbox = self.sandbox().await?;
-            sandbox.host_mut().start_invocation();
-            lock(&db).enter_guest(false, guest_db::sql_deadline(cpu_ms));
-            let result = sandbox.query(name, args).await;
-            lock(&db).leave_guest();
-            result
-        }
-        .await;
+        let (outcome, cpu_used) = match self.sandbox().await {
+            Ok(sandbox) => {
+                sandbox.host_mut().start_invocation();
+                let cpu_before = sandbox.usage().cpu_ms;
+                lock(&db).enter_guest(false, guest_db::sql_deadline(cpu_ms));
+                let result = sandbox.query(name, args).await;
+                lock(&db).leave_guest();
+                (result, sandbox.usage().cpu_ms.saturating_sub(cpu_before))
+            }
+            Err(err) => (Err(err), 0),
+        };
+        self.cpu_budget.charge(cpu_used);
         lock(&db).rollback();
-        self.note_usage();
+        self.note_usage(cpu_used);
         if self.sandbox.as_ref().is_some_and(Sandbox::is_poisoned) {
             self.sandbox = None;
         }
@@ -444,19 +518,70 @@ impl Actor {
         })
     }
 
-    fn note_usage(&self) {
-        let Some(sandbox) = &self.sandbox else { return };
-        let usage = sandbox.usage();
+    /// Adds one invocation's CPU time to the store's usage and records peaks and disk size.
+    fn note_usage(&self, cpu_used_ms: u64) {
         let disk = self.lock_db().size_bytes().unwrap_or(0);
+        let sandbox_usage = self
+            .sandbox
+            .as_ref()
+            .map(Sandbox::usage)
+            .unwrap_or_default();
         let mut status = self.shared.status();
-        status.usage.cpu_ms = status.usage.cpu_ms.max(usage.cpu_ms);
-        status.usage.fuel = status.usage.fuel.max(usage.fuel);
-        status.usage.memory_peak = status.usage.memory_peak.max(usage.memory_peak);
+        status.usage.cpu_ms += cpu_used_ms;
+        status.usage.fuel = status.usage.fuel.max(sandbox_usage.fuel);
+        status.usage.memory_peak = status.usage.memory_peak.max(sandbox_usage.memory_peak);
         status.usage.disk_bytes = disk;
     }
 
     fn lock_db(&self) -> MutexGuard<'_, GuestDb> {
         lock(&self.db)
+    }
+}
+
+/// A store's CPU time budget per minute: refilled continuously, charged after each invocation.
+/// When it is overdrawn the store waits; other stores go on.
+struct CpuBudget {
+    per_minute_ms: u64,
+    available_ms: f64,
+    refilled_at: Instant,
+}
+
+impl CpuBudget {
+    fn new(per_minute_ms: u64) -> Self {
+        Self {
+            per_minute_ms,
+            available_ms: per_minute_ms as f64,
+            refilled_at: Instant::now(),
+        }
+    }
+
+    fn set_per_minute(&mut self, per_minute_ms: u64) {
+        self.refill();
+        self.per_minute_ms = per_minute_ms;
+        self.available_ms = self.available_ms.min(per_minute_ms as f64);
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let elapsed_ms = now.duration_since(self.refilled_at).as_secs_f64() * 1_000.0;
+        self.refilled_at = now;
+        let rate = self.per_minute_ms as f64 / 60_000.0;
+        self.available_ms = (self.available_ms + elapsed_ms * rate).min(self.per_minute_ms as f64);
+    }
+
+    fn charge(&mut self, used_ms: u64) {
+        self.refill();
+        self.available_ms -= used_ms as f64;
+    }
+
+    /// How long to wait until the budget is no longer overdrawn.
+    fn wait_needed(&mut self) -> Option<Duration> {
+        self.refill();
+        if self.available_ms >= 0.0 || self.per_minute_ms == 0 {
+            return None;
+        }
+        let rate = self.per_minute_ms as f64 / 60_000.0;
+        Some(Duration::from_secs_f64(-self.available_ms / rate / 1_000.0))
     }
 }
 

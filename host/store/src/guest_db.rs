@@ -413,6 +413,13 @@ pub(crate) fn breach_of(err: &SqlError, cpu_ms: u64) -> Option<(FailureReason, S
                 err.message
             ),
         )),
+        SQLITE_TOOBIG => Some((
+            FailureReason::Memory,
+            format!(
+                "a value or result was too big for the store's limits: {}",
+                err.message
+            ),
+        )),
         SQLITE_INTERRUPT => Some((
             FailureReason::CpuTime,
             format!("a SQL statement ran past the call's CPU time ({cpu_ms} ms)"),

@@ -5,6 +5,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::num::NonZeroU32;
+
+use governor::clock::DefaultClock;
+use governor::{DefaultDirectRateLimiter, Quota as GovernorQuota, RateLimiter};
 use serde::Serialize;
 use storehost_runtime::{FailureReason, InvocationError, Plugin, Runtime};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -32,6 +36,13 @@ pub struct RetryPolicy {
     pub base_delay: Duration,
     /// The longest delay between attempts.
     pub max_delay: Duration,
+    /// Consecutive failed invocations that open the store's circuit (state `backoff`).
+    pub breaker_failures: u32,
+    /// How long the circuit stays open the first time; doubles each time it opens again
+    /// without a success in between.
+    pub breaker_base_delay: Duration,
+    /// The longest the circuit stays open.
+    pub breaker_max_delay: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -40,6 +51,9 @@ impl Default for RetryPolicy {
             attempts: 5,
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(30),
+            breaker_failures: 10,
+            breaker_base_delay: Duration::from_secs(1),
+            breaker_max_delay: Duration::from_secs(300),
         }
     }
 }
@@ -47,9 +61,19 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The delay after failed attempt number `attempt` (1-based).
     pub fn delay_after(&self, attempt: u32) -> Duration {
-        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(30));
-        self.base_delay.saturating_mul(factor).min(self.max_delay)
+        doubling(self.base_delay, attempt, self.max_delay)
     }
+
+    /// How long the circuit stays open when it opens for the `trip`-th time in a row (1-based).
+    pub fn breaker_delay(&self, trip: u32) -> Duration {
+        doubling(self.breaker_base_delay, trip, self.breaker_max_delay)
+    }
+}
+
+/// `base`, doubled `n - 1` times, at most `max`.
+fn doubling(base: Duration, n: u32, max: Duration) -> Duration {
+    let factor = 2u32.saturating_pow(n.saturating_sub(1).min(30));
+    base.saturating_mul(factor).min(max)
 }
 
 /// What the control plane decides for one store; can change while it runs.
@@ -92,6 +116,20 @@ pub enum StoreError {
         /// The quota.
         max: u64,
     },
+    /// The store's ingress rate (`events_per_second` + `burst`) is used up.
+    #[error(
+        "store {store} accepts {per_second} events per second (burst {burst}); retry in {retry_after_ms} ms"
+    )]
+    RateLimited {
+        /// The store.
+        store: StoreId,
+        /// The sustained rate.
+        per_second: u32,
+        /// The burst.
+        burst: u32,
+        /// When a retry can succeed.
+        retry_after_ms: u64,
+    },
     /// No dead letter with that `seq`.
     #[error("store {store} has no dead letter with seq {seq}")]
     NoDeadLetter {
@@ -115,6 +153,10 @@ pub enum StoreState {
     Retrying,
     /// Paused by an operator: events are accepted but not processed.
     Paused,
+    /// Its CPU budget per minute is used up; it waits for the budget to refill.
+    Throttled,
+    /// Too many consecutive failures opened its circuit; it waits, then probes.
+    Backoff,
     /// Stopped; no longer processing.
     Stopped,
 }
@@ -173,6 +215,8 @@ pub struct StoreStatus {
     pub last_activity: Option<i64>,
     /// Resource usage.
     pub usage: UsageReport,
+    /// Until when the store waits (circuit open or CPU budget used up), ms since the Unix epoch.
+    pub waiting_until: Option<i64>,
 }
 
 /// State shared by a store's handle and its actor.
@@ -183,6 +227,7 @@ pub(crate) struct Shared {
     pub(crate) cursor: watch::Sender<u64>,
     pub(crate) status: Mutex<StoreStatus>,
     pub(crate) max_pending: std::sync::atomic::AtomicU64,
+    ingress: Mutex<Ingress>,
     reader: Mutex<rusqlite::Connection>,
 }
 
@@ -254,6 +299,7 @@ impl Store {
             last_failure: None,
             last_activity: None,
             usage: UsageReport::default(),
+            waiting_until: None,
         };
         let shared = Arc::new(Shared {
             id: id.clone(),
@@ -262,6 +308,7 @@ impl Store {
             cursor: watch::Sender::new(cursor),
             status: Mutex::new(status),
             max_pending: settings.quotas.max_pending_events.into(),
+            ingress: Mutex::new(Ingress::new(&settings.quotas)),
             reader: Mutex::new(reader),
         });
         let (commands, inbox) = mpsc::channel(64);
@@ -302,6 +349,7 @@ impl Store {
         if self.commands.is_closed() {
             return Err(StoreError::Stopped(self.shared.id.clone()));
         }
+        self.admit(events.len())?;
         let pending = self.head().saturating_sub(*self.shared.cursor.borrow());
         let max = self
             .shared
@@ -325,6 +373,35 @@ impl Store {
             });
         }
         Ok(seqs)
+    }
+
+    /// Takes `count` events from the store's ingress rate, or says when to retry.
+    fn admit(&self, count: usize) -> Result<(), StoreError> {
+        let ingress = self
+            .shared
+            .ingress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let refused = |retry_after_ms| StoreError::RateLimited {
+            store: self.shared.id.clone(),
+            per_second: ingress.per_second,
+            burst: ingress.burst,
+            retry_after_ms,
+        };
+        let count = u32::try_from(count).ok().and_then(NonZeroU32::new);
+        let Some(count) = count else { return Ok(()) };
+        match ingress.limiter.check_n(count) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                let wait =
+                    not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
+                Err(refused(
+                    u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
+                ))
+            }
+            // More events in one request than the burst allows: it can never pass as one batch.
+            Err(_) => Err(refused(1_000)),
+        }
     }
 
     /// Up to `limit` events after `after`; when none are there yet and `wait` is set, waits up to
@@ -396,6 +473,18 @@ impl Store {
 
     /// Applies new settings (plugin, quotas, config) after the in-flight invocation.
     pub async fn update(&self, settings: StoreSettings) -> Result<(), StoreError> {
+        {
+            let mut ingress = self
+                .shared
+                .ingress
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if ingress.per_second != settings.quotas.events_per_second
+                || ingress.burst != settings.quotas.burst
+            {
+                *ingress = Ingress::new(&settings.quotas);
+            }
+        }
         self.shared.max_pending.store(
             settings.quotas.max_pending_events,
             std::sync::atomic::Ordering::Relaxed,
@@ -431,6 +520,26 @@ impl Store {
             .send(command)
             .await
             .map_err(|_| StoreError::Stopped(self.shared.id.clone()))
+    }
+}
+
+/// A store's ingress rate limiter with the quota it was built from.
+struct Ingress {
+    limiter: DefaultDirectRateLimiter,
+    per_second: u32,
+    burst: u32,
+}
+
+impl Ingress {
+    fn new(quotas: &Quotas) -> Self {
+        let per_second = NonZeroU32::new(quotas.events_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst =
+            NonZeroU32::new(quotas.burst.max(quotas.events_per_second)).unwrap_or(per_second);
+        Self {
+            limiter: RateLimiter::direct(GovernorQuota::per_second(per_second).allow_burst(burst)),
+            per_second: per_second.get(),
+            burst: burst.get(),
+        }
     }
 }
 

@@ -407,6 +407,22 @@ impl Problems for RetryConfig {
                 ),
             ));
         }
+        if self.circuit_breaker_failures == 0 {
+            problems.push((
+                "circuit_breaker_failures",
+                "circuit_breaker_failures = 0 would rest a store before its first failure; it must be at least 1"
+                    .to_owned(),
+            ));
+        }
+        if self.circuit_breaker_max_ms < self.circuit_breaker_base_ms {
+            problems.push((
+                "circuit_breaker_max_ms",
+                format!(
+                    "circuit_breaker_max_ms ({}) is below circuit_breaker_base_ms ({}); it must be at least that",
+                    self.circuit_breaker_max_ms, self.circuit_breaker_base_ms
+                ),
+            ));
+        }
         problems
     }
 }

@@ -115,6 +115,13 @@ pub struct RetryConfig {
     pub base_delay_ms: u64,
     /// Longest delay between attempts, in milliseconds (at least `base_delay_ms`).
     pub max_delay_ms: u64,
+    /// Consecutive failed invocations of one store that open its circuit (state `backoff`).
+    pub circuit_breaker_failures: u32,
+    /// How long an open circuit rests the store the first time, in milliseconds; doubles each
+    /// time it opens again before a success.
+    pub circuit_breaker_base_ms: u64,
+    /// Longest rest of an open circuit, in milliseconds (at least `circuit_breaker_base_ms`).
+    pub circuit_breaker_max_ms: u64,
 }
 
 impl Default for RetryConfig {
@@ -123,6 +130,9 @@ impl Default for RetryConfig {
             attempts: 5,
             base_delay_ms: 100,
             max_delay_ms: 30_000,
+            circuit_breaker_failures: 10,
+            circuit_breaker_base_ms: 1_000,
+            circuit_breaker_max_ms: 300_000,
         }
     }
 }
@@ -134,6 +144,9 @@ impl RetryConfig {
             attempts: self.attempts,
             base_delay: Duration::from_millis(self.base_delay_ms),
             max_delay: Duration::from_millis(self.max_delay_ms),
+            breaker_failures: self.circuit_breaker_failures,
+            breaker_base_delay: Duration::from_millis(self.circuit_breaker_base_ms),
+            breaker_max_delay: Duration::from_millis(self.circuit_breaker_max_ms),
         }
     }
 }

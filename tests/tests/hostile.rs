@@ -1,0 +1,249 @@
+//! Hostile tenants: each hostile guest program runs in its own store beside well-behaved stores
+//! under load. The breach is classified correctly, the hostile store dead-letters and goes on
+//! (its next event is processed), and the well-behaved stores process every event correctly.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use storehost_store::{Quotas, RetryPolicy};
+use storehost_tests::{TestHost, TestHostOptions, programs};
+
+const NEIGHBOURS: usize = 3;
+const NEIGHBOUR_EVENTS: usize = 60;
+
+fn hostile_quotas() -> Quotas {
+    Quotas {
+        memory: 16 << 20,
+        cpu_ms_per_call: 100,
+        wall_ms_per_call: 2_000,
+        disk: 1 << 20,
+        ..Quotas::default()
+    }
+}
+
+struct Case {
+    program: &'static str,
+    path: &'static str,
+    event: (&'static str, Value),
+    quotas: Quotas,
+    fuel: bool,
+    reason: &'static str,
+    message: &'static str,
+}
+
+impl Case {
+    fn new(program: &'static str, path: &'static str, reason: &'static str) -> Self {
+        Self {
+            program,
+            path,
+            event: ("misbehave", json!({})),
+            quotas: hostile_quotas(),
+            fuel: false,
+            reason,
+            message: "",
+        }
+    }
+}
+
+async fn run(case: Case) {
+    let host = TestHost::start_with(TestHostOptions {
+        retry: RetryPolicy {
+            attempts: 2,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(20),
+            ..RetryPolicy::default()
+        },
+        fuel: case.fuel,
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("writer", programs::WRITER).await;
+    host.deploy(case.program, case.path).await;
+    let hostile = format!("bad-{}", case.program.replace('_', "-"));
+    host.add_store_with(&hostile, case.program, &[], case.quotas.clone())
+        .await;
+    let neighbours: Vec<String> = (0..NEIGHBOURS).map(|i| format!("good-{i}")).collect();
+    for id in &neighbours {
+        host.add_store(id, "writer", &[]).await;
+    }
+
+    // Neighbours get a steady stream of events while the hostile store misbehaves.
+    let load = {
+        let (client, url, neighbours) = (host.client.clone(), host.url.clone(), neighbours.clone());
+        tokio::spawn(async move {
+            for n in 0..NEIGHBOUR_EVENTS {
+                for id in &neighbours {
+                    let response = client
+                        .post(format!("{url}/v1/stores/{id}/events"))
+                        .bearer_auth(storehost_tests::TOKEN)
+                        .json(&json!({"type": "kv.put", "payload": {"key": format!("k{n}"), "value": n}}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status().as_u16(), 202);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let bad = host
+        .append(&hostile, case.event.0, case.event.1.clone())
+        .await;
+    let ping = host.append(&hostile, "ping", json!({})).await;
+    load.await.unwrap();
+    for id in &neighbours {
+        host.settle(id).await;
+    }
+    host.settle(&hostile).await;
+
+    let (_, letters) = host
+        .get(&format!("/v1/stores/{hostile}/dead-letters"))
+        .await;
+    let letter = &letters["deadLetters"][0];
+    assert_eq!(letter["seq"], bad, "{letters}");
+    assert_eq!(letter["reason"], case.reason, "{}: {letter}", case.program);
+    assert!(
+        letter["error"].as_str().unwrap().contains(case.message),
+        "{}: message {:?} lacks {:?}",
+        case.program,
+        letter["error"],
+        case.message
+    );
+    let (_, status) = host.get(&format!("/v1/stores/{hostile}")).await;
+    assert_eq!(
+        status["cursor"].as_u64(),
+        Some(ping.max(status["head"].as_u64().unwrap())),
+        "the hostile store went on: {status}"
+    );
+    assert_eq!(status["lastFailure"]["reason"], case.reason);
+
+    for id in &neighbours {
+        let count = host.query(id, "count", json!({})).await;
+        assert_eq!(
+            count,
+            json!({"kv": NEIGHBOUR_EVENTS, "applied": NEIGHBOUR_EVENTS}),
+            "{id} lost events"
+        );
+        let (_, status) = host.get(&format!("/v1/stores/{id}")).await;
+        assert_eq!(status["errorsCount"], 0, "{id} was hurt: {status}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spin() {
+    run(Case {
+        message: "100 ms of CPU time",
+        ..Case::new("spin", programs::SPIN, "cpu_time")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spin_past_its_wall_time() {
+    run(Case {
+        quotas: Quotas {
+            cpu_ms_per_call: 60_000,
+            wall_ms_per_call: 300,
+            ..hostile_quotas()
+        },
+        message: "wall_ms_per_call (300 ms)",
+        ..Case::new("spin", programs::SPIN, "wall_time")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spin_out_of_fuel() {
+    run(Case {
+        quotas: Quotas {
+            fuel_per_call: Some(5_000_000),
+            ..hostile_quotas()
+        },
+        fuel: true,
+        message: "fuel_per_call (5000000)",
+        ..Case::new("spin", programs::SPIN, "out_of_fuel")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostcall_loop() {
+    run(Case::new(
+        "hostcall_loop",
+        programs::HOSTCALL_LOOP,
+        "cpu_time",
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_hog() {
+    run(Case {
+        message: "its quota is 16777216 bytes",
+        ..Case::new("memory_hog", programs::MEMORY_HOG, "memory")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_recursion() {
+    run(Case::new(
+        "deep_recursion",
+        programs::DEEP_RECURSION,
+        "trap",
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panicker() {
+    run(Case {
+        message: "panicker: deliberate panic",
+        ..Case::new("panicker", programs::PANICKER, "panic")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_bomb_recursive_cte() {
+    run(Case {
+        event: ("bomb", json!({"kind": "cte"})),
+        message: "SQL statement ran past",
+        ..Case::new("sql_bomb", programs::SQL_BOMB, "cpu_time")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_bomb_rows_past_the_disk_quota() {
+    run(Case {
+        event: ("bomb", json!({"kind": "rows"})),
+        quotas: Quotas {
+            cpu_ms_per_call: 20_000,
+            wall_ms_per_call: 30_000,
+            ..hostile_quotas()
+        },
+        message: "disk quota",
+        ..Case::new("sql_bomb", programs::SQL_BOMB, "disk_full")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_bomb_huge_blob() {
+    run(Case {
+        event: ("bomb", json!({"kind": "blob"})),
+        message: "too big",
+        ..Case::new("sql_bomb", programs::SQL_BOMB, "memory")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emit_loop() {
+    run(Case {
+        message: "at most 10000 events",
+        ..Case::new("emit_loop", programs::EMIT_LOOP, "rate_limited")
+    })
+    .await;
+}

@@ -1,0 +1,269 @@
+//! Quotas beyond a single call: ingress rate, queue depth, the circuit breaker, the CPU budget
+//! per minute, fair sharing of invocation slots, live quota changes and host capacity.
+
+use std::time::Duration;
+
+use serde_json::json;
+use storehost_store::{Quotas, RetryPolicy};
+use storehost_tests::{TOKEN, TestHost, TestHostOptions, programs};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_over_the_rate_gets_429_with_retry_after() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    let quotas = Quotas {
+        events_per_second: 1,
+        burst: 3,
+        ..Quotas::default()
+    };
+    host.add_store_with("rated", "writer", &[], quotas).await;
+    host.add_store("unrated", "writer", &[]).await;
+
+    let three: Vec<_> = (0..3)
+        .map(|i| json!({"type": "note", "payload": {"i": i}}))
+        .collect();
+    let (status, body) = host
+        .post("/v1/stores/rated/events", json!({"events": three}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let response = host
+        .client
+        .post(format!("{}/v1/stores/rated/events", host.url))
+        .bearer_auth(TOKEN)
+        .json(&json!({"type": "note", "payload": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 429);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 events per second"),
+        "{body}"
+    );
+
+    // A batch larger than the burst can never pass; other stores are not limited.
+    let ten: Vec<_> = (0..10)
+        .map(|i| json!({"type": "note", "payload": {"i": i}}))
+        .collect();
+    let (status, _) = host
+        .post("/v1/stores/unrated/events", json!({"events": ten}))
+        .await;
+    assert_eq!(status, 202);
+    host.settle("rated").await;
+    let (_, store) = host.get("/v1/stores/rated").await;
+    assert_eq!(store["head"], 3, "refused events were not written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_gets_429_and_nothing_queued_is_lost() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    let quotas = Quotas {
+        max_pending_events: 5,
+        ..Quotas::default()
+    };
+    host.add_store_with("queued", "writer", &[], quotas).await;
+    let (status, _) = host.post("/v1/stores/queued/pause", json!({})).await;
+    assert_eq!(status, 200);
+    host.wait_for_status("queued", |s| s["state"] == "paused")
+        .await;
+    for i in 0..5 {
+        host.append(
+            "queued",
+            "kv.put",
+            json!({"key": format!("k{i}"), "value": i}),
+        )
+        .await;
+    }
+    let (status, body) = host
+        .post(
+            "/v1/stores/queued/events",
+            json!({"type": "kv.put", "payload": {"key": "x", "value": 0}}),
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "queue_full");
+
+    // A live quota change while events wait: nothing queued is lost.
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/queued",
+            Some(json!({"quotas": {"max_pending_events": 50, "cpu_ms_per_call": 2000}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["quotas"]["cpu_ms_per_call"], 2000);
+    host.append("queued", "kv.put", json!({"key": "k5", "value": 5}))
+        .await;
+    let (status, _) = host.post("/v1/stores/queued/resume", json!({})).await;
+    assert_eq!(status, 200);
+    host.settle("queued").await;
+    assert_eq!(
+        host.query("queued", "count", json!({})).await,
+        json!({"kv": 6, "applied": 6})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_failures_open_the_circuit_and_the_store_probes_later() {
+    let host = TestHost::start_with(TestHostOptions {
+        retry: RetryPolicy {
+            attempts: 1,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(10),
+            breaker_failures: 2,
+            breaker_base_delay: Duration::from_secs(2),
+            breaker_max_delay: Duration::from_secs(2),
+        },
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("flaky", programs::FLAKY).await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("tripping", "flaky", &[("fail", "trap")])
+        .await;
+    host.add_store("bystander", "writer", &[]).await;
+    for id in 0..3 {
+        host.append("tripping", "risky", json!({"id": id})).await;
+    }
+    let status = host
+        .wait_for_status("tripping", |s| s["state"] == "backoff")
+        .await;
+    assert!(status["waitingUntil"].as_i64().is_some(), "{status}");
+    assert_eq!(status["deadLettered"], 2);
+    assert_eq!(
+        status["cursor"], 2,
+        "the third event waits while the circuit is open"
+    );
+
+    host.append("bystander", "kv.put", json!({"key": "a", "value": 1}))
+        .await;
+    host.settle("bystander").await;
+    assert_eq!(host.query("bystander", "count", json!({})).await["kv"], 1);
+
+    // After the rest, the store probes: the third event is tried (and dead-lettered) too.
+    let status = host
+        .wait_for_status("tripping", |s| s["deadLettered"] == 3)
+        .await;
+    assert_eq!(status["cursor"], 3, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_over_its_cpu_budget_waits_while_others_go_on() {
+    let host = TestHost::start().await;
+    host.deploy("spin", programs::SPIN).await;
+    host.deploy("writer", programs::WRITER).await;
+    let quotas = Quotas {
+        cpu_ms_per_call: 40,
+        cpu_ms_per_minute: 60,
+        ..Quotas::default()
+    };
+    host.add_store_with("burner", "spin", &[], quotas).await;
+    host.add_store("frugal", "writer", &[]).await;
+    host.append("burner", "misbehave", json!({})).await;
+    let status = host
+        .wait_for_status("burner", |s| s["state"] == "throttled")
+        .await;
+    assert!(status["waitingUntil"].as_i64().is_some(), "{status}");
+    assert!(status["usage"]["cpuMs"].as_u64().unwrap() >= 60, "{status}");
+
+    for i in 0..20 {
+        host.append(
+            "frugal",
+            "kv.put",
+            json!({"key": format!("k{i}"), "value": i}),
+        )
+        .await;
+    }
+    host.settle("frugal").await;
+    assert_eq!(host.query("frugal", "count", json!({})).await["kv"], 20);
+    let (_, status) = host.get("/v1/stores/burner").await;
+    assert_eq!(
+        status["state"], "throttled",
+        "still waiting for its budget: {status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_queue_does_not_starve_a_store_with_one_event() {
+    let host = TestHost::start_with(TestHostOptions {
+        max_concurrent_invocations: 1,
+        retry: RetryPolicy {
+            attempts: 1,
+            breaker_failures: 1_000,
+            ..RetryPolicy::default()
+        },
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("spin", programs::SPIN).await;
+    host.deploy("writer", programs::WRITER).await;
+    let quotas = Quotas {
+        cpu_ms_per_call: 200,
+        cpu_ms_per_minute: 600_000,
+        ..Quotas::default()
+    };
+    host.add_store_with("deep", "spin", &[], quotas).await;
+    host.add_store("single", "writer", &[]).await;
+    let events: Vec<_> = (0..15)
+        .map(|_| json!({"type": "misbehave", "payload": {}}))
+        .collect();
+    let (status, _) = host
+        .post("/v1/stores/deep/events", json!({"events": events}))
+        .await;
+    assert_eq!(status, 202);
+    host.wait_for_status("deep", |s| s["cursor"].as_u64() >= Some(1))
+        .await;
+
+    host.append("single", "kv.put", json!({"key": "a", "value": 1}))
+        .await;
+    host.settle("single").await;
+    let (_, deep) = host.get("/v1/stores/deep").await;
+    assert!(
+        deep["lag"].as_u64().unwrap() > 5,
+        "the single event was served between the deep store's events, not after them: {deep}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_beyond_max_stores_is_refused_clearly() {
+    let host = TestHost::start_with(TestHostOptions {
+        max_stores: 2,
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("writer", programs::WRITER).await;
+    for id in ["cap-1", "cap-2"] {
+        let (status, _) = host
+            .call(
+                reqwest::Method::PUT,
+                &format!("/v1/stores/{id}"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let (status, body) = host
+        .call(reqwest::Method::PUT, "/v1/stores/cap-3", Some(json!({})))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "at_capacity");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum of 2 stores"),
+        "{body}"
+    );
+}
