@@ -60,6 +60,8 @@ pub struct TestHostOptions {
     pub max_stores: usize,
     /// Guest invocations at once, host-wide.
     pub max_concurrent_invocations: usize,
+    /// Enforce CPU time with epochs (off only to measure what limiting costs).
+    pub cpu_limits: bool,
 }
 
 impl Default for TestHostOptions {
@@ -76,6 +78,7 @@ impl Default for TestHostOptions {
             fuel: false,
             max_stores: 100,
             max_concurrent_invocations: 2,
+            cpu_limits: true,
         }
     }
 }
@@ -91,11 +94,12 @@ impl TestHost {
         let dir = tempfile::tempdir().expect("temp dir");
         let data_dir = dir.path().join("data");
         let runtime = StoreRuntime::new(RuntimeOptions {
-            max_live_sandboxes: 64,
+            max_live_sandboxes: u32::try_from(options.max_stores).unwrap_or(u32::MAX),
             max_memory_bytes: 256 << 20,
             fuel: options.fuel,
             cache_dir: Some(target_dir().join("test-plugin-cache")),
             max_concurrent_invocations: options.max_concurrent_invocations,
+            cpu_limits: options.cpu_limits,
         })
         .expect("runtime");
         let orchestrator = Arc::new(

@@ -10,6 +10,7 @@ pub mod host;
 pub mod plugin;
 pub mod runtime;
 pub mod sandbox;
+pub mod scheduler;
 
 pub use bindings::storehost::plugin::types::{Event, Rows, SqlError, Value};
 pub use failure::{FailureReason, InvocationError};

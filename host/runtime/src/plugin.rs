@@ -32,7 +32,8 @@ pub struct Plugin<H: HostCapabilities> {
     sha256: String,
     size: usize,
     pub(crate) fuel_metered: bool,
-    invocation_slots: Arc<tokio::sync::Semaphore>,
+    pub(crate) scheduler: Arc<crate::scheduler::SlotScheduler>,
+    pub(crate) ticker: Arc<crate::runtime::EpochTicker>,
     pub(crate) pre: PluginPre<InstanceState<H>>,
 }
 
@@ -63,7 +64,8 @@ impl<H: HostCapabilities> Plugin<H> {
             sha256,
             size: wasm.len(),
             fuel_metered: runtime.options.fuel,
-            invocation_slots: runtime.invocation_slots.clone(),
+            scheduler: runtime.scheduler.clone(),
+            ticker: runtime.ticker.clone(),
             pre,
         }))
     }
@@ -71,15 +73,6 @@ impl<H: HostCapabilities> Plugin<H> {
     /// The SHA-256 of the component's bytes, hex-encoded.
     pub fn sha256(&self) -> &str {
         &self.sha256
-    }
-
-    /// Waits for one of the host's invocation slots (fair, FIFO); hold it while the guest runs.
-    pub async fn invocation_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
-        self.invocation_slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the invocation semaphore is never closed")
     }
 
     /// The size of the component, in bytes.

@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::bindings::Plugin as PluginWorld;
 use crate::host::HostCapabilities;
 use crate::sandbox::InstanceState;
+use crate::scheduler::SlotScheduler;
 
 /// How often the epoch advances: the granularity of CPU-time accounting and of yields.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -30,9 +30,13 @@ pub struct RuntimeOptions {
     /// Where compiled plugins are cached; `None` compiles every time.
     pub cache_dir: Option<PathBuf>,
     /// Guest invocations that may run at once, host-wide (about the core count); further
-    /// invocations wait their turn in FIFO order, so a store with a deep queue cannot starve a
-    /// store with a single event.
+    /// invocations wait their turn, and a running guest yields its slot every 1 ms tick while
+    /// others wait (see `scheduler`), so no store starves another.
     pub max_concurrent_invocations: usize,
+    /// Enforce CPU time with epoch interruption (on by default). Off only to measure what CPU
+    /// limiting costs: `cpu_ms_per_call` is then not enforced and a spinning guest is only
+    /// stopped by its wall time.
+    pub cpu_limits: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -43,6 +47,7 @@ impl Default for RuntimeOptions {
             fuel: false,
             cache_dir: None,
             max_concurrent_invocations: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            cpu_limits: true,
         }
     }
 }
@@ -52,8 +57,8 @@ pub struct Runtime<H: HostCapabilities> {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<InstanceState<H>>,
     pub(crate) options: RuntimeOptions,
-    pub(crate) invocation_slots: Arc<Semaphore>,
-    ticker: EpochTicker,
+    pub(crate) scheduler: Arc<SlotScheduler>,
+    pub(crate) ticker: Arc<EpochTicker>,
     _host: PhantomData<fn() -> H>,
 }
 
@@ -70,7 +75,7 @@ impl<H: HostCapabilities> Runtime<H> {
     pub fn new(options: RuntimeOptions) -> wasmtime::Result<Arc<Self>> {
         let mut config = Config::new();
         config.wasm_component_model(true);
-        config.epoch_interruption(true);
+        config.epoch_interruption(options.cpu_limits);
         config.consume_fuel(options.fuel);
         config.concurrency_support(false);
         // One Rust wasip2 component: 3 core instances, 2 tables, 1 memory, 1 stack (ENGINEERING.md).
@@ -91,12 +96,12 @@ impl<H: HostCapabilities> Runtime<H> {
             state
         })?;
 
-        let ticker = EpochTicker::start(engine.clone());
-        let invocation_slots = Arc::new(Semaphore::new(options.max_concurrent_invocations.max(1)));
+        let ticker = Arc::new(EpochTicker::start(engine.clone()));
+        let scheduler = SlotScheduler::new(options.max_concurrent_invocations);
         Ok(Arc::new(Self {
             engine,
             linker,
-            invocation_slots,
+            scheduler,
             options,
             ticker,
             _host: PhantomData,
@@ -122,8 +127,10 @@ impl<H: HostCapabilities> Runtime<H> {
     }
 }
 
-/// An OS thread advancing the engine's epoch every [`EPOCH_TICK`]; stopped on drop.
-struct EpochTicker {
+/// An OS thread advancing the engine's epoch every [`EPOCH_TICK`]; stopped when the runtime and
+/// every plugin and sandbox made from it are gone (a sandbox dropped mid-call may still run guest
+/// code while it unwinds, and only epochs can interrupt that code).
+pub(crate) struct EpochTicker {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }

@@ -2,6 +2,7 @@
 //! every failure classified.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use wasmtime::component::ResourceTable;
@@ -14,6 +15,7 @@ use crate::bindings::storehost::plugin::{clock, config, events, log, sql, types}
 use crate::failure::{FailureReason, InvocationError};
 use crate::host::HostCapabilities;
 use crate::plugin::Plugin;
+use crate::scheduler::{Slot, SlotScheduler};
 use crate::{Event, Rows, SqlError, Value};
 
 /// Where a sandbox's guest sees its own files directory.
@@ -73,12 +75,16 @@ pub struct InstanceState<H> {
     host: H,
     limiter: MemoryLimiter,
     cpu: CpuMeter,
+    /// The invocation slot held while guest code runs (given up at ticks when others wait).
+    slot: Arc<Mutex<Option<Slot>>>,
 }
 
 /// One live plugin instance with its limits.
 pub struct Sandbox<H: HostCapabilities> {
     store: Store<InstanceState<H>>,
     instance: PluginInstance,
+    scheduler: Arc<SlotScheduler>,
+    _ticker: Arc<crate::runtime::EpochTicker>,
     stderr: MemoryOutputPipe,
     limits: Limits,
     fuel_metered: bool,
@@ -134,10 +140,14 @@ impl<H: HostCapabilities> Sandbox<H> {
             host,
             limiter: MemoryLimiter::new(options.limits.memory_bytes),
             cpu: CpuMeter::default(),
+            slot: Arc::default(),
         };
+        let scheduler = plugin.scheduler.clone();
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
-        store.epoch_deadline_callback(|mut ctx| {
+        let ticks_scheduler = scheduler.clone();
+        store.epoch_deadline_callback(move |mut ctx| {
+            let slot = ctx.data().slot.clone();
             let cpu = &mut ctx.data_mut().cpu;
             cpu.ticks_this_call += 1;
             cpu.total_ticks += 1;
@@ -147,10 +157,22 @@ impl<H: HostCapabilities> Sandbox<H> {
                 }
                 .into());
             }
-            // Yield every tick so a spinning guest never starves other stores on this worker.
+            // Yield every tick so a spinning guest never starves other tasks on this worker; when
+            // other guests wait for a slot, give ours up and queue again (round-robin slices).
+            if !ticks_scheduler.has_waiters() {
+                return Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ));
+            }
+            let scheduler = ticks_scheduler.clone();
             Ok(UpdateDeadline::YieldCustom(
                 1,
-                Box::pin(tokio::task::yield_now()),
+                Box::pin(async move {
+                    drop(take_slot(&slot));
+                    let next = scheduler.acquire().await;
+                    put_slot(&slot, next);
+                }),
             ))
         });
         if fuel_metered {
@@ -184,6 +206,8 @@ impl<H: HostCapabilities> Sandbox<H> {
         Ok(Self {
             store,
             instance,
+            scheduler,
+            _ticker: plugin.ticker.clone(),
             stderr,
             limits: options.limits,
             fuel_metered,
@@ -195,9 +219,11 @@ impl<H: HostCapabilities> Sandbox<H> {
     /// Delivers one event to the plugin's `handle-event`.
     pub async fn handle_event(&mut self, event: &Event) -> Result<(), InvocationError> {
         let mark = self.begin_call()?;
+        let slot = self.take_turn().await;
         let wall = self.wall_limit();
         let call = self.instance.call_handle_event(&mut self.store, event);
         let outcome = tokio::time::timeout(wall, call).await;
+        drop(take_slot(&slot));
         self.finish_call(mark, outcome)
     }
 
@@ -215,9 +241,11 @@ impl<H: HostCapabilities> Sandbox<H> {
     /// Answers a named query through the plugin's `query`.
     pub async fn query(&mut self, name: &str, args: &str) -> Result<String, InvocationError> {
         let mark = self.begin_call()?;
+        let slot = self.take_turn().await;
         let wall = self.wall_limit();
         let call = self.instance.call_query(&mut self.store, name, args);
         let outcome = tokio::time::timeout(wall, call).await;
+        drop(take_slot(&slot));
         self.finish_call(mark, outcome)
     }
 
@@ -246,6 +274,13 @@ impl<H: HostCapabilities> Sandbox<H> {
             memory_peak: state.limiter.peak as u64,
             fuel: self.fuel_used,
         }
+    }
+
+    /// Waits for an invocation slot and hands it to the guest's state for the call.
+    async fn take_turn(&mut self) -> Arc<Mutex<Option<Slot>>> {
+        let cell = self.store.data().slot.clone();
+        put_slot(&cell, self.scheduler.acquire().await);
+        cell
     }
 
     fn wall_limit(&self) -> Duration {
@@ -401,6 +436,18 @@ fn panic_message(stderr: &str) -> Option<String> {
     } else {
         format!("{message} (at {location})")
     })
+}
+
+fn take_slot(cell: &Mutex<Option<Slot>>) -> Option<Slot> {
+    cell.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+}
+
+fn put_slot(cell: &Mutex<Option<Slot>>, slot: Slot) {
+    *cell
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(slot);
 }
 
 /// Refuses memory growth past the quota and remembers that it did, so the trap that follows

@@ -372,12 +372,10 @@ impl Actor {
             source: event.source.clone(),
         };
         let db = self.db.clone();
-        let plugin = self.settings.plugin.clone();
-        let _slot = plugin.invocation_slot().await;
         let sandbox = self.sandbox().await?;
         sandbox.host_mut().start_invocation();
         let cpu_before = sandbox.usage().cpu_ms;
-        lock(&db).enter_guest(true, guest_db::sql_deadline(cpu_ms));
+        lock(&db).enter_guest(true, guest_db::statement_budget(cpu_ms));
         let result = sandbox.handle_event(&wit_event).await;
         lock(&db).leave_guest();
         let emitted = sandbox.host_mut().take_emitted();
@@ -433,14 +431,12 @@ impl Actor {
     async fn query(&mut self, name: &str, args: &str) -> Result<String, StoreError> {
         let cpu_ms = self.settings.quotas.cpu_ms_per_call;
         let db = self.db.clone();
-        let plugin = self.settings.plugin.clone();
-        let _slot = plugin.invocation_slot().await;
         lock(&db).begin_read()?;
         let (outcome, cpu_used) = match self.sandbox().await {
             Ok(sandbox) => {
                 sandbox.host_mut().start_invocation();
                 let cpu_before = sandbox.usage().cpu_ms;
-                lock(&db).enter_guest(false, guest_db::sql_deadline(cpu_ms));
+                lock(&db).enter_guest(false, guest_db::statement_budget(cpu_ms));
                 let result = sandbox.query(name, args).await;
                 lock(&db).leave_guest();
                 (result, sandbox.usage().cpu_ms.saturating_sub(cpu_before))

@@ -111,6 +111,8 @@ pub struct GuestDb {
     conn: Connection,
     mode: Arc<AtomicU8>,
     deadline: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// How long one guest statement may run (the call's CPU quota); set in guest mode.
+    statement_budget: std::cell::Cell<Option<Duration>>,
     page_size: u64,
 }
 
@@ -161,6 +163,7 @@ impl GuestDb {
             conn,
             mode,
             deadline,
+            statement_budget: std::cell::Cell::new(None),
             page_size,
         };
         db.set_disk_quota(disk_quota)?;
@@ -215,11 +218,10 @@ impl GuestDb {
         }
     }
 
-    /// Lets guest SQL run (`writable` or read-only) until `deadline`; returns to host mode on drop.
-    pub(crate) fn enter_guest(&self, writable: bool, deadline: Instant) {
-        if let Ok(mut d) = self.deadline.lock() {
-            *d = Some(deadline);
-        }
+    /// Lets guest SQL run (`writable` or read-only); each statement may run for `budget`
+    /// (interrupted past it by the progress handler).
+    pub(crate) fn enter_guest(&self, writable: bool, budget: Duration) {
+        self.statement_budget.set(Some(budget));
         let mode = if writable {
             MODE_GUEST_WRITE
         } else {
@@ -231,9 +233,20 @@ impl GuestDb {
     /// Back to host mode: the host's own statements run unrestricted.
     pub(crate) fn leave_guest(&self) {
         self.mode.store(MODE_HOST, Ordering::Relaxed);
+        self.statement_budget.set(None);
+        self.set_deadline(None);
+    }
+
+    fn set_deadline(&self, deadline: Option<Instant>) {
         if let Ok(mut d) = self.deadline.lock() {
-            *d = None;
+            *d = deadline;
         }
+    }
+
+    /// Starts the clock of one guest statement.
+    fn start_statement(&self) {
+        let budget = self.statement_budget.get();
+        self.set_deadline(budget.map(|b| Instant::now() + b));
     }
 
     /// Stages an emitted event in the outbox (inside the current transaction).
@@ -369,6 +382,7 @@ impl GuestDb {
     }
 
     fn prepare_guest(&self, statement: &str) -> Result<rusqlite::CachedStatement<'_>, SqlError> {
+        self.start_statement();
         self.conn
             .prepare_cached(&format!("{GUEST_STATEMENT_PREFIX}{statement}"))
             .map_err(sql_error)
@@ -593,9 +607,9 @@ fn value_size(value: &ValueRef<'_>) -> usize {
     }
 }
 
-/// The deadline a guest call's SQL must finish by.
-pub(crate) fn sql_deadline(cpu_ms: u64) -> Instant {
-    Instant::now() + Duration::from_millis(cpu_ms.max(1))
+/// How long one guest statement may run: the call's CPU quota.
+pub(crate) fn statement_budget(cpu_ms: u64) -> Duration {
+    Duration::from_millis(cpu_ms.max(1))
 }
 
 #[cfg(test)]
@@ -609,7 +623,7 @@ mod tests {
     }
 
     fn guest(db: &GuestDb, sql: &str) -> Result<u64, SqlError> {
-        db.enter_guest(true, sql_deadline(1_000));
+        db.enter_guest(true, statement_budget(1_000));
         let result = db.guest_execute(sql, vec![]);
         db.leave_guest();
         result
@@ -627,7 +641,7 @@ mod tests {
             guest(&db, "INSERT INTO notes (body) VALUES ('hi')").unwrap(),
             1
         );
-        db.enter_guest(false, sql_deadline(1_000));
+        db.enter_guest(false, statement_budget(1_000));
         let rows = db.guest_query("SELECT body FROM notes", vec![]).unwrap();
         db.leave_guest();
         assert!(
@@ -673,7 +687,7 @@ mod tests {
     fn a_view_over_host_tables_cannot_be_read() {
         let (_dir, db) = db();
         let _ = guest(&db, "CREATE VIEW peek AS SELECT * FROM _host_cursor");
-        db.enter_guest(false, sql_deadline(1_000));
+        db.enter_guest(false, statement_budget(1_000));
         let err = db.guest_query("SELECT * FROM peek", vec![]).unwrap_err();
         db.leave_guest();
         assert_eq!(err.code, SQLITE_AUTH, "{err:?}");
@@ -686,7 +700,7 @@ mod tests {
         db.advance_cursor(1).unwrap();
         db.commit().unwrap();
         let host_text = "UPDATE _host_cursor SET last_seq = ?1 WHERE id = 1 AND last_seq < ?1";
-        db.enter_guest(true, sql_deadline(1_000));
+        db.enter_guest(true, statement_budget(1_000));
         let err = db
             .guest_execute(host_text, vec![Value::Integer(99)])
             .unwrap_err();
@@ -713,7 +727,7 @@ mod tests {
     fn read_mode_refuses_writes() {
         let (_dir, db) = db();
         guest(&db, "CREATE TABLE t (x)").unwrap();
-        db.enter_guest(false, sql_deadline(1_000));
+        db.enter_guest(false, statement_budget(1_000));
         let err = db
             .guest_execute("INSERT INTO t VALUES (1)", vec![])
             .unwrap_err();
@@ -733,7 +747,7 @@ mod tests {
             "{err:?}"
         );
 
-        db.enter_guest(false, sql_deadline(50));
+        db.enter_guest(false, statement_budget(50));
         let err = db
             .guest_query(
                 "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
