@@ -16,6 +16,7 @@ fn main() {
     let built = storehost_guest_build::GuestBuild::new(&workspace)
         .package("test-programs", "tests/programs")
         .package("agent", "plugins/agent")
+        .package("counter-plugin", "examples/counter-plugin")
         .run();
 
     let bin_dir = manifest.join("programs/src/bin");
@@ -51,6 +52,14 @@ fn main() {
         code,
         "pub const AGENT: &str = {:?};",
         agent.display().to_string()
+    )
+    .unwrap();
+    let counter = built.join("counter_plugin.wasm");
+    writeln!(code, "/// The example plugin in examples/counter-plugin.").unwrap();
+    writeln!(
+        code,
+        "pub const COUNTER_EXAMPLE: &str = {:?};",
+        counter.display().to_string()
     )
     .unwrap();
     writeln!(code, "/// Calls `$mac!(name)` for every guest program.").unwrap();
