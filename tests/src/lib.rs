@@ -62,6 +62,8 @@ pub struct TestHostOptions {
     pub max_concurrent_invocations: usize,
     /// Enforce CPU time with epochs (off only to measure what limiting costs).
     pub cpu_limits: bool,
+    /// Data directory to use (to restart on the same data); a fresh one when `None`.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for TestHostOptions {
@@ -79,6 +81,7 @@ impl Default for TestHostOptions {
             max_stores: 100,
             max_concurrent_invocations: 2,
             cpu_limits: true,
+            data_dir: None,
         }
     }
 }
@@ -91,8 +94,21 @@ impl TestHost {
 
     /// A host with `options`.
     pub async fn start_with(options: TestHostOptions) -> Self {
+        Self::start_configured(options, &[], |_, state| state).await
+    }
+
+    /// A host with `options`, the plugins `preload` (name, path) deployed, and `configure`
+    /// adding parts (webhooks, a reconciler…) to its API state before it serves.
+    pub async fn start_configured(
+        options: TestHostOptions,
+        preload: &[(&str, &str)],
+        configure: impl FnOnce(&Arc<Orchestrator>, AppState) -> AppState,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let data_dir = dir.path().join("data");
+        let data_dir = options
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
         let runtime = StoreRuntime::new(RuntimeOptions {
             max_live_sandboxes: u32::try_from(options.max_stores).unwrap_or(u32::MAX),
             max_memory_bytes: 256 << 20,
@@ -119,7 +135,17 @@ impl TestHost {
             )
             .expect("orchestrator"),
         );
-        let state = AppState::new(orchestrator.clone(), TOKEN, options.max_body_bytes);
+        for (name, path) in preload {
+            let wasm = std::fs::read(path).unwrap_or_else(|err| panic!("read {path}: {err}"));
+            orchestrator
+                .deploy_plugin(name, wasm)
+                .await
+                .unwrap_or_else(|err| panic!("deploy {name}: {err}"));
+        }
+        let state = configure(
+            &orchestrator,
+            AppState::new(orchestrator.clone(), TOKEN, options.max_body_bytes),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
