@@ -17,6 +17,7 @@ fn main() {
         .package("test-programs", "tests/programs")
         .package("agent", "plugins/agent")
         .package("counter-plugin", "examples/counter-plugin")
+        .package("notes-agent", "examples/notes-agent")
         .run();
 
     let bin_dir = manifest.join("programs/src/bin");
@@ -60,6 +61,14 @@ fn main() {
         code,
         "pub const COUNTER_EXAMPLE: &str = {:?};",
         counter.display().to_string()
+    )
+    .unwrap();
+    let notes = built.join("notes_agent.wasm");
+    writeln!(code, "/// The example plugin in examples/notes-agent.").unwrap();
+    writeln!(
+        code,
+        "pub const NOTES_AGENT_EXAMPLE: &str = {:?};",
+        notes.display().to_string()
     )
     .unwrap();
     writeln!(code, "/// Calls `$mac!(name)` for every guest program.").unwrap();

@@ -66,7 +66,9 @@ use serde::de::DeserializeOwned;
 pub mod clock;
 pub mod config;
 pub mod events;
+pub mod llm;
 pub mod log;
+pub mod scheduler;
 pub mod sql;
 
 /// The bindings `wit-bindgen` generates for the plugin world; an implementation detail of this
@@ -98,10 +100,15 @@ pub trait Plugin {
     /// Answers the named read-only query with JSON. `args` is `{}` when the caller gave none.
     fn query(name: &str, args: serde_json::Value) -> Result<serde_json::Value, String>;
 
-    /// Runs a scheduled task. Plugins that schedule nothing can keep this default (`Ok`).
-    fn run_task(task_id: String, payload: String) -> Result<(), String> {
-        let _ = (task_id, payload);
-        Ok(())
+    /// Runs one due execution of a task scheduled with [`scheduler::schedule`]. `Ok` commits
+    /// what it wrote and emitted (and marks the execution done); `Err` rolls it back and the
+    /// host retries, then records the execution as failed. Plugins that schedule nothing can
+    /// keep this default.
+    fn run_task(task: Task) -> Result<(), String> {
+        Err(format!(
+            "this plugin schedules no tasks, but task `{}` is due",
+            task.task_id
+        ))
     }
 }
 
@@ -164,6 +171,38 @@ impl From<__bindings::Event> for Event {
     }
 }
 
+/// One due execution of a scheduled task, as delivered to [`Plugin::run_task`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    /// The id the task was scheduled under.
+    pub task_id: String,
+    /// The payload it was scheduled with.
+    pub payload: String,
+    /// When this execution was due (ms since the Unix epoch).
+    pub scheduled_for_ms: i64,
+    /// `{task_id}@{scheduled_for_ms}`: stable across retries of this execution.
+    pub execution_id: String,
+}
+
+impl Task {
+    /// Deserializes the payload, with an error that names the task when it does not fit `T`.
+    pub fn payload_json<T: DeserializeOwned>(&self) -> Result<T, String> {
+        serde_json::from_str(&self.payload)
+            .map_err(|err| format!("invalid payload for task `{}`: {err}", self.task_id))
+    }
+}
+
+impl From<__bindings::TaskRun> for Task {
+    fn from(task: __bindings::TaskRun) -> Self {
+        Self {
+            task_id: task.task_id,
+            payload: task.payload,
+            scheduled_for_ms: task.scheduled_for_ms,
+            execution_id: task.execution_id,
+        }
+    }
+}
+
 /// Deserializes a query's `args` into `T`, with an error that names the query.
 pub fn query_args<T: DeserializeOwned>(query: &str, args: serde_json::Value) -> Result<T, String> {
     serde_json::from_value(args).map_err(|err| format!("invalid args for query `{query}`: {err}"))
@@ -184,8 +223,8 @@ pub mod __private {
             P::handle_event(event.into())
         }
 
-        fn run_task(task_id: String, payload: String) -> Result<(), String> {
-            P::run_task(task_id, payload)
+        fn run_task(task: __bindings::TaskRun) -> Result<(), String> {
+            P::run_task(task.into())
         }
 
         fn query(name: String, args: String) -> Result<String, String> {

@@ -64,6 +64,17 @@ pub struct TestHostOptions {
     pub cpu_limits: bool,
     /// Data directory to use (to restart on the same data); a fresh one when `None`.
     pub data_dir: Option<PathBuf>,
+    /// Where plugins' `llm` calls go.
+    pub llm: Option<Arc<dyn storehost_store::LlmBackend>>,
+    /// Catch-up window of scheduled tasks.
+    pub task_catch_up: Duration,
+    /// Idle time after which a store hibernates (`None`: never, the default in tests).
+    pub idle_timeout: Option<Duration>,
+    /// How much longer a hibernated store waits before it closes its files (zero by default:
+    /// at once).
+    pub close_files_after: Duration,
+    /// Sandbox pool slots (`None`: one per store, `max_stores`).
+    pub pool_slots: Option<u32>,
 }
 
 impl Default for TestHostOptions {
@@ -82,6 +93,11 @@ impl Default for TestHostOptions {
             max_concurrent_invocations: 2,
             cpu_limits: true,
             data_dir: None,
+            llm: None,
+            task_catch_up: storehost_store::store::DEFAULT_TASK_CATCH_UP,
+            idle_timeout: None,
+            close_files_after: Duration::ZERO,
+            pool_slots: None,
         }
     }
 }
@@ -110,7 +126,9 @@ impl TestHost {
             .clone()
             .unwrap_or_else(|| dir.path().join("data"));
         let runtime = StoreRuntime::new(RuntimeOptions {
-            max_live_sandboxes: u32::try_from(options.max_stores).unwrap_or(u32::MAX),
+            max_live_sandboxes: options
+                .pool_slots
+                .unwrap_or(u32::try_from(options.max_stores).unwrap_or(u32::MAX)),
             max_memory_bytes: 256 << 20,
             fuel: options.fuel,
             cache_dir: Some(target_dir().join("test-plugin-cache")),
@@ -131,6 +149,10 @@ impl TestHost {
                         quotas: options.quotas,
                         config: BTreeMap::new(),
                     },
+                    llm: options.llm.clone(),
+                    task_catch_up: options.task_catch_up,
+                    idle_timeout: options.idle_timeout,
+                    close_files_after: options.close_files_after,
                 },
             )
             .expect("orchestrator"),
@@ -318,4 +340,29 @@ pub fn urlencode(text: &str) -> String {
         }
     }
     out
+}
+
+/// SHA-256 of `bytes`, hex, computed by the system's `sha256sum` (independent of the host).
+pub fn sha256sum(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sha256sum");
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let output = child.wait_with_output().unwrap();
+    String::from_utf8(output.stdout).unwrap()[..64].to_owned()
+}
+
+/// A config file's text running `stores` on the `writer` plugin at `plugin_path`.
+pub fn writer_config(plugin_path: &std::path::Path, stores: &[&str]) -> String {
+    let mut text = format!(
+        "[defaults]\nplugin = \"writer\"\n[plugins.writer]\npath = {:?}\n",
+        plugin_path.display().to_string()
+    );
+    for id in stores {
+        text.push_str(&format!("[stores.{id}]\n"));
+    }
+    text
 }

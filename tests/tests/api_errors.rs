@@ -240,3 +240,93 @@ async fn stores_are_created_updated_and_removed_through_the_api() {
         .await;
     assert_eq!(status, 404);
 }
+
+/// Reads one HTTP/1.1 answer from `stream`: its status line and headers (lower-cased) and body.
+async fn read_answer(stream: &mut tokio::net::TcpStream) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let n = stream.read(&mut chunk).await.expect("read the answer");
+        assert!(n > 0, "the connection closed before an answer");
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map(|value| value.trim().parse().unwrap())
+        .expect("answers carry a content-length");
+    while buffer.len() < head_end + length {
+        let n = stream.read(&mut chunk).await.expect("read the body");
+        assert!(n > 0, "the connection closed inside the body");
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buffer[head_end..head_end + length]).into_owned();
+    (head, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_given_before_the_body_was_read_closes_the_connection_and_says_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("tenant", "writer", &[]).await;
+    let address = host.url.trim_start_matches("http://").to_owned();
+
+    // A body read to its end keeps the connection alive for the next request.
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let event = r#"{"type":"kv.put","payload":{"key":"a","value":1}}"#;
+    let request = format!(
+        "POST /v1/stores/tenant/events HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {TOKEN}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{event}",
+        event.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let (head, body) = read_answer(&mut stream).await;
+    assert!(head.starts_with("http/1.1 202"), "{head}{body}");
+    assert!(!head.contains("connection: close"), "{head}");
+    let health = format!("GET /health HTTP/1.1\r\nhost: {address}\r\n\r\n");
+    stream.write_all(health.as_bytes()).await.unwrap();
+    let (head, _) = read_answer(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200"), "same connection: {head}");
+
+    // An upload refused for its missing token, with most of its body still unsent: the answer
+    // tells the client not to reuse the connection (a keep-alive client would otherwise send its
+    // next request into a closing socket), and the server does close it.
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let request = format!(
+        "PUT /v1/plugins/sneaky HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/wasm\r\n\
+         content-length: 1000000\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(&[0u8; 4096]).await.unwrap();
+    let (head, body) = read_answer(&mut stream).await;
+    assert!(head.starts_with("http/1.1 401"), "{head}{body}");
+    assert!(head.contains("connection: close"), "{head}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "the server closes the connection");
+
+    // The same through a pooling client: every request after a refused upload is answered.
+    let writer = std::fs::read(programs::WRITER).unwrap();
+    for _ in 0..20 {
+        let refused = host
+            .client
+            .put(format!("{}/v1/plugins/sneaky", host.url))
+            .body(writer.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 401);
+        let (status, _) = host.get("/v1/plugins").await;
+        assert_eq!(status, 200);
+    }
+}

@@ -32,19 +32,6 @@ async fn put_plugin(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-/// SHA-256 of `bytes`, hex, computed by the system's `sha256sum` (independent of the host).
-fn sha256(bytes: &[u8]) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("run sha256sum");
-    child.stdin.take().unwrap().write_all(bytes).unwrap();
-    let output = child.wait_with_output().unwrap();
-    String::from_utf8(output.stdout).unwrap()[..64].to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_component_is_validated_content_addressed_and_listed() {
     let host = host().await;
@@ -52,7 +39,7 @@ async fn a_component_is_validated_content_addressed_and_listed() {
 
     let (status, body) = put_plugin(&host, "counter", writer.clone(), Some(TOKEN)).await;
     assert_eq!(status, 201, "{body}");
-    assert_eq!(body["sha256"], sha256(&writer));
+    assert_eq!(body["sha256"], storehost_tests::sha256sum(&writer));
     assert_eq!(body["size"], writer.len());
     let (status, _) = put_plugin(&host, "counter", writer.clone(), Some(TOKEN)).await;
     assert_eq!(status, 200, "deploying an existing name replaces it");
@@ -65,7 +52,7 @@ async fn a_component_is_validated_content_addressed_and_listed() {
         .iter()
         .find(|p| p["name"] == "counter")
         .expect("listed");
-    assert_eq!(counter["sha256"], sha256(&writer));
+    assert_eq!(counter["sha256"], storehost_tests::sha256sum(&writer));
 
     // A store can run on it right away.
     let (status, _) = host
@@ -155,7 +142,7 @@ async fn a_hot_swap_and_roll_back_under_load_lose_nothing_and_duplicate_nothing(
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["stores"], json!(["swapping"]));
     let (_, view) = host.get("/v1/stores/swapping").await;
-    assert_eq!(view["plugin"]["sha256"], sha256(&flaky));
+    assert_eq!(view["plugin"]["sha256"], storehost_tests::sha256sum(&flaky));
     let after_swap = view["eventsProcessed"].as_u64().unwrap();
     eventually("the new version processes events", || {
         processed(host.clone(), after_swap + 10)
@@ -165,7 +152,11 @@ async fn a_hot_swap_and_roll_back_under_load_lose_nothing_and_duplicate_nothing(
     let (status, _) = put_plugin(&host, "swap", writer.clone(), Some(TOKEN)).await;
     assert_eq!(status, 200);
     let (_, view) = host.get("/v1/stores/swapping").await;
-    assert_eq!(view["plugin"]["sha256"], sha256(&writer), "rolled back");
+    assert_eq!(
+        view["plugin"]["sha256"],
+        storehost_tests::sha256sum(&writer),
+        "rolled back"
+    );
     let after_rollback = view["eventsProcessed"].as_u64().unwrap();
     eventually("the rolled-back version processes events", || {
         processed(host.clone(), after_rollback + 10)
@@ -234,7 +225,10 @@ async fn an_uploaded_plugin_and_its_stores_come_back_after_a_restart() {
     first.stop().await;
     assert!(
         dir.path()
-            .join(format!("data/plugins/{}.wasm", sha256(&flaky)))
+            .join(format!(
+                "data/plugins/{}.wasm",
+                storehost_tests::sha256sum(&flaky)
+            ))
             .exists(),
         "kept content-addressed"
     );
@@ -243,7 +237,7 @@ async fn an_uploaded_plugin_and_its_stores_come_back_after_a_restart() {
     assert_eq!(host.orchestrator.restore_persisted().await.unwrap(), 1);
     let (_, view) = host.get("/v1/stores/on-uploaded").await;
     assert_eq!(view["plugin"]["name"], "uploaded");
-    assert_eq!(view["plugin"]["sha256"], sha256(&flaky));
+    assert_eq!(view["plugin"]["sha256"], storehost_tests::sha256sum(&flaky));
     assert_eq!(
         host.query("on-uploaded", "risky", json!({})).await["ids"],
         json!([1])

@@ -1,5 +1,6 @@
 //! Every guest program in tests/programs implements the plugin world (a program that stopped
-//! compiling against `wit/`, or lost an export, fails here by name).
+//! compiling against `wit/`, or lost an export, fails here by name) — but `http_answer`, a
+//! wasi:http component, which must be refused with the reason.
 
 use storehost_runtime::RuntimeOptions;
 use storehost_store::{StorePlugin, StoreRuntime};
@@ -15,6 +16,19 @@ fn every_guest_program_loads_as_a_plugin() {
     .unwrap();
     let mut loaded = Vec::new();
     macro_rules! load {
+        // The benchmark's `wasmtime serve` peer implements wasi:http, not the plugin world:
+        // storehost refuses it and says which of its imports no plugin gets.
+        (HTTP_ANSWER) => {{
+            let wasm = std::fs::read(programs::HTTP_ANSWER).unwrap();
+            let err = StorePlugin::load(&runtime, &wasm)
+                .err()
+                .expect("a wasi:http component is not a plugin");
+            let message = err.to_string();
+            assert!(
+                message.contains("storehost:plugin@0.1.0") && message.contains("wasi:http"),
+                "the refusal names the world and what does not fit: {message}"
+            );
+        }};
         ($name:ident) => {{
             let path = programs::$name;
             let wasm = std::fs::read(path).unwrap();

@@ -267,3 +267,42 @@ async fn provisioning_beyond_max_stores_is_refused_clearly() {
         "{body}"
     );
 }
+
+/// The sandbox pool's memory ceiling is fixed at start; a live change asking for more is
+/// refused with the reason and the way out, and the store keeps its quotas and its work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_quota_above_the_pools_ceiling_is_refused_and_changes_nothing() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("growing", "writer", &[]).await;
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/growing",
+            Some(json!({"quotas": {"memory": 1u64 << 30}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "quota_above_ceiling");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("268435456") && message.contains("restart"),
+        "says the ceiling and what to do: {message}"
+    );
+    let (_, store) = host.get("/v1/stores/growing").await;
+    assert_eq!(store["quotas"]["memory"], 64 << 20, "{store}");
+
+    // Up to the ceiling is fine.
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/growing",
+            Some(json!({"quotas": {"memory": 256 << 20}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    host.append("growing", "kv.put", json!({"key": "a", "value": 1}))
+        .await;
+    host.settle("growing").await;
+    assert_eq!(host.query("growing", "count", json!({})).await["kv"], 1);
+}

@@ -580,6 +580,12 @@ async fn lifecycle_transitions_are_recorded_and_a_store_that_cannot_open_shows_a
         )
         .await;
     assert_eq!(status, 200);
+    for action in ["pause", "resume"] {
+        let (status, answer) = host
+            .post(&format!("/v1/stores/ws-life/{action}"), json!({}))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
     let (_, view) = host.get("/v1/stores/ws-life").await;
     let states: Vec<&str> = view["transitions"]
         .as_array()
@@ -587,7 +593,11 @@ async fn lifecycle_transitions_are_recorded_and_a_store_that_cannot_open_shows_a
         .iter()
         .map(|t| t["state"].as_str().unwrap())
         .collect();
-    assert_eq!(states, ["provisioning", "running", "updated"], "{view}");
+    assert_eq!(
+        states,
+        ["provisioning", "running", "updated", "paused", "resumed"],
+        "{view}"
+    );
     assert_eq!(view["transitions"][0]["detail"], "webhook");
     assert!(view["transitions"][1]["at"].is_i64());
 

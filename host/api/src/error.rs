@@ -134,6 +134,9 @@ impl From<ControlError> for ApiError {
                 err.to_string(),
             ),
             ControlError::NotFound(id) => Self::unknown_store(id.as_str()),
+            ControlError::MemoryAboveCeiling { .. } => {
+                Self::bad_request("quota_above_ceiling", err.to_string())
+            }
             ControlError::Plugin(plugin) => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_plugin",

@@ -5,15 +5,17 @@
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod request_id;
 pub mod routes;
 pub mod serve;
 pub mod state;
+pub mod unread_body;
 
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 
 pub use error::ApiError;
 pub use serve::{ServeOptions, serve};
@@ -21,6 +23,7 @@ pub use state::{AppState, ConfigStatus};
 
 /// The whole API as a router (tested with `oneshot`, served by [`serve`]).
 pub fn app(state: AppState) -> Router {
+    // Admin-only: any route not in `tenant` below (a store token gets 403 here).
     let admin = Router::new()
         .route("/v1/stores", get(routes::stores::list))
         .route(
@@ -32,18 +35,17 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/stores/{id}/pause", post(routes::stores::pause))
         .route("/v1/stores/{id}/resume", post(routes::stores::resume))
         .route(
-            "/v1/stores/{id}/dead-letters",
-            get(routes::stores::dead_letters),
+            "/v1/stores/{id}/tokens",
+            post(routes::tokens::create).get(routes::tokens::list),
         )
         .route(
-            "/v1/stores/{id}/dead-letters/{seq}/retry",
-            post(routes::stores::retry_dead_letter),
+            "/v1/stores/{id}/tokens/{token_id}",
+            delete(routes::tokens::revoke),
         )
         .route(
-            "/v1/stores/{id}/events",
-            post(routes::events::append).get(routes::events::read),
+            "/v1/stores/{id}/backup",
+            get(routes::backup::download).put(routes::backup::restore),
         )
-        .route("/v1/stores/{id}/query/{name}", get(routes::events::query))
         .route("/v1/plugins", get(routes::plugins::list))
         .route("/v1/plugins/{name}", put(routes::plugins::put))
         .route("/stores", get(routes::admin::stores))
@@ -51,19 +53,48 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             auth::require_admin,
         ));
+    // Tenant routes: the admin token, or a store token of the store `{id}` in the path.
+    let tenant = Router::new()
+        .route(
+            "/v1/stores/{id}/events",
+            post(routes::events::append).get(routes::events::read),
+        )
+        .route("/v1/stores/{id}/events/stream", get(routes::stream::stream))
+        .route("/v1/stores/{id}/query/{name}", get(routes::events::query))
+        .route("/v1/stores/{id}/tasks", get(routes::stores::tasks))
+        .route(
+            "/v1/stores/{id}/dead-letters",
+            get(routes::stores::dead_letters),
+        )
+        .route(
+            "/v1/stores/{id}/dead-letters/{seq}/retry",
+            post(routes::stores::retry_dead_letter),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_tenant,
+        ));
     let operations = Router::new()
         .route("/admin/reconcile", post(routes::admin::reconcile))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             routes::admin::require_operator,
         ));
-    let webhooks = Router::new().route(
-        "/webhooks/workspaces",
-        post(routes::webhooks::workspaces).fallback(routes::webhooks::method_not_allowed),
-    );
+    let webhooks = Router::new()
+        .route(
+            "/webhooks/workspaces",
+            post(routes::webhooks::workspaces).fallback(routes::webhooks::method_not_allowed),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            routes::metrics::count_webhooks,
+        ));
     Router::new()
+        .route("/", get(routes::dashboard::page))
         .route("/health", get(routes::health::health))
+        .route("/metrics", get(routes::metrics::metrics))
         .merge(admin)
+        .merge(tenant)
         .merge(operations)
         .merge(webhooks)
         .fallback(not_found)
@@ -71,6 +102,8 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             refuse_while_draining,
         ))
+        .layer(middleware::from_fn(request_id::assign))
+        .layer(middleware::from_fn(unread_body::close_if_body_unread))
         .with_state(state)
 }
 

@@ -33,9 +33,12 @@ pub struct AppState {
     pub(crate) max_plugin_bytes: usize,
     pub(crate) config_status: Arc<RwLock<ConfigStatus>>,
     pub(crate) draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Turns `true` when the host starts shutting down (long-lived responses end on it).
+    pub(crate) shutting_down: tokio::sync::watch::Sender<bool>,
     pub(crate) webhooks: Option<Arc<Webhooks>>,
     pub(crate) webhook_limiter: Option<Arc<SourceLimiter>>,
     pub(crate) reconciler: Option<Arc<Reconciler>>,
+    pub(crate) metrics: Arc<crate::routes::metrics::HostCounters>,
     bypass_token_sha256: Option<[u8; 32]>,
 }
 
@@ -55,9 +58,11 @@ impl AppState {
             max_plugin_bytes: 64 << 20,
             config_status: Arc::default(),
             draining: Arc::default(),
+            shutting_down: tokio::sync::watch::Sender::new(false),
             webhooks: None,
             webhook_limiter: None,
             reconciler: None,
+            metrics: Arc::default(),
             bypass_token_sha256: None,
         }
     }
@@ -91,7 +96,9 @@ impl AppState {
     /// of it failed).
     pub fn config_reload_listener(&self) -> ReloadListener {
         let status = self.config_status.clone();
+        let metrics = self.metrics.clone();
         Arc::new(move |outcome: &ReloadOutcome| {
+            metrics.count_reload(outcome);
             let Ok(mut status) = status.write() else {
                 return;
             };
@@ -130,9 +137,10 @@ impl AppState {
             == 0
     }
 
-    /// Marks the host as shutting down: new requests get 503.
+    /// Marks the host as shutting down: new requests get 503, event streams end.
     pub fn start_draining(&self) {
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shutting_down.send_replace(true);
     }
 }

@@ -98,6 +98,10 @@ async fn measure(hostile: bool, rate: u64, seconds: u64) -> Outcome {
     let mut troublemakers = Vec::new();
     if hostile {
         troublemakers = start_hostile(&host, stop.clone()).await;
+        // Measure beside tenants that are already misbehaving (steady state). A hostile
+        // tenant's very first calls run at normal priority, so a fresh SQL bomb can hold a
+        // slot for one statement (up to its cpu_ms_per_call) before it is demoted.
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
     let sent = Arc::new(AtomicU64::new(0));
@@ -249,6 +253,7 @@ async fn start_hostile(
                                 event_type: event.into(),
                                 payload: payload.to_string(),
                                 idempotency_key: None,
+                                request_id: None,
                             }],
                             "api",
                         )

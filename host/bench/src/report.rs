@@ -1,6 +1,6 @@
-//! The table and the machine facts printed above it.
+//! The table, the machine facts printed above it, and progress lines for long rows.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One row of the results table.
 pub struct Row {
@@ -18,6 +18,24 @@ pub struct Row {
     pub ratio: String,
     /// The target the issue sets.
     pub target: &'static str,
+}
+
+impl Row {
+    /// The row of a benchmark that could not finish, with why.
+    pub fn failed(name: &str, error: &str) -> Self {
+        Self {
+            figure: format!(
+                "{name}: FAILED — {}",
+                error.replace('|', "/").replace('\n', " ")
+            ),
+            unit: "-",
+            p50: "-".into(),
+            p99: "-".into(),
+            reference: "-".into(),
+            ratio: "-".into(),
+            target: "-",
+        }
+    }
 }
 
 /// The results table.
@@ -63,6 +81,85 @@ pub fn ms(duration: Duration) -> String {
     format!("{:.2}", duration.as_secs_f64() * 1_000.0)
 }
 
+/// Microseconds with one decimal.
+pub fn us(duration: Duration) -> String {
+    format!("{:.1}", duration.as_secs_f64() * 1_000_000.0)
+}
+
+/// `a / b` as `2.35×` (`-` when `b` is zero).
+pub fn times(a: f64, b: f64) -> String {
+    if b <= 0.0 {
+        return "-".into();
+    }
+    format!("{:.2}×", a / b)
+}
+
+/// `a / b` of two durations as `2.35×`.
+pub fn times_of(a: Duration, b: Duration) -> String {
+    times(a.as_secs_f64(), b.as_secs_f64())
+}
+
+/// A whole number with thousands separators: `52,310`.
+pub fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// Events per second.
+pub fn per_second(events: usize, elapsed: Duration) -> f64 {
+    events as f64 / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// Progress of a long step on stderr: at most one line a second, and one at the end.
+pub struct Progress {
+    label: String,
+    total: usize,
+    done: usize,
+    started: Instant,
+    shown: Instant,
+}
+
+impl Progress {
+    /// Starts reporting `label`, which takes `total` steps.
+    pub fn new(label: impl Into<String>, total: usize) -> Self {
+        let now = Instant::now();
+        Self {
+            label: label.into(),
+            total,
+            done: 0,
+            started: now,
+            shown: now,
+        }
+    }
+
+    /// One more step done.
+    pub fn step(&mut self) {
+        self.advance(1);
+    }
+
+    /// `steps` more steps done.
+    pub fn advance(&mut self, steps: usize) {
+        self.done += steps;
+        if self.done >= self.total || self.shown.elapsed() >= Duration::from_secs(1) {
+            self.shown = Instant::now();
+            eprintln!(
+                "  {}: {}/{} ({:.1} s)",
+                self.label,
+                self.done,
+                self.total,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
 /// Cores and CPU model of this machine.
 pub fn machine_facts() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -75,12 +172,63 @@ pub fn machine_facts() -> String {
                 .map(|(_, model)| model.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".to_owned());
+    // Other work on the machine skews every figure; the load average tells a reader how much.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| {
+            let mut fields = text.split_whitespace();
+            Some(format!(
+                "{} {} {}",
+                fields.next()?,
+                fields.next()?,
+                fields.next()?
+            ))
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
     format!(
-        "machine: {cores} cores, {model}; build: {}",
+        "machine: {cores} cores, {model}; load average {load}; build: {}",
         if cfg!(debug_assertions) {
             "debug (use --release for real figures)"
         } else {
             "release"
         }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_ranked_samples() {
+        let mut samples: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
+        assert_eq!(percentile(&mut samples, 50.0), Duration::from_millis(51));
+        assert_eq!(percentile(&mut samples, 99.0), Duration::from_millis(99));
+        assert_eq!(percentile(&mut samples, 100.0), Duration::from_millis(100));
+        assert_eq!(percentile(&mut [], 99.0), Duration::ZERO);
+    }
+
+    #[test]
+    fn figures_read_as_people_write_them() {
+        assert_eq!(thousands(52_310.4), "52,310");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(1_000_000.0), "1,000,000");
+        assert_eq!(times(3.0, 2.0), "1.50×");
+        assert_eq!(times(3.0, 0.0), "-");
+        assert_eq!(us(Duration::from_nanos(1_250)), "1.2");
+        assert_eq!(ms(Duration::from_micros(2_500)), "2.50");
+    }
+
+    #[test]
+    fn a_failed_row_keeps_the_table_well_formed() {
+        let mut table = Table::default();
+        table.push(Row::failed("reconcile", "registry | down\nretry"));
+        let text = table.render();
+        let row = text.lines().last().unwrap();
+        assert_eq!(row.matches('|').count(), 8, "{row}");
+        assert!(
+            row.contains("reconcile: FAILED — registry / down retry"),
+            "{row}"
+        );
+    }
 }

@@ -3,9 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod llm_backend;
 pub mod orchestrator;
 pub mod reconciler;
 pub mod registry;
+pub mod tokens;
 pub mod watcher;
 pub mod webhook;
 

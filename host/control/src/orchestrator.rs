@@ -20,6 +20,8 @@ use tokio::sync::{Mutex, RwLock};
 use crate::config::StoreSpec;
 use crate::registry::Registry;
 
+pub mod backup;
+
 /// Where a store's desired state came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -110,6 +112,16 @@ pub enum ControlError {
     /// No such store.
     #[error("store {0} does not exist on this host")]
     NotFound(StoreId),
+    /// The `memory` quota asked for is above what the sandbox pool was sized for at start.
+    #[error(
+        "memory quota {asked} bytes is above this host's sandbox memory ceiling of {ceiling} bytes, which is fixed when the host starts (the largest memory quota in its config, at least 256 MiB); ask for at most {ceiling}, or name the larger quota in the config and restart"
+    )]
+    MemoryAboveCeiling {
+        /// The quota asked for.
+        asked: u64,
+        /// The pool's per-sandbox maximum.
+        ceiling: u64,
+    },
     /// The plugin could not be loaded.
     #[error(transparent)]
     Plugin(#[from] PluginError),
@@ -137,6 +149,14 @@ pub struct HostSettings {
     pub max_stores: usize,
     /// The spec of a store created without one (default plugin and quotas, no config).
     pub defaults: StoreSpec,
+    /// Where plugins' `llm` calls go (`None`: they fail as `not-configured`).
+    pub llm: Option<std::sync::Arc<dyn storehost_store::LlmBackend>>,
+    /// Catch-up window of scheduled tasks after downtime.
+    pub task_catch_up: std::time::Duration,
+    /// A store idle this long hibernates (`None`: never).
+    pub idle_timeout: Option<std::time::Duration>,
+    /// A hibernated store idle this much longer closes its files.
+    pub close_files_after: std::time::Duration,
 }
 
 /// A running store with the spec it runs under.
@@ -234,6 +254,19 @@ impl Orchestrator {
     pub fn new(runtime: Arc<StoreRuntime>, settings: HostSettings) -> Result<Self, ControlError> {
         std::fs::create_dir_all(&settings.data_dir)?;
         let registry = Registry::open(&settings.data_dir.join("host.db"))?;
+        let interrupted = storehost_store::backup::recover_interrupted(&settings.data_dir)?;
+        if interrupted.backups_removed > 0 {
+            tracing::warn!(
+                count = interrupted.backups_removed,
+                "deleted the scratch copies of backups that the last run did not finish"
+            );
+        }
+        for kept in &interrupted.restores_archived {
+            tracing::warn!(
+                path = %kept.display(),
+                "a restore did not finish in the last run; its scratch directory is kept there"
+            );
+        }
         Ok(Self {
             runtime,
             settings,
@@ -249,6 +282,11 @@ impl Orchestrator {
     /// The host-wide settings.
     pub fn settings(&self) -> &HostSettings {
         &self.settings
+    }
+
+    /// The runtime every store runs on.
+    pub fn runtime(&self) -> &Arc<StoreRuntime> {
+        &self.runtime
     }
 
     /// Compiles `wasm` as plugin `name` and switches every store using that name to it after
@@ -374,6 +412,10 @@ impl Orchestrator {
             quotas: spec.quotas.clone(),
             config: spec.config.clone(),
             retry: self.settings.retry.clone(),
+            llm: self.settings.llm.clone(),
+            task_catch_up: self.settings.task_catch_up,
+            idle_timeout: self.settings.idle_timeout,
+            close_files_after: self.settings.close_files_after,
         }
     }
 
@@ -385,6 +427,13 @@ impl Orchestrator {
         source: StoreSource,
     ) -> Result<Provisioned, ControlError> {
         let plugin = self.plugin(&spec.plugin)?;
+        let ceiling = self.runtime.options().max_memory_bytes;
+        if spec.quotas.memory > ceiling {
+            return Err(ControlError::MemoryAboveCeiling {
+                asked: spec.quotas.memory,
+                ceiling,
+            });
+        }
         // `changes` serialises every change; the `stores` lock is held only to read or insert,
         // so the API keeps answering while stores open (thousands in one config edit).
         let _guard = self.changes.lock().await;
@@ -512,6 +561,7 @@ impl Orchestrator {
         self.record(id, "stopping", None);
         entry.store.stop().await;
         self.registry.delete(id)?;
+        self.registry.revoke_all_store_tokens(id)?;
         // A removed store's history goes with it (the map stays bounded by running stores).
         self.history
             .lock()
@@ -589,6 +639,18 @@ impl Orchestrator {
     /// Whether no store runs.
     pub async fn is_empty(&self) -> bool {
         self.stores.read().await.is_empty()
+    }
+
+    /// Pauses (events are accepted, not processed) or resumes store `id`; the change is
+    /// recorded in its transitions as `paused` / `resumed`.
+    pub async fn set_paused(&self, id: &StoreId, paused: bool) -> Result<Store, ControlError> {
+        let store = self
+            .get(id)
+            .await
+            .ok_or_else(|| ControlError::NotFound(id.clone()))?;
+        store.set_paused(paused).await?;
+        self.record(id, if paused { "paused" } else { "resumed" }, None);
+        Ok(store)
     }
 
     /// The running store `id`.

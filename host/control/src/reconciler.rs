@@ -97,6 +97,10 @@ pub struct ReconcilerStatus {
     pub next_run_at: Option<i64>,
     /// Orphans kept through their grace period, by the last pass.
     pub pending_removals: usize,
+    /// Passes completed since the host started.
+    pub passes_completed: u64,
+    /// Passes failed (registry unreadable) since the host started.
+    pub passes_failed: u64,
 }
 
 /// A store a pass could not add or remove.
@@ -284,6 +288,7 @@ impl Reconciler {
         match outcome {
             Ok((result, drift)) => {
                 status.last_success_at = Some(now_ms());
+                status.passes_completed += 1;
                 status.consecutive_failures = 0;
                 status.drift = Some(drift);
                 status.pending_removals = result.pending_removals.len();
@@ -317,6 +322,7 @@ impl Reconciler {
             }
             Err(err) => {
                 status.consecutive_failures += 1;
+                status.passes_failed += 1;
                 status.last_error = Some(err.to_string());
                 tracing::warn!(
                     failures = status.consecutive_failures,

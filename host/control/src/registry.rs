@@ -14,6 +14,8 @@ use crate::orchestrator::StoreSource;
 /// The persisted desired state of dynamically added stores.
 pub struct Registry {
     conn: Mutex<Connection>,
+    /// Store tokens (see `tokens.rs`).
+    pub(crate) tokens: crate::tokens::TokenCache,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -52,12 +54,14 @@ impl Registry {
                 missing_since INTEGER NOT NULL
             )",
         )?;
+        let tokens = crate::tokens::TokenCache::load(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            tokens,
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -152,6 +152,9 @@ impl ConfigReloader {
         let bytes = match tokio::fs::read(&self.path).await {
             Ok(bytes) => bytes,
             Err(err) => {
+                // Forget the content read last, so the same file coming back is applied again
+                // (and clears this error) instead of being skipped as unchanged.
+                current.hash = [0; 32];
                 let outcome = ReloadOutcome::Refused(format!(
                     "{}: cannot read the config file: {err}; the last good config keeps running",
                     self.path.display()

@@ -340,6 +340,12 @@ struct Payload {
     user_id: Option<String>,
 }
 
+/// Checks a webhook body the way a delivery is checked before it changes anything, and
+/// answers the store id it names (the fuzz targets and tools use this).
+pub fn check_payload(body: &[u8]) -> Result<String, WebhookError> {
+    parse_payload(body).map(|payload| payload.instance_id)
+}
+
 /// `{"event","instanceId","userId","timestamp"}` with the reasons of the service this replaces.
 fn parse_payload(body: &[u8]) -> Result<Payload, WebhookError> {
     let value: serde_json::Value = serde_json::from_slice(body)
@@ -380,7 +386,7 @@ fn parse_payload(body: &[u8]) -> Result<Payload, WebhookError> {
 }
 
 /// Standard Webhooks: `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, any of several.
-fn verify_signature(
+pub fn verify_signature(
     secret: &Secret,
     request: &WebhookRequest<'_>,
     now_secs: i64,

@@ -83,16 +83,31 @@ fn rerun_if_changed(path: &Path) {
 }
 
 /// Guests get a target directory beside the outer build's, shared by every build script.
+///
+/// When several checkouts share one `CARGO_TARGET_DIR`, each gets its own guest directory:
+/// cargo records guest sources by paths relative to the checkout, so a shared directory would
+/// let one checkout's build pass for another's (stale plugins).
 fn guest_target_dir(workspace_root: &Path) -> PathBuf {
-    let outer = env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root.join("target"));
-    let outer = if outer.is_absolute() {
-        outer
-    } else {
-        workspace_root.join(outer)
+    let Some(shared) = env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) else {
+        return workspace_root.join("target").join("guests");
     };
-    outer.join("guests")
+    let outer = if shared.is_absolute() {
+        shared
+    } else {
+        workspace_root.join(shared)
+    };
+    if outer.starts_with(workspace_root) {
+        return outer.join("guests");
+    }
+    // FNV-1a of the checkout's path: stable, and distinct per checkout.
+    let hash = workspace_root
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    outer.join(format!("guests-{hash:016x}"))
 }
 
 /// Removes what the outer cargo set for its own compilation, so it does not leak into the

@@ -1,10 +1,16 @@
 //! What a sandbox may reach outside itself: the capabilities a store grants its guest.
 
 use crate::bindings::storehost::plugin::log::Level;
-use crate::{FailureReason, Rows, SqlError, Value};
+use crate::llm::{ChatRequest, Completion, LlmError};
+use crate::{FailureReason, Rows, ScheduledTask, SqlError, Trigger, Value};
 
 /// The guest's log levels.
 pub type LogLevel = Level;
+
+/// An LLM completion in flight. It owns everything it needs, so the sandbox can give up its
+/// invocation slot while it waits.
+pub type LlmFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<Completion, LlmError>> + Send + 'static>>;
 
 /// The host side of the plugin world's imports, implemented by a store for its own guest.
 ///
@@ -27,6 +33,20 @@ pub trait HostCapabilities: Send + 'static {
     fn config_all(&mut self) -> Vec<(String, String)>;
     /// Wall-clock milliseconds since the Unix epoch.
     fn now_ms(&mut self) -> i64;
+    /// Schedules (or replaces) a task in the current invocation's transaction; answers its first
+    /// due time.
+    fn schedule(
+        &mut self,
+        task_id: String,
+        trigger: Trigger,
+        payload: String,
+    ) -> Result<Option<i64>, String>;
+    /// Cancels a task in the current invocation's transaction; answers whether it existed.
+    fn cancel_task(&mut self, task_id: &str) -> Result<bool, String>;
+    /// The store's scheduled tasks, as the current transaction sees them.
+    fn list_tasks(&mut self) -> Result<Vec<ScheduledTask>, String>;
+    /// Starts a chat completion. Checks quotas before it returns; the future does the waiting.
+    fn llm_complete(&mut self, request: ChatRequest) -> LlmFuture;
     /// A quota breach recorded during the current invocation, if any (cleared by the call).
     fn take_breach(&mut self) -> Option<(FailureReason, String)>;
 }

@@ -12,9 +12,18 @@ pub mod runtime;
 pub mod sandbox;
 pub mod scheduler;
 
-pub use bindings::storehost::plugin::types::{Event, Rows, SqlError, Value};
+pub use bindings::storehost::plugin::scheduler::{ScheduledTask, Trigger};
+pub use bindings::storehost::plugin::types::{Event, Rows, SqlError, TaskRun, Value};
+
+/// The `llm` capability's types, as the guest sends and receives them.
+pub mod llm {
+    pub use crate::bindings::storehost::plugin::llm::{
+        ChatRequest, Completion, ErrorClass, LlmError, Message, Role, ToolCall, ToolDefinition,
+    };
+}
 pub use failure::{FailureReason, InvocationError};
-pub use host::{HostCapabilities, LogLevel};
+pub use host::{HostCapabilities, LlmFuture, LogLevel};
 pub use plugin::{Plugin, PluginError};
 pub use runtime::{Runtime, RuntimeOptions};
 pub use sandbox::{Limits, Sandbox, SandboxOptions, Usage};
+pub use scheduler::Priority;

@@ -34,6 +34,7 @@ pub struct Plugin<H: HostCapabilities> {
     pub(crate) fuel_metered: bool,
     pub(crate) scheduler: Arc<crate::scheduler::SlotScheduler>,
     pub(crate) ticker: Arc<crate::runtime::EpochTicker>,
+    guests: tokio::runtime::Handle,
     pub(crate) pre: PluginPre<InstanceState<H>>,
 }
 
@@ -66,8 +67,14 @@ impl<H: HostCapabilities> Plugin<H> {
             fuel_metered: runtime.options.fuel,
             scheduler: runtime.scheduler.clone(),
             ticker: runtime.ticker.clone(),
+            guests: runtime.guests.handle().clone(),
             pre,
         }))
+    }
+
+    /// The threads stores of this runtime run on (see [`Runtime::guest_executor`]).
+    pub fn guest_executor(&self) -> &tokio::runtime::Handle {
+        &self.guests
     }
 
     /// The SHA-256 of the component's bytes, hex-encoded.

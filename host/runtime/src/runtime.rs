@@ -59,6 +59,7 @@ pub struct Runtime<H: HostCapabilities> {
     pub(crate) options: RuntimeOptions,
     pub(crate) scheduler: Arc<SlotScheduler>,
     pub(crate) ticker: Arc<EpochTicker>,
+    pub(crate) guests: GuestExecutor,
     _host: PhantomData<fn() -> H>,
 }
 
@@ -98,12 +99,14 @@ impl<H: HostCapabilities> Runtime<H> {
 
         let ticker = Arc::new(EpochTicker::start(engine.clone()));
         let scheduler = SlotScheduler::new(options.max_concurrent_invocations);
+        let guests = GuestExecutor::start(options.max_concurrent_invocations)?;
         Ok(Arc::new(Self {
             engine,
             linker,
             scheduler,
             options,
             ticker,
+            guests,
             _host: PhantomData,
         }))
     }
@@ -118,12 +121,64 @@ impl<H: HostCapabilities> Runtime<H> {
         &self.options
     }
 
+    /// Invocation slots (guests that may run at once) in use now, and in all.
+    pub fn invocation_slots(&self) -> (usize, usize) {
+        let total = self.options.max_concurrent_invocations.max(1);
+        (total.saturating_sub(self.scheduler.free()), total)
+    }
+
+    /// Where stores run their work: guest invocations and the synchronous SQLite work around
+    /// them run on these threads, never on the threads that serve the API.
+    pub fn guest_executor(&self) -> &tokio::runtime::Handle {
+        self.guests.handle()
+    }
+
     /// Whether the epoch ticker thread is alive (it only stops when the runtime is dropped).
     pub fn ticker_running(&self) -> bool {
         self.ticker
             .handle
             .as_ref()
             .is_some_and(|h| !h.is_finished())
+    }
+}
+
+/// The threads stores run on, apart from the API's.
+///
+/// A guest's SQL statement runs synchronously inside its call (up to its `cpu_ms_per_call`),
+/// holding the thread it runs on. On threads of their own, such statements can never stall
+/// the API, and there are always threads left for stores that are not in a guest call: one
+/// per invocation slot (a slot is held for the whole statement) plus spares.
+pub(crate) struct GuestExecutor {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl GuestExecutor {
+    fn start(slots: usize) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(slots.max(1) + 2)
+            .thread_name("storehost-store")
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        Ok(Self {
+            runtime: Some(runtime),
+            handle,
+        })
+    }
+
+    pub(crate) fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for GuestExecutor {
+    fn drop(&mut self) {
+        // Stores still running are cut off at their next await; never block (the runtime may
+        // be dropped from async code).
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

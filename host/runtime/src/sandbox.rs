@@ -11,12 +11,12 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::bindings::Plugin as PluginInstance;
-use crate::bindings::storehost::plugin::{clock, config, events, log, sql, types};
+use crate::bindings::storehost::plugin::{clock, config, events, llm, log, scheduler, sql, types};
 use crate::failure::{FailureReason, InvocationError};
 use crate::host::HostCapabilities;
 use crate::plugin::Plugin;
-use crate::scheduler::{Slot, SlotScheduler};
-use crate::{Event, Rows, SqlError, Value};
+use crate::scheduler::{Priority, Slot, SlotScheduler};
+use crate::{Event, Rows, SqlError, TaskRun, Value};
 
 /// Where a sandbox's guest sees its own files directory.
 pub const GUEST_FILES_PATH: &str = "/data";
@@ -75,8 +75,12 @@ pub struct InstanceState<H> {
     host: H,
     limiter: MemoryLimiter,
     cpu: CpuMeter,
-    /// The invocation slot held while guest code runs (given up at ticks when others wait).
+    /// The invocation slot held while guest code runs (given up at ticks when others wait, and
+    /// while awaiting an LLM).
     slot: Arc<Mutex<Option<Slot>>>,
+    scheduler: Arc<SlotScheduler>,
+    /// How this sandbox's calls queue for slots.
+    priority: Priority,
 }
 
 /// One live plugin instance with its limits.
@@ -141,6 +145,8 @@ impl<H: HostCapabilities> Sandbox<H> {
             limiter: MemoryLimiter::new(options.limits.memory_bytes),
             cpu: CpuMeter::default(),
             slot: Arc::default(),
+            scheduler: plugin.scheduler.clone(),
+            priority: Priority::Normal,
         };
         let scheduler = plugin.scheduler.clone();
         let mut store = Store::new(engine, state);
@@ -148,6 +154,7 @@ impl<H: HostCapabilities> Sandbox<H> {
         let ticks_scheduler = scheduler.clone();
         store.epoch_deadline_callback(move |mut ctx| {
             let slot = ctx.data().slot.clone();
+            let priority = ctx.data().priority;
             let cpu = &mut ctx.data_mut().cpu;
             cpu.ticks_this_call += 1;
             cpu.total_ticks += 1;
@@ -169,9 +176,17 @@ impl<H: HostCapabilities> Sandbox<H> {
             Ok(UpdateDeadline::YieldCustom(
                 1,
                 Box::pin(async move {
-                    drop(take_slot(&slot));
-                    let next = scheduler.acquire().await;
-                    put_slot(&slot, next);
+                    // Only a call that holds a slot queues for the next one: instantiation
+                    // runs without a slot, and must never come out of a tick holding one
+                    // (two such sandboxes waiting for their call's slot would hold them all).
+                    match take_slot(&slot) {
+                        Some(held) => {
+                            drop(held);
+                            let next = scheduler.resume_as(priority).await;
+                            put_slot(&slot, next);
+                        }
+                        None => tokio::task::yield_now().await,
+                    }
                 }),
             ))
         });
@@ -228,13 +243,13 @@ impl<H: HostCapabilities> Sandbox<H> {
     }
 
     /// Runs one scheduled task through the plugin's `run-task`.
-    pub async fn run_task(&mut self, task_id: &str, payload: &str) -> Result<(), InvocationError> {
+    pub async fn run_task(&mut self, task: &TaskRun) -> Result<(), InvocationError> {
         let mark = self.begin_call()?;
+        let slot = self.take_turn().await;
         let wall = self.wall_limit();
-        let call = self
-            .instance
-            .call_run_task(&mut self.store, task_id, payload);
+        let call = self.instance.call_run_task(&mut self.store, task);
         let outcome = tokio::time::timeout(wall, call).await;
+        drop(take_slot(&slot));
         self.finish_call(mark, outcome)
     }
 
@@ -259,6 +274,12 @@ impl<H: HostCapabilities> Sandbox<H> {
         self.poisoned
     }
 
+    /// How later calls queue for invocation slots: a store whose last call breached a quota
+    /// runs at [`Priority::Low`] until it succeeds again.
+    pub fn set_priority(&mut self, priority: Priority) {
+        self.store.data_mut().priority = priority;
+    }
+
     /// Changes the limits of later calls (memory applies to later growth).
     pub fn set_limits(&mut self, limits: Limits) {
         self.store.data_mut().limiter.limit =
@@ -279,7 +300,10 @@ impl<H: HostCapabilities> Sandbox<H> {
     /// Waits for an invocation slot and hands it to the guest's state for the call.
     async fn take_turn(&mut self) -> Arc<Mutex<Option<Slot>>> {
         let cell = self.store.data().slot.clone();
-        put_slot(&cell, self.scheduler.acquire().await);
+        // Never wait for a slot while holding one.
+        drop(take_slot(&cell));
+        let priority = self.store.data().priority;
+        put_slot(&cell, self.scheduler.acquire_as(priority).await);
         cell
     }
 
@@ -553,6 +577,46 @@ impl<H: HostCapabilities> config::Host for InstanceState<H> {
 
     fn all(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
         Ok(self.host.config_all())
+    }
+}
+
+impl<H: HostCapabilities> scheduler::Host for InstanceState<H> {
+    fn schedule(
+        &mut self,
+        task_id: String,
+        trigger: scheduler::Trigger,
+        payload: String,
+    ) -> wasmtime::Result<Result<Option<i64>, String>> {
+        Ok(self.host.schedule(task_id, trigger, payload))
+    }
+
+    fn cancel(&mut self, task_id: String) -> wasmtime::Result<bool> {
+        self.host
+            .cancel_task(&task_id)
+            .map_err(|err| HostFailure(format!("could not cancel task `{task_id}`: {err}")).into())
+    }
+
+    fn scheduled(&mut self) -> wasmtime::Result<Vec<scheduler::ScheduledTask>> {
+        self.host
+            .list_tasks()
+            .map_err(|err| HostFailure(format!("could not list the scheduled tasks: {err}")).into())
+    }
+}
+
+impl<H: HostCapabilities> llm::Host for InstanceState<H> {
+    async fn complete(
+        &mut self,
+        request: llm::ChatRequest,
+    ) -> wasmtime::Result<Result<llm::Completion, llm::LlmError>> {
+        let answer = self.host.llm_complete(request);
+        // No guest code runs while the answer is awaited: let another store use the slot.
+        let held = take_slot(&self.slot).is_some();
+        let result = answer.await;
+        if held {
+            let slot = self.scheduler.resume_as(self.priority).await;
+            put_slot(&self.slot, slot);
+        }
+        Ok(result)
     }
 }
 

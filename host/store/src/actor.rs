@@ -6,23 +6,30 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use storehost_runtime::{Event, FailureReason, InvocationError, Limits, Sandbox, SandboxOptions};
+use storehost_runtime::{
+    Event, FailureReason, InvocationError, Limits, Priority, Sandbox, SandboxOptions, TaskRun,
+};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::capabilities::StoreCapabilities;
 use crate::event_log::LoggedEvent;
 use crate::guest_db::{self, GuestDb};
-use crate::sqlite;
+use crate::schedules::{self, DuePlan, Schedule};
+use crate::sqlite::{self, Durability};
 use crate::store::{Shared, StoreError, StoreSettings, StoreState};
 
 /// How many events the actor reads from the log at a time.
 const READ_BATCH: usize = 256;
+/// How many due schedules the actor picks up at a time (events are served in between).
+const DUE_BATCH: usize = 16;
 
 /// What a store's handle asks its actor to do.
 pub(crate) enum Command {
     Query {
         name: String,
         args: String,
+        request_id: Option<String>,
         reply: oneshot::Sender<Result<String, StoreError>>,
     },
     RetryDeadLetter {
@@ -52,7 +59,9 @@ enum Completion {
 
 pub(crate) struct Actor {
     shared: Arc<Shared>,
-    db: Arc<Mutex<GuestDb>>,
+    /// `store.db`; `None` while the store hibernates (see [`Actor::ensure_db`]).
+    db: Option<Arc<Mutex<GuestDb>>>,
+    db_file: DbFile,
     files_dir: PathBuf,
     settings: StoreSettings,
     config: Arc<std::collections::BTreeMap<String, String>>,
@@ -64,12 +73,30 @@ pub(crate) struct Actor {
     cpu_budget: CpuBudget,
     consecutive_failures: u32,
     breaker_trips: u32,
+    /// The earliest due time of the store's schedules (ms since the Unix epoch).
+    next_due: Option<i64>,
+    /// Whether the last invocation breached a quota or trapped: the store then queues for
+    /// invocation slots at low priority until one succeeds.
+    penalized: bool,
+}
+
+/// Where `store.db` is and how it is opened (again, after hibernation).
+pub(crate) struct DbFile {
+    pub(crate) path: PathBuf,
+    pub(crate) durability: Durability,
+}
+
+/// What one invocation delivers to the guest.
+enum Call {
+    Event(Event),
+    Task(TaskRun),
 }
 
 impl Actor {
     pub(crate) fn new(
         shared: Arc<Shared>,
         db: GuestDb,
+        db_file: DbFile,
         files_dir: PathBuf,
         settings: StoreSettings,
         inbox: mpsc::Receiver<Command>,
@@ -78,7 +105,8 @@ impl Actor {
         let settings_cpu_per_minute = settings.quotas.cpu_ms_per_minute;
         Self {
             shared,
-            db: Arc::new(Mutex::new(db)),
+            db: Some(Arc::new(Mutex::new(db))),
+            db_file,
             files_dir,
             config: Arc::new(settings.config.clone()),
             settings,
@@ -90,13 +118,26 @@ impl Actor {
             cpu_budget: CpuBudget::new(settings_cpu_per_minute),
             consecutive_failures: 0,
             breaker_trips: 0,
+            next_due: None,
+            penalized: false,
         }
     }
 
     pub(crate) async fn run(mut self) {
+        if let Some(llm) = &self.settings.llm {
+            llm.set_calls_per_minute(&self.shared.id, self.settings.quotas.llm_calls_per_minute);
+        }
+        self.serve().await;
+        if let Some(llm) = &self.settings.llm {
+            llm.forget(&self.shared.id);
+        }
+    }
+
+    async fn serve(&mut self) {
         if let Err(err) = self.drain_outbox() {
             tracing::error!("could not move emitted events to the log: {err}");
         }
+        self.refresh_next_due();
         let mut head = self.shared.head.subscribe();
         loop {
             while let Ok(command) = self.inbox.try_recv() {
@@ -104,15 +145,34 @@ impl Actor {
                     return;
                 }
             }
+            // Due tasks go before queued events, so a deep queue never delays a schedule.
+            if !self.paused && self.task_due() {
+                if !self.ensure_db_or_wait().await {
+                    continue;
+                }
+                if self.run_due_tasks().await == Flow::Stop {
+                    return;
+                }
+                continue;
+            }
             if !self.paused
                 && let Some(event) = self.next_event()
             {
+                if !self.ensure_db_or_wait().await {
+                    self.pending.push_front(event);
+                    continue;
+                }
                 if self.process(event).await == Flow::Stop {
                     return;
                 }
                 continue;
             }
+            let due_in = self.due_in();
+            let idle_in = self.idle_in();
             tokio::select! {
+                () = sleep_or_forever(due_in), if !self.paused => {}
+                // Nothing arrived for `idle_timeout` (every loop turn starts the wait afresh).
+                () = sleep_or_forever(idle_in), if idle_in.is_some() => self.on_idle(),
                 command = self.inbox.recv() => match command {
                     Some(command) => {
                         if self.handle(command).await == Flow::Stop {
@@ -130,6 +190,74 @@ impl Actor {
         }
     }
 
+    /// How long the store may stay idle before its next step down (`None`: none is left, or
+    /// hibernation is off, or the store is paused or waiting): a running store hibernates after
+    /// `idle_timeout`, a hibernated one closes its files `close_files_after` later.
+    fn idle_in(&self) -> Option<Duration> {
+        if self.paused {
+            return None;
+        }
+        let timeout = self.settings.idle_timeout.filter(|t| !t.is_zero())?;
+        match self.shared.status().state {
+            StoreState::Running => Some(timeout),
+            StoreState::Hibernated if self.db.is_some() => Some(self.settings.close_files_after),
+            _ => None,
+        }
+    }
+
+    /// The store has been idle for [`Actor::idle_in`]: it takes its next step down.
+    fn on_idle(&mut self) {
+        let state = self.shared.status().state;
+        match state {
+            StoreState::Running => self.hibernate(),
+            StoreState::Hibernated => self.close_files(),
+            _ => {}
+        }
+    }
+
+    /// Idle for `idle_timeout`: drops the sandbox (its pool slot and linear memory go back to
+    /// the runtime), shrinks the SQLite connections' caches and shows
+    /// `hibernated`. The actor itself stays, a parked task; the next event, query, dead-letter
+    /// retry or due task wakes it with one sandbox instantiation.
+    fn hibernate(&mut self) {
+        self.sandbox = None;
+        self.pending = VecDeque::new();
+        if let Err(err) = sqlite::release_memory(self.lock_db().connection()) {
+            tracing::debug!("could not shrink the store database's cache: {err}");
+        }
+        self.shared.release_memory();
+        let mut status = self.shared.status();
+        if status.state == StoreState::Running {
+            status.state = StoreState::Hibernated;
+            drop(status);
+            tracing::debug!("hibernated after being idle");
+            if self.settings.close_files_after.is_zero() {
+                self.close_files();
+            }
+        }
+    }
+
+    /// Hibernated and idle for `close_files_after` more: closes `store.db` and the event log
+    /// too, so the store holds no file descriptor and little memory. The next append reopens
+    /// the log (still durable before its 2xx) and the next piece of work `store.db`
+    /// ([`Actor::ensure_db`]).
+    fn close_files(&mut self) {
+        // The sandbox, gone since hibernation, held the only other handle on the database.
+        self.db = None;
+        self.shared.close_files();
+        tracing::debug!("closed its files after hibernating");
+    }
+
+    /// Leaves hibernation: the store shows `running` again (work is about to start).
+    fn wake(&self) {
+        let mut status = self.shared.status();
+        if status.state == StoreState::Hibernated {
+            status.state = StoreState::Running;
+            drop(status);
+            tracing::debug!("woke from hibernation");
+        }
+    }
+
     /// The next event after the cursor, reading a batch from the log when the buffer is empty.
     fn next_event(&mut self) -> Option<LoggedEvent> {
         if self.pending.is_empty() && *self.shared.head.borrow() > self.cursor {
@@ -143,22 +271,36 @@ impl Actor {
 
     async fn handle(&mut self, command: Command) -> Flow {
         match command {
-            Command::Query { name, args, reply } => {
-                let answer = self.query(&name, &args).await;
+            Command::Query {
+                name,
+                args,
+                request_id,
+                reply,
+            } => {
+                let span = tracing::info_span!("query", %name, request_id = request_id.as_deref());
+                let answer = match self.ensure_db() {
+                    Ok(()) => self.query(&name, &args).instrument(span).await,
+                    Err(err) => Err(err),
+                };
                 let _ = reply.send(answer);
             }
             Command::RetryDeadLetter { seq, reply } => {
-                let answer = self.retry_dead_letter(seq).await;
+                let answer = match self.ensure_db() {
+                    Ok(()) => self.retry_dead_letter(seq).await,
+                    Err(err) => Err(err),
+                };
                 let _ = reply.send(answer);
             }
             Command::Update(settings) => self.apply(*settings),
             Command::SetPaused(paused) => {
                 self.paused = paused;
-                self.shared.status().state = if paused {
-                    StoreState::Paused
-                } else {
-                    StoreState::Running
-                };
+                let mut status = self.shared.status();
+                if paused {
+                    status.state = StoreState::Paused;
+                } else if status.state != StoreState::Hibernated {
+                    // Resuming a store that was not paused leaves a hibernating one asleep.
+                    status.state = StoreState::Running;
+                }
             }
             Command::Stop => return Flow::Stop,
         }
@@ -166,7 +308,10 @@ impl Actor {
     }
 
     fn apply(&mut self, settings: StoreSettings) {
-        if let Err(err) = self.lock_db().set_disk_quota(settings.quotas.disk) {
+        // A hibernating store's database is closed: it gets the quota when it opens again.
+        if let Some(db) = &self.db
+            && let Err(err) = lock(db).set_disk_quota(settings.quotas.disk)
+        {
             tracing::error!("could not apply the disk quota: {err}");
         }
         let plugin_changed = !Arc::ptr_eq(&settings.plugin, &self.settings.plugin);
@@ -180,6 +325,9 @@ impl Actor {
         }
         self.cpu_budget
             .set_per_minute(settings.quotas.cpu_ms_per_minute);
+        if let Some(llm) = &settings.llm {
+            llm.set_calls_per_minute(&self.shared.id, settings.quotas.llm_calls_per_minute);
+        }
         if plugin_changed {
             tracing::info!(plugin = %settings.plugin_name, sha256 = settings.plugin.sha256(), "plugin switched");
         }
@@ -187,7 +335,18 @@ impl Actor {
     }
 
     /// Delivers `event`, retrying with backoff, then dead-lettering it.
+    /// Processes one event (retries, then a dead letter) in a span carrying its seq and the
+    /// correlation id of the request that appended it, so the plugin's log lines have both.
     async fn process(&mut self, event: LoggedEvent) -> Flow {
+        let span = tracing::info_span!(
+            "event",
+            seq = event.seq,
+            request_id = event.request_id.as_deref()
+        );
+        self.process_in_span(event).instrument(span).await
+    }
+
+    async fn process_in_span(&mut self, event: LoggedEvent) -> Flow {
         let policy = self.settings.retry.clone();
         let mut attempt = 0;
         loop {
@@ -216,7 +375,7 @@ impl Actor {
                     if exhausted {
                         self.dead_letter(&event, &err, attempt);
                     }
-                    if self.consecutive_failures >= policy.breaker_failures.max(1) {
+                    if self.breaker_should_open(&policy) {
                         if self.open_circuit(&policy).await == Flow::Stop {
                             return Flow::Stop;
                         }
@@ -232,6 +391,12 @@ impl Actor {
                 }
             }
         }
+    }
+
+    /// Whether the last failure opens the circuit: K failures in a row, or any failure of the
+    /// probe that follows a rest (half-open: one failed probe is enough to rest again, longer).
+    fn breaker_should_open(&self, policy: &crate::store::RetryPolicy) -> bool {
+        self.consecutive_failures >= policy.breaker_failures.max(1) || self.breaker_trips > 0
     }
 
     /// Too many failures in a row: the store rests (state `backoff`), then probes with its next
@@ -331,6 +496,254 @@ impl Actor {
         }
     }
 
+    /// Reads the earliest due time of the store's schedules and publishes it.
+    fn refresh_next_due(&mut self) {
+        let next = match schedules::next_due(self.lock_db().connection()) {
+            Ok(next) => next,
+            Err(err) => {
+                tracing::error!("could not read the next due task: {err}");
+                // Look again in a second rather than never.
+                Some(sqlite::now_ms() + 1_000)
+            }
+        };
+        self.next_due = next;
+        self.shared.status().next_task_due_at = next;
+    }
+
+    fn task_due(&self) -> bool {
+        self.next_due.is_some_and(|due| due <= sqlite::now_ms())
+    }
+
+    /// How long until the next task is due (`None`: nothing is scheduled).
+    fn due_in(&self) -> Option<Duration> {
+        let due = self.next_due?;
+        let wait = due.saturating_sub(sqlite::now_ms()).max(0);
+        Some(Duration::from_millis(u64::try_from(wait).unwrap_or(0)))
+    }
+
+    /// Runs (or records as missed) the schedules due now, earliest first.
+    async fn run_due_tasks(&mut self) -> Flow {
+        let now = sqlite::now_ms();
+        let due = schedules::due(self.lock_db().connection(), now, DUE_BATCH);
+        let due = match due {
+            Ok(due) => due,
+            Err(err) => {
+                tracing::error!("could not read the due tasks: {err}");
+                self.next_due = Some(now + 1_000);
+                return Flow::Continue;
+            }
+        };
+        let window = i64::try_from(self.settings.task_catch_up.as_millis()).unwrap_or(i64::MAX);
+        for schedule in due {
+            let flow = match schedules::plan(&schedule, now, window) {
+                None => Flow::Continue,
+                Some(DuePlan::Missed { occurrences, next }) => {
+                    self.record_missed(&schedule, &occurrences, next);
+                    Flow::Continue
+                }
+                Some(DuePlan::Run(at)) => self.run_task(&schedule, at).await,
+            };
+            if flow == Flow::Stop {
+                return Flow::Stop;
+            }
+        }
+        self.refresh_next_due();
+        Flow::Continue
+    }
+
+    fn record_missed(&self, schedule: &Schedule, occurrences: &[i64], next: Option<i64>) {
+        let now = sqlite::now_ms();
+        let written = (|| {
+            let db = self.lock_db();
+            db.begin()?;
+            let result =
+                schedules::record_missed(db.connection(), schedule, occurrences, next, now)
+                    .and_then(|()| db.commit());
+            if result.is_err() {
+                db.rollback();
+            }
+            result
+        })();
+        match written {
+            Ok(()) => tracing::warn!(
+                task_id = schedule.task_id,
+                missed = occurrences.len(),
+                "task occurrences older than the catch-up window were recorded as missed"
+            ),
+            Err(err) => tracing::error!(
+                task_id = schedule.task_id,
+                "could not record missed occurrences: {err}"
+            ),
+        }
+    }
+
+    /// Runs the execution of `schedule` due at `due`: retried with backoff like an event, then
+    /// recorded as failed; its effects, its claim and the schedule's advance commit together.
+    async fn run_task(&mut self, schedule: &Schedule, due: i64) -> Flow {
+        let policy = self.settings.retry.clone();
+        let started_at = sqlite::now_ms();
+        let mut attempt = 0;
+        loop {
+            if self.wait_for_cpu_budget().await == Flow::Stop {
+                return Flow::Stop;
+            }
+            attempt += 1;
+            match self.attempt_task(schedule, due, attempt, started_at).await {
+                Ok(ran) => {
+                    self.consecutive_failures = 0;
+                    self.breaker_trips = 0;
+                    if ran {
+                        self.shared.metrics.add_task_executed();
+                        let mut status = self.shared.status();
+                        status.tasks_executed += 1;
+                        status.state = StoreState::Running;
+                        status.last_activity = Some(sqlite::now_ms());
+                    }
+                    return Flow::Continue;
+                }
+                Err(err) => {
+                    tracing::warn!(task_id = schedule.task_id, due, attempt, reason = %err.reason, "task failed: {}", err.message);
+                    self.shared.record_failure(&err, None);
+                    self.consecutive_failures += 1;
+                    let exhausted = attempt >= policy.attempts.max(1);
+                    if exhausted {
+                        self.task_failed(schedule, due, &err, attempt, started_at);
+                    }
+                    if self.breaker_should_open(&policy) {
+                        if self.open_circuit(&policy).await == Flow::Stop {
+                            return Flow::Stop;
+                        }
+                    } else if !exhausted {
+                        self.shared.status().state = StoreState::Retrying;
+                        if self.wait(policy.delay_after(attempt)).await == Flow::Stop {
+                            return Flow::Stop;
+                        }
+                    }
+                    if exhausted {
+                        return Flow::Continue;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One attempt of a task execution. `Ok(false)`: it had already run (its claim exists), so
+    /// only the schedule moved on.
+    async fn attempt_task(
+        &mut self,
+        schedule: &Schedule,
+        due: i64,
+        attempt: u32,
+        started_at: i64,
+    ) -> Result<bool, InvocationError> {
+        let cpu_ms = self.settings.quotas.cpu_ms_per_call;
+        let claimed = {
+            let db = self.lock_db();
+            db.begin()
+                .map_err(|err| host_error("could not begin the transaction", &err))?;
+            schedules::claim(db.connection(), &schedule.task_id, due, sqlite::now_ms())
+        };
+        let claimed = match claimed {
+            Ok(claimed) => claimed,
+            Err(err) => {
+                self.lock_db().rollback();
+                return Err(storage_failure("could not claim the task execution", &err));
+            }
+        };
+        if !claimed {
+            let db = self.lock_db();
+            let moved = schedules::advance(db.connection(), schedule, due, sqlite::now_ms())
+                .and_then(|()| db.commit());
+            if let Err(err) = moved {
+                db.rollback();
+                return Err(storage_failure("could not move the schedule on", &err));
+            }
+            return Ok(false);
+        }
+        let task = TaskRun {
+            task_id: schedule.task_id.clone(),
+            payload: schedule.payload.clone(),
+            scheduled_for_ms: due,
+            execution_id: format!("{}@{due}", schedule.task_id),
+        };
+        let outcome = self.invoke(&Call::Task(task), cpu_ms).await;
+        let outcome = outcome.and_then(|emitted| {
+            let db = self.lock_db();
+            let now = sqlite::now_ms();
+            for (index, (event_type, payload)) in emitted.iter().enumerate() {
+                let origin = format!("task:{}@{due}:{index}", schedule.task_id);
+                db.stage_emitted(&origin, event_type, payload, now)
+                    .map_err(|err| storage_failure("could not stage an emitted event", &err))?;
+            }
+            let conn = db.connection();
+            schedules::finish(
+                conn,
+                &schedule.task_id,
+                due,
+                "completed",
+                attempt,
+                Some(started_at),
+                None,
+                now,
+            )
+            .and_then(|()| schedules::advance(conn, schedule, due, now))
+            .map_err(|err| storage_failure("could not record the execution", &err))?;
+            db.commit()
+                .map_err(|err| storage_failure("could not commit", &err))
+        });
+        if outcome.is_err() {
+            self.lock_db().rollback();
+            return outcome.map(|()| true);
+        }
+        if let Err(err) = self.drain_outbox() {
+            tracing::error!("could not move emitted events to the log (retried later): {err}");
+        }
+        Ok(true)
+    }
+
+    /// Records an execution that failed every attempt, and moves its schedule on.
+    fn task_failed(
+        &self,
+        schedule: &Schedule,
+        due: i64,
+        err: &InvocationError,
+        attempts: u32,
+        started_at: i64,
+    ) {
+        let now = sqlite::now_ms();
+        let written = (|| {
+            let db = self.lock_db();
+            db.begin()?;
+            let conn = db.connection();
+            let result = schedules::finish(
+                conn,
+                &schedule.task_id,
+                due,
+                "failed",
+                attempts,
+                Some(started_at),
+                Some((err.reason.as_str(), &err.message)),
+                now,
+            )
+            .and_then(|()| schedules::advance(conn, schedule, due, now))
+            .and_then(|()| db.commit());
+            if result.is_err() {
+                db.rollback();
+            }
+            result
+        })();
+        match written {
+            Ok(()) => {
+                tracing::error!(task_id = schedule.task_id, due, reason = %err.reason, "task execution failed after {attempts} attempts: {}", err.message)
+            }
+            Err(db_err) => tracing::error!(
+                task_id = schedule.task_id,
+                due,
+                "could not record the failed execution: {db_err}"
+            ),
+        }
+    }
+
     fn moved_to(&mut self, seq: u64) {
         self.cursor = seq;
         self.shared.cursor.send_replace(seq);
@@ -364,32 +777,61 @@ impl Actor {
         event: &LoggedEvent,
         cpu_ms: u64,
     ) -> Result<Vec<(String, String)>, InvocationError> {
-        let wit_event = Event {
+        let call = Call::Event(Event {
             seq: event.seq,
             event_type: event.event_type.clone(),
             payload: event.payload.clone(),
             at_ms: event.at,
             source: event.source.clone(),
+        });
+        self.invoke(&call, cpu_ms).await
+    }
+
+    /// One guest invocation inside the caller's open transaction; answers what it emitted.
+    async fn invoke(
+        &mut self,
+        call: &Call,
+        cpu_ms: u64,
+    ) -> Result<Vec<(String, String)>, InvocationError> {
+        let db = self.db_handle();
+        let metrics = self.shared.metrics.clone();
+        let priority = if self.penalized {
+            Priority::Low
+        } else {
+            Priority::Normal
         };
-        let db = self.db.clone();
         let sandbox = self.sandbox().await?;
+        sandbox.set_priority(priority);
         sandbox.host_mut().start_invocation();
         let cpu_before = sandbox.usage().cpu_ms;
         lock(&db).enter_guest(true, guest_db::statement_budget(cpu_ms));
-        let result = sandbox.handle_event(&wit_event).await;
+        let started = Instant::now();
+        let result = match call {
+            Call::Event(event) => sandbox.handle_event(event).await,
+            Call::Task(task) => sandbox.run_task(task).await,
+        };
+        metrics.observe_invocation(started.elapsed());
         lock(&db).leave_guest();
         let emitted = sandbox.host_mut().take_emitted();
-        let cpu_used = sandbox.usage().cpu_ms.saturating_sub(cpu_before);
+        for _ in 0..sandbox.host_mut().take_llm_calls() {
+            metrics.add_llm_call();
+        }
+        let sql_ms = sandbox.host_mut().take_sql_ms();
+        let cpu_used = sandbox.usage().cpu_ms.saturating_sub(cpu_before) + sql_ms;
         self.cpu_budget.charge(cpu_used);
         self.note_usage(cpu_used);
         if self.sandbox.as_ref().is_some_and(Sandbox::is_poisoned) {
             self.sandbox = None;
         }
+        // A plugin's own error is its business; a breach or a trap costs the store priority.
+        self.penalized = result
+            .as_ref()
+            .is_err_and(|err| err.reason != FailureReason::PluginError);
         result.map(|()| emitted)
     }
 
     fn commit(
-        &self,
+        &mut self,
         seq: u64,
         emitted: Vec<(String, String)>,
         completion: Completion,
@@ -406,7 +848,11 @@ impl Actor {
         }
         .map_err(|err| storage_failure("could not record progress", &err))?;
         db.commit()
-            .map_err(|err| storage_failure("could not commit", &err))
+            .map_err(|err| storage_failure("could not commit", &err))?;
+        drop(db);
+        // The invocation may have scheduled or cancelled tasks.
+        self.refresh_next_due();
+        Ok(())
     }
 
     /// Moves emitted events from the outbox into the log (idempotent by origin).
@@ -430,14 +876,17 @@ impl Actor {
 
     async fn query(&mut self, name: &str, args: &str) -> Result<String, StoreError> {
         let cpu_ms = self.settings.quotas.cpu_ms_per_call;
-        let db = self.db.clone();
+        let db = self.db_handle();
+        let metrics = self.shared.metrics.clone();
         lock(&db).begin_read()?;
         let (outcome, cpu_used) = match self.sandbox().await {
             Ok(sandbox) => {
                 sandbox.host_mut().start_invocation();
                 let cpu_before = sandbox.usage().cpu_ms;
                 lock(&db).enter_guest(false, guest_db::statement_budget(cpu_ms));
+                let started = Instant::now();
                 let result = sandbox.query(name, args).await;
+                metrics.observe_invocation(started.elapsed());
                 lock(&db).leave_guest();
                 (result, sandbox.usage().cpu_ms.saturating_sub(cpu_before))
             }
@@ -492,12 +941,14 @@ impl Actor {
 
     /// The live sandbox, instantiated from the current plugin when there is none.
     async fn sandbox(&mut self) -> Result<&mut Sandbox<StoreCapabilities>, InvocationError> {
+        self.wake();
         if self.sandbox.is_none() {
             let host = StoreCapabilities::new(
                 self.shared.id.clone(),
-                self.db.clone(),
+                self.db_handle(),
                 self.config.clone(),
                 self.settings.quotas.cpu_ms_per_call,
+                self.settings.llm.clone(),
             );
             let options = SandboxOptions {
                 files_dir: Some(self.files_dir.clone()),
@@ -529,8 +980,46 @@ impl Actor {
         status.usage.disk_bytes = disk;
     }
 
+    /// Opens `store.db` again after hibernation (nothing to do while it is open). Every piece
+    /// of work the serve loop starts — an event, a due task, a query, a dead-letter retry —
+    /// calls this first, so [`Actor::lock_db`] always finds it open.
+    fn ensure_db(&mut self) -> Result<(), StoreError> {
+        if self.db.is_none() {
+            let file = &self.db_file;
+            let db = GuestDb::open(&file.path, file.durability, self.settings.quotas.disk)?;
+            self.db = Some(Arc::new(Mutex::new(db)));
+        }
+        Ok(())
+    }
+
+    /// [`Actor::ensure_db`] for the serve loop: when the file cannot be opened (a disk
+    /// problem) the work waits a second and is tried again.
+    async fn ensure_db_or_wait(&mut self) -> bool {
+        match self.ensure_db() {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::error!(
+                    "could not open the store's database again after hibernating (retrying in 1 s): {err}"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                false
+            }
+        }
+    }
+
+    /// The open database, shared with the sandbox's `sql` capability.
+    fn db_handle(&self) -> Arc<Mutex<GuestDb>> {
+        self.db
+            .clone()
+            .expect("store.db is open while the store works (Actor::ensure_db)")
+    }
+
     fn lock_db(&self) -> MutexGuard<'_, GuestDb> {
-        lock(&self.db)
+        lock(
+            self.db
+                .as_ref()
+                .expect("store.db is open while the store works (Actor::ensure_db)"),
+        )
     }
 }
 
@@ -578,6 +1067,14 @@ impl CpuBudget {
         }
         let rate = self.per_minute_ms as f64 / 60_000.0;
         Some(Duration::from_secs_f64(-self.available_ms / rate / 1_000.0))
+    }
+}
+
+/// Sleeps for `duration`, or forever when there is none.
+async fn sleep_or_forever(duration: Option<Duration>) {
+    match duration {
+        Some(duration) => tokio::time::sleep(duration).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -4,10 +4,33 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use storehost_runtime::{FailureReason, HostCapabilities, LogLevel, Rows, SqlError, Value};
+use storehost_runtime::llm::{ChatRequest, ErrorClass, LlmError};
+use storehost_runtime::{
+    FailureReason, HostCapabilities, LlmFuture, LogLevel, Rows, ScheduledTask, SqlError, Trigger,
+    Value,
+};
 
 use crate::guest_db::{self, GuestDb};
 use crate::id::StoreId;
+use crate::schedules::{self, Spec};
+
+/// Where a store's `llm` calls go: the host's provider, behind its quotas. Implemented by the
+/// control plane (which owns the providers); the store only forwards.
+pub trait LlmBackend: Send + Sync + std::fmt::Debug + 'static {
+    /// Starts one completion for `store`. Quota refusals come back as a ready `rate-limited`
+    /// error.
+    fn complete(&self, store: &StoreId, request: ChatRequest) -> LlmFuture;
+
+    /// Sets `store`'s `llm_calls_per_minute` (when it starts and whenever its quotas change).
+    fn set_calls_per_minute(&self, store: &StoreId, per_minute: u32) {
+        let _ = (store, per_minute);
+    }
+
+    /// Forgets `store` (it stopped).
+    fn forget(&self, store: &StoreId) {
+        let _ = store;
+    }
+}
 
 /// Most events one invocation may emit.
 pub const MAX_EMITS_PER_CALL: usize = 10_000;
@@ -25,6 +48,10 @@ pub struct StoreCapabilities {
     breach: Option<(FailureReason, String)>,
     cpu_ms_per_call: u64,
     log_lines: u32,
+    llm: Option<Arc<dyn LlmBackend>>,
+    llm_calls: u64,
+    /// Time spent running the guest's SQL (CPU the guest caused outside its own code).
+    sql_time: std::time::Duration,
 }
 
 impl StoreCapabilities {
@@ -33,6 +60,7 @@ impl StoreCapabilities {
         db: Arc<Mutex<GuestDb>>,
         config: Arc<BTreeMap<String, String>>,
         cpu_ms_per_call: u64,
+        llm: Option<Arc<dyn LlmBackend>>,
     ) -> Self {
         Self {
             store_id,
@@ -42,7 +70,23 @@ impl StoreCapabilities {
             breach: None,
             cpu_ms_per_call,
             log_lines: 0,
+            llm,
+            llm_calls: 0,
+            sql_time: std::time::Duration::ZERO,
         }
+    }
+
+    /// Milliseconds spent in the guest's SQL since the last call of this method (charged to
+    /// the store's CPU budget like guest code: a SQL bomb is throttled like a spinning guest).
+    pub fn take_sql_ms(&mut self) -> u64 {
+        let ms = self.sql_time.as_millis();
+        self.sql_time -= std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX));
+        u64::try_from(ms).unwrap_or(u64::MAX)
+    }
+
+    /// LLM completions started since the last call of this method.
+    pub fn take_llm_calls(&mut self) -> u64 {
+        std::mem::take(&mut self.llm_calls)
     }
 
     /// Clears what the previous invocation left.
@@ -72,7 +116,9 @@ impl StoreCapabilities {
 
 impl HostCapabilities for StoreCapabilities {
     fn sql_execute(&mut self, statement: &str, params: Vec<Value>) -> Result<u64, SqlError> {
+        let started = std::time::Instant::now();
         let result = self.db().guest_execute(statement, params);
+        self.sql_time += started.elapsed();
         if let Err(err) = &result {
             self.note_sql_error(err);
         }
@@ -80,7 +126,9 @@ impl HostCapabilities for StoreCapabilities {
     }
 
     fn sql_query(&mut self, statement: &str, params: Vec<Value>) -> Result<Rows, SqlError> {
+        let started = std::time::Instant::now();
         let result = self.db().guest_query(statement, params);
+        self.sql_time += started.elapsed();
         if let Err(err) = &result {
             self.note_sql_error(err);
         }
@@ -145,6 +193,59 @@ impl HostCapabilities for StoreCapabilities {
 
     fn now_ms(&mut self) -> i64 {
         crate::sqlite::now_ms()
+    }
+
+    fn schedule(
+        &mut self,
+        task_id: String,
+        trigger: Trigger,
+        payload: String,
+    ) -> Result<Option<i64>, String> {
+        schedules::validate(&task_id, &payload)?;
+        let spec = Spec::parse(&trigger)?;
+        let now = crate::sqlite::now_ms();
+        let saved = self
+            .db()
+            .as_host(|conn| schedules::upsert(conn, &task_id, &spec, &payload, now));
+        match saved {
+            None => Err("tasks cannot be scheduled from a query (it is read-only)".into()),
+            Some(Ok(next)) => Ok(next),
+            Some(Err(err)) => {
+                let message = format!("could not save the schedule of `{task_id}`: {err}");
+                if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+                    self.breach
+                        .get_or_insert((FailureReason::DiskFull, message.clone()));
+                }
+                Err(message)
+            }
+        }
+    }
+
+    fn cancel_task(&mut self, task_id: &str) -> Result<bool, String> {
+        match self.db().as_host(|conn| schedules::cancel(conn, task_id)) {
+            None => Err("tasks cannot be cancelled from a query (it is read-only)".into()),
+            Some(result) => result.map_err(|err| err.to_string()),
+        }
+    }
+
+    fn list_tasks(&mut self) -> Result<Vec<ScheduledTask>, String> {
+        self.db()
+            .as_host_reading(schedules::list)
+            .map(|tasks| tasks.iter().map(schedules::Schedule::to_wit).collect())
+            .map_err(|err| err.to_string())
+    }
+
+    fn llm_complete(&mut self, request: ChatRequest) -> LlmFuture {
+        let Some(llm) = &self.llm else {
+            return Box::pin(std::future::ready(Err(LlmError {
+                class: ErrorClass::NotConfigured,
+                message: "no LLM provider is configured for this host; set [llm] in the config"
+                    .into(),
+                status: None,
+            })));
+        };
+        self.llm_calls += 1;
+        llm.complete(&self.store_id, request)
     }
 
     fn take_breach(&mut self) -> Option<(FailureReason, String)> {

@@ -19,7 +19,8 @@ CREATE TABLE IF NOT EXISTS events (
     at INTEGER NOT NULL,
     source TEXT NOT NULL,
     idempotency_key TEXT UNIQUE,
-    origin TEXT UNIQUE
+    origin TEXT UNIQUE,
+    request_id TEXT
 );
 ";
 
@@ -32,6 +33,9 @@ pub struct NewEvent {
     pub payload: String,
     /// Optional idempotency key: the same key in the same store returns the original `seq`.
     pub idempotency_key: Option<String>,
+    /// The correlation id of the request that appended it (`X-Request-Id`), carried into the
+    /// log lines of its processing.
+    pub request_id: Option<String>,
 }
 
 /// An event in the log.
@@ -49,12 +53,20 @@ pub struct LoggedEvent {
     pub at: i64,
     /// Who appended it: `api` or `plugin`.
     pub source: String,
+    /// The correlation id of the request that appended it (for an emitted event: of the event
+    /// that caused it).
+    #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// The event log of one store.
 pub struct EventLog {
-    writer: Mutex<Connection>,
-    reader: Mutex<Connection>,
+    path: std::path::PathBuf,
+    durability: Durability,
+    /// Closed while the store hibernates; the next append opens it again (still durable
+    /// before it returns).
+    writer: Mutex<Option<Connection>>,
+    reader: sqlite::LazyReader,
 }
 
 impl std::fmt::Debug for EventLog {
@@ -68,17 +80,59 @@ impl EventLog {
     pub fn open(path: &Path, durability: Durability) -> rusqlite::Result<Self> {
         let writer = sqlite::open(path, durability)?;
         writer.execute_batch(SCHEMA)?;
+        add_request_id_column(&writer)?;
         let reader = sqlite::open_reader(path)?;
         Ok(Self {
-            writer: Mutex::new(writer),
-            reader: Mutex::new(reader),
+            path: path.to_owned(),
+            durability,
+            writer: Mutex::new(Some(writer)),
+            reader: sqlite::LazyReader::new(path, reader),
         })
+    }
+
+    /// The store is hibernating: hands back the reader's and the writer's statement and page
+    /// caches (both stay open, so the next event wakes the store quickly).
+    pub(crate) fn release_memory(&self) {
+        self.reader.shrink();
+        if let Some(writer) = &*lock(&self.writer)
+            && let Err(err) = sqlite::release_memory(writer)
+        {
+            tracing::debug!("could not shrink the event log's cache: {err}");
+        }
+    }
+
+    /// The store has hibernated for long: closes the reader and the writer (the next read or
+    /// append opens them again), so it holds neither memory nor file descriptors here.
+    pub(crate) fn close(&self) {
+        self.reader.close();
+        let closed = lock(&self.writer).take();
+        drop(closed);
+    }
+
+    /// Runs `work` on the writer, opening it first when it is closed.
+    fn with_writer<T>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let mut guard = lock(&self.writer);
+        let conn = match &mut *guard {
+            Some(conn) => conn,
+            slot => slot.insert(sqlite::open(&self.path, self.durability)?),
+        };
+        work(conn)
     }
 
     /// Appends `events` from `source` in one transaction; returns each event's `seq` (the
     /// original `seq` for an idempotency key seen before). Durable when this returns.
     pub fn append(&self, events: &[NewEvent], source: &str) -> rusqlite::Result<Vec<u64>> {
-        let mut conn = lock(&self.writer);
+        self.with_writer(|conn| Self::append_in(conn, events, source))
+    }
+
+    fn append_in(
+        conn: &mut Connection,
+        events: &[NewEvent],
+        source: &str,
+    ) -> rusqlite::Result<Vec<u64>> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut seqs = Vec::with_capacity(events.len());
         {
@@ -86,7 +140,7 @@ impl EventLog {
             let mut find =
                 tx.prepare_cached("SELECT seq FROM events WHERE idempotency_key = ?1")?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO events (type, payload, at, source, idempotency_key) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO events (type, payload, at, source, idempotency_key, request_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for event in events {
                 if let Some(key) = &event.idempotency_key
@@ -100,7 +154,8 @@ impl EventLog {
                     event.payload,
                     now,
                     source,
-                    event.idempotency_key
+                    event.idempotency_key,
+                    event.request_id
                 ])?;
                 seqs.push(tx.last_insert_rowid() as u64);
             }
@@ -111,18 +166,29 @@ impl EventLog {
 
     /// Appends events the plugin emitted, each once per origin.
     pub fn append_emitted(&self, entries: &[crate::guest_db::OutboxEntry]) -> rusqlite::Result<()> {
-        let mut conn = lock(&self.writer);
+        self.with_writer(|conn| Self::append_emitted_in(conn, entries))
+    }
+
+    fn append_emitted_in(
+        conn: &mut Connection,
+        entries: &[crate::guest_db::OutboxEntry],
+    ) -> rusqlite::Result<()> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO events (type, payload, at, source, origin) VALUES (?1, ?2, ?3, 'plugin', ?4)",
+                "INSERT OR IGNORE INTO events (type, payload, at, source, origin, request_id)
+                 VALUES (?1, ?2, ?3, 'plugin', ?4, (SELECT request_id FROM events WHERE seq = ?5))",
             )?;
             for entry in entries {
+                // An event's emissions carry `<cause seq>:<index>` (a task's carry no seq).
+                let cause: Option<u64> =
+                    entry.origin.split(':').next().and_then(|s| s.parse().ok());
                 insert.execute(params![
                     entry.event_type,
                     entry.payload,
                     entry.at,
-                    entry.origin
+                    entry.origin,
+                    cause
                 ])?;
             }
         }
@@ -131,27 +197,31 @@ impl EventLog {
 
     /// The `seq` of the newest event (0 when empty).
     pub fn head(&self) -> rusqlite::Result<u64> {
-        lock(&self.reader).query_row("SELECT coalesce(max(seq), 0) FROM events", [], |row| {
-            row.get(0)
+        self.reader.with(|conn| {
+            conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |row| {
+                row.get(0)
+            })
         })
     }
 
     /// Up to `limit` events with `seq > after`, in order.
     pub fn read_after(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<LoggedEvent>> {
-        let conn = lock(&self.reader);
-        let mut stmt = conn.prepare_cached(
-            "SELECT seq, type, payload, at, source FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![after, limit as i64], |row| {
-            Ok(LoggedEvent {
-                seq: row.get(0)?,
-                event_type: row.get(1)?,
-                payload: row.get(2)?,
-                at: row.get(3)?,
-                source: row.get(4)?,
-            })
-        })?;
-        rows.collect()
+        self.reader.with(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, type, payload, at, source, request_id FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit as i64], |row| {
+                Ok(LoggedEvent {
+                    seq: row.get(0)?,
+                    event_type: row.get(1)?,
+                    payload: row.get(2)?,
+                    at: row.get(3)?,
+                    source: row.get(4)?,
+                    request_id: row.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
     }
 
     /// The event with `seq`, if any.
@@ -163,7 +233,18 @@ impl EventLog {
     }
 }
 
-fn lock(mutex: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+/// Logs written before correlation ids existed get the column (empty for their old events).
+fn add_request_id_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has_column = conn
+        .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name = 'request_id'")?
+        .exists([])?;
+    if !has_column {
+        conn.execute_batch("ALTER TABLE events ADD COLUMN request_id TEXT")?;
+    }
+    Ok(())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave SQLite half-written (its transaction rolls
     // back), so a poisoned lock is safe to keep using.
     mutex
@@ -180,6 +261,7 @@ mod tests {
             event_type: t.into(),
             payload: "{}".into(),
             idempotency_key: key.map(Into::into),
+            request_id: None,
         }
     }
 
@@ -208,5 +290,25 @@ mod tests {
             vec![1, 2, 3, 4]
         );
         assert_eq!(log.head().unwrap(), 4);
+    }
+
+    #[test]
+    fn a_closed_log_opens_again_on_the_next_append_and_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(&dir.path().join("events.db"), Durability::Process).unwrap();
+        log.append(&[event("a", Some("k"))], "api").unwrap();
+        log.close();
+        assert!(
+            lock(&log.writer).is_none(),
+            "a long hibernation closes the writer"
+        );
+        assert_eq!(
+            log.append(&[event("b", None), event("c", Some("k"))], "api")
+                .unwrap(),
+            vec![2, 1]
+        );
+        log.close();
+        assert_eq!(log.read_after(0, 10).unwrap().len(), 2);
+        assert_eq!(log.head().unwrap(), 2);
     }
 }

@@ -127,6 +127,7 @@ impl GuestDb {
     pub fn open(path: &Path, durability: Durability, disk_quota: u64) -> rusqlite::Result<Self> {
         let mut conn = sqlite::open(path, durability)?;
         conn.execute_batch(HOST_SCHEMA)?;
+        conn.execute_batch(crate::schedules::SCHEMA)?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)?;
         conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;
@@ -235,6 +236,31 @@ impl GuestDb {
         self.mode.store(MODE_HOST, Ordering::Relaxed);
         self.statement_budget.set(None);
         self.set_deadline(None);
+    }
+
+    /// Runs host statements in the middle of a guest call (a capability that keeps its state in
+    /// the host's tables, inside the invocation's transaction). Answers `None` when the guest is
+    /// in read-only mode (a query), where capabilities must not write.
+    pub(crate) fn as_host<T>(&self, write: impl FnOnce(&Connection) -> T) -> Option<T> {
+        let previous = self.mode.load(Ordering::Relaxed);
+        if previous == MODE_GUEST_READ {
+            return None;
+        }
+        self.mode.store(MODE_HOST, Ordering::Relaxed);
+        self.set_deadline(None);
+        let result = write(&self.conn);
+        self.mode.store(previous, Ordering::Relaxed);
+        Some(result)
+    }
+
+    /// Reads host tables in the middle of a guest call, also in read-only mode.
+    pub(crate) fn as_host_reading<T>(&self, read: impl FnOnce(&Connection) -> T) -> T {
+        let previous = self.mode.load(Ordering::Relaxed);
+        self.mode.store(MODE_HOST, Ordering::Relaxed);
+        self.set_deadline(None);
+        let result = read(&self.conn);
+        self.mode.store(previous, Ordering::Relaxed);
+        result
     }
 
     fn set_deadline(&self, deadline: Option<Instant>) {

@@ -8,16 +8,19 @@
 //! - `files/` — the only directory the guest's WASI filesystem sees (at `/data`).
 
 mod actor;
+pub mod backup;
 pub mod capabilities;
 pub mod dir;
 pub mod event_log;
 pub mod guest_db;
 pub mod id;
+pub mod metrics;
 pub mod quotas;
+pub mod schedules;
 pub mod sqlite;
 pub mod store;
 
-pub use capabilities::StoreCapabilities;
+pub use capabilities::{LlmBackend, StoreCapabilities};
 pub use event_log::{LoggedEvent, NewEvent};
 pub use guest_db::DeadLetter;
 pub use id::{InvalidStoreId, STORE_ID_RULE, StoreId};

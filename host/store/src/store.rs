@@ -13,12 +13,13 @@ use serde::Serialize;
 use storehost_runtime::{FailureReason, InvocationError, Plugin, Runtime};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::actor::{Actor, Command};
+use crate::actor::{Actor, Command, DbFile};
 use crate::capabilities::StoreCapabilities;
 use crate::dir::{self, StoreDir};
 use crate::event_log::{EventLog, LoggedEvent, NewEvent};
 use crate::guest_db::{self, DeadLetter, GuestDb};
 use crate::id::StoreId;
+use crate::metrics::StoreMetrics;
 use crate::quotas::Quotas;
 use crate::sqlite::{self, Durability};
 
@@ -89,7 +90,22 @@ pub struct StoreSettings {
     pub config: BTreeMap<String, String>,
     /// How failing events are retried.
     pub retry: RetryPolicy,
+    /// Where the plugin's `llm` calls go (`None`: they fail as `not-configured`).
+    pub llm: Option<Arc<dyn crate::LlmBackend>>,
+    /// Scheduled executions missed by less than this run once after downtime; older ones are
+    /// recorded as `missed`.
+    pub task_catch_up: std::time::Duration,
+    /// A store with nothing to do for this long hibernates: it drops its sandbox (freeing its
+    /// pool slot and linear memory) and its SQLite caches until the next event, query or due
+    /// task wakes it. `None`: never.
+    pub idle_timeout: Option<std::time::Duration>,
+    /// A hibernated store idle this much longer also closes its SQLite files (it then holds
+    /// no file descriptor and about 18 KB); its next wake opens them again.
+    pub close_files_after: std::time::Duration,
 }
+
+/// The default catch-up window of scheduled tasks (SPEC §4.6).
+pub const DEFAULT_TASK_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Everything that can go wrong talking to a store.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +175,9 @@ pub enum StoreState {
     Backoff,
     /// Stopped; no longer processing.
     Stopped,
+    /// Idle for `idle_timeout`: its sandbox is dropped; the next event, query or due task wakes
+    /// it transparently.
+    Hibernated,
 }
 
 /// The last failure of a store.
@@ -217,6 +236,10 @@ pub struct StoreStatus {
     pub usage: UsageReport,
     /// Until when the store waits (circuit open or CPU budget used up), ms since the Unix epoch.
     pub waiting_until: Option<i64>,
+    /// Scheduled task executions completed since the host started.
+    pub tasks_executed: u64,
+    /// When the store's next scheduled task is due (ms since the Unix epoch).
+    pub next_task_due_at: Option<i64>,
 }
 
 /// State shared by a store's handle and its actor.
@@ -227,11 +250,25 @@ pub(crate) struct Shared {
     pub(crate) cursor: watch::Sender<u64>,
     pub(crate) status: Mutex<StoreStatus>,
     pub(crate) max_pending: std::sync::atomic::AtomicU64,
+    pub(crate) metrics: Arc<StoreMetrics>,
     ingress: Mutex<Ingress>,
-    reader: Mutex<rusqlite::Connection>,
+    reader: sqlite::LazyReader,
 }
 
 impl Shared {
+    /// Shrinks the caches of the store's shared connections (hibernation); they stay open.
+    pub(crate) fn release_memory(&self) {
+        self.log.release_memory();
+        self.reader.shrink();
+    }
+
+    /// Closes the store's shared readers and the log writer (a long hibernation); each opens
+    /// again on its next use.
+    pub(crate) fn close_files(&self) {
+        self.log.close();
+        self.reader.close();
+    }
+
     pub(crate) fn status(&self) -> std::sync::MutexGuard<'_, StoreStatus> {
         self.status
             .lock()
@@ -300,6 +337,8 @@ impl Store {
             last_activity: None,
             usage: UsageReport::default(),
             waiting_until: None,
+            tasks_executed: 0,
+            next_task_due_at: None,
         };
         let shared = Arc::new(Shared {
             id: id.clone(),
@@ -308,20 +347,27 @@ impl Store {
             cursor: watch::Sender::new(cursor),
             status: Mutex::new(status),
             max_pending: settings.quotas.max_pending_events.into(),
+            metrics: Arc::default(),
             ingress: Mutex::new(Ingress::new(&settings.quotas)),
-            reader: Mutex::new(reader),
+            reader: sqlite::LazyReader::new(&dir.store_db(), reader),
         });
         let (commands, inbox) = mpsc::channel(64);
+        // Stores run apart from the API's threads (see `Runtime::guest_executor`).
+        let executor = settings.plugin.guest_executor().clone();
         let actor = Actor::new(
             shared.clone(),
             db,
+            DbFile {
+                path: dir.store_db(),
+                durability,
+            },
             dir.files.clone(),
             settings,
             inbox,
             cursor,
         );
         let span = tracing::info_span!("store", store_id = %id);
-        let handle = tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
+        let handle = executor.spawn(tracing::Instrument::instrument(actor.run(), span));
         Ok(Self {
             shared,
             commands,
@@ -338,6 +384,17 @@ impl Store {
     /// The store's directory.
     pub fn dir(&self) -> &StoreDir {
         &self.dir
+    }
+
+    /// The store's counters for `GET /metrics` (shared: the task scheduler and the `llm`
+    /// capability bump theirs through it).
+    pub fn metrics(&self) -> &Arc<StoreMetrics> {
+        &self.shared.metrics
+    }
+
+    /// Resolves once the store's actor has stopped (removed, or the host shuts down).
+    pub async fn stopped(&self) {
+        self.commands.closed().await;
     }
 
     /// Appends events from `source`; durable (survives `kill -9`) when this returns.
@@ -365,6 +422,7 @@ impl Store {
         let shared = self.shared.clone();
         let source = source.to_owned();
         let seqs = blocking(move || shared.log.append(&events, &source)).await??;
+        self.shared.metrics.add_events_accepted(seqs.len() as u64);
         if let Some(&newest) = seqs.iter().max() {
             self.shared.head.send_if_modified(|head| {
                 let grew = newest > *head;
@@ -434,12 +492,18 @@ impl Store {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Calls the plugin's `query` export (read-only).
-    pub async fn query(&self, name: &str, args: &str) -> Result<String, StoreError> {
+    /// Calls the plugin's `query` export (read-only); `request_id` marks its log lines.
+    pub async fn query(
+        &self,
+        name: &str,
+        args: &str,
+        request_id: Option<&str>,
+    ) -> Result<String, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Query {
             name: name.to_owned(),
             args: args.to_owned(),
+            request_id: request_id.map(str::to_owned),
             reply,
         })
         .await?;
@@ -451,12 +515,16 @@ impl Store {
     /// Every dead letter of the store, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
         let shared = self.shared.clone();
+        Ok(blocking(move || shared.reader.with(guest_db::list_dead_letters)).await??)
+    }
+
+    /// The store's scheduled tasks and its latest executions.
+    pub async fn tasks(&self) -> Result<crate::schedules::TasksView, StoreError> {
+        let shared = self.shared.clone();
         Ok(blocking(move || {
-            let conn = shared
+            shared
                 .reader
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            guest_db::list_dead_letters(&conn)
+                .with(|conn| crate::schedules::view(conn, crate::schedules::RECENT_RUNS))
         })
         .await??)
     }

@@ -24,6 +24,8 @@ pub enum Command {
         /// The TOML config file.
         path: PathBuf,
     },
+    /// Admin client over the HTTP API (token from STOREHOST_ADMIN_TOKEN or --token).
+    Ctl(crate::ctl::CtlArgs),
     /// Plugin tools.
     Plugin {
         /// What to do with the plugin.

@@ -5,6 +5,7 @@
 mod admin_token;
 mod check;
 mod cli;
+mod ctl;
 mod logging;
 mod serve;
 
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckConfig { path } => check::config(&path),
+        Command::Ctl(args) => ctl::run(args),
         Command::Plugin {
             command: PluginCommand::Check { file },
         } => check::plugin(&file),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::{Context, anyhow};
 use storehost_api::{AppState, ConfigStatus, ServeOptions};
 use storehost_control::config::{self, HostConfig, PluginSource, ProcessEnv};
+use storehost_control::llm_backend::ServiceBackend;
 use storehost_control::reconciler::{Reconciler, ReconcilerSettings};
 use storehost_control::watcher::{self, ConfigReloader};
 use storehost_control::webhook::{WebhookSettings, Webhooks};
@@ -66,6 +67,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     })
     .map_err(|err| anyhow!("could not start the wasm runtime: {err:#}"))?;
 
+    let llm = config
+        .llm_service(&ProcessEnv)
+        .map_err(|err| anyhow!("the LLM provider could not be set up: {err}"))?;
+    tracing::info!("LLM provider: {}", config.describe_llm());
+    let llm: Arc<dyn storehost_store::LlmBackend> = ServiceBackend::new(Arc::new(llm));
+
     let orchestrator = Arc::new(Orchestrator::new(
         runtime,
         HostSettings {
@@ -74,6 +81,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             retry: config.retry.policy(),
             max_stores: config.max_stores,
             defaults: config.default_spec(),
+            llm: Some(llm),
+            task_catch_up: storehost_store::store::DEFAULT_TASK_CATCH_UP,
+            idle_timeout: config.idle_timeout(),
+            close_files_after: config.close_files_after(),
         },
     )?);
 

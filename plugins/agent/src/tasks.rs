@@ -20,7 +20,10 @@ pub const QUERY_TASKS: &str = "tasks";
 pub const QUERY_TASK: &str = "task";
 
 /// The status of a task whose creation did not say.
-const DEFAULT_STATUS: &str = "todo";
+pub const DEFAULT_STATUS: &str = "todo";
+
+/// The `source` of events this plugin emitted.
+pub const PLUGIN_SOURCE: &str = "plugin";
 
 /// The host gives plugins no init hook, so each task event creates the table if needed.
 /// `created_at`/`updated_at` have no declared type (no affinity), so they keep the event's form:
@@ -74,7 +77,7 @@ struct TaskArchived {
 }
 
 /// Tells a field given as `null` (`Some(None)`) from a field left out (`None`).
-fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+pub(crate) fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,
@@ -82,17 +85,17 @@ where
     T::deserialize(deserializer).map(Some)
 }
 
-/// A task as queries answer it.
-#[derive(Debug, Serialize)]
+/// A task as queries (and the agent's tools) answer it.
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Task {
-    id: String,
-    title: String,
-    description: Option<String>,
-    status: String,
-    archived: bool,
-    created_at: Option<Timestamp>,
-    updated_at: Option<Timestamp>,
+pub struct Task {
+    pub id: String,
+    pub title: String,
+    pub description: Option<String>,
+    pub status: String,
+    pub archived: bool,
+    pub created_at: Option<Timestamp>,
+    pub updated_at: Option<Timestamp>,
 }
 
 impl Task {
@@ -109,7 +112,8 @@ impl Task {
     }
 }
 
-fn ensure_schema() -> Result<(), String> {
+/// Creates the `tasks` table if it does not exist yet.
+pub fn ensure_schema() -> Result<(), String> {
     sql::execute(SCHEMA, params![])?;
     Ok(())
 }
@@ -126,44 +130,47 @@ fn checked_id<'a>(event: &Event, id: &'a str) -> Result<&'a str, String> {
     }
 }
 
-/// `v2.TaskCreated`: inserts the task. A second creation of the same id changes nothing.
-pub fn on_created(event: &Event) -> Result<(), String> {
-    let created: TaskCreated = event.payload_json()?;
-    let id = checked_id(event, &created.id)?;
+/// A new task, as an event or the agent's `create_task` tool describes it.
+#[derive(Debug, Clone)]
+pub struct NewTask<'a> {
+    pub id: &'a str,
+    pub title: &'a str,
+    pub description: Option<&'a str>,
+    pub status: &'a str,
+    pub created_at: &'a Timestamp,
+}
+
+/// Inserts a task; answers `false` (changing nothing) when a task with that id exists.
+pub fn insert(task: &NewTask<'_>) -> Result<bool, String> {
     ensure_schema()?;
-    let created_at = created
-        .created_at
-        .unwrap_or_else(|| Timestamp::from_epoch_ms(event.at_ms));
     let inserted = sql::execute(
         "INSERT INTO tasks (id, title, description, status, archived, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)
          ON CONFLICT (id) DO NOTHING",
         params![
-            id,
-            created.title,
-            created.description,
-            created.status.as_deref().unwrap_or(DEFAULT_STATUS),
-            created_at,
+            task.id,
+            task.title,
+            task.description,
+            task.status,
+            task.created_at
         ],
     )?;
-    if inserted == 0 {
-        log::warn(format_args!(
-            "{TASK_CREATED} (seq {}): task `{id}` already exists; kept as it was",
-            event.seq
-        ));
-    }
-    Ok(())
+    Ok(inserted > 0)
 }
 
-/// `v1.TaskUpdated`: changes the fields the payload carries.
-pub fn on_updated(event: &Event) -> Result<(), String> {
-    let updated: TaskUpdated = event.payload_json()?;
-    let id = checked_id(event, &updated.id)?;
+/// The fields of a task to change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct TaskChanges<'a> {
+    pub title: Option<&'a str>,
+    /// `Some(None)` clears the description.
+    pub description: Option<Option<&'a str>>,
+    pub status: Option<&'a str>,
+}
+
+/// Changes the given fields of task `id`; answers `false` when there is no such task.
+pub fn update(id: &str, changes: &TaskChanges<'_>, updated_at: &Timestamp) -> Result<bool, String> {
     ensure_schema()?;
-    let updated_at = updated
-        .updated_at
-        .unwrap_or_else(|| Timestamp::from_epoch_ms(event.at_ms));
-    let (description_given, description) = match updated.description {
+    let (description_given, description) = match changes.description {
         Some(description) => (true, description),
         None => (false, None),
     };
@@ -176,14 +183,87 @@ pub fn on_updated(event: &Event) -> Result<(), String> {
          WHERE id = ?1",
         params![
             id,
-            updated.title,
+            changes.title,
             description_given,
             description,
-            updated.status,
+            changes.status,
             updated_at,
         ],
     )?;
-    if changed == 0 {
+    Ok(changed > 0)
+}
+
+/// Marks task `id` archived; answers `false` when there is no such task.
+pub fn archive(id: &str, archived_at: &Timestamp) -> Result<bool, String> {
+    ensure_schema()?;
+    let changed = sql::execute(
+        "UPDATE tasks SET archived = 1, updated_at = ?2 WHERE id = ?1",
+        params![id, archived_at],
+    )?;
+    Ok(changed > 0)
+}
+
+/// The task with id `id`, if any.
+pub fn get(id: &str) -> Result<Option<Task>, String> {
+    Ok(read_tasks(
+        &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
+        params![id],
+    )?
+    .into_iter()
+    .next())
+}
+
+/// Tasks in creation order; archived ones only when `include_archived`.
+pub fn list(include_archived: bool) -> Result<Vec<Task>, String> {
+    read_tasks(
+        &format!("SELECT {COLUMNS} FROM tasks WHERE archived = 0 OR ?1 ORDER BY rowid"),
+        params![include_archived],
+    )
+}
+
+/// `v2.TaskCreated`: inserts the task. A second creation of the same id changes nothing (the
+/// agent's own `create_task` tool writes the task and emits this event, which then comes back
+/// here and finds the task in place).
+pub fn on_created(event: &Event) -> Result<(), String> {
+    let created: TaskCreated = event.payload_json()?;
+    let id = checked_id(event, &created.id)?;
+    let created_at = created
+        .created_at
+        .unwrap_or_else(|| Timestamp::from_epoch_ms(event.at_ms));
+    let inserted = insert(&NewTask {
+        id,
+        title: &created.title,
+        description: created.description.as_deref(),
+        status: created.status.as_deref().unwrap_or(DEFAULT_STATUS),
+        created_at: &created_at,
+    })?;
+    if !inserted {
+        let message = format_args!(
+            "{TASK_CREATED} (seq {}): task `{id}` already exists; kept as it was",
+            event.seq
+        );
+        if event.source == PLUGIN_SOURCE {
+            log::debug(message);
+        } else {
+            log::warn(message);
+        }
+    }
+    Ok(())
+}
+
+/// `v1.TaskUpdated`: changes the fields the payload carries.
+pub fn on_updated(event: &Event) -> Result<(), String> {
+    let updated: TaskUpdated = event.payload_json()?;
+    let id = checked_id(event, &updated.id)?;
+    let updated_at = updated
+        .updated_at
+        .unwrap_or_else(|| Timestamp::from_epoch_ms(event.at_ms));
+    let changes = TaskChanges {
+        title: updated.title.as_deref(),
+        description: updated.description.as_ref().map(Option::as_deref),
+        status: updated.status.as_deref(),
+    };
+    if !update(id, &changes, &updated_at)? {
         // Retrying cannot make an unknown task appear, so this is not a failure of the event.
         log::warn(format_args!(
             "{TASK_UPDATED} (seq {}): no task `{id}`; nothing changed",
@@ -197,15 +277,10 @@ pub fn on_updated(event: &Event) -> Result<(), String> {
 pub fn on_archived(event: &Event) -> Result<(), String> {
     let archived: TaskArchived = event.payload_json()?;
     let id = checked_id(event, &archived.id)?;
-    ensure_schema()?;
     let archived_at = archived
         .archived_at
         .unwrap_or_else(|| Timestamp::from_epoch_ms(event.at_ms));
-    let changed = sql::execute(
-        "UPDATE tasks SET archived = 1, updated_at = ?2 WHERE id = ?1",
-        params![id, archived_at],
-    )?;
-    if changed == 0 {
+    if !archive(id, &archived_at)? {
         log::warn(format_args!(
             "{TASK_ARCHIVED} (seq {}): no task `{id}`; nothing changed",
             event.seq
@@ -242,23 +317,13 @@ fn read_tasks(statement: &str, params: &[sql::Value]) -> Result<Vec<Task>, Strin
 /// Query `tasks`: tasks in creation order, archived ones only when `includeArchived` is true.
 pub fn query_tasks(args: Json) -> Result<Json, String> {
     let args: TasksArgs = query_args(QUERY_TASKS, args)?;
-    let tasks = read_tasks(
-        &format!("SELECT {COLUMNS} FROM tasks WHERE archived = 0 OR ?1 ORDER BY rowid"),
-        params![args.include_archived],
-    )?;
-    Ok(json!({ "tasks": tasks }))
+    Ok(json!({ "tasks": list(args.include_archived)? }))
 }
 
 /// Query `task`: the task with the given id, or `null`.
 pub fn query_task(args: Json) -> Result<Json, String> {
     let args: TaskArgs = query_args(QUERY_TASK, args)?;
-    let task = read_tasks(
-        &format!("SELECT {COLUMNS} FROM tasks WHERE id = ?1"),
-        params![args.id],
-    )?
-    .into_iter()
-    .next();
-    Ok(json!({ "task": task }))
+    Ok(json!({ "task": get(&args.id)? }))
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! component, built for `wasm32-wasip2`.
 //!
 //! Well-behaved fixtures: `writer` (key/value writes, emits, exactly-once bookkeeping), `flaky`
-//! (fails on demand, driven by store config), `trivial` (does nothing; benchmarks), `escape`
+//! (fails on demand, driven by store config), `trivial` (does nothing; benchmarks), `bench`
+//! (point reads through `sql` and an echo reply; the benchmark command), `escape`
 //! (probes the sandbox's walls and records what it reached). Hostile programs, each of which
 //! misbehaves in `handle_event` (for every event type but `ping`), in `run_task`, and in the
 //! query named `hostile`: `spin`, `hostcall_loop`, `memory_hog`, `deep_recursion`, `panicker`,
@@ -49,8 +50,8 @@ impl<M: Misbehaviour> Plugin for Hostile<M> {
         Ok(json!({}))
     }
 
-    fn run_task(_task_id: String, payload: String) -> Result<(), String> {
-        M::misbehave(json_or_null(&payload))
+    fn run_task(task: storehost_guest_sdk::Task) -> Result<(), String> {
+        M::misbehave(json_or_null(&task.payload))
     }
 }
 

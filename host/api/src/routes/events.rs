@@ -2,18 +2,19 @@
 
 use std::time::Duration;
 
-use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use storehost_store::NewEvent;
+use storehost_store::{LoggedEvent, NewEvent};
 
 use super::running_store;
 use crate::body::JsonBody;
 use crate::error::ApiError;
+use crate::request_id::RequestId;
 use crate::state::AppState;
 
 /// Most events in one append request.
@@ -45,10 +46,27 @@ pub struct Batch {
 pub async fn append(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
     body: Result<JsonBody<Value>, ApiError>,
 ) -> Result<impl IntoResponse, ApiError> {
     let store = running_store(&state, &id).await?;
     let JsonBody(raw) = body?;
+    let (batch, mut events) = parse_append(raw)?;
+    for event in &mut events {
+        event.request_id = Some(request_id.clone());
+    }
+    let seqs = store.append(events, "api").await?;
+    let body = if batch {
+        json!({ "seqs": seqs })
+    } else {
+        json!({ "seq": seqs[0] })
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)))
+}
+
+/// Reads an append body — one event `{"type","payload","idempotencyKey"}` or a batch
+/// `{"events":[...]}` — into the events to append; `true` for a batch.
+pub fn parse_append(raw: Value) -> Result<(bool, Vec<NewEvent>), ApiError> {
     let invalid = |err: serde_json::Error| {
         ApiError::bad_request(
             "invalid_event",
@@ -76,13 +94,7 @@ pub async fn append(
         .enumerate()
         .map(|(index, event)| validate(index, event))
         .collect::<Result<Vec<_>, _>>()?;
-    let seqs = store.append(events, "api").await?;
-    let body = if batch {
-        json!({ "seqs": seqs })
-    } else {
-        json!({ "seq": seqs[0] })
-    };
-    Ok((StatusCode::ACCEPTED, Json(body)))
+    Ok((batch, events))
 }
 
 fn validate(index: usize, event: EventIn) -> Result<NewEvent, ApiError> {
@@ -106,6 +118,7 @@ fn validate(index: usize, event: EventIn) -> Result<NewEvent, ApiError> {
             .payload
             .map_or_else(|| "{}".to_owned(), |p| p.to_string()),
         idempotency_key: event.idempotency_key,
+        request_id: None,
     })
 }
 
@@ -119,14 +132,31 @@ pub struct ReadParams {
     wait_ms: Option<u64>,
 }
 
+/// An event as the API shows it (reads and the SSE stream).
 #[derive(serde::Serialize)]
-struct EventOut<'a> {
+pub(crate) struct EventOut<'a> {
     seq: u64,
     #[serde(rename = "type")]
     event_type: &'a str,
     payload: &'a RawValue,
     at: i64,
     source: &'a str,
+    #[serde(rename = "requestId", skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+}
+
+impl<'a> EventOut<'a> {
+    /// `event` with its payload already parsed.
+    pub(crate) fn new(event: &'a LoggedEvent, payload: &'a RawValue) -> Self {
+        Self {
+            seq: event.seq,
+            event_type: &event.event_type,
+            payload,
+            at: event.at,
+            source: &event.source,
+            request_id: event.request_id.as_deref(),
+        }
+    }
 }
 
 /// `GET /v1/stores/{id}/events` → `{"events":[...],"next":SEQ}`; long-polls with `waitMs`.
@@ -158,13 +188,7 @@ pub async fn read(
     for event in &events {
         let payload: &RawValue =
             serde_json::from_str(&event.payload).map_err(ApiError::internal)?;
-        out.push(EventOut {
-            seq: event.seq,
-            event_type: &event.event_type,
-            payload,
-            at: event.at,
-            source: &event.source,
-        });
+        out.push(EventOut::new(event, payload));
     }
     let body = serde_json::to_string(&json!({ "events": out, "next": next }))
         .map_err(ApiError::internal)?;
@@ -185,6 +209,7 @@ pub async fn query(
     State(state): State<AppState>,
     Path((id, name)): Path<(String, String)>,
     Query(params): Query<QueryParams>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
 ) -> Result<impl IntoResponse, ApiError> {
     let store = running_store(&state, &id).await?;
     let args = params.args.unwrap_or_else(|| "{}".to_owned());
@@ -194,7 +219,7 @@ pub async fn query(
             "args must be JSON, e.g. ?args={\"id\":\"t1\"} (URL-encoded)",
         ));
     }
-    let answer = store.query(&name, &args).await?;
+    let answer = store.query(&name, &args, Some(&request_id)).await?;
     if serde_json::from_str::<serde::de::IgnoredAny>(&answer).is_err() {
         return Err(ApiError::new(
             StatusCode::BAD_GATEWAY,

@@ -1,10 +1,15 @@
 //! The routes of the HTTP API, one module per resource.
 
 pub mod admin;
+pub mod backup;
+pub mod dashboard;
 pub mod events;
 pub mod health;
+pub mod metrics;
 pub mod plugins;
 pub mod stores;
+pub mod stream;
+pub mod tokens;
 pub mod webhooks;
 
 use storehost_store::{Store, StoreId};

@@ -129,7 +129,7 @@ pub async fn pause(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let store = running_store(&state, &id).await?;
-    store.set_paused(true).await?;
+    state.orchestrator.set_paused(store.id(), true).await?;
     Ok(Json(json!({"storeId": store.id(), "state": "paused"})))
 }
 
@@ -139,7 +139,7 @@ pub async fn resume(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let store = running_store(&state, &id).await?;
-    store.set_paused(false).await?;
+    state.orchestrator.set_paused(store.id(), false).await?;
     Ok(Json(json!({"storeId": store.id(), "state": "running"})))
 }
 
@@ -150,6 +150,15 @@ pub async fn dead_letters(
 ) -> Result<impl IntoResponse, ApiError> {
     let store = running_store(&state, &id).await?;
     Ok(Json(json!({ "deadLetters": store.dead_letters().await? })))
+}
+
+/// `GET /v1/stores/{id}/tasks` — the store's schedules and latest task executions.
+pub async fn tasks(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let store = running_store(&state, &id).await?;
+    Ok(Json(store.tasks().await?))
 }
 
 /// `POST /v1/stores/{id}/dead-letters/{seq}/retry` — delivers the event once more and answers

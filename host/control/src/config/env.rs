@@ -8,10 +8,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
 
+use storehost_llm::StubProvider;
 use storehost_store::id::{STORE_ID_RULE, StoreId};
 
-use super::HostConfig;
 use super::error::{ConfigError, ConfigErrorKind as Kind, ConfigErrors};
+use super::load::is_env_var_name;
+use super::{HostConfig, LlmProviderKind};
 
 /// Default of `WORKSPACE_RECONCILE_INTERVAL_MS`: 5 minutes.
 pub const DEFAULT_WORKSPACE_RECONCILE_INTERVAL_MS: u64 = 5 * 60 * 1000;
@@ -156,6 +158,10 @@ pub const ENV_VARS: &[&str] = &[
     "MANUAL_RECONCILE_MIN_INTERVAL_MS",
     "LLM_MAX_ITERATIONS",
     "LLM_STUB_RESPONSES",
+    "LLM_PROVIDER",
+    "LLM_BASE_URL",
+    "LLM_MODEL",
+    "LLM_API_KEY_ENV",
 ];
 
 /// Applies the environment overrides of SPEC §5a to `config`.
@@ -207,7 +213,50 @@ pub fn apply_env(config: &mut HostConfig, env: &dyn Env) -> Result<EnvReport, Co
         next.env.llm_max_iterations = n;
     }
     if let Some(rules) = reader.json_object("LLM_STUB_RESPONSES") {
-        next.env.llm_stub_responses = Some(rules);
+        let rules = serde_json::Value::Object(rules);
+        match StubProvider::from_value(&rules) {
+            Ok(_) => next.env.llm_stub_responses = rules.as_object().cloned(),
+            Err(err) => reader.refuse("LLM_STUB_RESPONSES", &rules.to_string(), &err.message),
+        }
+    }
+    if let Some(provider) = reader.text("LLM_PROVIDER") {
+        match provider.to_ascii_lowercase().as_str() {
+            "stub" => next.llm.provider = LlmProviderKind::Stub,
+            "openai" => next.llm.provider = LlmProviderKind::OpenAi,
+            _ => reader.refuse(
+                "LLM_PROVIDER",
+                &provider,
+                "expected \"stub\" (offline rules) or \"openai\" (an OpenAI-compatible server)",
+            ),
+        }
+    }
+    if let Some(url) = reader.http_url("LLM_BASE_URL") {
+        next.llm.base_url = url;
+    }
+    if let Some(model) = reader.text("LLM_MODEL") {
+        next.llm.model = model;
+    }
+    if let Some(name) = reader.text("LLM_API_KEY_ENV") {
+        if is_env_var_name(&name) {
+            next.llm.api_key_env = name;
+        } else {
+            // The value is not echoed: it may be a pasted key.
+            reader
+                .report
+                .applied
+                .retain(|applied| *applied != "LLM_API_KEY_ENV");
+            reader.errors.push(ConfigError::env(
+                "LLM_API_KEY_ENV",
+                Kind::InvalidEnv,
+                "LLM_API_KEY_ENV is not an environment variable name: give the name of the variable that holds the API key, not the key itself (like OPENAI_API_KEY)",
+            ));
+        }
+    }
+    if next.env.llm_stub_responses.is_some() && next.llm.provider != LlmProviderKind::Stub {
+        reader.report.warnings.push(format!(
+            "LLM_STUB_RESPONSES is set but the LLM provider is {:?}, so its rules are unused; set LLM_PROVIDER=stub to use them",
+            next.llm.provider.as_str()
+        ));
     }
 
     let total = next.store_ids().len();

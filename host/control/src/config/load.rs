@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use serde::de::{DeserializeOwned, IntoDeserializer};
+use storehost_llm::StubProvider;
 use storehost_store::id::{STORE_ID_RULE, StoreId};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
@@ -18,8 +19,8 @@ use toml::de::{DeTable, DeValue};
 use super::error::{ConfigError, ConfigErrorKind as Kind, ConfigErrors, Location};
 use super::quotas::QuotasOverride;
 use super::{
-    BUILTIN_PLUGIN, DefaultsConfig, HostConfig, HttpConfig, PluginConfig, RegistryConfig,
-    RetryConfig, StoreConfig, WebhookConfig, validate_plugin_name,
+    BUILTIN_PLUGIN, DefaultsConfig, HostConfig, HttpConfig, LlmConfig, PluginConfig,
+    RegistryConfig, RetryConfig, StoreConfig, WebhookConfig, validate_plugin_name,
 };
 
 /// Reads and checks the config file at `path`.
@@ -80,7 +81,7 @@ pub fn parse_str(text: &str, origin_path: impl AsRef<Path>) -> Result<HostConfig
 
 /// The sections under the top level, checked apart from the top-level keys.
 const SECTIONS: &[&str] = &[
-    "http", "retry", "defaults", "plugins", "stores", "webhook", "registry",
+    "http", "retry", "defaults", "plugins", "stores", "webhook", "registry", "llm",
 ];
 
 /// Checks the whole document; `Some` only when nothing was wrong.
@@ -96,6 +97,7 @@ fn check_document(
     let retry = c.optional_section::<RetryConfig>(doc, &top, "retry", &[]);
     let webhook = c.optional_section::<WebhookConfig>(doc, &top, "webhook", &[]);
     let registry = c.optional_section::<RegistryConfig>(doc, &top, "registry", &[]);
+    let llm = check_llm(c, doc, origin);
     let defaults = check_defaults(c, doc);
     let known_plugins = known_plugin_names(doc);
     let plugins = check_plugins(c, doc, origin);
@@ -115,6 +117,7 @@ fn check_document(
         stores: stores?,
         webhook: webhook?,
         registry: registry?,
+        llm: llm?,
         ..top_level?
     };
     if config.stores.len() > config.max_stores {
@@ -150,6 +153,38 @@ fn check_defaults(c: &mut Checker<'_>, doc: &DeTable<'_>) -> Option<DefaultsConf
         quotas: quotas?,
         ..defaults?
     })
+}
+
+/// Checks `[llm]`, and the stub rules it gives (inline or in a file, resolved against
+/// `origin`'s directory) so that bad rules are reported at their key.
+fn check_llm(c: &mut Checker<'_>, doc: &DeTable<'_>, origin: &Path) -> Option<LlmConfig> {
+    let mut llm = c.optional_section::<LlmConfig>(doc, &Section::top(), "llm", &[])?;
+    if let (Some(rules), Some(span)) = (&llm.stub_rules, c.value_span(doc, "llm", "stub_rules"))
+        && let Err(err) = StubProvider::from_json(rules)
+    {
+        c.error(
+            Kind::InvalidValue,
+            span,
+            format!("invalid stub_rules in [llm]: {}", err.message),
+        );
+        return None;
+    }
+    if let Some(path) = &llm.stub_rules_file {
+        let path = HostConfig::resolve_against(origin, path);
+        if let (Err(err), Some(span)) = (
+            StubProvider::from_file(&path),
+            c.value_span(doc, "llm", "stub_rules_file"),
+        ) {
+            c.error(
+                Kind::InvalidValue,
+                span,
+                format!("invalid stub_rules_file in [llm]: {}", err.message),
+            );
+            return None;
+        }
+        llm.stub_rules_file = Some(path);
+    }
+    Some(llm)
 }
 
 /// The names stores may use: the built-in plugin and every validly named `[plugins.<name>]`.
@@ -500,12 +535,75 @@ impl Problems for RegistryConfig {
     }
 }
 
+impl Problems for LlmConfig {
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        let rest = self
+            .base_url
+            .strip_prefix("http://")
+            .or_else(|| self.base_url.strip_prefix("https://"));
+        if rest.is_none_or(|rest| rest.is_empty() || rest.starts_with('/'))
+            || self.base_url.chars().any(char::is_whitespace)
+        {
+            problems.push((
+                "base_url",
+                format!(
+                    "base_url = {:?} is not an http:// or https:// URL with a host; give the API root, like \"https://api.openai.com/v1\" or \"http://127.0.0.1:11434/v1\" (requests go to <base_url>/chat/completions)",
+                    self.base_url
+                ),
+            ));
+        }
+        if self.model.trim().is_empty() {
+            problems.push((
+                "model",
+                "model is empty; give the model name the server serves, like \"gpt-4o-mini\" or \"llama3.1\"".to_owned(),
+            ));
+        }
+        if !self.api_key_env.is_empty() && !is_env_var_name(&self.api_key_env) {
+            // The value is not echoed: it may be a pasted key.
+            problems.push((
+                "api_key_env",
+                "api_key_env is not an environment variable name; give the name of the variable that holds the key, not the key itself (like \"OPENAI_API_KEY\"), or \"\" to send no key".to_owned(),
+            ));
+        }
+        for (key, value) in [
+            ("timeout_ms", self.timeout_ms),
+            ("deadline_ms", self.deadline_ms),
+            ("max_concurrent", self.max_concurrent as u64),
+        ] {
+            if value == 0 {
+                problems.push((
+                    key,
+                    format!("{key} = 0 would fail every LLM call; it must be at least 1"),
+                ));
+            }
+        }
+        if self.backoff_max_ms < self.backoff_base_ms {
+            problems.push((
+                "backoff_max_ms",
+                format!(
+                    "backoff_max_ms ({}) is below backoff_base_ms ({}); it must be at least backoff_base_ms",
+                    self.backoff_max_ms, self.backoff_base_ms
+                ),
+            ));
+        }
+        if self.stub_rules.is_some() && self.stub_rules_file.is_some() {
+            problems.push((
+                "stub_rules_file",
+                "[llm] has both stub_rules and stub_rules_file; give the rules in one of them"
+                    .to_owned(),
+            ));
+        }
+        problems
+    }
+}
+
 impl Problems for DefaultsConfig {}
 impl Problems for PluginConfig {}
 impl Problems for StoreConfig {}
 
 /// Whether `name` could be an environment variable's name.
-fn is_env_var_name(name: &str) -> bool {
+pub(crate) fn is_env_var_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars
         .next()

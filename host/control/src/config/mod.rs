@@ -7,6 +7,7 @@
 
 mod env;
 pub mod error;
+pub mod llm;
 mod load;
 pub mod quotas;
 pub mod size;
@@ -27,6 +28,7 @@ pub use env::{
     MIN_RECONCILE_INTERVAL_MS, MapEnv, ProcessEnv, Secret, apply_env,
 };
 pub use error::{ConfigError, ConfigErrorKind, ConfigErrors, Location};
+pub use llm::{LlmConfig, LlmProviderKind};
 pub use load::{load_file, parse_str};
 pub use quotas::QuotasOverride;
 /// How far an accepted event's durability goes: `"process"` (default) or `"power"`.
@@ -288,6 +290,13 @@ pub struct HostConfig {
     pub max_stores: usize,
     /// How far an accepted event's durability goes.
     pub durability: Durability,
+    /// A store with nothing to do for this many ms hibernates: it drops its sandbox (its pool
+    /// slot) and caches until the next event, query or due task wakes it. 0: never.
+    pub idle_timeout_ms: u64,
+    /// A hibernated store idle this many ms longer also closes its SQLite files: it then costs
+    /// about 18 KB and no file descriptor, and its next wake opens them again (about a
+    /// millisecond more). 0: at once when it hibernates.
+    pub close_files_after_ms: u64,
     /// `[http]`.
     pub http: HttpConfig,
     /// `[retry]`.
@@ -302,6 +311,8 @@ pub struct HostConfig {
     pub webhook: WebhookConfig,
     /// `[registry]`.
     pub registry: RegistryConfig,
+    /// `[llm]`.
+    pub llm: LlmConfig,
     /// What the environment set (see [`apply_env`]); defaults when it was not applied.
     #[serde(skip)]
     pub env: EnvOverrides,
@@ -315,6 +326,8 @@ impl Default for HostConfig {
             admin_token_env: "STOREHOST_ADMIN_TOKEN".to_owned(),
             max_stores: 1000,
             durability: Durability::default(),
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            close_files_after_ms: DEFAULT_CLOSE_FILES_AFTER_MS,
             http: HttpConfig::default(),
             retry: RetryConfig::default(),
             defaults: DefaultsConfig::default(),
@@ -322,12 +335,29 @@ impl Default for HostConfig {
             stores: BTreeMap::new(),
             webhook: WebhookConfig::default(),
             registry: RegistryConfig::default(),
+            llm: LlmConfig::default(),
             env: EnvOverrides::default(),
         }
     }
 }
 
+/// How long a store stays idle before it hibernates, by default (5 minutes).
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 5 * 60 * 1000;
+/// How much longer a hibernated store stays idle before it closes its files, by default
+/// (25 minutes: half an hour idle in all).
+pub const DEFAULT_CLOSE_FILES_AFTER_MS: u64 = 25 * 60 * 1000;
+
 impl HostConfig {
+    /// How long a store stays idle before it hibernates (`None`: never).
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms))
+    }
+
+    /// How much longer a hibernated store stays idle before it closes its files.
+    pub fn close_files_after(&self) -> Duration {
+        Duration::from_millis(self.close_files_after_ms)
+    }
+
     /// Every default, plus the demo stores [`DEMO_STORES`] on the built-in plugin: what
     /// `storehost serve` runs without a config file.
     pub fn embedded_default() -> Self {
@@ -349,10 +379,19 @@ impl HostConfig {
 
     /// The spec of a store that names nothing: the default plugin and quotas, no config.
     pub fn default_spec(&self) -> StoreSpec {
+        // Host-wide plugin settings from the environment reach plugins as store config keys
+        // (a store's own config wins).
+        let mut config = BTreeMap::new();
+        if self.env.llm_max_iterations != env::DEFAULT_LLM_MAX_ITERATIONS {
+            config.insert(
+                "LLM_MAX_ITERATIONS".to_owned(),
+                self.env.llm_max_iterations.to_string(),
+            );
+        }
         StoreSpec {
             plugin: self.defaults.plugin.clone(),
             quotas: self.default_quotas(),
-            config: BTreeMap::new(),
+            config,
         }
     }
 
@@ -372,7 +411,12 @@ impl HostConfig {
                     .clone()
                     .unwrap_or_else(|| self.defaults.plugin.clone()),
                 quotas: store.quotas.apply_to(&defaults.quotas),
-                config: store.config.clone(),
+                config: defaults
+                    .config
+                    .iter()
+                    .chain(&store.config)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
             };
             (id.clone(), spec)
         });

@@ -514,3 +514,32 @@ fn webhook_and_registry_sections_parse_and_check_their_values() {
     let (_, _, _, message) = only_error("[webhook]\ntolerance_secs = 0\n");
     assert!(message.contains("at least 1"), "{message}");
 }
+
+#[test]
+fn llm_max_iterations_from_the_environment_reaches_every_store_unless_it_sets_its_own() {
+    let mut config = parse(
+        "[stores.alpha-store]\n\n[stores.beta-store]\nconfig = { LLM_MAX_ITERATIONS = \"4\" }\n",
+    )
+    .unwrap();
+    let env = MapEnv::from_iter([("LLM_MAX_ITERATIONS", "7"), ("STORE_IDS", "gamma-store")]);
+    let report = apply_env(&mut config, &env).unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    let specs = config.store_specs();
+    let iterations = |store: &str| specs[&id(store)].config.get("LLM_MAX_ITERATIONS").cloned();
+    assert_eq!(iterations("alpha-store").as_deref(), Some("7"));
+    assert_eq!(
+        iterations("beta-store").as_deref(),
+        Some("4"),
+        "the store's own value wins"
+    );
+    assert_eq!(iterations("gamma-store").as_deref(), Some("7"));
+    assert_eq!(
+        config
+            .default_spec()
+            .config
+            .get("LLM_MAX_ITERATIONS")
+            .map(String::as_str),
+        Some("7"),
+        "stores added through the API or webhooks get it too"
+    );
+}

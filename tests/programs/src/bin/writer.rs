@@ -1,18 +1,25 @@
 //! A well-behaved plugin: key/value writes, emitted events, and a record of every event applied.
 //!
 //! Events: `kv.put {key, value}` upserts into `kv` (a non-string `value` is stored as its JSON
-//! text); `kv.emit {type, payload}` emits that event. Every event, of any type, also inserts its
+//! text); `kv.emit {type, payload}` emits that event; `kv.slow {key, value, sleepMs}` writes like
+//! `kv.put`, then appends `<seq>` to `/data/handler.log` (outside the transaction) and sleeps —
+//! a window in which the host can be killed between the guest's writes and their commit. Every
+//! event, of any type, also inserts its
 //! `seq` into `applied(seq INTEGER PRIMARY KEY)`: a second application of the same event would
 //! violate the key, fail the handler and so be visible to tests.
 //!
-//! Queries: `get {key}` → `{"value": ...|null}`; `applied` → `{"seqs": [...]}`;
+//! `kv.log {message}` writes `message` to the host log (info).
+//!
+//! Queries: `log {message}` writes `message` to the host log; `get {key}` → `{"value": ...|null}`; `applied` → `{"seqs": [...]}`;
 //! `count` → `{"kv": N, "applied": N}`.
 #![forbid(unsafe_code)]
+
+use std::io::Write as _;
 
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 use storehost_guest_sdk::sql::{self, SqlError};
-use storehost_guest_sdk::{Event, Plugin, events, export_plugin, params, query_args};
+use storehost_guest_sdk::{Event, Plugin, events, export_plugin, log, params, query_args};
 
 struct Writer;
 
@@ -20,6 +27,14 @@ struct Writer;
 struct Put {
     key: String,
     value: Json,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Slow {
+    key: String,
+    value: Json,
+    sleep_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -56,6 +71,19 @@ fn read(statement: &str, params: &[sql::Value]) -> Result<Option<sql::Rows>, Str
     }
 }
 
+fn upsert(key: String, value: Json) -> Result<(), SqlError> {
+    let value = match value {
+        Json::String(text) => text,
+        other => other.to_string(),
+    };
+    sql::execute(
+        "INSERT INTO kv (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
 fn count(table: &str) -> Result<i64, String> {
     Ok(
         match read(&format!("SELECT count(*) FROM {table}"), params![])? {
@@ -71,15 +99,26 @@ impl Plugin for Writer {
         match event.event_type.as_str() {
             "kv.put" => {
                 let put: Put = event.payload_json()?;
-                let value = match put.value {
-                    Json::String(text) => text,
-                    other => other.to_string(),
-                };
-                sql::execute(
-                    "INSERT INTO kv (key, value) VALUES (?1, ?2)
-                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    params![put.key, value],
-                )?;
+                upsert(put.key, put.value)?;
+            }
+            "kv.slow" => {
+                let slow: Slow = event.payload_json()?;
+                upsert(slow.key, slow.value)?;
+                let mut marker = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open("/data/handler.log")
+                    .map_err(|err| format!("open /data/handler.log: {err}"))?;
+                writeln!(marker, "{}", event.seq).map_err(|err| err.to_string())?;
+                drop(marker);
+                std::thread::sleep(std::time::Duration::from_millis(slow.sleep_ms));
+            }
+            "kv.log" => {
+                let message: Json = event.payload_json()?;
+                log::info(format_args!(
+                    "{}",
+                    message["message"].as_str().unwrap_or("")
+                ));
             }
             "kv.emit" => {
                 let emit: Emit = event.payload_json()?;
@@ -115,6 +154,10 @@ impl Plugin for Writer {
                     None => Vec::new(),
                 };
                 Ok(json!({ "seqs": seqs }))
+            }
+            "log" => {
+                log::info(format_args!("{}", args["message"].as_str().unwrap_or("")));
+                Ok(json!({}))
             }
             "count" => Ok(json!({ "kv": count("kv")?, "applied": count("applied")? })),
             other => Err(format!(

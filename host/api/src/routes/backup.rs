@@ -1,0 +1,188 @@
+//! `GET /v1/stores/{id}/backup` (a consistent snapshot of a running store, as a `.tar.gz` with
+//! a manifest) and `PUT /v1/stores/{id}/backup` (restore: the archive is checked whole before
+//! the store's data is replaced).
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::json;
+use storehost_control::orchestrator::backup::RestoreFailure;
+use storehost_store::backup::{RestoreError, ScratchDir};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::parse_store_id;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The largest archive a restore accepts.
+pub const MAX_RESTORE_BYTES: u64 = 16 << 30;
+
+/// `GET /v1/stores/{id}/backup` → the archive (`application/gzip`), with its seq range in
+/// `X-Backup-*` headers.
+pub async fn download(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_store_id(&id)?;
+    let (scratch, archive) = state.orchestrator.backup_store(&id).await?;
+    let file = tokio::fs::File::open(&archive.path)
+        .await
+        .map_err(ApiError::internal)?;
+    tracing::info!(
+        store_id = %id,
+        bytes = archive.size,
+        last_seq = archive.manifest.seq.last,
+        cursor = archive.manifest.cursor,
+        "backup taken"
+    );
+    // The scratch directory (and the archive in it) lives until the body is sent.
+    let chunks = futures::stream::unfold(Some((file, scratch)), |state| async move {
+        let (mut file, scratch) = state?;
+        let mut buffer = vec![0u8; 256 << 10];
+        match file.read(&mut buffer).await {
+            Ok(0) => None,
+            Ok(read) => {
+                buffer.truncate(read);
+                Some((Ok(Bytes::from(buffer)), Some((file, scratch))))
+            }
+            Err(err) => Some((Err(err), None)),
+        }
+    });
+    let manifest = &archive.manifest;
+    let filename = format!(
+        "attachment; filename=\"{id}-{}.storehost-backup.tar.gz\"",
+        manifest.created_at
+    );
+    let mut response = Body::from_stream(chunks).into_response();
+    let headers = response.headers_mut();
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    };
+    set("content-type", "application/gzip".into());
+    set("content-length", archive.size.to_string());
+    set("content-disposition", filename);
+    set("x-backup-store-id", manifest.store_id.clone());
+    set("x-backup-seq-first", manifest.seq.first.to_string());
+    set("x-backup-seq-last", manifest.seq.last.to_string());
+    set("x-backup-cursor", manifest.cursor.to_string());
+    Ok(response)
+}
+
+/// `?allowDifferentStore=true`
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreParams {
+    #[serde(default)]
+    allow_different_store: bool,
+}
+
+/// `PUT /v1/stores/{id}/backup` (body: an archive from `GET`) → 200 with what was restored;
+/// 400 unreadable archive, 409 backup of another store, 422 invalid backup, 404 no such store.
+pub async fn restore(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    params: Result<Query<RestoreParams>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = parse_store_id(&id)?;
+    let Query(params) = params.map_err(|err| {
+        ApiError::bad_request(
+            "invalid_query",
+            format!("{err}; the only parameter is allowDifferentStore=true|false"),
+        )
+    })?;
+    if state.orchestrator.get(&id).await.is_none() {
+        return Err(ApiError::unknown_store(id.as_str()));
+    }
+    let data_dir = state.orchestrator.settings().data_dir.clone();
+    let scratch_id = id.clone();
+    let scratch =
+        tokio::task::spawn_blocking(move || ScratchDir::new(&data_dir, "restore", &scratch_id))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::internal)?;
+    let upload = scratch.path().join("upload");
+    let received = receive(body, &upload).await?;
+    if received == 0 {
+        return Err(ApiError::bad_request(
+            "empty_body",
+            "the request body is empty; send the archive GET /v1/stores/{id}/backup produced",
+        ));
+    }
+    let report = state
+        .orchestrator
+        .restore_store(&id, &upload, &scratch, params.allow_different_store)
+        .await
+        .map_err(restore_error)?;
+    Ok(Json(json!({
+        "storeId": report.store_id,
+        "status": "restored",
+        "state": if report.paused { "paused" } else { "running" },
+        "restoredFrom": {
+            "storeId": report.manifest.store_id,
+            "createdAt": report.manifest.created_at,
+            "plugin": report.manifest.plugin,
+        },
+        "seq": report.manifest.seq,
+        "cursor": report.manifest.cursor,
+        "previousData": report.previous_data,
+        "warnings": report.warnings,
+    })))
+}
+
+/// Writes the request body to `path`; returns its length. Over [`MAX_RESTORE_BYTES`] → 413.
+async fn receive(body: Body, path: &std::path::Path) -> Result<u64, ApiError> {
+    let mut file = tokio::fs::File::create(path)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut body = body;
+    let mut received: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| {
+            ApiError::bad_request(
+                "body_unreadable",
+                format!("could not read the archive from the request: {err}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        received += data.len() as u64;
+        if received > MAX_RESTORE_BYTES {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the archive is larger than {MAX_RESTORE_BYTES} bytes"),
+            ));
+        }
+        file.write_all(&data).await.map_err(ApiError::internal)?;
+    }
+    file.flush().await.map_err(ApiError::internal)?;
+    Ok(received)
+}
+
+fn restore_error(err: RestoreFailure) -> ApiError {
+    match err {
+        RestoreFailure::NotFound(id) => ApiError::unknown_store(id.as_str()),
+        RestoreFailure::StoreMismatch { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "store_mismatch", err.to_string())
+        }
+        RestoreFailure::Archive(RestoreError::Unreadable(_)) => ApiError::bad_request(
+            "invalid_archive",
+            format!("{err}; the store's data was not changed"),
+        ),
+        RestoreFailure::Archive(RestoreError::Invalid(message)) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_backup",
+            format!("{message}; the store's data was not changed"),
+        ),
+        RestoreFailure::Archive(RestoreError::Io(err)) => ApiError::internal(err),
+        RestoreFailure::Control(err) => err.into(),
+    }
+}

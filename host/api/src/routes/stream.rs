@@ -1,0 +1,126 @@
+//! `GET /v1/stores/{id}/events/stream?after=SEQ`: the store's events as Server-Sent Events.
+//!
+//! Each event is one SSE message: `id:` its seq, `event:` its type, `data:` the event's JSON as
+//! `GET /v1/stores/{id}/events` shows it. A client that reconnects with `Last-Event-ID` (which
+//! browsers' `EventSource` send by themselves) resumes right after the last event it saw, so
+//! it gets every event exactly once. Waiting uses the store's head notification: nothing polls.
+//! Streams end when the store stops or the host starts shutting down (so shutdown does not
+//! wait for them).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use storehost_store::{LoggedEvent, Store};
+
+use super::events::EventOut;
+use super::running_store;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Events read from the log at a time.
+const BATCH: usize = 256;
+/// How long one wait for new events lasts before the stream checks in again (a safety net:
+/// new events and the store stopping both wake it at once).
+const WAIT: Duration = Duration::from_secs(30);
+/// How often a comment keeps an idle connection (and proxies on the way) alive.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// `?after=SEQ`
+#[derive(Debug, Deserialize)]
+pub struct StreamParams {
+    after: Option<u64>,
+}
+
+/// `GET /v1/stores/{id}/events/stream`
+pub async fn stream(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    params: Result<Query<StreamParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let store = running_store(&state, &id).await?;
+    let Query(params) = params.map_err(|err| {
+        ApiError::bad_request(
+            "invalid_query",
+            format!("{err}; use ?after=<seq> (a whole number, 0 for the whole log)"),
+        )
+    })?;
+    let after = match headers.get("last-event-id") {
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_last_event_id",
+                    "Last-Event-ID must be the seq of the last event received (a whole number)",
+                )
+            })?,
+        None => params.after.unwrap_or(0),
+    };
+    let events = futures::stream::unfold(
+        Cursor {
+            store,
+            after,
+            buffered: VecDeque::new(),
+            shutting_down: state.shutting_down.subscribe(),
+        },
+        Cursor::next,
+    );
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive")))
+}
+
+/// Where one stream is in the store's log.
+struct Cursor {
+    store: Store,
+    after: u64,
+    buffered: VecDeque<LoggedEvent>,
+    shutting_down: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Cursor {
+    /// The next SSE message; `None` ends the stream (the store stopped, the host shuts down,
+    /// or the log failed). A client reconnecting with `Last-Event-ID` misses nothing.
+    async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
+        loop {
+            if let Some(event) = self.buffered.pop_front() {
+                self.after = event.seq;
+                return Some((Ok(message(&event)), self));
+            }
+            let read = tokio::select! {
+                read = self.store.read(self.after, BATCH, Some(WAIT)) => read,
+                () = self.store.stopped() => return None,
+                _ = self.shutting_down.wait_for(|down| *down) => return None,
+            };
+            match read {
+                Ok(events) => self.buffered.extend(events),
+                Err(err) => {
+                    tracing::warn!(store_id = %self.store.id(), "event stream ended: {err}");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+fn message(event: &LoggedEvent) -> Event {
+    let fallback = RawValue::NULL;
+    let payload: &RawValue = serde_json::from_str(&event.payload).unwrap_or(fallback);
+    // The event's JSON, as `GET /v1/stores/{id}/events` shows it.
+    let data =
+        serde_json::to_string(&EventOut::new(event, payload)).unwrap_or_else(|_| "null".to_owned());
+    let message = Event::default().id(event.seq.to_string()).data(data);
+    // An SSE field cannot span lines: a type with a line break is left to the data.
+    if event.event_type.contains(['\n', '\r']) {
+        message
+    } else {
+        message.event(&event.event_type)
+    }
+}

@@ -1,0 +1,291 @@
+//! Hibernation: the cold wake of a hibernated store (POST one event → processed, its sandbox
+//! instantiated again) with its files still open and with them closed, against a warm event
+//! to the same store right after; and what a store hibernated for long still costs the host
+//! (RSS and open file descriptors per store, over N stores that each processed one event and
+//! then went to sleep).
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use storehost_store::{Store, StoreId};
+use storehost_tests::{TestHost, TestHostOptions, programs};
+
+use crate::raw;
+use crate::report::{Progress, Row, Table, ms, percentile, thousands, times_of};
+
+/// Idle time before a store hibernates in this benchmark.
+const IDLE: Duration = Duration::from_millis(200);
+/// Sandbox pool slots: far fewer than stores, as on a host that relies on hibernation.
+const POOL_SLOTS: u32 = 256;
+
+pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
+    let samples = if quick { 200 } else { 1_000 };
+    // A store hibernated for long keeps none of its files open, so neither memory nor the
+    // descriptor limit stops a host at the 10,000 stores.
+    let sleepers = if quick { 1_000 } else { 10_000 };
+    let active = if quick { 100 } else { 1_000 };
+    let rss_at_start = rss_bytes()?;
+
+    // Stores that close their files as soon as they hibernate (`close_files_after_ms = 0`):
+    // what a long-idle store costs, and its wake.
+    let host = start(samples + sleepers + 20, Duration::ZERO).await;
+    for i in 0..10 {
+        let store = provision(&host, &format!("warm-{i:02}")).await?;
+        event_round(&host, &store).await?;
+    }
+    wait_all_hibernated(&host, "warm", 10).await?;
+    raw::settle_disk().await;
+    let rss_before = rss_bytes()?;
+    let fds_before = open_fds()?;
+    let mut progress = Progress::new(
+        format!("{sleepers} stores: provisioned, one event each, then idle"),
+        sleepers,
+    );
+    for i in 0..sleepers {
+        let store = provision(&host, &format!("sleep-{i:05}")).await?;
+        event_round(&host, &store).await?;
+        progress.step();
+    }
+    wait_all_hibernated(&host, "sleep", sleepers).await?;
+    let rss_after = rss_bytes()?;
+    let fds_after = open_fds()?;
+    let per_store = rss_after.saturating_sub(rss_before) as f64 / sleepers as f64;
+    let fds_per_store = fds_after.saturating_sub(fds_before) as f64 / sleepers as f64;
+
+    // Beside them, stores that stay awake (a second host in this process that never
+    // hibernates): each keeps its sandbox, its linear memory and its files.
+    let awake = TestHost::start_with(TestHostOptions {
+        max_stores: active + 10,
+        pool_slots: Some(u32::try_from(active + 10)?),
+        idle_timeout: None,
+        ..TestHostOptions::default()
+    })
+    .await;
+    awake.deploy("trivial", programs::TRIVIAL).await;
+    let mut progress = Progress::new(
+        format!("{active} active stores beside them: provisioned, two events each"),
+        active,
+    );
+    for i in 0..active {
+        let store = provision(&awake, &format!("busy-{i:05}")).await?;
+        event_round(&awake, &store).await?;
+        event_round(&awake, &store).await?;
+        progress.step();
+    }
+    let rss_mixed = rss_bytes()?;
+    awake.stop().await;
+    let deep = cold_wakes(&host, "files closed", samples).await?;
+    host.stop().await;
+
+    // Stores that keep their files open while they hibernate (the first `close_files_after_ms`).
+    let host = start(samples + 20, Duration::from_secs(3600)).await;
+    let light = cold_wakes(&host, "files open", samples).await?;
+    host.stop().await;
+
+    for (wakes, what) in [
+        (light, "files still open (the first close_files_after_ms)"),
+        (deep, "files closed too"),
+    ] {
+        let Wakes { mut cold, mut warm } = wakes;
+        let cold_p50 = percentile(&mut cold, 50.0);
+        let cold_p99 = percentile(&mut cold, 99.0);
+        let warm_p50 = percentile(&mut warm, 50.0);
+        let warm_p99 = percentile(&mut warm, 99.0);
+        table.push(Row {
+            figure: format!(
+                "cold wake: POST event → processed on a hibernated store, {what} (trivial plugin, {samples} stores, sandbox re-instantiated)"
+            ),
+            unit: "ms",
+            p50: ms(cold_p50),
+            p99: ms(cold_p99),
+            reference: format!(
+                "the next event to the same, now awake store: p50 {} ms / p99 {} ms",
+                ms(warm_p50),
+                ms(warm_p99)
+            ),
+            ratio: format!(
+                "p50 {} / p99 {}",
+                times_of(cold_p50, warm_p50),
+                times_of(cold_p99, warm_p99)
+            ),
+            target: "p99 ≤ 1 ms",
+        });
+    }
+    table.push(Row {
+        figure: format!(
+            "memory per hibernated store, files closed: RSS delta over {sleepers} stores ({} open fds per store)",
+            thousands(fds_per_store)
+        ),
+        unit: "KB",
+        p50: format!("{:.1}", per_store / 1024.0),
+        p99: "—".to_owned(),
+        reference: format!(
+            "RSS {} MB before, {} MB after",
+            thousands(rss_before as f64 / 1_048_576.0),
+            thousands(rss_after as f64 / 1_048_576.0)
+        ),
+        ratio: "—".to_owned(),
+        target: "≤ 20 KB",
+    });
+    table.push(Row {
+        figure: format!(
+            "RSS with {} stores of which {active} active (awake, sandbox live), the rest hibernated with files closed",
+            thousands((sleepers + active) as f64)
+        ),
+        unit: "MB",
+        p50: thousands(rss_mixed as f64 / 1_048_576.0),
+        p99: "—".to_owned(),
+        reference: format!(
+            "the process before any store: {} MB",
+            thousands(rss_at_start as f64 / 1_048_576.0)
+        ),
+        ratio: "—".to_owned(),
+        target: if quick {
+            "≤ 1.5 GB (at 10,000 + 1,000; quick runs fewer)"
+        } else {
+            "≤ 1.5 GB"
+        },
+    });
+    Ok(())
+}
+
+/// A host whose stores hibernate after [`IDLE`] and close their files `close_files_after`
+/// later, with the trivial plugin deployed.
+async fn start(max_stores: usize, close_files_after: Duration) -> TestHost {
+    let host = TestHost::start_with(TestHostOptions {
+        max_stores,
+        pool_slots: Some(POOL_SLOTS),
+        idle_timeout: Some(IDLE),
+        close_files_after,
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("trivial", programs::TRIVIAL).await;
+    host
+}
+
+/// Cold wakes and the warm events right after them.
+struct Wakes {
+    cold: Vec<Duration>,
+    warm: Vec<Duration>,
+}
+
+/// `samples` stores, each provisioned, given one event and left to hibernate; then for each a
+/// cold wake (one event) and a warm event right after.
+async fn cold_wakes(host: &TestHost, what: &str, samples: usize) -> anyhow::Result<Wakes> {
+    let mut stores = Vec::with_capacity(samples);
+    let mut progress = Progress::new(
+        format!("stores to wake ({what}): provisioned, one event each"),
+        samples,
+    );
+    for i in 0..samples {
+        let store = provision(host, &format!("wake-{i:05}")).await?;
+        event_round(host, &store).await?;
+        stores.push(store);
+        progress.step();
+    }
+    wait_all_hibernated(host, "wake", samples).await?;
+    raw::settle_disk().await;
+    let mut wakes = Wakes {
+        cold: Vec::with_capacity(samples),
+        warm: Vec::with_capacity(samples),
+    };
+    let mut progress = Progress::new(
+        format!("hibernated store ({what}): event → processed, then a warm one"),
+        samples,
+    );
+    for store in &stores {
+        anyhow::ensure!(
+            store.status().state == storehost_store::StoreState::Hibernated,
+            "store {} woke up before it was measured",
+            store.id()
+        );
+        wakes.cold.push(event_round(host, store).await?);
+        wakes.warm.push(event_round(host, store).await?);
+        progress.step();
+    }
+    Ok(wakes)
+}
+
+/// `PUT /v1/stores/{id}` with the trivial plugin; answers the running store.
+async fn provision(host: &TestHost, id: &str) -> anyhow::Result<Store> {
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            &format!("/v1/stores/{id}"),
+            Some(json!({"plugin": "trivial"})),
+        )
+        .await;
+    anyhow::ensure!(
+        status == 201,
+        "PUT /v1/stores/{id} answered {status}: {body}"
+    );
+    host.orchestrator
+        .get(&StoreId::new(id)?)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("store {id} does not run"))
+}
+
+/// One event to `store`: the time from `POST` until it is processed.
+async fn event_round(host: &TestHost, store: &Store) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let (status, body) = host
+        .post(
+            &format!("/v1/stores/{}/events", store.id()),
+            json!({"type": "tick", "payload": {}}),
+        )
+        .await;
+    anyhow::ensure!(
+        status == 202,
+        "POST event to {} answered {status}: {body}",
+        store.id()
+    );
+    let seq = body["seq"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no seq in {body}"))?;
+    anyhow::ensure!(
+        store.wait_processed(seq, Duration::from_secs(30)).await,
+        "store {} did not process event {seq}",
+        store.id()
+    );
+    Ok(started.elapsed())
+}
+
+/// Waits until the `count` stores whose ids start with `prefix` all hibernate.
+async fn wait_all_hibernated(host: &TestHost, prefix: &str, count: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let asleep = host
+            .orchestrator
+            .list()
+            .await
+            .iter()
+            .filter(|view| view.id.as_str().starts_with(prefix))
+            .filter(|view| view.status.state == storehost_store::StoreState::Hibernated)
+            .count();
+        if asleep >= count {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {asleep} of {count} {prefix} stores hibernated"
+        );
+        tokio::time::sleep(IDLE).await;
+    }
+}
+
+/// The process's resident set, from `/proc/self/statm`.
+fn rss_bytes() -> anyhow::Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("unexpected /proc/self/statm: {statm}"))?
+        .parse()?;
+    Ok(pages * 4096)
+}
+
+/// How many file descriptors the process has open.
+fn open_fds() -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/fd")?.count())
+}

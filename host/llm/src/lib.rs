@@ -1,0 +1,36 @@
+//! The host side of the plugin world's `llm` capability (SPEC §8): chat completions with
+//! tool definitions and tool calls, in OpenAI's function-calling shape.
+//!
+//! - [`types`]: the request ([`ChatRequest`], [`Message`], [`ToolDef`]) and the answer
+//!   ([`Completion`], [`ToolCall`]).
+//! - [`Provider`]: a backend. [`OpenAiProvider`] speaks the OpenAI chat-completions HTTP
+//!   protocol (OpenAI, vLLM, Ollama, llama.cpp) with retries and a deadline;
+//!   [`StubProvider`] answers offline from deterministic rules.
+//! - [`LlmService`]: a provider behind the host-wide concurrency cap and the per-store
+//!   `llm_calls_per_minute` quota.
+//! - [`LlmError`]: every failure, classified ([`ErrorClass`]) for the plugin.
+//!
+//! This crate knows nothing of wasmtime or of stores beyond their id strings.
+
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod openai;
+pub mod service;
+pub mod stub;
+pub mod types;
+
+use futures::future::BoxFuture;
+
+pub use error::{ErrorClass, LlmError};
+pub use openai::{OpenAiConfig, OpenAiProvider};
+pub use service::{LlmLimits, LlmService};
+pub use stub::{DEMO_RULES_JSON, StubProvider, StubRulesError};
+pub use types::{ChatRequest, Completion, Message, Role, ToolCall, ToolDef};
+
+/// An LLM backend.
+pub trait Provider: Send + Sync {
+    /// Answers `req`. The future owns what it needs (it borrows nothing from `self`), so
+    /// callers can move it into a task or a guest call.
+    fn complete(&self, req: ChatRequest) -> BoxFuture<'static, Result<Completion, LlmError>>;
+}

@@ -1,0 +1,755 @@
+//! The OpenAI-compatible HTTP backend: `POST {base_url}/chat/completions`, as spoken by
+//! OpenAI, vLLM, Ollama and llama.cpp's server.
+//!
+//! Each attempt has its own timeout and the whole call a deadline. 429, 5xx, 408, timeouts and
+//! connection failures are retried with full-jitter exponential backoff (a 429's `Retry-After`
+//! is honoured when it fits in the deadline); 401/403 and other 4xx are not.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use rand::Rng;
+use serde::Deserialize;
+
+use crate::Provider;
+use crate::error::{ErrorClass, LlmError};
+use crate::types::{ChatRequest, Completion, ToolCall};
+
+/// Largest answer body read, in bytes; a bigger one is an invalid response.
+const MAX_RESPONSE_BYTES: usize = 16 << 20;
+
+/// Settings of an [`OpenAiProvider`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAiConfig {
+    /// The API root, like `https://api.openai.com/v1` or `http://127.0.0.1:11434/v1`;
+    /// requests go to `{base_url}/chat/completions`.
+    pub base_url: String,
+    /// The model name sent with each request.
+    pub model: String,
+    /// Name of the environment variable holding the API key (sent as `Authorization: Bearer`);
+    /// `None` sends no key (local servers). Read once, when the provider is built.
+    pub api_key_env: Option<String>,
+    /// Time one HTTP attempt may take, in milliseconds.
+    pub timeout_ms: u64,
+    /// Time the whole call may take, retries and backoff included, in milliseconds.
+    pub deadline_ms: u64,
+    /// Retries after the first attempt (0 = one attempt only).
+    pub max_retries: u32,
+    /// Upper bound of the first backoff, in milliseconds; it doubles with each retry...
+    pub backoff_base_ms: u64,
+    /// ...up to this many milliseconds. Each actual wait is random below the bound.
+    pub backoff_max_ms: u64,
+}
+
+/// Default `base_url`: OpenAI's API.
+pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+/// Default `model`.
+pub const DEFAULT_MODEL: &str = "gpt-4o-mini";
+/// Default `api_key_env`.
+pub const DEFAULT_API_KEY_ENV: &str = "OPENAI_API_KEY";
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        Self {
+            base_url: DEFAULT_BASE_URL.to_owned(),
+            model: DEFAULT_MODEL.to_owned(),
+            api_key_env: Some(DEFAULT_API_KEY_ENV.to_owned()),
+            timeout_ms: 30_000,
+            deadline_ms: 60_000,
+            max_retries: 3,
+            backoff_base_ms: 250,
+            backoff_max_ms: 8_000,
+        }
+    }
+}
+
+/// The OpenAI-compatible HTTP provider. Cheap to clone; calls run concurrently.
+#[derive(Clone)]
+pub struct OpenAiProvider {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for OpenAiProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiProvider")
+            .field("endpoint", &self.inner.endpoint)
+            .field("model", &self.inner.config.model)
+            .field("api_key", &self.inner.api_key.describe())
+            .finish()
+    }
+}
+
+struct Inner {
+    config: OpenAiConfig,
+    /// `{base_url}/chat/completions`.
+    endpoint: String,
+    api_key: ApiKey,
+    client: reqwest::Client,
+}
+
+/// The API key as found when the provider was built.
+enum ApiKey {
+    /// `api_key_env` is `None`: send no key.
+    NotUsed,
+    /// The variable's value.
+    Present(String),
+    /// The variable named here was unset or empty.
+    Missing(String),
+}
+
+impl ApiKey {
+    fn describe(&self) -> String {
+        match self {
+            Self::NotUsed => "none".to_owned(),
+            Self::Present(_) => "<redacted>".to_owned(),
+            Self::Missing(var) => format!("missing (${var} unset)"),
+        }
+    }
+}
+
+impl OpenAiProvider {
+    /// A provider for `config`, reading the API key from the process environment.
+    pub fn new(config: OpenAiConfig) -> Result<Self, LlmError> {
+        Self::with_env(config, |name| std::env::var(name).ok())
+    }
+
+    /// A provider for `config`, reading the API key variable through `env` (for tests, and
+    /// for callers that read the environment through their own abstraction).
+    ///
+    /// A missing key is not an error here: each call then fails with `not_configured`, so a
+    /// host can start and report the problem where the plugin sees it.
+    pub fn with_env(
+        config: OpenAiConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, LlmError> {
+        let base_url = validate_base_url(&config.base_url)?;
+        if config.model.trim().is_empty() {
+            return Err(LlmError::new(
+                ErrorClass::NotConfigured,
+                "the LLM model name is empty; set model to the name your server serves (like \"gpt-4o-mini\" or \"llama3.1\")",
+            ));
+        }
+        for (key, value) in [
+            ("timeout_ms", config.timeout_ms),
+            ("deadline_ms", config.deadline_ms),
+        ] {
+            if value == 0 {
+                return Err(LlmError::new(
+                    ErrorClass::NotConfigured,
+                    format!("LLM {key} is 0, which would fail every call; set it to at least 1"),
+                ));
+            }
+        }
+        let api_key = match config.api_key_env.as_deref() {
+            None => ApiKey::NotUsed,
+            Some(var) => match env(var).map(|v| v.trim().to_owned()) {
+                Some(key) if !key.is_empty() => ApiKey::Present(key),
+                _ => ApiKey::Missing(var.to_owned()),
+            },
+        };
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("storehost/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_millis(config.timeout_ms.min(10_000)))
+            .build()
+            .map_err(|err| {
+                LlmError::new(
+                    ErrorClass::NotConfigured,
+                    format!(
+                        "cannot build the HTTP client for the LLM provider: {}",
+                        error_chain(&err)
+                    ),
+                )
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoint: format!("{base_url}/chat/completions"),
+                config,
+                api_key,
+                client,
+            }),
+        })
+    }
+
+    /// The URL requests are posted to.
+    pub fn endpoint(&self) -> &str {
+        &self.inner.endpoint
+    }
+
+    /// The settings it was built with.
+    pub fn config(&self) -> &OpenAiConfig {
+        &self.inner.config
+    }
+}
+
+impl Provider for OpenAiProvider {
+    fn complete(&self, req: ChatRequest) -> BoxFuture<'static, Result<Completion, LlmError>> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move { inner.complete(req).await })
+    }
+}
+
+/// `base_url` without its trailing '/', or why it cannot be used.
+fn validate_base_url(base_url: &str) -> Result<String, LlmError> {
+    let trimmed = base_url.trim().trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"));
+    let host = rest.and_then(|rest| rest.split(['/', '?', '#']).next());
+    let valid = host.is_some_and(|h| !h.is_empty())
+        && !trimmed.chars().any(char::is_whitespace)
+        && reqwest::Url::parse(trimmed).is_ok();
+    if valid {
+        Ok(trimmed.to_owned())
+    } else {
+        Err(LlmError::new(
+            ErrorClass::NotConfigured,
+            format!(
+                "LLM base_url {base_url:?} is not an http:// or https:// URL with a host; give the API root, like \"https://api.openai.com/v1\" or \"http://127.0.0.1:11434/v1\" (requests go to <base_url>/chat/completions)"
+            ),
+        ))
+    }
+}
+
+/// What one attempt came to.
+enum Attempt {
+    /// A final answer or a failure that retrying cannot fix.
+    Done(Result<Completion, LlmError>),
+    /// A failure worth another attempt, with the server's requested wait if it gave one.
+    Retry {
+        error: LlmError,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl Inner {
+    async fn complete(&self, req: ChatRequest) -> Result<Completion, LlmError> {
+        let key = match &self.api_key {
+            ApiKey::NotUsed => None,
+            ApiKey::Present(key) => Some(key.as_str()),
+            ApiKey::Missing(var) => {
+                return Err(LlmError::new(
+                    ErrorClass::NotConfigured,
+                    format!(
+                        "the LLM API key variable {var} was not set when storehost started; set {var} to your API key and restart, or set api_key_env = \"\" in [llm] for a server that needs no key"
+                    ),
+                ));
+            }
+        };
+        let body = self.request_body(req)?;
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(self.config.deadline_ms);
+        let per_attempt = Duration::from_millis(self.config.timeout_ms);
+        let mut attempts: u32 = 0;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let timeout = per_attempt.min(remaining);
+            attempts += 1;
+            let outcome = match tokio::time::timeout(timeout, self.attempt(&body, key)).await {
+                Ok(outcome) => outcome,
+                Err(_) if timeout < per_attempt => Attempt::Retry {
+                    error: LlmError::new(
+                        ErrorClass::Timeout,
+                        format!(
+                            "no answer from {} before the call's deadline of {} ms (deadline_ms); the server is slow or overloaded: raise deadline_ms, or use a faster model or server",
+                            self.endpoint, self.config.deadline_ms
+                        ),
+                    ),
+                    retry_after: None,
+                },
+                Err(_) => Attempt::Retry {
+                    error: LlmError::new(
+                        ErrorClass::Timeout,
+                        format!(
+                            "no answer from {} within {} ms (timeout_ms); the server is slow or overloaded: raise timeout_ms, or use a faster model or server",
+                            self.endpoint, self.config.timeout_ms
+                        ),
+                    ),
+                    retry_after: None,
+                },
+            };
+            let (error, retry_after) = match outcome {
+                Attempt::Done(result) => return result,
+                Attempt::Retry { error, retry_after } => (error, retry_after),
+            };
+            let elapsed = started.elapsed().as_millis();
+            if attempts > self.config.max_retries {
+                return Err(gave_up(
+                    error,
+                    format!(
+                        "gave up after {attempts} attempts in {elapsed} ms (max_retries = {})",
+                        self.config.max_retries
+                    ),
+                ));
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let delay = match retry_after {
+                Some(wait) if wait > remaining => {
+                    return Err(LlmError {
+                        class: ErrorClass::RateLimited,
+                        message: format!(
+                            "{}; the server asks to wait {} ms (Retry-After) but only {} ms of the call's deadline are left, so storehost did not wait: try again later",
+                            error.message,
+                            wait.as_millis(),
+                            remaining.as_millis()
+                        ),
+                        status: error.status,
+                    });
+                }
+                Some(wait) => wait,
+                None => self.backoff(attempts),
+            };
+            if remaining.is_zero() || delay >= remaining {
+                return Err(gave_up(
+                    error,
+                    format!(
+                        "gave up after {attempts} attempts in {elapsed} ms: the call's deadline of {} ms (deadline_ms) left no time for another",
+                        self.config.deadline_ms
+                    ),
+                ));
+            }
+            tracing::warn!(
+                attempt = attempts,
+                delay_ms = delay.as_millis() as u64,
+                class = error.class.as_str(),
+                status = error.status,
+                "LLM call failed, retrying: {}",
+                error.message
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// The JSON body of `req`, with the model.
+    fn request_body(&self, req: ChatRequest) -> Result<serde_json::Value, LlmError> {
+        let mut body = serde_json::to_value(&req).map_err(|err| {
+            LlmError::new(
+                ErrorClass::InvalidRequest,
+                format!("the chat request cannot be sent: {err}"),
+            )
+        })?;
+        if let Some(object) = body.as_object_mut() {
+            object.insert(
+                "model".to_owned(),
+                serde_json::Value::String(self.config.model.clone()),
+            );
+        }
+        Ok(body)
+    }
+
+    /// A random wait for retry number `retry` (1-based): full jitter below
+    /// `min(backoff_max, backoff_base * 2^(retry-1))`.
+    fn backoff(&self, retry: u32) -> Duration {
+        let doubling = 1u64
+            .checked_shl(retry.saturating_sub(1))
+            .unwrap_or(u64::MAX);
+        let bound = self
+            .config
+            .backoff_base_ms
+            .saturating_mul(doubling)
+            .min(self.config.backoff_max_ms);
+        Duration::from_millis(rand::rng().random_range(0..=bound))
+    }
+
+    /// One HTTP request and its classified outcome.
+    async fn attempt(&self, body: &serde_json::Value, key: Option<&str>) -> Attempt {
+        let mut request = self.client.post(&self.endpoint).json(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(err) => return self.send_failed(&err),
+        };
+        let status = response.status().as_u16();
+        let retry_after = retry_after(response.headers());
+        let bytes = match read_limited(response).await {
+            Ok(bytes) => bytes,
+            Err(ReadError::TooLarge) => {
+                return Attempt::Done(Err(LlmError::new(
+                    ErrorClass::InvalidResponse,
+                    format!(
+                        "the answer from {} is larger than {} MiB; check that base_url points to a chat-completions API",
+                        self.endpoint,
+                        MAX_RESPONSE_BYTES >> 20
+                    ),
+                )
+                .with_status(status)));
+            }
+            Err(ReadError::Http(err)) => {
+                return Attempt::Retry {
+                    error: LlmError::new(
+                        if err.is_timeout() {
+                            ErrorClass::Timeout
+                        } else {
+                            ErrorClass::Transient
+                        },
+                        format!(
+                            "the answer from {} broke off: {}",
+                            self.endpoint,
+                            error_chain(&err)
+                        ),
+                    )
+                    .with_status(status),
+                    retry_after: None,
+                };
+            }
+        };
+        if (200..300).contains(&status) {
+            return Attempt::Done(
+                parse_completion(&bytes, &self.config.model)
+                    .map_err(|problem| {
+                        LlmError::new(
+                            ErrorClass::InvalidResponse,
+                            format!(
+                                "the answer from {} is not a chat completion: {problem}; check that base_url is the API root of an OpenAI-compatible server (like http://host:port/v1)",
+                                self.endpoint
+                            ),
+                        )
+                    })
+                    .map_err(|e| e.with_status(status)),
+            );
+        }
+        let said = server_message(&bytes);
+        let error = |class, advice: &str| {
+            LlmError::new(
+                class,
+                format!("{} answered HTTP {status}: {said}; {advice}", self.endpoint),
+            )
+            .with_status(status)
+        };
+        match status {
+            401 | 403 => Attempt::Done(Err(error(ErrorClass::Auth, &self.auth_advice()))),
+            429 => Attempt::Retry {
+                error: error(
+                    ErrorClass::RateLimited,
+                    "the LLM server is rate limiting: wait and try again, or raise your quota with the provider",
+                ),
+                retry_after,
+            },
+            408 => Attempt::Retry {
+                error: error(
+                    ErrorClass::Timeout,
+                    "the LLM server timed out: try again, or use a faster model",
+                ),
+                retry_after: None,
+            },
+            500..=599 => Attempt::Retry {
+                error: error(
+                    ErrorClass::Transient,
+                    "the LLM server failed: it may be overloaded or down; try again later",
+                ),
+                retry_after: None,
+            },
+            _ => Attempt::Done(Err(error(
+                ErrorClass::InvalidRequest,
+                &format!(
+                    "the server refused the request: check the model name ({:?}) and the tool definitions",
+                    self.config.model
+                ),
+            ))),
+        }
+    }
+
+    fn auth_advice(&self) -> String {
+        match &self.config.api_key_env {
+            Some(var) => format!(
+                "the server refused the API key: check that {var} holds a valid key for this server"
+            ),
+            None => "the server wants an API key: set api_key_env in [llm] to the name of the variable holding it".to_owned(),
+        }
+    }
+
+    /// Classifies a request that got no answer.
+    fn send_failed(&self, err: &reqwest::Error) -> Attempt {
+        let detail = error_chain(err);
+        let (class, advice) = if err.is_timeout() {
+            (
+                ErrorClass::Timeout,
+                "the server did not answer in time: check it is not overloaded",
+            )
+        } else if err.is_connect() {
+            (
+                ErrorClass::Transient,
+                "check base_url and that the LLM server is running and reachable",
+            )
+        } else if err.is_builder() {
+            return Attempt::Done(Err(LlmError::new(
+                ErrorClass::NotConfigured,
+                format!(
+                    "cannot build a request to {}: {detail}; check base_url",
+                    self.endpoint
+                ),
+            )));
+        } else {
+            (
+                ErrorClass::Transient,
+                "the connection to the LLM server failed: check the network and the server",
+            )
+        };
+        Attempt::Retry {
+            error: LlmError::new(
+                class,
+                format!("request to {} failed: {detail}; {advice}", self.endpoint),
+            ),
+            retry_after: None,
+        }
+    }
+}
+
+/// The last retryable `error`, with why retrying stopped.
+fn gave_up(error: LlmError, why: String) -> LlmError {
+    LlmError {
+        message: format!("{} ({why})", error.message),
+        ..error
+    }
+}
+
+/// `Retry-After` (seconds, possibly fractional) or `retry-after-ms`, when the server sent one.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
+        && ms.is_finite()
+        && ms >= 0.0
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let secs = text("retry-after")?.parse::<f64>().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(1e9)))
+}
+
+enum ReadError {
+    TooLarge,
+    Http(reqwest::Error),
+}
+
+/// The response body, refusing more than [`MAX_RESPONSE_BYTES`].
+async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, ReadError> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(ReadError::Http)? {
+        if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(ReadError::TooLarge);
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// What an error body says: `error.message`, `error` as text, or the start of the body.
+fn server_message(bytes: &[u8]) -> String {
+    let parsed = serde_json::from_slice::<serde_json::Value>(bytes).ok();
+    let from_json = parsed.as_ref().and_then(|json| {
+        let error = json.get("error")?;
+        error
+            .get("message")
+            .and_then(|m| m.as_str())
+            .or_else(|| error.as_str())
+            .map(str::to_owned)
+    });
+    let text = from_json.unwrap_or_else(|| String::from_utf8_lossy(bytes).trim().to_owned());
+    if text.is_empty() {
+        "(empty body)".to_owned()
+    } else {
+        cut(&text, 300)
+    }
+}
+
+/// `text` cut to `max` characters, marked when cut.
+fn cut(text: &str, max: usize) -> String {
+    let mut shown: String = text.chars().take(max).collect();
+    if shown.len() < text.len() {
+        shown.push('…');
+    }
+    shown
+}
+
+/// `err` and its sources, joined by ": " (reqwest's own message alone says little).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[derive(Deserialize)]
+struct WireCompletion {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Option<Vec<WireChoice>>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct WireChoice {
+    #[serde(default)]
+    message: Option<WireMessage>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireMessage {
+    #[serde(default)]
+    content: Option<serde_json::Value>,
+    #[serde(default)]
+    tool_calls: Option<Vec<WireToolCall>>,
+}
+
+#[derive(Deserialize)]
+struct WireToolCall {
+    #[serde(default)]
+    id: Option<String>,
+    function: WireFunction,
+}
+
+#[derive(Deserialize)]
+struct WireFunction {
+    name: String,
+    #[serde(default)]
+    arguments: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+/// Reads a chat-completions answer; `model` stands in when the answer names none.
+pub(crate) fn parse_completion(bytes: &[u8], model: &str) -> Result<Completion, String> {
+    let wire: WireCompletion = serde_json::from_slice(bytes).map_err(|err| {
+        let start = cut(String::from_utf8_lossy(bytes).trim(), 80);
+        format!("it is not the expected JSON ({err}); it starts with {start:?}")
+    })?;
+    if let Some(error) = wire.error {
+        let message = error
+            .get("message")
+            .and_then(|m| m.as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| error.to_string());
+        return Err(format!("it is an error: {}", cut(&message, 300)));
+    }
+    let choice = wire
+        .choices
+        .and_then(|choices| choices.into_iter().next())
+        .ok_or("it has no choices")?;
+    let message = choice.message.ok_or("its first choice has no message")?;
+    let content = match message.content {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(text)) => Some(text),
+        // Content parts: keep the text ones.
+        Some(serde_json::Value::Array(parts)) => Some(
+            parts
+                .iter()
+                .filter_map(|part| part.get("text").and_then(|t| t.as_str()))
+                .collect::<Vec<_>>()
+                .join(""),
+        ),
+        Some(other) => {
+            return Err(format!("its message content is {other}, not text"));
+        }
+    };
+    let tool_calls: Vec<ToolCall> = message
+        .tool_calls
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(index, call)| ToolCall {
+            id: call
+                .id
+                .filter(|id| !id.is_empty())
+                .unwrap_or_else(|| format!("call_{index}")),
+            name: call.function.name,
+            // Some servers send the arguments as an object rather than JSON text.
+            arguments: match call.function.arguments {
+                None | Some(serde_json::Value::Null) => "{}".to_owned(),
+                Some(serde_json::Value::String(text)) => text,
+                Some(other) => other.to_string(),
+            },
+        })
+        .collect();
+    let finish_reason = choice.finish_reason.unwrap_or_else(|| {
+        if tool_calls.is_empty() {
+            "stop".to_owned()
+        } else {
+            "tool_calls".to_owned()
+        }
+    });
+    let usage = wire.usage.unwrap_or(WireUsage {
+        prompt_tokens: None,
+        completion_tokens: None,
+    });
+    let tokens = |n: Option<u64>| u32::try_from(n.unwrap_or(0)).unwrap_or(u32::MAX);
+    Ok(Completion {
+        content,
+        tool_calls,
+        finish_reason,
+        model: wire.model.unwrap_or_else(|| model.to_owned()),
+        prompt_tokens: tokens(usage.prompt_tokens),
+        completion_tokens: tokens(usage.completion_tokens),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_given_as_an_object_become_json_text_and_missing_ids_are_filled() {
+        let body = br#"{"choices":[{"message":{"role":"assistant","content":null,
+            "tool_calls":[{"function":{"name":"list_tasks","arguments":{"all":true}}}]}}]}"#;
+        let completion = parse_completion(body, "m").unwrap();
+        assert_eq!(completion.tool_calls[0].id, "call_0");
+        assert_eq!(completion.tool_calls[0].arguments, r#"{"all":true}"#);
+        assert_eq!(completion.finish_reason, "tool_calls");
+        assert_eq!(completion.model, "m");
+    }
+
+    #[test]
+    fn a_200_carrying_an_error_object_is_an_invalid_response() {
+        let problem =
+            parse_completion(br#"{"error":{"message":"model not loaded"}}"#, "m").unwrap_err();
+        assert!(problem.contains("model not loaded"), "{problem}");
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_milliseconds() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert("retry-after-ms", "150".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_millis(150)));
+        headers.clear();
+        headers.insert(
+            "retry-after",
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn base_urls_must_be_http_with_a_host() {
+        assert_eq!(
+            validate_base_url("http://127.0.0.1:8080/v1/").unwrap(),
+            "http://127.0.0.1:8080/v1"
+        );
+        for bad in ["127.0.0.1:8080/v1", "ftp://x", "http://", "https:///v1"] {
+            let err = validate_base_url(bad).unwrap_err();
+            assert_eq!(err.class, ErrorClass::NotConfigured);
+            assert!(err.message.contains("api.openai.com"), "{}", err.message);
+        }
+    }
+}

@@ -1,0 +1,891 @@
+//! Backups of one store: a consistent online snapshot of its databases packed as a `.tar.gz`
+//! with a manifest, and, for a restore, the checks an archive must pass and the atomic swap of
+//! the store's directory.
+//!
+//! ## Why the snapshot is consistent
+//! A store keeps its state in two files: `events.db` (the log, append-only) and `store.db` (the
+//! plugin's tables with the host's cursor, outbox and dead letters, committed together). Each
+//! file is copied with SQLite's online backup API in a single step, which reads one committed
+//! snapshot of that file while the store goes on writing (WAL: readers never block writers).
+//!
+//! `store.db` is copied first, `events.db` second. Because the log only ever grows, the log
+//! copy then holds every event the `store.db` copy has seen: its cursor, its dead letters and
+//! the events its outbox refers to. The log copy may hold more (events appended, or emitted and
+//! drained, after `store.db` was copied): a restored store processes those from its cursor, as
+//! after a crash, and an emitted event is never appended twice because the log keys plugin
+//! events by their origin (`<cause seq>:<index>`). The other order would be wrong: a `store.db`
+//! copied after the log could have a cursor past the log's head, and the restored store would
+//! skip the next events appended to it.
+//!
+//! The guest's `files/` directory is copied as it is at backup time (file by file, not part of
+//! the SQLite snapshot).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::dir::StoreDir;
+use crate::id::StoreId;
+use crate::sqlite::now_ms;
+
+/// The `format` every manifest carries.
+pub const FORMAT: &str = "storehost-store-backup";
+/// The newest manifest format this host writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The manifest's name in the archive.
+pub const MANIFEST: &str = "manifest.json";
+/// The largest manifest accepted.
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// What an archive holds, written as `manifest.json`, its first entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// The format version ([`FORMAT_VERSION`] when written by this host).
+    pub format_version: u32,
+    /// The store the backup was taken of.
+    pub store_id: String,
+    /// When it was taken (ms since the Unix epoch).
+    pub created_at: i64,
+    /// The plugin the store ran.
+    pub plugin: ManifestPlugin,
+    /// The events in the backed-up log.
+    pub seq: SeqRange,
+    /// The last `seq` whose effects are in the backed-up `store.db`.
+    pub cursor: u64,
+    /// Every file in the archive but the manifest, with its size and SHA-256.
+    pub files: Vec<ManifestFile>,
+}
+
+/// The plugin a backed-up store ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestPlugin {
+    /// Its name.
+    pub name: String,
+    /// SHA-256 of its component.
+    pub sha256: String,
+}
+
+/// The first and last `seq` of the backed-up log (both 0 when it is empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqRange {
+    /// The first event's `seq`.
+    pub first: u64,
+    /// The last event's `seq`.
+    pub last: u64,
+}
+
+/// One file of an archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// Its path in the archive (`events.db`, `store.db`, `files/...`).
+    pub path: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its SHA-256, hex.
+    pub sha256: String,
+}
+
+/// A backup archive written to disk.
+#[derive(Debug)]
+pub struct BackupArchive {
+    /// The `.tar.gz` file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// What it holds.
+    pub manifest: Manifest,
+}
+
+/// Why a backup could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Reading a database failed.
+    #[error("could not snapshot the store's database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Reading or writing files failed.
+    #[error("could not write the backup: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Why an archive cannot be restored. The store's data is untouched in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The bytes are not a readable `.tar.gz` / `.tar` (truncated, corrupt, another format).
+    #[error(
+        "the archive cannot be read ({0}); send the unmodified file `GET /v1/stores/{{id}}/backup` produced"
+    )]
+    Unreadable(String),
+    /// The archive reads, but is not a valid backup (manifest, checksums, databases).
+    #[error("{0}")]
+    Invalid(String),
+    /// The host could not write the unpacked files.
+    #[error("could not unpack the archive: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A directory for one backup or restore inside `DATA_DIR/stores/` (the same filesystem as the
+/// stores, so a restore's final rename is atomic); deleted when dropped.
+#[derive(Debug)]
+pub struct ScratchDir(tempfile::TempDir);
+
+impl ScratchDir {
+    /// Creates `DATA_DIR/stores/.<purpose>-<id>-XXXXXX`. The leading dot keeps it apart from
+    /// stores: no store id starts with one.
+    pub fn new(data_dir: &Path, purpose: &str, id: &StoreId) -> io::Result<Self> {
+        let stores = data_dir.join("stores");
+        std::fs::create_dir_all(&stores)?;
+        tempfile::Builder::new()
+            .prefix(&format!(".{purpose}-{id}-"))
+            .tempdir_in(stores)
+            .map(Self)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+/// What [`recover_interrupted`] did with the scratch directories a crash left behind.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Interrupted {
+    /// Backups cut short (their snapshot copies were deleted).
+    pub backups_removed: usize,
+    /// Restores cut short, moved whole into `DATA_DIR/archive/` (they may hold a store's
+    /// previous data between the swap and its archiving, so nothing is deleted).
+    pub restores_archived: Vec<PathBuf>,
+}
+
+/// At start: deletes the scratch directories of backups that a crash interrupted (copies only)
+/// and moves those of interrupted restores into `DATA_DIR/archive/`, so neither leaks disk nor
+/// is mistaken for a store.
+pub fn recover_interrupted(data_dir: &Path) -> io::Result<Interrupted> {
+    let stores = data_dir.join("stores");
+    let mut found = Interrupted::default();
+    let entries = match std::fs::read_dir(&stores) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(found),
+        Err(err) => return Err(err),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !entry.file_type()?.is_dir() {
+            continue;
+        }
+        if name.starts_with(".backup-") {
+            std::fs::remove_dir_all(entry.path())?;
+            found.backups_removed += 1;
+        } else if let Some(rest) = name.strip_prefix(".restore-") {
+            let archive = data_dir.join("archive");
+            std::fs::create_dir_all(&archive)?;
+            let kept = archive.join(format!("interrupted-restore-{rest}-{}", now_ms()));
+            std::fs::rename(entry.path(), &kept)?;
+            found.restores_archived.push(kept);
+        }
+    }
+    Ok(found)
+}
+
+/// Takes a consistent snapshot of the store in `dir` (while it keeps running) and packs it as
+/// `work/backup.tar.gz`.
+pub fn create(
+    dir: &StoreDir,
+    id: &StoreId,
+    plugin: ManifestPlugin,
+    work: &Path,
+) -> Result<BackupArchive, BackupError> {
+    let snapshot = work.join("snapshot");
+    std::fs::create_dir(&snapshot)?;
+    // Order matters: see the module documentation.
+    snapshot_db(&dir.store_db(), &snapshot.join("store.db"))?;
+    snapshot_db(&dir.events_db(), &snapshot.join("events.db"))?;
+    copy_tree(&dir.files, &snapshot.join("files"))?;
+
+    let cursor: u64 = Connection::open(snapshot.join("store.db"))?.query_row(
+        "SELECT last_seq FROM _host_cursor WHERE id = 1",
+        [],
+        |row| row.get(0),
+    )?;
+    let (first, last): (u64, u64) = Connection::open(snapshot.join("events.db"))?.query_row(
+        "SELECT coalesce(min(seq), 0), coalesce(max(seq), 0) FROM events",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+
+    let mut files = Vec::new();
+    for relative in list_files(&snapshot)? {
+        let (size, sha256) = hash_file(&snapshot.join(&relative))?;
+        files.push(ManifestFile {
+            path: relative,
+            size,
+            sha256,
+        });
+    }
+    let created_at = now_ms();
+    let manifest = Manifest {
+        format: FORMAT.to_owned(),
+        format_version: FORMAT_VERSION,
+        store_id: id.as_str().to_owned(),
+        created_at,
+        plugin,
+        seq: SeqRange { first, last },
+        cursor,
+        files,
+    };
+
+    let path = work.join("backup.tar.gz");
+    let file = File::create(&path)?;
+    let encoder = flate2::write::GzEncoder::new(BufWriter::new(file), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(encoder);
+    let manifest_json = serde_json::to_vec_pretty(&manifest).map_err(io::Error::other)?;
+    append(
+        &mut tar,
+        MANIFEST,
+        manifest_json.len() as u64,
+        created_at,
+        manifest_json.as_slice(),
+    )?;
+    for entry in &manifest.files {
+        let file = File::open(snapshot.join(&entry.path))?;
+        append(
+            &mut tar,
+            &entry.path,
+            entry.size,
+            created_at,
+            BufReader::new(file),
+        )?;
+    }
+    let file = tar
+        .into_inner()?
+        .finish()?
+        .into_inner()
+        .map_err(io::IntoInnerError::into_error)?;
+    file.sync_all()?;
+    let size = file.metadata()?.len();
+    std::fs::remove_dir_all(&snapshot)?;
+    Ok(BackupArchive {
+        path,
+        size,
+        manifest,
+    })
+}
+
+/// Copies the database at `source` to `target` with SQLite's online backup API, in one step
+/// (one read transaction, so one committed snapshot) while other connections write.
+fn snapshot_db(source: &Path, target: &Path) -> rusqlite::Result<()> {
+    // Read-write without CREATE: a reader of a WAL database may need to create its `-shm`.
+    let source = Connection::open_with_flags(
+        source,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    source.busy_timeout(Duration::from_secs(10))?;
+    let mut target = Connection::open(target)?;
+    {
+        let backup = rusqlite::backup::Backup::new(&source, &mut target)?;
+        let mut waited = Duration::ZERO;
+        loop {
+            match backup.step(-1)? {
+                rusqlite::backup::StepResult::Done => break,
+                // A writer holds a lock it must not (WAL readers are not blocked) or the
+                // database is being recovered: try again shortly, for a bounded time.
+                _ if waited < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    waited += Duration::from_millis(20);
+                }
+                other => {
+                    return Err(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                        Some(format!("the backup did not complete: {other:?}")),
+                    ));
+                }
+            }
+        }
+    }
+    // A single file, without a WAL beside it, whatever the source's journal mode.
+    target.pragma_update(None, "journal_mode", "DELETE")?;
+    target.close().map_err(|(_, err)| err)
+}
+
+/// Copies the regular files under `from` to `to` (symlinks and special files are skipped).
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    let entries = match std::fs::read_dir(from) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every regular file under `root`, as `/`-separated relative paths, sorted.
+fn list_files(root: &Path) -> io::Result<Vec<String>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walk(root, &entry.path(), out)?;
+            } else if kind.is_file() {
+                let path = entry.path();
+                let relative = path.strip_prefix(root).map_err(io::Error::other)?;
+                let text = relative.to_str().ok_or_else(|| {
+                    io::Error::other(format!(
+                        "{} is not a UTF-8 file name; rename it to back the store up",
+                        relative.display()
+                    ))
+                })?;
+                out.push(text.replace(std::path::MAIN_SEPARATOR, "/"));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+fn hash_file(path: &Path) -> io::Result<(u64, String)> {
+    let mut writer = HashingWriter::new(io::sink());
+    io::copy(&mut BufReader::new(File::open(path)?), &mut writer)?;
+    Ok(writer.finish())
+}
+
+fn append<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &str,
+    size: u64,
+    created_at: i64,
+    data: impl Read,
+) -> io::Result<()> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_size(size);
+    header.set_mode(0o600);
+    header.set_mtime(u64::try_from(created_at / 1_000).unwrap_or(0));
+    tar.append_data(&mut header, path, data)
+}
+
+/// A writer that counts and hashes what passes through it.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    fn finish(self) -> (u64, String) {
+        (self.size, hex::encode(self.hasher.finalize()))
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(buf)?;
+        self.hasher.update(&buf[..written]);
+        self.size += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Where an archive entry goes, or why it may not be in a backup.
+fn entry_target(path: &Path) -> Result<String, RestoreError> {
+    let mut parts = Vec::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => parts.push(part.to_str().ok_or_else(|| {
+                RestoreError::Invalid(format!(
+                    "archive entry {} is not a UTF-8 path; a backup never holds one",
+                    path.display()
+                ))
+            })?),
+            Component::CurDir => {}
+            _ => {
+                return Err(RestoreError::Invalid(format!(
+                    "archive entry {} leaves the store's directory; a backup never holds such a path",
+                    path.display()
+                )));
+            }
+        }
+    }
+    let allowed = matches!(
+        parts.as_slice(),
+        [MANIFEST] | ["events.db"] | ["store.db"] | ["files", ..]
+    );
+    if !allowed {
+        return Err(RestoreError::Invalid(format!(
+            "unexpected archive entry {}; a backup holds manifest.json, events.db, store.db and files/",
+            path.display()
+        )));
+    }
+    Ok(parts.join("/"))
+}
+
+/// Unpacks `archive` (a `.tar.gz` or `.tar`) into the empty directory `into` and checks all of
+/// it: the manifest, every file against its size and SHA-256, no file missing or extra, and both
+/// databases (integrity, a gap-free log matching the manifest's seq range, the cursor). Returns
+/// the manifest; on error `into` may hold partial files (the caller deletes it).
+pub fn unpack(archive: &Path, into: &Path) -> Result<Manifest, RestoreError> {
+    let mut file = BufReader::new(File::open(archive)?);
+    let mut magic = [0u8; 2];
+    let peeked = {
+        let mut read = 0;
+        while read < 2 {
+            match file.read(&mut magic[read..])? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        read
+    };
+    if peeked < 2 {
+        return Err(RestoreError::Unreadable("it is empty".into()));
+    }
+    let reader = io::Cursor::new(magic).chain(file);
+    let reader: Box<dyn Read> = if magic == [0x1f, 0x8b] {
+        Box::new(flate2::read::GzDecoder::new(reader))
+    } else {
+        Box::new(reader)
+    };
+    let unreadable = |err: io::Error| RestoreError::Unreadable(err.to_string());
+
+    let mut tar = tar::Archive::new(reader);
+    let mut manifest_bytes: Option<Vec<u8>> = None;
+    let mut unpacked: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for entry in tar.entries().map_err(unreadable)? {
+        let mut entry = entry.map_err(unreadable)?;
+        let path = entry.path().map_err(unreadable)?.into_owned();
+        let name = entry_target(&path)?;
+        match entry.header().entry_type() {
+            tar::EntryType::Directory if name == "files" || name.starts_with("files/") => {
+                std::fs::create_dir_all(into.join(&name))?;
+                continue;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {}
+            other => {
+                return Err(RestoreError::Invalid(format!(
+                    "archive entry {name} is a {other:?}; a backup holds only regular files"
+                )));
+            }
+        }
+        if name == MANIFEST {
+            if manifest_bytes.is_some() {
+                return Err(RestoreError::Invalid(
+                    "the archive holds two manifests".into(),
+                ));
+            }
+            let mut bytes = Vec::new();
+            (&mut entry)
+                .take(MAX_MANIFEST_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .map_err(unreadable)?;
+            if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+                return Err(RestoreError::Invalid(format!(
+                    "manifest.json is larger than {MAX_MANIFEST_BYTES} bytes"
+                )));
+            }
+            manifest_bytes = Some(bytes);
+            continue;
+        }
+        if unpacked.contains_key(&name) {
+            return Err(RestoreError::Invalid(format!(
+                "the archive holds {name} twice"
+            )));
+        }
+        let target = into.join(&name);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut writer = HashingWriter::new(BufWriter::new(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&target)?,
+        ));
+        copy_entry(&mut entry, &mut writer).map_err(|err| match err {
+            CopyError::Read(err) => unreadable(err),
+            CopyError::Write(err) => RestoreError::Io(err),
+        })?;
+        writer.flush()?;
+        unpacked.insert(name, writer.finish());
+    }
+    // Read to the end of the compressed stream so its checksum is verified too.
+    io::copy(&mut tar.into_inner(), &mut io::sink()).map_err(unreadable)?;
+
+    let manifest_bytes = manifest_bytes.ok_or_else(|| {
+        RestoreError::Invalid(
+            "the archive has no manifest.json: it is not a storehost store backup (or it is truncated)".into(),
+        )
+    })?;
+    let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+        .map_err(|err| RestoreError::Invalid(format!("manifest.json is not valid: {err}")))?;
+    check_manifest(&manifest, &unpacked)?;
+    check_databases(into, &manifest)?;
+    std::fs::create_dir_all(into.join("files"))?;
+    Ok(manifest)
+}
+
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Copies an entry, telling a read failure (a bad archive) from a write failure (the host).
+fn copy_entry(from: &mut impl Read, to: &mut impl Write) -> Result<(), CopyError> {
+    let mut buffer = vec![0u8; 64 << 10];
+    loop {
+        let read = match from.read(&mut buffer) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(CopyError::Read(err)),
+        };
+        to.write_all(&buffer[..read]).map_err(CopyError::Write)?;
+    }
+}
+
+fn check_manifest(
+    manifest: &Manifest,
+    unpacked: &BTreeMap<String, (u64, String)>,
+) -> Result<(), RestoreError> {
+    if manifest.format != FORMAT {
+        return Err(RestoreError::Invalid(format!(
+            "manifest.json says format {:?}; a storehost store backup says {FORMAT:?}",
+            manifest.format
+        )));
+    }
+    if manifest.format_version == 0 || manifest.format_version > FORMAT_VERSION {
+        return Err(RestoreError::Invalid(format!(
+            "the backup has format version {}; this host reads versions 1 to {FORMAT_VERSION} (upgrade the host to restore it)",
+            manifest.format_version
+        )));
+    }
+    StoreId::new(&manifest.store_id).map_err(|err| {
+        RestoreError::Invalid(format!("manifest.json names an invalid store id: {err}"))
+    })?;
+    let mut listed = BTreeMap::new();
+    for file in &manifest.files {
+        if listed.insert(file.path.as_str(), file).is_some() {
+            return Err(RestoreError::Invalid(format!(
+                "manifest.json lists {} twice",
+                file.path
+            )));
+        }
+    }
+    for required in ["events.db", "store.db"] {
+        if !listed.contains_key(required) {
+            return Err(RestoreError::Invalid(format!(
+                "manifest.json does not list {required}; a store backup always holds it"
+            )));
+        }
+    }
+    for (path, file) in &listed {
+        let Some((size, sha256)) = unpacked.get(*path) else {
+            return Err(RestoreError::Invalid(format!(
+                "{path} is listed in manifest.json but missing from the archive (truncated?)"
+            )));
+        };
+        if *size != file.size || *sha256 != file.sha256 {
+            return Err(RestoreError::Invalid(format!(
+                "{path} does not match its checksum in manifest.json ({size} bytes, sha256 {sha256}; expected {} bytes, sha256 {}): the archive is corrupt",
+                file.size, file.sha256
+            )));
+        }
+    }
+    if let Some(extra) = unpacked.keys().find(|p| !listed.contains_key(p.as_str())) {
+        return Err(RestoreError::Invalid(format!(
+            "the archive holds {extra}, which manifest.json does not list"
+        )));
+    }
+    Ok(())
+}
+
+fn check_databases(dir: &Path, manifest: &Manifest) -> Result<(), RestoreError> {
+    let invalid = |what: &str, err: rusqlite::Error| {
+        RestoreError::Invalid(format!("{what} in the backup is not usable: {err}"))
+    };
+    for name in ["events.db", "store.db"] {
+        let conn = Connection::open_with_flags(
+            dir.join(name),
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|err| invalid(name, err))?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |row| row.get(0))
+            .map_err(|err| invalid(name, err))?;
+        if check != "ok" {
+            return Err(RestoreError::Invalid(format!(
+                "{name} in the backup fails SQLite's integrity check: {check}"
+            )));
+        }
+    }
+    let events = Connection::open(dir.join("events.db")).map_err(|e| invalid("events.db", e))?;
+    let (count, first, last): (u64, u64, u64) = events
+        .query_row(
+            "SELECT count(*), coalesce(min(seq), 0), coalesce(max(seq), 0) FROM events",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .map_err(|err| invalid("events.db", err))?;
+    if (SeqRange { first, last }) != manifest.seq {
+        return Err(RestoreError::Invalid(format!(
+            "events.db holds seq {first}..={last} but manifest.json says {}..={}",
+            manifest.seq.first, manifest.seq.last
+        )));
+    }
+    if count > 0 && (first != 1 || count != last) {
+        return Err(RestoreError::Invalid(format!(
+            "events.db holds {count} events in seq {first}..={last}: the log has gaps"
+        )));
+    }
+    let store = Connection::open(dir.join("store.db")).map_err(|e| invalid("store.db", e))?;
+    let cursor: u64 = store
+        .query_row(
+            "SELECT last_seq FROM _host_cursor WHERE id = 1",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(|err| invalid("store.db", err))?;
+    if cursor != manifest.cursor || cursor > last {
+        return Err(RestoreError::Invalid(format!(
+            "store.db's cursor is {cursor}; manifest.json says {} and the log ends at {last}",
+            manifest.cursor
+        )));
+    }
+    Ok(())
+}
+
+/// Puts the verified store directory `staged` (inside `DATA_DIR/stores/`) in place of store
+/// `id`'s directory in one atomic rename (an exchange), then moves the replaced data to
+/// `DATA_DIR/archive/<id>-before-restore-<ms>` and returns that path (`None` when the store had
+/// no directory). The store must be stopped.
+pub fn swap_in(data_dir: &Path, id: &StoreId, staged: &Path) -> io::Result<Option<PathBuf>> {
+    let stores = data_dir.join("stores");
+    let current = stores.join(id.as_str());
+    if std::fs::symlink_metadata(&current).is_err() {
+        std::fs::rename(staged, &current)?;
+        sync_dir(&stores)?;
+        return Ok(None);
+    }
+    match rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        staged,
+        rustix::fs::CWD,
+        &current,
+        rustix::fs::RenameFlags::EXCHANGE,
+    ) {
+        Ok(()) => {}
+        Err(err)
+            if err == rustix::io::Errno::INVAL
+                || err == rustix::io::Errno::NOSYS
+                || err == rustix::io::Errno::OPNOTSUPP =>
+        {
+            // The filesystem cannot exchange: two renames (a crash between them leaves the
+            // store's data in `staged` and the old data beside it, nothing lost).
+            tracing::warn!(store_id = %id, "the filesystem cannot swap directories atomically; restoring with two renames");
+            let aside = staged.with_extension("replaced");
+            std::fs::rename(&current, &aside)?;
+            std::fs::rename(staged, &current)?;
+            std::fs::rename(&aside, staged)?;
+        }
+        Err(err) => return Err(err.into()),
+    }
+    sync_dir(&stores)?;
+    let archive = data_dir.join("archive");
+    std::fs::create_dir_all(&archive)?;
+    let kept = archive.join(format!("{id}-before-restore-{}", now_ms()));
+    std::fs::rename(staged, &kept)?;
+    Ok(Some(kept))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupted_backups_are_deleted_and_interrupted_restores_archived() {
+        let data = tempfile::tempdir().unwrap();
+        let id = StoreId::new("tenant-a").unwrap();
+        let store = data.path().join("stores/tenant-a");
+        std::fs::create_dir_all(&store).unwrap();
+        std::fs::write(store.join("events.db"), "the store's own").unwrap();
+        let backup = ScratchDir::new(data.path(), "backup", &id).unwrap();
+        std::fs::write(backup.path().join("backup.tar.gz"), "half").unwrap();
+        let restore = ScratchDir::new(data.path(), "restore", &id).unwrap();
+        std::fs::write(restore.path().join("previous"), "old data").unwrap();
+        // A crash: neither scratch directory is cleaned up by its owner.
+        let (backup, restore) = (backup.0.keep(), restore.0.keep());
+
+        let found = recover_interrupted(data.path()).unwrap();
+        assert_eq!(found.backups_removed, 1);
+        assert_eq!(found.restores_archived.len(), 1);
+        assert!(!backup.exists() && !restore.exists());
+        assert_eq!(
+            std::fs::read_to_string(found.restores_archived[0].join("previous")).unwrap(),
+            "old data"
+        );
+        assert_eq!(
+            std::fs::read_to_string(store.join("events.db")).unwrap(),
+            "the store's own"
+        );
+        assert_eq!(
+            recover_interrupted(data.path()).unwrap(),
+            Interrupted::default()
+        );
+    }
+
+    fn plugin() -> ManifestPlugin {
+        ManifestPlugin {
+            name: "writer".into(),
+            sha256: "ab".repeat(32),
+        }
+    }
+
+    /// A store directory with `events` events, its cursor at `cursor`, and a guest file.
+    fn store_dir(data: &Path, id: &StoreId, events: u64, cursor: u64) -> StoreDir {
+        let dir = crate::dir::prepare(data, id).unwrap();
+        let log =
+            crate::event_log::EventLog::open(&dir.events_db(), crate::Durability::Process).unwrap();
+        for i in 0..events {
+            log.append(
+                &[crate::NewEvent {
+                    event_type: "t".into(),
+                    payload: format!("{{\"i\":{i}}}"),
+                    idempotency_key: None,
+                    request_id: None,
+                }],
+                "api",
+            )
+            .unwrap();
+        }
+        let db =
+            crate::guest_db::GuestDb::open(&dir.store_db(), crate::Durability::Process, 1 << 30)
+                .unwrap();
+        db.begin().unwrap();
+        db.advance_cursor(cursor).unwrap();
+        db.commit().unwrap();
+        std::fs::create_dir_all(dir.files.join("notes")).unwrap();
+        std::fs::write(dir.files.join("notes/a.txt"), "hello").unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_backup_unpacks_into_the_same_data() {
+        let data = tempfile::tempdir().unwrap();
+        let id = StoreId::new("acme").unwrap();
+        let dir = store_dir(data.path(), &id, 5, 3);
+        let work = ScratchDir::new(data.path(), "backup", &id).unwrap();
+        let archive = create(&dir, &id, plugin(), work.path()).unwrap();
+        assert_eq!(archive.manifest.seq, SeqRange { first: 1, last: 5 });
+        assert_eq!(archive.manifest.cursor, 3);
+        let paths: Vec<_> = archive
+            .manifest
+            .files
+            .iter()
+            .map(|f| f.path.as_str())
+            .collect();
+        assert_eq!(paths, ["events.db", "files/notes/a.txt", "store.db"]);
+
+        let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
+        let manifest = unpack(&archive.path, into.path()).unwrap();
+        assert_eq!(manifest, archive.manifest);
+        assert_eq!(
+            std::fs::read_to_string(into.path().join("files/notes/a.txt")).unwrap(),
+            "hello"
+        );
+        let log = crate::event_log::EventLog::open(
+            &into.path().join("events.db"),
+            crate::Durability::Process,
+        )
+        .unwrap();
+        assert_eq!(log.head().unwrap(), 5);
+    }
+
+    #[test]
+    fn corrupt_and_truncated_archives_are_refused() {
+        let data = tempfile::tempdir().unwrap();
+        let id = StoreId::new("acme").unwrap();
+        let dir = store_dir(data.path(), &id, 50, 50);
+        let work = ScratchDir::new(data.path(), "backup", &id).unwrap();
+        let archive = create(&dir, &id, plugin(), work.path()).unwrap();
+        let bytes = std::fs::read(&archive.path).unwrap();
+
+        let truncated = work.path().join("truncated.tar.gz");
+        std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+        let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
+        assert!(matches!(
+            unpack(&truncated, into.path()),
+            Err(RestoreError::Unreadable(_) | RestoreError::Invalid(_))
+        ));
+
+        let mut flipped = bytes.clone();
+        let middle = flipped.len() / 2;
+        flipped[middle] ^= 0x55;
+        let corrupt = work.path().join("corrupt.tar.gz");
+        std::fs::write(&corrupt, &flipped).unwrap();
+        let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
+        assert!(unpack(&corrupt, into.path()).is_err());
+
+        let empty = work.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
+        assert!(matches!(
+            unpack(&empty, into.path()),
+            Err(RestoreError::Unreadable(_))
+        ));
+    }
+
+    #[test]
+    fn swapping_replaces_the_directory_and_keeps_the_old_data() {
+        let data = tempfile::tempdir().unwrap();
+        let id = StoreId::new("acme").unwrap();
+        let dir = store_dir(data.path(), &id, 2, 2);
+        let staged = ScratchDir::new(data.path(), "restore", &id).unwrap();
+        let new_data = staged.path().join("data");
+        std::fs::create_dir(&new_data).unwrap();
+        std::fs::write(new_data.join("marker"), "new").unwrap();
+        let kept = swap_in(data.path(), &id, &new_data).unwrap().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.root.join("marker")).unwrap(),
+            "new"
+        );
+        assert!(kept.join("events.db").is_file());
+        assert!(!new_data.exists());
+    }
+}

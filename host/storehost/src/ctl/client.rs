@@ -1,0 +1,172 @@
+//! The HTTP side of `storehost ctl`: requests with the admin token, and every failure sorted
+//! into the exit code it means.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use reqwest::blocking::{RequestBuilder, Response};
+use serde_json::Value;
+
+/// How long a plain request may take (backups, restores, uploads and tails have no limit).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a `ctl` command failed, by exit code.
+#[derive(Debug)]
+pub enum CtlError {
+    /// Exit 2: the command line, the token or a local file is wrong.
+    Usage(String),
+    /// Exit 1: the server answered with an error.
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The error's code (`store_not_found`, …).
+        code: String,
+        /// The error's message.
+        message: String,
+    },
+    /// Exit 1: the server answered something that is not storehost's API.
+    BadAnswer(String),
+    /// Exit 3: the server cannot be reached.
+    Unreachable(String),
+}
+
+impl CtlError {
+    /// The process exit code of this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Refused { .. } | CtlError::BadAnswer(_) => 1,
+            CtlError::Usage(_) => 2,
+            CtlError::Unreachable(_) => 3,
+        }
+    }
+}
+
+impl std::fmt::Display for CtlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CtlError::Usage(message) | CtlError::BadAnswer(message) => f.write_str(message),
+            CtlError::Refused {
+                status,
+                code,
+                message,
+            } => write!(f, "{code}: {message} (HTTP {status})"),
+            CtlError::Unreachable(message) => f.write_str(message),
+        }
+    }
+}
+
+/// The admin API of one server.
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Client {
+    /// A client of the server at `server` (`http://host:port`) using `token`.
+    pub fn new(server: &str, token: String) -> Result<Self, CtlError> {
+        let base = server.trim().trim_end_matches('/').to_owned();
+        let rest = base.strip_prefix("http://").ok_or_else(|| {
+            CtlError::Usage(format!(
+                "--server {server:?} must be an http:// URL like http://127.0.0.1:8080 (put a TLS-terminating proxy in front for https)"
+            ))
+        })?;
+        if rest.is_empty() || rest.contains(['/', '?', '#']) {
+            return Err(CtlError::Usage(format!(
+                "--server {server:?} must be the server's base URL, like http://127.0.0.1:8080"
+            )));
+        }
+        let http = reqwest::blocking::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(None)
+            .build()
+            .map_err(|err| CtlError::Usage(format!("cannot set up the HTTP client: {err}")))?;
+        Ok(Self { base, token, http })
+    }
+
+    /// `method path` with the admin token, no timeout (for long transfers and streams).
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+    }
+
+    /// Sends `request`; a non-2xx answer becomes [`CtlError::Refused`].
+    pub fn send(&self, request: RequestBuilder) -> Result<Response, CtlError> {
+        let response = request.send().map_err(|err| self.transport_error(&err))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let text = response.text().unwrap_or_default();
+        let parsed: Option<(String, String)> =
+            serde_json::from_str::<Value>(&text).ok().and_then(|body| {
+                let error = body.get("error")?;
+                Some((
+                    error.get("code")?.as_str()?.to_owned(),
+                    error.get("message")?.as_str()?.to_owned(),
+                ))
+            });
+        let (code, message) = parsed.unwrap_or_else(|| {
+            let mut text = text.trim().to_owned();
+            text.truncate(300);
+            (
+                format!("http_{}", status.as_u16()),
+                if text.is_empty() {
+                    status.canonical_reason().unwrap_or("error").to_owned()
+                } else {
+                    text
+                },
+            )
+        });
+        Err(CtlError::Refused {
+            status: status.as_u16(),
+            code,
+            message,
+        })
+    }
+
+    /// `method path` with an optional JSON body; answers the JSON the server sent.
+    pub fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, CtlError> {
+        let mut request = self.request(method, path).timeout(REQUEST_TIMEOUT);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = self.send(request)?;
+        let text = response.text().map_err(|err| self.transport_error(&err))?;
+        serde_json::from_str(&text).map_err(|err| {
+            CtlError::BadAnswer(format!(
+                "the server at {} answered something that is not storehost's JSON ({err}); is --server right?",
+                self.base
+            ))
+        })
+    }
+
+    /// What a failed request means for the user.
+    pub fn transport_error(&self, err: &reqwest::Error) -> CtlError {
+        let mut detail = err.to_string();
+        let mut source = std::error::Error::source(err);
+        while let Some(cause) = source {
+            detail.push_str(": ");
+            detail.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        if err.is_builder() {
+            return CtlError::Usage(format!("invalid request: {detail}"));
+        }
+        if err.is_decode() {
+            return CtlError::BadAnswer(format!("the server's answer could not be read: {detail}"));
+        }
+        CtlError::Unreachable(format!(
+            "cannot reach the server at {}: {detail}; is `storehost serve` running there? (set --server or STOREHOST_URL)",
+            self.base
+        ))
+    }
+}

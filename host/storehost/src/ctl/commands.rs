@@ -1,0 +1,755 @@
+//! What each `storehost ctl` subcommand asks the server and prints.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::Method;
+use serde_json::{Map, Value, json};
+
+use super::client::{Client, CtlError};
+use super::output;
+use super::{CtlCommand, EventsCommand, PluginCommand, StoresCommand, TokensCommand};
+
+/// How long `events tail` keeps trying to reconnect after its stream drops.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
+
+/// Runs one subcommand.
+pub fn run(client: &Client, json_out: bool, command: CtlCommand) -> Result<(), CtlError> {
+    match command {
+        CtlCommand::Stores { command } => stores(client, json_out, command),
+        CtlCommand::Plugin { command } => plugin(client, json_out, command),
+        CtlCommand::Events { command } => events(client, json_out, command),
+        CtlCommand::Backup { id, output } => backup(client, json_out, &id, &output),
+        CtlCommand::Restore {
+            id,
+            file,
+            allow_different_store,
+        } => restore(client, json_out, &id, &file, allow_different_store),
+        CtlCommand::Reconcile => reconcile(client, json_out),
+        CtlCommand::Tokens { command } => tokens(client, json_out, command),
+    }
+}
+
+/// A store id as a path segment (the server checks the rule; this only keeps the URL intact).
+fn segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn stores(client: &Client, json_out: bool, command: StoresCommand) -> Result<(), CtlError> {
+    match command {
+        StoresCommand::List => {
+            let body = client.json(Method::GET, "/v1/stores", None)?;
+            if json_out {
+                output::json(&body);
+                return Ok(());
+            }
+            let stores = body["stores"].as_array().cloned().unwrap_or_default();
+            if stores.is_empty() {
+                println!("no stores; add one with `storehost ctl stores add ID`");
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = stores
+                .iter()
+                .map(|s| {
+                    vec![
+                        output::cell(&s["id"]),
+                        output::cell(&s["state"]),
+                        output::cell(&s["plugin"]["name"]),
+                        output::cell(&s["head"]),
+                        output::cell(&s["lag"]),
+                        output::cell(&s["eventsProcessed"]),
+                        output::cell(&s["errorsCount"]),
+                        output::cell(&s["source"]),
+                        s["lastFailure"]["reason"]
+                            .as_str()
+                            .unwrap_or("-")
+                            .to_owned(),
+                    ]
+                })
+                .collect();
+            output::table(
+                &[
+                    "ID",
+                    "STATE",
+                    "PLUGIN",
+                    "HEAD",
+                    "LAG",
+                    "PROCESSED",
+                    "ERRORS",
+                    "SOURCE",
+                    "LAST FAILURE",
+                ],
+                &rows,
+            );
+            Ok(())
+        }
+        StoresCommand::Show { id } => {
+            let body = client.json(Method::GET, &format!("/v1/stores/{}", segment(&id)), None)?;
+            if json_out {
+                output::json(&body);
+            } else {
+                show_store(&body);
+            }
+            Ok(())
+        }
+        StoresCommand::Add {
+            id,
+            plugin,
+            quotas,
+            config,
+        } => {
+            let mut body = Map::new();
+            if let Some(plugin) = plugin {
+                body.insert("plugin".into(), Value::String(plugin));
+            }
+            if !quotas.is_empty() {
+                let mut map = Map::new();
+                for pair in &quotas {
+                    let (key, value) = key_value("--quota", pair)?;
+                    // Numbers stay numbers; anything else is sent as text for the server to judge.
+                    let value = serde_json::from_str::<Value>(value)
+                        .unwrap_or_else(|_| Value::String(value.to_owned()));
+                    map.insert(key.to_owned(), value);
+                }
+                body.insert("quotas".into(), Value::Object(map));
+            }
+            if !config.is_empty() {
+                let mut map = Map::new();
+                for pair in &config {
+                    let (key, value) = key_value("--config", pair)?;
+                    map.insert(key.to_owned(), Value::String(value.to_owned()));
+                }
+                body.insert("config".into(), Value::Object(map));
+            }
+            let path = format!("/v1/stores/{}", segment(&id));
+            let response = client.send(
+                client
+                    .request(Method::PUT, &path)
+                    .timeout(Duration::from_secs(120))
+                    .json(&Value::Object(body)),
+            )?;
+            let created = response.status().as_u16() == 201;
+            let view: Value = response
+                .json()
+                .map_err(|err| client.transport_error(&err))?;
+            if json_out {
+                output::json(&view);
+            } else {
+                println!(
+                    "store {} {} (plugin {}, state {})",
+                    output::cell(&view["id"]),
+                    if created { "created" } else { "updated" },
+                    output::cell(&view["plugin"]["name"]),
+                    output::cell(&view["state"]),
+                );
+            }
+            Ok(())
+        }
+        StoresCommand::Remove { id, purge } => {
+            let mut path = format!("/v1/stores/{}", segment(&id));
+            if purge {
+                path.push_str("?purge=true");
+            }
+            let body = client.json(Method::DELETE, &path, None)?;
+            if json_out {
+                output::json(&body);
+            } else {
+                println!(
+                    "store {} removed; its data was {}",
+                    output::cell(&body["storeId"]),
+                    output::cell(&body["data"])
+                );
+            }
+            Ok(())
+        }
+        StoresCommand::Pause { id } => pause_or_resume(client, json_out, &id, "pause"),
+        StoresCommand::Resume { id } => pause_or_resume(client, json_out, &id, "resume"),
+    }
+}
+
+fn pause_or_resume(
+    client: &Client,
+    json_out: bool,
+    id: &str,
+    action: &str,
+) -> Result<(), CtlError> {
+    let body = client.json(
+        Method::POST,
+        &format!("/v1/stores/{}/{action}", segment(id)),
+        None,
+    )?;
+    if json_out {
+        output::json(&body);
+    } else {
+        println!(
+            "store {} is {}",
+            output::cell(&body["storeId"]),
+            output::cell(&body["state"])
+        );
+    }
+    Ok(())
+}
+
+fn key_value<'a>(flag: &str, pair: &'a str) -> Result<(&'a str, &'a str), CtlError> {
+    pair.split_once('=')
+        .filter(|(key, _)| !key.trim().is_empty())
+        .map(|(key, value)| (key.trim(), value.trim()))
+        .ok_or_else(|| {
+            CtlError::Usage(format!(
+                "{flag} {pair:?} must be KEY=VALUE, e.g. {flag} memory=67108864"
+            ))
+        })
+}
+
+fn show_store(view: &Value) {
+    let plugin = format!(
+        "{} (sha256 {})",
+        output::cell(&view["plugin"]["name"]),
+        view["plugin"]["sha256"]
+            .as_str()
+            .map(|s| &s[..s.len().min(16)])
+            .unwrap_or("-")
+    );
+    let failure = match view["lastFailure"].as_object() {
+        Some(failure) => format!(
+            "{} at {}: {}{}",
+            output::cell(&failure["reason"]),
+            output::time(&failure["at"]),
+            output::cell(&failure["message"]),
+            failure["seq"]
+                .as_u64()
+                .map(|seq| format!(" (seq {seq})"))
+                .unwrap_or_default()
+        ),
+        None => "-".into(),
+    };
+    let pairs_of = |value: &Value| -> String {
+        value
+            .as_object()
+            .map(|map| {
+                map.iter()
+                    .map(|(k, v)| format!("{k}={}", output::cell(v)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .filter(|text| !text.is_empty())
+            .unwrap_or_else(|| "-".into())
+    };
+    let usage = &view["usage"];
+    output::fields(&[
+        ("id", output::cell(&view["id"])),
+        ("state", output::cell(&view["state"])),
+        ("source", output::cell(&view["source"])),
+        ("plugin", plugin),
+        ("running since", output::time(&view["runningSince"])),
+        (
+            "log",
+            format!(
+                "head {}, cursor {}, lag {}",
+                output::cell(&view["head"]),
+                output::cell(&view["cursor"]),
+                output::cell(&view["lag"])
+            ),
+        ),
+        ("processed", output::cell(&view["eventsProcessed"])),
+        ("dead-lettered", output::cell(&view["deadLettered"])),
+        ("errors", output::cell(&view["errorsCount"])),
+        ("last failure", failure),
+        ("last activity", output::time(&view["lastActivity"])),
+        (
+            "usage",
+            format!(
+                "cpu {} ms, memory peak {}, disk {}",
+                output::cell(&usage["cpuMs"]),
+                output::bytes(usage["memoryPeak"].as_u64().unwrap_or(0)),
+                output::bytes(usage["diskBytes"].as_u64().unwrap_or(0))
+            ),
+        ),
+        ("quotas", pairs_of(&view["quotas"])),
+        ("config", pairs_of(&view["config"])),
+    ]);
+}
+
+fn plugin(client: &Client, json_out: bool, command: PluginCommand) -> Result<(), CtlError> {
+    match command {
+        PluginCommand::Deploy { name, file } => {
+            let (reader, length) = open_input(&file)?;
+            let bar = progress(length, &format!("uploading {}", file.display()));
+            let body = reqwest::blocking::Body::sized(ProgressReader::new(reader, &bar), length);
+            let response = client.send(
+                client
+                    .request(Method::PUT, &format!("/v1/plugins/{}", segment(&name)))
+                    .header("content-type", "application/wasm")
+                    .body(body),
+            );
+            bar.finish_and_clear();
+            let answer: Value = response?
+                .json()
+                .map_err(|err| client.transport_error(&err))?;
+            if json_out {
+                output::json(&answer);
+            } else {
+                let stores = answer["stores"].as_array().cloned().unwrap_or_default();
+                println!(
+                    "plugin {} deployed: sha256 {}, {}; {} store(s) switch to it{}",
+                    output::cell(&answer["name"]),
+                    output::cell(&answer["sha256"]),
+                    output::bytes(answer["size"].as_u64().unwrap_or(length)),
+                    stores.len(),
+                    if stores.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            ": {}",
+                            stores
+                                .iter()
+                                .map(output::cell)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    }
+                );
+            }
+            Ok(())
+        }
+        PluginCommand::List => {
+            let body = client.json(Method::GET, "/v1/plugins", None)?;
+            if json_out {
+                output::json(&body);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = body["plugins"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|p| {
+                    vec![
+                        output::cell(&p["name"]),
+                        output::cell(&p["sha256"]),
+                        output::bytes(p["size"].as_u64().unwrap_or(0)),
+                        output::cell(&p["stores"]),
+                    ]
+                })
+                .collect();
+            output::table(&["NAME", "SHA256", "SIZE", "STORES"], &rows);
+            Ok(())
+        }
+    }
+}
+
+fn events(client: &Client, json_out: bool, command: EventsCommand) -> Result<(), CtlError> {
+    match command {
+        EventsCommand::Post {
+            id,
+            event_type,
+            payload,
+            idempotency_key,
+        } => {
+            let payload = match payload {
+                Some(text) => serde_json::from_str::<Value>(&text).map_err(|err| {
+                    CtlError::Usage(format!(
+                        "PAYLOAD_JSON is not valid JSON ({err}); quote it for the shell, e.g. '{{\"key\":\"a\"}}'"
+                    ))
+                })?,
+                None => json!({}),
+            };
+            let mut event = json!({"type": event_type, "payload": payload});
+            if let Some(key) = idempotency_key {
+                event["idempotencyKey"] = Value::String(key);
+            }
+            let body = client.json(
+                Method::POST,
+                &format!("/v1/stores/{}/events", segment(&id)),
+                Some(&event),
+            )?;
+            if json_out {
+                println!("{body}");
+            } else {
+                println!("seq {}", output::cell(&body["seq"]));
+            }
+            Ok(())
+        }
+        EventsCommand::Tail { id, after, count } => tail(client, json_out, &id, after, count),
+    }
+}
+
+/// Follows `GET /v1/stores/{id}/events/stream` (Server-Sent Events); when the stream drops
+/// (the server restarts, the store is restored) it reconnects with `Last-Event-ID`, so no
+/// event is shown twice or skipped.
+fn tail(
+    client: &Client,
+    json_out: bool,
+    id: &str,
+    after: Option<u64>,
+    count: Option<u64>,
+) -> Result<(), CtlError> {
+    let mut last = match after {
+        Some(after) => after,
+        None => client.json(Method::GET, &format!("/v1/stores/{}", segment(id)), None)?["head"]
+            .as_u64()
+            .unwrap_or(0),
+    };
+    let mut shown = 0u64;
+    if count == Some(0) {
+        return Ok(());
+    }
+    let mut dropped_at: Option<std::time::Instant> = None;
+    let mut connected = false;
+    loop {
+        let request = client
+            .request(
+                Method::GET,
+                &format!("/v1/stores/{}/events/stream?after={last}", segment(id)),
+            )
+            .header("accept", "text/event-stream")
+            .header("last-event-id", last.to_string());
+        let response = match client.send(request) {
+            Ok(response) => response,
+            Err(CtlError::Unreachable(message)) => {
+                // Once connected, a dropped server gets a while to come back (a restart).
+                let since = *dropped_at.get_or_insert_with(std::time::Instant::now);
+                if !connected || since.elapsed() > RECONNECT_FOR {
+                    return Err(CtlError::Unreachable(message));
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            Err(other) => return Err(other),
+        };
+        connected = true;
+        dropped_at = None;
+        let mut data = String::new();
+        for line in BufReader::new(response).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(rest.strip_prefix(' ').unwrap_or(rest));
+            } else if line.is_empty() && !data.is_empty() {
+                let event: Value = serde_json::from_str(&data).map_err(|err| {
+                    CtlError::BadAnswer(format!("the event stream sent invalid JSON: {err}"))
+                })?;
+                data.clear();
+                if let Some(seq) = event["seq"].as_u64() {
+                    if seq <= last {
+                        continue;
+                    }
+                    last = seq;
+                }
+                print_event(json_out, &event);
+                shown += 1;
+                if count.is_some_and(|count| shown >= count) {
+                    return Ok(());
+                }
+            }
+        }
+        // The stream ended (server shutting down, store stopped or restored): reconnect.
+        dropped_at.get_or_insert_with(std::time::Instant::now);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn print_event(json_out: bool, event: &Value) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = if json_out {
+        writeln!(stdout, "{event}")
+    } else {
+        writeln!(
+            stdout,
+            "{:>6}  {}  {:<6}  {}  {}",
+            output::cell(&event["seq"]),
+            output::time(&event["at"]),
+            output::cell(&event["source"]),
+            output::cell(&event["type"]),
+            event["payload"]
+        )
+    };
+    let _ = stdout.flush();
+}
+
+fn backup(client: &Client, json_out: bool, id: &str, target: &Path) -> Result<(), CtlError> {
+    let partial = partial_path(target)?;
+    let response =
+        client.send(client.request(Method::GET, &format!("/v1/stores/{}/backup", segment(id))))?;
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let length = response.content_length();
+    let (first, last, cursor) = (
+        header("x-backup-seq-first").unwrap_or_default(),
+        header("x-backup-seq-last").unwrap_or_default(),
+        header("x-backup-cursor").unwrap_or_default(),
+    );
+    let bar = progress(length.unwrap_or(0), &format!("backing up {id}"));
+    let written = (|| -> Result<u64, CtlError> {
+        let file = File::create(&partial)
+            .map_err(|err| CtlError::Usage(format!("cannot write {}: {err}", partial.display())))?;
+        let mut writer = std::io::BufWriter::new(file);
+        let mut reader = ProgressReader::new(response, &bar);
+        let copied = std::io::copy(&mut reader, &mut writer).map_err(|err| {
+            CtlError::Unreachable(format!("the backup download was cut off: {err}"))
+        })?;
+        let file = writer
+            .into_inner()
+            .map_err(|err| CtlError::Usage(format!("cannot write {}: {err}", partial.display())))?;
+        file.sync_all()
+            .map_err(|err| CtlError::Usage(format!("cannot write {}: {err}", partial.display())))?;
+        Ok(copied)
+    })();
+    bar.finish_and_clear();
+    let written = match written {
+        Ok(written) => written,
+        Err(err) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(err);
+        }
+    };
+    if length.is_some_and(|length| length != written) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(CtlError::Unreachable(format!(
+            "the backup download was cut off after {written} of {} bytes; try again",
+            length.unwrap_or(0)
+        )));
+    }
+    std::fs::rename(&partial, target)
+        .map_err(|err| CtlError::Usage(format!("cannot write {}: {err}", target.display())))?;
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "storeId": id,
+                "file": target.display().to_string(),
+                "bytes": written,
+                "seq": {"first": first.parse::<u64>().ok(), "last": last.parse::<u64>().ok()},
+                "cursor": cursor.parse::<u64>().ok(),
+            })
+        );
+    } else {
+        println!(
+            "backup of {id} written to {} ({}): events {first}..={last}, processed up to {cursor}",
+            target.display(),
+            output::bytes(written)
+        );
+    }
+    Ok(())
+}
+
+/// `FILE.partial` beside `target` (the download lands there and is renamed when complete).
+fn partial_path(target: &Path) -> Result<std::path::PathBuf, CtlError> {
+    let name = target
+        .file_name()
+        .ok_or_else(|| CtlError::Usage(format!("-o {} is not a file name", target.display())))?;
+    let mut partial = name.to_os_string();
+    partial.push(".partial");
+    Ok(target.with_file_name(partial))
+}
+
+fn restore(
+    client: &Client,
+    json_out: bool,
+    id: &str,
+    file: &Path,
+    allow_different_store: bool,
+) -> Result<(), CtlError> {
+    let (reader, length) = open_input(file)?;
+    let bar = progress(length, &format!("restoring {id}"));
+    let mut path = format!("/v1/stores/{}/backup", segment(id));
+    if allow_different_store {
+        path.push_str("?allowDifferentStore=true");
+    }
+    let response = client.send(
+        client
+            .request(Method::PUT, &path)
+            .header("content-type", "application/gzip")
+            .body(reqwest::blocking::Body::sized(
+                ProgressReader::new(reader, &bar),
+                length,
+            )),
+    );
+    bar.finish_and_clear();
+    let response = response.map_err(|err| match err {
+        CtlError::Refused {
+            status,
+            code,
+            message,
+        } if code == "store_mismatch" => CtlError::Refused {
+            status,
+            code,
+            message: format!("{message} (with storehost ctl: --allow-different-store)"),
+        },
+        other => other,
+    });
+    let report: Value = response?
+        .json()
+        .map_err(|err| client.transport_error(&err))?;
+    if json_out {
+        output::json(&report);
+        return Ok(());
+    }
+    println!(
+        "store {} restored from the backup of {} taken {}: events {}..={}, processed up to {}; state {}",
+        output::cell(&report["storeId"]),
+        output::cell(&report["restoredFrom"]["storeId"]),
+        output::time(&report["restoredFrom"]["createdAt"]),
+        output::cell(&report["seq"]["first"]),
+        output::cell(&report["seq"]["last"]),
+        output::cell(&report["cursor"]),
+        output::cell(&report["state"]),
+    );
+    if let Some(previous) = report["previousData"].as_str() {
+        println!("the replaced data is kept in {previous}");
+    }
+    for warning in report["warnings"].as_array().cloned().unwrap_or_default() {
+        eprintln!("warning: {}", output::cell(&warning));
+    }
+    Ok(())
+}
+
+fn reconcile(client: &Client, json_out: bool) -> Result<(), CtlError> {
+    let body = client.json(Method::POST, "/admin/reconcile", None)?;
+    if json_out {
+        output::json(&body);
+        return Ok(());
+    }
+    let result = &body["result"];
+    println!(
+        "reconcile {} in {} ms: {} added, {} removed, {} failed adds, {} failed removals ({} in the registry, {} monitored); drift {}",
+        output::cell(&body["status"]),
+        output::cell(&body["durationMs"]),
+        output::cell(&result["added"]),
+        output::cell(&result["removed"]),
+        output::cell(&result["failedAdds"]),
+        output::cell(&result["failedRemovals"]),
+        output::cell(&result["authoritativeCount"]),
+        output::cell(&result["monitoredCount"]),
+        output::cell(&body["driftCount"]),
+    );
+    Ok(())
+}
+
+fn tokens(client: &Client, json_out: bool, command: TokensCommand) -> Result<(), CtlError> {
+    match command {
+        TokensCommand::Create { id } => {
+            let body = client.json(
+                Method::POST,
+                &format!("/v1/stores/{}/tokens", segment(&id)),
+                None,
+            )?;
+            if json_out {
+                output::json(&body);
+            } else {
+                println!("{}", output::cell(&body["token"]));
+                eprintln!(
+                    "token {} of store {}: shown this once (only its hash is kept); it reaches only this store's events, queries, tasks and dead letters",
+                    output::cell(&body["id"]),
+                    output::cell(&body["storeId"])
+                );
+            }
+            Ok(())
+        }
+        TokensCommand::List { id } => {
+            let body = client.json(
+                Method::GET,
+                &format!("/v1/stores/{}/tokens", segment(&id)),
+                None,
+            )?;
+            if json_out {
+                output::json(&body);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = body["tokens"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|t| vec![output::cell(&t["id"]), output::time(&t["createdAt"])])
+                .collect();
+            output::table(&["ID", "CREATED"], &rows);
+            Ok(())
+        }
+        TokensCommand::Revoke { id, token_id } => {
+            let body = client.json(
+                Method::DELETE,
+                &format!("/v1/stores/{}/tokens/{token_id}", segment(&id)),
+                None,
+            )?;
+            if json_out {
+                output::json(&body);
+            } else {
+                println!("token {token_id} of store {id} revoked");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Opens a local file to upload, with its length; a missing file is a usage error.
+fn open_input(path: &Path) -> Result<(File, u64), CtlError> {
+    let file = File::open(path)
+        .map_err(|err| CtlError::Usage(format!("cannot read {}: {err}", path.display())))?;
+    let length = file
+        .metadata()
+        .map_err(|err| CtlError::Usage(format!("cannot read {}: {err}", path.display())))?
+        .len();
+    Ok((file, length))
+}
+
+/// A progress bar on stderr when the output is a terminal; hidden otherwise (scripts, pipes).
+fn progress(length: u64, message: &str) -> ProgressBar {
+    if !(std::io::stdout().is_terminal() && std::io::stderr().is_terminal()) {
+        return ProgressBar::hidden();
+    }
+    let bar = if length > 0 {
+        ProgressBar::new(length)
+    } else {
+        ProgressBar::new_spinner()
+    };
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+    )
+    .map(|style| style.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(message.to_owned());
+    bar
+}
+
+/// A reader that moves a progress bar along.
+struct ProgressReader<R> {
+    inner: R,
+    bar: ProgressBar,
+}
+
+impl<R> ProgressReader<R> {
+    fn new(inner: R, bar: &ProgressBar) -> Self {
+        Self {
+            inner,
+            bar: bar.clone(),
+        }
+    }
+}
+
+impl<R: Read> Read for ProgressReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.inner.read(buf)?;
+        self.bar.inc(read as u64);
+        Ok(read)
+    }
+}

@@ -1,0 +1,1371 @@
+//! The `agent` plugin (SPEC §8a) on a real host: chat messages answered by the agentic loop
+//! with tools, its limits and error classes, and recurring tasks. The LLM is either the
+//! offline rules provider or a local HTTP server speaking the OpenAI chat-completions protocol
+//! (the vendor boundary), behind the host's real OpenAI-compatible client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use storehost_control::llm_backend::ServiceBackend;
+use storehost_llm::{LlmLimits, LlmService, OpenAiConfig, OpenAiProvider, Provider, StubProvider};
+use storehost_store::{LlmBackend, Quotas};
+use storehost_tests::{TestHost, TestHostOptions, programs};
+
+use fake_llm::{FakeLlm, Reply};
+
+/// The host's LLM service over `provider`, as every store's backend.
+fn backend(provider: Arc<dyn Provider>) -> Arc<dyn LlmBackend> {
+    ServiceBackend::new(Arc::new(LlmService::new(provider, LlmLimits::default())))
+}
+
+/// The offline rules provider with `rules`.
+fn stub(rules: Value) -> Arc<dyn LlmBackend> {
+    backend(Arc::new(
+        StubProvider::from_json(&rules.to_string()).expect("valid stub rules"),
+    ))
+}
+
+/// The OpenAI-compatible client pointed at `server`, with short retries.
+fn openai(server: &FakeLlm, tweak: impl FnOnce(&mut OpenAiConfig)) -> Arc<dyn LlmBackend> {
+    let mut config = OpenAiConfig {
+        base_url: server.base_url.clone(),
+        model: "fake-model".into(),
+        api_key_env: None,
+        timeout_ms: 10_000,
+        deadline_ms: 20_000,
+        max_retries: 2,
+        backoff_base_ms: 10,
+        backoff_max_ms: 50,
+    };
+    tweak(&mut config);
+    backend(Arc::new(
+        OpenAiProvider::new(config).expect("valid provider"),
+    ))
+}
+
+/// A host whose stores call `llm`, with the agent deployed as `agent`.
+async fn agent_host(llm: Arc<dyn LlmBackend>) -> TestHost {
+    agent_host_with(llm, TestHostOptions::default()).await
+}
+
+async fn agent_host_with(llm: Arc<dyn LlmBackend>, options: TestHostOptions) -> TestHost {
+    let host = TestHost::start_with(TestHostOptions {
+        llm: Some(llm),
+        ..options
+    })
+    .await;
+    host.deploy("agent", programs::AGENT).await;
+    host
+}
+
+/// Appends a `v1.ChatMessageSent`.
+async fn chat(host: &TestHost, store: &str, id: &str, role: &str, text: &str) -> u64 {
+    host.append(
+        store,
+        "v1.ChatMessageSent",
+        json!({
+            "id": id,
+            "conversationId": "conv-1",
+            "message": text,
+            "role": role,
+            "createdAt": "2025-01-01T10:00:00.000Z",
+        }),
+    )
+    .await
+}
+
+/// Every event of `store`, in order.
+async fn all_events(host: &TestHost, store: &str) -> Vec<Value> {
+    let mut events = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, page) = host
+            .get(&format!(
+                "/v1/stores/{store}/events?after={after}&limit=500"
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let batch = page["events"].as_array().expect("events").clone();
+        if batch.is_empty() {
+            return events;
+        }
+        after = page["next"].as_u64().expect("next");
+        events.extend(batch);
+    }
+}
+
+/// The events of type `event_type`.
+fn of_type<'a>(events: &'a [Value], event_type: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == event_type).collect()
+}
+
+/// The response events for user message `message_id`: (started, received, completed), each
+/// checked to be exactly one and in that order in the log.
+fn one_response<'a>(events: &'a [Value], message_id: &str) -> (&'a Value, &'a Value, &'a Value) {
+    let find = |event_type: &str, field: &str| -> Vec<&'a Value> {
+        events
+            .iter()
+            .filter(|e| e["type"] == event_type && e["payload"][field] == message_id)
+            .collect()
+    };
+    let started = find("v1.LLMResponseStarted", "userMessageId");
+    let received = find("v1.LLMResponseReceived", "responseToMessageId");
+    let completed = find("v1.LLMResponseCompleted", "userMessageId");
+    assert_eq!(
+        started.len(),
+        1,
+        "one LLMResponseStarted for {message_id}: {events:#?}"
+    );
+    assert_eq!(
+        received.len(),
+        1,
+        "one LLMResponseReceived for {message_id}: {events:#?}"
+    );
+    assert_eq!(
+        completed.len(),
+        1,
+        "one LLMResponseCompleted for {message_id}: {events:#?}"
+    );
+    let (started, received, completed) = (started[0], received[0], completed[0]);
+    assert!(
+        started["seq"].as_u64() < received["seq"].as_u64()
+            && received["seq"].as_u64() < completed["seq"].as_u64(),
+        "Started → Received → Completed: {started} {received} {completed}"
+    );
+    for event in [started, received, completed] {
+        assert_eq!(event["source"], "plugin");
+        assert_eq!(event["payload"]["conversationId"], "conv-1");
+    }
+    assert_eq!(received["payload"]["role"], "assistant");
+    (started, received, completed)
+}
+
+/// A rule that answers "water the plants" by creating that task.
+fn create_task_rules() -> Value {
+    json!({
+        "rules": [{
+            "match": "water the plants",
+            "matchType": "includes",
+            "toolCalls": [{"type": "function", "function": {
+                "name": "create_task",
+                "arguments": "{\"title\":\"Water the plants\"}"
+            }}],
+            "response": "Done: {{toolResults}}"
+        }],
+        "defaultResponse": "I did not understand."
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_message_with_a_tool_call_creates_a_task_and_gets_one_reply() {
+    let host = agent_host(stub(create_task_rules())).await;
+    host.add_store("ws-one", "agent", &[]).await;
+
+    chat(&host, "ws-one", "m1", "user", "Please water the plants").await;
+    host.settle("ws-one").await;
+
+    let tasks = host.query("ws-one", "tasks", json!({})).await;
+    let tasks = tasks["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 1, "one task, also after its echo: {tasks:?}");
+    assert_eq!(tasks[0]["title"], "Water the plants");
+    assert_eq!(tasks[0]["status"], "todo");
+    let task_id = tasks[0]["id"].as_str().unwrap();
+
+    let events = all_events(&host, "ws-one").await;
+    let (_, received, completed) = one_response(&events, "m1");
+    assert_eq!(received["payload"]["id"], "m1-response");
+    let reply = received["payload"]["message"].as_str().unwrap();
+    assert!(reply.starts_with("Done: "), "{reply}");
+    assert!(
+        reply.contains(task_id),
+        "the tool result names the task: {reply}"
+    );
+    let metadata = &received["payload"]["llmMetadata"];
+    assert_eq!(metadata["stopReason"], "final_answer");
+    assert_eq!(metadata["model"], "stub");
+    assert_eq!(metadata["toolCalls"][0]["name"], "create_task");
+    assert_eq!(metadata["toolCalls"][0]["ok"], true);
+    assert_eq!(
+        completed["payload"],
+        json!({"conversationId": "conv-1", "userMessageId": "m1", "iterations": 2, "success": true})
+    );
+
+    // The tool emitted the domain event, which other readers of the log see.
+    let created = of_type(&events, "v2.TaskCreated");
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert_eq!(created[0]["source"], "plugin");
+    assert_eq!(created[0]["payload"]["id"], task_id);
+    assert_eq!(created[0]["payload"]["title"], "Water the plants");
+
+    let messages = host
+        .query("ws-one", "messages", json!({"conversationId": "conv-1"}))
+        .await;
+    let messages = messages["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_eq!(messages[0]["id"], "m1");
+    assert_eq!(messages[0]["role"], "user");
+    assert_eq!(messages[1]["id"], "m1-response");
+    assert_eq!(messages[1]["role"], "assistant");
+    assert_eq!(messages[1]["responseToMessageId"], "m1");
+    assert_eq!(messages[1]["message"], reply);
+
+    let conversations = host.query("ws-one", "conversations", json!({})).await;
+    assert_eq!(conversations["conversations"][0]["id"], "conv-1");
+    assert_eq!(conversations["conversations"][0]["messageCount"], 2);
+    assert_eq!(
+        conversations["conversations"][0]["title"],
+        "Please water the plants"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_demo_rules_drive_the_agents_tools() {
+    // What a newcomer sees on the embedded default: the offline demo rules and the agent.
+    let host = agent_host(backend(Arc::new(StubProvider::demo()))).await;
+    host.add_store("ws-demo", "agent", &[]).await;
+    let mut transcript = Vec::new();
+    let mut say = async |id: &str, text: &str| -> String {
+        chat(&host, "ws-demo", id, "user", text).await;
+        host.settle("ws-demo").await;
+        let events = all_events(&host, "ws-demo").await;
+        let (_, received, completed) = one_response(&events, id);
+        assert_eq!(completed["payload"]["success"], true, "{received}");
+        let reply = received["payload"]["message"].as_str().unwrap().to_owned();
+        transcript.push(format!("user: {text}\nassistant: {reply}"));
+        reply
+    };
+
+    let reply = say("d1", "create a task to water the plants").await;
+    assert_eq!(reply, "Done! I created the task \"water the plants\".");
+    let tasks = host.query("ws-demo", "tasks", json!({})).await;
+    let id = tasks["tasks"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(tasks["tasks"][0]["title"], "water the plants");
+
+    let reply = say("d2", "list my tasks").await;
+    assert!(
+        reply.contains(&id) && reply.contains("water the plants"),
+        "{reply}"
+    );
+    let reply = say("d3", &format!("mark task {id} as done")).await;
+    assert_eq!(reply, format!("Task {id} is now done."));
+    let tasks = host.query("ws-demo", "tasks", json!({})).await;
+    assert_eq!(tasks["tasks"][0]["status"], "done");
+
+    let reply = say("d4", "remind me to stretch every day").await;
+    assert_eq!(reply, "Okay, I will remind you to stretch every day.");
+    let recurring = host.query("ws-demo", "recurring-tasks", json!({})).await;
+    assert_eq!(
+        recurring["recurringTasks"][0]["prompt"],
+        "Reminder: stretch"
+    );
+    assert_eq!(recurring["recurringTasks"][0]["intervalHours"], 24.0);
+
+    let reply = say("d5", &format!("archive task {id}")).await;
+    assert_eq!(reply, format!("I archived task {id}."));
+    let tasks = host.query("ws-demo", "tasks", json!({})).await;
+    assert_eq!(tasks["tasks"], json!([]));
+    println!("{}", transcript.join("\n\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_message_delivered_twice_gets_one_response() {
+    let host = agent_host(stub(create_task_rules())).await;
+    host.add_store("ws-twice", "agent", &[]).await;
+
+    chat(&host, "ws-twice", "m1", "user", "water the plants").await;
+    chat(&host, "ws-twice", "m1", "user", "water the plants").await;
+    host.settle("ws-twice").await;
+
+    let events = all_events(&host, "ws-twice").await;
+    one_response(&events, "m1");
+    assert_eq!(of_type(&events, "v2.TaskCreated").len(), 1);
+    let tasks = host.query("ws-twice", "tasks", json!({})).await;
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 1, "{tasks}");
+    let messages = host
+        .query("ws-twice", "messages", json!({"conversationId": "conv-1"}))
+        .await;
+    assert_eq!(
+        messages["messages"].as_array().unwrap().len(),
+        2,
+        "{messages}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assistant_messages_are_stored_not_answered_and_system_messages_are_answered() {
+    let host = agent_host(stub(create_task_rules())).await;
+    host.add_store("ws-roles", "agent", &[]).await;
+
+    chat(&host, "ws-roles", "a1", "assistant", "How can I help?").await;
+    host.settle("ws-roles").await;
+    let events = all_events(&host, "ws-roles").await;
+    assert_eq!(
+        events.len(),
+        1,
+        "nothing emitted for an assistant message: {events:#?}"
+    );
+    let messages = host
+        .query("ws-roles", "messages", json!({"conversationId": "conv-1"}))
+        .await;
+    assert_eq!(messages["messages"][0]["role"], "assistant");
+    assert_eq!(messages["messages"][0]["message"], "How can I help?");
+
+    chat(&host, "ws-roles", "s1", "system", "Say hello.").await;
+    host.settle("ws-roles").await;
+    let events = all_events(&host, "ws-roles").await;
+    let (_, received, completed) = one_response(&events, "s1");
+    assert_eq!(received["payload"]["message"], "I did not understand.");
+    assert_eq!(completed["payload"]["success"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_read_and_change_tasks_in_one_conversation() {
+    // The model lists the tasks, then marks the first one done and archives the second,
+    // reading ids from the tool results like a real model would.
+    let server = FakeLlm::start(|request| {
+        let results = request.tool_results();
+        match results.len() {
+            0 => Reply::tool_calls(&[("list_tasks", json!({}))]),
+            1 => {
+                let listed: Value = serde_json::from_str(&results[0]).unwrap();
+                let first = listed["tasks"][0]["id"].as_str().unwrap().to_owned();
+                let second = listed["tasks"][1]["id"].as_str().unwrap().to_owned();
+                Reply::tool_calls(&[
+                    ("update_task", json!({"id": first, "status": "done"})),
+                    ("archive_task", json!({"id": second})),
+                    ("get_task_by_id", json!({"id": "no-such-task"})),
+                ])
+            }
+            _ => Reply::text("Marked one done and archived the other."),
+        }
+    })
+    .await;
+    let host = agent_host(openai(&server, |_| {})).await;
+    host.add_store("ws-tools", "agent", &[]).await;
+    for (id, title) in [("t1", "Buy milk"), ("t2", "Call mum")] {
+        host.append(
+            "ws-tools",
+            "v2.TaskCreated",
+            json!({"id": id, "title": title}),
+        )
+        .await;
+    }
+    chat(&host, "ws-tools", "m1", "user", "tidy up my tasks").await;
+    host.settle("ws-tools").await;
+
+    let all = host
+        .query("ws-tools", "tasks", json!({"includeArchived": true}))
+        .await;
+    assert_eq!(all["tasks"][0]["status"], "done");
+    assert_eq!(all["tasks"][1]["archived"], true);
+    let events = all_events(&host, "ws-tools").await;
+    let (_, received, completed) = one_response(&events, "m1");
+    assert_eq!(completed["payload"]["iterations"], 3);
+    assert_eq!(completed["payload"]["success"], true);
+    let calls = received["payload"]["llmMetadata"]["toolCalls"]
+        .as_array()
+        .unwrap();
+    let outcome: Vec<(&str, bool)> = calls
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["ok"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        outcome,
+        [
+            ("list_tasks", true),
+            ("update_task", true),
+            ("archive_task", true),
+            ("get_task_by_id", false)
+        ]
+    );
+    assert_eq!(of_type(&events, "v1.TaskUpdated").len(), 1);
+    assert_eq!(of_type(&events, "v1.TaskArchived").len(), 1);
+
+    // The model saw the conversation, the tools and, for the unknown id, an error it can use.
+    let requests = server.requests();
+    assert_eq!(requests.len(), 3);
+    let tools: Vec<&str> = requests[0]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tools,
+        [
+            "create_task",
+            "update_task",
+            "archive_task",
+            "get_task_by_id",
+            "list_tasks",
+            "create_recurring_task"
+        ]
+    );
+    assert_eq!(requests[0]["messages"][0]["role"], "system");
+    assert_eq!(requests[0]["messages"][1]["content"], "tidy up my tasks");
+    let last = requests[2]["messages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["role"], "tool");
+    assert!(
+        last["content"]
+            .as_str()
+            .unwrap()
+            .contains("no task with id `no-such-task`"),
+        "{last}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loop_stops_at_llm_max_iterations() {
+    // A model that never stops calling tools, each time with new arguments.
+    let server = FakeLlm::start(|request| {
+        Reply::tool_calls(&[(
+            "create_task",
+            json!({"title": format!("step {}", request.index)}),
+        )])
+    })
+    .await;
+    let host = agent_host(openai(&server, |_| {})).await;
+    host.add_store("ws-max", "agent", &[("LLM_MAX_ITERATIONS", "3")])
+        .await;
+
+    chat(&host, "ws-max", "m1", "user", "keep going").await;
+    host.settle("ws-max").await;
+
+    assert_eq!(
+        server.requests().len(),
+        3,
+        "three model calls, then it stops"
+    );
+    let events = all_events(&host, "ws-max").await;
+    let (_, received, completed) = one_response(&events, "m1");
+    assert_eq!(completed["payload"]["iterations"], 3);
+    assert_eq!(completed["payload"]["success"], false);
+    assert_eq!(
+        received["payload"]["llmMetadata"]["stopReason"],
+        "max_iterations"
+    );
+    let reply = received["payload"]["message"].as_str().unwrap();
+    assert!(reply.contains("within 3 steps"), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_loop_is_stopped_at_the_third_identical_call() {
+    let server = FakeLlm::start(|_| Reply::tool_calls(&[("list_tasks", json!({}))])).await;
+    let host = agent_host(openai(&server, |_| {})).await;
+    host.add_store("ws-stuck", "agent", &[]).await;
+
+    chat(&host, "ws-stuck", "m1", "user", "what do I have?").await;
+    host.settle("ws-stuck").await;
+
+    assert_eq!(server.requests().len(), 3);
+    let events = all_events(&host, "ws-stuck").await;
+    let (_, received, completed) = one_response(&events, "m1");
+    assert_eq!(completed["payload"]["iterations"], 3);
+    assert_eq!(completed["payload"]["success"], false);
+    let metadata = &received["payload"]["llmMetadata"];
+    assert_eq!(metadata["stopReason"], "stuck_loop");
+    assert_eq!(metadata["stuckTool"], "list_tasks");
+    assert_eq!(
+        metadata["toolCalls"].as_array().unwrap().len(),
+        2,
+        "the third identical call is not run"
+    );
+}
+
+/// Sends one user message to a store whose LLM is `server`; answers the response events and
+/// how many requests the server got.
+async fn chat_through(
+    server: &FakeLlm,
+    tweak: impl FnOnce(&mut OpenAiConfig),
+) -> (Value, Value, usize) {
+    let host = agent_host(openai(server, tweak)).await;
+    host.add_store("ws-llm", "agent", &[]).await;
+    chat(&host, "ws-llm", "m1", "user", "hello there").await;
+    host.settle("ws-llm").await;
+    let events = all_events(&host, "ws-llm").await;
+    let (_, received, completed) = one_response(&events, "m1");
+    (received.clone(), completed.clone(), server.requests().len())
+}
+
+/// Checks a response that failed with `class` (and `status`) after `iterations` calls.
+fn assert_failed(received: &Value, completed: &Value, class: &str, status: Option<u16>) {
+    let metadata = &received["payload"]["llmMetadata"];
+    assert_eq!(metadata["stopReason"], "llm_error", "{received}");
+    assert_eq!(metadata["errorClass"], class, "{received}");
+    assert_eq!(metadata["httpStatus"], json!(status), "{received}");
+    assert_eq!(completed["payload"]["success"], false);
+    assert_eq!(completed["payload"]["iterations"], 1);
+    let reply = received["payload"]["message"].as_str().unwrap();
+    assert!(
+        !reply.contains("127.0.0.1") && reply.ends_with('.'),
+        "a polite reply without the operator's details: {reply}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_api_key_is_an_auth_error_and_not_retried() {
+    let server = FakeLlm::start(|_| Reply::error(401, "invalid api key")).await;
+    let (received, completed, requests) = chat_through(&server, |_| {}).await;
+    assert_failed(&received, &completed, "auth", Some(401));
+    assert_eq!(requests, 1);
+    let reply = received["payload"]["message"].as_str().unwrap();
+    assert!(reply.contains("API key"), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_call_is_retried_and_then_answered() {
+    let server = FakeLlm::start(|request| match request.index {
+        0 => Reply::error(429, "slow down"),
+        _ => Reply::text("Hello! All good."),
+    })
+    .await;
+    let (received, completed, requests) = chat_through(&server, |_| {}).await;
+    assert_eq!(requests, 2);
+    assert_eq!(received["payload"]["message"], "Hello! All good.");
+    assert_eq!(
+        received["payload"]["llmMetadata"]["stopReason"],
+        "final_answer"
+    );
+    assert_eq!(completed["payload"]["success"], true);
+    assert_eq!(completed["payload"]["iterations"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_rate_limiting_gets_a_polite_reply() {
+    let server = FakeLlm::start(|_| Reply::error(429, "slow down")).await;
+    let (received, completed, requests) = chat_through(&server, |c| c.max_retries = 1).await;
+    assert_failed(&received, &completed, "rate_limited", Some(429));
+    assert_eq!(requests, 2);
+    let reply = received["payload"]["message"].as_str().unwrap();
+    assert!(reply.contains("too many requests"), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_server_is_a_transient_error_after_the_retries() {
+    let server = FakeLlm::start(|_| Reply::error(500, "boom")).await;
+    let (received, completed, requests) = chat_through(&server, |c| c.max_retries = 2).await;
+    assert_failed(&received, &completed, "transient", Some(500));
+    assert_eq!(requests, 3, "the first attempt and two retries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_does_not_answer_in_time_is_a_timeout() {
+    let server = FakeLlm::start(|_| Reply::text("too late").after(Duration::from_secs(30))).await;
+    let (received, completed, requests) = chat_through(&server, |c| {
+        c.timeout_ms = 200;
+        c.deadline_ms = 600;
+        c.max_retries = 1;
+    })
+    .await;
+    assert_failed(&received, &completed, "timeout", None);
+    assert_eq!(requests, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_is_not_json_is_an_invalid_response() {
+    let server = FakeLlm::start(|_| Reply::raw(200, "<html>surprise</html>")).await;
+    let (received, completed, requests) = chat_through(&server, |_| {}).await;
+    assert_failed(&received, &completed, "invalid_response", Some(200));
+    assert_eq!(requests, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_without_an_llm_provider_says_so_politely() {
+    let host = TestHost::start().await;
+    host.deploy("agent", programs::AGENT).await;
+    host.add_store("ws-none", "agent", &[]).await;
+    chat(&host, "ws-none", "m1", "user", "hello").await;
+    host.settle("ws-none").await;
+    let events = all_events(&host, "ws-none").await;
+    let (_, received, completed) = one_response(&events, "m1");
+    assert_failed(
+        &received.clone(),
+        &completed.clone(),
+        "not_configured",
+        None,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_llm_fails_the_invocation_as_wall_time_while_another_store_is_answered() {
+    let server = FakeLlm::start(|request| {
+        if request.last_user_text().contains("slow") {
+            Reply::text("much too late").after(Duration::from_secs(60))
+        } else {
+            Reply::text("quick answer")
+        }
+    })
+    .await;
+    let options = TestHostOptions {
+        retry: storehost_store::RetryPolicy {
+            attempts: 2,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+            ..storehost_store::RetryPolicy::default()
+        },
+        ..TestHostOptions::default()
+    };
+    let host = agent_host_with(
+        openai(&server, |c| {
+            c.timeout_ms = 120_000;
+            c.deadline_ms = 120_000;
+        }),
+        options,
+    )
+    .await;
+    let quotas = Quotas {
+        wall_ms_per_call: 3_000,
+        ..Quotas::default()
+    };
+    host.add_store_with("ws-slow", "agent", &[], quotas).await;
+    host.add_store("ws-fast", "agent", &[]).await;
+
+    chat(&host, "ws-slow", "m1", "user", "a slow question").await;
+    server.wait_for_slow_request().await;
+    chat(&host, "ws-fast", "m2", "user", "a quick question").await;
+    host.settle("ws-fast").await;
+    assert!(
+        server.fast_arrived_while_slow_in_flight(),
+        "the quick store's call went out while the slow store was waiting for its answer"
+    );
+    let events = all_events(&host, "ws-fast").await;
+    let (_, received, completed) = one_response(&events, "m2");
+    assert_eq!(received["payload"]["message"], "quick answer");
+    assert_eq!(completed["payload"]["success"], true);
+
+    let status = host
+        .wait_for_status("ws-slow", |s| s["deadLettered"].as_u64() == Some(1))
+        .await;
+    assert_eq!(status["lastFailure"]["reason"], "wall_time", "{status}");
+    // The failed attempts left no trace: no response was started for the slow message.
+    let events = all_events(&host, "ws-slow").await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let (_, dead) = host.get("/v1/stores/ws-slow/dead-letters").await;
+    assert_eq!(dead["deadLetters"][0]["seq"], 1, "{dead}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recurring_task_created_in_chat_is_stored_and_scheduled() {
+    let rules = json!({
+        "rules": [{
+            "match": "(?i)remind me to (.+) every day",
+            "matchType": "regex",
+            "toolCalls": [{"type": "function", "function": {
+                "name": "create_recurring_task",
+                "arguments": "{\"name\":\"${1}\",\"prompt\":\"Reminder: ${1}\",\"intervalHours\":24}"
+            }}],
+            "response": "Okay, every day."
+        }]
+    });
+    let host = agent_host(stub(rules)).await;
+    host.add_store("ws-remind", "agent", &[]).await;
+    chat(
+        &host,
+        "ws-remind",
+        "m1",
+        "user",
+        "remind me to stretch every day",
+    )
+    .await;
+    host.settle("ws-remind").await;
+
+    let recurring = host.query("ws-remind", "recurring-tasks", json!({})).await;
+    let recurring = recurring["recurringTasks"].as_array().unwrap();
+    assert_eq!(
+        recurring.len(),
+        1,
+        "one, also after the echo: {recurring:?}"
+    );
+    let task = &recurring[0];
+    assert_eq!(task["name"], "stretch");
+    assert_eq!(task["prompt"], "Reminder: stretch");
+    assert_eq!(task["intervalHours"], 24.0);
+    assert_eq!(task["enabled"], true);
+    assert_eq!(task["scheduleError"], Value::Null);
+    let id = task["id"].as_str().unwrap();
+
+    let events = all_events(&host, "ws-remind").await;
+    let created = of_type(&events, "v1.RecurringTaskCreated");
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0]["payload"]["id"], id);
+    assert_eq!(created[0]["payload"]["intervalHours"], 24.0);
+
+    let schedules = schedules(&host, "ws-remind").await;
+    assert_eq!(schedules.len(), 1, "{schedules:?}");
+    assert_eq!(schedules[0]["taskId"], id);
+    assert_eq!(schedules[0]["kind"], "every");
+    assert_eq!(schedules[0]["spec"], "86400000");
+    assert_eq!(
+        millis(&task["nextExecutionAt"]),
+        schedules[0]["nextRunAt"].as_i64().unwrap(),
+        "the task shows when the host will run it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recurring_task_events_schedule_reschedule_and_cancel() {
+    let host = agent_host(stub(json!({}))).await;
+    host.add_store("ws-rt", "agent", &[]).await;
+
+    host.append(
+        "ws-rt",
+        "v1.RecurringTaskCreated",
+        json!({"id": "rt1", "name": "Standup", "prompt": "Summarise my tasks", "cron": "0 9 * * MON-FRI"}),
+    )
+    .await;
+    host.settle("ws-rt").await;
+    let s = schedules(&host, "ws-rt").await;
+    assert_eq!(
+        (s[0]["taskId"].as_str(), s[0]["kind"].as_str()),
+        (Some("rt1"), Some("cron"))
+    );
+    assert_eq!(s[0]["spec"], "0 9 * * MON-FRI");
+
+    host.append(
+        "ws-rt",
+        "v1.RecurringTaskUpdated",
+        json!({"id": "rt1", "intervalHours": 2}),
+    )
+    .await;
+    host.settle("ws-rt").await;
+    let s = schedules(&host, "ws-rt").await;
+    assert_eq!(
+        (s[0]["kind"].as_str(), s[0]["spec"].as_str()),
+        (Some("every"), Some("7200000"))
+    );
+    let task = recurring_task(&host, "ws-rt", "rt1").await;
+    assert_eq!(task["intervalHours"], 2.0);
+    assert_eq!(task.get("cron"), None);
+
+    host.append("ws-rt", "v1.RecurringTaskDisabled", json!({"id": "rt1"}))
+        .await;
+    host.settle("ws-rt").await;
+    assert!(schedules(&host, "ws-rt").await.is_empty());
+    let task = recurring_task(&host, "ws-rt", "rt1").await;
+    assert_eq!(task["enabled"], false);
+    assert_eq!(task["nextExecutionAt"], Value::Null);
+
+    host.append("ws-rt", "v1.RecurringTaskEnabled", json!({"id": "rt1"}))
+        .await;
+    host.settle("ws-rt").await;
+    assert_eq!(schedules(&host, "ws-rt").await.len(), 1);
+    assert_eq!(recurring_task(&host, "ws-rt", "rt1").await["enabled"], true);
+
+    // A schedule the scheduler refuses is shown on the task instead of failing the event.
+    host.append(
+        "ws-rt",
+        "v1.RecurringTaskCreated",
+        json!({"id": "rt2", "name": "Broken", "prompt": "x", "cron": "every tuesday"}),
+    )
+    .await;
+    host.settle("ws-rt").await;
+    let broken = recurring_task(&host, "ws-rt", "rt2").await;
+    let problem = broken["scheduleError"].as_str().unwrap();
+    assert!(problem.contains("invalid cron expression"), "{problem}");
+    assert_eq!(schedules(&host, "ws-rt").await.len(), 1);
+
+    host.append("ws-rt", "v1.RecurringTaskDeleted", json!({"id": "rt1"}))
+        .await;
+    host.settle("ws-rt").await;
+    assert!(schedules(&host, "ws-rt").await.is_empty());
+    let listed = host.query("ws-rt", "recurring-tasks", json!({})).await;
+    let ids: Vec<&str> = listed["recurringTasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["rt2"]);
+    let (_, status) = host.get("/v1/stores/ws-rt").await;
+    assert_eq!(status["deadLettered"], 0, "{status}");
+}
+
+/// Polls the events of `store` until `check` holds (a 30 s safety net); answers them.
+async fn wait_for_events(
+    host: &TestHost,
+    store: &str,
+    check: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let mut last = Vec::new();
+    for _ in 0..300 {
+        last = all_events(host, store).await;
+        if check(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the events of {store} never reached the expected state: {last:#?}");
+}
+
+/// The execution events with id `execution_id`.
+fn execution_events<'a>(events: &'a [Value], execution_id: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| {
+            e["type"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("v1.TaskExecution"))
+                && e["payload"]["id"] == execution_id
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_recurring_task_runs_the_loop_and_reports_its_next_execution() {
+    let rules = json!({
+        "rules": [{
+            "match": "Reminder: stretch",
+            "matchType": "exact",
+            "toolCalls": [{"type": "function", "function": {
+                "name": "create_task",
+                "arguments": "{\"title\":\"Stretch\"}"
+            }}],
+            "response": "Added a stretch task."
+        }]
+    });
+    let host = agent_host(stub(rules)).await;
+    host.add_store("ws-every", "agent", &[]).await;
+    // Every second (intervalHours is fractional), counted from the end of each execution.
+    host.append(
+        "ws-every",
+        "v1.RecurringTaskCreated",
+        json!({"id": "rt-stretch", "name": "Stretch", "prompt": "Reminder: stretch",
+               "intervalHours": 1.0 / 3600.0}),
+    )
+    .await;
+    let events = wait_for_events(&host, "ws-every", |events| {
+        of_type(events, "v1.TaskExecutionCompleted").len() >= 2
+    })
+    .await;
+    host.append(
+        "ws-every",
+        "v1.RecurringTaskDisabled",
+        json!({"id": "rt-stretch"}),
+    )
+    .await;
+    host.settle("ws-every").await;
+    assert!(
+        schedules(&host, "ws-every").await.is_empty(),
+        "disabling cancels the schedule"
+    );
+
+    let started = of_type(&events, "v1.TaskExecutionStarted");
+    let first_id = started[0]["payload"]["id"].as_str().unwrap();
+    let second_id = started[1]["payload"]["id"].as_str().unwrap();
+    assert!(first_id.starts_with("rt-stretch@"), "{first_id}");
+    assert_eq!(started[0]["payload"]["recurringTaskId"], "rt-stretch");
+
+    // Started → Completed → RecurringTaskUpdated, once each, with the spec's fields.
+    let first = execution_events(&events, first_id);
+    let kinds: Vec<&str> = first.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["v1.TaskExecutionStarted", "v1.TaskExecutionCompleted"]
+    );
+    let completed = &first[1]["payload"];
+    assert_eq!(completed["output"], "Added a stretch task.");
+    let updates: Vec<&Value> = of_type(&events, "v1.RecurringTaskUpdated")
+        .into_iter()
+        .filter(|e| e["seq"].as_u64() > first[1]["seq"].as_u64())
+        .collect();
+    assert_eq!(
+        updates[0]["seq"].as_u64(),
+        Some(first[1]["seq"].as_u64().unwrap() + 1)
+    );
+    assert_eq!(updates[0]["payload"]["id"], "rt-stretch");
+
+    // The next execution is due an interval after this one completed, and the host ran the
+    // next one exactly then.
+    let completed_at = millis(&completed["completedAt"]);
+    let next_at = millis(&updates[0]["payload"]["nextExecutionAt"]);
+    let gap = next_at - completed_at;
+    assert!(
+        (1_000..2_000).contains(&gap),
+        "next execution {gap} ms after completion"
+    );
+    assert_eq!(second_id, format!("rt-stretch@{next_at}"));
+
+    // Each run's tool calls act on the workspace, with ids derived from the execution.
+    let tasks = host.query("ws-every", "tasks", json!({})).await;
+    let tasks = tasks["tasks"].as_array().unwrap();
+    let all = all_events(&host, "ws-every").await;
+    let executions = of_type(&all, "v1.TaskExecutionCompleted").len();
+    assert!(tasks.len() >= 2 && tasks.len() == executions, "{tasks:?}");
+    assert_ne!(tasks[0]["id"], tasks[1]["id"]);
+    assert!(tasks.iter().all(|t| t["title"] == "Stretch"));
+
+    let listed = host
+        .query(
+            "ws-every",
+            "executions",
+            json!({"recurringTaskId": "rt-stretch"}),
+        )
+        .await;
+    let listed = listed["executions"].as_array().unwrap();
+    let oldest = listed.last().unwrap();
+    assert_eq!(oldest["id"], first_id);
+    assert_eq!(oldest["status"], "completed");
+    assert_eq!(oldest["output"], "Added a stretch task.");
+    assert_eq!(oldest["iterations"], 2);
+    let task = recurring_task(&host, "ws-every", "rt-stretch").await;
+    assert_eq!(task["enabled"], false);
+    assert!(task["lastExecutionAt"].is_string(), "{task}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_recurring_task_runs_on_its_expression_until_deleted() {
+    let rules = json!({"rules": [], "defaultResponse": "Nothing to report."});
+    let host = agent_host(stub(rules)).await;
+    host.add_store("ws-cron", "agent", &[]).await;
+    host.append(
+        "ws-cron",
+        "v1.RecurringTaskCreated",
+        json!({"id": "rt-tick", "name": "Tick", "prompt": "Report", "cron": "*/1 * * * * *"}),
+    )
+    .await;
+    let events = wait_for_events(&host, "ws-cron", |events| {
+        !of_type(events, "v1.TaskExecutionCompleted").is_empty()
+    })
+    .await;
+    host.append(
+        "ws-cron",
+        "v1.RecurringTaskDeleted",
+        json!({"id": "rt-tick"}),
+    )
+    .await;
+    host.settle("ws-cron").await;
+    assert!(schedules(&host, "ws-cron").await.is_empty());
+    let listed = host.query("ws-cron", "recurring-tasks", json!({})).await;
+    assert_eq!(listed["recurringTasks"], json!([]));
+
+    let started = of_type(&events, "v1.TaskExecutionStarted")[0];
+    let scheduled_for: i64 = started["payload"]["id"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("rt-tick@")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        scheduled_for % 1_000,
+        0,
+        "on a whole second, as the expression says"
+    );
+    let completed = of_type(&events, "v1.TaskExecutionCompleted")[0];
+    assert_eq!(completed["payload"]["output"], "Nothing to report.");
+    let update = of_type(&events, "v1.RecurringTaskUpdated")[0];
+    let next_at = millis(&update["payload"]["nextExecutionAt"]);
+    assert_eq!(next_at % 1_000, 0, "{update}");
+    assert!(
+        next_at > millis(&completed["payload"]["completedAt"]),
+        "{update}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recurring_task_whose_llm_fails_reports_a_failed_execution() {
+    let server = FakeLlm::start(|_| Reply::error(401, "invalid api key")).await;
+    let host = agent_host(openai(&server, |_| {})).await;
+    host.add_store("ws-fail", "agent", &[]).await;
+    host.append(
+        "ws-fail",
+        "v1.RecurringTaskCreated",
+        json!({"id": "rt-fail", "name": "Fail", "prompt": "Do something", "cron": "*/1 * * * * *"}),
+    )
+    .await;
+    let events = wait_for_events(&host, "ws-fail", |events| {
+        !of_type(events, "v1.TaskExecutionFailed").is_empty()
+    })
+    .await;
+    host.append(
+        "ws-fail",
+        "v1.RecurringTaskDisabled",
+        json!({"id": "rt-fail"}),
+    )
+    .await;
+    host.settle("ws-fail").await;
+
+    let failed = of_type(&events, "v1.TaskExecutionFailed")[0];
+    let id = failed["payload"]["id"].as_str().unwrap();
+    let kinds: Vec<&str> = execution_events(&events, id)
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["v1.TaskExecutionStarted", "v1.TaskExecutionFailed"]);
+    let error = failed["payload"]["error"].as_str().unwrap();
+    assert!(error.starts_with("llm error auth"), "{error}");
+    assert!(failed["payload"]["failedAt"].is_string());
+    assert!(
+        of_type(&events, "v1.RecurringTaskUpdated")
+            .iter()
+            .any(|e| e["seq"].as_u64() == Some(failed["seq"].as_u64().unwrap() + 1)),
+        "the next execution time follows a failure too"
+    );
+    assert!(of_type(&events, "v1.TaskExecutionCompleted").is_empty());
+
+    let listed = host.query("ws-fail", "executions", json!({})).await;
+    let oldest = listed["executions"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(oldest["status"], "failed");
+    assert_eq!(oldest["llmMetadata"]["errorClass"], "auth");
+    // For the host the run itself succeeded: the failure is the plugin's recorded outcome.
+    let (_, tasks) = host.get("/v1/stores/ws-fail/tasks").await;
+    assert_eq!(
+        tasks["executions"].as_array().unwrap().last().unwrap()["status"],
+        "completed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_explain_bad_arguments() {
+    let host = agent_host(stub(json!({}))).await;
+    host.add_store("ws-q", "agent", &[]).await;
+    let (status, body) = host.get("/v1/stores/ws-q/query/messages").await;
+    assert!(status >= 400, "{status} {body}");
+    assert!(body.to_string().contains("conversationId"), "{body}");
+    let (status, body) = host.get("/v1/stores/ws-q/query/nope").await;
+    assert!(status >= 400, "{status} {body}");
+    assert!(body.to_string().contains("recurring-tasks"), "{body}");
+    // Before any event, every query answers an empty list.
+    for (name, key) in [
+        ("tasks", "tasks"),
+        ("conversations", "conversations"),
+        ("recurring-tasks", "recurringTasks"),
+        ("executions", "executions"),
+    ] {
+        let answer = host.query("ws-q", name, json!({})).await;
+        assert_eq!(answer[key], json!([]), "{name}: {answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notes_agent_example_deploys_over_http_and_uses_its_tools() {
+    // The steps of examples/notes-agent/README.md, with the rules file it ships.
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/notes-agent/llm-rules.json");
+    let provider = StubProvider::from_file(&rules).expect("the example's rules load");
+    let host = TestHost::start_with(TestHostOptions {
+        llm: Some(backend(Arc::new(provider))),
+        ..TestHostOptions::default()
+    })
+    .await;
+    let wasm = std::fs::read(programs::NOTES_AGENT_EXAMPLE).unwrap();
+    let response = host
+        .client
+        .put(format!("{}/v1/plugins/notes-agent", host.url))
+        .bearer_auth(storehost_tests::TOKEN)
+        .body(wasm)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        201,
+        "{}",
+        response.text().await.unwrap()
+    );
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/my-notes",
+            Some(json!({"plugin": "notes-agent"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    for (id, question) in [
+        ("q1", "remember that the keys are in the drawer"),
+        ("q2", "what do you remember?"),
+    ] {
+        host.append(
+            "my-notes",
+            "note.ask",
+            json!({"id": id, "question": question}),
+        )
+        .await;
+    }
+    host.settle("my-notes").await;
+
+    let answers = host.query("my-notes", "answers", json!({})).await;
+    assert_eq!(
+        answers["answers"],
+        json!([
+            {"id": "q1", "question": "remember that the keys are in the drawer",
+             "answer": "Noted: the keys are in the drawer."},
+            {"id": "q2", "question": "what do you remember?",
+             "answer": "Here is what I remember:\n- the keys are in the drawer"},
+        ])
+    );
+    let notes = host.query("my-notes", "notes", json!({})).await;
+    assert_eq!(
+        notes,
+        json!({"notes": [{"id": "q1-0", "text": "the keys are in the drawer"}]})
+    );
+    let events = all_events(&host, "my-notes").await;
+    let answered = of_type(&events, "note.answered");
+    assert_eq!(answered.len(), 2);
+    assert_eq!(answered[0]["source"], "plugin");
+}
+
+/// The host's schedules of `store` (`GET /v1/stores/{id}/tasks`).
+async fn schedules(host: &TestHost, store: &str) -> Vec<Value> {
+    let (status, body) = host.get(&format!("/v1/stores/{store}/tasks")).await;
+    assert_eq!(status, 200, "{body}");
+    body["schedules"].as_array().expect("schedules").clone()
+}
+
+/// The recurring task `id` as the `recurring-tasks` query answers it.
+async fn recurring_task(host: &TestHost, store: &str, id: &str) -> Value {
+    let listed = host.query(store, "recurring-tasks", json!({})).await;
+    listed["recurringTasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap_or_else(|| panic!("no recurring task {id}: {listed}"))
+        .clone()
+}
+
+/// An ISO 8601 time as milliseconds since the epoch.
+fn millis(time: &Value) -> i64 {
+    let text = time
+        .as_str()
+        .unwrap_or_else(|| panic!("not a time: {time}"));
+    chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|err| panic!("{text}: {err}"))
+        .timestamp_millis()
+}
+
+/// A local HTTP server speaking the OpenAI chat-completions protocol, answering each request
+/// by a script: the LLM vendor's side of the boundary, on 127.0.0.1.
+mod fake_llm {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use serde_json::{Value, json};
+
+    /// One request, as the script sees it.
+    #[derive(Debug)]
+    pub struct Request {
+        /// 0 for the first request the server got, 1 for the second...
+        pub index: usize,
+        pub body: Value,
+    }
+
+    impl Request {
+        /// The content of the last user message.
+        pub fn last_user_text(&self) -> String {
+            self.messages()
+                .iter()
+                .rev()
+                .find(|m| m["role"] == "user")
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or_default()
+                .to_owned()
+        }
+
+        /// The contents of the tool results after the last user message.
+        pub fn tool_results(&self) -> Vec<String> {
+            let messages = self.messages();
+            let start = messages
+                .iter()
+                .rposition(|m| m["role"] == "user")
+                .map_or(0, |i| i + 1);
+            messages[start..]
+                .iter()
+                .filter(|m| m["role"] == "tool")
+                .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        }
+
+        fn messages(&self) -> Vec<Value> {
+            self.body["messages"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        }
+    }
+
+    /// What the server answers.
+    #[derive(Debug, Clone)]
+    pub struct Reply {
+        status: u16,
+        body: String,
+        delay: Duration,
+    }
+
+    impl Reply {
+        /// A final answer in text.
+        pub fn text(content: &str) -> Self {
+            Self::completion(json!({"role": "assistant", "content": content}), "stop")
+        }
+
+        /// An answer calling `calls` (name, arguments) in order.
+        pub fn tool_calls(calls: &[(&str, Value)]) -> Self {
+            let calls: Vec<Value> = calls
+                .iter()
+                .enumerate()
+                .map(|(i, (name, arguments))| {
+                    json!({"id": format!("call_{i}"), "type": "function",
+                           "function": {"name": name, "arguments": arguments.to_string()}})
+                })
+                .collect();
+            Self::completion(
+                json!({"role": "assistant", "content": null, "tool_calls": calls}),
+                "tool_calls",
+            )
+        }
+
+        /// An OpenAI-style error answer.
+        pub fn error(status: u16, message: &str) -> Self {
+            let body = json!({"error": {"message": message, "type": "test_error"}});
+            Self::raw(status, &body.to_string())
+        }
+
+        /// Any status and body.
+        pub fn raw(status: u16, body: &str) -> Self {
+            Self {
+                status,
+                body: body.to_owned(),
+                delay: Duration::ZERO,
+            }
+        }
+
+        /// The same answer, sent after `delay`.
+        pub fn after(self, delay: Duration) -> Self {
+            Self { delay, ..self }
+        }
+
+        fn completion(message: Value, finish_reason: &str) -> Self {
+            let body = json!({
+                "id": "chatcmpl-test",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "fake-model",
+                "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+            });
+            Self::raw(200, &body.to_string())
+        }
+    }
+
+    type Script = dyn Fn(&Request) -> Reply + Send + Sync;
+
+    struct ServerState {
+        script: Box<Script>,
+        requests: Mutex<Vec<Value>>,
+        /// Requests being answered after a delay.
+        slow_in_flight: AtomicUsize,
+        /// Whether an immediate answer was asked for while a delayed one was pending.
+        fast_while_slow: AtomicBool,
+    }
+
+    /// The running server; it stops when dropped.
+    pub struct FakeLlm {
+        /// `http://127.0.0.1:PORT/v1`.
+        pub base_url: String,
+        state: Arc<ServerState>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for FakeLlm {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl FakeLlm {
+        /// Serves `script` on a port-0 listener.
+        pub async fn start(script: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> Self {
+            let state = Arc::new(ServerState {
+                script: Box::new(script),
+                requests: Mutex::new(Vec::new()),
+                slow_in_flight: AtomicUsize::new(0),
+                fast_while_slow: AtomicBool::new(false),
+            });
+            let app = Router::new()
+                .fallback(handle)
+                .with_state(Arc::clone(&state));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let task = tokio::spawn(async move {
+                axum::serve(listener, app).await.unwrap();
+            });
+            Self {
+                base_url: format!("http://{address}/v1"),
+                state,
+                task,
+            }
+        }
+
+        /// The bodies of the requests received so far.
+        pub fn requests(&self) -> Vec<Value> {
+            self.state.requests.lock().unwrap().clone()
+        }
+
+        /// Waits (with a generous safety net) until a delayed answer is pending.
+        pub async fn wait_for_slow_request(&self) {
+            let wait = async {
+                while self.state.slow_in_flight.load(Ordering::SeqCst) == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(30), wait)
+                .await
+                .expect("a slow request arrives");
+        }
+
+        /// Whether an immediate answer was asked for while a delayed one was pending.
+        pub fn fast_arrived_while_slow_in_flight(&self) -> bool {
+            self.state.fast_while_slow.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Counts a delayed answer as pending until dropped (also when the client gives up).
+    struct Pending<'a>(&'a AtomicUsize);
+
+    impl Drop for Pending<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    async fn handle(State(state): State<Arc<ServerState>>, body: Bytes) -> Response {
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let index = {
+            let mut requests = state.requests.lock().unwrap();
+            requests.push(body.clone());
+            requests.len() - 1
+        };
+        let reply = (state.script)(&Request { index, body });
+        let _pending = if reply.delay.is_zero() {
+            if state.slow_in_flight.load(Ordering::SeqCst) > 0 {
+                state.fast_while_slow.store(true, Ordering::SeqCst);
+            }
+            None
+        } else {
+            state.slow_in_flight.fetch_add(1, Ordering::SeqCst);
+            let pending = Pending(&state.slow_in_flight);
+            tokio::time::sleep(reply.delay).await;
+            Some(pending)
+        };
+        let status = StatusCode::from_u16(reply.status).unwrap();
+        (status, [("content-type", "application/json")], reply.body).into_response()
+    }
+}

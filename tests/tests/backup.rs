@@ -1,0 +1,458 @@
+//! Backup and restore of one store through the real router: a backup taken while events keep
+//! arriving restores into a store whose log and plugin tables match it up to the backup's seq
+//! range; a restore rewinds a store and it resumes; corrupt, truncated, tampered and
+//! mismatched archives are refused with a clear error and the store's data stays as it was.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use storehost_tests::{TOKEN, TestHost, TestHostOptions, programs};
+
+async fn host() -> TestHost {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host
+}
+
+/// `GET /v1/stores/{store}/backup` → the archive and its `X-Backup-Seq-Last` header.
+async fn backup(host: &TestHost, store: &str) -> (Vec<u8>, u64) {
+    let response = host
+        .client
+        .get(format!("{}/v1/stores/{store}/backup", host.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(response.headers()["content-type"], "application/gzip");
+    let last: u64 = response.headers()["x-backup-seq-last"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let length: usize = response.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let bytes = response.bytes().await.unwrap().to_vec();
+    assert_eq!(bytes.len(), length);
+    (bytes, last)
+}
+
+/// `PUT /v1/stores/{store}/backup{query}` with `archive` → status and JSON.
+async fn restore(host: &TestHost, store: &str, query: &str, archive: Vec<u8>) -> (u16, Value) {
+    let response = host
+        .client
+        .request(
+            Method::PUT,
+            format!("{}/v1/stores/{store}/backup{query}", host.url),
+        )
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/gzip")
+        .body(archive)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Every event of `store`, in order.
+async fn events(host: &TestHost, store: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, page) = host
+            .get(&format!(
+                "/v1/stores/{store}/events?after={after}&limit=1000"
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let batch = page["events"].as_array().unwrap().clone();
+        if batch.is_empty() {
+            return all;
+        }
+        after = page["next"].as_u64().unwrap();
+        all.extend(batch);
+    }
+}
+
+async fn applied(host: &TestHost, store: &str) -> Vec<u64> {
+    serde_json::from_value(host.query(store, "applied", json!({})).await["seqs"].clone()).unwrap()
+}
+
+fn put(key: &str, value: u64) -> Value {
+    json!({"type": "kv.put", "payload": {"key": key, "value": value}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_under_load_restores_the_same_log_and_tables() {
+    let host = Arc::new(host().await);
+    host.add_store("bk-src", "writer", &[]).await;
+    host.add_store("bk-copy", "writer", &[]).await;
+    for i in 0..100 {
+        host.post("/v1/stores/bk-src/events", put(&format!("pre-{i}"), i))
+            .await;
+    }
+
+    // Batches keep arriving (with emitted events among them) while the backup is taken.
+    let stop = Arc::new(AtomicBool::new(false));
+    let batches = Arc::new(AtomicU64::new(0));
+    let appender = {
+        let (host, stop, batches) = (host.clone(), stop.clone(), batches.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let mut events: Vec<Value> =
+                    (0..10).map(|i| put(&format!("k{n}-{i}"), n)).collect();
+                events.push(
+                    json!({"type": "kv.emit", "payload": {"type": "note", "payload": {"n": n}}}),
+                );
+                let (status, body) = host
+                    .post("/v1/stores/bk-src/events", json!({ "events": events }))
+                    .await;
+                assert_eq!(status, 202, "{body}");
+                n += 1;
+                batches.store(n, Ordering::SeqCst);
+            }
+        })
+    };
+    while batches.load(Ordering::SeqCst) < 5 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let (archive, last) = backup(&host, "bk-src").await;
+    // More batches after the snapshot, so the source's log goes past it.
+    let after_backup = batches.load(Ordering::SeqCst);
+    while batches.load(Ordering::SeqCst) < after_backup + 5 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    appender.await.unwrap();
+
+    let (status, report) = restore(&host, "bk-copy", "?allowDifferentStore=true", archive).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["seq"]["last"], last, "{report}");
+    assert_eq!(report["restoredFrom"]["storeId"], "bk-src");
+    let cursor = report["cursor"].as_u64().unwrap();
+    assert!(cursor <= last, "{report}");
+    host.settle("bk-src").await;
+    host.settle("bk-copy").await;
+
+    let source_events = events(&host, "bk-src").await;
+    let copy_events = events(&host, "bk-copy").await;
+    let upto = |events: &[Value]| -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| e["seq"].as_u64().unwrap() <= last)
+            .cloned()
+            .collect()
+    };
+    assert_eq!(upto(&source_events).len() as u64, last);
+    assert!(
+        source_events.len() as u64 > last,
+        "the source went on after the backup"
+    );
+    assert_eq!(
+        upto(&copy_events),
+        upto(&source_events),
+        "the restored log is the source's log up to the backup's last seq"
+    );
+    assert!(
+        copy_events[last as usize..]
+            .iter()
+            .all(|e| e["source"] == "plugin"),
+        "past the backup the copy has only events its plugin emitted while catching up"
+    );
+
+    // The plugin's tables: every event up to the backup applied exactly once, same values.
+    let expected: Vec<u64> = (1..=last).collect();
+    let below = |seqs: Vec<u64>| seqs.into_iter().filter(|&s| s <= last).collect::<Vec<_>>();
+    assert_eq!(below(applied(&host, "bk-copy").await), expected);
+    assert_eq!(below(applied(&host, "bk-src").await), expected);
+    let keys: Vec<Value> = upto(&source_events)
+        .iter()
+        .filter(|e| e["type"] == "kv.put")
+        .map(|e| e["payload"]["key"].clone())
+        .collect();
+    let step = (keys.len() / 60).max(1);
+    for key in keys.iter().step_by(step) {
+        let args = json!({ "key": key });
+        assert_eq!(
+            host.query("bk-copy", "get", args.clone()).await,
+            host.query("bk-src", "get", args).await,
+            "key {key}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restoring_rewinds_a_store_which_resumes_from_there() {
+    let host = host().await;
+    host.add_store("rewind", "writer", &[]).await;
+    for i in 0..50 {
+        host.post("/v1/stores/rewind/events", put(&format!("k{i}"), i))
+            .await;
+    }
+    host.settle("rewind").await;
+    let (archive, last) = backup(&host, "rewind").await;
+    assert_eq!(last, 50);
+    for i in 50..80 {
+        host.post("/v1/stores/rewind/events", put(&format!("k{i}"), i))
+            .await;
+    }
+    host.settle("rewind").await;
+    let (status, _) = host.post("/v1/stores/rewind/pause", json!({})).await;
+    assert_eq!(status, 200);
+
+    let (status, report) = restore(&host, "rewind", "", archive).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        report["state"], "paused",
+        "a paused store stays paused: {report}"
+    );
+    let previous = report["previousData"].as_str().unwrap();
+    assert!(
+        std::path::Path::new(previous).join("events.db").is_file(),
+        "the replaced data is kept: {report}"
+    );
+    let view = host
+        .wait_for_status("rewind", |s| s["state"] == "paused")
+        .await;
+    assert_eq!(view["head"], 50, "{view}");
+    assert_eq!(view["cursor"], 50, "{view}");
+
+    let (status, _) = host.post("/v1/stores/rewind/resume", json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        host.query("rewind", "get", json!({"key": "k60"})).await["value"],
+        Value::Null
+    );
+    let seq = host
+        .append("rewind", "kv.put", json!({"key": "after", "value": 1}))
+        .await;
+    assert_eq!(seq, 51, "the log goes on from the restored head");
+    host.settle("rewind").await;
+    assert_eq!(
+        applied(&host, "rewind").await,
+        (1..=51).collect::<Vec<u64>>()
+    );
+    assert_eq!(
+        host.query("rewind", "get", json!({"key": "k49"})).await["value"],
+        "49"
+    );
+}
+
+/// Rebuilds `archive` with `edit` applied to each (path, bytes) entry.
+fn rebuild(archive: &[u8], edit: impl Fn(&str, &mut Vec<u8>)) -> Vec<u8> {
+    let mut entries = Vec::new();
+    let mut reader = tar::Archive::new(flate2::read::GzDecoder::new(archive));
+    for entry in reader.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        edit(&path, &mut bytes);
+        entries.push((path, bytes));
+    }
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    for (path, bytes) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o600);
+        builder
+            .append_data(&mut header, path, bytes.as_slice())
+            .unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_truncated_and_tampered_archives_are_refused_and_the_data_is_untouched() {
+    let host = host().await;
+    host.add_store("keep", "writer", &[]).await;
+    for i in 0..40 {
+        host.post("/v1/stores/keep/events", put(&format!("k{i}"), i))
+            .await;
+    }
+    host.settle("keep").await;
+    let (archive, _) = backup(&host, "keep").await;
+    for i in 40..45 {
+        host.post("/v1/stores/keep/events", put(&format!("k{i}"), i))
+            .await;
+    }
+    host.settle("keep").await;
+    let events_before = events(&host, "keep").await;
+    let applied_before = applied(&host, "keep").await;
+
+    let mut flipped = archive.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0xff;
+    let tampered_db = rebuild(&archive, |path, bytes| {
+        if path == "events.db" {
+            let last = bytes.len() - 100;
+            bytes[last] ^= 0x01;
+        }
+    });
+    let future_format = rebuild(&archive, |path, bytes| {
+        if path == "manifest.json" {
+            let mut manifest: Value = serde_json::from_slice(bytes).unwrap();
+            manifest["formatVersion"] = json!(99);
+            *bytes = serde_json::to_vec(&manifest).unwrap();
+        }
+    });
+    let no_manifest = rebuild(&archive, |path, bytes| {
+        if path == "manifest.json" {
+            *bytes = b"not json".to_vec();
+        }
+    });
+    let cases: Vec<(&str, Vec<u8>, &[u16], &str)> = vec![
+        (
+            "truncated",
+            archive[..archive.len() / 2].to_vec(),
+            &[400, 422],
+            "",
+        ),
+        ("a flipped byte", flipped, &[400, 422], ""),
+        (
+            "not an archive",
+            b"hello, I am not a backup".repeat(40),
+            &[400],
+            "invalid_archive",
+        ),
+        ("empty", Vec::new(), &[400], "empty_body"),
+        ("a changed database", tampered_db, &[422], "invalid_backup"),
+        ("a newer format", future_format, &[422], "invalid_backup"),
+        ("a broken manifest", no_manifest, &[422], "invalid_backup"),
+    ];
+    for (what, bytes, statuses, code) in cases {
+        let (status, body) = restore(&host, "keep", "", bytes).await;
+        assert!(statuses.contains(&status), "{what}: {status} {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(!message.is_empty(), "{what}: {body}");
+        if !code.is_empty() {
+            assert_eq!(body["error"]["code"], code, "{what}: {body}");
+        }
+        if what == "a changed database" {
+            assert!(message.contains("checksum"), "{what}: {body}");
+        }
+        if what == "a newer format" {
+            assert!(message.contains("format version 99"), "{what}: {body}");
+        }
+    }
+
+    // Nothing changed, the store still runs, and no scratch files are left behind.
+    assert_eq!(events(&host, "keep").await, events_before);
+    assert_eq!(applied(&host, "keep").await, applied_before);
+    let seq = host
+        .append("keep", "kv.put", json!({"key": "later", "value": 1}))
+        .await;
+    assert_eq!(seq, 46);
+    host.settle("keep").await;
+    let leftovers: Vec<_> = std::fs::read_dir(host.data_dir.join("stores"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(
+        !host.data_dir.join("archive").exists(),
+        "no data was replaced"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_of_another_store_is_refused_unless_asked_for() {
+    let host = host().await;
+    host.add_store("one-store", "writer", &[]).await;
+    host.add_store("two-store", "writer", &[]).await;
+    host.append("one-store", "kv.put", json!({"key": "a", "value": 1}))
+        .await;
+    host.append("two-store", "kv.put", json!({"key": "b", "value": 2}))
+        .await;
+    host.settle("one-store").await;
+    host.settle("two-store").await;
+    let (archive, _) = backup(&host, "one-store").await;
+
+    let (status, body) = restore(&host, "two-store", "", archive.clone()).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "store_mismatch");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allowDifferentStore=true"),
+        "{body}"
+    );
+    assert_eq!(
+        host.query("two-store", "get", json!({"key": "b"})).await["value"],
+        "2",
+        "the refused restore changed nothing"
+    );
+
+    let (status, body) = restore(&host, "no-such-store", "", archive.clone()).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = host.get("/v1/stores/no-such-store/backup").await;
+    assert_eq!(status, 404, "{body}");
+
+    let (status, body) = restore(&host, "two-store", "?allowDifferentStore=true", archive).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        host.query("two-store", "get", json!({"key": "a"})).await["value"],
+        "1"
+    );
+    assert_eq!(
+        host.query("two-store", "get", json!({"key": "b"})).await["value"],
+        Value::Null
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hibernated_store_is_backed_up_asleep_and_restored() {
+    let host = TestHost::start_with(TestHostOptions {
+        idle_timeout: Some(std::time::Duration::from_millis(300)),
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("sleeper", "writer", &[]).await;
+    for i in 1..=5 {
+        host.append(
+            "sleeper",
+            "kv.put",
+            json!({"key": format!("k{i}"), "value": i}),
+        )
+        .await;
+    }
+    host.settle("sleeper").await;
+    host.wait_for_status("sleeper", |s| s["state"] == "hibernated")
+        .await;
+
+    let (archive, last) = backup(&host, "sleeper").await;
+    assert_eq!(last, 5);
+    let (_, view) = host.get("/v1/stores/sleeper").await;
+    assert_eq!(
+        view["state"], "hibernated",
+        "a backup reads the files without waking the store: {view}"
+    );
+
+    host.append("sleeper", "kv.put", json!({"key": "k6", "value": 6}))
+        .await;
+    host.settle("sleeper").await;
+    let (status, report) = restore(&host, "sleeper", "", archive).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        host.query("sleeper", "get", json!({"key": "k6"})).await["value"],
+        Value::Null
+    );
+    assert_eq!(
+        applied(&host, "sleeper").await,
+        (1..=5).collect::<Vec<u64>>()
+    );
+}

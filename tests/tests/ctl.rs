@@ -1,0 +1,440 @@
+//! `storehost ctl`, the real binary, against a real `storehost serve`: stores are listed, added,
+//! shown, paused and removed; events are posted and followed; a backup written to a file
+//! restores; and the exit codes scripts rely on (0 ok, 1 the server said no, 2 usage, 3 cannot
+//! reach the server) hold.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use storehost_tests::process::{PROCESS_TOKEN, ServerProcess, storehost_bin};
+use storehost_tests::programs;
+
+/// The outcome of one `storehost ctl` run.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|err| panic!("not JSON ({err}): {}", self.stdout))
+    }
+}
+
+/// `storehost` run in `dir/work` with neither STOREHOST_URL nor STOREHOST_ADMIN_TOKEN set: only
+/// the arguments choose server and token.
+fn command(dir: &Path) -> Command {
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut command = Command::new(storehost_bin());
+    command
+        .current_dir(work)
+        .env_remove("STOREHOST_URL")
+        .env_remove("STOREHOST_ADMIN_TOKEN")
+        .stdin(Stdio::null());
+    command
+}
+
+/// `storehost ctl --server URL --token TOKEN ARGS…` in `dir`.
+fn ctl(dir: &Path, url: &str, args: &[&str]) -> Run {
+    let output = command(dir)
+        .args(["ctl", "--server", url, "--token", PROCESS_TOKEN])
+        .args(args)
+        .output()
+        .expect("run storehost ctl");
+    Run {
+        code: output.status.code().expect("exit code"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn ok(run: &Run) -> &Run {
+    assert_eq!(
+        run.code, 0,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    run
+}
+
+/// A server on the embedded default, with the `writer` test plugin deployed through `ctl`.
+fn server(dir: &Path) -> ServerProcess {
+    let server = ServerProcess::spawn(&dir.join("data"), &[], &[]);
+    let run = ctl(
+        dir,
+        &server.url,
+        &["plugin", "deploy", "writer", programs::WRITER],
+    );
+    assert!(
+        ok(&run).stdout.contains("plugin writer deployed"),
+        "{}",
+        run.stdout
+    );
+    server
+}
+
+#[test]
+fn stores_are_listed_added_shown_paused_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path());
+    let url = server.url.as_str();
+    let dir = dir.path();
+
+    let list = ctl(dir, url, &["stores", "list"]);
+    let header = ok(&list)
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        header.starts_with("ID") && header.contains("STATE"),
+        "{}",
+        list.stdout
+    );
+    assert!(list.stdout.contains("demo-alpha"), "{}", list.stdout);
+
+    let add = ctl(
+        dir,
+        url,
+        &[
+            "stores",
+            "add",
+            "ctl-store",
+            "--plugin",
+            "writer",
+            "--quota",
+            "events_per_second=50",
+            "--config",
+            "greeting=hi",
+        ],
+    );
+    assert!(
+        ok(&add).stdout.contains("store ctl-store created"),
+        "{}",
+        add.stdout
+    );
+    let shown = ctl(dir, url, &["--json", "stores", "show", "ctl-store"]);
+    let view = ok(&shown).json();
+    assert_eq!(view["plugin"]["name"], "writer");
+    assert_eq!(view["quotas"]["events_per_second"], 50);
+    assert_eq!(view["config"]["greeting"], "hi");
+    let human = ctl(dir, url, &["stores", "show", "ctl-store"]);
+    assert!(ok(&human).stdout.contains("state:"), "{}", human.stdout);
+    assert!(human.stdout.contains("greeting=hi"), "{}", human.stdout);
+
+    let listed = ctl(dir, url, &["--json", "stores", "list"]);
+    let ids: Vec<String> = ok(&listed).json()["stores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(ids.contains(&"ctl-store".to_owned()), "{ids:?}");
+
+    let paused = ctl(dir, url, &["stores", "pause", "ctl-store"]);
+    assert!(ok(&paused).stdout.contains("paused"), "{}", paused.stdout);
+    let resumed = ctl(dir, url, &["stores", "resume", "ctl-store"]);
+    assert!(
+        ok(&resumed).stdout.contains("running"),
+        "{}",
+        resumed.stdout
+    );
+
+    let removed = ctl(dir, url, &["stores", "remove", "ctl-store"]);
+    assert!(
+        ok(&removed).stdout.contains("archived"),
+        "{}",
+        removed.stdout
+    );
+    let gone = ctl(dir, url, &["stores", "show", "ctl-store"]);
+    assert_eq!(gone.code, 1, "{}", gone.stderr);
+    assert!(gone.stderr.contains("store_not_found"), "{}", gone.stderr);
+}
+
+#[test]
+fn events_are_posted_and_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path());
+    let url = server.url.as_str();
+    let dir = dir.path();
+    ok(&ctl(
+        dir,
+        url,
+        &["stores", "add", "tail-store", "--plugin", "writer"],
+    ));
+
+    // The follower starts before the events exist and sees them arrive.
+    let mut tail = command(dir)
+        .args(["ctl", "--server", url, "--token", PROCESS_TOKEN, "--json"])
+        .args([
+            "events",
+            "tail",
+            "tail-store",
+            "--after",
+            "0",
+            "--count",
+            "3",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for i in 1..=3 {
+        let payload = format!(r#"{{"key":"k{i}","value":{i}}}"#);
+        let post = ctl(
+            dir,
+            url,
+            &["events", "post", "tail-store", "kv.put", &payload],
+        );
+        assert_eq!(ok(&post).stdout.trim(), format!("seq {i}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = tail.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tail did not stop after 3 events"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "tail exited with {status}");
+    let lines: Vec<Value> = BufReader::new(tail.stdout.take().unwrap())
+        .lines()
+        .map(|line| serde_json::from_str(&line.unwrap()).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (i, event) in lines.iter().enumerate() {
+        assert_eq!(event["seq"], i as u64 + 1);
+        assert_eq!(event["type"], "kv.put");
+        assert_eq!(event["payload"]["key"], format!("k{}", i + 1));
+        assert_eq!(event["source"], "api");
+    }
+
+    // The human form: one line per event with its seq, type and payload.
+    let human = ctl(
+        dir,
+        url,
+        &[
+            "events",
+            "tail",
+            "tail-store",
+            "--after",
+            "2",
+            "--count",
+            "1",
+        ],
+    );
+    let line = ok(&human).stdout.trim().to_owned();
+    assert!(
+        line.starts_with('3') && line.contains("kv.put") && line.contains("\"k3\""),
+        "{line}"
+    );
+
+    let bad = ctl(
+        dir,
+        url,
+        &["events", "post", "tail-store", "kv.put", "{not json"],
+    );
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("not valid JSON"), "{}", bad.stderr);
+}
+
+#[test]
+fn a_backup_file_restores_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path());
+    let url = server.url.as_str();
+    let dir = dir.path();
+    ok(&ctl(
+        dir,
+        url,
+        &["stores", "add", "round-trip", "--plugin", "writer"],
+    ));
+    ok(&ctl(
+        dir,
+        url,
+        &["stores", "add", "other-store", "--plugin", "writer"],
+    ));
+    for i in 1..=5 {
+        let payload = format!(r#"{{"key":"k{i}","value":{i}}}"#);
+        ok(&ctl(
+            dir,
+            url,
+            &["events", "post", "round-trip", "kv.put", &payload],
+        ));
+    }
+    let file = dir.join("round-trip.tar.gz");
+    let file_arg = file.to_str().unwrap();
+    let backup = ctl(dir, url, &["backup", "round-trip", "-o", file_arg]);
+    assert!(
+        ok(&backup).stdout.contains("events 1..=5"),
+        "{}",
+        backup.stdout
+    );
+    assert!(std::fs::metadata(&file).unwrap().len() > 0);
+    assert!(!dir.join("round-trip.tar.gz.partial").exists());
+
+    for i in 6..=8 {
+        let payload = format!(r#"{{"key":"k{i}","value":{i}}}"#);
+        ok(&ctl(
+            dir,
+            url,
+            &["events", "post", "round-trip", "kv.put", &payload],
+        ));
+    }
+    let restore = ctl(dir, url, &["restore", "round-trip", file_arg]);
+    assert!(
+        ok(&restore).stdout.contains("restored"),
+        "{}",
+        restore.stdout
+    );
+    let view = ok(&ctl(dir, url, &["--json", "stores", "show", "round-trip"])).json();
+    assert_eq!(view["head"], 5, "the log is back at the backup: {view}");
+    let next = ctl(
+        dir,
+        url,
+        &[
+            "events",
+            "post",
+            "round-trip",
+            "kv.put",
+            r#"{"key":"k6b","value":6}"#,
+        ],
+    );
+    assert_eq!(ok(&next).stdout.trim(), "seq 6");
+
+    let mismatch = ctl(dir, url, &["restore", "other-store", file_arg]);
+    assert_eq!(mismatch.code, 1, "{}", mismatch.stderr);
+    assert!(
+        mismatch.stderr.contains("store_mismatch"),
+        "{}",
+        mismatch.stderr
+    );
+    assert!(
+        mismatch.stderr.contains("--allow-different-store"),
+        "{}",
+        mismatch.stderr
+    );
+    let allowed = ctl(
+        dir,
+        url,
+        &[
+            "--json",
+            "restore",
+            "other-store",
+            file_arg,
+            "--allow-different-store",
+        ],
+    );
+    assert_eq!(ok(&allowed).json()["restoredFrom"]["storeId"], "round-trip");
+
+    let missing = ctl(dir, url, &["restore", "round-trip", "no-such-file.tar.gz"]);
+    assert_eq!(missing.code, 2, "{}", missing.stderr);
+}
+
+#[test]
+fn exit_codes_tell_usage_refusal_and_unreachable_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::spawn(&dir.path().join("data"), &[], &[]);
+    let dir = dir.path();
+
+    // 3: nothing listens there.
+    let unreachable = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        ctl(
+            dir,
+            &format!("http://127.0.0.1:{port}"),
+            &["stores", "list"],
+        )
+    };
+    assert_eq!(unreachable.code, 3, "{}", unreachable.stderr);
+    assert!(
+        unreachable.stderr.contains("cannot reach"),
+        "{}",
+        unreachable.stderr
+    );
+
+    // 1: the server said no, with its code and message.
+    let not_found = ctl(dir, &server.url, &["stores", "show", "no-such-store"]);
+    assert_eq!(not_found.code, 1, "{}", not_found.stderr);
+    assert!(
+        not_found.stderr.contains("store_not_found"),
+        "{}",
+        not_found.stderr
+    );
+    assert!(
+        not_found.stderr.contains("HTTP 404"),
+        "{}",
+        not_found.stderr
+    );
+    let wrong_token = command(dir)
+        .args([
+            "ctl",
+            "--server",
+            &server.url,
+            "--token",
+            "wrong",
+            "stores",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(wrong_token.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&wrong_token.stderr).contains("unauthorized"));
+
+    // 2: usage errors, before anything is sent.
+    let missing_argument = ctl(dir, &server.url, &["stores", "show"]);
+    assert_eq!(missing_argument.code, 2, "{}", missing_argument.stderr);
+    let bad_quota = ctl(
+        dir,
+        &server.url,
+        &["stores", "add", "q-store", "--quota", "memory"],
+    );
+    assert_eq!(bad_quota.code, 2, "{}", bad_quota.stderr);
+    assert!(
+        bad_quota.stderr.contains("KEY=VALUE"),
+        "{}",
+        bad_quota.stderr
+    );
+    let no_token = command(dir)
+        .args(["ctl", "--server", &server.url, "stores", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(no_token.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_token.stderr).contains("STOREHOST_ADMIN_TOKEN"));
+    // Without --token and the variable, ./data/admin.token (the embedded default's) is read.
+    std::fs::create_dir_all(dir.join("work/data")).unwrap();
+    std::fs::write(
+        dir.join("work/data/admin.token"),
+        format!("{PROCESS_TOKEN}\n"),
+    )
+    .unwrap();
+    let token_file = command(dir)
+        .args(["ctl", "--server", &server.url, "stores", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(token_file.status.code(), Some(0));
+    let https = ctl(dir, "https://127.0.0.1:1", &["stores", "list"]);
+    assert_eq!(https.code, 2, "{}", https.stderr);
+
+    // The token and server also come from the environment.
+    let from_env = command(dir)
+        .env("STOREHOST_URL", &server.url)
+        .env("STOREHOST_ADMIN_TOKEN", PROCESS_TOKEN)
+        .args(["ctl", "stores", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(from_env.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&from_env.stdout).contains("demo-alpha"));
+}

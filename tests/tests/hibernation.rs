@@ -1,0 +1,358 @@
+//! Hibernation end to end: a store idle for `idle_timeout` drops its sandbox (its pool slot goes
+//! back to the runtime) and shows `hibernated`; the next event, query, dead-letter retry or due
+//! task wakes it transparently, and nothing is lost or applied twice. After `close_files_after`
+//! more it also closes its files.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use storehost_tests::{TestHost, TestHostOptions, programs};
+
+/// Short enough that tests wait little, long enough that a store is never idle mid-test by
+/// accident between two requests of the same step.
+const IDLE: Duration = Duration::from_millis(300);
+
+async fn host_with(options: TestHostOptions) -> TestHost {
+    let host = TestHost::start_with(TestHostOptions {
+        idle_timeout: Some(IDLE),
+        ..options
+    })
+    .await;
+    host.deploy("writer", programs::WRITER).await;
+    host
+}
+
+async fn hibernated(host: &TestHost, id: &str) -> Value {
+    host.wait_for_status(id, |s| s["state"] == "hibernated")
+        .await
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_store_hibernates_and_an_event_wakes_it_exactly_once() {
+    let host = host_with(TestHostOptions::default()).await;
+    host.add_store("sleepy", "writer", &[]).await;
+    for i in 1..=3 {
+        host.append(
+            "sleepy",
+            "kv.put",
+            json!({"key": format!("k{i}"), "value": i}),
+        )
+        .await;
+    }
+    host.settle("sleepy").await;
+    let status = hibernated(&host, "sleepy").await;
+    assert_eq!(status["cursor"], 3, "{status}");
+    assert_eq!(status["lag"], 0, "{status}");
+    assert_eq!(
+        open_files_under(&host.data_dir.join("stores/sleepy")),
+        Vec::<String>::new(),
+        "a hibernated store keeps none of its files open"
+    );
+
+    // Events that arrive while it sleeps are accepted at once and processed, each once.
+    let mut seqs = Vec::new();
+    for i in 4..=6 {
+        seqs.push(
+            host.append(
+                "sleepy",
+                "kv.put",
+                json!({"key": format!("k{i}"), "value": i}),
+            )
+            .await,
+        );
+    }
+    assert_eq!(seqs, [4, 5, 6]);
+    host.settle("sleepy").await;
+    assert_eq!(
+        host.query("sleepy", "applied", json!({})).await["seqs"],
+        json!([1, 2, 3, 4, 5, 6])
+    );
+    let status = hibernated(&host, "sleepy").await;
+    assert_eq!(status["eventsProcessed"], 6, "{status}");
+    assert_eq!(status["deadLettered"], 0, "{status}");
+    assert_eq!(status["errorsCount"], 0, "{status}");
+
+    // Several hibernate/wake cycles in a row still apply every event once, in order.
+    for i in 7..=9 {
+        host.append(
+            "sleepy",
+            "kv.put",
+            json!({"key": format!("k{i}"), "value": i}),
+        )
+        .await;
+        host.settle("sleepy").await;
+        hibernated(&host, "sleepy").await;
+    }
+    assert_eq!(
+        host.query("sleepy", "applied", json!({})).await["seqs"],
+        json!([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    );
+    assert_eq!(
+        host.query("sleepy", "count", json!({})).await,
+        json!({"kv": 9, "applied": 9})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_wakes_a_hibernated_store_and_answers_from_its_data() {
+    let host = host_with(TestHostOptions::default()).await;
+    host.add_store("asked", "writer", &[]).await;
+    host.append("asked", "kv.put", json!({"key": "colour", "value": "teal"}))
+        .await;
+    host.settle("asked").await;
+    let before = hibernated(&host, "asked").await;
+
+    assert_eq!(
+        host.query("asked", "get", json!({"key": "colour"})).await,
+        json!({"value": "teal"})
+    );
+    // The query ran in a fresh sandbox (the store was woken), then the store went back to sleep.
+    let after = hibernated(&host, "asked").await;
+    assert!(
+        after["lastActivity"].as_i64() > before["lastActivity"].as_i64(),
+        "the query was not answered by the store: {before} then {after}"
+    );
+    // Reads that need no plugin answer without waking anything, from the same files.
+    let (status, body) = host.get("/v1/stores/asked/events?after=0").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"][0]["type"], "kv.put", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_task_wakes_a_hibernated_store_and_runs_once() {
+    let host = host_with(TestHostOptions::default()).await;
+    host.deploy("ticker", programs::TICKER).await;
+    host.add_store("alarm", "ticker", &[]).await;
+    let at = now_ms() + 3_000;
+    host.append(
+        "alarm",
+        "schedule",
+        json!({"taskId": "wake-up", "onceAtMs": at}),
+    )
+    .await;
+    host.settle("alarm").await;
+
+    // Asleep before the task is due, yet it knows when to wake.
+    let status = hibernated(&host, "alarm").await;
+    assert_eq!(status["nextTaskDueAt"], at, "{status}");
+    assert!(
+        now_ms() < at,
+        "the store took too long to hibernate for this test to mean anything"
+    );
+
+    // The task runs on time, once, and the store sleeps again afterwards.
+    let status = host
+        .wait_for_status("alarm", |s| {
+            s["tasksExecuted"] == 1 && s["state"] == "hibernated"
+        })
+        .await;
+    assert_eq!(status["nextTaskDueAt"], Value::Null, "{status}");
+    let runs = host.query("alarm", "runs", json!({})).await["runs"].clone();
+    assert_eq!(runs.as_array().unwrap().len(), 1, "{runs}");
+    assert_eq!(runs[0]["taskId"], "wake-up");
+    assert_eq!(runs[0]["scheduledFor"], at);
+    // The task's emitted event was processed too (it woke the store once more, or ran in the
+    // same waking).
+    host.settle("alarm").await;
+    let (_, events) = host.get("/v1/stores/alarm/events?after=0").await;
+    let ran: Vec<&Value> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "task.ran")
+        .collect();
+    assert_eq!(ran.len(), 1, "{events}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hibernated_stores_give_their_pool_slots_to_others() {
+    // Two sandbox slots for three stores: only hibernation lets the third one run at all.
+    let host = host_with(TestHostOptions {
+        pool_slots: Some(2),
+        ..TestHostOptions::default()
+    })
+    .await;
+    for id in ["first", "second", "third"] {
+        host.add_store(id, "writer", &[]).await;
+    }
+    for id in ["first", "second"] {
+        host.append(id, "kv.put", json!({"key": "k", "value": id}))
+            .await;
+        host.settle(id).await;
+    }
+    hibernated(&host, "first").await;
+    hibernated(&host, "second").await;
+
+    host.append("third", "kv.put", json!({"key": "k", "value": "third"}))
+        .await;
+    host.settle("third").await;
+    let status = host.get("/v1/stores/third").await.1;
+    assert_eq!(status["deadLettered"], 0, "{status}");
+    assert_eq!(status["errorsCount"], 0, "{status}");
+    assert_eq!(
+        host.query("third", "get", json!({"key": "k"})).await,
+        json!({"value": "third"})
+    );
+
+    // And round again: each store wakes in the slot another one gave back.
+    for id in ["first", "second", "third"] {
+        hibernated(&host, id).await;
+    }
+    for id in ["first", "second", "third"] {
+        host.append(id, "kv.put", json!({"key": "again", "value": id}))
+            .await;
+        host.settle(id).await;
+        hibernated(&host, id).await;
+    }
+    for id in ["first", "second", "third"] {
+        let status = host.get(&format!("/v1/stores/{id}")).await.1;
+        assert_eq!(status["eventsProcessed"], 2, "{status}");
+        assert_eq!(status["deadLettered"], 0, "{status}");
+        assert_eq!(
+            host.query(id, "get", json!({"key": "again"})).await,
+            json!({"value": id})
+        );
+        // The query woke it: let it give its slot back before the next store's turn.
+        hibernated(&host, id).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_update_retry_and_remove_work_on_a_hibernated_store() {
+    let host = host_with(TestHostOptions::default()).await;
+    host.deploy("flaky", programs::FLAKY).await;
+    host.add_store("dozing", "flaky", &[("fail", "err")]).await;
+    let risky = host.append("dozing", "risky", json!({"id": 1})).await;
+    host.wait_for_status("dozing", |s| s["deadLettered"] == 1)
+        .await;
+    hibernated(&host, "dozing").await;
+
+    // Pause: the store stays asleep and accepts events without processing them.
+    let (status, body) = host.post("/v1/stores/dozing/pause", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    host.wait_for_status("dozing", |s| s["state"] == "paused")
+        .await;
+    let quiet = host.append("dozing", "noop", json!({})).await;
+    tokio::time::sleep(IDLE * 2).await;
+    let status = host.get("/v1/stores/dozing").await.1;
+    assert_eq!(
+        status["state"], "paused",
+        "a paused store must not hibernate: {status}"
+    );
+    assert_eq!(status["lag"], 1, "{status}");
+
+    // Resume: the waiting event is processed, then the store sleeps again.
+    let (status, body) = host.post("/v1/stores/dozing/resume", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    host.settle("dozing").await;
+    let status = hibernated(&host, "dozing").await;
+    assert_eq!(status["cursor"], quiet, "{status}");
+
+    // Update while asleep, then retry the dead letter: the retry wakes it under the new config.
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/dozing",
+            Some(json!({"config": {"fail": "no"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    hibernated(&host, "dozing").await;
+    let (status, body) = host
+        .post(
+            &format!("/v1/stores/dozing/dead-letters/{risky}/retry"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        host.query("dozing", "risky", json!({})).await["ids"],
+        json!([1])
+    );
+
+    // Remove: a hibernated store stops like any other.
+    hibernated(&host, "dozing").await;
+    let (status, body) = host
+        .call(reqwest::Method::DELETE, "/v1/stores/dozing", None)
+        .await;
+    assert!(status == 200 || status == 204, "{status} {body}");
+    let (status, _) = host.get("/v1/stores/dozing").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hibernation_is_off_when_no_idle_timeout_is_set() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("awake", "writer", &[]).await;
+    host.append("awake", "kv.put", json!({"key": "k", "value": 1}))
+        .await;
+    host.settle("awake").await;
+    tokio::time::sleep(IDLE * 3).await;
+    let status = host.get("/v1/stores/awake").await.1;
+    assert_eq!(status["state"], "running", "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_hibernation_closes_the_stores_files_and_an_event_still_wakes_it() {
+    let host = host_with(TestHostOptions {
+        close_files_after: Duration::from_secs(3),
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.add_store("dozing", "writer", &[]).await;
+    let dir = host.data_dir.join("stores/dozing");
+    host.append("dozing", "kv.put", json!({"key": "a", "value": 1}))
+        .await;
+    host.settle("dozing").await;
+
+    // Hibernated: the sandbox is gone, the files are still open (a quick wake).
+    hibernated(&host, "dozing").await;
+    assert!(
+        !open_files_under(&dir).is_empty(),
+        "a store that just hibernated keeps its files open"
+    );
+    // Idle for `close_files_after` more: nothing of it is open any more; still `hibernated`.
+    let mut closed = false;
+    for _ in 0..300 {
+        if open_files_under(&dir).is_empty() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(closed, "still open: {:?}", open_files_under(&dir));
+    let (_, status) = host.get("/v1/stores/dozing").await;
+    assert_eq!(status["state"], "hibernated", "{status}");
+
+    // An event wakes it as before: applied once, after the first.
+    host.append("dozing", "kv.put", json!({"key": "b", "value": 2}))
+        .await;
+    host.settle("dozing").await;
+    assert_eq!(
+        host.query("dozing", "applied", json!({})).await["seqs"],
+        json!([1, 2])
+    );
+    assert_eq!(
+        host.query("dozing", "get", json!({"key": "b"})).await["value"],
+        "2"
+    );
+}
+
+/// The files this process has open whose path starts with `prefix`.
+fn open_files_under(prefix: &std::path::Path) -> Vec<String> {
+    let prefix = prefix.display().to_string();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .map(|target| target.display().to_string())
+        .filter(|target| target.starts_with(&prefix))
+        .collect()
+}

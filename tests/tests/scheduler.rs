@@ -1,0 +1,263 @@
+//! The scheduler capability end to end: a real plugin schedules tasks through the `scheduler`
+//! import, the store's actor runs them through `run-task`, and every execution commits once.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use storehost_tests::{TestHost, TestHostOptions, programs};
+
+const MINUTE: i64 = 60_000;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+async fn ticker_host() -> TestHost {
+    let host = TestHost::start().await;
+    host.deploy("ticker", programs::TICKER).await;
+    host.add_store("clock", "ticker", &[]).await;
+    host
+}
+
+/// Polls `GET /v1/stores/clock/tasks` until `check` holds (at most 30 s).
+async fn wait_for_tasks(host: &TestHost, check: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        let (status, body) = host.get("/v1/stores/clock/tasks").await;
+        assert_eq!(status, 200, "{body}");
+        if check(&body) {
+            return body;
+        }
+        last = body;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the tasks never reached the expected state; last: {last}");
+}
+
+fn executions<'a>(tasks: &'a Value, task_id: &str) -> Vec<&'a Value> {
+    tasks["executions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|run| run["taskId"] == task_id)
+        .collect()
+}
+
+async fn runs(host: &TestHost) -> Vec<Value> {
+    host.query("clock", "runs", json!({})).await["runs"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_task_runs_once_and_its_effects_commit_with_it() {
+    let host = ticker_host().await;
+    let at = now_ms() + 2_000;
+    host.append(
+        "clock",
+        "schedule",
+        json!({"taskId": "remind", "onceAtMs": at, "payload": {}}),
+    )
+    .await;
+    host.settle("clock").await;
+    // Before it is due, the schedule is visible to the operator and to the plugin.
+    let (code, scheduled) = host.get("/v1/stores/clock/tasks").await;
+    assert_eq!(code, 200, "{scheduled}");
+    assert_eq!(
+        scheduled["schedules"],
+        json!([{"taskId": "remind", "kind": "once", "spec": at.to_string(), "payload": "{}", "nextRunAt": at}])
+    );
+    assert_eq!(scheduled["nextDueAt"], at);
+    let listed = host.query("clock", "scheduled", json!({})).await;
+    assert_eq!(
+        listed["tasks"],
+        json!([{"taskId": "remind", "nextRunMs": at}])
+    );
+
+    let tasks = wait_for_tasks(&host, |t| !executions(t, "remind").is_empty()).await;
+    let run = executions(&tasks, "remind")[0];
+    assert_eq!(run["status"], "completed", "{tasks}");
+    assert_eq!(run["scheduledFor"], at);
+    assert_eq!(
+        tasks["schedules"],
+        json!([]),
+        "a one-shot task is gone after its run"
+    );
+
+    host.settle("clock").await;
+    let runs = runs(&host).await;
+    assert_eq!(
+        runs,
+        vec![
+            json!({"taskId": "remind", "scheduledFor": at, "executionId": format!("remind@{at}")})
+        ]
+    );
+    // The event it emitted was appended once, after the commit.
+    let (_, log) = host.get("/v1/stores/clock/events?after=0&limit=100").await;
+    let ran: Vec<_> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "task.ran")
+        .collect();
+    assert_eq!(ran.len(), 1, "{log}");
+    assert_eq!(ran[0]["source"], "plugin");
+    let (_, status) = host.get("/v1/stores/clock").await;
+    assert_eq!(status["tasksExecuted"], 1, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interval_runs_again_counted_from_the_end_of_each_execution() {
+    let host = ticker_host().await;
+    host.append(
+        "clock",
+        "schedule",
+        json!({"taskId": "poll", "everyMs": 1000, "payload": {}}),
+    )
+    .await;
+    let tasks = wait_for_tasks(&host, |t| executions(t, "poll").len() >= 2).await;
+    let latest = executions(&tasks, "poll")[0];
+    let schedule = &tasks["schedules"][0];
+    assert_eq!(schedule["taskId"], "poll");
+    assert_eq!(schedule["kind"], "every");
+    // nextExecutionAt = completion of the latest execution + the interval.
+    assert_eq!(
+        schedule["nextRunAt"].as_i64().unwrap(),
+        latest["finishedAt"].as_i64().unwrap() + 1000,
+        "{tasks}"
+    );
+    // Different due times each ran, each once.
+    let runs = runs(&host).await;
+    let mut due: Vec<i64> = runs
+        .iter()
+        .map(|r| r["scheduledFor"].as_i64().unwrap())
+        .collect();
+    let count = due.len();
+    due.dedup();
+    assert_eq!(due.len(), count, "no execution ran twice: {runs:?}");
+
+    // Cancelling stops it.
+    host.append("clock", "cancel", json!({"taskId": "poll"}))
+        .await;
+    let tasks = wait_for_tasks(&host, |t| t["schedules"] == json!([])).await;
+    assert_eq!(tasks["nextDueAt"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_expression_is_honoured() {
+    let host = ticker_host().await;
+    // Every second, on the second (6 fields: seconds first).
+    host.append(
+        "clock",
+        "schedule",
+        json!({"taskId": "tick", "cron": "* * * * * *", "payload": {}}),
+    )
+    .await;
+    let tasks = wait_for_tasks(&host, |t| executions(t, "tick").len() >= 2).await;
+    for run in executions(&tasks, "tick") {
+        assert_eq!(
+            run["scheduledFor"].as_i64().unwrap() % 1000,
+            0,
+            "cron occurrences fall on whole seconds: {run}"
+        );
+    }
+    // An invalid expression is refused with a clear error, so the handler fails.
+    let seq = host
+        .append(
+            "clock",
+            "schedule",
+            json!({"taskId": "bad", "cron": "every tuesday", "payload": {}}),
+        )
+        .await;
+    let status = host
+        .wait_for_status("clock", |s| s["deadLettered"].as_u64() == Some(1))
+        .await;
+    let failure = &status["lastFailure"];
+    assert_eq!(failure["seq"], seq);
+    assert!(
+        failure["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid cron expression"),
+        "{failure}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_occurrences_run_once_inside_the_catch_up_window_and_are_recorded_outside_it() {
+    let host = TestHost::start_with(TestHostOptions {
+        task_catch_up: Duration::from_secs(600),
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("ticker", programs::TICKER).await;
+    host.add_store("clock", "ticker", &[]).await;
+    let now = now_ms();
+    let inside = now - 5 * MINUTE;
+    let outside = now - 20 * MINUTE;
+    host.append(
+        "clock",
+        "schedule",
+        json!({"taskId": "recent", "onceAtMs": inside, "payload": {}}),
+    )
+    .await;
+    host.append(
+        "clock",
+        "schedule",
+        json!({"taskId": "stale", "onceAtMs": outside, "payload": {}}),
+    )
+    .await;
+    let tasks = wait_for_tasks(&host, |t| {
+        !executions(t, "recent").is_empty() && !executions(t, "stale").is_empty()
+    })
+    .await;
+    assert_eq!(executions(&tasks, "recent")[0]["status"], "completed");
+    assert_eq!(executions(&tasks, "stale")[0]["status"], "missed");
+    assert_eq!(executions(&tasks, "stale")[0]["scheduledFor"], outside);
+    host.settle("clock").await;
+    let runs = runs(&host).await;
+    assert_eq!(
+        runs.len(),
+        1,
+        "only the occurrence inside the window ran: {runs:?}"
+    );
+    assert_eq!(runs[0]["taskId"], "recent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_task_is_retried_then_recorded_as_failed_without_effects() {
+    let host = ticker_host().await;
+    host.append(
+        "clock",
+        "schedule",
+        json!({"taskId": "doomed", "onceAtMs": now_ms(), "payload": {"fail": true}}),
+    )
+    .await;
+    let tasks = wait_for_tasks(&host, |t| !executions(t, "doomed").is_empty()).await;
+    let run = executions(&tasks, "doomed")[0];
+    assert_eq!(run["status"], "failed", "{tasks}");
+    assert_eq!(run["reason"], "plugin_error");
+    assert_eq!(
+        run["attempts"], 3,
+        "the test host's retry policy makes 3 attempts"
+    );
+    assert!(run["error"].as_str().unwrap().contains("failed on purpose"));
+    host.settle("clock").await;
+    assert!(
+        runs(&host).await.is_empty(),
+        "a failed execution leaves no trace"
+    );
+    let (_, log) = host.get("/v1/stores/clock/events?after=0&limit=100").await;
+    assert!(
+        log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["type"] != "task.ran"),
+        "{log}"
+    );
+}
