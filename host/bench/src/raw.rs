@@ -229,12 +229,29 @@ pub fn insert_batches(
 /// How the databases of a new store are created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Creation {
-    /// As storehost opens them (host/store/src/sqlite.rs): `journal_mode=WAL` first, under
-    /// SQLite's default `synchronous=FULL`, then `synchronous=NORMAL`.
+    /// As storehost creates them under `durability = "process"` (host/store/src/sqlite.rs):
+    /// `synchronous=OFF` until the first tables are written, then `NORMAL`: no fsync while the
+    /// empty files are created.
     LikeStorehost,
-    /// `synchronous=OFF` until the first table is written, then `NORMAL`: no fsync while the
-    /// empty files are created (a variant storehost could adopt; measured to show what it saves).
-    Unsynced,
+    /// SQLite's own way: `journal_mode=WAL` under the default `synchronous=FULL`, which syncs
+    /// the new WAL and its directory (what storehost did before, and still does for `power`).
+    Synced,
+}
+
+/// Files and directories one new store creates: its directory, `files/`, and `events.db` and
+/// `store.db` with their `-wal` and `-shm`.
+pub const INODES_PER_STORE: usize = 8;
+
+/// How many empty files this disk creates per second, one after another (each creation is a
+/// metadata update of the filesystem: on some virtual disks it costs near a millisecond, and
+/// it bounds how fast any host can create stores).
+pub fn file_creations_per_second(samples: usize) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let started = Instant::now();
+    for index in 0..samples {
+        std::fs::File::create(dir.path().join(format!("f{index}")))?;
+    }
+    Ok(samples as f64 / started.elapsed().as_secs_f64().max(1e-9))
 }
 
 /// The least a new store costs on disk: its directory with `files/`, and its two databases
@@ -260,12 +277,12 @@ pub fn store_files(samples: usize, creation: Creation) -> anyhow::Result<Vec<Dur
 
 fn create(path: &Path, schema: &str, creation: Creation) -> rusqlite::Result<Connection> {
     match creation {
-        Creation::LikeStorehost => {
+        Creation::Synced => {
             let conn = open_like_storehost(path)?;
             conn.execute_batch(schema)?;
             Ok(conn)
         }
-        Creation::Unsynced => {
+        Creation::LikeStorehost => {
             let conn = Connection::open(path)?;
             conn.busy_timeout(Duration::from_secs(10))?;
             conn.pragma_update(None, "synchronous", "OFF")?;

@@ -78,8 +78,7 @@ impl std::fmt::Debug for EventLog {
 impl EventLog {
     /// Opens (creating if needed) the log at `path`.
     pub fn open(path: &Path, durability: Durability) -> rusqlite::Result<Self> {
-        let writer = sqlite::open(path, durability)?;
-        writer.execute_batch(SCHEMA)?;
+        let writer = sqlite::open(path, durability, SCHEMA)?;
         add_request_id_column(&writer)?;
         let reader = sqlite::open_reader(path)?;
         Ok(Self {
@@ -117,7 +116,7 @@ impl EventLog {
         let mut guard = lock(&self.writer);
         let conn = match &mut *guard {
             Some(conn) => conn,
-            slot => slot.insert(sqlite::open(&self.path, self.durability)?),
+            slot => slot.insert(sqlite::open(&self.path, self.durability, "")?),
         };
         work(conn)
     }

@@ -125,9 +125,8 @@ impl std::fmt::Debug for GuestDb {
 impl GuestDb {
     /// Opens `store.db`, hardens the connection and creates the host's tables.
     pub fn open(path: &Path, durability: Durability, disk_quota: u64) -> rusqlite::Result<Self> {
-        let mut conn = sqlite::open(path, durability)?;
-        conn.execute_batch(HOST_SCHEMA)?;
-        conn.execute_batch(crate::schedules::SCHEMA)?;
+        let schema = [HOST_SCHEMA, crate::schedules::SCHEMA].concat();
+        let mut conn = sqlite::open(path, durability, &schema)?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)?;
         conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;
