@@ -75,6 +75,9 @@ pub struct TestHostOptions {
     pub close_files_after: Duration,
     /// Sandbox pool slots (`None`: one per store, `max_stores`).
     pub pool_slots: Option<u32>,
+    /// Spare store directories kept ready (2 by default, so most tests' stores start from one;
+    /// the server's default is `DEFAULT_SPARE_STORES`).
+    pub spare_stores: usize,
 }
 
 impl Default for TestHostOptions {
@@ -98,6 +101,7 @@ impl Default for TestHostOptions {
             idle_timeout: None,
             close_files_after: Duration::ZERO,
             pool_slots: None,
+            spare_stores: 2,
         }
     }
 }
@@ -153,6 +157,7 @@ impl TestHost {
                     task_catch_up: options.task_catch_up,
                     idle_timeout: options.idle_timeout,
                     close_files_after: options.close_files_after,
+                    spare_stores: options.spare_stores,
                 },
             )
             .expect("orchestrator"),

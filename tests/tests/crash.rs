@@ -348,7 +348,9 @@ fn scratch_dirs(data: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(data.join("stores"))
         .unwrap()
         .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-        .filter(|name| name.starts_with('.'))
+        // `.spare` is the pool of new-store directories (a crash while it builds one leaves a
+        // `.building-` inside it, deleted at the next start), not a backup's or restore's.
+        .filter(|name| name.starts_with('.') && name != ".spare")
         .collect()
 }
 

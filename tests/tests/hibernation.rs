@@ -331,6 +331,12 @@ async fn a_long_hibernation_closes_the_stores_files_and_an_event_still_wakes_it(
     assert!(closed, "still open: {:?}", open_files_under(&dir));
     let (_, status) = host.get("/v1/stores/dozing").await;
     assert_eq!(status["state"], "hibernated", "{status}");
+    // Both logs were checkpointed into their databases and emptied, and kept for the next
+    // open (which then creates no file and replays nothing).
+    for wal in ["events.db-wal", "store.db-wal"] {
+        let size = std::fs::metadata(dir.join(wal)).map(|m| m.len());
+        assert_eq!(size.ok(), Some(0), "{wal} is kept, empty");
+    }
 
     // An event wakes it as before: applied once, after the first.
     host.append("dozing", "kv.put", json!({"key": "b", "value": 2}))

@@ -12,8 +12,8 @@ use serde::Serialize;
 use sha2::Digest as _;
 use storehost_runtime::PluginError;
 use storehost_store::{
-    Durability, Quotas, RetryPolicy, Store, StoreError, StoreId, StorePlugin, StoreRuntime,
-    StoreSettings, StoreStatus, dir, sqlite::now_ms,
+    Durability, Quotas, RetryPolicy, SpareStores, Store, StoreError, StoreId, StorePlugin,
+    StoreRuntime, StoreSettings, StoreStatus, dir, sqlite::now_ms,
 };
 use tokio::sync::{Mutex, RwLock};
 
@@ -157,6 +157,8 @@ pub struct HostSettings {
     pub idle_timeout: Option<std::time::Duration>,
     /// A hibernated store idle this much longer closes its files.
     pub close_files_after: std::time::Duration,
+    /// How many new-store directories are kept ready in `stores/.spare/` (0: none).
+    pub spare_stores: usize,
 }
 
 /// A running store with the spec it runs under.
@@ -208,6 +210,7 @@ pub struct Orchestrator {
     stores: RwLock<BTreeMap<StoreId, Entry>>,
     changes: Mutex<()>,
     registry: Registry,
+    spares: Arc<SpareStores>,
     activity: std::sync::Mutex<ProvisioningActivity>,
     history: std::sync::Mutex<BTreeMap<StoreId, std::collections::VecDeque<Transition>>>,
 }
@@ -267,6 +270,12 @@ impl Orchestrator {
                 "a restore did not finish in the last run; its scratch directory is kept there"
             );
         }
+        let spares = SpareStores::open(
+            &settings.data_dir,
+            settings.durability,
+            settings.spare_stores,
+        )?;
+        spares.refill();
         Ok(Self {
             runtime,
             settings,
@@ -274,6 +283,7 @@ impl Orchestrator {
             stores: RwLock::default(),
             changes: Mutex::new(()),
             registry,
+            spares,
             activity: std::sync::Mutex::default(),
             history: std::sync::Mutex::default(),
         })
@@ -465,17 +475,19 @@ impl Orchestrator {
         }
         self.record(id, "provisioning", Some(source.as_str().to_owned()));
         let settings = self.store_settings(&spec, plugin);
-        let (open_id, data_dir, durability) = (
+        let (open_id, data_dir, durability, spares) = (
             id.clone(),
             self.settings.data_dir.clone(),
             self.settings.durability,
+            self.spares.clone(),
         );
         let opened = tokio::task::spawn_blocking(move || {
-            Store::open(open_id, &data_dir, durability, settings)
+            Store::open_with_spares(open_id, &data_dir, durability, settings, Some(&spares))
         })
         .await
         .map_err(|err| StoreError::Internal(format!("store open task failed: {err}")))
         .and_then(|opened| opened);
+        self.spares.refill();
         let store = match opened {
             Ok(store) => store,
             Err(err) => {
@@ -713,6 +725,7 @@ impl Orchestrator {
     /// Stops every store cleanly (after their in-flight invocations).
     pub async fn shutdown(&self) {
         let _guard = self.changes.lock().await;
+        self.spares.stop();
         let mut stopping = tokio::task::JoinSet::new();
         for entry in self.stores.read().await.values() {
             let store = entry.store.clone();

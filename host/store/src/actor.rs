@@ -220,20 +220,25 @@ impl Actor {
     /// `hibernated`. The actor itself stays, a parked task; the next event, query, dead-letter
     /// retry or due task wakes it with one sandbox instantiation.
     fn hibernate(&mut self) {
+        if self.shared.status().state != StoreState::Running {
+            return;
+        }
         self.sandbox = None;
         self.pending = VecDeque::new();
-        if let Err(err) = sqlite::release_memory(self.lock_db().connection()) {
-            tracing::debug!("could not shrink the store database's cache: {err}");
+        if self.settings.close_files_after.is_zero() {
+            // Closed before the state shows it: whoever sees `hibernated` sees no open file.
+            self.close_files();
+        } else {
+            if let Err(err) = sqlite::release_memory(self.lock_db().connection()) {
+                tracing::debug!("could not shrink the store database's cache: {err}");
+            }
+            self.shared.release_memory();
         }
-        self.shared.release_memory();
         let mut status = self.shared.status();
         if status.state == StoreState::Running {
             status.state = StoreState::Hibernated;
             drop(status);
             tracing::debug!("hibernated after being idle");
-            if self.settings.close_files_after.is_zero() {
-                self.close_files();
-            }
         }
     }
 
@@ -242,9 +247,11 @@ impl Actor {
     /// the log (still durable before its 2xx) and the next piece of work `store.db`
     /// ([`Actor::ensure_db`]).
     fn close_files(&mut self) {
-        // The sandbox, gone since hibernation, held the only other handle on the database.
-        self.db = None;
+        // Readers first: the last connection to close checkpoints its WAL into the database
+        // and empties it, which a read-only one cannot. The sandbox, gone since hibernation,
+        // held the only other handle on the database.
         self.shared.close_files();
+        self.db = None;
         tracing::debug!("closed its files after hibernating");
     }
 

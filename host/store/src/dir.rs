@@ -10,6 +10,7 @@ use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 
 use crate::id::StoreId;
+use crate::spare::SpareStores;
 
 /// The store's files, as paths the SQLite and WASI layers open.
 #[derive(Debug, Clone)]
@@ -32,13 +33,23 @@ impl StoreDir {
     }
 }
 
-/// Creates (or checks) the directory of store `id` under `data_dir`.
-pub fn prepare(data_dir: &Path, id: &StoreId) -> io::Result<StoreDir> {
+/// Creates (or checks) the directory of store `id` under `data_dir`; a new one is a spare
+/// moved into place when `spares` has one ready.
+pub fn prepare(
+    data_dir: &Path,
+    id: &StoreId,
+    spares: Option<&SpareStores>,
+) -> io::Result<StoreDir> {
     std::fs::create_dir_all(data_dir)?;
     let data_dir = data_dir.canonicalize()?;
     let data = Dir::open_ambient_dir(&data_dir, ambient_authority())?;
     data.create_dir_all("stores")?;
     let stores = data.open_dir("stores")?;
+    if let Some(spares) = spares
+        && matches!(stores.symlink_metadata(id.as_str()), Err(err) if err.kind() == io::ErrorKind::NotFound)
+    {
+        spares.take_into(&data_dir.join("stores").join(id.as_str()));
+    }
     ensure_real_dir(&stores, id.as_str())?;
     let store = stores.open_dir(id.as_str())?;
     ensure_real_dir(&store, "files")?;
@@ -90,13 +101,13 @@ mod tests {
     fn creates_the_store_directory_and_refuses_a_planted_symlink() {
         let data = tempfile::tempdir().unwrap();
         let id = StoreId::new("acme").unwrap();
-        let dir = prepare(data.path(), &id).unwrap();
+        let dir = prepare(data.path(), &id, None).unwrap();
         assert!(dir.files.is_dir());
 
         let evil = StoreId::new("evil").unwrap();
         std::fs::create_dir_all(data.path().join("stores")).unwrap();
         std::os::unix::fs::symlink("/etc", data.path().join("stores/evil")).unwrap();
-        let err = prepare(data.path(), &evil).unwrap_err();
+        let err = prepare(data.path(), &evil, None).unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
     }
 
@@ -104,11 +115,11 @@ mod tests {
     fn removing_archives_unless_purged() {
         let data = tempfile::tempdir().unwrap();
         let id = StoreId::new("acme").unwrap();
-        prepare(data.path(), &id).unwrap();
+        prepare(data.path(), &id, None).unwrap();
         let archived = remove(data.path(), &id, false).unwrap().unwrap();
         assert!(archived.join("files").is_dir());
         assert!(!data.path().join("stores/acme").exists());
-        prepare(data.path(), &id).unwrap();
+        prepare(data.path(), &id, None).unwrap();
         assert_eq!(remove(data.path(), &id, true).unwrap(), None);
         assert!(!data.path().join("stores/acme").exists());
     }

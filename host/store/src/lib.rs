@@ -6,6 +6,9 @@
 //! - `store.db` — the plugin's tables and the host's `_host_*` tables (cursor, outbox, dead
 //!   letters), so one transaction covers an invocation's effects and the cursor;
 //! - `files/` — the only directory the guest's WASI filesystem sees (at `/data`).
+//!
+//! A new store's directory is taken ready-made from `stores/.spare/` when the host keeps spares
+//! ([`SpareStores`]).
 
 mod actor;
 pub mod backup;
@@ -17,6 +20,7 @@ pub mod id;
 pub mod metrics;
 pub mod quotas;
 pub mod schedules;
+pub mod spare;
 pub mod sqlite;
 pub mod store;
 
@@ -25,6 +29,7 @@ pub use event_log::{LoggedEvent, NewEvent};
 pub use guest_db::DeadLetter;
 pub use id::{InvalidStoreId, STORE_ID_RULE, StoreId};
 pub use quotas::Quotas;
+pub use spare::SpareStores;
 pub use sqlite::Durability;
 pub use store::{
     RetryPolicy, Store, StoreError, StorePlugin, StoreRuntime, StoreSettings, StoreState,

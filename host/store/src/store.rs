@@ -318,7 +318,19 @@ impl Store {
         durability: Durability,
         settings: StoreSettings,
     ) -> Result<Self, StoreError> {
-        let dir = dir::prepare(data_dir, &id)?;
+        Self::open_with_spares(id, data_dir, durability, settings, None)
+    }
+
+    /// [`Store::open`], taking a new store's directory from `spares` when one is ready (a
+    /// rename instead of creating its files).
+    pub fn open_with_spares(
+        id: StoreId,
+        data_dir: &Path,
+        durability: Durability,
+        settings: StoreSettings,
+        spares: Option<&crate::spare::SpareStores>,
+    ) -> Result<Self, StoreError> {
+        let dir = dir::prepare(data_dir, &id, spares)?;
         let log = EventLog::open(&dir.events_db(), durability)?;
         let db = GuestDb::open(&dir.store_db(), durability, settings.quotas.disk)?;
         let reader = sqlite::open_reader(&dir.store_db())?;

@@ -85,6 +85,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             task_catch_up: storehost_store::store::DEFAULT_TASK_CATCH_UP,
             idle_timeout: config.idle_timeout(),
             close_files_after: config.close_files_after(),
+            spare_stores: config.spare_stores,
         },
     )?);
 

@@ -297,6 +297,9 @@ pub struct HostConfig {
     /// about 18 KB and no file descriptor, and its next wake opens them again (about a
     /// millisecond more). 0: at once when it hibernates.
     pub close_files_after_ms: u64,
+    /// How many empty store directories are kept ready in `DATA_DIR/stores/.spare/`, so a new
+    /// store starts with a rename instead of creating its files (0: none).
+    pub spare_stores: usize,
     /// `[http]`.
     pub http: HttpConfig,
     /// `[retry]`.
@@ -328,6 +331,7 @@ impl Default for HostConfig {
             durability: Durability::default(),
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             close_files_after_ms: DEFAULT_CLOSE_FILES_AFTER_MS,
+            spare_stores: DEFAULT_SPARE_STORES,
             http: HttpConfig::default(),
             retry: RetryConfig::default(),
             defaults: DefaultsConfig::default(),
@@ -340,6 +344,9 @@ impl Default for HostConfig {
         }
     }
 }
+
+/// How many spare store directories are kept ready, by default.
+pub const DEFAULT_SPARE_STORES: usize = 16;
 
 /// How long a store stays idle before it hibernates, by default (5 minutes).
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 5 * 60 * 1000;
