@@ -1,12 +1,14 @@
 //! Test hosts for the control plane: an in-process host whose API state carries webhooks, a
 //! reconciler or a config status, on a data directory a test may reuse across "restarts".
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use storehost_api::AppState;
-use storehost_control::Orchestrator;
+use storehost_control::config::{self, PluginSource};
+use storehost_control::watcher::{self, ConfigReloader, ConfigWatcher};
+use storehost_control::{Orchestrator, StoreSource};
 
 use crate::{TestHost, TestHostOptions, programs};
 
@@ -53,6 +55,62 @@ impl TestHost {
             let _ = shutdown.send(());
         }
         self.orchestrator.shutdown().await;
+    }
+}
+
+/// A host running the stores of the config at `path` (at most `max_stores`), watching it.
+pub struct Watched {
+    /// The host.
+    pub host: TestHost,
+    /// What applies the config's edits.
+    pub reloader: Arc<ConfigReloader>,
+    _watch: ConfigWatcher,
+}
+
+/// Starts a host on the config at `path`: its plugins deployed, its stores running, and the
+/// file watched (edits apply live).
+pub async fn watched(path: &Path, max_stores: usize) -> Watched {
+    let config = config::load_file(path).unwrap_or_else(|e| panic!("{e}"));
+    let mut reloader = None;
+    let host = TestHost::start_control(
+        ControlHostOptions {
+            max_stores,
+            ..ControlHostOptions::default()
+        },
+        |orchestrator, state| {
+            let read_plugin: watcher::PluginReader = Arc::new(|_name, source| match source {
+                PluginSource::File(path) => std::fs::read(path),
+                PluginSource::Builtin => Err(std::io::ErrorKind::NotFound.into()),
+            });
+            reloader = Some(Arc::new(ConfigReloader::new(
+                path,
+                config.clone(),
+                orchestrator.clone(),
+                read_plugin,
+                state.config_reload_listener(),
+            )));
+            state
+        },
+    )
+    .await;
+    for (name, source) in config.plugin_sources() {
+        if let PluginSource::File(path) = source {
+            let wasm = std::fs::read(&path).unwrap();
+            host.orchestrator.deploy_plugin(&name, wasm).await.unwrap();
+        }
+    }
+    for (id, spec) in config.store_specs() {
+        host.orchestrator
+            .ensure_running(&id, spec, StoreSource::Config)
+            .await
+            .unwrap();
+    }
+    let reloader = reloader.unwrap();
+    let watch = watcher::watch(reloader.clone()).expect("watch the config directory");
+    Watched {
+        host,
+        reloader,
+        _watch: watch,
     }
 }
 

@@ -5,23 +5,13 @@
 //! real router on a real port.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde_json::{Value, json};
-use storehost_control::StoreSource;
-use storehost_control::config::{self, PluginSource};
-use storehost_control::watcher::{self, ConfigReloader, ConfigWatcher, ReloadOutcome};
+use storehost_control::watcher::ReloadOutcome;
 use storehost_store::StoreId;
 use storehost_tests::TestHost;
-use storehost_tests::control::{ControlHostOptions, eventually};
+use storehost_tests::control::{eventually, watched};
 use storehost_tests::programs;
-
-/// A host running the stores of the config at `path`, watching it.
-struct Watched {
-    host: TestHost,
-    reloader: Arc<ConfigReloader>,
-    _watch: ConfigWatcher,
-}
 
 fn header() -> String {
     format!(
@@ -37,51 +27,6 @@ fn config_with(stores: &[&str], extra: &str) -> String {
     }
     text.push_str(extra);
     text
-}
-
-async fn watched(path: &Path, max_stores: usize) -> Watched {
-    let config = config::load_file(path).unwrap_or_else(|e| panic!("{e}"));
-    let mut reloader = None;
-    let host = TestHost::start_control(
-        ControlHostOptions {
-            max_stores,
-            ..ControlHostOptions::default()
-        },
-        |orchestrator, state| {
-            let read_plugin: watcher::PluginReader = Arc::new(|_name, source| match source {
-                PluginSource::File(path) => std::fs::read(path),
-                PluginSource::Builtin => Err(std::io::ErrorKind::NotFound.into()),
-            });
-            reloader = Some(Arc::new(ConfigReloader::new(
-                path,
-                config.clone(),
-                orchestrator.clone(),
-                read_plugin,
-                state.config_reload_listener(),
-            )));
-            state
-        },
-    )
-    .await;
-    for (name, source) in config.plugin_sources() {
-        if let PluginSource::File(path) = source {
-            let wasm = std::fs::read(&path).unwrap();
-            host.orchestrator.deploy_plugin(&name, wasm).await.unwrap();
-        }
-    }
-    for (id, spec) in config.store_specs() {
-        host.orchestrator
-            .ensure_running(&id, spec, StoreSource::Config)
-            .await
-            .unwrap();
-    }
-    let reloader = reloader.unwrap();
-    let watch = watcher::watch(reloader.clone()).expect("watch the config directory");
-    Watched {
-        host,
-        reloader,
-        _watch: watch,
-    }
 }
 
 /// Writes `text` to a temporary file beside `path` and renames it over `path`, as editors do.

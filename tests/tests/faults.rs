@@ -17,14 +17,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
-use storehost_control::StoreSource;
-use storehost_control::config::{self, PluginSource, Secret};
+use storehost_control::config::Secret;
 use storehost_control::llm_backend::ServiceBackend;
 use storehost_control::reconciler::{Reconciler, ReconcilerSettings};
-use storehost_control::watcher::{self, ConfigReloader, ConfigWatcher};
 use storehost_llm::{LlmLimits, LlmService, OpenAiConfig, OpenAiProvider};
 use storehost_store::{LlmBackend, Quotas};
-use storehost_tests::control::{ControlHostOptions, eventually};
+use storehost_tests::control::{ControlHostOptions, eventually, watched};
 use storehost_tests::{TestHost, TestHostOptions, programs, writer_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -324,51 +322,6 @@ async fn an_llm_endpoint_resetting_connections_is_a_transient_error_and_another_
 // ---------------------------------------------------------------------------------------------
 // The watched config file: deleted, unreadable, and a plugin file truncated on disk.
 
-struct Watched {
-    host: TestHost,
-    _reloader: Arc<ConfigReloader>,
-    _watch: ConfigWatcher,
-}
-
-async fn watched(path: &Path) -> Watched {
-    let config = config::load_file(path).unwrap_or_else(|e| panic!("{e}"));
-    let mut reloader = None;
-    let host = TestHost::start_control(ControlHostOptions::default(), |orchestrator, state| {
-        let read_plugin: watcher::PluginReader = Arc::new(|_name, source| match source {
-            PluginSource::File(path) => std::fs::read(path),
-            PluginSource::Builtin => Err(std::io::ErrorKind::NotFound.into()),
-        });
-        reloader = Some(Arc::new(ConfigReloader::new(
-            path,
-            config.clone(),
-            orchestrator.clone(),
-            read_plugin,
-            state.config_reload_listener(),
-        )));
-        state
-    })
-    .await;
-    for (name, source) in config.plugin_sources() {
-        if let PluginSource::File(path) = source {
-            let wasm = std::fs::read(&path).unwrap();
-            host.orchestrator.deploy_plugin(&name, wasm).await.unwrap();
-        }
-    }
-    for (id, spec) in config.store_specs() {
-        host.orchestrator
-            .ensure_running(&id, spec, StoreSource::Config)
-            .await
-            .unwrap();
-    }
-    let reloader = reloader.unwrap();
-    let watch = watcher::watch(reloader.clone()).expect("watch the config directory");
-    Watched {
-        host,
-        _reloader: reloader,
-        _watch: watch,
-    }
-}
-
 async fn ids(host: &TestHost) -> Vec<String> {
     let mut ids: Vec<String> = host
         .orchestrator
@@ -414,7 +367,7 @@ async fn a_deleted_or_unreadable_config_keeps_the_last_good_config_and_health_sa
     let plugin = dir.path().join("writer.wasm");
     std::fs::copy(programs::WRITER, &plugin).unwrap();
     std::fs::write(&path, writer_config(&plugin, &["cfg-one", "cfg-two"])).unwrap();
-    let w = watched(&path).await;
+    let w = watched(&path, ControlHostOptions::default().max_stores).await;
     let host = &w.host;
     assert_eq!(ids(host).await, ["cfg-one", "cfg-two"]);
 
@@ -479,7 +432,7 @@ async fn a_plugin_file_truncated_on_disk_keeps_the_previous_version_running() {
     let wasm = std::fs::read(programs::WRITER).unwrap();
     std::fs::write(&plugin, &wasm).unwrap();
     std::fs::write(&path, writer_config(&plugin, &["trunc-one"])).unwrap();
-    let w = watched(&path).await;
+    let w = watched(&path, ControlHostOptions::default().max_stores).await;
     let host = &w.host;
     let sha = || async {
         let (_, view) = host.get("/v1/stores/trunc-one").await;
