@@ -1,9 +1,17 @@
-//! Noisy neighbours: 100 well-behaved stores under steady load, alone and then beside 10 hostile
+//! Noisy neighbours: 100 well-behaved stores under steady load, alone and beside 10 hostile
 //! stores (spinning, memory-hungry, SQL bombs, and flooded ones). Reports the well-behaved
-//! stores' event latency (append → processed) in both runs, the ratio, and lost or failed events.
+//! stores' event latency (append → processed) in both conditions, the ratio, and lost or failed
+//! events.
+//!
+//! The two conditions alternate in windows of one host run, so a shared machine's slow and
+//! fast moments fall on both alike: in "alone" windows the hostile stores are paused and the
+//! flood is off, in "beside" windows they misbehave. The load on the well-behaved stores never
+//! stops; an event counts for the window it was sent in, and events sent in the first
+//! [`SETTLE`] of a window (while the previous condition drains: a hostile call runs up to its
+//! 100 ms CPU quota) count for neither.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -14,18 +22,28 @@ use crate::report::{Row, Table, ms, percentile};
 
 const GOOD_STORES: usize = 100;
 
+/// How long one condition lasts before the other takes over.
+const WINDOW: Duration = Duration::from_millis(500);
+
+/// The start of a window whose events are not counted.
+const SETTLE: Duration = Duration::from_millis(150);
+
+#[derive(Default)]
 struct Outcome {
     latencies: Vec<Duration>,
+    sent: u64,
     lost: u64,
     failed: u64,
 }
 
 pub async fn run(quick: bool, table: &mut Table) {
-    let (rate, seconds) = if quick { (400, 3) } else { (1_000, 10) };
-    eprintln!("noisy neighbours: {GOOD_STORES} stores at {rate} events/s for {seconds} s, alone");
-    let mut alone = measure(false, rate, seconds).await;
-    eprintln!("noisy neighbours: the same beside 10 hostile stores");
-    let mut beside = measure(true, rate, seconds).await;
+    let (rate, windows) = if quick { (400, 12) } else { (1_000, 40) };
+    eprintln!(
+        "noisy neighbours: {GOOD_STORES} stores at {rate} events/s for {windows} windows of {} ms, \
+         alone and beside 10 hostile stores in turn",
+        WINDOW.as_millis()
+    );
+    let [mut alone, mut beside] = measure(rate, windows).await;
     for (label, outcome) in [("alone", &mut alone), ("beside hostile", &mut beside)] {
         let p50 = percentile(&mut outcome.latencies, 50.0);
         let p99 = percentile(&mut outcome.latencies, 99.0);
@@ -42,7 +60,11 @@ pub async fn run(quick: bool, table: &mut Table) {
     let beside_p50 = percentile(&mut beside.latencies, 50.0);
     let beside_p99 = percentile(&mut beside.latencies, 99.0);
     table.push(Row {
-        figure: format!("noisy neighbours: well-behaved event latency beside 10 hostile stores ({rate} ev/s over {GOOD_STORES} stores)"),
+        figure: format!(
+            "noisy neighbours: well-behaved event latency beside 10 hostile stores \
+             ({rate} ev/s over {GOOD_STORES} stores, alternating {}-ms windows alone / beside)",
+            WINDOW.as_millis()
+        ),
         unit: "ms",
         p50: ms(beside_p50),
         p99: ms(beside_p99),
@@ -60,11 +82,7 @@ pub async fn run(quick: bool, table: &mut Table) {
             beside.lost + beside.failed
         ),
         p99: "-".into(),
-        reference: format!(
-            "{} / {} sent",
-            alone.latencies.len() as u64 + alone.lost + alone.failed,
-            beside.latencies.len() as u64 + beside.lost + beside.failed
-        ),
+        reference: format!("{} / {} counted", alone.sent, beside.sent),
         ratio: "-".into(),
         target: "0",
     });
@@ -74,7 +92,9 @@ fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64().max(1e-9)
 }
 
-async fn measure(hostile: bool, rate: u64, seconds: u64) -> Outcome {
+/// The well-behaved stores' outcomes `[alone, beside hostile]` over `windows` alternating
+/// windows (alone first).
+async fn measure(rate: u64, windows: u32) -> [Outcome; 2] {
     let host = Arc::new(
         TestHost::start_with(TestHostOptions {
             retry: RetryPolicy {
@@ -95,93 +115,111 @@ async fn measure(hostile: bool, rate: u64, seconds: u64) -> Outcome {
         good.push(host.add_store(&format!("good-{i}"), "writer", &[]).await);
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let mut troublemakers = Vec::new();
-    if hostile {
-        troublemakers = start_hostile(&host, stop.clone()).await;
-        // Measure beside tenants that are already misbehaving (steady state). A hostile
-        // tenant's very first calls run at normal priority, so a fresh SQL bomb can hold a
-        // slot for one statement (up to its cpu_ms_per_call) before it is demoted.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    let flooding = Arc::new(AtomicBool::new(true));
+    let (hostile, troublemakers) = start_hostile(&host, stop.clone(), flooding.clone()).await;
+    // Alone windows follow tenants that already misbehaved (steady state): a hostile tenant's
+    // very first calls run at normal priority, until its first breach demotes it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let sent = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let lost = Arc::new(AtomicU64::new(0));
-    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let outcomes = Arc::new(std::sync::Mutex::new([
+        Outcome::default(),
+        Outcome::default(),
+    ]));
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut in_flight = tokio::task::JoinSet::new();
     let mut n = 0usize;
-    while Instant::now() < deadline {
-        ticker.tick().await;
-        let store: Store = good[n % GOOD_STORES].clone();
-        n += 1;
-        let (host, failed, lost, latencies) = (
-            host.clone(),
-            failed.clone(),
-            lost.clone(),
-            latencies.clone(),
-        );
-        sent.fetch_add(1, Ordering::Relaxed);
-        in_flight.spawn(async move {
-            let started = Instant::now();
-            let response = host
-                .client
-                .post(format!("{}/v1/stores/{}/events", host.url, store.id()))
-                .bearer_auth(TOKEN)
-                .json(&json!({"type": "kv.put", "payload": {"key": format!("k{n}"), "value": n}}))
-                .send()
-                .await;
-            let seq = match response {
-                Ok(r) if r.status().as_u16() == 202 => r
-                    .json::<serde_json::Value>()
-                    .await
-                    .ok()
-                    .and_then(|b| b["seq"].as_u64()),
-                _ => None,
-            };
-            let Some(seq) = seq else {
-                failed.fetch_add(1, Ordering::Relaxed);
-                return;
-            };
-            if store.wait_processed(seq, Duration::from_secs(30)).await {
-                latencies
+    for window in 0..windows {
+        let beside = window % 2 == 1;
+        flooding.store(beside, Ordering::Relaxed);
+        for store in &hostile {
+            // Queued behind a call in progress, if any: that call is what `SETTLE` waits out.
+            let _ = store.set_paused(!beside).await;
+        }
+        let started = Instant::now();
+        while started.elapsed() < WINDOW {
+            ticker.tick().await;
+            let counted = started.elapsed() >= SETTLE;
+            let store: Store = good[n % GOOD_STORES].clone();
+            n += 1;
+            let (host, outcomes) = (host.clone(), outcomes.clone());
+            in_flight.spawn(async move {
+                let latency = send_one(&host, &store, n).await;
+                if !counted {
+                    return;
+                }
+                let mut outcomes = outcomes
                     .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(started.elapsed());
-            } else {
-                lost.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let outcome = &mut outcomes[usize::from(beside)];
+                outcome.sent += 1;
+                match latency {
+                    Sent::Processed(latency) => outcome.latencies.push(latency),
+                    Sent::Refused => outcome.failed += 1,
+                    Sent::Lost => outcome.lost += 1,
+                }
+            });
+        }
     }
     while in_flight.join_next().await.is_some() {}
     stop.store(true, Ordering::Relaxed);
     for task in troublemakers {
         let _ = task.await;
     }
-    // An event the plugin failed on counts as failed, not as processed.
-    for store in &good {
-        failed.fetch_add(store.status().errors_count, Ordering::Relaxed);
-    }
-    let latencies = std::mem::take(
-        &mut *latencies
+    let mut outcomes = std::mem::take(
+        &mut *outcomes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
-    Outcome {
-        latencies,
-        lost: lost.load(Ordering::Relaxed),
-        failed: failed.load(Ordering::Relaxed),
+    // An event the plugin failed on counts as failed, not as processed (in either condition:
+    // a store's error count does not say when).
+    let errors: u64 = good.iter().map(|store| store.status().errors_count).sum();
+    outcomes[1].failed += errors;
+    outcomes
+}
+
+enum Sent {
+    Processed(Duration),
+    Refused,
+    Lost,
+}
+
+/// Appends one event to `store` over HTTP and waits until it is processed.
+async fn send_one(host: &TestHost, store: &Store, n: usize) -> Sent {
+    let started = Instant::now();
+    let response = host
+        .client
+        .post(format!("{}/v1/stores/{}/events", host.url, store.id()))
+        .bearer_auth(TOKEN)
+        .json(&json!({"type": "kv.put", "payload": {"key": format!("k{n}"), "value": n}}))
+        .send()
+        .await;
+    let seq = match response {
+        Ok(r) if r.status().as_u16() == 202 => r
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|b| b["seq"].as_u64()),
+        _ => None,
+    };
+    let Some(seq) = seq else {
+        return Sent::Refused;
+    };
+    if store.wait_processed(seq, Duration::from_secs(30)).await {
+        Sent::Processed(started.elapsed())
+    } else {
+        Sent::Lost
     }
 }
 
-/// Ten hostile stores, kept busy until `stop`: 3 spinning, 3 memory-hungry, 2 SQL bombs, and 2
-/// well-behaved stores flooded far over their ingress rate.
+/// Ten hostile stores, kept busy until `stop`: 3 spinning, 3 memory-hungry, 2 SQL bombs (the
+/// stores answered, to be paused and resumed), and 2 well-behaved stores flooded far over their
+/// ingress rate while `flooding`.
 async fn start_hostile(
     host: &Arc<TestHost>,
     stop: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<()>> {
+    flooding: Arc<AtomicBool>,
+) -> (Vec<Store>, Vec<tokio::task::JoinHandle<()>>) {
     host.deploy("spin", programs::SPIN).await;
     host.deploy("memory_hog", programs::MEMORY_HOG).await;
     host.deploy("sql_bomb", programs::SQL_BOMB).await;
@@ -219,10 +257,14 @@ async fn start_hostile(
         let id = format!("flooded-{i}");
         host.add_store_with(&id, "writer", &[], flood_quotas.clone())
             .await;
-        let (host, stop) = (host.clone(), stop.clone());
+        let (host, stop, flooding) = (host.clone(), stop.clone(), flooding.clone());
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
+                if !flooding.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
                 n += 1;
                 let _ = host
                     .client
@@ -236,13 +278,15 @@ async fn start_hostile(
             }
         }));
     }
+    let mut stores = Vec::new();
     for (id, event, payload) in misbehaving {
-        let (host, stop) = (host.clone(), stop.clone());
+        let stop = stop.clone();
         let store = host
             .orchestrator
             .get(&StoreId::new(&id).expect("valid id"))
             .await
             .expect("running");
+        stores.push(store.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 // Keep a few hostile events queued at all times.
@@ -263,5 +307,5 @@ async fn start_hostile(
             }
         }));
     }
-    tasks
+    (stores, tasks)
 }

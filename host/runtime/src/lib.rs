@@ -24,6 +24,6 @@ pub mod llm {
 pub use failure::{FailureReason, InvocationError};
 pub use host::{HostCapabilities, LlmFuture, LogLevel};
 pub use plugin::{Plugin, PluginError};
-pub use runtime::{Runtime, RuntimeOptions};
+pub use runtime::{DEMOTED_NICE, Runtime, RuntimeOptions};
 pub use sandbox::{Limits, Sandbox, SandboxOptions, Usage};
 pub use scheduler::Priority;

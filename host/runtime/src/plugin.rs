@@ -35,6 +35,7 @@ pub struct Plugin<H: HostCapabilities> {
     pub(crate) scheduler: Arc<crate::scheduler::SlotScheduler>,
     pub(crate) ticker: Arc<crate::runtime::EpochTicker>,
     guests: tokio::runtime::Handle,
+    demoted: tokio::runtime::Handle,
     pub(crate) pre: PluginPre<InstanceState<H>>,
 }
 
@@ -68,6 +69,7 @@ impl<H: HostCapabilities> Plugin<H> {
             scheduler: runtime.scheduler.clone(),
             ticker: runtime.ticker.clone(),
             guests: runtime.guests.handle().clone(),
+            demoted: runtime.guests.demoted().clone(),
             pre,
         }))
     }
@@ -75,6 +77,11 @@ impl<H: HostCapabilities> Plugin<H> {
     /// The threads stores of this runtime run on (see [`Runtime::guest_executor`]).
     pub fn guest_executor(&self) -> &tokio::runtime::Handle {
         &self.guests
+    }
+
+    /// The threads demoted stores' calls run on (see [`Runtime::demoted_executor`]).
+    pub fn demoted_executor(&self) -> &tokio::runtime::Handle {
+        &self.demoted
     }
 
     /// The SHA-256 of the component's bytes, hex-encoded.

@@ -133,6 +133,12 @@ impl<H: HostCapabilities> Runtime<H> {
         self.guests.handle()
     }
 
+    /// Where the calls of demoted stores run: threads with the least CPU priority (see
+    /// [`DEMOTED_NICE`]).
+    pub fn demoted_executor(&self) -> &tokio::runtime::Handle {
+        self.guests.demoted()
+    }
+
     /// Whether the epoch ticker thread is alive (it only stops when the runtime is dropped).
     pub fn ticker_running(&self) -> bool {
         self.ticker
@@ -148,10 +154,21 @@ impl<H: HostCapabilities> Runtime<H> {
 /// holding the thread it runs on. On threads of their own, such statements can never stall
 /// the API, and there are always threads left for stores that are not in a guest call: one
 /// per invocation slot (a slot is held for the whole statement) plus spares.
+///
+/// Calls of demoted stores (whose last call breached a quota or trapped) run on a second set of
+/// threads with the lowest CPU priority ([`DEMOTED_NICE`]): when stores in good standing, or
+/// the API, want a core, the OS gives it to them within its own scheduling tick, whatever the
+/// demoted guest is doing — spinning between epoch ticks, growing memory, or deep in a SQL
+/// statement that cannot be time-sliced. On an idle machine demoted calls still run at full
+/// speed.
 pub(crate) struct GuestExecutor {
-    runtime: Option<tokio::runtime::Runtime>,
+    runtimes: Vec<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
+    demoted: tokio::runtime::Handle,
 }
+
+/// The nice value of the threads demoted stores run on (19: the least CPU share).
+pub const DEMOTED_NICE: i32 = 19;
 
 impl GuestExecutor {
     fn start(slots: usize) -> std::io::Result<Self> {
@@ -160,15 +177,42 @@ impl GuestExecutor {
             .thread_name("storehost-store")
             .enable_all()
             .build()?;
-        let handle = runtime.handle().clone();
+        // Demoted calls hold at most all slots but one, each on its thread during a statement.
+        let demoted = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(slots.max(1) + 1)
+            .thread_name("storehost-demoted")
+            .on_thread_start(lower_priority)
+            .enable_all()
+            .build()?;
         Ok(Self {
-            runtime: Some(runtime),
-            handle,
+            handle: runtime.handle().clone(),
+            demoted: demoted.handle().clone(),
+            runtimes: vec![runtime, demoted],
         })
     }
 
     pub(crate) fn handle(&self) -> &tokio::runtime::Handle {
         &self.handle
+    }
+
+    pub(crate) fn demoted(&self) -> &tokio::runtime::Handle {
+        &self.demoted
+    }
+}
+
+/// Gives the calling thread the least CPU share. Raising a nice value needs no privilege; if
+/// the OS refuses anyway, demoted calls run at normal priority (still behind stores in good
+/// standing for slots) and the host says so once.
+fn lower_priority() {
+    let tid = rustix::thread::gettid();
+    if let Err(err) = rustix::process::setpriority_process(Some(tid), DEMOTED_NICE) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "could not lower the CPU priority of the threads demoted stores run on ({err}); \
+                 they compete with stores in good standing for the CPU"
+            );
+        });
     }
 }
 
@@ -176,7 +220,7 @@ impl Drop for GuestExecutor {
     fn drop(&mut self) {
         // Stores still running are cut off at their next await; never block (the runtime may
         // be dropped from async code).
-        if let Some(runtime) = self.runtime.take() {
+        for runtime in self.runtimes.drain(..) {
             runtime.shutdown_background();
         }
     }
@@ -213,5 +257,31 @@ impl Drop for EpochTicker {
         if let Some(handle) = self.handle.take() {
             let _ = handle.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own_nice() -> i32 {
+        rustix::process::getpriority_process(Some(rustix::thread::gettid()))
+            .expect("getpriority on the calling thread")
+    }
+
+    #[tokio::test]
+    async fn demoted_stores_run_on_threads_with_the_least_cpu_priority() {
+        let executor = GuestExecutor::start(2).unwrap();
+        let ordinary = executor.handle().spawn(async { own_nice() }).await.unwrap();
+        let demoted = executor
+            .demoted()
+            .spawn(async { own_nice() })
+            .await
+            .unwrap();
+        assert_eq!(demoted, DEMOTED_NICE);
+        assert!(
+            ordinary < demoted,
+            "stores in good standing keep the host's priority ({ordinary})"
+        );
     }
 }

@@ -166,7 +166,7 @@ impl<H: HostCapabilities> Sandbox<H> {
             }
             // Yield every tick so a spinning guest never starves other tasks on this worker; when
             // other guests wait for a slot, give ours up and queue again (round-robin slices).
-            if !ticks_scheduler.has_waiters() {
+            if !ticks_scheduler.has_waiters_as(priority) {
                 return Ok(UpdateDeadline::YieldCustom(
                     1,
                     Box::pin(tokio::task::yield_now()),

@@ -1,11 +1,17 @@
 //! Invocation slots: how many guests run at once, host-wide, and who runs next.
 //!
 //! A guest holds a slot while it runs. A running guest gives its slot up at every epoch tick
-//! (1 ms) when someone is waiting, then queues again: time slices. Two queues decide who runs
-//! next, as in a multi-level feedback queue: calls that are just starting go before guests
-//! coming back for another slice, so a store whose events take microseconds never waits
-//! behind stores that spin for their whole CPU quota. A guest that has waited longer than
+//! (1 ms) when someone of its class is waiting, then queues again: time slices. Two queues
+//! decide who runs next, as in a multi-level feedback queue: calls that are just starting go
+//! before guests coming back for another slice, so a store whose events take microseconds never
+//! waits behind stores that spin for their whole CPU quota. A guest that has waited longer than
 //! [`AGING`] for its next slice goes first, so long calls still progress under any load.
+//!
+//! Stores in good standing ([`Priority::Normal`]) have all the slots to themselves. Demoted
+//! stores ([`Priority::Low`]) have slots of their own, one fewer, and run on threads with the
+//! least CPU priority (`runtime::GuestExecutor`): the OS hands the cores to stores in good
+//! standing whenever they want them, so a demoted guest that is not getting the CPU must not
+//! hold a slot anyone in good standing waits for.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,7 +22,10 @@ use tokio::sync::oneshot;
 /// The host-wide set of invocation slots.
 #[derive(Debug)]
 pub struct SlotScheduler {
-    inner: Mutex<Inner>,
+    /// The slots of stores in good standing, and those of demoted stores. Apart, so the
+    /// threads of demoted stores never take a lock that stores in good standing wait on: those
+    /// threads run at the least CPU priority and may be kept off the CPU for long stretches.
+    classes: [Mutex<Class>; 2],
 }
 
 /// How long a guest waiting for its next slice may be passed over by starting calls.
@@ -27,56 +36,63 @@ pub const AGING: Duration = Duration::from_millis(20);
 pub enum Priority {
     /// A store in good standing.
     Normal,
-    /// A store whose last invocation breached a quota or trapped: such stores together hold
-    /// at most all slots but one, so stores in good standing always have a slot to run in.
+    /// A store whose last invocation breached a quota or trapped: such stores share slots of
+    /// their own (one fewer than stores in good standing have) on low-priority threads.
     Low,
+}
+
+impl Priority {
+    fn index(self) -> usize {
+        match self {
+            Priority::Normal => 0,
+            Priority::Low => 1,
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Waiter {
     since: Instant,
-    priority: Priority,
     sender: oneshot::Sender<Slot>,
 }
 
+/// The slots of one priority.
 #[derive(Debug)]
-struct Inner {
+struct Class {
     total: usize,
-    free: usize,
-    /// Slots held by low-priority guests.
-    low_running: usize,
+    running: usize,
     /// Calls about to start.
     starting: VecDeque<Waiter>,
     /// Guests that gave their slot up mid-call.
     resuming: VecDeque<Waiter>,
 }
 
-impl Inner {
+impl Class {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            running: 0,
+            starting: VecDeque::new(),
+            resuming: VecDeque::new(),
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.starting.is_empty() && self.resuming.is_empty()
     }
 
-    fn may_run(&self, priority: Priority) -> bool {
-        priority == Priority::Normal || self.total <= 1 || self.low_running < self.total - 1
-    }
-
-    /// The next waiter allowed to run: an aged resuming guest, else a starting call, else a
-    /// resuming guest.
+    /// The next waiter: an aged resuming guest, else a starting call, else a resuming guest.
     fn next(&mut self) -> Option<Waiter> {
-        let low_ok = self.may_run(Priority::Low);
-        let eligible = |w: &Waiter| low_ok || w.priority == Priority::Normal;
-        if let Some(i) = self
+        if self
             .resuming
-            .iter()
-            .position(|w| eligible(w) && w.since.elapsed() >= AGING)
+            .front()
+            .is_some_and(|w| w.since.elapsed() >= AGING)
         {
-            return self.resuming.remove(i);
+            return self.resuming.pop_front();
         }
-        if let Some(i) = self.starting.iter().position(eligible) {
-            return self.starting.remove(i);
-        }
-        let i = self.resuming.iter().position(eligible)?;
-        self.resuming.remove(i)
+        self.starting
+            .pop_front()
+            .or_else(|| self.resuming.pop_front())
     }
 }
 
@@ -89,21 +105,20 @@ pub struct Slot {
 }
 
 impl SlotScheduler {
-    /// A scheduler with `slots` slots (at least one).
+    /// A scheduler with `slots` slots for stores in good standing (at least one), and one
+    /// fewer (at least one) for demoted stores.
     pub fn new(slots: usize) -> Arc<Self> {
+        let slots = slots.max(1);
         Arc::new(Self {
-            inner: Mutex::new(Inner {
-                total: slots.max(1),
-                free: slots.max(1),
-                low_running: 0,
-                starting: VecDeque::new(),
-                resuming: VecDeque::new(),
-            }),
+            classes: [
+                Mutex::new(Class::new(slots)),
+                Mutex::new(Class::new(slots.saturating_sub(1).max(1))),
+            ],
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner
+    fn lock(&self, priority: Priority) -> MutexGuard<'_, Class> {
+        self.classes[priority.index()]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -131,12 +146,9 @@ impl SlotScheduler {
 
     async fn wait_for_slot(self: &Arc<Self>, resuming: bool, priority: Priority) -> Slot {
         let receiver = {
-            let mut inner = self.lock();
-            if inner.free > 0 && inner.is_empty() && inner.may_run(priority) {
-                inner.free -= 1;
-                if priority == Priority::Low {
-                    inner.low_running += 1;
-                }
+            let mut class = self.lock(priority);
+            if class.running < class.total && class.is_empty() {
+                class.running += 1;
                 return Slot {
                     scheduler: self.clone(),
                     priority,
@@ -146,15 +158,14 @@ impl SlotScheduler {
             let (sender, receiver) = oneshot::channel();
             let waiter = Waiter {
                 since: Instant::now(),
-                priority,
                 sender,
             };
             if resuming {
-                inner.resuming.push_back(waiter);
+                class.resuming.push_back(waiter);
             } else {
-                inner.starting.push_back(waiter);
+                class.starting.push_back(waiter);
             }
-            self.dispatch(&mut inner);
+            self.dispatch(priority, &mut class);
             receiver
         };
         match receiver.await {
@@ -165,54 +176,52 @@ impl SlotScheduler {
         }
     }
 
-    /// Whether anyone waits for a slot (a running guest then yields its slot at the next tick).
-    pub fn has_waiters(&self) -> bool {
-        !self.lock().is_empty()
+    /// Whether a guest of class `priority` waits for a slot (a running guest of that class
+    /// then yields its slot at the next tick).
+    pub fn has_waiters_as(&self, priority: Priority) -> bool {
+        !self.lock(priority).is_empty()
     }
 
-    /// How many wait for a slot.
+    /// How many wait for a slot, of either class.
     pub fn waiting(&self) -> usize {
-        let inner = self.lock();
-        inner.starting.len() + inner.resuming.len()
+        [Priority::Normal, Priority::Low]
+            .into_iter()
+            .map(|p| {
+                let class = self.lock(p);
+                class.starting.len() + class.resuming.len()
+            })
+            .sum()
     }
 
-    /// Slots free right now.
+    /// Slots free for stores in good standing right now.
     pub fn free(&self) -> usize {
-        self.lock().free
+        let class = self.lock(Priority::Normal);
+        class.total - class.running
     }
 
-    /// Hands free slots to waiters allowed to run.
-    fn dispatch(self: &Arc<Self>, inner: &mut Inner) {
-        while inner.free > 0 {
-            let Some(waiter) = inner.next() else { return };
-            inner.free -= 1;
-            if waiter.priority == Priority::Low {
-                inner.low_running += 1;
-            }
+    /// Hands free slots of `priority` to its waiters.
+    fn dispatch(self: &Arc<Self>, priority: Priority, class: &mut Class) {
+        while class.running < class.total {
+            let Some(waiter) = class.next() else { return };
+            class.running += 1;
             let slot = Slot {
                 scheduler: self.clone(),
-                priority: waiter.priority,
+                priority,
                 armed: true,
             };
             if let Err(mut unclaimed) = waiter.sender.send(slot) {
                 // That waiter gave up (its call was cancelled): take the slot back without
                 // releasing it through its drop.
                 unclaimed.armed = false;
-                inner.free += 1;
-                if unclaimed.priority == Priority::Low {
-                    inner.low_running -= 1;
-                }
+                class.running -= 1;
             }
         }
     }
 
     fn release(self: &Arc<Self>, priority: Priority) {
-        let mut inner = self.lock();
-        inner.free += 1;
-        if priority == Priority::Low {
-            inner.low_running -= 1;
-        }
-        self.dispatch(&mut inner);
+        let mut class = self.lock(priority);
+        class.running -= 1;
+        self.dispatch(priority, &mut class);
     }
 }
 
@@ -272,7 +281,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn low_priority_guests_never_hold_the_last_slot() {
+    async fn demoted_guests_never_take_a_slot_from_stores_in_good_standing() {
         let scheduler = SlotScheduler::new(2);
         let low = scheduler.acquire_as(Priority::Low).await;
         let s = scheduler.clone();
@@ -280,21 +289,30 @@ mod tests {
         while scheduler.waiting() < 1 {
             tokio::task::yield_now().await;
         }
+        assert!(scheduler.has_waiters_as(Priority::Low));
+        assert!(!scheduler.has_waiters_as(Priority::Normal));
         assert_eq!(
             scheduler.free(),
-            1,
-            "a slot stays free for stores in good standing"
+            2,
+            "demoted guests hold slots of their own"
         );
-        let normal = scheduler.acquire().await;
-        assert_eq!(scheduler.free(), 0);
-        drop(normal);
+        let first = scheduler.acquire().await;
+        let second = scheduler.acquire().await;
+        assert_eq!(
+            scheduler.free(),
+            0,
+            "both slots went to stores in good standing"
+        );
         assert!(
             !second_low.is_finished(),
-            "still only one low-priority guest at a time"
+            "demoted stores have one slot fewer: still one at a time"
         );
+        drop((first, second));
+        assert!(!second_low.is_finished());
         drop(low);
         drop(second_low.await.unwrap());
         assert_eq!(scheduler.free(), 2);
+        assert_eq!(scheduler.waiting(), 0);
     }
 
     #[tokio::test]

@@ -87,6 +87,7 @@ pub(crate) struct DbFile {
 }
 
 /// What one invocation delivers to the guest.
+#[derive(Clone)]
 enum Call {
     Event(Event),
     Task(TaskRun),
@@ -813,12 +814,18 @@ impl Actor {
         let cpu_before = sandbox.usage().cpu_ms;
         lock(&db).enter_guest(true, guest_db::statement_budget(cpu_ms));
         let started = Instant::now();
-        let result = match call {
-            Call::Event(event) => sandbox.handle_event(event).await,
-            Call::Task(task) => sandbox.run_task(task).await,
+        let result = if priority == Priority::Low {
+            self.call_demoted(call).await
+        } else {
+            call_sandbox(sandbox, call).await
         };
         metrics.observe_invocation(started.elapsed());
         lock(&db).leave_guest();
+        let Some(sandbox) = self.sandbox.as_mut() else {
+            // The demoted call's task died with the sandbox (a panic in the host): the next
+            // call instantiates a fresh one.
+            return result.map(|()| Vec::new());
+        };
         let emitted = sandbox.host_mut().take_emitted();
         for _ in 0..sandbox.host_mut().take_llm_calls() {
             metrics.add_llm_call();
@@ -835,6 +842,33 @@ impl Actor {
             .as_ref()
             .is_err_and(|err| err.reason != FailureReason::PluginError);
         result.map(|()| emitted)
+    }
+
+    /// Runs `call` on the threads with the least CPU priority (see
+    /// `storehost_runtime::DEMOTED_NICE`), so a demoted store's guest code and SQL give way to
+    /// stores in good standing and to the API. The sandbox travels with the call and comes back.
+    async fn call_demoted(&mut self, call: &Call) -> Result<(), InvocationError> {
+        let Some(mut sandbox) = self.sandbox.take() else {
+            return Err(InvocationError::new(
+                FailureReason::HostError,
+                "sandbox missing before a demoted call",
+            ));
+        };
+        let call = call.clone();
+        let mut task = AbortOnDrop(self.settings.plugin.demoted_executor().spawn(async move {
+            let result = call_sandbox(&mut sandbox, &call).await;
+            (sandbox, result)
+        }));
+        match (&mut task.0).await {
+            Ok((sandbox, result)) => {
+                self.sandbox = Some(sandbox);
+                result
+            }
+            Err(err) => Err(InvocationError::new(
+                FailureReason::HostError,
+                format!("the demoted call's task ended without an answer: {err}"),
+            )),
+        }
     }
 
     fn commit(
@@ -1078,6 +1112,25 @@ impl CpuBudget {
 }
 
 /// Sleeps for `duration`, or forever when there is none.
+async fn call_sandbox(
+    sandbox: &mut Sandbox<StoreCapabilities>,
+    call: &Call,
+) -> Result<(), InvocationError> {
+    match call {
+        Call::Event(event) => sandbox.handle_event(event).await,
+        Call::Task(task) => sandbox.run_task(task).await,
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped (the store stopped mid-call).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn sleep_or_forever(duration: Option<Duration>) {
     match duration {
         Some(duration) => tokio::time::sleep(duration).await,
