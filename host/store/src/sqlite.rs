@@ -23,24 +23,30 @@ const WAL_SIZE_LIMIT: &str = "4194304";
 /// Opens (creating if needed) a database file in WAL mode with the durability asked for, and
 /// runs `schema` (statements that are no-ops when the tables exist) before it returns.
 ///
-/// A new file under [`Durability::Process`] is created without fsyncs (`synchronous=OFF` until
-/// `schema` has run): a process crash never loses written pages, and a power loss before the
-/// first checkpoint leaves at worst torn WAL frames, which SQLite's checksums discard, so the
-/// file opens empty and `schema` creates it again. The fsyncs of creating the WAL were most of
-/// a new store's cost.
+/// Under [`Durability::Process`], a file that is new or whose WAL is empty (a store waking from
+/// hibernation: closing checkpointed the WAL into the database, fsynced it, and truncated the
+/// WAL) opens without fsyncs (`synchronous=OFF` until `schema` has run and the WAL has its
+/// header, see [`start_wal`]). Only the WAL's header would be synced: SQLite fsyncs it whenever
+/// it starts a WAL, which under `NORMAL` is the only fsync outside checkpoints, and it was most
+/// of the cost of creating a store and of its first commit after a wake (measured here: first
+/// commit after reopening p50 0.39–0.46 ms with it, 0.02 ms without). It guards against a
+/// restarted WAL's frames reaching the disk out of order with frames of the WAL before it; an
+/// empty WAL has none. A process crash never loses written pages; a power loss before the next
+/// checkpoint leaves at worst torn frames, which SQLite's checksums discard.
 pub(crate) fn open(
     path: &Path,
     durability: Durability,
     schema: &str,
 ) -> rusqlite::Result<Connection> {
     let new = !path.exists();
+    let wal_empty = std::fs::metadata(wal_path(path)).map_or(true, |m| m.len() == 0);
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     let synchronous = match durability {
         Durability::Process => "NORMAL",
         Durability::Power => "FULL",
     };
-    let unsynced = new && durability == Durability::Process;
+    let unsynced = (new || wal_empty) && durability == Durability::Process;
     conn.pragma_update(
         None,
         "synchronous",
@@ -54,9 +60,24 @@ pub(crate) fn open(
         conn.execute_batch(schema)?;
     }
     if unsynced {
+        start_wal(&conn)?;
         conn.pragma_update(None, "synchronous", synchronous)?;
     }
     Ok(conn)
+}
+
+fn wal_path(path: &Path) -> std::path::PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
+}
+
+/// Makes SQLite start the WAL now, writing its header (a commit that rewrites the header's
+/// `user_version` with its own value: one frame, nothing changed), so the first real commit
+/// appends to a WAL that is already started and does not sync its header.
+fn start_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    conn.pragma_update(None, "user_version", version)
 }
 
 /// Keeps the `-wal` and `-shm` files when the connection is the last to close (SQLite's
@@ -198,6 +219,43 @@ mod tests {
             .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
             .unwrap();
         assert_eq!(rows, 1, "the row was checkpointed into the database");
+    }
+
+    #[test]
+    fn reopening_with_an_empty_wal_starts_it_before_the_first_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let wal = dir.path().join("x.db-wal");
+        let conn = open(&path, Durability::Process, "CREATE TABLE t (v)").unwrap();
+        conn.pragma_update(None, "user_version", 7).unwrap();
+        conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        drop(conn);
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+
+        let conn = open(&path, Durability::Process, "").unwrap();
+        assert!(
+            std::fs::metadata(&wal).unwrap().len() > 0,
+            "the WAL was started (header written, unsynced) while opening"
+        );
+        assert_eq!(
+            synchronous(&conn),
+            1,
+            "back to NORMAL for every later commit"
+        );
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, 7, "starting the WAL changed nothing");
+        conn.execute("INSERT INTO t VALUES (2)", []).unwrap();
+        drop(conn);
+
+        // Under power durability the WAL is started by the first commit, with its fsync.
+        let conn = open(&path, Durability::Power, "").unwrap();
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(rows, 2);
     }
 
     #[test]
