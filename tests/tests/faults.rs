@@ -4,7 +4,8 @@
 //! config file deleted or replaced by something unreadable keeps the last good config running
 //! and `/health` says why; a plugin file truncated on disk keeps the previous version; a store
 //! whose database file is broken fails at start while the other stores run (real binary); a
-//! store out of disk fails cleanly and recovers when space returns.
+//! store out of disk (its quota, or a real filesystem that fills up) fails cleanly and recovers
+//! when space returns.
 //!
 //! (The registry returning 5xx, the LLM hanging, and junk written over a plugin file are in
 //! reconciler.rs, agent.rs and config_reload.rs.)
@@ -679,15 +680,210 @@ async fn a_store_out_of_disk_fails_cleanly_and_recovers_when_space_returns() {
     assert_eq!(stored["kv"], 41, "{stored}");
     assert_eq!(stored["applied"], 41, "each event applied exactly once");
 
-    let db = rusqlite::Connection::open_with_flags(
-        host.data_dir.join("stores/cramped/store.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let check: String = db
-        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+    assert_intact(&host.data_dir.join("stores/cramped"));
+}
+
+/// A store whose directory sits on a filesystem that fills up (a real tmpfs of 1 MiB mounted
+/// over it, not its quota): appends it cannot keep are refused with 507 `disk_full`, and when
+/// only `store.db` has no room its events fail as `disk_full`; every acknowledged event stays
+/// in its log, and a neighbour on the ordinary disk goes on. Once space returns its dead
+/// letters retry, every acknowledged event is applied exactly once, and both its databases
+/// check out intact.
+/// Needs the right to mount (root in CI); elsewhere it says it was skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_on_a_full_filesystem_fails_cleanly_and_recovers_when_space_returns() {
+    let mut options = TestHostOptions::default();
+    options.retry.breaker_failures = 4;
+    options.retry.breaker_base_delay = Duration::from_millis(200);
+    options.retry.breaker_max_delay = Duration::from_millis(800);
+    let host = TestHost::start_with(options).await;
+    let dir = host.data_dir.join("stores/full");
+    std::fs::create_dir_all(&dir).unwrap();
+    let Some(small) = Tmpfs::mount(&dir, "1m") else {
+        eprintln!("skipped: could not mount a tmpfs (needs root or CAP_SYS_ADMIN)");
+        return;
+    };
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("full", "writer", &[]).await;
+    host.add_store("roomy", "writer", &[]).await;
+
+    // 16 KiB values go into the log and again into the store's table: 1 MiB is soon full.
+    let filler = "x".repeat(16 << 10);
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for i in 0..120 {
+        let (code, body) = host
+            .post(
+                "/v1/stores/full/events",
+                json!({"type": "kv.put", "payload": {"key": format!("big{i}"), "value": filler}}),
+            )
+            .await;
+        match code {
+            202 => acknowledged.push(body["seq"].as_u64().unwrap()),
+            507 => {
+                assert_eq!(body["error"]["code"], "disk_full", "{body}");
+                refused += 1;
+            }
+            other => panic!("append {i}: {other} {body}"),
+        }
+        host.append(
+            "roomy",
+            "kv.put",
+            json!({"key": format!("k{i}"), "value": i}),
+        )
+        .await;
+    }
+    host.settle("roomy").await;
+    assert_eq!(host.query("roomy", "count", json!({})).await["kv"], 120);
+    let status = host.wait_for_status("full", |s| s["lag"] == 0).await;
+    assert!(
+        refused > 0,
+        "the filesystem filled up under the log: {refused} appends refused"
+    );
+    assert_eq!(
+        status["lag"], 0,
+        "what the log took was processed: {status}"
+    );
+    assert_eq!(
+        logged_seqs(&host, "full").await,
+        acknowledged,
+        "every acknowledged event is in the log, once"
+    );
+
+    // Now the log has room and `store.db` has none: events are taken while the store is
+    // paused, then a file takes the rest of the filesystem, then the store resumes.
+    small.resize("4m");
+    assert_eq!(host.post("/v1/stores/full/pause", json!({})).await.0, 200);
+    for i in 0..10 {
+        let seq = host
+            .append(
+                "full",
+                "kv.put",
+                json!({"key": format!("late{i}"), "value": filler}),
+            )
+            .await;
+        acknowledged.push(seq);
+    }
+    let hog = fill(&dir.join("files/hog"));
+    assert_eq!(host.post("/v1/stores/full/resume", json!({})).await.0, 200);
+    let status = host
+        .wait_for_status("full", |s| s["lastFailure"]["reason"] == "disk_full")
+        .await;
+    assert!(
+        status["cursor"].as_u64() < acknowledged.last().copied(),
+        "{status}"
+    );
+
+    // Space returns: the store goes on and its dead letters retry into place.
+    std::fs::remove_file(hog).unwrap();
+    host.append("full", "kv.put", json!({"key": "after", "value": 1}))
+        .await;
+    host.settle("full").await;
+    let (_, letters) = host.get("/v1/stores/full/dead-letters").await;
+    for letter in letters["deadLetters"].as_array().unwrap() {
+        assert_eq!(letter["reason"], "disk_full", "{letter}");
+        let seq = letter["seq"].as_u64().unwrap();
+        let (code, body) = host
+            .post(
+                &format!("/v1/stores/full/dead-letters/{seq}/retry"),
+                json!({}),
+            )
+            .await;
+        assert_eq!(code, 200, "retry of {seq}: {body}");
+    }
+    host.settle("full").await;
+    let stored = host.query("full", "count", json!({})).await;
+    let expected = acknowledged.len() + 1;
+    assert_eq!(
+        stored["applied"], expected,
+        "each acknowledged event applied once: {stored}"
+    );
+    assert_eq!(logged_seqs(&host, "full").await.len(), expected);
+    assert_intact(&dir);
+}
+
+/// Both databases in the store directory `dir` pass SQLite's `integrity_check`.
+fn assert_intact(dir: &Path) {
+    for file in ["events.db", "store.db"] {
+        let db = rusqlite::Connection::open_with_flags(
+            dir.join(file),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
         .unwrap();
-    assert_eq!(check, "ok");
+        let check: String = db
+            .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(check, "ok", "{file}");
+    }
+}
+
+/// The `seq` of every event in `store`'s log.
+async fn logged_seqs(host: &TestHost, store: &str) -> Vec<u64> {
+    let (_, log) = host
+        .get(&format!("/v1/stores/{store}/events?after=0&limit=1000"))
+        .await;
+    log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect()
+}
+
+/// Writes `path` until its filesystem is full; answers the path.
+fn fill(path: &Path) -> PathBuf {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 64 << 10];
+    loop {
+        match file.write(&block) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(err) if err.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(err) => panic!("filling {}: {err}", path.display()),
+        }
+    }
+    let _ = file.flush();
+    path.to_owned()
+}
+
+/// A tmpfs of a given size mounted over a directory; unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Self> {
+        let mounted = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "storehost-test",
+            ])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        mounted.then(|| Self(dir.to_owned()))
+    }
+
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
 }
 
 /// Sets or clears the immutable attribute (`chattr +i` / `-i`) on the files in `dir` — a broken
@@ -791,15 +987,5 @@ async fn a_store_whose_files_become_unwritable_refuses_appends_and_recovers_when
         host.query("locked", "get", json!({"key": "refused"})).await["value"],
         Value::Null
     );
-    for file in ["events.db", "store.db"] {
-        let db = rusqlite::Connection::open_with_flags(
-            dir.join(file),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        let check: String = db
-            .query_row("PRAGMA integrity_check", [], |row| row.get(0))
-            .unwrap();
-        assert_eq!(check, "ok", "{file}");
-    }
+    assert_intact(&dir);
 }

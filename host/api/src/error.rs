@@ -117,6 +117,15 @@ impl From<StoreError> for ApiError {
                 "dead_letter_not_found",
                 err.to_string(),
             ),
+            StoreError::Storage(_) if err.is_disk_full() => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "disk_full",
+                format!(
+                    "the store's disk is full, nothing was kept ({err}); free space on the \
+                         filesystem of its data directory, then send it again"
+                ),
+            )
+            .retry_after(5),
             other => Self::internal(other),
         }
     }

@@ -640,4 +640,11 @@ impl StoreError {
             _ => None,
         }
     }
+
+    /// Whether the store's own files could not be written because their disk is full (the
+    /// filesystem, not the `disk` quota, which guest writes meet as `disk_full` failures).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Storage(err)
+            if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
+    }
 }
