@@ -75,8 +75,9 @@ pub(crate) struct Actor {
     breaker_trips: u32,
     /// The earliest due time of the store's schedules (ms since the Unix epoch).
     next_due: Option<i64>,
-    /// Whether the last invocation breached a quota or trapped: the store then queues for
-    /// invocation slots at low priority until one succeeds.
+    /// Whether the last invocation breached a quota or trapped: the store is then demoted
+    /// until one succeeds, its calls running in the demoted stores' slots on the threads with
+    /// the least CPU priority ([`Actor::call_demoted`]).
     penalized: bool,
 }
 
