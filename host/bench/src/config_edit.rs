@@ -4,14 +4,9 @@
 //! another without storehost.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use storehost_control::StoreSource;
-use storehost_control::config::{self, PluginSource};
-use storehost_control::watcher::{self, ConfigReloader};
-use storehost_tests::TestHost;
-use storehost_tests::control::ControlHostOptions;
+use storehost_tests::control::watched;
 use storehost_tests::programs;
 
 use crate::raw;
@@ -105,43 +100,8 @@ async fn measure() -> anyhow::Result<Duration> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("storehost.toml");
     std::fs::write(&path, config_text(std::iter::once("seed-store".to_owned())))?;
-    let config = config::load_file(&path).map_err(|err| anyhow::anyhow!("{err}"))?;
-    let mut reloader = None;
-    let host = TestHost::start_control(
-        ControlHostOptions {
-            max_stores: STORES + 100,
-            ..ControlHostOptions::default()
-        },
-        |orchestrator, state| {
-            let read_plugin: watcher::PluginReader = Arc::new(|_name, source| match source {
-                PluginSource::File(path) => std::fs::read(path),
-                PluginSource::Builtin => Err(std::io::ErrorKind::NotFound.into()),
-            });
-            reloader = Some(Arc::new(ConfigReloader::new(
-                &path,
-                config.clone(),
-                orchestrator.clone(),
-                read_plugin,
-                state.config_reload_listener(),
-            )));
-            state
-        },
-    )
-    .await;
-    for (name, source) in config.plugin_sources() {
-        if let PluginSource::File(plugin) = source {
-            host.orchestrator
-                .deploy_plugin(&name, std::fs::read(&plugin)?)
-                .await?;
-        }
-    }
-    for (id, spec) in config.store_specs() {
-        host.orchestrator
-            .ensure_running(&id, spec, StoreSource::Config)
-            .await?;
-    }
-    let reloader = reloader.ok_or_else(|| anyhow::anyhow!("the host was not configured"))?;
-    let _watch = watcher::watch(reloader)?;
+    let watched = watched(&path, STORES + 100).await;
+    let host = &watched.host;
     // Let the watch settle so the save below is its first event.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -162,6 +122,6 @@ async fn measure() -> anyhow::Result<Duration> {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let elapsed = started.elapsed();
-    host.stop().await;
+    watched.host.stop().await;
     Ok(elapsed)
 }
