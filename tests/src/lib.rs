@@ -2,6 +2,7 @@
 //! served on a real loopback port, and the real `storehost` binary as a child process.
 
 pub mod control;
+pub mod fs;
 pub mod process;
 
 use std::collections::BTreeMap;

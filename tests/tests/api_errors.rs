@@ -231,10 +231,23 @@ async fn stores_are_created_updated_and_removed_through_the_api() {
         .next()
         .unwrap()
         .unwrap();
-    assert!(
-        archive.path().join("events.db").exists(),
+    // Kept closed and compact: every WAL was checkpointed into its database when the store
+    // stopped, so the archive holds the databases alone, and they hold the data.
+    let mut kept: Vec<String> = std::fs::read_dir(archive.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        ["events.db", "files", "store.db"],
         "removed store's data is kept"
     );
+    let events = rusqlite::Connection::open(archive.path().join("events.db")).unwrap();
+    let logged: i64 = events
+        .query_row("SELECT count(*) FROM events", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(logged, 1, "the archived log holds the event");
     let (status, _) = host
         .call(reqwest::Method::DELETE, "/v1/stores/acme-1", None)
         .await;

@@ -24,6 +24,7 @@ use storehost_control::reconciler::{Reconciler, ReconcilerSettings};
 use storehost_llm::{LlmLimits, LlmService, OpenAiConfig, OpenAiProvider};
 use storehost_store::{LlmBackend, Quotas};
 use storehost_tests::control::{ControlHostOptions, eventually, watched};
+use storehost_tests::fs::{Tmpfs, fill};
 use storehost_tests::{TestHost, TestHostOptions, programs, writer_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -828,62 +829,6 @@ async fn logged_seqs(host: &TestHost, store: &str) -> Vec<u64> {
         .iter()
         .map(|e| e["seq"].as_u64().unwrap())
         .collect()
-}
-
-/// Writes `path` until its filesystem is full; answers the path.
-fn fill(path: &Path) -> PathBuf {
-    use std::io::Write;
-    let mut file = std::fs::File::create(path).unwrap();
-    let block = vec![0u8; 64 << 10];
-    loop {
-        match file.write(&block) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(err) if err.raw_os_error() == Some(28) => break, // ENOSPC
-            Err(err) => panic!("filling {}: {err}", path.display()),
-        }
-    }
-    let _ = file.flush();
-    path.to_owned()
-}
-
-/// A tmpfs of a given size mounted over a directory; unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Option<Self> {
-        let mounted = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "storehost-test",
-            ])
-            .arg(dir)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
-        mounted.then(|| Self(dir.to_owned()))
-    }
-
-    fn resize(&self, size: &str) {
-        let status = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .unwrap();
-        assert!(status.success(), "remount {}", self.0.display());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 /// Sets or clears the immutable attribute (`chattr +i` / `-i`) on the files in `dir` — a broken

@@ -675,3 +675,50 @@ async fn concurrent_deliveries_start_a_store_once() {
     );
     assert_eq!(summary["monitoredStoreIds"], json!(["ws-race"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_on_a_full_disk_is_507_disk_full_and_succeeds_once_space_returns() {
+    let data = tempfile::tempdir().unwrap();
+    let Some(_small) = storehost_tests::fs::Tmpfs::mount(data.path(), "16m") else {
+        eprintln!("skipped: could not mount a tmpfs (needs root or CAP_SYS_ADMIN)");
+        return;
+    };
+    let host = host_with(
+        settings(Some(SECRET), false),
+        10_000,
+        ControlHostOptions {
+            data_dir: Some(data.path().to_owned()),
+            ..ControlHostOptions::default()
+        },
+    )
+    .await;
+    let (status, answer) = post(&host, &secret_header(), &event("workspace.created", "w-1")).await;
+    assert_eq!(status, 200, "{answer}");
+
+    let hog = storehost_tests::fs::fill(&data.path().join("hog"));
+    let (status, answer) = post(&host, &secret_header(), &event("workspace.created", "w-2")).await;
+    assert_eq!(status, 507, "{answer}");
+    assert_eq!(answer["error"]["code"], "disk_full", "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("w-2") && message.contains("free space"),
+        "says what failed and what to do: {message}"
+    );
+    assert!(
+        !running(&host, "w-2").await,
+        "a store that could not be created does not run"
+    );
+    assert!(
+        running(&host, "w-1").await,
+        "the stores already running go on"
+    );
+
+    std::fs::remove_file(hog).unwrap();
+    let (status, answer) = post(&host, &secret_header(), &event("workspace.created", "w-2")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], "monitoring_started");
+    host.append("w-2", "kv.put", json!({"key": "a", "value": 1}))
+        .await;
+    host.settle("w-2").await;
+    assert_eq!(host.query("w-2", "count", json!({})).await["kv"], 1);
+}

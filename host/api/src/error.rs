@@ -117,7 +117,7 @@ impl From<StoreError> for ApiError {
                 "dead_letter_not_found",
                 err.to_string(),
             ),
-            StoreError::Storage(_) if err.is_disk_full() => Self::new(
+            StoreError::Storage(_) | StoreError::Directory(_) if err.is_disk_full() => Self::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 "disk_full",
                 format!(

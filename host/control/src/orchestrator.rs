@@ -136,6 +136,18 @@ pub enum ControlError {
     Files(#[from] std::io::Error),
 }
 
+impl ControlError {
+    /// Whether the change failed because the filesystem of the data directory is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            ControlError::Store(err) => err.is_disk_full(),
+            ControlError::Registry(err) => storehost_store::is_disk_full(err),
+            ControlError::Files(err) => storehost_store::is_storage_full(err),
+            _ => false,
+        }
+    }
+}
+
 /// Host-wide settings every store shares.
 #[derive(Debug, Clone)]
 pub struct HostSettings {

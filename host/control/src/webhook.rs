@@ -109,6 +109,9 @@ pub enum WebhookError {
     /// The host runs its maximum of stores.
     #[error("{0}")]
     AtCapacity(String),
+    /// The filesystem of the data directory is full: the store could not be created.
+    #[error("{0}")]
+    DiskFull(String),
     /// The host failed (details in the log).
     #[error("{0}")]
     Internal(String),
@@ -124,6 +127,7 @@ impl WebhookError {
             WebhookError::InvalidStoreId(_) => 422,
             WebhookError::ConfigOwned(_) => 409,
             WebhookError::AtCapacity(_) => 503,
+            WebhookError::DiskFull(_) => 507,
         }
     }
 
@@ -136,6 +140,7 @@ impl WebhookError {
             WebhookError::InvalidStoreId(_) => "invalid_store_id",
             WebhookError::ConfigOwned(_) => "config_owned",
             WebhookError::AtCapacity(_) => "at_capacity",
+            WebhookError::DiskFull(_) => "disk_full",
             WebhookError::Internal(_) => "internal",
         }
     }
@@ -293,6 +298,14 @@ impl Webhooks {
                     Ok(_) => Ok(accepted(WebhookStatus::AlreadyMonitored)),
                     Err(err @ ControlError::AtCapacity { .. }) => {
                         Err(WebhookError::AtCapacity(err.to_string()))
+                    }
+                    Err(err) if err.is_disk_full() => {
+                        tracing::error!(store_id = %id, "workspace.created: {err}");
+                        Err(WebhookError::DiskFull(format!(
+                            "the host's disk is full, so store {id} could not be created ({err}); \
+                             free space on the filesystem of its data directory, then send the \
+                             webhook again"
+                        )))
                     }
                     Err(err) => Err(internal("starting the store", &err)),
                 }

@@ -133,6 +133,10 @@ impl Actor {
         if let Some(llm) = &self.settings.llm {
             llm.forget(&self.shared.id);
         }
+        // Stopped: the files close now, each WAL checkpointed and emptied, so a directory
+        // archived or backed up right after holds only its databases.
+        self.sandbox = None;
+        self.close_files();
     }
 
     async fn serve(&mut self) {

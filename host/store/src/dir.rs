@@ -77,7 +77,28 @@ pub fn remove(data_dir: &Path, id: &StoreId, purge: bool) -> io::Result<Option<P
     let archive = data.open_dir("archive")?;
     let name = format!("{id}-{}", crate::sqlite::now_ms());
     stores.rename(id.as_str(), &archive, &name)?;
+    let kept = archive.open_dir(&name)?;
+    for db in ["events.db", "store.db"] {
+        drop_empty_wal(&kept, db)?;
+    }
     Ok(Some(data_dir.join("archive").join(name)))
+}
+
+/// Deletes `<db>-wal` and `<db>-shm` when the WAL is empty: the database file then holds
+/// everything, and an archive kept for years need not carry 32 KiB of shared memory index per
+/// database. A WAL with frames (a store that did not close cleanly) stays, with its index.
+fn drop_empty_wal(dir: &Dir, db: &str) -> io::Result<()> {
+    let wal = format!("{db}-wal");
+    match dir.symlink_metadata(&wal) {
+        Ok(meta) if meta.is_file() && meta.len() == 0 => dir.remove_file(&wal)?,
+        Ok(_) => return Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err),
+    }
+    match dir.remove_file(format!("{db}-shm")) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    }
 }
 
 /// Creates `name` as a directory in `parent`, refusing anything else already there (a file or
@@ -122,5 +143,47 @@ mod tests {
         prepare(data.path(), &id, None).unwrap();
         assert_eq!(remove(data.path(), &id, true).unwrap(), None);
         assert!(!data.path().join("stores/acme").exists());
+    }
+
+    #[test]
+    fn an_archive_keeps_its_databases_without_empty_wals_and_keeps_a_wal_with_frames() {
+        use crate::sqlite::{self, Durability};
+        let data = tempfile::tempdir().unwrap();
+        let id = StoreId::new("acme").unwrap();
+        let dir = prepare(data.path(), &id, None).unwrap();
+        // store.db closed cleanly (WAL emptied); events.db still open, its WAL holding frames.
+        let store = sqlite::open(&dir.store_db(), Durability::Process, "").unwrap();
+        store
+            .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        drop(store);
+        let events = sqlite::open(&dir.events_db(), Durability::Process, "").unwrap();
+        events
+            .execute_batch("CREATE TABLE e(x); INSERT INTO e VALUES (2);")
+            .unwrap();
+
+        let archived = remove(data.path(), &id, false).unwrap().unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&archived)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "events.db",
+                "events.db-shm",
+                "events.db-wal",
+                "files",
+                "store.db"
+            ]
+        );
+        drop(events);
+        let kept = rusqlite::Connection::open(archived.join("store.db")).unwrap();
+        let x: i64 = kept.query_row("SELECT x FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(x, 1, "the archived database holds its rows without its WAL");
+        let kept = rusqlite::Connection::open(archived.join("events.db")).unwrap();
+        let x: i64 = kept.query_row("SELECT x FROM e", [], |r| r.get(0)).unwrap();
+        assert_eq!(x, 2);
     }
 }

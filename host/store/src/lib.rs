@@ -33,5 +33,5 @@ pub use spare::SpareStores;
 pub use sqlite::Durability;
 pub use store::{
     RetryPolicy, Store, StoreError, StorePlugin, StoreRuntime, StoreSettings, StoreState,
-    StoreStatus,
+    StoreStatus, is_disk_full, is_storage_full,
 };

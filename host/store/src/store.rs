@@ -644,7 +644,23 @@ impl StoreError {
     /// Whether the store's own files could not be written because their disk is full (the
     /// filesystem, not the `disk` quota, which guest writes meet as `disk_full` failures).
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, StoreError::Storage(err)
-            if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
+        match self {
+            StoreError::Storage(err) => is_disk_full(err),
+            StoreError::Directory(err) => is_storage_full(err),
+            _ => false,
+        }
     }
+}
+
+/// Whether SQLite failed because the filesystem (or a quota) had no room left.
+pub fn is_disk_full(err: &rusqlite::Error) -> bool {
+    err.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+}
+
+/// Whether an I/O error says the filesystem, or the user's quota on it, is full.
+pub fn is_storage_full(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
