@@ -231,7 +231,7 @@ pub fn insert_batches(
 pub enum Creation {
     /// As storehost creates them under `durability = "process"` (host/store/src/sqlite.rs):
     /// `synchronous=OFF` until the first tables are written, then `NORMAL`: no fsync while the
-    /// empty files are created.
+    /// empty files are created, through the `unix-excl` VFS (no `-shm` file).
     LikeStorehost,
     /// SQLite's own way: `journal_mode=WAL` under the default `synchronous=FULL`, which syncs
     /// the new WAL and its directory (what storehost did before, and still does for `power`).
@@ -239,8 +239,8 @@ pub enum Creation {
 }
 
 /// Files and directories one new store creates: its directory, `files/`, and `events.db` and
-/// `store.db` with their `-wal` and `-shm`.
-pub const INODES_PER_STORE: usize = 8;
+/// `store.db` with their `-wal` (the host's `unix-excl` VFS keeps no `-shm` file).
+pub const INODES_PER_STORE: usize = 6;
 
 /// How many empty files this disk creates per second, one after another (each creation is a
 /// metadata update of the filesystem: on some virtual disks it costs near a millisecond, and
@@ -283,7 +283,11 @@ fn create(path: &Path, schema: &str, creation: Creation) -> rusqlite::Result<Con
             Ok(conn)
         }
         Creation::LikeStorehost => {
-            let conn = Connection::open(path)?;
+            let conn = Connection::open_with_flags_and_vfs(
+                path,
+                rusqlite::OpenFlags::default(),
+                "unix-excl",
+            )?;
             conn.busy_timeout(Duration::from_secs(10))?;
             conn.pragma_update(None, "synchronous", "OFF")?;
             conn.pragma_update(None, "journal_mode", "WAL")?;

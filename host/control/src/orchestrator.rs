@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use futures::StreamExt as _;
 use serde::Serialize;
 use sha2::Digest as _;
 use storehost_runtime::PluginError;
@@ -146,6 +147,22 @@ impl ControlError {
             _ => false,
         }
     }
+}
+
+/// New stores of one [`Orchestrator::ensure_running_many`] call opened at once: opening is
+/// mostly file creation, which overlaps well (measured here, 1,000 stores' files: 1.7–5.5 s one
+/// after another, 1.0–1.3 s two at a time, 0.9–2.2 s four or eight at a time).
+const PARALLEL_OPENS: usize = 4;
+
+/// Stores one [`Orchestrator::ensure_running_many`] handles per hold of the change lock.
+const BATCH: usize = 32;
+
+/// What [`Orchestrator::change_or_admit`] decided.
+enum Admission {
+    /// Nothing more to do: the store was left as it was or changed live.
+    Done(Provisioned),
+    /// A new store, to open with these settings.
+    Start(Box<StoreSettings>),
 }
 
 /// Host-wide settings every store shares.
@@ -448,6 +465,73 @@ impl Orchestrator {
         spec: StoreSpec,
         source: StoreSource,
     ) -> Result<Provisioned, ControlError> {
+        let plugin = self.plugin_within_ceiling(&spec)?;
+        // `changes` serialises every change; the `stores` lock is held only to read or insert,
+        // so the API keeps answering while stores open (thousands in one config edit).
+        let _guard = self.changes.lock().await;
+        let settings = match self.change_or_admit(id, &spec, source, plugin, 0).await? {
+            Admission::Start(settings) => *settings,
+            Admission::Done(done) => return Ok(done),
+        };
+        let opened = self.open(id, settings).await;
+        self.spares.refill();
+        self.finish_start(id, spec, source, opened).await
+    }
+
+    /// [`Orchestrator::ensure_running`] for many stores at once (a config edit naming
+    /// thousands): same answers, in order, but new stores open [`PARALLEL_OPENS`] at a time,
+    /// and every [`BATCH`] stores the change lock is let go so webhooks and API changes get in.
+    pub async fn ensure_running_many(
+        &self,
+        wanted: Vec<(StoreId, StoreSpec, StoreSource)>,
+    ) -> Vec<(StoreId, Result<Provisioned, ControlError>)> {
+        let mut answers = Vec::with_capacity(wanted.len());
+        let mut wanted = wanted.into_iter().peekable();
+        while wanted.peek().is_some() {
+            let batch: Vec<_> = wanted.by_ref().take(BATCH).collect();
+            let _guard = self.changes.lock().await;
+            let mut answered = Vec::with_capacity(batch.len());
+            let mut starting = Vec::new();
+            for (index, (id, spec, source)) in batch.into_iter().enumerate() {
+                let admitted = match self.plugin_within_ceiling(&spec) {
+                    Ok(plugin) => {
+                        self.change_or_admit(&id, &spec, source, plugin, starting.len())
+                            .await
+                    }
+                    Err(err) => Err(err),
+                };
+                match admitted {
+                    Ok(Admission::Start(settings)) => {
+                        starting.push((index, id, spec, source, settings));
+                    }
+                    Ok(Admission::Done(done)) => answered.push((index, id, Ok(done))),
+                    Err(err) => answered.push((index, id, Err(err))),
+                }
+            }
+            // Collected first: a lazy `map` here makes the future not `Send` (rust#102211).
+            let opens: Vec<_> = starting
+                .iter()
+                .map(|(_, id, _, _, settings)| self.open(id, (**settings).clone()))
+                .collect();
+            let opened: Vec<_> = futures::stream::iter(opens)
+                .buffered(PARALLEL_OPENS)
+                .collect()
+                .await;
+            self.spares.refill();
+            for ((index, id, spec, source, _), opened) in starting.into_iter().zip(opened) {
+                let answer = self.finish_start(&id, spec, source, opened).await;
+                answered.push((index, id, answer));
+            }
+            answered.sort_by_key(|(index, _, _)| *index);
+            answers.extend(answered.into_iter().map(|(_, id, answer)| (id, answer)));
+            drop(_guard);
+            tokio::task::yield_now().await;
+        }
+        answers
+    }
+
+    /// The plugin `spec` names, checked against the sandbox memory ceiling.
+    fn plugin_within_ceiling(&self, spec: &StoreSpec) -> Result<Arc<StorePlugin>, ControlError> {
         let plugin = self.plugin(&spec.plugin)?;
         let ceiling = self.runtime.options().max_memory_bytes;
         if spec.quotas.memory > ceiling {
@@ -456,9 +540,20 @@ impl Orchestrator {
                 ceiling,
             });
         }
-        // `changes` serialises every change; the `stores` lock is held only to read or insert,
-        // so the API keeps answering while stores open (thousands in one config edit).
-        let _guard = self.changes.lock().await;
+        Ok(plugin)
+    }
+
+    /// Under the change lock: leaves store `id` as it is or applies `spec` to it live if it
+    /// runs, or else admits it as a new store (the `admitted` others of this batch not yet
+    /// running count against `max_stores`) with the settings to open it with.
+    async fn change_or_admit(
+        &self,
+        id: &StoreId,
+        spec: &StoreSpec,
+        source: StoreSource,
+        plugin: Arc<StorePlugin>,
+        admitted: usize,
+    ) -> Result<Admission, ControlError> {
         let existing = self
             .stores
             .read()
@@ -466,40 +561,56 @@ impl Orchestrator {
             .get(id)
             .map(|e| (e.store.clone(), e.spec.clone(), e.source));
         if let Some((store, current, current_source)) = existing {
-            if current == spec {
-                return Ok(Provisioned::Unchanged);
+            if current == *spec {
+                return Ok(Admission::Done(Provisioned::Unchanged));
             }
-            store.update(self.store_settings(&spec, plugin)).await?;
+            store.update(self.store_settings(spec, plugin)).await?;
             if current_source.persisted() {
-                self.registry.put(id, current_source, &spec)?;
+                self.registry.put(id, current_source, spec)?;
             }
             if let Some(entry) = self.stores.write().await.get_mut(id) {
-                entry.spec = spec;
+                entry.spec = spec.clone();
             }
             self.record(id, "updated", None);
             tracing::info!(store_id = %id, "store settings updated");
-            return Ok(Provisioned::Updated);
+            return Ok(Admission::Done(Provisioned::Updated));
         }
-        if self.stores.read().await.len() >= self.settings.max_stores {
+        if self.stores.read().await.len() + admitted >= self.settings.max_stores {
             return Err(ControlError::AtCapacity {
                 max: self.settings.max_stores,
             });
         }
         self.record(id, "provisioning", Some(source.as_str().to_owned()));
-        let settings = self.store_settings(&spec, plugin);
+        Ok(Admission::Start(Box::new(
+            self.store_settings(spec, plugin),
+        )))
+    }
+
+    /// Opens store `id`'s files and starts its actor (on a blocking thread: SQLite opens).
+    async fn open(&self, id: &StoreId, settings: StoreSettings) -> Result<Store, StoreError> {
         let (open_id, data_dir, durability, spares) = (
             id.clone(),
             self.settings.data_dir.clone(),
             self.settings.durability,
             self.spares.clone(),
         );
-        let opened = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             Store::open_with_spares(open_id, &data_dir, durability, settings, Some(&spares))
         })
         .await
         .map_err(|err| StoreError::Internal(format!("store open task failed: {err}")))
-        .and_then(|opened| opened);
-        self.spares.refill();
+        .and_then(|opened| opened)
+    }
+
+    /// Under the change lock: records a newly opened store (in the registry when its source
+    /// persists) and makes it visible, or records why it failed.
+    async fn finish_start(
+        &self,
+        id: &StoreId,
+        spec: StoreSpec,
+        source: StoreSource,
+        opened: Result<Store, StoreError>,
+    ) -> Result<Provisioned, ControlError> {
         let store = match opened {
             Ok(store) => store,
             Err(err) => {
@@ -614,9 +725,15 @@ impl Orchestrator {
     /// reconciler before a restart), after the plugins uploaded through the API.
     pub async fn restore_persisted(&self) -> Result<usize, ControlError> {
         self.restore_plugins().await?;
+        let wanted = self
+            .registry
+            .all()?
+            .into_iter()
+            .map(|(id, source, spec)| (id, spec, source))
+            .collect();
         let mut started = 0;
-        for (id, source, spec) in self.registry.all()? {
-            match self.ensure_running(&id, spec, source).await {
+        for (id, answer) in self.ensure_running_many(wanted).await {
+            match answer {
                 Ok(_) => started += 1,
                 Err(err) => tracing::error!(store_id = %id, "could not restore the store: {err}"),
             }

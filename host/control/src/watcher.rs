@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use storehost_store::StoreId;
 
 use crate::config::{self, HostConfig, PluginSource};
-use crate::orchestrator::{Orchestrator, StoreSource};
+use crate::orchestrator::Orchestrator;
 
 /// What one reload did.
 #[derive(Debug, Clone, PartialEq)]
@@ -308,26 +308,22 @@ impl ConfigReloader {
                 Err(err) => summary.failed.push((id.clone(), err.to_string())),
             }
         }
-        let mut applied = 0usize;
-        for (id, spec) in after {
-            if before.get(&id) == Some(&spec) && sources.contains_key(&id) {
-                continue;
-            }
-            let source = if next.is_env_store(&id) {
-                StoreSource::Env
-            } else {
-                StoreSource::Config
-            };
-            match self.orchestrator.ensure_running(&id, spec, source).await {
+        let wanted = after
+            .into_iter()
+            .filter(|(id, spec)| before.get(id) != Some(spec) || !sources.contains_key(id))
+            .map(|(id, spec)| {
+                let source = next.source_of(&id);
+                (id, spec, source)
+            })
+            .collect();
+        // Thousands of stores in one edit open several at a time, in batches that let API
+        // requests and webhooks in between.
+        for (id, answer) in self.orchestrator.ensure_running_many(wanted).await {
+            match answer {
                 Ok(crate::Provisioned::Created) => summary.added.push(id),
                 Ok(crate::Provisioned::Updated) => summary.updated.push(id),
                 Ok(crate::Provisioned::Unchanged) => {}
                 Err(err) => summary.failed.push((id, err.to_string())),
-            }
-            applied += 1;
-            if applied.is_multiple_of(16) {
-                // Thousands of stores in one edit: let API requests in between.
-                tokio::task::yield_now().await;
             }
         }
     }

@@ -9,7 +9,7 @@ use storehost_control::llm_backend::ServiceBackend;
 use storehost_control::reconciler::{Reconciler, ReconcilerSettings};
 use storehost_control::watcher::{self, ConfigReloader};
 use storehost_control::webhook::{WebhookSettings, Webhooks};
-use storehost_control::{HostSettings, Orchestrator, StoreSource};
+use storehost_control::{HostSettings, Orchestrator};
 use storehost_runtime::RuntimeOptions;
 use storehost_store::{StoreRuntime, sqlite::now_ms};
 
@@ -103,13 +103,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(plugin = %name, sha256 = plugin.sha256(), "plugin ready");
     }
 
-    for (id, spec) in specs {
-        let source = if config.is_env_store(&id) {
-            StoreSource::Env
-        } else {
-            StoreSource::Config
-        };
-        if let Err(err) = orchestrator.ensure_running(&id, spec, source).await {
+    let wanted = specs
+        .into_iter()
+        .map(|(id, spec)| {
+            let source = config.source_of(&id);
+            (id, spec, source)
+        })
+        .collect();
+    for (id, answer) in orchestrator.ensure_running_many(wanted).await {
+        if let Err(err) = answer {
             tracing::error!(store_id = %id, "could not start the store: {err}");
         }
     }

@@ -436,6 +436,15 @@ impl HostConfig {
         !self.stores.contains_key(id) && self.env.store_ids.contains(id)
     }
 
+    /// Where store `id` of the desired set comes from: `STORE_IDS` or the config file.
+    pub fn source_of(&self, id: &StoreId) -> crate::StoreSource {
+        if self.is_env_store(id) {
+            crate::StoreSource::Env
+        } else {
+            crate::StoreSource::Config
+        }
+    }
+
     /// Every store id the config and `STORE_IDS` name.
     pub fn store_ids(&self) -> BTreeSet<StoreId> {
         self.stores

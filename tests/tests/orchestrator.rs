@@ -1,0 +1,108 @@
+//! The orchestrator starting many stores at once (what a config edit, a start and a restore
+//! do): every store gets the answer `ensure_running` would give it, in order, and `max_stores`
+//! holds across the batches opened in parallel.
+
+use serde_json::json;
+use storehost_control::{ControlError, Provisioned, StoreSource};
+use storehost_store::StoreId;
+use storehost_tests::TestHost;
+use storehost_tests::control::ControlHostOptions;
+
+fn id(name: &str) -> StoreId {
+    StoreId::new(name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_stores_at_once_get_the_answers_one_at_a_time_would_and_respect_max_stores() {
+    let host = TestHost::start_control(
+        ControlHostOptions {
+            max_stores: 40,
+            ..ControlHostOptions::default()
+        },
+        |_, state| state,
+    )
+    .await;
+    let orchestrator = &host.orchestrator;
+    let spec = orchestrator.settings().defaults.clone();
+    for name in ["kept", "changed"] {
+        let started = orchestrator
+            .ensure_running(&id(name), spec.clone(), StoreSource::Api)
+            .await
+            .unwrap();
+        assert_eq!(started, Provisioned::Created);
+    }
+
+    let mut changed = spec.clone();
+    changed.config.insert("colour".into(), "blue".into());
+    let mut unknown = spec.clone();
+    unknown.plugin = "nope".into();
+    let mut wanted = vec![
+        (id("kept"), spec.clone(), StoreSource::Config),
+        (id("changed"), changed.clone(), StoreSource::Config),
+        (id("typo"), unknown, StoreSource::Config),
+    ];
+    wanted.extend((0..50).map(|i| {
+        (
+            id(&format!("new-{i:02}")),
+            spec.clone(),
+            StoreSource::Config,
+        )
+    }));
+    let names: Vec<StoreId> = wanted.iter().map(|(id, _, _)| id.clone()).collect();
+
+    let answers = orchestrator.ensure_running_many(wanted).await;
+    let answered: Vec<StoreId> = answers.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(answered, names, "one answer per store, in the order asked");
+    assert!(
+        matches!(answers[0].1, Ok(Provisioned::Unchanged)),
+        "{:?}",
+        answers[0]
+    );
+    assert!(
+        matches!(answers[1].1, Ok(Provisioned::Updated)),
+        "{:?}",
+        answers[1]
+    );
+    assert!(
+        matches!(answers[2].1, Err(ControlError::UnknownPlugin { .. })),
+        "{:?}",
+        answers[2]
+    );
+    // 2 stores ran before; 38 more fit, the other 12 are refused (across two batches).
+    let created = answers[3..]
+        .iter()
+        .filter(|(_, answer)| matches!(answer, Ok(Provisioned::Created)))
+        .count();
+    let refused = answers[3..]
+        .iter()
+        .filter(|(_, answer)| matches!(answer, Err(ControlError::AtCapacity { max: 40 })))
+        .count();
+    assert_eq!((created, refused), (38, 12), "{answers:?}");
+    assert!(
+        answers[3..41]
+            .iter()
+            .all(|(_, a)| matches!(a, Ok(Provisioned::Created))),
+        "the first that fit are the ones started"
+    );
+    assert_eq!(orchestrator.len().await, 40);
+    let (kept_spec, _) = orchestrator.spec(&id("changed")).await.unwrap();
+    assert_eq!(kept_spec, changed, "the change applied");
+
+    // Every store opened in parallel is a working store.
+    for i in 0..38 {
+        let name = format!("new-{i:02}");
+        host.append(&name, "kv.put", json!({"key": "k", "value": i}))
+            .await;
+    }
+    for i in 0..38 {
+        let name = format!("new-{i:02}");
+        host.settle(&name).await;
+        assert_eq!(
+            host.query(&name, "get", json!({"key": "k"})).await["value"],
+            i.to_string(),
+            "{name} applied its event"
+        );
+    }
+    let (_, status) = host.get("/v1/stores/new-00").await;
+    assert_eq!(status["state"], "running", "{status}");
+}
