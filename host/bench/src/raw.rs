@@ -286,7 +286,7 @@ fn create(path: &Path, schema: &str, creation: Creation) -> rusqlite::Result<Con
             let conn = Connection::open_with_flags_and_vfs(
                 path,
                 rusqlite::OpenFlags::default(),
-                "unix-excl",
+                storehost_store::SQLITE_VFS,
             )?;
             conn.busy_timeout(Duration::from_secs(10))?;
             conn.pragma_update(None, "synchronous", "OFF")?;

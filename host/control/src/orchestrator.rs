@@ -465,17 +465,14 @@ impl Orchestrator {
         spec: StoreSpec,
         source: StoreSource,
     ) -> Result<Provisioned, ControlError> {
-        let plugin = self.plugin_within_ceiling(&spec)?;
-        // `changes` serialises every change; the `stores` lock is held only to read or insert,
-        // so the API keeps answering while stores open (thousands in one config edit).
-        let _guard = self.changes.lock().await;
-        let settings = match self.change_or_admit(id, &spec, source, plugin, 0).await? {
-            Admission::Start(settings) => *settings,
-            Admission::Done(done) => return Ok(done),
-        };
-        let opened = self.open(id, settings).await;
-        self.spares.refill();
-        self.finish_start(id, spec, source, opened).await
+        let answer = self
+            .ensure_running_many(vec![(id.clone(), spec, source)])
+            .await
+            .pop();
+        answer.map_or_else(
+            || Err(StoreError::Internal("no answer for the store".into()).into()),
+            |(_, answer)| answer,
+        )
     }
 
     /// [`Orchestrator::ensure_running`] for many stores at once (a config edit naming
@@ -489,6 +486,8 @@ impl Orchestrator {
         let mut wanted = wanted.into_iter().peekable();
         while wanted.peek().is_some() {
             let batch: Vec<_> = wanted.by_ref().take(BATCH).collect();
+            // `changes` serialises every change; the `stores` lock is held only to read or
+            // insert, so the API keeps answering while stores open.
             let _guard = self.changes.lock().await;
             let mut answered = Vec::with_capacity(batch.len());
             let mut starting = Vec::new();

@@ -30,7 +30,7 @@ pub use guest_db::DeadLetter;
 pub use id::{InvalidStoreId, STORE_ID_RULE, StoreId};
 pub use quotas::Quotas;
 pub use spare::SpareStores;
-pub use sqlite::Durability;
+pub use sqlite::{Durability, VFS as SQLITE_VFS};
 pub use store::{
     RetryPolicy, Store, StoreError, StorePlugin, StoreRuntime, StoreSettings, StoreState,
     StoreStatus, is_disk_full, is_storage_full,

@@ -26,7 +26,7 @@ pub enum Durability {
 /// by page — file-system metadata work on every wake and every new store. Measured here on the
 /// ext4 data disk, reopen + commit + read of a database: p50 317–400 µs with `unix`, 203–231 µs
 /// with `unix-excl`. A store also keeps two fewer files and file descriptors.
-pub(crate) const VFS: &str = "unix-excl";
+pub const VFS: &str = "unix-excl";
 
 /// The WAL file is kept (truncated to this many bytes) when the last connection closes, so
 /// reopening a hibernated store's database creates no file (see [`keep_wal`]).
