@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 use storehost_tests::process::{PROCESS_TOKEN, ServerProcess, run_storehost};
-use storehost_tests::programs;
+use storehost_tests::{programs, writer_config};
 
 #[test]
 fn check_config_accepts_the_example_and_lists_every_error_with_its_line() {
@@ -161,4 +161,76 @@ fn the_embedded_default_generates_an_admin_token_once() {
     let saved = std::fs::read_to_string(data.join("admin.token")).unwrap();
     assert_eq!(saved.trim(), printed);
     assert_eq!(printed.len(), 64);
+}
+
+/// The engine's fuel metering and memory ceiling are fixed at start. A store added through the
+/// API with fuel and a large memory quota (allowed because the config then asked for both) comes
+/// back with them after a restart on a config that asks for neither: the engine is sized for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_sizes_the_engine_for_the_api_stores_it_brings_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("storehost.toml");
+    let plain = writer_config(std::path::Path::new(programs::WRITER), &[]);
+    std::fs::write(
+        &config,
+        format!(
+            "{plain}[stores.metered.quotas]\nfuel_per_call = 1000000000\nmemory = \"512MiB\"\n"
+        ),
+    )
+    .unwrap();
+    let config_arg = config.display().to_string();
+    let server = ServerProcess::spawn(&data, &["--config", &config_arg], &[]);
+    let quotas = json!({"fuel_per_call": 2_000_000_000u64, "memory": 512u64 << 20});
+    let (status, body) = call(
+        &server.url,
+        reqwest::Method::PUT,
+        "/v1/stores/api-metered",
+        Some(json!({"quotas": quotas})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(server.terminate().success(), "SIGTERM exits 0");
+
+    std::fs::write(&config, plain).unwrap();
+    let server = ServerProcess::spawn(&data, &["--config", &config_arg], &[]);
+    let (status, store) = call(
+        &server.url,
+        reqwest::Method::GET,
+        "/v1/stores/api-metered",
+        None,
+    )
+    .await;
+    let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+    assert_eq!(status, 200, "the store came back: {store}\nlog:\n{log}");
+    assert_eq!(
+        store["quotas"]["fuel_per_call"], 2_000_000_000u64,
+        "{store}"
+    );
+    assert_eq!(store["quotas"]["memory"], 512u64 << 20, "{store}");
+
+    let event = json!({"type": "kv.put", "payload": {"key": "a", "value": 1}});
+    let (status, body) = call(
+        &server.url,
+        reqwest::Method::POST,
+        "/v1/stores/api-metered/events",
+        Some(event),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let mut count = Value::Null;
+    for _ in 0..100 {
+        (_, count) = call(
+            &server.url,
+            reqwest::Method::GET,
+            "/v1/stores/api-metered/query/count",
+            None,
+        )
+        .await;
+        if count["kv"] == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(count["kv"], 1, "the event was applied: {count}");
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use storehost_store::{Quotas, RetryPolicy};
 use storehost_tests::{TOKEN, TestHost, TestHostOptions, programs};
 
@@ -266,6 +266,47 @@ async fn provisioning_beyond_max_stores_is_refused_clearly() {
             .contains("maximum of 2 stores"),
         "{body}"
     );
+}
+
+/// Whether the engine meters fuel is fixed at start; a store asking for `fuel_per_call` on a
+/// host that does not is refused with the reason and the way out (never silently unmetered),
+/// and a running store keeps its quotas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuel_per_call_on_a_host_without_fuel_metering_is_refused_and_changes_nothing() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/metered",
+            Some(json!({"plugin": "writer", "quotas": {"fuel_per_call": 1_000_000}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "fuel_not_metered");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("1000000") && message.contains("cpu_ms_per_call"),
+        "says what was asked and what to do: {message}"
+    );
+    let (status, _) = host.get("/v1/stores/metered").await;
+    assert_eq!(status, 404, "no store was created");
+
+    host.add_store("running", "writer", &[]).await;
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/running",
+            Some(json!({"quotas": {"fuel_per_call": 1_000_000}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (_, store) = host.get("/v1/stores/running").await;
+    assert_eq!(store["quotas"]["fuel_per_call"], Value::Null, "{store}");
+    host.append("running", "kv.put", json!({"key": "a", "value": 1}))
+        .await;
+    host.settle("running").await;
+    assert_eq!(host.query("running", "count", json!({})).await["kv"], 1);
 }
 
 /// The sandbox pool's memory ceiling is fixed at start; a live change asking for more is

@@ -146,6 +146,9 @@ impl From<ControlError> for ApiError {
             ControlError::MemoryAboveCeiling { .. } => {
                 Self::bad_request("quota_above_ceiling", err.to_string())
             }
+            ControlError::FuelNotMetered { .. } => {
+                Self::bad_request("fuel_not_metered", err.to_string())
+            }
             ControlError::Plugin(plugin) => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_plugin",

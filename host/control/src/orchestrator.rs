@@ -115,13 +115,21 @@ pub enum ControlError {
     NotFound(StoreId),
     /// The `memory` quota asked for is above what the sandbox pool was sized for at start.
     #[error(
-        "memory quota {asked} bytes is above this host's sandbox memory ceiling of {ceiling} bytes, which is fixed when the host starts (the largest memory quota in its config, at least 256 MiB); ask for at most {ceiling}, or name the larger quota in the config and restart"
+        "memory quota {asked} bytes is above this host's sandbox memory ceiling of {ceiling} bytes, which is fixed when the host starts (the largest memory quota in its config or among its stores added through the API, at least 256 MiB); ask for at most {ceiling}, or name the larger quota in the config and restart"
     )]
     MemoryAboveCeiling {
         /// The quota asked for.
         asked: u64,
         /// The pool's per-sandbox maximum.
         ceiling: u64,
+    },
+    /// `fuel_per_call` asked for on a host whose engine does not meter fuel.
+    #[error(
+        "fuel_per_call {asked} cannot be enforced: this host's engine does not meter fuel, which is decided when the host starts (it meters fuel when a store or the defaults in its config set fuel_per_call); leave fuel_per_call out and bound the store with cpu_ms_per_call, or set fuel_per_call in the config and restart"
+    )]
+    FuelNotMetered {
+        /// The quota asked for.
+        asked: u64,
     },
     /// The plugin could not be loaded.
     #[error(transparent)]
@@ -492,7 +500,7 @@ impl Orchestrator {
             let mut answered = Vec::with_capacity(batch.len());
             let mut starting = Vec::new();
             for (index, (id, spec, source)) in batch.into_iter().enumerate() {
-                let admitted = match self.plugin_within_ceiling(&spec) {
+                let admitted = match self.plugin_within_limits(&spec) {
                     Ok(plugin) => {
                         self.change_or_admit(&id, &spec, source, plugin, starting.len())
                             .await
@@ -529,15 +537,19 @@ impl Orchestrator {
         answers
     }
 
-    /// The plugin `spec` names, checked against the sandbox memory ceiling.
-    fn plugin_within_ceiling(&self, spec: &StoreSpec) -> Result<Arc<StorePlugin>, ControlError> {
+    /// The plugin `spec` names, with its quotas checked against what the engine fixed at
+    /// start: the sandbox memory ceiling and whether fuel is metered.
+    fn plugin_within_limits(&self, spec: &StoreSpec) -> Result<Arc<StorePlugin>, ControlError> {
         let plugin = self.plugin(&spec.plugin)?;
-        let ceiling = self.runtime.options().max_memory_bytes;
-        if spec.quotas.memory > ceiling {
+        let options = self.runtime.options();
+        if spec.quotas.memory > options.max_memory_bytes {
             return Err(ControlError::MemoryAboveCeiling {
                 asked: spec.quotas.memory,
-                ceiling,
+                ceiling: options.max_memory_bytes,
             });
+        }
+        if let (Some(asked), false) = (spec.quotas.fuel_per_call, options.fuel) {
+            return Err(ControlError::FuelNotMetered { asked });
         }
         Ok(plugin)
     }

@@ -7,6 +7,7 @@ use storehost_api::{AppState, ConfigStatus, ServeOptions};
 use storehost_control::config::{self, HostConfig, PluginSource, ProcessEnv};
 use storehost_control::llm_backend::ServiceBackend;
 use storehost_control::reconciler::{Reconciler, ReconcilerSettings};
+use storehost_control::registry::Registry;
 use storehost_control::watcher::{self, ConfigReloader};
 use storehost_control::webhook::{WebhookSettings, Webhooks};
 use storehost_control::{HostSettings, Orchestrator};
@@ -47,10 +48,27 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     })?;
 
     let specs = config.store_specs();
-    let max_memory = specs
+    // The engine's memory ceiling and fuel metering are fixed now, so they cover the stores
+    // added through the API before a restart as well as the config's: each comes back as it was.
+    let persisted = Registry::open(&config.data_dir.join("host.db"))
+        .and_then(|registry| registry.all())
+        .with_context(|| {
+            format!(
+                "could not read the host registry {}",
+                config.data_dir.join("host.db").display()
+            )
+        })?;
+    let defaults = config.default_quotas();
+    let quotas: Vec<_> = specs
         .values()
-        .map(|spec| spec.quotas.memory)
-        .chain([config.default_quotas().memory, 256 << 20])
+        .chain(persisted.iter().map(|(_, _, spec)| spec))
+        .map(|spec| &spec.quotas)
+        .chain([&defaults])
+        .collect();
+    let max_memory = quotas
+        .iter()
+        .map(|quotas| quotas.memory)
+        .chain([256 << 20])
         .max()
         .unwrap_or(256 << 20);
     let runtime = StoreRuntime::new(RuntimeOptions {
@@ -58,10 +76,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or(u32::MAX)
             .clamp(1, 10_000),
         max_memory_bytes: max_memory,
-        fuel: specs
-            .values()
-            .any(|spec| spec.quotas.fuel_per_call.is_some())
-            || config.default_quotas().fuel_per_call.is_some(),
+        fuel: quotas.iter().any(|quotas| quotas.fuel_per_call.is_some()),
         cache_dir: Some(config.data_dir.join("cache")),
         ..RuntimeOptions::default()
     })
