@@ -72,6 +72,19 @@ async fn call(url: &str, method: reqwest::Method, path: &str, body: Option<Value
     )
 }
 
+/// Asks `path` every 50 ms, for at most 5 s, until its answer satisfies `done`; the last answer.
+async fn query_until(url: &str, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let mut answer = Value::Null;
+    for _ in 0..100 {
+        (_, answer) = call(url, reqwest::Method::GET, path, None).await;
+        if done(&answer) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    answer
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_default_serves_demo_stores_and_a_restart_keeps_api_stores() {
     let dir = tempfile::tempdir().unwrap();
@@ -112,21 +125,10 @@ async fn the_embedded_default_serves_demo_stores_and_a_restart_keeps_api_stores(
         json!(["added-later", "demo-alpha", "demo-beta", "demo-gamma"]),
         "the store added through the API came back"
     );
-    let mut tasks = Value::Null;
-    for _ in 0..100 {
-        let (_, answer) = call(
-            &server.url,
-            reqwest::Method::GET,
-            "/v1/stores/demo-alpha/query/tasks",
-            None,
-        )
-        .await;
-        tasks = answer;
-        if tasks["tasks"].as_array().is_some_and(|t| !t.is_empty()) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let tasks = query_until(&server.url, "/v1/stores/demo-alpha/query/tasks", |tasks| {
+        tasks["tasks"].as_array().is_some_and(|t| !t.is_empty())
+    })
+    .await;
     assert_eq!(tasks["tasks"][0]["title"], "Water the plants", "{tasks}");
 }
 
@@ -218,19 +220,9 @@ async fn a_restart_sizes_the_engine_for_the_api_stores_it_brings_back() {
     )
     .await;
     assert_eq!(status, 202, "{body}");
-    let mut count = Value::Null;
-    for _ in 0..100 {
-        (_, count) = call(
-            &server.url,
-            reqwest::Method::GET,
-            "/v1/stores/api-metered/query/count",
-            None,
-        )
-        .await;
-        if count["kv"] == 1 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let count = query_until(&server.url, "/v1/stores/api-metered/query/count", |count| {
+        count["kv"] == 1
+    })
+    .await;
     assert_eq!(count["kv"], 1, "the event was applied: {count}");
 }

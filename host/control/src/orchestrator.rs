@@ -125,7 +125,7 @@ pub enum ControlError {
     },
     /// `fuel_per_call` asked for on a host whose engine does not meter fuel.
     #[error(
-        "fuel_per_call {asked} cannot be enforced: this host's engine does not meter fuel, which is decided when the host starts (it meters fuel when a store or the defaults in its config set fuel_per_call); leave fuel_per_call out and bound the store with cpu_ms_per_call, or set fuel_per_call in the config and restart"
+        "fuel_per_call {asked} cannot be enforced: this host's engine does not meter fuel, which is decided when the host starts (it meters fuel when its config's defaults, a store in its config or a store added through the API before the start set fuel_per_call); leave fuel_per_call out and bound the store with cpu_ms_per_call, or set fuel_per_call in the config and restart"
     )]
     FuelNotMetered {
         /// The quota asked for.
