@@ -133,8 +133,8 @@ impl<H: HostCapabilities> Runtime<H> {
         self.guests.handle()
     }
 
-    /// Where the calls of demoted stores run: threads with the least CPU priority (see
-    /// [`DEMOTED_NICE`]).
+    /// Where the calls of demoted stores run: threads with the least CPU priority (the idle
+    /// scheduling policy; [`DEMOTED_NICE`] should the OS refuse it).
     pub fn demoted_executor(&self) -> &tokio::runtime::Handle {
         self.guests.demoted()
     }
@@ -156,11 +156,11 @@ impl<H: HostCapabilities> Runtime<H> {
 /// per invocation slot (a slot is held for the whole statement) plus spares.
 ///
 /// Calls of demoted stores (whose last call breached a quota or trapped) run on a second set of
-/// threads with the lowest CPU priority ([`DEMOTED_NICE`]): when stores in good standing, or
-/// the API, want a core, the OS gives it to them within its own scheduling tick, whatever the
-/// demoted guest is doing — spinning between epoch ticks, growing memory, or deep in a SQL
-/// statement that cannot be time-sliced. On an idle machine demoted calls still run at full
-/// speed.
+/// threads with the lowest CPU priority (the idle scheduling policy, see `lower_priority`): when
+/// a thread of a store in good standing, or of the API, wakes up, the OS gives it the core at
+/// once, whatever the demoted guest is doing — spinning between epoch ticks, growing memory, or
+/// deep in a SQL statement that cannot be time-sliced. On an idle machine demoted calls still
+/// run at full speed.
 pub(crate) struct GuestExecutor {
     runtimes: Vec<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
@@ -200,18 +200,32 @@ impl GuestExecutor {
     }
 }
 
-/// Gives the calling thread the least CPU share. Raising a nice value needs no privilege; if
-/// the OS refuses anyway, demoted calls run at normal priority (still behind stores in good
-/// standing for slots) and the host says so once.
+/// Gives the calling thread the least CPU share: the `SCHED_IDLE` policy, under which any
+/// ordinary thread that wakes up takes the core at once (a nice value alone only shrinks the
+/// thread's share: the scheduler may still let it finish its slice, a few milliseconds, before
+/// a woken thread runs), and nice 19 in case the policy is refused. Lowering either needs no
+/// privilege; if the OS refuses both, demoted calls run at normal priority (still behind stores
+/// in good standing for slots) and the host says so once.
+#[allow(unsafe_code)] // one libc call, no safe wrapper in rustix
 fn lower_priority() {
     let tid = rustix::thread::gettid();
-    if let Err(err) = rustix::process::setpriority_process(Some(tid), DEMOTED_NICE) {
+    let niced = rustix::process::setpriority_process(Some(tid), DEMOTED_NICE);
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid `sched_param`; pid 0 is the calling thread.
+    let idle = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0;
+    if !idle {
+        let err = std::io::Error::last_os_error();
         static WARNED: std::sync::Once = std::sync::Once::new();
-        WARNED.call_once(|| {
-            tracing::warn!(
-                "could not lower the CPU priority of the threads demoted stores run on ({err}); \
-                 they compete with stores in good standing for the CPU"
-            );
+        WARNED.call_once(|| match niced {
+            Ok(()) => tracing::warn!(
+                "could not give the threads demoted stores run on the idle scheduling policy \
+                 ({err}); they run at nice {DEMOTED_NICE} and may delay stores in good \
+                 standing by a scheduler slice"
+            ),
+            Err(nice_err) => tracing::warn!(
+                "could not lower the CPU priority of the threads demoted stores run on \
+                 ({err}; {nice_err}); they compete with stores in good standing for the CPU"
+            ),
         });
     }
 }
@@ -269,6 +283,12 @@ mod tests {
             .expect("getpriority on the calling thread")
     }
 
+    #[allow(unsafe_code)]
+    fn own_policy() -> i32 {
+        // SAFETY: no arguments beyond the calling thread (pid 0).
+        unsafe { libc::sched_getscheduler(0) }
+    }
+
     #[tokio::test]
     async fn demoted_stores_run_on_threads_with_the_least_cpu_priority() {
         let executor = GuestExecutor::start(2).unwrap();
@@ -279,6 +299,23 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(demoted, DEMOTED_NICE);
+        let policies = (
+            executor
+                .handle()
+                .spawn(async { own_policy() })
+                .await
+                .unwrap(),
+            executor
+                .demoted()
+                .spawn(async { own_policy() })
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            policies,
+            (libc::SCHED_OTHER, libc::SCHED_IDLE),
+            "a woken store in good standing preempts a demoted call at once"
+        );
         assert!(
             ordinary < demoted,
             "stores in good standing keep the host's priority ({ordinary})"

@@ -849,8 +849,8 @@ impl Actor {
         result.map(|()| emitted)
     }
 
-    /// Runs `call` on the threads with the least CPU priority (see
-    /// `storehost_runtime::DEMOTED_NICE`), so a demoted store's guest code and SQL give way to
+    /// Runs `call` on the threads with the least CPU priority (the idle scheduling policy, see
+    /// `storehost_runtime::Runtime::demoted_executor`), so a demoted store's guest code and SQL give way to
     /// stores in good standing and to the API. The sandbox travels with the call and comes back.
     async fn call_demoted(&mut self, call: &Call) -> Result<(), InvocationError> {
         let Some(mut sandbox) = self.sandbox.take() else {
