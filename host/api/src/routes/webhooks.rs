@@ -8,7 +8,7 @@ use axum::Json;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use storehost_control::webhook::{WebhookError, WebhookRequest};
 
 use crate::error::ApiError;
@@ -35,7 +35,7 @@ pub async fn workspaces(
             |Extension(ConnectInfo(addr))| addr.ip().to_string(),
         );
         if let Err(not_until) = limiter.check_key(&source) {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let wait = not_until.wait_time_from(limiter.clock().now());
             return ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
