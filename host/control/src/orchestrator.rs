@@ -865,7 +865,10 @@ impl Orchestrator {
     /// Stops every store cleanly (after their in-flight invocations).
     pub async fn shutdown(&self) {
         let _guard = self.changes.lock().await;
-        self.spares.stop();
+        let spares = self.spares.clone();
+        if let Err(err) = tokio::task::spawn_blocking(move || spares.stop()).await {
+            tracing::warn!("could not wait for the spare store builder: {err}");
+        }
         let mut stopping = tokio::task::JoinSet::new();
         for entry in self.stores.read().await.values() {
             let store = entry.store.clone();

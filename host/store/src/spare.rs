@@ -31,6 +31,8 @@ pub struct SpareStores {
     refilling: AtomicBool,
     stopped: AtomicBool,
     next: AtomicU64,
+    /// The running (or last) builder thread, joined by [`SpareStores::stop`].
+    builder: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl SpareStores {
@@ -47,16 +49,24 @@ impl SpareStores {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
             let number = name.parse::<u64>().ok();
-            if let Some(n) = number {
+            let leftover = number.or_else(|| name.strip_prefix(BUILDING)?.parse().ok());
+            if let Some(n) = leftover {
                 next = next.max(n + 1);
             }
             let complete = number.is_some() && is_complete(&path);
             if complete && ready.len() < target {
                 ready.push(path);
-            } else if entry.file_type()?.is_dir() {
-                std::fs::remove_dir_all(&path)?;
+                continue;
+            }
+            let removed = if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(&path)
             } else {
-                std::fs::remove_file(&path)?;
+                std::fs::remove_file(&path)
+            };
+            // A leftover that cannot be deleted is only litter: new spares get numbers after
+            // it, and the host opens anyway.
+            if let Err(err) = removed {
+                tracing::warn!(path = %path.display(), "could not delete a leftover spare store directory: {err}");
             }
         }
         Ok(Arc::new(Self {
@@ -67,6 +77,7 @@ impl SpareStores {
             refilling: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             next: AtomicU64::new(next),
+            builder: Mutex::new(None),
         }))
     }
 
@@ -101,6 +112,10 @@ impl SpareStores {
             return;
         }
         let pool = self.clone();
+        let mut builder = self
+            .builder
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let started = std::thread::Builder::new()
             .name("storehost-spares".into())
             .spawn(move || {
@@ -115,16 +130,32 @@ impl SpareStores {
                 }
                 pool.refilling.store(false, Ordering::Release);
             });
-        if let Err(err) = started {
-            tracing::warn!("could not start preparing spare store directories: {err}");
-            self.refilling.store(false, Ordering::Release);
+        match started {
+            // The previous builder has finished (it cleared `refilling`), so its handle can go.
+            Ok(handle) => *builder = Some(handle),
+            Err(err) => {
+                tracing::warn!("could not start preparing spare store directories: {err}");
+                self.refilling.store(false, Ordering::Release);
+            }
         }
     }
 
     /// Stops preparing spares (the host shuts down): a spare being built is finished, no
-    /// other is started.
+    /// other is started. Returns once the builder has let go of the directory, so the next
+    /// host to open this data directory never finds a spare still being written. Blocks for
+    /// at most one spare's build (a few file creations).
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
+        let handle = self
+            .builder
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            tracing::warn!("the spare store builder panicked");
+        }
     }
 
     /// Builds one spare in a scratch directory and renames it into place.
@@ -211,6 +242,34 @@ mod tests {
     }
 
     #[test]
+    fn stopping_waits_for_the_builder_so_the_directory_can_be_reopened_at_once() {
+        let data = tempfile::tempdir().unwrap();
+        let root = data.path().join("stores").join(SPARE_DIR);
+        for _ in 0..5 {
+            let pool = SpareStores::open(data.path(), Durability::Process, 1_000).unwrap();
+            pool.refill();
+            while pool.ready() == 0 {
+                std::thread::yield_now();
+            }
+            pool.stop();
+            let building: Vec<_> = std::fs::read_dir(&root)
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(BUILDING))
+                .collect();
+            assert_eq!(
+                building,
+                Vec::<String>::new(),
+                "no spare is still being built"
+            );
+            let ready = pool.ready();
+            drop(pool);
+            let reopened = SpareStores::open(data.path(), Durability::Process, 1_000).unwrap();
+            assert_eq!(reopened.ready(), ready, "every finished spare is kept");
+        }
+    }
+
+    #[test]
     fn an_empty_pool_says_so_and_the_caller_creates_the_directory() {
         let data = tempfile::tempdir().unwrap();
         let pool = SpareStores::open(data.path(), Durability::Process, 0).unwrap();
@@ -237,7 +296,10 @@ mod tests {
         assert!(!root.join("0").exists());
         pool.refill();
         wait_ready(&pool, 3);
-        assert!(root.join("3").exists(), "a new spare gets a fresh number");
+        assert!(
+            root.join("8").exists(),
+            "a new spare is numbered after every leftover, even a half-built one"
+        );
 
         // Fewer wanted now: the extra ones are deleted.
         drop(pool);
