@@ -262,7 +262,7 @@ async fn a_task_killed_between_claim_and_commit_runs_again_exactly_once() {
     assert_eq!(response.status().as_u16(), 202);
     // The run has claimed its execution and is sleeping inside its transaction: kill now.
     for _ in 0..300 {
-        if std::fs::read_to_string(&started_log).is_ok_and(|log| !log.is_empty()) {
+        if std::fs::read_to_string(&started_log).is_ok_and(|log| log.ends_with('\n')) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -415,7 +415,7 @@ async fn killed_inside_a_handler_a_swap_a_backup_or_a_reload_nothing_is_lost_or_
                 let marker = data.join("stores/crash-a/files/handler.log");
                 let mut started = false;
                 for _ in 0..500 {
-                    if std::fs::read_to_string(&marker).is_ok_and(|m| !m.is_empty()) {
+                    if std::fs::read_to_string(&marker).is_ok_and(|m| m.ends_with('\n')) {
                         started = true;
                         break;
                     }

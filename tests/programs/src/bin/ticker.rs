@@ -88,7 +88,10 @@ impl Plugin for Ticker {
                 .append(true)
                 .open("/data/started.log")
                 .map_err(|err| format!("open started.log: {err}"))?;
-            writeln!(log, "{}", task.execution_id).map_err(|err| err.to_string())?;
+            // One write for the whole line: `writeln!` on a `File` writes the id and the newline
+            // separately, and a kill between the two leaves a line without its end.
+            log.write_all(format!("{}\n", task.execution_id).as_bytes())
+                .map_err(|err| err.to_string())?;
             std::thread::sleep(std::time::Duration::from_millis(ms));
         }
         create_table()?;

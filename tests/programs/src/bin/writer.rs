@@ -109,7 +109,10 @@ impl Plugin for Writer {
                     .append(true)
                     .open("/data/handler.log")
                     .map_err(|err| format!("open /data/handler.log: {err}"))?;
-                writeln!(marker, "{}", event.seq).map_err(|err| err.to_string())?;
+                // One write for the whole line, so a kill never leaves half of it.
+                marker
+                    .write_all(format!("{}\n", event.seq).as_bytes())
+                    .map_err(|err| err.to_string())?;
                 drop(marker);
                 std::thread::sleep(std::time::Duration::from_millis(slow.sleep_ms));
             }
