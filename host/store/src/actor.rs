@@ -908,10 +908,9 @@ impl Actor {
         let Some(last) = entries.last() else {
             return Ok(());
         };
-        self.shared.log.append_emitted(&entries)?;
+        let head = self.shared.log.append_emitted(&entries)?;
         db.clear_outbox(last.id)?;
         drop(db);
-        let head = self.shared.log.head()?;
         self.shared.head.send_if_modified(|h| {
             let grew = head > *h;
             *h = (*h).max(head);

@@ -4,6 +4,7 @@
 //! where the plugin's transaction runs. Events the plugin emits reach the log through the
 //! outbox in `store.db`, keyed by origin so that draining it twice appends them once.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -29,6 +30,11 @@ CREATE TABLE IF NOT EXISTS events (
 /// different sizes), so the page ends where the caller stops stepping the rows instead.
 const READ_AFTER: &str =
     "SELECT seq, type, payload, at, source, request_id FROM events WHERE seq > ?1 ORDER BY seq";
+
+/// The tail kept in memory holds at most this many events…
+const TAIL_EVENTS: usize = 64;
+/// …and at most this many payload bytes.
+const TAIL_BYTES: usize = 64 * 1024;
 
 /// An event to append.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +79,65 @@ pub struct EventLog {
     /// before it returns).
     writer: Mutex<Option<Connection>>,
     reader: sqlite::LazyReader,
+    /// The newest events, so that a follower's long-poll and the store's own actor read the
+    /// end of the log without SQLite. `None` until the first append after opening (or after
+    /// hibernating), when reads go to the file.
+    tail: Mutex<Option<Tail>>,
+}
+
+/// The end of the log in memory: every event with `seq > after`, in order, with no gap.
+#[derive(Debug)]
+struct Tail {
+    after: u64,
+    events: VecDeque<LoggedEvent>,
+    bytes: usize,
+}
+
+impl Tail {
+    /// The `seq` of the newest event.
+    fn head(&self) -> u64 {
+        self.after + self.events.len() as u64
+    }
+
+    /// The events after `after` (which must not be before the tail), up to `limit`.
+    fn read(&self, after: u64, limit: usize) -> Vec<LoggedEvent> {
+        let skip = usize::try_from(after - self.after).unwrap_or(usize::MAX);
+        self.events.iter().skip(skip).take(limit).cloned().collect()
+    }
+
+    fn push(&mut self, event: LoggedEvent) {
+        self.bytes += event.payload.len();
+        self.events.push_back(event);
+        while self.events.len() > TAIL_EVENTS || self.bytes > TAIL_BYTES {
+            let Some(evicted) = self.events.pop_front() else {
+                break;
+            };
+            self.bytes -= evicted.payload.len();
+            self.after = evicted.seq;
+        }
+    }
+}
+
+/// Adds events just committed to the tail. A new row's `seq` is the largest before it plus
+/// one (the write transaction excludes every other writer), so the first new event follows
+/// the log's previous head directly: when the tail does not end there (unknown, or the
+/// events in between were never seen), it starts again from that point.
+fn extend_tail(tail: &Mutex<Option<Tail>>, committed: Vec<LoggedEvent>) {
+    let Some(first) = committed.first().map(|e| e.seq) else {
+        return;
+    };
+    let mut tail = lock(tail);
+    let tail = match &mut *tail {
+        Some(known) if known.head() + 1 == first => known,
+        slot => slot.insert(Tail {
+            after: first - 1,
+            events: VecDeque::new(),
+            bytes: 0,
+        }),
+    };
+    for event in committed {
+        tail.push(event);
+    }
 }
 
 impl std::fmt::Debug for EventLog {
@@ -92,12 +157,14 @@ impl EventLog {
             durability,
             writer: Mutex::new(Some(writer)),
             reader: sqlite::LazyReader::new(path, reader),
+            tail: Mutex::new(None),
         })
     }
 
     /// The store is hibernating: hands back the reader's and the writer's statement and page
     /// caches (both stay open, so the next event wakes the store quickly).
     pub(crate) fn release_memory(&self) {
+        lock(&self.tail).take();
         self.reader.shrink();
         if let Some(writer) = &*lock(&self.writer)
             && let Err(err) = sqlite::release_memory(writer)
@@ -109,6 +176,7 @@ impl EventLog {
     /// The store has hibernated for long: closes the reader and the writer (the next read or
     /// append opens them again), so it holds neither memory nor file descriptors here.
     pub(crate) fn close(&self) {
+        lock(&self.tail).take();
         self.reader.close();
         let closed = lock(&self.writer).take();
         drop(closed);
@@ -130,18 +198,24 @@ impl EventLog {
     /// Appends `events` from `source` in one transaction; returns each event's `seq` (the
     /// original `seq` for an idempotency key seen before). Durable when this returns.
     pub fn append(&self, events: &[NewEvent], source: &str) -> rusqlite::Result<Vec<u64>> {
-        self.with_writer(|conn| Self::append_in(conn, events, source))
+        self.with_writer(|conn| {
+            let (seqs, committed) = Self::append_in(conn, events, source)?;
+            extend_tail(&self.tail, committed);
+            Ok(seqs)
+        })
     }
 
+    /// Appends in one transaction; returns each event's `seq` and the events it added.
     fn append_in(
         conn: &mut Connection,
         events: &[NewEvent],
         source: &str,
-    ) -> rusqlite::Result<Vec<u64>> {
+    ) -> rusqlite::Result<(Vec<u64>, Vec<LoggedEvent>)> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut seqs = Vec::with_capacity(events.len());
+        let mut added = Vec::with_capacity(events.len());
+        let now = sqlite::now_ms();
         {
-            let now = sqlite::now_ms();
             let mut find =
                 tx.prepare_cached("SELECT seq FROM events WHERE idempotency_key = ?1")?;
             let mut insert = tx.prepare_cached(
@@ -162,46 +236,92 @@ impl EventLog {
                     event.idempotency_key,
                     event.request_id
                 ])?;
-                seqs.push(tx.last_insert_rowid() as u64);
+                let seq = tx.last_insert_rowid() as u64;
+                seqs.push(seq);
+                added.push(LoggedEvent {
+                    seq,
+                    event_type: event.event_type.clone(),
+                    payload: event.payload.clone(),
+                    at: now,
+                    source: source.to_owned(),
+                    request_id: event.request_id.clone(),
+                });
             }
         }
         tx.commit()?;
-        Ok(seqs)
+        Ok((seqs, added))
     }
 
-    /// Appends events the plugin emitted, each once per origin.
-    pub fn append_emitted(&self, entries: &[crate::guest_db::OutboxEntry]) -> rusqlite::Result<()> {
-        self.with_writer(|conn| Self::append_emitted_in(conn, entries))
+    /// Appends events the plugin emitted, each once per origin; returns the log's head after.
+    pub fn append_emitted(
+        &self,
+        entries: &[crate::guest_db::OutboxEntry],
+    ) -> rusqlite::Result<u64> {
+        self.with_writer(|conn| {
+            let committed = Self::append_emitted_in(conn, entries)?;
+            extend_tail(&self.tail, committed);
+            match &*lock(&self.tail) {
+                Some(tail) => Ok(tail.head()),
+                None => self.head_on_disk(),
+            }
+        })
     }
 
+    /// Appends in one transaction; returns the events it added (an origin already in the log
+    /// adds nothing).
     fn append_emitted_in(
         conn: &mut Connection,
         entries: &[crate::guest_db::OutboxEntry],
-    ) -> rusqlite::Result<()> {
+    ) -> rusqlite::Result<Vec<LoggedEvent>> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut added = Vec::with_capacity(entries.len());
         {
             let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO events (type, payload, at, source, origin, request_id)
-                 VALUES (?1, ?2, ?3, 'plugin', ?4, (SELECT request_id FROM events WHERE seq = ?5))",
+                 VALUES (?1, ?2, ?3, 'plugin', ?4, (SELECT request_id FROM events WHERE seq = ?5))
+                 RETURNING seq, request_id",
             )?;
             for entry in entries {
                 // An event's emissions carry `<cause seq>:<index>` (a task's carry no seq).
                 let cause: Option<u64> =
                     entry.origin.split(':').next().and_then(|s| s.parse().ok());
-                insert.execute(params![
-                    entry.event_type,
-                    entry.payload,
-                    entry.at,
-                    entry.origin,
-                    cause
-                ])?;
+                let inserted = insert
+                    .query_row(
+                        params![
+                            entry.event_type,
+                            entry.payload,
+                            entry.at,
+                            entry.origin,
+                            cause
+                        ],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )
+                    .optional()?;
+                if let Some((seq, request_id)) = inserted {
+                    added.push(LoggedEvent {
+                        seq,
+                        event_type: entry.event_type.clone(),
+                        payload: entry.payload.clone(),
+                        at: entry.at,
+                        source: "plugin".to_owned(),
+                        request_id,
+                    });
+                }
             }
         }
-        tx.commit()
+        tx.commit()?;
+        Ok(added)
     }
 
     /// The `seq` of the newest event (0 when empty).
     pub fn head(&self) -> rusqlite::Result<u64> {
+        if let Some(tail) = &*lock(&self.tail) {
+            return Ok(tail.head());
+        }
+        self.head_on_disk()
+    }
+
+    fn head_on_disk(&self) -> rusqlite::Result<u64> {
         self.reader.with(|conn| {
             conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |row| {
                 row.get(0)
@@ -211,6 +331,22 @@ impl EventLog {
 
     /// Up to `limit` events with `seq > after`, in order.
     pub fn read_after(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<LoggedEvent>> {
+        match self.read_recent(after, limit) {
+            Some(events) => Ok(events),
+            None => self.read_on_disk(after, limit),
+        }
+    }
+
+    /// [`Self::read_after`] when the memory holds the answer (`after` is within the tail of
+    /// the log): never touches the file, so it may run on an async worker.
+    pub fn read_recent(&self, after: u64, limit: usize) -> Option<Vec<LoggedEvent>> {
+        match &*lock(&self.tail) {
+            Some(tail) if after >= tail.after => Some(tail.read(after, limit)),
+            _ => None,
+        }
+    }
+
+    fn read_on_disk(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<LoggedEvent>> {
         self.reader.with(|conn| {
             let mut stmt = conn.prepare_cached(READ_AFTER)?;
             let rows = stmt.query_map(params![after], |row| {
@@ -270,7 +406,7 @@ mod tests {
             log.append(&[event("a", None)], "api").unwrap();
         }
         for (after, limit) in [(0, 256), (3, 1000), (5, 256), (9, 1000), (10, 1)] {
-            let page = log.read_after(after, limit).unwrap();
+            let page = log.read_on_disk(after, limit).unwrap();
             assert_eq!(
                 page.first().map(|e| e.seq),
                 (after < 10).then_some(after + 1)
@@ -286,6 +422,101 @@ mod tests {
             })
             .unwrap();
         assert_eq!(reprepared, 0, "the paging statement was compiled again");
+    }
+
+    /// Every page a reader can ask for, from memory where the tail holds it, and the same
+    /// page from the file.
+    fn assert_tail_matches_the_file(log: &EventLog) {
+        let head = log.head_on_disk().unwrap();
+        assert_eq!(
+            log.head().unwrap(),
+            head,
+            "the head in memory is the file's"
+        );
+        for after in 0..=head + 1 {
+            for limit in [1, 3, 1000] {
+                assert_eq!(
+                    log.read_after(after, limit).unwrap(),
+                    log.read_on_disk(after, limit).unwrap(),
+                    "after {after}, limit {limit}"
+                );
+            }
+        }
+    }
+
+    /// Reads of the log's end come from memory, and say exactly what the file says: the
+    /// events the API appended, those a plugin emitted (with their cause's request id), none
+    /// of the duplicates, and — once the tail has dropped old events — the file for the rest.
+    #[test]
+    fn the_tail_in_memory_reads_exactly_what_the_file_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(&dir.path().join("events.db"), Durability::Process).unwrap();
+        assert_eq!(
+            log.read_recent(0, 10),
+            None,
+            "nothing is known before an append"
+        );
+        let mut first = event("a", Some("k1"));
+        first.request_id = Some("req-1".into());
+        log.append(&[first, event("b", None)], "api").unwrap();
+        assert!(
+            log.read_recent(0, 10).is_some(),
+            "the tail starts at the first append"
+        );
+        let emitted = |origin: &str| crate::guest_db::OutboxEntry {
+            id: 0,
+            origin: origin.into(),
+            event_type: "reply".into(),
+            payload: r#"{"ok":true}"#.into(),
+            at: 7,
+        };
+        assert_eq!(
+            log.append_emitted(&[emitted("1:0"), emitted("1:1")])
+                .unwrap(),
+            4
+        );
+        assert_eq!(
+            log.append_emitted(&[emitted("1:1"), emitted("2:0")])
+                .unwrap(),
+            5,
+            "an origin already in the log is not added again"
+        );
+        log.append(&[event("c", Some("k1"))], "api").unwrap();
+        assert_eq!(
+            log.read_recent(2, 10).unwrap()[0].request_id.as_deref(),
+            Some("req-1")
+        );
+        assert_tail_matches_the_file(&log);
+
+        for _ in 0..TAIL_EVENTS {
+            log.append(&[event("d", None)], "api").unwrap();
+        }
+        assert_eq!(
+            log.read_recent(0, 10),
+            None,
+            "the oldest events left the tail"
+        );
+        assert_tail_matches_the_file(&log);
+    }
+
+    /// A hibernating store forgets its tail (its memory is handed back); reads go to the file
+    /// until the next append starts the tail again after the head.
+    #[test]
+    fn a_hibernated_log_reads_the_file_until_the_next_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(&dir.path().join("events.db"), Durability::Process).unwrap();
+        log.append(&[event("a", None), event("b", None)], "api")
+            .unwrap();
+        log.release_memory();
+        assert_eq!(log.read_recent(0, 10), None);
+        assert_tail_matches_the_file(&log);
+        log.append(&[event("c", None)], "api").unwrap();
+        assert_eq!(log.read_recent(1, 10).map(|e| e.len()), None);
+        assert_eq!(log.read_recent(2, 10).map(|e| e.len()), Some(1));
+        log.close();
+        assert_eq!(log.read_recent(2, 10), None);
+        log.append(&[event("d", None)], "api").unwrap();
+        assert_tail_matches_the_file(&log);
     }
 
     fn event(t: &str, key: Option<&str>) -> NewEvent {

@@ -485,6 +485,10 @@ impl Store {
             let mut head = self.shared.head.subscribe();
             let _ = tokio::time::timeout(wait, head.wait_for(|&head| head > after)).await;
         }
+        // The end of the log is in memory: no thread hop for a follower keeping up.
+        if let Some(events) = self.shared.log.read_recent(after, limit) {
+            return Ok(events);
+        }
         let shared = self.shared.clone();
         Ok(blocking(move || shared.log.read_after(after, limit)).await??)
     }
