@@ -110,6 +110,56 @@ async fn emitted_events_join_the_log_once_with_source_plugin() {
     );
 }
 
+/// Every emitted event reaches the log once, in the order of its causes, and the outbox it
+/// passed through in `store.db` does not keep it: each commit clears what was already moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_empties_as_emitted_events_reach_the_log() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("relay", "writer", &[]).await;
+
+    for i in 0..20 {
+        host.append(
+            "relay",
+            "kv.emit",
+            json!({"type": "kv.put", "payload": {"key": format!("k{i}"), "value": i}}),
+        )
+        .await;
+        // Some causes wait for the previous reply to be logged, some arrive together.
+        if i % 3 == 0 {
+            host.settle("relay").await;
+        }
+    }
+    host.settle("relay").await;
+    let (_, page) = host.get("/v1/stores/relay/events?limit=1000").await;
+    let emitted: Vec<_> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["source"] == "plugin")
+        .map(|e| e["payload"]["key"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        emitted,
+        (0..20).map(|i| format!("k{i}")).collect::<Vec<_>>(),
+        "each emitted event logged once, in order"
+    );
+    assert_eq!(host.query("relay", "count", json!({})).await["kv"], 20);
+
+    let db = rusqlite::Connection::open_with_flags(
+        host.data_dir.join("stores/relay/store.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let left: i64 = db
+        .query_row("SELECT count(*) FROM _host_outbox", [], |row| row.get(0))
+        .unwrap();
+    assert!(
+        left <= 1,
+        "the outbox holds {left} entries; only the last one moved may wait for the next commit"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trapping_handler_leaves_no_trace_is_retried_dead_lettered_and_retried_later() {
     let host = TestHost::start().await;

@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::capabilities::StoreCapabilities;
 use crate::event_log::LoggedEvent;
-use crate::guest_db::{self, GuestDb};
+use crate::guest_db::{self, GuestDb, OutboxEntry};
 use crate::schedules::{self, DuePlan, Schedule};
 use crate::sqlite::{self, Durability};
 use crate::store::{Shared, StoreError, StoreSettings, StoreState};
@@ -79,6 +79,33 @@ pub(crate) struct Actor {
     /// until one succeeds, its calls running in the demoted stores' slots on the threads with
     /// the least CPU priority ([`Actor::call_demoted`]).
     penalized: bool,
+    outbox: Outbox,
+}
+
+/// Emitted events on their way from `store.db`'s outbox to the log. The actor is the only
+/// writer of the outbox, so once it has read the table it knows what the table holds: moving
+/// an invocation's events costs no read of it, and the entries already in the log are
+/// deleted by the next transaction that commits work rather than by one of their own. A
+/// crash in between leaves entries the log has; the next start appends them again, which
+/// their origin makes a no-op.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// Committed to the outbox and not yet in the log; `None` until the first drain reads
+    /// the table.
+    unsent: Option<Vec<OutboxEntry>>,
+    /// The newest entry in the log that may still be in the table.
+    sent_through: Option<i64>,
+}
+
+impl Outbox {
+    /// A transaction staging `staged` (and clearing what was sent) has committed.
+    fn committed(&mut self, staged: Vec<OutboxEntry>) {
+        self.sent_through = None;
+        // Unknown yet: the next drain reads the table in full.
+        if let Some(unsent) = &mut self.unsent {
+            unsent.extend(staged);
+        }
+    }
 }
 
 /// Where `store.db` is and how it is opened (again, after hibernation).
@@ -122,6 +149,7 @@ impl Actor {
             breaker_trips: 0,
             next_due: None,
             penalized: false,
+            outbox: Outbox::default(),
         }
     }
 
@@ -683,11 +711,8 @@ impl Actor {
         let outcome = outcome.and_then(|emitted| {
             let db = self.lock_db();
             let now = sqlite::now_ms();
-            for (index, (event_type, payload)) in emitted.iter().enumerate() {
-                let origin = format!("task:{}@{due}:{index}", schedule.task_id);
-                db.stage_emitted(&origin, event_type, payload, now)
-                    .map_err(|err| storage_failure("could not stage an emitted event", &err))?;
-            }
+            let origin = |index| format!("task:{}@{due}:{index}", schedule.task_id);
+            let staged = self.stage(&db, emitted, origin, now)?;
             let conn = db.connection();
             schedules::finish(
                 conn,
@@ -702,11 +727,15 @@ impl Actor {
             .and_then(|()| schedules::advance(conn, schedule, due, now))
             .map_err(|err| storage_failure("could not record the execution", &err))?;
             db.commit()
-                .map_err(|err| storage_failure("could not commit", &err))
+                .map_err(|err| storage_failure("could not commit", &err))?;
+            Ok(staged)
         });
-        if outcome.is_err() {
-            self.lock_db().rollback();
-            return outcome.map(|()| true);
+        match outcome {
+            Ok(staged) => self.outbox.committed(staged),
+            Err(err) => {
+                self.lock_db().rollback();
+                return Err(err);
+            }
         }
         if let Err(err) = self.drain_outbox() {
             tracing::error!("could not move emitted events to the log (retried later): {err}");
@@ -884,10 +913,7 @@ impl Actor {
     ) -> Result<(), InvocationError> {
         let db = self.lock_db();
         let now = sqlite::now_ms();
-        for (index, (event_type, payload)) in emitted.iter().enumerate() {
-            db.stage_emitted(&format!("{seq}:{index}"), event_type, payload, now)
-                .map_err(|err| storage_failure("could not stage an emitted event", &err))?;
-        }
+        let staged = self.stage(&db, emitted, |index| format!("{seq}:{index}"), now)?;
         match completion {
             Completion::AdvanceCursor => db.advance_cursor(seq),
             Completion::ResolveDeadLetter => db.resolve_dead_letter(seq),
@@ -896,21 +922,55 @@ impl Actor {
         db.commit()
             .map_err(|err| storage_failure("could not commit", &err))?;
         drop(db);
+        self.outbox.committed(staged);
         // The invocation may have scheduled or cancelled tasks.
         self.refresh_next_due();
         Ok(())
     }
 
-    /// Moves emitted events from the outbox into the log (idempotent by origin).
-    fn drain_outbox(&self) -> rusqlite::Result<()> {
-        let db = self.lock_db();
-        let entries = db.outbox()?;
-        let Some(last) = entries.last() else {
+    /// Writes an invocation's emitted events to the outbox, inside the transaction that
+    /// commits its work, and clears the entries already in the log; returns what it staged.
+    fn stage(
+        &self,
+        db: &GuestDb,
+        emitted: Vec<(String, String)>,
+        origin: impl Fn(usize) -> String,
+        now: i64,
+    ) -> Result<Vec<OutboxEntry>, InvocationError> {
+        if let Some(through) = self.outbox.sent_through {
+            db.clear_outbox(through)
+                .map_err(|err| storage_failure("could not clear the outbox", &err))?;
+        }
+        emitted
+            .into_iter()
+            .enumerate()
+            .map(|(index, (event_type, payload))| {
+                db.stage_emitted(origin(index), event_type, payload, now)
+                    .map_err(|err| storage_failure("could not stage an emitted event", &err))
+            })
+            .collect()
+    }
+
+    /// Moves emitted events from the outbox into the log (idempotent by origin). The first
+    /// drain reads the outbox table; later ones know what it holds (see [`Outbox`]).
+    fn drain_outbox(&mut self) -> rusqlite::Result<()> {
+        let unsent = match self.outbox.unsent.take() {
+            Some(unsent) => unsent,
+            None => self.lock_db().outbox()?,
+        };
+        let Some(last) = unsent.last().map(|entry| entry.id) else {
+            self.outbox.unsent = Some(unsent);
             return Ok(());
         };
-        let head = self.shared.log.append_emitted(&entries)?;
-        db.clear_outbox(last.id)?;
-        drop(db);
+        let head = match self.shared.log.append_emitted(&unsent) {
+            Ok(head) => head,
+            Err(err) => {
+                self.outbox.unsent = Some(unsent);
+                return Err(err);
+            }
+        };
+        self.outbox.unsent = Some(Vec::new());
+        self.outbox.sent_through = Some(last);
         self.shared.head.send_if_modified(|h| {
             let grew = head > *h;
             *h = (*h).max(head);

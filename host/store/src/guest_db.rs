@@ -274,20 +274,27 @@ impl GuestDb {
         self.set_deadline(budget.map(|b| Instant::now() + b));
     }
 
-    /// Stages an emitted event in the outbox (inside the current transaction).
+    /// Stages an emitted event in the outbox (inside the current transaction); returns the
+    /// entry it wrote.
     pub fn stage_emitted(
         &self,
-        origin: &str,
-        event_type: &str,
-        payload: &str,
+        origin: String,
+        event_type: String,
+        payload: String,
         at: i64,
-    ) -> rusqlite::Result<()> {
+    ) -> rusqlite::Result<OutboxEntry> {
         self.conn
             .prepare_cached(
                 "INSERT INTO _host_outbox (origin, type, payload, at) VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![origin, event_type, payload, at])?;
-        Ok(())
+        Ok(OutboxEntry {
+            id: self.conn.last_insert_rowid(),
+            origin,
+            event_type,
+            payload,
+            at,
+        })
     }
 
     /// Moves the cursor to `seq` (inside the current transaction).
