@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::sqlite::{self, Durability};
+use crate::sqlite::{self, Durability, lock};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -381,14 +381,6 @@ fn add_request_id_column(conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch("ALTER TABLE events ADD COLUMN request_id TEXT")?;
     }
     Ok(())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave SQLite half-written (its transaction rolls
-    // back), so a poisoned lock is safe to keep using.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 mod actor;
 pub mod backup;
 pub mod capabilities;
+mod checkpoint;
 pub mod dir;
 pub mod event_log;
 pub mod guest_db;

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
+use crate::checkpoint::{self, Checkpointer};
+
 /// How much a commit must survive.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -30,7 +32,7 @@ pub const VFS: &str = "unix-excl";
 
 /// The WAL file is kept (truncated to this many bytes) when the last connection closes, so
 /// reopening a hibernated store's database creates no file (see [`keep_wal`]).
-const WAL_SIZE_LIMIT: &str = "4194304";
+pub(crate) const WAL_SIZE_LIMIT: &str = "4194304";
 
 /// Opens (creating if needed) a database file in WAL mode with the durability asked for, and
 /// runs `schema` (statements that are no-ops when the tables exist) before it returns.
@@ -45,14 +47,27 @@ const WAL_SIZE_LIMIT: &str = "4194304";
 /// restarted WAL's frames reaching the disk out of order with frames of the WAL before it; an
 /// empty WAL has none. A process crash never loses written pages; a power loss before the next
 /// checkpoint leaves at worst torn frames, which SQLite's checksums discard.
+///
+/// Its WAL is checkpointed by the host's checkpoint threads, not by its commits (see
+/// [`crate::checkpoint`]).
 pub(crate) fn open(
     path: &Path,
     durability: Durability,
     schema: &str,
 ) -> rusqlite::Result<Connection> {
+    open_with(path, durability, schema, &checkpoint::BACKGROUND)
+}
+
+/// [`open`], with the WAL checkpointed by `checkpointer`.
+pub(crate) fn open_with(
+    path: &Path,
+    durability: Durability,
+    schema: &str,
+    checkpointer: &Checkpointer,
+) -> rusqlite::Result<Connection> {
     let new = !path.exists();
     let wal_empty = std::fs::metadata(wal_path(path)).map_or(true, |m| m.len() == 0);
-    let conn = Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), VFS)?;
+    let mut conn = Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), VFS)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     let synchronous = match durability {
         Durability::Process => "NORMAL",
@@ -68,6 +83,7 @@ pub(crate) fn open(
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    checkpointer.watch(&mut conn, path, synchronous)?;
     if !schema.is_empty() {
         conn.execute_batch(schema)?;
     }
@@ -100,7 +116,7 @@ fn start_wal(conn: &Connection) -> rusqlite::Result<()> {
 ///
 /// rusqlite has no safe wrapper for file controls: this is the crate's one `unsafe` block.
 #[allow(unsafe_code)]
-fn keep_wal(conn: &Connection) -> rusqlite::Result<()> {
+pub(crate) fn keep_wal(conn: &Connection) -> rusqlite::Result<()> {
     let mut on: std::ffi::c_int = 1;
     // SAFETY: the handle is this open connection's; PERSIST_WAL reads and writes one int
     // through the pointer, which outlives the call.
@@ -157,10 +173,7 @@ impl LazyReader {
         &self,
         work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
-        let mut guard = self
-            .conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = lock(&self.conn);
         let conn = match &mut *guard {
             Some(conn) => conn,
             slot => slot.insert(open_reader(&self.path)?),
@@ -170,10 +183,7 @@ impl LazyReader {
 
     /// Hands back the connection's caches, if it is open (see [`release_memory`]).
     pub(crate) fn shrink(&self) {
-        let guard = self
-            .conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let guard = lock(&self.conn);
         if let Some(conn) = &*guard
             && let Err(err) = release_memory(conn)
         {
@@ -183,11 +193,7 @@ impl LazyReader {
 
     /// Closes the connection (the next use opens it again).
     pub(crate) fn close(&self) {
-        let closed = self
-            .conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let closed = lock(&self.conn).take();
         drop(closed);
     }
 }
@@ -197,6 +203,15 @@ impl LazyReader {
 pub(crate) fn release_memory(conn: &Connection) -> rusqlite::Result<()> {
     conn.flush_prepared_statement_cache();
     conn.execute_batch("PRAGMA shrink_memory")
+}
+
+/// Locks a mutex that guards a connection or what follows one. A panic while holding it cannot
+/// leave SQLite half-written (its transaction rolls back), so a poisoned lock is safe to keep
+/// using.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Milliseconds since the Unix epoch.
