@@ -149,18 +149,10 @@ impl Wal {
     }
 
     fn checkpoint_now(&self) -> rusqlite::Result<()> {
-        // Never creates: the file is the store's, open by its connection.
-        let conn = Connection::open_with_flags_and_vfs(
-            &self.path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
-                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | rusqlite::OpenFlags::SQLITE_OPEN_URI,
-            crate::sqlite::VFS,
-        )?;
+        // The store's connection stays open meanwhile (closing it waits for this one).
+        let conn =
+            crate::sqlite::open_existing(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
         conn.busy_timeout(Duration::from_secs(1))?;
-        // If the store's connection closes meanwhile, this one closes last: it then empties the
-        // WAL and keeps the file, as the store's would have.
-        crate::sqlite::keep_wal(&conn)?;
         conn.pragma_update(None, "journal_size_limit", crate::sqlite::WAL_SIZE_LIMIT)?;
         conn.pragma_update(None, "synchronous", self.synchronous)?;
         conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
@@ -252,7 +244,7 @@ mod tests {
         let frame = 4096 + 24;
         let most = u64::try_from(CHECKPOINT_INLINE_AT).unwrap() + 100;
         assert!(
-            size(&PathBuf::from(format!("{}-wal", path.display()))) < most * frame,
+            size(&sqlite::wal_path(&path)) < most * frame,
             "the WAL stayed bounded"
         );
         let rows: i64 = conn
@@ -268,8 +260,11 @@ mod tests {
         let (path, conn) = open(dir.path(), &checkpointer);
         commit_rows(&conn, 1_100);
         drop(conn);
-        let wal = PathBuf::from(format!("{}-wal", path.display()));
-        assert_eq!(size(&wal), 0, "closing checkpointed and emptied the WAL");
+        assert_eq!(
+            size(&sqlite::wal_path(&path)),
+            0,
+            "closing checkpointed and emptied the WAL"
+        );
 
         assert_eq!(
             checkpointer.run_queued(),

@@ -94,7 +94,7 @@ pub(crate) fn open_with(
     Ok(conn)
 }
 
-fn wal_path(path: &Path) -> std::path::PathBuf {
+pub(crate) fn wal_path(path: &Path) -> std::path::PathBuf {
     let mut wal = path.as_os_str().to_owned();
     wal.push("-wal");
     wal.into()
@@ -116,7 +116,7 @@ fn start_wal(conn: &Connection) -> rusqlite::Result<()> {
 ///
 /// rusqlite has no safe wrapper for file controls: this is the crate's one `unsafe` block.
 #[allow(unsafe_code)]
-pub(crate) fn keep_wal(conn: &Connection) -> rusqlite::Result<()> {
+fn keep_wal(conn: &Connection) -> rusqlite::Result<()> {
     let mut on: std::ffi::c_int = 1;
     // SAFETY: the handle is this open connection's; PERSIST_WAL reads and writes one int
     // through the pointer, which outlives the call.
@@ -140,11 +140,19 @@ pub(crate) fn keep_wal(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Opens a read-only connection to a database another connection writes.
 pub(crate) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    open_existing(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+}
+
+/// Opens a second connection (`flags`: read-only or read-write) to a database another
+/// connection of this process has open; never creates the file. Like every connection to a
+/// store's database, it keeps the WAL file should it close last.
+pub(crate) fn open_existing(
+    path: &Path,
+    flags: rusqlite::OpenFlags,
+) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags_and_vfs(
         path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
-            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+        flags | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX | rusqlite::OpenFlags::SQLITE_OPEN_URI,
         VFS,
     )?;
     conn.busy_timeout(Duration::from_secs(10))?;
