@@ -2,6 +2,7 @@
 //! order, exactly-once effects, idempotency, emitted events, retries and dead letters.
 
 use serde_json::json;
+use storehost_store::Quotas;
 use storehost_tests::{TestHost, programs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,6 +53,94 @@ async fn events_are_applied_in_seq_order_exactly_once() {
     assert_eq!(page["next"], 305);
     assert_eq!(page["events"][0]["source"], "api");
     assert_eq!(page["events"][0]["payload"], json!({"i": 0}));
+}
+
+/// Under a burst, events commit several to a transaction (group commit), and an event that
+/// fails in the middle of one loses only its own writes: a plugin error rolls back its
+/// savepoint; an interrupted write makes SQLite drop the whole transaction, so the events
+/// before it are processed again — still each applied once — and nothing the runaway guest
+/// wrote after the interruption is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_commits_in_groups_and_a_failed_event_loses_only_its_own_writes() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    let quotas = Quotas {
+        cpu_ms_per_call: 100,
+        ..Quotas::default()
+    };
+    let store = host.add_store_with("burst", "writer", &[], quotas).await;
+
+    let events: Vec<_> = (1..=300)
+        .map(|i| {
+            let kind = match i {
+                100 => "kv.fail",
+                200 => "kv.runaway",
+                _ if i % 50 == 0 => "kv.emit",
+                _ => "kv.put",
+            };
+            let payload = if kind == "kv.emit" {
+                json!({"type": "kv.put", "payload": {"key": format!("emitted-{i}"), "value": i}})
+            } else {
+                json!({"key": format!("k{i}"), "value": i})
+            };
+            json!({"type": kind, "payload": payload})
+        })
+        .collect();
+    let (status, body) = host
+        .post("/v1/stores/burst/events", json!({"events": events}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    host.settle("burst").await;
+
+    let emitted: Vec<u64> = (301..=304).collect();
+    let expected: Vec<u64> = (1..=300)
+        .filter(|i| ![100, 200].contains(i))
+        .chain(emitted.iter().copied())
+        .collect();
+    assert_eq!(
+        host.query("burst", "applied", json!({})).await["seqs"],
+        json!(expected),
+        "every other event applied once, in order"
+    );
+    for key in ["k100", "k200", "k200-after", "runaway-1"] {
+        assert_eq!(
+            host.query("burst", "get", json!({"key": key})).await["value"],
+            json!(null),
+            "{key} was written by a failed invocation"
+        );
+    }
+    assert_eq!(
+        host.query("burst", "get", json!({"key": "emitted-150"}))
+            .await["value"],
+        "150"
+    );
+    let (_, letters) = host.get("/v1/stores/burst/dead-letters").await;
+    let letters: Vec<_> = letters["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["seq"].as_u64().unwrap(),
+                l["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        letters,
+        vec![
+            (100, "plugin_error".to_owned()),
+            (200, "cpu_time".to_owned())
+        ]
+    );
+
+    let processed = store.status().events_processed;
+    assert_eq!(processed, expected.len() as u64);
+    let commits = store.metrics().event_commits();
+    assert!(
+        commits < processed,
+        "{processed} events took {commits} commits: the burst was not grouped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

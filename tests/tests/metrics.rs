@@ -271,6 +271,7 @@ async fn metrics_parse_as_prometheus_text_and_per_store_counters_move_when_event
             0.0
         );
         assert_eq!(before.get("storehost_store_tasks_executed_total", &id), 0.0);
+        assert_eq!(before.get("storehost_store_event_commits_total", &id), 0.0);
         assert_eq!(before.get("storehost_store_llm_calls_total", &id), 0.0);
         assert_eq!(
             before.get("storehost_store_memory_quota_bytes", &id),
@@ -319,6 +320,11 @@ async fn metrics_parse_as_prometheus_text_and_per_store_counters_move_when_event
         7.0
     );
     assert_eq!(after.get("storehost_store_lag_events", &alpha), 0.0);
+    let commits = after.get("storehost_store_event_commits_total", &alpha);
+    assert!(
+        (1.0..=7.0).contains(&commits),
+        "7 events commit in 1 to 7 transactions, not {commits}"
+    );
     assert_eq!(
         after.get("storehost_store_invocation_duration_seconds_count", &alpha),
         7.0,

@@ -1,5 +1,12 @@
 //! The actor of one store: feeds its sandbox one event at a time, in `seq` order, and commits
-//! each invocation's effects together with the cursor in one transaction.
+//! each invocation's effects together with the cursor.
+//!
+//! Events commit in groups: while more events are waiting, each invocation's writes, emitted
+//! events and cursor move go into a savepoint of one open transaction, and the transaction
+//! commits when the queue runs dry, after [`BATCH_EVENTS`] events or [`BATCH_AGE`], and before
+//! anything else (a query, a task, a wait, a stop) touches the database. A failed invocation
+//! rolls back only its savepoint. Nothing outside the actor sees an event as processed before
+//! its transaction commits: the cursor, `events_processed` and emitted events move then.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -23,6 +30,11 @@ use crate::store::{Shared, StoreError, StoreSettings, StoreState};
 const READ_BATCH: usize = 256;
 /// How many due schedules the actor picks up at a time (events are served in between).
 const DUE_BATCH: usize = 16;
+/// The most events one transaction commits...
+const BATCH_EVENTS: u64 = 128;
+/// ...and how long after its first event it commits at the latest, so a slow plugin does not
+/// hold back what it has processed.
+const BATCH_AGE: Duration = Duration::from_millis(2);
 
 /// What a store's handle asks its actor to do.
 pub(crate) enum Command {
@@ -48,13 +60,24 @@ enum Flow {
     Stop,
 }
 
-/// How a successful invocation is recorded in its transaction.
-#[derive(Clone, Copy)]
-enum Completion {
-    /// A new event: the cursor moves to it.
-    AdvanceCursor,
-    /// A retried dead letter: it is marked resolved.
-    ResolveDeadLetter,
+/// Events processed in the open transaction and not committed yet (see the module doc).
+struct Batch {
+    events: u64,
+    /// The newest event in it (`0` while it holds none).
+    last_seq: u64,
+    /// What its invocations emitted, moved to the log once it commits.
+    staged: Vec<OutboxEntry>,
+    began: Instant,
+}
+
+/// Why an event's delivery did not complete.
+enum EventFailure {
+    /// The invocation failed; only its own work was undone.
+    Invocation(InvocationError),
+    /// The transaction was lost with events processed before this one in it (SQLite rolls a
+    /// whole transaction back when a write is interrupted, and a commit may fail): they are
+    /// processed again from the committed cursor, each alone (see [`Actor::replay`]).
+    BatchLost,
 }
 
 pub(crate) struct Actor {
@@ -67,7 +90,15 @@ pub(crate) struct Actor {
     config: Arc<std::collections::BTreeMap<String, String>>,
     inbox: mpsc::Receiver<Command>,
     sandbox: Option<Sandbox<StoreCapabilities>>,
+    /// The last event processed, inside the open batch or committed.
     cursor: u64,
+    /// The last event whose effects are committed (what `store.db`'s cursor holds).
+    committed: u64,
+    /// The open transaction's events (group commit).
+    batch: Option<Batch>,
+    /// Until the cursor reaches this seq each event commits alone: set when a batch was lost,
+    /// so the event that lost it fails on its own rather than taking the others with it again.
+    solo_through: u64,
     pending: VecDeque<LoggedEvent>,
     paused: bool,
     cpu_budget: CpuBudget,
@@ -142,6 +173,9 @@ impl Actor {
             inbox,
             sandbox: None,
             cursor,
+            committed: cursor,
+            batch: None,
+            solo_through: 0,
             pending: VecDeque::new(),
             paused: false,
             cpu_budget: CpuBudget::new(settings_cpu_per_minute),
@@ -158,6 +192,7 @@ impl Actor {
             llm.set_calls_per_minute(&self.shared.id, self.settings.quotas.llm_calls_per_minute);
         }
         self.serve().await;
+        self.flush();
         if let Some(llm) = &self.settings.llm {
             llm.forget(&self.shared.id);
         }
@@ -181,6 +216,9 @@ impl Actor {
             }
             // Due tasks go before queued events, so a deep queue never delays a schedule.
             if !self.paused && self.task_due() {
+                if !self.flush() {
+                    continue;
+                }
                 if !self.ensure_db_or_wait().await {
                     continue;
                 }
@@ -199,6 +237,9 @@ impl Actor {
                 if self.process(event).await == Flow::Stop {
                     return;
                 }
+                continue;
+            }
+            if !self.flush() {
                 continue;
             }
             let due_in = self.due_in();
@@ -311,6 +352,9 @@ impl Actor {
     }
 
     async fn handle(&mut self, command: Command) -> Flow {
+        // What the command does (or answers) follows every event processed before it; an
+        // event whose batch is lost here is processed again afterwards.
+        self.flush();
         match command {
             Command::Query {
                 name,
@@ -391,24 +435,36 @@ impl Actor {
         let policy = self.settings.retry.clone();
         let mut attempt = 0;
         loop {
+            // A store over its CPU budget waits with its processed events committed.
+            if self.batch.is_some() && self.cpu_budget.wait_needed().is_some() && !self.flush() {
+                return Flow::Continue;
+            }
             if self.wait_for_cpu_budget().await == Flow::Stop {
                 return Flow::Stop;
             }
             attempt += 1;
-            match self.attempt(&event, Completion::AdvanceCursor).await {
+            match self.attempt_event(&event).await {
                 Ok(()) => {
                     self.consecutive_failures = 0;
                     self.breaker_trips = 0;
                     let mut status = self.shared.status();
-                    status.events_processed += 1;
                     status.state = StoreState::Running;
                     status.waiting_until = None;
                     status.last_activity = Some(sqlite::now_ms());
-                    drop(status);
-                    self.moved_to(event.seq);
                     return Flow::Continue;
                 }
-                Err(err) => {
+                Err(EventFailure::BatchLost) => {
+                    tracing::debug!(
+                        seq = event.seq,
+                        "the transaction was lost with earlier events in it; they are processed again"
+                    );
+                    return Flow::Continue;
+                }
+                Err(EventFailure::Invocation(err)) => {
+                    // The events before this one commit before it is retried or dead-lettered.
+                    if !self.flush() {
+                        return Flow::Continue;
+                    }
                     tracing::warn!(seq = event.seq, attempt, reason = %err.reason, "event failed: {}", err.message);
                     self.shared.record_failure(&err, Some(event.seq));
                     self.consecutive_failures += 1;
@@ -712,7 +768,8 @@ impl Actor {
             let db = self.lock_db();
             let now = sqlite::now_ms();
             let origin = |index| format!("task:{}@{due}:{index}", schedule.task_id);
-            let staged = self.stage(&db, emitted, origin, now)?;
+            self.clear_sent(&db)?;
+            let staged = stage(&db, emitted, origin, now)?;
             let conn = db.connection();
             schedules::finish(
                 conn,
@@ -786,23 +843,180 @@ impl Actor {
         }
     }
 
+    /// The cursor committed at `seq`: the store's handle sees it processed.
     fn moved_to(&mut self, seq: u64) {
         self.cursor = seq;
+        self.committed = seq;
         self.shared.cursor.send_replace(seq);
     }
 
-    /// One delivery of `event`: the guest's writes, its emitted events and the completion
-    /// commit together, or nothing does.
-    async fn attempt(
-        &mut self,
-        event: &LoggedEvent,
-        completion: Completion,
-    ) -> Result<(), InvocationError> {
+    /// One delivery of `event` in the open batch: the guest's writes, its emitted events and
+    /// the cursor's move are kept together or undone together (a savepoint); the batch
+    /// commits when [`Actor::batch_is_due`] says so.
+    async fn attempt_event(&mut self, event: &LoggedEvent) -> Result<(), EventFailure> {
+        let cpu_ms = self.settings.quotas.cpu_ms_per_call;
+        if self.batch.is_none() {
+            self.open_batch().map_err(EventFailure::Invocation)?;
+        }
+        let saved = self.lock_db().savepoint();
+        saved.map_err(|err| {
+            EventFailure::Invocation(host_error("could not open a savepoint", &err))
+        })?;
+        let outcome = self.invoke_event(event, cpu_ms).await;
+        let outcome = outcome.and_then(|emitted| self.keep(event.seq, emitted));
+        if let Err(err) = outcome {
+            if self.lock_db().rollback_to_savepoint() {
+                return Err(EventFailure::Invocation(err));
+            }
+            let lost = self.batch.take().map_or(0, |batch| batch.events);
+            if lost == 0 {
+                return Err(EventFailure::Invocation(err));
+            }
+            self.replay(event.seq);
+            return Err(EventFailure::BatchLost);
+        }
+        if !self.batch_is_due() {
+            return Ok(());
+        }
+        match self.commit_batch() {
+            Ok(()) => Ok(()),
+            Err((batch, err)) if batch.events == 1 => Err(EventFailure::Invocation(
+                storage_failure("could not commit", &err),
+            )),
+            Err((batch, err)) => {
+                self.commit_failed(&batch, &err);
+                Err(EventFailure::BatchLost)
+            }
+        }
+    }
+
+    /// Begins the transaction of a batch; it also clears the outbox entries already in the log.
+    fn open_batch(&mut self) -> Result<(), InvocationError> {
+        let db = self.lock_db();
+        db.begin()
+            .map_err(|err| storage_failure("could not begin the transaction", &err))?;
+        if let Err(err) = self.clear_sent(&db) {
+            db.rollback();
+            return Err(err);
+        }
+        drop(db);
+        self.batch = Some(Batch {
+            events: 0,
+            last_seq: 0,
+            staged: Vec::new(),
+            began: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Keeps a successful invocation of event `seq` in the batch: stages what it emitted,
+    /// moves the cursor and releases its savepoint.
+    fn keep(&mut self, seq: u64, emitted: Vec<(String, String)>) -> Result<(), InvocationError> {
+        let db = self.lock_db();
+        let now = sqlite::now_ms();
+        let staged = stage(&db, emitted, |index| format!("{seq}:{index}"), now)?;
+        db.advance_cursor(seq)
+            .and_then(|()| db.release_savepoint())
+            .map_err(|err| storage_failure("could not record progress", &err))?;
+        drop(db);
+        let Some(batch) = self.batch.as_mut() else {
+            return Err(InvocationError::new(
+                FailureReason::HostError,
+                "the batch's transaction vanished during the invocation",
+            ));
+        };
+        batch.events += 1;
+        batch.last_seq = seq;
+        batch.staged.extend(staged);
+        self.cursor = seq;
+        Ok(())
+    }
+
+    /// Whether the open batch commits now: nothing more is waiting, it is full or old enough,
+    /// or events commit one at a time after a lost batch.
+    fn batch_is_due(&self) -> bool {
+        let Some(batch) = &self.batch else {
+            return false;
+        };
+        let more_waiting = !self.pending.is_empty() || *self.shared.head.borrow() > self.cursor;
+        !more_waiting
+            || batch.events >= BATCH_EVENTS
+            || batch.began.elapsed() >= BATCH_AGE
+            || self.cursor <= self.solo_through
+    }
+
+    /// Commits the open batch, if any; then its events are processed for everyone: the
+    /// cursor moves, what they emitted goes to the log. On failure nothing of it is kept and
+    /// the cursor is back at the last committed event.
+    fn commit_batch(&mut self) -> Result<(), (Batch, rusqlite::Error)> {
+        let Some(batch) = self.batch.take() else {
+            return Ok(());
+        };
+        let db = self.lock_db();
+        if batch.events == 0 {
+            // Only failed invocations: there is nothing to keep.
+            db.rollback();
+            return Ok(());
+        }
+        if let Err(err) = db.commit() {
+            db.rollback();
+            drop(db);
+            self.cursor = self.committed;
+            return Err((batch, err));
+        }
+        drop(db);
+        self.outbox.committed(batch.staged);
+        // The invocations may have scheduled or cancelled tasks.
+        self.refresh_next_due();
+        // What the events emitted reaches the log before they show as processed: whoever
+        // waits for them to be processed then also finds the log's head past their emits.
+        if let Err(err) = self.drain_outbox() {
+            tracing::error!("could not move emitted events to the log (retried later): {err}");
+        }
+        self.shared.metrics.add_event_commit();
+        self.shared.status().events_processed += batch.events;
+        self.moved_to(batch.last_seq);
+        Ok(())
+    }
+
+    /// Commits the open batch before something else uses the database or the store waits.
+    /// `false`: the commit failed and its events are to be processed again.
+    fn flush(&mut self) -> bool {
+        match self.commit_batch() {
+            Ok(()) => true,
+            Err((batch, err)) => {
+                self.commit_failed(&batch, &err);
+                false
+            }
+        }
+    }
+
+    /// A batch did not commit: its events are processed again, one at a time.
+    fn commit_failed(&mut self, batch: &Batch, err: &rusqlite::Error) {
+        tracing::error!(
+            events = batch.events,
+            "could not commit the processed events; they are processed again, one at a time: {err}"
+        );
+        self.replay(batch.last_seq);
+    }
+
+    /// The open transaction is gone: the events after the committed cursor are read from the
+    /// log again, and each commits alone through `through`.
+    fn replay(&mut self, through: u64) {
+        self.batch = None;
+        self.cursor = self.committed;
+        self.pending.clear();
+        self.solo_through = self.solo_through.max(through);
+    }
+
+    /// Retries a dead letter: the guest's writes, its emitted events and the letter's
+    /// resolution commit together, or nothing does.
+    async fn attempt_dead_letter(&mut self, event: &LoggedEvent) -> Result<(), InvocationError> {
         let cpu_ms = self.settings.quotas.cpu_ms_per_call;
         let begun = self.lock_db().begin();
         begun.map_err(|err| host_error("could not begin the transaction", &err))?;
         let outcome = self.invoke_event(event, cpu_ms).await;
-        let outcome = outcome.and_then(|emitted| self.commit(event.seq, emitted, completion));
+        let outcome = outcome.and_then(|emitted| self.resolve(event.seq, emitted));
         if outcome.is_err() {
             self.lock_db().rollback();
         }
@@ -905,20 +1119,14 @@ impl Actor {
         }
     }
 
-    fn commit(
-        &mut self,
-        seq: u64,
-        emitted: Vec<(String, String)>,
-        completion: Completion,
-    ) -> Result<(), InvocationError> {
+    /// Commits a retried dead letter's invocation and marks the letter resolved.
+    fn resolve(&mut self, seq: u64, emitted: Vec<(String, String)>) -> Result<(), InvocationError> {
         let db = self.lock_db();
         let now = sqlite::now_ms();
-        let staged = self.stage(&db, emitted, |index| format!("{seq}:{index}"), now)?;
-        match completion {
-            Completion::AdvanceCursor => db.advance_cursor(seq),
-            Completion::ResolveDeadLetter => db.resolve_dead_letter(seq),
-        }
-        .map_err(|err| storage_failure("could not record progress", &err))?;
+        self.clear_sent(&db)?;
+        let staged = stage(&db, emitted, |index| format!("{seq}:{index}"), now)?;
+        db.resolve_dead_letter(seq)
+            .map_err(|err| storage_failure("could not record progress", &err))?;
         db.commit()
             .map_err(|err| storage_failure("could not commit", &err))?;
         drop(db);
@@ -928,27 +1136,14 @@ impl Actor {
         Ok(())
     }
 
-    /// Writes an invocation's emitted events to the outbox, inside the transaction that
-    /// commits its work, and clears the entries already in the log; returns what it staged.
-    fn stage(
-        &self,
-        db: &GuestDb,
-        emitted: Vec<(String, String)>,
-        origin: impl Fn(usize) -> String,
-        now: i64,
-    ) -> Result<Vec<OutboxEntry>, InvocationError> {
-        if let Some(through) = self.outbox.sent_through {
-            db.clear_outbox(through)
-                .map_err(|err| storage_failure("could not clear the outbox", &err))?;
+    /// Deletes the outbox entries already in the log, inside a transaction that commits work.
+    fn clear_sent(&self, db: &GuestDb) -> Result<(), InvocationError> {
+        match self.outbox.sent_through {
+            Some(through) => db
+                .clear_outbox(through)
+                .map_err(|err| storage_failure("could not clear the outbox", &err)),
+            None => Ok(()),
         }
-        emitted
-            .into_iter()
-            .enumerate()
-            .map(|(index, (event_type, payload))| {
-                db.stage_emitted(origin(index), event_type, payload, now)
-                    .map_err(|err| storage_failure("could not stage an emitted event", &err))
-            })
-            .collect()
     }
 
     /// Moves emitted events from the outbox into the log (idempotent by origin). The first
@@ -1024,7 +1219,7 @@ impl Actor {
             store: self.shared.id.clone(),
             seq,
         })?;
-        match self.attempt(&event, Completion::ResolveDeadLetter).await {
+        match self.attempt_dead_letter(&event).await {
             Ok(()) => {
                 tracing::info!(seq, "dead letter retried successfully");
                 self.shared.status().events_processed += 1;
@@ -1200,6 +1395,24 @@ async fn sleep_or_forever(duration: Option<Duration>) {
         Some(duration) => tokio::time::sleep(duration).await,
         None => std::future::pending().await,
     }
+}
+
+/// Writes an invocation's emitted events to the outbox, inside the transaction that commits
+/// its work; answers what it staged.
+fn stage(
+    db: &GuestDb,
+    emitted: Vec<(String, String)>,
+    origin: impl Fn(usize) -> String,
+    now: i64,
+) -> Result<Vec<OutboxEntry>, InvocationError> {
+    emitted
+        .into_iter()
+        .enumerate()
+        .map(|(index, (event_type, payload))| {
+            db.stage_emitted(origin(index), event_type, payload, now)
+                .map_err(|err| storage_failure("could not stage an emitted event", &err))
+        })
+        .collect()
 }
 
 fn lock(db: &Mutex<GuestDb>) -> MutexGuard<'_, GuestDb> {

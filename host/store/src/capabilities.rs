@@ -208,9 +208,9 @@ impl HostCapabilities for StoreCapabilities {
             .db()
             .as_host(|conn| schedules::upsert(conn, &task_id, &spec, &payload, now));
         match saved {
-            None => Err("tasks cannot be scheduled from a query (it is read-only)".into()),
-            Some(Ok(next)) => Ok(next),
-            Some(Err(err)) => {
+            Err(refused) => Err(format!("tasks cannot be scheduled here: {refused}")),
+            Ok(Ok(next)) => Ok(next),
+            Ok(Err(err)) => {
                 let message = format!("could not save the schedule of `{task_id}`: {err}");
                 if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
                     self.breach
@@ -223,8 +223,8 @@ impl HostCapabilities for StoreCapabilities {
 
     fn cancel_task(&mut self, task_id: &str) -> Result<bool, String> {
         match self.db().as_host(|conn| schedules::cancel(conn, task_id)) {
-            None => Err("tasks cannot be cancelled from a query (it is read-only)".into()),
-            Some(result) => result.map_err(|err| err.to_string()),
+            Err(refused) => Err(format!("tasks cannot be cancelled here: {refused}")),
+            Ok(result) => result.map_err(|err| err.to_string()),
         }
     }
 

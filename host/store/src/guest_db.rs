@@ -31,6 +31,9 @@ const SQLITE_FULL: i32 = 13;
 const SQLITE_INTERRUPT: i32 = 9;
 /// SQLite's result code for "string or blob too big".
 const SQLITE_TOOBIG: i32 = 18;
+/// SQLite's "callback requested query abort": what a guest statement gets once the
+/// invocation's transaction is gone.
+const SQLITE_ABORT: i32 = 4;
 
 /// Prefixed to guest SQL before it reaches the statement cache, so a guest that sends the
 /// exact text of a host statement gets its own (authorized) compilation, never the host's.
@@ -106,6 +109,26 @@ pub struct OutboxEntry {
     pub at: i64,
 }
 
+/// Why a capability could not write the host's tables during a guest call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HostWriteRefused {
+    /// The call is a query, which is read-only.
+    ReadOnly,
+    /// The invocation's transaction was rolled back by an earlier error.
+    RolledBack,
+}
+
+impl std::fmt::Display for HostWriteRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ReadOnly => "a query is read-only",
+            Self::RolledBack => {
+                "this invocation's transaction was rolled back by an earlier error; nothing more is written in it"
+            }
+        })
+    }
+}
+
 /// The store's database connection, shared by the store's actor and its guest's `sql` capability.
 pub struct GuestDb {
     conn: Connection,
@@ -113,6 +136,9 @@ pub struct GuestDb {
     deadline: Arc<std::sync::Mutex<Option<Instant>>>,
     /// How long one guest statement may run (the call's CPU quota); set in guest mode.
     statement_budget: std::cell::Cell<Option<Duration>>,
+    /// Whether the guest entered inside a host transaction: its statements then run only
+    /// while that transaction lasts (see [`GuestDb::prepare_guest`]).
+    guest_in_transaction: std::cell::Cell<bool>,
     page_size: u64,
 }
 
@@ -164,6 +190,7 @@ impl GuestDb {
             mode,
             deadline,
             statement_budget: std::cell::Cell::new(None),
+            guest_in_transaction: std::cell::Cell::new(false),
             page_size,
         };
         db.set_disk_quota(disk_quota)?;
@@ -209,6 +236,37 @@ impl GuestDb {
         self.conn.execute_batch("COMMIT")
     }
 
+    /// Opens a savepoint inside the current transaction, so one invocation's work can be
+    /// undone without the work committed with it (group commit).
+    pub(crate) fn savepoint(&self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("SAVEPOINT invocation")
+    }
+
+    /// Keeps the work since [`GuestDb::savepoint`] in the transaction.
+    pub(crate) fn release_savepoint(&self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("RELEASE invocation")
+    }
+
+    /// Undoes the work since [`GuestDb::savepoint`]; answers whether the transaction is still
+    /// open. It is not when SQLite rolled all of it back itself: an interrupted write (a
+    /// statement over its CPU budget) or an I/O error ends the whole transaction.
+    pub(crate) fn rollback_to_savepoint(&self) -> bool {
+        if self.conn.is_autocommit() {
+            return false;
+        }
+        match self
+            .conn
+            .execute_batch("ROLLBACK TO invocation; RELEASE invocation")
+        {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::error!("rollback to the savepoint failed: {err}");
+                self.rollback();
+                false
+            }
+        }
+    }
+
     /// Rolls back the current transaction, if one is open.
     pub fn rollback(&self) {
         if !self.conn.is_autocommit()
@@ -222,6 +280,7 @@ impl GuestDb {
     /// (interrupted past it by the progress handler).
     pub(crate) fn enter_guest(&self, writable: bool, budget: Duration) {
         self.statement_budget.set(Some(budget));
+        self.guest_in_transaction.set(!self.conn.is_autocommit());
         let mode = if writable {
             MODE_GUEST_WRITE
         } else {
@@ -234,22 +293,29 @@ impl GuestDb {
     pub(crate) fn leave_guest(&self) {
         self.mode.store(MODE_HOST, Ordering::Relaxed);
         self.statement_budget.set(None);
+        self.guest_in_transaction.set(false);
         self.set_deadline(None);
     }
 
     /// Runs host statements in the middle of a guest call (a capability that keeps its state in
-    /// the host's tables, inside the invocation's transaction). Answers `None` when the guest is
-    /// in read-only mode (a query), where capabilities must not write.
-    pub(crate) fn as_host<T>(&self, write: impl FnOnce(&Connection) -> T) -> Option<T> {
+    /// the host's tables, inside the invocation's transaction). Refused in read-only mode (a
+    /// query), where capabilities must not write, and once the invocation's transaction is gone.
+    pub(crate) fn as_host<T>(
+        &self,
+        write: impl FnOnce(&Connection) -> T,
+    ) -> Result<T, HostWriteRefused> {
         let previous = self.mode.load(Ordering::Relaxed);
         if previous == MODE_GUEST_READ {
-            return None;
+            return Err(HostWriteRefused::ReadOnly);
+        }
+        if self.guest_in_transaction.get() && self.conn.is_autocommit() {
+            return Err(HostWriteRefused::RolledBack);
         }
         self.mode.store(MODE_HOST, Ordering::Relaxed);
         self.set_deadline(None);
         let result = write(&self.conn);
         self.mode.store(previous, Ordering::Relaxed);
-        Some(result)
+        Ok(result)
     }
 
     /// Reads host tables in the middle of a guest call, also in read-only mode.
@@ -413,7 +479,19 @@ impl GuestDb {
         Ok(Rows { columns, rows: out })
     }
 
+    /// Prepares a guest statement. Once the transaction the guest entered in has ended (SQLite
+    /// rolls a transaction back in full when a write is interrupted past its CPU budget), no
+    /// statement runs: each would commit on its own, outside the invocation's atomic unit.
     fn prepare_guest(&self, statement: &str) -> Result<rusqlite::CachedStatement<'_>, SqlError> {
+        if self.guest_in_transaction.get() && self.conn.is_autocommit() {
+            return Err(SqlError {
+                code: SQLITE_ABORT,
+                message: "this invocation's transaction was rolled back by an earlier error \
+                          (a statement over its CPU budget, or an I/O error); no further \
+                          statement runs in it, and none of its writes are kept"
+                    .into(),
+            });
+        }
         self.start_statement();
         self.conn
             .prepare_cached(&format!("{GUEST_STATEMENT_PREFIX}{statement}"))
@@ -792,5 +870,71 @@ mod tests {
             Some(FailureReason::CpuTime),
             "{err:?}"
         );
+    }
+
+    fn count(db: &GuestDb, table: &str) -> i64 {
+        db.connection()
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |row| {
+                row.get(0)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn nothing_a_guest_writes_after_its_transaction_was_interrupted_is_kept() {
+        let (_dir, db) = db();
+        guest(&db, "CREATE TABLE t (x)").unwrap();
+        db.begin().unwrap();
+        db.enter_guest(true, statement_budget(20));
+        db.guest_execute("INSERT INTO t VALUES (1)", vec![])
+            .unwrap();
+        // Interrupting a write inside a transaction makes SQLite roll all of it back.
+        let err = db
+            .guest_execute(
+                "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c",
+                vec![],
+            )
+            .unwrap_err();
+        assert_eq!(err.code, SQLITE_INTERRUPT, "{err:?}");
+        // A guest that ignores the error and writes on would commit each statement alone.
+        let err = db
+            .guest_execute("INSERT INTO t VALUES (2)", vec![])
+            .unwrap_err();
+        assert_eq!(err.code, SQLITE_ABORT, "{err:?}");
+        assert!(err.message.contains("rolled back"), "{err:?}");
+        let refused = db.as_host(|conn| conn.execute("DELETE FROM _host_outbox", []));
+        assert_eq!(refused.err(), Some(HostWriteRefused::RolledBack));
+        db.leave_guest();
+        db.rollback();
+        assert_eq!(count(&db, "t"), 0);
+    }
+
+    #[test]
+    fn rolling_back_to_the_savepoint_keeps_the_work_before_it() {
+        let (_dir, db) = db();
+        guest(&db, "CREATE TABLE t (x)").unwrap();
+        db.begin().unwrap();
+        db.savepoint().unwrap();
+        guest(&db, "INSERT INTO t VALUES (1)").unwrap();
+        db.release_savepoint().unwrap();
+        db.savepoint().unwrap();
+        guest(&db, "INSERT INTO t VALUES (2)").unwrap();
+        assert!(db.rollback_to_savepoint(), "the transaction stays open");
+        db.commit().unwrap();
+        assert_eq!(count(&db, "t"), 1);
+
+        db.begin().unwrap();
+        db.savepoint().unwrap();
+        db.enter_guest(true, statement_budget(20));
+        let _ = db.guest_execute(
+            "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c",
+            vec![],
+        );
+        db.leave_guest();
+        assert!(
+            !db.rollback_to_savepoint(),
+            "an interrupted write ends the whole transaction"
+        );
+        assert!(db.connection().is_autocommit());
     }
 }

@@ -14,6 +14,7 @@ pub const LATENCY_BUCKETS_SECONDS: [f64; 14] = [
 #[derive(Debug, Default)]
 pub struct StoreMetrics {
     events_accepted: AtomicU64,
+    event_commits: AtomicU64,
     tasks_executed: AtomicU64,
     llm_calls: AtomicU64,
     invocation_latency: Mutex<LatencyHistogram>,
@@ -40,6 +41,17 @@ impl StoreMetrics {
     /// Events accepted through `append` since the host started.
     pub fn events_accepted(&self) -> u64 {
         self.events_accepted.load(Ordering::Relaxed)
+    }
+
+    /// Counts one transaction that committed processed events (one or several: group commit).
+    pub fn add_event_commit(&self) {
+        self.event_commits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Transactions that committed processed events since the host started; events processed
+    /// divided by this is how many events commit together.
+    pub fn event_commits(&self) -> u64 {
+        self.event_commits.load(Ordering::Relaxed)
     }
 
     /// Counts one scheduled task execution (bumped by the task scheduler).

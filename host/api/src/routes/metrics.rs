@@ -151,6 +151,7 @@ struct StoreSample {
     state: String,
     accepted: u64,
     processed: u64,
+    event_commits: u64,
     dead_lettered: u64,
     lag: u64,
     failures: BTreeMap<String, u64>,
@@ -194,6 +195,7 @@ impl Snapshot {
                 state: state_name,
                 accepted: metrics.events_accepted(),
                 processed: status.events_processed,
+                event_commits: metrics.event_commits(),
                 dead_lettered: status.dead_lettered,
                 lag: status.lag,
                 failures: status.failures_by_reason,
@@ -406,6 +408,13 @@ impl Collector for Snapshot {
             "store_disk_quota_bytes",
             "The store's disk quota.",
             |s| s.disk_quota,
+        )?;
+        per_store_counter(
+            e,
+            stores,
+            "store_event_commits",
+            "Transactions that committed processed events; under load several events commit in one.",
+            |s| s.event_commits,
         )?;
         per_store_counter(
             e,

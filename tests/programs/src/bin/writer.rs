@@ -10,6 +10,11 @@
 //!
 //! `kv.log {message}` writes `message` to the host log (info).
 //!
+//! `kv.fail {key, value}` writes like `kv.put`, then fails (a plugin error). `kv.runaway {key,
+//! value}` writes like `kv.put`, then runs an insert that never ends (the host interrupts it
+//! past the call's CPU budget), ignores that error, writes `<key>-after` and succeeds: the
+//! host must keep none of it.
+//!
 //! Queries: `log {message}` writes `message` to the host log; `get {key}` → `{"value": ...|null}`; `applied` → `{"seqs": [...]}`;
 //! `count` → `{"kv": N, "applied": N}`.
 #![forbid(unsafe_code)]
@@ -115,6 +120,23 @@ impl Plugin for Writer {
                     .map_err(|err| err.to_string())?;
                 drop(marker);
                 std::thread::sleep(std::time::Duration::from_millis(slow.sleep_ms));
+            }
+            "kv.fail" => {
+                let put: Put = event.payload_json()?;
+                upsert(put.key, put.value)?;
+                return Err(format!("kv.fail asked event {} to fail", event.seq));
+            }
+            "kv.runaway" => {
+                let put: Put = event.payload_json()?;
+                let after = format!("{}-after", put.key);
+                upsert(put.key, put.value.clone())?;
+                let _ = sql::execute(
+                    "INSERT INTO kv (key, value)
+                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n)
+                     SELECT 'runaway-' || i, i FROM n",
+                    params![],
+                );
+                let _ = upsert(after, put.value);
             }
             "kv.log" => {
                 let message: Json = event.payload_json()?;
