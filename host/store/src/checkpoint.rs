@@ -191,7 +191,7 @@ mod tests {
         let conn = sqlite::open_with(
             &path,
             Durability::Process,
-            "CREATE TABLE t (v)",
+            &sqlite::Schema::of(&["CREATE TABLE t (v)"]),
             checkpointer,
         )
         .unwrap();
@@ -277,7 +277,12 @@ mod tests {
     fn the_host_checkpoints_in_the_background() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.db");
-        let conn = sqlite::open(&path, Durability::Process, "CREATE TABLE t (v)").unwrap();
+        let conn = sqlite::open(
+            &path,
+            Durability::Process,
+            &sqlite::Schema::of(&["CREATE TABLE t (v)"]),
+        )
+        .unwrap();
         let db_before = size(&path);
         commit_rows(&conn, 1_100);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -154,13 +154,15 @@ mod tests {
         let id = StoreId::new("acme").unwrap();
         let dir = prepare(data.path(), &id, None).unwrap();
         // store.db closed cleanly (WAL emptied); events.db still open, its WAL holding frames.
-        let store = sqlite::open(&dir.store_db(), Durability::Process, "").unwrap();
+        let store =
+            sqlite::open(&dir.store_db(), Durability::Process, &sqlite::Schema::NONE).unwrap();
         store
             .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
             .unwrap();
         drop(store);
         std::fs::write(dir.root.join("store.db-shm"), [0u8; 64]).unwrap();
-        let events = sqlite::open(&dir.events_db(), Durability::Process, "").unwrap();
+        let events =
+            sqlite::open(&dir.events_db(), Durability::Process, &sqlite::Schema::NONE).unwrap();
         events
             .execute_batch("CREATE TABLE e(x); INSERT INTO e VALUES (2);")
             .unwrap();

@@ -10,9 +10,12 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::sqlite::{self, Durability, lock};
+use crate::sqlite::{self, Durability, Schema, lock};
 
-const SCHEMA: &str = "
+/// The log's table; logs made before `request_id` get the column.
+pub(crate) const SCHEMA: Schema = Schema::with_upgrade(&[TABLE], add_request_id_column);
+
+const TABLE: &str = "
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY,
     type TEXT NOT NULL,
@@ -149,14 +152,12 @@ impl std::fmt::Debug for EventLog {
 impl EventLog {
     /// Opens (creating if needed) the log at `path`.
     pub fn open(path: &Path, durability: Durability) -> rusqlite::Result<Self> {
-        let writer = sqlite::open(path, durability, SCHEMA)?;
-        add_request_id_column(&writer)?;
-        let reader = sqlite::open_reader(path)?;
+        let writer = sqlite::open(path, durability, &SCHEMA)?;
         Ok(Self {
             path: path.to_owned(),
             durability,
             writer: Mutex::new(Some(writer)),
-            reader: sqlite::LazyReader::new(path, reader),
+            reader: sqlite::LazyReader::new(path),
             tail: Mutex::new(None),
         })
     }
@@ -190,7 +191,7 @@ impl EventLog {
         let mut guard = lock(&self.writer);
         let conn = match &mut *guard {
             Some(conn) => conn,
-            slot => slot.insert(sqlite::open(&self.path, self.durability, "")?),
+            slot => slot.insert(sqlite::open(&self.path, self.durability, &Schema::NONE)?),
         };
         work(conn)
     }
@@ -518,6 +519,38 @@ mod tests {
             idempotency_key: key.map(Into::into),
             request_id: None,
         }
+    }
+
+    /// A log written by a host from before correlation ids: its events stay, and new ones
+    /// carry their request id.
+    #[test]
+    fn a_log_from_before_request_ids_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE events (
+                     seq INTEGER PRIMARY KEY, type TEXT NOT NULL, payload TEXT NOT NULL,
+                     at INTEGER NOT NULL, source TEXT NOT NULL,
+                     idempotency_key TEXT UNIQUE, origin TEXT UNIQUE);
+                 INSERT INTO events (type, payload, at, source) VALUES ('old', '{}', 1, 'api');",
+            )
+            .unwrap();
+        }
+        let log = EventLog::open(&path, Durability::Process).unwrap();
+        let mut new = event("new", None);
+        new.request_id = Some("req-1".into());
+        assert_eq!(log.append(&[new], "api").unwrap(), vec![2]);
+        drop(log);
+        let log = EventLog::open(&path, Durability::Process).unwrap();
+        let events = log.read_on_disk(0, 10).unwrap();
+        let seen: Vec<_> = events
+            .iter()
+            .map(|e| (e.event_type.as_str(), e.request_id.as_deref()))
+            .collect();
+        assert_eq!(seen, [("old", None), ("new", Some("req-1"))]);
     }
 
     #[test]

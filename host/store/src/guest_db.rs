@@ -46,6 +46,10 @@ const MODE_HOST: u8 = 0;
 const MODE_GUEST_WRITE: u8 = 1;
 const MODE_GUEST_READ: u8 = 2;
 
+/// The host's tables in `store.db`.
+pub(crate) const SCHEMA: sqlite::Schema =
+    sqlite::Schema::of(&[HOST_SCHEMA, crate::schedules::SCHEMA]);
+
 const HOST_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS _host_cursor (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -151,8 +155,7 @@ impl std::fmt::Debug for GuestDb {
 impl GuestDb {
     /// Opens `store.db`, hardens the connection and creates the host's tables.
     pub fn open(path: &Path, durability: Durability, disk_quota: u64) -> rusqlite::Result<Self> {
-        let schema = [HOST_SCHEMA, crate::schedules::SCHEMA].concat();
-        let mut conn = sqlite::open(path, durability, &schema)?;
+        let mut conn = sqlite::open(path, durability, &SCHEMA)?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)?;
         conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;

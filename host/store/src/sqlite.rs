@@ -34,8 +34,80 @@ pub const VFS: &str = "unix-excl";
 /// reopening a hibernated store's database creates no file (see [`keep_wal`]).
 pub(crate) const WAL_SIZE_LIMIT: &str = "4194304";
 
+/// The tables a host database needs, made when it opens (see [`Schema::apply`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Schema {
+    /// Statements that make the tables; no-ops when they exist (`IF NOT EXISTS`).
+    sql: &'static [&'static str],
+    /// Brings a database made from other statements (an older host's) up to date, after
+    /// `sql`: a change that needs an upgrade changes `sql` too, so old databases run it.
+    upgrade: Option<fn(&Connection) -> rusqlite::Result<()>>,
+}
+
+impl Schema {
+    /// No tables: a second connection to a database already opened with its schema.
+    pub(crate) const NONE: Schema = Schema {
+        sql: &[],
+        upgrade: None,
+    };
+
+    /// The tables `sql` makes.
+    pub(crate) const fn of(sql: &'static [&'static str]) -> Self {
+        Self { sql, upgrade: None }
+    }
+
+    /// [`Schema::of`], with an upgrade for databases made from other statements.
+    pub(crate) const fn with_upgrade(
+        sql: &'static [&'static str],
+        upgrade: fn(&Connection) -> rusqlite::Result<()>,
+    ) -> Self {
+        Self {
+            sql,
+            upgrade: Some(upgrade),
+        }
+    }
+
+    /// What the database's `user_version` holds once this schema is in it: a checksum of its
+    /// statements (FNV-1a, stable across builds and hosts), positive and never 0 (a new file).
+    fn stamp(&self) -> i64 {
+        let mut hash: u32 = 0x811c_9dc5;
+        for byte in self.sql.iter().flat_map(|sql| sql.bytes()) {
+            hash ^= u32::from(byte);
+            hash = hash.wrapping_mul(0x0100_0193);
+        }
+        i64::from((hash & 0x7fff_ffff) | 1)
+    }
+
+    /// Makes the tables unless the database's `user_version` says they are made from these
+    /// very statements; answers whether it wrote. The statements, the upgrade and the stamp
+    /// commit together, so a crash leaves either the old database or the whole new schema.
+    /// Reading the stamp instead spares every reopen (a store waking from hibernation) the
+    /// statements' parsing, which SQLite does whether the tables exist or not: 50–130 µs of
+    /// opening `store.db` measured here.
+    fn apply(&self, conn: &Connection) -> rusqlite::Result<bool> {
+        if self.sql.is_empty() {
+            return Ok(false);
+        }
+        let stamp = self.stamp();
+        let current: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if current == stamp {
+            return Ok(false);
+        }
+        let tx = conn.unchecked_transaction()?;
+        for sql in self.sql {
+            tx.execute_batch(sql)?;
+        }
+        if let Some(upgrade) = self.upgrade {
+            upgrade(&tx)?;
+        }
+        tx.pragma_update(None, "user_version", stamp)?;
+        tx.commit()?;
+        Ok(true)
+    }
+}
+
 /// Opens (creating if needed) a database file in WAL mode with the durability asked for, and
-/// runs `schema` (statements that are no-ops when the tables exist) before it returns.
+/// makes `schema`'s tables before it returns.
 ///
 /// Under [`Durability::Process`], a file that is new or whose WAL is empty (a store waking from
 /// hibernation: closing checkpointed the WAL into the database, fsynced it, and truncated the
@@ -53,7 +125,7 @@ pub(crate) const WAL_SIZE_LIMIT: &str = "4194304";
 pub(crate) fn open(
     path: &Path,
     durability: Durability,
-    schema: &str,
+    schema: &Schema,
 ) -> rusqlite::Result<Connection> {
     open_with(path, durability, schema, &checkpoint::BACKGROUND)
 }
@@ -62,7 +134,7 @@ pub(crate) fn open(
 pub(crate) fn open_with(
     path: &Path,
     durability: Durability,
-    schema: &str,
+    schema: &Schema,
     checkpointer: &Checkpointer,
 ) -> rusqlite::Result<Connection> {
     let new = !path.exists();
@@ -84,11 +156,11 @@ pub(crate) fn open_with(
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     checkpointer.watch(&mut conn, path, synchronous)?;
-    if !schema.is_empty() {
-        conn.execute_batch(schema)?;
-    }
+    let wrote = schema.apply(&conn)?;
     if unsynced {
-        start_wal(&conn)?;
+        if !wrote {
+            start_wal(&conn)?;
+        }
         conn.pragma_update(None, "synchronous", synchronous)?;
     }
     Ok(conn)
@@ -168,11 +240,12 @@ pub(crate) struct LazyReader {
 }
 
 impl LazyReader {
-    /// A reader of the database at `path`, already open as `conn`.
-    pub(crate) fn new(path: &Path, conn: Connection) -> Self {
+    /// A reader of the database at `path`, opened when first used: a store that is only
+    /// written to (most are, between their owners' visits) never opens it.
+    pub(crate) fn new(path: &Path) -> Self {
         Self {
             path: path.to_owned(),
-            conn: std::sync::Mutex::new(Some(conn)),
+            conn: std::sync::Mutex::new(None),
         }
     }
 
@@ -234,6 +307,8 @@ pub fn now_ms() -> i64 {
 mod tests {
     use super::*;
 
+    const T: Schema = Schema::of(&["CREATE TABLE IF NOT EXISTS t (v)"]);
+
     fn synchronous(conn: &Connection) -> i64 {
         conn.pragma_query_value(None, "synchronous", |row| row.get(0))
             .unwrap()
@@ -243,7 +318,7 @@ mod tests {
     fn closing_keeps_an_empty_wal_so_reopening_creates_no_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.db");
-        let conn = open(&path, Durability::Process, "CREATE TABLE t (v)").unwrap();
+        let conn = open(&path, Durability::Process, &T).unwrap();
         conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
         drop(open_reader(&path).unwrap());
         drop(conn);
@@ -254,7 +329,7 @@ mod tests {
             "the WAL index lives in memory (unix-excl), not in a -shm file"
         );
 
-        let conn = open(&path, Durability::Process, "").unwrap();
+        let conn = open(&path, Durability::Process, &Schema::NONE).unwrap();
         let rows: i64 = conn
             .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
             .unwrap();
@@ -281,7 +356,7 @@ mod tests {
     fn another_process_cannot_open_a_database_the_host_has_open() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.db");
-        let conn = open(&path, Durability::Process, "CREATE TABLE t (v)").unwrap();
+        let conn = open(&path, Durability::Process, &T).unwrap();
         conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
         let reader = open_reader(&path).unwrap();
         let child = |path: &Path| {
@@ -314,13 +389,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.db");
         let wal = dir.path().join("x.db-wal");
-        let conn = open(&path, Durability::Process, "CREATE TABLE t (v)").unwrap();
+        let conn = open(&path, Durability::Process, &T).unwrap();
         conn.pragma_update(None, "user_version", 7).unwrap();
         conn.execute("INSERT INTO t VALUES (1)", []).unwrap();
         drop(conn);
         assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
 
-        let conn = open(&path, Durability::Process, "").unwrap();
+        let conn = open(&path, Durability::Process, &Schema::NONE).unwrap();
         assert!(
             std::fs::metadata(&wal).unwrap().len() > 0,
             "the WAL was started (header written, unsynced) while opening"
@@ -338,12 +413,101 @@ mod tests {
         drop(conn);
 
         // Under power durability the WAL is started by the first commit, with its fsync.
-        let conn = open(&path, Durability::Power, "").unwrap();
+        let conn = open(&path, Durability::Power, &Schema::NONE).unwrap();
         assert_eq!(std::fs::metadata(&wal).unwrap().len(), 0);
         let rows: i64 = conn
             .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
             .unwrap();
         assert_eq!(rows, 2);
+    }
+
+    fn count(conn: &Connection, table: &str) -> i64 {
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |row| {
+            row.get(0)
+        })
+        .unwrap()
+    }
+
+    /// A schema whose statements leave a trace each time they run.
+    const COUNTED: Schema = Schema::of(&[
+        "CREATE TABLE IF NOT EXISTS t (v)",
+        "INSERT INTO t VALUES ('schema ran')",
+    ]);
+
+    #[test]
+    fn reopening_reads_the_stamp_instead_of_running_the_schema_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        for _ in 0..3 {
+            drop(open(&path, Durability::Process, &COUNTED).unwrap());
+        }
+        let conn = open(&path, Durability::Process, &COUNTED).unwrap();
+        assert_eq!(
+            count(&conn, "t"),
+            1,
+            "the statements ran once, when the file was new"
+        );
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, COUNTED.stamp());
+        assert_ne!(
+            COUNTED.stamp(),
+            Schema::of(&["CREATE TABLE IF NOT EXISTS t (v)"]).stamp(),
+            "other statements, another stamp"
+        );
+    }
+
+    fn add_u(conn: &Connection) -> rusqlite::Result<()> {
+        conn.execute_batch("INSERT INTO u VALUES ('upgraded')")
+    }
+
+    fn failing_upgrade(conn: &Connection) -> rusqlite::Result<()> {
+        conn.execute_batch("INSERT INTO u VALUES ('half an upgrade')")?;
+        Err(rusqlite::Error::InvalidQuery)
+    }
+
+    #[test]
+    fn a_database_made_by_other_statements_is_upgraded_all_at_once_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        drop(open(&path, Durability::Process, &COUNTED).unwrap());
+
+        const BROKEN: Schema = Schema::with_upgrade(
+            &[
+                "CREATE TABLE IF NOT EXISTS t (v)",
+                "CREATE TABLE IF NOT EXISTS u (w)",
+            ],
+            failing_upgrade,
+        );
+        assert!(open(&path, Durability::Process, &BROKEN).is_err());
+        let conn = open(&path, Durability::Process, &COUNTED).unwrap();
+        let tables: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'u'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 0, "nothing of the failed upgrade is kept");
+        assert_eq!(
+            count(&conn, "t"),
+            1,
+            "the old stamp still stands: nothing ran again"
+        );
+        drop(conn);
+
+        const NEWER: Schema = Schema::with_upgrade(
+            &[
+                "CREATE TABLE IF NOT EXISTS t (v)",
+                "CREATE TABLE IF NOT EXISTS u (w)",
+            ],
+            add_u,
+        );
+        drop(open(&path, Durability::Process, &NEWER).unwrap());
+        let conn = open(&path, Durability::Process, &NEWER).unwrap();
+        assert_eq!(count(&conn, "u"), 1, "the upgrade ran once");
+        assert_eq!(count(&conn, "t"), 1, "the data before it is kept");
     }
 
     #[test]
@@ -353,10 +517,10 @@ mod tests {
             ("n.db", Durability::Process, 1), // NORMAL, after creating without fsyncs
             ("p.db", Durability::Power, 2),   // FULL
         ] {
-            let conn = open(&dir.path().join(name), durability, "CREATE TABLE t (v)").unwrap();
+            let conn = open(&dir.path().join(name), durability, &T).unwrap();
             assert_eq!(synchronous(&conn), level, "{durability:?}, new file");
             drop(conn);
-            let conn = open(&dir.path().join(name), durability, "").unwrap();
+            let conn = open(&dir.path().join(name), durability, &Schema::NONE).unwrap();
             assert_eq!(synchronous(&conn), level, "{durability:?}, reopened");
         }
     }

@@ -333,7 +333,6 @@ impl Store {
         let dir = dir::prepare(data_dir, &id, spares)?;
         let log = EventLog::open(&dir.events_db(), durability)?;
         let db = GuestDb::open(&dir.store_db(), durability, settings.quotas.disk)?;
-        let reader = sqlite::open_reader(&dir.store_db())?;
         let cursor = db.cursor()?;
         let head = log.head()?;
         let status = StoreStatus {
@@ -361,7 +360,7 @@ impl Store {
             max_pending: settings.quotas.max_pending_events.into(),
             metrics: Arc::default(),
             ingress: Mutex::new(Ingress::new(&settings.quotas)),
-            reader: sqlite::LazyReader::new(&dir.store_db(), reader),
+            reader: sqlite::LazyReader::new(&dir.store_db()),
         });
         let (commands, inbox) = mpsc::channel(64);
         // Stores run apart from the API's threads (see `Runtime::guest_executor`).
