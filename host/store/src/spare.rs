@@ -234,7 +234,7 @@ impl SpareStores {
                 ("events.db", &crate::event_log::SCHEMA),
                 ("store.db", &crate::guest_db::SCHEMA),
             ] {
-                let conn = sqlite::open(&building.join(file), self.durability, schema)
+                let conn = sqlite::create_in_scratch(&building.join(file), self.durability, schema)
                     .map_err(io::Error::other)?;
                 if self.durability == Durability::Process {
                     // The tables stay in the WAL, written but never synced: closing checkpoints

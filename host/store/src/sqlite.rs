@@ -137,6 +137,29 @@ pub(crate) fn open_with(
     schema: &Schema,
     checkpointer: &Checkpointer,
 ) -> rusqlite::Result<Connection> {
+    open_inner(path, durability, schema, checkpointer, false)
+}
+
+/// [`open`] for a file in a scratch directory that nobody uses before it is complete and
+/// renamed into place (a spare store being built): a new file switches to WAL without a
+/// rollback journal, two file-system operations fewer (creating and deleting `-journal`).
+/// The journal would only repair a crash in the middle of that switch, and such a file goes
+/// with its scratch directory.
+pub(crate) fn create_in_scratch(
+    path: &Path,
+    durability: Durability,
+    schema: &Schema,
+) -> rusqlite::Result<Connection> {
+    open_inner(path, durability, schema, &checkpoint::BACKGROUND, true)
+}
+
+fn open_inner(
+    path: &Path,
+    durability: Durability,
+    schema: &Schema,
+    checkpointer: &Checkpointer,
+    scratch: bool,
+) -> rusqlite::Result<Connection> {
     let new = !path.exists();
     let wal_empty = std::fs::metadata(wal_path(path)).map_or(true, |m| m.len() == 0);
     let mut conn = Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), VFS)?;
@@ -152,6 +175,9 @@ pub(crate) fn open_with(
         if unsynced { "OFF" } else { synchronous },
     )?;
     keep_wal(&conn)?;
+    if new && scratch {
+        conn.pragma_update(None, "journal_mode", "OFF")?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -508,6 +534,26 @@ mod tests {
         let conn = open(&path, Durability::Process, &NEWER).unwrap();
         assert_eq!(count(&conn, "u"), 1, "the upgrade ran once");
         assert_eq!(count(&conn, "t"), 1, "the data before it is kept");
+    }
+
+    #[test]
+    fn a_file_made_in_scratch_is_a_whole_wal_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let conn = create_in_scratch(&path, Durability::Process, &COUNTED).unwrap();
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |row| row.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        assert_eq!(synchronous(&conn), 1, "NORMAL once made");
+        drop(conn);
+        assert!(!dir.path().join("x.db-journal").exists());
+        let conn = open(&path, Durability::Process, &COUNTED).unwrap();
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |row| row.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal", "WAL is the file's own mode, kept");
+        assert_eq!(count(&conn, "t"), 1, "made once, stamped");
     }
 
     #[test]
