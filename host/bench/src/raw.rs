@@ -231,7 +231,8 @@ pub fn insert_batches(
 pub enum Creation {
     /// As storehost creates them under `durability = "process"` (host/store/src/sqlite.rs):
     /// `synchronous=OFF` until the first tables are written, then `NORMAL`: no fsync while the
-    /// empty files are created, through the `unix-excl` VFS (no `-shm` file).
+    /// empty files are created, through the `unix-excl` VFS (no `-shm` file), and the switch to
+    /// WAL made without a rollback journal (no `-journal` created and deleted).
     LikeStorehost,
     /// SQLite's own way: `journal_mode=WAL` under the default `synchronous=FULL`, which syncs
     /// the new WAL and its directory (what storehost did before, and still does for `power`).
@@ -290,6 +291,7 @@ fn create(path: &Path, schema: &str, creation: Creation) -> rusqlite::Result<Con
             )?;
             conn.busy_timeout(Duration::from_secs(10))?;
             conn.pragma_update(None, "synchronous", "OFF")?;
+            conn.pragma_update(None, "journal_mode", "OFF")?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
             conn.execute_batch(schema)?;

@@ -1,5 +1,5 @@
 //! Spare store directories, prepared ahead of time: a new store takes one with a single rename
-//! instead of creating its two directories and six database files while its provisioning
+//! instead of creating its two directories and four database files while its provisioning
 //! request waits (on this machine's disk a file creation costs up to a millisecond; a rename
 //! tens of microseconds).
 //!

@@ -142,9 +142,8 @@ pub(crate) fn open_with(
 
 /// [`open`] for a file in a scratch directory that nobody uses before it is complete and
 /// renamed into place (a spare store being built): a new file switches to WAL without a
-/// rollback journal, two file-system operations fewer (creating and deleting `-journal`).
-/// The journal would only repair a crash in the middle of that switch, and such a file goes
-/// with its scratch directory.
+/// rollback journal whatever the durability. Under power durability the journal repairs a
+/// power loss in the middle of that switch; such a file goes with its scratch directory.
 pub(crate) fn create_in_scratch(
     path: &Path,
     durability: Durability,
@@ -175,7 +174,11 @@ fn open_inner(
         if unsynced { "OFF" } else { synchronous },
     )?;
     keep_wal(&conn)?;
-    if new && scratch {
+    if new && (scratch || durability == Durability::Process) {
+        // A new file switches to WAL by writing its first page, in one `pwrite`: a kill
+        // cannot tear it (the file is then empty, a valid empty database, or whole), so
+        // under process durability the rollback journal that would guard the switch is only
+        // two more file-system operations (creating and deleting `-journal`) per database.
         conn.pragma_update(None, "journal_mode", "OFF")?;
     }
     conn.pragma_update(None, "journal_mode", "WAL")?;
