@@ -295,6 +295,15 @@ mod tests {
         }
     }
 
+    /// A pool of `target` spares under process durability in a new data directory, filled.
+    fn filled(target: usize) -> (tempfile::TempDir, Arc<SpareStores>) {
+        let data = tempfile::tempdir().unwrap();
+        let pool = SpareStores::open(data.path(), Durability::Process, target).unwrap();
+        pool.refill();
+        wait_ready(&pool, target);
+        (data, pool)
+    }
+
     #[test]
     fn the_pool_fills_hands_out_whole_directories_and_refills() {
         let data = tempfile::tempdir().unwrap();
@@ -358,10 +367,7 @@ mod tests {
     /// them. Such a spare still becomes a whole store.
     #[test]
     fn a_spare_whose_unsynced_tables_were_lost_still_becomes_a_whole_store() {
-        let data = tempfile::tempdir().unwrap();
-        let pool = SpareStores::open(data.path(), Durability::Process, 1).unwrap();
-        pool.refill();
-        wait_ready(&pool, 1);
+        let (data, pool) = filled(1);
         pool.stop();
         let dir = data.path().join("stores").join("taken");
         assert!(pool.take_into(&dir));
@@ -393,10 +399,7 @@ mod tests {
 
     #[test]
     fn one_builder_thread_serves_every_refill() {
-        let data = tempfile::tempdir().unwrap();
-        let pool = SpareStores::open(data.path(), Durability::Process, 2).unwrap();
-        pool.refill();
-        wait_ready(&pool, 2);
+        let (data, pool) = filled(2);
         let builder = lock(&pool.builder)
             .as_ref()
             .map(|handle| handle.thread().id())
@@ -456,10 +459,7 @@ mod tests {
 
     #[test]
     fn reopening_keeps_complete_spares_and_deletes_half_built_ones() {
-        let data = tempfile::tempdir().unwrap();
-        let pool = SpareStores::open(data.path(), Durability::Process, 3).unwrap();
-        pool.refill();
-        wait_ready(&pool, 3);
+        let (data, pool) = filled(3);
         drop(pool);
         let root = data.path().join("stores").join(SPARE_DIR);
         // A crash while building, and a spare that lost a file.
