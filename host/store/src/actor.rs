@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::capabilities::StoreCapabilities;
+use crate::closing;
 use crate::event_log::LoggedEvent;
 use crate::guest_db::{self, GuestDb, OutboxEntry};
 use crate::schedules::{self, DuePlan, Schedule};
@@ -199,7 +200,7 @@ impl Actor {
         // Stopped: the files close now, each WAL checkpointed and emptied, so a directory
         // archived or backed up right after holds only its databases.
         self.sandbox = None;
-        self.close_files();
+        self.close_files().await;
     }
 
     async fn serve(&mut self) {
@@ -247,7 +248,7 @@ impl Actor {
             tokio::select! {
                 () = sleep_or_forever(due_in), if !self.paused => {}
                 // Nothing arrived for `idle_timeout` (every loop turn starts the wait afresh).
-                () = sleep_or_forever(idle_in), if idle_in.is_some() => self.on_idle(),
+                () = sleep_or_forever(idle_in), if idle_in.is_some() => self.on_idle().await,
                 command = self.inbox.recv() => match command {
                     Some(command) => {
                         if self.handle(command).await == Flow::Stop {
@@ -281,11 +282,11 @@ impl Actor {
     }
 
     /// The store has been idle for [`Actor::idle_in`]: it takes its next step down.
-    fn on_idle(&mut self) {
+    async fn on_idle(&mut self) {
         let state = self.shared.status().state;
         match state {
-            StoreState::Running => self.hibernate(),
-            StoreState::Hibernated => self.close_files(),
+            StoreState::Running => self.hibernate().await,
+            StoreState::Hibernated => self.close_files().await,
             _ => {}
         }
     }
@@ -294,7 +295,7 @@ impl Actor {
     /// the runtime), shrinks the SQLite connections' caches and shows
     /// `hibernated`. The actor itself stays, a parked task; the next event, query, dead-letter
     /// retry or due task wakes it with one sandbox instantiation.
-    fn hibernate(&mut self) {
+    async fn hibernate(&mut self) {
         if self.shared.status().state != StoreState::Running {
             return;
         }
@@ -302,7 +303,7 @@ impl Actor {
         self.pending = VecDeque::new();
         if self.settings.close_files_after.is_zero() {
             // Closed before the state shows it: whoever sees `hibernated` sees no open file.
-            self.close_files();
+            self.close_files().await;
         } else {
             if let Err(err) = sqlite::release_memory(self.lock_db().connection()) {
                 tracing::debug!("could not shrink the store database's cache: {err}");
@@ -320,14 +321,24 @@ impl Actor {
     /// Hibernated and idle for `close_files_after` more: closes `store.db` and the event log
     /// too, so the store holds no file descriptor and little memory. The next append reopens
     /// the log (still durable before its 2xx) and the next piece of work `store.db`
-    /// ([`Actor::ensure_db`]).
-    fn close_files(&mut self) {
+    /// ([`Actor::ensure_db`]). The closing (checkpoints and fsyncs) runs on the host's
+    /// closing threads, not on this actor's async worker (see [`crate::closing`]); the actor
+    /// goes on when every file is closed.
+    async fn close_files(&mut self) {
         // Readers first: the last connection to close checkpoints its WAL into the database
         // and empties it, which a read-only one cannot. The sandbox, gone since hibernation,
         // held the only other handle on the database.
-        self.shared.close_files();
-        self.db = None;
-        tracing::debug!("closed its files after hibernating");
+        let mut files: Vec<closing::OpenFiles> = self
+            .shared
+            .take_connections()
+            .into_iter()
+            .map(|conn| Box::new(conn) as closing::OpenFiles)
+            .collect();
+        if let Some(db) = self.db.take() {
+            files.push(Box::new(db));
+        }
+        closing::close(files).await;
+        tracing::debug!("closed its files");
     }
 
     /// Leaves hibernation: the store shows `running` again (work is about to start).

@@ -176,11 +176,18 @@ impl EventLog {
 
     /// The store has hibernated for long: closes the reader and the writer (the next read or
     /// append opens them again), so it holds neither memory nor file descriptors here.
+    #[cfg(test)]
     pub(crate) fn close(&self) {
+        drop(self.take_connections());
+    }
+
+    /// [`EventLog::close`], handing the connections to the caller to close, the reader first
+    /// (the writer, closing last, checkpoints and empties the WAL).
+    pub(crate) fn take_connections(&self) -> Vec<Connection> {
         lock(&self.tail).take();
-        self.reader.close();
-        let closed = lock(&self.writer).take();
-        drop(closed);
+        let reader = self.reader.take();
+        let writer = lock(&self.writer).take();
+        reader.into_iter().chain(writer).collect()
     }
 
     /// Runs `work` on the writer, opening it first when it is closed.

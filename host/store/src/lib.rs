@@ -14,6 +14,7 @@ mod actor;
 pub mod backup;
 pub mod capabilities;
 mod checkpoint;
+mod closing;
 pub mod dir;
 pub mod event_log;
 pub mod guest_db;

@@ -301,10 +301,10 @@ impl LazyReader {
         }
     }
 
-    /// Closes the connection (the next use opens it again).
-    pub(crate) fn close(&self) {
-        let closed = lock(&self.conn).take();
-        drop(closed);
+    /// Takes the connection out, if it is open, for the caller to close (the next use opens
+    /// another).
+    pub(crate) fn take(&self) -> Option<Connection> {
+        lock(&self.conn).take()
     }
 }
 

@@ -262,11 +262,13 @@ impl Shared {
         self.reader.shrink();
     }
 
-    /// Closes the store's shared readers and the log writer (a long hibernation); each opens
-    /// again on its next use.
-    pub(crate) fn close_files(&self) {
-        self.log.close();
-        self.reader.close();
+    /// Takes the store's shared readers and the log writer out (a long hibernation), each
+    /// database's reader before its writer, for the caller to close; each opens again on its
+    /// next use.
+    pub(crate) fn take_connections(&self) -> Vec<rusqlite::Connection> {
+        let mut connections = self.log.take_connections();
+        connections.extend(self.reader.take());
+        connections
     }
 
     pub(crate) fn status(&self) -> std::sync::MutexGuard<'_, StoreStatus> {
