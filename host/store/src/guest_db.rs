@@ -797,6 +797,31 @@ mod tests {
     }
 
     #[test]
+    fn sqlite_modules_no_store_can_use_are_not_built_in() {
+        // FTS3/FTS5, R*Tree and dbstat register SQL functions on every connection; a guest
+        // could call them although it cannot create their tables (`.cargo/config.toml`).
+        let (_dir, db) = db();
+        for function in [
+            "SELECT fts5_source_id()",
+            "SELECT fts3_tokenizer('simple')",
+            "SELECT rtreecheck('t')",
+            "SELECT soundex('x')",
+        ] {
+            db.enter_guest(false, statement_budget(1_000));
+            let err = db.guest_query(function, vec![]).unwrap_err();
+            db.leave_guest();
+            assert!(
+                err.message.contains("no such function"),
+                "{function}: {err:?}"
+            );
+        }
+        db.enter_guest(false, statement_budget(1_000));
+        let err = db.guest_query("SELECT * FROM dbstat", vec![]).unwrap_err();
+        db.leave_guest();
+        assert!(err.message.contains("no such table"), "dbstat: {err:?}");
+    }
+
+    #[test]
     fn a_view_over_host_tables_cannot_be_read() {
         let (_dir, db) = db();
         let _ = guest(&db, "CREATE VIEW peek AS SELECT * FROM _host_cursor");
