@@ -209,9 +209,12 @@ impl Actor {
         }
         self.refresh_next_due();
         let mut head = self.shared.head.subscribe();
+        // The work each turn starts is boxed: this future lives as long as the store, also
+        // while it hibernates, and would otherwise be as large as the largest piece of work
+        // it awaits (5.7 KB per store instead of 2.2, measured in a release build).
         loop {
             while let Ok(command) = self.inbox.try_recv() {
-                if self.handle(command).await == Flow::Stop {
+                if Box::pin(self.handle(command)).await == Flow::Stop {
                     return;
                 }
             }
@@ -223,7 +226,7 @@ impl Actor {
                 if !self.ensure_db_or_wait().await {
                     continue;
                 }
-                if self.run_due_tasks().await == Flow::Stop {
+                if Box::pin(self.run_due_tasks()).await == Flow::Stop {
                     return;
                 }
                 continue;
@@ -235,7 +238,7 @@ impl Actor {
                     self.pending.push_front(event);
                     continue;
                 }
-                if self.process(event).await == Flow::Stop {
+                if Box::pin(self.process(event)).await == Flow::Stop {
                     return;
                 }
                 continue;
@@ -248,10 +251,10 @@ impl Actor {
             tokio::select! {
                 () = sleep_or_forever(due_in), if !self.paused => {}
                 // Nothing arrived for `idle_timeout` (every loop turn starts the wait afresh).
-                () = sleep_or_forever(idle_in), if idle_in.is_some() => self.on_idle().await,
+                () = sleep_or_forever(idle_in), if idle_in.is_some() => Box::pin(self.on_idle()).await,
                 command = self.inbox.recv() => match command {
                     Some(command) => {
-                        if self.handle(command).await == Flow::Stop {
+                        if Box::pin(self.handle(command)).await == Flow::Stop {
                             return;
                         }
                     }

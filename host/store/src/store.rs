@@ -100,7 +100,7 @@ pub struct StoreSettings {
     /// task wakes it. `None`: never.
     pub idle_timeout: Option<std::time::Duration>,
     /// A hibernated store idle this much longer also closes its SQLite files (it then holds
-    /// no file descriptor and about 18 KB); its next wake opens them again.
+    /// no file descriptor and about 14–18 KB); its next wake opens them again.
     pub close_files_after: std::time::Duration,
 }
 
