@@ -39,23 +39,13 @@ pub(crate) const CHECKPOINT_INLINE_AT: i32 = 8 * QUEUE_AT;
 /// more of them at once would only queue on the disk.
 const THREADS: usize = 2;
 
-/// The host's checkpoint threads, started on first use.
+/// The host's checkpoint threads, started on first use (should none start, the inline
+/// checkpoints bound every WAL all the same).
 pub(crate) static BACKGROUND: LazyLock<Checkpointer> = LazyLock::new(|| {
     let checkpointer = Checkpointer::new();
-    for n in 0..THREADS {
-        let queue = checkpointer.queue.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("sqlite-checkpoint-{n}"))
-            .spawn(move || {
-                while let Some(wal) = next(&queue) {
-                    wal.checkpoint();
-                }
-            });
-        if let Err(err) = spawned {
-            // The inline checkpoints bound every WAL all the same.
-            tracing::error!("could not start a checkpoint thread: {err}");
-        }
-    }
+    crate::sqlite::serve_queue("sqlite-checkpoint", THREADS, &checkpointer.queue, |wal| {
+        wal.checkpoint();
+    });
     checkpointer
 });
 
@@ -117,11 +107,6 @@ impl Checkpointer {
         }
         ran
     }
-}
-
-/// The next database to checkpoint; `None` once the queue is gone.
-fn next(queue: &Mutex<mpsc::Receiver<Arc<Wal>>>) -> Option<Arc<Wal>> {
-    lock(queue).recv().ok()
 }
 
 /// One database whose checkpoints run off its commits.

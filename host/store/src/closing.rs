@@ -17,8 +17,6 @@ use std::sync::{Arc, LazyLock, Mutex, mpsc};
 
 use tokio::sync::oneshot;
 
-use crate::sqlite::lock;
-
 /// Threads closing databases for the whole host: the work is mostly waiting for fsyncs, and
 /// more of them at once would only queue on the disk (as the checkpoint threads).
 const THREADS: usize = 2;
@@ -38,22 +36,10 @@ struct Job {
 static QUEUE: LazyLock<Option<mpsc::Sender<Job>>> = LazyLock::new(|| {
     let (send, receive) = mpsc::channel::<Job>();
     let receive = Arc::new(Mutex::new(receive));
-    let mut started = 0;
-    for n in 0..THREADS {
-        let receive = receive.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("sqlite-close-{n}"))
-            .spawn(move || {
-                while let Ok(job) = lock(&receive).recv() {
-                    drop(job.files);
-                    let _ = job.closed.send(());
-                }
-            });
-        match spawned {
-            Ok(_) => started += 1,
-            Err(err) => tracing::error!("could not start a thread to close databases: {err}"),
-        }
-    }
+    let started = crate::sqlite::serve_queue("sqlite-close", THREADS, &receive, |job: Job| {
+        drop(job.files);
+        let _ = job.closed.send(());
+    });
     (started > 0).then_some(send)
 });
 
@@ -82,7 +68,7 @@ pub(crate) async fn close(files: Vec<OpenFiles>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sqlite::{self, Durability, Schema};
+    use crate::sqlite::{self, Durability, Schema, lock};
 
     #[tokio::test(flavor = "current_thread")]
     async fn closing_checkpoints_and_empties_the_wal_before_it_returns() {

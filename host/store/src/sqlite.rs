@@ -315,6 +315,34 @@ pub(crate) fn release_memory(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch("PRAGMA shrink_memory")
 }
 
+/// Starts `count` threads named `{name}-{n}` that take jobs from `queue` in turn and run
+/// `work` on each, until the queue's senders are gone; answers how many started (a failure
+/// to start one is logged).
+pub(crate) fn serve_queue<T: Send + 'static>(
+    name: &str,
+    count: usize,
+    queue: &std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<T>>>,
+    work: fn(T),
+) -> usize {
+    let mut started = 0;
+    for n in 0..count {
+        let queue = queue.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("{name}-{n}"))
+            .spawn(move || {
+                // The lock is released before the work: the others take the next jobs.
+                while let Ok(job) = lock(&queue).recv() {
+                    work(job);
+                }
+            });
+        match spawned {
+            Ok(_) => started += 1,
+            Err(err) => tracing::error!("could not start thread {name}-{n}: {err}"),
+        }
+    }
+    started
+}
+
 /// Locks a mutex that guards a connection or what follows one. A panic while holding it cannot
 /// leave SQLite half-written (its transaction rolls back), so a poisoned lock is safe to keep
 /// using.
