@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use storehost_store::{Store, StoreId};
+use storehost_store::{Store, StoreId, heap};
 use storehost_tests::{TestHost, TestHostOptions, programs};
 
 use crate::raw;
@@ -35,6 +35,7 @@ pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
     }
     wait_all_hibernated(&host, "warm", 10).await?;
     raw::settle_disk().await;
+    settle_heap().await;
     let rss_before = rss_bytes()?;
     let fds_before = open_fds()?;
     let mut progress = Progress::new(
@@ -47,6 +48,7 @@ pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
         progress.step();
     }
     wait_all_hibernated(&host, "sleep", sleepers).await?;
+    settle_heap().await;
     let rss_after = rss_bytes()?;
     let fds_after = open_fds()?;
     let per_store = rss_after.saturating_sub(rss_before) as f64 / sleepers as f64;
@@ -113,7 +115,7 @@ pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
     }
     table.push(Row {
         figure: format!(
-            "memory per hibernated store, files closed: RSS delta over {sleepers} stores ({} open fds per store)",
+            "memory per hibernated store, files closed: RSS delta over {sleepers} stores once the host settled (its heap trimmed; {} open fds per store)",
             thousands(fds_per_store)
         ),
         unit: "KB",
@@ -272,6 +274,13 @@ async fn wait_all_hibernated(host: &TestHost, prefix: &str, count: usize) -> any
         );
         tokio::time::sleep(IDLE).await;
     }
+}
+
+/// Waits until the host has handed back the heap memory the stores that just closed their
+/// files freed (see `storehost_store::heap`): a trim begins at most one trim delay after the
+/// last close, or after the trim running then.
+async fn settle_heap() {
+    tokio::time::sleep(heap::TRIM_DELAY * 2 + Duration::from_millis(500)).await;
 }
 
 /// The process's resident set, from `/proc/self/statm`.

@@ -38,6 +38,7 @@ static QUEUE: LazyLock<Option<mpsc::Sender<Job>>> = LazyLock::new(|| {
     let receive = Arc::new(Mutex::new(receive));
     let started = crate::sqlite::serve_queue("sqlite-close", THREADS, &receive, |job: Job| {
         drop(job.files);
+        crate::heap::freed();
         let _ = job.closed.send(());
     });
     (started > 0).then_some(send)

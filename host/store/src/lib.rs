@@ -18,6 +18,7 @@ mod closing;
 pub mod dir;
 pub mod event_log;
 pub mod guest_db;
+pub mod heap;
 pub mod id;
 pub mod metrics;
 pub mod quotas;

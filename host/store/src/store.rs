@@ -13,7 +13,7 @@ use serde::Serialize;
 use storehost_runtime::{FailureReason, InvocationError, Plugin, Runtime};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::actor::{Actor, Command, DbFile};
+use crate::actor::{Actor, Command, DbFile, Query};
 use crate::capabilities::StoreCapabilities;
 use crate::dir::{self, StoreDir};
 use crate::event_log::{EventLog, LoggedEvent, NewEvent};
@@ -367,7 +367,7 @@ impl Store {
         let (commands, inbox) = mpsc::channel(64);
         // Stores run apart from the API's threads (see `Runtime::guest_executor`).
         let executor = settings.plugin.guest_executor().clone();
-        let actor = Actor::new(
+        let actor = Box::new(Actor::new(
             shared.clone(),
             db,
             DbFile {
@@ -378,7 +378,7 @@ impl Store {
             settings,
             inbox,
             cursor,
-        );
+        ));
         let span = tracing::info_span!("store", store_id = %id);
         let handle = executor.spawn(tracing::Instrument::instrument(actor.run(), span));
         Ok(Self {
@@ -516,12 +516,12 @@ impl Store {
         request_id: Option<&str>,
     ) -> Result<String, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Query {
+        self.send(Command::Query(Box::new(Query {
             name: name.to_owned(),
             args: args.to_owned(),
             request_id: request_id.map(str::to_owned),
             reply,
-        })
+        })))
         .await?;
         answer
             .await
