@@ -280,7 +280,7 @@ async fn wait_all_hibernated(host: &TestHost, prefix: &str, count: usize) -> any
 /// files freed (see `storehost_store::heap`): a trim begins at most one trim delay after the
 /// last close, or after the trim running then.
 async fn settle_heap() {
-    tokio::time::sleep(heap::TRIM_DELAY * 2 + Duration::from_millis(500)).await;
+    tokio::time::sleep(heap::TRIM_QUIET * 2 + Duration::from_millis(500)).await;
 }
 
 /// The process's resident set, from `/proc/self/statm`.
