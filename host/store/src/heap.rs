@@ -38,33 +38,32 @@ struct Untrimmed {
     last: Instant,
 }
 
-/// The trimming thread's state, started on first use; `None` where the allocator has no trim
-/// (not glibc) or the thread could not start.
-static TRIMMER: LazyLock<Option<&'static Trimmer>> = LazyLock::new(|| {
+static TRIMMER: Trimmer = Trimmer {
+    untrimmed: Mutex::new(None),
+    wake: Condvar::new(),
+    trims: AtomicU64::new(0),
+};
+
+/// Whether the trimming thread runs, started on first use; `false` where the allocator has no
+/// trim (not glibc) or the thread could not start.
+static RUNNING: LazyLock<bool> = LazyLock::new(|| {
     if !cfg!(all(target_os = "linux", target_env = "gnu")) {
-        return None;
+        return false;
     }
-    let trimmer: &'static Trimmer = Box::leak(Box::new(Trimmer {
-        untrimmed: Mutex::new(None),
-        wake: Condvar::new(),
-        trims: AtomicU64::new(0),
-    }));
     let spawned = std::thread::Builder::new()
         .name("heap-trim".into())
-        .spawn(move || serve(trimmer));
-    match spawned {
-        Ok(_) => Some(trimmer),
-        Err(err) => {
-            tracing::error!("could not start the heap-trim thread: {err}");
-            None
-        }
+        .spawn(|| serve(&TRIMMER));
+    if let Err(err) = &spawned {
+        tracing::error!("could not start the heap-trim thread: {err}");
     }
+    spawned.is_ok()
 });
 
 /// Notes that a store freed much memory (it closed its databases): the heap is trimmed once
 /// no store has freed any for [`TRIM_QUIET`] (or [`TRIM_AT_MOST_EVERY`] from now).
 pub fn freed() {
-    if let Some(trimmer) = *TRIMMER {
+    if *RUNNING {
+        let trimmer = &TRIMMER;
         let now = Instant::now();
         let mut untrimmed = crate::sqlite::lock(&trimmer.untrimmed);
         match &mut *untrimmed {
@@ -82,23 +81,16 @@ pub fn freed() {
 
 /// How many times the heap has been trimmed since the process started.
 pub fn trims() -> u64 {
-    TRIMMER.map_or(0, |trimmer| trimmer.trims.load(Ordering::Relaxed))
+    TRIMMER.trims.load(Ordering::Relaxed)
 }
 
 fn serve(trimmer: &Trimmer) {
     loop {
-        let mut untrimmed = crate::sqlite::lock(&trimmer.untrimmed);
-        let since = loop {
-            match *untrimmed {
-                Some(since) => break since,
-                None => {
-                    untrimmed = trimmer
-                        .wake
-                        .wait(untrimmed)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                }
-            }
-        };
+        let mut untrimmed = trimmer
+            .wake
+            .wait_while(crate::sqlite::lock(&trimmer.untrimmed), |u| u.is_none())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(since) = *untrimmed else { continue };
         let due = (since.last + TRIM_QUIET).min(since.first + TRIM_AT_MOST_EVERY);
         let now = Instant::now();
         if now < due {
