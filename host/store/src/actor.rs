@@ -949,14 +949,13 @@ impl Actor {
         Ok(())
     }
 
-    /// Keeps a successful invocation of event `seq` in the batch: stages what it emitted,
-    /// moves the cursor and releases its savepoint.
+    /// Keeps a successful invocation of event `seq` in the batch: stages what it emitted and
+    /// releases its savepoint. The cursor moves once for the whole batch, when it commits.
     fn keep(&mut self, seq: u64, emitted: Vec<(String, String)>) -> Result<(), InvocationError> {
         let db = self.lock_db();
         let now = sqlite::now_ms();
         let staged = stage(&db, emitted, |index| format!("{seq}:{index}"), now)?;
-        db.advance_cursor(seq)
-            .and_then(|()| db.release_savepoint())
+        db.release_savepoint()
             .map_err(|err| storage_failure("could not record progress", &err))?;
         drop(db);
         let Some(batch) = self.batch.as_mut() else {
@@ -998,7 +997,9 @@ impl Actor {
             db.rollback();
             return Ok(());
         }
-        if let Err(err) = db.commit() {
+        // One cursor update per batch, in its transaction: the batch's effects and its
+        // progress commit together or not at all.
+        if let Err(err) = db.advance_cursor(batch.last_seq).and_then(|()| db.commit()) {
             db.rollback();
             drop(db);
             self.cursor = self.committed;
