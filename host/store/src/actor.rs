@@ -615,6 +615,7 @@ impl Actor {
         })();
         match result {
             Ok(()) => {
+                self.note_disk();
                 tracing::error!(seq = event.seq, reason = %err.reason, "event dead-lettered after {attempts} attempts: {}", err.message);
                 let mut status = self.shared.status();
                 status.dead_lettered += 1;
@@ -828,7 +829,10 @@ impl Actor {
             Ok(staged)
         });
         match outcome {
-            Ok(staged) => self.outbox.committed(staged),
+            Ok(staged) => {
+                self.note_disk();
+                self.outbox.committed(staged);
+            }
             Err(err) => {
                 self.lock_db().rollback();
                 return Err(err);
@@ -1006,6 +1010,7 @@ impl Actor {
             return Err((batch, err));
         }
         drop(db);
+        self.note_disk();
         self.outbox.committed(batch.staged);
         // The invocations may have scheduled or cancelled tasks.
         self.refresh_next_due();
@@ -1308,7 +1313,6 @@ impl Actor {
 
     /// Adds one invocation's CPU time to the store's usage and records peaks and disk size.
     fn note_usage(&self, cpu_used_ms: u64) {
-        let disk = self.lock_db().size_bytes().unwrap_or(0);
         let sandbox_usage = self
             .sandbox
             .as_ref()
@@ -1318,7 +1322,14 @@ impl Actor {
         status.usage.cpu_ms += cpu_used_ms;
         status.usage.fuel = status.usage.fuel.max(sandbox_usage.fuel);
         status.usage.memory_peak = status.usage.memory_peak.max(sandbox_usage.memory_peak);
-        status.usage.disk_bytes = disk;
+    }
+
+    /// Records the database's size after a commit. Once per commit, not per invocation: SQLite
+    /// compiles a `PRAGMA` again each time it runs, which cost a batch of trivial events a
+    /// seventh of its time.
+    fn note_disk(&self) {
+        let disk = self.lock_db().size_bytes().unwrap_or(0);
+        self.shared.status().usage.disk_bytes = disk;
     }
 
     /// Opens `store.db` again after hibernation (nothing to do while it is open). Every piece

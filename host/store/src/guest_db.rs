@@ -209,11 +209,9 @@ impl GuestDb {
 
     /// The database's size in bytes.
     pub fn size_bytes(&self) -> rusqlite::Result<u64> {
-        // Read after every invocation: cached, so it is stepped rather than parsed each time.
         let pages: u64 = self
             .conn
-            .prepare_cached("PRAGMA page_count")?
-            .query_row([], |row| row.get(0))?;
+            .pragma_query_value(None, "page_count", |row| row.get(0))?;
         Ok(pages * self.page_size)
     }
 
