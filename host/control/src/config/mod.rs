@@ -294,7 +294,7 @@ pub struct HostConfig {
     /// slot) and caches until the next event, query or due task wakes it. 0: never.
     pub idle_timeout_ms: u64,
     /// A hibernated store idle this many ms longer also closes its SQLite files: it then costs
-    /// about 18 KB and no file descriptor, and its next wake opens them again (about a
+    /// about 8 KB and no file descriptor, and its next wake opens them again (about half a
     /// millisecond more). 0: at once when it hibernates.
     pub close_files_after_ms: u64,
     /// How many empty store directories are kept ready in `DATA_DIR/stores/.spare/`, so a new
