@@ -1311,7 +1311,8 @@ impl Actor {
         })
     }
 
-    /// Adds one invocation's CPU time to the store's usage and records peaks and disk size.
+    /// Adds one invocation's CPU time to the store's usage and records its peaks (the disk size
+    /// is recorded per commit, [`Actor::note_disk`]).
     fn note_usage(&self, cpu_used_ms: u64) {
         let sandbox_usage = self
             .sandbox
