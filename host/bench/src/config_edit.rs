@@ -97,7 +97,7 @@ fn save_by_rename(path: &Path, text: &str) -> std::io::Result<()> {
 
 /// One watched host; one edit; the time until all its stores run.
 async fn measure() -> anyhow::Result<Duration> {
-    let dir = tempfile::tempdir()?;
+    let dir = storehost_tests::scratch_dir()?;
     let path = dir.path().join("storehost.toml");
     std::fs::write(&path, config_text(std::iter::once("seed-store".to_owned())))?;
     let watched = watched(&path, STORES + 100).await;

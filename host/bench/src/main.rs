@@ -77,6 +77,12 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Every row's stores and raw references are deleted together at the end, so no row's
+    // deletions slow the file creations of the rows after it (see `defer_scratch_cleanup`).
+    let scratch = tempfile::Builder::new()
+        .prefix("storehost-bench-")
+        .tempdir()?;
+    storehost_tests::defer_scratch_cleanup(scratch.path().to_owned());
     let mut table = Table::default();
     let facts = report::machine_facts();
     println!("{facts}");
@@ -134,6 +140,12 @@ fn main() -> anyhow::Result<()> {
     }
     std::fs::write(&out, format!("{facts}\n\n{text}\n"))?;
     eprintln!("table written to {}", out.display());
+    eprintln!(
+        "deleting the run's scratch directories ({})",
+        scratch.path().display()
+    );
+    drop(runtime);
+    scratch.close()?;
     anyhow::ensure!(failures == 0, "{failures} benchmark(s) failed (see above)");
     Ok(())
 }

@@ -29,6 +29,8 @@ pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
     let host = TestHost::start_configured(
         TestHostOptions {
             max_stores: workspaces + workspaces / 5 + 20,
+            // The server's default, not the test hosts' 2.
+            spare_stores: storehost_control::config::DEFAULT_SPARE_STORES,
             ..TestHostOptions::default()
         },
         &[("writer", programs::WRITER)],

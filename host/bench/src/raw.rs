@@ -174,7 +174,7 @@ pub fn insert_batches(
     batch: usize,
     threads: usize,
 ) -> anyhow::Result<Duration> {
-    let dir = tempfile::tempdir()?;
+    let dir = storehost_tests::scratch_dir()?;
     let mut connections = Vec::with_capacity(databases);
     for index in 0..databases {
         let conn = open_like_storehost(&dir.path().join(format!("events-{index}.db")))?;
@@ -247,7 +247,7 @@ pub const INODES_PER_STORE: usize = 6;
 /// metadata update of the filesystem: on some virtual disks it costs near a millisecond, and
 /// it bounds how fast any host can create stores).
 pub fn file_creations_per_second(samples: usize) -> anyhow::Result<f64> {
-    let dir = tempfile::tempdir()?;
+    let dir = storehost_tests::scratch_dir()?;
     let started = Instant::now();
     for index in 0..samples {
         std::fs::File::create(dir.path().join(format!("f{index}")))?;
@@ -258,7 +258,7 @@ pub fn file_creations_per_second(samples: usize) -> anyhow::Result<f64> {
 /// The least a new store costs on disk: its directory with `files/`, and its two databases
 /// created in WAL mode with their first table — `samples` times, each in a fresh directory.
 pub fn store_files(samples: usize, creation: Creation) -> anyhow::Result<Vec<Duration>> {
-    let dir = tempfile::tempdir()?;
+    let dir = storehost_tests::scratch_dir()?;
     let mut times = Vec::with_capacity(samples);
     // Kept open, as a running store keeps them: closing a database checkpoints it, and that
     // work would land on the next sample.

@@ -34,7 +34,7 @@ pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
     let (peer_rps, mut peer_latencies) = load(&peer_urls, None, seconds).await?;
     drop(peer);
 
-    let dir = tempfile::tempdir()?;
+    let dir = storehost_tests::scratch_dir()?;
     let config = dir.path().join("storehost.toml");
     let mut text = format!("[plugins.bench]\npath = {:?}\n\n", programs::BENCH);
     for i in 0..STORES {
