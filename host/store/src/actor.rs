@@ -216,7 +216,7 @@ impl Actor {
         // Stopped: the files close now, each WAL checkpointed and emptied, so a directory
         // archived or backed up right after holds only its databases.
         self.sandbox = None;
-        self.close_files().await;
+        self.close_files(closing::Why::Stop).await;
     }
 
     async fn serve(&mut self) {
@@ -314,7 +314,7 @@ impl Actor {
         let state = self.shared.status().state;
         match state {
             StoreState::Running => self.hibernate().await,
-            StoreState::Hibernated => self.close_files().await,
+            StoreState::Hibernated => self.close_files(closing::Why::Idle).await,
             _ => {}
         }
     }
@@ -331,7 +331,7 @@ impl Actor {
         self.pending = VecDeque::new();
         if self.settings.close_files_after.is_zero() {
             // Closed before the state shows it: whoever sees `hibernated` sees no open file.
-            self.close_files().await;
+            self.close_files(closing::Why::Idle).await;
         } else {
             if let Err(err) = sqlite::release_memory(self.lock_db().connection()) {
                 tracing::debug!("could not shrink the store database's cache: {err}");
@@ -351,8 +351,8 @@ impl Actor {
     /// the log (still durable before its 2xx) and the next piece of work `store.db`
     /// ([`Actor::ensure_db`]). The closing (checkpoints and fsyncs) runs on the host's
     /// closing threads, not on this actor's async worker (see [`crate::closing`]); the actor
-    /// goes on when every file is closed.
-    async fn close_files(&mut self) {
+    /// goes on when every file is closed. A stop's closing goes before every hibernation's.
+    async fn close_files(&mut self, why: closing::Why) {
         // Readers first: the last connection to close checkpoints its WAL into the database
         // and empties it, which a read-only one cannot. The sandbox, gone since hibernation,
         // held the only other handle on the database.
@@ -365,7 +365,7 @@ impl Actor {
         if let Some(db) = self.db.take() {
             files.push(Box::new(db));
         }
-        closing::close(files).await;
+        closing::close(files, why).await;
         tracing::debug!("closed its files");
     }
 
