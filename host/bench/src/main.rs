@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
         .tempdir()?;
     storehost_tests::defer_scratch_cleanup(scratch.path().to_owned());
     let mut table = Table::default();
-    let facts = report::machine_facts();
+    let facts = report::machine_facts(scratch.path());
     println!("{facts}");
     let mut failures = 0;
     runtime.block_on(async {
