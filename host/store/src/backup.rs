@@ -779,7 +779,7 @@ mod tests {
 
     /// A store directory with `events` events, its cursor at `cursor`, and a guest file.
     fn store_dir(data: &Path, id: &StoreId, events: u64, cursor: u64) -> StoreDir {
-        let dir = crate::dir::prepare(data, id, None).unwrap();
+        let (dir, _) = crate::dir::prepare(data, id, None).unwrap();
         let log =
             crate::event_log::EventLog::open(&dir.events_db(), crate::Durability::Process).unwrap();
         for i in 0..events {

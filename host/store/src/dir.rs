@@ -10,7 +10,7 @@ use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 
 use crate::id::StoreId;
-use crate::spare::SpareStores;
+use crate::spare::{OpenSpare, SpareStores};
 
 /// The store's files, as paths the SQLite and WASI layers open.
 #[derive(Debug, Clone)]
@@ -34,30 +34,35 @@ impl StoreDir {
 }
 
 /// Creates (or checks) the directory of store `id` under `data_dir`; a new one is a spare
-/// moved into place when `spares` has one ready.
+/// moved into place when `spares` has one ready, with its open databases when the builder kept
+/// them (for the store to adopt).
 pub fn prepare(
     data_dir: &Path,
     id: &StoreId,
     spares: Option<&SpareStores>,
-) -> io::Result<StoreDir> {
+) -> io::Result<(StoreDir, Option<OpenSpare>)> {
     std::fs::create_dir_all(data_dir)?;
     let data_dir = data_dir.canonicalize()?;
     let data = Dir::open_ambient_dir(&data_dir, ambient_authority())?;
     data.create_dir_all("stores")?;
     let stores = data.open_dir("stores")?;
+    let mut open = None;
     if let Some(spares) = spares
         && matches!(stores.symlink_metadata(id.as_str()), Err(err) if err.kind() == io::ErrorKind::NotFound)
     {
-        spares.take_into(&data_dir.join("stores").join(id.as_str()));
+        open = spares
+            .take_into(&data_dir.join("stores").join(id.as_str()))
+            .flatten();
     }
     ensure_real_dir(&stores, id.as_str())?;
     let store = stores.open_dir(id.as_str())?;
     ensure_real_dir(&store, "files")?;
     let root = data_dir.join("stores").join(id.as_str());
-    Ok(StoreDir {
+    let dir = StoreDir {
         files: root.join("files"),
         root,
-    })
+    };
+    Ok((dir, open))
 }
 
 /// Moves the store's directory to `DATA_DIR/archive/<id>-<millis>` (data kept), or deletes it.
@@ -122,7 +127,7 @@ mod tests {
     fn creates_the_store_directory_and_refuses_a_planted_symlink() {
         let data = tempfile::tempdir().unwrap();
         let id = StoreId::new("acme").unwrap();
-        let dir = prepare(data.path(), &id, None).unwrap();
+        let dir = prepare(data.path(), &id, None).unwrap().0;
         assert!(dir.files.is_dir());
 
         let evil = StoreId::new("evil").unwrap();
@@ -152,7 +157,7 @@ mod tests {
         use crate::sqlite::{self, Durability};
         let data = tempfile::tempdir().unwrap();
         let id = StoreId::new("acme").unwrap();
-        let dir = prepare(data.path(), &id, None).unwrap();
+        let dir = prepare(data.path(), &id, None).unwrap().0;
         // store.db closed cleanly (WAL emptied); events.db still open, its WAL holding frames.
         let store =
             sqlite::open(&dir.store_db(), Durability::Process, &sqlite::Schema::NONE).unwrap();

@@ -153,13 +153,32 @@ impl EventLog {
     /// Opens (creating if needed) the log at `path`.
     pub fn open(path: &Path, durability: Durability) -> rusqlite::Result<Self> {
         let writer = sqlite::open(path, durability, &SCHEMA)?;
-        Ok(Self {
+        Ok(Self::with_writer_connection(path, durability, writer))
+    }
+
+    /// The log at `path`, written through `writer`: a spare's connection, made with the log's
+    /// schema before the spare's directory became this store's (see [`sqlite::adopt`]).
+    pub(crate) fn adopt(
+        path: &Path,
+        durability: Durability,
+        writer: rusqlite::Connection,
+    ) -> rusqlite::Result<Self> {
+        let writer = sqlite::adopt(writer, path, durability)?;
+        Ok(Self::with_writer_connection(path, durability, writer))
+    }
+
+    fn with_writer_connection(
+        path: &Path,
+        durability: Durability,
+        writer: rusqlite::Connection,
+    ) -> Self {
+        Self {
             path: path.to_owned(),
             durability,
             writer: Mutex::new(Some(writer)),
             reader: sqlite::LazyReader::new(path),
             tail: Mutex::new(None),
-        })
+        }
     }
 
     /// The store is hibernating: hands back the reader's and the writer's statement and page

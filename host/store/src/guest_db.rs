@@ -152,10 +152,33 @@ impl std::fmt::Debug for GuestDb {
     }
 }
 
+impl Drop for GuestDb {
+    fn drop(&mut self) {
+        // The writer closes last (the store's readers go first): a moved file's checkpoint is
+        // made here, as SQLite's close would have made it.
+        sqlite::checkpoint_if_moved(&self.conn);
+    }
+}
+
 impl GuestDb {
     /// Opens `store.db`, hardens the connection and creates the host's tables.
     pub fn open(path: &Path, durability: Durability, disk_quota: u64) -> rusqlite::Result<Self> {
-        let mut conn = sqlite::open(path, durability, &SCHEMA)?;
+        Self::harden(sqlite::open(path, durability, &SCHEMA)?, disk_quota)
+    }
+
+    /// `store.db` at `path` through `conn`: a spare's connection, made with the host's tables
+    /// before the spare's directory became this store's (see [`sqlite::adopt`]).
+    pub(crate) fn adopt(
+        path: &Path,
+        durability: Durability,
+        conn: Connection,
+        disk_quota: u64,
+    ) -> rusqlite::Result<Self> {
+        Self::harden(sqlite::adopt(conn, path, durability)?, disk_quota)
+    }
+
+    /// Hardens `conn` for guest SQL and caps it at `disk_quota`.
+    fn harden(mut conn: Connection, disk_quota: u64) -> rusqlite::Result<Self> {
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)?;
         conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;

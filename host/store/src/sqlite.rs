@@ -308,6 +308,62 @@ impl LazyReader {
     }
 }
 
+/// Takes over `conn`, opened at another path by [`create_in_scratch`] (a spare store's, whose
+/// directory has since become a store's), for the database now at `path`: its checkpoints are
+/// watched at `path`. Everything else the connection was set up with stays.
+pub(crate) fn adopt(
+    mut conn: Connection,
+    path: &Path,
+    durability: Durability,
+) -> rusqlite::Result<Connection> {
+    let synchronous = match durability {
+        Durability::Process => "NORMAL",
+        Durability::Power => "FULL",
+    };
+    checkpoint::BACKGROUND.watch(&mut conn, path, synchronous)?;
+    Ok(conn)
+}
+
+/// Whether the database file of `conn` is no longer at the path it was opened by (a spare's
+/// connection, adopted by the store whose directory the spare became). SQLite skips the
+/// checkpoint it makes when the last connection to such a file closes.
+#[allow(unsafe_code)]
+pub(crate) fn has_moved(conn: &Connection) -> bool {
+    let mut moved: std::ffi::c_int = 0;
+    // SAFETY: the handle is open for the borrow of `conn`, and SQLITE_FCNTL_HAS_MOVED writes
+    // one int through the pointer.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_HAS_MOVED,
+            std::ptr::from_mut(&mut moved).cast(),
+        )
+    };
+    rc == rusqlite::ffi::SQLITE_OK && moved != 0
+}
+
+/// Before the last connection to a database closes: if its file has moved (see [`has_moved`]),
+/// checkpoints and empties the WAL as the close would have, so a closed store's WALs are empty
+/// whether its connections came from a spare or not.
+pub(crate) fn checkpoint_if_moved(conn: &Connection) {
+    if has_moved(conn)
+        && let Err(err) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+    {
+        tracing::debug!("could not checkpoint a moved database before closing it: {err}");
+    }
+}
+
+/// A connection being closed: dropping it first makes the checkpoint SQLite would skip for a
+/// moved file ([`checkpoint_if_moved`]).
+pub(crate) struct Closing(pub(crate) Connection);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        checkpoint_if_moved(&self.0);
+    }
+}
+
 /// Hands back what a connection holds in memory that it can rebuild on demand: its cached
 /// prepared statements and its page cache (used when a store hibernates).
 pub(crate) fn release_memory(conn: &Connection) -> rusqlite::Result<()> {

@@ -332,9 +332,22 @@ impl Store {
         settings: StoreSettings,
         spares: Option<&crate::spare::SpareStores>,
     ) -> Result<Self, StoreError> {
-        let dir = dir::prepare(data_dir, &id, spares)?;
-        let log = EventLog::open(&dir.events_db(), durability)?;
-        let db = GuestDb::open(&dir.store_db(), durability, settings.quotas.disk)?;
+        let (dir, spare) = dir::prepare(data_dir, &id, spares)?;
+        let (log, db) = match spare {
+            Some(open) => (
+                EventLog::adopt(&dir.events_db(), durability, open.events)?,
+                GuestDb::adopt(
+                    &dir.store_db(),
+                    durability,
+                    open.store,
+                    settings.quotas.disk,
+                )?,
+            ),
+            None => (
+                EventLog::open(&dir.events_db(), durability)?,
+                GuestDb::open(&dir.store_db(), durability, settings.quotas.disk)?,
+            ),
+        };
         let cursor = db.cursor()?;
         let head = log.head()?;
         let status = StoreStatus {
