@@ -28,9 +28,10 @@ struct PersistedSpec {
 impl Registry {
     /// Opens (creating if needed) the registry database.
     pub fn open(path: &Path) -> rusqlite::Result<Self> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        storehost_store::sqlite::checkpoint_in_background(&mut conn, path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS stores (
                 id TEXT PRIMARY KEY,

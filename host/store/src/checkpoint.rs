@@ -73,8 +73,21 @@ impl Checkpointer {
         path: &Path,
         synchronous: &'static str,
     ) -> rusqlite::Result<()> {
+        self.watch_via(conn, path, synchronous, crate::sqlite::VFS)
+    }
+
+    /// [`Checkpointer::watch`] for a connection opened through the SQLite VFS `vfs` (the
+    /// checkpoint's own connection goes through the same one).
+    pub(crate) fn watch_via(
+        &self,
+        conn: &mut Connection,
+        path: &Path,
+        synchronous: &'static str,
+        vfs: &'static str,
+    ) -> rusqlite::Result<()> {
         let wal = Arc::new(Wal {
             path: path.to_owned(),
+            vfs,
             synchronous,
             queued: AtomicBool::new(false),
             writer_open: Mutex::new(true),
@@ -112,6 +125,8 @@ impl Checkpointer {
 /// One database whose checkpoints run off its commits.
 struct Wal {
     path: PathBuf,
+    /// The SQLite VFS the database is opened through.
+    vfs: &'static str,
     synchronous: &'static str,
     /// Queued and not yet checkpointed: a database is in the queue at most once.
     queued: AtomicBool,
@@ -135,8 +150,11 @@ impl Wal {
 
     fn checkpoint_now(&self) -> rusqlite::Result<()> {
         // The store's connection stays open meanwhile (closing it waits for this one).
-        let conn =
-            crate::sqlite::open_existing(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        let conn = crate::sqlite::open_existing_via(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+            self.vfs,
+        )?;
         conn.busy_timeout(Duration::from_secs(1))?;
         conn.pragma_update(None, "journal_size_limit", crate::sqlite::WAL_SIZE_LIMIT)?;
         conn.pragma_update(None, "synchronous", self.synchronous)?;
@@ -216,6 +234,34 @@ mod tests {
             checkpointer.run_queued(),
             1,
             "queued again once checkpointed"
+        );
+    }
+
+    /// The host's own database (`host.db`) goes through SQLite's default VFS.
+    #[test]
+    fn a_database_of_the_default_vfs_is_checkpointed_off_its_commits_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpointer = Checkpointer::new();
+        let path = dir.path().join("host.db");
+        let mut conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+        conn.execute_batch("CREATE TABLE t (v)").unwrap();
+        checkpointer
+            .watch_via(&mut conn, &path, "NORMAL", "unix")
+            .unwrap();
+        let db_before = size(&path);
+
+        commit_rows(&conn, 1_500);
+        assert_eq!(
+            size(&path),
+            db_before,
+            "no commit copied pages into the database (SQLite's inline checkpoint would have)"
+        );
+        assert_eq!(checkpointer.run_queued(), 1);
+        assert!(
+            size(&path) > 1_500 * 4096,
+            "the checkpoint, through the default VFS, moved the WAL's pages into the database"
         );
     }
 
