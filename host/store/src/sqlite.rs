@@ -163,10 +163,7 @@ fn open_inner(
     let wal_empty = std::fs::metadata(wal_path(path)).map_or(true, |m| m.len() == 0);
     let mut conn = Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), VFS)?;
     conn.busy_timeout(Duration::from_secs(10))?;
-    let synchronous = match durability {
-        Durability::Process => "NORMAL",
-        Durability::Power => "FULL",
-    };
+    let synchronous = synchronous(durability);
     let unsynced = (new || wal_empty) && durability == Durability::Process;
     conn.pragma_update(
         None,
@@ -215,20 +212,8 @@ fn start_wal(conn: &Connection) -> rusqlite::Result<()> {
 /// a closed database and committing took p50 0.8–1.0 ms with the files deleted, 0.2–0.35 ms
 /// kept (before [`VFS`] did away with the `-shm` file).
 ///
-/// rusqlite has no safe wrapper for file controls: this is the crate's one `unsafe` block.
-#[allow(unsafe_code)]
 fn keep_wal(conn: &Connection) -> rusqlite::Result<()> {
-    let mut on: std::ffi::c_int = 1;
-    // SAFETY: the handle is this open connection's; PERSIST_WAL reads and writes one int
-    // through the pointer, which outlives the call.
-    let rc = unsafe {
-        rusqlite::ffi::sqlite3_file_control(
-            conn.handle(),
-            c"main".as_ptr(),
-            rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
-            std::ptr::from_mut(&mut on).cast(),
-        )
-    };
+    let (rc, _) = file_control_int(conn, rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL, 1);
     if rc == rusqlite::ffi::SQLITE_OK {
         Ok(())
     } else {
@@ -237,6 +222,30 @@ fn keep_wal(conn: &Connection) -> rusqlite::Result<()> {
             Some("could not keep the WAL file on close (SQLITE_FCNTL_PERSIST_WAL)".into()),
         ))
     }
+}
+
+/// Runs the file control `op`, which reads and writes one int, on the main database of `conn`
+/// with `value`; answers SQLite's result code and the int as the control left it.
+///
+/// rusqlite has no safe wrapper for file controls: this is the crate's one `unsafe` block.
+#[allow(unsafe_code)]
+fn file_control_int(
+    conn: &Connection,
+    op: std::ffi::c_int,
+    value: std::ffi::c_int,
+) -> (std::ffi::c_int, std::ffi::c_int) {
+    let mut value = value;
+    // SAFETY: the handle is open for the borrow of `conn`; `op` reads and writes one int
+    // through the pointer, which outlives the call.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            op,
+            std::ptr::from_mut(&mut value).cast(),
+        )
+    };
+    (rc, value)
 }
 
 /// Opens a read-only connection to a database another connection writes.
@@ -334,30 +343,24 @@ pub(crate) fn adopt(
     path: &Path,
     durability: Durability,
 ) -> rusqlite::Result<Connection> {
-    let synchronous = match durability {
-        Durability::Process => "NORMAL",
-        Durability::Power => "FULL",
-    };
+    let synchronous = synchronous(durability);
     checkpoint::BACKGROUND.watch(&mut conn, path, synchronous)?;
     Ok(conn)
+}
+
+/// The `synchronous` setting of a store's database under `durability`.
+fn synchronous(durability: Durability) -> &'static str {
+    match durability {
+        Durability::Process => "NORMAL",
+        Durability::Power => "FULL",
+    }
 }
 
 /// Whether the database file of `conn` is no longer at the path it was opened by (a spare's
 /// connection, adopted by the store whose directory the spare became). SQLite skips the
 /// checkpoint it makes when the last connection to such a file closes.
-#[allow(unsafe_code)]
 pub(crate) fn has_moved(conn: &Connection) -> bool {
-    let mut moved: std::ffi::c_int = 0;
-    // SAFETY: the handle is open for the borrow of `conn`, and SQLITE_FCNTL_HAS_MOVED writes
-    // one int through the pointer.
-    let rc = unsafe {
-        rusqlite::ffi::sqlite3_file_control(
-            conn.handle(),
-            c"main".as_ptr(),
-            rusqlite::ffi::SQLITE_FCNTL_HAS_MOVED,
-            std::ptr::from_mut(&mut moved).cast(),
-        )
-    };
+    let (rc, moved) = file_control_int(conn, rusqlite::ffi::SQLITE_FCNTL_HAS_MOVED, 0);
     rc == rusqlite::ffi::SQLITE_OK && moved != 0
 }
 
