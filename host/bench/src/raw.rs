@@ -284,6 +284,7 @@ fn create(path: &Path, schema: &str, creation: Creation) -> rusqlite::Result<Con
             Ok(conn)
         }
         Creation::LikeStorehost => {
+            storehost_store::sqlite::register_vfs()?;
             let conn = Connection::open_with_flags_and_vfs(
                 path,
                 rusqlite::OpenFlags::default(),

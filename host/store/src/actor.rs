@@ -360,7 +360,7 @@ impl Actor {
             .shared
             .take_connections()
             .into_iter()
-            .map(|conn| Box::new(sqlite::Closing(conn)) as closing::OpenFiles)
+            .map(|conn| Box::new(conn) as closing::OpenFiles)
             .collect();
         if let Some(db) = self.db.take() {
             files.push(Box::new(db));

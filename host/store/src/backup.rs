@@ -283,12 +283,9 @@ pub fn create(
 /// Copies the database at `source` to `target` with SQLite's online backup API, in one step
 /// (one read transaction, so one committed snapshot) while other connections write.
 fn snapshot_db(source: &Path, target: &Path) -> rusqlite::Result<()> {
-    // Read-write without CREATE: a reader of a WAL database may need to create its `-shm`.
-    let source = Connection::open_with_flags(
-        source,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    source.busy_timeout(Duration::from_secs(10))?;
+    // Through the host's VFS: the store's own connections have the file open (and keep other
+    // openers out), and this one shares their WAL index.
+    let source = crate::sqlite::open_existing(source, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
     let mut target = Connection::open(target)?;
     {
         let backup = rusqlite::backup::Backup::new(&source, &mut target)?;

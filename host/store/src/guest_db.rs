@@ -152,14 +152,6 @@ impl std::fmt::Debug for GuestDb {
     }
 }
 
-impl Drop for GuestDb {
-    fn drop(&mut self) {
-        // The writer closes last (the store's readers go first): a moved file's checkpoint is
-        // made here, as SQLite's close would have made it.
-        sqlite::checkpoint_if_moved(&self.conn);
-    }
-}
-
 impl GuestDb {
     /// Opens `store.db`, hardens the connection and creates the host's tables.
     pub fn open(path: &Path, durability: Durability, disk_quota: u64) -> rusqlite::Result<Self> {

@@ -26,6 +26,7 @@ pub mod schedules;
 pub mod spare;
 pub mod sqlite;
 pub mod store;
+mod vfs;
 
 pub use capabilities::{LlmBackend, StoreCapabilities};
 pub use event_log::{LoggedEvent, NewEvent};

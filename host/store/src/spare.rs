@@ -11,13 +11,13 @@
 //! leftovers are deleted when the pool opens. Their files hold nothing that names a store.
 //!
 //! The builder also keeps each spare's two databases open, and the store that takes the spare
-//! adopts those connections: opening a database file is the slowest part of a new store,
-//! because SQLite's unix VFS walks a list of every database file the process has open, twice,
-//! for each file it opens (`findReusableFd`, `findInodeInfo`). Beside 1,200 running stores the
-//! request's `events.db` took p50 1.65 ms to open, 0.59 ms beside 240 (provisioning row, 10
-//! webhooks a second). A connection stays valid when its directory is renamed; SQLite only
-//! skips the checkpoint its last close would make ([`sqlite::checkpoint_if_moved`] makes it).
-//! Spares found at start are opened by their store, as before.
+//! adopts those connections: opening a database file is the slowest part of a new store (with
+//! SQLite's `unix-excl` VFS, which walked a list of every database file the process had open
+//! for each file it opened, `events.db` took p50 1.65 ms to open beside 1,200 running stores;
+//! [`crate::vfs`] does away with the list). A connection stays valid when its directory is
+//! renamed, and its last close still checkpoints and empties the WAL ([`crate::vfs`] does not
+//! report the file as moved, which would make SQLite skip that checkpoint). Spares found at
+//! start are opened by their store, as before.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -399,10 +399,6 @@ mod tests {
             .take_into(&dir)
             .expect("a spare was ready")
             .expect("the builder kept its databases open");
-        assert!(
-            sqlite::has_moved(&open.events) && sqlite::has_moved(&open.store),
-            "opened where the spare was built, before it became this store's directory"
-        );
         let log =
             EventLog::adopt(&dir.join("events.db"), Durability::Process, open.events).unwrap();
         let db = GuestDb::adopt(
@@ -419,9 +415,7 @@ mod tests {
         db.commit().unwrap();
 
         // Closed as a store closes its files: the log's connections, then store.db.
-        for conn in log.take_connections() {
-            drop(sqlite::Closing(conn));
-        }
+        drop(log.take_connections());
         drop(db);
         for file in ["events.db", "store.db"] {
             let wal = sqlite::wal_path(&dir.join(file));

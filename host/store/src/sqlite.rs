@@ -18,17 +18,29 @@ pub enum Durability {
     Power,
 }
 
-/// The SQLite VFS every store file is opened with: SQLite's own `unix` VFS, except that the
-/// host process holds an exclusive lock on each database it opens, and the WAL index lives in
-/// the process's memory instead of a memory-mapped `-shm` file. Connections of this process
-/// still share it (SQLite keeps one WAL index per file per process); another process that opens
-/// a live store's file gets `SQLITE_BUSY` instead of writing beside the host.
+/// The SQLite VFS every store file is opened with: SQLite's own unix file I/O, with the locks
+/// between this process's connections and the WAL index in the process's memory (no `-shm`
+/// files), and one lock that keeps other processes out while the host has a database open
+/// (see [`crate::vfs`]). Registered by the functions here that open store files; anything else
+/// opening a store's live file through it calls [`register_vfs`] first.
 ///
-/// Why: SQLite truncates and re-extends the `-shm` file of every database it opens first, page
-/// by page — file-system metadata work on every wake and every new store. Measured here on the
-/// ext4 data disk, reopen + commit + read of a database: p50 317–400 µs with `unix`, 203–231 µs
-/// with `unix-excl`. A store also keeps two fewer files and file descriptors.
-pub const VFS: &str = "unix-excl";
+/// Why no `-shm` file: SQLite truncates and re-extends the `-shm` file of every database it
+/// opens first, page by page — file-system metadata work on every wake and every new store.
+/// Measured here on the ext4 data disk, reopen + commit + read of a database: p50 317–400 µs
+/// with `unix`, 203–231 µs with the WAL index in memory (`unix-excl`, which this VFS replaced).
+/// A store also keeps two fewer files and file descriptors.
+pub const VFS: &str = "storehost";
+
+/// Registers [`VFS`] with SQLite (once per process; later calls cost nothing).
+pub fn register_vfs() -> rusqlite::Result<()> {
+    match crate::vfs::register() {
+        rusqlite::ffi::SQLITE_OK => Ok(()),
+        rc => Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rc),
+            Some(format!("could not register the SQLite VFS {VFS:?}")),
+        )),
+    }
+}
 
 /// The WAL file is kept (truncated to this many bytes) when the last connection closes, so
 /// reopening a hibernated store's database creates no file (see [`keep_wal`]).
@@ -161,6 +173,7 @@ fn open_inner(
 ) -> rusqlite::Result<Connection> {
     let new = !path.exists();
     let wal_empty = std::fs::metadata(wal_path(path)).map_or(true, |m| m.len() == 0);
+    register_vfs()?;
     let mut conn = Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), VFS)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     let synchronous = synchronous(durability);
@@ -227,7 +240,8 @@ fn keep_wal(conn: &Connection) -> rusqlite::Result<()> {
 /// Runs the file control `op`, which reads and writes one int, on the main database of `conn`
 /// with `value`; answers SQLite's result code and the int as the control left it.
 ///
-/// rusqlite has no safe wrapper for file controls: this is the crate's one `unsafe` block.
+/// rusqlite has no safe wrapper for file controls (the crate's other `unsafe` code is the VFS,
+/// [`crate::vfs`]).
 #[allow(unsafe_code)]
 fn file_control_int(
     conn: &Connection,
@@ -248,8 +262,9 @@ fn file_control_int(
     (rc, value)
 }
 
-/// Opens a read-only connection to a database another connection writes.
-pub(crate) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+/// Opens a read-only connection to a database another connection writes (also one a running
+/// store has open).
+pub fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     open_existing(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
 }
 
@@ -269,6 +284,9 @@ pub(crate) fn open_existing_via(
     flags: rusqlite::OpenFlags,
     vfs: &str,
 ) -> rusqlite::Result<Connection> {
+    if vfs == VFS {
+        register_vfs()?;
+    }
     let conn = Connection::open_with_flags_and_vfs(
         path,
         flags | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX | rusqlite::OpenFlags::SQLITE_OPEN_URI,
@@ -344,6 +362,12 @@ pub(crate) fn adopt(
     durability: Durability,
 ) -> rusqlite::Result<Connection> {
     let synchronous = synchronous(durability);
+    // The spare's builder left its tables unsynced in the WAL; the store's last close
+    // checkpoints them like everything the store writes.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        false,
+    )?;
     checkpoint::BACKGROUND.watch(&mut conn, path, synchronous)?;
     Ok(conn)
 }
@@ -353,35 +377,6 @@ fn synchronous(durability: Durability) -> &'static str {
     match durability {
         Durability::Process => "NORMAL",
         Durability::Power => "FULL",
-    }
-}
-
-/// Whether the database file of `conn` is no longer at the path it was opened by (a spare's
-/// connection, adopted by the store whose directory the spare became). SQLite skips the
-/// checkpoint it makes when the last connection to such a file closes.
-pub(crate) fn has_moved(conn: &Connection) -> bool {
-    let (rc, moved) = file_control_int(conn, rusqlite::ffi::SQLITE_FCNTL_HAS_MOVED, 0);
-    rc == rusqlite::ffi::SQLITE_OK && moved != 0
-}
-
-/// Before the last connection to a database closes: if its file has moved (see [`has_moved`]),
-/// checkpoints and empties the WAL as the close would have, so a closed store's WALs are empty
-/// whether its connections came from a spare or not.
-pub(crate) fn checkpoint_if_moved(conn: &Connection) {
-    if has_moved(conn)
-        && let Err(err) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-    {
-        tracing::debug!("could not checkpoint a moved database before closing it: {err}");
-    }
-}
-
-/// A connection being closed: dropping it first makes the checkpoint SQLite would skip for a
-/// moved file ([`checkpoint_if_moved`]).
-pub(crate) struct Closing(pub(crate) Connection);
-
-impl Drop for Closing {
-    fn drop(&mut self) {
-        checkpoint_if_moved(&self.0);
     }
 }
 
@@ -460,7 +455,7 @@ mod tests {
         assert_eq!(wal.len(), 0, "checkpointed and truncated on close");
         assert!(
             !dir.path().join("x.db-shm").exists(),
-            "the WAL index lives in memory (unix-excl), not in a -shm file"
+            "the WAL index lives in memory, not in a -shm file"
         );
 
         let conn = open(&path, Durability::Process, &Schema::NONE).unwrap();
