@@ -304,11 +304,10 @@ fn create(path: &Path, schema: &str, creation: Creation) -> rusqlite::Result<Con
 
 /// `n` point selects `SELECT v FROM points WHERE k = ?` (keys `i % rows`) on the database at
 /// `path`, straight through rusqlite inside one read transaction; returns the time per select.
+/// The file is a running store's, so it is opened as the host opens its readers (through the
+/// host's VFS, which keeps other openers out).
 pub fn point_selects(path: &Path, n: usize, rows: i64) -> anyhow::Result<Duration> {
-    let conn = Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    let conn = storehost_store::sqlite::open_reader(path)?;
     conn.execute_batch("BEGIN DEFERRED")?;
     let mut found = 0usize;
     let started = Instant::now();
