@@ -297,7 +297,8 @@ fn attach(path: &CStr, read_only: bool) -> Result<(Key, Arc<Node>), c_int> {
 
 /// Opens the file once more and locks SQLite's SHARED range with an open-file-description lock
 /// (a write lock, or a read lock when the file can only be read): another process's SQLite
-/// then finds the database locked.
+/// then finds the database locked. `SQLITE_BUSY` when another process holds a lock on it
+/// (SQLite's "database is locked"), `SQLITE_IOERR_LOCK` when the file system refuses the lock.
 fn lock_for_process(path: &CStr, read_only: bool) -> Result<OwnedFd, c_int> {
     use rustix::fs::{Mode, OFlags};
     let open = |flags| rustix::fs::open(path, flags | OFlags::CLOEXEC, Mode::empty());
@@ -318,9 +319,11 @@ fn lock_for_process(path: &CStr, read_only: bool) -> Result<OwnedFd, c_int> {
     // SAFETY: `fd` is open for the call; `range` is a valid `flock` that outlives it.
     let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &raw const range) };
     if rc == 0 {
-        Ok(fd)
-    } else {
-        Err(ffi::SQLITE_BUSY)
+        return Ok(fd);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN | libc::EACCES) => Err(ffi::SQLITE_BUSY),
+        _ => Err(ffi::SQLITE_IOERR_LOCK),
     }
 }
 
