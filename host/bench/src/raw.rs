@@ -231,7 +231,7 @@ pub fn insert_batches(
 pub enum Creation {
     /// As storehost creates them under `durability = "process"` (host/store/src/sqlite.rs):
     /// `synchronous=OFF` until the first tables are written, then `NORMAL`: no fsync while the
-    /// empty files are created, through the `unix-excl` VFS (no `-shm` file), and the switch to
+    /// empty files are created, through the host's VFS (no `-shm` file), and the switch to
     /// WAL made without a rollback journal (no `-journal` created and deleted).
     LikeStorehost,
     /// SQLite's own way: `journal_mode=WAL` under the default `synchronous=FULL`, which syncs
@@ -240,7 +240,7 @@ pub enum Creation {
 }
 
 /// Files and directories one new store creates: its directory, `files/`, and `events.db` and
-/// `store.db` with their `-wal` (the host's `unix-excl` VFS keeps no `-shm` file).
+/// `store.db` with their `-wal` (the host's VFS keeps no `-shm` file).
 pub const INODES_PER_STORE: usize = 6;
 
 /// How many empty files this disk creates per second, one after another (each creation is a

@@ -440,9 +440,7 @@ unsafe extern "C" fn lock_file(file: *mut ffi::sqlite3_file, wanted: c_int) -> c
 /// Moves a connection holding `held` towards `wanted`; answers the result and the lock it then
 /// holds.
 fn take_lock(state: &mut NodeState, held: c_int, wanted: c_int) -> (c_int, c_int) {
-    use ffi::{
-        SQLITE_LOCK_EXCLUSIVE, SQLITE_LOCK_PENDING, SQLITE_LOCK_RESERVED, SQLITE_LOCK_SHARED,
-    };
+    use ffi::{SQLITE_LOCK_EXCLUSIVE, SQLITE_LOCK_PENDING, SQLITE_LOCK_SHARED};
     if held >= wanted {
         return (ffi::SQLITE_OK, held);
     }
@@ -462,7 +460,8 @@ fn take_lock(state: &mut NodeState, held: c_int, wanted: c_int) -> (c_int, c_int
         state.level = SQLITE_LOCK_PENDING;
         return (ffi::SQLITE_BUSY, SQLITE_LOCK_PENDING);
     }
-    let _ = SQLITE_LOCK_RESERVED;
+    // RESERVED, or EXCLUSIVE with no other reader (SQLite asks for either only once it holds
+    // SHARED).
     state.level = wanted;
     (ffi::SQLITE_OK, wanted)
 }
@@ -488,7 +487,7 @@ fn release_lock(state: &mut NodeState, held: c_int, wanted: c_int) -> c_int {
         state.level = ffi::SQLITE_LOCK_SHARED;
     }
     if wanted == ffi::SQLITE_LOCK_NONE {
-        state.shared -= 1;
+        state.shared = state.shared.saturating_sub(1);
         if state.shared == 0 {
             state.level = ffi::SQLITE_LOCK_NONE;
         }
