@@ -705,6 +705,93 @@ mod tests {
         assert_eq!(count(&checkpointer), 3);
     }
 
+    /// Readers on other threads see whole transactions only, in order, while a writer commits
+    /// and a third connection checkpoints: what the shared WAL index and its locks are for.
+    #[test]
+    fn concurrent_readers_see_only_whole_transactions_while_a_writer_commits_and_checkpoints() {
+        const TRANSFERS: i64 = 20_000;
+        const TOTAL: i64 = 1_000;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        let writer = sqlite::open(
+            &path,
+            Durability::Process,
+            &Schema::of(&["CREATE TABLE IF NOT EXISTS acct (id INTEGER PRIMARY KEY, bal INTEGER)"]),
+        )
+        .unwrap();
+        writer
+            .execute_batch(&format!(
+                "INSERT INTO acct VALUES (1, {TOTAL}), (2, 0), (3, 0)" // 3: transfers made
+            ))
+            .unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let reader = sqlite::open_reader(&path).unwrap();
+                        let (mut seen, mut reads) = (0, 0);
+                        let read = || -> (i64, i64) {
+                            reader
+                                .query_row(
+                                    "SELECT (SELECT sum(bal) FROM acct WHERE id < 3),
+                                            (SELECT bal FROM acct WHERE id = 3)",
+                                    [],
+                                    |row| Ok((row.get(0)?, row.get(1)?)),
+                                )
+                                .unwrap()
+                        };
+                        while !done.load(std::sync::atomic::Ordering::Acquire) || reads == 0 {
+                            // One read transaction across commits and checkpoints: its
+                            // snapshot must not move (nor may the frames under it be reused).
+                            reader.execute_batch("BEGIN").unwrap();
+                            let (sum, made) = read();
+                            std::thread::sleep(std::time::Duration::from_micros(200));
+                            let again = read();
+                            reader.execute_batch("COMMIT").unwrap();
+                            assert_eq!(sum, TOTAL, "a transfer seen half done");
+                            assert_eq!(again, (sum, made), "the snapshot moved");
+                            assert!(made >= seen, "transfers went back: {made} after {seen}");
+                            seen = made;
+                            reads += 1;
+                        }
+                        seen
+                    })
+                })
+                .collect();
+            let checkpointer = scope.spawn(|| {
+                let conn =
+                    sqlite::open_existing(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+                        .unwrap();
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                        .unwrap();
+                    std::thread::yield_now();
+                }
+            });
+            for _ in 0..TRANSFERS {
+                writer
+                    .execute_batch(
+                        "BEGIN IMMEDIATE;
+                         UPDATE acct SET bal = bal - 1 WHERE id = 1;
+                         UPDATE acct SET bal = bal + 1 WHERE id = 2;
+                         UPDATE acct SET bal = bal + 1 WHERE id = 3;
+                         COMMIT;",
+                    )
+                    .unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::Release);
+            checkpointer.join().unwrap();
+            for reader in readers {
+                assert!(reader.join().unwrap() <= TRANSFERS);
+            }
+        });
+        let made: i64 = writer
+            .query_row("SELECT bal FROM acct WHERE id = 3", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(made, TRANSFERS);
+    }
+
     #[test]
     fn the_last_connection_to_close_checkpoints_and_empties_the_wal() {
         let dir = tempfile::tempdir().unwrap();
