@@ -67,8 +67,7 @@ pub(crate) fn register() -> c_int {
             zName: NAME.as_ptr(),
             pAppData: base.cast(),
             xOpen: Some(open),
-            // The unix VFS's own functions: none of them reads the VFS it is called through
-            // except for `mxPathname`, which is the base's.
+            // The unix VFS's own functions, which ignore the VFS they are called through.
             xDelete: base_ref.xDelete,
             xAccess: base_ref.xAccess,
             xFullPathname: base_ref.xFullPathname,
