@@ -225,8 +225,21 @@ fn start_wal(conn: &Connection) -> rusqlite::Result<()> {
 /// a closed database and committing took p50 0.8–1.0 ms with the files deleted, 0.2–0.35 ms
 /// kept (before [`VFS`] did away with the `-shm` file).
 ///
+/// rusqlite has no safe wrapper for file controls (the crate's other `unsafe` code is the VFS,
+/// [`crate::vfs`]).
+#[allow(unsafe_code)]
 fn keep_wal(conn: &Connection) -> rusqlite::Result<()> {
-    let (rc, _) = file_control_int(conn, rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL, 1);
+    let mut keep: std::ffi::c_int = 1;
+    // SAFETY: the handle is open for the borrow of `conn`; the control reads and writes one
+    // int through the pointer, which outlives the call.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
+            std::ptr::from_mut(&mut keep).cast(),
+        )
+    };
     if rc == rusqlite::ffi::SQLITE_OK {
         Ok(())
     } else {
@@ -235,31 +248,6 @@ fn keep_wal(conn: &Connection) -> rusqlite::Result<()> {
             Some("could not keep the WAL file on close (SQLITE_FCNTL_PERSIST_WAL)".into()),
         ))
     }
-}
-
-/// Runs the file control `op`, which reads and writes one int, on the main database of `conn`
-/// with `value`; answers SQLite's result code and the int as the control left it.
-///
-/// rusqlite has no safe wrapper for file controls (the crate's other `unsafe` code is the VFS,
-/// [`crate::vfs`]).
-#[allow(unsafe_code)]
-fn file_control_int(
-    conn: &Connection,
-    op: std::ffi::c_int,
-    value: std::ffi::c_int,
-) -> (std::ffi::c_int, std::ffi::c_int) {
-    let mut value = value;
-    // SAFETY: the handle is open for the borrow of `conn`; `op` reads and writes one int
-    // through the pointer, which outlives the call.
-    let rc = unsafe {
-        rusqlite::ffi::sqlite3_file_control(
-            conn.handle(),
-            c"main".as_ptr(),
-            op,
-            std::ptr::from_mut(&mut value).cast(),
-        )
-    };
-    (rc, value)
 }
 
 /// Opens a read-only connection to a database another connection writes (also one a running
