@@ -6,8 +6,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
-use storehost_runtime::{Event, RuntimeOptions};
-use storehost_store::StoreRuntime;
+use storehost_runtime::{Event, Limits, Plugin, RuntimeOptions, Sandbox, SandboxOptions};
+use storehost_store::guest_db::GuestDb;
+use storehost_store::{StoreCapabilities, StoreRuntime};
 use wasmtime::Store;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -111,19 +112,8 @@ async fn instantiate_bare(
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     linker.define_unknown_imports_as_traps(&component)?;
     let pre = linker.instantiate_pre(&component)?;
-    let warm_up = samples / 10 + 10;
-    let event = Event {
-        seq: 1,
-        event_type: "tick".into(),
-        payload: "{}".into(),
-        at_ms: 0,
-        source: "api".into(),
-    };
-    let mut times = BareTimes {
-        instantiate: Vec::with_capacity(samples),
-        first_call: Vec::with_capacity(samples),
-    };
-    for round in 0..warm_up + samples {
+    let event = tick_event();
+    timed_rounds(samples, async || {
         let started = Instant::now();
         let mut store = Store::new(
             &engine,
@@ -141,12 +131,83 @@ async fn instantiate_bare(
         let called = started.elapsed();
         outcome.map_err(|err| wasmtime::format_err!("handle-event failed: {err}"))?;
         drop(store);
-        if round >= warm_up {
+        Ok((instantiated, called))
+    })
+    .await
+}
+
+/// The event every instantiation round delivers.
+fn tick_event() -> Event {
+    Event {
+        seq: 1,
+        event_type: "tick".into(),
+        payload: "{}".into(),
+        at_ms: 0,
+        source: "api".into(),
+    }
+}
+
+/// Runs `round` (answering the time to its instance and to its first call's return) a tenth
+/// of `samples` + 10 times to warm up, then `samples` times, keeping the latter's times.
+async fn timed_rounds<E>(
+    samples: usize,
+    mut round: impl AsyncFnMut() -> Result<(Duration, Duration), E>,
+) -> Result<BareTimes, E> {
+    let mut times = BareTimes {
+        instantiate: Vec::with_capacity(samples),
+        first_call: Vec::with_capacity(samples),
+    };
+    for n in 0..samples / 10 + 10 + samples {
+        let (instantiated, called) = round().await?;
+        if n >= samples / 10 + 10 {
             times.instantiate.push(instantiated);
             times.first_call.push(called);
         }
     }
     Ok(times)
+}
+
+/// The same loop as [`bare_instantiations`] through storehost's own sandbox: `Sandbox::new`
+/// with a store's capabilities (its `store.db` open), its WASI context with the preopened
+/// `files/` directory, its memory and CPU limits and the wall-time bound around instantiation,
+/// then one `handle-event` call through the sandbox (which takes a turn from the runtime's
+/// scheduler, as a store's call does), then the sandbox dropped.
+pub async fn storehost_instantiations(
+    wasm_path: &str,
+    options: RuntimeOptions,
+    samples: usize,
+) -> anyhow::Result<BareTimes> {
+    let wasm = std::fs::read(wasm_path)?;
+    let runtime =
+        StoreRuntime::new(options).map_err(|err| anyhow::anyhow!("storehost runtime: {err:#}"))?;
+    let plugin = Plugin::load(&runtime, &wasm)?;
+    let dir = tempfile::tempdir()?;
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files)?;
+    let db = GuestDb::open(
+        &dir.path().join("store.db"),
+        storehost_store::Durability::Process,
+        1 << 30,
+    )?;
+    let db = Arc::new(std::sync::Mutex::new(db));
+    let id = storehost_store::StoreId::new("bench")?;
+    let config = Arc::new(std::collections::BTreeMap::new());
+    let event = tick_event();
+    timed_rounds(samples, async || {
+        let started = Instant::now();
+        let host = StoreCapabilities::new(id.clone(), db.clone(), config.clone(), 1_000, None);
+        let options = SandboxOptions {
+            files_dir: Some(files.clone()),
+            limits: Limits::default(),
+        };
+        let mut sandbox = Sandbox::new(&plugin, host, options).await?;
+        let instantiated = started.elapsed();
+        sandbox.handle_event(&event).await?;
+        let called = started.elapsed();
+        drop(sandbox);
+        anyhow::Ok((instantiated, called))
+    })
+    .await
 }
 
 /// Writes out what earlier phases left dirty in the page cache (as `sync` does), so a measured

@@ -55,7 +55,10 @@ pub struct StoreCapabilities {
 }
 
 impl StoreCapabilities {
-    pub(crate) fn new(
+    /// The capabilities of store `store_id`: its database `db`, its plugin config, its CPU
+    /// budget per call and the host's LLM backend. A store's actor makes them for each sandbox;
+    /// public for the benchmark, which instantiates sandboxes as the actor does.
+    pub fn new(
         store_id: StoreId,
         db: Arc<Mutex<GuestDb>>,
         config: Arc<BTreeMap<String, String>>,
