@@ -214,7 +214,9 @@ impl Actor {
             llm.forget(&self.shared.id);
         }
         // Stopped: the files close now, each WAL checkpointed and emptied, so a directory
-        // archived or backed up right after holds only its databases.
+        // archived or backed up right after holds only its databases (or, for a store whose
+        // files a long hibernation had closed, its databases and their small WALs, which the
+        // archive keeps).
         self.sandbox = None;
         self.close_files(closing::Why::Stop).await;
     }
@@ -356,13 +358,19 @@ impl Actor {
         // Readers first: the last connection to close checkpoints its WAL into the database
         // and empties it, which a read-only one cannot. The sandbox, gone since hibernation,
         // held the only other handle on the database.
+        // A long hibernation leaves small WALs as they are (see
+        // `sqlite::keep_small_wal_on_close`); a stop checkpoints them.
+        let idle = why == closing::Why::Idle;
         let mut files: Vec<closing::OpenFiles> = self
             .shared
-            .take_connections()
+            .take_connections(idle)
             .into_iter()
             .map(|conn| Box::new(conn) as closing::OpenFiles)
             .collect();
         if let Some(db) = self.db.take() {
+            if idle {
+                sqlite::keep_small_wal_on_close(lock(&db).connection(), &self.db_file.path);
+            }
             files.push(Box::new(db));
         }
         closing::close(files, why).await;

@@ -91,7 +91,9 @@ pub fn remove(data_dir: &Path, id: &StoreId, purge: bool) -> io::Result<Option<P
 
 /// Deletes `<db>-wal` and `<db>-shm` when the WAL is empty: the database file then holds
 /// everything, and an archive kept for years need not carry 32 KiB of shared memory index per
-/// database. A WAL with frames (a store that did not close cleanly) stays, with its index.
+/// database. A WAL with frames (a store whose files a long hibernation closed, see
+/// [`crate::sqlite::keep_small_wal_on_close`], or one that did not close cleanly) stays, with
+/// its index.
 fn drop_empty_wal(dir: &Dir, db: &str) -> io::Result<()> {
     let wal = format!("{db}-wal");
     match dir.symlink_metadata(&wal) {

@@ -197,15 +197,20 @@ impl EventLog {
     /// append opens them again), so it holds neither memory nor file descriptors here.
     #[cfg(test)]
     pub(crate) fn close(&self) {
-        drop(self.take_connections());
+        drop(self.take_connections(false));
     }
 
     /// [`EventLog::close`], handing the connections to the caller to close, the reader first
-    /// (the writer, closing last, checkpoints and empties the WAL).
-    pub(crate) fn take_connections(&self) -> Vec<Connection> {
+    /// (the writer, closing last, checkpoints and empties the WAL — unless `idle`, the store
+    /// closing its files after a long hibernation, and the WAL small: see
+    /// [`sqlite::keep_small_wal_on_close`]).
+    pub(crate) fn take_connections(&self, idle: bool) -> Vec<Connection> {
         lock(&self.tail).take();
         let reader = self.reader.take();
         let writer = lock(&self.writer).take();
+        if idle && let Some(writer) = &writer {
+            sqlite::keep_small_wal_on_close(writer, &self.path);
+        }
         reader.into_iter().chain(writer).collect()
     }
 

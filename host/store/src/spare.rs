@@ -415,7 +415,7 @@ mod tests {
         db.commit().unwrap();
 
         // Closed as a store closes its files: the log's connections, then store.db.
-        drop(log.take_connections());
+        drop(log.take_connections(false));
         drop(db);
         for file in ["events.db", "store.db"] {
             let wal = sqlite::wal_path(&dir.join(file));

@@ -262,11 +262,11 @@ impl Shared {
         self.reader.shrink();
     }
 
-    /// Takes the store's shared readers and the log writer out (a long hibernation), each
-    /// database's reader before its writer, for the caller to close; each opens again on its
-    /// next use.
-    pub(crate) fn take_connections(&self) -> Vec<rusqlite::Connection> {
-        let mut connections = self.log.take_connections();
+    /// Takes the store's shared readers and the log writer out (a long hibernation when
+    /// `idle`, or a stop), each database's reader before its writer, for the caller to close;
+    /// each opens again on its next use.
+    pub(crate) fn take_connections(&self, idle: bool) -> Vec<rusqlite::Connection> {
+        let mut connections = self.log.take_connections(idle);
         connections.extend(self.reader.take());
         connections
     }
