@@ -257,15 +257,15 @@ pub const IDLE_CLOSE_KEEPS_WAL_UP_TO: u64 = 64 * 1024;
 /// Lets `conn`, the writer of the database at `path`, close without checkpointing when its WAL
 /// file holds at most [`IDLE_CLOSE_KEEPS_WAL_UP_TO`] bytes; answers whether it will. For a store
 /// closing its files after a long hibernation: the frames stay in the WAL, which the next open
-/// reads back (a few frames: tens of microseconds), instead of being copied into the database
-/// with an fsync of each file and the WAL truncated. Those closes ran beside other stores'
-/// wakes on the host's few cores: profiled in the `hibernation` bench (quick, files closed), the
-/// closing threads took 37% of the CPU while stores woke; skipping the small checkpoints made
-/// the cold wake's p99 lower in four alternating runs of four (1.58–1.90 against 1.88–2.74
-/// ms; p50 0.87–1.10 against 0.88–1.29 ms). Nothing committed is at risk: the frames are in the WAL file as after any commit (under
-/// `synchronous=NORMAL` a commit does not wait for them to reach the disk, and under `FULL` it
-/// did); a larger WAL is checkpointed as before, so no store keeps more than this (plus one
-/// wake's commits) beside its database.
+/// reads back, instead of being copied into the database with an fsync of each file and the
+/// WAL truncated. Those closes ran beside other stores' wakes on the host's few cores: profiled
+/// in the `hibernation` bench (quick, files closed), the closing threads took 37% of the CPU
+/// while stores woke; skipping the small checkpoints made the cold wake's p99 lower in four
+/// alternating runs of four (1.58–1.90 against 1.88–2.74 ms; p50 0.87–1.10 against 0.88–1.29
+/// ms). Nothing committed is at risk: the frames are in the WAL file as after any commit
+/// (under `synchronous=NORMAL` a commit does not wait for them to reach the disk, and under
+/// `FULL` it did); a larger WAL is checkpointed as before, so no store asleep with its files
+/// closed keeps more than this beside each database.
 pub(crate) fn keep_small_wal_on_close(conn: &Connection, path: &Path) -> bool {
     let small =
         std::fs::metadata(wal_path(path)).is_ok_and(|wal| wal.len() <= IDLE_CLOSE_KEEPS_WAL_UP_TO);
