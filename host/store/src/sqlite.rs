@@ -54,18 +54,41 @@ pub(crate) struct Schema {
     /// Brings a database made from other statements (an older host's) up to date, after
     /// `sql`: a change that needs an upgrade changes `sql` too, so old databases run it.
     upgrade: Option<fn(&Connection) -> rusqlite::Result<()>>,
+    /// What the database's `user_version` holds once this schema is in it: a checksum of
+    /// `sql` (FNV-1a, stable across builds and hosts), positive and never 0 (a new file).
+    /// Computed at compile time: hashing the statements on every open took 3–4 µs of a
+    /// `store.db` reopen (~90 µs).
+    stamp: i64,
+}
+
+/// [`Schema::stamp`] of `sql`.
+const fn stamp(sql: &[&str]) -> i64 {
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < sql.len() {
+        let bytes = sql[i].as_bytes();
+        let mut j = 0;
+        while j < bytes.len() {
+            hash ^= bytes[j] as u32;
+            hash = hash.wrapping_mul(0x0100_0193);
+            j += 1;
+        }
+        i += 1;
+    }
+    (hash & 0x7fff_ffff) as i64 | 1
 }
 
 impl Schema {
     /// No tables: a second connection to a database already opened with its schema.
-    pub(crate) const NONE: Schema = Schema {
-        sql: &[],
-        upgrade: None,
-    };
+    pub(crate) const NONE: Schema = Schema::of(&[]);
 
     /// The tables `sql` makes.
     pub(crate) const fn of(sql: &'static [&'static str]) -> Self {
-        Self { sql, upgrade: None }
+        Self {
+            sql,
+            upgrade: None,
+            stamp: stamp(sql),
+        }
     }
 
     /// [`Schema::of`], with an upgrade for databases made from other statements.
@@ -74,20 +97,9 @@ impl Schema {
         upgrade: fn(&Connection) -> rusqlite::Result<()>,
     ) -> Self {
         Self {
-            sql,
             upgrade: Some(upgrade),
+            ..Self::of(sql)
         }
-    }
-
-    /// What the database's `user_version` holds once this schema is in it: a checksum of its
-    /// statements (FNV-1a, stable across builds and hosts), positive and never 0 (a new file).
-    fn stamp(&self) -> i64 {
-        let mut hash: u32 = 0x811c_9dc5;
-        for byte in self.sql.iter().flat_map(|sql| sql.bytes()) {
-            hash ^= u32::from(byte);
-            hash = hash.wrapping_mul(0x0100_0193);
-        }
-        i64::from((hash & 0x7fff_ffff) | 1)
     }
 
     /// Makes the tables unless the database's `user_version` says they are made from these
@@ -100,7 +112,7 @@ impl Schema {
         if self.sql.is_empty() {
             return Ok(false);
         }
-        let stamp = self.stamp();
+        let stamp = self.stamp;
         let current: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
         if current == stamp {
             return Ok(false);
@@ -641,10 +653,10 @@ mod tests {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .unwrap();
-        assert_eq!(version, COUNTED.stamp());
+        assert_eq!(version, COUNTED.stamp);
         assert_ne!(
-            COUNTED.stamp(),
-            Schema::of(&["CREATE TABLE IF NOT EXISTS t (v)"]).stamp(),
+            COUNTED.stamp,
+            Schema::of(&["CREATE TABLE IF NOT EXISTS t (v)"]).stamp,
             "other statements, another stamp"
         );
     }
