@@ -13,20 +13,6 @@ use wasmtime::Store;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-/// The schema of a store's event log (host/store/src/event_log.rs), so raw inserts write the
-/// same rows into the same table and indexes.
-const EVENTS_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
-    type TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    idempotency_key TEXT UNIQUE,
-    origin TEXT UNIQUE
-);
-";
-
 /// The host's cursor table in `store.db` (host/store/src/guest_db.rs), the least a new store's
 /// database holds.
 const CURSOR_SCHEMA: &str = "
@@ -239,7 +225,7 @@ pub fn insert_batches(
     let mut connections = Vec::with_capacity(databases);
     for index in 0..databases {
         let conn = open_like_storehost(&dir.path().join(format!("events-{index}.db")))?;
-        conn.execute_batch(EVENTS_SCHEMA)?;
+        execute_all(&conn, storehost_store::event_log::STATEMENTS)?;
         connections.push(conn);
     }
     let threads = threads.clamp(1, databases);
@@ -328,8 +314,12 @@ pub fn store_files(samples: usize, creation: Creation) -> anyhow::Result<Vec<Dur
         let started = Instant::now();
         let root = dir.path().join("stores").join(format!("raw-{index:05}"));
         std::fs::create_dir_all(root.join("files"))?;
-        let events = create(&root.join("events.db"), EVENTS_SCHEMA, creation)?;
-        let store = create(&root.join("store.db"), CURSOR_SCHEMA, creation)?;
+        let events = create(
+            &root.join("events.db"),
+            storehost_store::event_log::STATEMENTS,
+            creation,
+        )?;
+        let store = create(&root.join("store.db"), &[CURSOR_SCHEMA], creation)?;
         times.push(started.elapsed());
         open.push((events, store));
     }
@@ -337,11 +327,18 @@ pub fn store_files(samples: usize, creation: Creation) -> anyhow::Result<Vec<Dur
     Ok(times)
 }
 
-fn create(path: &Path, schema: &str, creation: Creation) -> rusqlite::Result<Connection> {
+/// Runs each of `statements` on `conn`.
+fn execute_all(conn: &Connection, statements: &[&str]) -> rusqlite::Result<()> {
+    statements
+        .iter()
+        .try_for_each(|sql| conn.execute_batch(sql))
+}
+
+fn create(path: &Path, schema: &[&str], creation: Creation) -> rusqlite::Result<Connection> {
     match creation {
         Creation::Synced => {
             let conn = open_like_storehost(path)?;
-            conn.execute_batch(schema)?;
+            execute_all(&conn, schema)?;
             Ok(conn)
         }
         Creation::LikeStorehost => {
@@ -356,7 +353,7 @@ fn create(path: &Path, schema: &str, creation: Creation) -> rusqlite::Result<Con
             conn.pragma_update(None, "journal_mode", "OFF")?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
-            conn.execute_batch(schema)?;
+            execute_all(&conn, schema)?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             Ok(conn)
         }
