@@ -425,15 +425,10 @@ impl EventLog {
 /// into today's table, `seq`s and all, once; one from before correlation ids gets the
 /// `request_id` column (empty for its old events).
 fn upgrade_older_log(conn: &Connection) -> rusqlite::Result<()> {
-    let has_column = |name: &str| {
-        conn.prepare("SELECT 1 FROM pragma_table_info('events') WHERE name = ?1")?
-            .exists([name])
-    };
-    let request_id = if has_column("request_id")? {
-        "request_id"
-    } else {
-        "NULL"
-    };
+    let has_request_id = conn
+        .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name = 'request_id'")?
+        .exists([])?;
+    let request_id = if has_request_id { "request_id" } else { "NULL" };
     let unique_columns = conn
         .prepare(
             "SELECT 1 FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'events'
@@ -529,13 +524,6 @@ mod tests {
             log.read_recent(0, 10).is_some(),
             "the tail starts at the first append"
         );
-        let emitted = |origin: &str| crate::guest_db::OutboxEntry {
-            id: 0,
-            origin: origin.into(),
-            event_type: "reply".into(),
-            payload: r#"{"ok":true}"#.into(),
-            at: 7,
-        };
         assert_eq!(
             log.append_emitted(&[emitted("1:0"), emitted("1:1")])
                 .unwrap(),
@@ -594,12 +582,13 @@ mod tests {
         }
     }
 
+    /// An event the plugin emitted, from `origin`.
     fn emitted(origin: &str) -> crate::guest_db::OutboxEntry {
         crate::guest_db::OutboxEntry {
             id: 0,
             origin: origin.into(),
             event_type: "reply".into(),
-            payload: "{}".into(),
+            payload: r#"{"ok":true}"#.into(),
             at: 7,
         }
     }
