@@ -7,12 +7,14 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::error::Category;
+use serde_json::json;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 use storehost_store::{LoggedEvent, NewEvent};
 
 use super::running_store;
-use crate::body::JsonBody;
+use crate::body::{JsonBytes, invalid_json};
 use crate::error::ApiError;
 use crate::request_id::RequestId;
 use crate::state::AppState;
@@ -24,22 +26,29 @@ pub const MAX_READ_LIMIT: usize = 1_000;
 /// Longest long-poll wait.
 pub const MAX_WAIT_MS: u64 = 30_000;
 
-/// One event in an append request.
+/// One event in a batch.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct EventIn {
+struct EventIn<'a> {
     #[serde(rename = "type")]
     event_type: String,
-    #[serde(default)]
-    payload: Option<Value>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
     idempotency_key: Option<String>,
 }
 
-/// `{"events":[...]}`.
+/// An append body, read in one pass: either one event (`type`, `payload`, `idempotencyKey`)
+/// or a batch (`events`). Payloads stay slices of the body, stored as they were sent.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Batch {
-    events: Vec<EventIn>,
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AppendBody<'a> {
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    idempotency_key: Option<String>,
+    #[serde(borrow)]
+    events: Option<Vec<EventIn<'a>>>,
 }
 
 /// `POST /v1/stores/{id}/events` → 202 `{"seq"}` or `{"seqs"}`; durable before it answers.
@@ -47,11 +56,11 @@ pub async fn append(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Extension(RequestId(request_id)): Extension<RequestId>,
-    body: Result<JsonBody<Value>, ApiError>,
+    body: Result<JsonBytes, ApiError>,
 ) -> Result<impl IntoResponse, ApiError> {
     let store = running_store(&state, &id).await?;
-    let JsonBody(raw) = body?;
-    let (batch, mut events) = parse_append(raw)?;
+    let JsonBytes(bytes) = body?;
+    let (batch, mut events) = parse_append(&bytes)?;
     for event in &mut events {
         event.request_id = Some(request_id.clone());
     }
@@ -65,29 +74,66 @@ pub async fn append(
 }
 
 /// Reads an append body — one event `{"type","payload","idempotencyKey"}` or a batch
-/// `{"events":[...]}` — into the events to append; `true` for a batch.
-pub fn parse_append(raw: Value) -> Result<(bool, Vec<NewEvent>), ApiError> {
-    let invalid = |err: serde_json::Error| {
-        ApiError::bad_request(
-            "invalid_event",
-            format!(
-                "{err}; send {{\"type\": \"...\", \"payload\": {{...}}, \"idempotencyKey\"?: \"...\"}} or {{\"events\": [ ... ]}}"
-            ),
-        )
+/// `{"events":[...]}` — into the events to append; `true` for a batch. A body that is not
+/// JSON is `invalid_json`; JSON of the wrong shape is `invalid_event`.
+pub fn parse_append(body: &[u8]) -> Result<(bool, Vec<NewEvent>), ApiError> {
+    const SHAPE: &str = "send {\"type\": \"...\", \"payload\": {...}, \"idempotencyKey\"?: \"...\"} or {\"events\": [ ... ]}";
+    let invalid = |message: String| ApiError::bad_request("invalid_event", message);
+    let parsed: AppendBody = serde_json::from_slice(body).map_err(|err| match err.classify() {
+        // The shape can be wrong before the parser reaches a syntax error further on.
+        Category::Data => match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(_) => invalid(format!("{err}; {SHAPE}")),
+            Err(syntax) => invalid_json(&syntax),
+        },
+        Category::Syntax | Category::Eof | Category::Io => invalid_json(&err),
+    })?;
+    let (batch, events) = match parsed {
+        AppendBody {
+            events: Some(events),
+            event_type: None,
+            payload: None,
+            idempotency_key: None,
+        } => (true, events),
+        AppendBody {
+            events: Some(_), ..
+        } => {
+            return Err(invalid(format!(
+                "a batch holds its events in \"events\" and nothing beside it; {SHAPE}"
+            )));
+        }
+        AppendBody {
+            event_type: Some(event_type),
+            payload,
+            idempotency_key,
+            events: None,
+        } => (
+            false,
+            vec![EventIn {
+                event_type,
+                payload,
+                idempotency_key,
+            }],
+        ),
+        AppendBody {
+            event_type: None, ..
+        } => return Err(invalid(format!("missing field `type`; {SHAPE}"))),
     };
-    let batch = raw.get("events").is_some();
-    let events = if batch {
-        serde_json::from_value::<Batch>(raw)
-            .map_err(invalid)?
-            .events
-    } else {
-        vec![serde_json::from_value::<EventIn>(raw).map_err(invalid)?]
-    };
+    // Whatever else is wrong with a body, one with a payload that does not read as JSON
+    // values do (a number out of range, a lone surrogate escape) is not valid JSON.
+    for (index, event) in events.iter().enumerate() {
+        if let Some(payload) = event.payload {
+            serde_json::from_str::<Checked>(payload.get()).map_err(|err| {
+                ApiError::bad_request(
+                    "invalid_json",
+                    format!("event {index}: the payload is not valid: {err} (counted within the payload)"),
+                )
+            })?;
+        }
+    }
     if events.is_empty() || events.len() > MAX_EVENTS_PER_REQUEST {
-        return Err(ApiError::bad_request(
-            "invalid_event",
-            format!("a batch holds 1 to {MAX_EVENTS_PER_REQUEST} events"),
-        ));
+        return Err(invalid(format!(
+            "a batch holds 1 to {MAX_EVENTS_PER_REQUEST} events"
+        )));
     }
     let events = events
         .into_iter()
@@ -114,12 +160,64 @@ fn validate(index: usize, event: EventIn) -> Result<NewEvent, ApiError> {
     }
     Ok(NewEvent {
         event_type: event.event_type,
-        payload: event
-            .payload
-            .map_or_else(|| "{}".to_owned(), |p| p.to_string()),
+        payload: event.payload.map_or("{}", RawValue::get).to_owned(),
         idempotency_key: event.idempotency_key,
         request_id: None,
     })
+}
+
+/// A JSON value read as `serde_json::Value` would read it — every number in range, every
+/// escape one that decodes — and dropped as it is read. A payload is kept as the slice of the
+/// body it was sent as, which the parser only skipped over: this is what makes sure a plugin
+/// (or a reader) can parse it.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(Checked)
+    }
+}
+
+impl<'de> Visitor<'de> for Checked {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
+    }
 }
 
 /// `?after=SEQ&limit=N&waitMs=MS`
@@ -231,4 +329,69 @@ pub async fn query(
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         answer,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(body: &str) -> ApiError {
+        parse_append(body.as_bytes()).expect_err(body)
+    }
+
+    #[test]
+    fn a_payload_is_stored_as_it_was_sent() {
+        let (batch, events) =
+            parse_append(br#"{"type":"t","payload":{"b":1,"a":[1, 2.50]},"idempotencyKey":"k"}"#)
+                .unwrap();
+        assert!(!batch);
+        assert_eq!(events[0].payload, r#"{"b":1,"a":[1, 2.50]}"#);
+        assert_eq!(events[0].idempotency_key.as_deref(), Some("k"));
+
+        let (batch, events) = parse_append(
+            br#"{"events":[{"type":"a","payload":"x"},{"type":"b"},{"type":"c","payload":null}]}"#,
+        )
+        .unwrap();
+        assert!(batch);
+        let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
+        assert_eq!(payloads, [r#""x""#, "{}", "{}"]);
+    }
+
+    #[test]
+    fn a_body_that_is_not_json_is_told_apart_from_one_of_the_wrong_shape() {
+        for body in [
+            r#"{"type": "#,
+            r#"{"type":"t","payload":{]}"#,
+            "{} {}",
+            r#"[{"type":1}"#,
+            r#"{"type":"t","payload":[1e400]}"#,
+            r#"{"events":[{"type":"t","payload":{"\ud800":1}}]}"#,
+        ] {
+            assert_eq!(refusal(body).code(), "invalid_json", "{body}");
+        }
+        for (body, says) in [
+            (r#"{"payload":{}}"#, "`type`"),
+            (r#"{"type":3}"#, "invalid type"),
+            (r#"{"type":"t","typo":1}"#, "unknown field `typo`"),
+            (
+                r#"{"events":[{"type":"a"}],"type":"b"}"#,
+                "nothing beside it",
+            ),
+            (
+                r#"{"events":[{"type":"a","extra":1}]}"#,
+                "unknown field `extra`",
+            ),
+            (r#"{"events":[]}"#, "1 to 1000 events"),
+            (r#"{"type":""}"#, "must be 1 to 200 characters"),
+            (
+                r#"{"events":[{"type":"a"},{"type":"b","idempotencyKey":""}]}"#,
+                "event 1",
+            ),
+        ] {
+            let err = refusal(body);
+            assert_eq!(err.code(), "invalid_event", "{body}");
+            let message = format!("{err:?}");
+            assert!(message.contains(says), "{body}: {message}");
+        }
+    }
 }
