@@ -249,14 +249,8 @@ impl Actor {
                 }
                 continue;
             }
-            if !self.paused
-                && let Some(event) = self.next_event()
-            {
-                if !self.ensure_db_or_wait().await {
-                    self.pending.push_front(event);
-                    continue;
-                }
-                if Box::pin(self.process(event)).await == Flow::Stop {
+            if !self.paused && self.event_waiting() {
+                if Box::pin(self.process_waiting()).await == Flow::Stop {
                     return;
                 }
                 continue;
@@ -388,14 +382,38 @@ impl Actor {
     }
 
     /// The next event after the cursor, reading a batch from the log when the buffer is empty.
-    fn next_event(&mut self) -> Option<LoggedEvent> {
+    /// Whether an event waits to be processed (reading the next ones from the log when none
+    /// is read yet).
+    fn event_waiting(&mut self) -> bool {
         if self.pending.is_empty() && *self.shared.head.borrow() > self.cursor {
             match self.shared.log.read_after(self.cursor, READ_BATCH) {
                 Ok(events) => self.pending.extend(events),
                 Err(err) => tracing::error!("could not read the event log: {err}"),
             }
         }
-        self.pending.pop_front()
+        !self.pending.is_empty()
+    }
+
+    /// Processes the waiting events one after another until none is left or a command or a
+    /// due task is waiting (those go first). One turn of the serve loop, and one boxed
+    /// future, for a run of events rather than for each: allocating and copying a future this
+    /// large per event was ~6% of the actor's time under a steady stream.
+    async fn process_waiting(&mut self) -> Flow {
+        while self.event_waiting() {
+            if !self.ensure_db_or_wait().await {
+                return Flow::Continue;
+            }
+            let Some(event) = self.pending.pop_front() else {
+                break;
+            };
+            if self.process(event).await == Flow::Stop {
+                return Flow::Stop;
+            }
+            if !self.inbox.is_empty() || self.task_due() {
+                break;
+            }
+        }
+        Flow::Continue
     }
 
     async fn handle(&mut self, command: Command) -> Flow {
@@ -910,10 +928,7 @@ impl Actor {
         if self.batch.is_none() {
             self.open_batch().map_err(EventFailure::Invocation)?;
         }
-        let saved = self.lock_db().savepoint();
-        saved.map_err(|err| {
-            EventFailure::Invocation(host_error("could not open a savepoint", &err))
-        })?;
+        self.lock_db().savepoint();
         let outcome = self.invoke_event(event, cpu_ms).await;
         let outcome = outcome.and_then(|emitted| self.keep(event.seq, emitted));
         if let Err(err) = outcome {
