@@ -26,6 +26,7 @@ async fn ingress_over_the_rate_gets_429_with_retry_after() {
         .post("/v1/stores/rated/events", json!({"events": three}))
         .await;
     assert_eq!(status, 202, "{body}");
+    let sent = std::time::Instant::now();
     let response = host
         .client
         .post(format!("{}/v1/stores/rated/events", host.url))
@@ -35,6 +36,13 @@ async fn ingress_over_the_rate_gets_429_with_retry_after() {
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 429);
+    // The refusal waits until the store could take an event again (~1 s at 1 per second), so
+    // a client retrying at once sends at the store's rate.
+    assert!(
+        sent.elapsed() >= Duration::from_millis(500),
+        "refused after {:?}",
+        sent.elapsed()
+    );
     let retry_after: u64 = response.headers()["retry-after"]
         .to_str()
         .unwrap()
@@ -51,10 +59,23 @@ async fn ingress_over_the_rate_gets_429_with_retry_after() {
         "{body}"
     );
 
-    // A batch larger than the burst can never pass; other stores are not limited.
+    // A batch larger than the burst can never pass (and no wait is offered); other stores
+    // are not limited.
     let ten: Vec<_> = (0..10)
         .map(|i| json!({"type": "note", "payload": {"i": i}}))
         .collect();
+    let (status, body) = host
+        .post("/v1/stores/rated/events", json!({"events": ten}))
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "batch_over_burst");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 3 events at once"),
+        "{body}"
+    );
     let (status, _) = host
         .post("/v1/stores/unrated/events", json!({"events": ten}))
         .await;

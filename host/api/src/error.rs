@@ -112,6 +112,11 @@ impl From<StoreError> for ApiError {
                 err.to_string(),
             )
             .retry_after(retry_after_ms.div_ceil(1_000).max(1)),
+            StoreError::BatchOverBurst { .. } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch_over_burst",
+                err.to_string(),
+            ),
             StoreError::Stopped(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_stopped",

@@ -11,7 +11,7 @@
 //! 100 ms CPU quota) count for neither.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -116,7 +116,14 @@ async fn measure(rate: u64, windows: u32) -> [Outcome; 2] {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let flooding = Arc::new(AtomicBool::new(true));
-    let (hostile, troublemakers) = start_hostile(&host, stop.clone(), flooding.clone()).await;
+    let flood_requests = Arc::new(AtomicU64::new(0));
+    let (hostile, troublemakers) = start_hostile(
+        &host,
+        stop.clone(),
+        flooding.clone(),
+        flood_requests.clone(),
+    )
+    .await;
     // Alone windows follow tenants that already misbehaved (steady state): a hostile tenant's
     // very first calls run at normal priority, until its first breach demotes it.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -129,6 +136,7 @@ async fn measure(rate: u64, windows: u32) -> [Outcome; 2] {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut in_flight = tokio::task::JoinSet::new();
     let mut n = 0usize;
+    let flood_before = flood_requests.load(Ordering::Relaxed);
     for window in 0..windows {
         let beside = window % 2 == 1;
         flooding.store(beside, Ordering::Relaxed);
@@ -162,6 +170,13 @@ async fn measure(rate: u64, windows: u32) -> [Outcome; 2] {
         }
     }
     while in_flight.join_next().await.is_some() {}
+    let flooded = flood_requests.load(Ordering::Relaxed) - flood_before;
+    let flooding_secs = WINDOW.as_secs_f64() * f64::from(windows / 2);
+    eprintln!(
+        "flood: {flooded} requests to the 2 flooded stores in {flooding_secs:.0} s of flooding \
+         ({:.0}/s against their 2 × 50/s; a refusal answers when the store could take an event)",
+        flooded as f64 / flooding_secs
+    );
     stop.store(true, Ordering::Relaxed);
     for task in troublemakers {
         let _ = task.await;
@@ -213,12 +228,14 @@ async fn send_one(host: &TestHost, store: &Store, n: usize) -> Sent {
 }
 
 /// Ten hostile stores, kept busy until `stop`: 3 spinning, 3 memory-hungry, 2 SQL bombs (the
-/// stores answered, to be paused and resumed), and 2 well-behaved stores flooded far over their
-/// ingress rate while `flooding`.
+/// stores answered, to be paused and resumed), and 2 well-behaved stores flooded over their
+/// ingress rate while `flooding`: a client each that sends again as soon as it is answered,
+/// never backing off (counted in `flood_requests`).
 async fn start_hostile(
     host: &Arc<TestHost>,
     stop: Arc<AtomicBool>,
     flooding: Arc<AtomicBool>,
+    flood_requests: Arc<AtomicU64>,
 ) -> (Vec<Store>, Vec<tokio::task::JoinHandle<()>>) {
     host.deploy("spin", programs::SPIN).await;
     host.deploy("memory_hog", programs::MEMORY_HOG).await;
@@ -257,7 +274,12 @@ async fn start_hostile(
         let id = format!("flooded-{i}");
         host.add_store_with(&id, "writer", &[], flood_quotas.clone())
             .await;
-        let (host, stop, flooding) = (host.clone(), stop.clone(), flooding.clone());
+        let (host, stop, flooding, flood_requests) = (
+            host.clone(),
+            stop.clone(),
+            flooding.clone(),
+            flood_requests.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -266,6 +288,7 @@ async fn start_hostile(
                     continue;
                 }
                 n += 1;
+                flood_requests.fetch_add(1, Ordering::Relaxed);
                 let _ = host
                     .client
                     .post(format!("{}/v1/stores/{id}/events", host.url))

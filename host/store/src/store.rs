@@ -146,6 +146,18 @@ pub enum StoreError {
         /// When a retry can succeed.
         retry_after_ms: u64,
     },
+    /// More events in one request than the store's burst: no wait lets them in together.
+    #[error(
+        "store {store} takes at most {burst} events at once (its burst), and this request has {events}; split it into batches of {burst} or fewer"
+    )]
+    BatchOverBurst {
+        /// The store.
+        store: StoreId,
+        /// The events in the request.
+        events: usize,
+        /// The burst.
+        burst: u32,
+    },
     /// No dead letter with that `seq`.
     #[error("store {store} has no dead letter with seq {seq}")]
     NoDeadLetter {
@@ -472,6 +484,7 @@ impl Store {
             burst: ingress.burst,
             retry_after_ms,
         };
+        let events = count;
         let count = u32::try_from(count).ok().and_then(NonZeroU32::new);
         let Some(count) = count else { return Ok(()) };
         match ingress.limiter.check_n(count) {
@@ -482,8 +495,11 @@ impl Store {
                     u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
                 ))
             }
-            // More events in one request than the burst allows: it can never pass as one batch.
-            Err(_) => Err(refused(1_000)),
+            Err(_) => Err(StoreError::BatchOverBurst {
+                store: self.shared.id.clone(),
+                events,
+                burst: ingress.burst,
+            }),
         }
     }
 

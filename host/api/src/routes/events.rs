@@ -11,7 +11,7 @@ use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::error::Category;
 use serde_json::json;
 use serde_json::value::RawValue;
-use storehost_store::{LoggedEvent, NewEvent};
+use storehost_store::{LoggedEvent, NewEvent, StoreError};
 
 use super::running_store;
 use crate::body::{JsonBytes, invalid_json};
@@ -25,6 +25,8 @@ pub const MAX_EVENTS_PER_REQUEST: usize = 1_000;
 pub const MAX_READ_LIMIT: usize = 1_000;
 /// Longest long-poll wait.
 pub const MAX_WAIT_MS: u64 = 30_000;
+/// Longest an append refused over the store's ingress rate waits before it answers.
+const MAX_REFUSAL_DELAY: Duration = Duration::from_secs(1);
 
 /// One event in a batch.
 #[derive(Debug, Deserialize)]
@@ -64,7 +66,18 @@ pub async fn append(
     for event in &mut events {
         event.request_id = Some(request_id.clone());
     }
-    let seqs = store.append(events, "api").await?;
+    let seqs = match store.append(events, "api").await {
+        Ok(seqs) => seqs,
+        // A refusal over the rate answers once the store could take an event again: a client
+        // that retries at once — a loop without backoff, the usual flood — then sends at the
+        // store's own rate instead of keeping the host busy refusing it.
+        Err(err @ StoreError::RateLimited { retry_after_ms, .. }) => {
+            let wait = Duration::from_millis(retry_after_ms).min(MAX_REFUSAL_DELAY);
+            tokio::time::sleep(wait).await;
+            return Err(err.into());
+        }
+        Err(err) => return Err(err.into()),
+    };
     let body = if batch {
         json!({ "seqs": seqs })
     } else {
