@@ -381,7 +381,6 @@ impl Actor {
         }
     }
 
-    /// The next event after the cursor, reading a batch from the log when the buffer is empty.
     /// Whether an event waits to be processed (reading the next ones from the log when none
     /// is read yet).
     fn event_waiting(&mut self) -> bool {

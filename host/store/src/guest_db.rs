@@ -132,7 +132,7 @@ impl std::fmt::Display for HostWriteRefused {
                 "this invocation's transaction was rolled back by an earlier error; nothing more is written in it"
             }
             Self::NoSavepoint => {
-                "the store's database could not set this invocation's writes apart; the invocation is retried"
+                "the store's database could not open this invocation's savepoint; nothing is written"
             }
         })
     }
@@ -258,6 +258,8 @@ impl GuestDb {
 
     /// Begins the transaction one invocation's effects go into.
     pub fn begin(&self) -> rusqlite::Result<()> {
+        // A transaction starts without savepoints, whatever an interrupted invocation left.
+        self.savepoint.set(Savepoint::None);
         self.run("BEGIN IMMEDIATE")
     }
 
@@ -268,7 +270,9 @@ impl GuestDb {
 
     /// Commits the current transaction.
     pub fn commit(&self) -> rusqlite::Result<()> {
-        self.run("COMMIT")
+        self.run("COMMIT")?;
+        self.savepoint.set(Savepoint::None);
+        Ok(())
     }
 
     /// Asks for a savepoint inside the current transaction, so one invocation's work can be
@@ -336,6 +340,7 @@ impl GuestDb {
 
     /// Rolls back the current transaction, if one is open.
     pub fn rollback(&self) {
+        self.savepoint.set(Savepoint::None);
         if !self.conn.is_autocommit()
             && let Err(err) = self.conn.execute_batch("ROLLBACK")
         {

@@ -138,7 +138,7 @@ pub fn parse_append(body: &[u8]) -> Result<(bool, Vec<NewEvent>), ApiError> {
             serde_json::from_str::<Checked>(payload.get()).map_err(|err| {
                 ApiError::bad_request(
                     "invalid_json",
-                    format!("event {index}: the payload is not valid: {err} (counted within the payload)"),
+                    format!("event {index}: the payload is not valid JSON: {err} (line and column within the payload)"),
                 )
             })?;
         }
