@@ -478,26 +478,22 @@ impl Store {
             .ingress
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let refused = |retry_after_ms| StoreError::RateLimited {
-            store: self.shared.id.clone(),
-            per_second: ingress.per_second,
-            burst: ingress.burst,
-            retry_after_ms,
-        };
-        let events = count;
-        let count = u32::try_from(count).ok().and_then(NonZeroU32::new);
-        let Some(count) = count else { return Ok(()) };
-        match ingress.limiter.check_n(count) {
+        let n = u32::try_from(count).ok().and_then(NonZeroU32::new);
+        let Some(n) = n else { return Ok(()) };
+        match ingress.limiter.check_n(n) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(ingress.limiter.clock().now());
-                Err(refused(
-                    u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
-                ))
+                Err(StoreError::RateLimited {
+                    store: self.shared.id.clone(),
+                    per_second: ingress.per_second,
+                    burst: ingress.burst,
+                    retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
+                })
             }
             Err(_) => Err(StoreError::BatchOverBurst {
                 store: self.shared.id.clone(),
-                events,
+                events: count,
                 burst: ingress.burst,
             }),
         }
