@@ -14,7 +14,7 @@ use sha2::Digest as _;
 use storehost_runtime::PluginError;
 use storehost_store::{
     Durability, Quotas, RetryPolicy, SpareStores, Store, StoreError, StoreId, StorePlugin,
-    StoreRuntime, StoreSettings, StoreStatus, dir, sqlite::now_ms,
+    StoreRuntime, StoreSettings, StoreStatus, dir, open_files, sqlite::now_ms,
 };
 use tokio::sync::{Mutex, RwLock};
 
@@ -293,6 +293,13 @@ impl Orchestrator {
     /// An orchestrator running no stores yet, with its registry in `DATA_DIR/host.db`.
     pub fn new(runtime: Arc<StoreRuntime>, settings: HostSettings) -> Result<Self, ControlError> {
         std::fs::create_dir_all(&settings.data_dir)?;
+        let files = open_files::wanted(settings.max_stores, settings.spare_stores);
+        match open_files::reserve(files, std::fs::File::open(&settings.data_dir)?) {
+            Ok(reserved) => tracing::debug!(reserved, "grew the file table"),
+            Err(err) => tracing::warn!(
+                "could not grow the file table to {files} files (opening files may then wait while it grows): {err}"
+            ),
+        }
         let registry = Registry::open(&settings.data_dir.join("host.db"))?;
         let interrupted = storehost_store::backup::recover_interrupted(&settings.data_dir)?;
         if interrupted.backups_removed > 0 {

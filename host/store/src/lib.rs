@@ -21,6 +21,7 @@ pub mod guest_db;
 pub mod heap;
 pub mod id;
 pub mod metrics;
+pub mod open_files;
 pub mod quotas;
 pub mod schedules;
 pub mod spare;

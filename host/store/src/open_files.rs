@@ -1,0 +1,58 @@
+//! The process's table of open files, grown once when the host starts.
+//!
+//! Linux grows a process's file table when an open needs a slot past its end, to the next
+//! power of two, and the table never shrinks. In a process with several threads each growth
+//! first waits for an RCU grace period (`expand_files` → `synchronize_rcu`), and every thread
+//! opening a file meanwhile waits with it: on this VM 10–25 ms. A host creating stores one
+//! after another crosses a growth every time its open files double (256, 512, … 8,192 for
+//! 1,000 stores), and the store being created then, and any waking store, waited the whole
+//! grace period: found with `perf sched` in the `provisioning` bench row, where those waits were
+//! the slowest webhooks (10–27 ms against a p50 of 1.2–1.5 ms).
+//!
+//! Growing the table to the files the host will hold, once at start, takes those waits off
+//! the requests. It costs the kernel 8 bytes per slot (about 100 KB per 1,000 stores).
+
+use std::io;
+use std::os::fd::AsFd;
+
+use rustix::process::{Resource, getrlimit};
+
+/// Files an awake store holds: its two databases and their WALs, each opened by the store's
+/// writer and by its reader, its `files/` directory, and a few more at times (counted by the
+/// `reconcile` bench row: about 12).
+pub const PER_STORE: usize = 12;
+
+/// Files a spare store directory holds: its two databases and their WALs.
+pub const PER_SPARE: usize = 4;
+
+/// Files the host holds besides its stores: its own database, the plugins, sockets.
+pub const HOST: usize = 1024;
+
+/// How many files a host running `stores` stores and keeping `spares` spare directories may
+/// hold open.
+pub fn wanted(stores: usize, spares: usize) -> usize {
+    stores
+        .saturating_mul(PER_STORE)
+        .saturating_add(spares.saturating_mul(PER_SPARE))
+        .saturating_add(HOST)
+}
+
+/// Grows this process's file table so that `files` files fit without growing it again (up to
+/// the open-file limit, past which no file opens anyway); answers the slots it now has at
+/// least. `near` is any open file, used to take the table's last slot for a moment.
+pub fn reserve(files: usize, near: impl AsFd) -> io::Result<usize> {
+    let limit = getrlimit(Resource::Nofile)
+        .current
+        .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    // Descriptors run from 0 to `limit - 1`.
+    let last = files.min(limit).saturating_sub(1);
+    let Ok(last_fd) = i32::try_from(last) else {
+        return Err(io::Error::other(format!(
+            "{files} files is more than a file table holds"
+        )));
+    };
+    // The lowest free descriptor at or above `last`: the table grows to hold it, and keeps
+    // that size once it is closed again.
+    drop(rustix::io::fcntl_dupfd_cloexec(near, last_fd)?);
+    Ok(last + 1)
+}
