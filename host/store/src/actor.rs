@@ -1436,6 +1436,10 @@ impl CpuBudget {
 
     /// How long to wait until the budget is no longer overdrawn.
     fn wait_needed(&mut self) -> Option<Duration> {
+        // A refill only adds: a budget not overdrawn needs no clock read (asked per event).
+        if self.available_ms >= 0.0 {
+            return None;
+        }
         self.refill();
         if self.available_ms >= 0.0 || self.per_minute_ms == 0 {
             return None;

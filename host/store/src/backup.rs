@@ -781,7 +781,7 @@ mod tests {
             crate::event_log::EventLog::open(&dir.events_db(), crate::Durability::Process).unwrap();
         for i in 0..events {
             log.append(
-                &[crate::NewEvent {
+                vec![crate::NewEvent {
                     event_type: "t".into(),
                     payload: format!("{{\"i\":{i}}}"),
                     idempotency_key: None,

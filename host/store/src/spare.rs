@@ -408,7 +408,7 @@ mod tests {
             1 << 20,
         )
         .unwrap();
-        assert_eq!(log.append(&[an_event()], "api").unwrap(), vec![1]);
+        assert_eq!(log.append(vec![an_event()], "api").unwrap(), vec![1]);
         assert_eq!(log.head().unwrap(), 1);
         assert_eq!(db.cursor().unwrap(), 0);
         db.begin().unwrap();
@@ -480,7 +480,7 @@ mod tests {
                 .unwrap();
         }
         let log = EventLog::open(&dir.join("events.db"), Durability::Process).unwrap();
-        assert_eq!(log.append(&[an_event()], "api").unwrap(), vec![1]);
+        assert_eq!(log.append(vec![an_event()], "api").unwrap(), vec![1]);
         let db = GuestDb::open(&dir.join("store.db"), Durability::Process, 1 << 20).unwrap();
         assert_eq!(db.cursor().unwrap(), 0);
     }

@@ -459,7 +459,7 @@ impl Store {
         }
         let shared = self.shared.clone();
         let source = source.to_owned();
-        let seqs = blocking(move || shared.log.append(&events, &source)).await??;
+        let seqs = blocking(move || shared.log.append(events, &source)).await??;
         self.shared.metrics.add_events_accepted(seqs.len() as u64);
         if let Some(&newest) = seqs.iter().max() {
             self.shared.head.send_if_modified(|head| {
