@@ -536,9 +536,9 @@ async fn killed_inside_a_handler_a_swap_a_backup_or_a_reload_nothing_is_lost_or_
     assert_eq!(backup.bytes().await.unwrap().len() as u64, length);
 
     assert!(server.terminate().success());
-    println!(
+    storehost_tests::report(&format!(
         "crash matrix: {} acknowledged events checked after kills at: {}",
         acked.len(),
         summary.join(", ")
-    );
+    ));
 }

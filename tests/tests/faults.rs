@@ -701,7 +701,9 @@ async fn a_store_on_a_full_filesystem_fails_cleanly_and_recovers_when_space_retu
     let dir = host.data_dir.join("stores/full");
     std::fs::create_dir_all(&dir).unwrap();
     let Some(small) = Tmpfs::mount(&dir, "1m") else {
-        eprintln!("skipped: could not mount a tmpfs (needs root or CAP_SYS_ADMIN)");
+        storehost_tests::report(
+            "faults: SKIPPED the full filesystem (could not mount a tmpfs: needs root or CAP_SYS_ADMIN)",
+        );
         return;
     };
     host.deploy("writer", programs::WRITER).await;
@@ -862,7 +864,9 @@ impl Drop for Unlock {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_whose_files_become_unwritable_refuses_appends_and_recovers_when_fixed() {
     if !is_root() {
-        eprintln!("skipped: making files unwritable for their owner needs root (chattr +i)");
+        storehost_tests::report(
+            "faults: SKIPPED the unwritable files (making files unwritable for their owner needs root: chattr +i)",
+        );
         return;
     }
     let host = TestHost::start().await;
@@ -877,7 +881,9 @@ async fn a_store_whose_files_become_unwritable_refuses_appends_and_recovers_when
     let dir = host.data_dir.join("stores/locked");
     let unlock = Unlock(dir.clone());
     if !set_immutable(&dir, true) {
-        eprintln!("skipped: this filesystem has no immutable attribute (chattr +i failed)");
+        storehost_tests::report(
+            "faults: SKIPPED the unwritable files (this filesystem has no immutable attribute: chattr +i failed)",
+        );
         return;
     }
 

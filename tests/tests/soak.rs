@@ -369,12 +369,12 @@ async fn many_stores_under_mixed_load_lose_nothing_and_fail_nowhere_unexpected()
     }
     let mut all_appends: Vec<u64> = appends.windows.values().flatten().copied().collect();
     let mut all_queries: Vec<u64> = queries.windows.values().flatten().copied().collect();
-    println!(
+    storehost_tests::report(&format!(
         "soak: RSS {} at the start of the load, {} at the end",
         mib(rss_start),
         mib(rss_end)
-    );
-    println!(
+    ));
+    storehost_tests::report(&format!(
         "soak summary ({} stores, {load_secs:.0} s):\n  \
          {} events appended to writers and all {checked_events} applied exactly once (p99 {:.2} ms)\n  \
          {} queries answered (p99 {:.2} ms)\n  \
@@ -396,7 +396,7 @@ async fn many_stores_under_mixed_load_lose_nothing_and_fail_nowhere_unexpected()
         tally.hostile_queries_refused.load(Ordering::Relaxed),
         hostile["failuresByReason"]["cpu_time"],
         unexpected.len(),
-    );
+    ));
     assert!(
         unexpected.is_empty(),
         "unexpected failures: {unexpected:#?}"
