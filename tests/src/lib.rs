@@ -362,7 +362,6 @@ impl Drop for TestHost {
     }
 }
 
-/// Percent-encodes a query-string value.
 /// Prints what a reliability test checked where `cargo test` shows it although the test
 /// passes: the harness captures `println!` and `eprintln!`, not writes to the process's own
 /// stderr. CI's log then says what the crash matrix, the faults and the soak covered, and
@@ -372,6 +371,7 @@ pub fn report(text: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
+/// Percent-encodes a query-string value.
 pub fn urlencode(text: &str) -> String {
     let mut out = String::with_capacity(text.len() * 3);
     for byte in text.bytes() {

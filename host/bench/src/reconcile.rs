@@ -92,13 +92,6 @@ async fn start_registry() -> anyhow::Result<(String, Shared)> {
     Ok((url, shared))
 }
 
-/// The soft limit on open files of this process, from `/proc/self/limits`.
-fn open_files_limit() -> Option<usize> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
-}
-
 /// Open file descriptors of this process now.
 fn open_files() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count())
@@ -157,7 +150,7 @@ pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
     reconciler.run_pass().await?;
     tokio::time::sleep(HIBERNATE_AFTER * 3).await;
     let per_store = (open_files().saturating_sub(before)).div_ceil(100).max(1);
-    let limit = open_files_limit().unwrap_or(usize::MAX);
+    let limit = storehost_store::open_files::limit();
     let fits = limit.saturating_sub(SPARE_FILES) / per_store;
     let workspaces = wanted.min(fits);
     eprintln!(

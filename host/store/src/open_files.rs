@@ -37,15 +37,20 @@ pub fn wanted(stores: usize, spares: usize) -> usize {
         .saturating_add(HOST)
 }
 
+/// The most files this process may hold open (its soft `RLIMIT_NOFILE`; `usize::MAX` when
+/// unlimited).
+pub fn limit() -> usize {
+    getrlimit(Resource::Nofile)
+        .current
+        .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX))
+}
+
 /// Grows this process's file table so that `files` files fit without growing it again (up to
 /// the open-file limit, past which no file opens anyway); answers the slots it now has at
 /// least. `near` is any open file, used to take the table's last slot for a moment.
 pub fn reserve(files: usize, near: impl AsFd) -> io::Result<usize> {
-    let limit = getrlimit(Resource::Nofile)
-        .current
-        .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
     // Descriptors run from 0 to `limit - 1`.
-    let last = files.min(limit).saturating_sub(1);
+    let last = files.min(limit()).saturating_sub(1);
     let Ok(last_fd) = i32::try_from(last) else {
         return Err(io::Error::other(format!(
             "{files} files is more than a file table holds"

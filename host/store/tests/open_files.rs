@@ -1,8 +1,7 @@
 //! The file table grown at start (`storehost_store::open_files`), in a process of its own: the
 //! table never shrinks, so no other test may have grown it first.
 
-use rustix::process::{Resource, getrlimit};
-use storehost_store::open_files::{reserve, wanted};
+use storehost_store::open_files::{limit, reserve, wanted};
 
 /// The size of this process's file table (`FDSize` in `/proc/self/status`).
 fn table_size() -> usize {
@@ -11,17 +10,11 @@ fn table_size() -> usize {
     line["FDSize:".len()..].trim().parse().unwrap()
 }
 
-fn open_file_limit() -> usize {
-    getrlimit(Resource::Nofile)
-        .current
-        .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX))
-}
-
 #[test]
 fn the_table_grows_to_hold_what_was_reserved_up_to_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let near = std::fs::File::open(dir.path()).unwrap();
-    let limit = open_file_limit();
+    let limit = limit();
     let wanted = wanted(1_000, 16);
     let before = table_size();
     assert!(
