@@ -224,6 +224,12 @@ impl EventLog {
         }
     }
 
+    /// Whether the log's file is closed (the store hibernated for long): the next append opens
+    /// it again.
+    pub(crate) fn is_closed(&self) -> bool {
+        lock(&self.writer).is_none()
+    }
+
     /// The store has hibernated for long: closes the reader and the writer (the next read or
     /// append opens them again), so it holds neither memory nor file descriptors here.
     #[cfg(test)]

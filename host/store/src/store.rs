@@ -457,6 +457,11 @@ impl Store {
                 max,
             });
         }
+        if self.shared.log.is_closed() {
+            // The append opens the log again: the actor wakes meanwhile (see
+            // `Actor::wake_early`). When its inbox is full, the event wakes it as before.
+            let _ = self.commands.try_send(Command::Wake);
+        }
         let shared = self.shared.clone();
         let source = source.to_owned();
         let seqs = blocking(move || shared.log.append(events, &source)).await??;
