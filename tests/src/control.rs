@@ -19,6 +19,10 @@ pub struct ControlHostOptions {
     pub max_stores: usize,
     /// Data directory to use (to restart on the same data); a fresh one when `None`.
     pub data_dir: Option<PathBuf>,
+    /// Idle time after which a store hibernates (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// How much longer a hibernated store waits before it closes its files.
+    pub close_files_after: Duration,
 }
 
 impl Default for ControlHostOptions {
@@ -26,6 +30,8 @@ impl Default for ControlHostOptions {
         Self {
             max_stores: 100,
             data_dir: None,
+            idle_timeout: None,
+            close_files_after: Duration::ZERO,
         }
     }
 }
@@ -41,6 +47,8 @@ impl TestHost {
             TestHostOptions {
                 max_stores: options.max_stores,
                 data_dir: options.data_dir,
+                idle_timeout: options.idle_timeout,
+                close_files_after: options.close_files_after,
                 ..TestHostOptions::default()
             },
             &[("writer", programs::WRITER)],

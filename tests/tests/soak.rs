@@ -1,10 +1,12 @@
 //! Soak: many stores under mixed load for a fixed time on one host (real HTTP, real SQLite,
 //! real wasmtime). Writers take events and queries, tickers run scheduled tasks, webhooks add
 //! and remove stores all along, and one hostile tenant (an infinite loop) gets events and
-//! queries throughout. Checked at the end: every accepted event applied exactly once (zero
+//! queries throughout; stores idle for a second hibernate, and close their files two seconds
+//! later, so most requests wake one. Checked at the end: every accepted event applied exactly once (zero
 //! lost), no unexpected failure on any well-behaved store, every scheduled run recorded once,
-//! the hostile tenant's failures contained in its own dead letters. Printed: RSS at start and
-//! end, p99 latency per 10-second window, and a summary of what was checked.
+//! the hostile tenant's failures contained in its own dead letters. Printed: RSS at the start,
+//! over the second half and at the end, p99 latency and RSS per 10-second window, and a summary
+//! of what was checked.
 //!
 //! CI size: 1,000 stores for 2 minutes. The long run by hand: `SOAK_SECONDS=1800 cargo test
 //! -p storehost-tests --release --test soak -- --nocapture` (`SOAK_STORES` sets the size).
@@ -103,6 +105,12 @@ async fn many_stores_under_mixed_load_lose_nothing_and_fail_nowhere_unexpected()
         TestHost::start_control(
             ControlHostOptions {
                 max_stores: stores + 200,
+                // Writers see a request every few seconds: most of them find their store
+                // hibernated, many with its files closed, so wakes go on all along, and what
+                // an awake store caches (its log's tail, its databases' pages) goes with each
+                // hibernation instead of growing for the whole run.
+                idle_timeout: Some(Duration::from_secs(1)),
+                close_files_after: Duration::from_secs(2),
                 ..ControlHostOptions::default()
             },
             |orchestrator, state| {
@@ -172,6 +180,17 @@ async fn many_stores_under_mixed_load_lose_nothing_and_fail_nowhere_unexpected()
     let queries = Arc::new(Mutex::new(Latencies::default()));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
+    // RSS at the end of each 10-second window: a leak shows as growth that goes on after the
+    // first windows, where stores meet their first events and their sandboxes and caches fill.
+    let rss_windows = tokio::spawn(async move {
+        let mut samples = BTreeMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        while Instant::now() < deadline {
+            tick.tick().await;
+            samples.insert(start.elapsed().as_secs() / 10, rss_bytes());
+        }
+        samples
+    });
 
     let mut tasks = Vec::new();
     for worker in 0..workers {
@@ -318,6 +337,8 @@ async fn many_stores_under_mixed_load_lose_nothing_and_fail_nowhere_unexpected()
         task.await.expect("load client");
     }
     churn.await.expect("webhook churn");
+    let rss_windows = rss_windows.await.expect("RSS sampler");
+    let rss_end = rss_bytes();
     let load_secs = start.elapsed().as_secs_f64();
 
     // Zero lost events: every accepted append is applied exactly once.
@@ -349,10 +370,9 @@ async fn many_stores_under_mixed_load_lose_nothing_and_fail_nowhere_unexpected()
     }
     // The hostile tenant's failures stayed its own.
     let (_, hostile) = host.get(&format!("/v1/stores/{HOSTILE}")).await;
-    let rss_end = rss_bytes();
     let unexpected = tally.unexpected.lock().unwrap().clone();
 
-    println!("soak: p99 latency per 10 s window (append / query):");
+    println!("soak: p99 latency per 10 s window (append / query), RSS at its end:");
     let mut appends = std::mem::take(&mut *appends.lock().unwrap());
     let mut queries = std::mem::take(&mut *queries.lock().unwrap());
     for (window, values) in appends.windows.iter_mut() {
@@ -360,18 +380,28 @@ async fn many_stores_under_mixed_load_lose_nothing_and_fail_nowhere_unexpected()
         let append_p99 = p99(values);
         let query_p99 = queries.windows.get_mut(window).map_or(0, |v| p99(v));
         println!(
-            "  {:>4}-{:<4} s: {count:>7} appends, p99 {:>8.2} ms / {:>8.2} ms",
+            "  {:>4}-{:<4} s: {count:>7} appends, p99 {:>8.2} ms / {:>8.2} ms, RSS {}",
             window * 10,
             window * 10 + 10,
             append_p99 as f64 / 1000.0,
-            query_p99 as f64 / 1000.0
+            query_p99 as f64 / 1000.0,
+            rss_windows.get(window).map_or("-".into(), |&rss| mib(rss))
         );
     }
     let mut all_appends: Vec<u64> = appends.windows.values().flatten().copied().collect();
     let mut all_queries: Vec<u64> = queries.windows.values().flatten().copied().collect();
+    // Flat RSS: what the second half of the load spans (the first fills the sandbox pool and
+    // the caches of stores that wake for the first time).
+    let second_half: Vec<u64> = rss_windows
+        .iter()
+        .filter(|&(&window, _)| window * 10 >= seconds / 2)
+        .map(|(_, &rss)| rss)
+        .collect();
     storehost_tests::report(&format!(
-        "soak: RSS {} at the start of the load, {} at the end",
+        "soak: RSS {} at the start of the load, {} to {} over its second half, {} at its end",
         mib(rss_start),
+        mib(second_half.iter().copied().min().unwrap_or(0)),
+        mib(second_half.iter().copied().max().unwrap_or(0)),
         mib(rss_end)
     ));
     storehost_tests::report(&format!(
