@@ -376,3 +376,64 @@ async fn long_poll_returns_as_soon_as_an_event_arrives() {
         .unwrap();
     assert_eq!(page["events"][0]["payload"], json!({"hello": true}));
 }
+
+/// A request that goes away while its append commits (the client hung up, the server timed
+/// it out) does not strand the event: once kept, it is processed without waiting for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_caller_went_away_mid_append_is_still_processed() {
+    use std::future::Future;
+    use std::task::Context;
+
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("abandoned", "writer", &[]).await;
+    let store = host
+        .orchestrator
+        .get(&storehost_store::StoreId::new("abandoned").unwrap())
+        .await
+        .expect("the store runs");
+    let event = || storehost_store::NewEvent {
+        event_type: "kv.put".into(),
+        payload: json!({"key": "left", "value": 1}).to_string(),
+        idempotency_key: None,
+        request_id: None,
+    };
+    // Polled once, the append hands its commit to another thread; then its caller drops it.
+    // (Should the commit already be done by that first poll, the append completed as any
+    // other and the next attempt tries again.)
+    let mut abandoned = false;
+    for _ in 0..100 {
+        let mut append = Box::pin(store.append(vec![event()], "api"));
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        if append.as_mut().poll(&mut context).is_pending() {
+            drop(append);
+            abandoned = true;
+            break;
+        }
+    }
+    assert!(
+        abandoned,
+        "no append was still committing after its first poll"
+    );
+
+    // The event is kept, and processed although no other event follows it.
+    let mut kept = Vec::new();
+    for _ in 0..500 {
+        kept = store.read(0, 1_000, None).await.expect("read the log");
+        if kept.iter().any(|e| e.payload.contains("left")) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let newest = kept
+        .last()
+        .expect("the abandoned append's event is kept")
+        .seq;
+    assert!(
+        store
+            .wait_processed(newest, std::time::Duration::from_secs(10))
+            .await,
+        "event {newest} kept but never processed: {:?}",
+        store.status()
+    );
+}

@@ -464,15 +464,23 @@ impl Store {
         }
         let shared = self.shared.clone();
         let source = source.to_owned();
-        let seqs = blocking(move || shared.log.append(events, &source)).await??;
-        self.shared.metrics.add_events_accepted(seqs.len() as u64);
-        if let Some(&newest) = seqs.iter().max() {
-            self.shared.head.send_if_modified(|head| {
-                let grew = newest > *head;
-                *head = (*head).max(newest);
-                grew
-            });
-        }
+        let seqs = blocking(move || {
+            let seqs = shared.log.append(events, &source)?;
+            shared.metrics.add_events_accepted(seqs.len() as u64);
+            // The actor learns of the events here, as soon as they are kept: also when the
+            // caller has gone away meanwhile (a request dropped mid-append used to leave its
+            // event unprocessed until another arrived), and without waiting for the hop back
+            // to the async worker that answers the request.
+            if let Some(&newest) = seqs.iter().max() {
+                shared.head.send_if_modified(|head| {
+                    let grew = newest > *head;
+                    *head = (*head).max(newest);
+                    grew
+                });
+            }
+            Ok::<_, rusqlite::Error>(seqs)
+        })
+        .await??;
         Ok(seqs)
     }
 
