@@ -368,3 +368,58 @@ fn open_files_under(prefix: &std::path::Path) -> Vec<String> {
         .filter(|target| target.starts_with(&prefix))
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_stands_still_while_every_store_sleeps_and_a_spinning_guest_that_wakes_is_still_stopped()
+ {
+    let host = host_with(TestHostOptions {
+        retry: storehost_store::store::RetryPolicy {
+            attempts: 1,
+            ..storehost_store::store::RetryPolicy::default()
+        },
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("spin", programs::SPIN).await;
+    host.add_store("sleeper", "writer", &[]).await;
+    host.append("sleeper", "kv.put", json!({"key": "k", "value": 1}))
+        .await;
+    host.settle("sleeper").await;
+    hibernated(&host, "sleeper").await;
+
+    // No sandbox anywhere: the ticker thread parks (after the tick it may be in), and there
+    // are no more wake-ups every millisecond.
+    let runtime = host.orchestrator.runtime();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let before = runtime.epoch_ticks();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        runtime.epoch_ticks(),
+        before,
+        "the epoch advanced with no sandbox alive"
+    );
+
+    // The first sandbox to come starts it again: a guest spinning from its first call is
+    // stopped at its CPU quota (not only at its far longer wall time).
+    host.add_store_with(
+        "spinner",
+        "spin",
+        &[],
+        storehost_store::Quotas {
+            cpu_ms_per_call: 50,
+            wall_ms_per_call: 10_000,
+            ..storehost_store::Quotas::default()
+        },
+    )
+    .await;
+    let spun = host.append("spinner", "misbehave", json!({})).await;
+    host.settle("spinner").await;
+    let (_, letters) = host.get("/v1/stores/spinner/dead-letters").await;
+    let letter = &letters["deadLetters"][0];
+    assert_eq!(letter["seq"], spun, "{letters}");
+    assert_eq!(letter["reason"], "cpu_time", "{letter}");
+    assert!(
+        runtime.epoch_ticks() >= before + 50,
+        "the epoch advanced while the guest ran"
+    );
+}

@@ -3,7 +3,7 @@
 use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -139,12 +139,10 @@ impl<H: HostCapabilities> Runtime<H> {
         self.guests.demoted()
     }
 
-    /// Whether the epoch ticker thread is alive (it only stops when the runtime is dropped).
-    pub fn ticker_running(&self) -> bool {
-        self.ticker
-            .handle
-            .as_ref()
-            .is_some_and(|h| !h.is_finished())
+    /// How many times the epoch has advanced: every [`EPOCH_TICK`] while a sandbox exists; it
+    /// stands still while none does.
+    pub fn epoch_ticks(&self) -> u64 {
+        self.ticker.shared.ticks.load(Ordering::Relaxed)
     }
 }
 
@@ -240,35 +238,75 @@ impl Drop for GuestExecutor {
     }
 }
 
-/// An OS thread advancing the engine's epoch every [`EPOCH_TICK`]; stopped when the runtime and
-/// every plugin and sandbox made from it are gone (a sandbox dropped mid-call may still run guest
-/// code while it unwinds, and only epochs can interrupt that code).
+/// An OS thread advancing the engine's epoch every [`EPOCH_TICK`] while a sandbox exists, and
+/// parked while none does: a host whose stores all hibernate does not wake up a thousand times
+/// a second for nothing (each a VM exit on a virtual machine). Every sandbox holds a
+/// [`Ticking`] from before its instantiation runs guest code until after its store is dropped
+/// (a sandbox dropped mid-call may still run guest code while it unwinds, and only epochs can
+/// interrupt that code). The thread stops when the runtime and every plugin and sandbox made
+/// from it are gone.
 pub(crate) struct EpochTicker {
-    stop: Arc<AtomicBool>,
+    shared: Arc<TickerState>,
     handle: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct TickerState {
+    stop: AtomicBool,
+    /// Sandboxes that exist now (their [`Ticking`]s).
+    sandboxes: AtomicUsize,
+    /// How many times the epoch advanced.
+    ticks: AtomicU64,
 }
 
 impl EpochTicker {
     fn start(engine: Engine) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let shared = Arc::new(TickerState::default());
+        let state = shared.clone();
         let handle = std::thread::Builder::new()
             .name("storehost-epoch".into())
             .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
+                while !state.stop.load(Ordering::Acquire) {
+                    if state.sandboxes.load(Ordering::Acquire) == 0 {
+                        // Woken by the first sandbox to come (an unpark that comes first
+                        // makes this return at once) or by the runtime's drop.
+                        std::thread::park();
+                        continue;
+                    }
                     std::thread::sleep(EPOCH_TICK);
                     engine.increment_epoch();
+                    state.ticks.fetch_add(1, Ordering::Relaxed);
                 }
             })
             .ok();
-        Self { stop, handle }
+        Self { shared, handle }
+    }
+
+    /// Keeps the epoch advancing until the returned guard is dropped.
+    pub(crate) fn keep_ticking(self: &Arc<Self>) -> Ticking {
+        if self.shared.sandboxes.fetch_add(1, Ordering::AcqRel) == 0
+            && let Some(handle) = &self.handle
+        {
+            handle.thread().unpark();
+        }
+        Ticking(self.clone())
+    }
+}
+
+/// A sandbox's hold on the epoch ticker (see [`EpochTicker`]).
+pub(crate) struct Ticking(Arc<EpochTicker>);
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        self.0.shared.sandboxes.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Release);
         if let Some(handle) = self.handle.take() {
+            handle.thread().unpark();
             let _ = handle.join();
         }
     }

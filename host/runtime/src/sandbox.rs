@@ -88,7 +88,8 @@ pub struct Sandbox<H: HostCapabilities> {
     store: Store<InstanceState<H>>,
     instance: PluginInstance,
     scheduler: Arc<SlotScheduler>,
-    _ticker: Arc<crate::runtime::EpochTicker>,
+    /// After `store`: fields drop in order, and the epoch must advance until the store is gone.
+    _ticking: crate::runtime::Ticking,
     stderr: MemoryOutputPipe,
     limits: Limits,
     fuel_metered: bool,
@@ -124,6 +125,8 @@ impl<H: HostCapabilities> Sandbox<H> {
         host: H,
         options: SandboxOptions,
     ) -> Result<Self, InvocationError> {
+        // Before anything that may run guest code (instantiation runs its start functions).
+        let ticking = plugin.ticker.keep_ticking();
         let engine = plugin.pre.engine();
         let fuel_metered = plugin.fuel_metered;
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
@@ -222,7 +225,7 @@ impl<H: HostCapabilities> Sandbox<H> {
             store,
             instance,
             scheduler,
-            _ticker: plugin.ticker.clone(),
+            _ticking: ticking,
             stderr,
             limits: options.limits,
             fuel_metered,
