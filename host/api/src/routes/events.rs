@@ -100,6 +100,24 @@ pub fn parse_append(body: &[u8]) -> Result<(bool, Vec<NewEvent>), ApiError> {
         },
         Category::Syntax | Category::Eof | Category::Io => invalid_json(&err),
     })?;
+    // Whatever else is wrong with a body, one with a payload that does not read as JSON
+    // values do (a number out of range, a lone surrogate escape) is not valid JSON: checked
+    // before its shape, so a body without a `type` is told so only when it is JSON.
+    let single = parsed.payload.map(|payload| (0, payload));
+    let batched = parsed
+        .events
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(index, event)| event.payload.map(|payload| (index, payload)));
+    for (index, payload) in single.into_iter().chain(batched) {
+        serde_json::from_str::<Checked>(payload.get()).map_err(|err| {
+            ApiError::bad_request(
+                "invalid_json",
+                format!("event {index}: the payload is not valid JSON: {err} (line and column within the payload)"),
+            )
+        })?;
+    }
     let (batch, events) = match parsed {
         AppendBody {
             events: Some(events),
@@ -131,18 +149,6 @@ pub fn parse_append(body: &[u8]) -> Result<(bool, Vec<NewEvent>), ApiError> {
             event_type: None, ..
         } => return Err(invalid(format!("missing field `type`; {SHAPE}"))),
     };
-    // Whatever else is wrong with a body, one with a payload that does not read as JSON
-    // values do (a number out of range, a lone surrogate escape) is not valid JSON.
-    for (index, event) in events.iter().enumerate() {
-        if let Some(payload) = event.payload {
-            serde_json::from_str::<Checked>(payload.get()).map_err(|err| {
-                ApiError::bad_request(
-                    "invalid_json",
-                    format!("event {index}: the payload is not valid JSON: {err} (line and column within the payload)"),
-                )
-            })?;
-        }
-    }
     if events.is_empty() || events.len() > MAX_EVENTS_PER_REQUEST {
         return Err(invalid(format!(
             "a batch holds 1 to {MAX_EVENTS_PER_REQUEST} events"
@@ -379,6 +385,9 @@ mod tests {
             r#"[{"type":1}"#,
             r#"{"type":"t","payload":[1e400]}"#,
             r#"{"events":[{"type":"t","payload":{"\ud800":1}}]}"#,
+            // Found by the `append_body` fuzz target: not JSON, and also without a `type`.
+            r#"{"payload":{"k":5e5555550}}"#,
+            r#"{"events":[{"payload":[1e400]}]}"#,
         ] {
             assert_eq!(refusal(body).code(), "invalid_json", "{body}");
         }
