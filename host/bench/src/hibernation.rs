@@ -2,7 +2,9 @@
 //! instantiated again) with its files still open and with them closed, against a warm event
 //! to the same store right after; and what a store hibernated for long still costs the host
 //! (RSS and open file descriptors per store, over N stores that each processed one event and
-//! then went to sleep).
+//! then went to sleep). Also the cold wake on a quiet host, the way a hibernated store is
+//! usually woken: after a spell in which the host did nothing, against an event to a store
+//! that never hibernates after the same spell.
 
 use std::time::{Duration, Instant};
 
@@ -17,9 +19,13 @@ use crate::report::{Progress, Row, Table, ms, percentile, thousands, times_of};
 const IDLE: Duration = Duration::from_millis(200);
 /// Sandbox pool slots: far fewer than stores, as on a host that relies on hibernation.
 const POOL_SLOTS: u32 = 256;
+/// How long the host does nothing before each wake of the quiet-host figure: longer than
+/// [`IDLE`], so the store woken before has hibernated and closed its files by then.
+const QUIET: Duration = Duration::from_millis(300);
 
 pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
     let samples = if quick { 200 } else { 1_000 };
+    let quiet_samples = if quick { 30 } else { 100 };
     // A store hibernated for long keeps none of its files open, so neither memory nor the
     // descriptor limit stops a host at the 10,000 stores.
     let sleepers = if quick { 1_000 } else { 10_000 };
@@ -28,7 +34,7 @@ pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
 
     // Stores that close their files as soon as they hibernate (`close_files_after_ms = 0`):
     // what a long-idle store costs, and its wake.
-    let host = start(samples + sleepers + 20, Duration::ZERO).await;
+    let host = start(samples + quiet_samples + sleepers + 20, Duration::ZERO).await;
     for i in 0..10 {
         let store = provision(&host, &format!("warm-{i:02}")).await?;
         event_round(&host, &store).await?;
@@ -77,7 +83,9 @@ pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
     let rss_mixed = rss_bytes()?;
     awake.stop().await;
     let deep = cold_wakes(&host, "files closed", samples).await?;
+    let quiet_cold = quiet_wakes(&host, quiet_samples).await?;
     host.stop().await;
+    let quiet_awake = quiet_events_to_an_awake_store(quiet_samples).await?;
 
     // Stores that keep their files open while they hibernate (the first `close_files_after_ms`).
     let host = start(samples + 20, Duration::from_secs(3600)).await;
@@ -113,6 +121,29 @@ pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
             target: "p99 ≤ 1 ms",
         });
     }
+    let (mut cold, mut awake) = (quiet_cold, quiet_awake);
+    let (cold_p50, cold_p99) = (percentile(&mut cold, 50.0), percentile(&mut cold, 99.0));
+    let (awake_p50, awake_p99) = (percentile(&mut awake, 50.0), percentile(&mut awake, 99.0));
+    table.push(Row {
+        figure: format!(
+            "cold wake on a quiet host: POST event → processed on a store hibernated with its files closed, the host idle for {} ms before each (trivial plugin, {quiet_samples} stores)",
+            QUIET.as_millis()
+        ),
+        unit: "ms",
+        p50: ms(cold_p50),
+        p99: ms(cold_p99),
+        reference: format!(
+            "an event to a store that never hibernates, the host idle as long before: p50 {} ms / p99 {} ms",
+            ms(awake_p50),
+            ms(awake_p99)
+        ),
+        ratio: format!(
+            "p50 {} / p99 {}",
+            times_of(cold_p50, awake_p50),
+            times_of(cold_p99, awake_p99)
+        ),
+        target: "p99 ≤ 1 ms",
+    });
     table.push(Row {
         figure: format!(
             "memory per hibernated store, files closed: RSS delta over {sleepers} stores once the host settled (its heap trimmed; {} open fds per store)",
@@ -207,6 +238,69 @@ async fn cold_wakes(host: &TestHost, what: &str, samples: usize) -> anyhow::Resu
         progress.step();
     }
     Ok(wakes)
+}
+
+/// `samples` stores, each provisioned, given one event and left to hibernate with its files
+/// closed; then each woken by one event after [`QUIET`] in which the host did nothing (the
+/// store woken before has gone back to sleep meanwhile).
+async fn quiet_wakes(host: &TestHost, samples: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut stores = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let store = provision(host, &format!("quiet-{i:05}")).await?;
+        event_round(host, &store).await?;
+        stores.push(store);
+    }
+    wait_all_hibernated(host, "quiet", samples).await?;
+    raw::settle_disk().await;
+    let mut progress = Progress::new(
+        format!(
+            "hibernated store on a quiet host: event → processed, {} ms apart",
+            QUIET.as_millis()
+        ),
+        samples,
+    );
+    let mut wakes = Vec::with_capacity(samples);
+    for store in &stores {
+        tokio::time::sleep(QUIET).await;
+        anyhow::ensure!(
+            store.status().state == storehost_store::StoreState::Hibernated,
+            "store {} woke up before it was measured",
+            store.id()
+        );
+        wakes.push(event_round(host, store).await?);
+        progress.step();
+    }
+    Ok(wakes)
+}
+
+/// The reference of [`quiet_wakes`]: `samples` events to a store on a host where stores never
+/// hibernate (its sandbox live, its files open), each after [`QUIET`] in which the host did
+/// nothing but advance the epoch for that sandbox.
+async fn quiet_events_to_an_awake_store(samples: usize) -> anyhow::Result<Vec<Duration>> {
+    let host = TestHost::start_with(TestHostOptions {
+        idle_timeout: None,
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("trivial", programs::TRIVIAL).await;
+    let store = provision(&host, "awake").await?;
+    event_round(&host, &store).await?;
+    raw::settle_disk().await;
+    let mut progress = Progress::new(
+        format!(
+            "awake store on a quiet host: event → processed, {} ms apart",
+            QUIET.as_millis()
+        ),
+        samples,
+    );
+    let mut events = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        tokio::time::sleep(QUIET).await;
+        events.push(event_round(&host, &store).await?);
+        progress.step();
+    }
+    host.stop().await;
+    Ok(events)
 }
 
 /// `PUT /v1/stores/{id}` with the trivial plugin; answers the running store.
