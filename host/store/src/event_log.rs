@@ -61,6 +61,14 @@ const TAIL_EVENTS: usize = 1024;
 /// …and at most this many bytes (see [`Tail::size`]).
 const TAIL_BYTES: usize = 128 * 1024;
 
+/// The most pages each of the log's connections keeps in its cache (256 KiB of 4 KiB pages).
+/// The writer only ever needs the path to the log's last page (and to an index's, for an
+/// event with a key), and the reader pages forward; yet SQLite keeps every page a
+/// connection has touched until its cache is full, 2 MB by default: a store that stays awake
+/// while its log grows held up to 4 MB of pages it would never read again, so a host's
+/// memory grew with its awake stores' logs rather than with their work.
+pub const CACHE_PAGES: u32 = 64;
+
 /// An event to append.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
@@ -152,6 +160,12 @@ impl Tail {
     }
 }
 
+/// `conn` as the log's writer: its page cache capped at [`CACHE_PAGES`].
+fn writer(conn: Connection) -> rusqlite::Result<Connection> {
+    sqlite::cap_page_cache(&conn, CACHE_PAGES)?;
+    Ok(conn)
+}
+
 /// Adds events just committed to the tail. A new row's `seq` is the largest before it plus
 /// one (the write transaction excludes every other writer), so the first new event follows
 /// the log's previous head directly: when the tail does not end there (unknown, or the
@@ -183,7 +197,7 @@ impl std::fmt::Debug for EventLog {
 impl EventLog {
     /// Opens (creating if needed) the log at `path`.
     pub fn open(path: &Path, durability: Durability) -> rusqlite::Result<Self> {
-        let writer = sqlite::open(path, durability, &SCHEMA)?;
+        let writer = writer(sqlite::open(path, durability, &SCHEMA)?)?;
         Ok(Self::with_writer_connection(path, durability, writer))
     }
 
@@ -194,7 +208,7 @@ impl EventLog {
         durability: Durability,
         writer: rusqlite::Connection,
     ) -> rusqlite::Result<Self> {
-        let writer = sqlite::adopt(writer, path, durability)?;
+        let writer = self::writer(sqlite::adopt(writer, path, durability)?)?;
         Ok(Self::with_writer_connection(path, durability, writer))
     }
 
@@ -207,7 +221,7 @@ impl EventLog {
             path: path.to_owned(),
             durability,
             writer: Mutex::new(Some(writer)),
-            reader: sqlite::LazyReader::new(path),
+            reader: sqlite::LazyReader::with_page_cache(path, CACHE_PAGES),
             tail: Mutex::new(None),
         }
     }
@@ -259,7 +273,11 @@ impl EventLog {
         let mut guard = lock(&self.writer);
         let conn = match &mut *guard {
             Some(conn) => conn,
-            slot => slot.insert(sqlite::open(&self.path, self.durability, &Schema::NONE)?),
+            slot => slot.insert(writer(sqlite::open(
+                &self.path,
+                self.durability,
+                &Schema::NONE,
+            )?)?),
         };
         work(conn)
     }
@@ -510,6 +528,56 @@ mod tests {
             })
             .unwrap();
         assert_eq!(reprepared, 0, "the paging statement was compiled again");
+    }
+
+    /// The bytes of heap `conn`'s page cache holds (SQLite's `SQLITE_DBSTATUS_CACHE_USED`).
+    #[allow(unsafe_code)]
+    fn cache_used(conn: &Connection) -> i64 {
+        let (mut current, mut highwater) = (0, 0);
+        // SAFETY: the handle is open for the borrow of `conn`; SQLite writes the two ints
+        // through the pointers, which outlive the call.
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_db_status(
+                conn.handle(),
+                rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED,
+                &mut current,
+                &mut highwater,
+                0,
+            )
+        };
+        assert_eq!(rc, rusqlite::ffi::SQLITE_OK);
+        i64::from(current)
+    }
+
+    /// A store that stays awake while its log grows keeps a bounded page cache: the writer
+    /// and the reader hold at most [`CACHE_PAGES`], however much was written and read.
+    #[test]
+    fn the_logs_page_caches_stay_small_however_long_the_log_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(&dir.path().join("events.db"), Durability::Process).unwrap();
+        let payload = format!("{{\"text\":\"{}\"}}", "x".repeat(1000));
+        for batch in 0..30 {
+            let events = (0..100)
+                .map(|n| NewEvent {
+                    idempotency_key: Some(format!("{batch}-{n}")),
+                    payload: payload.clone(),
+                    ..event("big", None)
+                })
+                .collect();
+            log.append(events, "api").unwrap();
+        }
+        let mut read = 0;
+        while let Some(last) = log.read_on_disk(read, 256).unwrap().last() {
+            read = last.seq;
+        }
+        assert_eq!(read, 3_000, "every event reads back");
+        let bound = i64::from(CACHE_PAGES) * (4096 + 1024);
+        let writer = cache_used(lock(&log.writer).as_ref().unwrap());
+        let reader = log.reader.with(|conn| Ok(cache_used(conn))).unwrap();
+        assert!(
+            writer <= bound && reader <= bound,
+            "3 MB written and read back; the writer caches {writer} bytes, the reader {reader} (at most {bound} each)"
+        );
     }
 
     /// Every page a reader can ask for, from memory where the tail holds it, and the same

@@ -296,6 +296,13 @@ pub(crate) fn keep_small_wal_on_close(conn: &Connection, path: &Path) -> bool {
     }
 }
 
+/// Lets `conn` keep at most `pages` pages in its cache. SQLite keeps every page a connection
+/// has read or written until its cache is full (2 MB by default), also pages it will never
+/// use again.
+pub(crate) fn cap_page_cache(conn: &Connection, pages: u32) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "cache_size", pages)
+}
+
 /// Opens a read-only connection to a database another connection writes (also one a running
 /// store has open).
 pub fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
@@ -335,6 +342,8 @@ pub(crate) fn open_existing_via(
 /// costs neither memory nor file descriptors).
 pub(crate) struct LazyReader {
     path: std::path::PathBuf,
+    /// The most pages its cache keeps (`None`: SQLite's default, 2 MB).
+    cache_pages: Option<u32>,
     conn: std::sync::Mutex<Option<Connection>>,
 }
 
@@ -344,8 +353,25 @@ impl LazyReader {
     pub(crate) fn new(path: &Path) -> Self {
         Self {
             path: path.to_owned(),
+            cache_pages: None,
             conn: std::sync::Mutex::new(None),
         }
+    }
+
+    /// [`LazyReader::new`], its page cache capped at `pages` (see [`cap_page_cache`]).
+    pub(crate) fn with_page_cache(path: &Path, pages: u32) -> Self {
+        Self {
+            cache_pages: Some(pages),
+            ..Self::new(path)
+        }
+    }
+
+    fn open(&self) -> rusqlite::Result<Connection> {
+        let conn = open_reader(&self.path)?;
+        if let Some(pages) = self.cache_pages {
+            cap_page_cache(&conn, pages)?;
+        }
+        Ok(conn)
     }
 
     /// Runs `work` on the connection, opening it first when it is closed.
@@ -356,7 +382,7 @@ impl LazyReader {
         let mut guard = lock(&self.conn);
         let conn = match &mut *guard {
             Some(conn) => conn,
-            slot => slot.insert(open_reader(&self.path)?),
+            slot => slot.insert(self.open()?),
         };
         work(conn)
     }
