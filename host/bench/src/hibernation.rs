@@ -211,19 +211,13 @@ struct Wakes {
 /// `samples` stores, each provisioned, given one event and left to hibernate; then for each a
 /// cold wake (one event) and a warm event right after.
 async fn cold_wakes(host: &TestHost, what: &str, samples: usize) -> anyhow::Result<Wakes> {
-    let mut stores = Vec::with_capacity(samples + WARM_UP_WAKES);
-    let mut progress = Progress::new(
-        format!("stores to wake ({what}): provisioned, one event each"),
+    let mut stores = sleeping_stores(
+        host,
+        "wake",
         samples + WARM_UP_WAKES,
-    );
-    for i in 0..samples + WARM_UP_WAKES {
-        let store = provision(host, &format!("wake-{i:05}")).await?;
-        event_round(host, &store).await?;
-        stores.push(store);
-        progress.step();
-    }
-    wait_all_hibernated(host, "wake", samples + WARM_UP_WAKES).await?;
-    raw::settle_disk().await;
+        &format!("stores to wake ({what})"),
+    )
+    .await?;
     for store in stores.drain(..WARM_UP_WAKES) {
         event_round(host, &store).await?;
     }
@@ -236,11 +230,7 @@ async fn cold_wakes(host: &TestHost, what: &str, samples: usize) -> anyhow::Resu
         samples,
     );
     for store in &stores {
-        anyhow::ensure!(
-            store.status().state == storehost_store::StoreState::Hibernated,
-            "store {} woke up before it was measured",
-            store.id()
-        );
+        ensure_hibernated(store)?;
         wakes.cold.push(event_round(host, store).await?);
         wakes.warm.push(event_round(host, store).await?);
         progress.step();
@@ -248,18 +238,42 @@ async fn cold_wakes(host: &TestHost, what: &str, samples: usize) -> anyhow::Resu
     Ok(wakes)
 }
 
+/// `count` stores named `{prefix}-N`, each provisioned and given one event, once all have
+/// hibernated and the disk has settled.
+async fn sleeping_stores(
+    host: &TestHost,
+    prefix: &str,
+    count: usize,
+    what: &str,
+) -> anyhow::Result<Vec<Store>> {
+    let mut stores = Vec::with_capacity(count);
+    let mut progress = Progress::new(format!("{what}: provisioned, one event each"), count);
+    for i in 0..count {
+        let store = provision(host, &format!("{prefix}-{i:05}")).await?;
+        event_round(host, &store).await?;
+        stores.push(store);
+        progress.step();
+    }
+    wait_all_hibernated(host, prefix, count).await?;
+    raw::settle_disk().await;
+    Ok(stores)
+}
+
+/// Fails the run when `store`, about to be measured waking, is awake already.
+fn ensure_hibernated(store: &Store) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        store.status().state == storehost_store::StoreState::Hibernated,
+        "store {} woke up before it was measured",
+        store.id()
+    );
+    Ok(())
+}
+
 /// `samples` stores, each provisioned, given one event and left to hibernate with its files
 /// closed; then each woken by one event after [`QUIET`] in which the host did nothing (the
 /// store woken before has gone back to sleep meanwhile).
 async fn quiet_wakes(host: &TestHost, samples: usize) -> anyhow::Result<Vec<Duration>> {
-    let mut stores = Vec::with_capacity(samples);
-    for i in 0..samples {
-        let store = provision(host, &format!("quiet-{i:05}")).await?;
-        event_round(host, &store).await?;
-        stores.push(store);
-    }
-    wait_all_hibernated(host, "quiet", samples).await?;
-    raw::settle_disk().await;
+    let stores = sleeping_stores(host, "quiet", samples, "stores to wake on a quiet host").await?;
     let mut progress = Progress::new(
         format!(
             "hibernated store on a quiet host: event → processed, {} ms apart",
@@ -270,11 +284,7 @@ async fn quiet_wakes(host: &TestHost, samples: usize) -> anyhow::Result<Vec<Dura
     let mut wakes = Vec::with_capacity(samples);
     for store in &stores {
         tokio::time::sleep(QUIET).await;
-        anyhow::ensure!(
-            store.status().state == storehost_store::StoreState::Hibernated,
-            "store {} woke up before it was measured",
-            store.id()
-        );
+        ensure_hibernated(store)?;
         wakes.push(event_round(host, store).await?);
         progress.step();
     }
