@@ -386,12 +386,7 @@ async fn an_event_whose_caller_went_away_mid_append_is_still_processed() {
 
     let host = TestHost::start().await;
     host.deploy("writer", programs::WRITER).await;
-    host.add_store("abandoned", "writer", &[]).await;
-    let store = host
-        .orchestrator
-        .get(&storehost_store::StoreId::new("abandoned").unwrap())
-        .await
-        .expect("the store runs");
+    let store = host.add_store("abandoned", "writer", &[]).await;
     let event = || storehost_store::NewEvent {
         event_type: "kv.put".into(),
         payload: json!({"key": "left", "value": 1}).to_string(),
