@@ -368,3 +368,104 @@ async fn a_memory_quota_above_the_pools_ceiling_is_refused_and_changes_nothing()
     host.settle("growing").await;
     assert_eq!(host.query("growing", "count", json!({})).await["kv"], 1);
 }
+
+/// The `db_cache` quota bounds the page cache a store's database keeps in the host's memory:
+/// two stores write the same 2.4 MB; the one on the default keeps about 2 MB of it cached,
+/// the one with a 256 KiB quota at most that, and every row is there. Lowered live, the
+/// cache shrinks to the new quota; `/metrics` shows both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_db_cache_quota_bounds_a_stores_page_cache_and_changes_live() {
+    const SMALL: u64 = 256 << 10;
+    const SMALLER: u64 = 128 << 10;
+    // What SQLite counts beside the cached pages: its pager and one page buffer.
+    const PAGER: u64 = 8 << 10;
+    const ROWS: usize = 24;
+    let host = TestHost::start_with(TestHostOptions {
+        max_body_bytes: 1 << 20,
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("cache-default", "writer", &[]).await;
+    host.add_store_with(
+        "cache-small",
+        "writer",
+        &[],
+        Quotas {
+            db_cache: SMALL,
+            ..Quotas::default()
+        },
+    )
+    .await;
+    let value = "x".repeat(100_000);
+    for id in ["cache-default", "cache-small"] {
+        for batch in 0..ROWS / 8 {
+            let events: Vec<Value> = (0..8)
+                .map(|i| json!({"type": "kv.put", "payload": {"key": format!("k{batch}-{i}"), "value": value}}))
+                .collect();
+            let (status, body) = host
+                .post(
+                    &format!("/v1/stores/{id}/events"),
+                    json!({ "events": events }),
+                )
+                .await;
+            assert_eq!(status, 202, "{body}");
+        }
+        host.settle(id).await;
+        assert_eq!(host.query(id, "count", json!({})).await["kv"], ROWS);
+    }
+    let cached = |view: &Value| view["usage"]["dbCacheBytes"].as_u64().unwrap();
+    let (_, default) = host.get("/v1/stores/cache-default").await;
+    let (_, small) = host.get("/v1/stores/cache-small").await;
+    assert!(
+        cached(&default) > 1 << 20,
+        "on the default quota the written pages stay cached: {default}"
+    );
+    assert!(
+        cached(&small) > 0 && cached(&small) <= SMALL + PAGER,
+        "at most the quota: {small}"
+    );
+    assert_eq!(small["quotas"]["db_cache"], SMALL);
+
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/cache-small",
+            Some(json!({"quotas": {"db_cache": SMALLER}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    host.append("cache-small", "kv.put", json!({"key": "after", "value": 1}))
+        .await;
+    host.settle("cache-small").await;
+    let (_, small) = host.get("/v1/stores/cache-small").await;
+    assert!(
+        cached(&small) > 0 && cached(&small) <= SMALLER + PAGER,
+        "the lowered quota applies at once: {small}"
+    );
+    assert_eq!(
+        host.query("cache-small", "count", json!({})).await["kv"],
+        ROWS + 1
+    );
+
+    let metrics = reqwest::get(format!("{}/metrics", host.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str, id: &str| -> u64 {
+        let prefix = format!("storehost_{name}{{store_id=\"{id}\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
+    };
+    assert_eq!(
+        sample("store_db_cache_bytes", "cache-small"),
+        cached(&small)
+    );
+    assert_eq!(sample("store_db_cache_quota_bytes", "cache-small"), SMALLER);
+    assert!(sample("store_db_cache_bytes", "cache-default") > 1 << 20);
+}

@@ -338,6 +338,7 @@ impl Actor {
             self.shared.release_memory();
         }
         let mut status = self.shared.status();
+        status.usage.db_cache_bytes = 0;
         if status.state == StoreState::Running {
             status.state = StoreState::Hibernated;
             drop(status);
@@ -484,11 +485,15 @@ impl Actor {
     }
 
     fn apply(&mut self, settings: StoreSettings) {
-        // A hibernating store's database is closed: it gets the quota when it opens again.
-        if let Some(db) = &self.db
-            && let Err(err) = lock(db).set_disk_quota(settings.quotas.disk)
-        {
-            tracing::error!("could not apply the disk quota: {err}");
+        // A hibernating store's database is closed: it gets the quotas when it opens again.
+        if let Some(db) = &self.db {
+            let db = lock(db);
+            if let Err(err) = db.set_disk_quota(settings.quotas.disk) {
+                tracing::error!("could not apply the disk quota: {err}");
+            }
+            if let Err(err) = db.set_cache_quota(settings.quotas.db_cache) {
+                tracing::error!("could not apply the db_cache quota: {err}");
+            }
         }
         let plugin_changed = !Arc::ptr_eq(&settings.plugin, &self.settings.plugin);
         let config_changed = settings.config != self.settings.config;
@@ -1377,8 +1382,13 @@ impl Actor {
     /// compiles a `PRAGMA` again each time it runs, which cost a batch of trivial events a
     /// seventh of its time.
     fn note_disk(&self) {
-        let disk = self.lock_db().size_bytes().unwrap_or(0);
-        self.shared.status().usage.disk_bytes = disk;
+        let db = self.lock_db();
+        let disk = db.size_bytes().unwrap_or(0);
+        let cache = db.cache_bytes().unwrap_or(0);
+        drop(db);
+        let mut status = self.shared.status();
+        status.usage.disk_bytes = disk;
+        status.usage.db_cache_bytes = cache;
     }
 
     /// Opens `store.db` again after hibernation (nothing to do while it is open). Every piece
@@ -1388,6 +1398,7 @@ impl Actor {
         if self.db.is_none() {
             let file = &self.db_file;
             let db = GuestDb::open(&file.path, file.durability, self.settings.quotas.disk)?;
+            db.set_cache_quota(self.settings.quotas.db_cache)?;
             self.db = Some(Arc::new(Mutex::new(db)));
         }
         Ok(())

@@ -530,25 +530,6 @@ mod tests {
         assert_eq!(reprepared, 0, "the paging statement was compiled again");
     }
 
-    /// The bytes of heap `conn`'s page cache holds (SQLite's `SQLITE_DBSTATUS_CACHE_USED`).
-    #[allow(unsafe_code)]
-    fn cache_used(conn: &Connection) -> i64 {
-        let (mut current, mut highwater) = (0, 0);
-        // SAFETY: the handle is open for the borrow of `conn`; SQLite writes the two ints
-        // through the pointers, which outlive the call.
-        let rc = unsafe {
-            rusqlite::ffi::sqlite3_db_status(
-                conn.handle(),
-                rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED,
-                &mut current,
-                &mut highwater,
-                0,
-            )
-        };
-        assert_eq!(rc, rusqlite::ffi::SQLITE_OK);
-        i64::from(current)
-    }
-
     /// A store that stays awake while its log grows keeps a bounded page cache: the writer
     /// and the reader hold at most [`CACHE_PAGES`], however much was written and read.
     #[test]
@@ -571,9 +552,9 @@ mod tests {
             read = last.seq;
         }
         assert_eq!(read, 3_000, "every event reads back");
-        let bound = i64::from(CACHE_PAGES) * (4096 + 1024);
-        let writer = cache_used(lock(&log.writer).as_ref().unwrap());
-        let reader = log.reader.with(|conn| Ok(cache_used(conn))).unwrap();
+        let bound = u64::from(CACHE_PAGES) * (4096 + 1024);
+        let writer = sqlite::cache_bytes(lock(&log.writer).as_ref().unwrap()).unwrap();
+        let reader = log.reader.with(sqlite::cache_bytes).unwrap();
         assert!(
             writer <= bound && reader <= bound,
             "3 MB written and read back; the writer caches {writer} bytes, the reader {reader} (at most {bound} each)"

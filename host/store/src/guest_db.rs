@@ -18,6 +18,7 @@ use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, config::DbConfig, params};
 use storehost_runtime::{FailureReason, Rows, SqlError, Value};
 
+use crate::quotas::DEFAULT_DB_CACHE;
 use crate::sqlite::{self, Durability};
 
 /// Prefix of every host-owned table; guests may not touch them.
@@ -151,6 +152,8 @@ pub struct GuestDb {
     /// The savepoint of the invocation in progress (see [`GuestDb::savepoint`]).
     savepoint: std::cell::Cell<Savepoint>,
     page_size: u64,
+    /// The page cache the connection may keep, in bytes (the `db_cache` quota).
+    cache_quota: std::cell::Cell<u64>,
 }
 
 /// Where an invocation's savepoint is: asked for when the invocation starts, opened by the
@@ -227,6 +230,9 @@ impl GuestDb {
             guest_in_transaction: std::cell::Cell::new(false),
             savepoint: std::cell::Cell::new(Savepoint::None),
             page_size,
+            // What SQLite gives a new connection (`cache_size = -2000`), so a store on the
+            // default quota costs no pragma when it opens.
+            cache_quota: std::cell::Cell::new(DEFAULT_DB_CACHE),
         };
         db.set_disk_quota(disk_quota)?;
         Ok(db)
@@ -237,6 +243,22 @@ impl GuestDb {
         let pages = (bytes / self.page_size.max(1)).max(1);
         self.conn
             .pragma_update(None, "max_page_count", pages.to_string())
+    }
+
+    /// Lets the connection keep at most `bytes` of page cache (the `db_cache` quota): a
+    /// cache larger than that drops its least recently used pages at once, and a page read
+    /// again later comes from the file (or the OS's cache of it).
+    pub fn set_cache_quota(&self, bytes: u64) -> rusqlite::Result<()> {
+        if self.cache_quota.get() != bytes {
+            sqlite::cap_page_cache_bytes(&self.conn, bytes)?;
+            self.cache_quota.set(bytes);
+        }
+        Ok(())
+    }
+
+    /// The bytes of page cache the connection holds now.
+    pub fn cache_bytes(&self) -> rusqlite::Result<u64> {
+        sqlite::cache_bytes(&self.conn)
     }
 
     /// The database's size in bytes.

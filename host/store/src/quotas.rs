@@ -19,6 +19,9 @@ pub struct Quotas {
     pub cpu_ms_per_minute: u64,
     /// Maximum size of the store's database, in bytes.
     pub disk: u64,
+    /// Page cache the store's database may keep in the host's memory while the store is
+    /// awake, in bytes (SQLite's own default, 2000 KiB, unless set). Hibernating hands it back.
+    pub db_cache: u64,
     /// Sustained ingress rate, in events per second.
     pub events_per_second: u32,
     /// Ingress burst above the sustained rate, in events.
@@ -29,6 +32,10 @@ pub struct Quotas {
     pub llm_calls_per_minute: u32,
 }
 
+/// The `db_cache` quota unless set: SQLite's own default page cache (`cache_size = -2000`,
+/// i.e. 2000 KiB), so a store costs what it did before the quota existed.
+pub const DEFAULT_DB_CACHE: u64 = 2000 << 10;
+
 impl Default for Quotas {
     fn default() -> Self {
         Self {
@@ -38,6 +45,7 @@ impl Default for Quotas {
             wall_ms_per_call: 10_000,
             cpu_ms_per_minute: 30_000,
             disk: 1 << 30,
+            db_cache: DEFAULT_DB_CACHE,
             events_per_second: 1_000,
             burst: 2_000,
             max_pending_events: 100_000,

@@ -303,6 +303,39 @@ pub(crate) fn cap_page_cache(conn: &Connection, pages: u32) -> rusqlite::Result<
     conn.pragma_update(None, "cache_size", pages)
 }
 
+/// Lets `conn` keep at most `bytes` of page cache (SQLite's `cache_size` in KiB, rounded
+/// down; at least 1 KiB).
+pub(crate) fn cap_page_cache_bytes(conn: &Connection, bytes: u64) -> rusqlite::Result<()> {
+    let kib = i64::try_from(bytes / 1024).unwrap_or(i64::MAX).max(1);
+    conn.pragma_update(None, "cache_size", -kib)
+}
+
+/// The bytes of heap `conn`'s page cache holds now (SQLite's `SQLITE_DBSTATUS_CACHE_USED`;
+/// cheap: SQLite counts the pages, it reads nothing).
+#[allow(unsafe_code)]
+pub(crate) fn cache_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let (mut current, mut highwater) = (0, 0);
+    // SAFETY: the handle is open for the borrow of `conn`; SQLite writes the two ints through
+    // the pointers, which outlive the call.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_db_status(
+            conn.handle(),
+            rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED,
+            &mut current,
+            &mut highwater,
+            0,
+        )
+    };
+    if rc == rusqlite::ffi::SQLITE_OK {
+        Ok(u64::try_from(current).unwrap_or(0))
+    } else {
+        Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rc),
+            Some("could not read the page cache's size (SQLITE_DBSTATUS_CACHE_USED)".into()),
+        ))
+    }
+}
+
 /// Opens a read-only connection to a database another connection writes (also one a running
 /// store has open).
 pub fn open_reader(path: &Path) -> rusqlite::Result<Connection> {

@@ -218,6 +218,9 @@ pub struct UsageReport {
     pub memory_peak: u64,
     /// Size of the store's databases, in bytes.
     pub disk_bytes: u64,
+    /// Page cache the store's database holds in the host's memory, in bytes (at most the
+    /// `db_cache` quota; as of the last commit, 0 once the store hibernates).
+    pub db_cache_bytes: u64,
 }
 
 /// What `GET /v1/stores/{id}` shows about a store's processing.
@@ -360,6 +363,7 @@ impl Store {
                 GuestDb::open(&dir.store_db(), durability, settings.quotas.disk)?,
             ),
         };
+        db.set_cache_quota(settings.quotas.db_cache)?;
         let cursor = db.cursor()?;
         let head = log.head()?;
         let status = StoreStatus {

@@ -161,6 +161,8 @@ struct StoreSample {
     memory_quota: u64,
     disk_bytes: u64,
     disk_quota: u64,
+    db_cache_bytes: u64,
+    db_cache_quota: u64,
     tasks: u64,
     llm_calls: u64,
     latency: LatencyHistogram,
@@ -205,6 +207,8 @@ impl Snapshot {
                 memory_quota: view.quotas.memory,
                 disk_bytes: status.usage.disk_bytes,
                 disk_quota: view.quotas.disk,
+                db_cache_bytes: status.usage.db_cache_bytes,
+                db_cache_quota: view.quotas.db_cache,
                 tasks: metrics.tasks_executed(),
                 llm_calls: metrics.llm_calls(),
                 latency: metrics.invocation_latency(),
@@ -408,6 +412,20 @@ impl Collector for Snapshot {
             "store_disk_quota_bytes",
             "The store's disk quota.",
             |s| s.disk_quota,
+        )?;
+        per_store_gauge(
+            e,
+            stores,
+            "store_db_cache_bytes",
+            "Page cache the store's database holds in the host's memory (as of its last commit; 0 while it hibernates).",
+            |s| s.db_cache_bytes,
+        )?;
+        per_store_gauge(
+            e,
+            stores,
+            "store_db_cache_quota_bytes",
+            "The store's db_cache quota: the most page cache its database may keep.",
+            |s| s.db_cache_quota,
         )?;
         per_store_counter(
             e,

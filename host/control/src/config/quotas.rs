@@ -9,7 +9,7 @@ use storehost_store::quotas::Quotas;
 
 use super::size;
 
-/// The smallest `memory` and `disk` quota: one WebAssembly page (64 KiB).
+/// The smallest `memory`, `disk` and `db_cache` quota: one WebAssembly page (64 KiB).
 pub const MIN_SIZE_QUOTA: u64 = 64 << 10;
 
 /// The word that sets `fuel_per_call` back to unmetered over a metered default.
@@ -17,7 +17,7 @@ pub const UNMETERED: &str = "unmetered";
 
 /// Some or all fields of [`Quotas`]; an absent field keeps the value it overrides.
 ///
-/// Sizes (`memory`, `disk`) accept an integer of bytes or a string like `"64MiB"`;
+/// Sizes (`memory`, `disk`, `db_cache`) accept an integer of bytes or a string like `"64MiB"`;
 /// `fuel_per_call` accepts an integer or `"unmetered"`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -37,6 +37,9 @@ pub struct QuotasOverride {
     /// Maximum database size, in bytes.
     #[serde(deserialize_with = "size::deserialize_option")]
     pub disk: Option<u64>,
+    /// Page cache of the store's database while it is awake, in bytes.
+    #[serde(deserialize_with = "size::deserialize_option")]
+    pub db_cache: Option<u64>,
     /// Sustained ingress rate, in events per second.
     pub events_per_second: Option<u32>,
     /// Ingress burst above the sustained rate, in events.
@@ -69,6 +72,7 @@ impl QuotasOverride {
             wall_ms_per_call: self.wall_ms_per_call.unwrap_or(base.wall_ms_per_call),
             cpu_ms_per_minute: self.cpu_ms_per_minute.unwrap_or(base.cpu_ms_per_minute),
             disk: self.disk.unwrap_or(base.disk),
+            db_cache: self.db_cache.unwrap_or(base.db_cache),
             events_per_second: self.events_per_second.unwrap_or(base.events_per_second),
             burst: self.burst.unwrap_or(base.burst),
             max_pending_events: self.max_pending_events.unwrap_or(base.max_pending_events),
@@ -78,14 +82,18 @@ impl QuotasOverride {
         }
     }
 
-    /// Every value set here that no store could run under (a zero limit, or memory or disk
-    /// below one 64 KiB page).
+    /// Every value set here that no store could run under (a zero limit, or memory, disk or
+    /// page cache below 64 KiB).
     pub fn problems(&self) -> Vec<QuotaProblem> {
         const AT_LEAST_ONE: &str = "it must be at least 1 (zero would stop the store from working)";
         const AT_LEAST_PAGE: &str = "it must be at least 64KiB (65536 bytes, one page)";
-        let sizes = [("memory", self.memory), ("disk", self.disk)]
-            .into_iter()
-            .filter_map(|(key, value)| Some((key, value?, MIN_SIZE_QUOTA, AT_LEAST_PAGE)));
+        let sizes = [
+            ("memory", self.memory),
+            ("disk", self.disk),
+            ("db_cache", self.db_cache),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| Some((key, value?, MIN_SIZE_QUOTA, AT_LEAST_PAGE)));
         let counts = [
             ("fuel_per_call", self.fuel_per_call.flatten()),
             ("cpu_ms_per_call", self.cpu_ms_per_call),
@@ -182,10 +190,11 @@ mod tests {
     #[test]
     fn reads_sizes_and_unmetered_fuel_from_json_too() {
         let parsed: QuotasOverride = serde_json::from_str(
-            r#"{"memory":"32MiB","disk":1048576,"fuel_per_call":"unmetered"}"#,
+            r#"{"memory":"32MiB","disk":1048576,"db_cache":"512KiB","fuel_per_call":"unmetered"}"#,
         )
         .unwrap();
         assert_eq!(parsed.memory, Some(32 << 20));
+        assert_eq!(parsed.db_cache, Some(512 << 10));
         assert_eq!(parsed.disk, Some(1 << 20));
         assert_eq!(parsed.fuel_per_call, Some(None));
     }
@@ -194,11 +203,12 @@ mod tests {
     fn zero_limits_and_tiny_sizes_are_problems() {
         let problems = QuotasOverride {
             memory: Some(1024),
+            db_cache: Some(4096),
             burst: Some(0),
             ..QuotasOverride::default()
         }
         .problems();
         let keys: Vec<_> = problems.iter().map(|p| p.key).collect();
-        assert_eq!(keys, ["memory", "burst"]);
+        assert_eq!(keys, ["memory", "db_cache", "burst"]);
     }
 }
