@@ -343,3 +343,51 @@ async fn an_answer_given_before_the_body_was_read_closes_the_connection_and_says
         assert_eq!(status, 200);
     }
 }
+
+/// A quota no store could run under — zero CPU per call, a database of 1 KiB, no burst — is
+/// refused through the API as it is in a config file: 400 `invalid_quotas` naming each value
+/// and what is accepted, and the store keeps the quotas it had (a new store is not created).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_no_store_could_run_under_are_refused_with_what_is_accepted() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("steady", "writer", &[]).await;
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/steady",
+            Some(json!({"quotas": {"cpu_ms_per_call": 0, "disk": 1024, "burst": 0}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_quotas", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    for expected in [
+        "cpu_ms_per_call = 0",
+        "at least 1",
+        "disk = 1024",
+        "at least 64KiB",
+        "burst = 0",
+    ] {
+        assert!(message.contains(expected), "{expected:?} in {message}");
+    }
+    let (_, store) = host.get("/v1/stores/steady").await;
+    assert_eq!(store["quotas"]["cpu_ms_per_call"], 1000, "{store}");
+    assert_eq!(store["quotas"]["disk"], 1u64 << 30, "{store}");
+    host.append("steady", "kv.put", json!({"key": "a", "value": 1}))
+        .await;
+    host.settle("steady").await;
+    assert_eq!(host.query("steady", "count", json!({})).await["kv"], 1);
+
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/never",
+            Some(json!({"plugin": "writer", "quotas": {"memory": 4096}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_quotas", "{body}");
+    let (status, _) = host.get("/v1/stores/never").await;
+    assert_eq!(status, 404, "a refused PUT creates nothing");
+}

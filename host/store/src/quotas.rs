@@ -53,3 +53,83 @@ impl Default for Quotas {
         }
     }
 }
+
+/// The smallest `memory`, `disk` and `db_cache` quota: one WebAssembly page (64 KiB).
+pub const MIN_SIZE_QUOTA: u64 = 64 << 10;
+
+/// One quota value that is out of its accepted range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key} = {value} is out of range: {rule}")]
+pub struct QuotaProblem {
+    /// The quota's key, as written in a config file or the API.
+    pub key: &'static str,
+    /// The value given.
+    pub value: u64,
+    /// What is accepted.
+    pub rule: &'static str,
+}
+
+impl Quotas {
+    /// Every value no store could run under: a zero limit (a call with no CPU time, a store
+    /// that takes no event), or memory, disk or page cache below 64 KiB. Config files and the
+    /// API refuse such quotas alike.
+    pub fn problems(&self) -> Vec<QuotaProblem> {
+        const AT_LEAST_ONE: &str = "it must be at least 1 (zero would stop the store from working)";
+        const AT_LEAST_PAGE: &str = "it must be at least 64KiB (65536 bytes, one page)";
+        let sizes = [
+            ("memory", self.memory),
+            ("disk", self.disk),
+            ("db_cache", self.db_cache),
+        ]
+        .map(|(key, value)| (key, value, MIN_SIZE_QUOTA, AT_LEAST_PAGE));
+        let counts = [
+            ("fuel_per_call", self.fuel_per_call.unwrap_or(1)),
+            ("cpu_ms_per_call", self.cpu_ms_per_call),
+            ("wall_ms_per_call", self.wall_ms_per_call),
+            ("cpu_ms_per_minute", self.cpu_ms_per_minute),
+            ("events_per_second", u64::from(self.events_per_second)),
+            ("burst", u64::from(self.burst)),
+            ("max_pending_events", self.max_pending_events),
+            ("llm_calls_per_minute", u64::from(self.llm_calls_per_minute)),
+        ]
+        .map(|(key, value)| (key, value, 1, AT_LEAST_ONE));
+        sizes
+            .into_iter()
+            .chain(counts)
+            .filter(|(_, value, min, _)| value < min)
+            .map(|(key, value, _, rule)| QuotaProblem { key, value, rule })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_have_no_problem() {
+        assert_eq!(Quotas::default().problems(), []);
+    }
+
+    #[test]
+    fn zero_limits_and_tiny_sizes_are_problems_in_order() {
+        let quotas = Quotas {
+            memory: 1024,
+            db_cache: 4096,
+            fuel_per_call: Some(0),
+            burst: 0,
+            ..Quotas::default()
+        };
+        let keys: Vec<_> = quotas.problems().iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["memory", "db_cache", "fuel_per_call", "burst"]);
+        let unmetered = Quotas {
+            fuel_per_call: None,
+            ..Quotas::default()
+        };
+        assert_eq!(
+            unmetered.problems(),
+            [],
+            "unmetered fuel is not a zero limit"
+        );
+    }
+}

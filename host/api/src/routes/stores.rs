@@ -80,7 +80,8 @@ pub async fn put(
     Ok((status, Json(view)))
 }
 
-/// Applies the quota fields given over `base`; unknown fields and wrong types are errors.
+/// Applies the quota fields given over `base`; unknown fields, wrong types and values no
+/// store could run under ([`Quotas::problems`]) are errors.
 fn merge_quotas(
     base: &Quotas,
     changes: serde_json::Map<String, Value>,
@@ -89,14 +90,26 @@ fn merge_quotas(
     if let Value::Object(fields) = &mut merged {
         fields.extend(changes);
     }
-    serde_json::from_value(merged).map_err(|err| {
+    let quotas: Quotas = serde_json::from_value(merged).map_err(|err| {
         ApiError::bad_request(
             "invalid_quotas",
             format!(
                 "invalid quotas: {err} (quota values are numbers: bytes, milliseconds or counts)"
             ),
         )
-    })
+    })?;
+    let problems = quotas.problems();
+    if !problems.is_empty() {
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        return Err(ApiError::bad_request(
+            "invalid_quotas",
+            format!(
+                "invalid quotas: {}; nothing was changed",
+                problems.join("; ")
+            ),
+        ));
+    }
+    Ok(quotas)
 }
 
 /// `?purge=true`

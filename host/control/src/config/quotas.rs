@@ -9,8 +9,7 @@ use storehost_store::quotas::Quotas;
 
 use super::size;
 
-/// The smallest `memory`, `disk` and `db_cache` quota: one WebAssembly page (64 KiB).
-pub const MIN_SIZE_QUOTA: u64 = 64 << 10;
+pub use storehost_store::quotas::{MIN_SIZE_QUOTA, QuotaProblem};
 
 /// The word that sets `fuel_per_call` back to unmetered over a metered default.
 pub const UNMETERED: &str = "unmetered";
@@ -50,18 +49,6 @@ pub struct QuotasOverride {
     pub llm_calls_per_minute: Option<u32>,
 }
 
-/// One quota value that is out of its accepted range.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key} = {value} is out of range: {rule}")]
-pub struct QuotaProblem {
-    /// The quota's key, as written in the config.
-    pub key: &'static str,
-    /// The value given.
-    pub value: u64,
-    /// What is accepted.
-    pub rule: &'static str,
-}
-
 impl QuotasOverride {
     /// Returns `base` with every field set here replaced.
     pub fn apply_to(&self, base: &Quotas) -> Quotas {
@@ -82,38 +69,10 @@ impl QuotasOverride {
         }
     }
 
-    /// Every value set here that no store could run under (a zero limit, or memory, disk or
-    /// page cache below 64 KiB).
+    /// Every value set here that no store could run under (see [`Quotas::problems`]; a value
+    /// left unset keeps a default, which is fine).
     pub fn problems(&self) -> Vec<QuotaProblem> {
-        const AT_LEAST_ONE: &str = "it must be at least 1 (zero would stop the store from working)";
-        const AT_LEAST_PAGE: &str = "it must be at least 64KiB (65536 bytes, one page)";
-        let sizes = [
-            ("memory", self.memory),
-            ("disk", self.disk),
-            ("db_cache", self.db_cache),
-        ]
-        .into_iter()
-        .filter_map(|(key, value)| Some((key, value?, MIN_SIZE_QUOTA, AT_LEAST_PAGE)));
-        let counts = [
-            ("fuel_per_call", self.fuel_per_call.flatten()),
-            ("cpu_ms_per_call", self.cpu_ms_per_call),
-            ("wall_ms_per_call", self.wall_ms_per_call),
-            ("cpu_ms_per_minute", self.cpu_ms_per_minute),
-            ("events_per_second", self.events_per_second.map(u64::from)),
-            ("burst", self.burst.map(u64::from)),
-            ("max_pending_events", self.max_pending_events),
-            (
-                "llm_calls_per_minute",
-                self.llm_calls_per_minute.map(u64::from),
-            ),
-        ]
-        .into_iter()
-        .filter_map(|(key, value)| Some((key, value?, 1, AT_LEAST_ONE)));
-        sizes
-            .chain(counts)
-            .filter(|(_, value, min, _)| value < min)
-            .map(|(key, value, _, rule)| QuotaProblem { key, value, rule })
-            .collect()
+        self.apply_to(&Quotas::default()).problems()
     }
 }
 
