@@ -397,3 +397,42 @@ async fn the_real_binary_applies_config_edits_live_and_reports_a_broken_one() {
     assert!(log.contains("config edit refused"), "the log has it too");
     assert!(server.terminate().success());
 }
+
+/// A store the config file declares is not the API's to remove: `DELETE` (with or without
+/// `purge`) answers 409 `config_owned` saying where to remove it, and the store runs on with
+/// its data. Before, the API removed it and the next edit or restart brought it back empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_does_not_remove_a_store_the_config_declares() {
+    let (_dir, path) = config_file();
+    std::fs::write(&path, config_with(&["declared"], "")).unwrap();
+    let w = watched(&path, 10).await;
+    let host = &w.host;
+    host.append("declared", "kv.put", json!({"key": "k", "value": "v"}))
+        .await;
+    host.settle("declared").await;
+    for query in ["", "?purge=true"] {
+        let (status, body) = host
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/v1/stores/declared{query}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"]["code"], "config_owned", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("config file") && message.contains("remove it there"),
+            "{message}"
+        );
+    }
+    assert_eq!(ids(host).await, ["declared"]);
+    assert_eq!(host.query("declared", "count", json!({})).await["kv"], 1);
+
+    // Removed from the file, it stops (its data archived).
+    std::fs::write(&path, config_with(&[], "")).unwrap();
+    eventually("the edit removes it", || async {
+        ids(host).await.is_empty()
+    })
+    .await;
+}

@@ -78,6 +78,19 @@ impl StoreSource {
     pub fn is_config_owned(self) -> bool {
         matches!(self, StoreSource::Config | StoreSource::Env)
     }
+
+    /// For a config-owned store ([`StoreSource::is_config_owned`]): why a webhook or the API
+    /// may not remove it, and where to remove it instead. `None` for any other source.
+    pub fn removal_refused(self, id: &StoreId) -> Option<String> {
+        let owner = match self {
+            StoreSource::Config => "config file",
+            StoreSource::Env => "STORE_IDS environment variable",
+            _ => return None,
+        };
+        Some(format!(
+            "store {id} is declared in the {owner} and stays; remove it there to stop it"
+        ))
+    }
 }
 
 /// What `ensure_running` did.

@@ -313,17 +313,11 @@ impl Webhooks {
             Event::Deleted => {
                 match orchestrator.source(&id).await {
                     None => return Ok(accepted(WebhookStatus::AlreadyStopped)),
-                    Some(source) if source.is_config_owned() => {
-                        return Err(WebhookError::ConfigOwned(format!(
-                            "store {id} is declared in the {} and stays; remove it there to stop it",
-                            if source == StoreSource::Env {
-                                "STORE_IDS environment variable"
-                            } else {
-                                "config file"
-                            }
-                        )));
+                    Some(source) => {
+                        if let Some(refusal) = source.removal_refused(&id) {
+                            return Err(WebhookError::ConfigOwned(refusal));
+                        }
                     }
-                    Some(_) => {}
                 }
                 match orchestrator.remove(&id, false).await {
                     Ok(true) => Ok(accepted(WebhookStatus::MonitoringStopped)),
