@@ -347,6 +347,7 @@ async fn an_answer_given_before_the_body_was_read_closes_the_connection_and_says
 /// A quota no store could run under — zero CPU per call, a database of 1 KiB, no burst — is
 /// refused through the API as it is in a config file: 400 `invalid_quotas` naming each value
 /// and what is accepted, and the store keeps the quotas it had (a new store is not created).
+/// Values take the forms a config file takes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_no_store_could_run_under_are_refused_with_what_is_accepted() {
     let host = TestHost::start().await;
@@ -378,6 +379,32 @@ async fn quotas_no_store_could_run_under_are_refused_with_what_is_accepted() {
         .await;
     host.settle("steady").await;
     assert_eq!(host.query("steady", "count", json!({})).await["kv"], 1);
+
+    // The forms a config file takes: sizes with units, fuel as "unmetered".
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/steady",
+            Some(json!({"quotas": {"memory": "32MiB", "db_cache": "512KiB", "fuel_per_call": "unmetered"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["quotas"]["memory"], 32 << 20, "{body}");
+    assert_eq!(body["quotas"]["db_cache"], 512 << 10, "{body}");
+    assert!(body["quotas"]["fuel_per_call"].is_null(), "{body}");
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/steady",
+            Some(json!({"quotas": {"disk": "lots"}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("lots") && message.contains("64MiB"),
+        "{message}"
+    );
 
     let (status, body) = host
         .call(

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use storehost_control::config::StoreSpec;
+use storehost_control::config::{QuotasOverride, StoreSpec};
 use storehost_control::{Provisioned, StoreSource};
 use storehost_store::Quotas;
 
@@ -80,24 +80,22 @@ pub async fn put(
     Ok((status, Json(view)))
 }
 
-/// Applies the quota fields given over `base`; unknown fields, wrong types and values no
-/// store could run under ([`Quotas::problems`]) are errors.
+/// Applies the quota fields given over `base`, in the forms a config file takes (sizes as
+/// bytes or `"64MiB"`, fuel as a number or `"unmetered"`/`null`); unknown fields, wrong types
+/// and values no store could run under ([`Quotas::problems`]) are errors.
 fn merge_quotas(
     base: &Quotas,
     changes: serde_json::Map<String, Value>,
 ) -> Result<Quotas, ApiError> {
-    let mut merged = serde_json::to_value(base).map_err(ApiError::internal)?;
-    if let Value::Object(fields) = &mut merged {
-        fields.extend(changes);
-    }
-    let quotas: Quotas = serde_json::from_value(merged).map_err(|err| {
+    let changes: QuotasOverride = serde_json::from_value(Value::Object(changes)).map_err(|err| {
         ApiError::bad_request(
             "invalid_quotas",
             format!(
-                "invalid quotas: {err} (quota values are numbers: bytes, milliseconds or counts)"
+                "invalid quotas: {err} (sizes are bytes or a string like \"64MiB\", times are milliseconds, fuel_per_call is a number or \"unmetered\")"
             ),
         )
     })?;
+    let quotas = changes.apply_to(base);
     let problems = quotas.problems();
     if !problems.is_empty() {
         let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();

@@ -83,7 +83,10 @@ impl Visitor<'_> for FuelVisitor {
     type Value = Option<u64>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "a whole number of fuel units, or \"{UNMETERED}\"")
+        write!(
+            f,
+            "a whole number of fuel units, or \"{UNMETERED}\" (null in JSON)"
+        )
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
@@ -94,6 +97,11 @@ impl Visitor<'_> for FuelVisitor {
         u64::try_from(v)
             .map(Some)
             .map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+    }
+
+    /// JSON's `null`, which is how the API shows an unmetered store's `fuel_per_call`.
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
@@ -156,6 +164,12 @@ mod tests {
         assert_eq!(parsed.db_cache, Some(512 << 10));
         assert_eq!(parsed.disk, Some(1 << 20));
         assert_eq!(parsed.fuel_per_call, Some(None));
+        let parsed: QuotasOverride = serde_json::from_str(r#"{"fuel_per_call":null}"#).unwrap();
+        assert_eq!(
+            parsed.fuel_per_call,
+            Some(None),
+            "null is unmetered, as the API shows it"
+        );
     }
 
     #[test]
