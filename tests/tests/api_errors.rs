@@ -418,3 +418,45 @@ async fn quotas_no_store_could_run_under_are_refused_with_what_is_accepted() {
     let (status, _) = host.get("/v1/stores/never").await;
     assert_eq!(status, 404, "a refused PUT creates nothing");
 }
+
+/// Requests the router itself refuses — a path segment that is not a number, a query string
+/// that does not parse, a method a route does not take — answer with the same JSON envelope
+/// as every other error, saying what was wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_router_refuses_get_the_json_error_envelope() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("plain", "writer", &[]).await;
+    let cases = [
+        (
+            reqwest::Method::POST,
+            "/v1/stores/plain/dead-letters/abc/retry",
+            400,
+            "bad_request",
+            "abc",
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/v1/stores/plain?purge=yes",
+            400,
+            "bad_request",
+            "purge",
+        ),
+        (
+            reqwest::Method::PATCH,
+            "/v1/stores/plain",
+            405,
+            "method_not_allowed",
+            "PATCH /v1/stores/plain",
+        ),
+    ];
+    for (method, path, status, code, mentions) in cases {
+        let (got, body) = host.call(method.clone(), path, None).await;
+        assert_eq!(got, status, "{method} {path}: {body}");
+        assert_eq!(body["error"]["code"], code, "{method} {path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(mentions), "{method} {path}: {message}");
+    }
+    let (status, _) = host.get("/v1/stores/plain").await;
+    assert_eq!(status, 200, "the refused DELETE removed nothing");
+}

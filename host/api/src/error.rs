@@ -173,3 +173,58 @@ impl From<ControlError> for ApiError {
 fn reason_code(reason: FailureReason) -> &'static str {
     reason.as_str()
 }
+
+/// Middleware: an error answered without the JSON envelope — axum's own rejections, such as a
+/// path segment that is not a number or a query string that does not parse (plain text), or
+/// a method a route does not take (no body) — gets the envelope, with axum's text as the
+/// message, so every error a client sees has the same shape.
+pub async fn envelope_plain_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    // Rejection texts are a line or two; anything longer is cut, not buffered.
+    let text = axum::body::to_bytes(body, 16 << 10)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
+        .unwrap_or_default();
+    let (code, fallback) = match status {
+        StatusCode::BAD_REQUEST => ("bad_request", "the request could not be read"),
+        StatusCode::NOT_FOUND => ("not_found", "no such route; see the README for the API"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this route does not take that method; see the README for the API",
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "unsupported_media_type",
+            "send the body as application/json",
+        ),
+        StatusCode::UNPROCESSABLE_ENTITY => ("invalid_request", "the request could not be read"),
+        _ => ("http_error", "the request failed"),
+    };
+    let message = if text.is_empty() {
+        format!("{method} {path}: {fallback}")
+    } else {
+        format!("{method} {path}: {text}")
+    };
+    let mut envelope = ApiError::new(status, code, message).into_response();
+    // Keep what the original answer said about the method or retrying (Allow, Retry-After).
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            envelope.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    envelope
+}

@@ -98,6 +98,7 @@ pub fn app(state: AppState) -> Router {
         .merge(operations)
         .merge(webhooks)
         .fallback(not_found)
+        .layer(middleware::from_fn(error::envelope_plain_errors))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             refuse_while_draining,
