@@ -436,3 +436,44 @@ async fn the_api_does_not_remove_a_store_the_config_declares() {
     })
     .await;
 }
+
+/// Nor does the API change what the config decides for a store it declares: `PUT` with a
+/// plugin, quotas or config answers 409 `config_owned` and the store keeps the config's
+/// quotas — a change through the API would have been undone at the next start. An edit of the
+/// file changes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_does_not_change_a_store_the_config_declares() {
+    let (_dir, path) = config_file();
+    std::fs::write(&path, config_with(&["declared"], "")).unwrap();
+    let w = watched(&path, 10).await;
+    let host = &w.host;
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/declared",
+            Some(json!({"quotas": {"cpu_ms_per_call": 500}})),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "config_owned", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("change them in the config file"),
+        "{message}"
+    );
+    let (_, view) = host.get("/v1/stores/declared").await;
+    assert_eq!(view["quotas"]["cpu_ms_per_call"], 1000, "{view}");
+
+    std::fs::write(
+        &path,
+        config_with(
+            &["declared"],
+            "[stores.declared.quotas]\ncpu_ms_per_call = 500\n",
+        ),
+    )
+    .unwrap();
+    eventually("the edit changes the quota", || async {
+        host.get("/v1/stores/declared").await.1["quotas"]["cpu_ms_per_call"] == 500
+    })
+    .await;
+}

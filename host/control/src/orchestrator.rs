@@ -79,16 +79,32 @@ impl StoreSource {
         matches!(self, StoreSource::Config | StoreSource::Env)
     }
 
-    /// For a config-owned store ([`StoreSource::is_config_owned`]): why a webhook or the API
-    /// may not remove it, and where to remove it instead. `None` for any other source.
+    /// What declares a config-owned store ([`StoreSource::is_config_owned`]), as a person
+    /// would name it; `None` for any other source.
+    fn owner(self) -> Option<&'static str> {
+        match self {
+            StoreSource::Config => Some("config file"),
+            StoreSource::Env => Some("STORE_IDS environment variable"),
+            _ => None,
+        }
+    }
+
+    /// For a config-owned store: why a webhook or the API may not remove it, and where to
+    /// remove it instead. `None` for any other source.
     pub fn removal_refused(self, id: &StoreId) -> Option<String> {
-        let owner = match self {
-            StoreSource::Config => "config file",
-            StoreSource::Env => "STORE_IDS environment variable",
-            _ => return None,
-        };
+        let owner = self.owner()?;
         Some(format!(
             "store {id} is declared in the {owner} and stays; remove it there to stop it"
+        ))
+    }
+
+    /// For a config-owned store: why the API may not change its plugin, quotas or config (the
+    /// config would undo the change at the next start). `None` for any other source.
+    pub fn change_refused(self, id: &StoreId) -> Option<String> {
+        let owner = self.owner()?;
+        Some(format!(
+            "store {id} is declared in the {owner}, which decides its plugin, quotas and config; \
+             change them in the config file (a change through the API would be undone at the next start)"
         ))
     }
 }

@@ -53,7 +53,12 @@ pub async fn put(
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_store_id(&id)?;
     let (base, source) = match state.orchestrator.spec(&id).await {
-        Some((spec, source)) => (spec, source),
+        Some((spec, source)) => {
+            if let Some(refusal) = source.change_refused(&id) {
+                return Err(ApiError::new(StatusCode::CONFLICT, "config_owned", refusal));
+            }
+            (spec, source)
+        }
         None => (
             state.orchestrator.settings().defaults.clone(),
             StoreSource::Api,
