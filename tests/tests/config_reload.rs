@@ -477,3 +477,51 @@ async fn the_api_does_not_change_a_store_the_config_declares() {
     })
     .await;
 }
+
+/// A store an edit could not change (its memory above the sandbox pool's ceiling) keeps
+/// running as it was and `/health` says why; a later edit that does not touch it tries it
+/// again and still reports it, instead of forgetting it while the file and the store differ.
+/// Once the file asks for what can run, it applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_an_edit_could_not_change_is_tried_again_and_reported_until_it_applies() {
+    let (_dir, path) = config_file();
+    std::fs::write(&path, config_with(&["heavy"], "")).unwrap();
+    let w = watched(&path, 10).await;
+    let host = &w.host;
+    let heavy = |memory: &str| format!("[stores.heavy.quotas]\nmemory = \"{memory}\"\n");
+    let last_error = || async {
+        health(host).await["config"]["lastError"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    std::fs::write(&path, config_with(&["heavy"], &heavy("1GiB"))).unwrap();
+    eventually("the edit reports the store it could not change", || async {
+        last_error().await.contains("heavy")
+    })
+    .await;
+    std::fs::write(&path, config_with(&["heavy", "light"], &heavy("1GiB"))).unwrap();
+    eventually("the next edit applies", || async {
+        ids(host).await == ["heavy", "light"]
+    })
+    .await;
+    assert!(
+        last_error().await.contains("heavy"),
+        "still reported: {}",
+        last_error().await
+    );
+    let (_, view) = host.get("/v1/stores/heavy").await;
+    assert_eq!(
+        view["quotas"]["memory"],
+        64 << 20,
+        "it runs as it was: {view}"
+    );
+
+    std::fs::write(&path, config_with(&["heavy", "light"], &heavy("128MiB"))).unwrap();
+    eventually("a quota it can run under applies", || async {
+        host.get("/v1/stores/heavy").await.1["quotas"]["memory"] == 128 << 20
+    })
+    .await;
+    assert_eq!(last_error().await, "", "nothing left to report");
+}

@@ -308,14 +308,26 @@ impl ConfigReloader {
                 Err(err) => summary.failed.push((id.clone(), err.to_string())),
             }
         }
-        let wanted = after
-            .into_iter()
-            .filter(|(id, spec)| before.get(id) != Some(spec) || !sources.contains_key(id))
-            .map(|(id, spec)| {
+        let mut wanted = Vec::new();
+        for (id, spec) in after {
+            let unchanged = before.get(&id) == Some(&spec)
+                && match sources.get(&id) {
+                    None => false,
+                    // A store the config owns runs what the file says, unless applying it
+                    // failed before (a quota above the ceiling, a plugin that would not
+                    // load): then every edit tries again, and reports it while it fails.
+                    Some(source) if source.is_config_owned() => self
+                        .orchestrator
+                        .spec(&id)
+                        .await
+                        .is_some_and(|(running, _)| running == spec),
+                    Some(_) => true,
+                };
+            if !unchanged {
                 let source = next.source_of(&id);
-                (id, spec, source)
-            })
-            .collect();
+                wanted.push((id, spec, source));
+            }
+        }
         // Thousands of stores in one edit open several at a time, in batches that let API
         // requests and webhooks in between.
         for (id, answer) in self.orchestrator.ensure_running_many(wanted).await {
