@@ -197,6 +197,8 @@ async fn a_backup_taken_under_load_restores_the_same_log_and_tables() {
     }
 }
 
+/// Restoring an older backup rewinds the store: it resumes from the backup's head, handing
+/// out the later seqs again, and a follower past that head is told so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restoring_rewinds_a_store_which_resumes_from_there() {
     let host = host().await;
@@ -244,6 +246,30 @@ async fn restoring_rewinds_a_store_which_resumes_from_there() {
         .await;
     assert_eq!(seq, 51, "the log goes on from the restored head");
     host.settle("rewind").await;
+
+    // A follower that had read up to 80 before the restore is told, not left waiting for
+    // seqs it would then skip (51 is a new event now): by long-poll and by event stream.
+    let (status, body) = host
+        .get("/v1/stores/rewind/events?after=80&waitMs=10000")
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "after_beyond_head", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("after=51 or earlier"), "{message}");
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/stores/rewind/events/stream", host.url))
+        .bearer_auth(storehost_tests::TOKEN)
+        .header("last-event-id", "80")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 409);
+    let (status, body) = host.get("/v1/stores/rewind/events?after=50").await;
+    assert_eq!(
+        (status, &body["events"][0]["seq"]),
+        (200, &json!(51)),
+        "{body}"
+    );
     assert_eq!(
         applied(&host, "rewind").await,
         (1..=51).collect::<Vec<u64>>()

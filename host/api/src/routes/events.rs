@@ -296,6 +296,7 @@ pub async fn read(
             format!("limit must be 1 to {MAX_READ_LIMIT}"),
         ));
     }
+    ensure_within_log(&store, params.after)?;
     let wait = params
         .wait_ms
         .map(|ms| Duration::from_millis(ms.min(MAX_WAIT_MS)));
@@ -312,6 +313,29 @@ pub async fn read(
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,
+    ))
+}
+
+/// Refuses to follow the log from past its end: a follower whose last `seq` the log no longer
+/// reaches (the store was restored from an older backup, or removed and created again) would
+/// otherwise wait for events it then skips, since the log hands out those `seq`s again.
+pub(crate) fn ensure_within_log(
+    store: &storehost_store::Store,
+    after: u64,
+) -> Result<(), ApiError> {
+    let head = store.head();
+    if after <= head {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "after_beyond_head",
+        format!(
+            "store {} has no event after {head}, and {after} is past that: its log was restored \
+             from an older backup or the store was created again, so its seqs are handed out \
+             again; read from after={head} or earlier (after=0 for the whole log)",
+            store.id()
+        ),
     ))
 }
 

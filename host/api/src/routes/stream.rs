@@ -65,6 +65,7 @@ pub async fn stream(
             })?,
         None => params.after.unwrap_or(0),
     };
+    super::events::ensure_within_log(&store, after)?;
     let events = futures::stream::unfold(
         Cursor {
             store,
