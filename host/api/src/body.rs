@@ -37,7 +37,12 @@ impl FromRequest<AppState> for JsonBytes {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let bytes = read_limited(req.into_body(), state.max_body_bytes).await?;
+        let bytes = read_limited(
+            req.into_body(),
+            state.max_body_bytes,
+            "send less per request (batch events across requests), or raise [http] max_body_bytes",
+        )
+        .await?;
         if bytes.is_empty() {
             return Err(ApiError::bad_request(
                 "invalid_json",
@@ -60,21 +65,28 @@ impl FromRequest<AppState> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        read_limited(req.into_body(), state.max_plugin_bytes)
-            .await
-            .map(RawBody)
+        read_limited(
+            req.into_body(),
+            state.max_plugin_bytes,
+            "a plugin component must be smaller; strip debug info (e.g. `wasm-tools strip`) or build in release mode",
+        )
+        .await
+        .map(RawBody)
     }
 }
 
-async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+/// The body, up to `limit` bytes; a larger one is refused with `what_to_do`.
+async fn read_limited(
+    body: Body,
+    limit: usize,
+    what_to_do: &str,
+) -> Result<bytes::Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!(
-                "the request body is larger than {limit} bytes; send less per request (batch events across requests)"
-            ),
+            format!("the request body is larger than {limit} bytes; {what_to_do}"),
         )),
         Err(err) => Err(ApiError::bad_request(
             "body_unreadable",
