@@ -226,3 +226,101 @@ async fn a_restart_sizes_the_engine_for_the_api_stores_it_brings_back() {
     .await;
     assert_eq!(count["kv"], 1, "the event was applied: {count}");
 }
+
+/// A paused store stays paused across a restart, whoever declared it (the config, or the API):
+/// after the restart it accepts events and processes none until it is resumed. Before, every
+/// restart resumed it — a store an operator had stopped for hurting its neighbours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_store_stays_paused_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = ServerProcess::spawn(&data, &[], &[]);
+    let (status, body) = call(
+        &server.url,
+        reqwest::Method::PUT,
+        "/v1/stores/api-paused",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    for id in ["demo-beta", "api-paused"] {
+        let (status, body) = call(
+            &server.url,
+            reqwest::Method::POST,
+            &format!("/v1/stores/{id}/pause"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(server.terminate().success(), "SIGTERM exits 0");
+
+    let server = ServerProcess::spawn(&data, &[], &[]);
+    let note = json!({"type": "v2.TaskCreated", "payload": {"id": "t1", "title": "Stay put"}});
+    for id in ["demo-beta", "api-paused"] {
+        let path = format!("/v1/stores/{id}/events");
+        let (status, body) = call(
+            &server.url,
+            reqwest::Method::POST,
+            &path,
+            Some(note.clone()),
+        )
+        .await;
+        assert_eq!(status, 202, "{id} accepts events while paused: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let (_, view) = call(
+            &server.url,
+            reqwest::Method::GET,
+            &format!("/v1/stores/{id}"),
+            None,
+        )
+        .await;
+        assert_eq!(view["state"], "paused", "{view}");
+        assert_eq!(view["lag"], 1, "nothing processed while paused: {view}");
+    }
+    let (_, view) = call(
+        &server.url,
+        reqwest::Method::GET,
+        "/v1/stores/demo-alpha",
+        None,
+    )
+    .await;
+    assert_eq!(
+        view["state"], "running",
+        "a store never paused runs: {view}"
+    );
+
+    let (status, _) = call(
+        &server.url,
+        reqwest::Method::POST,
+        "/v1/stores/demo-beta/resume",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let view = query_until(&server.url, "/v1/stores/demo-beta", |v| v["lag"] == 0).await;
+    assert_eq!(view["state"], "running", "{view}");
+    assert!(server.terminate().success(), "SIGTERM exits 0");
+
+    let server = ServerProcess::spawn(&data, &[], &[]);
+    let (_, beta) = call(
+        &server.url,
+        reqwest::Method::GET,
+        "/v1/stores/demo-beta",
+        None,
+    )
+    .await;
+    let (_, api) = call(
+        &server.url,
+        reqwest::Method::GET,
+        "/v1/stores/api-paused",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (&beta["state"], &api["state"]),
+        (&json!("running"), &json!("paused")),
+        "the resumed store runs after the next restart, the other stays paused"
+    );
+    assert!(server.terminate().success(), "SIGTERM exits 0");
+}

@@ -499,6 +499,7 @@ impl Orchestrator {
             task_catch_up: self.settings.task_catch_up,
             idle_timeout: self.settings.idle_timeout,
             close_files_after: self.settings.close_files_after,
+            start_paused: false,
         }
     }
 
@@ -628,9 +629,9 @@ impl Orchestrator {
             });
         }
         self.record(id, "provisioning", Some(source.as_str().to_owned()));
-        Ok(Admission::Start(Box::new(
-            self.store_settings(spec, plugin),
-        )))
+        let mut settings = self.store_settings(spec, plugin);
+        settings.start_paused = self.registry.is_paused(id)?;
+        Ok(Admission::Start(Box::new(settings)))
     }
 
     /// Opens store `id`'s files and starts its actor (on a blocking thread: SQLite opens).
@@ -830,12 +831,15 @@ impl Orchestrator {
     }
 
     /// Pauses (events are accepted, not processed) or resumes store `id`; the change is
-    /// recorded in its transitions as `paused` / `resumed`.
+    /// recorded in its transitions as `paused` / `resumed`, and kept in the host registry so a
+    /// restart leaves a paused store paused.
     pub async fn set_paused(&self, id: &StoreId, paused: bool) -> Result<Store, ControlError> {
         let store = self
             .get(id)
             .await
             .ok_or_else(|| ControlError::NotFound(id.clone()))?;
+        // Remembered first: a pause the host forgot would end at the next start.
+        self.registry.set_paused(id, paused)?;
         store.set_paused(paused).await?;
         self.record(id, if paused { "paused" } else { "resumed" }, None);
         Ok(store)

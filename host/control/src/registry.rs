@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use storehost_store::{Quotas, StoreId, sqlite::now_ms};
 
 use crate::config::StoreSpec;
@@ -53,6 +53,10 @@ impl Registry {
             CREATE TABLE IF NOT EXISTS orphans (
                 id TEXT PRIMARY KEY,
                 missing_since INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS paused (
+                id TEXT PRIMARY KEY,
+                paused_at INTEGER NOT NULL
             )",
         )?;
         let tokens = crate::tokens::TokenCache::load(&conn)?;
@@ -85,11 +89,37 @@ impl Registry {
         Ok(())
     }
 
-    /// Forgets a store.
+    /// Forgets a store (its pause included).
     pub fn delete(&self, id: &StoreId) -> rusqlite::Result<()> {
-        self.conn()
-            .execute("DELETE FROM stores WHERE id = ?1", [id.as_str()])?;
+        let conn = self.conn();
+        conn.execute("DELETE FROM stores WHERE id = ?1", [id.as_str()])?;
+        conn.execute("DELETE FROM paused WHERE id = ?1", [id.as_str()])?;
         Ok(())
+    }
+
+    /// Remembers that store `id` is paused (or no longer is), whatever its source: a store
+    /// paused when the host stops opens paused at the next start.
+    pub fn set_paused(&self, id: &StoreId, paused: bool) -> rusqlite::Result<()> {
+        let conn = self.conn();
+        if paused {
+            conn.execute(
+                "INSERT OR IGNORE INTO paused (id, paused_at) VALUES (?1, ?2)",
+                params![id.as_str(), now_ms()],
+            )?;
+        } else {
+            conn.execute("DELETE FROM paused WHERE id = ?1", [id.as_str()])?;
+        }
+        Ok(())
+    }
+
+    /// Whether store `id` was paused and not resumed since.
+    pub fn is_paused(&self, id: &StoreId) -> rusqlite::Result<bool> {
+        self.conn()
+            .query_row("SELECT 1 FROM paused WHERE id = ?1", [id.as_str()], |_| {
+                Ok(())
+            })
+            .optional()
+            .map(|row| row.is_some())
     }
 
     /// Every remembered store; rows that no longer parse are skipped with an error log.

@@ -179,6 +179,7 @@ impl Actor {
         cursor: u64,
     ) -> Self {
         let settings_cpu_per_minute = settings.quotas.cpu_ms_per_minute;
+        let paused = settings.start_paused;
         Self {
             shared,
             db: Some(Arc::new(Mutex::new(db))),
@@ -193,7 +194,7 @@ impl Actor {
             batch: None,
             solo_through: 0,
             pending: VecDeque::new(),
-            paused: false,
+            paused,
             cpu_budget: CpuBudget::new(settings_cpu_per_minute),
             consecutive_failures: 0,
             breaker_trips: 0,

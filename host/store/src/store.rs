@@ -102,6 +102,10 @@ pub struct StoreSettings {
     /// A hibernated store idle this much longer also closes its SQLite files (it then holds
     /// no file descriptor and about 14–18 KB); its next wake opens them again.
     pub close_files_after: std::time::Duration,
+    /// The store opens paused (it was paused when the host last stopped): it accepts events
+    /// and processes none until it is resumed. Read when the store opens; a live change of
+    /// settings leaves the pause as it is.
+    pub start_paused: bool,
 }
 
 /// The default catch-up window of scheduled tasks (SPEC §4.6).
@@ -367,7 +371,11 @@ impl Store {
         let cursor = db.cursor()?;
         let head = log.head()?;
         let status = StoreStatus {
-            state: StoreState::Running,
+            state: if settings.start_paused {
+                StoreState::Paused
+            } else {
+                StoreState::Running
+            },
             head,
             cursor,
             lag: head.saturating_sub(cursor),
