@@ -408,3 +408,18 @@ pub fn writer_config(plugin_path: &std::path::Path, stores: &[&str]) -> String {
     }
     text
 }
+
+/// `bytes` (a component) with a custom section appended: the same plugin, other bytes and so
+/// another sha256 (a swap the host must carry out).
+pub fn with_custom_section(bytes: &[u8], note: &str) -> Vec<u8> {
+    let name = b"storehost-test";
+    let mut content = vec![name.len() as u8];
+    content.extend_from_slice(name);
+    content.extend_from_slice(note.as_bytes());
+    assert!(content.len() < 128, "one-byte LEB128 size");
+    let mut out = bytes.to_vec();
+    out.push(0);
+    out.push(content.len() as u8);
+    out.extend_from_slice(&content);
+    out
+}

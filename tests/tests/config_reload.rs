@@ -46,8 +46,7 @@ async fn ids(host: &TestHost) -> Vec<String> {
 }
 
 async fn store_sha(host: &TestHost) -> String {
-    let (_, view) = host.get("/v1/stores/on-swap").await;
-    view["plugin"]["sha256"].as_str().unwrap_or("").to_owned()
+    store_sha_of(host, "on-swap").await
 }
 
 async fn health(host: &TestHost) -> Value {
@@ -524,4 +523,67 @@ async fn a_store_an_edit_could_not_change_is_tried_again_and_reported_until_it_a
     })
     .await;
     assert_eq!(last_error().await, "", "nothing left to report");
+}
+
+/// A version of a config plugin uploaded through the API runs until the plugin's file itself
+/// changes: an edit of anything else in the config leaves it running (it used to deploy the
+/// file's bytes again, so the upload lasted until the next unrelated edit); rewriting the file
+/// deploys the file's version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_over_a_config_plugin_runs_until_the_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("storehost.toml");
+    let plugin = dir.path().join("writer.wasm");
+    let original = std::fs::read(programs::WRITER).unwrap();
+    std::fs::write(&plugin, &original).unwrap();
+    let config = |stores: &[&str]| {
+        let mut text = storehost_tests::writer_config(&plugin, stores);
+        text.insert_str(0, "max_stores = 100\n");
+        text
+    };
+    std::fs::write(&path, config(&["on-file"])).unwrap();
+    let w = watched(&path, 10).await;
+    let host = &w.host;
+    let from_file = store_sha_of(host, "on-file").await;
+    assert_eq!(from_file, storehost_tests::sha256sum(&original));
+
+    let uploaded = storehost_tests::with_custom_section(&original, "uploaded");
+    let response = reqwest::Client::new()
+        .put(format!("{}/v1/plugins/writer", host.url))
+        .bearer_auth(storehost_tests::TOKEN)
+        .header("content-type", "application/wasm")
+        .body(uploaded.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let uploaded_sha = storehost_tests::sha256sum(&uploaded);
+    eventually("the upload runs", || async {
+        store_sha_of(host, "on-file").await == uploaded_sha
+    })
+    .await;
+
+    std::fs::write(&path, config(&["on-file", "another"])).unwrap();
+    eventually("the unrelated edit applies", || async {
+        ids(host).await == ["another", "on-file"]
+    })
+    .await;
+    assert_eq!(
+        store_sha_of(host, "on-file").await,
+        uploaded_sha,
+        "an edit that does not touch the plugin's file leaves the upload running"
+    );
+
+    let rewritten = storehost_tests::with_custom_section(&original, "rewritten");
+    std::fs::write(&plugin, &rewritten).unwrap();
+    let rewritten_sha = storehost_tests::sha256sum(&rewritten);
+    eventually("the rewritten file deploys", || async {
+        store_sha_of(host, "on-file").await == rewritten_sha
+    })
+    .await;
+}
+
+async fn store_sha_of(host: &TestHost, id: &str) -> String {
+    let (_, view) = host.get(&format!("/v1/stores/{id}")).await;
+    view["plugin"]["sha256"].as_str().unwrap_or("").to_owned()
 }

@@ -329,21 +329,6 @@ enum Moment {
     ConfigReload,
 }
 
-/// `bytes` (a component) with a custom section appended: the same plugin, other bytes and so
-/// another sha256 (a swap the host must carry out).
-fn with_custom_section(bytes: &[u8], note: &str) -> Vec<u8> {
-    let name = b"storehost-crash-test";
-    let mut content = vec![name.len() as u8];
-    content.extend_from_slice(name);
-    content.extend_from_slice(note.as_bytes());
-    assert!(content.len() < 128, "one-byte LEB128 size");
-    let mut out = bytes.to_vec();
-    out.push(0);
-    out.push(content.len() as u8);
-    out.extend_from_slice(&content);
-    out
-}
-
 fn scratch_dirs(data: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(data.join("stores"))
         .unwrap()
@@ -424,7 +409,8 @@ async fn killed_inside_a_handler_a_swap_a_backup_or_a_reload_nothing_is_lost_or_
                 assert!(started, "the slow handler started");
             }
             Moment::PluginSwap => {
-                let bytes = with_custom_section(&writer, &format!("round {round}"));
+                let bytes =
+                    storehost_tests::with_custom_section(&writer, &format!("round {round}"));
                 deployed.push(storehost_tests::sha256sum(&bytes));
                 let url = format!("{}/v1/plugins/writer", server.url);
                 let http = http.clone();
