@@ -460,3 +460,59 @@ async fn requests_the_router_refuses_get_the_json_error_envelope() {
     let (status, _) = host.get("/v1/stores/plain").await;
     assert_eq!(status, 200, "the refused DELETE removed nothing");
 }
+
+/// A store's plugin config is refused when a key the host gives a meaning to holds a value
+/// the config file would refuse (`LLM_MAX_ITERATIONS` from 1 to 100), and a value of the
+/// wrong type is named by its place in the body; either way the store keeps its config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_config_the_host_cannot_use_is_refused_naming_the_field() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("configured", "writer", &[("mode", "calm")])
+        .await;
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/configured",
+            Some(json!({"config": {"LLM_MAX_ITERATIONS": "0"}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_config", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("LLM_MAX_ITERATIONS") && message.contains("from 1 to 100"),
+        "{message}"
+    );
+
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/configured",
+            Some(json!({"config": {"mode": 1}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_json", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("`config.mode`") && message.contains("expected a string"),
+        "{message}"
+    );
+    let (_, store) = host.get("/v1/stores/configured").await;
+    assert_eq!(store["config"], json!({"mode": "calm"}), "{store}");
+
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/configured",
+            Some(json!({"config": {"LLM_MAX_ITERATIONS": "20"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["config"],
+        json!({"LLM_MAX_ITERATIONS": "20"}),
+        "{body}"
+    );
+}

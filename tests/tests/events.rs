@@ -314,13 +314,27 @@ async fn a_trapping_handler_leaves_no_trace_is_retried_dead_lettered_and_retried
     );
     let (_, letters) = host.get("/v1/stores/flaky-1/dead-letters").await;
     assert_eq!(letters["deadLetters"][0]["status"], "resolved");
-    let (status, _) = host
+    let (status, body) = host
         .post(
             &format!("/v1/stores/flaky-1/dead-letters/{risky}/retry"),
             json!({}),
         )
         .await;
-    assert_eq!(status, 404, "a resolved dead letter is not retried twice");
+    assert_eq!(
+        status, 409,
+        "a resolved dead letter is not retried twice: {body}"
+    );
+    assert_eq!(body["error"]["code"], "dead_letter_resolved");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("already retried successfully"),
+        "{message}"
+    );
+    let (status, body) = host
+        .post("/v1/stores/flaky-1/dead-letters/9999/retry", json!({}))
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "dead_letter_not_found");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

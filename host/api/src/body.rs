@@ -27,9 +27,21 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let JsonBytes(bytes) = JsonBytes::from_request(req, state).await?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|err| invalid_json(&err))
+        let mut json = serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(&mut json).map_err(|err| {
+            let field = err.path().to_string();
+            let err = err.into_inner();
+            if field == "." || err.is_syntax() || err.is_eof() {
+                invalid_json(&err)
+            } else {
+                ApiError::bad_request(
+                    "invalid_json",
+                    format!("the request body is not valid at `{field}`: {err}"),
+                )
+            }
+        })?;
+        json.end().map_err(|err| invalid_json(&err))?;
+        Ok(JsonBody(value))
     }
 }
 

@@ -127,6 +127,11 @@ impl From<StoreError> for ApiError {
                 "dead_letter_not_found",
                 err.to_string(),
             ),
+            StoreError::DeadLetterResolved { .. } => Self::new(
+                StatusCode::CONFLICT,
+                "dead_letter_resolved",
+                err.to_string(),
+            ),
             StoreError::Storage(_) | StoreError::Directory(_) if err.is_disk_full() => Self::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 "disk_full",

@@ -39,7 +39,9 @@ impl WebhookSettings {
             secret,
             require_signature: config.require_signature,
             tolerance: Duration::from_secs(config.tolerance_secs),
-            replay_retention: Duration::from_secs(config.replay_retention_hours * 3600),
+            replay_retention: Duration::from_secs(
+                config.replay_retention_hours.saturating_mul(3600),
+            ),
         }
     }
 }

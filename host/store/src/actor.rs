@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::capabilities::StoreCapabilities;
 use crate::closing;
 use crate::event_log::LoggedEvent;
-use crate::guest_db::{self, GuestDb, OutboxEntry};
+use crate::guest_db::{self, DeadLetter, GuestDb, OutboxEntry};
 use crate::schedules::{self, DuePlan, Schedule};
 use crate::sqlite::{self, Durability};
 use crate::store::{Shared, StoreError, StoreSettings, StoreState};
@@ -1309,11 +1309,24 @@ impl Actor {
 
     async fn retry_dead_letter(&mut self, seq: u64) -> Result<(), StoreError> {
         let letter = self.lock_db().dead_letter(seq)?;
-        let Some(letter) = letter.filter(|l| l.status == "dead") else {
-            return Err(StoreError::NoDeadLetter {
-                store: self.shared.id.clone(),
-                seq,
-            });
+        let letter = match letter {
+            Some(letter) if letter.status == "dead" => letter,
+            Some(DeadLetter {
+                resolved_at: Some(resolved_at_ms),
+                ..
+            }) => {
+                return Err(StoreError::DeadLetterResolved {
+                    store: self.shared.id.clone(),
+                    seq,
+                    resolved_at_ms,
+                });
+            }
+            _ => {
+                return Err(StoreError::NoDeadLetter {
+                    store: self.shared.id.clone(),
+                    seq,
+                });
+            }
         };
         let event = self.shared.log.get(seq)?.ok_or(StoreError::NoDeadLetter {
             store: self.shared.id.clone(),

@@ -170,6 +170,18 @@ pub enum StoreError {
         /// The seq asked for.
         seq: u64,
     },
+    /// The dead letter with that `seq` was already retried successfully.
+    #[error(
+        "store {store}'s dead letter {seq} was already retried successfully (resolved at {resolved_at_ms} ms since the epoch); nothing to retry"
+    )]
+    DeadLetterResolved {
+        /// The store.
+        store: StoreId,
+        /// The seq asked for.
+        seq: u64,
+        /// When its retry succeeded, in ms since the Unix epoch.
+        resolved_at_ms: i64,
+    },
     /// A blocking task panicked or was cancelled.
     #[error("internal error: {0}")]
     Internal(String),

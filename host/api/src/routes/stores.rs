@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use storehost_control::config::{QuotasOverride, StoreSpec};
+use storehost_control::config::{QuotasOverride, StoreSpec, store_config_problems};
 use storehost_control::{Provisioned, StoreSource};
 use storehost_store::Quotas;
 
@@ -70,7 +70,10 @@ pub async fn put(
             Some(changes) => merge_quotas(&base.quotas, changes)?,
             None => base.quotas,
         },
-        config: body.config.unwrap_or(base.config),
+        config: match body.config {
+            Some(config) => checked_config(config)?,
+            None => base.config,
+        },
     };
     let outcome = state.orchestrator.ensure_running(&id, spec, source).await?;
     let view = state
@@ -113,6 +116,20 @@ fn merge_quotas(
         ));
     }
     Ok(quotas)
+}
+
+/// `config` when the keys the host gives a meaning to (`LLM_MAX_ITERATIONS`) hold usable
+/// values, as the config file checks them.
+fn checked_config(config: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, ApiError> {
+    let problems = store_config_problems(&config);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_config",
+            format!("{}; nothing was changed", problems.join("; ")),
+        ))
+    }
 }
 
 /// `?purge=true`

@@ -26,6 +26,25 @@ pub const DEFAULT_LLM_MAX_ITERATIONS: u32 = 15;
 /// Largest `LLM_MAX_ITERATIONS`.
 const MAX_LLM_MAX_ITERATIONS: u32 = 100;
 
+/// What is wrong with a store's plugin config, in the keys the host gives a meaning to
+/// (`LLM_MAX_ITERATIONS`, checked as the environment variable is); empty when nothing is.
+/// Other keys belong to the plugin and are passed on as they are.
+pub fn store_config_problems(config: &BTreeMap<String, String>) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(text) = config.get("LLM_MAX_ITERATIONS") {
+        let in_range = text
+            .trim()
+            .parse::<u32>()
+            .is_ok_and(|n| (1..=MAX_LLM_MAX_ITERATIONS).contains(&n));
+        if !in_range {
+            problems.push(format!(
+                "config LLM_MAX_ITERATIONS = {text:?} is not a whole number from 1 to {MAX_LLM_MAX_ITERATIONS} (the most LLM calls one run of the agentic loop makes)"
+            ));
+        }
+    }
+    problems
+}
+
 /// Where environment variables are read from.
 pub trait Env {
     /// The value of variable `name`, if set.

@@ -320,7 +320,13 @@ fn check_store(
     }
     store.quotas = quotas?;
     store.config = config?;
-    Some(store)
+    let problems = super::env::store_config_problems(&store.config);
+    if let Some(config_value) = table.get("config") {
+        for problem in &problems {
+            c.error(Kind::InvalidValue, config_value.span(), problem.clone());
+        }
+    }
+    problems.is_empty().then_some(store)
 }
 
 /// A table's name as written in a header (`stores.acme.quotas`); empty for the top level.
@@ -387,6 +393,17 @@ impl Problems for HostConfig {
             problems.push((
                 "max_stores",
                 "max_stores = 0 would refuse every store; it must be at least 1".to_owned(),
+            ));
+        }
+        if self.spare_stores > self.max_stores.max(super::DEFAULT_SPARE_STORES) {
+            problems.push((
+                "spare_stores",
+                format!(
+                    "spare_stores = {} is more than max_stores ({}): spares beyond the stores that can ever start would only hold files open; use at most max_stores (the default is {})",
+                    self.spare_stores,
+                    self.max_stores,
+                    super::DEFAULT_SPARE_STORES
+                ),
             ));
         }
         if !is_env_var_name(&self.admin_token_env) {
@@ -471,6 +488,9 @@ impl Problems for QuotasOverride {
     }
 }
 
+/// Largest `[webhook] replay_retention_hours`: ten years.
+const MAX_REPLAY_RETENTION_HOURS: u64 = 10 * 365 * 24;
+
 impl Problems for WebhookConfig {
     fn problems(&self) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
@@ -485,6 +505,23 @@ impl Problems for WebhookConfig {
                 "requests_per_minute",
                 "requests_per_minute = 0 would refuse every webhook; it must be at least 1"
                     .to_owned(),
+            ));
+        }
+        if self.replay_retention_hours > MAX_REPLAY_RETENTION_HOURS {
+            problems.push((
+                "replay_retention_hours",
+                format!(
+                    "replay_retention_hours = {} is more than {MAX_REPLAY_RETENTION_HOURS} (ten years); the default is 24",
+                    self.replay_retention_hours
+                ),
+            ));
+        } else if self.replay_retention_hours.saturating_mul(3600) < self.tolerance_secs {
+            problems.push((
+                "replay_retention_hours",
+                format!(
+                    "replay_retention_hours = {} keeps webhook ids for less than tolerance_secs ({} s): a signed webhook replayed after its id is forgotten but within the tolerance would be applied again; keep ids at least as long as the tolerance",
+                    self.replay_retention_hours, self.tolerance_secs
+                ),
             ));
         }
         problems

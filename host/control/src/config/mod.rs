@@ -25,7 +25,7 @@ use storehost_store::quotas::Quotas;
 pub use env::{
     DEFAULT_LLM_MAX_ITERATIONS, DEFAULT_MANUAL_RECONCILE_MIN_INTERVAL_MS,
     DEFAULT_WORKSPACE_RECONCILE_INTERVAL_MS, ENV_VARS, Env, EnvOverrides, EnvReport,
-    MIN_RECONCILE_INTERVAL_MS, MapEnv, ProcessEnv, Secret, apply_env,
+    MIN_RECONCILE_INTERVAL_MS, MapEnv, ProcessEnv, Secret, apply_env, store_config_problems,
 };
 pub use error::{ConfigError, ConfigErrorKind, ConfigErrors, Location};
 pub use llm::{LlmConfig, LlmProviderKind};

@@ -516,6 +516,52 @@ fn webhook_and_registry_sections_parse_and_check_their_values() {
 }
 
 #[test]
+fn values_that_would_weaken_replay_protection_or_waste_files_are_refused() {
+    // Ids forgotten before the signature stops being accepted: a replay would apply twice.
+    let (_, line, _, message) =
+        only_error("[webhook]\ntolerance_secs = 7200\nreplay_retention_hours = 1\n");
+    assert_eq!(line, 3);
+    assert!(
+        message.contains("replayed") && message.contains("7200"),
+        "{message}"
+    );
+    let (_, _, _, message) = only_error("[webhook]\nreplay_retention_hours = 0\n");
+    assert!(message.contains("less than tolerance_secs"), "{message}");
+    let (_, _, _, message) =
+        only_error("[webhook]\nreplay_retention_hours = 18446744073709551615\n");
+    assert!(message.contains("ten years"), "{message}");
+    parse("[webhook]\ntolerance_secs = 7200\nreplay_retention_hours = 2\n").unwrap();
+
+    let (_, line, _, message) = only_error("max_stores = 100\nspare_stores = 5000\n");
+    assert_eq!(line, 2);
+    assert!(message.contains("at most max_stores"), "{message}");
+    // The default number of spares stays valid under a small max_stores.
+    parse("max_stores = 2\n").unwrap();
+    parse("max_stores = 100\nspare_stores = 100\n").unwrap();
+}
+
+#[test]
+fn a_store_config_llm_max_iterations_out_of_range_is_refused_like_the_variable() {
+    for bad in ["0", "101", "ten"] {
+        let text = format!("[stores.alpha-store]\nconfig = {{ LLM_MAX_ITERATIONS = \"{bad}\" }}\n");
+        let (_, line, _, message) = only_error(&text);
+        assert_eq!(line, 2, "{message}");
+        assert!(
+            message.contains("LLM_MAX_ITERATIONS") && message.contains("from 1 to 100"),
+            "{message}"
+        );
+    }
+    let config = parse(
+        "[stores.alpha-store]\nconfig = { LLM_MAX_ITERATIONS = \"100\", other = \"any text\" }\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.stores[&id("alpha-store")].config["LLM_MAX_ITERATIONS"],
+        "100"
+    );
+}
+
+#[test]
 fn llm_max_iterations_from_the_environment_reaches_every_store_unless_it_sets_its_own() {
     let mut config = parse(
         "[stores.alpha-store]\n\n[stores.beta-store]\nconfig = { LLM_MAX_ITERATIONS = \"4\" }\n",
