@@ -104,7 +104,10 @@ pub async fn watched(path: &Path, max_stores: usize) -> Watched {
     for (name, source) in config.plugin_sources() {
         if let PluginSource::File(path) = source {
             let wasm = std::fs::read(&path).unwrap();
-            host.orchestrator.deploy_plugin(&name, wasm).await.unwrap();
+            host.orchestrator
+                .deploy_plugin_file(&name, wasm, false)
+                .await
+                .unwrap();
         }
     }
     for (id, spec) in config.store_specs() {

@@ -324,3 +324,92 @@ async fn a_paused_store_stays_paused_across_a_restart() {
     );
     assert!(server.terminate().success(), "SIGTERM exits 0");
 }
+
+/// The latest of a config plugin's file and a version uploaded through the API under its name
+/// runs, across restarts too: an upload survives a restart while the file is unchanged; a file
+/// changed while the host was down, or changed (and deployed) while it ran, replaces the upload
+/// for good. Before, every restart restored the upload over the file's newer version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newer_of_a_plugin_file_and_an_upload_runs_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("storehost.toml");
+    let plugin = dir.path().join("writer.wasm");
+    let original = std::fs::read(programs::WRITER).unwrap();
+    std::fs::write(&plugin, &original).unwrap();
+    std::fs::write(&config, writer_config(&plugin, &["on-file"])).unwrap();
+    let config_arg = config.display().to_string();
+    let start = || ServerProcess::spawn(&data, &["--config", &config_arg], &[]);
+    let version = |bytes: &[u8]| storehost_tests::sha256sum(bytes);
+    let running = |url: String| async move {
+        let (_, store) = call(&url, reqwest::Method::GET, "/v1/stores/on-file", None).await;
+        store["plugin"]["sha256"].as_str().unwrap_or("").to_owned()
+    };
+    let upload = |url: String, bytes: Vec<u8>| async move {
+        let response = reqwest::Client::new()
+            .put(format!("{url}/v1/plugins/writer"))
+            .bearer_auth(PROCESS_TOKEN)
+            .header("content-type", "application/wasm")
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+    };
+    let wait_for = |url: String, sha: String| async move {
+        for _ in 0..600 {
+            if running(url.clone()).await == sha {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the store never ran plugin {sha}");
+    };
+
+    let server = start();
+    let uploaded = storehost_tests::with_custom_section(&original, "uploaded");
+    upload(server.url.clone(), uploaded.clone()).await;
+    wait_for(server.url.clone(), version(&uploaded)).await;
+    assert!(server.terminate().success());
+
+    let server = start();
+    assert_eq!(
+        running(server.url.clone()).await,
+        version(&uploaded),
+        "the file did not change: the upload runs"
+    );
+    assert!(server.terminate().success());
+
+    let changed_while_down = storehost_tests::with_custom_section(&original, "while down");
+    std::fs::write(&plugin, &changed_while_down).unwrap();
+    let server = start();
+    assert_eq!(
+        running(server.url.clone()).await,
+        version(&changed_while_down),
+        "the file changed after the upload: its version runs"
+    );
+    assert!(server.terminate().success());
+    let server = start();
+    assert_eq!(
+        running(server.url.clone()).await,
+        version(&changed_while_down),
+        "and goes on running: the upload is gone"
+    );
+
+    // The same for a file changed while the host runs: the reload deploys it, and a restart
+    // keeps it.
+    let again = storehost_tests::with_custom_section(&original, "uploaded again");
+    upload(server.url.clone(), again.clone()).await;
+    wait_for(server.url.clone(), version(&again)).await;
+    let changed_while_up = storehost_tests::with_custom_section(&original, "while up");
+    std::fs::write(&plugin, &changed_while_up).unwrap();
+    wait_for(server.url.clone(), version(&changed_while_up)).await;
+    assert!(server.terminate().success());
+    let server = start();
+    assert_eq!(
+        running(server.url.clone()).await,
+        version(&changed_while_up),
+        "the file deployed while the host ran still runs after a restart"
+    );
+    drop(server);
+}

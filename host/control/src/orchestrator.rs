@@ -427,6 +427,46 @@ impl Orchestrator {
         Ok(plugin)
     }
 
+    /// Deploys config plugin `name` from its file's `bytes`, unless a version uploaded through
+    /// the API under that name is newer: the latest of the two runs. The upload is newer when
+    /// the file has not changed since it was last deployed from it (this host records that
+    /// hash), or when no such record exists yet and the config has named the plugin all along
+    /// (`newly_named` false). Deploying the file forgets the upload, so a restart does not bring
+    /// it back. Answers the plugin when the file's version was deployed.
+    pub async fn deploy_plugin_file(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        newly_named: bool,
+    ) -> Result<Option<Arc<StorePlugin>>, ControlError> {
+        let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+        let last_from_file = self.registry.plugin_file(name)?;
+        let uploaded = self.registry.uploaded_plugin(name)?;
+        let file_unchanged = match &last_from_file {
+            Some(last) => *last == sha256,
+            None => !newly_named,
+        };
+        let upload_newer = uploaded.as_ref().is_some_and(|u| *u != sha256) && file_unchanged;
+        let running = self.plugins().get(name).map(|p| p.sha256().to_owned());
+        if upload_newer && running.is_some() {
+            self.registry.put_plugin_file(name, &sha256)?;
+            return Ok(None);
+        }
+        // With an upload newer but nothing under the name yet (at start), the file's version
+        // runs until the upload is restored: a lost upload leaves the stores a plugin.
+        let plugin = if running.as_deref() == Some(sha256.as_str()) {
+            None
+        } else {
+            Some(self.deploy_plugin(name, bytes).await?)
+        };
+        if !upload_newer && uploaded.is_some() {
+            tracing::info!(plugin = %name, sha256, "the plugin's file changed: its version replaces the one uploaded through the API");
+            self.registry.forget_uploaded_plugin(name)?;
+        }
+        self.registry.put_plugin_file(name, &sha256)?;
+        Ok(plugin)
+    }
+
     /// Deploys again every plugin uploaded through the API before a restart (their bytes are
     /// checked against their hash). Returns how many.
     pub async fn restore_plugins(&self) -> Result<usize, ControlError> {

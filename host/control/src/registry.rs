@@ -50,6 +50,11 @@ impl Registry {
                 sha256 TEXT NOT NULL,
                 updated_at INTEGER NOT NULL
             );
+            CREATE TABLE IF NOT EXISTS plugin_files (
+                name TEXT PRIMARY KEY,
+                sha256 TEXT NOT NULL,
+                deployed_at INTEGER NOT NULL
+            );
             CREATE TABLE IF NOT EXISTS orphans (
                 id TEXT PRIMARY KEY,
                 missing_since INTEGER NOT NULL
@@ -271,6 +276,46 @@ impl Registry {
         self.conn().execute(
             "INSERT INTO plugins (name, sha256, updated_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (name) DO UPDATE SET sha256 = ?2, updated_at = ?3",
+            params![name, sha256, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// The hash of the plugin uploaded through the API under `name`, if one was.
+    pub fn uploaded_plugin(&self, name: &str) -> rusqlite::Result<Option<String>> {
+        self.conn()
+            .query_row(
+                "SELECT sha256 FROM plugins WHERE name = ?1",
+                [name],
+                |row| row.get(0),
+            )
+            .optional()
+    }
+
+    /// Forgets the upload under `name` (a config file's newer version replaced it), so a
+    /// restart does not bring it back.
+    pub fn forget_uploaded_plugin(&self, name: &str) -> rusqlite::Result<()> {
+        self.conn()
+            .execute("DELETE FROM plugins WHERE name = ?1", [name])?;
+        Ok(())
+    }
+
+    /// The hash config plugin `name`'s file had when it was last deployed from it.
+    pub fn plugin_file(&self, name: &str) -> rusqlite::Result<Option<String>> {
+        self.conn()
+            .query_row(
+                "SELECT sha256 FROM plugin_files WHERE name = ?1",
+                [name],
+                |row| row.get(0),
+            )
+            .optional()
+    }
+
+    /// Records that config plugin `name`'s file, as deployed, has hash `sha256`.
+    pub fn put_plugin_file(&self, name: &str, sha256: &str) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "INSERT INTO plugin_files (name, sha256, deployed_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET sha256 = ?2, deployed_at = ?3",
             params![name, sha256, now_ms()],
         )?;
         Ok(())

@@ -6,7 +6,7 @@
 //! reload whose content hash did not change does nothing, and an edit that does not parse (or
 //! names a plugin that cannot load) keeps the last good config running.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,10 +85,6 @@ pub struct ConfigReloader {
     listener: ReloadListener,
     /// The plugin files the config named when watching began.
     plugin_files: Vec<PathBuf>,
-    /// Each file plugin's SHA-256 as last read from its file (and deployed). A file whose
-    /// bytes have not changed since is not deployed again, so a version uploaded through the
-    /// API under the same name keeps running until the file itself changes.
-    file_shas: std::sync::Mutex<BTreeMap<String, String>>,
     /// The last good config (with the environment applied) and the hash of the last content read.
     current: tokio::sync::Mutex<Loaded>,
 }
@@ -131,19 +127,8 @@ impl ConfigReloader {
                 PluginSource::Builtin => None,
             })
             .collect();
-        // What the host deployed from the files at start.
-        let file_shas = running
-            .plugin_sources()
-            .into_iter()
-            .filter(|(_, source)| matches!(source, PluginSource::File(_)))
-            .filter_map(|(name, source)| {
-                let bytes = read_plugin(&name, &source).ok()?;
-                Some((name, hex::encode(Sha256::digest(&bytes))))
-            })
-            .collect();
         Self {
             plugin_files,
-            file_shas: std::sync::Mutex::new(file_shas),
             path,
             orchestrator,
             read_plugin,
@@ -198,7 +183,10 @@ impl ConfigReloader {
         let file = next.clone();
         next.env = current.running.env.clone();
         let mut summary = ReloadSummary::default();
-        if let Err(message) = self.deploy_changed_plugins(&next, &mut summary).await {
+        if let Err(message) = self
+            .deploy_changed_plugins(&current.running, &next, &mut summary)
+            .await
+        {
             let outcome = ReloadOutcome::Refused(format!(
                 "{message}\n(the edit was not applied; the last good config keeps running)"
             ));
@@ -220,7 +208,7 @@ impl ConfigReloader {
         let current = self.current.lock().await;
         let mut summary = ReloadSummary::default();
         let outcome = match self
-            .deploy_changed_plugins(&current.running, &mut summary)
+            .deploy_changed_plugins(&current.running, &current.running, &mut summary)
             .await
         {
             Err(message) => ReloadOutcome::Refused(format!(
@@ -256,15 +244,17 @@ impl ConfigReloader {
         (self.listener)(outcome);
     }
 
-    /// Deploys every file plugin whose file changed since it was last deployed from it (or
-    /// that no version runs under its name). A plugin that cannot be read or loaded refuses
-    /// the whole edit.
+    /// Deploys every file plugin of `next` whose file changed since it was last deployed from
+    /// it, or that `previous` did not name (see [`Orchestrator::deploy_plugin_file`]: a version
+    /// uploaded through the API since runs until its file changes). A plugin that cannot be
+    /// read or loaded refuses the whole edit.
     async fn deploy_changed_plugins(
         &self,
+        previous: &HostConfig,
         next: &HostConfig,
         summary: &mut ReloadSummary,
     ) -> Result<(), String> {
-        let deployed = self.orchestrator.plugins();
+        let named_before = previous.plugin_sources();
         for (name, source) in next.plugin_sources() {
             if source == PluginSource::Builtin {
                 // Compiled into the binary: deployed at start, it never changes.
@@ -284,24 +274,16 @@ impl ConfigReloader {
                         "plugin {name:?}: cannot read {path}: {err}; fix the path in [plugins.{name}]"
                     )
                 })?;
-            let sha256 = hex::encode(Sha256::digest(&bytes));
-            if deployed.get(&name).is_some_and(|p| p.sha256() == sha256) {
-                lock_shas(&self.file_shas).insert(name, sha256);
-                continue;
-            }
-            let file_unchanged = lock_shas(&self.file_shas).get(&name) == Some(&sha256);
-            if file_unchanged && deployed.contains_key(&name) {
-                // Another version was uploaded through the API since: it runs until the
-                // file changes.
-                continue;
-            }
-            self.orchestrator
-                .deploy_plugin(&name, bytes)
+            let newly_named = !named_before.contains_key(&name);
+            let deployed = self
+                .orchestrator
+                .deploy_plugin_file(&name, bytes, newly_named)
                 .await
                 .map_err(|err| format!("plugin {name:?} could not be loaded: {err}"))?;
-            lock_shas(&self.file_shas).insert(name.clone(), sha256.clone());
-            tracing::info!(plugin = %name, sha256, "plugin deployed from the config");
-            summary.plugins_deployed.push(name);
+            if let Some(plugin) = deployed {
+                tracing::info!(plugin = %name, sha256 = plugin.sha256(), "plugin deployed from the config");
+                summary.plugins_deployed.push(name);
+            }
         }
         Ok(())
     }
@@ -363,13 +345,6 @@ impl ConfigReloader {
             }
         }
     }
-}
-
-fn lock_shas(
-    shas: &std::sync::Mutex<BTreeMap<String, String>>,
-) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
-    shas.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Logs the settings that a reload cannot change (they apply at the next start).

@@ -105,18 +105,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )?);
 
     for (name, source) in config.plugin_sources() {
-        let bytes = match &source {
-            PluginSource::Builtin => crate::BUILTIN_AGENT.to_vec(),
-            PluginSource::File(path) => std::fs::read(path).with_context(|| {
-                format!("could not read plugin {name:?} from {}", path.display())
-            })?,
-        };
-        let plugin = orchestrator
-            .deploy_plugin(&name, bytes)
-            .await
-            .with_context(|| format!("plugin {name:?} could not be loaded"))?;
-        tracing::info!(plugin = %name, sha256 = plugin.sha256(), "plugin ready");
+        let plugin = match &source {
+            PluginSource::Builtin => orchestrator
+                .deploy_plugin(&name, crate::BUILTIN_AGENT.to_vec())
+                .await
+                .map(Some),
+            PluginSource::File(path) => {
+                let bytes = std::fs::read(path).with_context(|| {
+                    format!("could not read plugin {name:?} from {}", path.display())
+                })?;
+                orchestrator.deploy_plugin_file(&name, bytes, false).await
+            }
+        }
+        .with_context(|| format!("plugin {name:?} could not be loaded"))?;
+        if let Some(plugin) = plugin {
+            tracing::info!(plugin = %name, sha256 = plugin.sha256(), "plugin ready");
+        }
     }
+    // Versions uploaded through the API (newer than their config file's, if any) replace
+    // the files' before any store starts.
+    orchestrator.restore_plugins().await?;
 
     let wanted = specs
         .into_iter()
