@@ -507,3 +507,101 @@ async fn the_real_binary_reconciles_at_start_and_on_demand() {
     assert_eq!(body["result"]["pendingRemovals"], json!([]), "{body}");
     assert!(server.terminate().success());
 }
+
+/// The removal guard's share is of the stores the reconciler manages: a host that declares as
+/// many stores in its config as the registry gave it must still refuse to remove every
+/// registry store on an empty answer (counting the config's stores, 3 of 6 passed the 50%).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_removal_guard_counts_only_the_stores_a_pass_could_remove() {
+    let (url, registry) = registry(&["reg-a", "reg-b", "reg-c"]).await;
+    let s = setup(settings(&url, Duration::ZERO, Duration::ZERO), 100).await;
+    let spec = s.host.orchestrator.settings().defaults.clone();
+    for (id, source) in [
+        ("cfg-a", StoreSource::Config),
+        ("cfg-b", StoreSource::Config),
+        ("env-c", StoreSource::Env),
+    ] {
+        s.host
+            .orchestrator
+            .ensure_running(&StoreId::new(id).unwrap(), spec.clone(), source)
+            .await
+            .unwrap();
+    }
+    s.reconciler.run_pass().await.unwrap();
+    assert_eq!(running(&s.host).await.len(), 6);
+
+    set_ids(&registry, &[]);
+    let report = s.reconciler.run_pass().await.unwrap();
+    let blocked = report.result.removals_blocked.expect("blocked");
+    assert!(blocked.contains("3 of the 3"), "{blocked}");
+    assert!(report.result.removed.is_empty());
+    assert_eq!(running(&s.host).await.len(), 6, "nothing removed");
+
+    // One registry store of three gone is within the share: removed, and the config's and
+    // STORE_IDS's stores are never candidates.
+    set_ids(&registry, &["reg-a", "reg-b"]);
+    let report = s.reconciler.run_pass().await.unwrap();
+    assert_eq!(report.result.removed, ["reg-c"]);
+    assert_eq!(
+        running(&s.host).await,
+        ["cfg-a", "cfg-b", "env-c", "reg-a", "reg-b"]
+    );
+}
+
+/// Every registry request carries SERVER_BYPASS_TOKEN, so a `next` link may not send the
+/// pass to another host: the pass fails naming the link, and the other host gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_link_to_another_host_fails_the_pass_without_sending_the_token() {
+    let (url, _registry) = registry(&["stays"]).await;
+    let (elsewhere, elsewhere_state) = registry(&["stolen"]).await;
+    let app = axum::Router::new().route(
+        "/internal/workspaces",
+        get(move || {
+            let elsewhere = elsewhere.clone();
+            async move {
+                axum::Json(json!({
+                    "workspaces": [{"instanceId": "first-page"}],
+                    "next": format!("{elsewhere}/internal/workspaces?page=1"),
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let leaky = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    drop(url);
+
+    let s = setup(settings(&leaky, Duration::ZERO, Duration::ZERO), 100).await;
+    let err = s.reconciler.run_pass().await.unwrap_err().to_string();
+    assert!(err.contains("leaves the registry"), "{err}");
+    assert_eq!(
+        elsewhere_state.lock().unwrap().requests,
+        0,
+        "the other host was never asked"
+    );
+    assert!(
+        running(&s.host).await.is_empty(),
+        "a failed pass adds nothing"
+    );
+}
+
+/// An `https://` registry is reached over TLS (the pass used to refuse it after the config
+/// had accepted the URL): the first bytes the registry's port receives are a TLS handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_registry_is_asked_over_tls() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let first_bytes = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut header = [0u8; 3];
+        socket.read_exact(&mut header).await.unwrap();
+        header
+    });
+    let s = setup(settings(&url, Duration::ZERO, Duration::ZERO), 100).await;
+    let err = s.reconciler.run_pass().await.unwrap_err().to_string();
+    assert!(!err.contains("plain HTTP"), "{err}");
+    let header = first_bytes.await.unwrap();
+    assert_eq!(header[0], 0x16, "a TLS handshake record: {header:?}");
+    assert_eq!(header[1], 0x03, "TLS major version 3: {header:?}");
+}

@@ -378,12 +378,18 @@ impl Reconciler {
         if orphans.is_empty() {
             return Ok((result, drift));
         }
-        let limit = self.settings.max_removal_share * sources.len() as f64;
+        // The share is of the stores a pass could remove: counting the config's and
+        // STORE_IDS's too would let an empty answer remove every registry store on a host
+        // that declares as many stores itself.
+        let removable = sources
+            .values()
+            .filter(|source| !source.is_config_owned())
+            .count();
+        let limit = self.settings.max_removal_share * removable as f64;
         if orphans.len() as f64 > limit {
             let message = format!(
-                "removals blocked: the registry lacks {} of the {} running stores, more than max_removal_share ({}) allows; an empty or truncated registry answer is the usual cause. Nothing was removed",
+                "removals blocked: the registry lacks {} of the {removable} running stores it manages, more than max_removal_share ({}) allows; an empty or truncated registry answer is the usual cause. Nothing was removed",
                 orphans.len(),
-                sources.len(),
                 self.settings.max_removal_share
             );
             tracing::error!("{message}");
@@ -420,11 +426,6 @@ impl Reconciler {
         let mut url = reqwest::Url::parse(&first).map_err(|err| {
             ReconcileError::Registry(format!("invalid registry URL {first:?}: {err}"))
         })?;
-        if url.scheme() == "https" {
-            return Err(ReconcileError::Registry(format!(
-                "{url} is an https URL, and this build's registry client speaks plain HTTP only; use the registry's internal http:// address"
-            )));
-        }
         let mut seen_pages = BTreeSet::new();
         let mut ids = BTreeSet::new();
         let mut skipped = 0;
@@ -482,9 +483,17 @@ impl Reconciler {
                 .filter(|n| !n.is_empty())
             {
                 Some(next) => {
-                    url = url.join(next).map_err(|err| {
+                    let next_url = url.join(next).map_err(|err| {
                         ReconcileError::Registry(format!("invalid next link {next:?}: {err}"))
                     })?;
+                    if next_url.origin() != url.origin() {
+                        // Each request carries SERVER_BYPASS_TOKEN: it goes to the registry only.
+                        return Err(ReconcileError::Registry(format!(
+                            "GET {url}: the next link {next:?} leaves the registry ({}); pages must stay on the registry's scheme, host and port",
+                            url.origin().ascii_serialization()
+                        )));
+                    }
+                    url = next_url;
                 }
                 None => break,
             }
