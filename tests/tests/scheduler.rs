@@ -261,3 +261,52 @@ async fn a_failing_task_is_retried_then_recorded_as_failed_without_effects() {
         "{log}"
     );
 }
+
+/// A schedule that fell several occurrences behind (its store paused, as after downtime) runs
+/// once for the latest of them and then moves on past now. It used to stay due in the past:
+/// the catch-up ran for the latest occurrence, but moving the schedule on matched the stored
+/// (earliest) due time against the latest, so the actor found the same task due again at
+/// once, forever — a busy loop that never reached the store's queued events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_behind_by_several_occurrences_catches_up_once_and_moves_on() {
+    let host = ticker_host().await;
+    host.append(
+        "clock",
+        "schedule",
+        json!({"taskId": "beat", "everyMs": 1000, "payload": {}}),
+    )
+    .await;
+    wait_for_tasks(&host, |t| !executions(t, "beat").is_empty()).await;
+    let (status, _) = host.post("/v1/stores/clock/pause", json!({})).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let before = runs(&host).await.len();
+    let (status, _) = host.post("/v1/stores/clock/resume", json!({})).await;
+    assert_eq!(status, 200);
+
+    let tasks = wait_for_tasks(&host, |t| executions(t, "beat").len() > before).await;
+    let schedule = &tasks["schedules"][0];
+    let latest = executions(&tasks, "beat")[0];
+    assert_eq!(
+        schedule["nextRunAt"].as_i64().unwrap(),
+        latest["finishedAt"].as_i64().unwrap() + 1000,
+        "the schedule moved past the catch-up run: {tasks}"
+    );
+    // The store goes on with its events.
+    host.append(
+        "clock",
+        "schedule",
+        json!({"taskId": "later", "onceAtMs": now_ms() + 3_600_000, "payload": {}}),
+    )
+    .await;
+    host.settle("clock").await;
+    let tasks = wait_for_tasks(&host, |t| t["schedules"].as_array().unwrap().len() == 2).await;
+    let runs = runs(&host).await;
+    let mut due: Vec<i64> = runs
+        .iter()
+        .map(|r| r["scheduledFor"].as_i64().unwrap())
+        .collect();
+    let count = due.len();
+    due.dedup();
+    assert_eq!(due.len(), count, "no execution ran twice: {runs:?} {tasks}");
+}

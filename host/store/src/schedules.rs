@@ -365,23 +365,25 @@ pub fn finish(
 }
 
 /// Moves a schedule past the execution due at `due` that ended at `ended` (a one-shot task is
-/// removed). Only applies while the schedule is still the one that was run: a plugin that
-/// rescheduled the task during the run keeps its new due time.
+/// removed). Only applies while the schedule is still as it was read (its stored due time,
+/// which a catch-up run's `due` is later than): a plugin that rescheduled the task during the
+/// run keeps its new due time.
 pub fn advance(
     conn: &Connection,
     schedule: &Schedule,
     due: i64,
     ended: i64,
 ) -> rusqlite::Result<()> {
+    let stored = schedule.next_run_at;
     match schedule.spec.after_run(due, ended) {
         Some(next) => conn
             .prepare_cached(
-                "UPDATE _host_schedules SET next_run_at = ?2 WHERE task_id = ?1 AND next_run_at = ?3",
+                "UPDATE _host_schedules SET next_run_at = ?2 WHERE task_id = ?1 AND next_run_at IS ?3",
             )?
-            .execute(params![schedule.task_id, next, due])?,
+            .execute(params![schedule.task_id, next, stored])?,
         None => conn
-            .prepare_cached("DELETE FROM _host_schedules WHERE task_id = ?1 AND next_run_at = ?2")?
-            .execute(params![schedule.task_id, due])?,
+            .prepare_cached("DELETE FROM _host_schedules WHERE task_id = ?1 AND next_run_at IS ?2")?
+            .execute(params![schedule.task_id, stored])?,
     };
     Ok(())
 }
