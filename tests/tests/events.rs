@@ -169,6 +169,45 @@ async fn an_idempotency_key_returns_the_first_seq_and_appends_nothing() {
     );
 }
 
+/// A client retrying an accepted event with its idempotency key gets the original seq even
+/// when the store's ingress rate refuses new events at that moment (it used to get 429 for an
+/// event the log already held); a new event is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_a_known_key_gets_its_seq_even_over_the_rate() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("strict", "writer", &[]).await;
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/strict",
+            Some(json!({"quotas": {"events_per_second": 1, "burst": 1}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let event = json!({"type": "kv.put", "payload": {"key": "x", "value": 1}, "idempotencyKey": "order-18"});
+    let (status, first) = host.post("/v1/stores/strict/events", event.clone()).await;
+    assert_eq!(status, 202, "{first}");
+    let (status, again) = host.post("/v1/stores/strict/events", event.clone()).await;
+    assert_eq!(
+        status, 202,
+        "the retry is answered, not rate limited: {again}"
+    );
+    assert_eq!(again["seq"], first["seq"]);
+    let batch = json!({"events": [event.clone(), event]});
+    let (status, both) = host.post("/v1/stores/strict/events", batch).await;
+    assert_eq!(status, 202, "{both}");
+    assert_eq!(both["seqs"], json!([first["seq"], first["seq"]]));
+
+    let new = json!({"type": "kv.put", "payload": {"key": "y", "value": 2}, "idempotencyKey": "order-19"});
+    let (status, refused) = host.post("/v1/stores/strict/events", new).await;
+    assert_eq!(
+        status, 429,
+        "a new event over the rate is refused: {refused}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emitted_events_join_the_log_once_with_source_plugin() {
     let host = TestHost::start().await;

@@ -456,6 +456,23 @@ impl EventLog {
         })
     }
 
+    /// The `seq`s of events appended before with these idempotency keys, in order, when
+    /// every key has one; `None` when any key is new.
+    pub fn seqs_of_keys(&self, keys: &[&str]) -> rusqlite::Result<Option<Vec<u64>>> {
+        self.reader.with(|conn| {
+            let mut find =
+                conn.prepare_cached("SELECT seq FROM events WHERE idempotency_key = ?1")?;
+            let mut seqs = Vec::with_capacity(keys.len());
+            for key in keys {
+                match find.query_row([key], |row| row.get(0)).optional()? {
+                    Some(seq) => seqs.push(seq),
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(seqs))
+        })
+    }
+
     /// The event with `seq`, if any.
     pub fn get(&self, seq: u64) -> rusqlite::Result<Option<LoggedEvent>> {
         Ok(self

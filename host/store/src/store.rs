@@ -468,18 +468,13 @@ impl Store {
         if self.commands.is_closed() {
             return Err(StoreError::Stopped(self.shared.id.clone()));
         }
-        self.admit(events.len())?;
-        let pending = self.head().saturating_sub(*self.shared.cursor.borrow());
-        let max = self
-            .shared
-            .max_pending
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if pending.saturating_add(events.len() as u64) > max {
-            return Err(StoreError::QueueFull {
-                store: self.shared.id.clone(),
-                pending,
-                max,
-            });
+        if let Err(refused) = self.admit_all(events.len()) {
+            // A client retrying events the log already holds (its first request timed out,
+            // say) gets their seqs, not a 429 for events that were accepted.
+            return match self.already_appended(&events).await {
+                Some(seqs) => Ok(seqs),
+                None => Err(refused),
+            };
         }
         if self.shared.log.is_closed() {
             // The append opens the log again: the actor wakes meanwhile (see
@@ -506,6 +501,50 @@ impl Store {
         })
         .await??;
         Ok(seqs)
+    }
+
+    /// Admits `count` more events: within the ingress rate (taken from it) and the queue's
+    /// depth.
+    fn admit_all(&self, count: usize) -> Result<(), StoreError> {
+        self.admit(count)?;
+        let pending = self.head().saturating_sub(*self.shared.cursor.borrow());
+        let max = self
+            .shared
+            .max_pending
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if pending.saturating_add(count as u64) > max {
+            return Err(StoreError::QueueFull {
+                store: self.shared.id.clone(),
+                pending,
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// The seqs of `events` when each carries an idempotency key the log already holds.
+    async fn already_appended(&self, events: &[NewEvent]) -> Option<Vec<u64>> {
+        let keys: Vec<String> = events
+            .iter()
+            .map(|event| event.idempotency_key.clone())
+            .collect::<Option<_>>()?;
+        if keys.is_empty() {
+            return None;
+        }
+        let shared = self.shared.clone();
+        let found = blocking(move || {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            shared.log.seqs_of_keys(&keys)
+        })
+        .await;
+        match found {
+            Ok(Ok(seqs)) => seqs,
+            Ok(Err(err)) => {
+                tracing::warn!("could not look up idempotency keys: {err}");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Takes `count` events from the store's ingress rate, or says when to retry.
