@@ -413,3 +413,57 @@ async fn the_newer_of_a_plugin_file_and_an_upload_runs_across_restarts() {
     );
     drop(server);
 }
+
+/// A store the API created that the config file declares by the next start (added while the
+/// host was down) runs as the config says: source `config`, the config's quotas. Before, the
+/// start applied the spec host.db kept for the API over the config's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_the_config_declares_by_a_restart_runs_as_the_config_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("storehost.toml");
+    let plain = writer_config(std::path::Path::new(programs::WRITER), &[]);
+    std::fs::write(&config, &plain).unwrap();
+    let config_arg = config.display().to_string();
+    let server = ServerProcess::spawn(&data, &["--config", &config_arg], &[]);
+    let (status, body) = call(
+        &server.url,
+        reqwest::Method::PUT,
+        "/v1/stores/moved-in",
+        Some(json!({"plugin": "writer", "quotas": {"burst": 11}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(server.terminate().success());
+
+    std::fs::write(
+        &config,
+        format!(
+            "{plain}[stores.moved-in]\nplugin = \"writer\"\n[stores.moved-in.quotas]\nburst = 33\n"
+        ),
+    )
+    .unwrap();
+    let server = ServerProcess::spawn(&data, &["--config", &config_arg], &[]);
+    let (status, store) = call(
+        &server.url,
+        reqwest::Method::GET,
+        "/v1/stores/moved-in",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{store}");
+    assert_eq!(store["source"], "config", "{store}");
+    assert_eq!(store["quotas"]["burst"], 33, "the config's quotas: {store}");
+    assert!(server.terminate().success());
+
+    // And the next start does not bring the API's spec back either.
+    let server = ServerProcess::spawn(&data, &["--config", &config_arg], &[]);
+    let (_, store) = call(
+        &server.url,
+        reqwest::Method::GET,
+        "/v1/stores/moved-in",
+        None,
+    )
+    .await;
+    assert_eq!(store["quotas"]["burst"], 33, "{store}");
+}

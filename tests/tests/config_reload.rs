@@ -587,3 +587,63 @@ async fn store_sha_of(host: &TestHost, id: &str) -> String {
     let (_, view) = host.get(&format!("/v1/stores/{id}")).await;
     view["plugin"]["sha256"].as_str().unwrap_or("").to_owned()
 }
+
+/// A store a webhook (or the reconciler, or the API) started that the config file then
+/// declares belongs to the config from then on: it shows source `config`, host.db no longer
+/// keeps the old owner's spec (which a restart used to apply over the config's), and so the
+/// reconciler and webhooks never remove it. Before, it kept its first source, and an empty
+/// registry answer removed a store the config declared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_takes_over_a_store_it_declares_after_another_source_started_it() {
+    use storehost_control::StoreSource;
+    let (_dir, path) = config_file();
+    std::fs::write(&path, config_with(&["already"], "")).unwrap();
+    let w = watched(&path, 10).await;
+    let host = &w.host;
+    let id = StoreId::new("adopted").unwrap();
+    let spec = host.orchestrator.settings().defaults.clone();
+    host.orchestrator
+        .ensure_running(&id, spec, StoreSource::Webhook)
+        .await
+        .unwrap();
+    host.append("adopted", "kv.put", json!({"key": "k", "value": "kept"}))
+        .await;
+    host.settle("adopted").await;
+    let (_, view) = host.get("/v1/stores/adopted").await;
+    assert_eq!(view["source"], "webhook");
+    assert_eq!(host.orchestrator.registry().all().unwrap().len(), 1);
+
+    std::fs::write(
+        &path,
+        config_with(
+            &["already", "adopted"],
+            "[stores.adopted.quotas]\nburst = 77\n",
+        ),
+    )
+    .unwrap();
+    eventually("the config owns it", || async {
+        host.get("/v1/stores/adopted").await.1["source"] == "config"
+    })
+    .await;
+    let (_, view) = host.get("/v1/stores/adopted").await;
+    assert_eq!(view["quotas"]["burst"], 77, "{view}");
+    assert!(
+        host.orchestrator.registry().all().unwrap().is_empty(),
+        "host.db keeps no spec of it any more"
+    );
+    assert_eq!(
+        host.query("adopted", "get", json!({"key": "k"})).await["value"],
+        "kept",
+        "its data stays"
+    );
+    let refusal = host
+        .orchestrator
+        .sources()
+        .await
+        .get(&id)
+        .and_then(|source| source.removal_refused(&id));
+    assert!(
+        refusal.is_some(),
+        "webhooks and the API may not remove it now"
+    );
+}

@@ -649,17 +649,31 @@ impl Orchestrator {
             .get(id)
             .map(|e| (e.store.clone(), e.spec.clone(), e.source));
         if let Some((store, current, current_source)) = existing {
-            if current == *spec {
+            // The config file or STORE_IDS declaring a store the API, a webhook or the
+            // reconciler started takes it over: from then on only the config changes or
+            // removes it, and host.db no longer restores the old owner's spec at a start.
+            let taken_over = source.is_config_owned() && !current_source.is_config_owned();
+            if current == *spec && !taken_over {
                 return Ok(Admission::Done(Provisioned::Unchanged));
             }
-            store.update(self.store_settings(spec, plugin)).await?;
-            if current_source.persisted() {
-                self.registry.put(id, current_source, spec)?;
+            if current != *spec {
+                store.update(self.store_settings(spec, plugin)).await?;
+            }
+            let owner = if taken_over {
+                self.registry.forget_spec(id)?;
+                tracing::info!(store_id = %id, from = current_source.as_str(), to = source.as_str(), "the config now declares the store: it owns it");
+                source
+            } else {
+                current_source
+            };
+            if owner.persisted() {
+                self.registry.put(id, owner, spec)?;
             }
             if let Some(entry) = self.stores.write().await.get_mut(id) {
                 entry.spec = spec.clone();
+                entry.source = owner;
             }
-            self.record(id, "updated", None);
+            self.record(id, "updated", taken_over.then(|| owner.as_str().to_owned()));
             tracing::info!(store_id = %id, "store settings updated");
             return Ok(Admission::Done(Provisioned::Updated));
         }
@@ -813,12 +827,18 @@ impl Orchestrator {
     /// reconciler before a restart), after the plugins uploaded through the API.
     pub async fn restore_persisted(&self) -> Result<usize, ControlError> {
         self.restore_plugins().await?;
-        let wanted = self
-            .registry
-            .all()?
-            .into_iter()
-            .map(|(id, source, spec)| (id, spec, source))
-            .collect();
+        let running = self.sources().await;
+        let mut wanted = Vec::new();
+        for (id, source, spec) in self.registry.all()? {
+            if running.get(&id).is_some_and(|s| s.is_config_owned()) {
+                // Declared in the config (or STORE_IDS) since the host last ran: the config
+                // decides its spec now.
+                tracing::info!(store_id = %id, was = source.as_str(), "the config now declares the store: it owns it");
+                self.registry.forget_spec(&id)?;
+                continue;
+            }
+            wanted.push((id, spec, source));
+        }
         let mut started = 0;
         for (id, answer) in self.ensure_running_many(wanted).await {
             match answer {

@@ -102,6 +102,15 @@ impl Registry {
         Ok(())
     }
 
+    /// Forgets store `id`'s persisted spec and source (the config file or `STORE_IDS` now
+    /// declares it, and decides both), keeping its pause.
+    pub fn forget_spec(&self, id: &StoreId) -> rusqlite::Result<()> {
+        let conn = self.conn();
+        conn.execute("DELETE FROM stores WHERE id = ?1", [id.as_str()])?;
+        conn.execute("DELETE FROM orphans WHERE id = ?1", [id.as_str()])?;
+        Ok(())
+    }
+
     /// Remembers that store `id` is paused (or no longer is), whatever its source: a store
     /// paused when the host stops opens paused at the next start.
     pub fn set_paused(&self, id: &StoreId, paused: bool) -> rusqlite::Result<()> {
