@@ -423,3 +423,49 @@ async fn the_epoch_stands_still_while_every_store_sleeps_and_a_spinning_guest_th
         "the epoch advanced while the guest ran"
     );
 }
+
+/// The fuel a store has used keeps counting across the sandboxes it goes through: each one
+/// counts from 0, and the store's usage used to keep only the largest single sandbox's count,
+/// so after a hibernation (or a trap) `usage.fuel` and its metric stood still.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuel_used_keeps_counting_across_hibernations() {
+    let host = host_with(TestHostOptions {
+        fuel: true,
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.add_store("metered", "writer", &[]).await;
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/metered",
+            Some(json!({"quotas": {"fuel_per_call": 1_000_000_000u64}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let fuel = |status: &Value| status["usage"]["fuel"].as_u64().unwrap();
+    let put = |i: u32| json!({"key": format!("k{i}"), "value": i});
+
+    host.append("metered", "kv.put", put(1)).await;
+    host.settle("metered").await;
+    host.append("metered", "kv.put", put(2)).await;
+    host.settle("metered").await;
+    let (_, warm) = host.get("/v1/stores/metered").await;
+    host.append("metered", "kv.put", put(3)).await;
+    host.settle("metered").await;
+    let (_, one_more) = host.get("/v1/stores/metered").await;
+    let per_event = fuel(&one_more) - fuel(&warm);
+    assert!(per_event > 0, "an event costs fuel: {one_more}");
+
+    let asleep = hibernated(&host, "metered").await;
+    assert_eq!(fuel(&asleep), fuel(&one_more));
+    host.append("metered", "kv.put", put(4)).await;
+    host.settle("metered").await;
+    let (_, woken) = host.get("/v1/stores/metered").await;
+    assert!(
+        fuel(&woken) >= fuel(&asleep) + per_event,
+        "the fresh sandbox's event adds its fuel ({per_event} or more): {} then {}",
+        fuel(&asleep),
+        fuel(&woken)
+    );
+}

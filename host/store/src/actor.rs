@@ -1159,7 +1159,7 @@ impl Actor {
         let sandbox = self.sandbox().await?;
         sandbox.set_priority(priority);
         sandbox.host_mut().start_invocation();
-        let cpu_before = sandbox.usage().cpu_ms;
+        let before = sandbox.usage();
         lock(&db).enter_guest(true, guest_db::statement_budget(cpu_ms));
         let started = Instant::now();
         let result = if priority == Priority::Low {
@@ -1179,9 +1179,10 @@ impl Actor {
             metrics.add_llm_call();
         }
         let sql_ms = sandbox.host_mut().take_sql_ms();
-        let cpu_used = sandbox.usage().cpu_ms.saturating_sub(cpu_before) + sql_ms;
+        let after = sandbox.usage();
+        let cpu_used = after.cpu_ms.saturating_sub(before.cpu_ms) + sql_ms;
         self.cpu_budget.charge(cpu_used);
-        self.note_usage(cpu_used);
+        self.note_usage(cpu_used, after.fuel.saturating_sub(before.fuel));
         if self.sandbox.as_ref().is_some_and(Sandbox::is_poisoned) {
             self.sandbox = None;
         }
@@ -1279,22 +1280,27 @@ impl Actor {
         let db = self.db_handle();
         let metrics = self.shared.metrics.clone();
         lock(&db).begin_read()?;
-        let (outcome, cpu_used) = match self.sandbox().await {
+        let (outcome, cpu_used, fuel_used) = match self.sandbox().await {
             Ok(sandbox) => {
                 sandbox.host_mut().start_invocation();
-                let cpu_before = sandbox.usage().cpu_ms;
+                let before = sandbox.usage();
                 lock(&db).enter_guest(false, guest_db::statement_budget(cpu_ms));
                 let started = Instant::now();
                 let result = sandbox.query(name, args).await;
                 metrics.observe_invocation(started.elapsed());
                 lock(&db).leave_guest();
-                (result, sandbox.usage().cpu_ms.saturating_sub(cpu_before))
+                let after = sandbox.usage();
+                (
+                    result,
+                    after.cpu_ms.saturating_sub(before.cpu_ms),
+                    after.fuel.saturating_sub(before.fuel),
+                )
             }
-            Err(err) => (Err(err), 0),
+            Err(err) => (Err(err), 0, 0),
         };
         self.cpu_budget.charge(cpu_used);
         lock(&db).rollback();
-        self.note_usage(cpu_used);
+        self.note_usage(cpu_used, fuel_used);
         if self.sandbox.as_ref().is_some_and(Sandbox::is_poisoned) {
             self.sandbox = None;
         }
@@ -1378,9 +1384,9 @@ impl Actor {
         })
     }
 
-    /// Adds one invocation's CPU time to the store's usage and records its peaks (the disk size
+    /// Adds one invocation's CPU time and fuel to the store's usage and records its peaks (the disk size
     /// is recorded per commit, [`Actor::note_disk`]).
-    fn note_usage(&self, cpu_used_ms: u64) {
+    fn note_usage(&self, cpu_used_ms: u64, fuel_used: u64) {
         let sandbox_usage = self
             .sandbox
             .as_ref()
@@ -1388,7 +1394,9 @@ impl Actor {
             .unwrap_or_default();
         let mut status = self.shared.status();
         status.usage.cpu_ms += cpu_used_ms;
-        status.usage.fuel = status.usage.fuel.max(sandbox_usage.fuel);
+        // Added per invocation: a sandbox's own count starts again at 0 when it is rebuilt
+        // (hibernation, a trap, a plugin swap).
+        status.usage.fuel += fuel_used;
         status.usage.memory_peak = status.usage.memory_peak.max(sandbox_usage.memory_peak);
     }
 
