@@ -11,11 +11,43 @@ fn check_config_accepts_the_example_and_lists_every_error_with_its_line() {
         env!("CARGO_MANIFEST_DIR"),
         "/../config/storehost.example.toml"
     );
-    let (status, stdout, stderr) = run_storehost(&["check-config", example]);
+    // The example names examples/counter-plugin where a release build puts it; the tests
+    // built it elsewhere.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(example).unwrap();
+    let built = format!("path = {:?}", programs::COUNTER_EXAMPLE);
+    let checked = dir.path().join("example.toml");
+    std::fs::write(
+        &checked,
+        text.replace(
+            "path = \"../target/wasm32-wasip2/release/counter_plugin.wasm\"",
+            &built,
+        ),
+    )
+    .unwrap();
+    let (status, stdout, stderr) = run_storehost(&["check-config", &checked.display().to_string()]);
     assert!(status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("ok"), "{stdout}");
 
-    let dir = tempfile::tempdir().unwrap();
+    // A plugin file serve could not load is an error too: missing, or not a component.
+    let missing = dir.path().join("missing.toml");
+    std::fs::write(
+        &missing,
+        "[plugins.gone]\npath = \"nowhere.wasm\"\n[plugins.text]\npath = \"missing.toml\"\n",
+    )
+    .unwrap();
+    let (status, _, stderr) = run_storehost(&["check-config", &missing.display().to_string()]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("[plugins.gone] path: cannot read") && stderr.contains("nowhere.wasm"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("[plugins.text] path:") && stderr.contains("not a usable plugin"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 error(s)"), "{stderr}");
+
     let bad = dir.path().join("bad.toml");
     std::fs::write(
         &bad,

@@ -48,16 +48,16 @@ fn the_example_config_parses_and_says_what_it_shows() {
     assert_eq!(plain.plugin, "agent");
     assert_eq!(plain.quotas, Quotas::default());
     let reports = &specs[&id("globex-reports")];
-    assert_eq!(reports.plugin, "reporter");
+    assert_eq!(reports.plugin, "counter");
     assert_eq!(reports.quotas.memory, 128 << 20);
     assert_eq!(reports.quotas.disk, 4 << 30);
     assert_eq!(reports.quotas.burst, 100);
     assert_eq!(reports.quotas.cpu_ms_per_call, 1000);
     assert_eq!(reports.config["timezone"], "Europe/Berlin");
     assert_eq!(
-        config.plugin_source("reporter"),
+        config.plugin_source("counter"),
         Some(PluginSource::File(
-            Path::new("config/../target/wasm32-wasip2/release/reporter.wasm").to_owned()
+            Path::new("config/../target/wasm32-wasip2/release/counter_plugin.wasm").to_owned()
         ))
     );
     // The example documents the defaults: apart from its example parts, it is the default.
