@@ -585,10 +585,184 @@ fn a_store_with_a_broken_database_fails_at_start_while_the_others_run() {
     );
     let log = std::fs::read_to_string(&server.log).unwrap_or_default();
     assert!(log.contains("disk-bad"), "the log names the store");
+
+    // The API shows it and why (it used to answer 404 for a store /health counted); being
+    // the config's, only the config removes or changes it.
+    let (status, body) = call(
+        &server.url,
+        reqwest::Method::GET,
+        "/v1/stores/disk-bad",
+        None,
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_failed", "{body}");
+    let (_, list) = call(&server.url, reqwest::Method::GET, "/v1/stores", None);
+    assert_eq!(list["failed"][0]["id"], "disk-bad", "{list}");
+    assert_eq!(list["failed"][0]["source"], "config", "{list}");
+    assert!(
+        list["failed"][0]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{list}"
+    );
+    let (status, body) = call(
+        &server.url,
+        reqwest::Method::DELETE,
+        "/v1/stores/disk-bad",
+        None,
+    );
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("config_owned")),
+        "{body}"
+    );
+    let (status, body) = call(
+        &server.url,
+        reqwest::Method::PUT,
+        "/v1/stores/disk-bad",
+        Some(json!({})),
+    );
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("config_owned")),
+        "{body}"
+    );
     server.terminate();
     if !root {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o755));
+    }
+}
+
+/// A store the API created whose start fails (its directory broken while the host was down)
+/// is shown with why, and `DELETE` forgets it: its directory is archived and host.db no longer
+/// holds it, so the next start is clean. It used to answer 404 to both while /health counted
+/// it, and every start tried it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_failed_to_start_is_shown_and_can_be_removed() {
+    use storehost_tests::process::{PROCESS_TOKEN, ServerProcess};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let call = |url: String, method: reqwest::Method, path: &'static str| async move {
+        let mut request = reqwest::Client::new()
+            .request(method.clone(), format!("{url}{path}"))
+            .bearer_auth(PROCESS_TOKEN);
+        if method == reqwest::Method::PUT {
+            request = request.json(&json!({}));
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json::<Value>().await.unwrap_or(Value::Null),
+        )
+    };
+    let server = ServerProcess::spawn(&data, &[], &[]);
+    let (status, body) = call(
+        server.url.clone(),
+        reqwest::Method::PUT,
+        "/v1/stores/api-bad",
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    server.terminate();
+
+    let store_dir = data.join("stores").join("api-bad");
+    let root = is_root();
+    if root {
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(store_dir.join(format!("events.db{suffix}")));
+        }
+        std::fs::write(store_dir.join("events.db"), vec![0x5a; 64 * 1024]).unwrap();
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o000)).unwrap();
+    }
+    let server = ServerProcess::spawn(&data, &[], &[]);
+    let (status, body) = call(
+        server.url.clone(),
+        reqwest::Method::GET,
+        "/v1/stores/api-bad",
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_failed", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("could not start") && message.contains("DELETE"),
+        "{message}"
+    );
+    let (_, list) = call(server.url.clone(), reqwest::Method::GET, "/v1/stores").await;
+    assert_eq!(list["failed"][0]["source"], "api", "{list}");
+    // `ctl` shows it too: a `failed` row in the list, and `show` says why and exits non-zero.
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(storehost_tests::process::storehost_bin())
+            .args(["ctl", "--server", &server.url, "--token", PROCESS_TOKEN])
+            .args(args)
+            .env_remove("STOREHOST_URL")
+            .env_remove("STOREHOST_ADMIN_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let listed = ctl(&["stores", "list"]);
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("api-bad"))
+        .unwrap_or_default();
+    assert!(row.contains("failed") && row.contains("api"), "{table}");
+    let shown = ctl(&["stores", "show", "api-bad"]);
+    assert!(!shown.status.success());
+    assert!(
+        String::from_utf8_lossy(&shown.stderr).contains("could not start"),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+
+    let (status, body) = call(
+        server.url.clone(),
+        reqwest::Method::DELETE,
+        "/v1/stores/api-bad",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"], "archived", "{body}");
+    let (status, _) = call(
+        server.url.clone(),
+        reqwest::Method::GET,
+        "/v1/stores/api-bad",
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (_, health) = call(server.url.clone(), reqwest::Method::GET, "/health").await;
+    assert!(health["stores"].get("failed").is_none(), "{health}");
+    assert!(!store_dir.exists(), "its directory moved to the archive");
+    let archived: Vec<String> = std::fs::read_dir(data.join("archive"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        archived.iter().any(|name| name.starts_with("api-bad-")),
+        "{archived:?}"
+    );
+    server.terminate();
+
+    let server = ServerProcess::spawn(&data, &[], &[]);
+    let (_, health) = call(server.url.clone(), reqwest::Method::GET, "/health").await;
+    assert!(
+        health["stores"].get("failed").is_none(),
+        "not tried again: {health}"
+    );
+    server.terminate();
+    if !root {
+        use std::os::unix::fs::PermissionsExt;
+        for entry in std::fs::read_dir(data.join("archive")).unwrap() {
+            let _ = std::fs::set_permissions(
+                entry.unwrap().path(),
+                std::fs::Permissions::from_mode(0o755),
+            );
+        }
     }
 }
 

@@ -787,16 +787,49 @@ impl Orchestrator {
             .collect()
     }
 
+    /// A store whose last start failed (it does not run): the failure, and the source that
+    /// asked for it.
+    pub fn failed_start(&self, id: &StoreId) -> Option<(Transition, Option<StoreSource>)> {
+        let history = self
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let transitions = history.get(id)?;
+        let failure = transitions.back().filter(|last| last.state == "failed")?;
+        let source = transitions
+            .iter()
+            .rev()
+            .find(|t| t.state == "provisioning")
+            .and_then(|t| t.detail.as_deref())
+            .and_then(StoreSource::parse);
+        Some((failure.clone(), source))
+    }
+
     /// Stops store `id` after its in-flight invocation; archives its files, or deletes them
-    /// when `purge`. Returns whether it was running.
+    /// when `purge`. A store whose start failed is forgotten the same way (host.db keeps it
+    /// no more, so no restart tries it again). Returns whether there was such a store.
     pub async fn remove(&self, id: &StoreId, purge: bool) -> Result<bool, ControlError> {
         let _guard = self.changes.lock().await;
         let entry = self.stores.write().await.remove(id);
         let Some(entry) = entry else {
-            return Ok(false);
+            if self.failed_start(id).is_none() {
+                return Ok(false);
+            }
+            // Its directory first: when it cannot be moved (the fault that failed the
+            // start, say), the store stays known and the answer says why.
+            self.remove_files(id, purge).await?;
+            self.forget(id)?;
+            return Ok(true);
         };
         self.record(id, "stopping", None);
         entry.store.stop().await;
+        self.forget(id)?;
+        self.remove_files(id, purge).await?;
+        Ok(true)
+    }
+
+    /// Forgets a removed store: its row and tokens in host.db, its history.
+    fn forget(&self, id: &StoreId) -> Result<(), ControlError> {
         self.registry.delete(id)?;
         self.registry.revoke_all_store_tokens(id)?;
         // A removed store's history goes with it (the map stays bounded by running stores).
@@ -804,11 +837,14 @@ impl Orchestrator {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(id);
-        {
-            let mut activity = self.activity();
-            activity.total_deprovisioned += 1;
-            activity.last_deprovisioned_at = Some(now_ms());
-        }
+        let mut activity = self.activity();
+        activity.total_deprovisioned += 1;
+        activity.last_deprovisioned_at = Some(now_ms());
+        Ok(())
+    }
+
+    /// Archives store `id`'s directory, or deletes it when `purge`.
+    async fn remove_files(&self, id: &StoreId, purge: bool) -> Result<(), ControlError> {
         let data_dir = self.settings.data_dir.clone();
         let target = id.clone();
         let archived = tokio::task::spawn_blocking(move || dir::remove(&data_dir, &target, purge))
@@ -820,7 +856,7 @@ impl Orchestrator {
             }
             None => tracing::info!(store_id = %id, "store removed and its data purged"),
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Starts every store the registry remembers (those added through the API, webhooks or the
@@ -865,9 +901,12 @@ impl Orchestrator {
         &self.registry
     }
 
-    /// Where store `id`'s desired state came from, when it runs.
+    /// Where store `id`'s desired state came from, when it runs or its last start failed.
     pub async fn source(&self, id: &StoreId) -> Option<StoreSource> {
-        self.stores.read().await.get(id).map(|e| e.source)
+        match self.stores.read().await.get(id) {
+            Some(entry) => Some(entry.source),
+            None => self.failed_start(id).and_then(|(_, source)| source),
+        }
     }
 
     /// Every running store's id with its source.

@@ -285,7 +285,8 @@ impl Webhooks {
         let orchestrator = &self.orchestrator;
         match payload.event {
             Event::Created => {
-                if orchestrator.source(&id).await.is_some() {
+                // A store whose start failed is tried again.
+                if orchestrator.spec(&id).await.is_some() {
                     return Ok(accepted(WebhookStatus::AlreadyMonitored));
                 }
                 let spec = orchestrator.settings().defaults.clone();

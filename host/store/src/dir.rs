@@ -82,9 +82,15 @@ pub fn remove(data_dir: &Path, id: &StoreId, purge: bool) -> io::Result<Option<P
     let archive = data.open_dir("archive")?;
     let name = format!("{id}-{}", crate::sqlite::now_ms());
     stores.rename(id.as_str(), &archive, &name)?;
-    let kept = archive.open_dir(&name)?;
-    for db in ["events.db", "store.db"] {
-        drop_empty_wal(&kept, db)?;
+    // Tidying only: the archive is whole without it (a directory whose permissions broke
+    // cannot be opened, and is archived all the same).
+    let tidied = archive.open_dir(&name).and_then(|kept| {
+        ["events.db", "store.db"]
+            .iter()
+            .try_for_each(|db| drop_empty_wal(&kept, db))
+    });
+    if let Err(err) = tidied {
+        tracing::warn!(store_id = %id, "archived, but could not drop its empty WAL files: {err}");
     }
     Ok(Some(data_dir.join("archive").join(name)))
 }

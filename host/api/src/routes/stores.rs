@@ -17,23 +17,49 @@ use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// `GET /v1/stores`
+/// `GET /v1/stores`: the running stores, and those whose start failed (`failed`).
 pub async fn list(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "stores": state.orchestrator.list().await }))
+    let failed: Vec<Value> = state
+        .orchestrator
+        .failed()
+        .into_iter()
+        .map(|(id, failure)| {
+            let source = state
+                .orchestrator
+                .failed_start(&id)
+                .and_then(|(_, source)| source);
+            json!({
+                "id": id,
+                "source": source,
+                "error": failure.detail,
+                "at": failure.at,
+            })
+        })
+        .collect();
+    Json(json!({ "stores": state.orchestrator.list().await, "failed": failed }))
 }
 
-/// `GET /v1/stores/{id}`
+/// `GET /v1/stores/{id}`; a store whose start failed answers 503 `store_failed` with why.
 pub async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_store_id(&id)?;
-    let view = state
-        .orchestrator
-        .view(&id)
-        .await
-        .ok_or_else(|| ApiError::unknown_store(id.as_str()))?;
-    Ok(Json(view))
+    match state.orchestrator.view(&id).await {
+        Some(view) => Ok(Json(view)),
+        None => Err(match state.orchestrator.failed_start(&id) {
+            Some((failure, _)) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_failed",
+                format!(
+                    "store {id} could not start (at {} ms since the epoch): {}; fix the cause, then PUT /v1/stores/{id} (or restart the host) to start it again, or DELETE it",
+                    failure.at,
+                    failure.detail.as_deref().unwrap_or("no detail")
+                ),
+            ),
+            None => ApiError::unknown_store(id.as_str()),
+        }),
+    }
 }
 
 /// The body of `PUT /v1/stores/{id}`; every field is optional.
@@ -59,10 +85,21 @@ pub async fn put(
             }
             (spec, source)
         }
-        None => (
-            state.orchestrator.settings().defaults.clone(),
-            StoreSource::Api,
-        ),
+        None => {
+            // A store the config declares whose start failed is the config's to start again.
+            if let Some(refusal) = state
+                .orchestrator
+                .source(&id)
+                .await
+                .and_then(|source| source.change_refused(&id))
+            {
+                return Err(ApiError::new(StatusCode::CONFLICT, "config_owned", refusal));
+            }
+            (
+                state.orchestrator.settings().defaults.clone(),
+                StoreSource::Api,
+            )
+        }
     };
     let spec = StoreSpec {
         plugin: body.plugin.unwrap_or(base.plugin),

@@ -55,10 +55,19 @@ fn stores(client: &Client, json_out: bool, command: StoresCommand) -> Result<(),
                 return Ok(());
             }
             let stores = body["stores"].as_array().cloned().unwrap_or_default();
-            if stores.is_empty() {
+            let failed = body["failed"].as_array().cloned().unwrap_or_default();
+            if stores.is_empty() && failed.is_empty() {
                 println!("no stores; add one with `storehost ctl stores add ID`");
                 return Ok(());
             }
+            // A store whose start failed: no counts, the start's error as its failure.
+            let failed_rows = failed.iter().map(|f| {
+                let mut row = vec![output::cell(&f["id"]), "failed".to_owned()];
+                row.extend(std::iter::repeat_n("-".to_owned(), 5));
+                row.push(output::cell(&f["source"]));
+                row.push(output::cell(&f["error"]));
+                row
+            });
             let rows: Vec<Vec<String>> = stores
                 .iter()
                 .map(|s| {
@@ -77,6 +86,7 @@ fn stores(client: &Client, json_out: bool, command: StoresCommand) -> Result<(),
                             .to_owned(),
                     ]
                 })
+                .chain(failed_rows)
                 .collect();
             output::table(
                 &[
