@@ -485,3 +485,31 @@ async fn an_event_whose_caller_went_away_mid_append_is_still_processed() {
         store.status()
     );
 }
+
+/// A query's arguments come as `?args=JSON` or as plain parameters (`?key=k`, the form
+/// `messages?conversationId=` takes in the product's contract), which reach the plugin as a
+/// JSON object of strings; both at once, or `args` that is not JSON, are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_arguments_come_as_json_or_as_plain_parameters() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("asked", "writer", &[]).await;
+    host.append("asked", "kv.put", json!({"key": "k", "value": "plain"}))
+        .await;
+    host.settle("asked").await;
+
+    let (status, body) = host.get("/v1/stores/asked/query/get?key=k").await;
+    assert_eq!((status, &body["value"]), (200, &json!("plain")), "{body}");
+    let (status, body) = host
+        .get("/v1/stores/asked/query/get?args=%7B%22key%22%3A%22k%22%7D")
+        .await;
+    assert_eq!((status, &body["value"]), (200, &json!("plain")), "{body}");
+    for refused in [
+        "/v1/stores/asked/query/get?args=%7B%7D&key=k",
+        "/v1/stores/asked/query/get?args=not-json",
+    ] {
+        let (status, body) = host.get(refused).await;
+        assert_eq!(status, 400, "{refused}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_args", "{body}");
+    }
+}

@@ -339,21 +339,25 @@ pub(crate) fn ensure_within_log(
     ))
 }
 
-/// `?args=JSON`
-#[derive(Debug, Deserialize)]
-pub struct QueryParams {
-    args: Option<String>,
-}
-
-/// `GET /v1/stores/{id}/query/{name}?args=JSON` → the plugin's answer.
+/// `GET /v1/stores/{id}/query/{name}?args=JSON` → the plugin's answer. Plain parameters
+/// instead (`?conversationId=c1`) reach the plugin as a JSON object of strings.
 pub async fn query(
     State(state): State<AppState>,
     Path((id, name)): Path<(String, String)>,
-    Query(params): Query<QueryParams>,
+    Query(mut params): Query<std::collections::BTreeMap<String, String>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
 ) -> Result<impl IntoResponse, ApiError> {
     let store = running_store(&state, &id).await?;
-    let args = params.args.unwrap_or_else(|| "{}".to_owned());
+    let args = match params.remove("args") {
+        Some(_) if !params.is_empty() => {
+            return Err(ApiError::bad_request(
+                "invalid_args",
+                "give the arguments either as ?args=JSON or as plain parameters, not both",
+            ));
+        }
+        Some(args) => args,
+        None => serde_json::to_string(&params).unwrap_or_else(|_| "{}".to_owned()),
+    };
     if serde_json::from_str::<serde::de::IgnoredAny>(&args).is_err() {
         return Err(ApiError::bad_request(
             "invalid_args",
