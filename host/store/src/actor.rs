@@ -1156,9 +1156,10 @@ impl Actor {
         } else {
             Priority::Normal
         };
+        let wall = Duration::from_millis(self.settings.quotas.wall_ms_per_call);
         let sandbox = self.sandbox().await?;
         sandbox.set_priority(priority);
-        sandbox.host_mut().start_invocation();
+        sandbox.host_mut().start_invocation(wall);
         let before = sandbox.usage();
         lock(&db).enter_guest(true, guest_db::statement_budget(cpu_ms));
         let started = Instant::now();
@@ -1277,12 +1278,13 @@ impl Actor {
 
     async fn query(&mut self, name: &str, args: &str) -> Result<String, StoreError> {
         let cpu_ms = self.settings.quotas.cpu_ms_per_call;
+        let wall = Duration::from_millis(self.settings.quotas.wall_ms_per_call);
         let db = self.db_handle();
         let metrics = self.shared.metrics.clone();
         lock(&db).begin_read()?;
         let (outcome, cpu_used, fuel_used) = match self.sandbox().await {
             Ok(sandbox) => {
-                sandbox.host_mut().start_invocation();
+                sandbox.host_mut().start_invocation(wall);
                 let before = sandbox.usage();
                 lock(&db).enter_guest(false, guest_db::statement_budget(cpu_ms));
                 let started = Instant::now();

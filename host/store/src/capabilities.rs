@@ -52,6 +52,8 @@ pub struct StoreCapabilities {
     llm_calls: u64,
     /// Time spent running the guest's SQL (CPU the guest caused outside its own code).
     sql_time: std::time::Duration,
+    /// When the current invocation reaches its `wall_ms_per_call`, and that limit.
+    wall: Option<(std::time::Instant, std::time::Duration)>,
 }
 
 impl StoreCapabilities {
@@ -76,6 +78,7 @@ impl StoreCapabilities {
             llm,
             llm_calls: 0,
             sql_time: std::time::Duration::ZERO,
+            wall: None,
         }
     }
 
@@ -92,11 +95,23 @@ impl StoreCapabilities {
         std::mem::take(&mut self.llm_calls)
     }
 
-    /// Clears what the previous invocation left.
-    pub(crate) fn start_invocation(&mut self) {
+    /// Clears what the previous invocation left; the new one may run for `wall_limit`.
+    pub(crate) fn start_invocation(&mut self, wall_limit: std::time::Duration) {
         self.emitted.clear();
         self.breach = None;
         self.log_lines = 0;
+        self.wall = Some((std::time::Instant::now() + wall_limit, wall_limit));
+    }
+
+    /// How long an `llm` call may wait now: what the invocation has left of its wall time,
+    /// less a reserve (a quarter of the limit, at most a second) for the plugin to record the
+    /// outcome — so a slow model gives the plugin a `timeout` error it can answer with,
+    /// instead of the whole invocation failing as `wall_time` with nothing kept.
+    fn llm_budget(&self) -> Option<(std::time::Duration, std::time::Duration)> {
+        let (deadline, limit) = self.wall?;
+        let reserve = (limit / 4).min(std::time::Duration::from_secs(1));
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        Some((left.saturating_sub(reserve), limit))
     }
 
     /// The events emitted by the current invocation, in order.
@@ -248,7 +263,27 @@ impl HostCapabilities for StoreCapabilities {
             })));
         };
         self.llm_calls += 1;
-        llm.complete(&self.store_id, request)
+        let Some((budget, limit)) = self.llm_budget() else {
+            return llm.complete(&self.store_id, request);
+        };
+        let too_late = move || LlmError {
+            class: ErrorClass::Timeout,
+            message: format!(
+                "no answer within the {} ms this invocation had left of its wall_ms_per_call ({} ms); raise wall_ms_per_call for a slower model",
+                budget.as_millis(),
+                limit.as_millis()
+            ),
+            status: None,
+        };
+        if budget.is_zero() {
+            return Box::pin(std::future::ready(Err(too_late())));
+        }
+        let call = llm.complete(&self.store_id, request);
+        Box::pin(async move {
+            tokio::time::timeout(budget, call)
+                .await
+                .unwrap_or_else(|_| Err(too_late()))
+        })
     }
 
     fn take_breach(&mut self) -> Option<(FailureReason, String)> {
