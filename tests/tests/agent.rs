@@ -785,6 +785,39 @@ async fn recurring_task_events_schedule_reschedule_and_cancel() {
     assert_eq!(status["deadLettered"], 0, "{status}");
 }
 
+/// A run's `RecurringTaskUpdated {nextExecutionAt}` echo can be processed after a disable or a
+/// new schedule (a due run goes before queued events): the task then shows when the host's
+/// scheduler will really run it — nothing once disabled — not the echo's stale time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_next_execution_echo_does_not_overwrite_the_schedule() {
+    let host = agent_host(stub(json!({}))).await;
+    host.add_store("ws-echo", "agent", &[]).await;
+    host.append(
+        "ws-echo",
+        "v1.RecurringTaskCreated",
+        json!({"id": "re1", "name": "Digest", "prompt": "Summarise", "intervalHours": 1}),
+    )
+    .await;
+    let stale = json!({"id": "re1", "nextExecutionAt": "2030-01-01T00:00:00.000Z"});
+    host.append("ws-echo", "v1.RecurringTaskUpdated", stale.clone())
+        .await;
+    host.settle("ws-echo").await;
+    let scheduled = schedules(&host, "ws-echo").await[0]["nextRunAt"]
+        .as_i64()
+        .unwrap();
+    let task = recurring_task(&host, "ws-echo", "re1").await;
+    assert_eq!(millis(&task["nextExecutionAt"]), scheduled, "{task}");
+
+    host.append("ws-echo", "v1.RecurringTaskDisabled", json!({"id": "re1"}))
+        .await;
+    host.append("ws-echo", "v1.RecurringTaskUpdated", stale)
+        .await;
+    host.settle("ws-echo").await;
+    let task = recurring_task(&host, "ws-echo", "re1").await;
+    assert_eq!(task["enabled"], false, "{task}");
+    assert_eq!(task["nextExecutionAt"], Value::Null, "{task}");
+}
+
 /// Polls the events of `store` until `check` holds (a 30 s safety net); answers them.
 async fn wait_for_events(
     host: &TestHost,

@@ -317,6 +317,15 @@ fn reschedule(task: &RecurringTask, now: &Timestamp) -> Result<(), String> {
     Ok(())
 }
 
+/// When the host's scheduler runs task `id` next (`None`: it is not scheduled).
+fn scheduled_next(id: &str) -> Option<Timestamp> {
+    scheduler::scheduled()
+        .into_iter()
+        .find(|scheduled| scheduled.task_id == id)
+        .and_then(|scheduled| scheduled.next_run_ms)
+        .map(Timestamp::from_epoch_ms)
+}
+
 fn checked_id<'a>(event: &Event, id: &'a str) -> Result<&'a str, String> {
     if id.trim().is_empty() {
         Err(format!(
@@ -463,8 +472,11 @@ pub fn on_updated(event: &Event) -> Result<(), String> {
     if let Some(prompt) = updated.prompt {
         task.prompt = prompt;
     }
-    if let Some(next) = updated.next_execution_at {
-        task.next_execution_at = next;
+    if updated.next_execution_at.is_some() && !schedule_changed {
+        // The host's scheduler decides when the task runs next; this field only reports it.
+        // The run's own echo of it can arrive after a disable or a new schedule was applied
+        // (a run goes before queued events), and would then show a time that will not come.
+        task.next_execution_at = scheduled_next(&task.id);
     }
     if let Some(last) = updated.last_execution_at {
         task.last_execution_at = last;
