@@ -452,6 +452,58 @@ async fn the_loop_stops_at_llm_max_iterations() {
     );
     let reply = received["payload"]["message"].as_str().unwrap();
     assert!(reply.contains("within 3 steps"), "{reply}");
+
+    // Without the key, the default: 15 model calls.
+    host.add_store("ws-default", "agent", &[]).await;
+    chat(&host, "ws-default", "m2", "user", "keep going").await;
+    host.settle("ws-default").await;
+    assert_eq!(
+        server.requests().len(),
+        3 + 15,
+        "the default stops at 15 calls"
+    );
+    let events = all_events(&host, "ws-default").await;
+    let (_, _, completed) = one_response(&events, "m2");
+    assert_eq!(completed["payload"]["iterations"], 15);
+}
+
+/// Tasks changed by the client's own events (not the agent's tools): `v1.TaskUpdated` changes
+/// the fields it carries (`description: null` clears it), `v1.TaskArchived` hides the task from
+/// `tasks` unless `includeArchived`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_task_events_update_and_archive_the_materialised_task() {
+    let host = agent_host(stub(json!({}))).await;
+    host.add_store("ws-tasks", "agent", &[]).await;
+    host.append(
+        "ws-tasks",
+        "v2.TaskCreated",
+        json!({"id": "t1", "title": "Write the report", "description": "by Friday"}),
+    )
+    .await;
+    host.append(
+        "ws-tasks",
+        "v1.TaskUpdated",
+        json!({"id": "t1", "status": "done", "description": null}),
+    )
+    .await;
+    host.settle("ws-tasks").await;
+    let listed = host.query("ws-tasks", "tasks", json!({})).await;
+    let task = &listed["tasks"][0];
+    assert_eq!(task["id"], "t1", "{listed}");
+    assert_eq!(task["status"], "done", "{listed}");
+    assert_eq!(task["title"], "Write the report", "untouched: {listed}");
+    assert!(task["description"].is_null(), "cleared: {listed}");
+
+    host.append("ws-tasks", "v1.TaskArchived", json!({"id": "t1"}))
+        .await;
+    host.settle("ws-tasks").await;
+    let listed = host.query("ws-tasks", "tasks", json!({})).await;
+    assert_eq!(listed["tasks"], json!([]), "{listed}");
+    let all = host
+        .query("ws-tasks", "tasks", json!({"includeArchived": true}))
+        .await;
+    assert_eq!(all["tasks"][0]["archived"], true, "{all}");
+    assert_eq!(all["tasks"][0]["status"], "done", "{all}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
