@@ -270,3 +270,38 @@ async fn a_wrong_token_is_refused_with_a_clear_message() {
     assert!(!tag_of(&dom, "login").contains("hidden"), "asked again");
     assert!(store_row(&dom, "alpha-orders").is_none());
 }
+
+/// A store whose start failed (its database unreadable) has a row of its own, in state
+/// `failed` with the start's error, beside the stores that run; the host shows degraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_failed_to_start_has_a_row_with_its_error() {
+    let Some(browser) = browser() else { return };
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("steady-one", "writer", &[]).await;
+    let broken = host.data_dir.join("stores").join("broken-two");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("events.db"), vec![0x5a; 64 * 1024]).unwrap();
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/broken-two",
+            Some(json!({"plugin": "writer"})),
+        )
+        .await;
+    assert!(status >= 500, "the start fails: {status} {body}");
+
+    let dom = rendered_dom(&browser, &format!("{}/#token={TOKEN}", host.url)).await;
+    let (state, row) = store_row(&dom, "broken-two").expect("the failed store is listed");
+    assert_eq!(state, "failed", "{row}");
+    assert!(row.contains("start_failed"), "{row}");
+    assert!(row.contains("source: api"), "{row}");
+    let (state, _) = store_row(&dom, "steady-one").expect("the other store is listed");
+    assert_eq!(state, "running");
+    assert_eq!(text_of(&dom, "shown"), "2 of 2 shown");
+    assert!(
+        text_of(&dom, "host-status").contains("degraded"),
+        "{}",
+        text_of(&dom, "host-status")
+    );
+}
