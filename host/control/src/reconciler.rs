@@ -171,6 +171,12 @@ pub enum ReconcileError {
     /// The registry could not be read; nothing was changed.
     #[error("the workspace registry could not be read: {0}; nothing was changed")]
     Registry(String),
+    /// The host's own records (host.db) could not be written part-way through a pass: the
+    /// stores it added stay, nothing was removed.
+    #[error(
+        "the host could not record which stores the registry lacks ({0}); the missing stores it added stay, nothing was removed"
+    )]
+    Host(String),
 }
 
 /// Keeps the running stores in line with the authoritative registry.
@@ -373,7 +379,7 @@ impl Reconciler {
         let missing_since = orchestrator
             .registry()
             .mark_orphans(&orphans, now)
-            .map_err(|err| ReconcileError::Registry(format!("host registry: {err}")))?;
+            .map_err(|err| ReconcileError::Host(err.to_string()))?;
         let drift = missing.len() + orphans.len();
         if orphans.is_empty() {
             return Ok((result, drift));

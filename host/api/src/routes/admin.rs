@@ -76,6 +76,11 @@ pub async fn reconcile(State(state): State<AppState>) -> Result<Response, ApiErr
             "registry_unavailable",
             err.to_string(),
         )),
+        Err(err @ ReconcileError::Host(_)) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "host_error",
+            err.to_string(),
+        )),
     }
 }
 
