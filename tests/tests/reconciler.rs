@@ -1,11 +1,12 @@
 //! The reconciler against a local HTTP server that plays the workspace registry (axum on
 //! 127.0.0.1:0): adds missing stores, follows pages, skips invalid entries, removes orphans
 //! only after the grace period, reports failing adds, removes nothing while the registry is
-//! down or answers suspiciously little, and never touches config-owned stores. Plus
+//! down or answers suspiciously little (the scheduled loop retrying after 5 s, doubling, rather
+//! than after its interval), and never touches config-owned stores. Plus
 //! `POST /admin/reconcile` with its 200/401/409/429/503 answers and `/health`'s status.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -14,7 +15,9 @@ use axum::routing::get;
 use serde_json::{Value, json};
 use storehost_control::StoreSource;
 use storehost_control::config::Secret;
-use storehost_control::reconciler::{ReconcileError, Reconciler, ReconcilerSettings};
+use storehost_control::reconciler::{
+    ReconcileError, Reconciler, ReconcilerSettings, ReconcilerStatus,
+};
 use storehost_store::StoreId;
 use storehost_tests::TestHost;
 use storehost_tests::control::{ControlHostOptions, eventually};
@@ -30,6 +33,8 @@ struct Registry {
     /// When set, each request waits for a permit of it.
     hold: Option<Arc<tokio::sync::Semaphore>>,
     requests: usize,
+    /// When each request arrived.
+    arrivals: Vec<Instant>,
     tokens: Vec<Option<String>>,
 }
 
@@ -43,6 +48,7 @@ async fn workspaces(
     let hold = {
         let mut r = registry.lock().unwrap();
         r.requests += 1;
+        r.arrivals.push(Instant::now());
         r.tokens.push(
             headers
                 .get("authorization")
@@ -604,4 +610,115 @@ async fn an_https_registry_is_asked_over_tls() {
     let header = first_bytes.await.unwrap();
     assert_eq!(header[0], 0x16, "a TLS handshake record: {header:?}");
     assert_eq!(header[1], 0x03, "TLS major version 3: {header:?}");
+}
+
+/// Milliseconds since the Unix epoch (what `next_run_at` counts).
+fn epoch_ms() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// Polls the reconciler's status every 20 ms until `check` holds, for at most `limit`.
+async fn status_until(
+    reconciler: &Reconciler,
+    limit: Duration,
+    what: &str,
+    check: impl Fn(&ReconcilerStatus) -> bool,
+) -> ReconcilerStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        let status = reconciler.status();
+        if check(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gave up waiting until {what}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// While the registry fails, the scheduled loop (`spawn`) retries after 5 s, doubling after
+/// each further failure, instead of waiting its interval (an hour here): the second request
+/// reaches the registry about 5 s after the first, and the status (also `/health`'s) counts
+/// the failures and shows the next run 5 s, then 10 s, ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_loop_retries_a_failing_registry_after_5_s_then_10_s() {
+    let (url, registry) = registry(&["never-added"]).await;
+    registry.lock().unwrap().failing = true;
+    let s = setup(settings(&url, Duration::ZERO, Duration::ZERO), 100).await;
+    assert_eq!(s.reconciler.settings().interval, Duration::from_secs(3600));
+    let task = s.reconciler.spawn();
+
+    let status = status_until(
+        &s.reconciler,
+        Duration::from_secs(10),
+        "the first pass fails and schedules the next",
+        |status| status.consecutive_failures == 1 && status.next_run_at.is_some(),
+    )
+    .await;
+    let ahead = status.next_run_at.unwrap() - epoch_ms();
+    assert!(
+        (4_000..=5_000).contains(&ahead),
+        "the next run is 5 s ahead, not the interval: {ahead} ms ({status:?})"
+    );
+    assert!(status.last_error.unwrap().contains("503"));
+
+    // The retry: about 5 s after the first request (bounded well below the hour).
+    let deadline = Instant::now() + Duration::from_secs(9);
+    while registry.lock().unwrap().requests < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no retry within 9 s of the first failure"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gap = {
+        let r = registry.lock().unwrap();
+        r.arrivals[1] - r.arrivals[0]
+    };
+    assert!(
+        gap >= Duration::from_millis(4_500) && gap <= Duration::from_millis(6_500),
+        "the retry came {gap:?} after the first request, expected about 5 s"
+    );
+
+    let status = status_until(
+        &s.reconciler,
+        Duration::from_secs(10),
+        "the second failure is counted",
+        |status| {
+            status.consecutive_failures == 2
+                && status.next_run_at.is_some_and(|at| at > epoch_ms() + 5_500)
+        },
+    )
+    .await;
+    let ahead = status.next_run_at.unwrap() - epoch_ms();
+    assert!(
+        (8_500..=10_000).contains(&ahead),
+        "the wait doubled to 10 s: {ahead} ms ({status:?})"
+    );
+    assert_eq!(status.passes_failed, 2);
+    let (_, health) = s.host.get("/health").await;
+    assert_eq!(health["reconciler"]["consecutiveFailures"], 2, "{health}");
+    assert_eq!(
+        health["reconciler"]["nextRunAt"],
+        json!(status.next_run_at),
+        "{health}"
+    );
+    assert_eq!(
+        registry.lock().unwrap().requests,
+        2,
+        "no request in between"
+    );
+    assert!(
+        running(&s.host).await.is_empty(),
+        "a failed pass adds nothing"
+    );
+    task.abort();
 }

@@ -722,3 +722,49 @@ async fn a_webhook_on_a_full_disk_is_507_disk_full_and_succeeds_once_space_retur
     host.settle("w-2").await;
     assert_eq!(host.query("w-2", "count", json!({})).await["kv"], 1);
 }
+
+/// A store `STORE_IDS` declares (source `env`) is owned like a config file's: a
+/// `workspace.deleted` webhook gets 409 naming `STORE_IDS`, and the store keeps running with
+/// its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_from_store_ids_is_not_deleted_by_a_webhook() {
+    let host = host().await;
+    let spec = host.orchestrator.settings().defaults.clone();
+    host.orchestrator
+        .ensure_running(&StoreId::new("from-env").unwrap(), spec, StoreSource::Env)
+        .await
+        .unwrap();
+    host.append("from-env", "kv.put", json!({"key": "k", "value": "kept"}))
+        .await;
+    host.settle("from-env").await;
+
+    let (status, answer) = post(
+        &host,
+        &secret_header(),
+        &event("workspace.deleted", "from-env"),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("STORE_IDS"),
+        "{answer}"
+    );
+    assert!(running(&host, "from-env").await);
+    let (_, view) = host.get("/v1/stores/from-env").await;
+    assert_eq!(view["source"], "env", "{view}");
+    assert_eq!(
+        host.query("from-env", "get", json!({"key": "k"})).await["value"],
+        "kept"
+    );
+    assert!(
+        !host.data_dir.join("archive").exists()
+            || std::fs::read_dir(host.data_dir.join("archive"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "nothing was archived"
+    );
+}

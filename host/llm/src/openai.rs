@@ -752,4 +752,58 @@ mod tests {
             assert!(err.message.contains("api.openai.com"), "{}", err.message);
         }
     }
+
+    /// Retry `n` waits a random time in `[0, min(backoff_max, backoff_base * 2^(n-1))]`: never
+    /// over the doubled bound nor the ceiling (however many retries, without overflow), the
+    /// bound does grow with each retry, and the waits of one retry vary (jitter, so stores
+    /// failing together do not retry together).
+    #[test]
+    fn backoff_is_full_jitter_below_a_doubling_bound_capped_at_the_maximum() {
+        let provider = OpenAiProvider::with_env(
+            OpenAiConfig {
+                base_url: "http://127.0.0.1:1/v1".to_owned(),
+                api_key_env: None,
+                backoff_base_ms: 100,
+                backoff_max_ms: 1_000,
+                ..OpenAiConfig::default()
+            },
+            |_| None,
+        )
+        .unwrap();
+        const SAMPLES: usize = 50;
+        for (retry, bound_ms) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1_000),
+            (6, 1_000),
+            (40, 1_000),
+            (64, 1_000),
+            (65, 1_000),
+            (u32::MAX, 1_000),
+        ] {
+            let waits: Vec<Duration> = (0..SAMPLES)
+                .map(|_| provider.inner.backoff(retry))
+                .collect();
+            let bound = Duration::from_millis(bound_ms);
+            assert!(
+                waits.iter().all(|wait| *wait <= bound),
+                "retry {retry}: a wait over {bound:?}: {waits:?}"
+            );
+            assert!(
+                waits.windows(2).any(|pair| pair[0] != pair[1]),
+                "retry {retry}: {SAMPLES} equal waits, no jitter: {waits:?}"
+            );
+            if retry > 1 {
+                // Uniform up to the bound: 50 waits all within half of it happen with a chance
+                // below 2^-50, so the bound really doubled (or reached the ceiling).
+                let half = Duration::from_millis(bound_ms / 2);
+                assert!(
+                    waits.iter().any(|wait| *wait > half),
+                    "retry {retry}: every wait within {half:?}, half the expected bound: {waits:?}"
+                );
+            }
+        }
+    }
 }
