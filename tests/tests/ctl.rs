@@ -1,14 +1,15 @@
 //! `storehost ctl`, the real binary, against a real `storehost serve`: stores are listed, added,
 //! shown, paused and removed; events are posted and followed; a backup written to a file
-//! restores; and the exit codes scripts rely on (0 ok, 1 the server said no, 2 usage, 3 cannot
-//! reach the server) hold.
+//! restores; a store token from `tokens create` works as a script's `$(…)` and until revoked;
+//! plugins are listed; and the exit codes scripts rely on (0 ok, 1 the server said no, 2 usage,
+//! 3 cannot reach the server) hold, `reconcile` without a registry included.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use storehost_tests::process::{PROCESS_TOKEN, ServerProcess, storehost_bin};
 use storehost_tests::programs;
 
@@ -437,4 +438,222 @@ fn exit_codes_tell_usage_refusal_and_unreachable_apart() {
         .unwrap();
     assert_eq!(from_env.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&from_env.stdout).contains("demo-alpha"));
+}
+
+/// `POST path` on the server with `token` as Bearer and a JSON body; answers the status.
+fn post_as(url: &str, path: &str, token: &str, body: &Value) -> u16 {
+    reqwest::blocking::Client::new()
+        .post(format!("{url}{path}"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .expect("request")
+        .status()
+        .as_u16()
+}
+
+/// `TOKEN=$(storehost ctl tokens create acme)` (the README's line) works as written: stdout
+/// holds the token and nothing else, and that token appends to its store's log, is refused on
+/// another store and on admin routes, and stops working once `ctl tokens revoke` revoked it
+/// (the id comes from `ctl tokens list --json`).
+#[test]
+fn a_token_from_ctl_tokens_create_reaches_only_its_store_until_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path());
+    let url = server.url.as_str();
+    let dir = dir.path();
+    for id in ["tok-acme", "tok-other"] {
+        ok(&ctl(dir, url, &["stores", "add", id, "--plugin", "writer"]));
+    }
+
+    let created = ctl(dir, url, &["tokens", "create", "tok-acme"]);
+    ok(&created);
+    assert_eq!(
+        created.stdout.lines().count(),
+        1,
+        "stdout is the token alone: {:?}",
+        created.stdout
+    );
+    let token = created.stdout.trim().to_owned();
+    assert!(
+        !token.is_empty() && !token.contains(char::is_whitespace),
+        "{token:?}"
+    );
+    assert_ne!(token, PROCESS_TOKEN);
+
+    let event = serde_json::json!({"type": "kv.put", "payload": {"key": "k", "value": 1}});
+    assert_eq!(
+        post_as(url, "/v1/stores/tok-acme/events", &token, &event),
+        202,
+        "the token appends to its own store"
+    );
+    assert_eq!(
+        post_as(url, "/v1/stores/tok-other/events", &token, &event),
+        403,
+        "another store's route refuses it"
+    );
+    let admin_route = reqwest::blocking::Client::new()
+        .get(format!("{url}/v1/stores"))
+        .bearer_auth(&token)
+        .send()
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(admin_route, 403, "an admin route refuses it");
+
+    let listed = ok(&ctl(dir, url, &["--json", "tokens", "list", "tok-acme"])).json();
+    let tokens = listed["tokens"].as_array().expect("tokens").clone();
+    assert_eq!(tokens.len(), 1, "{listed}");
+    assert!(
+        !listed.to_string().contains(&token),
+        "the list never shows the token: {listed}"
+    );
+    let token_id = tokens[0]["id"].as_u64().expect("token id").to_string();
+    let revoked = ctl(dir, url, &["tokens", "revoke", "tok-acme", &token_id]);
+    assert!(
+        ok(&revoked).stdout.contains("revoked"),
+        "{}",
+        revoked.stdout
+    );
+    assert_eq!(
+        post_as(url, "/v1/stores/tok-acme/events", &token, &event),
+        401,
+        "a revoked token reaches nothing"
+    );
+    let listed = ok(&ctl(dir, url, &["--json", "tokens", "list", "tok-acme"])).json();
+    assert_eq!(listed["tokens"], serde_json::json!([]), "{listed}");
+    let again = ctl(dir, url, &["tokens", "revoke", "tok-acme", &token_id]);
+    assert_eq!(again.code, 1, "{}", again.stderr);
+    assert!(again.stderr.contains("token_not_found"), "{}", again.stderr);
+}
+
+/// `ctl plugin list` shows every plugin the host has: the deployed `writer` with the SHA-256 of
+/// its file and the number of stores using it, as a table and as `--json`.
+#[test]
+fn plugin_list_shows_the_deployed_plugin_and_its_sha256() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path());
+    let url = server.url.as_str();
+    let dir = dir.path();
+    ok(&ctl(
+        dir,
+        url,
+        &["stores", "add", "plug-store", "--plugin", "writer"],
+    ));
+    let sha256 = storehost_tests::sha256sum(&std::fs::read(programs::WRITER).unwrap());
+
+    let table = ctl(dir, url, &["plugin", "list"]);
+    let header = ok(&table).stdout.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("NAME") && header.contains("SHA256"),
+        "{}",
+        table.stdout
+    );
+    let row = table
+        .stdout
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some("writer"))
+        .unwrap_or_else(|| panic!("no writer row: {}", table.stdout));
+    assert!(row.contains(&sha256), "{row}");
+
+    let listed = ok(&ctl(dir, url, &["--json", "plugin", "list"])).json();
+    let plugins = listed["plugins"].as_array().expect("plugins");
+    let writer = plugins
+        .iter()
+        .find(|p| p["name"] == "writer")
+        .unwrap_or_else(|| panic!("no writer: {listed}"));
+    assert_eq!(writer["sha256"], sha256.as_str(), "{writer}");
+    assert_eq!(writer["stores"], 1, "{writer}");
+    assert_eq!(
+        writer["size"],
+        std::fs::metadata(programs::WRITER).unwrap().len(),
+        "{writer}"
+    );
+}
+
+/// `ctl reconcile` on a server without a workspace registry fails as "the server said no"
+/// (exit 1), and stderr says why: the error code and what to configure.
+#[test]
+fn reconcile_without_a_registry_exits_1_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::spawn(&dir.path().join("data"), &[], &[]);
+    let run = ctl(dir.path(), &server.url, &["reconcile"]);
+    assert_eq!(
+        run.code, 1,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+    assert!(run.stderr.contains("reconciler_disabled"), "{}", run.stderr);
+    assert!(run.stderr.contains("HTTP 503"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("AUTH_WORKER_INTERNAL_URL"),
+        "says what to set: {}",
+        run.stderr
+    );
+}
+
+/// `ctl stores add` takes many ids at once (bulk provisioning): each is added in turn with a
+/// line of its own, one refused id does not stop the others (exit 1 at the end, naming it),
+/// and `--json` answers what happened to each.
+#[test]
+fn many_stores_are_added_at_once_and_a_refused_one_does_not_stop_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path());
+    let url = server.url.as_str();
+    let dir = dir.path();
+
+    let run = ctl(
+        dir,
+        url,
+        &[
+            "stores", "add", "bulk-one", "bad id", "bulk-two", "--plugin", "writer",
+        ],
+    );
+    assert_eq!(
+        run.code, 1,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    assert!(
+        run.stdout.contains("store bulk-one created"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("store bulk-two created"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("store bad id failed") && run.stderr.contains("invalid_store_id"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("1 of 3 stores could not be added"),
+        "{}",
+        run.stderr
+    );
+
+    let run = ctl(
+        dir,
+        url,
+        &["--json", "stores", "add", "bulk-two", "bulk-three"],
+    );
+    let answer = ok(&run).json();
+    assert_eq!(
+        answer,
+        json!([{"id": "bulk-two", "status": "updated"}, {"id": "bulk-three", "status": "created"}])
+    );
+    let list = ctl(dir, url, &["--json", "stores", "list"]).json();
+    let mut ids: Vec<&str> = list["stores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .filter(|id| id.starts_with("bulk-"))
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["bulk-one", "bulk-three", "bulk-two"]);
 }

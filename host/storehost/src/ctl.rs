@@ -107,10 +107,12 @@ pub enum StoresCommand {
         /// The store.
         id: String,
     },
-    /// Create a store, or change one (plugin, quotas, config).
+    /// Create stores, or change them (plugin, quotas, config): one or many at once, with a
+    /// progress bar for many.
     Add {
-        /// The store id (3 to 64 letters, digits, `_` or `-`).
-        id: String,
+        /// The store ids (3 to 64 letters, digits, `_` or `-` each).
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
         /// The plugin it runs (default: the host's default plugin).
         #[arg(long)]
         plugin: Option<String>,

@@ -30,13 +30,16 @@ pub enum CtlError {
     BadAnswer(String),
     /// Exit 3: the server cannot be reached.
     Unreachable(String),
+    /// Exit 1: some items of a command on many (stores added at once) were refused; each
+    /// was reported already.
+    Partial(String),
 }
 
 impl CtlError {
     /// The process exit code of this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CtlError::Refused { .. } | CtlError::BadAnswer(_) => 1,
+            CtlError::Refused { .. } | CtlError::BadAnswer(_) | CtlError::Partial(_) => 1,
             CtlError::Usage(_) => 2,
             CtlError::Unreachable(_) => 3,
         }
@@ -46,7 +49,9 @@ impl CtlError {
 impl std::fmt::Display for CtlError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CtlError::Usage(message) | CtlError::BadAnswer(message) => f.write_str(message),
+            CtlError::Usage(message)
+            | CtlError::BadAnswer(message)
+            | CtlError::Partial(message) => f.write_str(message),
             CtlError::Refused {
                 status,
                 code,

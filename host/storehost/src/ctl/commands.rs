@@ -114,57 +114,22 @@ fn stores(client: &Client, json_out: bool, command: StoresCommand) -> Result<(),
             Ok(())
         }
         StoresCommand::Add {
-            id,
+            ids,
             plugin,
             quotas,
             config,
         } => {
-            let mut body = Map::new();
-            if let Some(plugin) = plugin {
-                body.insert("plugin".into(), Value::String(plugin));
-            }
-            if !quotas.is_empty() {
-                let mut map = Map::new();
-                for pair in &quotas {
-                    let (key, value) = key_value("--quota", pair)?;
-                    // Numbers stay numbers; anything else is sent as text for the server to judge.
-                    let value = serde_json::from_str::<Value>(value)
-                        .unwrap_or_else(|_| Value::String(value.to_owned()));
-                    map.insert(key.to_owned(), value);
+            let body = store_body(plugin, &quotas, &config)?;
+            if let [id] = ids.as_slice() {
+                let (view, created) = put_store(client, id, &body)?;
+                if json_out {
+                    output::json(&view);
+                } else {
+                    println!("{}", added_line(&view, created));
                 }
-                body.insert("quotas".into(), Value::Object(map));
+                return Ok(());
             }
-            if !config.is_empty() {
-                let mut map = Map::new();
-                for pair in &config {
-                    let (key, value) = key_value("--config", pair)?;
-                    map.insert(key.to_owned(), Value::String(value.to_owned()));
-                }
-                body.insert("config".into(), Value::Object(map));
-            }
-            let path = format!("/v1/stores/{}", segment(&id));
-            let response = client.send(
-                client
-                    .request(Method::PUT, &path)
-                    .timeout(Duration::from_secs(120))
-                    .json(&Value::Object(body)),
-            )?;
-            let created = response.status().as_u16() == 201;
-            let view: Value = response
-                .json()
-                .map_err(|err| client.transport_error(&err))?;
-            if json_out {
-                output::json(&view);
-            } else {
-                println!(
-                    "store {} {} (plugin {}, state {})",
-                    output::cell(&view["id"]),
-                    if created { "created" } else { "updated" },
-                    output::cell(&view["plugin"]["name"]),
-                    output::cell(&view["state"]),
-                );
-            }
-            Ok(())
+            add_many(client, json_out, &ids, &body)
         }
         StoresCommand::Remove { id, purge } => {
             let mut path = format!("/v1/stores/{}", segment(&id));
@@ -720,6 +685,135 @@ fn open_input(path: &Path) -> Result<(File, u64), CtlError> {
         .map_err(|err| CtlError::Usage(format!("cannot read {}: {err}", path.display())))?
         .len();
     Ok((file, length))
+}
+
+/// The body of `PUT /v1/stores/{id}` from `ctl stores add`'s options.
+fn store_body(
+    plugin: Option<String>,
+    quotas: &[String],
+    config: &[String],
+) -> Result<Value, CtlError> {
+    let mut body = Map::new();
+    if let Some(plugin) = plugin {
+        body.insert("plugin".into(), Value::String(plugin));
+    }
+    if !quotas.is_empty() {
+        let mut map = Map::new();
+        for pair in quotas {
+            let (key, value) = key_value("--quota", pair)?;
+            // Numbers stay numbers; anything else is sent as text for the server to judge.
+            let value = serde_json::from_str::<Value>(value)
+                .unwrap_or_else(|_| Value::String(value.to_owned()));
+            map.insert(key.to_owned(), value);
+        }
+        body.insert("quotas".into(), Value::Object(map));
+    }
+    if !config.is_empty() {
+        let mut map = Map::new();
+        for pair in config {
+            let (key, value) = key_value("--config", pair)?;
+            map.insert(key.to_owned(), Value::String(value.to_owned()));
+        }
+        body.insert("config".into(), Value::Object(map));
+    }
+    Ok(Value::Object(body))
+}
+
+/// `PUT /v1/stores/{id}`: the store's view, and whether it was created.
+fn put_store(client: &Client, id: &str, body: &Value) -> Result<(Value, bool), CtlError> {
+    let path = format!("/v1/stores/{}", segment(id));
+    let response = client.send(
+        client
+            .request(Method::PUT, &path)
+            .timeout(Duration::from_secs(120))
+            .json(body),
+    )?;
+    let created = response.status().as_u16() == 201;
+    let view: Value = response
+        .json()
+        .map_err(|err| client.transport_error(&err))?;
+    Ok((view, created))
+}
+
+fn added_line(view: &Value, created: bool) -> String {
+    format!(
+        "store {} {} (plugin {}, state {})",
+        output::cell(&view["id"]),
+        if created { "created" } else { "updated" },
+        output::cell(&view["plugin"]["name"]),
+        output::cell(&view["state"]),
+    )
+}
+
+/// `ctl stores add ID ID …`: each store in turn, a progress bar on a terminal, then what
+/// happened to each. One store refused does not stop the others (exit 1 at the end); an
+/// unreachable server stops at once (exit 3).
+fn add_many(client: &Client, json_out: bool, ids: &[String], body: &Value) -> Result<(), CtlError> {
+    let bar = count_progress(ids.len() as u64, &format!("adding {} stores", ids.len()));
+    // Each store's line goes above the bar on a terminal, straight out otherwise.
+    let report = |line: String, failure: bool| {
+        if !bar.is_hidden() {
+            bar.println(line);
+            return;
+        }
+        if json_out {
+            return;
+        }
+        if failure {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    let mut results = Vec::with_capacity(ids.len());
+    let mut failed = 0;
+    for id in ids {
+        let outcome = match put_store(client, id, body) {
+            Ok((view, created)) => {
+                report(added_line(&view, created), false);
+                json!({"id": id, "status": if created { "created" } else { "updated" }})
+            }
+            Err(err @ CtlError::Unreachable(_)) => {
+                bar.abandon();
+                return Err(err);
+            }
+            Err(err) => {
+                failed += 1;
+                report(format!("store {id} failed: {err}"), true);
+                json!({"id": id, "status": "failed", "error": err.to_string()})
+            }
+        };
+        results.push(outcome);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if json_out {
+        output::json(&Value::Array(results));
+    }
+    if failed > 0 {
+        return Err(CtlError::Partial(format!(
+            "{failed} of {} stores could not be added (see above)",
+            ids.len()
+        )));
+    }
+    if !json_out {
+        println!("{} stores added or updated", ids.len());
+    }
+    Ok(())
+}
+
+/// A progress bar counting items, on stderr when the output is a terminal.
+fn count_progress(length: u64, message: &str) -> ProgressBar {
+    if !(std::io::stdout().is_terminal() && std::io::stderr().is_terminal()) {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(length);
+    let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} {eta}")
+        .map(|style| style.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_message(message.to_owned());
+    bar
 }
 
 /// A progress bar on stderr when the output is a terminal; hidden otherwise (scripts, pipes).
