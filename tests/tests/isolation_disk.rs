@@ -130,3 +130,48 @@ async fn guest_sql_cannot_attach_another_store_or_touch_host_tables() {
     assert_eq!(store["head"], store["cursor"]);
     assert_eq!(store["head"], hostile.len() as u64 + 1);
 }
+
+/// A query runs read-only, also for a statement an event compiled before: SQLite judges a
+/// statement once, when it is compiled, and the guest's statements are cached by their text,
+/// so an INSERT compiled during an event used to run again inside a query (taking the write
+/// lock and writing the WAL before the query's rollback). Reads still work there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_cannot_write_even_with_a_statement_an_event_compiled() {
+    let host = TestHost::start().await;
+    host.deploy("escape", programs::ESCAPE).await;
+    host.add_store("read-only", "escape", &[]).await;
+    let insert = "INSERT INTO mine (x) VALUES (1)";
+    for sql in ["CREATE TABLE mine (x)", insert] {
+        host.append(
+            "read-only",
+            "probe.sql",
+            json!({"sql": sql, "mode": "execute"}),
+        )
+        .await;
+    }
+    let results = probes(&host, "read-only").await;
+    assert!(
+        results.iter().all(|r| r["allowed"] == true),
+        "the event wrote: {results:#?}"
+    );
+
+    let answer = host
+        .query(
+            "read-only",
+            "probe.sql",
+            json!({"sql": insert, "mode": "execute"}),
+        )
+        .await;
+    assert_eq!(answer["allowed"], false, "{answer}");
+    let detail = answer["detail"].as_str().unwrap();
+    assert!(detail.contains("read-only"), "{detail}");
+    let answer = host
+        .query(
+            "read-only",
+            "probe.sql",
+            json!({"sql": "SELECT count(*) FROM mine", "mode": "query"}),
+        )
+        .await;
+    assert_eq!(answer["allowed"], true, "{answer}");
+    assert!(answer["detail"].as_str().unwrap().contains('1'), "{answer}");
+}

@@ -593,9 +593,22 @@ impl GuestDb {
         }
         self.open_savepoint().map_err(sql_error)?;
         self.start_statement();
-        self.conn
+        let prepared = self
+            .conn
             .prepare_cached(&format!("{GUEST_STATEMENT_PREFIX}{statement}"))
-            .map_err(sql_error)
+            .map_err(sql_error)?;
+        // The authorizer judges a statement when it is compiled; one compiled during an event
+        // comes back from the cache without being judged again, so a query checks here that
+        // it does not write.
+        if self.mode.load(Ordering::Relaxed) == MODE_GUEST_READ && !prepared.readonly() {
+            return Err(SqlError {
+                code: SQLITE_AUTH,
+                message: "a query runs read-only: this statement would write; write from \
+                          handle-event or run-task instead"
+                    .into(),
+            });
+        }
+        Ok(prepared)
     }
 
     /// Runs host SQL (used by tests and tools to inspect the plugin's tables).

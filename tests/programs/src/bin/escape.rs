@@ -15,7 +15,9 @@
 //! `allowed = 1` with what it read, listed or changed (truncated), or `allowed = 0` with the
 //! error. The handler then succeeds, so the record commits. `kind` is `fs.<op>` or `sql`.
 //!
-//! Query `probes` → `{"probes": [{seq, kind, target, allowed, detail}]}`.
+//! Query `probes` → `{"probes": [{seq, kind, target, allowed, detail}]}`; query
+//! `probe.sql {sql, mode?}` runs a SQL probe inside the (read-only) query and answers
+//! `{allowed, detail}` without recording it.
 #![forbid(unsafe_code)]
 
 use std::fs;
@@ -172,9 +174,19 @@ impl Plugin for Escape {
         Ok(())
     }
 
-    fn query(name: &str, _args: Json) -> Result<Json, String> {
+    fn query(name: &str, args: Json) -> Result<Json, String> {
+        if name == "probe.sql" {
+            // A probe from inside a query (read-only): what it reached, not recorded.
+            let probe: SqlProbe = serde_json::from_value(args).map_err(|err| err.to_string())?;
+            return Ok(match probe_sql(&probe) {
+                Ok(seen) => json!({"allowed": true, "detail": seen}),
+                Err(why) => json!({"allowed": false, "detail": why}),
+            });
+        }
         if name != "probes" {
-            return Err(format!("unknown query `{name}`; escape answers probes"));
+            return Err(format!(
+                "unknown query `{name}`; escape answers probes and probe.sql"
+            ));
         }
         let rows = match sql::query(
             "SELECT seq, kind, target, allowed, detail FROM probes ORDER BY seq",
