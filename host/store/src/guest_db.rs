@@ -9,7 +9,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
@@ -154,6 +154,9 @@ pub struct GuestDb {
     page_size: u64,
     /// The page cache the connection may keep, in bytes (the `db_cache` quota).
     cache_quota: std::cell::Cell<u64>,
+    /// Set by the authorizer when it compiles a guest statement that creates or alters a
+    /// table (see [`GuestDb::guest_statement`]).
+    compiled_table_change: Arc<AtomicBool>,
 }
 
 /// Where an invocation's savepoint is: asked for when the invocation starts, opened by the
@@ -207,8 +210,19 @@ impl GuestDb {
 
         let mode = Arc::new(AtomicU8::new(MODE_HOST));
         let auth_mode = mode.clone();
+        let compiled_table_change = Arc::new(AtomicBool::new(false));
+        let table_change = compiled_table_change.clone();
         conn.authorizer(Some(move |ctx: AuthContext<'_>| {
-            authorize(auth_mode.load(Ordering::Relaxed), &ctx)
+            let mode = auth_mode.load(Ordering::Relaxed);
+            if mode != MODE_HOST
+                && matches!(
+                    ctx.action,
+                    AuthAction::CreateTable { .. } | AuthAction::AlterTable { .. }
+                )
+            {
+                table_change.store(true, Ordering::Relaxed);
+            }
+            authorize(mode, &ctx)
         }))?;
         let deadline: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
         let handler_deadline = deadline.clone();
@@ -233,6 +247,7 @@ impl GuestDb {
             // What SQLite gives a new connection (`cache_size = -2000`), so a store on the
             // default quota costs no pragma when it opens.
             cache_quota: std::cell::Cell::new(DEFAULT_DB_CACHE),
+            compiled_table_change,
         };
         db.set_disk_quota(disk_quota)?;
         Ok(db)
@@ -540,17 +555,89 @@ impl GuestDb {
 
     /// Runs a guest statement that returns no rows.
     pub fn guest_execute(&self, statement: &str, params: Vec<Value>) -> Result<u64, SqlError> {
-        let mut stmt = self.prepare_guest(statement)?;
-        let params = params.into_iter().map(to_sqlite).collect::<Vec<_>>();
-        let changed = stmt
-            .execute(rusqlite::params_from_iter(params))
-            .map_err(sql_error)?;
-        Ok(changed as u64)
+        self.guest_statement(statement, |stmt| {
+            let params = params.into_iter().map(to_sqlite).collect::<Vec<_>>();
+            let changed = stmt
+                .execute(rusqlite::params_from_iter(params))
+                .map_err(sql_error)?;
+            Ok(changed as u64)
+        })
     }
 
     /// Runs a guest statement and returns its rows.
     pub fn guest_query(&self, statement: &str, params: Vec<Value>) -> Result<Rows, SqlError> {
+        self.guest_statement(statement, |stmt| Self::rows_of(stmt, params))
+    }
+
+    /// Prepares guest `statement` and runs it with `run`. A statement that creates or alters a
+    /// table runs inside a savepoint and is undone when the table it leaves references one of
+    /// the host's tables: the host deletes from those, and SQLite would then scan the guest's
+    /// table once per deleted row — CPU spent outside every quota. Such a statement is never
+    /// kept in the cache, so the authorizer sees it each time it runs.
+    fn guest_statement<T>(
+        &self,
+        statement: &str,
+        run: impl FnOnce(&mut rusqlite::CachedStatement<'_>) -> Result<T, SqlError>,
+    ) -> Result<T, SqlError> {
+        self.compiled_table_change.store(false, Ordering::Relaxed);
         let mut stmt = self.prepare_guest(statement)?;
+        if !self.compiled_table_change.swap(false, Ordering::Relaxed) {
+            return run(&mut stmt);
+        }
+        self.as_host_batch("SAVEPOINT guest_table_change")
+            .map_err(sql_error)?;
+        let result = run(&mut stmt);
+        stmt.discard();
+        let reference = match &result {
+            Ok(_) => self.host_table_reference().map_err(sql_error)?,
+            Err(_) => None,
+        };
+        let end = if reference.is_some() {
+            "ROLLBACK TO guest_table_change; RELEASE guest_table_change"
+        } else {
+            "RELEASE guest_table_change"
+        };
+        self.as_host_batch(end).map_err(sql_error)?;
+        match reference {
+            Some((table, parent)) => Err(SqlError {
+                code: SQLITE_AUTH,
+                message: format!(
+                    "not authorized: table {table} may not reference the host's table {parent}; nothing of this statement was kept"
+                ),
+            }),
+            None => result,
+        }
+    }
+
+    /// Runs host SQL between guest statements (the guest's mode is restored after).
+    fn as_host_batch(&self, sql: &str) -> rusqlite::Result<()> {
+        let previous = self.mode.swap(MODE_HOST, Ordering::Relaxed);
+        let result = self.conn.execute_batch(sql);
+        self.mode.store(previous, Ordering::Relaxed);
+        result
+    }
+
+    /// A guest table whose foreign key names one of the host's tables: `(table, parent)`.
+    fn host_table_reference(&self) -> rusqlite::Result<Option<(String, String)>> {
+        let previous = self.mode.swap(MODE_HOST, Ordering::Relaxed);
+        let found = self
+            .conn
+            .prepare_cached(
+                "SELECT m.name, f.\"table\" FROM sqlite_schema AS m, pragma_foreign_key_list(m.name) AS f
+                 WHERE m.type = 'table' AND f.\"table\" LIKE '\\_host%' ESCAPE '\\' LIMIT 1",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row([], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()
+            });
+        self.mode.store(previous, Ordering::Relaxed);
+        found
+    }
+
+    fn rows_of(
+        stmt: &mut rusqlite::CachedStatement<'_>,
+        params: Vec<Value>,
+    ) -> Result<Rows, SqlError> {
         let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
         let params = params.into_iter().map(to_sqlite).collect::<Vec<_>>();
         let mut rows = stmt
@@ -904,6 +991,41 @@ mod tests {
             "ATTACH must not create another database file"
         );
         assert_eq!(db.cursor().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_guest_table_cannot_reference_a_host_table() {
+        // The host deletes from its tables; with a guest table referencing one, SQLite would
+        // scan that table once per deleted row, in the host's time.
+        let (_dir, db) = db();
+        let create = "CREATE TABLE junk (x REFERENCES _host_outbox(origin))";
+        for _ in 0..2 {
+            // Twice: the second time must not slip through the statement cache.
+            let err = guest(&db, create).expect_err(create);
+            assert_eq!(err.code, SQLITE_AUTH, "{err:?}");
+            assert!(err.message.contains("_host_outbox"), "{err:?}");
+        }
+        guest(&db, "CREATE TABLE junk2 (x)").unwrap();
+        let alter = r#"ALTER TABLE junk2 ADD COLUMN o TEXT REFERENCES "_HOST_outbox"(origin)"#;
+        let err = guest(&db, alter).expect_err(alter);
+        assert_eq!(err.code, SQLITE_AUTH, "{err:?}");
+        let constraint =
+            "CREATE TABLE junk3 (x, FOREIGN KEY (x) REFERENCES [_host_dead_letters] (seq))";
+        guest(&db, constraint).expect_err(constraint);
+
+        db.enter_guest(false, statement_budget(1_000));
+        let missing = db.guest_query("SELECT * FROM junk", vec![]).unwrap_err();
+        let columns = db
+            .guest_query("SELECT name FROM pragma_table_info('junk2')", vec![])
+            .unwrap();
+        db.leave_guest();
+        assert!(missing.message.contains("no such table"), "{missing:?}");
+        assert_eq!(columns.rows.len(), 1, "the column was not added");
+
+        // Its own tables may reference each other.
+        guest(&db, "CREATE TABLE parent (id INTEGER PRIMARY KEY)").unwrap();
+        guest(&db, "CREATE TABLE child (p REFERENCES parent(id))").unwrap();
+        guest(&db, "ALTER TABLE junk2 ADD COLUMN q REFERENCES parent(id)").unwrap();
     }
 
     #[test]
