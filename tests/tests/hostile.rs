@@ -247,3 +247,44 @@ async fn emit_loop() {
     })
     .await;
 }
+
+/// Emitted events wait in the host's memory until the call ends: a flood of size (1 MB
+/// payloads) is stopped at 16 MiB per call, as `memory`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emit_loop_of_big_payloads() {
+    run(Case {
+        event: ("misbehave", json!({"events": 100, "padBytes": 1_000_000})),
+        message: "at most 16777216 bytes of events",
+        ..Case::new("emit_loop", programs::EMIT_LOOP, "memory")
+    })
+    .await;
+}
+
+/// One emitted payload over 1 MiB (the API's body limit) is refused to the plugin, which
+/// here gives up with the host's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emit_loop_of_one_huge_payload() {
+    run(Case {
+        event: ("misbehave", json!({"events": 1, "padBytes": 2_000_000})),
+        message: "at most 1048576",
+        ..Case::new("emit_loop", programs::EMIT_LOOP, "plugin_error")
+    })
+    .await;
+}
+
+/// Emitted events count against `max_pending_events` like appended ones: a plugin emitting
+/// more than its queue holds is told so (it used to grow the log without bound, e.g. a
+/// plugin that emits events for each event it handles).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emit_loop_past_the_queue() {
+    run(Case {
+        event: ("misbehave", json!({"events": 1_000})),
+        quotas: Quotas {
+            max_pending_events: 100,
+            ..hostile_quotas()
+        },
+        message: "the store's queue is full",
+        ..Case::new("emit_loop", programs::EMIT_LOOP, "plugin_error")
+    })
+    .await;
+}

@@ -19,7 +19,7 @@ use storehost_runtime::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::capabilities::StoreCapabilities;
+use crate::capabilities::{MAX_EMITS_PER_CALL, StoreCapabilities};
 use crate::closing;
 use crate::event_log::LoggedEvent;
 use crate::guest_db::{self, DeadLetter, GuestDb, OutboxEntry};
@@ -406,6 +406,17 @@ impl Actor {
             // The event's invocation instantiates it again and records the failure.
             tracing::debug!("could not instantiate the sandbox early: {}", err.message);
         }
+    }
+
+    /// How many more events the store's queue takes before `max_pending_events`: the room an
+    /// invocation's emitted events may fill.
+    fn queue_room(&self) -> usize {
+        let pending = self.shared.head.borrow().saturating_sub(self.cursor);
+        let max = self
+            .shared
+            .max_pending
+            .load(std::sync::atomic::Ordering::Relaxed);
+        usize::try_from(max.saturating_sub(pending)).unwrap_or(usize::MAX)
     }
 
     /// Whether an event waits to be processed (reading the next ones from the log when none
@@ -1157,9 +1168,10 @@ impl Actor {
             Priority::Normal
         };
         let wall = Duration::from_millis(self.settings.quotas.wall_ms_per_call);
+        let emit_room = self.queue_room();
         let sandbox = self.sandbox().await?;
         sandbox.set_priority(priority);
-        sandbox.host_mut().start_invocation(wall);
+        sandbox.host_mut().start_invocation(wall, emit_room);
         let before = sandbox.usage();
         lock(&db).enter_guest(true, guest_db::statement_budget(cpu_ms));
         let started = Instant::now();
@@ -1284,7 +1296,9 @@ impl Actor {
         lock(&db).begin_read()?;
         let (outcome, cpu_used, fuel_used) = match self.sandbox().await {
             Ok(sandbox) => {
-                sandbox.host_mut().start_invocation(wall);
+                sandbox
+                    .host_mut()
+                    .start_invocation(wall, MAX_EMITS_PER_CALL);
                 let before = sandbox.usage();
                 lock(&db).enter_guest(false, guest_db::statement_budget(cpu_ms));
                 let started = Instant::now();

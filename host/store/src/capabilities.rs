@@ -34,6 +34,11 @@ pub trait LlmBackend: Send + Sync + std::fmt::Debug + 'static {
 
 /// Most events one invocation may emit.
 pub const MAX_EMITS_PER_CALL: usize = 10_000;
+/// Largest payload of one emitted event, in bytes (the API's default body limit).
+pub const MAX_EMITTED_PAYLOAD: usize = 1 << 20;
+/// Most bytes (types and payloads) one invocation may emit: they stay in the host's memory
+/// until the invocation ends.
+pub const MAX_EMITTED_BYTES_PER_CALL: usize = 16 << 20;
 /// Most guest log lines one invocation may write (the rest are counted, not written).
 pub const MAX_LOG_LINES_PER_CALL: u32 = 100;
 /// Longest guest log line kept, in bytes.
@@ -54,6 +59,11 @@ pub struct StoreCapabilities {
     sql_time: std::time::Duration,
     /// When the current invocation reaches its `wall_ms_per_call`, and that limit.
     wall: Option<(std::time::Instant, std::time::Duration)>,
+    /// Bytes emitted by the current invocation.
+    emitted_bytes: usize,
+    /// How many events the store's queue takes before `max_pending_events` (set per
+    /// invocation): emitted events wait in it like appended ones.
+    emit_room: usize,
 }
 
 impl StoreCapabilities {
@@ -79,6 +89,8 @@ impl StoreCapabilities {
             llm_calls: 0,
             sql_time: std::time::Duration::ZERO,
             wall: None,
+            emitted_bytes: 0,
+            emit_room: MAX_EMITS_PER_CALL,
         }
     }
 
@@ -95,9 +107,12 @@ impl StoreCapabilities {
         std::mem::take(&mut self.llm_calls)
     }
 
-    /// Clears what the previous invocation left; the new one may run for `wall_limit`.
-    pub(crate) fn start_invocation(&mut self, wall_limit: std::time::Duration) {
+    /// Clears what the previous invocation left; the new one may run for `wall_limit` and
+    /// emit up to `emit_room` events (the room left in the store's queue).
+    pub(crate) fn start_invocation(&mut self, wall_limit: std::time::Duration, emit_room: usize) {
         self.emitted.clear();
+        self.emitted_bytes = 0;
+        self.emit_room = emit_room.min(MAX_EMITS_PER_CALL);
         self.breach = None;
         self.log_lines = 0;
         self.wall = Some((std::time::Instant::now() + wall_limit, wall_limit));
@@ -163,6 +178,27 @@ impl HostCapabilities for StoreCapabilities {
         if event_type.is_empty() || event_type.len() > 200 {
             return Err("an event type is 1 to 200 characters".into());
         }
+        if payload.len() > MAX_EMITTED_PAYLOAD {
+            return Err(format!(
+                "the payload of {event_type:?} is {} bytes; an emitted event's payload is at most {MAX_EMITTED_PAYLOAD}",
+                payload.len()
+            ));
+        }
+        let bytes = self.emitted_bytes + event_type.len() + payload.len();
+        if bytes > MAX_EMITTED_BYTES_PER_CALL {
+            let message =
+                format!("one call may emit at most {MAX_EMITTED_BYTES_PER_CALL} bytes of events");
+            self.breach
+                .get_or_insert((FailureReason::Memory, message.clone()));
+            return Err(message);
+        }
+        if self.emitted.len() >= self.emit_room {
+            return Err(format!(
+                "the store's queue is full: it holds max_pending_events events not yet processed, and this call has emitted {} more; emit fewer, or raise the quota",
+                self.emitted.len()
+            ));
+        }
+        self.emitted_bytes = bytes;
         if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(&payload) {
             return Err(format!(
                 "the payload of {event_type:?} is not valid JSON: {err}"
