@@ -214,6 +214,20 @@ async fn a_store_over_its_cpu_budget_waits_while_others_go_on() {
         status["state"], "throttled",
         "still waiting for its budget: {status}"
     );
+
+    // A query (or a dead-letter retry) would spend more of it: the caller is told when to
+    // come back instead (it used to run at once, outside the budget).
+    let response = host
+        .client
+        .get(format!("{}/v1/stores/burner/query/anything", host.url))
+        .bearer_auth(storehost_tests::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 429);
+    assert!(response.headers().get("retry-after").is_some());
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "cpu_budget_used", "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

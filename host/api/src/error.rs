@@ -112,6 +112,12 @@ impl From<StoreError> for ApiError {
                 err.to_string(),
             )
             .retry_after(retry_after_ms.div_ceil(1_000).max(1)),
+            StoreError::CpuBudgetUsed { retry_after_ms, .. } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "cpu_budget_used",
+                err.to_string(),
+            )
+            .retry_after(retry_after_ms.div_ceil(1_000).max(1)),
             StoreError::BatchOverBurst { .. } => Self::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "batch_over_burst",

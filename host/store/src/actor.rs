@@ -466,14 +466,14 @@ impl Actor {
                     reply,
                 } = *query;
                 let span = tracing::info_span!("query", %name, request_id = request_id.as_deref());
-                let answer = match self.ensure_db() {
+                let answer = match self.budget_left().and_then(|()| self.ensure_db()) {
                     Ok(()) => self.query(&name, &args).instrument(span).await,
                     Err(err) => Err(err),
                 };
                 let _ = reply.send(answer);
             }
             Command::RetryDeadLetter { seq, reply } => {
-                let answer = match self.ensure_db() {
+                let answer = match self.budget_left().and_then(|()| self.ensure_db()) {
                     Ok(()) => self.retry_dead_letter(seq).await,
                     Err(err) => Err(err),
                 };
@@ -620,6 +620,19 @@ impl Actor {
     }
 
     /// Waits until the store's CPU budget per minute has room again (state `throttled`).
+    /// Refuses work a caller asked for (a query, a dead-letter retry) while the store's CPU
+    /// budget is overdrawn: events wait for it, a caller is told when to come back.
+    fn budget_left(&mut self) -> Result<(), StoreError> {
+        match self.cpu_budget.wait_needed() {
+            Some(delay) => Err(StoreError::CpuBudgetUsed {
+                store: self.shared.id.clone(),
+                per_minute_ms: self.settings.quotas.cpu_ms_per_minute,
+                retry_after_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX).max(1),
+            }),
+            None => Ok(()),
+        }
+    }
+
     async fn wait_for_cpu_budget(&mut self) -> Flow {
         match self.cpu_budget.wait_needed() {
             Some(delay) => self.rest(StoreState::Throttled, delay).await,
@@ -1306,9 +1319,10 @@ impl Actor {
                 metrics.observe_invocation(started.elapsed());
                 lock(&db).leave_guest();
                 let after = sandbox.usage();
+                let sql_ms = sandbox.host_mut().take_sql_ms();
                 (
                     result,
-                    after.cpu_ms.saturating_sub(before.cpu_ms),
+                    after.cpu_ms.saturating_sub(before.cpu_ms) + sql_ms,
                     after.fuel.saturating_sub(before.fuel),
                 )
             }

@@ -170,6 +170,19 @@ pub enum StoreError {
         /// The seq asked for.
         seq: u64,
     },
+    /// The store used its CPU budget (`cpu_ms_per_minute`): a query or a retry waits until it
+    /// refills.
+    #[error(
+        "store {store} used its CPU budget ({per_minute_ms} ms per minute); retry in {retry_after_ms} ms"
+    )]
+    CpuBudgetUsed {
+        /// The store.
+        store: StoreId,
+        /// Its `cpu_ms_per_minute`.
+        per_minute_ms: u64,
+        /// When the budget is no longer overdrawn.
+        retry_after_ms: u64,
+    },
     /// The dead letter with that `seq` was already retried successfully.
     #[error(
         "store {store}'s dead letter {seq} was already retried successfully (resolved at {resolved_at_ms} ms since the epoch); nothing to retry"
