@@ -933,6 +933,9 @@ impl Orchestrator {
     /// recorded in its transitions as `paused` / `resumed`, and kept in the host registry so a
     /// restart leaves a paused store paused.
     pub async fn set_paused(&self, id: &StoreId, paused: bool) -> Result<Store, ControlError> {
+        // Under the change lock: a removal in between would leave host.db a pause of a store
+        // that is gone, and a later store of the same id would open paused.
+        let _guard = self.changes.lock().await;
         let store = self
             .get(id)
             .await
@@ -942,6 +945,20 @@ impl Orchestrator {
         store.set_paused(paused).await?;
         self.record(id, if paused { "paused" } else { "resumed" }, None);
         Ok(store)
+    }
+
+    /// Issues a token for running store `id`, under the change lock: a removal (which revokes
+    /// the store's tokens) cannot slip in between the check and the token, which would then
+    /// open a later store of the same id.
+    pub async fn create_store_token(
+        &self,
+        id: &StoreId,
+    ) -> Result<crate::tokens::IssuedToken, ControlError> {
+        let _guard = self.changes.lock().await;
+        if self.get(id).await.is_none() {
+            return Err(ControlError::NotFound(id.clone()));
+        }
+        Ok(self.registry.create_store_token(id)?)
     }
 
     /// The running store `id`.

@@ -17,13 +17,7 @@ pub async fn create(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let store = running_store(&state, &id).await?;
-    let registry = state.orchestrator.clone();
-    let store_id = store.id().clone();
-    let issued =
-        tokio::task::spawn_blocking(move || registry.registry().create_store_token(&store_id))
-            .await
-            .map_err(ApiError::internal)?
-            .map_err(ApiError::internal)?;
+    let issued = state.orchestrator.create_store_token(store.id()).await?;
     tracing::info!(store_id = %store.id(), token_id = issued.id, "store token created");
     Ok((StatusCode::CREATED, Json(issued)))
 }
