@@ -26,13 +26,24 @@ struct EventStream {
 
 impl EventStream {
     async fn open(host: &TestHost, store: &str, query: &str, last_event_id: Option<u64>) -> Self {
+        Self::open_as(host, store, query, last_event_id, TOKEN).await
+    }
+
+    /// [`EventStream::open`] with `token` (a store token, say).
+    async fn open_as(
+        host: &TestHost,
+        store: &str,
+        query: &str,
+        last_event_id: Option<u64>,
+        token: &str,
+    ) -> Self {
         let mut request = host
             .client
             .get(format!(
                 "{}/v1/stores/{store}/events/stream{query}",
                 host.url
             ))
-            .bearer_auth(TOKEN);
+            .bearer_auth(token);
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id.to_string());
         }
@@ -312,4 +323,39 @@ async fn bad_stream_requests_get_clear_errors() {
         .await
         .unwrap();
     assert_eq!(missing.status(), 404);
+}
+
+/// A stream opened with a store token ends once that token is revoked: the event appended
+/// after the revocation is not delivered. It used to flow on for as long as the connection
+/// lasted, the token being checked only when the stream opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_opened_with_a_store_token_ends_when_the_token_is_revoked() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("watched", "writer", &[]).await;
+    let (status, issued) = host
+        .call(reqwest::Method::POST, "/v1/stores/watched/tokens", None)
+        .await;
+    assert_eq!(status, 201, "{issued}");
+    let token = issued["token"].as_str().unwrap().to_owned();
+    let token_id = issued["id"].as_u64().unwrap();
+
+    let mut stream = EventStream::open_as(&host, "watched", "?after=0", None, &token).await;
+    let seq = host.append("watched", "note", json!({"n": 1})).await;
+    assert_eq!(stream.next_event().await.0, seq);
+
+    let (status, body) = host
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/stores/watched/tokens/{token_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    host.append("watched", "note", json!({"n": 2})).await;
+    assert_eq!(
+        stream.next().await,
+        None,
+        "the stream ends without the event appended after the revocation"
+    );
 }

@@ -5,7 +5,8 @@
 //! browsers' `EventSource` send by themselves) resumes right after the last event it saw, so
 //! it gets every event exactly once. Waiting uses the store's head notification: nothing polls.
 //! Streams end when the store stops or the host starts shutting down (so shutdown does not
-//! wait for them).
+//! wait for them), and a stream opened with a store token ends once that token is revoked
+//! (before the next events, or within `WAIT` when none come).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -66,12 +67,21 @@ pub async fn stream(
         None => params.after.unwrap_or(0),
     };
     super::events::ensure_within_log(&store, after)?;
+    // A store token is checked again as the stream goes on: revoking it ends the stream.
+    let store_token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !state.is_admin(token))
+        .map(str::to_owned);
     let events = futures::stream::unfold(
         Cursor {
             store,
             after,
             buffered: VecDeque::new(),
             shutting_down: state.shutting_down.subscribe(),
+            store_token: store_token.map(|token| (state.clone(), token)),
         },
         Cursor::next,
     );
@@ -84,6 +94,8 @@ struct Cursor {
     after: u64,
     buffered: VecDeque<LoggedEvent>,
     shutting_down: tokio::sync::watch::Receiver<bool>,
+    /// The store token the stream was opened with (none for the admin token).
+    store_token: Option<(AppState, String)>,
 }
 
 impl Cursor {
@@ -100,6 +112,16 @@ impl Cursor {
                 () = self.store.stopped() => return None,
                 _ = self.shutting_down.wait_for(|down| *down) => return None,
             };
+            if let Some((state, token)) = &self.store_token
+                && state
+                    .orchestrator
+                    .registry()
+                    .verify_store_token(token)
+                    .is_none()
+            {
+                tracing::info!(store_id = %self.store.id(), "event stream ended: its store token was revoked");
+                return None;
+            }
             match read {
                 Ok(events) => self.buffered.extend(events),
                 Err(err) => {
