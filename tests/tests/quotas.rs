@@ -483,3 +483,39 @@ async fn the_db_cache_quota_bounds_a_stores_page_cache_and_changes_live() {
     assert_eq!(sample("store_db_cache_quota_bytes", "cache-small"), SMALLER);
     assert!(sample("store_db_cache_bytes", "cache-default") > 1 << 20);
 }
+
+/// A lower `memory` quota applies to a guest that already holds more: its sandbox starts
+/// again under the new limit. Before, the limit only stopped further growth, and a guest
+/// holding 40 MiB kept them under a 16 MiB quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_memory_quota_applies_to_memory_already_held() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("grower", "writer", &[]).await;
+    host.append("grower", "kv.grow", json!({"mib": 40})).await;
+    host.settle("grower").await;
+    let held = host.query("grower", "memory", json!({})).await["bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(held >= 40 << 20, "the guest grew to {held} bytes");
+
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/grower",
+            Some(json!({"quotas": {"memory": "16MiB"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let held = host.query("grower", "memory", json!({})).await["bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        held < 16 << 20,
+        "the guest holds {held} bytes under a 16 MiB quota"
+    );
+    host.append("grower", "kv.put", json!({"key": "k", "value": 1}))
+        .await;
+    host.settle("grower").await;
+    assert_eq!(host.query("grower", "count", json!({})).await["kv"], 1);
+}

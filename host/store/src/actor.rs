@@ -509,7 +509,10 @@ impl Actor {
         }
         let plugin_changed = !Arc::ptr_eq(&settings.plugin, &self.settings.plugin);
         let config_changed = settings.config != self.settings.config;
-        if plugin_changed || config_changed {
+        // A lower memory limit only stops growth: a guest already past it would keep what it
+        // has. A new sandbox starts under the new limit.
+        let memory_lowered = settings.quotas.memory < self.settings.quotas.memory;
+        if plugin_changed || config_changed || memory_lowered {
             // The next invocation instantiates the new plugin or config: a hot swap between events.
             self.sandbox = None;
             self.config = Arc::new(settings.config.clone());

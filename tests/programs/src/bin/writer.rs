@@ -8,7 +8,8 @@
 //! `seq` into `applied(seq INTEGER PRIMARY KEY)`: a second application of the same event would
 //! violate the key, fail the handler and so be visible to tests.
 //!
-//! `kv.log {message}` writes `message` to the host log (info).
+//! `kv.log {message}` writes `message` to the host log (info). `kv.grow {mib}` allocates that
+//! much memory, touches it and frees it: the sandbox's linear memory stays that large.
 //!
 //! `kv.fail {key, value}` writes like `kv.put`, then fails (a plugin error). `kv.runaway {key,
 //! value}` writes like `kv.put`, then runs an insert that never ends (the host interrupts it
@@ -16,7 +17,7 @@
 //! host must keep none of it.
 //!
 //! Queries: `log {message}` writes `message` to the host log; `get {key}` → `{"value": ...|null}`; `applied` → `{"seqs": [...]}`;
-//! `count` → `{"kv": N, "applied": N}`.
+//! `count` → `{"kv": N, "applied": N}`; `memory` → `{"bytes": N}`, the sandbox's linear memory.
 #![forbid(unsafe_code)]
 
 use std::io::Write as _;
@@ -145,6 +146,14 @@ impl Plugin for Writer {
                     message["message"].as_str().unwrap_or("")
                 ));
             }
+            "kv.grow" => {
+                let mib = event.payload_json::<Json>()?["mib"].as_u64().unwrap_or(1) as usize;
+                let mut grown = vec![0u8; mib << 20];
+                for byte in grown.iter_mut().step_by(4096) {
+                    *byte = 1;
+                }
+                std::hint::black_box(&grown);
+            }
             "kv.emit" => {
                 let emit: Emit = event.payload_json()?;
                 events::emit(&emit.event_type, &emit.payload)?;
@@ -185,8 +194,9 @@ impl Plugin for Writer {
                 Ok(json!({}))
             }
             "count" => Ok(json!({ "kv": count("kv")?, "applied": count("applied")? })),
+            "memory" => Ok(json!({ "bytes": core::arch::wasm32::memory_size(0) << 16 })),
             other => Err(format!(
-                "unknown query `{other}`; writer answers get, applied, count"
+                "unknown query `{other}`; writer answers get, applied, count, memory"
             )),
         }
     }
