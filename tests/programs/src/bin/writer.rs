@@ -194,12 +194,24 @@ impl Plugin for Writer {
                 Ok(json!({}))
             }
             "count" => Ok(json!({ "kv": count("kv")?, "applied": count("applied")? })),
-            "memory" => Ok(json!({ "bytes": core::arch::wasm32::memory_size(0) << 16 })),
+            "memory" => Ok(json!({ "bytes": linear_memory_bytes() })),
             other => Err(format!(
                 "unknown query `{other}`; writer answers get, applied, count, memory"
             )),
         }
     }
+}
+
+/// The sandbox's linear memory, in bytes.
+#[cfg(target_arch = "wasm32")]
+fn linear_memory_bytes() -> usize {
+    core::arch::wasm32::memory_size(0) << 16
+}
+
+/// Built for the host only to be tested there: no linear memory to measure.
+#[cfg(not(target_arch = "wasm32"))]
+fn linear_memory_bytes() -> usize {
+    0
 }
 
 export_plugin!(Writer);
