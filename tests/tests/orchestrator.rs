@@ -36,9 +36,11 @@ async fn many_stores_at_once_get_the_answers_one_at_a_time_would_and_respect_max
     changed.config.insert("colour".into(), "blue".into());
     let mut unknown = spec.clone();
     unknown.plugin = "nope".into();
+    // The same source as before: a config declaring them would take them over (an update of
+    // its own, tested in config_reload.rs).
     let mut wanted = vec![
-        (id("kept"), spec.clone(), StoreSource::Config),
-        (id("changed"), changed.clone(), StoreSource::Config),
+        (id("kept"), spec.clone(), StoreSource::Api),
+        (id("changed"), changed.clone(), StoreSource::Api),
         (id("typo"), unknown, StoreSource::Config),
     ];
     wanted.extend((0..50).map(|i| {
