@@ -194,16 +194,16 @@ impl HostCapabilities for StoreCapabilities {
         }
         if self.emitted.len() >= self.emit_room {
             return Err(format!(
-                "the store's queue is full: it holds max_pending_events events not yet processed, and this call has emitted {} more; emit fewer, or raise the quota",
-                self.emitted.len()
+                "the store's queue is full: max_pending_events left room for {} more events when this call began, and it has emitted them; emit fewer, or raise the quota",
+                self.emit_room
             ));
         }
-        self.emitted_bytes = bytes;
         if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(&payload) {
             return Err(format!(
                 "the payload of {event_type:?} is not valid JSON: {err}"
             ));
         }
+        self.emitted_bytes = bytes;
         self.emitted.push((event_type, payload));
         Ok(())
     }
