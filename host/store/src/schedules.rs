@@ -474,6 +474,15 @@ pub fn record_missed(
 
 /// The store's schedules and recent executions.
 pub fn view(conn: &Connection, recent: usize) -> rusqlite::Result<TasksView> {
+    // One read transaction: a run's record and its schedule's move commit together, and three
+    // separate reads could show one without the other.
+    let tx = conn.unchecked_transaction()?;
+    let view = view_in(&tx, recent)?;
+    tx.commit()?;
+    Ok(view)
+}
+
+fn view_in(conn: &Connection, recent: usize) -> rusqlite::Result<TasksView> {
     let mut stmt = conn.prepare_cached(
         "SELECT task_id, kind, spec, payload, next_run_at FROM _host_schedules ORDER BY task_id",
     )?;
