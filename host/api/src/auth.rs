@@ -26,7 +26,12 @@ pub enum Caller {
 
 /// The bearer token of a request, or 401 saying how to send one.
 fn bearer(request: &Request) -> Result<&str, ApiError> {
-    let header = request.headers().get(AUTHORIZATION).ok_or_else(|| {
+    bearer_of(request.headers())
+}
+
+/// [`bearer`] from a request's headers (a route that checks its caller again later).
+pub(crate) fn bearer_of(headers: &axum::http::HeaderMap) -> Result<&str, ApiError> {
+    let header = headers.get(AUTHORIZATION).ok_or_else(|| {
         ApiError::unauthorized(
             "missing Authorization header; send `Authorization: Bearer <token>` (the admin token is in DATA_DIR/admin.token for the embedded default)",
         )

@@ -68,11 +68,8 @@ pub async fn stream(
     };
     super::events::ensure_within_log(&store, after)?;
     // A store token is checked again as the stream goes on: revoking it ends the stream.
-    let store_token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
+    let store_token = crate::auth::bearer_of(&headers)
+        .ok()
         .filter(|token| !state.is_admin(token))
         .map(str::to_owned);
     let events = futures::stream::unfold(
