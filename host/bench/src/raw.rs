@@ -6,9 +6,11 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, params};
-use storehost_runtime::{Event, Limits, Plugin, RuntimeOptions, Sandbox, SandboxOptions};
+use storehost_runtime::{
+    Event, FilesUsage, Limits, Plugin, RuntimeOptions, Sandbox, SandboxFiles, SandboxOptions,
+};
 use storehost_store::guest_db::GuestDb;
-use storehost_store::{StoreCapabilities, StoreRuntime};
+use storehost_store::{Quotas, StoreCapabilities, StoreRuntime};
 use wasmtime::Store;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -179,11 +181,15 @@ pub async fn storehost_instantiations(
     let id = storehost_store::StoreId::new("bench")?;
     let config = Arc::new(std::collections::BTreeMap::new());
     let event = tick_event();
+    let usage = Arc::new(FilesUsage::measure(&files, Quotas::default().files)?);
     timed_rounds(samples, async || {
         let started = Instant::now();
         let host = StoreCapabilities::new(id.clone(), db.clone(), config.clone(), 1_000, None);
         let options = SandboxOptions {
-            files_dir: Some(files.clone()),
+            files: Some(SandboxFiles {
+                dir: files.clone(),
+                usage: usage.clone(),
+            }),
             limits: Limits::default(),
         };
         let mut sandbox = Sandbox::new(&plugin, host, options).await?;

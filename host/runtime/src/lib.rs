@@ -6,6 +6,7 @@
 
 pub mod bindings;
 pub mod failure;
+pub mod files;
 pub mod host;
 pub mod plugin;
 pub mod runtime;
@@ -22,8 +23,9 @@ pub mod llm {
     };
 }
 pub use failure::{FailureReason, InvocationError};
+pub use files::FilesUsage;
 pub use host::{HostCapabilities, LlmFuture, LogLevel};
 pub use plugin::{Plugin, PluginError};
 pub use runtime::{DEMOTED_NICE, Runtime, RuntimeOptions};
-pub use sandbox::{Limits, Sandbox, SandboxOptions, Usage};
+pub use sandbox::{Limits, Sandbox, SandboxFiles, SandboxOptions, Usage};
 pub use scheduler::Priority;

@@ -93,6 +93,14 @@ impl<H: HostCapabilities> Runtime<H> {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        // The guest's filesystem again, in front of wasmtime-wasi's: the store's files quota
+        // and the cap on open files are enforced there (see `files`).
+        linker.allow_shadowing(true);
+        wasmtime_wasi::p2::bindings::filesystem::types::add_to_linker::<_, crate::files::Files>(
+            &mut linker,
+            InstanceState::files_view,
+        )?;
+        linker.allow_shadowing(false);
         PluginWorld::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |state| {
             state
         })?;

@@ -13,6 +13,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use crate::bindings::Plugin as PluginInstance;
 use crate::bindings::storehost::plugin::{clock, config, events, llm, log, scheduler, sql, types};
 use crate::failure::{FailureReason, InvocationError};
+use crate::files::{FilesState, FilesUsage, FilesView};
 use crate::host::HostCapabilities;
 use crate::plugin::Plugin;
 use crate::scheduler::{Priority, Slot, SlotScheduler};
@@ -48,11 +49,21 @@ impl Default for Limits {
     }
 }
 
+/// A store's files directory, as a sandbox is given it.
+#[derive(Debug, Clone)]
+pub struct SandboxFiles {
+    /// The host directory the guest sees at [`GUEST_FILES_PATH`]; nothing else is reachable.
+    pub dir: PathBuf,
+    /// What the directory holds and may hold (the store's `files` quota), shared by the
+    /// store's sandboxes.
+    pub usage: Arc<FilesUsage>,
+}
+
 /// What a sandbox is created with.
 #[derive(Debug, Clone, Default)]
 pub struct SandboxOptions {
-    /// A host directory the guest sees at [`GUEST_FILES_PATH`]; nothing else is reachable.
-    pub files_dir: Option<PathBuf>,
+    /// The store's files directory; without one the guest has no filesystem.
+    pub files: Option<SandboxFiles>,
     /// The limits of each invocation.
     pub limits: Limits,
 }
@@ -72,6 +83,7 @@ pub struct Usage {
 pub struct InstanceState<H> {
     wasi: WasiCtx,
     table: ResourceTable,
+    files: FilesState,
     host: H,
     limiter: MemoryLimiter,
     cpu: CpuMeter,
@@ -132,8 +144,10 @@ impl<H: HostCapabilities> Sandbox<H> {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         let mut wasi = WasiCtxBuilder::new();
         wasi.stderr(stderr.clone()).stdout(stderr.clone());
-        if let Some(dir) = &options.files_dir {
-            wasi.preopened_dir(dir, GUEST_FILES_PATH, FsPerms::ReadWrite)
+        let mut files_usage = None;
+        if let Some(files) = &options.files {
+            files_usage = Some(files.usage.clone());
+            wasi.preopened_dir(&files.dir, GUEST_FILES_PATH, FsPerms::ReadWrite)
                 .map_err(|err| {
                     InvocationError::new(
                         FailureReason::HostError,
@@ -144,6 +158,10 @@ impl<H: HostCapabilities> Sandbox<H> {
         let state = InstanceState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
+            // Without a files directory nothing reaches the quota: there is nothing to write.
+            files: FilesState::new(
+                files_usage.unwrap_or_else(|| Arc::new(FilesUsage::unlimited())),
+            ),
             host,
             limiter: MemoryLimiter::new(options.limits.memory_bytes),
             cpu: CpuMeter::default(),
@@ -334,6 +352,7 @@ impl<H: HostCapabilities> Sandbox<H> {
         state.cpu.limit_ticks = limit_ticks;
         state.limiter.refused = None;
         let _ = state.host.take_breach();
+        let _ = state.files.take_refused();
         self.store.set_epoch_deadline(1);
         Ok(self.stderr.contents().len())
     }
@@ -348,7 +367,13 @@ impl<H: HostCapabilities> Sandbox<H> {
             let left = self.store.get_fuel().unwrap_or(0);
             self.fuel_used = self.fuel_used.saturating_add(budget.saturating_sub(left));
         }
-        let breach = self.store.data_mut().host.take_breach();
+        let state = self.store.data_mut();
+        let files_full = state.files.take_refused();
+        let breach = state.host.take_breach().or_else(|| {
+            // A host capability's breach (the database full) says more than a refused file
+            // write the guest may have tried after it.
+            files_full.map(|detail| (FailureReason::DiskFull, detail))
+        });
         match outcome {
             Ok(Ok(Ok(value))) => Ok(value),
             Ok(Ok(Err(message))) => Err(match breach {
@@ -532,6 +557,19 @@ impl<H: HostCapabilities> WasiView for InstanceState<H> {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl<H: HostCapabilities> InstanceState<H> {
+    /// The guest's filesystem, with the store's files quota in front of it.
+    pub(crate) fn files_view(&mut self) -> FilesView<'_> {
+        FilesView {
+            fs: wasmtime_wasi::filesystem::WasiFilesystemCtxView {
+                ctx: self.wasi.filesystem(),
+                table: &mut self.table,
+            },
+            files: &mut self.files,
         }
     }
 }

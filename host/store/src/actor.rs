@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use storehost_runtime::{
-    Event, FailureReason, InvocationError, Limits, Priority, Sandbox, SandboxOptions, TaskRun,
+    Event, FailureReason, InvocationError, Limits, Priority, Sandbox, SandboxFiles, SandboxOptions,
+    TaskRun,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
@@ -101,7 +102,7 @@ pub(crate) struct Actor {
     /// `store.db`; `None` while the store hibernates (see [`Actor::ensure_db`]).
     db: Option<Arc<Mutex<GuestDb>>>,
     db_file: DbFile,
-    files_dir: PathBuf,
+    files: SandboxFiles,
     settings: StoreSettings,
     config: Arc<std::collections::BTreeMap<String, String>>,
     inbox: mpsc::Receiver<Command>,
@@ -173,7 +174,7 @@ impl Actor {
         shared: Arc<Shared>,
         db: GuestDb,
         db_file: DbFile,
-        files_dir: PathBuf,
+        files: SandboxFiles,
         settings: StoreSettings,
         inbox: mpsc::Receiver<Command>,
         cursor: u64,
@@ -184,7 +185,7 @@ impl Actor {
             shared,
             db: Some(Arc::new(Mutex::new(db))),
             db_file,
-            files_dir,
+            files,
             config: Arc::new(settings.config.clone()),
             settings,
             inbox,
@@ -507,6 +508,7 @@ impl Actor {
                 tracing::error!("could not apply the db_cache quota: {err}");
             }
         }
+        self.files.usage.set_limit(settings.quotas.files);
         let plugin_changed = !Arc::ptr_eq(&settings.plugin, &self.settings.plugin);
         let config_changed = settings.config != self.settings.config;
         // A lower memory limit only stops growth: a guest already past it would keep what it
@@ -1403,7 +1405,7 @@ impl Actor {
                 self.settings.llm.clone(),
             );
             let options = SandboxOptions {
-                files_dir: Some(self.files_dir.clone()),
+                files: Some(self.files.clone()),
                 limits: limits_of(&self.settings),
             };
             let sandbox = Sandbox::new(&self.settings.plugin, host, options).await?;
@@ -1431,6 +1433,7 @@ impl Actor {
         // (hibernation, a trap, a plugin swap).
         status.usage.fuel += fuel_used;
         status.usage.memory_peak = status.usage.memory_peak.max(sandbox_usage.memory_peak);
+        status.usage.files_bytes = self.files.usage.used();
     }
 
     /// Records the database's size after a commit. Once per commit, not per invocation: SQLite

@@ -19,6 +19,10 @@ pub struct Quotas {
     pub cpu_ms_per_minute: u64,
     /// Maximum size of the store's database, in bytes.
     pub disk: u64,
+    /// Most the store's files directory (`/data` to the guest) may hold, in bytes: the bytes
+    /// of its files, plus [`FILE_ENTRY_BYTES`] for each file, directory and link. 0 lets the
+    /// guest read files put there but write none.
+    pub files: u64,
     /// Page cache the store's database may keep in the host's memory while the store is
     /// awake, in bytes (SQLite's own default, 2000 KiB, unless set). Hibernating hands it back.
     pub db_cache: u64,
@@ -45,6 +49,7 @@ impl Default for Quotas {
             wall_ms_per_call: 10_000,
             cpu_ms_per_minute: 30_000,
             disk: 1 << 30,
+            files: 64 << 20,
             db_cache: DEFAULT_DB_CACHE,
             events_per_second: 1_000,
             burst: 2_000,
@@ -53,6 +58,11 @@ impl Default for Quotas {
         }
     }
 }
+
+/// What each file, directory and link in a store's files directory counts against its
+/// `files` quota besides its bytes (a filesystem block): empty files are not free, so a guest
+/// cannot use up the filesystem's inodes.
+pub const FILE_ENTRY_BYTES: u64 = storehost_runtime::files::ENTRY_BYTES;
 
 /// The smallest `memory`, `disk` and `db_cache` quota: one WebAssembly page (64 KiB).
 pub const MIN_SIZE_QUOTA: u64 = 64 << 10;

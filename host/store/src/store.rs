@@ -10,7 +10,9 @@ use std::num::NonZeroU32;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota as GovernorQuota, RateLimiter};
 use serde::Serialize;
-use storehost_runtime::{FailureReason, InvocationError, Plugin, Runtime};
+use storehost_runtime::{
+    FailureReason, FilesUsage, InvocationError, Plugin, Runtime, SandboxFiles,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::actor::{Actor, Command, DbFile, Query};
@@ -247,6 +249,9 @@ pub struct UsageReport {
     pub memory_peak: u64,
     /// Size of the store's databases, in bytes.
     pub disk_bytes: u64,
+    /// What the store's files directory holds, as its `files` quota counts it (bytes, plus
+    /// 4 KiB per file, directory and link).
+    pub files_bytes: u64,
     /// Page cache the store's database holds in the host's memory, in bytes (at most the
     /// `db_cache` quota; as of the last commit, 0 once the store hibernates).
     pub db_cache_bytes: u64,
@@ -395,6 +400,12 @@ impl Store {
         db.set_cache_quota(settings.quotas.db_cache)?;
         let cursor = db.cursor()?;
         let head = log.head()?;
+        // Counted once, when the store starts: from then on the sandboxes count what they add
+        // and remove.
+        let files = SandboxFiles {
+            usage: Arc::new(FilesUsage::measure(&dir.files, settings.quotas.files)?),
+            dir: dir.files.clone(),
+        };
         let status = StoreStatus {
             state: if settings.start_paused {
                 StoreState::Paused
@@ -410,7 +421,10 @@ impl Store {
             failures_by_reason: BTreeMap::new(),
             last_failure: None,
             last_activity: None,
-            usage: UsageReport::default(),
+            usage: UsageReport {
+                files_bytes: files.usage.used(),
+                ..UsageReport::default()
+            },
             waiting_until: None,
             tasks_executed: 0,
             next_task_due_at: None,
@@ -436,7 +450,7 @@ impl Store {
                 path: dir.store_db(),
                 durability,
             },
-            dir.files.clone(),
+            files,
             settings,
             inbox,
             cursor,

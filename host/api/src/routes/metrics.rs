@@ -161,6 +161,8 @@ struct StoreSample {
     memory_quota: u64,
     disk_bytes: u64,
     disk_quota: u64,
+    files_bytes: u64,
+    files_quota: u64,
     db_cache_bytes: u64,
     db_cache_quota: u64,
     tasks: u64,
@@ -207,6 +209,8 @@ impl Snapshot {
                 memory_quota: view.quotas.memory,
                 disk_bytes: status.usage.disk_bytes,
                 disk_quota: view.quotas.disk,
+                files_bytes: status.usage.files_bytes,
+                files_quota: view.quotas.files,
                 db_cache_bytes: status.usage.db_cache_bytes,
                 db_cache_quota: view.quotas.db_cache,
                 tasks: metrics.tasks_executed(),
@@ -412,6 +416,20 @@ impl Collector for Snapshot {
             "store_disk_quota_bytes",
             "The store's disk quota.",
             |s| s.disk_quota,
+        )?;
+        per_store_gauge(
+            e,
+            stores,
+            "store_files_bytes",
+            "What the store's files directory holds, as its files quota counts it (bytes plus 4 KiB per file, directory and link).",
+            |s| s.files_bytes,
+        )?;
+        per_store_gauge(
+            e,
+            stores,
+            "store_files_quota_bytes",
+            "The store's files quota.",
+            |s| s.files_quota,
         )?;
         per_store_gauge(
             e,

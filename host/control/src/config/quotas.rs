@@ -16,7 +16,7 @@ pub const UNMETERED: &str = "unmetered";
 
 /// Some or all fields of [`Quotas`]; an absent field keeps the value it overrides.
 ///
-/// Sizes (`memory`, `disk`, `db_cache`) accept an integer of bytes or a string like `"64MiB"`;
+/// Sizes (`memory`, `disk`, `files`, `db_cache`) accept an integer of bytes or a string like `"64MiB"`;
 /// `fuel_per_call` accepts an integer or `"unmetered"`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -36,6 +36,9 @@ pub struct QuotasOverride {
     /// Maximum database size, in bytes.
     #[serde(deserialize_with = "size::deserialize_option")]
     pub disk: Option<u64>,
+    /// Most the store's files directory may hold, in bytes.
+    #[serde(deserialize_with = "size::deserialize_option")]
+    pub files: Option<u64>,
     /// Page cache of the store's database while it is awake, in bytes.
     #[serde(deserialize_with = "size::deserialize_option")]
     pub db_cache: Option<u64>,
@@ -59,6 +62,7 @@ impl QuotasOverride {
             wall_ms_per_call: self.wall_ms_per_call.unwrap_or(base.wall_ms_per_call),
             cpu_ms_per_minute: self.cpu_ms_per_minute.unwrap_or(base.cpu_ms_per_minute),
             disk: self.disk.unwrap_or(base.disk),
+            files: self.files.unwrap_or(base.files),
             db_cache: self.db_cache.unwrap_or(base.db_cache),
             events_per_second: self.events_per_second.unwrap_or(base.events_per_second),
             burst: self.burst.unwrap_or(base.burst),

@@ -7,7 +7,12 @@
 //! - `probe.fs {path, op, target?}` with `op`:
 //!   `read` (read the file at `path`), `write` (write a few bytes to `path`), `list` (list the
 //!   directory at `path`), `symlink_read` (create a symlink at `path` pointing to `target`, when
-//!   given, then read through it; without `target`, read `path`, e.g. a link planted by a test);
+//!   given, then read through it; without `target`, read `path`, e.g. a link planted by a test),
+//!   and, to press on the `files` quota: `fill` (write `bytes` bytes to a new file at `path`
+//!   in 64 KiB writes), `append` (append `bytes` bytes to `path`), `grow` (set the length of a
+//!   new file at `path` to `bytes`), `touch_many` (create `count` empty files in directory
+//!   `path`), `hold` (open the file at `path` `count` times, keeping every handle until the
+//!   probe ends) and `delete` (remove the file at `path`);
 //! - `probe.sql {sql, mode?}` runs the statement with `sql::query` (`mode: "query"`, the default
 //!   for statements starting with SELECT, WITH, VALUES or PRAGMA) or `sql::execute`.
 //!
@@ -39,6 +44,10 @@ struct FsProbe {
     op: String,
     #[serde(default)]
     target: Option<String>,
+    #[serde(default)]
+    bytes: u64,
+    #[serde(default)]
+    count: u32,
 }
 
 #[derive(Deserialize)]
@@ -84,10 +93,61 @@ fn probe_fs(probe: &FsProbe) -> Outcome {
             }
             read(path)
         }
+        "fill" => fs::File::create(path)
+            .map_err(|err| format!("create failed: {err}"))
+            .and_then(|file| write_chunks(file, probe.bytes)),
+        "append" => fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|err| format!("open failed: {err}"))
+            .and_then(|file| write_chunks(file, probe.bytes)),
+        "grow" => fs::File::create(path)
+            .and_then(|file| file.set_len(probe.bytes))
+            .map(|()| format!("grew to {} bytes", probe.bytes))
+            .map_err(|err| format!("grow failed: {err}")),
+        "touch_many" => {
+            for made in 0..probe.count {
+                if let Err(err) = fs::File::create(format!("{path}/{made}")) {
+                    return Err(format!("created {made} files, then: {err}"));
+                }
+            }
+            Ok(format!("created {} files", probe.count))
+        }
+        "hold" => {
+            let mut held = Vec::new();
+            for _ in 0..probe.count {
+                match fs::File::open(path) {
+                    Ok(file) => held.push(file),
+                    Err(err) => return Err(format!("held {} files, then: {err}", held.len())),
+                }
+            }
+            Ok(format!("held {} files", held.len()))
+        }
+        "delete" => fs::remove_file(path)
+            .map(|()| "deleted".to_owned())
+            .map_err(|err| format!("delete failed: {err}")),
         other => Err(format!(
-            "unknown op `{other}`: use read, write, list or symlink_read"
+            "unknown op `{other}`: use read, write, list, symlink_read, fill, append, grow, \
+             touch_many, hold or delete"
         )),
     }
+}
+
+/// Writes `bytes` bytes to `file` in 64 KiB writes: `Ok` with the count, or `Err` with how
+/// far it got and why it stopped.
+fn write_chunks(mut file: fs::File, bytes: u64) -> Outcome {
+    use std::io::Write;
+    static CHUNK: [u8; 64 << 10] = [7; 64 << 10];
+    let mut written = 0;
+    while written < bytes {
+        let len = (bytes - written).min(CHUNK.len() as u64) as usize;
+        if let Err(err) = file.write_all(&CHUNK[..len]) {
+            return Err(format!("wrote {written} bytes, then: {err}"));
+        }
+        written += len as u64;
+    }
+    Ok(format!("wrote {written} bytes"))
 }
 
 fn read(path: &str) -> Outcome {

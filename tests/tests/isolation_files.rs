@@ -1,0 +1,228 @@
+//! A store's files directory (`/data`) is bounded like its database: the `files` quota caps
+//! what the guest keeps there (bytes written plus 4 KiB per file, directory or link), and a
+//! guest holds only a few files open at once, so one tenant can neither fill the filesystem
+//! the stores share nor use up the host's open files.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+use storehost_store::Quotas;
+use storehost_tests::{TestHost, programs};
+
+/// The `files` quota of the cramped stores below.
+const FILES_QUOTA: u64 = 1 << 20;
+
+async fn probes(host: &TestHost, store: &str) -> Vec<Value> {
+    host.settle(store).await;
+    host.query(store, "probes", json!({})).await["probes"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+async fn probe(host: &TestHost, store: &str, probe: Value) -> Value {
+    host.append(store, "probe.fs", probe).await;
+    probes(host, store).await.pop().unwrap()
+}
+
+/// Bytes of every file under `dir`, as the host's filesystem has them.
+fn bytes_under(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                bytes_under(&entry.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cannot_keep_more_than_its_files_quota_in_data() {
+    let host = TestHost::start().await;
+    host.deploy("escape", programs::ESCAPE).await;
+    let quotas = Quotas {
+        files: FILES_QUOTA,
+        ..Quotas::default()
+    };
+    let cramped = host.add_store_with("cramped", "escape", &[], quotas).await;
+    let roomy = host.add_store("roomy", "escape", &[]).await;
+    let files = cramped.dir().files.clone();
+
+    // Every way of making a file larger stops at the quota: positioned writes, appends, and
+    // setting a length (a sparse file counts at its length).
+    for hostile in [
+        json!({"path": "/data/big", "op": "fill", "bytes": 4 * FILES_QUOTA}),
+        json!({"path": "/data/log", "op": "append", "bytes": 4 * FILES_QUOTA}),
+        json!({"path": "/data/sparse", "op": "grow", "bytes": 1u64 << 40}),
+    ] {
+        let result = probe(&host, "cramped", hostile.clone()).await;
+        assert_eq!(result["allowed"], false, "{hostile} got through: {result}");
+        // A length is set through the descriptor, whose error the guest's libc passes on as
+        // it is; a failed stream write reaches Rust's standard library as a plain I/O error.
+        if hostile["op"] == "grow" {
+            let detail = result["detail"].as_str().unwrap();
+            assert!(detail.contains("No space left"), "{detail}");
+        }
+        assert!(
+            bytes_under(&files) <= FILES_QUOTA,
+            "{hostile} left {} bytes in a store allowed {FILES_QUOTA}",
+            bytes_under(&files)
+        );
+    }
+    // Empty files cost an entry each (4 KiB), so they cannot use up the filesystem's inodes.
+    let result = probe(
+        &host,
+        "cramped",
+        json!({"path": "/data", "op": "touch_many", "count": 10_000}),
+    )
+    .await;
+    assert_eq!(result["allowed"], false, "{result}");
+    let entries = std::fs::read_dir(&files).unwrap().count() as u64;
+    assert!(entries <= FILES_QUOTA / 4096, "{entries} entries");
+
+    // The store's usage shows what its files hold.
+    let (_, status) = host.get("/v1/stores/cramped").await;
+    let used = status["usage"]["filesBytes"].as_u64().unwrap();
+    assert!(
+        used > FILES_QUOTA / 2 && used <= FILES_QUOTA,
+        "filesBytes {used}: {status}"
+    );
+    assert_eq!(status["quotas"]["files"], FILES_QUOTA, "{status}");
+
+    // Deleting files gives their space back.
+    for path in ["/data/big", "/data/log"] {
+        let result = probe(&host, "cramped", json!({"path": path, "op": "delete"})).await;
+        assert_eq!(result["allowed"], true, "{result}");
+    }
+    let result = probe(
+        &host,
+        "cramped",
+        json!({"path": "/data/after", "op": "fill", "bytes": FILES_QUOTA / 4}),
+    )
+    .await;
+    assert_eq!(result["allowed"], true, "space came back: {result}");
+    let (_, status) = host.get("/v1/stores/cramped").await;
+    assert!(
+        status["usage"]["filesBytes"].as_u64().unwrap() < used,
+        "{status}"
+    );
+
+    // A neighbour under the default quota writes what the cramped store could not.
+    let result = probe(
+        &host,
+        "roomy",
+        json!({"path": "/data/big", "op": "fill", "bytes": 4 * FILES_QUOTA}),
+    )
+    .await;
+    assert_eq!(result["allowed"], true, "{result}");
+    assert_eq!(
+        std::fs::metadata(roomy.dir().files.join("big"))
+            .unwrap()
+            .len(),
+        4 * FILES_QUOTA
+    );
+}
+
+/// What a store's files already hold when it starts counts against its quota (a host
+/// restart, or files an operator put there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_a_store_already_keeps_count_against_its_quota() {
+    let host = TestHost::start().await;
+    host.deploy("escape", programs::ESCAPE).await;
+    let files = host.data_dir.join("stores/keeper/files");
+    std::fs::create_dir_all(files.join("sub")).unwrap();
+    std::fs::write(files.join("sub/old"), vec![0u8; 2 * FILES_QUOTA as usize]).unwrap();
+    let quotas = Quotas {
+        files: FILES_QUOTA,
+        ..Quotas::default()
+    };
+    host.add_store_with("keeper", "escape", &[], quotas).await;
+    let result = probe(
+        &host,
+        "keeper",
+        json!({"path": "/data/new", "op": "fill", "bytes": 1}),
+    )
+    .await;
+    assert_eq!(result["allowed"], false, "{result}");
+    let (_, status) = host.get("/v1/stores/keeper").await;
+    assert!(
+        status["usage"]["filesBytes"].as_u64().unwrap() >= 2 * FILES_QUOTA,
+        "{status}"
+    );
+    assert!(files.join("sub/old").exists());
+}
+
+/// A guest holds at most 64 files open at once: each is one of the host's own open files,
+/// which every store's databases need too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cannot_hold_the_hosts_open_files() {
+    let host = TestHost::start().await;
+    host.deploy("escape", programs::ESCAPE).await;
+    host.add_store("hoarder", "escape", &[]).await;
+    let written = probe(
+        &host,
+        "hoarder",
+        json!({"path": "/data/f", "op": "fill", "bytes": 10}),
+    )
+    .await;
+    assert_eq!(written["allowed"], true, "{written}");
+
+    let result = probe(
+        &host,
+        "hoarder",
+        json!({"path": "/data/f", "op": "hold", "count": 5_000}),
+    )
+    .await;
+    assert_eq!(result["allowed"], false, "{result}");
+    let detail = result["detail"].as_str().unwrap();
+    let held: u64 = detail
+        .strip_prefix("held ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{detail}"));
+    assert!((32..=64).contains(&held), "{detail}");
+
+    // Closing them gives them back.
+    let result = probe(
+        &host,
+        "hoarder",
+        json!({"path": "/data/f", "op": "hold", "count": 32}),
+    )
+    .await;
+    assert_eq!(result["allowed"], true, "{result}");
+}
+
+/// A plugin that gives up when `/data` is full fails as `disk_full`, like one whose database
+/// is full: the failure says which quota, and the event is dead-lettered, not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_failing_on_a_full_files_quota_fails_as_disk_full() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    let quotas = Quotas {
+        files: 0,
+        ..Quotas::default()
+    };
+    host.add_store_with("no-files", "writer", &[], quotas).await;
+    host.append(
+        "no-files",
+        "kv.slow",
+        json!({"key": "k", "value": 1, "sleepMs": 0}),
+    )
+    .await;
+    let status = host
+        .wait_for_status("no-files", |s| s["deadLettered"].as_u64() >= Some(1))
+        .await;
+    assert_eq!(status["lastFailure"]["reason"], "disk_full", "{status}");
+    let message = status["lastFailure"]["message"].as_str().unwrap();
+    assert!(message.contains("files"), "{message}");
+    let (_, letters) = host.get("/v1/stores/no-files/dead-letters").await;
+    assert_eq!(
+        letters["deadLetters"][0]["reason"], "disk_full",
+        "{letters}"
+    );
+}
