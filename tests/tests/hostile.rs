@@ -185,6 +185,17 @@ async fn memory_hog() {
     .await;
 }
 
+/// WASI handles cost the host memory the guest's quota does not see (a table entry and the
+/// object behind it for 4 bytes of guest memory): a guest holds at most 4,096 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handle_hoard() {
+    run(Case {
+        message: "4096 WASI handles",
+        ..Case::new("handle_hoard", programs::HANDLE_HOARD, "memory")
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deep_recursion() {
     run(Case::new(

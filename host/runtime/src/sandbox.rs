@@ -22,6 +22,14 @@ use crate::{Event, Rows, SqlError, TaskRun, Value};
 /// Where a sandbox's guest sees its own files directory.
 pub const GUEST_FILES_PATH: &str = "/data";
 
+/// The most component-model handles (WASI streams, pollables, files, …) a guest holds at once.
+/// Each costs the host memory the guest's `memory` quota does not count (a table entry and the
+/// object behind it, for 4 bytes of guest memory); wasmtime's own default is 100,000.
+pub const MAX_HANDLES: usize = 4096;
+
+/// What wasmtime's error says when a guest asks for a handle past [`MAX_HANDLES`].
+const HANDLE_LIMIT_ERROR: &str = "store handle limit exceeded";
+
 /// How much of the guest's stderr is kept (panic messages are read from it).
 const STDERR_CAPACITY: usize = 64 << 10;
 
@@ -172,6 +180,7 @@ impl<H: HostCapabilities> Sandbox<H> {
         let scheduler = plugin.scheduler.clone();
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
+        store.set_max_component_handles(MAX_HANDLES);
         let ticks_scheduler = scheduler.clone();
         store.epoch_deadline_callback(move |mut ctx| {
             let slot = ctx.data().slot.clone();
@@ -446,6 +455,19 @@ impl<H: HostCapabilities> Sandbox<H> {
                 }
             }
             Some(trap) => InvocationError::new(FailureReason::Trap, format!("wasm trap: {trap}")),
+            None if err
+                .chain()
+                .any(|cause| cause.to_string().contains(HANDLE_LIMIT_ERROR)) =>
+            {
+                InvocationError::new(
+                    FailureReason::Memory,
+                    format!(
+                        "the guest held more than {MAX_HANDLES} WASI handles (streams, \
+                         pollables, files) at once; each costs the host memory outside the \
+                         memory quota"
+                    ),
+                )
+            }
             None => InvocationError::new(FailureReason::Trap, format!("{err:#}")),
         }
     }
