@@ -176,6 +176,27 @@ async fn hostcall_loop() {
     .await;
 }
 
+/// Host calls are charged for the bytes they move (1 ms of CPU time per MiB): the epoch ticks
+/// that meter guest code stand still while the host copies a huge argument.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_log() {
+    run(Case {
+        message: "100 ms of CPU time",
+        ..Case::new("bulk_log", programs::BULK_LOG, "cpu_time")
+    })
+    .await;
+}
+
+/// The same for the one file call whose size the guest chooses (a positioned write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_write() {
+    run(Case {
+        message: "100 ms of CPU time",
+        ..Case::new("bulk_write", programs::BULK_WRITE, "cpu_time")
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_hog() {
     run(Case {

@@ -26,6 +26,8 @@ use wasmtime_wasi::p2::bindings::filesystem::types::{
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, FsError, FsResult};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 
+use crate::sandbox::charge_moving;
+
 /// What each file, directory and link counts besides its bytes: one filesystem block.
 pub const ENTRY_BYTES: u64 = 4096;
 
@@ -129,15 +131,23 @@ pub(crate) struct FilesState {
     /// stream keeps its file open after its descriptor is dropped).
     open: Vec<Weak<std::fs::File>>,
     refused: Arc<AtomicBool>,
+    /// CPU ticks owed for the bytes positioned writes moved, the one file call whose size
+    /// the guest chooses (see [`crate::sandbox::BYTES_PER_CPU_MS`]).
+    owed: Arc<AtomicU64>,
 }
 
 impl FilesState {
-    pub(crate) fn new(usage: Arc<FilesUsage>) -> Self {
+    pub(crate) fn new(usage: Arc<FilesUsage>, owed: Arc<AtomicU64>) -> Self {
         Self {
             usage,
             open: Vec::new(),
             refused: Arc::default(),
+            owed,
         }
+    }
+
+    fn moved(&self, bytes: usize) {
+        charge_moving(&self.owed, bytes);
     }
 
     /// Whether a write was refused for want of space since the last call of this (the failure
@@ -319,6 +329,7 @@ impl HostDescriptor for FilesView<'_> {
         len: types::Filesize,
         offset: types::Filesize,
     ) -> FsResult<(Vec<u8>, bool)> {
+        // At most 64 KiB a call (wasmtime-wasi's cap): the epoch ticks see its time.
         self.fs.read(fd, len, offset).await
     }
 
@@ -332,6 +343,7 @@ impl HostDescriptor for FilesView<'_> {
         let end = |len: usize| offset.saturating_add(len as u64);
         let growth = end(buf.len()).saturating_sub(before);
         self.files.reserve(growth)?;
+        self.files.moved(buf.len());
         match self.fs.write(fd, buf, offset).await {
             Ok(written) => {
                 // A short write added less than was reserved.
@@ -612,7 +624,8 @@ enum WriteMode {
     Append,
 }
 
-/// A file's output stream that reserves what each write adds before passing it on.
+/// A file's output stream that reserves what each write adds before passing it on (a stream
+/// write is at most 64 KiB, wasmtime-wasi's permit, so the epoch ticks see its time).
 struct MeteredStream {
     inner: DynOutputStream,
     file: Arc<std::fs::File>,

@@ -2,6 +2,7 @@
 //! every failure classified.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -163,16 +164,18 @@ impl<H: HostCapabilities> Sandbox<H> {
                     )
                 })?;
         }
+        let cpu = CpuMeter::default();
         let state = InstanceState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
             // Without a files directory nothing reaches the quota: there is nothing to write.
             files: FilesState::new(
                 files_usage.unwrap_or_else(|| Arc::new(FilesUsage::unlimited())),
+                cpu.owed.clone(),
             ),
             host,
             limiter: MemoryLimiter::new(options.limits.memory_bytes),
-            cpu: CpuMeter::default(),
+            cpu,
             slot: Arc::default(),
             scheduler: plugin.scheduler.clone(),
             priority: Priority::Normal,
@@ -188,6 +191,7 @@ impl<H: HostCapabilities> Sandbox<H> {
             let cpu = &mut ctx.data_mut().cpu;
             cpu.ticks_this_call += 1;
             cpu.total_ticks += 1;
+            cpu.collect_owed();
             if cpu.ticks_this_call > cpu.limit_ticks {
                 return Err(CpuTimeExceeded {
                     limit_ms: cpu.limit_ticks,
@@ -377,6 +381,8 @@ impl<H: HostCapabilities> Sandbox<H> {
             self.fuel_used = self.fuel_used.saturating_add(budget.saturating_sub(left));
         }
         let state = self.store.data_mut();
+        // What the call's last host calls moved counts too (no tick came after them).
+        state.cpu.collect_owed();
         let files_full = state.files.take_refused();
         let breach = state.host.take_breach().or_else(|| {
             // A host capability's breach (the database full) says more than a refused file
@@ -567,11 +573,54 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
+/// What a host call that moves many bytes between the guest and the host (copying and checking
+/// an argument or an answer, writing or reading a file) is charged: 1 ms of CPU time per whole
+/// MiB, about what that work takes here. The epoch ticks that meter guest code see the time of
+/// short host calls (the next tick after one lands in guest code), but count a long one as a
+/// single tick: without this a guest handing the host huge arguments in a loop would spend the
+/// host's time at the price of one tick per call.
+pub const BYTES_PER_CPU_MS: u64 = 1 << 20;
+
+/// Charges a host call that moved `bytes` bytes to the ticks `owed` by its sandbox.
+pub(crate) fn charge_moving(owed: &AtomicU64, bytes: usize) {
+    let ticks = bytes as u64 / BYTES_PER_CPU_MS;
+    if ticks > 0 {
+        owed.fetch_add(ticks, Ordering::Relaxed);
+    }
+}
+
+/// A sandbox's CPU time, in epoch ticks (1 ms each).
 #[derive(Default)]
 struct CpuMeter {
     ticks_this_call: u64,
     limit_ticks: u64,
     total_ticks: u64,
+    /// Ticks charged by host calls for the bytes they moved, not yet counted; shared with the
+    /// files directory's streams, which move bytes outside the sandbox's own bindings.
+    owed: Arc<AtomicU64>,
+}
+
+impl CpuMeter {
+    /// Counts the ticks host calls were charged since the last count.
+    fn collect_owed(&mut self) {
+        let ticks = self.owed.swap(0, Ordering::Relaxed);
+        self.ticks_this_call += ticks;
+        self.total_ticks += ticks;
+    }
+
+    /// Charges a host call that moved `bytes` bytes.
+    fn moved(&self, bytes: usize) {
+        charge_moving(&self.owed, bytes);
+    }
+}
+
+/// The bytes one SQLite value moves.
+fn value_bytes(value: &Value) -> usize {
+    match value {
+        Value::Text(text) => text.len(),
+        Value::Blob(blob) => blob.len(),
+        Value::Null | Value::Integer(_) | Value::Real(_) => 8,
+    }
 }
 
 impl<H: HostCapabilities> WasiView for InstanceState<H> {
@@ -604,6 +653,8 @@ impl<H: HostCapabilities> sql::Host for InstanceState<H> {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<u64, SqlError>> {
+        self.cpu
+            .moved(statement.len() + params.iter().map(value_bytes).sum::<usize>());
         Ok(self.host.sql_execute(&statement, params))
     }
 
@@ -612,7 +663,14 @@ impl<H: HostCapabilities> sql::Host for InstanceState<H> {
         statement: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<Rows, SqlError>> {
-        Ok(self.host.sql_query(&statement, params))
+        self.cpu
+            .moved(statement.len() + params.iter().map(value_bytes).sum::<usize>());
+        let answer = self.host.sql_query(&statement, params);
+        if let Ok(rows) = &answer {
+            let values = rows.rows.iter().flatten().map(value_bytes).sum::<usize>();
+            self.cpu.moved(values);
+        }
+        Ok(answer)
     }
 }
 
@@ -622,12 +680,14 @@ impl<H: HostCapabilities> events::Host for InstanceState<H> {
         event_type: String,
         payload: String,
     ) -> wasmtime::Result<Result<(), String>> {
+        self.cpu.moved(event_type.len() + payload.len());
         Ok(self.host.emit(event_type, payload))
     }
 }
 
 impl<H: HostCapabilities> log::Host for InstanceState<H> {
     fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        self.cpu.moved(message.len());
         self.host.log(level, message);
         Ok(())
     }
@@ -650,6 +710,7 @@ impl<H: HostCapabilities> scheduler::Host for InstanceState<H> {
         trigger: scheduler::Trigger,
         payload: String,
     ) -> wasmtime::Result<Result<Option<i64>, String>> {
+        self.cpu.moved(task_id.len() + payload.len());
         Ok(self.host.schedule(task_id, trigger, payload))
     }
 

@@ -1,0 +1,45 @@
+//! Hostile: writes 5 MiB to the same place in a file under `/data`, again and again, with
+//! `wasi:filesystem`'s positioned `write` (the one file call whose size the guest chooses; a
+//! stream takes at most 64 KiB a call). The file never grows past 5 MiB, so the files quota
+//! never stops it; each call costs the host milliseconds of copying and writing, which must
+//! count against the call's CPU time. Forty such calls are far past a 100 ms budget.
+#![forbid(unsafe_code)]
+
+use serde_json::Value as Json;
+use storehost_guest_sdk::export_plugin;
+use test_programs::{Hostile, Misbehaviour};
+
+struct BulkWrite;
+
+impl Misbehaviour for BulkWrite {
+    fn misbehave(_input: Json) -> Result<(), String> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            use wasi::filesystem::preopens::get_directories;
+            use wasi::filesystem::types::{DescriptorFlags, OpenFlags, PathFlags};
+
+            let (dir, _) = get_directories()
+                .into_iter()
+                .next()
+                .ok_or("no files directory")?;
+            let file = dir
+                .open_at(
+                    PathFlags::empty(),
+                    "churn",
+                    OpenFlags::CREATE,
+                    DescriptorFlags::WRITE,
+                )
+                .map_err(|err| format!("open: {err:?}"))?;
+            let chunk = vec![7u8; 5 << 20];
+            for _ in 0..40 {
+                file.write(&chunk, 0)
+                    .map_err(|err| format!("write: {err:?}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+export_plugin!(Hostile<BulkWrite>);
+
+fn main() {}
