@@ -226,3 +226,32 @@ async fn a_handler_failing_on_a_full_files_quota_fails_as_disk_full() {
         "{letters}"
     );
 }
+
+/// A file removed while the guest keeps it open still holds its bytes on disk: they count
+/// until the guest closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_file_counts_until_the_guest_closes_it() {
+    let host = TestHost::start().await;
+    host.deploy("escape", programs::ESCAPE).await;
+    let quotas = Quotas {
+        files: FILES_QUOTA,
+        ..Quotas::default()
+    };
+    host.add_store_with("ghosts", "escape", &[], quotas).await;
+    // 384 KiB each: two fit in 1 MiB, a third does not.
+    let ghosts =
+        json!({"path": "/data/ghost", "op": "unlink_open", "count": 8, "bytes": 384 << 10});
+    let result = probe(&host, "ghosts", ghosts.clone()).await;
+    assert_eq!(result["allowed"], false, "{result}");
+    let detail = result["detail"].as_str().unwrap();
+    assert!(detail.starts_with("kept 2 removed files open"), "{detail}");
+
+    // The probe has closed them: their bytes are back.
+    let (_, status) = host.get("/v1/stores/ghosts").await;
+    let result = probe(&host, "ghosts", ghosts).await;
+    let detail = result["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("kept 2 removed files open"),
+        "{detail} {status}"
+    );
+}

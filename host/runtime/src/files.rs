@@ -8,9 +8,11 @@
 //! that free space (removals, truncation, a rename over a file) give it back. Streams opened
 //! for writing are wrapped so that each write reserves what it adds.
 //!
-//! The count errs towards too much (a file still open when it is removed, or one written by
-//! two streams at once, is counted until the store starts again and its directory is measured
-//! afresh), never towards too little: what the directory holds stays within the quota.
+//! A file removed while the guest holds it open keeps its bytes on disk: they are given back
+//! once it is closed. Where the count cannot tell (two different entries that look alike in a
+//! rename, a removed file that could not be compared with the open ones) it errs towards too
+//! much until the store starts again and its directory is measured afresh, never towards too
+//! little: what the directory holds stays within the quota.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -130,6 +132,9 @@ pub(crate) struct FilesState {
     /// The host files behind the guest's open descriptors and the streams made from them (a
     /// stream keeps its file open after its descriptor is dropped).
     open: Vec<Weak<std::fs::File>>,
+    /// Files removed while the guest held them open, with the bytes they kept on disk then:
+    /// given back once they are closed.
+    removed_open: Vec<(Weak<std::fs::File>, u64)>,
     refused: Arc<AtomicBool>,
     /// CPU ticks owed for the bytes positioned writes moved, the one file call whose size
     /// the guest chooses (see [`crate::sandbox::BYTES_PER_CPU_MS`]).
@@ -141,6 +146,7 @@ impl FilesState {
         Self {
             usage,
             open: Vec::new(),
+            removed_open: Vec::new(),
             refused: Arc::default(),
             owed,
         }
@@ -169,7 +175,8 @@ impl FilesState {
     }
 
     /// Reserves `bytes`, or the error that refuses the call.
-    fn reserve(&self, bytes: u64) -> FsResult<()> {
+    fn reserve(&mut self, bytes: u64) -> FsResult<()> {
+        self.release_closed();
         if self.usage.reserve(bytes) {
             Ok(())
         } else {
@@ -179,9 +186,32 @@ impl FilesState {
 
     /// Files the guest holds open now.
     fn open_count(&mut self) -> usize {
+        self.release_closed();
         self.open.retain(|file| file.strong_count() > 0);
         self.open.len()
     }
+
+    /// Gives back the bytes of removed files the guest has closed since.
+    fn release_closed(&mut self) {
+        let usage = &self.usage;
+        self.removed_open.retain(|(file, bytes)| {
+            let open = file.strong_count() > 0;
+            if !open {
+                usage.release(*bytes);
+            }
+            open
+        });
+    }
+}
+
+/// Whether the guest holds a file open.
+enum HeldOpen {
+    No,
+    /// Yes: the file it holds.
+    Yes(Weak<std::fs::File>),
+    /// It could not be told (the file could not be opened to compare): its bytes are not
+    /// given back (counting too much, never too little, until the store starts again).
+    Unknown,
 }
 
 /// The [`HasData`] of the files-directory bindings.
@@ -245,14 +275,69 @@ impl FilesView<'_> {
         Ok(self.fs.table.push(metered)?)
     }
 
-    /// What removing the entry described by `stat` frees.
-    fn freed_by_removing(stat: &types::DescriptorStat) -> u64 {
-        let data = if stat.type_ == DescriptorType::RegularFile && stat.link_count <= 1 {
-            stat.size
-        } else {
-            0
+    /// What removing the entry at `path` under `dir` frees: its entry, and its bytes when it is
+    /// a file's last name. A file the guest holds open keeps its bytes on disk until it is
+    /// closed: they are noted, to be given back then.
+    async fn freed_by_removing(&mut self, dir: &Resource<types::Descriptor>, path: &str) -> u64 {
+        let Some(stat) = self.stat_at(dir, path).await else {
+            return 0;
         };
-        ENTRY_BYTES + data
+        if stat.type_ != DescriptorType::RegularFile || stat.link_count > 1 {
+            return ENTRY_BYTES;
+        }
+        match self.held_open(dir, path).await {
+            HeldOpen::No => ENTRY_BYTES + stat.size,
+            HeldOpen::Yes(file) => {
+                self.files.removed_open.push((file, stat.size));
+                ENTRY_BYTES
+            }
+            HeldOpen::Unknown => ENTRY_BYTES,
+        }
+    }
+
+    /// Whether the file at `path` under `dir` is one the guest holds open.
+    async fn held_open(&mut self, dir: &Resource<types::Descriptor>, path: &str) -> HeldOpen {
+        let identity = |file: &std::fs::File| {
+            use std::os::unix::fs::MetadataExt;
+            file.metadata().ok().map(|meta| (meta.dev(), meta.ino()))
+        };
+        let open: Vec<(Weak<std::fs::File>, (u64, u64))> = self
+            .files
+            .open
+            .iter()
+            .filter_map(|weak| {
+                let file = weak.upgrade()?;
+                Some((weak.clone(), identity(&file)?))
+            })
+            .collect();
+        if open.is_empty() {
+            return HeldOpen::No;
+        }
+        // Looked up through the sandbox's own directory, as the guest would.
+        let Ok(target) = self
+            .fs
+            .open_at(
+                Resource::new_borrow(dir.rep()),
+                types::PathFlags::empty(),
+                path.to_owned(),
+                types::OpenFlags::empty(),
+                types::DescriptorFlags::READ,
+            )
+            .await
+        else {
+            return HeldOpen::Unknown;
+        };
+        let target = match self.fs.table.delete(target) {
+            Ok(Descriptor::File(file)) => identity(&file.file),
+            _ => None,
+        };
+        let Some(target) = target else {
+            return HeldOpen::Unknown;
+        };
+        match open.into_iter().find(|(_, id)| *id == target) {
+            Some((file, _)) => HeldOpen::Yes(file),
+            None => HeldOpen::No,
+        }
     }
 }
 
@@ -502,16 +587,22 @@ impl HostDescriptor for FilesView<'_> {
     ) -> FsResult<()> {
         let replaced = self.stat_at(&new_fd, &new_path).await;
         let moved = self.stat_at(&fd, &old_path).await;
+        // Renaming an entry onto itself (or a hard link of it) replaces nothing; two entries
+        // that merely look alike are taken for one (counting too much, never too little).
+        let replaces = match (replaced, moved) {
+            (Some(replaced), Some(moved)) => {
+                (replaced.type_, replaced.size, replaced.link_count)
+                    != (moved.type_, moved.size, moved.link_count)
+            }
+            _ => false,
+        };
+        let freed = if replaces {
+            self.freed_by_removing(&new_fd, &new_path).await
+        } else {
+            0
+        };
         self.fs.rename_at(fd, old_path, new_fd, new_path).await?;
-        // Renaming an entry onto itself (or a hard link of it) replaces nothing.
-        if let (Some(replaced), Some(moved)) = (replaced, moved)
-            && (replaced.type_, replaced.size, replaced.link_count)
-                != (moved.type_, moved.size, moved.link_count)
-        {
-            self.files
-                .usage
-                .release(FilesView::freed_by_removing(&replaced));
-        }
+        self.files.usage.release(freed);
         Ok(())
     }
 
@@ -534,13 +625,9 @@ impl HostDescriptor for FilesView<'_> {
         fd: Resource<types::Descriptor>,
         path: String,
     ) -> FsResult<()> {
-        let removed = self.stat_at(&fd, &path).await;
+        let freed = self.freed_by_removing(&fd, &path).await;
         self.fs.unlink_file_at(fd, path).await?;
-        if let Some(removed) = removed {
-            self.files
-                .usage
-                .release(FilesView::freed_by_removing(&removed));
-        }
+        self.files.usage.release(freed);
         Ok(())
     }
 
@@ -559,11 +646,7 @@ impl HostDescriptor for FilesView<'_> {
     ) -> FsResult<Resource<DynOutputStream>> {
         let file = self.host_file(&fd)?;
         let stream = self.fs.write_via_stream(fd, offset)?;
-        let mode = WriteMode::At {
-            next: offset,
-            reserved_to: 0,
-        };
-        self.metered(stream, file, mode)
+        self.metered(stream, file, WriteMode::At { next: offset })
     }
 
     fn append_via_stream(
@@ -616,16 +699,17 @@ impl HostDirectoryEntryStream for FilesView<'_> {
 /// Where a metered stream writes.
 #[derive(Debug, Clone, Copy)]
 enum WriteMode {
-    /// From a position on: `next` is where the next write lands, `reserved_to` the end of
-    /// what this stream has reserved (its earlier writes may still be on their way to the
-    /// file, whose length then does not show them yet).
-    At { next: u64, reserved_to: u64 },
+    /// From a position on: the next write lands at `next`.
+    At { next: u64 },
     /// At the end of the file: every byte is new.
     Append,
 }
 
 /// A file's output stream that reserves what each write adds before passing it on (a stream
 /// write is at most 64 KiB, wasmtime-wasi's permit, so the epoch ticks see its time).
+///
+/// The file's length is read at each write: a stream takes a write only once the one before
+/// it is done (`check-write` grants no permit meanwhile), so the length is up to date.
 struct MeteredStream {
     inner: DynOutputStream,
     file: Arc<std::fs::File>,
@@ -635,46 +719,48 @@ struct MeteredStream {
 }
 
 impl MeteredStream {
-    /// Reserves what writing `len` more bytes adds to the file.
-    fn reserve(&mut self, len: usize) -> StreamResult<()> {
+    /// Reserves what writing `len` more bytes adds to the file; answers the bytes reserved.
+    fn reserve(&mut self, len: usize) -> StreamResult<u64> {
         let len = len as u64;
-        let growth = match &mut self.mode {
+        let growth = match self.mode {
             WriteMode::Append => len,
-            WriteMode::At { next, reserved_to } => {
+            WriteMode::At { next } => {
                 let on_disk = self
                     .file
                     .metadata()
                     .map_err(|err| StreamError::LastOperationFailed(err.into()))?
                     .len();
-                let end = next.saturating_add(len);
-                let growth = end.saturating_sub(on_disk.max(*reserved_to));
-                if self.usage.reserve(growth) {
-                    *next = end;
-                    *reserved_to = (*reserved_to).max(end);
-                    return Ok(());
-                }
-                return Err(self.out_of_space());
+                next.saturating_add(len).saturating_sub(on_disk)
             }
         };
         if self.usage.reserve(growth) {
-            Ok(())
+            Ok(growth)
         } else {
-            Err(self.out_of_space())
+            self.refused.store(true, Ordering::Relaxed);
+            let full = io::Error::from_raw_os_error(libc::ENOSPC);
+            Err(StreamError::LastOperationFailed(full.into()))
         }
     }
 
-    fn out_of_space(&self) -> StreamError {
-        self.refused.store(true, Ordering::Relaxed);
-        let full = io::Error::from_raw_os_error(libc::ENOSPC);
-        StreamError::LastOperationFailed(full.into())
+    /// Settles a write of `len` bytes that reserved `growth`: the position moves on when the
+    /// inner stream took it, the reservation is given back when it did not.
+    fn settle<T>(&mut self, len: usize, growth: u64, result: StreamResult<T>) -> StreamResult<T> {
+        match (&result, &mut self.mode) {
+            (Ok(_), WriteMode::At { next }) => *next = next.saturating_add(len as u64),
+            (Ok(_), WriteMode::Append) => {}
+            (Err(_), _) => self.usage.release(growth),
+        }
+        result
     }
 }
 
 #[async_trait::async_trait]
 impl OutputStream for MeteredStream {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        self.reserve(bytes.len())?;
-        self.inner.write(bytes)
+        let len = bytes.len();
+        let growth = self.reserve(len)?;
+        let written = self.inner.write(bytes);
+        self.settle(len, growth, written)
     }
 
     fn flush(&mut self) -> StreamResult<()> {
@@ -686,13 +772,18 @@ impl OutputStream for MeteredStream {
     }
 
     async fn blocking_write_and_flush(&mut self, bytes: Bytes) -> StreamResult<()> {
-        self.reserve(bytes.len())?;
-        self.inner.blocking_write_and_flush(bytes).await
+        // An earlier write still under way would leave the file's length behind.
+        self.inner.ready().await;
+        let len = bytes.len();
+        let growth = self.reserve(len)?;
+        let written = self.inner.blocking_write_and_flush(bytes).await;
+        self.settle(len, growth, written)
     }
 
     fn write_zeroes(&mut self, nelem: usize) -> StreamResult<()> {
-        self.reserve(nelem)?;
-        self.inner.write_zeroes(nelem)
+        let growth = self.reserve(nelem)?;
+        let written = self.inner.write_zeroes(nelem);
+        self.settle(nelem, growth, written)
     }
 
     async fn write_ready(&mut self) -> StreamResult<usize> {

@@ -12,7 +12,8 @@
 //!   in 64 KiB writes), `append` (append `bytes` bytes to `path`), `grow` (set the length of a
 //!   new file at `path` to `bytes`), `touch_many` (create `count` empty files in directory
 //!   `path`), `hold` (open the file at `path` `count` times, keeping every handle until the
-//!   probe ends) and `delete` (remove the file at `path`);
+//!   probe ends), `unlink_open` (`count` times: write `bytes` bytes to a new file `<path><n>`,
+//!   remove it and keep it open) and `delete` (remove the file at `path`);
 //! - `probe.sql {sql, mode?}` runs the statement with `sql::query` (`mode: "query"`, the default
 //!   for statements starting with SELECT, WITH, VALUES or PRAGMA) or `sql::execute`.
 //!
@@ -95,13 +96,13 @@ fn probe_fs(probe: &FsProbe) -> Outcome {
         }
         "fill" => fs::File::create(path)
             .map_err(|err| format!("create failed: {err}"))
-            .and_then(|file| write_chunks(file, probe.bytes)),
+            .and_then(|mut file| write_chunks(&mut file, probe.bytes)),
         "append" => fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(|err| format!("open failed: {err}"))
-            .and_then(|file| write_chunks(file, probe.bytes)),
+            .and_then(|mut file| write_chunks(&mut file, probe.bytes)),
         "grow" => fs::File::create(path)
             .and_then(|file| file.set_len(probe.bytes))
             .map(|()| format!("grew to {} bytes", probe.bytes))
@@ -124,19 +125,31 @@ fn probe_fs(probe: &FsProbe) -> Outcome {
             }
             Ok(format!("held {} files", held.len()))
         }
+        "unlink_open" => {
+            let mut held = Vec::new();
+            for made in 0..probe.count {
+                let name = format!("{path}{made}");
+                let kept = |err: String| format!("kept {made} removed files open, then: {err}");
+                let mut file = fs::File::create(&name).map_err(|err| kept(err.to_string()))?;
+                write_chunks(&mut file, probe.bytes).map_err(kept)?;
+                fs::remove_file(&name).map_err(|err| kept(err.to_string()))?;
+                held.push(file);
+            }
+            Ok(format!("kept {} removed files open", held.len()))
+        }
         "delete" => fs::remove_file(path)
             .map(|()| "deleted".to_owned())
             .map_err(|err| format!("delete failed: {err}")),
         other => Err(format!(
             "unknown op `{other}`: use read, write, list, symlink_read, fill, append, grow, \
-             touch_many, hold or delete"
+             touch_many, hold, unlink_open or delete"
         )),
     }
 }
 
 /// Writes `bytes` bytes to `file` in 64 KiB writes: `Ok` with the count, or `Err` with how
 /// far it got and why it stopped.
-fn write_chunks(mut file: fs::File, bytes: u64) -> Outcome {
+fn write_chunks(file: &mut fs::File, bytes: u64) -> Outcome {
     use std::io::Write;
     static CHUNK: [u8; 64 << 10] = [7; 64 << 10];
     let mut written = 0;
