@@ -188,6 +188,10 @@ async fn the_dashboard_shows_every_store_with_its_state_and_last_failure() {
         "memory against its quota: {row}"
     );
     assert!(row.contains("/ 1.0 GiB"), "disk against its quota: {row}");
+    assert!(
+        row.contains("0 B / 64 MiB"),
+        "its files directory against its quota: {row}"
+    );
 
     let (state, row) = store_row(&dom, "beta-billing").expect("beta-billing is listed");
     assert_eq!(state, "running", "it moved on after dead-lettering");
