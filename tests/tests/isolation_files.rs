@@ -255,3 +255,115 @@ async fn a_removed_file_counts_until_the_guest_closes_it() {
         "{detail} {status}"
     );
 }
+
+/// Replacing a file whole (write a new version, rename it over the old one) over and over
+/// keeps the count where it is: the replaced file's bytes come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_a_file_by_rename_again_and_again_stays_within_the_quota() {
+    let host = TestHost::start().await;
+    host.deploy("escape", programs::ESCAPE).await;
+    let quotas = Quotas {
+        files: FILES_QUOTA,
+        ..Quotas::default()
+    };
+    host.add_store_with("replacer", "escape", &[], quotas).await;
+    let result = probe(
+        &host,
+        "replacer",
+        json!({"path": "/data/state", "op": "replace_loop", "count": 40, "bytes": 100 << 10}),
+    )
+    .await;
+    assert_eq!(result["allowed"], true, "{result}");
+    let (_, status) = host.get("/v1/stores/replacer").await;
+    assert_eq!(
+        status["usage"]["filesBytes"],
+        (100 << 10) + 4096,
+        "one file of 100 KiB: {status}"
+    );
+}
+
+/// A removal that fails gives nothing back: renaming a directory over a file the guest holds
+/// open is refused, again and again, and the file still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_rename_gives_nothing_back() {
+    let host = TestHost::start().await;
+    host.deploy("escape", programs::ESCAPE).await;
+    host.add_store("renamer", "escape", &[]).await;
+    let bytes = 512 << 10;
+    let result = probe(
+        &host,
+        "renamer",
+        json!({"path": "/data/big", "op": "fill", "bytes": bytes}),
+    )
+    .await;
+    assert_eq!(result["allowed"], true, "{result}");
+    let result = probe(
+        &host,
+        "renamer",
+        json!({"path": "/data/big", "op": "rename_dir_over", "count": 10}),
+    )
+    .await;
+    assert_eq!(result["detail"], "10 renames refused", "{result}");
+    // A write afterwards settles what was closed meanwhile.
+    let result = probe(
+        &host,
+        "renamer",
+        json!({"path": "/data/small", "op": "fill", "bytes": 10}),
+    )
+    .await;
+    assert_eq!(result["allowed"], true, "{result}");
+    let (_, status) = host.get("/v1/stores/renamer").await;
+    let used = status["usage"]["filesBytes"].as_u64().unwrap();
+    assert_eq!(
+        used,
+        bytes + 10 + 3 * 4096,
+        "big, small and big.d: {status}"
+    );
+}
+
+/// What `hostile {kind}` on the `raw_fs` program answered: its status and error message.
+async fn raw_fs(host: &TestHost, store: &str, kind: &str) -> (u16, String) {
+    let args = storehost_tests::urlencode(&json!({ "kind": kind }).to_string());
+    let (status, body) = host
+        .get(&format!("/v1/stores/{store}/query/hostile?args={args}"))
+        .await;
+    (
+        status,
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+/// Calling WASI directly does not get round the limits Rust's standard library keeps to: a
+/// stream write larger than its permit is refused, a guest keeps at most 16 directory
+/// listings (each holds a whole listing in the host's memory), and a file created through a
+/// link counts like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_wasi_calls_meet_the_same_limits() {
+    let host = TestHost::start().await;
+    host.deploy("raw_fs", programs::RAW_FS).await;
+    let quotas = Quotas {
+        files: 64 << 10,
+        ..Quotas::default()
+    };
+    host.add_store_with("raw", "raw_fs", &[], quotas).await;
+
+    let (status, message) = raw_fs(&host, "raw", "big_stream_write").await;
+    assert_ne!(status, 200);
+    assert!(
+        message.contains("larger than check-write permitted"),
+        "{status}: {message}"
+    );
+
+    let (_, message) = raw_fs(&host, "raw", "listings").await;
+    assert!(message.starts_with("held 16 listings, then"), "{message}");
+
+    // 64 KiB hold 16 entries: `big` (from the first probe), the link and 14 files.
+    let (_, message) = raw_fs(&host, "raw", "create_through_link").await;
+    assert!(
+        message.contains("made 14 files through a link, then"),
+        "{message}"
+    );
+}

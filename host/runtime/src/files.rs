@@ -5,12 +5,15 @@
 //! that make the directory hold more (writes, a larger length, new files, directories and
 //! links) first reserve what they add from the store's [`FilesUsage`], and are refused with
 //! `insufficient-space` (the guest's "No space left on device") when it has no room. The ones
-//! that free space (removals, truncation, a rename over a file) give it back. Streams opened
-//! for writing are wrapped so that each write reserves what it adds.
+//! that free space (removals, truncation, a rename over a file) give it back, once they are
+//! done. A stream opened for writing is one of ours, which reserves what each write adds and
+//! writes at once, so no write is ever under way in the background while another call is
+//! counted. A guest holds at most [`MAX_OPEN_FILES`] files and [`MAX_LISTINGS`] directory
+//! listings at once.
 //!
 //! A file removed while the guest holds it open keeps its bytes on disk: they are given back
-//! once it is closed. Where the count cannot tell (two different entries that look alike in a
-//! rename, a removed file that could not be compared with the open ones) it errs towards too
+//! once it is closed. Where the count cannot tell (a removed file that could not be compared
+//! with the open ones, bytes written to a file after it was removed) it errs towards too
 //! much until the store starts again and its directory is measured afresh, never towards too
 //! little: what the directory holds stays within the quota.
 
@@ -29,6 +32,10 @@ use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, FsError, FsResult};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 
 use crate::sandbox::charge_moving;
+
+/// The most directory listings one sandbox's guest holds at once: wasmtime-wasi reads a whole
+/// directory (names and types) into the host's memory when a listing starts.
+pub const MAX_LISTINGS: usize = 16;
 
 /// What each file, directory and link counts besides its bytes: one filesystem block.
 pub const ENTRY_BYTES: u64 = 4096;
@@ -100,9 +107,18 @@ impl FilesUsage {
     }
 }
 
-/// Bytes under `dir` as the quota counts them; symbolic links are counted, not followed.
+/// Whether `file` has no name left (it was removed while open).
+fn removed(file: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().is_ok_and(|meta| meta.nlink() == 0)
+}
+
+/// Bytes under `dir` as the quota counts them; symbolic links are counted, not followed, and
+/// a file with several names counts its bytes once.
 fn bytes_in(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
     let mut total = 0u64;
+    let mut linked = std::collections::HashSet::new();
     let mut pending: Vec<PathBuf> = vec![dir.to_path_buf()];
     while let Some(next) = pending.pop() {
         let entries = match std::fs::read_dir(&next) {
@@ -116,7 +132,9 @@ fn bytes_in(dir: &Path) -> io::Result<u64> {
             total = total.saturating_add(ENTRY_BYTES);
             if meta.is_dir() {
                 pending.push(entry.path());
-            } else if meta.is_file() {
+            } else if meta.is_file()
+                && (meta.nlink() <= 1 || linked.insert((meta.dev(), meta.ino())))
+            {
                 total = total.saturating_add(meta.len());
             }
         }
@@ -135,6 +153,8 @@ pub(crate) struct FilesState {
     /// Files removed while the guest held them open, with the bytes they kept on disk then:
     /// given back once they are closed.
     removed_open: Vec<(Weak<std::fs::File>, u64)>,
+    /// Directory listings the guest holds (each keeps the whole listing in the host's memory).
+    listings: usize,
     refused: Arc<AtomicBool>,
     /// CPU ticks owed for the bytes positioned writes moved, the one file call whose size
     /// the guest chooses (see [`crate::sandbox::BYTES_PER_CPU_MS`]).
@@ -147,6 +167,7 @@ impl FilesState {
             usage,
             open: Vec::new(),
             removed_open: Vec::new(),
+            listings: 0,
             refused: Arc::default(),
             owed,
         }
@@ -191,7 +212,8 @@ impl FilesState {
         self.open.len()
     }
 
-    /// Gives back the bytes of removed files the guest has closed since.
+    /// Gives back the bytes of removed files the guest has closed since (all of them once the
+    /// sandbox is gone: its table, which holds the files, is dropped before this state).
     fn release_closed(&mut self) {
         let usage = &self.usage;
         self.removed_open.retain(|(file, bytes)| {
@@ -201,6 +223,29 @@ impl FilesState {
             }
             open
         });
+    }
+}
+
+impl Drop for FilesState {
+    fn drop(&mut self) {
+        self.release_closed();
+    }
+}
+
+/// What removing an entry frees, counted before the removal and given back once it is done.
+#[derive(Default)]
+struct Removal {
+    /// Freed at once.
+    freed: u64,
+    /// A file the guest holds open, and the bytes it keeps on disk until closed.
+    held: Option<(Weak<std::fs::File>, u64)>,
+}
+
+impl Removal {
+    /// The removal happened: gives back what it freed.
+    fn done(self, files: &mut FilesState) {
+        files.usage.release(self.freed);
+        files.removed_open.extend(self.held);
     }
 }
 
@@ -228,17 +273,31 @@ pub(crate) struct FilesView<'a> {
 }
 
 impl FilesView<'_> {
-    /// What is at `path` under directory `dir`, without following a link; `None` if nothing.
+    /// What is at `path` under directory `dir` (following a final link when `flags` say so,
+    /// as the call about to be made will); `None` if nothing.
     async fn stat_at(
         &mut self,
         dir: &Resource<types::Descriptor>,
+        flags: types::PathFlags,
         path: &str,
     ) -> Option<types::DescriptorStat> {
         let dir = Resource::new_borrow(dir.rep());
-        self.fs
-            .stat_at(dir, types::PathFlags::empty(), path.to_owned())
+        self.fs.stat_at(dir, flags, path.to_owned()).await.ok()
+    }
+
+    /// The identity (device and inode, hashed) of the entry at `path` under `dir`.
+    async fn identity_at(
+        &mut self,
+        dir: &Resource<types::Descriptor>,
+        path: &str,
+    ) -> Option<(u64, u64)> {
+        let dir = Resource::new_borrow(dir.rep());
+        let hash = self
+            .fs
+            .metadata_hash_at(dir, types::PathFlags::empty(), path.to_owned())
             .await
-            .ok()
+            .ok()?;
+        Some((hash.lower, hash.upper))
     }
 
     /// The length of the open file `fd`.
@@ -257,41 +316,49 @@ impl FilesView<'_> {
         }
     }
 
-    /// Puts `stream` (writing `file`) behind a wrapper that reserves what each write adds.
+    /// Replaces `stream`, wasmtime-wasi's output stream on `file` (made only for the checks
+    /// it makes), with one that reserves what each write adds.
     fn metered(
         &mut self,
         stream: Resource<DynOutputStream>,
         file: Arc<std::fs::File>,
         mode: WriteMode,
     ) -> FsResult<Resource<DynOutputStream>> {
-        let inner = self.fs.table.delete(stream)?;
-        let metered: DynOutputStream = Box::new(MeteredStream {
-            inner,
+        drop(self.fs.table.delete(stream)?);
+        let metered: DynOutputStream = Box::new(QuotaStream {
             file,
             mode,
             usage: self.files.usage.clone(),
             refused: self.files.refused.clone(),
+            closed: false,
         });
         Ok(self.fs.table.push(metered)?)
     }
 
-    /// What removing the entry at `path` under `dir` frees: its entry, and its bytes when it is
-    /// a file's last name. A file the guest holds open keeps its bytes on disk until it is
-    /// closed: they are noted, to be given back then.
-    async fn freed_by_removing(&mut self, dir: &Resource<types::Descriptor>, path: &str) -> u64 {
-        let Some(stat) = self.stat_at(dir, path).await else {
-            return 0;
+    /// What removing the entry at `path` under `dir` would free: its entry, and its bytes when
+    /// it is a file's last name. A file the guest holds open keeps its bytes on disk until it
+    /// is closed: they are given back then ([`Removal::done`]).
+    async fn removal(&mut self, dir: &Resource<types::Descriptor>, path: &str) -> Removal {
+        let Some(stat) = self.stat_at(dir, types::PathFlags::empty(), path).await else {
+            return Removal::default();
+        };
+        let entry_only = Removal {
+            freed: ENTRY_BYTES,
+            held: None,
         };
         if stat.type_ != DescriptorType::RegularFile || stat.link_count > 1 {
-            return ENTRY_BYTES;
+            return entry_only;
         }
         match self.held_open(dir, path).await {
-            HeldOpen::No => ENTRY_BYTES + stat.size,
-            HeldOpen::Yes(file) => {
-                self.files.removed_open.push((file, stat.size));
-                ENTRY_BYTES
-            }
-            HeldOpen::Unknown => ENTRY_BYTES,
+            HeldOpen::No => Removal {
+                freed: ENTRY_BYTES + stat.size,
+                held: None,
+            },
+            HeldOpen::Yes(file) => Removal {
+                freed: ENTRY_BYTES,
+                held: Some((file, stat.size)),
+            },
+            HeldOpen::Unknown => entry_only,
         }
     }
 
@@ -385,11 +452,15 @@ impl HostDescriptor for FilesView<'_> {
         fd: Resource<types::Descriptor>,
         size: types::Filesize,
     ) -> FsResult<()> {
-        let before = self.len_of(&fd)?;
+        let file = self.host_file(&fd)?;
+        let before = file.metadata().map_err(ErrorCode::from)?.len();
         self.files.reserve(size.saturating_sub(before))?;
         match self.fs.set_size(fd, size).await {
             Ok(()) => {
-                self.files.usage.release(before.saturating_sub(size));
+                // A removed file's bytes are given back when it is closed, as they are then.
+                if !removed(&file) {
+                    self.files.usage.release(before.saturating_sub(size));
+                }
                 Ok(())
             }
             Err(err) => {
@@ -447,7 +518,12 @@ impl HostDescriptor for FilesView<'_> {
         &mut self,
         fd: Resource<types::Descriptor>,
     ) -> FsResult<Resource<types::DirectoryEntryStream>> {
-        self.fs.read_directory(fd).await
+        if self.files.listings >= MAX_LISTINGS {
+            return Err(ErrorCode::Quota.into());
+        }
+        let listing = self.fs.read_directory(fd).await?;
+        self.files.listings += 1;
+        Ok(listing)
     }
 
     async fn sync(&mut self, fd: Resource<types::Descriptor>) -> FsResult<()> {
@@ -525,7 +601,8 @@ impl HostDescriptor for FilesView<'_> {
         let creates = oflags.contains(types::OpenFlags::CREATE);
         let truncates = oflags.contains(types::OpenFlags::TRUNCATE);
         let existing = if creates || truncates {
-            self.stat_at(&fd, &path).await
+            // With the guest's flags: a create through a link makes the link's target.
+            self.stat_at(&fd, path_flags, &path).await
         } else {
             None
         };
@@ -585,24 +662,17 @@ impl HostDescriptor for FilesView<'_> {
         new_fd: Resource<types::Descriptor>,
         new_path: String,
     ) -> FsResult<()> {
-        let replaced = self.stat_at(&new_fd, &new_path).await;
-        let moved = self.stat_at(&fd, &old_path).await;
-        // Renaming an entry onto itself (or a hard link of it) replaces nothing; two entries
-        // that merely look alike are taken for one (counting too much, never too little).
-        let replaces = match (replaced, moved) {
-            (Some(replaced), Some(moved)) => {
-                (replaced.type_, replaced.size, replaced.link_count)
-                    != (moved.type_, moved.size, moved.link_count)
+        // Renaming an entry onto itself (or a hard link of it) replaces nothing.
+        let replaced = self.identity_at(&new_fd, &new_path).await;
+        let moved = self.identity_at(&fd, &old_path).await;
+        let removal = match (replaced, moved) {
+            (Some(replaced), Some(moved)) if replaced != moved => {
+                self.removal(&new_fd, &new_path).await
             }
-            _ => false,
-        };
-        let freed = if replaces {
-            self.freed_by_removing(&new_fd, &new_path).await
-        } else {
-            0
+            _ => Removal::default(),
         };
         self.fs.rename_at(fd, old_path, new_fd, new_path).await?;
-        self.files.usage.release(freed);
+        removal.done(self.files);
         Ok(())
     }
 
@@ -625,9 +695,9 @@ impl HostDescriptor for FilesView<'_> {
         fd: Resource<types::Descriptor>,
         path: String,
     ) -> FsResult<()> {
-        let freed = self.freed_by_removing(&fd, &path).await;
+        let removal = self.removal(&fd, &path).await;
         self.fs.unlink_file_at(fd, path).await?;
-        self.files.usage.release(freed);
+        removal.done(self.files);
         Ok(())
     }
 
@@ -692,11 +762,13 @@ impl HostDirectoryEntryStream for FilesView<'_> {
     }
 
     fn drop(&mut self, stream: Resource<types::DirectoryEntryStream>) -> wasmtime::Result<()> {
-        HostDirectoryEntryStream::drop(&mut self.fs, stream)
+        HostDirectoryEntryStream::drop(&mut self.fs, stream)?;
+        self.files.listings = self.files.listings.saturating_sub(1);
+        Ok(())
     }
 }
 
-/// Where a metered stream writes.
+/// Where a file's output stream writes.
 #[derive(Debug, Clone, Copy)]
 enum WriteMode {
     /// From a position on: the next write lands at `next`.
@@ -705,99 +777,93 @@ enum WriteMode {
     Append,
 }
 
-/// A file's output stream that reserves what each write adds before passing it on (a stream
-/// write is at most 64 KiB, wasmtime-wasi's permit, so the epoch ticks see its time).
-///
-/// The file's length is read at each write: a stream takes a write only once the one before
-/// it is done (`check-write` grants no permit meanwhile), so the length is up to date.
-struct MeteredStream {
-    inner: DynOutputStream,
+/// The most a write to a file's output stream may carry: what `check-write` permits (as
+/// wasmtime-wasi's own file streams do).
+const WRITE_PERMIT: usize = 64 << 10;
+
+/// A file's output stream with the files quota in front of it. It writes at once, on the
+/// calling thread (at most [`WRITE_PERMIT`] bytes, so its time shows in the epoch ticks): no
+/// write is ever under way in the background when the next one, a truncation or a removal is
+/// counted, so the file's length is current then.
+struct QuotaStream {
     file: Arc<std::fs::File>,
     mode: WriteMode,
     usage: Arc<FilesUsage>,
     refused: Arc<AtomicBool>,
+    /// A write failed: the stream is closed.
+    closed: bool,
 }
 
-impl MeteredStream {
-    /// Reserves what writing `len` more bytes adds to the file; answers the bytes reserved.
-    fn reserve(&mut self, len: usize) -> StreamResult<u64> {
-        let len = len as u64;
-        let growth = match self.mode {
-            WriteMode::Append => len,
-            WriteMode::At { next } => {
-                let on_disk = self
-                    .file
-                    .metadata()
-                    .map_err(|err| StreamError::LastOperationFailed(err.into()))?
-                    .len();
-                next.saturating_add(len).saturating_sub(on_disk)
-            }
+impl QuotaStream {
+    /// Writes `bytes` where the stream writes next, reserving what that adds to the file.
+    fn write_now(&mut self, bytes: &[u8]) -> StreamResult<()> {
+        use std::os::unix::fs::FileExt;
+        if self.closed {
+            return Err(StreamError::Closed);
+        }
+        if bytes.len() > WRITE_PERMIT {
+            return Err(StreamError::trap(
+                "a write larger than check-write permitted",
+            ));
+        }
+        let fail = |this: &mut Self, err: io::Error| {
+            this.closed = true;
+            StreamError::LastOperationFailed(err.into())
         };
-        if self.usage.reserve(growth) {
-            Ok(growth)
-        } else {
+        let on_disk = match self.file.metadata() {
+            Ok(meta) => meta.len(),
+            Err(err) => return Err(fail(self, err)),
+        };
+        let len = bytes.len() as u64;
+        let at = match self.mode {
+            WriteMode::At { next } => next,
+            WriteMode::Append => on_disk,
+        };
+        let growth = at.saturating_add(len).saturating_sub(on_disk);
+        if !self.usage.reserve(growth) {
             self.refused.store(true, Ordering::Relaxed);
-            let full = io::Error::from_raw_os_error(libc::ENOSPC);
-            Err(StreamError::LastOperationFailed(full.into()))
+            return Err(fail(self, io::Error::from_raw_os_error(libc::ENOSPC)));
         }
-    }
-
-    /// Settles a write of `len` bytes that reserved `growth`: the position moves on when the
-    /// inner stream took it, the reservation is given back when it did not.
-    fn settle<T>(&mut self, len: usize, growth: u64, result: StreamResult<T>) -> StreamResult<T> {
-        match (&result, &mut self.mode) {
-            (Ok(_), WriteMode::At { next }) => *next = next.saturating_add(len as u64),
-            (Ok(_), WriteMode::Append) => {}
-            (Err(_), _) => self.usage.release(growth),
+        match self.file.write_all_at(bytes, at) {
+            Ok(()) => {
+                if let WriteMode::At { next } = &mut self.mode {
+                    *next = at.saturating_add(len);
+                }
+                Ok(())
+            }
+            Err(err) => {
+                self.usage.release(growth);
+                Err(fail(self, err))
+            }
         }
-        result
     }
 }
 
 #[async_trait::async_trait]
-impl OutputStream for MeteredStream {
+impl OutputStream for QuotaStream {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        let len = bytes.len();
-        let growth = self.reserve(len)?;
-        let written = self.inner.write(bytes);
-        self.settle(len, growth, written)
+        self.write_now(&bytes)
     }
 
     fn flush(&mut self) -> StreamResult<()> {
-        self.inner.flush()
+        if self.closed {
+            Err(StreamError::Closed)
+        } else {
+            Ok(())
+        }
     }
 
     fn check_write(&mut self) -> StreamResult<usize> {
-        self.inner.check_write()
-    }
-
-    async fn blocking_write_and_flush(&mut self, bytes: Bytes) -> StreamResult<()> {
-        // An earlier write still under way would leave the file's length behind.
-        self.inner.ready().await;
-        let len = bytes.len();
-        let growth = self.reserve(len)?;
-        let written = self.inner.blocking_write_and_flush(bytes).await;
-        self.settle(len, growth, written)
-    }
-
-    fn write_zeroes(&mut self, nelem: usize) -> StreamResult<()> {
-        let growth = self.reserve(nelem)?;
-        let written = self.inner.write_zeroes(nelem);
-        self.settle(nelem, growth, written)
-    }
-
-    async fn write_ready(&mut self) -> StreamResult<usize> {
-        self.inner.write_ready().await
-    }
-
-    async fn cancel(&mut self) {
-        self.inner.cancel().await
+        if self.closed {
+            Err(StreamError::Closed)
+        } else {
+            Ok(WRITE_PERMIT)
+        }
     }
 }
 
 #[async_trait::async_trait]
-impl Pollable for MeteredStream {
-    async fn ready(&mut self) {
-        self.inner.ready().await
-    }
+impl Pollable for QuotaStream {
+    /// Always ready: every write is done before its call returns.
+    async fn ready(&mut self) {}
 }

@@ -13,7 +13,9 @@
 //!   new file at `path` to `bytes`), `touch_many` (create `count` empty files in directory
 //!   `path`), `hold` (open the file at `path` `count` times, keeping every handle until the
 //!   probe ends), `unlink_open` (`count` times: write `bytes` bytes to a new file `<path><n>`,
-//!   remove it and keep it open) and `delete` (remove the file at `path`);
+//!   remove it and keep it open), `replace_loop` (`count` times: write `bytes` bytes to
+//!   `<path>.next` and rename it over `path`), `rename_dir_over` (hold `path` open and try
+//!   `count` times to rename a directory over it) and `delete` (remove the file at `path`);
 //! - `probe.sql {sql, mode?}` runs the statement with `sql::query` (`mode: "query"`, the default
 //!   for statements starting with SELECT, WITH, VALUES or PRAGMA) or `sql::execute`.
 //!
@@ -137,12 +139,36 @@ fn probe_fs(probe: &FsProbe) -> Outcome {
             }
             Ok(format!("kept {} removed files open", held.len()))
         }
+        "replace_loop" => {
+            // Write a new version beside the file, then rename it over the file: the usual
+            // way to replace a file whole.
+            let next = format!("{path}.next");
+            for done in 0..probe.count {
+                let replaced = |err: String| format!("replaced {done} times, then: {err}");
+                let mut file = fs::File::create(&next).map_err(|err| replaced(err.to_string()))?;
+                write_chunks(&mut file, probe.bytes).map_err(replaced)?;
+                fs::rename(&next, path).map_err(|err| replaced(err.to_string()))?;
+            }
+            Ok(format!("replaced {} times", probe.count))
+        }
+        "rename_dir_over" => {
+            // Hold the file at `path` open and try, `count` times, to rename a directory over
+            // it (refused: a directory cannot replace a file).
+            let held = fs::File::open(path).map_err(|err| format!("open failed: {err}"))?;
+            let dir = format!("{path}.d");
+            fs::create_dir_all(&dir).map_err(|err| format!("mkdir failed: {err}"))?;
+            let refused = (0..probe.count)
+                .filter(|_| fs::rename(&dir, path).is_err())
+                .count();
+            drop(held);
+            Ok(format!("{refused} renames refused"))
+        }
         "delete" => fs::remove_file(path)
             .map(|()| "deleted".to_owned())
             .map_err(|err| format!("delete failed: {err}")),
         other => Err(format!(
             "unknown op `{other}`: use read, write, list, symlink_read, fill, append, grow, \
-             touch_many, hold, unlink_open or delete"
+             touch_many, hold, unlink_open, replace_loop, rename_dir_over or delete"
         )),
     }
 }
