@@ -352,6 +352,16 @@ impl TestHost {
         }
         panic!("store {id} keeps emitting events");
     }
+
+    /// What the `escape` program's probes in store `id` recorded, in order, once it has
+    /// processed everything appended so far.
+    pub async fn probes(&self, id: &str) -> Vec<Value> {
+        self.settle(id).await;
+        self.query(id, "probes", serde_json::json!({})).await["probes"]
+            .as_array()
+            .expect("the escape program answers probes")
+            .clone()
+    }
 }
 
 impl Drop for TestHost {

@@ -2,16 +2,8 @@
 //! not through WASI paths (`..`, absolute paths, planted symlinks), not through SQL (ATTACH,
 //! pragmas, extensions, the host's tables).
 
-use serde_json::{Value, json};
+use serde_json::json;
 use storehost_tests::{TestHost, programs};
-
-async fn probes(host: &TestHost, store: &str) -> Vec<Value> {
-    host.settle(store).await;
-    host.query(store, "probes", json!({})).await["probes"]
-        .as_array()
-        .unwrap()
-        .clone()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_cannot_open_anything_outside_its_files_directory() {
@@ -59,7 +51,7 @@ async fn a_guest_cannot_open_anything_outside_its_files_directory() {
     )
     .await;
 
-    let results = probes(&host, "escaper").await;
+    let results = host.probes("escaper").await;
     assert_eq!(results.len(), hostile.len() + 2, "{results:#?}");
     for result in &results[..hostile.len()] {
         assert_eq!(result["allowed"], false, "escaped the sandbox: {result}");
@@ -113,7 +105,7 @@ async fn guest_sql_cannot_attach_another_store_or_touch_host_tables() {
     )
     .await;
 
-    let results = probes(&host, "sql-escaper").await;
+    let results = host.probes("sql-escaper").await;
     assert_eq!(results.len(), hostile.len() + 1, "{results:#?}");
     for (result, sql) in results.iter().zip(&hostile) {
         assert_eq!(result["allowed"], false, "{sql} was allowed: {result}");
@@ -149,7 +141,7 @@ async fn a_query_cannot_write_even_with_a_statement_an_event_compiled() {
         )
         .await;
     }
-    let results = probes(&host, "read-only").await;
+    let results = host.probes("read-only").await;
     assert!(
         results.iter().all(|r| r["allowed"] == true),
         "the event wrote: {results:#?}"

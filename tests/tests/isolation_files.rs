@@ -12,17 +12,9 @@ use storehost_tests::{TestHost, programs};
 /// The `files` quota of the cramped stores below.
 const FILES_QUOTA: u64 = 1 << 20;
 
-async fn probes(host: &TestHost, store: &str) -> Vec<Value> {
-    host.settle(store).await;
-    host.query(store, "probes", json!({})).await["probes"]
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 async fn probe(host: &TestHost, store: &str, probe: Value) -> Value {
     host.append(store, "probe.fs", probe).await;
-    probes(host, store).await.pop().unwrap()
+    host.probes(store).await.pop().unwrap()
 }
 
 /// Bytes of every file under `dir`, as the host's filesystem has them.
