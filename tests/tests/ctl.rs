@@ -129,6 +129,7 @@ fn stores_are_listed_added_shown_paused_and_removed() {
     let human = ctl(dir, url, &["stores", "show", "ctl-store"]);
     assert!(ok(&human).stdout.contains("state:"), "{}", human.stdout);
     assert!(human.stdout.contains("greeting=hi"), "{}", human.stdout);
+    assert!(human.stdout.contains(", files 0 B,"), "{}", human.stdout);
 
     let listed = ctl(dir, url, &["--json", "stores", "list"]);
     let ids: Vec<String> = ok(&listed).json()["stores"]
