@@ -12,6 +12,15 @@ use storehost_tests::{TestHost, programs};
 /// The `files` quota of the cramped stores below.
 const FILES_QUOTA: u64 = 1 << 20;
 
+/// Starts store `id` on the escape program under a files quota of [`FILES_QUOTA`].
+async fn add_cramped(host: &TestHost, id: &str) -> storehost_store::Store {
+    let quotas = Quotas {
+        files: FILES_QUOTA,
+        ..Quotas::default()
+    };
+    host.add_store_with(id, "escape", &[], quotas).await
+}
+
 async fn probe(host: &TestHost, store: &str, probe: Value) -> Value {
     host.append(store, "probe.fs", probe).await;
     host.probes(store).await.pop().unwrap()
@@ -37,11 +46,7 @@ fn bytes_under(dir: &Path) -> u64 {
 async fn a_guest_cannot_keep_more_than_its_files_quota_in_data() {
     let host = TestHost::start().await;
     host.deploy("escape", programs::ESCAPE).await;
-    let quotas = Quotas {
-        files: FILES_QUOTA,
-        ..Quotas::default()
-    };
-    let cramped = host.add_store_with("cramped", "escape", &[], quotas).await;
+    let cramped = add_cramped(&host, "cramped").await;
     let roomy = host.add_store("roomy", "escape", &[]).await;
     let files = cramped.dir().files.clone();
 
@@ -129,11 +134,7 @@ async fn files_a_store_already_keeps_count_against_its_quota() {
     let files = host.data_dir.join("stores/keeper/files");
     std::fs::create_dir_all(files.join("sub")).unwrap();
     std::fs::write(files.join("sub/old"), vec![0u8; 2 * FILES_QUOTA as usize]).unwrap();
-    let quotas = Quotas {
-        files: FILES_QUOTA,
-        ..Quotas::default()
-    };
-    host.add_store_with("keeper", "escape", &[], quotas).await;
+    add_cramped(&host, "keeper").await;
     let result = probe(
         &host,
         "keeper",
@@ -225,11 +226,7 @@ async fn a_handler_failing_on_a_full_files_quota_fails_as_disk_full() {
 async fn a_removed_file_counts_until_the_guest_closes_it() {
     let host = TestHost::start().await;
     host.deploy("escape", programs::ESCAPE).await;
-    let quotas = Quotas {
-        files: FILES_QUOTA,
-        ..Quotas::default()
-    };
-    host.add_store_with("ghosts", "escape", &[], quotas).await;
+    add_cramped(&host, "ghosts").await;
     // 384 KiB each: two fit in 1 MiB, a third does not.
     let ghosts =
         json!({"path": "/data/ghost", "op": "unlink_open", "count": 8, "bytes": 384 << 10});
@@ -254,11 +251,7 @@ async fn a_removed_file_counts_until_the_guest_closes_it() {
 async fn replacing_a_file_by_rename_again_and_again_stays_within_the_quota() {
     let host = TestHost::start().await;
     host.deploy("escape", programs::ESCAPE).await;
-    let quotas = Quotas {
-        files: FILES_QUOTA,
-        ..Quotas::default()
-    };
-    host.add_store_with("replacer", "escape", &[], quotas).await;
+    add_cramped(&host, "replacer").await;
     let result = probe(
         &host,
         "replacer",

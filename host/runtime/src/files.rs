@@ -107,6 +107,11 @@ impl FilesUsage {
     }
 }
 
+/// The length of `file`.
+fn length(file: &std::fs::File) -> FsResult<u64> {
+    Ok(file.metadata().map_err(ErrorCode::from)?.len())
+}
+
 /// Whether `file` has no name left (it was removed while open).
 fn removed(file: &std::fs::File) -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -205,6 +210,15 @@ impl FilesState {
         }
     }
 
+    /// Settles a call that reserved [`ENTRY_BYTES`] for a new entry: a call that made none
+    /// gives it back.
+    fn entry_made(&self, made: FsResult<()>) -> FsResult<()> {
+        if made.is_err() {
+            self.usage.release(ENTRY_BYTES);
+        }
+        made
+    }
+
     /// Files the guest holds open now.
     fn open_count(&mut self) -> usize {
         self.release_closed();
@@ -298,14 +312,6 @@ impl FilesView<'_> {
             .await
             .ok()?;
         Some((hash.lower, hash.upper))
-    }
-
-    /// The length of the open file `fd`.
-    fn len_of(&mut self, fd: &Resource<types::Descriptor>) -> FsResult<u64> {
-        match self.fs.table.get(fd)? {
-            Descriptor::File(file) => Ok(file.file.metadata().map_err(ErrorCode::from)?.len()),
-            Descriptor::Dir(_) => Err(ErrorCode::BadDescriptor.into()),
-        }
     }
 
     /// The host file behind `fd`.
@@ -453,7 +459,7 @@ impl HostDescriptor for FilesView<'_> {
         size: types::Filesize,
     ) -> FsResult<()> {
         let file = self.host_file(&fd)?;
-        let before = file.metadata().map_err(ErrorCode::from)?.len();
+        let before = length(&file)?;
         self.files.reserve(size.saturating_sub(before))?;
         match self.fs.set_size(fd, size).await {
             Ok(()) => {
@@ -495,7 +501,7 @@ impl HostDescriptor for FilesView<'_> {
         buf: Vec<u8>,
         offset: types::Filesize,
     ) -> FsResult<types::Filesize> {
-        let before = self.len_of(&fd)?;
+        let before = length(&*self.host_file(&fd)?)?;
         let end = |len: usize| offset.saturating_add(len as u64);
         let growth = end(buf.len()).saturating_sub(before);
         self.files.reserve(growth)?;
@@ -537,10 +543,7 @@ impl HostDescriptor for FilesView<'_> {
     ) -> FsResult<()> {
         self.files.reserve(ENTRY_BYTES)?;
         let made = self.fs.create_directory_at(fd, path).await;
-        if made.is_err() {
-            self.files.usage.release(ENTRY_BYTES);
-        }
-        made
+        self.files.entry_made(made)
     }
 
     async fn stat(&mut self, fd: Resource<types::Descriptor>) -> FsResult<types::DescriptorStat> {
@@ -580,10 +583,7 @@ impl HostDescriptor for FilesView<'_> {
             .fs
             .link_at(fd, old_path_flags, old_path, new_descriptor, new_path)
             .await;
-        if linked.is_err() {
-            self.files.usage.release(ENTRY_BYTES);
-        }
-        linked
+        self.files.entry_made(linked)
     }
 
     async fn open_at(
@@ -684,10 +684,7 @@ impl HostDescriptor for FilesView<'_> {
     ) -> FsResult<()> {
         self.files.reserve(ENTRY_BYTES)?;
         let linked = self.fs.symlink_at(fd, src_path, dest_path).await;
-        if linked.is_err() {
-            self.files.usage.release(ENTRY_BYTES);
-        }
-        linked
+        self.files.entry_made(linked)
     }
 
     async fn unlink_file_at(
