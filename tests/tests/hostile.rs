@@ -261,6 +261,18 @@ async fn sql_bomb_rows_past_the_disk_quota() {
     .await;
 }
 
+/// A sort too big for memory spills into SQLite's temporary files, outside the store's
+/// directory: they may hold the disk quota again, and an endless sort stops there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_bomb_endless_sort() {
+    run(Case {
+        event: ("bomb", json!({"kind": "sort"})),
+        message: "temporary files",
+        ..Case::new("sql_bomb", programs::SQL_BOMB, "disk_full")
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_bomb_huge_blob() {
     run(Case {

@@ -13,7 +13,8 @@ pub enum FailureReason {
     WallTime,
     /// The guest needed more linear memory than its quota.
     Memory,
-    /// The store's database reached its disk quota.
+    /// The store reached its disk quota: its database, a statement's temporary files or its
+    /// files directory.
     DiskFull,
     /// A rate limit refused the work.
     RateLimited,

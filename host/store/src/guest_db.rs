@@ -20,6 +20,7 @@ use storehost_runtime::{FailureReason, Rows, SqlError, Value};
 
 use crate::quotas::DEFAULT_DB_CACHE;
 use crate::sqlite::{self, Durability};
+use crate::vfs::{TempBudget, TempScope};
 
 /// Prefix of every host-owned table; guests may not touch them.
 pub const HOST_TABLE_PREFIX: &str = "_host";
@@ -157,6 +158,9 @@ pub struct GuestDb {
     /// Set by the authorizer when it compiles a guest statement that creates or alters a
     /// table (see [`GuestDb::guest_statement`]).
     compiled_table_change: Arc<AtomicBool>,
+    /// What the temporary files of guest statements (sorts that spill to disk) may hold: the
+    /// disk quota again.
+    temp: Arc<TempBudget>,
 }
 
 /// Where an invocation's savepoint is: asked for when the invocation starts, opened by the
@@ -206,6 +210,9 @@ impl GuestDb {
         conn.set_limit(Limit::SQLITE_LIMIT_LIKE_PATTERN_LENGTH, 50)?;
         conn.set_limit(Limit::SQLITE_LIMIT_VARIABLE_NUMBER, 500)?;
         conn.set_limit(Limit::SQLITE_LIMIT_TRIGGER_DEPTH, 10)?;
+        // The sorter's worker threads would open temporary files off the thread that counts
+        // them (see `vfs::TempScope`).
+        conn.set_limit(Limit::SQLITE_LIMIT_WORKER_THREADS, 0)?;
         let page_size: u64 = conn.pragma_query_value(None, "page_size", |row| row.get(0))?;
 
         let mode = Arc::new(AtomicU8::new(MODE_HOST));
@@ -248,13 +255,16 @@ impl GuestDb {
             // default quota costs no pragma when it opens.
             cache_quota: std::cell::Cell::new(DEFAULT_DB_CACHE),
             compiled_table_change,
+            temp: TempBudget::new(disk_quota),
         };
         db.set_disk_quota(disk_quota)?;
         Ok(db)
     }
 
-    /// Caps the database at `bytes` (rounded down to whole pages, never below its current size).
+    /// Caps the database at `bytes` (rounded down to whole pages, never below its current size),
+    /// and the temporary files of a guest statement at as many again.
     pub fn set_disk_quota(&self, bytes: u64) -> rusqlite::Result<()> {
+        self.temp.set_limit(bytes);
         let pages = (bytes / self.page_size.max(1)).max(1);
         self.conn
             .pragma_update(None, "max_page_count", pages.to_string())
@@ -569,12 +579,37 @@ impl GuestDb {
         self.guest_statement(statement, |stmt| Self::rows_of(stmt, params))
     }
 
-    /// Prepares guest `statement` and runs it with `run`. A statement that creates or alters a
+    /// Prepares guest `statement` and runs it with `run`; the temporary files it spills to
+    /// (sorts, groupings, its journal) may hold as much as the disk quota, and past it the
+    /// statement fails as `SQLITE_FULL` (see [`crate::vfs::TempScope`]).
+    fn guest_statement<T>(
+        &self,
+        statement: &str,
+        run: impl FnOnce(&mut rusqlite::CachedStatement<'_>) -> Result<T, SqlError>,
+    ) -> Result<T, SqlError> {
+        let _temp = TempScope::enter(&self.temp);
+        self.temp.take_refused();
+        let result = self.guest_statement_in_scope(statement, run);
+        match result {
+            Err(err) if err.code == SQLITE_FULL && self.temp.take_refused() => Err(SqlError {
+                code: SQLITE_FULL,
+                message: format!(
+                    "the statement's temporary files (a sort, grouping or DISTINCT too big for \
+                     memory, spilled to disk) would pass {} bytes, the store's disk quota; add \
+                     an index or a LIMIT, or raise the quota",
+                    self.temp.limit()
+                ),
+            }),
+            result => result,
+        }
+    }
+
+    /// The body of [`GuestDb::guest_statement`]. A statement that creates or alters a
     /// table runs inside a savepoint and is undone when the table it leaves references one of
     /// the host's tables: the host deletes from those, and SQLite would then scan the guest's
     /// table once per deleted row — CPU spent outside every quota. Such a statement is never
     /// kept in the cache, so the authorizer sees it each time it runs.
-    fn guest_statement<T>(
+    fn guest_statement_in_scope<T>(
         &self,
         statement: &str,
         run: impl FnOnce(&mut rusqlite::CachedStatement<'_>) -> Result<T, SqlError>,
@@ -732,10 +767,7 @@ pub(crate) fn breach_of(err: &SqlError, cpu_ms: u64) -> Option<(FailureReason, S
     match err.code {
         SQLITE_FULL => Some((
             FailureReason::DiskFull,
-            format!(
-                "the store's database reached its disk quota: {}",
-                err.message
-            ),
+            format!("the store reached its disk quota: {}", err.message),
         )),
         SQLITE_TOOBIG => Some((
             FailureReason::Memory,
@@ -1130,6 +1162,53 @@ mod tests {
             Some(FailureReason::CpuTime),
             "{err:?}"
         );
+    }
+
+    /// A query sorting about 22 MB, more than the page cache holds, so it spills to disk.
+    const SPILLING_SORT: &str = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c \
+        WHERE x < 200000) SELECT x FROM c ORDER BY randomblob(100)";
+
+    fn sort(db: &GuestDb, sql: &str) -> Result<Rows, SqlError> {
+        db.enter_guest(false, statement_budget(60_000));
+        let result = db.guest_query(sql, vec![]);
+        db.leave_guest();
+        result
+    }
+
+    #[test]
+    fn a_sort_spilling_past_the_disk_quota_fails_as_disk_full_and_frees_its_files() {
+        let (_dir, db) = db();
+        db.set_disk_quota(1 << 20).unwrap();
+        let err = sort(&db, SPILLING_SORT).unwrap_err();
+        assert_eq!(
+            breach_of(&err, 10).map(|b| b.0),
+            Some(FailureReason::DiskFull),
+            "{err:?}"
+        );
+        assert!(
+            err.message.contains("temporary files") && err.message.contains("1048576 bytes"),
+            "the error names what filled up: {}",
+            err.message
+        );
+        assert_eq!(db.temp.used(), 0, "the refused statement's files are gone");
+
+        // With room, the same sort runs, through temporary files that are counted.
+        db.set_disk_quota(1 << 30).unwrap();
+        let rows = sort(&db, SPILLING_SORT).unwrap();
+        assert_eq!(rows.rows.len(), 200_000);
+        assert_eq!(db.temp.used(), 0, "a finished statement's files are gone");
+        // A refusal is reported once, by the statement it stopped.
+        assert!(!db.temp.take_refused());
+    }
+
+    #[test]
+    fn host_statements_are_not_counted_against_the_guest_s_temporary_files() {
+        let (_dir, db) = db();
+        db.set_disk_quota(1 << 20).unwrap();
+        let mut stmt = db.connection().prepare(SPILLING_SORT).unwrap();
+        let rows = stmt.query_map([], |_| Ok(())).unwrap().count();
+        assert_eq!(rows, 200_000);
+        assert!(!db.temp.take_refused());
     }
 
     fn count(db: &GuestDb, table: &str) -> i64 {

@@ -43,6 +43,10 @@ use rusqlite::ffi;
 
 use crate::sqlite::lock;
 
+mod temp;
+
+pub use temp::{TempBudget, TempScope};
+
 /// The VFS's name, for `sqlite3_open_v2` (see [`crate::sqlite::VFS`]).
 pub(crate) const NAME: &CStr = c"storehost";
 
@@ -64,7 +68,7 @@ pub(crate) fn register() -> c_int {
         let base_ref = unsafe { &*base };
         let vfs = Box::new(ffi::sqlite3_vfs {
             iVersion: base_ref.iVersion,
-            szOsFile: MAIN_FILE_INNER_OFFSET as c_int + base_ref.szOsFile,
+            szOsFile: INNER_OFFSET as c_int + base_ref.szOsFile,
             mxPathname: base_ref.mxPathname,
             pNext: std::ptr::null_mut(),
             zName: NAME.as_ptr(),
@@ -203,7 +207,8 @@ struct Attached {
 }
 
 /// A main database file: the fields below, then SQLite's `unix-none` file at
-/// [`MAIN_FILE_INNER_OFFSET`] (files of other kinds are only the `unix-none` file).
+/// [`INNER_OFFSET`] (temporary files are a [`temp::TempFile`] and then the `unix-none` file;
+/// files of other kinds are only the `unix-none` file).
 #[repr(C)]
 struct MainFile {
     /// SQLite reads the methods through the file's first field.
@@ -218,7 +223,16 @@ struct MainFile {
     shm_exclusive: u16,
 }
 
-const MAIN_FILE_INNER_OFFSET: usize = std::mem::size_of::<MainFile>().next_multiple_of(16);
+/// Where the base's file starts in a main or temporary file.
+const INNER_OFFSET: usize = {
+    let main = std::mem::size_of::<MainFile>();
+    let larger = if main > temp::TEMP_FILE_SIZE {
+        main
+    } else {
+        temp::TEMP_FILE_SIZE
+    };
+    larger.next_multiple_of(16)
+};
 
 static MAIN_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
     iVersion: 3,
@@ -262,6 +276,22 @@ unsafe extern "C" fn open(
     let base = unsafe { base_of(vfs) };
     // SAFETY: `base` is the registered `unix-none` VFS, whose `xOpen` is set.
     let base_open = unsafe { (*base).xOpen.expect("unix-none has xOpen") };
+    if temp::is_temporary(flags)
+        && let Some(budget) = temp::current()
+    {
+        // SAFETY: `file` has room for a temporary file and then the base's file (`szOsFile`);
+        // the base writes its file at `inner`, which `wrap` wraps once it opened.
+        unsafe {
+            let inner = inner_of(file);
+            let rc = base_open(base, name, inner, flags, out_flags);
+            if rc == ffi::SQLITE_OK {
+                temp::wrap(file, budget);
+            } else {
+                (*file).pMethods = std::ptr::null();
+            }
+            return rc;
+        }
+    }
     if flags & ffi::SQLITE_OPEN_MAIN_DB == 0 || name.is_null() {
         // SAFETY: SQLite allocated `szOsFile` bytes at `file`, more than the base needs.
         return unsafe { base_open(base, name, file, flags, out_flags) };
@@ -269,7 +299,7 @@ unsafe extern "C" fn open(
     let main = file.cast::<MainFile>();
     // SAFETY: `file` has room for a `MainFile` and then the base's file (`szOsFile`), and is
     // aligned for SQLite's file structures (8 bytes), which is all `MainFile` needs.
-    let inner = unsafe { inner_of(main) };
+    let inner = unsafe { inner_of(file) };
     // SAFETY: as above; the base writes its file at `inner`.
     let rc = unsafe { base_open(base, name, inner, flags, out_flags) };
     // SAFETY: `main` is ours to initialize; SQLite reads `pMethods` only after a success.
@@ -314,13 +344,13 @@ unsafe extern "C" fn open(
     }
 }
 
-/// The base's file inside a main file.
+/// The base's file inside a main or temporary file.
 ///
 /// # Safety
-/// `main` points to an allocation of this VFS's `szOsFile` bytes.
-unsafe fn inner_of(main: *mut MainFile) -> *mut ffi::sqlite3_file {
+/// `file` points to an allocation of this VFS's `szOsFile` bytes.
+unsafe fn inner_of(file: *mut ffi::sqlite3_file) -> *mut ffi::sqlite3_file {
     // SAFETY: per the contract the allocation extends past the offset by the base's size.
-    unsafe { main.cast::<u8>().add(MAIN_FILE_INNER_OFFSET).cast() }
+    unsafe { file.cast::<u8>().add(INNER_OFFSET).cast() }
 }
 
 /// Finds or makes the node of the file at `path`, counting one more open file on it.
@@ -389,14 +419,14 @@ unsafe fn main_file<'a>(file: *mut ffi::sqlite3_file) -> &'a mut MainFile {
 /// The base's file and its methods, for the calls forwarded to it.
 ///
 /// # Safety
-/// As [`main_file`].
+/// `file` is a main or temporary file this VFS opened and has not closed.
 unsafe fn inner(
     file: *mut ffi::sqlite3_file,
 ) -> (*mut ffi::sqlite3_file, &'static ffi::sqlite3_io_methods) {
     // SAFETY: per the contract the base's file opened successfully, so its methods are set
     // (static in SQLite).
     unsafe {
-        let inner = inner_of(file.cast());
+        let inner = inner_of(file);
         (inner, &*(*inner).pMethods)
     }
 }
@@ -431,8 +461,8 @@ unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
 macro_rules! forward {
     ($($name:ident => $method:ident($($arg:ident: $ty:ty),*) else $fallback:expr;)*) => {$(
         unsafe extern "C" fn $name(file: *mut ffi::sqlite3_file, $($arg: $ty),*) -> c_int {
-            // SAFETY: SQLite calls this on a main file this VFS opened; the call goes to the
-            // base's file with SQLite's own arguments.
+            // SAFETY: SQLite calls this on a main or temporary file this VFS opened; the call
+            // goes to the base's file with SQLite's own arguments.
             unsafe {
                 let (inner, methods) = inner(file);
                 methods.$method.map_or($fallback, |f| f(inner, $($arg),*))
@@ -440,6 +470,7 @@ macro_rules! forward {
         }
     )*};
 }
+use forward;
 
 forward! {
     read => xRead(buf: *mut c_void, amount: c_int, offset: i64) else ffi::SQLITE_IOERR_READ;

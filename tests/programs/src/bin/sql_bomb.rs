@@ -2,7 +2,9 @@
 //! `hostile` query's args) is `{"kind": K}`:
 //! - `cte`: counts the rows of an infinite recursive CTE (only interruption stops it);
 //! - `blob`: inserts `zeroblob(2000000000)` into `bomb_blobs`;
-//! - `rows`: inserts a million 1 KiB rows into `bomb_rows`, one statement at a time.
+//! - `rows`: inserts a million 1 KiB rows into `bomb_rows`, one statement at a time;
+//! - `sort`: sorts the rows of an infinite recursive CTE by a random 100-byte key, which spills
+//!   into temporary files until something stops it.
 //!
 //! The usual event is `bomb {kind}`. A statement the host stops fails the invocation with the
 //! host's reason.
@@ -26,7 +28,7 @@ const ROW_BYTES: usize = 1024;
 impl Misbehaviour for SqlBomb {
     fn misbehave(input: Json) -> Result<(), String> {
         let bomb: Bomb = serde_json::from_value(input).map_err(|err| {
-            format!("sql_bomb wants {{\"kind\": \"cte\"|\"blob\"|\"rows\"}}: {err}")
+            format!("sql_bomb wants {{\"kind\": \"cte\"|\"blob\"|\"rows\"|\"sort\"}}: {err}")
         })?;
         match bomb.kind.as_str() {
             "cte" => {
@@ -45,6 +47,14 @@ impl Misbehaviour for SqlBomb {
                 )?;
                 Ok(())
             }
+            "sort" => {
+                let rows = sql::query(
+                    "WITH RECURSIVE counter(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM counter)
+                     SELECT n FROM counter ORDER BY randomblob(100)",
+                    params![],
+                )?;
+                Err(format!("the endless sort returned {} rows", rows.len()))
+            }
             "rows" => {
                 sql::execute(
                     "CREATE TABLE IF NOT EXISTS bomb_rows (id INTEGER PRIMARY KEY, filler BLOB)",
@@ -61,7 +71,7 @@ impl Misbehaviour for SqlBomb {
                 Ok(())
             }
             other => Err(format!(
-                "unknown bomb kind `{other}`: use cte, blob or rows"
+                "unknown bomb kind `{other}`: use cte, blob, rows or sort"
             )),
         }
     }

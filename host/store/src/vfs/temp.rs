@@ -1,0 +1,267 @@
+//! Temporary files opened for a guest's SQL, counted against a budget.
+//!
+//! A sort, a `GROUP BY` or a `DISTINCT` too big for the page cache spills into temporary files
+//! that SQLite's unix VFS puts in the system's temporary directory, outside every store's
+//! directory and quota; a statement's journal does the same. A cross join sorted by a computed
+//! column writes as much as its CPU time allows. So while a guest statement runs (a
+//! [`TempScope`] on the thread that steps it), every temporary file SQLite opens takes the
+//! statement's connection's [`TempBudget`], and a write, truncation or size hint that would
+//! grow the connection's temporary files past it answers `SQLITE_FULL`: the statement fails
+//! like a full database, and SQLite deletes its temporary files.
+//!
+//! SQLite opens a statement's temporary files on the thread stepping it: the sorter's worker
+//! threads, which do not, are off for guest connections (`SQLITE_LIMIT_WORKER_THREADS` 0).
+
+use std::cell::RefCell;
+use std::ffi::{c_int, c_void};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rusqlite::ffi;
+
+use super::{INNER_OFFSET, inner};
+
+/// What one connection's temporary files may hold at once.
+#[derive(Debug, Default)]
+pub struct TempBudget {
+    limit: AtomicU64,
+    used: AtomicU64,
+    refused: AtomicBool,
+}
+
+impl TempBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(Self {
+            limit: AtomicU64::new(limit),
+            ..Self::default()
+        })
+    }
+
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// The bytes the connection's temporary files hold now.
+    #[cfg(test)]
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Whether a temporary file was refused growth since the last call.
+    pub fn take_refused(&self) -> bool {
+        self.refused.swap(false, Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` more, or answers false (and remembers the refusal) past the limit.
+    fn reserve(&self, bytes: u64) -> bool {
+        let limit = self.limit();
+        let taken = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|&total| total <= limit)
+            });
+        if taken.is_err() {
+            self.refused.store(true, Ordering::Relaxed);
+        }
+        taken.is_ok()
+    }
+
+    fn release(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(bytes))
+            });
+    }
+}
+
+thread_local! {
+    /// The budget of the guest statement running on this thread, if any.
+    static CURRENT: RefCell<Option<Arc<TempBudget>>> = const { RefCell::new(None) };
+}
+
+/// While alive, the temporary files SQLite opens on this thread count against a budget.
+pub struct TempScope {
+    previous: Option<Arc<TempBudget>>,
+}
+
+impl TempScope {
+    pub fn enter(budget: &Arc<TempBudget>) -> Self {
+        let previous = CURRENT.with(|current| current.replace(Some(budget.clone())));
+        Self { previous }
+    }
+}
+
+impl Drop for TempScope {
+    fn drop(&mut self) {
+        CURRENT.with(|current| *current.borrow_mut() = self.previous.take());
+    }
+}
+
+/// The budget temporary files opened now on this thread count against.
+pub(super) fn current() -> Option<Arc<TempBudget>> {
+    CURRENT.with(|current| current.borrow().clone())
+}
+
+/// Whether a file SQLite opens with `flags` is one of its temporary files.
+pub(super) fn is_temporary(flags: c_int) -> bool {
+    flags
+        & (ffi::SQLITE_OPEN_TEMP_DB
+            | ffi::SQLITE_OPEN_TEMP_JOURNAL
+            | ffi::SQLITE_OPEN_TRANSIENT_DB
+            | ffi::SQLITE_OPEN_SUBJOURNAL)
+        != 0
+}
+
+/// A temporary file: the fields below, then the base's file at [`INNER_OFFSET`].
+#[repr(C)]
+pub(super) struct TempFile {
+    /// SQLite reads the methods through the file's first field.
+    base: ffi::sqlite3_file,
+    budget: Arc<TempBudget>,
+    /// The bytes this file holds of the budget: the furthest it was written or sized to.
+    held: u64,
+}
+
+pub(super) const TEMP_FILE_SIZE: usize = std::mem::size_of::<TempFile>();
+
+static TEMP_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
+    iVersion: 3,
+    xClose: Some(close),
+    xRead: Some(super::read),
+    xWrite: Some(write),
+    xTruncate: Some(truncate),
+    xSync: Some(super::sync),
+    xFileSize: Some(super::file_size),
+    xLock: Some(lock),
+    xUnlock: Some(unlock),
+    xCheckReservedLock: Some(check_reserved),
+    xFileControl: Some(file_control),
+    xSectorSize: Some(super::sector_size),
+    xDeviceCharacteristics: Some(super::device_characteristics),
+    // Temporary files have no WAL index.
+    xShmMap: None,
+    xShmLock: None,
+    xShmBarrier: None,
+    xShmUnmap: None,
+    xFetch: Some(super::fetch),
+    xUnfetch: Some(super::unfetch),
+};
+
+/// Makes the file at `file`, whose base's file just opened, a temporary file on `budget`.
+///
+/// # Safety
+/// `file` points to an allocation of the VFS's `szOsFile` bytes whose base's file (at
+/// [`INNER_OFFSET`]) opened successfully.
+pub(super) unsafe fn wrap(file: *mut ffi::sqlite3_file, budget: Arc<TempBudget>) {
+    // SAFETY: per the contract `file` has room for a `TempFile` before the base's file, and is
+    // aligned for SQLite's file structures (8 bytes), which is all `TempFile` needs.
+    unsafe {
+        file.cast::<TempFile>().write(TempFile {
+            base: ffi::sqlite3_file {
+                pMethods: &TEMP_METHODS,
+            },
+            budget,
+            held: 0,
+        });
+    }
+}
+
+/// # Safety
+/// `file` is a temporary file [`wrap`] made, open for the returned borrow (SQLite calls its
+/// methods from one thread at a time per file).
+unsafe fn temp_file<'a>(file: *mut ffi::sqlite3_file) -> &'a mut TempFile {
+    // SAFETY: per the contract.
+    unsafe { &mut *file.cast::<TempFile>() }
+}
+
+impl TempFile {
+    /// Takes what growing the file to `len` bytes needs; false when the budget refuses it.
+    fn grow_to(&mut self, len: u64) -> bool {
+        if len <= self.held {
+            return true;
+        }
+        let grown = self.budget.reserve(len - self.held);
+        if grown {
+            self.held = len;
+        }
+        grown
+    }
+
+    fn shrink_to(&mut self, len: u64) {
+        if len < self.held {
+            self.budget.release(self.held - len);
+            self.held = len;
+        }
+    }
+}
+
+unsafe extern "C" fn write(
+    file: *mut ffi::sqlite3_file,
+    buf: *const c_void,
+    amount: c_int,
+    offset: i64,
+) -> c_int {
+    // SAFETY: SQLite calls this on a temporary file this VFS opened.
+    let temp = unsafe { temp_file(file) };
+    let end = u64::try_from(offset).unwrap_or(0) + u64::try_from(amount).unwrap_or(0);
+    if !temp.grow_to(end) {
+        return ffi::SQLITE_FULL;
+    }
+    // SAFETY: forwarded with SQLite's own arguments.
+    unsafe { super::write(file, buf, amount, offset) }
+}
+
+unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
+    // SAFETY: SQLite calls this on a temporary file this VFS opened; forwarded with its own
+    // arguments.
+    let rc = unsafe { super::truncate(file, size) };
+    if rc == ffi::SQLITE_OK {
+        // SAFETY: as above.
+        unsafe { temp_file(file) }.shrink_to(u64::try_from(size).unwrap_or(0));
+    }
+    rc
+}
+
+unsafe extern "C" fn file_control(
+    file: *mut ffi::sqlite3_file,
+    op: c_int,
+    arg: *mut c_void,
+) -> c_int {
+    // A size hint makes the file that long at once (the sorter's files are then mapped).
+    if op == ffi::SQLITE_FCNTL_SIZE_HINT && !arg.is_null() {
+        // SAFETY: SQLite passes the hinted size as an `i64`; the file is a temporary file
+        // this VFS opened.
+        let (hint, temp) = unsafe { (*arg.cast::<i64>(), temp_file(file)) };
+        if !temp.grow_to(u64::try_from(hint).unwrap_or(0)) {
+            return ffi::SQLITE_FULL;
+        }
+    }
+    // SAFETY: forwarded with SQLite's own arguments.
+    unsafe { super::file_control(file, op, arg) }
+}
+
+unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
+    // SAFETY: SQLite closes a file it opened through this VFS, once; the base's file closes
+    // (and, as a temporary file, is deleted) first, then the wrapper is dropped.
+    unsafe {
+        let (inner, methods) = inner(file);
+        let rc = methods.xClose.map_or(ffi::SQLITE_OK, |close| close(inner));
+        temp_file(file).shrink_to(0);
+        std::ptr::drop_in_place(file.cast::<TempFile>());
+        rc
+    }
+}
+
+super::forward! {
+    lock => xLock(level: c_int) else ffi::SQLITE_OK;
+    unlock => xUnlock(level: c_int) else ffi::SQLITE_OK;
+    check_reserved => xCheckReservedLock(out: *mut c_int) else ffi::SQLITE_OK;
+}
+
+const _: () = assert!(TEMP_FILE_SIZE <= INNER_OFFSET);
