@@ -38,7 +38,8 @@ pub fn schedule(task_id: &str, trigger: Trigger, payload: &impl Serialize) -> Re
     next.ok_or_else(|| format!("task `{task_id}` has no future occurrence"))
 }
 
-/// Cancels `task_id`; answers whether it was scheduled.
+/// Cancels `task_id`; answers whether it was scheduled. Call it from an event handler or a
+/// task: a query may not write, and there the call traps.
 pub fn cancel(task_id: &str) -> bool {
     wit::cancel(task_id)
 }

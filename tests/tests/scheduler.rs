@@ -110,6 +110,47 @@ async fn a_one_shot_task_runs_once_and_its_effects_commit_with_it() {
     assert_eq!(status["tasksExecuted"], 1, "{status}");
 }
 
+/// A query is read-only: cancelling a task from one fails the query as the plugin's `trap`
+/// (the import has no error to answer), saying why, and the task stays scheduled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_cannot_cancel_a_task() {
+    let host = ticker_host().await;
+    let at = now_ms() + 3_600_000;
+    host.append(
+        "clock",
+        "schedule",
+        json!({"taskId": "later", "onceAtMs": at, "payload": {}}),
+    )
+    .await;
+    host.settle("clock").await;
+
+    let args = json!({"taskId": "later"}).to_string();
+    let (status, body) = host
+        .get(&format!(
+            "/v1/stores/clock/query/cancel?args={}",
+            storehost_tests::urlencode(&args)
+        ))
+        .await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "trap", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("scheduler.cancel") && message.contains("a query is read-only"),
+        "{message}"
+    );
+    let listed = host.query("clock", "scheduled", json!({})).await;
+    assert_eq!(
+        listed["tasks"],
+        json!([{"taskId": "later", "nextRunMs": at}])
+    );
+    // The store goes on: the same cancel in an event handler works.
+    host.append("clock", "cancel", json!({"taskId": "later"}))
+        .await;
+    host.settle("clock").await;
+    let listed = host.query("clock", "scheduled", json!({})).await;
+    assert_eq!(listed["tasks"], json!([]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interval_runs_again_counted_from_the_end_of_each_execution() {
     let host = ticker_host().await;

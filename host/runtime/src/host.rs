@@ -12,6 +12,16 @@ pub type LogLevel = Level;
 pub type LlmFuture =
     std::pin::Pin<Box<dyn Future<Output = Result<Completion, LlmError>> + Send + 'static>>;
 
+/// Why a capability whose import answers the guest no error could not do what it asked: the
+/// call traps, classified by which it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CapabilityError {
+    /// The guest may not do this here, e.g. write from a query: classified as `trap`.
+    Refused(String),
+    /// The host failed (an I/O error): classified as `host_error`.
+    Failed(String),
+}
+
 /// The host side of the plugin world's imports, implemented by a store for its own guest.
 ///
 /// Methods return what the guest sees (`Err` values are guest-visible errors, not traps).
@@ -42,7 +52,8 @@ pub trait HostCapabilities: Send + 'static {
         payload: String,
     ) -> Result<Option<i64>, String>;
     /// Cancels a task in the current invocation's transaction; answers whether it existed.
-    fn cancel_task(&mut self, task_id: &str) -> Result<bool, String>;
+    /// The guest's `cancel` has no error to answer, so a failure traps the call.
+    fn cancel_task(&mut self, task_id: &str) -> Result<bool, CapabilityError>;
     /// The store's scheduled tasks, as the current transaction sees them.
     fn list_tasks(&mut self) -> Result<Vec<ScheduledTask>, String>;
     /// Starts a chat completion. Checks quotas before it returns; the future does the waiting.

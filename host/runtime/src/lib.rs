@@ -24,7 +24,7 @@ pub mod llm {
 }
 pub use failure::{FailureReason, InvocationError};
 pub use files::FilesUsage;
-pub use host::{HostCapabilities, LlmFuture, LogLevel};
+pub use host::{CapabilityError, HostCapabilities, LlmFuture, LogLevel};
 pub use plugin::{Plugin, PluginError};
 pub use runtime::{DEMOTED_NICE, Runtime, RuntimeOptions};
 pub use sandbox::{Limits, Sandbox, SandboxFiles, SandboxOptions, Usage};

@@ -15,7 +15,7 @@ use crate::bindings::Plugin as PluginInstance;
 use crate::bindings::storehost::plugin::{clock, config, events, llm, log, scheduler, sql, types};
 use crate::failure::{FailureReason, InvocationError};
 use crate::files::{FilesState, FilesUsage, FilesView};
-use crate::host::HostCapabilities;
+use crate::host::{CapabilityError, HostCapabilities};
 use crate::plugin::Plugin;
 use crate::scheduler::{Priority, Slot, SlotScheduler};
 use crate::{Event, Rows, SqlError, TaskRun, Value};
@@ -138,6 +138,11 @@ struct CpuTimeExceeded {
 #[derive(Debug, thiserror::Error)]
 #[error("host failure: {0}")]
 pub struct HostFailure(pub String);
+
+/// The guest called a capability it may not use here (a write from a query); the call traps.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
 
 impl<H: HostCapabilities> Sandbox<H> {
     /// Instantiates `plugin` with `host` as its capabilities.
@@ -440,6 +445,11 @@ impl<H: HostCapabilities> Sandbox<H> {
         if let Some((reason, detail)) = breach {
             return InvocationError::new(reason, detail);
         }
+        // After the breaches: a write refused because an earlier breach rolled the
+        // invocation's transaction back is that breach's failure.
+        if let Some(refused) = err.downcast_ref::<Refused>() {
+            return InvocationError::new(FailureReason::Trap, refused.0.clone());
+        }
         match err.downcast_ref::<Trap>() {
             Some(Trap::OutOfFuel) => InvocationError::new(
                 FailureReason::OutOfFuel,
@@ -715,9 +725,15 @@ impl<H: HostCapabilities> scheduler::Host for InstanceState<H> {
     }
 
     fn cancel(&mut self, task_id: String) -> wasmtime::Result<bool> {
-        self.host
-            .cancel_task(&task_id)
-            .map_err(|err| HostFailure(format!("could not cancel task `{task_id}`: {err}")).into())
+        self.host.cancel_task(&task_id).map_err(|err| match err {
+            CapabilityError::Refused(why) => Refused(format!(
+                "scheduler.cancel(`{task_id}`) may not be called here: {why}"
+            ))
+            .into(),
+            CapabilityError::Failed(why) => {
+                HostFailure(format!("could not cancel task `{task_id}`: {why}")).into()
+            }
+        })
     }
 
     fn scheduled(&mut self) -> wasmtime::Result<Vec<scheduler::ScheduledTask>> {

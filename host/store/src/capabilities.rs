@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use storehost_runtime::llm::{ChatRequest, ErrorClass, LlmError};
 use storehost_runtime::{
-    FailureReason, HostCapabilities, LlmFuture, LogLevel, Rows, ScheduledTask, SqlError, Trigger,
-    Value,
+    CapabilityError, FailureReason, HostCapabilities, LlmFuture, LogLevel, Rows, ScheduledTask,
+    SqlError, Trigger, Value,
 };
 
-use crate::guest_db::{self, GuestDb};
+use crate::guest_db::{self, GuestDb, HostWriteRefused};
 use crate::id::StoreId;
 use crate::schedules::{self, Spec};
 
@@ -275,10 +275,13 @@ impl HostCapabilities for StoreCapabilities {
         }
     }
 
-    fn cancel_task(&mut self, task_id: &str) -> Result<bool, String> {
+    fn cancel_task(&mut self, task_id: &str) -> Result<bool, CapabilityError> {
         match self.db().as_host(|conn| schedules::cancel(conn, task_id)) {
-            Err(refused) => Err(format!("tasks cannot be cancelled here: {refused}")),
-            Ok(result) => result.map_err(|err| err.to_string()),
+            Err(HostWriteRefused::NoSavepoint) => Err(CapabilityError::Failed(
+                HostWriteRefused::NoSavepoint.to_string(),
+            )),
+            Err(refused) => Err(CapabilityError::Refused(refused.to_string())),
+            Ok(result) => result.map_err(|err| CapabilityError::Failed(err.to_string())),
         }
     }
 

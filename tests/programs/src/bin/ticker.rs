@@ -12,7 +12,8 @@
 //! which the host can be killed between the claim and the commit.
 //!
 //! Queries: `runs` → `{"runs": [{"taskId", "scheduledFor", "executionId"}]}`,
-//! `scheduled` → what `scheduler::scheduled()` answers.
+//! `scheduled` → what `scheduler::scheduled()` answers, `cancel {taskId}` → tries to cancel a
+//! task from a query (which may not write).
 #![forbid(unsafe_code)]
 
 use std::io::Write as _;
@@ -113,8 +114,14 @@ impl Plugin for Ticker {
         Ok(())
     }
 
-    fn query(name: &str, _args: Json) -> Result<Json, String> {
+    fn query(name: &str, args: Json) -> Result<Json, String> {
         match name {
+            "cancel" => {
+                let request: CancelRequest =
+                    serde_json::from_value(args).map_err(|err| err.to_string())?;
+                let cancelled = scheduler::cancel(&request.task_id);
+                Ok(json!({ "cancelled": cancelled }))
+            }
             "runs" => {
                 let rows = match sql::query(
                     "SELECT task_id, scheduled_for, execution_id FROM runs ORDER BY rowid",
