@@ -245,6 +245,29 @@ async fn a_removed_file_counts_until_the_guest_closes_it() {
     );
 }
 
+/// What a guest writes to a file after removing it (a scratch file) is given back when it
+/// closes the file, like the bytes the file had when it was removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_written_to_a_removed_file_comes_back_when_it_is_closed() {
+    let host = TestHost::start().await;
+    host.deploy("escape", programs::ESCAPE).await;
+    add_cramped(&host, "scratcher").await;
+    // 384 KiB each: only two would fit at once in 1 MiB, and eight run one after another.
+    let result = probe(
+        &host,
+        "scratcher",
+        json!({"path": "/data/scratch", "op": "scratch", "count": 8, "bytes": 384 << 10}),
+    )
+    .await;
+    assert_eq!(result["detail"], "used 8 scratch files", "{result}");
+    assert_eq!(result["allowed"], true, "{result}");
+    let (_, status) = host.get("/v1/stores/scratcher").await;
+    assert_eq!(
+        status["usage"]["filesBytes"], 0,
+        "nothing is left: {status}"
+    );
+}
+
 /// Replacing a file whole (write a new version, rename it over the old one) over and over
 /// keeps the count where it is: the replaced file's bytes come back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use wasmtime::component::{HasData, Resource};
@@ -31,6 +31,7 @@ use wasmtime_wasi::p2::bindings::filesystem::types::{
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, FsError, FsResult};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 
+use crate::lock;
 use crate::sandbox::charge_moving;
 
 /// The most directory listings one sandbox's guest holds at once: wasmtime-wasi reads a whole
@@ -155,9 +156,8 @@ pub(crate) struct FilesState {
     /// The host files behind the guest's open descriptors and the streams made from them (a
     /// stream keeps its file open after its descriptor is dropped).
     open: Vec<Weak<std::fs::File>>,
-    /// Files removed while the guest held them open, with the bytes they kept on disk then:
-    /// given back once they are closed.
-    removed_open: Vec<(Weak<std::fs::File>, u64)>,
+    /// Files removed while the guest held them open (shared with its write streams).
+    removed_open: RemovedOpen,
     /// Directory listings the guest holds (each keeps the whole listing in the host's memory).
     listings: usize,
     refused: Arc<AtomicBool>,
@@ -171,7 +171,7 @@ impl FilesState {
         Self {
             usage,
             open: Vec::new(),
-            removed_open: Vec::new(),
+            removed_open: RemovedOpen::default(),
             listings: 0,
             refused: Arc::default(),
             owed,
@@ -228,12 +228,48 @@ impl FilesState {
 
     /// Gives back the bytes of removed files the guest has closed since (all of them once the
     /// sandbox is gone: its table, which holds the files, is dropped before this state).
-    fn release_closed(&mut self) {
-        let usage = &self.usage;
-        self.removed_open.retain(|(file, bytes)| {
-            let open = file.strong_count() > 0;
+    pub(crate) fn release_closed(&mut self) {
+        self.removed_open.release_closed(&self.usage);
+    }
+}
+
+/// Files removed while the guest held them open, each with the bytes it keeps on disk: its
+/// length at the removal and what was written to it since. They are given back once the
+/// file is closed.
+#[derive(Debug, Clone, Default)]
+struct RemovedOpen(Arc<Mutex<Vec<Held>>>);
+
+/// A removed file the guest holds open, and the bytes it keeps on disk until closed.
+#[derive(Debug)]
+struct Held {
+    file: Weak<std::fs::File>,
+    bytes: u64,
+}
+
+impl RemovedOpen {
+    fn hold(&self, held: Held) {
+        lock(&self.0).push(held);
+    }
+
+    /// `file` grew by `bytes`, reserved: if it is a removed one, they are given back with it.
+    fn grew(&self, file: &Arc<std::fs::File>, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let mut removed = lock(&self.0);
+        if let Some(held) = removed
+            .iter_mut()
+            .find(|held| std::ptr::eq(held.file.as_ptr(), Arc::as_ptr(file)))
+        {
+            held.bytes += bytes;
+        }
+    }
+
+    fn release_closed(&self, usage: &FilesUsage) {
+        lock(&self.0).retain(|held| {
+            let open = held.file.strong_count() > 0;
             if !open {
-                usage.release(*bytes);
+                usage.release(held.bytes);
             }
             open
         });
@@ -251,15 +287,17 @@ impl Drop for FilesState {
 struct Removal {
     /// Freed at once.
     freed: u64,
-    /// A file the guest holds open, and the bytes it keeps on disk until closed.
-    held: Option<(Weak<std::fs::File>, u64)>,
+    /// A file the guest holds open.
+    held: Option<Held>,
 }
 
 impl Removal {
     /// The removal happened: gives back what it freed.
     fn done(self, files: &mut FilesState) {
         files.usage.release(self.freed);
-        files.removed_open.extend(self.held);
+        if let Some(held) = self.held {
+            files.removed_open.hold(held);
+        }
     }
 }
 
@@ -335,6 +373,7 @@ impl FilesView<'_> {
             file,
             mode,
             usage: self.files.usage.clone(),
+            removed_open: self.files.removed_open.clone(),
             refused: self.files.refused.clone(),
             closed: false,
         });
@@ -362,7 +401,10 @@ impl FilesView<'_> {
             },
             HeldOpen::Yes(file) => Removal {
                 freed: ENTRY_BYTES,
-                held: Some((file, stat.size)),
+                held: Some(Held {
+                    file,
+                    bytes: stat.size,
+                }),
             },
             HeldOpen::Unknown => entry_only,
         }
@@ -463,8 +505,12 @@ impl HostDescriptor for FilesView<'_> {
         self.files.reserve(size.saturating_sub(before))?;
         match self.fs.set_size(fd, size).await {
             Ok(()) => {
-                // A removed file's bytes are given back when it is closed, as they are then.
-                if !removed(&file) {
+                // A removed file's bytes are given back when it is closed.
+                if removed(&file) {
+                    self.files
+                        .removed_open
+                        .grew(&file, size.saturating_sub(before));
+                } else {
                     self.files.usage.release(before.saturating_sub(size));
                 }
                 Ok(())
@@ -501,7 +547,8 @@ impl HostDescriptor for FilesView<'_> {
         buf: Vec<u8>,
         offset: types::Filesize,
     ) -> FsResult<types::Filesize> {
-        let before = length(&*self.host_file(&fd)?)?;
+        let file = self.host_file(&fd)?;
+        let before = length(&file)?;
         let end = |len: usize| offset.saturating_add(len as u64);
         let growth = end(buf.len()).saturating_sub(before);
         self.files.reserve(growth)?;
@@ -511,6 +558,7 @@ impl HostDescriptor for FilesView<'_> {
                 // A short write added less than was reserved.
                 let added = offset.saturating_add(written).saturating_sub(before);
                 self.files.usage.release(growth.saturating_sub(added));
+                self.files.removed_open.grew(&file, added.min(growth));
                 Ok(written)
             }
             Err(err) => {
@@ -786,6 +834,7 @@ struct QuotaStream {
     file: Arc<std::fs::File>,
     mode: WriteMode,
     usage: Arc<FilesUsage>,
+    removed_open: RemovedOpen,
     refused: Arc<AtomicBool>,
     /// A write failed: the stream is closed.
     closed: bool,
@@ -826,6 +875,7 @@ impl QuotaStream {
                 if let WriteMode::At { next } = &mut self.mode {
                     *next = at.saturating_add(len);
                 }
+                self.removed_open.grew(&self.file, growth);
                 Ok(())
             }
             Err(err) => {

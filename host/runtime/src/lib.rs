@@ -29,3 +29,11 @@ pub use plugin::{Plugin, PluginError};
 pub use runtime::{DEMOTED_NICE, Runtime, RuntimeOptions};
 pub use sandbox::{Limits, Sandbox, SandboxFiles, SandboxOptions, Usage};
 pub use scheduler::Priority;
+
+/// Locks `mutex`, going on with what a panicked holder left (every state behind these locks
+/// is valid between statements).
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -388,6 +388,8 @@ impl<H: HostCapabilities> Sandbox<H> {
         let state = self.store.data_mut();
         // What the call's last host calls moved counts too (no tick came after them).
         state.cpu.collect_owed();
+        // Removed files the guest closed in the call count no more once it returns.
+        state.files.release_closed();
         let files_full = state.files.take_refused();
         let breach = state.host.take_breach().or_else(|| {
             // A host capability's breach (the database full) says more than a refused file
@@ -529,15 +531,11 @@ fn panic_message(stderr: &str) -> Option<String> {
 }
 
 fn take_slot(cell: &Mutex<Option<Slot>>) -> Option<Slot> {
-    cell.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take()
+    crate::lock(cell).take()
 }
 
 fn put_slot(cell: &Mutex<Option<Slot>>, slot: Slot) {
-    *cell
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(slot);
+    *crate::lock(cell) = Some(slot);
 }
 
 /// Refuses memory growth past the quota and remembers that it did, so the trap that follows

@@ -118,9 +118,7 @@ impl SlotScheduler {
     }
 
     fn lock(&self, priority: Priority) -> MutexGuard<'_, Class> {
-        self.classes[priority.index()]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::lock(&self.classes[priority.index()])
     }
 
     /// Waits for a slot to start a call.

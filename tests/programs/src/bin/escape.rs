@@ -13,7 +13,9 @@
 //!   new file at `path` to `bytes`), `touch_many` (create `count` empty files in directory
 //!   `path`), `hold` (open the file at `path` `count` times, keeping every handle until the
 //!   probe ends), `unlink_open` (`count` times: write `bytes` bytes to a new file `<path><n>`,
-//!   remove it and keep it open), `replace_loop` (`count` times: write `bytes` bytes to
+//!   remove it and keep it open), `scratch` (`count` times: create `<path><n>`, remove it,
+//!   then write `bytes` bytes to it through the open handle and close it), `replace_loop`
+//!   (`count` times: write `bytes` bytes to
 //!   `<path>.next` and rename it over `path`), `rename_dir_over` (hold `path` open and try
 //!   `count` times to rename a directory over it) and `delete` (remove the file at `path`);
 //! - `probe.sql {sql, mode?}` runs the statement with `sql::query` (`mode: "query"`, the default
@@ -139,6 +141,17 @@ fn probe_fs(probe: &FsProbe) -> Outcome {
             }
             Ok(format!("kept {} removed files open", held.len()))
         }
+        "scratch" => {
+            // A scratch file: nameless from the start, gone once closed.
+            for made in 0..probe.count {
+                let name = format!("{path}{made}");
+                let used = |err: String| format!("used {made} scratch files, then: {err}");
+                let mut file = fs::File::create(&name).map_err(|err| used(err.to_string()))?;
+                fs::remove_file(&name).map_err(|err| used(err.to_string()))?;
+                write_chunks(&mut file, probe.bytes).map_err(used)?;
+            }
+            Ok(format!("used {} scratch files", probe.count))
+        }
         "replace_loop" => {
             // Write a new version beside the file, then rename it over the file: the usual
             // way to replace a file whole.
@@ -168,7 +181,7 @@ fn probe_fs(probe: &FsProbe) -> Outcome {
             .map_err(|err| format!("delete failed: {err}")),
         other => Err(format!(
             "unknown op `{other}`: use read, write, list, symlink_read, fill, append, grow, \
-             touch_many, hold, unlink_open, replace_loop, rename_dir_over or delete"
+             touch_many, hold, unlink_open, scratch, replace_loop, rename_dir_over or delete"
         )),
     }
 }
