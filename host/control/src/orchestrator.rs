@@ -472,6 +472,15 @@ impl Orchestrator {
     pub async fn restore_plugins(&self) -> Result<usize, ControlError> {
         let mut restored = 0;
         for (name, sha256) in self.registry.plugins()? {
+            // Already running this version (a second call reads and hashes nothing).
+            if self
+                .plugins()
+                .get(&name)
+                .is_some_and(|p| p.sha256() == sha256)
+            {
+                restored += 1;
+                continue;
+            }
             let path = self
                 .settings
                 .data_dir
@@ -486,14 +495,6 @@ impl Orchestrator {
             };
             if hex::encode(sha2::Sha256::digest(&bytes)) != sha256 {
                 tracing::error!(plugin = %name, path = %path.display(), "an uploaded plugin's file does not match its hash; upload it again");
-                continue;
-            }
-            if self
-                .plugins()
-                .get(&name)
-                .is_some_and(|p| p.sha256() == sha256)
-            {
-                restored += 1;
                 continue;
             }
             match self.deploy_plugin(&name, bytes).await {
