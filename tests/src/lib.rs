@@ -180,6 +180,7 @@ impl TestHost {
                         plugin: "writer".into(),
                         quotas: options.quotas,
                         config: BTreeMap::new(),
+                        own: None,
                     },
                     llm: options.llm.clone(),
                     task_catch_up: options.task_catch_up,
@@ -255,6 +256,8 @@ impl TestHost {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            // Set whole: what differs from the defaults counts as the store's own.
+            own: None,
         };
         self.orchestrator
             .ensure_running(&id, spec, StoreSource::Api)

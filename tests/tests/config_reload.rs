@@ -647,3 +647,73 @@ async fn the_config_takes_over_a_store_it_declares_after_another_source_started_
         "webhooks and the API may not remove it now"
     );
 }
+
+/// Stores added at run time (API, webhook, reconciler) take the config's `[defaults]` for
+/// what they did not set themselves: an edit of the defaults reaches them live, and what a
+/// store set itself stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_of_the_defaults_reaches_the_stores_added_at_run_time() {
+    use storehost_control::StoreSource;
+    use storehost_control::config::OwnSettings;
+    let (_dir, path) = config_file();
+    std::fs::write(&path, config_with(&["declared"], "")).unwrap();
+    let w = watched(&path, 10).await;
+    let host = &w.host;
+    // One as a webhook adds it (nothing of its own), one through the API with a quota and a
+    // config key of its own.
+    let follower = StoreId::new("follower").unwrap();
+    host.orchestrator
+        .ensure_running(
+            &follower,
+            host.orchestrator.spec_with(OwnSettings::default()),
+            StoreSource::Webhook,
+        )
+        .await
+        .unwrap();
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/chooser",
+            Some(json!({"quotas": {"cpu_ms_per_call": 50}, "config": {"MODE": "mine"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    let defaults = "[defaults.quotas]\nmemory = \"32MiB\"\ncpu_ms_per_call = 200\n";
+    save_by_rename(&path, &config_with(&["declared"], defaults));
+    eventually("the new defaults reach the webhook's store", || async {
+        host.get("/v1/stores/follower").await.1["quotas"]["memory"] == 32 << 20
+    })
+    .await;
+    let (_, view) = host.get("/v1/stores/follower").await;
+    assert_eq!(view["quotas"]["cpu_ms_per_call"], 200, "{view}");
+    let (_, view) = host.get("/v1/stores/chooser").await;
+    assert_eq!(view["quotas"]["memory"], 32 << 20, "{view}");
+    assert_eq!(
+        view["quotas"]["cpu_ms_per_call"], 50,
+        "its own quota stays: {view}"
+    );
+    assert_eq!(view["config"]["MODE"], "mine", "{view}");
+    assert_eq!(view["source"], "api");
+
+    // A store added after the edit starts on the new defaults, and host.db keeps only what
+    // each store set itself, so a start with other defaults gives it those.
+    let (status, body) = host
+        .call(reqwest::Method::PUT, "/v1/stores/late", Some(json!({})))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["quotas"]["memory"], 32 << 20, "{body}");
+    let persisted = host.orchestrator.registry().all().unwrap();
+    let own_of = |id: &str| {
+        persisted
+            .iter()
+            .find(|(store, _, _)| store.as_str() == id)
+            .and_then(|(_, _, spec)| spec.own.clone())
+            .unwrap()
+    };
+    assert!(own_of("follower").quotas.is_empty());
+    assert_eq!(
+        own_of("chooser").quotas.keys().collect::<Vec<_>>(),
+        ["cpu_ms_per_call"]
+    );
+}

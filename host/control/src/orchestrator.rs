@@ -18,7 +18,7 @@ use storehost_store::{
 };
 use tokio::sync::{Mutex, RwLock};
 
-use crate::config::StoreSpec;
+use crate::config::{OwnSettings, StoreSpec};
 use crate::registry::Registry;
 
 pub mod backup;
@@ -213,7 +213,8 @@ pub struct HostSettings {
     pub retry: RetryPolicy,
     /// Most stores this host runs.
     pub max_stores: usize,
-    /// The spec of a store created without one (default plugin and quotas, no config).
+    /// The spec of a store created without one (default plugin and quotas, no config), at
+    /// start; a config reload changes it ([`Orchestrator::set_defaults`]).
     pub defaults: StoreSpec,
     /// Where plugins' `llm` calls go (`None`: they fail as `not-configured`).
     pub llm: Option<std::sync::Arc<dyn storehost_store::LlmBackend>>,
@@ -272,6 +273,8 @@ pub struct PluginRef {
 pub struct Orchestrator {
     runtime: Arc<StoreRuntime>,
     settings: HostSettings,
+    /// What a store added at run time takes for what it does not set itself.
+    defaults: std::sync::RwLock<StoreSpec>,
     plugins: std::sync::RwLock<BTreeMap<String, Arc<StorePlugin>>>,
     stores: RwLock<BTreeMap<StoreId, Entry>>,
     changes: Mutex<()>,
@@ -351,6 +354,7 @@ impl Orchestrator {
         spares.refill();
         Ok(Self {
             runtime,
+            defaults: std::sync::RwLock::new(settings.defaults.clone()),
             settings,
             plugins: std::sync::RwLock::default(),
             stores: RwLock::default(),
@@ -365,6 +369,55 @@ impl Orchestrator {
     /// The host-wide settings.
     pub fn settings(&self) -> &HostSettings {
         &self.settings
+    }
+
+    /// The spec a store added at run time takes for what it does not set itself: the
+    /// config's `[defaults]` (and `LLM_MAX_ITERATIONS`) as last loaded.
+    pub fn defaults(&self) -> StoreSpec {
+        self.defaults
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The spec of a store added at run time that set `own` itself.
+    pub fn spec_with(&self, own: OwnSettings) -> StoreSpec {
+        own.over(&self.defaults())
+    }
+
+    /// New `[defaults]` (a config reload): every store added at run time takes them for what
+    /// it did not set itself, live. Answers the stores it changed or failed to.
+    pub async fn set_defaults(
+        &self,
+        defaults: StoreSpec,
+    ) -> Vec<(StoreId, Result<Provisioned, ControlError>)> {
+        let previous = std::mem::replace(
+            &mut *self
+                .defaults
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            defaults.clone(),
+        );
+        if previous == defaults {
+            return Vec::new();
+        }
+        let wanted: Vec<_> = self
+            .stores
+            .read()
+            .await
+            .iter()
+            .filter(|(_, entry)| !entry.source.is_config_owned())
+            .filter_map(|(id, entry)| {
+                let own = entry
+                    .spec
+                    .own
+                    .clone()
+                    .unwrap_or_else(|| OwnSettings::apart_from(&entry.spec, &previous));
+                let spec = own.over(&defaults);
+                (spec != entry.spec).then(|| (id.clone(), spec, entry.source))
+            })
+            .collect();
+        self.ensure_running_many(wanted).await
     }
 
     /// The runtime every store runs on.
@@ -865,6 +918,7 @@ impl Orchestrator {
     pub async fn restore_persisted(&self) -> Result<usize, ControlError> {
         self.restore_plugins().await?;
         let running = self.sources().await;
+        let defaults = self.defaults();
         let mut wanted = Vec::new();
         for (id, source, spec) in self.registry.all()? {
             if running.get(&id).is_some_and(|s| s.is_config_owned()) {
@@ -874,7 +928,12 @@ impl Orchestrator {
                 self.registry.forget_spec(&id)?;
                 continue;
             }
-            wanted.push((id, spec, source));
+            // What it did not set itself follows today's defaults.
+            let own = match &spec.own {
+                Some(own) => own.clone(),
+                None => OwnSettings::apart_from(&spec, &defaults),
+            };
+            wanted.push((id, own.over(&defaults), source));
         }
         let mut started = 0;
         for (id, answer) in self.ensure_running_many(wanted).await {

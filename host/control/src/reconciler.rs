@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use storehost_store::{StoreId, sqlite::now_ms};
 
-use crate::config::{HostConfig, Secret};
+use crate::config::{HostConfig, OwnSettings, Secret};
 use crate::orchestrator::{Orchestrator, StoreSource};
 use crate::webhook::rfc3339;
 
@@ -355,7 +355,7 @@ impl Reconciler {
             .filter(|id| !sources.contains_key(*id))
             .collect();
         for id in missing.iter().copied() {
-            let spec = orchestrator.settings().defaults.clone();
+            let spec = orchestrator.spec_with(OwnSettings::default());
             match orchestrator
                 .ensure_running(id, spec, StoreSource::Registry)
                 .await

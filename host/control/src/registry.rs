@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 use storehost_store::{Quotas, StoreId, sqlite::now_ms};
 
-use crate::config::StoreSpec;
+use crate::config::{OwnSettings, StoreSpec};
 use crate::orchestrator::StoreSource;
 
 /// The persisted desired state of dynamically added stores.
@@ -18,11 +18,15 @@ pub struct Registry {
     pub(crate) tokens: crate::tokens::TokenCache,
 }
 
+/// A store's spec as `host.db` keeps it: whole, as it ran then, and what the store set itself
+/// (absent in entries written before stores kept it apart).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct PersistedSpec {
     plugin: String,
     quotas: Quotas,
     config: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    own: Option<OwnSettings>,
 }
 
 impl Registry {
@@ -83,6 +87,7 @@ impl Registry {
             plugin: spec.plugin.clone(),
             quotas: spec.quotas.clone(),
             config: spec.config.clone(),
+            own: spec.own.clone(),
         };
         let json = serde_json::to_string(&persisted)
             .map_err(|err| rusqlite::Error::ToSqlConversionFailure(Box::new(err)))?;
@@ -162,6 +167,7 @@ impl Registry {
                         plugin: spec.plugin,
                         quotas: spec.quotas,
                         config: spec.config,
+                        own: spec.own,
                     },
                 )),
                 None => {

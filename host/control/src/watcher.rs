@@ -16,6 +16,7 @@ use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use sha2::{Digest, Sha256};
 use storehost_store::StoreId;
 
+use crate::ControlError;
 use crate::config::{self, HostConfig, PluginSource};
 use crate::orchestrator::Orchestrator;
 
@@ -47,6 +48,18 @@ pub struct ReloadSummary {
 }
 
 impl ReloadSummary {
+    /// Counts the orchestrator's answers to the stores a reload wanted changed.
+    fn count(&mut self, answers: Vec<(StoreId, Result<crate::Provisioned, ControlError>)>) {
+        for (id, answer) in answers {
+            match answer {
+                Ok(crate::Provisioned::Created) => self.added.push(id),
+                Ok(crate::Provisioned::Updated) => self.updated.push(id),
+                Ok(crate::Provisioned::Unchanged) => {}
+                Err(err) => self.failed.push((id, err.to_string())),
+            }
+        }
+    }
+
     /// One line for the log and `/health`, when some store failed.
     pub fn failures(&self) -> Option<String> {
         if self.failed.is_empty() {
@@ -336,14 +349,11 @@ impl ConfigReloader {
         }
         // Thousands of stores in one edit open several at a time, in batches that let API
         // requests and webhooks in between.
-        for (id, answer) in self.orchestrator.ensure_running_many(wanted).await {
-            match answer {
-                Ok(crate::Provisioned::Created) => summary.added.push(id),
-                Ok(crate::Provisioned::Updated) => summary.updated.push(id),
-                Ok(crate::Provisioned::Unchanged) => {}
-                Err(err) => summary.failed.push((id, err.to_string())),
-            }
-        }
+        let answers = self.orchestrator.ensure_running_many(wanted).await;
+        summary.count(answers);
+        // Stores added at run time take the new `[defaults]` for what they did not set.
+        let answers = self.orchestrator.set_defaults(next.default_spec()).await;
+        summary.count(answers);
     }
 }
 

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use storehost_store::{STORE_ID_RULE, StoreId, sqlite::now_ms};
 use subtle::ConstantTimeEq;
 
-use crate::config::{Secret, WebhookConfig};
+use crate::config::{OwnSettings, Secret, WebhookConfig};
 use crate::orchestrator::{ControlError, Orchestrator, StoreSource};
 use crate::registry::WebhookAnswer;
 
@@ -289,7 +289,7 @@ impl Webhooks {
                 if orchestrator.spec(&id).await.is_some() {
                     return Ok(accepted(WebhookStatus::AlreadyMonitored));
                 }
-                let spec = orchestrator.settings().defaults.clone();
+                let spec = orchestrator.spec_with(OwnSettings::default());
                 match orchestrator
                     .ensure_running(&id, spec, StoreSource::Webhook)
                     .await

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use storehost_control::config::{QuotasOverride, StoreSpec, store_config_problems};
+use storehost_control::config::{OwnSettings, QuotasOverride, store_config_problems};
 use storehost_control::{Provisioned, StoreSource};
 use storehost_store::Quotas;
 
@@ -78,12 +78,17 @@ pub async fn put(
     JsonBody(body): JsonBody<PutStore>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_store_id(&id)?;
-    let (base, source) = match state.orchestrator.spec(&id).await {
+    let defaults = state.orchestrator.defaults();
+    let (mut own, source) = match state.orchestrator.spec(&id).await {
         Some((spec, source)) => {
             if let Some(refusal) = source.change_refused(&id) {
                 return Err(ApiError::new(StatusCode::CONFLICT, "config_owned", refusal));
             }
-            (spec, source)
+            let own = spec
+                .own
+                .clone()
+                .unwrap_or_else(|| OwnSettings::apart_from(&spec, &defaults));
+            (own, source)
         }
         None => {
             // A store the config declares whose start failed is the config's to start again.
@@ -95,23 +100,23 @@ pub async fn put(
             {
                 return Err(ApiError::new(StatusCode::CONFLICT, "config_owned", refusal));
             }
-            (
-                state.orchestrator.settings().defaults.clone(),
-                StoreSource::Api,
-            )
+            (OwnSettings::default(), StoreSource::Api)
         }
     };
-    let spec = StoreSpec {
-        plugin: body.plugin.unwrap_or(base.plugin),
-        quotas: match body.quotas {
-            Some(changes) => merge_quotas(&base.quotas, changes)?,
-            None => base.quotas,
-        },
-        config: match body.config {
-            Some(config) => checked_config(config)?,
-            None => base.config,
-        },
-    };
+    // What the body sets becomes the store's own; the rest follows the host's defaults.
+    if let Some(plugin) = body.plugin {
+        own.plugin = Some(plugin);
+    }
+    if let Some(config) = body.config {
+        own.config = checked_config(config)?;
+    }
+    if let Some(changes) = body.quotas {
+        let names: Vec<String> = changes.keys().cloned().collect();
+        let base = own.clone().over(&defaults).quotas;
+        let quotas = merge_quotas(&base, changes)?;
+        own.set_quotas(&quotas, &names);
+    }
+    let spec = own.over(&defaults);
     let outcome = state.orchestrator.ensure_running(&id, spec, source).await?;
     let view = state
         .orchestrator

@@ -9,6 +9,7 @@ mod env;
 pub mod error;
 pub mod llm;
 mod load;
+mod own;
 pub mod quotas;
 pub mod size;
 
@@ -30,6 +31,7 @@ pub use env::{
 pub use error::{ConfigError, ConfigErrorKind, ConfigErrors, Location};
 pub use llm::{LlmConfig, LlmProviderKind};
 pub use load::{load_file, parse_str};
+pub use own::OwnSettings;
 pub use quotas::QuotasOverride;
 /// How far an accepted event's durability goes: `"process"` (default) or `"power"`.
 pub use storehost_store::Durability;
@@ -268,6 +270,10 @@ pub struct StoreSpec {
     pub quotas: Quotas,
     /// Key/values handed to the plugin.
     pub config: BTreeMap<String, String>,
+    /// For a store added at run time (API, webhook, reconciler): what it set itself, so the
+    /// rest follows the defaults when they change (see [`OwnSettings::over`]). `None` for a
+    /// store the config or `STORE_IDS` declares (the config file says it all).
+    pub own: Option<OwnSettings>,
 }
 
 /// The whole operator configuration of one host.
@@ -399,6 +405,7 @@ impl HostConfig {
             plugin: self.defaults.plugin.clone(),
             quotas: self.default_quotas(),
             config,
+            own: None,
         }
     }
 
@@ -424,6 +431,7 @@ impl HostConfig {
                     .chain(&store.config)
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
+                own: None,
             };
             (id.clone(), spec)
         });
