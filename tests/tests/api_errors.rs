@@ -516,3 +516,43 @@ async fn a_store_config_the_host_cannot_use_is_refused_naming_the_field() {
         "{body}"
     );
 }
+
+/// Every field of `PUT /v1/stores/{id}` is optional, so is the body: none makes a store on the
+/// defaults. The `Bearer` scheme is matched in any case, as HTTP's auth schemes are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_can_be_put_without_a_body_and_bearer_is_matched_in_any_case() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    let response = host
+        .client
+        .put(format!("{}/v1/stores/bare-1", host.url))
+        .header("authorization", format!("bearer {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["plugin"]["name"], "writer", "{body}");
+
+    // The operator routes' own check too.
+    let response = host
+        .client
+        .post(format!("{}/admin/reconcile", host.url))
+        .header("authorization", format!("BEARER {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert_ne!(status, 401, "{body}");
+    let (status, _) = raw(
+        &host,
+        reqwest::Method::GET,
+        "/v1/stores/bare-1",
+        Some("x"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 401, "a wrong token is still refused");
+}

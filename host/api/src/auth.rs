@@ -39,9 +39,16 @@ pub(crate) fn bearer_of(headers: &axum::http::HeaderMap) -> Result<&str, ApiErro
     header
         .to_str()
         .ok()
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(bearer_token)
         .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))
+}
+
+/// The token of an `Authorization` header's value `Bearer <token>` (the scheme in any case,
+/// as HTTP's auth schemes are).
+pub(crate) fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Who `token` is, or 401.

@@ -13,6 +13,11 @@ use crate::state::AppState;
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 
+/// A JSON body of at most `http.max_body_bytes`, or `T::default()` when the body is empty
+/// (a request whose every field is optional).
+#[derive(Debug)]
+pub struct OptionalJsonBody<T>(pub T);
+
 /// The bytes of a non-empty body of at most `http.max_body_bytes`, for a route that parses
 /// its JSON itself (borrowing from the bytes rather than building a `Value` first).
 #[derive(Debug)]
@@ -27,22 +32,44 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let JsonBytes(bytes) = JsonBytes::from_request(req, state).await?;
-        let mut json = serde_json::Deserializer::from_slice(&bytes);
-        let value = serde_path_to_error::deserialize(&mut json).map_err(|err| {
-            let field = err.path().to_string();
-            let err = err.into_inner();
-            if field == "." || err.is_syntax() || err.is_eof() {
-                invalid_json(&err)
-            } else {
-                ApiError::bad_request(
-                    "invalid_json",
-                    format!("the request body is not valid at `{field}`: {err}"),
-                )
-            }
-        })?;
-        json.end().map_err(|err| invalid_json(&err))?;
-        Ok(JsonBody(value))
+        parse(&bytes).map(JsonBody)
     }
+}
+
+impl<T: DeserializeOwned + Default> FromRequest<AppState> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let bytes = read_limited(
+            req.into_body(),
+            state.max_body_bytes,
+            "send less per request, or raise [http] max_body_bytes",
+        )
+        .await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        parse(&bytes).map(OptionalJsonBody)
+    }
+}
+
+/// Parses a JSON body, naming the place of a value of the wrong kind.
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut json = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut json).map_err(|err| {
+        let field = err.path().to_string();
+        let err = err.into_inner();
+        if field == "." || err.is_syntax() || err.is_eof() {
+            invalid_json(&err)
+        } else {
+            ApiError::bad_request(
+                "invalid_json",
+                format!("the request body is not valid at `{field}`: {err}"),
+            )
+        }
+    })?;
+    json.end().map_err(|err| invalid_json(&err))?;
+    Ok(value)
 }
 
 impl FromRequest<AppState> for JsonBytes {

@@ -24,8 +24,7 @@ pub async fn require_operator(
     let bearer = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(crate::auth::bearer_token);
     let server_token = headers
         .get("x-server-token")
         .and_then(|v| v.to_str().ok())

@@ -13,7 +13,7 @@ use storehost_control::{Provisioned, StoreSource};
 use storehost_store::Quotas;
 
 use super::{parse_store_id, running_store};
-use crate::body::JsonBody;
+use crate::body::OptionalJsonBody;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -62,8 +62,8 @@ pub async fn show(
     }
 }
 
-/// The body of `PUT /v1/stores/{id}`; every field is optional.
-#[derive(Debug, Deserialize)]
+/// The body of `PUT /v1/stores/{id}`; every field is optional, and so is the body.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutStore {
     plugin: Option<String>,
@@ -75,7 +75,7 @@ pub struct PutStore {
 pub async fn put(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    JsonBody(body): JsonBody<PutStore>,
+    OptionalJsonBody(body): OptionalJsonBody<PutStore>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_store_id(&id)?;
     let defaults = state.orchestrator.defaults();
