@@ -243,3 +243,41 @@ async fn an_uploaded_plugin_and_its_stores_come_back_after_a_restart() {
         json!([1])
     );
 }
+
+/// An upload is saved before any store switches to it: when it cannot be saved, the API says
+/// so and every store goes on with the version it ran (which a restart would bring back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_cannot_be_saved_switches_no_store() {
+    let host = host().await;
+    let trivial = std::fs::read(programs::TRIVIAL).unwrap();
+    let (status, _) = put_plugin(&host, "swapped", trivial.clone(), Some(TOKEN)).await;
+    assert_eq!(status, 201);
+    let (status, _) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/on-swapped",
+            Some(json!({"plugin": "swapped"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+
+    // Where uploads are kept is now a file: no new version can be saved.
+    let plugins = host.data_dir.join("plugins");
+    std::fs::remove_dir_all(&plugins).unwrap();
+    std::fs::write(&plugins, b"in the way").unwrap();
+    let writer = std::fs::read(programs::WRITER).unwrap();
+    let (status, body) = put_plugin(&host, "swapped", writer, Some(TOKEN)).await;
+    assert!(status >= 500, "{status} {body}");
+    let (_, view) = host.get("/v1/stores/on-swapped").await;
+    assert_eq!(
+        view["plugin"]["sha256"],
+        storehost_tests::sha256sum(&trivial),
+        "{view}"
+    );
+    let (_, list) = host.get("/v1/plugins").await;
+    assert!(
+        list.to_string()
+            .contains(&storehost_tests::sha256sum(&trivial)),
+        "{list}"
+    );
+}

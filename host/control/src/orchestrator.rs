@@ -432,12 +432,26 @@ impl Orchestrator {
         name: &str,
         wasm: Vec<u8>,
     ) -> Result<Arc<StorePlugin>, ControlError> {
+        let plugin = self.compile_plugin(wasm).await?;
+        self.switch_to(name, plugin).await
+    }
+
+    async fn compile_plugin(&self, wasm: Vec<u8>) -> Result<Arc<StorePlugin>, ControlError> {
         let runtime = self.runtime.clone();
         let plugin = tokio::task::spawn_blocking(move || StorePlugin::load(&runtime, &wasm))
             .await
             .map_err(|err| {
                 StoreError::Internal(format!("plugin compilation task failed: {err}"))
             })??;
+        Ok(plugin)
+    }
+
+    /// Makes `plugin` the one named `name`, switching every store using that name to it.
+    async fn switch_to(
+        &self,
+        name: &str,
+        plugin: Arc<StorePlugin>,
+    ) -> Result<Arc<StorePlugin>, ControlError> {
         let _guard = self.changes.lock().await;
         self.plugins
             .write()
@@ -454,14 +468,16 @@ impl Orchestrator {
     }
 
     /// Like [`Orchestrator::deploy_plugin`], and keeps the bytes content-addressed in
-    /// `DATA_DIR/plugins/<sha256>.wasm` so a restart deploys the same version again.
+    /// `DATA_DIR/plugins/<sha256>.wasm` so a restart deploys the same version again. The
+    /// version is saved and recorded before any store switches to it: a failure to save it
+    /// leaves every store on the version it ran.
     pub async fn deploy_plugin_persisted(
         &self,
         name: &str,
         wasm: Vec<u8>,
     ) -> Result<Arc<StorePlugin>, ControlError> {
         let dir = self.settings.data_dir.join("plugins");
-        let plugin = self.deploy_plugin(name, wasm.clone()).await?;
+        let plugin = self.compile_plugin(wasm.clone()).await?;
         let sha256 = plugin.sha256().to_owned();
         let target = dir.join(format!("{sha256}.wasm"));
         let temp = dir.join(format!(".{sha256}.wasm.tmp"));
@@ -477,7 +493,7 @@ impl Orchestrator {
         .await
         .map_err(|err| StoreError::Internal(format!("plugin write task failed: {err}")))??;
         self.registry.put_plugin(name, &sha256)?;
-        Ok(plugin)
+        self.switch_to(name, plugin).await
     }
 
     /// Deploys config plugin `name` from its file's `bytes`, unless a version uploaded through
