@@ -158,8 +158,8 @@ pub struct GuestDb {
     /// Set by the authorizer when it compiles a guest statement that creates or alters a
     /// table (see [`GuestDb::guest_statement`]).
     compiled_table_change: Arc<AtomicBool>,
-    /// What the temporary files of guest statements (sorts that spill to disk) may hold: the
-    /// disk quota again.
+    /// What the temporary files of a guest statement (sorts that spill to disk) may hold:
+    /// the disk quota again.
     temp: Arc<TempBudget>,
 }
 
@@ -580,7 +580,7 @@ impl GuestDb {
     }
 
     /// Prepares guest `statement` and runs it with `run`; the temporary files it spills to
-    /// (sorts, groupings, its journal) may hold as much as the disk quota, and past it the
+    /// (sorts, groupings, `DISTINCT`) may hold as much as the disk quota, and past it the
     /// statement fails as `SQLITE_FULL` (see [`crate::vfs::TempScope`]).
     fn guest_statement<T>(
         &self,
@@ -708,7 +708,8 @@ impl GuestDb {
             return Err(SqlError {
                 code: SQLITE_ABORT,
                 message: "this invocation's transaction was rolled back by an earlier error \
-                          (a statement over its CPU budget, or an I/O error); no further \
+                          (a statement over its CPU budget or its temporary files' share of \
+                          the disk quota, or an I/O error); no further \
                           statement runs in it, and none of its writes are kept"
                     .into(),
             });
@@ -1209,6 +1210,42 @@ mod tests {
         let rows = stmt.query_map([], |_| Ok(())).unwrap().count();
         assert_eq!(rows, 200_000);
         assert!(!db.temp.take_refused());
+    }
+
+    /// The savepoint journal lives until the transaction commits, across invocations: it is
+    /// bounded by the database's own quota and takes nothing from a later statement's sort.
+    #[test]
+    fn a_transaction_s_savepoint_journal_takes_nothing_from_a_later_sort() {
+        let (_dir, db) = db();
+        db.set_disk_quota(8 << 20).unwrap();
+        db.connection()
+            .execute_batch(
+                "CREATE TABLE big (id INTEGER PRIMARY KEY, b BLOB);
+                 WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000)
+                 INSERT INTO big SELECT x, randomblob(1000) FROM c;",
+            )
+            .unwrap();
+        // One invocation rewrites 3 MB: its savepoint journal holds them until the commit.
+        db.begin().unwrap();
+        db.savepoint();
+        db.enter_guest(true, statement_budget(60_000));
+        db.guest_execute("UPDATE big SET b = randomblob(1000)", vec![])
+            .unwrap();
+        db.leave_guest();
+        db.release_savepoint().unwrap();
+        // The next one, in the same transaction, sorts about 6 MB: within its 8 MiB.
+        db.savepoint();
+        db.enter_guest(true, statement_budget(60_000));
+        let rows = db
+            .guest_query(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 40000) \
+                 SELECT x, randomblob(120) FROM c ORDER BY randomblob(16)",
+                vec![],
+            )
+            .unwrap();
+        db.leave_guest();
+        assert_eq!(rows.rows.len(), 40_000);
+        db.rollback();
     }
 
     fn count(db: &GuestDb, table: &str) -> i64 {

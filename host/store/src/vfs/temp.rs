@@ -2,12 +2,16 @@
 //!
 //! A sort, a `GROUP BY` or a `DISTINCT` too big for the page cache spills into temporary files
 //! that SQLite's unix VFS puts in the system's temporary directory, outside every store's
-//! directory and quota; a statement's journal does the same. A cross join sorted by a computed
-//! column writes as much as its CPU time allows. So while a guest statement runs (a
-//! [`TempScope`] on the thread that steps it), every temporary file SQLite opens takes the
-//! statement's connection's [`TempBudget`], and a write, truncation or size hint that would
-//! grow the connection's temporary files past it answers `SQLITE_FULL`: the statement fails
-//! like a full database, and SQLite deletes its temporary files.
+//! directory and quota. A cross join sorted by a computed column writes as much as its CPU
+//! time allows. So while a guest statement runs (a [`TempScope`] on the thread that steps it),
+//! every temporary file SQLite opens for it takes the connection's [`TempBudget`], and a write
+//! or truncation that would grow the statement's temporary files past it answers
+//! `SQLITE_FULL`: the statement fails like a full database, and SQLite deletes its files.
+//!
+//! The savepoint journal (`SQLITE_OPEN_SUBJOURNAL`) is not counted: it lives until the
+//! transaction commits, across statements and invocations and host writes, and holds each
+//! page the transaction changes at most once per savepoint, so the database's own quota
+//! bounds it.
 //!
 //! SQLite opens a statement's temporary files on the thread stepping it: the sorter's worker
 //! threads, which do not, are off for guest connections (`SQLITE_LIMIT_WORKER_THREADS` 0).
@@ -57,18 +61,20 @@ impl TempBudget {
         self.refused.swap(false, Ordering::Relaxed)
     }
 
-    /// Takes `bytes` more, or answers false (and remembers the refusal) past the limit.
+    /// Takes `bytes` more, or answers false past the limit.
     fn reserve(&self, bytes: u64) -> bool {
         let limit = self.limit();
-        let taken = self
-            .used
+        self.used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
                 used.checked_add(bytes).filter(|&total| total <= limit)
-            });
-        if taken.is_err() {
-            self.refused.store(true, Ordering::Relaxed);
-        }
-        taken.is_ok()
+            })
+            .is_ok()
+    }
+
+    /// A write was refused: the statement's failure is the budget's.
+    fn refuse(&self) -> c_int {
+        self.refused.store(true, Ordering::Relaxed);
+        ffi::SQLITE_FULL
     }
 
     fn release(&self, bytes: u64) {
@@ -103,18 +109,20 @@ impl Drop for TempScope {
     }
 }
 
-/// The budget temporary files opened now on this thread count against.
+/// The budget temporary files opened now on this thread count against (none while the
+/// thread's locals are being torn down).
 pub(super) fn current() -> Option<Arc<TempBudget>> {
-    CURRENT.with(|current| current.borrow().clone())
+    CURRENT
+        .try_with(|current| current.borrow().clone())
+        .ok()
+        .flatten()
 }
 
-/// Whether a file SQLite opens with `flags` is one of its temporary files.
+/// Whether a file SQLite opens with `flags` is one of a statement's temporary files: a
+/// sorter's (`TEMP_JOURNAL`), an ephemeral table's (`TRANSIENT_DB`) or the temp schema's.
 pub(super) fn is_temporary(flags: c_int) -> bool {
     flags
-        & (ffi::SQLITE_OPEN_TEMP_DB
-            | ffi::SQLITE_OPEN_TEMP_JOURNAL
-            | ffi::SQLITE_OPEN_TRANSIENT_DB
-            | ffi::SQLITE_OPEN_SUBJOURNAL)
+        & (ffi::SQLITE_OPEN_TEMP_DB | ffi::SQLITE_OPEN_TEMP_JOURNAL | ffi::SQLITE_OPEN_TRANSIENT_DB)
         != 0
 }
 
@@ -211,19 +219,25 @@ unsafe extern "C" fn write(
     let temp = unsafe { temp_file(file) };
     let end = u64::try_from(offset).unwrap_or(0) + u64::try_from(amount).unwrap_or(0);
     if !temp.grow_to(end) {
-        return ffi::SQLITE_FULL;
+        return temp.budget.refuse();
     }
     // SAFETY: forwarded with SQLite's own arguments.
     unsafe { super::write(file, buf, amount, offset) }
 }
 
 unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    // SAFETY: SQLite calls this on a temporary file this VFS opened; forwarded with its own
-    // arguments.
+    let len = u64::try_from(size).unwrap_or(0);
+    // SAFETY: SQLite calls this on a temporary file this VFS opened.
+    let temp = unsafe { temp_file(file) };
+    // A truncation may also lengthen a file.
+    if !temp.grow_to(len) {
+        return temp.budget.refuse();
+    }
+    // SAFETY: forwarded with SQLite's own arguments.
     let rc = unsafe { super::truncate(file, size) };
     if rc == ffi::SQLITE_OK {
         // SAFETY: as above.
-        unsafe { temp_file(file) }.shrink_to(u64::try_from(size).unwrap_or(0));
+        unsafe { temp_file(file) }.shrink_to(len);
     }
     rc
 }
@@ -233,13 +247,15 @@ unsafe extern "C" fn file_control(
     op: c_int,
     arg: *mut c_void,
 ) -> c_int {
-    // A size hint makes the file that long at once (the sorter's files are then mapped).
+    // A size hint may make the file that long at once (the sorter's files, which are then
+    // mapped). SQLite goes on without it when it is refused: the writes that follow are
+    // counted, and refused, on their own.
     if op == ffi::SQLITE_FCNTL_SIZE_HINT && !arg.is_null() {
         // SAFETY: SQLite passes the hinted size as an `i64`; the file is a temporary file
         // this VFS opened.
         let (hint, temp) = unsafe { (*arg.cast::<i64>(), temp_file(file)) };
         if !temp.grow_to(u64::try_from(hint).unwrap_or(0)) {
-            return ffi::SQLITE_FULL;
+            return ffi::SQLITE_OK;
         }
     }
     // SAFETY: forwarded with SQLite's own arguments.
