@@ -375,6 +375,9 @@ fn warn_restart_only(previous: &HostConfig, next: &HostConfig) {
     if previous.durability != next.durability {
         changed.push("durability");
     }
+    if previous.task_catch_up_ms != next.task_catch_up_ms {
+        changed.push("task_catch_up_ms");
+    }
     if previous.http != next.http {
         changed.push("[http]");
     }

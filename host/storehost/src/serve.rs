@@ -97,7 +97,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_stores: config.max_stores,
             defaults: config.default_spec(),
             llm: Some(llm),
-            task_catch_up: storehost_store::store::DEFAULT_TASK_CATCH_UP,
+            task_catch_up: config.task_catch_up(),
             idle_timeout: config.idle_timeout(),
             close_files_after: config.close_files_after(),
             spare_stores: config.spare_stores,

@@ -306,6 +306,9 @@ pub struct HostConfig {
     /// How many empty store directories are kept ready in `DATA_DIR/stores/.spare/`, so a new
     /// store starts with a rename instead of creating its files (0: none).
     pub spare_stores: usize,
+    /// After downtime, a scheduled task's occurrences missed less than this many ms ago run
+    /// once; older ones are recorded as `missed`. 0: every missed occurrence is recorded.
+    pub task_catch_up_ms: u64,
     /// `[http]`.
     pub http: HttpConfig,
     /// `[retry]`.
@@ -338,6 +341,7 @@ impl Default for HostConfig {
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             close_files_after_ms: DEFAULT_CLOSE_FILES_AFTER_MS,
             spare_stores: DEFAULT_SPARE_STORES,
+            task_catch_up_ms: DEFAULT_TASK_CATCH_UP_MS,
             http: HttpConfig::default(),
             retry: RetryConfig::default(),
             defaults: DefaultsConfig::default(),
@@ -360,7 +364,16 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 5 * 60 * 1000;
 /// (25 minutes: half an hour idle in all).
 pub const DEFAULT_CLOSE_FILES_AFTER_MS: u64 = 25 * 60 * 1000;
 
+/// The catch-up window of scheduled tasks after downtime, by default (10 minutes).
+pub const DEFAULT_TASK_CATCH_UP_MS: u64 =
+    storehost_store::store::DEFAULT_TASK_CATCH_UP.as_millis() as u64;
+
 impl HostConfig {
+    /// The catch-up window of scheduled tasks after downtime.
+    pub fn task_catch_up(&self) -> Duration {
+        Duration::from_millis(self.task_catch_up_ms)
+    }
+
     /// How long a store stays idle before it hibernates (`None`: never).
     pub fn idle_timeout(&self) -> Option<Duration> {
         (self.idle_timeout_ms > 0).then(|| Duration::from_millis(self.idle_timeout_ms))

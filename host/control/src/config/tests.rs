@@ -65,6 +65,7 @@ fn the_example_config_parses_and_says_what_it_shows() {
     assert_eq!(config.listen, defaults.listen);
     assert_eq!(config.http, defaults.http);
     assert_eq!(config.retry, defaults.retry);
+    assert_eq!(config.task_catch_up_ms, defaults.task_catch_up_ms);
     assert_eq!(config.default_quotas(), Quotas::default());
 }
 
@@ -103,6 +104,7 @@ data_dir = "/var/lib/storehost"
 admin_token_env = "MY_TOKEN"
 max_stores = 5
 durability = "power"
+task_catch_up_ms = 5000
 [http]
 max_body_bytes = "2MiB"
 max_connections = 10
@@ -121,6 +123,7 @@ path = "/opt/mine.wasm"
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.listen.port(), 9000);
     assert_eq!(config.durability, Durability::Power);
+    assert_eq!(config.task_catch_up(), Duration::from_secs(5));
     assert_eq!(config.http.max_body_bytes, 2 << 20);
     assert_eq!(config.http.shutdown_grace_ms, 0);
     assert_eq!(config.retry.attempts, 1);
