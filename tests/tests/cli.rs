@@ -38,12 +38,15 @@ fn check_config_accepts_the_example_and_lists_every_error_with_its_line() {
     .unwrap();
     let (status, _, stderr) = run_storehost(&["check-config", &missing.display().to_string()]);
     assert_eq!(status.code(), Some(1), "{stderr}");
+    // Each at the line and column of its path.
     assert!(
-        stderr.contains("[plugins.gone] path: cannot read") && stderr.contains("nowhere.wasm"),
+        stderr.contains("missing.toml:2:8: [plugins.gone] path: cannot read")
+            && stderr.contains("nowhere.wasm"),
         "{stderr}"
     );
     assert!(
-        stderr.contains("[plugins.text] path:") && stderr.contains("not a usable plugin"),
+        stderr.contains("missing.toml:4:8: [plugins.text] path:")
+            && stderr.contains("not a usable plugin"),
         "{stderr}"
     );
     assert!(stderr.contains("2 error(s)"), "{stderr}");

@@ -15,7 +15,7 @@ pub fn config(path: &Path) -> ExitCode {
             let problems = plugin_file_problems(&config);
             if !problems.is_empty() {
                 for problem in &problems {
-                    eprintln!("{}: {problem}", path.display());
+                    eprintln!("{problem}");
                 }
                 eprintln!("{}: {} error(s)", path.display(), problems.len());
                 return ExitCode::FAILURE;
@@ -40,11 +40,18 @@ pub fn config(path: &Path) -> ExitCode {
 /// Why each plugin file `config` names could not be loaded: unreadable, or not a component
 /// implementing the plugin world.
 fn plugin_file_problems(config: &config::HostConfig) -> Vec<String> {
-    let files: Vec<(String, std::path::PathBuf)> = config
+    let files: Vec<(String, std::path::PathBuf, String)> = config
         .plugin_sources()
         .into_iter()
         .filter_map(|(name, source)| match source {
-            config::PluginSource::File(file) => Some((name, file)),
+            config::PluginSource::File(file) => {
+                let at = config
+                    .plugins
+                    .get(&name)
+                    .and_then(|plugin| plugin.path_at.as_ref())
+                    .map_or_else(|| "(config)".to_owned(), ToString::to_string);
+                Some((name, file, at))
+            }
             config::PluginSource::Builtin => None,
         })
         .collect();
@@ -60,7 +67,7 @@ fn plugin_file_problems(config: &config::HostConfig) -> Vec<String> {
         }
     };
     let mut problems = Vec::new();
-    for (name, file) in files {
+    for (name, file, at) in files {
         let loaded = std::fs::read(&file)
             .map_err(|err| format!("cannot read {}: {err}", file.display()))
             .and_then(|bytes| {
@@ -70,7 +77,7 @@ fn plugin_file_problems(config: &config::HostConfig) -> Vec<String> {
             });
         if let Err(problem) = loaded {
             problems.push(format!(
-                "[plugins.{name}] path: {problem}; fix the path or the file (serve would refuse to start)"
+                "{at}: [plugins.{name}] path: {problem}; fix the path or the file (serve would refuse to start)"
             ));
         }
     }

@@ -255,6 +255,9 @@ fn check_plugins(
         match (plugin, valid, plugins.as_mut()) {
             (Some(mut plugin), true, Some(plugins)) => {
                 plugin.path = HostConfig::resolve_against(origin, &plugin.path);
+                plugin.path_at = c
+                    .value_span(table, name, "path")
+                    .map(|span| Location::in_text(c.path, c.text, span.start));
                 plugins.insert(name.to_owned(), plugin);
             }
             _ => plugins = None,

@@ -238,6 +238,9 @@ pub struct PluginConfig {
     /// The `.wasm` component; after loading, relative paths are already resolved against the
     /// config file's directory.
     pub path: PathBuf,
+    /// Where `path` is written in the config file, for errors about the file it names.
+    #[serde(skip)]
+    pub path_at: Option<Location>,
 }
 
 /// `[stores.<storeId>]`: one store declared in the config.
