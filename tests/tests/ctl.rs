@@ -130,6 +130,7 @@ fn stores_are_listed_added_shown_paused_and_removed() {
     assert!(ok(&human).stdout.contains("state:"), "{}", human.stdout);
     assert!(human.stdout.contains("greeting=hi"), "{}", human.stdout);
     assert!(human.stdout.contains(", files 0 B,"), "{}", human.stdout);
+    assert!(human.stdout.contains(", event log "), "{}", human.stdout);
 
     let listed = ctl(dir, url, &["--json", "stores", "list"]);
     let ids: Vec<String> = ok(&listed).json()["stores"]

@@ -335,6 +335,10 @@ async fn metrics_parse_as_prometheus_text_and_per_store_counters_move_when_event
         after.get("storehost_store_disk_bytes", &alpha) > 0.0,
         "the store's database has a size"
     );
+    assert!(
+        after.get("storehost_store_event_log_bytes", &alpha) > 0.0,
+        "so has its event log"
+    );
     assert!(after.get("storehost_store_memory_peak_bytes", &alpha) > 0.0);
     let beta = [("store_id", "beta-shop")];
     assert_eq!(

@@ -247,8 +247,11 @@ pub struct UsageReport {
     pub fuel: u64,
     /// Peak linear memory of the guest, in bytes.
     pub memory_peak: u64,
-    /// Size of the store's databases, in bytes.
+    /// Size of the store's database (`store.db`, which the `disk` quota caps), in bytes.
     pub disk_bytes: u64,
+    /// Size of the store's event log (`events.db`, as of the last commit; not in any quota:
+    /// the log keeps every event), in bytes.
+    pub event_log_bytes: u64,
     /// What the store's files directory holds, as its `files` quota counts it (bytes, plus
     /// 4 KiB per file, directory and link).
     pub files_bytes: u64,
@@ -449,6 +452,7 @@ impl Store {
             DbFile {
                 path: dir.store_db(),
                 durability,
+                event_log: dir.events_db(),
             },
             files,
             settings,

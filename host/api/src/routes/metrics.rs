@@ -161,6 +161,7 @@ struct StoreSample {
     memory_quota: u64,
     disk_bytes: u64,
     disk_quota: u64,
+    event_log_bytes: u64,
     files_bytes: u64,
     files_quota: u64,
     db_cache_bytes: u64,
@@ -209,6 +210,7 @@ impl Snapshot {
                 memory_quota: view.quotas.memory,
                 disk_bytes: status.usage.disk_bytes,
                 disk_quota: view.quotas.disk,
+                event_log_bytes: status.usage.event_log_bytes,
                 files_bytes: status.usage.files_bytes,
                 files_quota: view.quotas.files,
                 db_cache_bytes: status.usage.db_cache_bytes,
@@ -407,8 +409,15 @@ impl Collector for Snapshot {
             e,
             stores,
             "store_disk_bytes",
-            "Size of the store's databases.",
+            "Size of the store's database (store.db, which the disk quota caps).",
             |s| s.disk_bytes,
+        )?;
+        per_store_gauge(
+            e,
+            stores,
+            "store_event_log_bytes",
+            "Size of the store's event log (events.db; the log keeps every event).",
+            |s| s.event_log_bytes,
         )?;
         per_store_gauge(
             e,

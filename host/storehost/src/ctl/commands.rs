@@ -245,10 +245,11 @@ fn show_store(view: &Value) {
         (
             "usage",
             format!(
-                "cpu {} ms, memory peak {}, disk {}, files {}, page cache {}",
+                "cpu {} ms, memory peak {}, disk {}, event log {}, files {}, page cache {}",
                 output::cell(&usage["cpuMs"]),
                 output::bytes(usage["memoryPeak"].as_u64().unwrap_or(0)),
                 output::bytes(usage["diskBytes"].as_u64().unwrap_or(0)),
+                output::bytes(usage["eventLogBytes"].as_u64().unwrap_or(0)),
                 output::bytes(usage["filesBytes"].as_u64().unwrap_or(0)),
                 output::bytes(usage["dbCacheBytes"].as_u64().unwrap_or(0))
             ),
