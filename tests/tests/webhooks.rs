@@ -235,6 +235,12 @@ async fn created_already_monitored_deleted_already_stopped() {
     assert_eq!(summary["totalDeprovisioned"], 1);
     assert_eq!(summary["monitoredStoreIds"], json!([]));
     assert!(summary["lastProvisionedAt"].is_i64() && summary["lastDeprovisionedAt"].is_i64());
+    // `/health` says the same, though the store is gone.
+    let (_, health) = host.get("/health").await;
+    assert_eq!(
+        health["lastProvisionedAt"], summary["lastProvisionedAt"],
+        "{health}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

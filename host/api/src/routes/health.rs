@@ -39,7 +39,8 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
         "status": if degraded { "degraded" } else { "ok" },
         "stores": by_state,
         "monitoredStoreIds": stores.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
-        "lastProvisionedAt": stores.iter().map(|s| s.running_since).max(),
+        // The same figure `GET /stores` shows: when a store last started, even one removed since.
+        "lastProvisionedAt": state.orchestrator.provisioning_activity().last_provisioned_at,
         "reconciler": reconciler,
         "config": config,
     }))
