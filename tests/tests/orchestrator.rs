@@ -108,3 +108,64 @@ async fn many_stores_at_once_get_the_answers_one_at_a_time_would_and_respect_max
     let (_, status) = host.get("/v1/stores/new-00").await;
     assert_eq!(status["state"], "running", "{status}");
 }
+
+/// A store added at run time is restored at a start with that start's defaults for what it
+/// did not set itself (host.db keeps its own settings apart), and keeps what it set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_other_defaults_gives_them_to_the_stores_added_at_run_time() {
+    use storehost_control::config::OwnSettings;
+    use storehost_store::Quotas;
+    use storehost_tests::{TestHostOptions, programs};
+    let dir = tempfile::tempdir().unwrap();
+    let start = |memory: u64| {
+        TestHost::start_configured(
+            TestHostOptions {
+                data_dir: Some(dir.path().join("data")),
+                quotas: Quotas {
+                    memory,
+                    ..Quotas::default()
+                },
+                ..TestHostOptions::default()
+            },
+            &[("writer", programs::WRITER)],
+            |_, state| state,
+        )
+    };
+    let first = start(32 << 20).await;
+    let orchestrator = &first.orchestrator;
+    orchestrator
+        .ensure_running(
+            &id("follows"),
+            orchestrator.spec_with(OwnSettings::default()),
+            StoreSource::Webhook,
+        )
+        .await
+        .unwrap();
+    let mut own = OwnSettings::default();
+    let chosen = Quotas {
+        memory: 24 << 20,
+        ..Quotas::default()
+    };
+    own.set_quotas(&chosen, &["memory".to_owned()]);
+    orchestrator
+        .ensure_running(
+            &id("chooses"),
+            orchestrator.spec_with(own),
+            StoreSource::Api,
+        )
+        .await
+        .unwrap();
+    first.stop().await;
+
+    let second = start(48 << 20).await;
+    assert_eq!(second.orchestrator.restore_persisted().await.unwrap(), 2);
+    let memory = |view: serde_json::Value| view["quotas"]["memory"].clone();
+    assert_eq!(
+        memory(second.get("/v1/stores/follows").await.1),
+        json!(48 << 20)
+    );
+    assert_eq!(
+        memory(second.get("/v1/stores/chooses").await.1),
+        json!(24 << 20)
+    );
+}

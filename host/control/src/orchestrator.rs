@@ -387,6 +387,9 @@ impl Orchestrator {
 
     /// New `[defaults]` (a config reload): every store added at run time takes them for what
     /// it did not set itself, live. Answers the stores it changed or failed to.
+    ///
+    /// Each store's spec is worked out under the change lock, from its own settings as they
+    /// are then, so an API change racing the reload is neither lost nor undone.
     pub async fn set_defaults(
         &self,
         defaults: StoreSpec,
@@ -401,23 +404,52 @@ impl Orchestrator {
         if previous == defaults {
             return Vec::new();
         }
-        let wanted: Vec<_> = self
+        let ids: Vec<StoreId> = self
             .stores
             .read()
             .await
             .iter()
             .filter(|(_, entry)| !entry.source.is_config_owned())
-            .filter_map(|(id, entry)| {
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut answers = Vec::new();
+        for batch in ids.chunks(BATCH) {
+            let _guard = self.changes.lock().await;
+            let defaults = self.defaults();
+            for id in batch {
+                let Some(entry) = self.stores.read().await.get(id).cloned() else {
+                    continue;
+                };
                 let own = entry
                     .spec
                     .own
                     .clone()
                     .unwrap_or_else(|| OwnSettings::apart_from(&entry.spec, &previous));
                 let spec = own.over(&defaults);
-                (spec != entry.spec).then(|| (id.clone(), spec, entry.source))
-            })
-            .collect();
-        self.ensure_running_many(wanted).await
+                if spec == entry.spec {
+                    continue;
+                }
+                let changed = match self.plugin_within_limits(&spec) {
+                    Ok(plugin) => {
+                        self.change_or_admit(id, &spec, entry.source, plugin, 0)
+                            .await
+                    }
+                    Err(err) => Err(err),
+                };
+                // It runs (read above, under the lock), so it is changed, never started.
+                let changed = changed.and_then(|admission| match admission {
+                    Admission::Done(done) => Ok(done),
+                    Admission::Start(_) => Err(StoreError::Internal(
+                        "the store stopped while the new defaults applied".into(),
+                    )
+                    .into()),
+                });
+                answers.push((id.clone(), changed));
+            }
+            drop(_guard);
+            tokio::task::yield_now().await;
+        }
+        answers
     }
 
     /// The runtime every store runs on.
