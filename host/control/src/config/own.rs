@@ -10,9 +10,9 @@ use storehost_store::quotas::Quotas;
 
 use super::StoreSpec;
 
-/// The settings a store chose itself.
+/// The settings a store chose itself. Kept in `host.db`: a field a later version adds is
+/// ignored by this one rather than losing the store.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct OwnSettings {
     /// Its plugin, if it named one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,7 +58,12 @@ impl OwnSettings {
     /// The whole spec: these settings over `defaults`.
     pub fn over(self, defaults: &StoreSpec) -> StoreSpec {
         let mut quotas = quota_fields(&defaults.quotas);
-        quotas.extend(self.quotas.clone());
+        for (name, value) in &self.quotas {
+            // A quota this version does not know (written by a later one) is left out.
+            if let Some(field) = quotas.get_mut(name) {
+                *field = value.clone();
+            }
+        }
         let quotas = serde_json::from_value(Value::Object(quotas)).unwrap_or_else(|err| {
             // Only a registry entry written by another version could hold such a value.
             tracing::error!("a store's own quotas do not apply ({err}); it runs on the defaults");
@@ -144,5 +149,17 @@ mod tests {
         let spec = own.over(&defaults());
         assert_eq!(spec.quotas, recorded.quotas);
         assert_eq!(spec.config, recorded.config);
+    }
+
+    #[test]
+    fn what_a_later_version_recorded_is_left_out_and_the_rest_applies() {
+        let own: OwnSettings = serde_json::from_str(
+            r#"{"quotas": {"memory": 33554432, "gpu_ms": 5}, "config": {"A": "b"}, "tier": "gold"}"#,
+        )
+        .unwrap();
+        let spec = own.over(&defaults());
+        assert_eq!(spec.quotas.memory, 32 << 20);
+        assert_eq!(spec.quotas.disk, Quotas::default().disk);
+        assert_eq!(spec.config.get("A").map(String::as_str), Some("b"));
     }
 }
