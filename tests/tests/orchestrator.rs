@@ -169,3 +169,72 @@ async fn a_restart_with_other_defaults_gives_them_to_the_stores_added_at_run_tim
         json!(24 << 20)
     );
 }
+
+/// A store whose restore failed starts again, on the next `PUT`, from what it had set itself
+/// and with its source: not from the defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_on_a_store_whose_restore_failed_keeps_what_it_had_set() {
+    use storehost_tests::{TestHostOptions, programs};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let start = || {
+        TestHost::start_configured(
+            TestHostOptions {
+                data_dir: Some(data.clone()),
+                ..TestHostOptions::default()
+            },
+            &[("writer", programs::WRITER)],
+            |_, state| state,
+        )
+    };
+    let first = start().await;
+    let (status, body) = first
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/kept-own",
+            Some(json!({"quotas": {"cpu_ms_per_call": 77}, "config": {"mode": "x"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    first.stop().await;
+
+    // Its directory is out of the way at the start: the restore fails.
+    let store_dir = data.join("stores/kept-own");
+    let aside = data.join("kept-own.aside");
+    std::fs::rename(&store_dir, &aside).unwrap();
+    std::fs::write(&store_dir, b"in the way").unwrap();
+    let second = start().await;
+    assert_eq!(second.orchestrator.restore_persisted().await.unwrap(), 0);
+    std::fs::remove_file(&store_dir).unwrap();
+    std::fs::rename(&aside, &store_dir).unwrap();
+
+    let (status, view) = second
+        .call(reqwest::Method::PUT, "/v1/stores/kept-own", None)
+        .await;
+    assert_eq!(status, 201, "{view}");
+    assert_eq!(view["quotas"]["cpu_ms_per_call"], 77, "{view}");
+    assert_eq!(view["config"]["mode"], "x", "{view}");
+
+    // `null` hands a quota back to the defaults; an unknown name is still refused.
+    let (status, view) = second
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/kept-own",
+            Some(json!({"quotas": {"cpu_ms_per_call": null}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(
+        view["quotas"]["cpu_ms_per_call"],
+        storehost_store::Quotas::default().cpu_ms_per_call,
+        "{view}"
+    );
+    let (status, body) = second
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/kept-own",
+            Some(json!({"quotas": {"cpu_ms_per_cal": null}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+}

@@ -394,24 +394,28 @@ impl Orchestrator {
         &self,
         defaults: StoreSpec,
     ) -> Vec<(StoreId, Result<Provisioned, ControlError>)> {
-        let previous = std::mem::replace(
-            &mut *self
-                .defaults
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-            defaults.clone(),
-        );
-        if previous == defaults {
-            return Vec::new();
-        }
-        let ids: Vec<StoreId> = self
-            .stores
-            .read()
-            .await
-            .iter()
-            .filter(|(_, entry)| !entry.source.is_config_owned())
-            .map(|(id, _)| id.clone())
-            .collect();
+        // Swapped and listed under the lock: a store started after this takes the new ones.
+        let (previous, ids) = {
+            let _guard = self.changes.lock().await;
+            let previous = std::mem::replace(
+                &mut *self
+                    .defaults
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                defaults,
+            );
+            let ids: Vec<StoreId> = self
+                .stores
+                .read()
+                .await
+                .iter()
+                .filter(|(_, entry)| !entry.source.is_config_owned())
+                .map(|(id, _)| id.clone())
+                .collect();
+            (previous, ids)
+        };
+        // Every store is looked at, also when the defaults did not change: one an earlier
+        // reload could not change (a quota above the ceiling) is tried again.
         let mut answers = Vec::new();
         for batch in ids.chunks(BATCH) {
             let _guard = self.changes.lock().await;
@@ -420,6 +424,9 @@ impl Orchestrator {
                 let Some(entry) = self.stores.read().await.get(id).cloned() else {
                     continue;
                 };
+                if entry.source.is_config_owned() {
+                    continue;
+                }
                 let own = entry
                     .spec
                     .own
@@ -679,6 +686,12 @@ impl Orchestrator {
             let mut answered = Vec::with_capacity(batch.len());
             let mut starting = Vec::new();
             for (index, (id, spec, source)) in batch.into_iter().enumerate() {
+                // A run-time store's spec follows the defaults as they are now, under the
+                // lock, whatever they were when its caller worked it out.
+                let spec = match spec.own {
+                    Some(own) => own.over(&self.defaults()),
+                    None => spec,
+                };
                 let admitted = match self.plugin_within_limits(&spec) {
                     Ok(plugin) => {
                         self.change_or_admit(&id, &spec, source, plugin, starting.len())
@@ -758,7 +771,10 @@ impl Orchestrator {
             if current == *spec && !taken_over {
                 return Ok(Admission::Done(Provisioned::Unchanged));
             }
-            if current != *spec {
+            // What the store runs changed (not only what it set itself).
+            if (&current.plugin, &current.quotas, &current.config)
+                != (&spec.plugin, &spec.quotas, &spec.config)
+            {
                 store.update(self.store_settings(spec, plugin)).await?;
             }
             let owner = if taken_over {

@@ -141,6 +141,19 @@ impl Registry {
             .map(|row| row.is_some())
     }
 
+    /// Store `id`'s remembered source and spec, if host.db has a readable row for it.
+    pub fn get(&self, id: &StoreId) -> rusqlite::Result<Option<(StoreSource, StoreSpec)>> {
+        let row: Option<(String, String)> = self
+            .conn()
+            .query_row(
+                "SELECT source, spec FROM stores WHERE id = ?1",
+                [id.as_str()],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.and_then(|(source, spec)| parse_row(id.as_str(), &source, &spec)))
+    }
+
     /// Every remembered store; rows that no longer parse are skipped with an error log.
     pub fn all(&self) -> rusqlite::Result<Vec<(StoreId, StoreSource, StoreSpec)>> {
         let conn = self.conn();
@@ -155,27 +168,36 @@ impl Registry {
         let mut out = Vec::new();
         for row in rows {
             let (id, source, spec) = row?;
-            let parsed = StoreId::new(&id)
-                .ok()
-                .zip(StoreSource::parse(&source))
-                .zip(serde_json::from_str::<PersistedSpec>(&spec).ok());
-            match parsed {
-                Some(((id, source), spec)) => out.push((
-                    id,
-                    source,
-                    StoreSpec {
-                        plugin: spec.plugin,
-                        quotas: spec.quotas,
-                        config: spec.config,
-                        own: spec.own,
-                    },
-                )),
-                None => {
-                    tracing::error!(store_id = %id, "skipping an unreadable host registry entry")
-                }
+            if let Some((source, spec)) = parse_row(&id, &source, &spec)
+                && let Ok(id) = StoreId::new(&id)
+            {
+                out.push((id, source, spec));
             }
         }
         Ok(out)
+    }
+}
+
+/// A `stores` row's source and spec, or `None` (logged) when it does not parse.
+fn parse_row(id: &str, source: &str, spec: &str) -> Option<(StoreSource, StoreSpec)> {
+    let parsed = StoreId::new(id)
+        .ok()
+        .and(StoreSource::parse(source))
+        .zip(serde_json::from_str::<PersistedSpec>(spec).ok());
+    match parsed {
+        Some((source, spec)) => Some((
+            source,
+            StoreSpec {
+                plugin: spec.plugin,
+                quotas: spec.quotas,
+                config: spec.config,
+                own: spec.own,
+            },
+        )),
+        None => {
+            tracing::error!(store_id = %id, "skipping an unreadable host registry entry");
+            None
+        }
     }
 }
 

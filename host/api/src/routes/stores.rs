@@ -66,9 +66,20 @@ pub async fn show(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutStore {
-    plugin: Option<String>,
+    /// A plugin's name, or `null` to follow the host's default plugin again.
+    #[serde(default, deserialize_with = "present")]
+    plugin: Option<Option<String>>,
     quotas: Option<serde_json::Map<String, Value>>,
     config: Option<BTreeMap<String, String>>,
+}
+
+/// A field that is present, `null` included (`Some(None)`); absent is `None` (`serde(default)`).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 /// `PUT /v1/stores/{id}` → 201 created, 200 updated.
@@ -100,17 +111,36 @@ pub async fn put(
             {
                 return Err(ApiError::new(StatusCode::CONFLICT, "config_owned", refusal));
             }
-            (OwnSettings::default(), StoreSource::Api)
+            // A store whose start failed starts again from what it had set and its source.
+            match state
+                .orchestrator
+                .registry()
+                .get(&id)
+                .map_err(ApiError::internal)?
+            {
+                Some((source, spec)) => (
+                    spec.own
+                        .clone()
+                        .unwrap_or_else(|| OwnSettings::apart_from(&spec, &defaults)),
+                    source,
+                ),
+                None => (OwnSettings::default(), StoreSource::Api),
+            }
         }
     };
     // What the body sets becomes the store's own; the rest follows the host's defaults.
     if let Some(plugin) = body.plugin {
-        own.plugin = Some(plugin);
+        own.plugin = plugin;
     }
     if let Some(config) = body.config {
         own.config = checked_config(config)?;
     }
-    if let Some(changes) = body.quotas {
+    if let Some(mut changes) = body.quotas {
+        // `null` hands a quota back to the defaults (`fuel_per_call`'s `null` is "unmetered").
+        // An unknown name stays, for the check below to name it.
+        changes.retain(|name, value| {
+            !(value.is_null() && name != "fuel_per_call" && own.reset_quota(name))
+        });
         let names: Vec<String> = changes.keys().cloned().collect();
         let base = own.clone().over(&defaults).quotas;
         let quotas = merge_quotas(&base, changes)?;

@@ -55,6 +55,15 @@ impl OwnSettings {
         }
     }
 
+    /// Hands quota `name` back to the defaults; false when no quota has that name.
+    pub fn reset_quota(&mut self, name: &str) -> bool {
+        let known = quota_fields(&Quotas::default()).contains_key(name);
+        if known {
+            self.quotas.remove(name);
+        }
+        known
+    }
+
     /// The whole spec: these settings over `defaults`.
     pub fn over(self, defaults: &StoreSpec) -> StoreSpec {
         let mut quotas = quota_fields(&defaults.quotas);
