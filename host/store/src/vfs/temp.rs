@@ -9,9 +9,10 @@
 //! `SQLITE_FULL`: the statement fails like a full database, and SQLite deletes its files.
 //!
 //! The savepoint journal (`SQLITE_OPEN_SUBJOURNAL`) is not counted: it lives until the
-//! transaction commits, across statements and invocations and host writes, and holds each
-//! page the transaction changes at most once per savepoint, so the database's own quota
-//! bounds it.
+//! transaction commits, across statements, invocations and the host's own writes, so a
+//! budget per statement would both miss it (opened by a host write) and charge a later
+//! statement for it. It takes each changed page once per savepoint, so it grows with the
+//! writes the transaction makes, which CPU time bounds (a gap the README names).
 //!
 //! SQLite opens a statement's temporary files on the thread stepping it: the sorter's worker
 //! threads, which do not, are off for guest connections (`SQLITE_LIMIT_WORKER_THREADS` 0).
