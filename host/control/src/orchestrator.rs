@@ -427,12 +427,7 @@ impl Orchestrator {
                 if entry.source.is_config_owned() {
                     continue;
                 }
-                let own = entry
-                    .spec
-                    .own
-                    .clone()
-                    .unwrap_or_else(|| OwnSettings::apart_from(&entry.spec, &previous));
-                let spec = own.over(&defaults);
+                let spec = OwnSettings::of(&entry.spec, &previous).over(&defaults);
                 if spec == entry.spec {
                     continue;
                 }
@@ -993,11 +988,11 @@ impl Orchestrator {
                 continue;
             }
             // What it did not set itself follows today's defaults.
-            let own = match &spec.own {
-                Some(own) => own.clone(),
-                None => OwnSettings::apart_from(&spec, &defaults),
-            };
-            wanted.push((id, own.over(&defaults), source));
+            wanted.push((
+                id,
+                OwnSettings::of(&spec, &defaults).over(&defaults),
+                source,
+            ));
         }
         let mut started = 0;
         for (id, answer) in self.ensure_running_many(wanted).await {

@@ -24,6 +24,17 @@ pub const PING: &str = "ping";
 /// The query name on which hostile programs misbehave (every other query answers `{}`).
 pub const HOSTILE_QUERY: &str = "hostile";
 
+/// The store's files directory (`/data`) as raw WASI sees it: for programs that call
+/// `wasi:filesystem` directly, past the rules Rust's standard library keeps to.
+#[cfg(target_arch = "wasm32")]
+pub fn files_dir() -> Result<wasi::filesystem::types::Descriptor, String> {
+    wasi::filesystem::preopens::get_directories()
+        .into_iter()
+        .next()
+        .map(|(dir, _)| dir)
+        .ok_or_else(|| "no files directory".to_owned())
+}
+
 /// The one hostile thing a program does.
 pub trait Misbehaviour {
     /// Does it; returns only if the host lets it. `input` is the event payload, the task

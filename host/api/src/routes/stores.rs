@@ -95,11 +95,7 @@ pub async fn put(
             if let Some(refusal) = source.change_refused(&id) {
                 return Err(ApiError::new(StatusCode::CONFLICT, "config_owned", refusal));
             }
-            let own = spec
-                .own
-                .clone()
-                .unwrap_or_else(|| OwnSettings::apart_from(&spec, &defaults));
-            (own, source)
+            (OwnSettings::of(&spec, &defaults), source)
         }
         None => {
             // A store the config declares whose start failed is the config's to start again.
@@ -118,12 +114,7 @@ pub async fn put(
                 .get(&id)
                 .map_err(ApiError::internal)?
             {
-                Some((source, spec)) => (
-                    spec.own
-                        .clone()
-                        .unwrap_or_else(|| OwnSettings::apart_from(&spec, &defaults)),
-                    source,
-                ),
+                Some((source, spec)) => (OwnSettings::of(&spec, &defaults), source),
                 None => (OwnSettings::default(), StoreSource::Api),
             }
         }

@@ -26,6 +26,14 @@ pub struct OwnSettings {
 }
 
 impl OwnSettings {
+    /// What the store running under `spec` set itself: what it recorded, or for a store
+    /// recorded before stores kept it apart, [`OwnSettings::apart_from`] `defaults`.
+    pub fn of(spec: &StoreSpec, defaults: &StoreSpec) -> Self {
+        spec.own
+            .clone()
+            .unwrap_or_else(|| Self::apart_from(spec, defaults))
+    }
+
     /// What `spec` sets apart from `defaults`: for a store recorded before stores kept their
     /// own settings apart (each value equal to today's default is taken to follow it).
     pub fn apart_from(spec: &StoreSpec, defaults: &StoreSpec) -> Self {

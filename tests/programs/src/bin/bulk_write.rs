@@ -15,13 +15,9 @@ impl Misbehaviour for BulkWrite {
     fn misbehave(_input: Json) -> Result<(), String> {
         #[cfg(target_arch = "wasm32")]
         {
-            use wasi::filesystem::preopens::get_directories;
             use wasi::filesystem::types::{DescriptorFlags, OpenFlags, PathFlags};
 
-            let (dir, _) = get_directories()
-                .into_iter()
-                .next()
-                .ok_or("no files directory")?;
+            let dir = test_programs::files_dir()?;
             let file = dir
                 .open_at(
                     PathFlags::empty(),

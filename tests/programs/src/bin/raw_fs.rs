@@ -19,13 +19,9 @@ impl Misbehaviour for RawFs {
     fn misbehave(input: Json) -> Result<(), String> {
         #[cfg(target_arch = "wasm32")]
         {
-            use wasi::filesystem::preopens::get_directories;
             use wasi::filesystem::types::{DescriptorFlags, OpenFlags, PathFlags};
 
-            let (dir, _) = get_directories()
-                .into_iter()
-                .next()
-                .ok_or("no files directory")?;
+            let dir = test_programs::files_dir()?;
             match input["kind"].as_str() {
                 Some("big_stream_write") => {
                     let file = dir
