@@ -54,6 +54,8 @@ pub struct ServerProcess {
     pub url: String,
     /// Its log file (stderr).
     pub log: PathBuf,
+    /// Where this run's lines start in `log` (a restart on the same data appends to it).
+    log_start: usize,
 }
 
 impl ServerProcess {
@@ -67,6 +69,7 @@ impl ServerProcess {
             .append(true)
             .open(&log)
             .expect("log file");
+        let log_start = log_file.metadata().map_or(0, |meta| meta.len() as usize);
         let mut command = Command::new(storehost_bin());
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -108,7 +111,12 @@ impl ServerProcess {
                 "storehost did not start within 60 s"
             );
         };
-        Self { child, url, log }
+        Self {
+            child,
+            url,
+            log,
+            log_start,
+        }
     }
 
     /// SIGKILL, like `kill -9`: no cleanup of any kind.
@@ -117,10 +125,24 @@ impl ServerProcess {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, then asserts the server stopped every store cleanly and exited 0; a failure
+    /// prints the server's log.
+    pub fn stop_cleanly(self) {
+        let (log, start) = (self.log.clone(), self.log_start);
+        let status = self.terminate();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let text = text.get(start..).unwrap_or(&text);
+        assert!(
+            status.success() && text.contains("all stores stopped cleanly"),
+            "SIGTERM should stop storehost cleanly with exit 0; it ended with {status}; log:\n{text}"
+        );
+    }
+
     /// SIGTERM, then waits for the process to exit.
     pub fn terminate(mut self) -> ExitStatus {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        // Sent directly (no `kill` process in between), as soon as asked.
+        let pid = rustix::process::Pid::from_child(&self.child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {

@@ -151,7 +151,7 @@ async fn the_embedded_default_serves_demo_stores_and_a_restart_keeps_api_stores(
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    assert!(server.terminate().success(), "SIGTERM exits 0");
+    server.stop_cleanly();
 
     let server = ServerProcess::spawn(&data, &[], &[]);
     let (_, health) = call(&server.url, reqwest::Method::GET, "/health", None).await;
@@ -227,7 +227,7 @@ async fn a_restart_sizes_the_engine_for_the_api_stores_it_brings_back() {
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    assert!(server.terminate().success(), "SIGTERM exits 0");
+    server.stop_cleanly();
 
     std::fs::write(&config, plain).unwrap();
     let server = ServerProcess::spawn(&data, &["--config", &config_arg], &[]);
@@ -262,6 +262,17 @@ async fn a_restart_sizes_the_engine_for_the_api_stores_it_brings_back() {
     assert_eq!(count["kv"], 1, "the event was applied: {count}");
 }
 
+/// A SIGTERM sent the moment the server says it listens stops it cleanly (exit 0, every store
+/// stopped). Before, the handler was set up on the accept loop's first poll, so an early signal
+/// met the default action and killed the process (12 runs in 20 in a shell loop).
+#[test]
+fn a_sigterm_right_after_listening_stops_the_server_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    for run in 0..3 {
+        ServerProcess::spawn(&dir.path().join(format!("data-{run}")), &[], &[]).stop_cleanly();
+    }
+}
+
 /// A paused store stays paused across a restart, whoever declared it (the config, or the API):
 /// after the restart it accepts events and processes none until it is resumed. Before, every
 /// restart resumed it — a store an operator had stopped for hurting its neighbours.
@@ -288,7 +299,7 @@ async fn a_paused_store_stays_paused_across_a_restart() {
         .await;
         assert_eq!(status, 200, "{body}");
     }
-    assert!(server.terminate().success(), "SIGTERM exits 0");
+    server.stop_cleanly();
 
     let server = ServerProcess::spawn(&data, &[], &[]);
     let note = json!({"type": "v2.TaskCreated", "payload": {"id": "t1", "title": "Stay put"}});
@@ -335,7 +346,7 @@ async fn a_paused_store_stays_paused_across_a_restart() {
     assert_eq!(status, 200);
     let view = query_until(&server.url, "/v1/stores/demo-beta", |v| v["lag"] == 0).await;
     assert_eq!(view["state"], "running", "{view}");
-    assert!(server.terminate().success(), "SIGTERM exits 0");
+    server.stop_cleanly();
 
     let server = ServerProcess::spawn(&data, &[], &[]);
     let (_, beta) = call(
@@ -357,7 +368,7 @@ async fn a_paused_store_stays_paused_across_a_restart() {
         (&json!("running"), &json!("paused")),
         "the resumed store runs after the next restart, the other stays paused"
     );
-    assert!(server.terminate().success(), "SIGTERM exits 0");
+    server.stop_cleanly();
 }
 
 /// The latest of a config plugin's file and a version uploaded through the API under its name
@@ -405,7 +416,7 @@ async fn the_newer_of_a_plugin_file_and_an_upload_runs_across_restarts() {
     let uploaded = storehost_tests::with_custom_section(&original, "uploaded");
     upload(server.url.clone(), uploaded.clone()).await;
     wait_for(server.url.clone(), version(&uploaded)).await;
-    assert!(server.terminate().success());
+    server.stop_cleanly();
 
     let server = start();
     assert_eq!(
@@ -413,7 +424,7 @@ async fn the_newer_of_a_plugin_file_and_an_upload_runs_across_restarts() {
         version(&uploaded),
         "the file did not change: the upload runs"
     );
-    assert!(server.terminate().success());
+    server.stop_cleanly();
 
     let changed_while_down = storehost_tests::with_custom_section(&original, "while down");
     std::fs::write(&plugin, &changed_while_down).unwrap();
@@ -423,7 +434,7 @@ async fn the_newer_of_a_plugin_file_and_an_upload_runs_across_restarts() {
         version(&changed_while_down),
         "the file changed after the upload: its version runs"
     );
-    assert!(server.terminate().success());
+    server.stop_cleanly();
     let server = start();
     assert_eq!(
         running(server.url.clone()).await,
@@ -439,7 +450,7 @@ async fn the_newer_of_a_plugin_file_and_an_upload_runs_across_restarts() {
     let changed_while_up = storehost_tests::with_custom_section(&original, "while up");
     std::fs::write(&plugin, &changed_while_up).unwrap();
     wait_for(server.url.clone(), version(&changed_while_up)).await;
-    assert!(server.terminate().success());
+    server.stop_cleanly();
     let server = start();
     assert_eq!(
         running(server.url.clone()).await,
@@ -469,7 +480,7 @@ async fn a_store_the_config_declares_by_a_restart_runs_as_the_config_says() {
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    assert!(server.terminate().success());
+    server.stop_cleanly();
 
     std::fs::write(
         &config,
@@ -489,7 +500,7 @@ async fn a_store_the_config_declares_by_a_restart_runs_as_the_config_says() {
     assert_eq!(status, 200, "{store}");
     assert_eq!(store["source"], "config", "{store}");
     assert_eq!(store["quotas"]["burst"], 33, "the config's quotas: {store}");
-    assert!(server.terminate().success());
+    server.stop_cleanly();
 
     // And the next start does not bring the API's spec back either.
     let server = ServerProcess::spawn(&data, &["--config", &config_arg], &[]);

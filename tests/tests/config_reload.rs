@@ -394,7 +394,7 @@ async fn the_real_binary_applies_config_edits_live_and_reports_a_broken_one() {
     );
     let log = std::fs::read_to_string(&server.log).unwrap();
     assert!(log.contains("config edit refused"), "the log has it too");
-    assert!(server.terminate().success());
+    server.stop_cleanly();
 }
 
 /// A store the config file declares is not the API's to remove: `DELETE` (with or without

@@ -221,10 +221,7 @@ async fn nothing_acknowledged_is_lost_or_doubled_across_kill_9() {
     for store in STORES {
         verify_store(&server.url, store, &acked).await;
     }
-    assert!(
-        server.terminate().success(),
-        "SIGTERM ends the server cleanly"
-    );
+    server.stop_cleanly();
 }
 
 /// A scheduled task whose run is killed between its claim and its commit runs again after the
@@ -521,7 +518,7 @@ async fn killed_inside_a_handler_a_swap_a_backup_or_a_reload_nothing_is_lost_or_
     let length = backup.content_length().unwrap();
     assert_eq!(backup.bytes().await.unwrap().len() as u64, length);
 
-    assert!(server.terminate().success());
+    server.stop_cleanly();
     storehost_tests::report(&format!(
         "crash matrix: {} acknowledged events checked after kills at: {}",
         acked.len(),

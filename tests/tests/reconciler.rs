@@ -511,7 +511,7 @@ async fn the_real_binary_reconciles_at_start_and_on_demand() {
     assert_eq!(body["result"]["added"], json!(["bin-ws-three"]), "{body}");
     // The embedded default's demo stores are config-owned: never orphans.
     assert_eq!(body["result"]["pendingRemovals"], json!([]), "{body}");
-    assert!(server.terminate().success());
+    server.stop_cleanly();
 }
 
 /// The removal guard's share is of the stores the reconciler manages: a host that declares as

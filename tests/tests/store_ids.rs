@@ -127,5 +127,5 @@ fn store_ids_are_trimmed_deduplicated_and_the_duplicate_is_warned_about() {
         !log.contains("two-store\" 2 times"),
         "only the duplicate is; log:\n{log}"
     );
-    assert!(server.terminate().success());
+    server.stop_cleanly();
 }

@@ -524,7 +524,7 @@ async fn the_real_binary_provisions_by_webhook_and_a_restart_keeps_the_set() {
         summary["totalProvisioned"], 4,
         "3 demo stores and the webhook's: {summary}"
     );
-    assert!(server.terminate().success());
+    server.stop_cleanly();
 
     let server = ServerProcess::spawn(&data, &[], &env);
     let (_, view) = call_process(
@@ -555,7 +555,7 @@ async fn the_real_binary_provisions_by_webhook_and_a_restart_keeps_the_set() {
         ids.contains(&json!("ws-binary")) && !ids.contains(&json!("ws-not-me")),
         "{health}"
     );
-    assert!(server.terminate().success());
+    server.stop_cleanly();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
