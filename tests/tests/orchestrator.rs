@@ -238,3 +238,41 @@ async fn a_put_on_a_store_whose_restore_failed_keeps_what_it_had_set() {
         .await;
     assert_eq!(status, 400, "{body}");
 }
+
+/// `PUT`s racing each other on one store each change one quota: every change stays. Before,
+/// each read the store's own settings outside the change lock, and the last to apply put back
+/// the values the others had just changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_puts_on_one_store_all_keep_their_changes() {
+    let host = TestHost::start_control(ControlHostOptions::default(), |_, state| state).await;
+    let (status, body) = host
+        .call(reqwest::Method::PUT, "/v1/stores/raced", None)
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let changes = [
+        ("cpu_ms_per_call", 301),
+        ("wall_ms_per_call", 30_002),
+        ("cpu_ms_per_minute", 60_003),
+        ("events_per_second", 304),
+        ("burst", 305),
+        ("max_pending_events", 10_006),
+        ("llm_calls_per_minute", 307),
+    ];
+    for round in 0..3 {
+        let puts = changes.iter().map(|(name, value)| {
+            let body = json!({"quotas": {*name: value + round}});
+            host.call(reqwest::Method::PUT, "/v1/stores/raced", Some(body))
+        });
+        for (status, body) in futures::future::join_all(puts).await {
+            assert_eq!(status, 200, "{body}");
+        }
+        let (_, view) = host.get("/v1/stores/raced").await;
+        for (name, value) in changes {
+            assert_eq!(
+                view["quotas"][name],
+                value + round,
+                "round {round}: every racing PUT's change stays: {view}"
+            );
+        }
+    }
+}

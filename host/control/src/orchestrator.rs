@@ -678,50 +678,103 @@ impl Orchestrator {
             // `changes` serialises every change; the `stores` lock is held only to read or
             // insert, so the API keeps answering while stores open.
             let _guard = self.changes.lock().await;
-            let mut answered = Vec::with_capacity(batch.len());
-            let mut starting = Vec::new();
-            for (index, (id, spec, source)) in batch.into_iter().enumerate() {
-                // A run-time store's spec follows the defaults as they are now, under the
-                // lock, whatever they were when its caller worked it out.
-                let spec = match spec.own {
-                    Some(own) => own.over(&self.defaults()),
-                    None => spec,
-                };
-                let admitted = match self.plugin_within_limits(&spec) {
-                    Ok(plugin) => {
-                        self.change_or_admit(&id, &spec, source, plugin, starting.len())
-                            .await
-                    }
-                    Err(err) => Err(err),
-                };
-                match admitted {
-                    Ok(Admission::Start(settings)) => {
-                        starting.push((index, id, spec, source, settings));
-                    }
-                    Ok(Admission::Done(done)) => answered.push((index, id, Ok(done))),
-                    Err(err) => answered.push((index, id, Err(err))),
-                }
-            }
-            // Collected first: a lazy `map` here makes the future not `Send` (rust#102211).
-            let opens: Vec<_> = starting
-                .iter()
-                .map(|(_, id, _, _, settings)| self.open(id, (**settings).clone()))
-                .collect();
-            let opened: Vec<_> = futures::stream::iter(opens)
-                .buffered(PARALLEL_OPENS)
-                .collect()
-                .await;
-            self.spares.refill();
-            for ((index, id, spec, source, _), opened) in starting.into_iter().zip(opened) {
-                let answer = self.finish_start(&id, spec, source, opened).await;
-                answered.push((index, id, answer));
-            }
-            answered.sort_by_key(|(index, _, _)| *index);
-            answers.extend(answered.into_iter().map(|(_, id, answer)| (id, answer)));
+            answers.extend(self.apply_locked(batch).await);
             drop(_guard);
             tokio::task::yield_now().await;
         }
         answers
+    }
+
+    /// The body of [`Orchestrator::ensure_running_many`] for one batch, with the change lock
+    /// held by the caller.
+    async fn apply_locked(
+        &self,
+        batch: Vec<(StoreId, StoreSpec, StoreSource)>,
+    ) -> Vec<(StoreId, Result<Provisioned, ControlError>)> {
+        let mut answered = Vec::with_capacity(batch.len());
+        let mut starting = Vec::new();
+        for (index, (id, spec, source)) in batch.into_iter().enumerate() {
+            // A run-time store's spec follows the defaults as they are now, under the
+            // lock, whatever they were when its caller worked it out.
+            let spec = match spec.own {
+                Some(own) => own.over(&self.defaults()),
+                None => spec,
+            };
+            let admitted = match self.plugin_within_limits(&spec) {
+                Ok(plugin) => {
+                    self.change_or_admit(&id, &spec, source, plugin, starting.len())
+                        .await
+                }
+                Err(err) => Err(err),
+            };
+            match admitted {
+                Ok(Admission::Start(settings)) => {
+                    starting.push((index, id, spec, source, settings));
+                }
+                Ok(Admission::Done(done)) => answered.push((index, id, Ok(done))),
+                Err(err) => answered.push((index, id, Err(err))),
+            }
+        }
+        // Collected first: a lazy `map` here makes the future not `Send` (rust#102211).
+        let opens: Vec<_> = starting
+            .iter()
+            .map(|(_, id, _, _, settings)| self.open(id, (**settings).clone()))
+            .collect();
+        let opened: Vec<_> = futures::stream::iter(opens)
+            .buffered(PARALLEL_OPENS)
+            .collect()
+            .await;
+        self.spares.refill();
+        for ((index, id, spec, source, _), opened) in starting.into_iter().zip(opened) {
+            let answer = self.finish_start(&id, spec, source, opened).await;
+            answered.push((index, id, answer));
+        }
+        answered.sort_by_key(|(index, _, _)| *index);
+        answered
+            .into_iter()
+            .map(|(_, id, answer)| (id, answer))
+            .collect()
+    }
+
+    /// Edits what store `id` sets itself and applies it, as one change under the change lock,
+    /// so two edits racing each other (two `PUT`s) both take effect. `edit` gets the store's
+    /// own settings and owner (a running store's; else, for one whose start or restore
+    /// failed, its owner and what host.db keeps; `None` for a new store) and the defaults,
+    /// and answers the new own settings and owner, or refuses.
+    pub async fn edit_own<E: From<ControlError>>(
+        &self,
+        id: &StoreId,
+        edit: impl FnOnce(
+            Option<(OwnSettings, StoreSource)>,
+            &StoreSpec,
+        ) -> Result<(OwnSettings, StoreSource), E>,
+    ) -> Result<Provisioned, E> {
+        let _guard = self.changes.lock().await;
+        let defaults = self.defaults();
+        let current = match self.spec(id).await {
+            Some((spec, source)) => Some((OwnSettings::of(&spec, &defaults), source)),
+            None => match self.failed_start(id).and_then(|(_, source)| source) {
+                // A store the config declares is the config's to start again.
+                Some(source) if source.is_config_owned() => Some((OwnSettings::default(), source)),
+                _ => self
+                    .registry
+                    .get(id)
+                    .map_err(ControlError::from)?
+                    .map(|(source, spec)| (OwnSettings::of(&spec, &defaults), source)),
+            },
+        };
+        let (own, source) = edit(current, &defaults)?;
+        let spec = own.over(&defaults);
+        match self
+            .apply_locked(vec![(id.clone(), spec, source)])
+            .await
+            .pop()
+        {
+            Some((_, answer)) => answer.map_err(E::from),
+            None => Err(E::from(
+                StoreError::Internal("no answer for the store".into()).into(),
+            )),
+        }
     }
 
     /// The plugin `spec` names, with its quotas checked against what the engine fixed at

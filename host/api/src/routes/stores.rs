@@ -89,56 +89,41 @@ pub async fn put(
     OptionalJsonBody(body): OptionalJsonBody<PutStore>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_store_id(&id)?;
-    let defaults = state.orchestrator.defaults();
-    let (mut own, source) = match state.orchestrator.spec(&id).await {
-        Some((spec, source)) => {
-            if let Some(refusal) = source.change_refused(&id) {
-                return Err(ApiError::new(StatusCode::CONFLICT, "config_owned", refusal));
-            }
-            (OwnSettings::of(&spec, &defaults), source)
-        }
-        None => {
-            // A store the config declares whose start failed is the config's to start again.
-            if let Some(refusal) = state
-                .orchestrator
-                .source(&id)
-                .await
-                .and_then(|source| source.change_refused(&id))
-            {
-                return Err(ApiError::new(StatusCode::CONFLICT, "config_owned", refusal));
-            }
-            // A store whose start failed starts again from what it had set and its source.
-            match state
-                .orchestrator
-                .registry()
-                .get(&id)
-                .map_err(ApiError::internal)?
-            {
-                Some((source, spec)) => (OwnSettings::of(&spec, &defaults), source),
+    let config = body.config.map(checked_config).transpose()?;
+    // Read and changed under the change lock: two PUTs racing each other both take effect.
+    let outcome = state
+        .orchestrator
+        .edit_own(&id, |current, defaults| {
+            let (mut own, source) = match current {
+                Some((own, source)) => {
+                    if let Some(refusal) = source.change_refused(&id) {
+                        return Err(ApiError::new(StatusCode::CONFLICT, "config_owned", refusal));
+                    }
+                    (own, source)
+                }
                 None => (OwnSettings::default(), StoreSource::Api),
+            };
+            // What the body sets becomes the store's own; the rest follows the defaults.
+            if let Some(plugin) = body.plugin {
+                own.plugin = plugin;
             }
-        }
-    };
-    // What the body sets becomes the store's own; the rest follows the host's defaults.
-    if let Some(plugin) = body.plugin {
-        own.plugin = plugin;
-    }
-    if let Some(config) = body.config {
-        own.config = checked_config(config)?;
-    }
-    if let Some(mut changes) = body.quotas {
-        // `null` hands a quota back to the defaults (`fuel_per_call`'s `null` is "unmetered").
-        // An unknown name stays, for the check below to name it.
-        changes.retain(|name, value| {
-            !(value.is_null() && name != "fuel_per_call" && own.reset_quota(name))
-        });
-        let names: Vec<String> = changes.keys().cloned().collect();
-        let base = own.clone().over(&defaults).quotas;
-        let quotas = merge_quotas(&base, changes)?;
-        own.set_quotas(&quotas, &names);
-    }
-    let spec = own.over(&defaults);
-    let outcome = state.orchestrator.ensure_running(&id, spec, source).await?;
+            if let Some(config) = config {
+                own.config = config;
+            }
+            if let Some(mut changes) = body.quotas {
+                // `null` hands a quota back to the defaults (`fuel_per_call`'s `null` is
+                // "unmetered"). An unknown name stays, for the check below to name it.
+                changes.retain(|name, value| {
+                    !(value.is_null() && name != "fuel_per_call" && own.reset_quota(name))
+                });
+                let names: Vec<String> = changes.keys().cloned().collect();
+                let base = own.clone().over(defaults).quotas;
+                let quotas = merge_quotas(&base, changes)?;
+                own.set_quotas(&quotas, &names);
+            }
+            Ok((own, source))
+        })
+        .await?;
     let view = state
         .orchestrator
         .view(&id)
