@@ -158,8 +158,8 @@ pub struct GuestDb {
     /// Set by the authorizer when it compiles a guest statement that creates or alters a
     /// table (see [`GuestDb::guest_statement`]).
     compiled_table_change: Arc<AtomicBool>,
-    /// What the temporary files of a guest statement (sorts that spill to disk) may hold:
-    /// the disk quota again.
+    /// What the connection's temporary files (sorts of a guest statement that spill to disk,
+    /// the transaction's savepoint journal) may hold: the disk quota again.
     temp: Arc<TempBudget>,
 }
 
@@ -262,7 +262,7 @@ impl GuestDb {
     }
 
     /// Caps the database at `bytes` (rounded down to whole pages, never below its current size),
-    /// and the temporary files of a guest statement at as many again.
+    /// and the connection's temporary files (see [`GuestDb::guest_statement`]) at as many again.
     pub fn set_disk_quota(&self, bytes: u64) -> rusqlite::Result<()> {
         self.temp.set_limit(bytes);
         let pages = (bytes / self.page_size.max(1)).max(1);
@@ -579,9 +579,10 @@ impl GuestDb {
         self.guest_statement(statement, |stmt| Self::rows_of(stmt, params))
     }
 
-    /// Prepares guest `statement` and runs it with `run`; the temporary files it spills to
-    /// (sorts, groupings, `DISTINCT`) may hold as much as the disk quota, and past it the
-    /// statement fails as `SQLITE_FULL` (see [`crate::vfs::TempScope`]).
+    /// Prepares guest `statement` and runs it with `run`. The temporary files it spills to
+    /// (sorts, groupings, `DISTINCT`) with the transaction's savepoint journal may hold as
+    /// much as the disk quota, and past it the statement fails as `SQLITE_FULL` (see
+    /// [`crate::vfs::TempScope`]).
     fn guest_statement<T>(
         &self,
         statement: &str,
@@ -594,9 +595,11 @@ impl GuestDb {
             Err(err) if err.code == SQLITE_FULL && self.temp.take_refused() => Err(SqlError {
                 code: SQLITE_FULL,
                 message: format!(
-                    "the statement's temporary files (a sort, grouping or DISTINCT too big for \
-                     memory, spilled to disk) would pass {} bytes, the store's disk quota; add \
-                     an index or a LIMIT, or raise the quota",
+                    "the store's temporary files (a sort, grouping or DISTINCT too big for \
+                     memory, spilled to disk, and the savepoint journal of the pages this \
+                     transaction's statements changed) would pass {} bytes, the store's disk \
+                     quota; add an index or a LIMIT, change fewer rows per event, or raise the \
+                     quota",
                     self.temp.limit()
                 ),
             }),
@@ -708,7 +711,7 @@ impl GuestDb {
             return Err(SqlError {
                 code: SQLITE_ABORT,
                 message: "this invocation's transaction was rolled back by an earlier error \
-                          (a statement over its CPU budget or its temporary files' share of \
+                          (a statement over its CPU budget or the temporary files' share of \
                           the disk quota, or an I/O error); no further \
                           statement runs in it, and none of its writes are kept"
                     .into(),
@@ -1212,40 +1215,120 @@ mod tests {
         assert!(!db.temp.take_refused());
     }
 
-    /// The savepoint journal lives until the transaction commits, across invocations: it is
-    /// bounded by the database's own quota and takes nothing from a later statement's sort.
-    #[test]
-    fn a_transaction_s_savepoint_journal_takes_nothing_from_a_later_sort() {
-        let (_dir, db) = db();
-        db.set_disk_quota(8 << 20).unwrap();
+    /// A 3 MB table, in a database with a disk quota of `quota` bytes.
+    fn db_with_big_table(quota: u64) -> (tempfile::TempDir, GuestDb) {
+        let (dir, db) = db();
+        db.set_disk_quota(quota).unwrap();
         db.connection()
             .execute_batch(
-                "CREATE TABLE big (id INTEGER PRIMARY KEY, b BLOB);
+                "CREATE TABLE big (id INTEGER PRIMARY KEY, b BLOB NOT NULL);
                  WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000)
                  INSERT INTO big SELECT x, randomblob(1000) FROM c;",
             )
             .unwrap();
-        // One invocation rewrites 3 MB: its savepoint journal holds them until the commit.
+        (dir, db)
+    }
+
+    fn guest_write(db: &GuestDb, sql: &str) -> Result<u64, SqlError> {
+        db.enter_guest(true, statement_budget(60_000));
+        let result = db.guest_execute(sql, vec![]);
+        db.leave_guest();
+        result
+    }
+
+    /// A rewrite takes the pages it changes into the savepoint journal for the invocation's
+    /// savepoint, and again for its own (a `NOT NULL` column may abort it half way) once the
+    /// invocation's holds them: a second rewrite of a 3 MB table makes it 6 MB. Past the disk
+    /// quota the statement fails as `disk_full`, naming the journal, and the rolled-back
+    /// transaction gives the bytes back. Before, the journal was in no quota.
+    #[test]
+    fn a_rewrite_whose_savepoint_journal_passes_the_disk_quota_fails_as_disk_full() {
+        let (_dir, db) = db_with_big_table(5 << 20);
+        let rewrite = "UPDATE big SET b = randomblob(1000)";
         db.begin().unwrap();
         db.savepoint();
-        db.enter_guest(true, statement_budget(60_000));
-        db.guest_execute("UPDATE big SET b = randomblob(1000)", vec![])
-            .unwrap();
-        db.leave_guest();
-        db.release_savepoint().unwrap();
-        // The next one, in the same transaction, sorts about 6 MB: within its 8 MiB.
-        db.savepoint();
-        db.enter_guest(true, statement_budget(60_000));
-        let rows = db
-            .guest_query(
-                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 40000) \
-                 SELECT x, randomblob(120) FROM c ORDER BY randomblob(16)",
-                vec![],
-            )
-            .unwrap();
-        db.leave_guest();
-        assert_eq!(rows.rows.len(), 40_000);
+        guest_write(&db, rewrite).unwrap();
+        let err = guest_write(&db, rewrite).unwrap_err();
+        assert_eq!(
+            breach_of(&err, 10).map(|b| b.0),
+            Some(FailureReason::DiskFull),
+            "{err:?}"
+        );
+        assert!(
+            err.message.contains("savepoint journal") && err.message.contains("5242880 bytes"),
+            "the error names what filled up: {}",
+            err.message
+        );
         db.rollback();
+        assert_eq!(
+            db.temp.used(),
+            0,
+            "the journal is gone with its transaction"
+        );
+
+        // With room, the same rewrite passes, its journal counted until the commit.
+        db.set_disk_quota(8 << 20).unwrap();
+        db.begin().unwrap();
+        db.savepoint();
+        guest_write(&db, rewrite).unwrap();
+        guest_write(&db, rewrite).unwrap();
+        assert!(db.temp.used() >= 6_000_000, "{}", db.temp.used());
+        db.release_savepoint().unwrap();
+        db.commit().unwrap();
+        assert_eq!(db.temp.used(), 0);
+    }
+
+    /// The savepoint journal counts from its first write to the transaction's end: a later
+    /// sort in the same transaction has what is left, and the whole quota once it commits.
+    #[test]
+    fn a_transaction_s_savepoint_journal_counts_until_it_commits() {
+        let (_dir, db) = db_with_big_table(8 << 20);
+        let six_mb_sort = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c \
+                           WHERE x < 40000) SELECT x, randomblob(120) FROM c \
+                           ORDER BY randomblob(16)";
+        db.begin().unwrap();
+        db.savepoint();
+        guest_write(&db, "UPDATE big SET b = randomblob(1000)").unwrap();
+        db.release_savepoint().unwrap();
+        assert!(
+            db.temp.used() >= 3_000_000,
+            "the journal holds the 3 MB rewritten: {}",
+            db.temp.used()
+        );
+        db.savepoint();
+        db.enter_guest(false, statement_budget(60_000));
+        let err = db.guest_query(six_mb_sort, vec![]).unwrap_err();
+        db.leave_guest();
+        assert_eq!(
+            breach_of(&err, 10).map(|b| b.0),
+            Some(FailureReason::DiskFull),
+            "3 MB of journal and a 6 MB sort pass 8 MiB: {err:?}"
+        );
+        db.rollback();
+        assert_eq!(db.temp.used(), 0);
+        assert_eq!(sort(&db, six_mb_sort).unwrap().rows.len(), 40_000);
+    }
+
+    /// The host's writes on the connection are never refused for the guest's journal: past
+    /// the quota they are counted, not stopped, until the transaction ends.
+    #[test]
+    fn the_host_s_writes_grow_the_savepoint_journal_past_the_quota_without_failing() {
+        let (_dir, db) = db_with_big_table(4 << 20);
+        db.begin().unwrap();
+        db.savepoint();
+        guest_write(&db, "UPDATE big SET b = randomblob(1000) WHERE id <= 2000").unwrap();
+        let guest_journal = db.temp.used();
+        assert!(guest_journal >= 2_000_000, "{guest_journal}");
+        db.connection()
+            .execute("UPDATE big SET b = zeroblob(1000)", [])
+            .unwrap();
+        assert!(
+            db.temp.used() > 4 << 20,
+            "the host's rewrite is counted: {}",
+            db.temp.used()
+        );
+        db.rollback();
+        assert_eq!(db.temp.used(), 0);
     }
 
     fn count(db: &GuestDb, table: &str) -> i64 {

@@ -276,9 +276,8 @@ unsafe extern "C" fn open(
     let base = unsafe { base_of(vfs) };
     // SAFETY: `base` is the registered `unix-none` VFS, whose `xOpen` is set.
     let base_open = unsafe { (*base).xOpen.expect("unix-none has xOpen") };
-    if temp::is_temporary(flags)
-        && let Some(budget) = temp::current()
-    {
+    let budget = temp::current();
+    if (temp::is_temporary(flags) && budget.is_some()) || temp::is_savepoint_journal(flags) {
         // SAFETY: `file` has room for a temporary file and then the base's file (`szOsFile`);
         // the base writes its file at `inner`, which `wrap` wraps once it opened.
         unsafe {

@@ -5,14 +5,17 @@
 //! directory and quota. A cross join sorted by a computed column writes as much as its CPU
 //! time allows. So while a guest statement runs (a [`TempScope`] on the thread that steps it),
 //! every temporary file SQLite opens for it takes the connection's [`TempBudget`], and a write
-//! or truncation that would grow the statement's temporary files past it answers
+//! or truncation that would grow the connection's temporary files past it answers
 //! `SQLITE_FULL`: the statement fails like a full database, and SQLite deletes its files.
 //!
-//! The savepoint journal (`SQLITE_OPEN_SUBJOURNAL`) is not counted: it lives until the
-//! transaction commits, across statements, invocations and the host's own writes, so a
-//! budget per statement would both miss it (opened by a host write) and charge a later
-//! statement for it. It takes each changed page once per savepoint, so it grows with the
-//! writes the transaction makes, which CPU time bounds (a gap the README names).
+//! The savepoint journal (`SQLITE_OPEN_SUBJOURNAL`) holds the pages a transaction's
+//! statements change, for the invocation's savepoint and again for a statement's own (one that
+//! may abort half way): up to twice the database, in the system's temporary directory, until
+//! the transaction ends. It is counted too, from its first write in a guest statement to its close, whoever opened
+//! it: the connection's first guest statement to write it gives it its budget (its earlier
+//! bytes, the host's, are charged then). Only a guest statement is refused: growth while the
+//! host writes (beside or between guest statements) is counted and never refused, so the
+//! host's bookkeeping never fails for a guest's journal.
 //!
 //! SQLite opens a statement's temporary files on the thread stepping it: the sorter's worker
 //! threads, which do not, are off for guest connections (`SQLITE_LIMIT_WORKER_THREADS` 0).
@@ -60,6 +63,11 @@ impl TempBudget {
     /// Whether a temporary file was refused growth since the last call.
     pub fn take_refused(&self) -> bool {
         self.refused.swap(false, Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` more past the limit too: growth no guest statement caused.
+    fn charge(&self, bytes: u64) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Takes `bytes` more, or answers false past the limit.
@@ -127,13 +135,19 @@ pub(super) fn is_temporary(flags: c_int) -> bool {
         != 0
 }
 
+/// Whether a file SQLite opens with `flags` is a transaction's savepoint journal.
+pub(super) fn is_savepoint_journal(flags: c_int) -> bool {
+    flags & ffi::SQLITE_OPEN_SUBJOURNAL != 0
+}
+
 /// A temporary file: the fields below, then the base's file at [`INNER_OFFSET`].
 #[repr(C)]
 pub(super) struct TempFile {
     /// SQLite reads the methods through the file's first field.
     base: ffi::sqlite3_file,
-    budget: Arc<TempBudget>,
-    /// The bytes this file holds of the budget: the furthest it was written or sized to.
+    /// `None` for a savepoint journal no guest statement has written yet.
+    budget: Option<Arc<TempBudget>>,
+    /// The furthest the file was written or sized to: what it holds of its budget.
     held: u64,
 }
 
@@ -162,12 +176,13 @@ static TEMP_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
     xUnfetch: Some(super::unfetch),
 };
 
-/// Makes the file at `file`, whose base's file just opened, a temporary file on `budget`.
+/// Makes the file at `file`, whose base's file just opened, a temporary file on `budget`
+/// (`None`: a savepoint journal the host opened, counted from its first guest write).
 ///
 /// # Safety
 /// `file` points to an allocation of the VFS's `szOsFile` bytes whose base's file (at
 /// [`INNER_OFFSET`]) opened successfully.
-pub(super) unsafe fn wrap(file: *mut ffi::sqlite3_file, budget: Arc<TempBudget>) {
+pub(super) unsafe fn wrap(file: *mut ffi::sqlite3_file, budget: Option<Arc<TempBudget>>) {
     // SAFETY: per the contract `file` has room for a `TempFile` before the base's file, and is
     // aligned for SQLite's file structures (8 bytes), which is all `TempFile` needs.
     unsafe {
@@ -191,22 +206,58 @@ unsafe fn temp_file<'a>(file: *mut ffi::sqlite3_file) -> &'a mut TempFile {
 
 impl TempFile {
     /// Takes what growing the file to `len` bytes needs; false when the budget refuses it.
+    ///
+    /// Only growth in a guest statement on the file's own budget may be refused; any other
+    /// (the host's writes on the connection) is counted past the limit if it must be.
     fn grow_to(&mut self, len: u64) -> bool {
         if len <= self.held {
             return true;
         }
-        let grown = self.budget.reserve(len - self.held);
-        if grown {
-            self.held = len;
+        let grown = len - self.held;
+        let scope = current();
+        let guest = match (&self.budget, scope) {
+            (Some(budget), Some(scope)) => Arc::ptr_eq(budget, &scope),
+            (Some(_), None) => false,
+            // The first guest write of a savepoint journal: the bytes the host wrote before
+            // are charged now.
+            (None, Some(scope)) => {
+                scope.charge(self.held);
+                self.budget = Some(scope);
+                true
+            }
+            (None, None) => {
+                self.held = len;
+                return true;
+            }
+        };
+        let Some(budget) = &self.budget else {
+            return true;
+        };
+        if guest {
+            if !budget.reserve(grown) {
+                return false;
+            }
+        } else {
+            budget.charge(grown);
         }
-        grown
+        self.held = len;
+        true
     }
 
     fn shrink_to(&mut self, len: u64) {
         if len < self.held {
-            self.budget.release(self.held - len);
+            if let Some(budget) = &self.budget {
+                budget.release(self.held - len);
+            }
             self.held = len;
         }
+    }
+
+    /// A refused write: the statement's failure is the budget's.
+    fn refuse(&self) -> c_int {
+        self.budget
+            .as_ref()
+            .map_or(ffi::SQLITE_FULL, |budget| budget.refuse())
     }
 }
 
@@ -220,7 +271,7 @@ unsafe extern "C" fn write(
     let temp = unsafe { temp_file(file) };
     let end = u64::try_from(offset).unwrap_or(0) + u64::try_from(amount).unwrap_or(0);
     if !temp.grow_to(end) {
-        return temp.budget.refuse();
+        return temp.refuse();
     }
     // SAFETY: forwarded with SQLite's own arguments.
     unsafe { super::write(file, buf, amount, offset) }
@@ -232,7 +283,7 @@ unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int 
     let temp = unsafe { temp_file(file) };
     // A truncation may also lengthen a file.
     if !temp.grow_to(len) {
-        return temp.budget.refuse();
+        return temp.refuse();
     }
     // SAFETY: forwarded with SQLite's own arguments.
     let rc = unsafe { super::truncate(file, size) };
