@@ -739,8 +739,9 @@ impl Orchestrator {
     /// Edits what store `id` sets itself and applies it, as one change under the change lock,
     /// so two edits racing each other (two `PUT`s) both take effect. `edit` gets the store's
     /// own settings and owner (a running store's; else, for one whose start or restore
-    /// failed, its owner and what host.db keeps; `None` for a new store) and the defaults,
-    /// and answers the new own settings and owner, or refuses.
+    /// failed, its owner and what host.db keeps, or no settings of its own when the config
+    /// declares it; `None` for a new store) and the defaults, and answers the new own
+    /// settings and owner, or refuses.
     pub async fn edit_own<E: From<ControlError>>(
         &self,
         id: &StoreId,

@@ -1061,7 +1061,8 @@ impl Actor {
     }
 
     /// Whether the open batch commits now: nothing more is waiting, it is full or old enough,
-    /// or events commit one at a time after a lost batch.
+    /// events commit one at a time after a lost batch, or its savepoint journal holds half
+    /// the temporary files' room (the next event would have only the rest).
     fn batch_is_due(&self) -> bool {
         let Some(batch) = &self.batch else {
             return false;
@@ -1071,6 +1072,7 @@ impl Actor {
             || batch.events >= BATCH_EVENTS
             || batch.began.elapsed() >= BATCH_AGE
             || self.cursor <= self.solo_through
+            || self.lock_db().temporary_files_half_full()
     }
 
     /// Commits the open batch, if any; then its events are processed for everyone: the

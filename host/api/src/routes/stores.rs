@@ -89,7 +89,6 @@ pub async fn put(
     OptionalJsonBody(body): OptionalJsonBody<PutStore>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_store_id(&id)?;
-    let config = body.config.map(checked_config).transpose()?;
     // Read and changed under the change lock: two PUTs racing each other both take effect.
     let outcome = state
         .orchestrator
@@ -107,8 +106,8 @@ pub async fn put(
             if let Some(plugin) = body.plugin {
                 own.plugin = plugin;
             }
-            if let Some(config) = config {
-                own.config = config;
+            if let Some(config) = body.config {
+                own.config = checked_config(config)?;
             }
             if let Some(mut changes) = body.quotas {
                 // `null` hands a quota back to the defaults (`fuel_per_call`'s `null` is

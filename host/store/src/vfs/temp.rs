@@ -10,8 +10,9 @@
 //!
 //! The savepoint journal (`SQLITE_OPEN_SUBJOURNAL`) holds the pages a transaction's
 //! statements change, for the invocation's savepoint and again for a statement's own (one that
-//! may abort half way): up to twice the database, in the system's temporary directory, until
-//! the transaction ends. It is counted too, from its first write in a guest statement to its close, whoever opened
+//! may abort half way). It grows with each statement that rewrites pages and also touches new
+//! ones (SQLite then keeps the statement's copy after it ends), and the file never shrinks
+//! before the transaction ends. It is counted too, from its first write in a guest statement to its close, whoever opened
 //! it: the connection's first guest statement to write it gives it its budget (its earlier
 //! bytes, the host's, are charged then). Only a guest statement is refused: growth while the
 //! host writes (beside or between guest statements) is counted and never refused, so the
@@ -55,7 +56,6 @@ impl TempBudget {
     }
 
     /// The bytes the connection's temporary files hold now.
-    #[cfg(test)]
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
@@ -108,6 +108,13 @@ pub struct TempScope {
 impl TempScope {
     pub fn enter(budget: &Arc<TempBudget>) -> Self {
         let previous = CURRENT.with(|current| current.replace(Some(budget.clone())));
+        Self { previous }
+    }
+
+    /// While alive, no guest statement runs on this thread: the host's SQL between a guest
+    /// statement's steps is never refused.
+    pub fn suspend() -> Self {
+        let previous = CURRENT.with(|current| current.replace(None));
         Self { previous }
     }
 }
