@@ -436,6 +436,11 @@ async fn an_empty_answer_is_blocked_by_the_max_removal_guard() {
     let blocked = report.result.removals_blocked.expect("blocked");
     assert!(blocked.contains("3 of the 3"), "{blocked}");
     assert_eq!(running(&s.host).await.len(), 3, "nothing removed");
+    assert_eq!(
+        report.result.pending_removals,
+        ["guard-a", "guard-b", "guard-c"],
+        "the blocked removals wait"
+    );
     let (_, health) = s.host.get("/health").await;
     assert!(
         health["reconciler"]["lastError"]
@@ -445,6 +450,7 @@ async fn an_empty_answer_is_blocked_by_the_max_removal_guard() {
         "{health}"
     );
     assert_eq!(health["reconciler"]["drift"], 3);
+    assert_eq!(health["reconciler"]["pendingRemovals"], 3, "{health}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

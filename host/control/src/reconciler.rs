@@ -400,6 +400,9 @@ impl Reconciler {
             );
             tracing::error!("{message}");
             result.removals_blocked = Some(message);
+            // They wait, as within the grace period, until the registry lists them again or
+            // an operator removes them.
+            result.pending_removals = orphans.iter().map(ToString::to_string).collect();
             return Ok((result, drift));
         }
         let grace = i64::try_from(self.settings.grace_period.as_millis()).unwrap_or(i64::MAX);
