@@ -25,6 +25,8 @@ struct Case {
     program: &'static str,
     path: &'static str,
     event: (&'static str, Value),
+    /// An event the hostile store processes first, in a transaction of its own.
+    setup: Option<(&'static str, Value)>,
     quotas: Quotas,
     fuel: bool,
     reason: &'static str,
@@ -37,6 +39,7 @@ impl Case {
             program,
             path,
             event: ("misbehave", json!({})),
+            setup: None,
             quotas: hostile_quotas(),
             fuel: false,
             reason,
@@ -62,6 +65,12 @@ async fn run(case: Case) {
     let hostile = format!("bad-{}", case.program.replace('_', "-"));
     host.add_store_with(&hostile, case.program, &[], case.quotas.clone())
         .await;
+    if let Some((event_type, payload)) = case.setup.clone() {
+        host.append(&hostile, event_type, payload).await;
+        host.settle(&hostile).await;
+        let (_, status) = host.get(&format!("/v1/stores/{hostile}")).await;
+        assert_eq!(status["errorsCount"], 0, "the setup event failed: {status}");
+    }
     let neighbours: Vec<String> = (0..NEIGHBOURS).map(|i| format!("good-{i}")).collect();
     for id in &neighbours {
         host.add_store(id, "writer", &[]).await;
@@ -268,6 +277,25 @@ async fn sql_bomb_endless_sort() {
     run(Case {
         event: ("bomb", json!({"kind": "sort"})),
         message: "temporary files",
+        ..Case::new("sql_bomb", programs::SQL_BOMB, "disk_full")
+    })
+    .await;
+}
+
+/// Rewriting the same rows again and again in one event, each time touching a page more,
+/// grows SQLite's savepoint journal in the system's temp directory by the rewrite each time:
+/// it counts with the temporary files, and stops at the disk quota again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_bomb_growing_savepoint_journal() {
+    run(Case {
+        setup: Some(("bomb", json!({"kind": "journal_table"}))),
+        event: ("bomb", json!({"kind": "journal"})),
+        quotas: Quotas {
+            cpu_ms_per_call: 5_000,
+            wall_ms_per_call: 10_000,
+            ..hostile_quotas()
+        },
+        message: "savepoint journal",
         ..Case::new("sql_bomb", programs::SQL_BOMB, "disk_full")
     })
     .await;
