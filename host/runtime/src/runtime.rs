@@ -206,15 +206,14 @@ impl GuestExecutor {
     }
 }
 
-/// Gives the calling thread the least CPU share (the threads of demoted stores, and the host's
-/// work that can always wait): the `SCHED_IDLE` policy, under which any
+/// Gives the calling thread the least CPU share: the `SCHED_IDLE` policy, under which any
 /// ordinary thread that wakes up takes the core at once (a nice value alone only shrinks the
 /// thread's share: the scheduler may still let it finish its slice, a few milliseconds, before
 /// a woken thread runs), and nice 19 in case the policy is refused. Lowering either needs no
 /// privilege; if the OS refuses both, demoted calls run at normal priority (still behind stores
 /// in good standing for slots) and the host says so once.
 #[allow(unsafe_code)] // one libc call, no safe wrapper in rustix
-pub fn lower_priority() {
+fn lower_priority() {
     let tid = rustix::thread::gettid();
     let niced = rustix::process::setpriority_process(Some(tid), DEMOTED_NICE);
     let param = libc::sched_param { sched_priority: 0 };
@@ -225,14 +224,13 @@ pub fn lower_priority() {
         static WARNED: std::sync::Once = std::sync::Once::new();
         WARNED.call_once(|| match niced {
             Ok(()) => tracing::warn!(
-                "could not give the threads demoted stores run on (and the spare-store \
-                 builder) the idle scheduling policy ({err}); they run at nice {DEMOTED_NICE} \
-                 and may delay stores in good standing by a scheduler slice"
+                "could not give the threads demoted stores run on the idle scheduling policy \
+                 ({err}); they run at nice {DEMOTED_NICE} and may delay stores in good \
+                 standing by a scheduler slice"
             ),
             Err(nice_err) => tracing::warn!(
-                "could not lower the CPU priority of the threads demoted stores run on (and \
-                 the spare-store builder) ({err}; {nice_err}); they compete with stores in \
-                 good standing for the CPU"
+                "could not lower the CPU priority of the threads demoted stores run on \
+                 ({err}; {nice_err}); they compete with stores in good standing for the CPU"
             ),
         });
     }

@@ -18,12 +18,6 @@
 //! renamed, and its last close still checkpoints and empties the WAL ([`crate::vfs`] does not
 //! report the file as moved, which would make SQLite skip that checkpoint). Spares found at
 //! start are opened by their store, as before.
-//!
-//! The builder runs with the least CPU priority (`SCHED_IDLE`, as demoted stores' threads):
-//! its work can always wait, and it refilled the pool while stores woke and served events.
-//! Measured here (`hibernation --quick`, three runs each, files-closed cold wakes): p99
-//! 1.22–2.36 ms with the builder at normal priority, 0.99–1.12 ms at the least; provisioning
-//! unchanged within the runs' noise (back to back p50 1.16–1.54 / 1.39–1.67 ms).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -216,10 +210,7 @@ impl SpareStores {
             let signal = self.signal.clone();
             let started = std::thread::Builder::new()
                 .name("storehost-spares".into())
-                .spawn(move || {
-                    storehost_runtime::runtime::lower_priority();
-                    build_on_request(&pool, &signal)
-                });
+                .spawn(move || build_on_request(&pool, &signal));
             match started {
                 Ok(handle) => *builder = Some(handle),
                 Err(err) => {
