@@ -76,6 +76,9 @@ impl ServerProcess {
             .arg(data_dir)
             .args(extra_args)
             .env("STOREHOST_ADMIN_TOKEN", PROCESS_TOKEN)
+            // Info lines at least, whatever the test run's own filter: `stop_cleanly` reads
+            // one (a caller's `env` may set another).
+            .env("STOREHOST_LOG", "info")
             .env_remove("STORE_IDS")
             .env_remove("PORT")
             .env_remove("STORE_DATA_PATH")

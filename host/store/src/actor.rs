@@ -1062,7 +1062,8 @@ impl Actor {
 
     /// Whether the open batch commits now: nothing more is waiting, it is full or old enough,
     /// events commit one at a time after a lost batch, or its savepoint journal holds half
-    /// the temporary files' room (the next event would have only the rest).
+    /// the temporary files' room (the next event's sorts and spills would have only the
+    /// rest: the journal keeps its size until the transaction ends).
     fn batch_is_due(&self) -> bool {
         let Some(batch) = &self.batch else {
             return false;

@@ -263,7 +263,7 @@ impl GuestDb {
 
     /// Whether the connection's temporary files hold more than half of what they may: the
     /// open transaction's savepoint journal keeps its size until the transaction ends, so a
-    /// batch of events commits then, and the next event does not fail for the last ones'.
+    /// batch of events commits then, and the next event's sorts and spills keep the rest.
     pub(crate) fn temporary_files_half_full(&self) -> bool {
         self.temp.used() > self.temp.limit() / 2
     }

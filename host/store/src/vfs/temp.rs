@@ -12,11 +12,11 @@
 //! statements change, for the invocation's savepoint and again for a statement's own (one that
 //! may abort half way). It grows with each statement that rewrites pages and also touches new
 //! ones (SQLite then keeps the statement's copy after it ends), and the file never shrinks
-//! before the transaction ends. It is counted too, from its first write in a guest statement to its close, whoever opened
-//! it: the connection's first guest statement to write it gives it its budget (its earlier
-//! bytes, the host's, are charged then). Only a guest statement is refused: growth while the
-//! host writes (beside or between guest statements) is counted and never refused, so the
-//! host's bookkeeping never fails for a guest's journal.
+//! before the transaction ends. It is counted too, from its first write in a guest statement
+//! to its close, whoever opened it: the connection's first guest statement to write it gives
+//! it its budget (its earlier bytes, the host's, are charged then). Only a guest statement is
+//! refused: growth while the host writes (beside or between guest statements) is counted and
+//! never refused, so the host's bookkeeping never fails for a guest's journal.
 //!
 //! SQLite opens a statement's temporary files on the thread stepping it: the sorter's worker
 //! threads, which do not, are off for guest connections (`SQLITE_LIMIT_WORKER_THREADS` 0).
@@ -221,10 +221,8 @@ impl TempFile {
             return true;
         }
         let grown = len - self.held;
-        let scope = current();
-        let guest = match (&self.budget, scope) {
-            (Some(budget), Some(scope)) => Arc::ptr_eq(budget, &scope),
-            (Some(_), None) => false,
+        let guest = match (&self.budget, current()) {
+            (Some(budget), scope) => scope.is_some_and(|scope| Arc::ptr_eq(budget, &scope)),
             // The first guest write of a savepoint journal: the bytes the host wrote before
             // are charged now.
             (None, Some(scope)) => {
@@ -232,20 +230,16 @@ impl TempFile {
                 self.budget = Some(scope);
                 true
             }
-            (None, None) => {
-                self.held = len;
-                return true;
-            }
+            (None, None) => false,
         };
-        let Some(budget) = &self.budget else {
-            return true;
-        };
-        if guest {
-            if !budget.reserve(grown) {
-                return false;
+        if let Some(budget) = &self.budget {
+            if guest {
+                if !budget.reserve(grown) {
+                    return false;
+                }
+            } else {
+                budget.charge(grown);
             }
-        } else {
-            budget.charge(grown);
         }
         self.held = len;
         true
