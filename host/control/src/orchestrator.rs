@@ -654,13 +654,9 @@ impl Orchestrator {
         spec: StoreSpec,
         source: StoreSource,
     ) -> Result<Provisioned, ControlError> {
-        let answer = self
-            .ensure_running_many(vec![(id.clone(), spec, source)])
-            .await
-            .pop();
-        answer.map_or_else(
-            || Err(StoreError::Internal("no answer for the store".into()).into()),
-            |(_, answer)| answer,
+        only_answer(
+            self.ensure_running_many(vec![(id.clone(), spec, source)])
+                .await,
         )
     }
 
@@ -766,16 +762,7 @@ impl Orchestrator {
         };
         let (own, source) = edit(current, &defaults)?;
         let spec = own.over(&defaults);
-        match self
-            .apply_locked(vec![(id.clone(), spec, source)])
-            .await
-            .pop()
-        {
-            Some((_, answer)) => answer.map_err(E::from),
-            None => Err(E::from(
-                StoreError::Internal("no answer for the store".into()).into(),
-            )),
-        }
+        only_answer(self.apply_locked(vec![(id.clone(), spec, source)]).await).map_err(E::from)
     }
 
     /// The plugin `spec` names, with its quotas checked against what the engine fixed at
@@ -1204,5 +1191,15 @@ impl Orchestrator {
             stopping.spawn(async move { store.stop().await });
         }
         while stopping.join_next().await.is_some() {}
+    }
+}
+
+/// The answer of a batch of one store.
+fn only_answer(
+    mut answers: Vec<(StoreId, Result<Provisioned, ControlError>)>,
+) -> Result<Provisioned, ControlError> {
+    match answers.pop() {
+        Some((_, answer)) => answer,
+        None => Err(StoreError::Internal("no answer for the store".into()).into()),
     }
 }
