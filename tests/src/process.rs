@@ -50,18 +50,44 @@ pub fn run_storehost(args: &[&str]) -> (ExitStatus, String, String) {
 /// A running `storehost serve`.
 pub struct ServerProcess {
     child: Child,
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (empty while a server from [`ServerProcess::spawn_starting`]
+    /// has not said it listens).
     pub url: String,
     /// Its log file (stderr).
     pub log: PathBuf,
     /// Where this run's lines start in `log` (a restart on the same data appends to it).
     log_start: usize,
+    /// The address the server prints once it listens.
+    listening: std::sync::mpsc::Receiver<String>,
 }
 
 impl ServerProcess {
     /// Starts `storehost serve` on a free port with data in `data_dir`, optional extra args
     /// (e.g. `--config`) and environment; waits until it listens.
     pub fn spawn(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut server = Self::spawn_starting(data_dir, extra_args, env);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        server.url = loop {
+            if let Ok(url) = server.listening.recv_timeout(Duration::from_millis(100)) {
+                break url;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!(
+                    "storehost exited with {status} before listening; log:\n{}",
+                    server.run_log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "storehost did not start within 60 s"
+            );
+        };
+        server
+    }
+
+    /// [`ServerProcess::spawn`] without waiting for the server to listen (it may be starting
+    /// its stores): `url` stays empty.
+    pub fn spawn_starting(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         std::fs::create_dir_all(data_dir).expect("data dir");
         let log = data_dir.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
@@ -90,7 +116,7 @@ impl ServerProcess {
         }
         let mut child = command.spawn().expect("spawn storehost");
         let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, listening) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(url) = line.strip_prefix("storehost listening on ") {
@@ -98,28 +124,38 @@ impl ServerProcess {
                 }
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let url = loop {
-            if let Ok(url) = rx.recv_timeout(Duration::from_millis(100)) {
-                break url;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "storehost exited with {status} before listening; log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "storehost did not start within 60 s"
-            );
-        };
         Self {
             child,
-            url,
+            url: String::new(),
             log,
             log_start,
+            listening,
         }
+    }
+
+    /// What this run of the server has logged so far.
+    pub fn run_log(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.get(self.log_start..).unwrap_or(&text).to_owned()
+    }
+
+    /// Waits up to `within` for this run's log to contain `needle`; panics with the log if it
+    /// does not.
+    pub fn wait_for_log(&self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.run_log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the server did not log {needle:?} within {within:?}; log:\n{}",
+                self.run_log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the server printed that it listens.
+    pub fn said_listening(&self) -> bool {
+        !self.url.is_empty() || self.listening.try_recv().is_ok()
     }
 
     /// SIGKILL, like `kill -9`: no cleanup of any kind.
@@ -130,30 +166,44 @@ impl ServerProcess {
 
     /// SIGTERM, then asserts the server stopped every store cleanly and exited 0; a failure
     /// prints the server's log.
-    pub fn stop_cleanly(self) {
-        let (log, start) = (self.log.clone(), self.log_start);
-        let status = self.terminate();
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let text = text.get(start..).unwrap_or(&text);
+    pub fn stop_cleanly(mut self) {
+        self.send_term();
+        let status = self.wait_exit(Duration::from_secs(30));
+        let text = self.run_log();
         assert!(
-            status.success() && text.contains("all stores stopped cleanly"),
-            "SIGTERM should stop storehost cleanly with exit 0; it ended with {status}; log:\n{text}"
+            status.is_some_and(|status| status.success())
+                && text.contains("all stores stopped cleanly"),
+            "SIGTERM should stop storehost cleanly with exit 0; it ended with {status:?}; log:\n{text}"
         );
     }
 
     /// SIGTERM, then waits for the process to exit.
     pub fn terminate(mut self) -> ExitStatus {
-        // Sent directly (no `kill` process in between), as soon as asked.
-        let pid = rustix::process::Pid::from_child(&self.child);
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status;
-            }
-            if Instant::now() > deadline {
+        self.send_term();
+        match self.wait_exit(Duration::from_secs(30)) {
+            Some(status) => status,
+            None => {
                 let _ = self.child.kill();
                 panic!("storehost did not exit within 30 s of SIGTERM");
+            }
+        }
+    }
+
+    /// Sends SIGTERM, directly (no `kill` process in between), and returns at once.
+    pub fn send_term(&self) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+
+    /// Waits up to `within` for the process to exit: its status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
             }
             std::thread::sleep(Duration::from_millis(20));
         }

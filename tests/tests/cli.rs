@@ -1,6 +1,8 @@
 //! The binary's commands: `check-config`, `plugin check`, `serve` on the embedded default,
 //! restarts that keep API-created stores, and SIGTERM.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use storehost_tests::process::{PROCESS_TOKEN, ServerProcess, run_storehost};
 use storehost_tests::{programs, writer_config};
@@ -271,6 +273,129 @@ fn a_sigterm_right_after_listening_stops_the_server_cleanly() {
     for run in 0..3 {
         ServerProcess::spawn(&dir.path().join(format!("data-{run}")), &[], &[]).stop_cleanly();
     }
+}
+
+/// A SIGTERM while the server is still starting its stores, before it listens, starts no
+/// more of them, stops the ones it started cleanly and exits 0; the next start runs them all.
+/// Before, the signal met the default action until the server listened: the process was
+/// killed with every started store open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_during_start_up_stops_the_stores_started_and_starts_no_more() {
+    const STORES: usize = 600;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ids: Vec<String> = (0..STORES).map(|i| format!("ws-{i:04}")).collect();
+    let store_ids = ids.join(",");
+    let env = [("STORE_IDS", store_ids.as_str())];
+    let config = dir.path().join("storehost.toml");
+    std::fs::write(
+        &config,
+        writer_config(std::path::Path::new(programs::WRITER), &[]),
+    )
+    .unwrap();
+    let config_arg = config.display().to_string();
+    let args = ["--config", config_arg.as_str()];
+
+    let mut server = ServerProcess::spawn_starting(&data, &args, &env);
+    server.wait_for_log("store started", Duration::from_secs(60));
+    server.send_term();
+    let status = server.wait_exit(Duration::from_secs(30));
+    let log = server.run_log();
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "a SIGTERM during start-up should stop the server with exit 0; it ended with {status:?}; log:\n{log}"
+    );
+    assert!(
+        log.contains("all stores stopped cleanly"),
+        "the stores started are stopped cleanly; log:\n{log}"
+    );
+    assert!(
+        log.contains("not started: the host shuts down"),
+        "the stores left to start are not started; log:\n{log}"
+    );
+    let started = log.matches("store started").count();
+    assert!(
+        started < STORES,
+        "{started} of {STORES} stores started after the signal; log:\n{log}"
+    );
+    assert!(
+        !server.said_listening(),
+        "the server never listened; log:\n{log}"
+    );
+
+    let server = ServerProcess::spawn(&data, &args, &env);
+    let (status, list) = call(&server.url, reqwest::Method::GET, "/v1/stores", None).await;
+    assert_eq!(status, 200, "{list}");
+    let listed = list["stores"].as_array().map_or(0, |stores| {
+        stores
+            .iter()
+            .filter(|store| store["id"].as_str().is_some_and(|id| id.starts_with("ws-")))
+            .count()
+    });
+    assert_eq!(listed, STORES, "the next start runs every store: {list}");
+    server.stop_cleanly();
+}
+
+/// A second SIGTERM while the server waits for its stores to stop (here one in the middle of
+/// a minute-long invocation) ends it at once with status 1; the next start finds every
+/// event it had accepted. Before, further signals were ignored until every store stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_during_shutdown_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("storehost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[plugins.spin]\npath = {:?}\n[stores.spinner]\nplugin = \"spin\"\n[stores.spinner.quotas]\ncpu_ms_per_call = 60000\nwall_ms_per_call = 60000\ncpu_ms_per_minute = 600000\n",
+            programs::SPIN
+        ),
+    )
+    .unwrap();
+    let config_arg = config.display().to_string();
+    let mut server = ServerProcess::spawn(&data, &["--config", &config_arg], &[]);
+    let (status, body) = call(
+        &server.url,
+        reqwest::Method::POST,
+        "/v1/stores/spinner/events",
+        Some(json!({"type": "spin", "payload": {}})),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    server.send_term();
+    server.wait_for_log("shutting down", Duration::from_secs(10));
+    assert!(
+        server.wait_exit(Duration::from_millis(500)).is_none(),
+        "the first SIGTERM waits for the invocation in flight; log:\n{}",
+        server.run_log()
+    );
+    server.send_term();
+    let status = server.wait_exit(Duration::from_secs(10));
+    let log = server.run_log();
+    assert_eq!(
+        status.and_then(|status| status.code()),
+        Some(1),
+        "the second SIGTERM ends the server at once with status 1; it ended with {status:?}; log:\n{log}"
+    );
+    assert!(log.contains("second signal"), "it says why; log:\n{log}");
+
+    let server = ServerProcess::spawn(&data, &["--config", &config_arg], &[]);
+    let (status, events) = call(
+        &server.url,
+        reqwest::Method::GET,
+        "/v1/stores/spinner/events",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{events}");
+    assert_eq!(
+        events["events"].as_array().map(Vec::len),
+        Some(1),
+        "the accepted event is kept: {events}"
+    );
+    server.kill9();
 }
 
 /// A paused store stays paused across a restart, whoever declared it (the config, or the API):

@@ -276,3 +276,54 @@ async fn racing_puts_on_one_store_all_keep_their_changes() {
         }
     }
 }
+
+/// Once the host shuts down (a signal, even during start-up), no store starts and no store's
+/// settings change: every store still to start answers `ShuttingDown`, and a PUT that reaches
+/// the orchestrator gets 503 `shutting_down` instead of starting or changing a store that the
+/// shutdown then leaves running or half-changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_shutting_down_starts_and_changes_no_store() {
+    let host = TestHost::start_control(ControlHostOptions::default(), |_, state| state).await;
+    let (status, body) = host
+        .call(reqwest::Method::PUT, "/v1/stores/before", None)
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    let orchestrator = &host.orchestrator;
+    orchestrator.stop_starting();
+    let spec = orchestrator.settings().defaults.clone();
+    let wanted: Vec<_> = (0..40)
+        .map(|i| {
+            (
+                id(&format!("late-{i:02}")),
+                spec.clone(),
+                StoreSource::Config,
+            )
+        })
+        .collect();
+    let answers = orchestrator.ensure_running_many(wanted).await;
+    assert_eq!(answers.len(), 40, "one answer per store asked");
+    for (store, answer) in &answers {
+        assert!(
+            matches!(answer, Err(ControlError::ShuttingDown)),
+            "{store}: {answer:?}"
+        );
+        let (status, body) = host.get(&format!("/v1/stores/{store}")).await;
+        assert_eq!(status, 404, "{store} was not started: {body}");
+    }
+
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/before",
+            Some(json!({"quotas": {"burst": 77}})),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "shutting_down", "{body}");
+    let (_, view) = host.get("/v1/stores/before").await;
+    assert_ne!(
+        view["quotas"]["burst"], 77,
+        "the store kept its settings: {view}"
+    );
+}

@@ -163,6 +163,12 @@ impl From<ControlError> for ApiError {
                 "at_capacity",
                 err.to_string(),
             ),
+            ControlError::ShuttingDown => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                err.to_string(),
+            )
+            .retry_after(1),
             ControlError::NotFound(id) => Self::unknown_store(id.as_str()),
             ControlError::MemoryAboveCeiling { .. } => {
                 Self::bad_request("quota_above_ceiling", err.to_string())

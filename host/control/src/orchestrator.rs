@@ -166,6 +166,11 @@ pub enum ControlError {
     /// The store failed to open or apply the change.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The host is shutting down: no store starts or changes any more.
+    #[error(
+        "the host is shutting down and starts or changes no more stores; retry against another host or after it restarts"
+    )]
+    ShuttingDown,
     /// The host registry database failed.
     #[error("host registry error: {0}")]
     Registry(#[from] rusqlite::Error),
@@ -278,6 +283,8 @@ pub struct Orchestrator {
     plugins: std::sync::RwLock<BTreeMap<String, Arc<StorePlugin>>>,
     stores: RwLock<BTreeMap<StoreId, Entry>>,
     changes: Mutex<()>,
+    /// Set once the host shuts down: no store starts after it (see [`Orchestrator::stop_starting`]).
+    stopping: std::sync::atomic::AtomicBool,
     registry: Registry,
     spares: Arc<SpareStores>,
     activity: std::sync::Mutex<ProvisioningActivity>,
@@ -359,6 +366,7 @@ impl Orchestrator {
             plugins: std::sync::RwLock::default(),
             stores: RwLock::default(),
             changes: Mutex::new(()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             registry,
             spares,
             activity: std::sync::Mutex::default(),
@@ -674,6 +682,17 @@ impl Orchestrator {
             // `changes` serialises every change; the `stores` lock is held only to read or
             // insert, so the API keeps answering while stores open.
             let _guard = self.changes.lock().await;
+            if self.is_stopping() {
+                // The host shuts down: the batch that was opening has finished, and what is
+                // left is not started (a host starting thousands of stores stops in moments).
+                answers.extend(
+                    batch
+                        .into_iter()
+                        .chain(wanted)
+                        .map(|(id, _, _)| (id, Err(ControlError::ShuttingDown))),
+                );
+                break;
+            }
             answers.extend(self.apply_locked(batch).await);
             drop(_guard);
             tokio::task::yield_now().await;
@@ -747,6 +766,9 @@ impl Orchestrator {
         ) -> Result<(OwnSettings, StoreSource), E>,
     ) -> Result<Provisioned, E> {
         let _guard = self.changes.lock().await;
+        if self.is_stopping() {
+            return Err(ControlError::ShuttingDown.into());
+        }
         let defaults = self.defaults();
         let current = match self.spec(id).await {
             Some((spec, source)) => Some((OwnSettings::of(&spec, &defaults), source)),
@@ -1035,12 +1057,18 @@ impl Orchestrator {
                 source,
             ));
         }
-        let mut started = 0;
+        let (mut started, mut not_started) = (0, 0);
         for (id, answer) in self.ensure_running_many(wanted).await {
             match answer {
                 Ok(_) => started += 1,
+                Err(ControlError::ShuttingDown) => not_started += 1,
                 Err(err) => tracing::error!(store_id = %id, "could not restore the store: {err}"),
             }
+        }
+        if not_started > 0 {
+            tracing::info!(
+                "{not_started} stores added through the API not restored: the host shuts down"
+            );
         }
         Ok(started)
     }
@@ -1178,8 +1206,23 @@ impl Orchestrator {
         }
     }
 
+    /// From now on no store starts or changes its settings (the host shuts down): a batch of
+    /// [`Orchestrator::ensure_running_many`] already opening finishes, and every later one —
+    /// the rest of a start-up's stores too — and every [`Orchestrator::edit_own`] answer
+    /// [`ControlError::ShuttingDown`].
+    /// [`Orchestrator::shutdown`] then stops the stores that did start.
+    pub fn stop_starting(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Stops every store cleanly (after their in-flight invocations).
     pub async fn shutdown(&self) {
+        self.stop_starting();
         let _guard = self.changes.lock().await;
         let spares = self.spares.clone();
         if let Err(err) = tokio::task::spawn_blocking(move || spares.stop()).await {

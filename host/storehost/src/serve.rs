@@ -4,21 +4,24 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use storehost_api::{AppState, ConfigStatus, ServeOptions};
-use storehost_control::config::{self, HostConfig, PluginSource, ProcessEnv};
+use storehost_control::config::{self, HostConfig, PluginSource, ProcessEnv, StoreSpec};
 use storehost_control::llm_backend::ServiceBackend;
 use storehost_control::reconciler::{Reconciler, ReconcilerSettings};
 use storehost_control::registry::Registry;
 use storehost_control::watcher::{self, ConfigReloader};
 use storehost_control::webhook::{WebhookSettings, Webhooks};
-use storehost_control::{HostSettings, Orchestrator};
+use storehost_control::{ControlError, HostSettings, Orchestrator, StoreSource};
 use storehost_runtime::RuntimeOptions;
-use storehost_store::{StoreRuntime, sqlite::now_ms};
+use storehost_store::{StoreId, StoreRuntime, sqlite::now_ms};
 
 use crate::admin_token::{self, TokenOrigin};
 use crate::cli::ServeArgs;
 
 /// Runs the server until a shutdown signal, then stops every store cleanly.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Before anything starts: a signal during start-up stops the stores already started
+    // cleanly, instead of killing the process.
+    let mut signals = ShutdownSignals::listen()?;
     let (mut config, config_path) = match &args.config {
         Some(path) => (
             config::load_file(path).map_err(|errors| anyhow!("invalid config:\n{errors}"))?,
@@ -104,43 +107,27 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
     )?);
 
-    for (name, source) in config.plugin_sources() {
-        let plugin = match &source {
-            PluginSource::Builtin => orchestrator
-                .deploy_plugin(&name, crate::BUILTIN_AGENT.to_vec())
-                .await
-                .map(Some),
-            PluginSource::File(path) => {
-                let bytes = std::fs::read(path).with_context(|| {
-                    format!("could not read plugin {name:?} from {}", path.display())
-                })?;
-                orchestrator.deploy_plugin_file(&name, bytes, false).await
-            }
-        }
-        .with_context(|| format!("plugin {name:?} could not be loaded"))?;
-        if let Some(plugin) = plugin {
-            tracing::info!(plugin = %name, sha256 = plugin.sha256(), "plugin ready");
-        }
-    }
-    // Versions uploaded through the API (newer than their config file's, if any) replace
-    // the files' before any store starts.
-    orchestrator.restore_plugins().await?;
-
-    let wanted = specs
+    let specs = specs
         .into_iter()
         .map(|(id, spec)| {
             let source = config.source_of(&id);
             (id, spec, source)
         })
         .collect();
-    for (id, answer) in orchestrator.ensure_running_many(wanted).await {
-        if let Err(err) = answer {
-            tracing::error!(store_id = %id, "could not start the store: {err}");
+    let starting = start_stores(&orchestrator, &config, specs);
+    tokio::pin!(starting);
+    tokio::select! {
+        started = &mut starting => started?,
+        () = signals.recv() => {
+            tracing::info!("shutting down during start-up: no more stores start; stopping the ones started");
+            orchestrator.stop_starting();
+            signals.force_exit_on_next();
+            // The batch of stores being opened finishes; the rest are not started.
+            starting.await?;
+            orchestrator.shutdown().await;
+            tracing::info!("all stores stopped cleanly");
+            return Ok(());
         }
-    }
-    let restored = orchestrator.restore_persisted().await?;
-    if restored > 0 {
-        tracing::info!("{restored} stores added through the API restored");
     }
 
     let (token, origin) = admin_token::resolve(&config.admin_token_env, &config.data_dir)?;
@@ -212,7 +199,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let signals = ShutdownSignals::listen()?;
     println!("storehost listening on http://{address}");
     match origin {
         TokenOrigin::Generated => println!(
@@ -234,6 +220,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let draining = state.clone();
     let shutdown = async move {
         signals.recv().await;
+        signals.force_exit_on_next();
         tracing::info!("shutting down: refusing new requests, finishing in-flight work");
         draining.start_draining();
     };
@@ -247,9 +234,58 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM and Ctrl-C, listened for before the server says it listens: a signal sent as soon
-/// as "listening" is printed stops every store cleanly (the default action would kill the
-/// process outright, as it did when the handlers were set up on the accept loop's first poll).
+/// Loads the config's plugins, then starts the config's stores and those added through the
+/// API before the last stop. A store that cannot start is logged and left out; a plugin that
+/// cannot load stops the host.
+async fn start_stores(
+    orchestrator: &Orchestrator,
+    config: &HostConfig,
+    specs: Vec<(StoreId, StoreSpec, StoreSource)>,
+) -> anyhow::Result<()> {
+    for (name, source) in config.plugin_sources() {
+        let plugin = match &source {
+            PluginSource::Builtin => orchestrator
+                .deploy_plugin(&name, crate::BUILTIN_AGENT.to_vec())
+                .await
+                .map(Some),
+            PluginSource::File(path) => {
+                let bytes = std::fs::read(path).with_context(|| {
+                    format!("could not read plugin {name:?} from {}", path.display())
+                })?;
+                orchestrator.deploy_plugin_file(&name, bytes, false).await
+            }
+        }
+        .with_context(|| format!("plugin {name:?} could not be loaded"))?;
+        if let Some(plugin) = plugin {
+            tracing::info!(plugin = %name, sha256 = plugin.sha256(), "plugin ready");
+        }
+    }
+    // Versions uploaded through the API (newer than their config file's, if any) replace
+    // the files' before any store starts.
+    orchestrator.restore_plugins().await?;
+
+    let mut not_started = 0;
+    for (id, answer) in orchestrator.ensure_running_many(specs).await {
+        match answer {
+            Err(ControlError::ShuttingDown) => not_started += 1,
+            Err(err) => tracing::error!(store_id = %id, "could not start the store: {err}"),
+            Ok(_) => {}
+        }
+    }
+    if not_started > 0 {
+        tracing::info!("{not_started} stores of the config not started: the host shuts down");
+    }
+    let restored = orchestrator.restore_persisted().await?;
+    if restored > 0 {
+        tracing::info!("{restored} stores added through the API restored");
+    }
+    Ok(())
+}
+
+/// SIGTERM and Ctrl-C, listened for from the moment `serve` starts: a signal sent while the
+/// stores start, or as soon as "listening" is printed, stops every store started cleanly (the
+/// default action would kill the process outright, as it did when the handlers were set up on
+/// the accept loop's first poll).
 struct ShutdownSignals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
@@ -271,7 +307,8 @@ impl ShutdownSignals {
         Ok(Self {})
     }
 
-    async fn recv(mut self) {
+    /// The next signal.
+    async fn recv(&mut self) {
         #[cfg(unix)]
         tokio::select! {
             _ = self.term.recv() => {}
@@ -279,5 +316,18 @@ impl ShutdownSignals {
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
+    }
+
+    /// The next signal ends the process at once, with status 1: a second Ctrl-C or SIGTERM
+    /// while the stores stop is an operator who will not wait. Nothing is lost — each
+    /// store's databases recover at the next start as after `kill -9`.
+    fn force_exit_on_next(mut self) {
+        tokio::spawn(async move {
+            self.recv().await;
+            tracing::warn!(
+                "second signal: exiting now without waiting for the stores to stop (their data is safe; each store recovers at the next start)"
+            );
+            std::process::exit(1);
+        });
     }
 }
