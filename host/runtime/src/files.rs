@@ -162,8 +162,11 @@ pub(crate) struct FilesState {
     listings: usize,
     refused: Arc<AtomicBool>,
     /// CPU ticks owed for the bytes positioned writes moved, the one file call whose size
-    /// the guest chooses (see [`crate::sandbox::BYTES_PER_CPU_MS`]).
+    /// the guest chooses (see [`crate::sandbox::BYTES_PER_CPU_MS`]), and for the time its
+    /// syncs kept the disk busy.
     owed: Arc<AtomicU64>,
+    /// Microseconds of sync charged so far, whole ticks of which went to `owed`.
+    synced_micros: u64,
 }
 
 impl FilesState {
@@ -175,11 +178,29 @@ impl FilesState {
             listings: 0,
             refused: Arc::default(),
             owed,
+            synced_micros: 0,
         }
     }
 
     fn moved(&self, bytes: usize) {
         charge_moving(&self.owed, bytes);
+    }
+
+    /// Charges a `sync` or `sync-data` that took `took` as CPU time. Waiting for the disk is
+    /// not the host's CPU, but it is the disk every store's commits wait on: a guest syncing
+    /// in a loop would otherwise hold it for its whole `wall_ms_per_call` at the price of one
+    /// epoch tick per call (the ticks that meter guest code count a host call spanning many
+    /// as one). That tick is left out of the charge, so a sync costs what it took; the
+    /// fractions of a millisecond add up across syncs.
+    fn synced(&mut self, took: std::time::Duration) {
+        let charged = took.saturating_sub(std::time::Duration::from_millis(1));
+        let micros = u64::try_from(charged.as_micros()).unwrap_or(u64::MAX);
+        let before = self.synced_micros;
+        self.synced_micros = before.saturating_add(micros);
+        let ticks = self.synced_micros / 1_000 - before / 1_000;
+        if ticks > 0 {
+            self.owed.fetch_add(ticks, Ordering::Relaxed);
+        }
     }
 
     /// Whether a write was refused for want of space since the last call of this (the failure
@@ -481,7 +502,10 @@ impl HostDescriptor for FilesView<'_> {
     }
 
     async fn sync_data(&mut self, fd: Resource<types::Descriptor>) -> FsResult<()> {
-        self.fs.sync_data(fd).await
+        let started = std::time::Instant::now();
+        let synced = self.fs.sync_data(fd).await;
+        self.files.synced(started.elapsed());
+        synced
     }
 
     async fn get_flags(
@@ -581,7 +605,10 @@ impl HostDescriptor for FilesView<'_> {
     }
 
     async fn sync(&mut self, fd: Resource<types::Descriptor>) -> FsResult<()> {
-        self.fs.sync(fd).await
+        let started = std::time::Instant::now();
+        let synced = self.fs.sync(fd).await;
+        self.files.synced(started.elapsed());
+        synced
     }
 
     async fn create_directory_at(
@@ -913,4 +940,34 @@ impl OutputStream for QuotaStream {
 impl Pollable for QuotaStream {
     /// Always ready: every write is done before its call returns.
     async fn ready(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A sync is charged what it took beyond the one epoch tick that sees it, and the
+    /// fractions of a millisecond add up across syncs rather than being lost on each.
+    #[test]
+    fn syncs_are_charged_their_time_beyond_one_tick_and_fractions_add_up() {
+        let owed = Arc::new(AtomicU64::new(0));
+        let mut files = FilesState::new(Arc::new(FilesUsage::unlimited()), owed.clone());
+        files.synced(Duration::from_millis(40));
+        assert_eq!(owed.load(Ordering::Relaxed), 39, "a 40 ms sync");
+        files.synced(Duration::from_micros(800));
+        assert_eq!(
+            owed.load(Ordering::Relaxed),
+            39,
+            "under a tick: the epoch sees it"
+        );
+        for _ in 0..4 {
+            files.synced(Duration::from_micros(1_250));
+        }
+        assert_eq!(
+            owed.load(Ordering::Relaxed),
+            40,
+            "four syncs of 1.25 ms: 0.25 ms each beyond their tick, 1 ms in all"
+        );
+    }
 }
