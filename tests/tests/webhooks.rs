@@ -374,6 +374,25 @@ async fn a_source_over_its_rate_gets_429_with_retry_after() {
     );
 }
 
+/// A webhook that reaches a host shutting down gets 503 `shutting_down`, which the
+/// provisioning service retries, and starts nothing. Before, it was a 500 `internal`,
+/// logged as a failure of the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_shutting_down_answers_webhooks_with_503() {
+    let host = host_with(
+        settings(Some(SECRET), false),
+        10_000,
+        ControlHostOptions::default(),
+    )
+    .await;
+    host.orchestrator.stop_starting();
+    let created = event("workspace.created", "ws-late");
+    let (status, answer) = post(&host, &secret_header(), &created).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "shutting_down", "{answer}");
+    assert!(!running(&host, "ws-late").await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_host_answers_503_and_a_config_owned_store_is_not_deleted() {
     let host = host_with(

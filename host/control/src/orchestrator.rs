@@ -1206,17 +1206,19 @@ impl Orchestrator {
         }
     }
 
-    /// From now on no store starts or changes its settings (the host shuts down): a batch of
-    /// [`Orchestrator::ensure_running_many`] already opening finishes, and every later one —
-    /// the rest of a start-up's stores too — and every [`Orchestrator::edit_own`] answer
-    /// [`ControlError::ShuttingDown`].
+    /// From now on no store starts and no store's own settings change (the host shuts down):
+    /// a batch of [`Orchestrator::ensure_running_many`] already opening finishes, and every
+    /// later one — the rest of a start-up's stores too — and every [`Orchestrator::edit_own`]
+    /// answer [`ControlError::ShuttingDown`]. Removals, pauses and plugin deploys still go
+    /// ahead: they start nothing.
     /// [`Orchestrator::shutdown`] then stops the stores that did start.
     pub fn stop_starting(&self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
-    fn is_stopping(&self) -> bool {
+    /// Whether [`Orchestrator::stop_starting`] was called.
+    pub fn is_stopping(&self) -> bool {
         self.stopping.load(std::sync::atomic::Ordering::Acquire)
     }
 

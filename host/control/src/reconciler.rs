@@ -14,7 +14,7 @@ use serde::Serialize;
 use storehost_store::{StoreId, sqlite::now_ms};
 
 use crate::config::{HostConfig, OwnSettings, Secret};
-use crate::orchestrator::{Orchestrator, StoreSource};
+use crate::orchestrator::{ControlError, Orchestrator, StoreSource};
 use crate::webhook::rfc3339;
 
 /// First delay after a failed pass; it doubles with each further failure, up to the interval.
@@ -361,6 +361,10 @@ impl Reconciler {
                 .await
             {
                 Ok(_) => result.added.push(id.to_string()),
+                Err(ControlError::ShuttingDown) => {
+                    // The host stops: the next start's first pass adds it.
+                    tracing::info!(store_id = %id, "reconciler did not add the store: the host shuts down");
+                }
                 Err(err) => {
                     tracing::error!(store_id = %id, "reconciler could not add the store: {err}");
                     result.failed_adds.push(FailedChange {

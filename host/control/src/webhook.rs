@@ -114,6 +114,9 @@ pub enum WebhookError {
     /// The filesystem of the data directory is full: the store could not be created.
     #[error("{0}")]
     DiskFull(String),
+    /// The host is shutting down and starts no more stores.
+    #[error("{0}")]
+    ShuttingDown(String),
     /// The host failed (details in the log).
     #[error("{0}")]
     Internal(String),
@@ -128,7 +131,7 @@ impl WebhookError {
             WebhookError::InvalidPayload(_) => 400,
             WebhookError::InvalidStoreId(_) => 422,
             WebhookError::ConfigOwned(_) => 409,
-            WebhookError::AtCapacity(_) => 503,
+            WebhookError::AtCapacity(_) | WebhookError::ShuttingDown(_) => 503,
             WebhookError::DiskFull(_) => 507,
         }
     }
@@ -143,6 +146,7 @@ impl WebhookError {
             WebhookError::ConfigOwned(_) => "config_owned",
             WebhookError::AtCapacity(_) => "at_capacity",
             WebhookError::DiskFull(_) => "disk_full",
+            WebhookError::ShuttingDown(_) => "shutting_down",
             WebhookError::Internal(_) => "internal",
         }
     }
@@ -301,6 +305,9 @@ impl Webhooks {
                     Ok(_) => Ok(accepted(WebhookStatus::AlreadyMonitored)),
                     Err(err @ ControlError::AtCapacity { .. }) => {
                         Err(WebhookError::AtCapacity(err.to_string()))
+                    }
+                    Err(err @ ControlError::ShuttingDown) => {
+                        Err(WebhookError::ShuttingDown(err.to_string()))
                     }
                     Err(err) if err.is_disk_full() => {
                         tracing::error!(store_id = %id, "workspace.created: {err}");

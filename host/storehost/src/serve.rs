@@ -116,15 +116,27 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .collect();
     let starting = start_stores(&orchestrator, &config, specs);
     tokio::pin!(starting);
-    tokio::select! {
-        started = &mut starting => started?,
-        () = signals.recv() => {
-            tracing::info!("shutting down during start-up: no more stores start; stopping the ones started");
+    let started = tokio::select! {
+        started = &mut starting => Some(started),
+        () = signals.recv() => None,
+    };
+    match started {
+        Some(Ok(())) => {}
+        Some(Err(err)) => {
+            // The stores that did start close cleanly before the host gives up.
+            orchestrator.shutdown().await;
+            return Err(err);
+        }
+        None => {
+            tracing::info!(
+                "shutting down during start-up: no more stores start; stopping the ones started"
+            );
             orchestrator.stop_starting();
             signals.force_exit_on_next();
             // The batch of stores being opened finishes; the rest are not started.
-            starting.await?;
+            let finished = starting.await;
             orchestrator.shutdown().await;
+            finished?;
             tracing::info!("all stores stopped cleanly");
             return Ok(());
         }
@@ -243,6 +255,10 @@ async fn start_stores(
     specs: Vec<(StoreId, StoreSpec, StoreSource)>,
 ) -> anyhow::Result<()> {
     for (name, source) in config.plugin_sources() {
+        if orchestrator.is_stopping() {
+            // A signal came: no store will start, so no more plugins are compiled.
+            return Ok(());
+        }
         let plugin = match &source {
             PluginSource::Builtin => orchestrator
                 .deploy_plugin(&name, crate::BUILTIN_AGENT.to_vec())
@@ -264,6 +280,9 @@ async fn start_stores(
     // the files' before any store starts.
     orchestrator.restore_plugins().await?;
 
+    if orchestrator.is_stopping() {
+        return Ok(());
+    }
     let mut not_started = 0;
     for (id, answer) in orchestrator.ensure_running_many(specs).await {
         match answer {
@@ -281,6 +300,9 @@ async fn start_stores(
     }
     Ok(())
 }
+
+/// How long after the first shutdown signal another one is taken as the same request.
+const FORCE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// SIGTERM and Ctrl-C, listened for from the moment `serve` starts: a signal sent while the
 /// stores start, or as soon as "listening" is printed, stops every store started cleanly (the
@@ -318,14 +340,27 @@ impl ShutdownSignals {
         let _ = tokio::signal::ctrl_c().await;
     }
 
-    /// The next signal ends the process at once, with status 1: a second Ctrl-C or SIGTERM
-    /// while the stores stop is an operator who will not wait. Nothing is lost — each
-    /// store's databases recover at the next start as after `kill -9`.
+    /// A signal [`FORCE_AFTER`] or more after this call ends the process at once, with
+    /// status 1: a second Ctrl-C or SIGTERM while the stores stop is an operator who will not
+    /// wait. One sooner is the same request delivered twice (GNU `timeout` signals its child
+    /// and then its process group; a terminal's Ctrl-C reaches a wrapper that forwards it
+    /// too) and is ignored. No accepted event is lost — each store's databases recover at
+    /// the next start as after `kill -9`, and invocations cut off run again.
     fn force_exit_on_next(mut self) {
+        let first = std::time::Instant::now();
+        tracing::info!(
+            "send SIGTERM or Ctrl-C again to exit at once, without waiting for the stores to stop"
+        );
         tokio::spawn(async move {
-            self.recv().await;
+            loop {
+                self.recv().await;
+                if first.elapsed() >= FORCE_AFTER {
+                    break;
+                }
+                tracing::debug!("a signal right after the first: taken as the same request");
+            }
             tracing::warn!(
-                "second signal: exiting now without waiting for the stores to stop (their data is safe; each store recovers at the next start)"
+                "second signal: exiting now without waiting for the stores to stop (no accepted event is lost; each store recovers at the next start, and invocations cut off run again)"
             );
             std::process::exit(1);
         });
