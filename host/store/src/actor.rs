@@ -1408,7 +1408,8 @@ impl Actor {
                 self.config.clone(),
                 self.settings.quotas.cpu_ms_per_call,
                 self.settings.llm.clone(),
-            );
+            )
+            .with_emit_rate(self.shared.emits.clone());
             let options = SandboxOptions {
                 files: Some(self.files.clone()),
                 limits: limits_of(&self.settings),
