@@ -275,6 +275,24 @@ fn a_sigterm_right_after_listening_stops_the_server_cleanly() {
     }
 }
 
+/// A `max_stores` beyond what the sandbox pool holds live is not silently used: the host
+/// says at start what happens once more stores than that are awake at once.
+#[test]
+fn a_max_stores_beyond_the_sandbox_pool_is_reported_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::spawn(
+        &dir.path().join("data"),
+        &[],
+        &[("MAX_INSTANCES_PER_SERVER", "20000")],
+    );
+    let log = server.run_log();
+    assert!(
+        log.contains("max_stores = 20000 is more than the 10000 sandboxes the pool holds live"),
+        "{log}"
+    );
+    server.stop_cleanly();
+}
+
 /// A SIGTERM while the server is still starting its stores, before it listens, starts no
 /// more of them, stops the ones it started cleanly and exits 0; the next start runs them all.
 /// Before, the signal met the default action until the server listened: the process was

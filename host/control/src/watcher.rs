@@ -192,7 +192,7 @@ impl ConfigReloader {
                 return outcome;
             }
         };
-        warn_restart_only(&current.file, &next);
+        let _ = warn_restart_only(&current.file, &next);
         let file = next.clone();
         next.env = current.running.env.clone();
         let mut summary = ReloadSummary::default();
@@ -358,7 +358,8 @@ impl ConfigReloader {
 }
 
 /// Logs the settings that a reload cannot change (they apply at the next start).
-fn warn_restart_only(previous: &HostConfig, next: &HostConfig) {
+/// Logs the keys an edit changed that apply only at the next start; answers them.
+fn warn_restart_only(previous: &HostConfig, next: &HostConfig) -> Vec<&'static str> {
     let mut changed = Vec::new();
     if previous.listen != next.listen {
         changed.push("listen");
@@ -378,6 +379,18 @@ fn warn_restart_only(previous: &HostConfig, next: &HostConfig) {
     if previous.task_catch_up_ms != next.task_catch_up_ms {
         changed.push("task_catch_up_ms");
     }
+    if previous.idle_timeout_ms != next.idle_timeout_ms {
+        changed.push("idle_timeout_ms");
+    }
+    if previous.close_files_after_ms != next.close_files_after_ms {
+        changed.push("close_files_after_ms");
+    }
+    if previous.spare_stores != next.spare_stores {
+        changed.push("spare_stores");
+    }
+    if previous.llm != next.llm {
+        changed.push("[llm]");
+    }
     if previous.http != next.http {
         changed.push("[http]");
     }
@@ -396,6 +409,7 @@ fn warn_restart_only(previous: &HostConfig, next: &HostConfig) {
             changed.join(", ")
         );
     }
+    changed
 }
 
 fn hash(bytes: &[u8]) -> [u8; 32] {
@@ -508,4 +522,34 @@ pub fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notify::Err
         _debouncer: Box::new(debouncer),
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An edit of a key the running host cannot take live is named in the log, not passed
+    /// over as if applied: `[llm]` (the backend is built at start), hibernation's timings
+    /// and the spare stores among them.
+    #[test]
+    fn an_edit_of_a_start_only_key_is_reported() {
+        let previous = HostConfig::default();
+        let mut next = previous.clone();
+        assert!(warn_restart_only(&previous, &next).is_empty());
+        next.idle_timeout_ms += 1;
+        next.close_files_after_ms += 1;
+        next.spare_stores += 1;
+        next.llm.model = "another-model".into();
+        next.max_stores += 1;
+        assert_eq!(
+            warn_restart_only(&previous, &next),
+            [
+                "max_stores",
+                "idle_timeout_ms",
+                "close_files_after_ms",
+                "spare_stores",
+                "[llm]"
+            ]
+        );
+    }
 }

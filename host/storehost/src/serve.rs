@@ -17,6 +17,10 @@ use storehost_store::{StoreId, StoreRuntime, sqlite::now_ms};
 use crate::admin_token::{self, TokenOrigin};
 use crate::cli::ServeArgs;
 
+/// The most sandboxes the pool holds live: each slot reserves its memory ceiling of address
+/// space (with guard regions), and 10,000 of them fill a good part of what a process may map.
+const MAX_LIVE_SANDBOXES: u32 = 10_000;
+
 /// Runs the server until a shutdown signal, then stops every store cleanly.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Before anything starts: a signal during start-up stops the stores already started
@@ -74,10 +78,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .chain([256 << 20])
         .max()
         .unwrap_or(256 << 20);
+    if config.max_stores > MAX_LIVE_SANDBOXES as usize {
+        tracing::warn!(
+            "max_stores = {} is more than the {MAX_LIVE_SANDBOXES} sandboxes the pool holds live: while more than {MAX_LIVE_SANDBOXES} stores are awake at once, the further ones fail their invocations as host_error (no free sandbox slot) until some hibernate; keep idle_timeout_ms short",
+            config.max_stores
+        );
+    }
     let runtime = StoreRuntime::new(RuntimeOptions {
         max_live_sandboxes: u32::try_from(config.max_stores)
             .unwrap_or(u32::MAX)
-            .clamp(1, 10_000),
+            .clamp(1, MAX_LIVE_SANDBOXES),
         max_memory_bytes: max_memory,
         fuel: quotas.iter().any(|quotas| quotas.fuel_per_call.is_some()),
         cache_dir: Some(config.data_dir.join("cache")),
