@@ -803,9 +803,11 @@ impl Checker<'_> {
     ) -> Option<T> {
         let fields = struct_fields::<T>();
         let errors_before = self.errors.len();
+        let mut refused: Vec<&str> = Vec::new();
         for (key, value) in table {
             let name = key.get_ref().as_ref();
             if !fields.contains(&name) {
+                refused.push(name);
                 let mut message = format!(
                     "unknown key {name:?} {}; expected one of: {}",
                     section.where_(),
@@ -833,9 +835,29 @@ impl Checker<'_> {
                     humanize(err.message())
                 );
                 self.error(Kind::InvalidValue, value.span(), message);
+                refused.push(name);
             }
         }
         if self.errors.len() > errors_before {
+            // The other keys' ranges are checked all the same (the refused ones at their
+            // defaults), so one run lists every error of the section.
+            let rest: DeTable<'_> = table
+                .iter()
+                .filter(|(key, _)| {
+                    let name = key.get_ref().as_ref();
+                    !nested.contains(&name) && !refused.contains(&name)
+                })
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
+            if let Ok(parsed) = deserialize_table::<T>(rest, span.clone()) {
+                for (key, message) in parsed.problems() {
+                    if let Some(value) = table.get(key)
+                        && !refused.contains(&key)
+                    {
+                        self.error(Kind::InvalidValue, value.span(), message);
+                    }
+                }
+            }
             return None;
         }
         let without_nested: DeTable<'_> = table

@@ -592,3 +592,30 @@ fn llm_max_iterations_from_the_environment_reaches_every_store_unless_it_sets_it
         "stores added through the API or webhooks get it too"
     );
 }
+
+/// One run lists every error: a value of the wrong type in a section does not hide another
+/// key's value out of range in the same section (each used to show only once the first was
+/// fixed).
+#[test]
+fn a_wrong_type_does_not_hide_a_value_out_of_range_beside_it() {
+    let errors =
+        errors("listen = \"x\"\nmax_stores = 0\n[retry]\nattempts = 0\nmax_delay_ms = \"x\"\n");
+    let lines: Vec<(usize, &str)> = errors
+        .iter()
+        .map(|e| (e.line().unwrap(), e.message.as_str()))
+        .collect();
+    assert_eq!(errors.len(), 4, "{lines:#?}");
+    for (line, word) in [
+        (1, "listen"),
+        (2, "max_stores"),
+        (4, "attempts"),
+        (5, "max_delay_ms"),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|(at, message)| *at == line && message.contains(word)),
+            "no error about {word} on line {line}: {lines:#?}"
+        );
+    }
+}
