@@ -519,3 +519,39 @@ async fn a_lower_memory_quota_applies_to_memory_already_held() {
     host.settle("grower").await;
     assert_eq!(host.query("grower", "count", json!({})).await["kv"], 1);
 }
+
+/// The events a plugin emits follow the store's `events_per_second` + `burst` like a
+/// client's appends: nothing is refused, but once an invocation has emitted past the burst
+/// the store waits (`throttled`) until the rate has caught up, before its next event. Before,
+/// a plugin emitting thousands of events per call grew the log (which no quota bounds) as
+/// fast as the host could write, from a trickle of appends (77 MB from six appended events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_emitted_past_its_event_rate_waits_for_it() {
+    let host = TestHost::start().await;
+    host.deploy("emit_loop", programs::EMIT_LOOP).await;
+    let quotas = Quotas {
+        events_per_second: 10,
+        burst: 20,
+        ..Quotas::default()
+    };
+    host.add_store_with("emitter", "emit_loop", &[], quotas)
+        .await;
+    let first = host
+        .append("emitter", "misbehave", json!({"events": 100}))
+        .await;
+    let status = host
+        .wait_for_status("emitter", |s| s["state"] == "throttled")
+        .await;
+    assert!(status["waitingUntil"].as_i64().is_some(), "{status}");
+    assert_eq!(
+        status["head"].as_u64(),
+        Some(first + 100),
+        "the 100 emitted events are all kept: {status}"
+    );
+    assert_eq!(
+        status["cursor"].as_u64(),
+        Some(first),
+        "they wait for the rate (80 over the burst: 8 s at 10 a second): {status}"
+    );
+    assert_eq!(status["errorsCount"], 0, "nothing failed: {status}");
+}

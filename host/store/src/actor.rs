@@ -118,7 +118,11 @@ pub(crate) struct Actor {
     solo_through: u64,
     pending: VecDeque<LoggedEvent>,
     paused: bool,
-    cpu_budget: CpuBudget,
+    cpu_budget: Budget,
+    /// The events its invocations emitted, against `events_per_second` + `burst`: charged
+    /// once an invocation succeeds (a rolled-back one costs nothing), waited for like the CPU
+    /// budget, so what the plugin adds to the log follows the rate a client's appends do.
+    emit_budget: Budget,
     consecutive_failures: u32,
     breaker_trips: u32,
     /// The earliest due time of the store's schedules (ms since the Unix epoch).
@@ -182,6 +186,8 @@ impl Actor {
         cursor: u64,
     ) -> Self {
         let settings_cpu_per_minute = settings.quotas.cpu_ms_per_minute;
+        let (settings_events_per_second, settings_burst) =
+            (settings.quotas.events_per_second, settings.quotas.burst);
         let paused = settings.start_paused;
         Self {
             shared,
@@ -198,7 +204,8 @@ impl Actor {
             solo_through: 0,
             pending: VecDeque::new(),
             paused,
-            cpu_budget: CpuBudget::new(settings_cpu_per_minute),
+            cpu_budget: Budget::cpu(settings_cpu_per_minute),
+            emit_budget: Budget::events(settings_events_per_second, settings_burst),
             consecutive_failures: 0,
             breaker_trips: 0,
             next_due: None,
@@ -525,6 +532,8 @@ impl Actor {
         }
         self.cpu_budget
             .set_per_minute(settings.quotas.cpu_ms_per_minute);
+        self.emit_budget
+            .set_events(settings.quotas.events_per_second, settings.quotas.burst);
         if let Some(llm) = &settings.llm {
             llm.set_calls_per_minute(&self.shared.id, settings.quotas.llm_calls_per_minute);
         }
@@ -550,11 +559,11 @@ impl Actor {
         let policy = self.settings.retry.clone();
         let mut attempt = 0;
         loop {
-            // A store over its CPU budget waits with its processed events committed.
-            if self.batch.is_some() && self.cpu_budget.wait_needed().is_some() && !self.flush() {
+            // A store over a budget (CPU time, emitted events) waits with its processed events committed.
+            if self.batch.is_some() && self.budget_wait().is_some() && !self.flush() {
                 return Flow::Continue;
             }
-            if self.wait_for_cpu_budget().await == Flow::Stop {
+            if self.wait_for_budgets().await == Flow::Stop {
                 return Flow::Stop;
             }
             attempt += 1;
@@ -640,11 +649,20 @@ impl Actor {
         }
     }
 
-    async fn wait_for_cpu_budget(&mut self) -> Flow {
-        match self.cpu_budget.wait_needed() {
+    /// Waits until neither budget is overdrawn (state `throttled`), still answering commands.
+    async fn wait_for_budgets(&mut self) -> Flow {
+        match self.budget_wait() {
             Some(delay) => self.rest(StoreState::Throttled, delay).await,
             None => Flow::Continue,
         }
+    }
+
+    /// How long the store must wait before its next event or task: until its CPU budget is no
+    /// longer overdrawn, nor its budget of emitted events.
+    fn budget_wait(&mut self) -> Option<Duration> {
+        let cpu = self.cpu_budget.wait_needed();
+        let emits = self.emit_budget.wait_needed();
+        cpu.max(emits)
     }
 
     async fn rest(&mut self, state: StoreState, delay: Duration) -> Flow {
@@ -810,7 +828,7 @@ impl Actor {
         let started_at = sqlite::now_ms();
         let mut attempt = 0;
         loop {
-            if self.wait_for_cpu_budget().await == Flow::Stop {
+            if self.wait_for_budgets().await == Flow::Stop {
                 return Flow::Stop;
             }
             attempt += 1;
@@ -894,6 +912,7 @@ impl Actor {
         };
         let outcome = self.invoke(&Call::Task(task), cpu_ms).await;
         let outcome = outcome.and_then(|emitted| {
+            self.emit_budget.charge(emitted.len() as u64);
             let db = self.lock_db();
             let now = sqlite::now_ms();
             let origin = |index| format!("task:{}@{due}:{index}", schedule.task_id);
@@ -1041,6 +1060,7 @@ impl Actor {
     /// Keeps a successful invocation of event `seq` in the batch: stages what it emitted and
     /// releases its savepoint. The cursor moves once for the whole batch, when it commits.
     fn keep(&mut self, seq: u64, emitted: Vec<(String, String)>) -> Result<(), InvocationError> {
+        self.emit_budget.charge(emitted.len() as u64);
         let db = self.lock_db();
         let now = sqlite::now_ms();
         let staged = stage(&db, emitted, |index| format!("{seq}:{index}"), now)?;
@@ -1258,6 +1278,7 @@ impl Actor {
 
     /// Commits a retried dead letter's invocation and marks the letter resolved.
     fn resolve(&mut self, seq: u64, emitted: Vec<(String, String)>) -> Result<(), InvocationError> {
+        self.emit_budget.charge(emitted.len() as u64);
         let db = self.lock_db();
         let now = sqlite::now_ms();
         self.clear_sent(&db)?;
@@ -1408,8 +1429,7 @@ impl Actor {
                 self.config.clone(),
                 self.settings.quotas.cpu_ms_per_call,
                 self.settings.llm.clone(),
-            )
-            .with_emit_rate(self.shared.emits.clone());
+            );
             let options = SandboxOptions {
                 files: Some(self.files.clone()),
                 limits: limits_of(&self.settings),
@@ -1501,54 +1521,88 @@ impl Actor {
     }
 }
 
-/// A store's CPU time budget per minute: refilled continuously, charged after each invocation.
-/// When it is overdrawn the store waits; other stores go on.
-struct CpuBudget {
-    per_minute_ms: u64,
-    available_ms: f64,
+/// A budget refilled continuously up to its capacity, charged after the work it counts:
+/// a store's CPU time per minute, or the events its plugin emits. When it is overdrawn the
+/// store waits (state `throttled`); other stores go on.
+struct Budget {
+    capacity: f64,
+    /// Refill per millisecond.
+    per_ms: f64,
+    available: f64,
     refilled_at: Instant,
 }
 
-impl CpuBudget {
-    fn new(per_minute_ms: u64) -> Self {
+impl Budget {
+    fn new(capacity: f64, per_ms: f64) -> Self {
         Self {
-            per_minute_ms,
-            available_ms: per_minute_ms as f64,
+            capacity,
+            per_ms,
+            available: capacity,
             refilled_at: Instant::now(),
         }
     }
 
+    /// `cpu_ms_per_minute`, in milliseconds of CPU time.
+    fn cpu(per_minute_ms: u64) -> Self {
+        Self::new(per_minute_ms as f64, per_minute_ms as f64 / 60_000.0)
+    }
+
+    /// `events_per_second` with `burst` above it (at least the rate, as the ingress limiter
+    /// takes it), in events.
+    fn events(per_second: u32, burst: u32) -> Self {
+        let per_second = per_second.max(1);
+        Self::new(
+            f64::from(burst.max(per_second)),
+            f64::from(per_second) / 1_000.0,
+        )
+    }
+
     fn set_per_minute(&mut self, per_minute_ms: u64) {
+        self.set(per_minute_ms as f64, per_minute_ms as f64 / 60_000.0);
+    }
+
+    fn set_events(&mut self, per_second: u32, burst: u32) {
+        let Budget {
+            capacity, per_ms, ..
+        } = Self::events(per_second, burst);
+        self.set(capacity, per_ms);
+    }
+
+    fn set(&mut self, capacity: f64, per_ms: f64) {
         self.refill();
-        self.per_minute_ms = per_minute_ms;
-        self.available_ms = self.available_ms.min(per_minute_ms as f64);
+        self.capacity = capacity;
+        self.per_ms = per_ms;
+        self.available = self.available.min(capacity);
     }
 
     fn refill(&mut self) {
         let now = Instant::now();
         let elapsed_ms = now.duration_since(self.refilled_at).as_secs_f64() * 1_000.0;
         self.refilled_at = now;
-        let rate = self.per_minute_ms as f64 / 60_000.0;
-        self.available_ms = (self.available_ms + elapsed_ms * rate).min(self.per_minute_ms as f64);
+        self.available = (self.available + elapsed_ms * self.per_ms).min(self.capacity);
     }
 
-    fn charge(&mut self, used_ms: u64) {
+    fn charge(&mut self, used: u64) {
+        if used == 0 {
+            return;
+        }
         self.refill();
-        self.available_ms -= used_ms as f64;
+        self.available -= used as f64;
     }
 
     /// How long to wait until the budget is no longer overdrawn.
     fn wait_needed(&mut self) -> Option<Duration> {
         // A refill only adds: a budget not overdrawn needs no clock read (asked per event).
-        if self.available_ms >= 0.0 {
+        if self.available >= 0.0 {
             return None;
         }
         self.refill();
-        if self.available_ms >= 0.0 || self.per_minute_ms == 0 {
+        if self.available >= 0.0 || self.per_ms <= 0.0 {
             return None;
         }
-        let rate = self.per_minute_ms as f64 / 60_000.0;
-        Some(Duration::from_secs_f64(-self.available_ms / rate / 1_000.0))
+        Some(Duration::from_secs_f64(
+            -self.available / self.per_ms / 1_000.0,
+        ))
     }
 }
 

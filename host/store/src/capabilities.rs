@@ -64,9 +64,6 @@ pub struct StoreCapabilities {
     /// How many events the store's queue takes before `max_pending_events` (set per
     /// invocation): emitted events wait in it like appended ones.
     emit_room: usize,
-    /// The store's rate for emitted events (`events_per_second` + `burst`, a budget apart
-    /// from appended events'); `None`: unlimited (the benchmark's bare sandboxes).
-    emit_rate: Option<Arc<Mutex<crate::store::Ingress>>>,
 }
 
 impl StoreCapabilities {
@@ -94,14 +91,7 @@ impl StoreCapabilities {
             wall: None,
             emitted_bytes: 0,
             emit_room: MAX_EMITS_PER_CALL,
-            emit_rate: None,
         }
-    }
-
-    /// Emitted events take from `rate` (the store's own).
-    pub(crate) fn with_emit_rate(mut self, rate: Arc<Mutex<crate::store::Ingress>>) -> Self {
-        self.emit_rate = Some(rate);
-        self
     }
 
     /// Milliseconds spent in the guest's SQL since the last call of this method (charged to
@@ -211,13 +201,6 @@ impl HostCapabilities for StoreCapabilities {
         if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(&payload) {
             return Err(format!(
                 "the payload of {event_type:?} is not valid JSON: {err}"
-            ));
-        }
-        if let Some(rate) = &self.emit_rate
-            && let Err((per_second, burst)) = crate::sqlite::lock(rate).take_one()
-        {
-            return Err(format!(
-                "the store's rate for emitted events is used up: they enter its log at most at events_per_second ({per_second}/s, bursts of {burst}), apart from the events appended to it; emit fewer, or raise the quota"
             ));
         }
         self.emitted_bytes = bytes;

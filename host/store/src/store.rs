@@ -304,9 +304,6 @@ pub(crate) struct Shared {
     pub(crate) max_pending: std::sync::atomic::AtomicU64,
     pub(crate) metrics: Arc<StoreMetrics>,
     ingress: Mutex<Ingress>,
-    /// The same rate for the events the store's plugin emits, in a budget of its own: the log
-    /// grows at most at twice `events_per_second` (plus the bursts), whoever writes to it.
-    pub(crate) emits: Arc<Mutex<Ingress>>,
     reader: sqlite::LazyReader,
 }
 
@@ -444,7 +441,6 @@ impl Store {
             max_pending: settings.quotas.max_pending_events.into(),
             metrics: Arc::default(),
             ingress: Mutex::new(Ingress::new(&settings.quotas)),
-            emits: Arc::new(Mutex::new(Ingress::new(&settings.quotas))),
             reader: sqlite::LazyReader::new(&dir.store_db()),
         });
         let (commands, inbox) = mpsc::channel(64);
@@ -693,14 +689,16 @@ impl Store {
 
     /// Applies new settings (plugin, quotas, config) after the in-flight invocation.
     pub async fn update(&self, settings: StoreSettings) -> Result<(), StoreError> {
-        for rate in [&self.shared.ingress, &*self.shared.emits] {
-            let mut rate = rate
+        {
+            let mut ingress = self
+                .shared
+                .ingress
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if rate.per_second != settings.quotas.events_per_second
-                || rate.burst != settings.quotas.burst
+            if ingress.per_second != settings.quotas.events_per_second
+                || ingress.burst != settings.quotas.burst
             {
-                *rate = Ingress::new(&settings.quotas);
+                *ingress = Ingress::new(&settings.quotas);
             }
         }
         self.shared.max_pending.store(
@@ -748,20 +746,13 @@ static RATE_CLOCK: std::sync::LazyLock<DefaultClock> =
     std::sync::LazyLock::new(DefaultClock::default);
 
 /// A store's ingress rate limiter with the quota it was built from.
-pub(crate) struct Ingress {
+struct Ingress {
     limiter: DefaultDirectRateLimiter,
     per_second: u32,
     burst: u32,
 }
 
 impl Ingress {
-    /// Takes one event from the rate; `Err` with the rate and burst when it is used up.
-    pub(crate) fn take_one(&self) -> Result<(), (u32, u32)> {
-        self.limiter
-            .check()
-            .map_err(|_| (self.per_second, self.burst))
-    }
-
     fn new(quotas: &Quotas) -> Self {
         let per_second = NonZeroU32::new(quotas.events_per_second).unwrap_or(NonZeroU32::MIN);
         let burst =
