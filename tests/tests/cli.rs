@@ -293,6 +293,38 @@ fn a_max_stores_beyond_the_sandbox_pool_is_reported_at_start() {
     server.stop_cleanly();
 }
 
+/// A start-up that fails after its stores started (here: the port is taken) stops them
+/// cleanly before it reports the error and exits non-zero. Before, it returned at once and
+/// left them to the next start's recovery, as after `kill -9`.
+#[test]
+fn a_start_up_that_cannot_listen_stops_its_stores_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let config = dir.path().join("storehost.toml");
+    std::fs::write(
+        &config,
+        writer_config(std::path::Path::new(programs::WRITER), &["kept"]),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let (status, _, stderr) = run_storehost(&[
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "--listen",
+        &address,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("could not listen on"), "{stderr}");
+    assert!(
+        stderr.contains("stopping the stores it started"),
+        "the started store is stopped before the error: {stderr}"
+    );
+}
+
 /// A SIGTERM while the server is still starting its stores, before it listens, starts no
 /// more of them, stops the ones it started cleanly and exits 0; the next start runs them all.
 /// Before, the signal met the default action until the server listened: the process was
@@ -411,11 +443,10 @@ async fn a_second_sigterm_during_shutdown_exits_at_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // Two at once: the same request delivered twice (as GNU `timeout` does), ignored.
+    server.send_term();
     server.send_term();
     server.wait_for_log("shutting down", Duration::from_secs(10));
-    // Within a second of the first, a signal is the same request delivered twice (as GNU
-    // `timeout` does): ignored.
-    server.send_term();
     assert!(
         server.wait_exit(Duration::from_millis(1_500)).is_none(),
         "the first SIGTERM waits for the invocation in flight, and one right after it changes nothing; log:\n{}",

@@ -555,3 +555,47 @@ async fn a_store_that_emitted_past_its_event_rate_waits_for_it() {
     );
     assert_eq!(status["errorsCount"], 0, "nothing failed: {status}");
 }
+
+/// A settings change that leaves the event rate as it was leaves its bucket as it was too:
+/// a client that used up the burst is still refused after an unrelated change (a reload
+/// passes over every store). Before, a store whose `burst` was below `events_per_second` got
+/// a full bucket back on every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrelated_change_does_not_refill_the_event_rate() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    // A bucket of 2 events (burst is never below the rate), refilled one every 500 ms.
+    let quotas = Quotas {
+        events_per_second: 2,
+        burst: 1,
+        ..Quotas::default()
+    };
+    host.add_store_with("steady", "writer", &[], quotas).await;
+    let two = json!({"events": [
+        {"type": "kv.put", "payload": {"key": "a", "value": 1}},
+        {"type": "kv.put", "payload": {"key": "b", "value": 2}},
+    ]});
+    let (status, body) = host
+        .call(
+            reqwest::Method::POST,
+            "/v1/stores/steady/events",
+            Some(two.clone()),
+        )
+        .await;
+    assert_eq!(status, 202, "the full bucket takes two: {body}");
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/steady",
+            Some(json!({"quotas": {"cpu_ms_per_call": 999}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = host
+        .call(reqwest::Method::POST, "/v1/stores/steady/events", Some(two))
+        .await;
+    assert_eq!(
+        status, 429,
+        "the bucket is still nearly empty after the change: {body}"
+    );
+}

@@ -583,6 +583,10 @@ impl Orchestrator {
     pub async fn restore_plugins(&self) -> Result<usize, ControlError> {
         let mut restored = 0;
         for (name, sha256) in self.registry.plugins()? {
+            if self.is_stopping() {
+                // The host shuts down: no store will run them.
+                break;
+            }
             // Already running this version (a second call reads and hashes nothing).
             if self
                 .plugins()

@@ -362,8 +362,10 @@ impl Reconciler {
             {
                 Ok(_) => result.added.push(id.to_string()),
                 Err(ControlError::ShuttingDown) => {
-                    // The host stops: the next start's first pass adds it.
-                    tracing::info!(store_id = %id, "reconciler did not add the store: the host shuts down");
+                    // The host stops: the next start's first pass adds what is missing, and
+                    // removes nothing on the way out.
+                    tracing::info!("reconcile pass cut short: the host shuts down");
+                    return Ok((result, missing.len()));
                 }
                 Err(err) => {
                     tracing::error!(store_id = %id, "reconciler could not add the store: {err}");

@@ -357,7 +357,6 @@ impl ConfigReloader {
     }
 }
 
-/// Logs the settings that a reload cannot change (they apply at the next start).
 /// Logs the keys an edit changed that apply only at the next start; answers them.
 fn warn_restart_only(previous: &HostConfig, next: &HostConfig) -> Vec<&'static str> {
     let mut changed = Vec::new();

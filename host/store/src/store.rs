@@ -695,10 +695,11 @@ impl Store {
                 .ingress
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if ingress.per_second != settings.quotas.events_per_second
-                || ingress.burst != settings.quotas.burst
-            {
-                *ingress = Ingress::new(&settings.quotas);
+            let wanted = Ingress::new(&settings.quotas);
+            if ingress.per_second != wanted.per_second || ingress.burst != wanted.burst {
+                // Only a changed quota refills the bucket (a reload's pass over every store
+                // changes nothing here).
+                *ingress = wanted;
             }
         }
         self.shared.max_pending.store(

@@ -133,8 +133,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     match started {
         Some(Ok(())) => {}
         Some(Err(err)) => {
-            // The stores that did start close cleanly before the host gives up.
-            orchestrator.shutdown().await;
+            stop_after_failed_start(&orchestrator, &mut signals).await;
             return Err(err);
         }
         None => {
@@ -152,16 +151,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
 
-    let (token, origin) = admin_token::resolve(&config.admin_token_env, &config.data_dir)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "could not listen on {}; is another server using the port? (set --listen or PORT)",
-                config.listen
-            )
-        })?;
-    let address = listener.local_addr()?;
+    let bound = async {
+        let (token, origin) = admin_token::resolve(&config.admin_token_env, &config.data_dir)?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "could not listen on {}; is another server using the port? (set --listen or PORT)",
+                    config.listen
+                )
+            })?;
+        let address = listener.local_addr()?;
+        anyhow::Ok((token, origin, listener, address))
+    };
+    let (token, origin, listener, address) = match bound.await {
+        Ok(bound) => bound,
+        Err(err) => {
+            stop_after_failed_start(&orchestrator, &mut signals).await;
+            return Err(err);
+        }
+    };
 
     let state = AppState::new(
         orchestrator.clone(),
@@ -254,6 +263,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     orchestrator.shutdown().await;
     tracing::info!("all stores stopped cleanly");
     Ok(())
+}
+
+/// Stops the stores a start-up that then failed had started (cleanly, as at a shutdown),
+/// before the error is reported; a signal meanwhile ends the process at once.
+async fn stop_after_failed_start(orchestrator: &Orchestrator, signals: &mut ShutdownSignals) {
+    tracing::error!("start-up failed; stopping the stores it started");
+    orchestrator.stop_starting();
+    tokio::select! {
+        () = orchestrator.shutdown() => {}
+        () = signals.recv() => {
+            tracing::warn!("signal: exiting now without waiting for the stores to stop");
+            std::process::exit(1);
+        }
+    }
 }
 
 /// Loads the config's plugins, then starts the config's stores and those added through the
@@ -359,7 +382,7 @@ impl ShutdownSignals {
     fn force_exit_on_next(mut self) {
         let first = std::time::Instant::now();
         tracing::info!(
-            "send SIGTERM or Ctrl-C again to exit at once, without waiting for the stores to stop"
+            "send SIGTERM or Ctrl-C again, a second or more from now, to exit at once without waiting for the stores to stop"
         );
         tokio::spawn(async move {
             loop {

@@ -310,7 +310,8 @@ pub struct HostConfig {
     /// store starts with a rename instead of creating its files (0: none).
     pub spare_stores: usize,
     /// After downtime, a scheduled task's occurrences missed less than this many ms ago run
-    /// once; older ones are recorded as `missed`. 0: every missed occurrence is recorded.
+    /// once, together (one run, for the latest); older ones are recorded as `missed` (the
+    /// first 100 of an outage). 0: no catch-up run.
     pub task_catch_up_ms: u64,
     /// `[http]`.
     pub http: HttpConfig,

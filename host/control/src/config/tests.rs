@@ -619,3 +619,12 @@ fn a_wrong_type_does_not_hide_a_value_out_of_range_beside_it() {
         );
     }
 }
+
+/// A range check comparing with a key whose value was refused is left out: it would compare
+/// with that key's default, not with what the file meant.
+#[test]
+fn a_range_check_against_a_refused_value_is_left_out() {
+    let (_, line, _, message) = only_error("[retry]\nbase_delay_ms = \"50\"\nmax_delay_ms = 80\n");
+    assert_eq!(line, 2, "{message}");
+    assert!(message.contains("base_delay_ms"), "{message}");
+}
