@@ -520,27 +520,19 @@ async fn a_lower_memory_quota_applies_to_memory_already_held() {
     assert_eq!(host.query("grower", "count", json!({})).await["kv"], 1);
 }
 
-/// The events a plugin emits follow the store's `events_per_second` + `burst` like a
-/// client's appends: nothing is refused, but once an invocation has emitted past the burst
-/// the store waits (`throttled`) until the rate has caught up, before its next event. Before,
-/// a plugin emitting thousands of events per call grew the log (which no quota bounds) as
-/// fast as the host could write, from a trickle of appends (77 MB from six appended events).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_store_that_emitted_past_its_event_rate_waits_for_it() {
-    let host = TestHost::start().await;
-    host.deploy("emit_loop", programs::EMIT_LOOP).await;
+/// A store that emitted 100 events past a budget of 10 a second (burst 20): `throttled`
+/// with all of them kept, none processed yet (80 over the burst: 8 s to wait). Answers the
+/// store's id and the seq of the event that emitted them.
+async fn throttled_emitter(host: &TestHost, id: &str) -> u64 {
     let quotas = Quotas {
         events_per_second: 10,
         burst: 20,
         ..Quotas::default()
     };
-    host.add_store_with("emitter", "emit_loop", &[], quotas)
-        .await;
-    let first = host
-        .append("emitter", "misbehave", json!({"events": 100}))
-        .await;
+    host.add_store_with(id, "emit_loop", &[], quotas).await;
+    let first = host.append(id, "misbehave", json!({"events": 100})).await;
     let status = host
-        .wait_for_status("emitter", |s| s["state"] == "throttled")
+        .wait_for_status(id, |s| s["state"] == "throttled")
         .await;
     assert!(status["waitingUntil"].as_i64().is_some(), "{status}");
     assert_eq!(
@@ -551,9 +543,78 @@ async fn a_store_that_emitted_past_its_event_rate_waits_for_it() {
     assert_eq!(
         status["cursor"].as_u64(),
         Some(first),
-        "they wait for the rate (80 over the burst: 8 s at 10 a second): {status}"
+        "they wait for the rate: {status}"
     );
     assert_eq!(status["errorsCount"], 0, "nothing failed: {status}");
+    first
+}
+
+/// The events a plugin emits follow the store's `events_per_second` + `burst` like a
+/// client's appends: nothing is refused, but once an invocation has emitted past the burst
+/// the store waits (`throttled`) until the rate has caught up, before its next event. Before,
+/// a plugin emitting thousands of events per call grew the log (which no quota bounds) as
+/// fast as the host could write, from a trickle of appends (77 MB from six appended events).
+/// A higher rate set meanwhile ends the wait at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_emitted_past_its_event_rate_waits_for_it() {
+    let host = TestHost::start().await;
+    host.deploy("emit_loop", programs::EMIT_LOOP).await;
+    let first = throttled_emitter(&host, "emitter").await;
+    let raised = std::time::Instant::now();
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/emitter",
+            Some(json!({"quotas": {"events_per_second": 1000, "burst": 2000}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    host.settle("emitter").await;
+    let (_, status) = host.get("/v1/stores/emitter").await;
+    assert_eq!(status["cursor"].as_u64(), Some(first + 100), "{status}");
+    assert!(
+        raised.elapsed() < Duration::from_secs(6),
+        "the new rate ended the 8 s wait (it took {:?})",
+        raised.elapsed()
+    );
+}
+
+/// A store paused while it waits for its budget stays paused when the wait is over: it
+/// processes nothing until it is resumed. Before, the event it was about to process ran once
+/// the wait ended, and the rest of its queue with it, while it showed `running`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_paused_while_throttled_stays_paused() {
+    let host = TestHost::start().await;
+    host.deploy("emit_loop", programs::EMIT_LOOP).await;
+    let first = throttled_emitter(&host, "paused-emitter").await;
+    let (status, body) = host
+        .call(
+            reqwest::Method::POST,
+            "/v1/stores/paused-emitter/pause",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Past the end of the 8 s wait.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let (_, status) = host.get("/v1/stores/paused-emitter").await;
+    assert_eq!(status["state"], "paused", "{status}");
+    assert_eq!(
+        status["cursor"].as_u64(),
+        Some(first),
+        "nothing processed while paused: {status}"
+    );
+    let (status, body) = host
+        .call(
+            reqwest::Method::POST,
+            "/v1/stores/paused-emitter/resume",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    host.settle("paused-emitter").await;
+    let (_, status) = host.get("/v1/stores/paused-emitter").await;
+    assert_eq!(status["cursor"].as_u64(), Some(first + 100), "{status}");
 }
 
 /// A settings change that leaves the event rate as it was leaves its bucket as it was too:

@@ -364,8 +364,9 @@ impl Reconciler {
                 Err(ControlError::ShuttingDown) => {
                     // The host stops: the next start's first pass adds what is missing, and
                     // removes nothing on the way out.
-                    tracing::info!("reconcile pass cut short: the host shuts down");
-                    return Ok((result, missing.len()));
+                    return Err(ReconcileError::Host(
+                        "the pass was cut short: the host shuts down".to_owned(),
+                    ));
                 }
                 Err(err) => {
                     tracing::error!(store_id = %id, "reconciler could not add the store: {err}");

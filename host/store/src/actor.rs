@@ -446,7 +446,7 @@ impl Actor {
     /// future, for a run of events rather than for each: allocating and copying a future this
     /// large per event was ~6% of the actor's time under a steady stream.
     async fn process_waiting(&mut self) -> Flow {
-        while self.event_waiting() {
+        while !self.paused && self.event_waiting() {
             if !self.ensure_db_or_wait().await {
                 return Flow::Continue;
             }
@@ -559,12 +559,18 @@ impl Actor {
         let policy = self.settings.retry.clone();
         let mut attempt = 0;
         loop {
-            // A store over a budget (CPU time, emitted events) waits with its processed events committed.
+            // A store over a budget (CPU time, emitted events) waits with its processed events
+            // committed.
             if self.batch.is_some() && self.budget_wait().is_some() && !self.flush() {
                 return Flow::Continue;
             }
             if self.wait_for_budgets().await == Flow::Stop {
                 return Flow::Stop;
+            }
+            if self.paused {
+                // Paused while it waited: the event waits for the resume.
+                self.pending.push_front(event);
+                return Flow::Continue;
             }
             attempt += 1;
             match self.attempt_event(&event).await {
@@ -602,7 +608,7 @@ impl Actor {
                         }
                     } else if !exhausted {
                         self.shared.status().state = StoreState::Retrying;
-                        if self.wait(policy.delay_after(attempt)).await == Flow::Stop {
+                        if self.wait(policy.delay_after(attempt), false).await == Flow::Stop {
                             return Flow::Stop;
                         }
                     }
@@ -635,9 +641,10 @@ impl Actor {
         self.rest(StoreState::Backoff, delay).await
     }
 
-    /// Waits until the store's CPU budget per minute has room again (state `throttled`).
     /// Refuses work a caller asked for (a query, a dead-letter retry) while the store's CPU
-    /// budget is overdrawn: events wait for it, a caller is told when to come back.
+    /// budget is overdrawn: events wait for it, a caller is told when to come back. (The
+    /// emitted events' budget does not refuse them: a query emits nothing, and a retry's
+    /// emits are charged and waited for before the next event.)
     fn budget_left(&mut self) -> Result<(), StoreError> {
         match self.cpu_budget.wait_needed() {
             Some(delay) => Err(StoreError::CpuBudgetUsed {
@@ -649,12 +656,19 @@ impl Actor {
         }
     }
 
-    /// Waits until neither budget is overdrawn (state `throttled`), still answering commands.
+    /// Waits until neither budget is overdrawn (state `throttled`), still answering commands;
+    /// looks again after a settings change or a pause (a higher rate may end the wait, a
+    /// retry meanwhile may lengthen it).
     async fn wait_for_budgets(&mut self) -> Flow {
-        match self.budget_wait() {
-            Some(delay) => self.rest(StoreState::Throttled, delay).await,
-            None => Flow::Continue,
+        while let Some(delay) = self.budget_wait() {
+            if self.paused {
+                return Flow::Continue;
+            }
+            if self.rest(StoreState::Throttled, delay).await == Flow::Stop {
+                return Flow::Stop;
+            }
         }
+        Flow::Continue
     }
 
     /// How long the store must wait before its next event or task: until its CPU budget is no
@@ -672,7 +686,8 @@ impl Actor {
             let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
             status.waiting_until = Some(sqlite::now_ms().saturating_add(delay_ms));
         }
-        let flow = self.wait(delay).await;
+        // A throttled store looks at its budgets again after a settings change or a pause.
+        let flow = self.wait(delay, state == StoreState::Throttled).await;
         let mut status = self.shared.status();
         if status.state == state {
             status.state = StoreState::Running;
@@ -681,8 +696,9 @@ impl Actor {
         flow
     }
 
-    /// Waits `delay` while still answering commands (a stop ends the wait).
-    async fn wait(&mut self, delay: Duration) -> Flow {
+    /// Waits `delay` while still answering commands (a stop ends the wait; with `until_change`
+    /// a settings change or a pause does too).
+    async fn wait(&mut self, delay: Duration, until_change: bool) -> Flow {
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
@@ -690,8 +706,13 @@ impl Actor {
                 _ = &mut sleep => return Flow::Continue,
                 command = self.inbox.recv() => match command {
                     Some(command) => {
+                        let changes =
+                            matches!(command, Command::Update(_) | Command::SetPaused(_));
                         if self.handle(command).await == Flow::Stop {
                             return Flow::Stop;
+                        }
+                        if until_change && changes {
+                            return Flow::Continue;
                         }
                     }
                     None => return Flow::Stop,
@@ -831,6 +852,10 @@ impl Actor {
             if self.wait_for_budgets().await == Flow::Stop {
                 return Flow::Stop;
             }
+            if self.paused {
+                // Paused while it waited: the task stays due until the resume.
+                return Flow::Continue;
+            }
             attempt += 1;
             match self.attempt_task(schedule, due, attempt, started_at).await {
                 Ok(ran) => {
@@ -859,7 +884,7 @@ impl Actor {
                         }
                     } else if !exhausted {
                         self.shared.status().state = StoreState::Retrying;
-                        if self.wait(policy.delay_after(attempt)).await == Flow::Stop {
+                        if self.wait(policy.delay_after(attempt), false).await == Flow::Stop {
                             return Flow::Stop;
                         }
                     }
@@ -912,7 +937,6 @@ impl Actor {
         };
         let outcome = self.invoke(&Call::Task(task), cpu_ms).await;
         let outcome = outcome.and_then(|emitted| {
-            self.emit_budget.charge(emitted.len() as u64);
             let db = self.lock_db();
             let now = sqlite::now_ms();
             let origin = |index| format!("task:{}@{due}:{index}", schedule.task_id);
@@ -938,6 +962,7 @@ impl Actor {
         match outcome {
             Ok(staged) => {
                 self.note_disk();
+                self.emit_budget.charge(staged.len() as u64);
                 self.outbox.committed(staged);
             }
             Err(err) => {
@@ -1060,7 +1085,6 @@ impl Actor {
     /// Keeps a successful invocation of event `seq` in the batch: stages what it emitted and
     /// releases its savepoint. The cursor moves once for the whole batch, when it commits.
     fn keep(&mut self, seq: u64, emitted: Vec<(String, String)>) -> Result<(), InvocationError> {
-        self.emit_budget.charge(emitted.len() as u64);
         let db = self.lock_db();
         let now = sqlite::now_ms();
         let staged = stage(&db, emitted, |index| format!("{seq}:{index}"), now)?;
@@ -1119,6 +1143,7 @@ impl Actor {
         }
         drop(db);
         self.note_disk();
+        self.emit_budget.charge(batch.staged.len() as u64);
         self.outbox.committed(batch.staged);
         // The invocations may have scheduled or cancelled tasks.
         self.refresh_next_due();
@@ -1278,7 +1303,6 @@ impl Actor {
 
     /// Commits a retried dead letter's invocation and marks the letter resolved.
     fn resolve(&mut self, seq: u64, emitted: Vec<(String, String)>) -> Result<(), InvocationError> {
-        self.emit_budget.charge(emitted.len() as u64);
         let db = self.lock_db();
         let now = sqlite::now_ms();
         self.clear_sent(&db)?;

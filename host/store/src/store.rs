@@ -212,7 +212,8 @@ pub enum StoreState {
     Retrying,
     /// Paused by an operator: events are accepted but not processed.
     Paused,
-    /// Its CPU budget per minute is used up; it waits for the budget to refill.
+    /// Its CPU budget per minute, or its budget of emitted events (`events_per_second` +
+    /// `burst`), is used up; it waits for the budget to refill.
     Throttled,
     /// Too many consecutive failures opened its circuit; it waits, then probes.
     Backoff,
@@ -286,7 +287,8 @@ pub struct StoreStatus {
     pub last_activity: Option<i64>,
     /// Resource usage.
     pub usage: UsageReport,
-    /// Until when the store waits (circuit open or CPU budget used up), ms since the Unix epoch.
+    /// Until when the store waits (circuit open, or its CPU or emitted events' budget used
+    /// up), ms since the Unix epoch.
     pub waiting_until: Option<i64>,
     /// Scheduled task executions completed since the host started.
     pub tasks_executed: u64,

@@ -133,7 +133,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     match started {
         Some(Ok(())) => {}
         Some(Err(err)) => {
-            stop_after_failed_start(&orchestrator, &mut signals).await;
+            stop_after_failed_start(&orchestrator, &mut signals, &err).await;
             return Err(err);
         }
         None => {
@@ -167,7 +167,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (token, origin, listener, address) = match bound.await {
         Ok(bound) => bound,
         Err(err) => {
-            stop_after_failed_start(&orchestrator, &mut signals).await;
+            stop_after_failed_start(&orchestrator, &mut signals, &err).await;
             return Err(err);
         }
     };
@@ -267,8 +267,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Stops the stores a start-up that then failed had started (cleanly, as at a shutdown),
 /// before the error is reported; a signal meanwhile ends the process at once.
-async fn stop_after_failed_start(orchestrator: &Orchestrator, signals: &mut ShutdownSignals) {
-    tracing::error!("start-up failed; stopping the stores it started");
+async fn stop_after_failed_start(
+    orchestrator: &Orchestrator,
+    signals: &mut ShutdownSignals,
+    err: &anyhow::Error,
+) {
+    tracing::error!("start-up failed ({err:#}); stopping the stores it started");
     orchestrator.stop_starting();
     tokio::select! {
         () = orchestrator.shutdown() => {}

@@ -804,6 +804,7 @@ impl Checker<'_> {
         let fields = struct_fields::<T>();
         let errors_before = self.errors.len();
         let mut refused: Vec<&str> = Vec::new();
+        let mut mistyped: Vec<&str> = Vec::new();
         for (key, value) in table {
             let name = key.get_ref().as_ref();
             if !fields.contains(&name) {
@@ -836,6 +837,7 @@ impl Checker<'_> {
                 );
                 self.error(Kind::InvalidValue, value.span(), message);
                 refused.push(name);
+                mistyped.push(name);
             }
         }
         if self.errors.len() > errors_before {
@@ -853,7 +855,10 @@ impl Checker<'_> {
                 // A check that names a refused key would compare against its default, not
                 // what the file meant: left for the next run.
                 for (key, message) in parsed.problems() {
-                    if refused.iter().any(|name| message.contains(name)) {
+                    let names_a_mistyped_key = message
+                        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .any(|word| mistyped.contains(&word));
+                    if names_a_mistyped_key {
                         continue;
                     }
                     let at = table.get(key).map_or_else(|| span.clone(), Spanned::span);

@@ -628,3 +628,16 @@ fn a_range_check_against_a_refused_value_is_left_out() {
     assert_eq!(line, 2, "{message}");
     assert!(message.contains("base_delay_ms"), "{message}");
 }
+
+/// An unknown key hides no range error, even one whose message contains its name (a `store`
+/// typo beside `max_stores = 0`).
+#[test]
+fn an_unknown_key_hides_no_range_error() {
+    let errors = errors("max_stores = 0\n[store.x]\n");
+    let messages: Vec<&str> = errors.iter().map(|e| e.message.as_str()).collect();
+    assert_eq!(errors.len(), 2, "{messages:#?}");
+    assert!(
+        messages.iter().any(|m| m.contains("max_stores = 0")),
+        "{messages:#?}"
+    );
+}
