@@ -120,8 +120,8 @@ pub(crate) struct Actor {
     paused: bool,
     cpu_budget: Budget,
     /// The events its invocations emitted, against `events_per_second` + `burst`: charged
-    /// once an invocation succeeds (a rolled-back one costs nothing), waited for like the CPU
-    /// budget, so what the plugin adds to the log follows the rate a client's appends do.
+    /// once they are committed (a rolled-back invocation costs nothing), waited for like the
+    /// CPU budget, so what the plugin adds to the log follows the rate a client's appends do.
     emit_budget: Budget,
     consecutive_failures: u32,
     breaker_trips: u32,
