@@ -186,8 +186,7 @@ impl Actor {
         cursor: u64,
     ) -> Self {
         let settings_cpu_per_minute = settings.quotas.cpu_ms_per_minute;
-        let (settings_events_per_second, settings_burst) =
-            (settings.quotas.events_per_second, settings.quotas.burst);
+        let emit_budget = Budget::events(&settings.quotas);
         let paused = settings.start_paused;
         Self {
             shared,
@@ -205,7 +204,7 @@ impl Actor {
             pending: VecDeque::new(),
             paused,
             cpu_budget: Budget::cpu(settings_cpu_per_minute),
-            emit_budget: Budget::events(settings_events_per_second, settings_burst),
+            emit_budget,
             consecutive_failures: 0,
             breaker_trips: 0,
             next_due: None,
@@ -532,8 +531,7 @@ impl Actor {
         }
         self.cpu_budget
             .set_per_minute(settings.quotas.cpu_ms_per_minute);
-        self.emit_budget
-            .set_events(settings.quotas.events_per_second, settings.quotas.burst);
+        self.emit_budget.set_events(&settings.quotas);
         if let Some(llm) = &settings.llm {
             llm.set_calls_per_minute(&self.shared.id, settings.quotas.llm_calls_per_minute);
         }
@@ -1571,13 +1569,17 @@ impl Budget {
         Self::new(per_minute_ms as f64, per_minute_ms as f64 / 60_000.0)
     }
 
-    /// `events_per_second` with `burst` above it (at least the rate, as the ingress limiter
-    /// takes it), in events.
-    fn events(per_second: u32, burst: u32) -> Self {
-        let per_second = per_second.max(1);
-        Self::new(
-            f64::from(burst.max(per_second)),
-            f64::from(per_second) / 1_000.0,
+    /// The store's event rate as the ingress limiter takes it, in events.
+    fn events(quotas: &crate::quotas::Quotas) -> Self {
+        let (capacity, per_ms) = Self::event_rate(quotas);
+        Self::new(capacity, per_ms)
+    }
+
+    fn event_rate(quotas: &crate::quotas::Quotas) -> (f64, f64) {
+        let (per_second, burst) = crate::store::event_rate(quotas);
+        (
+            f64::from(burst.get()),
+            f64::from(per_second.get()) / 1_000.0,
         )
     }
 
@@ -1585,10 +1587,8 @@ impl Budget {
         self.set(per_minute_ms as f64, per_minute_ms as f64 / 60_000.0);
     }
 
-    fn set_events(&mut self, per_second: u32, burst: u32) {
-        let Budget {
-            capacity, per_ms, ..
-        } = Self::events(per_second, burst);
+    fn set_events(&mut self, quotas: &crate::quotas::Quotas) {
+        let (capacity, per_ms) = Self::event_rate(quotas);
         self.set(capacity, per_ms);
     }
 

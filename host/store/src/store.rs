@@ -697,11 +697,11 @@ impl Store {
                 .ingress
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let wanted = Ingress::new(&settings.quotas);
-            if ingress.per_second != wanted.per_second || ingress.burst != wanted.burst {
+            let (per_second, burst) = event_rate(&settings.quotas);
+            if (ingress.per_second, ingress.burst) != (per_second.get(), burst.get()) {
                 // Only a changed quota refills the bucket (a reload's pass over every store
                 // changes nothing here).
-                *ingress = wanted;
+                *ingress = Ingress::new(&settings.quotas);
             }
         }
         self.shared.max_pending.store(
@@ -755,11 +755,17 @@ struct Ingress {
     burst: u32,
 }
 
+/// A store's event rate as its limiters take it: `events_per_second` (at least 1), and a
+/// burst of at least that rate. The ingress limiter and the budget of emitted events share it.
+pub(crate) fn event_rate(quotas: &Quotas) -> (NonZeroU32, NonZeroU32) {
+    let per_second = NonZeroU32::new(quotas.events_per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(quotas.burst.max(quotas.events_per_second)).unwrap_or(per_second);
+    (per_second, burst)
+}
+
 impl Ingress {
     fn new(quotas: &Quotas) -> Self {
-        let per_second = NonZeroU32::new(quotas.events_per_second).unwrap_or(NonZeroU32::MIN);
-        let burst =
-            NonZeroU32::new(quotas.burst.max(quotas.events_per_second)).unwrap_or(per_second);
+        let (per_second, burst) = event_rate(quotas);
         Self {
             limiter: RateLimiter::direct_with_clock(
                 GovernorQuota::per_second(per_second).allow_burst(burst),

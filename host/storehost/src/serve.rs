@@ -273,7 +273,6 @@ async fn stop_after_failed_start(
     err: &anyhow::Error,
 ) {
     tracing::error!("start-up failed ({err:#}); stopping the stores it started");
-    orchestrator.stop_starting();
     tokio::select! {
         () = orchestrator.shutdown() => {}
         () = signals.recv() => {
