@@ -320,6 +320,32 @@ impl TestHost {
         body
     }
 
+    /// Polls `GET /metrics` until the host-wide gauge `name` (one without labels) shows
+    /// `value` (at most 30 s).
+    pub async fn wait_for_gauge(&self, name: &str, value: u64) {
+        let wanted = format!("{name} {value}");
+        let mut last = String::new();
+        for _ in 0..600 {
+            let response = self
+                .client
+                .get(format!("{}/metrics", self.url))
+                .send()
+                .await
+                .expect("scrape");
+            let text = response.text().await.expect("metrics body");
+            last = text
+                .lines()
+                .find(|line| line.starts_with(&format!("{name} ")))
+                .unwrap_or("(missing)")
+                .to_owned();
+            if last == wanted {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{name} never showed {value}; last: {last}");
+    }
+
     /// Polls `GET /v1/stores/{id}` until `check` holds (at most 30 s); returns that status.
     pub async fn wait_for_status(&self, id: &str, check: impl Fn(&Value) -> bool) -> Value {
         let mut last = Value::Null;

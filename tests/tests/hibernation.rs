@@ -469,3 +469,55 @@ async fn fuel_used_keeps_counting_across_hibernations() {
         fuel(&woken)
     );
 }
+
+/// A paused store idle for `idle_timeout` gives its sandbox back and stays `paused`: with a
+/// single pool slot another store runs meanwhile, and the paused one runs again when resumed.
+/// Before, a paused store never hibernated and held its slot (and its guest's memory) for as
+/// long as it stayed paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_store_gives_its_sandbox_back_and_stays_paused() {
+    let host = host_with(TestHostOptions {
+        pool_slots: Some(1),
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.add_store("resting", "writer", &[]).await;
+    host.append("resting", "kv.put", json!({"key": "k", "value": "one"}))
+        .await;
+    host.settle("resting").await;
+    let (status, body) = host.post("/v1/stores/resting/pause", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    // A query instantiates its sandbox while it is paused (it may have hibernated first).
+    assert_eq!(
+        host.query("resting", "get", json!({"key": "k"})).await,
+        json!({"value": "one"})
+    );
+    host.wait_for_gauge("storehost_sandbox_slots_in_use", 0)
+        .await;
+    let (_, status) = host.get("/v1/stores/resting").await;
+    assert_eq!(status["state"], "paused", "{status}");
+
+    host.add_store("busy", "writer", &[]).await;
+    host.append("busy", "kv.put", json!({"key": "k", "value": "two"}))
+        .await;
+    host.settle("busy").await;
+    let (_, status) = host.get("/v1/stores/busy").await;
+    assert_eq!(
+        status["errorsCount"], 0,
+        "it ran in the freed slot: {status}"
+    );
+    hibernated(&host, "busy").await;
+
+    let (status, body) = host.post("/v1/stores/resting/resume", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    host.append("resting", "kv.put", json!({"key": "k", "value": "three"}))
+        .await;
+    host.settle("resting").await;
+    let (_, status) = host.get("/v1/stores/resting").await;
+    assert_eq!(status["errorsCount"], 0, "{status}");
+    assert_eq!(status["eventsProcessed"], 2, "{status}");
+    assert_eq!(
+        host.query("resting", "get", json!({"key": "k"})).await,
+        json!({"value": "three"})
+    );
+}

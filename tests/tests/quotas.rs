@@ -660,3 +660,116 @@ async fn an_unrelated_change_does_not_refill_the_event_rate() {
         "the bucket is still nearly empty after the change: {body}"
     );
 }
+
+async fn runs(host: &TestHost, id: &str) -> usize {
+    host.query(id, "runs", json!({})).await["runs"]
+        .as_array()
+        .expect("runs")
+        .len()
+}
+
+/// A store paused while it waits for its budget leaves its due task due: no execution while
+/// it is paused, and the schedule goes on after the resume. Before, the task it was about to
+/// run ran once the wait ended, while the store showed `paused`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_task_waits_for_the_resume_of_a_store_paused_while_throttled() {
+    let host = TestHost::start().await;
+    host.deploy("ticker", programs::TICKER).await;
+    host.add_store("clock", "ticker", &[]).await;
+    for task in ["a", "b", "c", "d"] {
+        host.append(
+            "clock",
+            "schedule",
+            json!({"taskId": task, "everyMs": 1000}),
+        )
+        .await;
+    }
+    // Each execution emits one event: four tasks due every second emit four a second, so
+    // past the first execution each one waits about a second for the rate, with more due.
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/clock",
+            Some(json!({"quotas": {"events_per_second": 1, "burst": 1}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    host.wait_for_status("clock", |s| {
+        s["state"] == "throttled" && s["tasksExecuted"].as_u64() >= Some(2)
+    })
+    .await;
+    let (status, body) = host.post("/v1/stores/clock/pause", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let at_pause = runs(&host, "clock").await;
+    // Past the end of the one-second wait, twice over.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, status) = host.get("/v1/stores/clock").await;
+    assert_eq!(status["state"], "paused", "{status}");
+    assert_eq!(
+        runs(&host, "clock").await,
+        at_pause,
+        "no execution while paused: {status}"
+    );
+
+    let (status, body) = host.post("/v1/stores/clock/resume", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let status = host
+        .wait_for_status("clock", |s| {
+            s["tasksExecuted"].as_u64() > Some(at_pause as u64)
+        })
+        .await;
+    assert_eq!(status["errorsCount"], 0, "{status}");
+}
+
+/// A store waiting longer than `idle_timeout` (here throttled for 8 s) gives its sandbox
+/// back once it has been idle that long, as a hibernating store does: with a single pool
+/// slot, another store runs in it meanwhile, and the waiting store instantiates again when
+/// its wait ends. Before, a waiting store held its pool slot and its guest's memory for the
+/// whole wait (a circuit open for minutes, for minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_waiting_past_its_idle_timeout_gives_its_sandbox_back() {
+    let host = TestHost::start_with(TestHostOptions {
+        idle_timeout: Some(Duration::from_millis(300)),
+        pool_slots: Some(1),
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("emit_loop", programs::EMIT_LOOP).await;
+    host.deploy("writer", programs::WRITER).await;
+    let first = throttled_emitter(&host, "waiter").await;
+    host.wait_for_gauge("storehost_sandbox_slots_in_use", 0)
+        .await;
+
+    host.add_store("neighbour", "writer", &[]).await;
+    host.append("neighbour", "kv.put", json!({"key": "k", "value": "one"}))
+        .await;
+    host.settle("neighbour").await;
+    let (_, status) = host.get("/v1/stores/neighbour").await;
+    assert_eq!(
+        status["errorsCount"], 0,
+        "it ran in the freed slot: {status}"
+    );
+    assert_eq!(
+        host.query("neighbour", "get", json!({"key": "k"})).await,
+        json!({"value": "one"})
+    );
+    let (_, status) = host.get("/v1/stores/waiter").await;
+    assert_eq!(status["state"], "throttled", "still waiting: {status}");
+    assert_eq!(status["cursor"].as_u64(), Some(first), "{status}");
+
+    // The neighbour hibernates; a higher rate ends the wait, and the waiter runs again.
+    host.wait_for_status("neighbour", |s| s["state"] == "hibernated")
+        .await;
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/waiter",
+            Some(json!({"quotas": {"events_per_second": 1000, "burst": 2000}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    host.settle("waiter").await;
+    let (_, status) = host.get("/v1/stores/waiter").await;
+    assert_eq!(status["cursor"].as_u64(), Some(first + 100), "{status}");
+    assert_eq!(status["errorsCount"], 0, "{status}");
+}

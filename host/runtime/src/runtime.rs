@@ -135,6 +135,13 @@ impl<H: HostCapabilities> Runtime<H> {
         (total.saturating_sub(self.scheduler.free()), total)
     }
 
+    /// Sandboxes live now (each holds a pool slot), and the slots in all.
+    pub fn sandbox_slots(&self) -> (usize, usize) {
+        let live = self.ticker.shared.sandboxes.load(Ordering::Relaxed);
+        let total = usize::try_from(self.options.max_live_sandboxes.max(1)).unwrap_or(usize::MAX);
+        (live, total)
+    }
+
     /// Where stores run their work: guest invocations and the synchronous SQLite work around
     /// them run on these threads, never on the threads that serve the API.
     pub fn guest_executor(&self) -> &tokio::runtime::Handle {

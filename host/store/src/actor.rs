@@ -307,10 +307,11 @@ impl Actor {
     /// hibernation is off, or the store is paused or waiting): a running store hibernates after
     /// `idle_timeout`, a hibernated one closes its files `close_files_after` later.
     fn idle_in(&self) -> Option<Duration> {
-        if self.paused {
-            return None;
-        }
         let timeout = self.settings.idle_timeout.filter(|t| !t.is_zero())?;
+        if self.paused {
+            // A paused store gives its sandbox back, and stays paused.
+            return self.sandbox.is_some().then_some(timeout);
+        }
         match self.shared.status().state {
             StoreState::Running => Some(timeout),
             StoreState::Hibernated if self.db.is_some() => Some(self.settings.close_files_after),
@@ -320,6 +321,10 @@ impl Actor {
 
     /// The store has been idle for [`Actor::idle_in`]: it takes its next step down.
     async fn on_idle(&mut self) {
+        if self.paused {
+            self.release_sandbox();
+            return;
+        }
         let state = self.shared.status().state;
         match state {
             StoreState::Running => self.hibernate().await,
@@ -383,6 +388,16 @@ impl Actor {
         }
         closing::close(files, why).await;
         tracing::debug!("closed its files");
+    }
+
+    /// Gives the sandbox back (its pool slot and linear memory) without hibernating: a store
+    /// paused, or waiting (a retry's backoff, an open circuit, a budget), for longer than
+    /// `idle_timeout` holds no sandbox, whatever its state shows. Its next invocation
+    /// instantiates one again, as after hibernation.
+    fn release_sandbox(&mut self) {
+        if self.sandbox.take().is_some() {
+            tracing::debug!("gave its sandbox back while it waits");
+        }
     }
 
     /// Leaves hibernation: the store shows `running` again (work is about to start).
@@ -695,13 +710,23 @@ impl Actor {
     }
 
     /// Waits `delay` while still answering commands (a stop ends the wait; with `until_change`
-    /// a settings change or a pause does too).
+    /// a settings change or a pause does too). A wait longer than `idle_timeout` gives the
+    /// sandbox back once the store has been idle that long ([`Actor::release_sandbox`]).
     async fn wait(&mut self, delay: Duration, until_change: bool) -> Flow {
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
+        let idle = self
+            .settings
+            .idle_timeout
+            .filter(|idle| !idle.is_zero() && *idle < delay);
+        let release = tokio::time::sleep(idle.unwrap_or(delay));
+        tokio::pin!(release);
         loop {
             tokio::select! {
                 _ = &mut sleep => return Flow::Continue,
+                () = &mut release, if idle.is_some() && self.sandbox.is_some() => {
+                    self.release_sandbox();
+                }
                 command = self.inbox.recv() => match command {
                     Some(command) => {
                         let changes =
@@ -711,6 +736,11 @@ impl Actor {
                         }
                         if until_change && changes {
                             return Flow::Continue;
+                        }
+                        // A command (a query) may have instantiated the sandbox again: the
+                        // idle time counts from it.
+                        if let Some(idle) = idle {
+                            release.as_mut().reset(tokio::time::Instant::now() + idle);
                         }
                     }
                     None => return Flow::Stop,

@@ -99,10 +99,11 @@ pub struct StoreSettings {
     pub task_catch_up: std::time::Duration,
     /// A store with nothing to do for this long hibernates: it drops its sandbox (freeing its
     /// pool slot and linear memory) and its SQLite caches until the next event, query or due
-    /// task wakes it. `None`: never.
+    /// task wakes it. A store paused, or waiting (a budget, a retry, an open circuit), this
+    /// long drops its sandbox too, keeping its state. `None`: never.
     pub idle_timeout: Option<std::time::Duration>,
     /// A hibernated store idle this much longer also closes its SQLite files (it then holds
-    /// no file descriptor and about 14–18 KB); its next wake opens them again.
+    /// no file descriptor and about 7–9 KB); its next wake opens them again.
     pub close_files_after: std::time::Duration,
     /// The store opens paused (it was paused when the host last stopped): it accepts events
     /// and processes none until it is resumed. Read when the store opens; a live change of

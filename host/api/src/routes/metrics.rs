@@ -139,6 +139,8 @@ struct Snapshot {
     max_stores: u64,
     slots_in_use: u64,
     slots_total: u64,
+    sandboxes_live: u64,
+    sandboxes_total: u64,
     webhooks: BTreeMap<String, u64>,
     reconcile: Option<ReconcileSample>,
     reloads: [u64; RELOAD_OUTCOMES.len()],
@@ -222,6 +224,7 @@ impl Snapshot {
         }
         *states.entry("failed".to_owned()).or_default() += orchestrator.failed().len() as u64;
         let (slots_in_use, slots_total) = orchestrator.runtime().invocation_slots();
+        let (sandboxes_live, sandboxes_total) = orchestrator.runtime().sandbox_slots();
         let reconcile = state.reconciler.as_ref().map(|r| {
             let status = r.status();
             ReconcileSample {
@@ -242,6 +245,8 @@ impl Snapshot {
             max_stores: orchestrator.settings().max_stores as u64,
             slots_in_use: slots_in_use as u64,
             slots_total: slots_total as u64,
+            sandboxes_live: sandboxes_live as u64,
+            sandboxes_total: sandboxes_total as u64,
             webhooks: state.metrics.webhooks(),
             reconcile,
             reloads: std::array::from_fn(|i| state.metrics.reloads[i].load(Ordering::Relaxed)),
@@ -539,6 +544,18 @@ impl Collector for Snapshot {
             "invocation_slots",
             "Invocation slots in all (guests that may run at once).",
             self.slots_total,
+        )?;
+        gauge(
+            e,
+            "sandbox_slots_in_use",
+            "Sandboxes live now, each holding a pool slot (a hibernated store, or one paused or waiting past idle_timeout, holds none).",
+            self.sandboxes_live,
+        )?;
+        gauge(
+            e,
+            "sandbox_slots",
+            "Pool slots in all (sandboxes that may be live at once).",
+            self.sandboxes_total,
         )?;
         family(
             e,
