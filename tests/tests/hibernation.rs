@@ -320,15 +320,7 @@ async fn a_long_hibernation_closes_the_stores_files_and_an_event_still_wakes_it(
         "a store that just hibernated keeps its files open"
     );
     // Idle for `close_files_after` more: nothing of it is open any more; still `hibernated`.
-    let mut closed = false;
-    for _ in 0..300 {
-        if open_files_under(&dir).is_empty() {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(closed, "still open: {:?}", open_files_under(&dir));
+    files_closed(&dir).await;
     let (_, status) = host.get("/v1/stores/dozing").await;
     assert_eq!(status["state"], "hibernated", "{status}");
     // Both WALs are kept for the next open (which then creates no file); small, they were
@@ -356,6 +348,17 @@ async fn a_long_hibernation_closes_the_stores_files_and_an_event_still_wakes_it(
         host.query("dozing", "get", json!({"key": "b"})).await["value"],
         "2"
     );
+}
+
+/// Waits (at most 15 s) until this process has no file open under `dir`.
+async fn files_closed(dir: &std::path::Path) {
+    for _ in 0..300 {
+        if open_files_under(dir).is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("still open: {:?}", open_files_under(dir));
 }
 
 /// The files this process has open whose path starts with `prefix`.
@@ -470,12 +473,12 @@ async fn fuel_used_keeps_counting_across_hibernations() {
     );
 }
 
-/// A paused store idle for `idle_timeout` gives its sandbox back and stays `paused`: with a
-/// single pool slot another store runs meanwhile, and the paused one runs again when resumed.
-/// Before, a paused store never hibernated and held its slot (and its guest's memory) for as
-/// long as it stayed paused.
+/// A paused store idle for `idle_timeout` gives its sandbox back, then closes its files, and
+/// stays `paused`: with a single pool slot another store runs meanwhile, and the paused one
+/// runs again when resumed. Before, a paused store never hibernated and held its slot, its
+/// guest's memory and its files for as long as it stayed paused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_store_gives_its_sandbox_back_and_stays_paused() {
+async fn a_paused_store_gives_its_sandbox_and_files_back_and_stays_paused() {
     let host = host_with(TestHostOptions {
         pool_slots: Some(1),
         ..TestHostOptions::default()
@@ -494,6 +497,9 @@ async fn a_paused_store_gives_its_sandbox_back_and_stays_paused() {
     );
     host.wait_for_gauge("storehost_sandbox_slots_in_use", 0)
         .await;
+    // Then its files close, as a hibernated store's do (`close_files_after` is 0 here).
+    let dir = host.data_dir.join("stores/resting");
+    files_closed(&dir).await;
     let (_, status) = host.get("/v1/stores/resting").await;
     assert_eq!(status["state"], "paused", "{status}");
 

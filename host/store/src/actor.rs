@@ -309,8 +309,14 @@ impl Actor {
     fn idle_in(&self) -> Option<Duration> {
         let timeout = self.settings.idle_timeout.filter(|t| !t.is_zero())?;
         if self.paused {
-            // A paused store gives its sandbox back, and stays paused.
-            return self.sandbox.is_some().then_some(timeout);
+            // A paused store takes the same steps down, and stays paused.
+            return if self.sandbox.is_some() {
+                Some(timeout)
+            } else if self.db.is_some() {
+                Some(self.settings.close_files_after)
+            } else {
+                None
+            };
         }
         match self.shared.status().state {
             StoreState::Running => Some(timeout),
@@ -322,7 +328,11 @@ impl Actor {
     /// The store has been idle for [`Actor::idle_in`]: it takes its next step down.
     async fn on_idle(&mut self) {
         if self.paused {
-            self.release_sandbox();
+            if self.sandbox.is_some() {
+                self.release_sandbox();
+            } else {
+                self.close_files(closing::Why::Idle).await;
+            }
             return;
         }
         let state = self.shared.status().state;
@@ -341,19 +351,16 @@ impl Actor {
         if self.shared.status().state != StoreState::Running {
             return;
         }
-        self.sandbox = None;
         self.pending = VecDeque::new();
         if self.settings.close_files_after.is_zero() {
             // Closed before the state shows it: whoever sees `hibernated` sees no open file.
+            self.sandbox = None;
             self.close_files(closing::Why::Idle).await;
+            self.shared.status().usage.db_cache_bytes = 0;
         } else {
-            if let Err(err) = sqlite::release_memory(self.lock_db().connection()) {
-                tracing::debug!("could not shrink the store database's cache: {err}");
-            }
-            self.shared.release_memory();
+            self.release_sandbox();
         }
         let mut status = self.shared.status();
-        status.usage.db_cache_bytes = 0;
         if status.state == StoreState::Running {
             status.state = StoreState::Hibernated;
             drop(status);
@@ -390,14 +397,19 @@ impl Actor {
         tracing::debug!("closed its files");
     }
 
-    /// Gives the sandbox back (its pool slot and linear memory) without hibernating: a store
-    /// paused, or waiting (a retry's backoff, an open circuit, a budget), for longer than
-    /// `idle_timeout` holds no sandbox, whatever its state shows. Its next invocation
-    /// instantiates one again, as after hibernation.
+    /// Gives the sandbox back (its pool slot and linear memory) and shrinks the SQLite
+    /// connections' caches: a store hibernating, and one paused or waiting (a retry's
+    /// backoff, an open circuit, a budget) for longer than `idle_timeout`, whose state stays
+    /// what it was. Its next invocation instantiates the sandbox again.
     fn release_sandbox(&mut self) {
-        if self.sandbox.take().is_some() {
-            tracing::debug!("gave its sandbox back while it waits");
+        self.sandbox = None;
+        if let Some(db) = &self.db
+            && let Err(err) = sqlite::release_memory(lock(db).connection())
+        {
+            tracing::debug!("could not shrink the store database's cache: {err}");
         }
+        self.shared.release_memory();
+        self.shared.status().usage.db_cache_bytes = 0;
     }
 
     /// Leaves hibernation: the store shows `running` again (work is about to start).

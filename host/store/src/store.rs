@@ -100,7 +100,8 @@ pub struct StoreSettings {
     /// A store with nothing to do for this long hibernates: it drops its sandbox (freeing its
     /// pool slot and linear memory) and its SQLite caches until the next event, query or due
     /// task wakes it. A store paused, or waiting (a budget, a retry, an open circuit), this
-    /// long drops its sandbox too, keeping its state. `None`: never.
+    /// long drops its sandbox and caches too, keeping its state (a paused one then closes its
+    /// files after `close_files_after`). `None`: never.
     pub idle_timeout: Option<std::time::Duration>,
     /// A hibernated store idle this much longer also closes its SQLite files (it then holds
     /// no file descriptor and about 7–9 KB); its next wake opens them again.
