@@ -351,3 +351,39 @@ async fn a_schedule_behind_by_several_occurrences_catches_up_once_and_moves_on()
     due.dedup();
     assert_eq!(due.len(), count, "no execution ran twice: {runs:?} {tasks}");
 }
+
+/// With no catch-up window (`task_catch_up_ms = 0`) a recurring task still runs while its
+/// store is up: an occurrence found a little late is late, not missed. Before, every
+/// occurrence was recorded as `missed` (its timer never fires at the very millisecond), so the
+/// task never ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_catch_up_window_a_recurring_task_still_runs() {
+    let host = TestHost::start_with(TestHostOptions {
+        task_catch_up: Duration::ZERO,
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("ticker", programs::TICKER).await;
+    host.add_store("clock", "ticker", &[]).await;
+    host.append(
+        "clock",
+        "schedule",
+        json!({"taskId": "beat", "everyMs": 1000, "payload": {}}),
+    )
+    .await;
+    let tasks = wait_for_tasks(&host, |t| {
+        executions(t, "beat")
+            .iter()
+            .filter(|e| e["status"] == "completed")
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(
+        executions(&tasks, "beat")
+            .iter()
+            .all(|e| e["status"] == "completed"),
+        "none missed: {tasks}"
+    );
+    assert!(runs(&host).await.len() >= 2);
+}

@@ -404,16 +404,23 @@ pub enum DuePlan {
 /// Most missed occurrences recorded one by one for one schedule (the rest are only skipped).
 const MAX_MISSED_RECORDED: usize = 100;
 
+/// How late an occurrence may be found and still run, whatever the catch-up window: one due
+/// while the store was busy (a call may take `wall_ms_per_call`, 10 s by default) or while
+/// its timer fired late is late, not missed. Without it a window of 0 recorded every
+/// occurrence as missed, since a timer never fires at the very millisecond.
+pub const LATE_NOT_MISSED_MS: i64 = 10_000;
+
 /// Decides between running a due schedule and recording what was missed.
 ///
-/// Occurrences missed within the window run once, as one catch-up execution for the latest of
-/// them; occurrences older than the window are recorded as `missed`.
+/// Occurrences missed within the window (at least [`LATE_NOT_MISSED_MS`]) run once, as one
+/// catch-up execution for the latest of them; occurrences older than it are recorded as
+/// `missed`.
 pub fn plan(schedule: &Schedule, now: i64, window_ms: i64) -> Option<DuePlan> {
     let due = schedule.next_run_at?;
     if due > now {
         return None;
     }
-    let oldest_allowed = now.saturating_sub(window_ms);
+    let oldest_allowed = now.saturating_sub(window_ms.max(LATE_NOT_MISSED_MS));
     if due >= oldest_allowed {
         // Later occurrences also missed within the window collapse into this one run.
         let mut latest = due;
@@ -601,6 +608,28 @@ mod tests {
         // Not due yet: nothing to do.
         let s = schedule(Spec::Every(MINUTE as u64), now + 1);
         assert_eq!(plan(&s, now, window), None);
+    }
+
+    #[test]
+    fn a_window_of_zero_still_runs_an_occurrence_found_late_and_misses_older_ones() {
+        let now = 1_000 * MINUTE;
+        // The timer fired 3 ms late: on time, not missed.
+        let s = schedule(Spec::Every(MINUTE as u64), now - 3);
+        assert_eq!(plan(&s, now, 0), Some(DuePlan::Run(now - 3)));
+        let s = schedule(Spec::Every(MINUTE as u64), now - LATE_NOT_MISSED_MS);
+        assert_eq!(
+            plan(&s, now, 0),
+            Some(DuePlan::Run(now - LATE_NOT_MISSED_MS))
+        );
+        // Older than that (downtime): missed, and the next occurrence is after now.
+        let s = schedule(Spec::Every(MINUTE as u64), now - 5 * MINUTE);
+        assert_eq!(
+            plan(&s, now, 0),
+            Some(DuePlan::Missed {
+                occurrences: (1..=5).rev().map(|m| now - m * MINUTE).collect(),
+                next: Some(now),
+            })
+        );
     }
 
     #[test]

@@ -311,7 +311,8 @@ pub struct HostConfig {
     pub spare_stores: usize,
     /// After downtime, a scheduled task's occurrences missed less than this many ms ago run
     /// once, together (one run, for the latest); older ones are recorded as `missed` (the
-    /// first 100 of an outage). 0: no catch-up run.
+    /// first 100 of an outage). 0: no catch-up run (an occurrence found less than 10 s late,
+    /// its store busy or its timer late, still runs).
     pub task_catch_up_ms: u64,
     /// `[http]`.
     pub http: HttpConfig,
