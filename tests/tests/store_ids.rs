@@ -129,3 +129,32 @@ fn store_ids_are_trimmed_deduplicated_and_the_duplicate_is_warned_about() {
     );
     server.stop_cleanly();
 }
+
+/// Without a config file — the drop-in for the service this replaces — `STORE_IDS` names
+/// exactly the stores that run: the embedded default's demo stores are left out, so two ids
+/// fit `MAX_INSTANCES_PER_SERVER=2`. Before, the three demo stores ran too (taking three of
+/// the slots, and undeletable: "declared in the config file" with no file), and this host
+/// refused to start.
+#[test]
+fn without_a_config_file_store_ids_are_the_only_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::spawn(
+        &dir.path().join("data"),
+        &[],
+        &[
+            ("STORE_IDS", "ws-one,ws-two"),
+            ("MAX_INSTANCES_PER_SERVER", "2"),
+        ],
+    );
+    let (status, health) = get(&server.url, "/health");
+    assert_eq!(status, 200, "{health}");
+    let mut ids: Vec<&str> = health["monitoredStoreIds"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{health}"))
+        .iter()
+        .map(|id| id.as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["ws-one", "ws-two"], "{health}");
+    server.stop_cleanly();
+}

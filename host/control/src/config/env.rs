@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use storehost_llm::StubProvider;
@@ -196,7 +197,17 @@ pub fn apply_env(config: &mut HostConfig, env: &dyn Env) -> Result<EnvReport, Co
     let mut next = config.clone();
 
     if let Some(port) = reader.number::<u16>("PORT", 0, u64::from(u16::MAX)) {
-        next.listen.set_port(port);
+        if next.embedded {
+            // No config file chose an address: every interface, as the service this
+            // replaces listens (a container that sets only PORT stays reachable).
+            next.listen = SocketAddr::from(([0, 0, 0, 0], port));
+            reader.report.warnings.push(format!(
+                "PORT is set and no config file gives `listen`: listening on every interface ({}), as the service this replaces does; --listen or a config's `listen` chooses the address",
+                next.listen
+            ));
+        } else {
+            next.listen.set_port(port);
+        }
     }
     if let Some(path) = reader.text("STORE_DATA_PATH") {
         next.data_dir = PathBuf::from(path);
@@ -206,6 +217,12 @@ pub fn apply_env(config: &mut HostConfig, env: &dyn Env) -> Result<EnvReport, Co
     }
     if let Some(ids) = reader.store_ids() {
         next.env.store_ids = ids;
+        if next.embedded {
+            // The stores to run are named: the embedded default's demo stores are not among
+            // them.
+            next.stores
+                .retain(|id, _| !super::DEMO_STORES.contains(&id.as_str()));
+        }
     }
     if let Some(secret) = reader.text("WEBHOOK_SECRET") {
         next.env.webhook_secret = Some(Secret::new(secret));
@@ -520,6 +537,44 @@ mod tests {
         let report = apply_env(&mut config, &env(&[("PORT", " 3000 ")])).unwrap();
         assert_eq!(config.listen.to_string(), "0.0.0.0:3000");
         assert_eq!(report.applied, ["PORT"]);
+    }
+
+    /// Without a config file `PORT` listens on every interface, as the service this
+    /// replaces does, and says so; `STORE_IDS` names the stores to run, so the embedded
+    /// default's demo stores are left out (they took `MAX_INSTANCES_PER_SERVER` slots, and a
+    /// host given two ids with a limit of two refused to start).
+    #[test]
+    fn without_a_config_file_port_listens_everywhere_and_store_ids_replace_the_demo_stores() {
+        let mut config = HostConfig::embedded_default();
+        let report = apply_env(
+            &mut config,
+            &env(&[
+                ("PORT", "3000"),
+                ("STORE_IDS", "ws-one,ws-two"),
+                ("MAX_INSTANCES_PER_SERVER", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:3000");
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.contains("every interface")),
+            "{:?}",
+            report.warnings
+        );
+        let running: Vec<StoreId> = config.store_ids().into_iter().collect();
+        assert_eq!(ids(&running), ["ws-one", "ws-two"]);
+
+        // Without STORE_IDS the demo stores stay.
+        let mut config = HostConfig::embedded_default();
+        apply_env(&mut config, &env(&[("PORT", "3000")])).unwrap();
+        assert_eq!(config.store_ids().len(), super::super::DEMO_STORES.len());
+        // A config file's stores stay beside STORE_IDS's, and its address with PORT.
+        let (config, report) = apply(&[("PORT", "3000"), ("STORE_IDS", "ws-one")]);
+        assert_eq!(config.listen.to_string(), "127.0.0.1:3000");
+        assert!(report.unwrap().warnings.is_empty());
     }
 
     #[test]

@@ -333,6 +333,11 @@ pub struct HostConfig {
     /// What the environment set (see [`apply_env`]); defaults when it was not applied.
     #[serde(skip)]
     pub env: EnvOverrides,
+    /// Whether this is [`HostConfig::embedded_default`] (no config file): `STORE_IDS` then
+    /// replaces its demo stores and `PORT` listens on every interface, as in the service
+    /// this replaces.
+    #[serde(skip)]
+    pub embedded: bool,
 }
 
 impl Default for HostConfig {
@@ -356,6 +361,7 @@ impl Default for HostConfig {
             registry: RegistryConfig::default(),
             llm: LlmConfig::default(),
             env: EnvOverrides::default(),
+            embedded: false,
         }
     }
 }
@@ -399,6 +405,7 @@ impl HostConfig {
             .collect();
         Self {
             stores,
+            embedded: true,
             ..Self::default()
         }
     }
