@@ -327,3 +327,46 @@ async fn a_host_shutting_down_starts_and_changes_no_store() {
         "the store kept its settings: {view}"
     );
 }
+
+/// A running store whose files cannot be archived on removal stays known — a failed store,
+/// shown with why — and a later `DELETE` archives it once that works. Before, it was forgotten
+/// first: its files stayed in `stores/<id>/`, where the next store of that id took them over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_whose_files_cannot_be_archived_is_not_forgotten() {
+    let host = TestHost::start().await;
+    host.deploy("writer", storehost_tests::programs::WRITER)
+        .await;
+    host.add_store("doomed", "writer", &[]).await;
+    host.append("doomed", "kv.put", json!({"key": "k", "value": "kept"}))
+        .await;
+    host.settle("doomed").await;
+    // The archive cannot be made: a file stands where its directory goes.
+    let archive = host.data_dir.join("archive");
+    let _ = std::fs::remove_dir(&archive);
+    std::fs::write(&archive, b"in the way").unwrap();
+
+    let (status, body) = host
+        .call(reqwest::Method::DELETE, "/v1/stores/doomed", None)
+        .await;
+    assert!(status >= 500, "{status} {body}");
+    let (status, body) = host.get("/v1/stores").await;
+    assert_eq!(status, 200, "{body}");
+    let failed = body["failed"].to_string();
+    assert!(
+        failed.contains("doomed") && failed.contains("could not be removed"),
+        "still known, with why: {body}"
+    );
+    assert!(host.data_dir.join("stores/doomed/store.db").exists());
+
+    std::fs::remove_file(&archive).unwrap();
+    let (status, body) = host
+        .call(reqwest::Method::DELETE, "/v1/stores/doomed", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!host.data_dir.join("stores/doomed").exists());
+    let archived = std::fs::read_dir(&archive)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with("doomed-"));
+    assert!(archived, "its files are in the archive");
+}

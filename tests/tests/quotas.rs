@@ -773,3 +773,49 @@ async fn a_store_waiting_past_its_idle_timeout_gives_its_sandbox_back() {
     assert_eq!(status["cursor"].as_u64(), Some(first + 100), "{status}");
     assert_eq!(status["errorsCount"], 0, "{status}");
 }
+
+/// The events a retried dead letter emits count against the event rate like any others: a
+/// store (or a tenant's token, which may retry its dead letters) cannot emit past its rate by
+/// retrying. Before, the retry's 100 emitted events were processed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_dead_letters_emitted_events_follow_the_event_rate() {
+    let host = TestHost::start().await;
+    host.deploy("emit_loop", programs::EMIT_LOOP).await;
+    // 100 emits do not fit a queue of 50: the invocation fails, then is dead-lettered.
+    let quotas = Quotas {
+        events_per_second: 10,
+        burst: 20,
+        max_pending_events: 50,
+        ..Quotas::default()
+    };
+    host.add_store_with("retrier", "emit_loop", &[], quotas)
+        .await;
+    let seq = host
+        .append("retrier", "misbehave", json!({"events": 100}))
+        .await;
+    host.wait_for_status("retrier", |s| s["deadLettered"] == 1)
+        .await;
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/retrier",
+            Some(json!({"quotas": {"max_pending_events": 100_000}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = host
+        .post(
+            &format!("/v1/stores/retrier/dead-letters/{seq}/retry"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let status = host
+        .wait_for_status("retrier", |s| s["state"] == "throttled")
+        .await;
+    assert_eq!(status["head"].as_u64(), Some(seq + 100), "{status}");
+    assert!(
+        status["cursor"].as_u64() < Some(seq + 100),
+        "the emitted events wait for the rate: {status}"
+    );
+}

@@ -1003,8 +1003,20 @@ impl Orchestrator {
         };
         self.record(id, "stopping", None);
         entry.store.stop().await;
+        // Its directory first here too: a store forgotten with its files left in place would
+        // lose them to the next store of that id. When they cannot be moved it stays known, as
+        // a failed store whose removal can be asked again.
+        if let Err(err) = self.remove_files(id, purge).await {
+            self.record(
+                id,
+                "failed",
+                Some(format!(
+                    "stopped, but its files could not be removed: {err}"
+                )),
+            );
+            return Err(err);
+        }
         self.forget(id)?;
-        self.remove_files(id, purge).await?;
         Ok(true)
     }
 

@@ -1352,6 +1352,10 @@ impl Actor {
         db.commit()
             .map_err(|err| storage_failure("could not commit", &err))?;
         drop(db);
+        // Like any committed invocation: its disk use shows, and what it emitted counts
+        // against the event rate (a retry is no way around it).
+        self.note_disk();
+        self.emit_budget.charge(staged.len() as u64);
         self.outbox.committed(staged);
         // The invocation may have scheduled or cancelled tasks.
         self.refresh_next_due();
