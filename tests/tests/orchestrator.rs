@@ -370,3 +370,98 @@ async fn a_store_whose_files_cannot_be_archived_is_not_forgotten() {
         .any(|e| e.file_name().to_string_lossy().starts_with("doomed-"));
     assert!(archived, "its files are in the archive");
 }
+
+/// The workspace registry and webhooks only start stores that are new (`start_if_new`),
+/// decided under the change lock. Each case failed before (found by an audit, with curl):
+/// - a store the API started while a reconcile pass was adding others was changed back to
+///   the defaults (its quotas and config lost) and counted as added;
+/// - a config store whose start failed was taken over: started on the defaults as the
+///   registry's (or a webhook's), after which a webhook or a pass could remove it;
+/// - an API store that host.db keeps but that did not run (its start failed at a restart)
+///   came back on the defaults as the registry's;
+/// - a config store was removed by a removal checked before the config took it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_and_webhooks_start_only_new_stores_and_remove_no_config_store() {
+    let host = TestHost::start_control(ControlHostOptions::default(), |_, state| state).await;
+    let orchestrator = &host.orchestrator;
+    let defaults = orchestrator.settings().defaults.clone();
+
+    // A running API store is left as it is.
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/api-own",
+            Some(json!({"quotas": {"burst": 77}, "config": {"tier": "gold"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    for source in [StoreSource::Registry, StoreSource::Webhook] {
+        let answer = orchestrator.start_if_new(&id("api-own"), source).await;
+        assert!(matches!(answer, Ok(Provisioned::Unchanged)), "{answer:?}");
+    }
+    let (_, view) = host.get("/v1/stores/api-own").await;
+    assert_eq!(view["source"], "api", "{view}");
+    assert_eq!(view["quotas"]["burst"], 77, "{view}");
+    assert_eq!(view["config"]["tier"], "gold", "{view}");
+
+    // A config store whose start failed stays the config's.
+    let broken = host.data_dir.join("stores/cfg-failed");
+    std::fs::create_dir_all(broken.parent().unwrap()).unwrap();
+    std::fs::write(&broken, b"not a directory").unwrap();
+    let failed = orchestrator
+        .ensure_running(&id("cfg-failed"), defaults.clone(), StoreSource::Config)
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    std::fs::remove_file(&broken).unwrap();
+    for source in [StoreSource::Webhook, StoreSource::Registry] {
+        let answer = orchestrator.start_if_new(&id("cfg-failed"), source).await;
+        assert!(matches!(answer, Ok(Provisioned::Unchanged)), "{answer:?}");
+    }
+    let (_, owner) = orchestrator
+        .failed_start(&id("cfg-failed"))
+        .expect("still a failed store");
+    assert_eq!(owner, Some(StoreSource::Config));
+    let (status, body) = host
+        .call(reqwest::Method::DELETE, "/v1/stores/cfg-failed", None)
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "config_owned", "{body}");
+
+    // A running config store is never removed by them, checked under the change lock.
+    orchestrator
+        .ensure_running(&id("cfg-running"), defaults.clone(), StoreSource::Config)
+        .await
+        .unwrap();
+    let refused = orchestrator.remove_unowned(&id("cfg-running"), false).await;
+    assert!(
+        matches!(refused, Err(ControlError::ConfigOwned(_))),
+        "{refused:?}"
+    );
+    let (status, _) = host.get("/v1/stores/cfg-running").await;
+    assert_eq!(status, 200, "still running");
+
+    // A store host.db keeps that does not run starts as its owner had it.
+    let mut kept = defaults.clone();
+    kept.quotas.burst = 9;
+    kept.config.insert("tier".into(), "silver".into());
+    orchestrator
+        .registry()
+        .put(&id("api-kept"), StoreSource::Api, &kept)
+        .unwrap();
+    let answer = orchestrator
+        .start_if_new(&id("api-kept"), StoreSource::Registry)
+        .await;
+    assert!(matches!(answer, Ok(Provisioned::Created)), "{answer:?}");
+    let (_, view) = host.get("/v1/stores/api-kept").await;
+    assert_eq!(view["source"], "api", "{view}");
+    assert_eq!(view["quotas"]["burst"], 9, "{view}");
+    assert_eq!(view["config"]["tier"], "silver", "{view}");
+
+    // A new store starts on the defaults, the caller's.
+    let answer = orchestrator
+        .start_if_new(&id("brand-new"), StoreSource::Webhook)
+        .await;
+    assert!(matches!(answer, Ok(Provisioned::Created)), "{answer:?}");
+    let (_, view) = host.get("/v1/stores/brand-new").await;
+    assert_eq!(view["source"], "webhook", "{view}");
+}

@@ -182,6 +182,10 @@ impl From<ControlError> for ApiError {
                 plugin.to_string(),
             ),
             ControlError::Store(store) => store.into(),
+            // The config file (or STORE_IDS) would bring it back, empty after a purge.
+            ControlError::ConfigOwned(refusal) => {
+                Self::new(StatusCode::CONFLICT, "config_owned", refusal)
+            }
             other => Self::internal(other),
         }
     }

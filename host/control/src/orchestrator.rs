@@ -177,6 +177,9 @@ pub enum ControlError {
     /// Moving or deleting the store's files failed.
     #[error("could not archive or delete the store's files: {0}")]
     Files(#[from] std::io::Error),
+    /// The config file or `STORE_IDS` declares the store: only it removes the store.
+    #[error("{0}")]
+    ConfigOwned(String),
 }
 
 impl ControlError {
@@ -679,6 +682,34 @@ impl Orchestrator {
         &self,
         wanted: Vec<(StoreId, StoreSpec, StoreSource)>,
     ) -> Vec<(StoreId, Result<Provisioned, ControlError>)> {
+        self.in_batches(wanted, false).await
+    }
+
+    /// Starts store `id` for the workspace registry or a webhook (`source`) when it does not
+    /// run: as a new store on the defaults, or, when host.db keeps it (its start failed), as
+    /// its owner had it, owner and settings. Decided under the change lock, so a store that
+    /// started meanwhile is left alone: `Unchanged` when one runs under `id`, whoever runs
+    /// it, and when the config file or `STORE_IDS` declares it (its start failed; the config
+    /// starts it again). Before, such a call changed a running store back to the defaults
+    /// and took a failed one over (its settings, and the config's claim, lost).
+    pub async fn start_if_new(
+        &self,
+        id: &StoreId,
+        source: StoreSource,
+    ) -> Result<Provisioned, ControlError> {
+        let spec = self.spec_with(OwnSettings::default());
+        only_answer(
+            self.in_batches(vec![(id.clone(), spec, source)], true)
+                .await,
+        )
+    }
+
+    /// The body of [`Orchestrator::ensure_running_many`] and [`Orchestrator::start_if_new`].
+    async fn in_batches(
+        &self,
+        wanted: Vec<(StoreId, StoreSpec, StoreSource)>,
+        only_new: bool,
+    ) -> Vec<(StoreId, Result<Provisioned, ControlError>)> {
         let mut answers = Vec::with_capacity(wanted.len());
         let mut wanted = wanted.into_iter().peekable();
         while wanted.peek().is_some() {
@@ -697,7 +728,7 @@ impl Orchestrator {
                 );
                 break;
             }
-            answers.extend(self.apply_locked(batch).await);
+            answers.extend(self.apply_locked(batch, only_new).await);
             drop(_guard);
             tokio::task::yield_now().await;
         }
@@ -709,10 +740,26 @@ impl Orchestrator {
     async fn apply_locked(
         &self,
         batch: Vec<(StoreId, StoreSpec, StoreSource)>,
+        only_new: bool,
     ) -> Vec<(StoreId, Result<Provisioned, ControlError>)> {
         let mut answered = Vec::with_capacity(batch.len());
         let mut starting = Vec::new();
         for (index, (id, spec, source)) in batch.into_iter().enumerate() {
+            let (spec, source) = if only_new {
+                match self.start_plan(&id, spec, source).await {
+                    Ok(Some(planned)) => planned,
+                    Ok(None) => {
+                        answered.push((index, id, Ok(Provisioned::Unchanged)));
+                        continue;
+                    }
+                    Err(err) => {
+                        answered.push((index, id, Err(err)));
+                        continue;
+                    }
+                }
+            } else {
+                (spec, source)
+            };
             // A run-time store's spec follows the defaults as they are now, under the
             // lock, whatever they were when its caller worked it out.
             let spec = match spec.own {
@@ -788,7 +835,36 @@ impl Orchestrator {
         };
         let (own, source) = edit(current, &defaults)?;
         let spec = own.over(&defaults);
-        only_answer(self.apply_locked(vec![(id.clone(), spec, source)]).await).map_err(E::from)
+        only_answer(
+            self.apply_locked(vec![(id.clone(), spec, source)], false)
+                .await,
+        )
+        .map_err(E::from)
+    }
+
+    /// Under the change lock, for [`Orchestrator::start_if_new`]: what to start store `id`
+    /// with, or `None` to leave it as it is.
+    async fn start_plan(
+        &self,
+        id: &StoreId,
+        spec: StoreSpec,
+        source: StoreSource,
+    ) -> Result<Option<(StoreSpec, StoreSource)>, ControlError> {
+        if self.stores.read().await.contains_key(id) {
+            return Ok(None);
+        }
+        if let Some((_, Some(owner))) = self.failed_start(id)
+            && owner.is_config_owned()
+        {
+            return Ok(None);
+        }
+        Ok(match self.registry.get(id)? {
+            Some((owner, kept)) => {
+                let own = OwnSettings::of(&kept, &self.defaults());
+                Some((self.spec_with(own), owner))
+            }
+            None => Some((spec, source)),
+        })
     }
 
     /// The plugin `spec` names, with its quotas checked against what the engine fixed at
@@ -989,7 +1065,31 @@ impl Orchestrator {
     /// when `purge`. A store whose start failed is forgotten the same way (host.db keeps it
     /// no more, so no restart tries it again). Returns whether there was such a store.
     pub async fn remove(&self, id: &StoreId, purge: bool) -> Result<bool, ControlError> {
+        self.remove_checked(id, purge, false).await
+    }
+
+    /// [`Orchestrator::remove`] for the API, a webhook or the reconciler: refuses a store the
+    /// config file or `STORE_IDS` declares ([`ControlError::ConfigOwned`]), checked under the
+    /// change lock, so one the config took over after the caller looked stays too.
+    pub async fn remove_unowned(&self, id: &StoreId, purge: bool) -> Result<bool, ControlError> {
+        self.remove_checked(id, purge, true).await
+    }
+
+    async fn remove_checked(
+        &self,
+        id: &StoreId,
+        purge: bool,
+        refuse_owned: bool,
+    ) -> Result<bool, ControlError> {
         let _guard = self.changes.lock().await;
+        if refuse_owned
+            && let Some(refusal) = self
+                .source(id)
+                .await
+                .and_then(|source| source.removal_refused(id))
+        {
+            return Err(ControlError::ConfigOwned(refusal));
+        }
         let entry = self.stores.write().await.remove(id);
         let Some(entry) = entry else {
             if self.failed_start(id).is_none() {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use storehost_store::{StoreId, sqlite::now_ms};
 
-use crate::config::{HostConfig, OwnSettings, Secret};
-use crate::orchestrator::{ControlError, Orchestrator, StoreSource};
+use crate::config::{HostConfig, Secret};
+use crate::orchestrator::{ControlError, Orchestrator, Provisioned, StoreSource};
 use crate::webhook::rfc3339;
 
 /// First delay after a failed pass; it doubles with each further failure, up to the interval.
@@ -355,12 +355,10 @@ impl Reconciler {
             .filter(|id| !sources.contains_key(*id))
             .collect();
         for id in missing.iter().copied() {
-            let spec = orchestrator.spec_with(OwnSettings::default());
-            match orchestrator
-                .ensure_running(id, spec, StoreSource::Registry)
-                .await
-            {
-                Ok(_) => result.added.push(id.to_string()),
+            match orchestrator.start_if_new(id, StoreSource::Registry).await {
+                Ok(Provisioned::Created) => result.added.push(id.to_string()),
+                // It started meanwhile (the API, a webhook), or the config declares it.
+                Ok(_) => {}
                 Err(ControlError::ShuttingDown) => {
                     // The host stops: the next start's first pass adds what is missing, and
                     // removes nothing on the way out.
@@ -419,13 +417,20 @@ impl Reconciler {
                 result.pending_removals.push(id.to_string());
                 continue;
             }
-            match orchestrator.remove(&id, false).await {
+            match orchestrator.remove_unowned(&id, false).await {
                 Ok(_) => {
                     if let Err(err) = orchestrator.registry().clear_orphan(&id) {
                         tracing::warn!(store_id = %id, "could not forget the orphan record: {err}");
                     }
                     tracing::info!(store_id = %id, "reconciler removed an orphan store (data archived)");
                     result.removed.push(id.to_string());
+                }
+                Err(ControlError::ConfigOwned(_)) => {
+                    // The config declared it during the pass: no longer the registry's.
+                    tracing::info!(store_id = %id, "the config now declares the store; not removed");
+                    if let Err(err) = orchestrator.registry().clear_orphan(&id) {
+                        tracing::warn!(store_id = %id, "could not forget the orphan record: {err}");
+                    }
                 }
                 Err(err) => result.failed_removals.push(FailedChange {
                     store_id: id.to_string(),

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use storehost_store::{STORE_ID_RULE, StoreId, sqlite::now_ms};
 use subtle::ConstantTimeEq;
 
-use crate::config::{OwnSettings, Secret, WebhookConfig};
+use crate::config::{Secret, WebhookConfig};
 use crate::orchestrator::{ControlError, Orchestrator, StoreSource};
 use crate::registry::WebhookAnswer;
 
@@ -289,15 +289,11 @@ impl Webhooks {
         let orchestrator = &self.orchestrator;
         match payload.event {
             Event::Created => {
-                // A store whose start failed is tried again.
+                // A store whose start failed is tried again, as its owner had it.
                 if orchestrator.spec(&id).await.is_some() {
                     return Ok(accepted(WebhookStatus::AlreadyMonitored));
                 }
-                let spec = orchestrator.spec_with(OwnSettings::default());
-                match orchestrator
-                    .ensure_running(&id, spec, StoreSource::Webhook)
-                    .await
-                {
+                match orchestrator.start_if_new(&id, StoreSource::Webhook).await {
                     Ok(crate::Provisioned::Created) => {
                         tracing::info!(store_id = %id, user_id = payload.user_id.as_deref().unwrap_or(""), "workspace.created: store started");
                         Ok(accepted(WebhookStatus::MonitoringStarted))
@@ -320,21 +316,12 @@ impl Webhooks {
                     Err(err) => Err(internal("starting the store", &err)),
                 }
             }
-            Event::Deleted => {
-                match orchestrator.source(&id).await {
-                    None => return Ok(accepted(WebhookStatus::AlreadyStopped)),
-                    Some(source) => {
-                        if let Some(refusal) = source.removal_refused(&id) {
-                            return Err(WebhookError::ConfigOwned(refusal));
-                        }
-                    }
-                }
-                match orchestrator.remove(&id, false).await {
-                    Ok(true) => Ok(accepted(WebhookStatus::MonitoringStopped)),
-                    Ok(false) => Ok(accepted(WebhookStatus::AlreadyStopped)),
-                    Err(err) => Err(internal("removing the store", &err)),
-                }
-            }
+            Event::Deleted => match orchestrator.remove_unowned(&id, false).await {
+                Ok(true) => Ok(accepted(WebhookStatus::MonitoringStopped)),
+                Ok(false) => Ok(accepted(WebhookStatus::AlreadyStopped)),
+                Err(ControlError::ConfigOwned(refusal)) => Err(WebhookError::ConfigOwned(refusal)),
+                Err(err) => Err(internal("removing the store", &err)),
+            },
         }
     }
 }

@@ -193,16 +193,8 @@ pub async fn remove(
     Query(params): Query<RemoveParams>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = parse_store_id(&id)?;
-    if let Some(refusal) = state
-        .orchestrator
-        .source(&id)
-        .await
-        .and_then(|source| source.removal_refused(&id))
-    {
-        // The config file (or STORE_IDS) would bring it back, empty after a purge.
-        return Err(ApiError::new(StatusCode::CONFLICT, "config_owned", refusal));
-    }
-    if !state.orchestrator.remove(&id, params.purge).await? {
+    // A store the config file or STORE_IDS declares gets 409 `config_owned`.
+    if !state.orchestrator.remove_unowned(&id, params.purge).await? {
         return Err(ApiError::unknown_store(id.as_str()));
     }
     Ok(Json(json!({
