@@ -606,20 +606,74 @@ fn reconcile(client: &Client, json_out: bool) -> Result<(), CtlError> {
         output::json(&body);
         return Ok(());
     }
+    let (lines, warnings) = reconcile_report(&body);
+    for line in lines {
+        println!("{line}");
+    }
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(())
+}
+
+/// A pass's answer for a person: a summary line with counts and the ids (cut short) that
+/// changed or wait, then as warnings what failed and why removals were held back.
+fn reconcile_report(body: &Value) -> (Vec<String>, Vec<String>) {
     let result = &body["result"];
-    println!(
-        "reconcile {} in {} ms: {} added, {} removed, {} failed adds, {} failed removals ({} in the registry, {} monitored); drift {}",
+    let count = |key: &str| result[key].as_array().map_or(0, Vec::len);
+    let mut lines = vec![format!(
+        "reconcile {} in {} ms: {} added, {} removed, {} failed adds, {} failed removals, {} pending removal ({} in the registry, {} monitored); drift {}",
         output::cell(&body["status"]),
         output::cell(&body["durationMs"]),
-        output::cell(&result["added"]),
-        output::cell(&result["removed"]),
-        output::cell(&result["failedAdds"]),
-        output::cell(&result["failedRemovals"]),
+        count("added"),
+        count("removed"),
+        count("failedAdds"),
+        count("failedRemovals"),
+        count("pendingRemovals"),
         output::cell(&result["authoritativeCount"]),
         output::cell(&result["monitoredCount"]),
         output::cell(&body["driftCount"]),
-    );
-    Ok(())
+    )];
+    for (key, what) in [
+        ("added", "added"),
+        ("removed", "removed"),
+        ("pendingRemovals", "pending removal"),
+    ] {
+        if count(key) > 0 {
+            lines.push(format!("{what}: {}", id_list(&result[key])));
+        }
+    }
+    let mut warnings = Vec::new();
+    for (key, what) in [
+        ("failedAdds", "could not add"),
+        ("failedRemovals", "could not remove"),
+    ] {
+        for failed in result[key].as_array().into_iter().flatten() {
+            warnings.push(format!(
+                "{what} {}: {}",
+                output::cell(&failed["storeId"]),
+                output::cell(&failed["error"])
+            ));
+        }
+    }
+    if !result["removalsBlocked"].is_null() {
+        warnings.push(output::cell(&result["removalsBlocked"]));
+    }
+    (lines, warnings)
+}
+
+/// Store ids from a JSON array, comma-separated: the first 20, then how many more.
+fn id_list(ids: &Value) -> String {
+    const SHOWN: usize = 20;
+    let ids = ids.as_array().map(Vec::as_slice).unwrap_or_default();
+    let mut listed: Vec<String> = ids.iter().take(SHOWN).map(output::cell).collect();
+    if ids.len() > SHOWN {
+        listed.push(format!(
+            "… and {} more (--json lists them all)",
+            ids.len() - SHOWN
+        ));
+    }
+    listed.join(", ")
 }
 
 fn tokens(client: &Client, json_out: bool, command: TokensCommand) -> Result<(), CtlError> {
@@ -858,5 +912,58 @@ impl<R: Read> Read for ProgressReader<R> {
         let read = self.inner.read(buf)?;
         self.bar.inc(read as u64);
         Ok(read)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// Blocked removals and what failed are said, as warnings, and long id lists are cut
+    /// short. Before, the arrays were printed raw inside the summary line (every id of a
+    /// large pass on one line) and a pass whose removals the guard held back looked clean.
+    #[test]
+    fn a_reconcile_report_says_what_was_held_back_and_counts_the_ids() {
+        let added: Vec<String> = (0..25).map(|i| format!("ws-{i:02}")).collect();
+        let body = json!({
+            "status": "completed",
+            "durationMs": 12,
+            "driftCount": 29,
+            "result": {
+                "added": added,
+                "removed": [],
+                "failedAdds": [{"storeId": "ws-bad", "error": "disk full"}],
+                "failedRemovals": [],
+                "pendingRemovals": ["old-1", "old-2", "old-3"],
+                "removalsBlocked": "removals blocked: the registry lacks 3 of the 4 running stores",
+                "authoritativeCount": 26,
+                "monitoredCount": 4,
+            }
+        });
+        let (lines, warnings) = reconcile_report(&body);
+        assert_eq!(
+            lines[0],
+            "reconcile completed in 12 ms: 25 added, 0 removed, 1 failed adds, 0 failed removals, 3 pending removal (26 in the registry, 4 monitored); drift 29"
+        );
+        assert!(
+            lines[1].starts_with("added: ws-00, ws-01,")
+                && lines[1].ends_with("ws-19, … and 5 more (--json lists them all)"),
+            "{lines:?}"
+        );
+        assert_eq!(lines[2], "pending removal: old-1, old-2, old-3");
+        assert_eq!(
+            lines.len(),
+            3,
+            "nothing listed for what is empty: {lines:?}"
+        );
+        assert_eq!(
+            warnings,
+            [
+                "could not add ws-bad: disk full",
+                "removals blocked: the registry lacks 3 of the 4 running stores"
+            ]
+        );
     }
 }
