@@ -504,6 +504,16 @@ async fn client_task_events_update_and_archive_the_materialised_task() {
         .await;
     assert_eq!(all["tasks"][0]["archived"], true, "{all}");
     assert_eq!(all["tasks"][0]["status"], "done", "{all}");
+    // The same as a plain query parameter, which reaches the plugin as text (422 before).
+    let (status, plain) = host
+        .get("/v1/stores/ws-tasks/query/tasks?includeArchived=true")
+        .await;
+    assert_eq!(status, 200, "{plain}");
+    assert_eq!(plain, all);
+    let (status, executions) = host
+        .get("/v1/stores/ws-tasks/query/executions?limit=5")
+        .await;
+    assert_eq!(status, 200, "{executions}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_loop;
+mod args;
 pub mod conversations;
 mod ids;
 pub mod recurring;

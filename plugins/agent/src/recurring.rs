@@ -682,6 +682,7 @@ pub fn query_recurring_tasks(_args: Json) -> Result<Json, String> {
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 struct ExecutionsArgs {
     recurring_task_id: Option<String>,
+    #[serde(deserialize_with = "crate::args::count")]
     limit: Option<u32>,
 }
 

@@ -292,6 +292,7 @@ pub fn on_archived(event: &Event) -> Result<(), String> {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 struct TasksArgs {
+    #[serde(deserialize_with = "crate::args::flag")]
     include_archived: bool,
 }
 
