@@ -1,10 +1,11 @@
 //! Timestamps as the product's events carry them: ISO 8601 text or milliseconds since the epoch.
 
+use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use storehost_guest_sdk::sql::{FromSql, FromSqlError, ToSql, Value};
 
 /// A point in time, kept in the form the event gave it so that queries answer it unchanged.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Timestamp {
     /// Milliseconds since the Unix epoch.
@@ -18,6 +19,44 @@ impl Timestamp {
     /// when an event leaves a time out and the host's acceptance time stands in for it.
     pub fn from_epoch_ms(ms: i64) -> Self {
         Self::Text(iso8601_from_epoch_ms(ms))
+    }
+}
+
+/// Read by hand rather than as an untagged enum, whose refusal ("data did not match any
+/// variant of untagged enum Timestamp") said neither what came nor what is accepted.
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TimestampVisitor;
+
+        impl Visitor<'_> for TimestampVisitor {
+            type Value = Timestamp;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a timestamp: whole milliseconds since the Unix epoch, or ISO 8601 text such as \"2024-05-01T12:00:00.000Z\"",
+                )
+            }
+
+            fn visit_i64<E: de::Error>(self, ms: i64) -> Result<Timestamp, E> {
+                Ok(Timestamp::Millis(ms))
+            }
+
+            fn visit_u64<E: de::Error>(self, ms: u64) -> Result<Timestamp, E> {
+                i64::try_from(ms)
+                    .map(Timestamp::Millis)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(ms), &self))
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Timestamp, E> {
+                Ok(Timestamp::Text(text.to_owned()))
+            }
+
+            fn visit_string<E: de::Error>(self, text: String) -> Result<Timestamp, E> {
+                Ok(Timestamp::Text(text))
+            }
+        }
+
+        deserializer.deserialize_any(TimestampVisitor)
     }
 }
 
@@ -78,6 +117,25 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timestamp_reads_millis_or_text_and_says_what_it_takes_otherwise() {
+        let read = |v: serde_json::Value| serde_json::from_value::<Timestamp>(v);
+        assert_eq!(
+            read(serde_json::json!(1_714_564_800_000_i64)).unwrap(),
+            Timestamp::Millis(1_714_564_800_000)
+        );
+        assert_eq!(
+            read(serde_json::json!("2024-05-01T12:00:00.000Z")).unwrap(),
+            Timestamp::Text("2024-05-01T12:00:00.000Z".into())
+        );
+        let err = read(serde_json::json!(1.5)).unwrap_err().to_string();
+        assert!(
+            err.contains("floating point `1.5`")
+                && err.contains("whole milliseconds since the Unix epoch"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn formats_epoch_milliseconds_as_iso8601() {
