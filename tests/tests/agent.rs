@@ -292,6 +292,35 @@ async fn the_same_message_delivered_twice_gets_one_response() {
     );
 }
 
+/// Another message under an id already used (another conversation, other text) is not
+/// taken for a redelivery and silently dropped: it is refused, and shows as a dead letter
+/// that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_message_under_a_used_id_is_refused_not_dropped() {
+    let host = agent_host(stub(create_task_rules())).await;
+    host.add_store("ws-clash", "agent", &[]).await;
+    chat(&host, "ws-clash", "m1", "user", "water the plants").await;
+    let clash = host
+        .append(
+            "ws-clash",
+            "v1.ChatMessageSent",
+            json!({"id": "m1", "conversationId": "conv-2", "message": "feed the cat", "role": "user"}),
+        )
+        .await;
+    host.settle("ws-clash").await;
+    let (status, letters) = host.get("/v1/stores/ws-clash/dead-letters").await;
+    assert_eq!(status, 200, "{letters}");
+    let letters = letters["deadLetters"].as_array().expect("dead letters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["seq"], clash);
+    let message = letters[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("`m1` is already used by another message"),
+        "{:?}",
+        letters[0]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn assistant_messages_are_stored_not_answered_and_system_messages_are_answered() {
     let host = agent_host(stub(create_task_rules())).await;

@@ -191,6 +191,22 @@ pub fn on_message_sent(event: &Event) -> Result<(), String> {
         llm_metadata: None,
     })?;
     if !stored {
+        // The same message again (a redelivery) is answered once. Another message under a
+        // used id is refused, so it shows as a dead letter instead of vanishing.
+        let rows = sql::query(
+            "SELECT conversation_id, content FROM messages WHERE id = ?1",
+            params![id],
+        )?;
+        if let Some(row) = rows.first() {
+            let (was_in, was): (String, String) =
+                (row.get("conversation_id")?, row.get("content")?);
+            if was_in != conversation_id || was != sent.message {
+                return Err(format!(
+                    "invalid payload for event `{CHAT_MESSAGE_SENT}` (seq {}): message id `{id}` is already used by another message (in conversation `{was_in}`); a message id names one message in the store: send this one with a new id",
+                    event.seq
+                ));
+            }
+        }
         log::info(format_args!(
             "{CHAT_MESSAGE_SENT} (seq {}): message `{id}` was already handled; not answering it again",
             event.seq
