@@ -54,6 +54,9 @@ pub(crate) enum Command {
     /// An event to a store whose files are closed is being appended: open `store.db` and
     /// instantiate the sandbox meanwhile.
     Wake,
+    /// The last hold on emitted events was let go ([`crate::Store::hold_emits`]): move
+    /// what waits in the outbox into the log.
+    DrainEmitted,
     Stop,
 }
 
@@ -517,6 +520,20 @@ impl Actor {
             }
             Command::Update(settings) => self.apply(*settings),
             Command::Wake => self.wake_early().await,
+            Command::DrainEmitted => {
+                // Only what an earlier drain held back: nothing else needs `store.db` open.
+                if self
+                    .outbox
+                    .unsent
+                    .as_ref()
+                    .is_some_and(|unsent| !unsent.is_empty())
+                    && let Err(err) = self.drain_outbox()
+                {
+                    tracing::error!(
+                        "could not move emitted events to the log (retried later): {err}"
+                    );
+                }
+            }
             Command::SetPaused(paused) => {
                 self.paused = paused;
                 let mut status = self.shared.status();
@@ -1375,6 +1392,20 @@ impl Actor {
     /// Moves emitted events from the outbox into the log (idempotent by origin). The first
     /// drain reads the outbox table; later ones know what it holds (see [`Outbox`]).
     fn drain_outbox(&mut self) -> rusqlite::Result<()> {
+        // A backup copying the two databases holds them back: they wait in the outbox (the
+        // first drain reads it) until it is done ([`crate::Store::hold_emits`]).
+        let shared = self.shared.clone();
+        let held = shared
+            .emits_held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *held > 0 {
+            if self.outbox.unsent.is_none() {
+                let unsent = self.lock_db().outbox()?;
+                self.outbox.unsent = Some(unsent);
+            }
+            return Ok(());
+        }
         let unsent = match self.outbox.unsent.take() {
             Some(unsent) => unsent,
             None => self.lock_db().outbox()?,

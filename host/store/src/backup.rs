@@ -9,13 +9,19 @@
 //! snapshot of that file while the store goes on writing (WAL: readers never block writers).
 //!
 //! `store.db` is copied first, `events.db` second. Because the log only ever grows, the log
-//! copy then holds every event the `store.db` copy has seen: its cursor, its dead letters and
-//! the events its outbox refers to. The log copy may hold more (events appended, or emitted and
-//! drained, after `store.db` was copied): a restored store processes those from its cursor, as
-//! after a crash, and an emitted event is never appended twice because the log keys plugin
-//! events by their origin (`<cause seq>:<index>`). The other order would be wrong: a `store.db`
-//! copied after the log could have a cursor past the log's head, and the restored store would
-//! skip the next events appended to it.
+//! copy then holds every event the `store.db` copy has seen: its cursor and its dead letters.
+//! The log copy may hold more events appended after `store.db` was copied: a restored store
+//! processes those from its cursor, as after a crash. It holds no event emitted by work the
+//! `store.db` copy has not seen: the store keeps processing during the copies, but the events
+//! its plugin emits wait in its outbox (committed with that work) until both are taken
+//! ([`crate::Store::hold_emits`]); a restored store moves its outbox into its log when it
+//! starts, and an emitted event is never appended twice because the log keys plugin events by
+//! their origin (`<cause seq>:<index>`). Before the hold, an event emitted between the copies
+//! was in the restored log while the tables lacked its work, which the restored store then did
+//! again: a plugin answering differently the second time (an LLM's reply) had the log say one
+//! thing and its tables another. The other order would be wrong: a `store.db` copied after the
+//! log could have a cursor past the log's head, and the restored store would skip the next
+//! events appended to it.
 //!
 //! The guest's `files/` directory is copied as it is at backup time (file by file, not part of
 //! the SQLite snapshot).
@@ -199,16 +205,31 @@ pub fn recover_interrupted(data_dir: &Path) -> io::Result<Interrupted> {
 /// Takes a consistent snapshot of the store in `dir` (while it keeps running) and packs it as
 /// `work/backup.tar.gz`.
 pub fn create(
+    store: &crate::Store,
+    plugin: ManifestPlugin,
+    work: &Path,
+) -> Result<BackupArchive, BackupError> {
+    create_from(store.dir(), store.id(), plugin, work, || store.hold_emits())
+}
+
+/// [`create`] for the store in `dir`, its emitted events held back by what `hold` answers
+/// while the two databases are copied.
+fn create_from<H>(
     dir: &StoreDir,
     id: &StoreId,
     plugin: ManifestPlugin,
     work: &Path,
+    hold: impl FnOnce() -> H,
 ) -> Result<BackupArchive, BackupError> {
     let snapshot = work.join("snapshot");
     std::fs::create_dir(&snapshot)?;
-    // Order matters: see the module documentation.
-    snapshot_db(&dir.store_db(), &snapshot.join("store.db"))?;
-    snapshot_db(&dir.events_db(), &snapshot.join("events.db"))?;
+    // Order matters, and no emitted event reaches the log between the two copies: see the
+    // module documentation.
+    {
+        let _held = hold();
+        snapshot_db(&dir.store_db(), &snapshot.join("store.db"))?;
+        snapshot_db(&dir.events_db(), &snapshot.join("events.db"))?;
+    }
     copy_tree(&dir.files, &snapshot.join("files"))?;
 
     let cursor: u64 = Connection::open(snapshot.join("store.db"))?.query_row(
@@ -808,7 +829,7 @@ mod tests {
         let id = StoreId::new("acme").unwrap();
         let dir = store_dir(data.path(), &id, 5, 3);
         let work = ScratchDir::new(data.path(), "backup", &id).unwrap();
-        let archive = create(&dir, &id, plugin(), work.path()).unwrap();
+        let archive = create_from(&dir, &id, plugin(), work.path(), || ()).unwrap();
         assert_eq!(archive.manifest.seq, SeqRange { first: 1, last: 5 });
         assert_eq!(archive.manifest.cursor, 3);
         let paths: Vec<_> = archive
@@ -840,7 +861,7 @@ mod tests {
         let id = StoreId::new("acme").unwrap();
         let dir = store_dir(data.path(), &id, 50, 50);
         let work = ScratchDir::new(data.path(), "backup", &id).unwrap();
-        let archive = create(&dir, &id, plugin(), work.path()).unwrap();
+        let archive = create_from(&dir, &id, plugin(), work.path(), || ()).unwrap();
         let bytes = std::fs::read(&archive.path).unwrap();
 
         let truncated = work.path().join("truncated.tar.gz");

@@ -37,6 +37,6 @@ pub use quotas::Quotas;
 pub use spare::SpareStores;
 pub use sqlite::{Durability, VFS as SQLITE_VFS};
 pub use store::{
-    RetryPolicy, Store, StoreError, StorePlugin, StoreRuntime, StoreSettings, StoreState,
-    StoreStatus, is_disk_full, is_storage_full,
+    EmitsHeld, RetryPolicy, Store, StoreError, StorePlugin, StoreRuntime, StoreSettings,
+    StoreState, StoreStatus, is_disk_full, is_storage_full,
 };

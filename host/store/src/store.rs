@@ -309,6 +309,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<StoreMetrics>,
     ingress: Mutex<Ingress>,
     reader: sqlite::LazyReader,
+    /// Backups under way that hold the plugin's emitted events back from the log
+    /// ([`Store::hold_emits`]); the actor drains the outbox only while it is 0, under this lock.
+    pub(crate) emits_held: Mutex<u32>,
 }
 
 impl Shared {
@@ -356,6 +359,28 @@ pub struct Store {
     commands: mpsc::Sender<Command>,
     actor: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
     dir: StoreDir,
+}
+
+/// A hold on a store's emitted events ([`Store::hold_emits`]).
+pub struct EmitsHeld {
+    shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Drop for EmitsHeld {
+    fn drop(&mut self) {
+        let mut held = self
+            .shared
+            .emits_held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *held = held.saturating_sub(1);
+        if *held == 0 {
+            drop(held);
+            // A full inbox has commands ahead, each of which drains first.
+            let _ = self.commands.try_send(Command::DrainEmitted);
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -446,6 +471,7 @@ impl Store {
             metrics: Arc::default(),
             ingress: Mutex::new(Ingress::new(&settings.quotas)),
             reader: sqlite::LazyReader::new(&dir.store_db()),
+            emits_held: Mutex::new(0),
         });
         let (commands, inbox) = mpsc::channel(64);
         // Stores run apart from the API's threads (see `Runtime::guest_executor`).
@@ -481,6 +507,23 @@ impl Store {
     /// The store's directory.
     pub fn dir(&self) -> &StoreDir {
         &self.dir
+    }
+
+    /// Holds the events the plugin emits back from the log until the returned guard drops:
+    /// they wait in the outbox (committed with the work that emitted them), and the store
+    /// keeps processing. When the last hold is let go the actor moves them into the log. A
+    /// backup copies `store.db` and then `events.db` under a hold, so the log copy has no
+    /// event emitted by work the `store.db` copy has not seen (see [`crate::backup`]).
+    pub fn hold_emits(&self) -> EmitsHeld {
+        *self
+            .shared
+            .emits_held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        EmitsHeld {
+            shared: self.shared.clone(),
+            commands: self.commands.clone(),
+        }
     }
 
     /// The store's counters for `GET /metrics` (shared: the task scheduler and the `llm`

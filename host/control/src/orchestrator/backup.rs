@@ -107,7 +107,7 @@ impl Orchestrator {
         let id = id.clone();
         tokio::task::spawn_blocking(move || -> Result<_, ControlError> {
             let scratch = ScratchDir::new(&data_dir, "backup", &id)?;
-            let archive = backup::create(store.dir(), &id, plugin, scratch.path())?;
+            let archive = backup::create(&store, plugin, scratch.path())?;
             if archive.manifest.cursor > archive.manifest.seq.last {
                 // The snapshot order rules this out (see `storehost_store::backup`).
                 return Err(ControlError::Store(StoreError::Internal(format!(
