@@ -415,7 +415,10 @@ async fn the_registry_and_webhooks_start_only_new_stores_and_remove_no_config_st
     std::fs::remove_file(&broken).unwrap();
     for source in [StoreSource::Webhook, StoreSource::Registry] {
         let answer = orchestrator.start_if_new(&id("cfg-failed"), source).await;
-        assert!(matches!(answer, Ok(Provisioned::Unchanged)), "{answer:?}");
+        assert!(
+            matches!(&answer, Err(ControlError::ConfigOwned(why)) if why.contains("its start failed")),
+            "{answer:?}"
+        );
     }
     let (_, owner) = orchestrator
         .failed_start(&id("cfg-failed"))
@@ -464,4 +467,57 @@ async fn the_registry_and_webhooks_start_only_new_stores_and_remove_no_config_st
     assert!(matches!(answer, Ok(Provisioned::Created)), "{answer:?}");
     let (_, view) = host.get("/v1/stores/brand-new").await;
     assert_eq!(view["source"], "webhook", "{view}");
+}
+
+/// Two ways a config store used to lose its owner, or keep one it no longer had:
+/// - the config dropped a store whose files could not be archived: it stayed a failed store
+///   "declared in the config file" (which no longer declared it, and would never try again),
+///   so nothing could remove it; now the config releases it and the API's DELETE finishes;
+/// - a config store whose start failed, kept in host.db from an earlier owner (the API), was
+///   started again at the host's start as the API's; now the config keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_store_keeps_its_owner_until_the_config_lets_it_go() {
+    let host = TestHost::start_control(ControlHostOptions::default(), |_, state| state).await;
+    let orchestrator = &host.orchestrator;
+    let defaults = orchestrator.settings().defaults.clone();
+
+    orchestrator
+        .ensure_running(&id("cfg-dropped"), defaults.clone(), StoreSource::Config)
+        .await
+        .unwrap();
+    let archive = host.data_dir.join("archive");
+    let _ = std::fs::remove_dir(&archive);
+    std::fs::write(&archive, b"in the way").unwrap();
+    let failed = orchestrator.remove(&id("cfg-dropped"), false).await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(orchestrator.source(&id("cfg-dropped")).await, None);
+    std::fs::remove_file(&archive).unwrap();
+    let (status, body) = host
+        .call(reqwest::Method::DELETE, "/v1/stores/cfg-dropped", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!host.data_dir.join("stores/cfg-dropped").exists());
+
+    let mut kept = defaults.clone();
+    kept.quotas.burst = 9;
+    orchestrator
+        .registry()
+        .put(&id("cfg-taken"), StoreSource::Api, &kept)
+        .unwrap();
+    let broken = host.data_dir.join("stores/cfg-taken");
+    std::fs::write(&broken, b"not a directory").unwrap();
+    let failed = orchestrator
+        .ensure_running(&id("cfg-taken"), defaults.clone(), StoreSource::Config)
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    std::fs::remove_file(&broken).unwrap();
+    orchestrator.restore_persisted().await.unwrap();
+    assert!(
+        orchestrator.get(&id("cfg-taken")).await.is_none(),
+        "not started as the API's"
+    );
+    assert_eq!(
+        orchestrator.source(&id("cfg-taken")).await,
+        Some(StoreSource::Config)
+    );
 }

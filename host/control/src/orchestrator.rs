@@ -853,10 +853,14 @@ impl Orchestrator {
         if self.stores.read().await.contains_key(id) {
             return Ok(None);
         }
-        if let Some((_, Some(owner))) = self.failed_start(id)
-            && owner.is_config_owned()
+        if let Some((failure, Some(owner))) = self.failed_start(id)
+            && let Some(refusal) = owner.removal_refused(id)
         {
-            return Ok(None);
+            // Not started: the config is the one to start it again.
+            let why = failure.detail.unwrap_or_default();
+            return Err(ControlError::ConfigOwned(format!(
+                "{refusal}; its start failed ({why}) and the config starts it again once that is fixed"
+            )));
         }
         Ok(match self.registry.get(id)? {
             Some((owner, kept)) => {
@@ -1052,10 +1056,12 @@ impl Orchestrator {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let transitions = history.get(id)?;
         let failure = transitions.back().filter(|last| last.state == "failed")?;
+        // Its owner asked for its last start; a config that dropped it released it.
         let source = transitions
             .iter()
             .rev()
-            .find(|t| t.state == "provisioning")
+            .find(|t| t.state == "provisioning" || t.state == "released")
+            .filter(|t| t.state == "provisioning")
             .and_then(|t| t.detail.as_deref())
             .and_then(StoreSource::parse);
         Some((failure.clone(), source))
@@ -1098,11 +1104,20 @@ impl Orchestrator {
             // Its directory first: when it cannot be moved (the fault that failed the
             // start, say), the store stays known and the answer says why.
             self.remove_files(id, purge).await?;
-            self.forget(id)?;
+            self.forget_or_record(id)?;
             return Ok(true);
         };
         self.record(id, "stopping", None);
         entry.store.stop().await;
+        if !refuse_owned && entry.source.is_config_owned() {
+            // The config dropped it: should the removal fail, the store is no longer the
+            // config's (which would never try again), and the API may remove it.
+            self.record(
+                id,
+                "released",
+                Some("no longer declared by the config".into()),
+            );
+        }
         // Its directory first here too: a store forgotten with its files left in place would
         // lose them to the next store of that id. When they cannot be moved it stays known, as
         // a failed store whose removal can be asked again.
@@ -1116,14 +1131,30 @@ impl Orchestrator {
             );
             return Err(err);
         }
-        self.forget(id)?;
+        self.forget_or_record(id)?;
         Ok(true)
     }
 
-    /// Forgets a removed store: its row and tokens in host.db, its history.
+    /// [`Orchestrator::forget`], or, when host.db cannot be written, records the store as
+    /// failed with why: its files are gone, and a removal asked again finishes the job
+    /// (before, it was neither running nor failed, and came back empty at the next start).
+    fn forget_or_record(&self, id: &StoreId) -> Result<(), ControlError> {
+        self.forget(id).inspect_err(|err| {
+            self.record(
+                id,
+                "failed",
+                Some(format!(
+                    "its files were removed, but host.db could not forget it: {err}"
+                )),
+            );
+        })
+    }
+
+    /// Forgets a removed store: its tokens and row in host.db, its history.
     fn forget(&self, id: &StoreId) -> Result<(), ControlError> {
-        self.registry.delete(id)?;
+        // Tokens first: a row left behind brings the store back, not its old tokens.
         self.registry.revoke_all_store_tokens(id)?;
+        self.registry.delete(id)?;
         // A removed store's history goes with it (the map stays bounded by running stores).
         self.history
             .lock()
@@ -1159,7 +1190,11 @@ impl Orchestrator {
         let defaults = self.defaults();
         let mut wanted = Vec::new();
         for (id, source, spec) in self.registry.all()? {
-            if running.get(&id).is_some_and(|s| s.is_config_owned()) {
+            let failed_config_start = self
+                .failed_start(&id)
+                .and_then(|(_, owner)| owner)
+                .is_some_and(StoreSource::is_config_owned);
+            if failed_config_start || running.get(&id).is_some_and(|s| s.is_config_owned()) {
                 // Declared in the config (or STORE_IDS) since the host last ran: the config
                 // decides its spec now.
                 tracing::info!(store_id = %id, was = source.as_str(), "the config now declares the store: it owns it");

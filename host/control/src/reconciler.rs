@@ -375,8 +375,20 @@ impl Reconciler {
                 }
             }
         }
+        // Stores whose start (or an earlier removal) failed are candidates too, unless the
+        // config owns them: a failed removal is tried again, not forgotten.
+        let failed: Vec<(StoreId, StoreSource)> = orchestrator
+            .failed()
+            .into_keys()
+            .filter_map(|id| {
+                let owner = orchestrator.failed_start(&id)?.1?;
+                Some((id, owner))
+            })
+            .collect();
         let orphans: Vec<StoreId> = sources
             .iter()
+            .map(|(id, source)| (id, *source))
+            .chain(failed.iter().map(|(id, source)| (id, *source)))
             .filter(|(id, source)| !source.is_config_owned() && !authoritative.contains(*id))
             .map(|(id, _)| id.clone())
             .collect();
@@ -394,6 +406,7 @@ impl Reconciler {
         // that declares as many stores itself.
         let removable = sources
             .values()
+            .chain(failed.iter().map(|(_, source)| source))
             .filter(|source| !source.is_config_owned())
             .count();
         let limit = self.settings.max_removal_share * removable as f64;
@@ -418,7 +431,13 @@ impl Reconciler {
                 continue;
             }
             match orchestrator.remove_unowned(&id, false).await {
-                Ok(_) => {
+                // Removed meanwhile (the API, a webhook): nothing of this pass's doing.
+                Ok(false) => {
+                    if let Err(err) = orchestrator.registry().clear_orphan(&id) {
+                        tracing::warn!(store_id = %id, "could not forget the orphan record: {err}");
+                    }
+                }
+                Ok(true) => {
                     if let Err(err) = orchestrator.registry().clear_orphan(&id) {
                         tracing::warn!(store_id = %id, "could not forget the orphan record: {err}");
                     }

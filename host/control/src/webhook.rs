@@ -305,6 +305,10 @@ impl Webhooks {
                     Err(err @ ControlError::ShuttingDown) => {
                         Err(WebhookError::ShuttingDown(err.to_string()))
                     }
+                    // The config declares it and its start failed: the config restarts it.
+                    Err(ControlError::ConfigOwned(refusal)) => {
+                        Err(WebhookError::ConfigOwned(refusal))
+                    }
                     Err(err) if err.is_disk_full() => {
                         tracing::error!(store_id = %id, "workspace.created: {err}");
                         Err(WebhookError::DiskFull(format!(

@@ -307,18 +307,20 @@ impl Actor {
     }
 
     /// How long the store may stay idle before its next step down (`None`: none is left, or
-    /// hibernation is off, or the store is paused or waiting): a running store hibernates after
-    /// `idle_timeout`, a hibernated one closes its files `close_files_after` later.
+    /// hibernation is off): a running store hibernates after `idle_timeout`, a hibernated one
+    /// closes its files `close_files_after` later; a paused one takes the same steps.
     fn idle_in(&self) -> Option<Duration> {
         let timeout = self.settings.idle_timeout.filter(|t| !t.is_zero())?;
         if self.paused {
-            // A paused store takes the same steps down, and stays paused.
+            // A paused store takes the same steps down, and stays paused. An append, a read
+            // or a backup may open its files again after that (nothing wakes it to see), so
+            // it looks again every `close_files_after` (at least `idle_timeout`).
             return if self.sandbox.is_some() {
                 Some(timeout)
             } else if self.db.is_some() {
                 Some(self.settings.close_files_after)
             } else {
-                None
+                Some(self.settings.close_files_after.max(timeout))
             };
         }
         match self.shared.status().state {
@@ -333,8 +335,10 @@ impl Actor {
         if self.paused {
             if self.sandbox.is_some() {
                 self.release_sandbox();
-            } else {
+            } else if self.db.is_some() || self.shared.holds_files() {
+                self.pending = VecDeque::new();
                 self.close_files(closing::Why::Idle).await;
+                self.shared.status().usage.db_cache_bytes = 0;
             }
             return;
         }

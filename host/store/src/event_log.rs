@@ -244,6 +244,11 @@ impl EventLog {
         lock(&self.writer).is_none()
     }
 
+    /// Whether the log holds a file open (its writer or its reader).
+    pub(crate) fn holds_files(&self) -> bool {
+        !self.is_closed() || self.reader.is_open()
+    }
+
     /// The store has hibernated for long: closes the reader and the writer (the next read or
     /// append opens them again), so it holds neither memory nor file descriptors here.
     #[cfg(test)]

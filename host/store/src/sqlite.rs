@@ -430,6 +430,11 @@ impl LazyReader {
         }
     }
 
+    /// Whether the connection is open now.
+    pub(crate) fn is_open(&self) -> bool {
+        lock(&self.conn).is_some()
+    }
+
     /// Takes the connection out, if it is open, for the caller to close (the next use opens
     /// another).
     pub(crate) fn take(&self) -> Option<Connection> {

@@ -330,6 +330,12 @@ impl Shared {
         connections
     }
 
+    /// Whether the event log or the shared reader of `store.db` holds a file open (each
+    /// opens again on its next use, after the store closed its files).
+    pub(crate) fn holds_files(&self) -> bool {
+        self.log.holds_files() || self.reader.is_open()
+    }
+
     pub(crate) fn status(&self) -> std::sync::MutexGuard<'_, StoreStatus> {
         self.status
             .lock()

@@ -202,7 +202,7 @@ pub fn apply_env(config: &mut HostConfig, env: &dyn Env) -> Result<EnvReport, Co
             // replaces listens (a container that sets only PORT stays reachable).
             next.listen = SocketAddr::from(([0, 0, 0, 0], port));
             reader.report.warnings.push(format!(
-                "PORT is set and no config file gives `listen`: listening on every interface ({}), as the service this replaces does; --listen or a config's `listen` chooses the address",
+                "PORT is set and no config file gives `listen`: every interface ({}) unless --listen says otherwise, as the service this replaces listens; --listen or a config's `listen` chooses the address",
                 next.listen
             ));
         } else {
