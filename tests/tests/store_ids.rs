@@ -22,6 +22,20 @@ fn get(url: &str, path: &str) -> (u16, Value) {
     (status, response.json().unwrap_or(Value::Null))
 }
 
+/// The ids of the stores the server at `url` runs, sorted (`/health`'s `monitoredStoreIds`).
+fn monitored(url: &str) -> Vec<String> {
+    let (status, health) = get(url, "/health");
+    assert_eq!(status, 200, "{health}");
+    let mut ids: Vec<String> = health["monitoredStoreIds"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{health}"))
+        .iter()
+        .map(|id| id.as_str().unwrap().to_owned())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
 /// A config file in `dir` running no store, on the `writer` plugin: the only stores are then
 /// those `STORE_IDS` names.
 fn empty_config(dir: &Path) -> String {
@@ -101,16 +115,7 @@ fn store_ids_are_trimmed_deduplicated_and_the_duplicate_is_warned_about() {
         &[("STORE_IDS", " one-store, ,one-store,two-store ")],
     );
 
-    let (status, health) = get(&server.url, "/health");
-    assert_eq!(status, 200, "{health}");
-    let mut ids: Vec<&str> = health["monitoredStoreIds"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{health}"))
-        .iter()
-        .map(|id| id.as_str().unwrap())
-        .collect();
-    ids.sort_unstable();
-    assert_eq!(ids, ["one-store", "two-store"], "{health}");
+    assert_eq!(monitored(&server.url), ["one-store", "two-store"]);
     for id in ["one-store", "two-store"] {
         let (status, view) = get(&server.url, &format!("/v1/stores/{id}"));
         assert_eq!(status, 200, "{view}");
@@ -146,15 +151,6 @@ fn without_a_config_file_store_ids_are_the_only_stores() {
             ("MAX_INSTANCES_PER_SERVER", "2"),
         ],
     );
-    let (status, health) = get(&server.url, "/health");
-    assert_eq!(status, 200, "{health}");
-    let mut ids: Vec<&str> = health["monitoredStoreIds"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{health}"))
-        .iter()
-        .map(|id| id.as_str().unwrap())
-        .collect();
-    ids.sort_unstable();
-    assert_eq!(ids, ["ws-one", "ws-two"], "{health}");
+    assert_eq!(monitored(&server.url), ["ws-one", "ws-two"]);
     server.stop_cleanly();
 }
