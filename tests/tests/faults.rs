@@ -912,14 +912,16 @@ async fn a_store_on_a_full_filesystem_fails_cleanly_and_recovers_when_space_retu
     }
     host.settle("roomy").await;
     assert_eq!(host.query("roomy", "count", json!({})).await["kv"], 120);
-    let status = host.wait_for_status("full", |s| s["lag"] == 0).await;
+    // What the log took is processed, or, when `store.db` found no room for it (the log
+    // took the space first: on a busy machine processing lags behind the appends), fails as
+    // `disk_full` and waits for space, which the next step gives it.
+    host.wait_for_status("full", |s| {
+        s["lag"] == 0 || s["lastFailure"]["reason"] == "disk_full"
+    })
+    .await;
     assert!(
         refused > 0,
         "the filesystem filled up under the log: {refused} appends refused"
-    );
-    assert_eq!(
-        status["lag"], 0,
-        "what the log took was processed: {status}"
     );
     assert_eq!(
         logged_seqs(&host, "full").await,

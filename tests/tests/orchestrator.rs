@@ -511,13 +511,56 @@ async fn a_config_store_keeps_its_owner_until_the_config_lets_it_go() {
         .await;
     assert!(failed.is_err(), "{failed:?}");
     std::fs::remove_file(&broken).unwrap();
-    orchestrator.restore_persisted().await.unwrap();
+    // Refused before it opened anything (a memory quota above the pool's ceiling): the same.
+    orchestrator
+        .registry()
+        .put(&id("cfg-too-big"), StoreSource::Api, &kept)
+        .unwrap();
+    let mut too_big = defaults.clone();
+    too_big.quotas.memory = u64::MAX / 2;
+    let refused = orchestrator
+        .ensure_running(&id("cfg-too-big"), too_big, StoreSource::Config)
+        .await;
     assert!(
-        orchestrator.get(&id("cfg-taken")).await.is_none(),
-        "not started as the API's"
+        matches!(refused, Err(ControlError::MemoryAboveCeiling { .. })),
+        "{refused:?}"
     );
+    orchestrator.restore_persisted().await.unwrap();
+    for name in ["cfg-taken", "cfg-too-big"] {
+        assert!(
+            orchestrator.get(&id(name)).await.is_none(),
+            "{name} not started as the API's"
+        );
+        assert_eq!(
+            orchestrator.source(&id(name)).await,
+            Some(StoreSource::Config),
+            "{name}"
+        );
+    }
+
+    // The owner outlives a long history: a webhook's store paused and resumed many times,
+    // whose removal then fails, is still the webhook's.
+    orchestrator
+        .ensure_running(&id("busy-hook"), defaults.clone(), StoreSource::Webhook)
+        .await
+        .unwrap();
+    for _ in 0..15 {
+        orchestrator
+            .set_paused(&id("busy-hook"), true)
+            .await
+            .unwrap();
+        orchestrator
+            .set_paused(&id("busy-hook"), false)
+            .await
+            .unwrap();
+    }
+    std::fs::remove_dir_all(&archive).unwrap();
+    std::fs::write(&archive, b"in the way").unwrap();
+    let failed = orchestrator.remove_unowned(&id("busy-hook"), false).await;
+    assert!(failed.is_err(), "{failed:?}");
     assert_eq!(
-        orchestrator.source(&id("cfg-taken")).await,
-        Some(StoreSource::Config)
+        orchestrator.source(&id("busy-hook")).await,
+        Some(StoreSource::Webhook)
     );
+    std::fs::remove_file(&archive).unwrap();
 }

@@ -778,7 +778,15 @@ impl Orchestrator {
                     starting.push((index, id, spec, source, settings));
                 }
                 Ok(Admission::Done(done)) => answered.push((index, id, Ok(done))),
-                Err(err) => answered.push((index, id, Err(err))),
+                Err(err) => {
+                    if source.is_config_owned() && !self.stores.read().await.contains_key(&id) {
+                        // A store the config declares that cannot start (its plugin, its
+                        // quotas): a failed store of the config's, shown with why.
+                        self.record(&id, "provisioning", Some(source.as_str().to_owned()));
+                        self.record(&id, "failed", Some(err.to_string()));
+                    }
+                    answered.push((index, id, Err(err)));
+                }
             }
         }
         // Collected first: a lazy `map` here makes the future not `Send` (rust#102211).
@@ -859,7 +867,7 @@ impl Orchestrator {
             // Not started: the config is the one to start it again.
             let why = failure.detail.unwrap_or_default();
             return Err(ControlError::ConfigOwned(format!(
-                "{refusal}; its start failed ({why}) and the config starts it again once that is fixed"
+                "{refusal}; its start failed ({why}), and the host tries again at the config's next change or its next start"
             )));
         }
         Ok(match self.registry.get(id)? {
@@ -1014,7 +1022,14 @@ impl Orchestrator {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let transitions = history.entry(id.clone()).or_default();
         if transitions.len() == TRANSITIONS_KEPT {
-            transitions.pop_front();
+            // The latest owner marker stays: it says who owns a store whose start fails.
+            let owner = transitions
+                .iter()
+                .rposition(|t| t.state == "provisioning" || t.state == "released");
+            let oldest_other = (0..transitions.len())
+                .find(|index| Some(*index) != owner)
+                .unwrap_or(0);
+            transitions.remove(oldest_other);
         }
         transitions.push_back(Transition {
             state,
@@ -1103,7 +1118,22 @@ impl Orchestrator {
             }
             // Its directory first: when it cannot be moved (the fault that failed the
             // start, say), the store stays known and the answer says why.
-            self.remove_files(id, purge).await?;
+            if let Err(err) = self.remove_files(id, purge).await {
+                if !refuse_owned {
+                    // The config dropped it: no longer the config's to start or remove.
+                    self.record(
+                        id,
+                        "released",
+                        Some("no longer declared by the config".into()),
+                    );
+                    self.record(
+                        id,
+                        "failed",
+                        Some(format!("its files could not be removed: {err}")),
+                    );
+                }
+                return Err(err);
+            }
             self.forget_or_record(id)?;
             return Ok(true);
         };

@@ -380,6 +380,7 @@ impl Reconciler {
         let failed: Vec<(StoreId, StoreSource)> = orchestrator
             .failed()
             .into_keys()
+            .filter(|id| !sources.contains_key(id))
             .filter_map(|id| {
                 let owner = orchestrator.failed_start(&id)?.1?;
                 Some((id, owner))

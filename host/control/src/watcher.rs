@@ -317,8 +317,13 @@ impl ConfigReloader {
             .collect();
         for id in gone {
             // A store the config no longer names is stopped only if the config (or STORE_IDS)
-            // still owns it; one taken over by the API or a webhook stays.
-            if !sources.get(id).is_some_and(|s| s.is_config_owned()) {
+            // still owns it; one taken over by the API or a webhook stays. One whose start
+            // failed is forgotten too.
+            let owner = match sources.get(id) {
+                Some(source) => Some(*source),
+                None => self.orchestrator.source(id).await,
+            };
+            if !owner.is_some_and(|s| s.is_config_owned()) {
                 continue;
             }
             match self.orchestrator.remove(id, false).await {

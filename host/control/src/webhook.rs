@@ -108,6 +108,10 @@ pub enum WebhookError {
     /// The store is declared in the config file or `STORE_IDS`; a webhook does not remove it.
     #[error("{0}")]
     ConfigOwned(String),
+    /// `workspace.created` for a store the config declares whose start failed: 409 like
+    /// [`WebhookError::ConfigOwned`], but not remembered (a retry succeeds once it runs).
+    #[error("{0}")]
+    ConfigStartFailed(String),
     /// The host runs its maximum of stores.
     #[error("{0}")]
     AtCapacity(String),
@@ -130,7 +134,7 @@ impl WebhookError {
             WebhookError::Unauthorized(_) => 401,
             WebhookError::InvalidPayload(_) => 400,
             WebhookError::InvalidStoreId(_) => 422,
-            WebhookError::ConfigOwned(_) => 409,
+            WebhookError::ConfigOwned(_) | WebhookError::ConfigStartFailed(_) => 409,
             WebhookError::AtCapacity(_) | WebhookError::ShuttingDown(_) => 503,
             WebhookError::DiskFull(_) => 507,
         }
@@ -143,7 +147,7 @@ impl WebhookError {
             WebhookError::Unauthorized(_) => "unauthorized",
             WebhookError::InvalidPayload(_) => "invalid_payload",
             WebhookError::InvalidStoreId(_) => "invalid_store_id",
-            WebhookError::ConfigOwned(_) => "config_owned",
+            WebhookError::ConfigOwned(_) | WebhookError::ConfigStartFailed(_) => "config_owned",
             WebhookError::AtCapacity(_) => "at_capacity",
             WebhookError::DiskFull(_) => "disk_full",
             WebhookError::ShuttingDown(_) => "shutting_down",
@@ -307,7 +311,7 @@ impl Webhooks {
                     }
                     // The config declares it and its start failed: the config restarts it.
                     Err(ControlError::ConfigOwned(refusal)) => {
-                        Err(WebhookError::ConfigOwned(refusal))
+                        Err(WebhookError::ConfigStartFailed(refusal))
                     }
                     Err(err) if err.is_disk_full() => {
                         tracing::error!(store_id = %id, "workspace.created: {err}");

@@ -320,7 +320,7 @@ impl Actor {
             } else if self.db.is_some() {
                 Some(self.settings.close_files_after)
             } else {
-                Some(self.settings.close_files_after.max(timeout))
+                Some(files_recheck(self.settings.close_files_after, timeout))
             };
         }
         match self.shared.status().state {
@@ -332,21 +332,20 @@ impl Actor {
 
     /// The store has been idle for [`Actor::idle_in`]: it takes its next step down.
     async fn on_idle(&mut self) {
-        if self.paused {
-            if self.sandbox.is_some() {
-                self.release_sandbox();
-            } else if self.db.is_some() || self.shared.holds_files() {
+        if self.paused && self.sandbox.is_some() {
+            self.release_sandbox();
+            return;
+        }
+        let state = self.shared.status().state;
+        if self.paused || state == StoreState::Hibernated {
+            // (A hibernated store comes here only with `store.db` open.)
+            if self.db.is_some() || self.shared.holds_files() {
                 self.pending = VecDeque::new();
                 self.close_files(closing::Why::Idle).await;
                 self.shared.status().usage.db_cache_bytes = 0;
             }
-            return;
-        }
-        let state = self.shared.status().state;
-        match state {
-            StoreState::Running => self.hibernate().await,
-            StoreState::Hibernated => self.close_files(closing::Why::Idle).await,
-            _ => {}
+        } else if state == StoreState::Running {
+            self.hibernate().await;
         }
     }
 
@@ -500,6 +499,17 @@ impl Actor {
         // What the command does (or answers) follows every event processed before it; an
         // event whose batch is lost here is processed again afterwards.
         self.flush();
+        // Emitted events a backup held back (or a failed drain left) go to the log now,
+        // whatever the command: the one meant to say so may not have fit in the inbox.
+        if self
+            .outbox
+            .unsent
+            .as_ref()
+            .is_some_and(|unsent| !unsent.is_empty())
+            && let Err(err) = self.drain_outbox()
+        {
+            tracing::error!("could not move emitted events to the log (retried later): {err}");
+        }
         match command {
             Command::Query(query) => {
                 let Query {
@@ -524,20 +534,8 @@ impl Actor {
             }
             Command::Update(settings) => self.apply(*settings),
             Command::Wake => self.wake_early().await,
-            Command::DrainEmitted => {
-                // Only what an earlier drain held back: nothing else needs `store.db` open.
-                if self
-                    .outbox
-                    .unsent
-                    .as_ref()
-                    .is_some_and(|unsent| !unsent.is_empty())
-                    && let Err(err) = self.drain_outbox()
-                {
-                    tracing::error!(
-                        "could not move emitted events to the log (retried later): {err}"
-                    );
-                }
-            }
+            // Drained above, as before every command.
+            Command::DrainEmitted => {}
             Command::SetPaused(paused) => {
                 self.paused = paused;
                 let mut status = self.shared.status();
@@ -1729,6 +1727,15 @@ impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// How often a paused store whose files are closed looks whether a read, an append or a
+/// backup opened them again: every `close_files_after`, at least `idle_timeout` and a second
+/// (10,000 paused stores on the defaults: 7 wakeups a second).
+fn files_recheck(close_files_after: Duration, idle_timeout: Duration) -> Duration {
+    close_files_after
+        .max(idle_timeout)
+        .max(Duration::from_secs(1))
 }
 
 async fn sleep_or_forever(duration: Option<Duration>) {
