@@ -396,16 +396,30 @@ fn lock_for_process(path: &CStr, read_only: bool) -> Result<OwnedFd, c_int> {
     range.l_whence = libc::SEEK_SET as libc::c_short;
     range.l_start = SHARED_FIRST;
     range.l_len = SHARED_SIZE;
-    // SAFETY: `fd` is open for the call; `range` is a valid `flock` that outlives it.
-    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &raw const range) };
-    if rc == 0 {
-        return Ok(fd);
-    }
-    match std::io::Error::last_os_error().raw_os_error() {
-        Some(libc::EAGAIN | libc::EACCES) => Err(ffi::SQLITE_BUSY),
-        _ => Err(ffi::SQLITE_IOERR_LOCK),
+    // A lock held elsewhere is tried again for a moment: a child this process forks (a test's
+    // helper, say) shares, between its fork and its exec, the open file descriptions of the
+    // files this process just closed, and with them their locks. Another process's SQLite
+    // holding the database stays refused.
+    let mut tries = 0;
+    loop {
+        // SAFETY: `fd` is open for the call; `range` is a valid `flock` that outlives it.
+        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &raw const range) };
+        if rc == 0 {
+            return Ok(fd);
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN | libc::EACCES) if tries < LOCK_TRIES => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Some(libc::EAGAIN | libc::EACCES) => return Err(ffi::SQLITE_BUSY),
+            _ => return Err(ffi::SQLITE_IOERR_LOCK),
+        }
     }
 }
+
+/// How many more times [`lock_for_process`] tries a lock held elsewhere, 2 ms apart.
+const LOCK_TRIES: u32 = 25;
 
 /// # Safety
 /// `file` is a main file this VFS opened, open for the returned borrow (SQLite calls its
