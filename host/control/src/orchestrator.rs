@@ -300,13 +300,22 @@ pub const TRANSITIONS_KEPT: usize = 20;
 /// One lifecycle transition of a store, as the control plane saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Transition {
-    /// `provisioning`, `running`, `updated`, `stopping` or `failed`.
+    /// `provisioning`, `running`, `updated`, `paused`, `resumed`, `stopping`, `released`
+    /// (the config dropped it) or `failed`.
     pub state: &'static str,
     /// When (ms since the Unix epoch).
     pub at: i64,
     /// The source for `provisioning`, the error for `failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+impl Transition {
+    /// Whether this transition says who owns the store: its owner asked for its start
+    /// (`provisioning`), or the config let it go (`released`).
+    fn names_owner(&self) -> bool {
+        self.state == "provisioning" || self.state == "released"
+    }
 }
 
 /// Counts of stores started and removed since the host started (`GET /stores`).
@@ -689,9 +698,10 @@ impl Orchestrator {
     /// run: as a new store on the defaults, or, when host.db keeps it (its start failed), as
     /// its owner had it, owner and settings. Decided under the change lock, so a store that
     /// started meanwhile is left alone: `Unchanged` when one runs under `id`, whoever runs
-    /// it, and when the config file or `STORE_IDS` declares it (its start failed; the config
-    /// starts it again). Before, such a call changed a running store back to the defaults
-    /// and took a failed one over (its settings, and the config's claim, lost).
+    /// it; [`ControlError::ConfigOwned`], saying why it does not run, when the config file or
+    /// `STORE_IDS` declares it (its start failed; the config starts it again). Before, such a
+    /// call changed a running store back to the defaults and took a failed one over (its
+    /// settings, and the config's claim, lost).
     pub async fn start_if_new(
         &self,
         id: &StoreId,
@@ -1023,9 +1033,7 @@ impl Orchestrator {
         let transitions = history.entry(id.clone()).or_default();
         if transitions.len() == TRANSITIONS_KEPT {
             // The latest owner marker stays: it says who owns a store whose start fails.
-            let owner = transitions
-                .iter()
-                .rposition(|t| t.state == "provisioning" || t.state == "released");
+            let owner = transitions.iter().rposition(Transition::names_owner);
             let oldest_other = (0..transitions.len())
                 .find(|index| Some(*index) != owner)
                 .unwrap_or(0);
@@ -1075,7 +1083,7 @@ impl Orchestrator {
         let source = transitions
             .iter()
             .rev()
-            .find(|t| t.state == "provisioning" || t.state == "released")
+            .find(|t| t.names_owner())
             .filter(|t| t.state == "provisioning")
             .and_then(|t| t.detail.as_deref())
             .and_then(StoreSource::parse);
