@@ -336,6 +336,25 @@ async fn a_long_hibernation_closes_the_stores_files_and_an_event_still_wakes_it(
         assert!(!dir.join(format!("{db}-shm")).exists());
     }
 
+    // A read of its log and of its dead letters opens files again without waking it; they
+    // close again `close_files_after` later (before, they stayed open until the next event).
+    let (status, events) = host.get("/v1/stores/dozing/events?after=0").await;
+    assert_eq!(status, 200, "{events}");
+    assert_eq!(
+        events["events"].as_array().map(Vec::len),
+        Some(1),
+        "{events}"
+    );
+    let (status, dead) = host.get("/v1/stores/dozing/dead-letters").await;
+    assert_eq!(status, 200, "{dead}");
+    assert!(
+        !open_files_under(&dir).is_empty(),
+        "the reads opened the store's files"
+    );
+    files_closed(&dir).await;
+    let (_, status) = host.get("/v1/stores/dozing").await;
+    assert_eq!(status["state"], "hibernated", "{status}");
+
     // An event wakes it as before: applied once, after the first.
     host.append("dozing", "kv.put", json!({"key": "b", "value": 2}))
         .await;

@@ -116,6 +116,8 @@ pub struct EventLog {
     /// end of the log without SQLite. `None` until the first append after opening (or after
     /// hibernating), when reads go to the file.
     tail: Mutex<Option<Tail>>,
+    /// Told each time the writer or the reader opens the file (see [`EventLog::signalling`]).
+    opened: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// The end of the log in memory: every event with `seq > after`, in order, with no gap.
@@ -223,6 +225,18 @@ impl EventLog {
             writer: Mutex::new(Some(writer)),
             reader: sqlite::LazyReader::with_page_cache(path, CACHE_PAGES),
             tail: Mutex::new(None),
+            opened: None,
+        }
+    }
+
+    /// This log, telling `opened` each time its writer or its reader opens the file again
+    /// after [`EventLog::take_connections`]: an append or a read reaching a store whose files
+    /// are closed, which nothing else wakes to close them again.
+    pub(crate) fn signalling(self, opened: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        Self {
+            reader: self.reader.signalling(opened.clone()),
+            opened: Some(opened),
+            ..self
         }
     }
 
@@ -278,11 +292,13 @@ impl EventLog {
         let mut guard = lock(&self.writer);
         let conn = match &mut *guard {
             Some(conn) => conn,
-            slot => slot.insert(writer(sqlite::open(
-                &self.path,
-                self.durability,
-                &Schema::NONE,
-            )?)?),
+            slot => {
+                let conn = writer(sqlite::open(&self.path, self.durability, &Schema::NONE)?)?;
+                if let Some(opened) = &self.opened {
+                    opened.notify_one();
+                }
+                slot.insert(conn)
+            }
         };
         work(conn)
     }

@@ -378,6 +378,8 @@ pub(crate) struct LazyReader {
     /// The most pages its cache keeps (`None`: SQLite's default, 2 MB).
     cache_pages: Option<u32>,
     conn: std::sync::Mutex<Option<Connection>>,
+    /// Told each time the reader opens its file (see [`LazyReader::signalling`]).
+    opened: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 impl LazyReader {
@@ -388,6 +390,16 @@ impl LazyReader {
             path: path.to_owned(),
             cache_pages: None,
             conn: std::sync::Mutex::new(None),
+            opened: None,
+        }
+    }
+
+    /// This reader, telling `opened` each time it opens its file: its store closed its files
+    /// and does not otherwise wake to close them again.
+    pub(crate) fn signalling(self, opened: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        Self {
+            opened: Some(opened),
+            ..self
         }
     }
 
@@ -403,6 +415,9 @@ impl LazyReader {
         let conn = open_reader(&self.path)?;
         if let Some(pages) = self.cache_pages {
             cap_page_cache(&conn, pages)?;
+        }
+        if let Some(opened) = &self.opened {
+            opened.notify_one();
         }
         Ok(conn)
     }

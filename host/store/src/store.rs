@@ -312,6 +312,10 @@ pub(crate) struct Shared {
     /// Backups under way that hold the plugin's emitted events back from the log
     /// ([`Store::hold_emits`]); the actor drains the outbox only while it is 0, under this lock.
     pub(crate) emits_held: Mutex<u32>,
+    /// Told when the log or the shared reader opens a file again after the store closed its
+    /// files: a read, or an append that wakes nothing (the store paused, a duplicate key), so
+    /// the actor wakes to close them again in time.
+    pub(crate) files_opened: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -467,17 +471,19 @@ impl Store {
             tasks_executed: 0,
             next_task_due_at: None,
         };
+        let files_opened = Arc::new(tokio::sync::Notify::new());
         let shared = Arc::new(Shared {
             id: id.clone(),
-            log,
+            log: log.signalling(files_opened.clone()),
             head: watch::Sender::new(head),
             cursor: watch::Sender::new(cursor),
             status: Mutex::new(status),
             max_pending: settings.quotas.max_pending_events.into(),
             metrics: Arc::default(),
             ingress: Mutex::new(Ingress::new(&settings.quotas)),
-            reader: sqlite::LazyReader::new(&dir.store_db()),
+            reader: sqlite::LazyReader::new(&dir.store_db()).signalling(files_opened.clone()),
             emits_held: Mutex::new(0),
+            files_opened,
         });
         let (commands, inbox) = mpsc::channel(64);
         // Stores run apart from the API's threads (see `Runtime::guest_executor`).
