@@ -564,3 +564,86 @@ async fn a_config_store_keeps_its_owner_until_the_config_lets_it_go() {
     );
     std::fs::remove_file(&archive).unwrap();
 }
+
+/// A removal host.db could not finish (it refused to forget the store after its files were
+/// archived; a host killed at that point is the same) is finished at the next start: the
+/// store does not come back without its data. Before, its row brought it back empty. A store
+/// started again after such a failure is not removed at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_host_db_could_not_finish_is_finished_at_the_next_start() {
+    use storehost_tests::{TestHostOptions, programs};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let start = || {
+        TestHost::start_configured(
+            TestHostOptions {
+                data_dir: Some(data.clone()),
+                ..TestHostOptions::default()
+            },
+            &[("writer", programs::WRITER)],
+            |_, state| state,
+        )
+    };
+    let first = start().await;
+    for name in ["leaving", "returning"] {
+        let (status, body) = first
+            .call(reqwest::Method::PUT, &format!("/v1/stores/{name}"), None)
+            .await;
+        assert_eq!(status, 201, "{body}");
+        first
+            .append(name, "kv.put", json!({"key": "k", "value": name}))
+            .await;
+        first.settle(name).await;
+    }
+    // host.db refuses to forget them (as a full disk or a kill at that moment would).
+    let host_db = rusqlite::Connection::open(data.join("host.db")).unwrap();
+    host_db
+        .execute_batch(
+            "CREATE TRIGGER refuse_forgetting BEFORE DELETE ON stores
+             BEGIN SELECT RAISE(ABORT, 'host.db refuses (test)'); END;",
+        )
+        .unwrap();
+    for name in ["leaving", "returning"] {
+        let (status, body) = first
+            .call(reqwest::Method::DELETE, &format!("/v1/stores/{name}"), None)
+            .await;
+        assert!(status >= 500, "{status} {body}");
+        assert!(
+            !data.join("stores").join(name).exists(),
+            "its files were archived"
+        );
+    }
+    host_db
+        .execute_batch("DROP TRIGGER refuse_forgetting")
+        .unwrap();
+    // One of them is started again (on fresh files): its removal is off.
+    let (status, body) = first
+        .call(reqwest::Method::PUT, "/v1/stores/returning", None)
+        .await;
+    assert_eq!(status, 201, "{body}");
+    first.stop().await;
+
+    let second = start().await;
+    assert_eq!(second.orchestrator.restore_persisted().await.unwrap(), 1);
+    let (status, body) = second.get("/v1/stores/leaving").await;
+    assert_eq!(status, 404, "not back without its data: {body}");
+    assert!(!data.join("stores/leaving").exists());
+    let archived: Vec<_> = std::fs::read_dir(data.join("archive"))
+        .unwrap()
+        .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+        .filter(|name| name.starts_with("leaving-"))
+        .collect();
+    assert_eq!(
+        archived.len(),
+        1,
+        "its data is in the archive: {archived:?}"
+    );
+    let (status, body) = second.get("/v1/stores/returning").await;
+    assert_eq!(status, 200, "{body}");
+    second.stop().await;
+
+    // Finished for good: host.db no longer knows it.
+    let third = start().await;
+    assert_eq!(third.orchestrator.restore_persisted().await.unwrap(), 1);
+    assert_eq!(third.get("/v1/stores/leaving").await.0, 404);
+}

@@ -292,6 +292,9 @@ pub struct Orchestrator {
     spares: Arc<SpareStores>,
     activity: std::sync::Mutex<ProvisioningActivity>,
     history: std::sync::Mutex<BTreeMap<StoreId, std::collections::VecDeque<Transition>>>,
+    /// Stores whose removal host.db records as under way ([`Registry::begin_removal`]) and
+    /// that are not forgotten yet: a start of one of them cancels it.
+    removing: std::sync::Mutex<std::collections::BTreeSet<StoreId>>,
 }
 
 /// How many lifecycle transitions are kept per store.
@@ -383,6 +386,7 @@ impl Orchestrator {
             spares,
             activity: std::sync::Mutex::default(),
             history: std::sync::Mutex::default(),
+            removing: std::sync::Mutex::default(),
         })
     }
 
@@ -960,6 +964,11 @@ impl Orchestrator {
                 max: self.settings.max_stores,
             });
         }
+        if self.removing().contains(id) {
+            // A store whose removal failed, started again: its removal is off.
+            self.registry.cancel_removal(id)?;
+            self.removing().remove(id);
+        }
         self.record(id, "provisioning", Some(source.as_str().to_owned()));
         let mut settings = self.store_settings(spec, plugin);
         settings.start_paused = self.registry.is_paused(id)?;
@@ -1119,11 +1128,17 @@ impl Orchestrator {
         {
             return Err(ControlError::ConfigOwned(refusal));
         }
+        let known = self.stores.read().await.contains_key(id) || self.failed_start(id).is_some();
+        if !known {
+            return Ok(false);
+        }
+        // Recorded before anything of it stops or moves: a host killed before host.db forgets
+        // it finishes the removal at its next start, instead of starting it again without
+        // its files.
+        self.registry.begin_removal(id, purge)?;
+        self.removing().insert(id.clone());
         let entry = self.stores.write().await.remove(id);
         let Some(entry) = entry else {
-            if self.failed_start(id).is_none() {
-                return Ok(false);
-            }
             // Its directory first: when it cannot be moved (the fault that failed the
             // start, say), the store stays known and the answer says why.
             if let Err(err) = self.remove_files(id, purge).await {
@@ -1188,11 +1203,14 @@ impl Orchestrator {
         })
     }
 
-    /// Forgets a removed store: its tokens and row in host.db, its history.
+    /// Forgets a removed store: its tokens and row in host.db (with its removal under way),
+    /// its history.
     fn forget(&self, id: &StoreId) -> Result<(), ControlError> {
-        // Tokens first: a row left behind brings the store back, not its old tokens.
+        // Tokens first: a row left behind finishes the removal at the next start, and does
+        // not bring the old tokens back.
         self.registry.revoke_all_store_tokens(id)?;
         self.registry.delete(id)?;
+        self.removing().remove(id);
         // A removed store's history goes with it (the map stays bounded by running stores).
         self.history
             .lock()
@@ -1215,19 +1233,71 @@ impl Orchestrator {
             Some(path) => {
                 tracing::info!(store_id = %id, archive = %path.display(), "store removed; data archived")
             }
-            None => tracing::info!(store_id = %id, "store removed and its data purged"),
+            None if purge => tracing::info!(store_id = %id, "store removed and its data purged"),
+            None => tracing::info!(store_id = %id, "store removed; it had no files to archive"),
+        }
+        Ok(())
+    }
+
+    fn removing(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<StoreId>> {
+        self.removing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Finishes the removals host.db records as under way (the host stopped, or could not
+    /// forget the store, before one was done): each store's files are archived (or deleted)
+    /// if they are still in place, and the store forgotten. One the config declares again,
+    /// and runs, is kept. A removal that fails again leaves a failed store, with why.
+    async fn finish_removals(&self) -> Result<(), ControlError> {
+        let running = self.sources().await;
+        for (id, purge) in self.registry.removals()? {
+            let config_failed = self
+                .failed_start(&id)
+                .and_then(|(_, owner)| owner)
+                .is_some_and(StoreSource::is_config_owned);
+            if running.contains_key(&id) || config_failed {
+                tracing::info!(store_id = %id, "the config declares the store again: its unfinished removal is off");
+                self.registry.cancel_removal(&id)?;
+                continue;
+            }
+            self.removing().insert(id.clone());
+            let finished = match self.remove_files(&id, purge).await {
+                Ok(()) => self.forget(&id),
+                Err(err) => Err(err),
+            };
+            match finished {
+                Ok(()) => {
+                    tracing::info!(store_id = %id, "finished the removal the host had begun before it stopped");
+                }
+                Err(err) => {
+                    tracing::error!(store_id = %id, "could not finish the store's removal: {err}");
+                    self.record(
+                        &id,
+                        "failed",
+                        Some(format!("its removal could not be finished: {err}")),
+                    );
+                }
+            }
         }
         Ok(())
     }
 
     /// Starts every store the registry remembers (those added through the API, webhooks or the
-    /// reconciler before a restart), after the plugins uploaded through the API.
+    /// reconciler before a restart), after the plugins uploaded through the API. Removals
+    /// begun before the host stopped are finished first.
     pub async fn restore_persisted(&self) -> Result<usize, ControlError> {
         self.restore_plugins().await?;
+        self.finish_removals().await?;
+        let removing = self.removing().clone();
         let running = self.sources().await;
         let defaults = self.defaults();
         let mut wanted = Vec::new();
         for (id, source, spec) in self.registry.all()? {
+            if removing.contains(&id) {
+                // Its removal failed again just now: a failed store, not started.
+                continue;
+            }
             let failed_config_start = self
                 .failed_start(&id)
                 .and_then(|(_, owner)| owner)

@@ -66,6 +66,11 @@ impl Registry {
             CREATE TABLE IF NOT EXISTS paused (
                 id TEXT PRIMARY KEY,
                 paused_at INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS removals (
+                id TEXT PRIMARY KEY,
+                purge INTEGER NOT NULL,
+                asked_at INTEGER NOT NULL
             )",
         )?;
         let tokens = crate::tokens::TokenCache::load(&conn)?;
@@ -99,12 +104,51 @@ impl Registry {
         Ok(())
     }
 
-    /// Forgets a store (its pause included).
+    /// Forgets a store (its pause and its removal under way included), in one transaction.
     pub fn delete(&self, id: &StoreId) -> rusqlite::Result<()> {
-        let conn = self.conn();
-        conn.execute("DELETE FROM stores WHERE id = ?1", [id.as_str()])?;
-        conn.execute("DELETE FROM paused WHERE id = ?1", [id.as_str()])?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for table in ["stores", "paused", "removals"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE id = ?1"), [id.as_str()])?;
+        }
+        tx.commit()
+    }
+
+    /// Records that store `id` is being removed (its files archived, or deleted when
+    /// `purge`), before anything of it is stopped or moved: a host that stops before the
+    /// removal is done (killed, or host.db refusing to forget it) finishes it at its next
+    /// start ([`Registry::removals`]) instead of bringing the store back without its data.
+    pub fn begin_removal(&self, id: &StoreId, purge: bool) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "INSERT INTO removals (id, purge, asked_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET purge = ?2, asked_at = ?3",
+            params![id.as_str(), purge, now_ms()],
+        )?;
         Ok(())
+    }
+
+    /// Store `id` is not being removed after all (the config declares it again).
+    pub fn cancel_removal(&self, id: &StoreId) -> rusqlite::Result<()> {
+        self.conn()
+            .execute("DELETE FROM removals WHERE id = ?1", [id.as_str()])?;
+        Ok(())
+    }
+
+    /// The removals asked for and not finished (see [`Registry::begin_removal`]): each store
+    /// id with whether its files are to be deleted rather than archived.
+    pub fn removals(&self) -> rusqlite::Result<Vec<(StoreId, bool)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, purge FROM removals ORDER BY id")?;
+        let rows = stmt.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, purge) = row?;
+            match StoreId::new(&id) {
+                Ok(id) => out.push((id, purge)),
+                Err(_) => tracing::error!(store_id = %id, "skipping an unreadable removal entry"),
+            }
+        }
+        Ok(out)
     }
 
     /// Forgets store `id`'s persisted spec and source (the config file or `STORE_IDS` now
