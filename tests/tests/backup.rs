@@ -537,3 +537,88 @@ async fn events_emitted_while_a_backup_copies_wait_for_it_and_arrive_once() {
     assert_eq!(notes.len(), 1, "{notes:?}");
     assert_eq!(notes[0]["payload"]["n"], 1);
 }
+
+/// A follower that names the log's epoch it read (`logEpoch`, in every read and the store's
+/// view) is told when a restore replaced the log, even once the new log has grown past where
+/// it was: without it, it would read on from its last seq and skip the new events the log
+/// handed those seqs to. The answer says where to go on from: the backup's last seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_naming_the_log_epoch_is_told_a_restore_replaced_the_log() {
+    let host = host().await;
+    host.add_store("epochs", "writer", &[]).await;
+    for i in 0..50 {
+        host.post("/v1/stores/epochs/events", put(&format!("k{i}"), i))
+            .await;
+    }
+    host.settle("epochs").await;
+    let (archive, last) = backup(&host, "epochs").await;
+    assert_eq!(last, 50);
+    for i in 50..70 {
+        host.post("/v1/stores/epochs/events", put(&format!("k{i}"), i))
+            .await;
+    }
+    host.settle("epochs").await;
+    // The follower has read everything, up to 70.
+    let (status, page) = host
+        .get("/v1/stores/epochs/events?after=60&limit=1000")
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["next"], 70, "{page}");
+    let read_epoch = page["logEpoch"].as_i64().expect("logEpoch in a read");
+    let (_, view) = host.get("/v1/stores/epochs").await;
+    assert_eq!(view["logEpoch"], read_epoch, "{view}");
+    assert_eq!(view["logEpochAfter"], 0, "{view}");
+
+    let (status, report) = restore(&host, "epochs", "", archive).await;
+    assert_eq!(status, 200, "{report}");
+    // The restored log grows past 70 before the follower comes back.
+    for i in 0..25 {
+        host.post("/v1/stores/epochs/events", put(&format!("new{i}"), i))
+            .await;
+    }
+    host.settle("epochs").await;
+    let (_, view) = host.get("/v1/stores/epochs").await;
+    assert_eq!(view["head"], 75, "{view}");
+    let new_epoch = view["logEpoch"].as_i64().unwrap();
+    assert!(new_epoch > read_epoch, "{view}");
+    assert_eq!(view["logEpochAfter"], 50, "{view}");
+
+    let (status, body) = host
+        .get(&format!(
+            "/v1/stores/epochs/events?after=70&logEpoch={read_epoch}"
+        ))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "log_replaced", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("after=50") && message.contains(&format!("logEpoch={new_epoch}")),
+        "{message}"
+    );
+    let response = host
+        .client
+        .get(format!(
+            "{}/v1/stores/epochs/events/stream?logEpoch={read_epoch}",
+            host.url
+        ))
+        .bearer_auth(TOKEN)
+        .header("last-event-id", "70")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 409);
+    // Where it was told to go on from: every new event, once.
+    let (status, page) = host
+        .get(&format!(
+            "/v1/stores/epochs/events?after=50&limit=1000&logEpoch={new_epoch}"
+        ))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let keys: Vec<_> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["payload"]["key"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(keys, (0..25).map(|i| format!("new{i}")).collect::<Vec<_>>());
+}

@@ -294,6 +294,38 @@ fn a_backup_file_restores_the_store() {
             &["events", "post", "round-trip", "kv.put", &payload],
         ));
     }
+    // A follower that has shown every event, up to 8, when the store is restored.
+    let mut tail = command(dir)
+        .args(["ctl", "--server", url, "--token", PROCESS_TOKEN, "--json"])
+        .args([
+            "events",
+            "tail",
+            "round-trip",
+            "--after",
+            "0",
+            "--count",
+            "10",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<Value>();
+    let stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let _ = lines_tx.send(serde_json::from_str(&line.unwrap()).unwrap());
+        }
+    });
+    let next_line = || {
+        lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the tail shows the next event")
+    };
+    for seq in 1..=8 {
+        assert_eq!(next_line()["seq"], seq);
+    }
+
     let restore = ctl(dir, url, &["restore", "round-trip", file_arg]);
     assert!(
         ok(&restore).stdout.contains("restored"),
@@ -314,6 +346,30 @@ fn a_backup_file_restores_the_store() {
         ],
     );
     assert_eq!(ok(&next).stdout.trim(), "seq 6");
+    ok(&ctl(
+        dir,
+        url,
+        &[
+            "events",
+            "post",
+            "round-trip",
+            "kv.put",
+            r#"{"key":"k7b","value":7}"#,
+        ],
+    ));
+    // The follower learns the log was replaced and shows the new events after the backup's
+    // last seq: 6 and 7 again, the new ones (before, it waited past 8 and skipped them).
+    for (seq, key) in [(6, "k6b"), (7, "k7b")] {
+        let event = next_line();
+        assert_eq!(
+            (&event["seq"], &event["payload"]["key"]),
+            (&json!(seq), &json!(key))
+        );
+    }
+    let output = tail.wait_with_output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("log was replaced"), "{stderr}");
 
     let mismatch = ctl(dir, url, &["restore", "other-store", file_arg]);
     assert_eq!(mismatch.code, 1, "{}", mismatch.stderr);

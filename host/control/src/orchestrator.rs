@@ -261,6 +261,13 @@ pub struct StoreView {
     pub config: BTreeMap<String, String>,
     /// When it started on this host (ms since the Unix epoch).
     pub running_since: i64,
+    /// The history its event log holds (`logEpoch`, `logEpochAfter`): a restore starts
+    /// another, in which seqs after `logEpochAfter` are handed out again.
+    #[serde(rename = "logEpoch")]
+    pub log_epoch: i64,
+    /// The seq the log's history began after (0, or the restored backup's last seq).
+    #[serde(rename = "logEpochAfter")]
+    pub log_epoch_after: u64,
     /// Its processing status.
     #[serde(flatten)]
     pub status: StoreStatus,
@@ -1460,6 +1467,8 @@ impl Orchestrator {
             quotas: entry.spec.quotas.clone(),
             config: entry.spec.config.clone(),
             running_since: entry.since,
+            log_epoch: entry.store.log_epoch().epoch,
+            log_epoch_after: entry.store.log_epoch().after,
             status: entry.store.status(),
             transitions: self.transitions(id),
         }

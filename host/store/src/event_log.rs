@@ -14,7 +14,8 @@ use crate::sqlite::{self, Durability, Schema, lock};
 
 /// The log's table and its unique keys; older logs are brought up to date (see
 /// [`upgrade_older_log`]).
-pub(crate) const SCHEMA: Schema = Schema::with_upgrade(STATEMENTS, upgrade_older_log);
+pub(crate) const SCHEMA: Schema =
+    Schema::with_upgrade(&[TABLE, KEYS, EPOCH_TABLE, FIRST_EPOCH], upgrade_older_log);
 
 /// The statements that make the log's table and its keys (also for the benchmark's raw SQLite
 /// reference, which writes the same rows into the same table).
@@ -43,6 +44,70 @@ CREATE UNIQUE INDEX IF NOT EXISTS events_idempotency_key ON events (idempotency_
     WHERE idempotency_key IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS events_origin ON events (origin) WHERE origin IS NOT NULL;
 ";
+
+/// Which history of the store the log holds: a restore from a backup starts another one, in
+/// which seqs after the backup's last are handed out again. `epoch` is when it began (ms since
+/// the Unix epoch; after a restore, later than any epoch the store had before) and `after` the
+/// seq it began after (0 for a new log; the backup's last seq after a restore). A follower
+/// that names the epoch it read (`?logEpoch=`) is told when the log is another one, instead of
+/// skipping the seqs handed out again.
+const EPOCH_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS log_epoch (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    epoch INTEGER NOT NULL,
+    after INTEGER NOT NULL
+);
+";
+
+/// A new log's epoch (also one made by an older host, which had none): now.
+const FIRST_EPOCH: &str = "
+INSERT OR IGNORE INTO log_epoch (id, epoch, after)
+    VALUES (1, CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER), 0);
+";
+
+/// The history a log holds (see [`EPOCH_TABLE`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LogEpoch {
+    /// When it began (ms since the Unix epoch).
+    pub epoch: i64,
+    /// The seq it began after: the events up to it came from a backup (0: none did).
+    pub after: u64,
+}
+
+impl LogEpoch {
+    fn read(conn: &Connection) -> rusqlite::Result<Self> {
+        conn.query_row(
+            "SELECT epoch, after FROM log_epoch WHERE id = 1",
+            [],
+            |row| {
+                Ok(Self {
+                    epoch: row.get(0)?,
+                    after: row.get(1)?,
+                })
+            },
+        )
+    }
+}
+
+/// Starts another history in the log at `path` (a restored backup's, not open elsewhere):
+/// its epoch later than `previous` (the replaced log's) and now, beginning after the log's
+/// last seq.
+pub fn begin_epoch(path: &Path, previous: i64) -> rusqlite::Result<LogEpoch> {
+    let conn = Connection::open(path)?;
+    conn.execute_batch(EPOCH_TABLE)?;
+    let after: u64 = conn.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |row| {
+        row.get(0)
+    })?;
+    let epoch = LogEpoch {
+        epoch: sqlite::now_ms().max(previous.saturating_add(1)),
+        after,
+    };
+    conn.execute(
+        "INSERT OR REPLACE INTO log_epoch (id, epoch, after) VALUES (1, ?1, ?2)",
+        rusqlite::params![epoch.epoch, epoch.after],
+    )?;
+    Ok(epoch)
+}
 
 /// The page read behind [`EventLog::read_after`]. No `LIMIT ?`: SQLite plans with a bound
 /// limit's value and compiles the statement again whenever it changes (callers page with
@@ -116,6 +181,8 @@ pub struct EventLog {
     /// end of the log without SQLite. `None` until the first append after opening (or after
     /// hibernating), when reads go to the file.
     tail: Mutex<Option<Tail>>,
+    /// The history it holds (read when it opens; a restore opens another log).
+    epoch: LogEpoch,
     /// Told each time the writer or the reader opens the file (see [`EventLog::signalling`]).
     opened: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
@@ -200,7 +267,7 @@ impl EventLog {
     /// Opens (creating if needed) the log at `path`.
     pub fn open(path: &Path, durability: Durability) -> rusqlite::Result<Self> {
         let writer = writer(sqlite::open(path, durability, &SCHEMA)?)?;
-        Ok(Self::with_writer_connection(path, durability, writer))
+        Self::with_writer_connection(path, durability, writer)
     }
 
     /// The log at `path`, written through `writer`: a spare's connection, made with the log's
@@ -211,22 +278,29 @@ impl EventLog {
         writer: rusqlite::Connection,
     ) -> rusqlite::Result<Self> {
         let writer = self::writer(sqlite::adopt(writer, path, durability)?)?;
-        Ok(Self::with_writer_connection(path, durability, writer))
+        Self::with_writer_connection(path, durability, writer)
     }
 
     fn with_writer_connection(
         path: &Path,
         durability: Durability,
         writer: rusqlite::Connection,
-    ) -> Self {
-        Self {
+    ) -> rusqlite::Result<Self> {
+        let epoch = LogEpoch::read(&writer)?;
+        Ok(Self {
+            epoch,
             path: path.to_owned(),
             durability,
             writer: Mutex::new(Some(writer)),
             reader: sqlite::LazyReader::with_page_cache(path, CACHE_PAGES),
             tail: Mutex::new(None),
             opened: None,
-        }
+        })
+    }
+
+    /// The history the log holds (see [`LogEpoch`]).
+    pub fn epoch(&self) -> LogEpoch {
+        self.epoch
     }
 
     /// This log, telling `opened` each time its writer or its reader opens the file again

@@ -690,6 +690,12 @@ impl Store {
         *self.shared.head.borrow()
     }
 
+    /// The history the store's event log holds: a restore starts another (see
+    /// [`crate::event_log::LogEpoch`]).
+    pub fn log_epoch(&self) -> crate::event_log::LogEpoch {
+        self.shared.log.epoch()
+    }
+
     /// Waits until every event up to `seq` is processed (or dead-lettered), up to `timeout`.
     /// Returns whether it got there.
     pub async fn wait_processed(&self, seq: u64, timeout: Duration) -> bool {

@@ -247,6 +247,7 @@ pub struct ReadParams {
     after: u64,
     limit: Option<usize>,
     wait_ms: Option<u64>,
+    log_epoch: Option<i64>,
 }
 
 /// An event as the API shows it (reads and the SSE stream).
@@ -286,7 +287,9 @@ pub async fn read(
     let Query(params) = params.map_err(|err| {
         ApiError::bad_request(
             "invalid_query",
-            format!("{err}; use after=<seq>&limit=<1..{MAX_READ_LIMIT}>&waitMs=<0..{MAX_WAIT_MS}>"),
+            format!(
+                "{err}; use after=<seq>&limit=<1..{MAX_READ_LIMIT}>&waitMs=<0..{MAX_WAIT_MS}>&logEpoch=<the logEpoch read>"
+            ),
         )
     })?;
     let limit = params.limit.unwrap_or(100);
@@ -296,7 +299,7 @@ pub async fn read(
             format!("limit must be 1 to {MAX_READ_LIMIT}"),
         ));
     }
-    ensure_within_log(&store, params.after)?;
+    ensure_within_log(&store, params.after, params.log_epoch)?;
     let wait = params
         .wait_ms
         .map(|ms| Duration::from_millis(ms.min(MAX_WAIT_MS)));
@@ -308,21 +311,46 @@ pub async fn read(
             serde_json::from_str(&event.payload).map_err(ApiError::internal)?;
         out.push(EventOut::new(event, payload));
     }
-    let body = serde_json::to_string(&json!({ "events": out, "next": next }))
-        .map_err(ApiError::internal)?;
+    let log_epoch = store.log_epoch().epoch;
+    let body =
+        serde_json::to_string(&json!({ "events": out, "next": next, "logEpoch": log_epoch }))
+            .map_err(ApiError::internal)?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,
     ))
 }
 
-/// Refuses to follow the log from past its end: a follower whose last `seq` the log no longer
-/// reaches (the store was restored from an older backup, or removed and created again) would
-/// otherwise wait for events it then skips, since the log hands out those `seq`s again.
+/// Refuses to follow the log from past its end, or from another history of it: a follower
+/// whose last `seq` the log no longer reaches (the store was restored from an older backup,
+/// or removed and created again), or that names the epoch it read (`logEpoch`) when the log
+/// holds another (a restore began one), would otherwise skip the seqs handed out again.
 pub(crate) fn ensure_within_log(
     store: &storehost_store::Store,
     after: u64,
+    log_epoch: Option<i64>,
 ) -> Result<(), ApiError> {
+    let current = store.log_epoch();
+    if let Some(read) = log_epoch
+        && read != current.epoch
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "log_replaced",
+            format!(
+                "store {}'s log is another one than the one read (logEpoch {read}; now {}): it \
+                 was restored from a backup, or the store was created again, and its seqs after \
+                 {} are handed out again; read on from after={} (the events up to it came from \
+                 the backup, as they were if it was this store's) with logEpoch={}, or from \
+                 after=0",
+                store.id(),
+                current.epoch,
+                current.after,
+                after.min(current.after),
+                current.epoch
+            ),
+        ));
+    }
     let head = store.head();
     if after <= head {
         return Ok(());

@@ -33,10 +33,14 @@ const WAIT: Duration = Duration::from_secs(30);
 /// How often a comment keeps an idle connection (and proxies on the way) alive.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-/// `?after=SEQ`
+/// `?after=SEQ&logEpoch=EPOCH`
 #[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StreamParams {
     after: Option<u64>,
+    /// The log's epoch the follower read (see `events::ensure_within_log`): a client puts it
+    /// in the stream's URL, so a reconnect after a restore gets 409 instead of skipping.
+    log_epoch: Option<i64>,
 }
 
 /// `GET /v1/stores/{id}/events/stream`
@@ -50,7 +54,10 @@ pub async fn stream(
     let Query(params) = params.map_err(|err| {
         ApiError::bad_request(
             "invalid_query",
-            format!("{err}; use ?after=<seq> (a whole number, 0 for the whole log)"),
+            format!(
+                "{err}; use ?after=<seq> (a whole number, 0 for the whole log) and optionally \
+                 &logEpoch=<the logEpoch read>"
+            ),
         )
     })?;
     let after = match headers.get("last-event-id") {
@@ -66,7 +73,7 @@ pub async fn stream(
             })?,
         None => params.after.unwrap_or(0),
     };
-    super::events::ensure_within_log(&store, after)?;
+    super::events::ensure_within_log(&store, after, params.log_epoch)?;
     // A store token is checked again as the stream goes on: revoking it ends the stream.
     let store_token = crate::auth::bearer_of(&headers)
         .ok()

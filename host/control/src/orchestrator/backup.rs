@@ -176,6 +176,18 @@ impl Orchestrator {
             ));
         }
         let was_paused = old_store.status().state == StoreState::Paused;
+        // Another history of the log: followers that name the epoch they read learn that
+        // seqs after the backup's last are handed out again.
+        let epoch = {
+            let (events, previous) = (staged.join("events.db"), old_store.log_epoch().epoch);
+            tokio::task::spawn_blocking(move || {
+                storehost_store::event_log::begin_epoch(&events, previous)
+            })
+            .await
+            .map_err(join_error)?
+            .map_err(|err| ControlError::Store(StoreError::from(err)))?
+        };
+        tracing::info!(store_id = %id, log_epoch = epoch.epoch, after = epoch.after, "the restored log starts another epoch");
         self.record(
             id,
             "restoring",

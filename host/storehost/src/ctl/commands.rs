@@ -365,7 +365,9 @@ fn events(client: &Client, json_out: bool, command: EventsCommand) -> Result<(),
 
 /// Follows `GET /v1/stores/{id}/events/stream` (Server-Sent Events); when the stream drops
 /// (the server restarts, the store is restored) it reconnects with `Last-Event-ID`, so no
-/// event is shown twice or skipped.
+/// event is shown twice or skipped. It names the log's epoch it follows: after a restore
+/// (another epoch, whose seqs past the backup's are handed out again) it says so and goes on
+/// from the backup's last seq, so the events written since are shown too.
 fn tail(
     client: &Client,
     json_out: bool,
@@ -373,11 +375,11 @@ fn tail(
     after: Option<u64>,
     count: Option<u64>,
 ) -> Result<(), CtlError> {
+    let view = client.json(Method::GET, &format!("/v1/stores/{}", segment(id)), None)?;
+    let mut epoch = view["logEpoch"].as_i64();
     let mut last = match after {
         Some(after) => after,
-        None => client.json(Method::GET, &format!("/v1/stores/{}", segment(id)), None)?["head"]
-            .as_u64()
-            .unwrap_or(0),
+        None => view["head"].as_u64().unwrap_or(0),
     };
     let mut shown = 0u64;
     if count == Some(0) {
@@ -386,15 +388,30 @@ fn tail(
     let mut dropped_at: Option<std::time::Instant> = None;
     let mut connected = false;
     loop {
+        let epoch_param = epoch.map(|e| format!("&logEpoch={e}")).unwrap_or_default();
         let request = client
             .request(
                 Method::GET,
-                &format!("/v1/stores/{}/events/stream?after={last}", segment(id)),
+                &format!(
+                    "/v1/stores/{}/events/stream?after={last}{epoch_param}",
+                    segment(id)
+                ),
             )
             .header("accept", "text/event-stream")
             .header("last-event-id", last.to_string());
         let response = match client.send(request) {
             Ok(response) => response,
+            Err(CtlError::Refused { code, .. }) if code == "log_replaced" => {
+                let view =
+                    client.json(Method::GET, &format!("/v1/stores/{}", segment(id)), None)?;
+                epoch = view["logEpoch"].as_i64();
+                let restored_up_to = view["logEpochAfter"].as_u64().unwrap_or(0);
+                last = last.min(restored_up_to);
+                eprintln!(
+                    "the store's log was replaced (restored from a backup, or the store created again): following the new log from after seq {last}"
+                );
+                continue;
+            }
             Err(CtlError::Unreachable(message)) => {
                 // Once connected, a dropped server gets a while to come back (a restart).
                 let since = *dropped_at.get_or_insert_with(std::time::Instant::now);
