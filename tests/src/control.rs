@@ -76,30 +76,41 @@ pub struct Watched {
 }
 
 /// Starts a host on the config at `path`: its plugins deployed, its stores running, and the
-/// file watched (edits apply live).
+/// file watched (edits apply live). Every store of the config must start.
 pub async fn watched(path: &Path, max_stores: usize) -> Watched {
+    let options = ControlHostOptions {
+        max_stores,
+        ..ControlHostOptions::default()
+    };
+    let (watched, failed) = watched_with(path, options, |_, state| state).await;
+    assert!(failed.is_empty(), "config stores did not start: {failed:?}");
+    watched
+}
+
+/// [`watched`] with `options`, `configure` adding parts (webhooks…) to its API state, and the
+/// config's stores started as `storehost serve` starts them: one that cannot start is a failed
+/// store (answered with why), and the others go on.
+pub async fn watched_with(
+    path: &Path,
+    options: ControlHostOptions,
+    configure: impl FnOnce(&Arc<Orchestrator>, AppState) -> AppState,
+) -> (Watched, Vec<(storehost_store::StoreId, String)>) {
     let config = config::load_file(path).unwrap_or_else(|e| panic!("{e}"));
     let mut reloader = None;
-    let host = TestHost::start_control(
-        ControlHostOptions {
-            max_stores,
-            ..ControlHostOptions::default()
-        },
-        |orchestrator, state| {
-            let read_plugin: watcher::PluginReader = Arc::new(|_name, source| match source {
-                PluginSource::File(path) => std::fs::read(path),
-                PluginSource::Builtin => Err(std::io::ErrorKind::NotFound.into()),
-            });
-            reloader = Some(Arc::new(ConfigReloader::new(
-                path,
-                config.clone(),
-                orchestrator.clone(),
-                read_plugin,
-                state.config_reload_listener(),
-            )));
-            state
-        },
-    )
+    let host = TestHost::start_control(options, |orchestrator, state| {
+        let read_plugin: watcher::PluginReader = Arc::new(|_name, source| match source {
+            PluginSource::File(path) => std::fs::read(path),
+            PluginSource::Builtin => Err(std::io::ErrorKind::NotFound.into()),
+        });
+        reloader = Some(Arc::new(ConfigReloader::new(
+            path,
+            config.clone(),
+            orchestrator.clone(),
+            read_plugin,
+            state.config_reload_listener(),
+        )));
+        configure(orchestrator, state)
+    })
     .await;
     for (name, source) in config.plugin_sources() {
         if let PluginSource::File(path) = source {
@@ -110,19 +121,26 @@ pub async fn watched(path: &Path, max_stores: usize) -> Watched {
                 .unwrap();
         }
     }
-    for (id, spec) in config.store_specs() {
-        host.orchestrator
-            .ensure_running(&id, spec, StoreSource::Config)
-            .await
-            .unwrap();
-    }
+    let specs = config
+        .store_specs()
+        .into_iter()
+        .map(|(id, spec)| (id, spec, StoreSource::Config))
+        .collect();
+    let failed = host
+        .orchestrator
+        .ensure_running_many(specs)
+        .await
+        .into_iter()
+        .filter_map(|(id, answer)| Some((id, answer.err()?.to_string())))
+        .collect();
     let reloader = reloader.unwrap();
     let watch = watcher::watch(reloader.clone()).expect("watch the config directory");
-    Watched {
+    let watched = Watched {
         host,
         reloader,
         _watch: watch,
-    }
+    };
+    (watched, failed)
 }
 
 /// Polls `check` until it holds (giving up after a minute, a bound only a broken host reaches).
