@@ -81,12 +81,59 @@ pub struct InvocationError {
     pub message: String,
 }
 
+/// The most bytes of a failure's message kept (the rest is cut, and the cut said): a guest
+/// chooses its error strings, and each failure's message is logged, kept as the store's last
+/// failure and stored with a dead letter. A plugin failing with an 8 MB message left its event
+/// at the head of the queue for ever (too big for the dead letter's row) and wrote the whole
+/// message to the host log on every attempt.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+
 impl InvocationError {
-    /// An error with `reason` and `message`.
+    /// An error with `reason` and `message` (cut to [`MAX_MESSAGE_BYTES`]).
     pub fn new(reason: FailureReason, message: impl Into<String>) -> Self {
         Self {
             reason,
-            message: message.into(),
+            message: cut_message(message.into()),
         }
+    }
+}
+
+/// `message`, cut to [`MAX_MESSAGE_BYTES`] at a character boundary, saying how much was cut.
+fn cut_message(mut message: String) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message;
+    }
+    let total = message.len();
+    let mut end = MAX_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(&format!("… ({} more bytes cut)", total - end));
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_message_is_cut_at_a_character_boundary_and_says_so() {
+        let short = InvocationError::new(FailureReason::PluginError, "short");
+        assert_eq!(short.message, "short");
+        let long = "é".repeat(MAX_MESSAGE_BYTES);
+        let cut = InvocationError::new(FailureReason::PluginError, long.clone());
+        assert!(
+            cut.message.len() < MAX_MESSAGE_BYTES + 40,
+            "{}",
+            cut.message.len()
+        );
+        assert!(long.starts_with(cut.message.split('…').next().unwrap()));
+        assert!(
+            cut.message
+                .ends_with(&format!("({} more bytes cut)", MAX_MESSAGE_BYTES)),
+            "{}",
+            &cut.message[cut.message.len() - 40..]
+        );
     }
 }

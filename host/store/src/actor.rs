@@ -1532,7 +1532,8 @@ impl Actor {
                 self.config.clone(),
                 self.settings.quotas.cpu_ms_per_call,
                 self.settings.llm.clone(),
-            );
+            )
+            .with_log_limit(self.shared.guest_log.clone());
             let options = SandboxOptions {
                 files: Some(self.files.clone()),
                 limits: limits_of(&self.settings),

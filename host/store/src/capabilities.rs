@@ -43,6 +43,52 @@ pub const MAX_EMITTED_BYTES_PER_CALL: usize = 16 << 20;
 pub const MAX_LOG_LINES_PER_CALL: u32 = 100;
 /// Longest guest log line kept, in bytes.
 const MAX_LOG_LINE: usize = 4_096;
+/// Guest log lines one store may write a second, over all its calls (queries come as often as
+/// its callers ask: at 100 lines of 4 KB per call, 200 queries wrote 82 MB of host log in a
+/// second)…
+pub const GUEST_LOG_LINES_PER_SECOND: u32 = 50;
+/// …and at once, after a quiet while.
+pub const GUEST_LOG_BURST: u32 = 500;
+
+/// A store's allowance of guest log lines ([`GUEST_LOG_LINES_PER_SECOND`], [`GUEST_LOG_BURST`]);
+/// the lines over it are counted, and the count logged once lines pass again.
+pub struct GuestLogLimit {
+    limiter: governor::DefaultDirectRateLimiter,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Default for GuestLogLimit {
+    fn default() -> Self {
+        let per_second = std::num::NonZeroU32::new(GUEST_LOG_LINES_PER_SECOND)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = std::num::NonZeroU32::new(GUEST_LOG_BURST).unwrap_or(std::num::NonZeroU32::MIN);
+        Self {
+            limiter: governor::RateLimiter::direct_with_clock(
+                governor::Quota::per_second(per_second).allow_burst(burst),
+                crate::store::RATE_CLOCK.clone(),
+            ),
+            dropped: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl GuestLogLimit {
+    /// Whether one more line of `store_id` may be written now.
+    fn admit(&self, store_id: &StoreId) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.limiter.check().is_err() {
+            if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(store_id = %store_id, "guest log lines over {GUEST_LOG_LINES_PER_SECOND} a second (after a burst of {GUEST_LOG_BURST}) are dropped");
+            }
+            return false;
+        }
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(store_id = %store_id, dropped, "guest log lines were dropped: over {GUEST_LOG_LINES_PER_SECOND} a second");
+        }
+        true
+    }
+}
 
 /// One store's grant to its guest. Created per sandbox; reset per invocation.
 pub struct StoreCapabilities {
@@ -61,6 +107,8 @@ pub struct StoreCapabilities {
     wall: Option<(std::time::Instant, std::time::Duration)>,
     /// Bytes emitted by the current invocation.
     emitted_bytes: usize,
+    /// The store's allowance of log lines, across calls.
+    log_limit: Arc<GuestLogLimit>,
     /// How many events the store's queue takes before `max_pending_events` (set per
     /// invocation): emitted events wait in it like appended ones.
     emit_room: usize,
@@ -91,6 +139,16 @@ impl StoreCapabilities {
             wall: None,
             emitted_bytes: 0,
             emit_room: MAX_EMITS_PER_CALL,
+            log_limit: Arc::default(),
+        }
+    }
+
+    /// These capabilities, logging within the store's allowance `limit` (shared by all its
+    /// sandboxes; without it, each set of capabilities has an allowance of its own).
+    pub fn with_log_limit(self, limit: Arc<GuestLogLimit>) -> Self {
+        Self {
+            log_limit: limit,
+            ..self
         }
     }
 
@@ -216,6 +274,9 @@ impl HostCapabilities for StoreCapabilities {
             }
             return;
         }
+        if !self.log_limit.admit(&self.store_id) {
+            return;
+        }
         let mut message = message;
         if message.len() > MAX_LOG_LINE {
             let mut end = MAX_LOG_LINE;
@@ -327,5 +388,27 @@ impl HostCapabilities for StoreCapabilities {
 
     fn take_breach(&mut self) -> Option<(FailureReason, String)> {
         self.breach.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store's guest log lines pass up to the burst, then at the sustained rate, whatever the
+    /// calls: before, each call could write 100 lines however often it was made.
+    #[test]
+    fn guest_log_lines_pass_up_to_the_burst_and_are_dropped_past_it() {
+        let limit = GuestLogLimit::default();
+        let store = StoreId::new("logger").unwrap();
+        let passed = (0..GUEST_LOG_BURST * 2)
+            .filter(|_| limit.admit(&store))
+            .count();
+        // A line or two may come back as the rate refills during the loop.
+        assert!(
+            (GUEST_LOG_BURST as usize..GUEST_LOG_BURST as usize + 5).contains(&passed),
+            "{passed}"
+        );
+        assert!(limit.dropped.load(std::sync::atomic::Ordering::Relaxed) > 0);
     }
 }

@@ -119,6 +119,11 @@ const READ_AFTER: &str =
 /// rows came was a tenth of such a read's time).
 const READ_CAPACITY: usize = 256;
 
+/// A read from the file stops once its events' payloads hold this many bytes: a page of a
+/// thousand 1 MB events no longer sits whole in the host's memory (callers read on from the
+/// last event returned).
+pub const MAX_READ_BYTES: usize = 4 << 20;
+
 /// The tail kept in memory holds at most this many events… (enough for the store's actor to
 /// read from memory while a few batches of appends are ahead of it: reading them back from
 /// the file was a sixth of its time under a steady stream)
@@ -530,6 +535,10 @@ impl EventLog {
         }
     }
 
+    /// Up to `limit` events from the file; a page stops once its payloads reach
+    /// [`MAX_READ_BYTES`] (one event at least), so a read of big events holds a few MB of
+    /// the host's memory, not `limit` of them (1,000 events of 1 MB each were 3 GB per
+    /// request with the answer's JSON).
     fn read_on_disk(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<LoggedEvent>> {
         self.reader.with(|conn| {
             let mut stmt = conn.prepare_cached(READ_AFTER)?;
@@ -544,8 +553,14 @@ impl EventLog {
                 })
             })?;
             let mut events = Vec::with_capacity(limit.min(READ_CAPACITY));
+            let mut bytes = 0;
             for row in rows.take(limit) {
-                events.push(row?);
+                let event = row?;
+                bytes += event.payload.len();
+                events.push(event);
+                if bytes >= MAX_READ_BYTES {
+                    break;
+                }
             }
             Ok(events)
         })

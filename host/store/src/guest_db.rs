@@ -633,25 +633,56 @@ impl GuestDb {
             .map_err(sql_error)?;
         let result = run(&mut stmt);
         stmt.discard();
-        let reference = match &result {
-            Ok(_) => self.host_table_reference().map_err(sql_error)?,
+        // The check fails closed: when it cannot finish (the statement's deadline passed,
+        // which a guest with thousands of foreign keys can arrange), the change is undone too.
+        let refusal = match &result {
+            Ok(_) => match self.host_table_reference() {
+                Ok(None) => None,
+                Ok(Some((table, parent))) => Some(SqlError {
+                    code: SQLITE_AUTH,
+                    message: format!(
+                        "not authorized: table {table} may not reference the host's table {parent}; nothing of this statement was kept"
+                    ),
+                }),
+                Err(err) => Some(SqlError {
+                    code: sql_error(err).code,
+                    message:
+                        "the tables' foreign keys could not be checked within the statement's \
+                              CPU budget; nothing of this statement was kept (declare fewer \
+                              foreign keys)"
+                            .into(),
+                }),
+            },
             Err(_) => None,
         };
-        let end = if reference.is_some() {
+        let end = if refusal.is_some() {
             "ROLLBACK TO guest_table_change; RELEASE guest_table_change"
         } else {
             "RELEASE guest_table_change"
         };
-        self.as_host_batch(end).map_err(sql_error)?;
-        match reference {
-            Some((table, parent)) => Err(SqlError {
-                code: SQLITE_AUTH,
-                message: format!(
-                    "not authorized: table {table} may not reference the host's table {parent}; nothing of this statement was kept"
-                ),
-            }),
+        // Undoing must not be interrupted by the deadline the check may have passed.
+        self.without_deadline(|| self.as_host_batch(end))
+            .map_err(sql_error)?;
+        match refusal {
+            Some(refusal) => Err(refusal),
             None => result,
         }
+    }
+
+    /// Runs `work` with the statement deadline lifted (host work that must finish).
+    fn without_deadline<T>(&self, work: impl FnOnce() -> T) -> T {
+        let lock = |d: &std::sync::Mutex<Option<Instant>>| {
+            d.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+        };
+        let deadline = lock(&self.deadline);
+        let result = work();
+        *self
+            .deadline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = deadline;
+        result
     }
 
     /// Runs host SQL between guest statements (the guest's mode is restored after).
@@ -694,18 +725,21 @@ impl GuestDb {
         let mut bytes = 0usize;
         while let Some(row) = rows.next().map_err(sql_error)? {
             let mut values = Vec::with_capacity(columns.len());
+            // Counted value by value, so the host's copies of one wide row stop at the cap
+            // (checked after the row, a row of 200 values of 8 MB each was copied whole). The
+            // row SQLite computes is bounded only by SQLITE_LIMIT_COLUMN × SQLITE_LIMIT_LENGTH.
             for index in 0..columns.len() {
                 let value = row.get_ref(index).map_err(sql_error)?;
                 bytes += value_size(&value);
+                if bytes > MAX_RESULT_BYTES {
+                    return Err(SqlError {
+                        code: SQLITE_TOOBIG,
+                        message: format!(
+                            "the query result is larger than {MAX_RESULT_BYTES} bytes; select fewer rows (LIMIT) or columns"
+                        ),
+                    });
+                }
                 values.push(from_sqlite(value));
-            }
-            if bytes > MAX_RESULT_BYTES {
-                return Err(SqlError {
-                    code: SQLITE_TOOBIG,
-                    message: format!(
-                        "the query result is larger than {MAX_RESULT_BYTES} bytes; select fewer rows (LIMIT) or columns"
-                    ),
-                });
             }
             out.push(values);
         }

@@ -316,6 +316,8 @@ pub(crate) struct Shared {
     /// files: a read, or an append that wakes nothing (the store paused, a duplicate key), so
     /// the actor wakes to close them again in time.
     pub(crate) files_opened: Arc<tokio::sync::Notify>,
+    /// How many lines its guest may log, over all its calls and sandboxes.
+    pub(crate) guest_log: Arc<crate::capabilities::GuestLogLimit>,
 }
 
 impl Shared {
@@ -484,6 +486,7 @@ impl Store {
             reader: sqlite::LazyReader::new(&dir.store_db()).signalling(files_opened.clone()),
             emits_held: Mutex::new(0),
             files_opened,
+            guest_log: Arc::default(),
         });
         let (commands, inbox) = mpsc::channel(64);
         // Stores run apart from the API's threads (see `Runtime::guest_executor`).
@@ -808,7 +811,7 @@ impl Store {
 /// The one clock every store's ingress limiter reads. Making a clock costs tens of
 /// microseconds (it probes the CPU with `cpuid`, a VM exit under a hypervisor), reading one a
 /// few nanoseconds: neither a new store nor a refused request makes one.
-static RATE_CLOCK: std::sync::LazyLock<DefaultClock> =
+pub(crate) static RATE_CLOCK: std::sync::LazyLock<DefaultClock> =
     std::sync::LazyLock::new(DefaultClock::default);
 
 /// A store's ingress rate limiter with the quota it was built from.

@@ -1,0 +1,135 @@
+//! A hostile tenant's plugin (`abuse`, from a security audit) against the host's own limits:
+//! its error strings, the foreign keys it declares and the size of the events its followers
+//! read must not let it wedge its store, take the host's memory or reach
+//! the host's tables. Each test failed before its fix.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use storehost_store::{Quotas, RetryPolicy};
+use storehost_tests::{TestHost, TestHostOptions, programs, urlencode};
+
+async fn abuse_host(retry: RetryPolicy) -> TestHost {
+    let host = TestHost::start_with(TestHostOptions {
+        retry,
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("abuse", programs::ABUSE).await;
+    host
+}
+
+/// Query `name` of the `abuse` plugin with `args`: status and answer.
+async fn ask(host: &TestHost, store: &str, name: &str, args: Value) -> (u16, Value) {
+    host.get(&format!(
+        "/v1/stores/{store}/query/{name}?args={}",
+        urlencode(&args.to_string())
+    ))
+    .await
+}
+
+/// A plugin failing with a 9 MB error string: the message is cut to a few KB (in the store's
+/// last failure, the log and the dead letter), the event is dead-lettered and the store moves
+/// on. Before, the dead letter's row was too big for SQLite, so the event went back to the
+/// head of the queue for ever, and every attempt logged all 9 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabytes_long_plugin_error_is_cut_and_the_store_moves_on() {
+    let host = abuse_host(RetryPolicy {
+        attempts: 2,
+        base_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(10),
+        ..RetryPolicy::default()
+    })
+    .await;
+    host.add_store("wedge", "abuse", &[]).await;
+    let bad = host
+        .append("wedge", "fail", json!({"bytes": 9_000_000}))
+        .await;
+    let after = host.append("wedge", "ping", json!({})).await;
+    host.settle("wedge").await;
+    let (_, status) = host.get("/v1/stores/wedge").await;
+    assert_eq!(status["cursor"], after, "it moved on");
+    let message = status["lastFailure"]["message"].as_str().unwrap();
+    assert!(
+        message.len() < 5_000 && message.ends_with("more bytes cut)"),
+        "{} bytes: {}",
+        message.len(),
+        &message[message.len().saturating_sub(60)..]
+    );
+    let (_, letters) = host.get("/v1/stores/wedge/dead-letters").await;
+    assert_eq!(letters["deadLetters"][0]["seq"], bad, "{letters}");
+}
+
+/// A `CREATE TABLE` whose foreign key names one of the host's tables is undone even when the
+/// host's check cannot finish within the statement's CPU budget (the guest first declares
+/// thousands of foreign keys to make it slow). Before, the interrupted check skipped the undo,
+/// and the table kept its reference to `_host_outbox`: each outbox row the host deleted then
+/// scanned the guest's table, on the host's time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_referencing_a_host_table_is_undone_even_when_the_check_runs_out_of_time() {
+    let host = abuse_host(RetryPolicy::default()).await;
+    let quotas = Quotas {
+        cpu_ms_per_call: 100,
+        cpu_ms_per_minute: 1_000_000,
+        ..Quotas::default()
+    };
+    host.add_store_with("fkx", "abuse", &[], quotas).await;
+    for chunk in 0..24 {
+        host.append("fkx", "fk_fill", json!({"start": chunk * 20, "n": 20}))
+            .await;
+    }
+    let fks = vec!["FOREIGN KEY(a) REFERENCES p(id)"; 500].join(",");
+    let evil = format!(
+        "CREATE TABLE evil (a, x TEXT REFERENCES _host_outbox(origin) DEFERRABLE INITIALLY DEFERRED, {fks})"
+    );
+    host.append("fkx", "exec", json!({"sql": evil})).await;
+    host.settle("fkx").await;
+    let (status, found) = ask(
+        &host,
+        "fkx",
+        "sql",
+        json!({"sql": "SELECT count(*) FROM sqlite_schema WHERE name = 'evil'"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(
+        found["out"]["rows"],
+        json!(["[Value::Integer(0)]"]),
+        "{found}"
+    );
+}
+
+/// A page of the log stops at a few MB of payloads, however many events its `limit` asks
+/// for: a store token's read of 1,000 events of 1 MB each no longer holds 1 GB (and its JSON)
+/// in the host's memory. `next` goes on from the last event returned, and every event is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_big_events_stops_at_a_few_megabytes() {
+    let host = abuse_host(RetryPolicy::default()).await;
+    host.add_store("bigread", "abuse", &[]).await;
+    let last = host
+        .append("bigread", "emit_big", json!({"n": 12, "bytes": 1_000_000}))
+        .await;
+    host.settle("bigread").await;
+    let (_, status) = host.get("/v1/stores/bigread").await;
+    let head = status["head"].as_u64().unwrap();
+    assert_eq!(head, last + 12, "{status}");
+
+    let (mut after, mut pages, mut read) = (0, 0, 0);
+    while after < head {
+        let (status, page) = host
+            .get(&format!(
+                "/v1/stores/bigread/events?after={after}&limit=1000"
+            ))
+            .await;
+        assert_eq!(status, 200);
+        let events = page["events"].as_array().unwrap();
+        assert!(!events.is_empty(), "{after}");
+        let bytes: usize = events.iter().map(|e| e["payload"].to_string().len()).sum();
+        assert!(bytes <= 5 << 20, "a page of {bytes} bytes");
+        read += events.len();
+        after = page["next"].as_u64().unwrap();
+        pages += 1;
+    }
+    assert_eq!(read as u64, head);
+    assert!(pages >= 3, "{pages} pages for 12 MB");
+}
