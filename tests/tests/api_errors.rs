@@ -139,6 +139,16 @@ async fn bad_requests_are_refused_clearly_and_write_nothing() {
     assert_eq!(status, 400, "{body}");
     let (status, body) = host.get("/v1/stores/tenant/events?after=minus-one").await;
     assert_eq!(status, 400, "{body}");
+    // A misspelt parameter is refused, not ignored (`wait_ms` answered at once, not waiting).
+    for path in [
+        "/v1/stores/tenant/events?after=0&wait_ms=3000",
+        "/v1/stores/tenant/events/stream?since=0",
+    ] {
+        let (status, body) = host.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("unknown field"), "{path}: {message}");
+    }
     let (status, body) = host
         .get("/v1/stores/tenant/query/count?args=not-json")
         .await;

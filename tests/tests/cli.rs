@@ -719,3 +719,49 @@ async fn a_store_the_config_declares_by_a_restart_runs_as_the_config_says() {
     .await;
     assert_eq!(store["quotas"]["burst"], 33, "{store}");
 }
+
+/// A long-poll waiting when SIGTERM comes is answered (what it has: no events) as the shutdown
+/// begins, and the server exits cleanly without waiting for it. Before, it got no answer at
+/// all and held the shutdown for the 10 s grace, after which its connection was cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_is_answered_when_the_server_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::spawn(&dir.path().join("data"), &[], &[]);
+    let (status, view) = call(
+        &server.url,
+        reqwest::Method::GET,
+        "/v1/stores/demo-alpha",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{view}");
+    let head = view["head"].as_u64().unwrap();
+    let url = server.url.clone();
+    let poll = tokio::spawn(async move {
+        call(
+            &url,
+            reqwest::Method::GET,
+            &format!("/v1/stores/demo-alpha/events?after={head}&waitMs=25000"),
+            None,
+        )
+        .await
+    });
+    // The long-poll is waiting when the signal comes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.send_term();
+    let (status, body) = poll.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"], json!([]), "{body}");
+    let exited = server.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        exited.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        server.run_log()
+    );
+    assert!(
+        !server.run_log().contains("still open"),
+        "no connection held the shutdown: {}",
+        server.run_log()
+    );
+}

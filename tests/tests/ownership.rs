@@ -233,6 +233,14 @@ async fn a_config_store_whose_start_failed_is_removed_when_the_config_drops_it()
         .expect("its start failed");
     assert_eq!(failure["source"], "config", "{failure}");
     assert_eq!(host.get("/health").await.1["stores"]["failed"], 1);
+    // Its answer says what starts it again: the config, not a PUT (which gets 409).
+    let (status, shown) = host.get("/v1/stores/cfg-broken").await;
+    assert_eq!(status, 503, "{shown}");
+    let message = shown["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("change the config file") && !message.contains("PUT"),
+        "{message}"
+    );
 
     std::fs::write(&path, config_text(&["cfg-kept"])).unwrap();
     eventually("the edit removes the failed store", || async {

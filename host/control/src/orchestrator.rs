@@ -79,33 +79,41 @@ impl StoreSource {
         matches!(self, StoreSource::Config | StoreSource::Env)
     }
 
-    /// What declares a config-owned store ([`StoreSource::is_config_owned`]), as a person
-    /// would name it; `None` for any other source.
-    fn owner(self) -> Option<&'static str> {
-        match self {
-            StoreSource::Config => Some("config file"),
-            StoreSource::Env => Some("STORE_IDS environment variable"),
-            _ => None,
-        }
-    }
-
     /// For a config-owned store: why a webhook or the API may not remove it, and where to
     /// remove it instead. `None` for any other source.
     pub fn removal_refused(self, id: &StoreId) -> Option<String> {
-        let owner = self.owner()?;
-        Some(format!(
-            "store {id} is declared in the {owner} and stays; remove it there to stop it"
-        ))
+        match self {
+            StoreSource::Config => Some(format!(
+                "store {id} is declared in the config file and stays; remove it there to stop it \
+                 (a host started without --config runs the embedded default's stores: start it \
+                 with --config FILE declaring the stores to run)"
+            )),
+            StoreSource::Env => Some(format!(
+                "store {id} is named in the STORE_IDS environment variable and stays; remove it \
+                 there and restart the host to stop it"
+            )),
+            _ => None,
+        }
     }
 
     /// For a config-owned store: why the API may not change its plugin, quotas or config (the
     /// config would undo the change at the next start). `None` for any other source.
     pub fn change_refused(self, id: &StoreId) -> Option<String> {
-        let owner = self.owner()?;
-        Some(format!(
-            "store {id} is declared in the {owner}, which decides its plugin, quotas and config; \
-             change them in the config file (a change through the API would be undone at the next start)"
-        ))
+        match self {
+            StoreSource::Config => Some(format!(
+                "store {id} is declared in the config file, which decides its plugin, quotas and \
+                 config; change them in the config file (a host started without --config runs the \
+                 embedded default's stores: start it with --config FILE declaring them); a change \
+                 through the API would be undone at the next start"
+            )),
+            StoreSource::Env => Some(format!(
+                "store {id} is named in the STORE_IDS environment variable and runs the [defaults] \
+                 of the host's config, which decide its plugin, quotas and config; change them in \
+                 the config file (a host started without --config: start it with one); a change \
+                 through the API would be undone at the next start"
+            )),
+            _ => None,
+        }
     }
 }
 

@@ -239,9 +239,10 @@ impl<'de> Visitor<'de> for Checked {
     }
 }
 
-/// `?after=SEQ&limit=N&waitMs=MS`
+/// `?after=SEQ&limit=N&waitMs=MS&logEpoch=EPOCH`; any other parameter is refused (a
+/// misspelt `wait_ms` was ignored, and the read answered at once instead of waiting).
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReadParams {
     #[serde(default)]
     after: u64,
@@ -303,7 +304,13 @@ pub async fn read(
     let wait = params
         .wait_ms
         .map(|ms| Duration::from_millis(ms.min(MAX_WAIT_MS)));
-    let events = store.read(params.after, limit, wait).await?;
+    // A long-poll ends as the host starts shutting down (it answers what it has, as when its
+    // wait runs out): a shutdown does not wait out the longest `waitMs`.
+    let mut shutting_down = state.shutting_down.subscribe();
+    let events = tokio::select! {
+        read = store.read(params.after, limit, wait) => read?,
+        _ = shutting_down.wait_for(|down| *down), if wait.is_some() => Vec::new(),
+    };
     let next = events.last().map_or(params.after, |e| e.seq);
     let mut out = Vec::with_capacity(events.len());
     for event in &events {
@@ -338,11 +345,11 @@ pub(crate) fn ensure_within_log(
             StatusCode::CONFLICT,
             "log_replaced",
             format!(
-                "store {}'s log is another one than the one read (logEpoch {read}; now {}): it \
-                 was restored from a backup, or the store was created again, and its seqs after \
-                 {} are handed out again; read on from after={} (the events up to it came from \
-                 the backup, as they were if it was this store's) with logEpoch={}, or from \
-                 after=0",
+                "store {}'s log is not the one read (logEpoch {read}; the log's is {}): it was \
+                 restored from a backup or the store created again since, and its seqs after {} \
+                 are handed out again (or the logEpoch given is not one this API answered); read \
+                 on from after={} (the events up to it came from the backup, as they were if it \
+                 was this store's) with logEpoch={}, or from after=0",
                 store.id(),
                 current.epoch,
                 current.after,
@@ -359,9 +366,10 @@ pub(crate) fn ensure_within_log(
         StatusCode::CONFLICT,
         "after_beyond_head",
         format!(
-            "store {} has no event after {head}, and {after} is past that: its log was restored \
-             from an older backup or the store was created again, so its seqs are handed out \
-             again; read from after={head} or earlier (after=0 for the whole log)",
+            "store {} has no event after {head}, and {after} is past that; read from \
+             after={head} or earlier (after=0 for the whole log). If you read further before, \
+             its log was restored from an older backup or the store created again since, and \
+             its seqs are handed out again (pass logEpoch to be told so)",
             store.id()
         ),
     ))

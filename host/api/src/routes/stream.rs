@@ -35,7 +35,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// `?after=SEQ&logEpoch=EPOCH`
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StreamParams {
     after: Option<u64>,
     /// The log's epoch the follower read (see `events::ensure_within_log`): a client puts it

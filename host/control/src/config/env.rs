@@ -435,6 +435,14 @@ impl Reader<'_> {
             .map(str::trim)
             .filter(|id| !id.is_empty())
             .collect();
+        if given.is_empty() {
+            // Set, but naming no store: without --config the host then runs none (not even the
+            // embedded default's demo stores). Allowed — an empty list is a list — but said.
+            self.report.warnings.push(format!(
+                "{NAME} is set but names no store ({}); the host starts with none of its own",
+                shown(&value)
+            ));
+        }
         let mut seen = BTreeSet::new();
         let mut valid = Vec::new();
         let mut invalid = 0;
@@ -618,8 +626,14 @@ mod tests {
     #[test]
     fn store_ids_with_only_separators_add_nothing_and_are_not_an_error() {
         let (config, report) = apply(&[("STORE_IDS", " , ,")]);
-        assert!(report.unwrap().env_stores.is_empty());
+        let report = report.unwrap();
+        assert!(report.env_stores.is_empty());
         assert!(config.store_specs().is_empty());
+        assert!(
+            report.warnings.iter().any(|w| w.contains("names no store")),
+            "{:?}",
+            report.warnings
+        );
     }
 
     #[test]
