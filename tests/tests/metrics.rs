@@ -558,3 +558,40 @@ fn the_checker_refuses_malformed_expositions() {
     let good = "# HELP a A.\n# TYPE a counter\na{x=\"q\\\"\\n\"} 1\n";
     assert_eq!(parse(good).get("a", &[("x", "q\"\n")]), 1.0);
 }
+
+/// A store's disk figures are right before it commits anything and while it does not process:
+/// `diskBytes` shows its database from the start, and `eventLogBytes` counts the log's WAL and
+/// grows with the events appended to a paused store. Before, both read 0 until the plugin's
+/// first commit, and the log's figure left out the WAL, where the latest events are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_figures_count_the_log_as_it_grows_also_while_the_store_is_paused() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("growing", "writer", &[]).await;
+    let usage = |view: serde_json::Value| view["usage"].clone();
+    let before = usage(host.get("/v1/stores/growing").await.1);
+    assert!(before["diskBytes"].as_u64() > Some(0), "{before}");
+    let (status, body) = host.post("/v1/stores/growing/pause", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let value = "x".repeat(1000);
+    for batch in 0..10 {
+        let events: Vec<_> = (0..50)
+            .map(|i| json!({"type": "kv.put", "payload": {"key": batch * 50 + i, "value": value}}))
+            .collect();
+        let (status, body) = host
+            .post("/v1/stores/growing/events", json!({"events": events}))
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let after = usage(host.get("/v1/stores/growing").await.1);
+    let grew = after["eventLogBytes"].as_u64().unwrap() - before["eventLogBytes"].as_u64().unwrap();
+    assert!(grew >= 500 * 1000, "500 events of 1 KB: {grew} bytes");
+    let scraped = scrape(&host).await;
+    assert_eq!(
+        scraped.get(
+            "storehost_store_event_log_bytes",
+            &[("store_id", "growing")]
+        ) as u64,
+        after["eventLogBytes"].as_u64().unwrap()
+    );
+}

@@ -163,12 +163,10 @@ impl Outbox {
     }
 }
 
-/// Where `store.db` is and how it is opened (again, after hibernation); and where the event
-/// log is, whose size the status shows.
+/// Where `store.db` is and how it is opened (again, after hibernation).
 pub(crate) struct DbFile {
     pub(crate) path: PathBuf,
     pub(crate) durability: Durability,
-    pub(crate) event_log: PathBuf,
 }
 
 /// What one invocation delivers to the guest.
@@ -240,6 +238,10 @@ impl Actor {
     async fn serve(&mut self) {
         if let Err(err) = self.drain_outbox() {
             tracing::error!("could not move emitted events to the log: {err}");
+        }
+        if self.db.is_some() {
+            // What the store holds before its first commit (a restored or restarted store).
+            self.note_disk();
         }
         self.refresh_next_due();
         let mut head = self.shared.head.subscribe();
@@ -1566,19 +1568,18 @@ impl Actor {
         status.usage.files_bytes = self.files.usage.used();
     }
 
-    /// Records the database's size after a commit. Once per commit, not per invocation: SQLite
-    /// compiles a `PRAGMA` again each time it runs, which cost a batch of trivial events a
-    /// seventh of its time. The event log's file is measured then too (one `stat`).
+    /// Records the database's size after a commit (and when the store starts). Once per
+    /// commit, not per invocation: SQLite compiles a `PRAGMA` again each time it runs, which
+    /// cost a batch of trivial events a seventh of its time. (The event log's size is measured
+    /// when the status is read: see `Store::status`.)
     fn note_disk(&self) {
         let db = self.lock_db();
         let disk = db.size_bytes().unwrap_or(0);
         let cache = db.cache_bytes().unwrap_or(0);
         drop(db);
-        let event_log = std::fs::metadata(&self.db_file.event_log).map_or(0, |meta| meta.len());
         let mut status = self.shared.status();
         status.usage.disk_bytes = disk;
         status.usage.db_cache_bytes = cache;
-        status.usage.event_log_bytes = event_log;
     }
 
     /// Opens `store.db` again after hibernation (nothing to do while it is open). Every piece

@@ -308,6 +308,14 @@ impl EventLog {
         self.epoch
     }
 
+    /// The bytes the log takes on disk: its file and its WAL (two `stat`s).
+    pub fn file_bytes(&self) -> u64 {
+        let size = |path: &Path| std::fs::metadata(path).map_or(0, |meta| meta.len());
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        size(&self.path) + size(Path::new(&wal))
+    }
+
     /// This log, telling `opened` each time its writer or its reader opens the file again
     /// after [`EventLog::take_connections`]: an append or a read reaching a store whose files
     /// are closed, which nothing else wakes to close them again.

@@ -497,7 +497,6 @@ impl Store {
             DbFile {
                 path: dir.store_db(),
                 durability,
-                event_log: dir.events_db(),
             },
             files,
             settings,
@@ -785,6 +784,9 @@ impl Store {
     /// A snapshot of the store's status.
     pub fn status(&self) -> StoreStatus {
         let mut status = self.shared.status().clone();
+        // Measured now, the WAL included (where the latest events are): appends change it
+        // whether or not the store processes them (a paused store's log grows too).
+        status.usage.event_log_bytes = self.shared.log.file_bytes();
         status.head = self.head();
         status.cursor = *self.shared.cursor.borrow();
         status.lag = status.head.saturating_sub(status.cursor);
