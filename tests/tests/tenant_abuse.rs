@@ -82,8 +82,18 @@ async fn a_table_referencing_a_host_table_is_undone_even_when_the_check_runs_out
     let evil = format!(
         "CREATE TABLE evil (a, x TEXT REFERENCES _host_outbox(origin) DEFERRABLE INITIALLY DEFERRED, {fks})"
     );
-    host.append("fkx", "exec", json!({"sql": evil})).await;
-    host.settle("fkx").await;
+    let seq = host.append("fkx", "exec", json!({"sql": evil})).await;
+    // Tens of seconds of SQLite checking thousands of foreign keys (in a debug build).
+    let store = host
+        .orchestrator
+        .get(&storehost_store::StoreId::new("fkx").unwrap())
+        .await
+        .unwrap();
+    assert!(
+        store.wait_processed(seq, Duration::from_secs(300)).await,
+        "{:?}",
+        store.status()
+    );
     let (status, found) = ask(
         &host,
         "fkx",
@@ -132,4 +142,68 @@ async fn a_page_of_big_events_stops_at_a_few_megabytes() {
     }
     assert_eq!(read as u64, head);
     assert!(pages >= 3, "{pages} pages for 12 MB");
+}
+
+/// A store's tasks are bounded (count and payload bytes), since listing them reads them all
+/// into the host's memory: scheduling past 16 MiB of payloads is refused with why. Before,
+/// 3,000 tasks of 60 KB made one `scheduled()` or `GET …/tasks` take 600 MB of the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_cannot_schedule_past_its_tasks_room() {
+    let host = abuse_host(RetryPolicy {
+        attempts: 1,
+        ..RetryPolicy::default()
+    })
+    .await;
+    host.add_store("hoarder", "abuse", &[]).await;
+    let seq = host
+        .append("hoarder", "sched_fill", json!({"n": 300, "bytes": 60_000}))
+        .await;
+    host.settle("hoarder").await;
+    let (_, letters) = host.get("/v1/stores/hoarder/dead-letters").await;
+    let letter = &letters["deadLetters"][0];
+    assert_eq!(letter["seq"], seq, "{letters}");
+    assert!(
+        letter["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("bytes of payloads, more than 16777216")),
+        "{letter}"
+    );
+    let (_, tasks) = host.get("/v1/stores/hoarder/tasks").await;
+    assert_eq!(
+        tasks["schedules"],
+        json!([]),
+        "nothing of the failed event was kept"
+    );
+}
+
+/// Scheduling a cron expression that never matches (the host searches thousands of years for
+/// its first occurrence) costs the store the time it takes, as its SQL does. Before, a call was
+/// one tick of the CPU meter whatever it took, and neither CPU quota saw it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impossible_cron_expression_is_charged_the_time_it_takes() {
+    let host = abuse_host(RetryPolicy::default()).await;
+    host.add_store("dreamer", "abuse", &[]).await;
+    let cpu = |view: Value| view["usage"]["cpuMs"].as_u64().unwrap();
+    let before = cpu(host.get("/v1/stores/dreamer").await.1);
+    host.append(
+        "dreamer",
+        "cron",
+        json!({"expr": "59 59 23 31 2 *", "times": 10}),
+    )
+    .await;
+    host.settle("dreamer").await;
+    let answers = host.query("dreamer", "out", json!({})).await;
+    let answer = &answers[0]["answer"];
+    assert!(
+        answer["out"]["last"]
+            .as_str()
+            .is_some_and(|last| last.contains("no future occurrence")),
+        "{answer}"
+    );
+    let took = answer["ms"].as_u64().unwrap();
+    let charged = cpu(host.get("/v1/stores/dreamer").await.1) - before;
+    assert!(
+        charged * 2 >= took,
+        "the call took {took} ms and was charged {charged} ms"
+    );
 }

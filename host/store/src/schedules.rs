@@ -248,6 +248,40 @@ pub fn validate(task_id: &str, payload: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The most tasks one store may have scheduled…
+pub const MAX_TASKS: u64 = 10_000;
+/// …and the most bytes their payloads may hold together: `scheduler.scheduled()` and
+/// `GET /v1/stores/{id}/tasks` read them all into the host's memory (3,000 tasks of 60 KB made
+/// one listing take 600 MB).
+pub const MAX_PAYLOADS_BYTES: u64 = 16 << 20;
+
+/// Whether task `task_id` (new, or replacing the one of that id) with a payload of
+/// `payload_bytes` fits within [`MAX_TASKS`] and [`MAX_PAYLOADS_BYTES`]: `Err` says why not.
+pub fn check_room(
+    conn: &Connection,
+    task_id: &str,
+    payload_bytes: usize,
+) -> rusqlite::Result<Result<(), String>> {
+    let (others, bytes): (u64, u64) = conn.query_row(
+        "SELECT count(*), coalesce(sum(length(CAST(payload AS BLOB))), 0)
+         FROM _host_schedules WHERE task_id != ?1",
+        [task_id],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    if others >= MAX_TASKS {
+        return Ok(Err(format!(
+            "the store has {others} other tasks scheduled, the most it may have is {MAX_TASKS}; cancel some before scheduling `{task_id}`"
+        )));
+    }
+    let total = bytes.saturating_add(payload_bytes as u64);
+    if total > MAX_PAYLOADS_BYTES {
+        return Ok(Err(format!(
+            "the store's tasks would hold {total} bytes of payloads, more than {MAX_PAYLOADS_BYTES}; keep task payloads small (an id to look up) or cancel tasks"
+        )));
+    }
+    Ok(Ok(()))
+}
+
 /// Creates or replaces a schedule; answers its first due time.
 pub fn upsert(
     conn: &Connection,
