@@ -114,6 +114,11 @@ async fn a_full_queue_gets_429_and_nothing_queued_is_lost() {
         .await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["code"], "queue_full");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("it is paused") && message.contains("resume it"),
+        "retrying alone would not help: {message}"
+    );
 
     // A live quota change while events wait: nothing queued is lost.
     let (status, body) = host

@@ -131,7 +131,10 @@ pub enum StoreError {
     #[error("store {0} is stopped")]
     Stopped(StoreId),
     /// Too many events are waiting to be processed.
-    #[error("store {store} has {pending} events waiting (max_pending_events = {max}); retry later")]
+    #[error(
+        "store {store} has {pending} events waiting (max_pending_events = {max}); {}",
+        if *paused { "it is paused, so they wait until it is resumed; resume it, then retry" } else { "retry later" }
+    )]
     QueueFull {
         /// The store.
         store: StoreId,
@@ -139,6 +142,8 @@ pub enum StoreError {
         pending: u64,
         /// The quota.
         max: u64,
+        /// Whether the store is paused (its queue drains only once it is resumed).
+        paused: bool,
     },
     /// The store's ingress rate (`events_per_second` + `burst`) is used up.
     #[error(
@@ -609,6 +614,7 @@ impl Store {
                 store: self.shared.id.clone(),
                 pending,
                 max,
+                paused: self.shared.status().state == StoreState::Paused,
             });
         }
         Ok(())
