@@ -558,6 +558,15 @@ fn a_token_from_ctl_tokens_create_reaches_only_its_store_until_revoked() {
         .status()
         .as_u16();
     assert_eq!(admin_route, 403, "an admin route refuses it");
+    // It follows its store's events with ctl (a tenant route; ctl asks no admin route).
+    let tailed = command(dir)
+        .args(["ctl", "--server", url, "--token", &token, "--json"])
+        .args(["events", "tail", "tok-acme", "--after", "0", "--count", "1"])
+        .output()
+        .unwrap();
+    assert!(tailed.status.success(), "{tailed:?}");
+    let line: Value = serde_json::from_slice(&tailed.stdout).unwrap();
+    assert_eq!(line["seq"], 1, "{line}");
 
     let listed = ok(&ctl(dir, url, &["--json", "tokens", "list", "tok-acme"])).json();
     let tokens = listed["tokens"].as_array().expect("tokens").clone();

@@ -357,6 +357,14 @@ async fn a_store_whose_files_cannot_be_archived_is_not_forgotten() {
         "still known, with why: {body}"
     );
     assert!(host.data_dir.join("stores/doomed/store.db").exists());
+    // Its answer says that a restart finishes the removal (not that it starts the store).
+    let (status, shown) = host.get("/v1/stores/doomed").await;
+    assert_eq!(status, 503, "{shown}");
+    let message = shown["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("could not be removed") && message.contains("finishes the removal"),
+        "{message}"
+    );
 
     std::fs::remove_file(&archive).unwrap();
     let (status, body) = host

@@ -206,9 +206,14 @@ async fn a_stream_resumed_with_last_event_id_delivers_every_later_event_exactly_
     let mut last: Option<u64> = None;
     // Six connections, each read for a few events then dropped mid-stream.
     for round in 0..6 {
-        // `after=0` is given too: Last-Event-ID takes precedence over it.
-        let query = if round == 0 { "" } else { "?after=0" };
-        let mut stream = EventStream::open(&host, "resume-feed", query, last).await;
+        // `after=0` is given too: Last-Event-ID takes precedence over it. One round sends it
+        // as the `lastEventId` parameter, as some EventSource polyfills do.
+        let (query, header) = match (round, last) {
+            (0, _) => (String::new(), last),
+            (3, Some(id)) => (format!("?lastEventId={id}"), None),
+            _ => ("?after=0".to_owned(), last),
+        };
+        let mut stream = EventStream::open(&host, "resume-feed", &query, header).await;
         for _ in 0..7 {
             let (seq, event_type, _) = stream.next_event().await;
             assert_eq!(event_type, "tick");

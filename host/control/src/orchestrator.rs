@@ -1254,6 +1254,12 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Whether store `id`'s removal was asked for and is not finished (a failed store then):
+    /// a restart finishes it.
+    pub fn is_removing(&self, id: &StoreId) -> bool {
+        self.removing().contains(id)
+    }
+
     fn removing(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<StoreId>> {
         self.removing
             .lock()
@@ -1265,6 +1271,11 @@ impl Orchestrator {
     /// if they are still in place, and the store forgotten. One the config declares again,
     /// and runs, is kept. A removal that fails again leaves a failed store, with why.
     async fn finish_removals(&self) -> Result<(), ControlError> {
+        if self.is_stopping() {
+            // A start cut short: the config's stores may not have started, so which of these
+            // it declares again is not known. The next start finishes them.
+            return Ok(());
+        }
         let running = self.sources().await;
         for (id, purge) in self.registry.removals()? {
             let config_failed = self

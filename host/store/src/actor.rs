@@ -239,10 +239,6 @@ impl Actor {
         if let Err(err) = self.drain_outbox() {
             tracing::error!("could not move emitted events to the log: {err}");
         }
-        if self.db.is_some() {
-            // What the store holds before its first commit (a restored or restarted store).
-            self.note_disk();
-        }
         self.refresh_next_due();
         let mut head = self.shared.head.subscribe();
         let files_opened = self.shared.files_opened.clone();
@@ -1568,7 +1564,7 @@ impl Actor {
         status.usage.files_bytes = self.files.usage.used();
     }
 
-    /// Records the database's size after a commit (and when the store starts). Once per
+    /// Records the database's size after a commit (`Store::open` records it first). Once per
     /// commit, not per invocation: SQLite compiles a `PRAGMA` again each time it runs, which
     /// cost a batch of trivial events a seventh of its time. (The event log's size is measured
     /// when the status is read: see `Store::status`.)

@@ -89,6 +89,30 @@ impl LogEpoch {
     }
 }
 
+/// An epoch later than now and than any this process handed out before: logs made (or
+/// restored) within one millisecond get different ones.
+fn fresh_epoch() -> i64 {
+    static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let now = sqlite::now_ms();
+    let previous = LAST
+        .fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |last| Some(now.max(last.saturating_add(1))),
+        )
+        .unwrap_or(now);
+    now.max(previous.saturating_add(1))
+}
+
+/// Gives the new log `conn` writes (a spare store's) a [`fresh_epoch`].
+pub(crate) fn stamp_fresh_epoch(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE log_epoch SET epoch = ?1 WHERE id = 1",
+        [fresh_epoch()],
+    )?;
+    Ok(())
+}
+
 /// Starts another history in the log at `path` (a restored backup's, not open elsewhere):
 /// its epoch later than `previous` (the replaced log's) and now, beginning after the log's
 /// last seq.
@@ -99,7 +123,7 @@ pub fn begin_epoch(path: &Path, previous: i64) -> rusqlite::Result<LogEpoch> {
         row.get(0)
     })?;
     let epoch = LogEpoch {
-        epoch: sqlite::now_ms().max(previous.saturating_add(1)),
+        epoch: fresh_epoch().max(previous.saturating_add(1)),
         after,
     };
     conn.execute(
@@ -190,6 +214,10 @@ pub struct EventLog {
     epoch: LogEpoch,
     /// Told each time the writer or the reader opens the file (see [`EventLog::signalling`]).
     opened: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// The bytes the file and its WAL took when last measured ([`EventLog::file_bytes`])…
+    size: std::sync::atomic::AtomicU64,
+    /// …and whether the log was written since.
+    size_stale: std::sync::atomic::AtomicBool,
 }
 
 /// The end of the log in memory: every event with `seq > after`, in order, with no gap.
@@ -300,6 +328,8 @@ impl EventLog {
             reader: sqlite::LazyReader::with_page_cache(path, CACHE_PAGES),
             tail: Mutex::new(None),
             opened: None,
+            size: std::sync::atomic::AtomicU64::new(0),
+            size_stale: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -309,11 +339,19 @@ impl EventLog {
     }
 
     /// The bytes the log takes on disk: its file and its WAL (two `stat`s).
+    /// Measured again only after a write since the last time (a host listing 10,000 stores,
+    /// most of them idle, stats the files of those that changed).
     pub fn file_bytes(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        if !self.size_stale.swap(false, Ordering::Relaxed) {
+            return self.size.load(Ordering::Relaxed);
+        }
         let size = |path: &Path| std::fs::metadata(path).map_or(0, |meta| meta.len());
         let mut wal = self.path.clone().into_os_string();
         wal.push("-wal");
-        size(&self.path) + size(Path::new(&wal))
+        let bytes = size(&self.path) + size(Path::new(&wal));
+        self.size.store(bytes, Ordering::Relaxed);
+        bytes
     }
 
     /// This log, telling `opened` each time its writer or its reader opens the file again
@@ -362,6 +400,9 @@ impl EventLog {
     /// closing its files after a long hibernation, and the WAL small: see
     /// [`sqlite::keep_small_wal_on_close`]).
     pub(crate) fn take_connections(&self, idle: bool) -> Vec<Connection> {
+        // Closing may checkpoint the WAL into the file and empty it.
+        self.size_stale
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         lock(&self.tail).take();
         let reader = self.reader.take();
         let writer = lock(&self.writer).take();
@@ -387,7 +428,10 @@ impl EventLog {
                 slot.insert(conn)
             }
         };
-        work(conn)
+        let done = work(conn);
+        self.size_stale
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        done
     }
 
     /// Appends `events` from `source` in one transaction; returns each event's `seq` (the
@@ -635,6 +679,17 @@ fn upgrade_older_log(conn: &Connection) -> rusqlite::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Logs made within one millisecond (spares built back to back) get different epochs.
+    #[test]
+    fn fresh_epochs_never_repeat() {
+        let epochs: Vec<i64> = (0..1000).map(|_| fresh_epoch()).collect();
+        assert!(
+            epochs.windows(2).all(|pair| pair[0] < pair[1]),
+            "{epochs:?}"
+        );
+        assert!(epochs[0] >= sqlite::now_ms() - 1000);
+    }
 
     /// Tailing clients and the store's own actor page through the log with the same cached
     /// statement but different positions and page sizes: SQLite must not compile it again for

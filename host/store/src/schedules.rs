@@ -263,7 +263,7 @@ pub fn check_room(
     payload_bytes: usize,
 ) -> rusqlite::Result<Result<(), String>> {
     let (others, bytes): (u64, u64) = conn.query_row(
-        "SELECT count(*), coalesce(sum(length(CAST(payload AS BLOB))), 0)
+        "SELECT count(*), coalesce(sum(octet_length(payload)), 0)
          FROM _host_schedules WHERE task_id != ?1",
         [task_id],
         |row| Ok((row.get(0)?, row.get(1)?)),

@@ -286,8 +286,12 @@ impl SpareStores {
                 }
                 Ok(conn)
             };
+            let events = create("events.db", &crate::event_log::SCHEMA)?;
+            // Spares built within one millisecond would share an epoch: a store removed and
+            // created again from the next spare could get the one its log had before.
+            crate::event_log::stamp_fresh_epoch(&events).map_err(io::Error::other)?;
             let open = OpenSpare {
-                events: create("events.db", &crate::event_log::SCHEMA)?,
+                events,
                 store: create("store.db", &crate::guest_db::SCHEMA)?,
             };
             let spare = self.root.join(n.to_string());

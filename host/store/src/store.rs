@@ -472,6 +472,8 @@ impl Store {
             last_activity: None,
             usage: UsageReport {
                 files_bytes: files.usage.used(),
+                // What it holds before its first commit (a restored or restarted store).
+                disk_bytes: db.size_bytes().unwrap_or(0),
                 ..UsageReport::default()
             },
             waiting_until: None,

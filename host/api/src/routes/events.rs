@@ -318,10 +318,14 @@ pub async fn read(
             serde_json::from_str(&event.payload).map_err(ApiError::internal)?;
         out.push(EventOut::new(event, payload));
     }
-    let log_epoch = store.log_epoch().epoch;
-    let body =
-        serde_json::to_string(&json!({ "events": out, "next": next, "logEpoch": log_epoch }))
-            .map_err(ApiError::internal)?;
+    let epoch = store.log_epoch();
+    let body = serde_json::to_string(&json!({
+        "events": out,
+        "next": next,
+        "logEpoch": epoch.epoch,
+        "logEpochAfter": epoch.after,
+    }))
+    .map_err(ApiError::internal)?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,

@@ -51,6 +51,9 @@ pub async fn show(
             Some((failure, owner)) => {
                 // A store the config declares is the config's to start again or remove.
                 let next = match owner {
+                    _ if state.orchestrator.is_removing(&id) => {
+                        "its removal is not finished: fix the cause, then DELETE it again (a restart of the host finishes the removal too); a PUT starts it again instead"
+                    }
                     Some(StoreSource::Config) => {
                         "fix the cause, then change the config file (any change) or restart the host to start it again; remove it from the config to drop it"
                     }
@@ -65,7 +68,12 @@ pub async fn show(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store_failed",
                     format!(
-                        "store {id} could not start (at {} ms since the epoch): {}; {}",
+                        "store {id} {} (at {} ms since the epoch): {}; {}",
+                        if state.orchestrator.is_removing(&id) {
+                            "could not be removed"
+                        } else {
+                            "could not start"
+                        },
                         failure.at,
                         failure.detail.as_deref().unwrap_or("no detail"),
                         next.replace("{id}", id.as_str())

@@ -41,6 +41,9 @@ pub struct StreamParams {
     /// The log's epoch the follower read (see `events::ensure_within_log`): a client puts it
     /// in the stream's URL, so a reconnect after a restore gets 409 instead of skipping.
     log_epoch: Option<i64>,
+    /// `Last-Event-ID` as some `EventSource` polyfills send it on a reconnect (the header
+    /// wins when both come).
+    last_event_id: Option<u64>,
 }
 
 /// `GET /v1/stores/{id}/events/stream`
@@ -71,7 +74,7 @@ pub async fn stream(
                     "Last-Event-ID must be the seq of the last event received (a whole number)",
                 )
             })?,
-        None => params.after.unwrap_or(0),
+        None => params.last_event_id.or(params.after).unwrap_or(0),
     };
     super::events::ensure_within_log(&store, after, params.log_epoch)?;
     // A store token is checked again as the stream goes on: revoking it ends the stream.

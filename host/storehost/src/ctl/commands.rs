@@ -375,11 +375,24 @@ fn tail(
     after: Option<u64>,
     count: Option<u64>,
 ) -> Result<(), CtlError> {
-    let view = client.json(Method::GET, &format!("/v1/stores/{}", segment(id)), None)?;
-    let mut epoch = view["logEpoch"].as_i64();
+    // The log's epoch from a read (a tenant route: a store token may tail too).
+    let log_epoch = || -> Result<(Option<i64>, u64), CtlError> {
+        let page = client.json(
+            Method::GET,
+            &format!("/v1/stores/{}/events?after=0&limit=1", segment(id)),
+            None,
+        )?;
+        Ok((
+            page["logEpoch"].as_i64(),
+            page["logEpochAfter"].as_u64().unwrap_or(0),
+        ))
+    };
+    let (mut epoch, _) = log_epoch()?;
     let mut last = match after {
         Some(after) => after,
-        None => view["head"].as_u64().unwrap_or(0),
+        None => client.json(Method::GET, &format!("/v1/stores/{}", segment(id)), None)?["head"]
+            .as_u64()
+            .unwrap_or(0),
     };
     let mut shown = 0u64;
     if count == Some(0) {
@@ -402,10 +415,8 @@ fn tail(
         let response = match client.send(request) {
             Ok(response) => response,
             Err(CtlError::Refused { code, .. }) if code == "log_replaced" => {
-                let view =
-                    client.json(Method::GET, &format!("/v1/stores/{}", segment(id)), None)?;
-                epoch = view["logEpoch"].as_i64();
-                let restored_up_to = view["logEpochAfter"].as_u64().unwrap_or(0);
+                let restored_up_to;
+                (epoch, restored_up_to) = log_epoch()?;
                 last = last.min(restored_up_to);
                 eprintln!(
                     "the store's log was replaced (restored from a backup, or the store created again): following the new log from after seq {last}"
