@@ -241,6 +241,15 @@ async fn a_config_store_whose_start_failed_is_removed_when_the_config_drops_it()
         message.contains("change the config file") && !message.contains("PUT"),
         "{message}"
     );
+    // Its tenant routes say the same (they answered 404 "does not exist; create it with PUT").
+    let (status, refused) = host
+        .post(
+            "/v1/stores/cfg-broken/events",
+            json!({"type": "kv.put", "payload": {}}),
+        )
+        .await;
+    assert_eq!(status, 503, "{refused}");
+    assert_eq!(refused["error"]["code"], "store_failed", "{refused}");
 
     std::fs::write(&path, config_text(&["cfg-kept"])).unwrap();
     eventually("the edit removes the failed store", || async {

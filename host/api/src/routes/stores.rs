@@ -47,41 +47,7 @@ pub async fn show(
     let id = parse_store_id(&id)?;
     match state.orchestrator.view(&id).await {
         Some(view) => Ok(Json(view)),
-        None => Err(match state.orchestrator.failed_start(&id) {
-            Some((failure, owner)) => {
-                // A store the config declares is the config's to start again or remove.
-                let next = match owner {
-                    _ if state.orchestrator.is_removing(&id) => {
-                        "its removal is not finished: fix the cause, then DELETE it again (a restart of the host finishes the removal too); a PUT starts it again instead"
-                    }
-                    Some(StoreSource::Config) => {
-                        "fix the cause, then change the config file (any change) or restart the host to start it again; remove it from the config to drop it"
-                    }
-                    Some(StoreSource::Env) => {
-                        "fix the cause, then restart the host to start it again; remove it from STORE_IDS to drop it"
-                    }
-                    _ => {
-                        "fix the cause, then PUT /v1/stores/{id} (or restart the host) to start it again, or DELETE it"
-                    }
-                };
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_failed",
-                    format!(
-                        "store {id} {} (at {} ms since the epoch): {}; {}",
-                        if state.orchestrator.is_removing(&id) {
-                            "could not be removed"
-                        } else {
-                            "could not start"
-                        },
-                        failure.at,
-                        failure.detail.as_deref().unwrap_or("no detail"),
-                        next.replace("{id}", id.as_str())
-                    ),
-                )
-            }
-            None => ApiError::unknown_store(id.as_str()),
-        }),
+        None => Err(super::not_running(&state, &id)),
     }
 }
 
