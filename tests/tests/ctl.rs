@@ -55,6 +55,17 @@ fn ctl(dir: &Path, url: &str, args: &[&str]) -> Run {
     }
 }
 
+/// `storehost ctl --json events tail STORE --after 0 --count COUNT`, running, its output piped.
+fn spawn_tail(dir: &Path, url: &str, store: &str, count: &str) -> std::process::Child {
+    command(dir)
+        .args(["ctl", "--server", url, "--token", PROCESS_TOKEN, "--json"])
+        .args(["events", "tail", store, "--after", "0", "--count", count])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn ok(run: &Run) -> &Run {
     assert_eq!(
         run.code, 0,
@@ -174,21 +185,7 @@ fn events_are_posted_and_followed() {
     ));
 
     // The follower starts before the events exist and sees them arrive.
-    let mut tail = command(dir)
-        .args(["ctl", "--server", url, "--token", PROCESS_TOKEN, "--json"])
-        .args([
-            "events",
-            "tail",
-            "tail-store",
-            "--after",
-            "0",
-            "--count",
-            "3",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut tail = spawn_tail(dir, url, "tail-store", "3");
     for i in 1..=3 {
         let payload = format!(r#"{{"key":"k{i}","value":{i}}}"#);
         let post = ctl(
@@ -295,21 +292,7 @@ fn a_backup_file_restores_the_store() {
         ));
     }
     // A follower that has shown every event, up to 8, when the store is restored.
-    let mut tail = command(dir)
-        .args(["ctl", "--server", url, "--token", PROCESS_TOKEN, "--json"])
-        .args([
-            "events",
-            "tail",
-            "round-trip",
-            "--after",
-            "0",
-            "--count",
-            "10",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut tail = spawn_tail(dir, url, "round-trip", "10");
     let (lines_tx, lines) = std::sync::mpsc::channel::<Value>();
     let stdout = tail.stdout.take().unwrap();
     std::thread::spawn(move || {

@@ -12,6 +12,21 @@ fn id(name: &str) -> StoreId {
     StoreId::new(name).unwrap()
 }
 
+/// A host on the data directory `data` with `writer` deployed: calling it again after a
+/// stop is a restart.
+async fn host_on(data: &std::path::Path) -> TestHost {
+    use storehost_tests::{TestHostOptions, programs};
+    TestHost::start_configured(
+        TestHostOptions {
+            data_dir: Some(data.to_owned()),
+            ..TestHostOptions::default()
+        },
+        &[("writer", programs::WRITER)],
+        |_, state| state,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_stores_at_once_get_the_answers_one_at_a_time_would_and_respect_max_stores() {
     let host = TestHost::start_control(
@@ -174,19 +189,9 @@ async fn a_restart_with_other_defaults_gives_them_to_the_stores_added_at_run_tim
 /// and with its source: not from the defaults.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_on_a_store_whose_restore_failed_keeps_what_it_had_set() {
-    use storehost_tests::{TestHostOptions, programs};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let start = || {
-        TestHost::start_configured(
-            TestHostOptions {
-                data_dir: Some(data.clone()),
-                ..TestHostOptions::default()
-            },
-            &[("writer", programs::WRITER)],
-            |_, state| state,
-        )
-    };
+    let start = || host_on(&data);
     let first = start().await;
     let (status, body) = first
         .call(
@@ -579,19 +584,9 @@ async fn a_config_store_keeps_its_owner_until_the_config_lets_it_go() {
 /// started again after such a failure is not removed at the next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removal_host_db_could_not_finish_is_finished_at_the_next_start() {
-    use storehost_tests::{TestHostOptions, programs};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let start = || {
-        TestHost::start_configured(
-            TestHostOptions {
-                data_dir: Some(data.clone()),
-                ..TestHostOptions::default()
-            },
-            &[("writer", programs::WRITER)],
-            |_, state| state,
-        )
-    };
+    let start = || host_on(&data);
     let first = start().await;
     for name in ["leaving", "returning"] {
         let (status, body) = first
