@@ -29,6 +29,10 @@ pub enum CapabilityError {
 /// through [`HostCapabilities::take_breach`] so the failure is classified correctly even when the
 /// guest swallowed the error.
 pub trait HostCapabilities: Send + 'static {
+    /// The CPU time the current call has `left`, told before each capability that may run SQL
+    /// (a statement, the scheduler's calls): statements must stop by then. The sandbox charges
+    /// the capability's time to the call afterwards.
+    fn limit_host_time(&mut self, left: std::time::Duration);
     /// Runs one statement without result rows on the store's database.
     fn sql_execute(&mut self, statement: &str, params: Vec<Value>) -> Result<u64, SqlError>;
     /// Runs one statement and returns its rows.

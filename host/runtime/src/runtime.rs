@@ -157,7 +157,7 @@ impl<H: HostCapabilities> Runtime<H> {
     /// How many times the epoch has advanced: every [`EPOCH_TICK`] while a sandbox exists; it
     /// stands still while none does.
     pub fn epoch_ticks(&self) -> u64 {
-        self.ticker.shared.ticks.load(Ordering::Relaxed)
+        self.ticker.ticks()
     }
 }
 
@@ -295,6 +295,11 @@ impl EpochTicker {
             })
             .ok();
         Self { shared, handle }
+    }
+
+    /// How many times the epoch has advanced.
+    pub(crate) fn ticks(&self) -> u64 {
+        self.shared.ticks.load(Ordering::Relaxed)
     }
 
     /// Keeps the epoch advancing until the returned guard is dropped.

@@ -169,7 +169,7 @@ impl<H: HostCapabilities> Sandbox<H> {
                     )
                 })?;
         }
-        let cpu = CpuMeter::default();
+        let cpu = CpuMeter::new(plugin.ticker.clone());
         let state = InstanceState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -598,7 +598,6 @@ pub(crate) fn charge_moving(owed: &AtomicU64, bytes: usize) {
 }
 
 /// A sandbox's CPU time, in epoch ticks (1 ms each).
-#[derive(Default)]
 struct CpuMeter {
     ticks_this_call: u64,
     limit_ticks: u64,
@@ -606,9 +605,21 @@ struct CpuMeter {
     /// Ticks charged by host calls for the bytes they moved, not yet counted; shared with the
     /// files directory's streams, which move bytes outside the sandbox's own bindings.
     owed: Arc<AtomicU64>,
+    /// The engine's epoch clock, to time host calls that run the guest's SQL.
+    ticker: Arc<crate::runtime::EpochTicker>,
 }
 
 impl CpuMeter {
+    fn new(ticker: Arc<crate::runtime::EpochTicker>) -> Self {
+        Self {
+            ticks_this_call: 0,
+            limit_ticks: 0,
+            total_ticks: 0,
+            owed: Arc::default(),
+            ticker,
+        }
+    }
+
     /// Counts the ticks host calls were charged since the last count.
     fn collect_owed(&mut self) {
         let ticks = self.owed.swap(0, Ordering::Relaxed);
@@ -619,6 +630,17 @@ impl CpuMeter {
     /// Charges a host call that moved `bytes` bytes.
     fn moved(&self, bytes: usize) {
         charge_moving(&self.owed, bytes);
+    }
+
+    /// What the call has left of its CPU time, in ticks; [`CpuTimeExceeded`] once nothing.
+    fn left(&mut self) -> Result<u64, CpuTimeExceeded> {
+        self.collect_owed();
+        match self.limit_ticks.checked_sub(self.ticks_this_call) {
+            Some(left) if left > 0 => Ok(left),
+            _ => Err(CpuTimeExceeded {
+                limit_ms: self.limit_ticks,
+            }),
+        }
     }
 }
 
@@ -653,6 +675,26 @@ impl<H: HostCapabilities> InstanceState<H> {
     }
 }
 
+impl<H: HostCapabilities> InstanceState<H> {
+    /// Runs a host call that may run SQL for the guest, whose statements stop when the call's
+    /// CPU time runs out, and charges the call's time to it. The epoch ticks that meter guest
+    /// code count a host call as one tick however long it ran: without this, a call of 40
+    /// statements each just under the quota took 40 times the quota.
+    fn charged<T>(&mut self, call: impl FnOnce(&mut H) -> T) -> wasmtime::Result<T> {
+        let left = self.cpu.left()?;
+        self.host.limit_host_time(Duration::from_millis(left));
+        let started = self.cpu.ticker.ticks();
+        let value = call(&mut self.host);
+        // The epoch passed its deadline if it moved at all: the tick that comes when guest code
+        // runs again counts one of the epochs that passed.
+        let passed = self.cpu.ticker.ticks().saturating_sub(started);
+        self.cpu
+            .owed
+            .fetch_add(passed.saturating_sub(1), Ordering::Relaxed);
+        Ok(value)
+    }
+}
+
 impl<H: HostCapabilities> types::Host for InstanceState<H> {}
 
 impl<H: HostCapabilities> sql::Host for InstanceState<H> {
@@ -663,7 +705,7 @@ impl<H: HostCapabilities> sql::Host for InstanceState<H> {
     ) -> wasmtime::Result<Result<u64, SqlError>> {
         self.cpu
             .moved(statement.len() + params.iter().map(value_bytes).sum::<usize>());
-        Ok(self.host.sql_execute(&statement, params))
+        self.charged(|host| host.sql_execute(&statement, params))
     }
 
     fn query(
@@ -673,7 +715,7 @@ impl<H: HostCapabilities> sql::Host for InstanceState<H> {
     ) -> wasmtime::Result<Result<Rows, SqlError>> {
         self.cpu
             .moved(statement.len() + params.iter().map(value_bytes).sum::<usize>());
-        let answer = self.host.sql_query(&statement, params);
+        let answer = self.charged(|host| host.sql_query(&statement, params))?;
         if let Ok(rows) = &answer {
             let values = rows.rows.iter().flatten().map(value_bytes).sum::<usize>();
             self.cpu.moved(values);
@@ -719,24 +761,24 @@ impl<H: HostCapabilities> scheduler::Host for InstanceState<H> {
         payload: String,
     ) -> wasmtime::Result<Result<Option<i64>, String>> {
         self.cpu.moved(task_id.len() + payload.len());
-        Ok(self.host.schedule(task_id, trigger, payload))
+        self.charged(|host| host.schedule(task_id, trigger, payload))
     }
 
     fn cancel(&mut self, task_id: String) -> wasmtime::Result<bool> {
-        self.host.cancel_task(&task_id).map_err(|err| match err {
-            CapabilityError::Refused(why) => Refused(format!(
-                "scheduler.cancel(`{task_id}`) may not be called here: {why}"
-            ))
-            .into(),
-            CapabilityError::Failed(why) => {
-                HostFailure(format!("could not cancel task `{task_id}`: {why}")).into()
-            }
-        })
+        self.charged(|host| host.cancel_task(&task_id))?
+            .map_err(|err| match err {
+                CapabilityError::Refused(why) => Refused(format!(
+                    "scheduler.cancel(`{task_id}`) may not be called here: {why}"
+                ))
+                .into(),
+                CapabilityError::Failed(why) => {
+                    HostFailure(format!("could not cancel task `{task_id}`: {why}")).into()
+                }
+            })
     }
 
     fn scheduled(&mut self) -> wasmtime::Result<Vec<scheduler::ScheduledTask>> {
-        self.host
-            .list_tasks()
+        self.charged(HostCapabilities::list_tasks)?
             .map_err(|err| HostFailure(format!("could not list the scheduled tasks: {err}")).into())
     }
 }

@@ -1318,9 +1318,8 @@ impl Actor {
         for _ in 0..sandbox.host_mut().take_llm_calls() {
             metrics.add_llm_call();
         }
-        let sql_ms = sandbox.host_mut().take_sql_ms();
         let after = sandbox.usage();
-        let cpu_used = after.cpu_ms.saturating_sub(before.cpu_ms) + sql_ms;
+        let cpu_used = after.cpu_ms.saturating_sub(before.cpu_ms);
         self.cpu_budget.charge(cpu_used);
         self.note_usage(cpu_used, after.fuel.saturating_sub(before.fuel));
         if self.sandbox.as_ref().is_some_and(Sandbox::is_poisoned) {
@@ -1451,10 +1450,9 @@ impl Actor {
                 metrics.observe_invocation(started.elapsed());
                 lock(&db).leave_guest();
                 let after = sandbox.usage();
-                let sql_ms = sandbox.host_mut().take_sql_ms();
                 (
                     result,
-                    after.cpu_ms.saturating_sub(before.cpu_ms) + sql_ms,
+                    after.cpu_ms.saturating_sub(before.cpu_ms),
                     after.fuel.saturating_sub(before.fuel),
                 )
             }

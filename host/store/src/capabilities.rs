@@ -101,8 +101,6 @@ pub struct StoreCapabilities {
     log_lines: u32,
     llm: Option<Arc<dyn LlmBackend>>,
     llm_calls: u64,
-    /// Time spent running the guest's SQL (CPU the guest caused outside its own code).
-    sql_time: std::time::Duration,
     /// When the current invocation reaches its `wall_ms_per_call`, and that limit.
     wall: Option<(std::time::Instant, std::time::Duration)>,
     /// Bytes emitted by the current invocation.
@@ -135,7 +133,6 @@ impl StoreCapabilities {
             log_lines: 0,
             llm,
             llm_calls: 0,
-            sql_time: std::time::Duration::ZERO,
             wall: None,
             emitted_bytes: 0,
             emit_room: MAX_EMITS_PER_CALL,
@@ -184,14 +181,6 @@ impl StoreCapabilities {
         }
     }
 
-    /// Milliseconds spent in the guest's SQL since the last call of this method (charged to
-    /// the store's CPU budget like guest code: a SQL bomb is throttled like a spinning guest).
-    pub fn take_sql_ms(&mut self) -> u64 {
-        let ms = self.sql_time.as_millis();
-        self.sql_time -= std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX));
-        u64::try_from(ms).unwrap_or(u64::MAX)
-    }
-
     /// LLM completions started since the last call of this method.
     pub fn take_llm_calls(&mut self) -> u64 {
         std::mem::take(&mut self.llm_calls)
@@ -238,10 +227,12 @@ impl StoreCapabilities {
 }
 
 impl HostCapabilities for StoreCapabilities {
+    fn limit_host_time(&mut self, left: std::time::Duration) {
+        self.db().limit_statements(left);
+    }
+
     fn sql_execute(&mut self, statement: &str, params: Vec<Value>) -> Result<u64, SqlError> {
-        let started = std::time::Instant::now();
         let result = self.db().guest_execute(statement, params);
-        self.sql_time += started.elapsed();
         if let Err(err) = &result {
             self.note_sql_error(err);
         }
@@ -249,9 +240,7 @@ impl HostCapabilities for StoreCapabilities {
     }
 
     fn sql_query(&mut self, statement: &str, params: Vec<Value>) -> Result<Rows, SqlError> {
-        let started = std::time::Instant::now();
         let result = self.db().guest_query(statement, params);
-        self.sql_time += started.elapsed();
         if let Err(err) = &result {
             self.note_sql_error(err);
         }
@@ -348,12 +337,9 @@ impl HostCapabilities for StoreCapabilities {
         trigger: Trigger,
         payload: String,
     ) -> Result<Option<i64>, String> {
-        // The host's time here (parsing a cron expression that never matches searches
-        // thousands of years; counting the store's tasks) is charged as its SQL is.
-        let started = std::time::Instant::now();
-        let saved = self.save_schedule(&task_id, &trigger, &payload);
-        self.sql_time += started.elapsed();
-        saved
+        // The sandbox charges the host's time here to the call (parsing a cron expression
+        // that never matches searches thousands of years; counting the store's tasks).
+        self.save_schedule(&task_id, &trigger, &payload)
     }
 
     fn cancel_task(&mut self, task_id: &str) -> Result<bool, CapabilityError> {
@@ -367,14 +353,10 @@ impl HostCapabilities for StoreCapabilities {
     }
 
     fn list_tasks(&mut self) -> Result<Vec<ScheduledTask>, String> {
-        let started = std::time::Instant::now();
-        let listed = self
-            .db()
+        self.db()
             .as_host_reading(schedules::list)
             .map(|tasks| tasks.iter().map(schedules::Schedule::to_wit).collect())
-            .map_err(|err| err.to_string());
-        self.sql_time += started.elapsed();
-        listed
+            .map_err(|err| err.to_string())
     }
 
     fn llm_complete(&mut self, request: ChatRequest) -> LlmFuture {

@@ -415,6 +415,15 @@ impl GuestDb {
         self.mode.store(mode, Ordering::Relaxed);
     }
 
+    /// Lets the guest's next statements run for `left` at most: what its call has left of its
+    /// CPU time. Nothing changes outside a guest call.
+    pub(crate) fn limit_statements(&self, left: Duration) {
+        if self.statement_budget.get().is_some() {
+            self.statement_budget
+                .set(Some(left.max(Duration::from_millis(1))));
+        }
+    }
+
     /// Back to host mode: the host's own statements run unrestricted.
     pub(crate) fn leave_guest(&self) {
         self.mode.store(MODE_HOST, Ordering::Relaxed);
@@ -825,7 +834,9 @@ pub(crate) fn breach_of(err: &SqlError, cpu_ms: u64) -> Option<(FailureReason, S
         )),
         SQLITE_INTERRUPT => Some((
             FailureReason::CpuTime,
-            format!("a SQL statement ran past the call's CPU time ({cpu_ms} ms)"),
+            format!(
+                "a SQL statement ran past what was left of the call's CPU time ({cpu_ms} ms in all)"
+            ),
         )),
         _ => None,
     }
@@ -945,6 +956,11 @@ fn sql_error(err: rusqlite::Error) -> SqlError {
                         .map(|m| format!(" ({m})"))
                         .unwrap_or_default()
                 ),
+                // Only the statement deadline interrupts a guest statement.
+                (SQLITE_INTERRUPT, _) => "interrupted: the statement ran out of what its call \
+                                          had left of its CPU time (cpu_ms_per_call); nothing \
+                                          of it was kept"
+                    .to_owned(),
                 (_, Some(m)) => m.clone(),
                 (_, None) => err.to_string(),
             };
