@@ -19,6 +19,7 @@ use rusqlite::{Connection, OptionalExtension, config::DbConfig, params};
 use storehost_runtime::{FailureReason, Rows, SqlError, Value};
 
 use crate::quotas::DEFAULT_DB_CACHE;
+use crate::sql_memory::{STATEMENT_HEAP, StatementHeap};
 use crate::sqlite::{self, Durability};
 use crate::vfs::{TempBudget, TempScope};
 
@@ -33,6 +34,8 @@ const SQLITE_FULL: i32 = 13;
 const SQLITE_INTERRUPT: i32 = 9;
 /// SQLite's result code for "string or blob too big".
 const SQLITE_TOOBIG: i32 = 18;
+/// SQLite's result code for an allocation that failed (see [`StatementHeap`]).
+const SQLITE_NOMEM: i32 = 7;
 /// SQLite's "callback requested query abort": what a guest statement gets once the
 /// invocation's transaction is gone.
 const SQLITE_ABORT: i32 = 4;
@@ -606,8 +609,24 @@ impl GuestDb {
     ) -> Result<T, SqlError> {
         let _temp = TempScope::enter(&self.temp);
         self.temp.take_refused();
-        let result = self.guest_statement_in_scope(statement, run);
+        let heap = self.cache_quota.get().saturating_add(STATEMENT_HEAP);
+        let result = {
+            let _heap = StatementHeap::enter(heap);
+            StatementHeap::take_refused();
+            self.guest_statement_in_scope(statement, run)
+        };
         match result {
+            Err(err) if err.code == SQLITE_NOMEM && StatementHeap::take_refused() => {
+                Err(SqlError {
+                    code: SQLITE_NOMEM,
+                    message: format!(
+                        "out of memory: the statement needed more than {heap} bytes of the host's \
+                     memory (the store's page cache and {STATEMENT_HEAP} bytes more), the most \
+                     one statement may take; nothing of it was kept. Select fewer or smaller \
+                     values per row"
+                    ),
+                })
+            }
             Err(err) if err.code == SQLITE_FULL && self.temp.take_refused() => Err(SqlError {
                 code: SQLITE_FULL,
                 message: format!(
@@ -697,6 +716,7 @@ impl GuestDb {
     /// Runs host SQL between guest statements (the guest's mode is restored after).
     fn as_host_batch(&self, sql: &str) -> rusqlite::Result<()> {
         let _host = TempScope::suspend();
+        let _heap = StatementHeap::suspend();
         let previous = self.mode.swap(MODE_HOST, Ordering::Relaxed);
         let result = self.conn.execute_batch(sql);
         self.mode.store(previous, Ordering::Relaxed);
@@ -706,6 +726,7 @@ impl GuestDb {
     /// A guest table whose foreign key names one of the host's tables: `(table, parent)`.
     fn host_table_reference(&self) -> rusqlite::Result<Option<(String, String)>> {
         let _host = TempScope::suspend();
+        let _heap = StatementHeap::suspend();
         let previous = self.mode.swap(MODE_HOST, Ordering::Relaxed);
         let found = self
             .conn
@@ -831,6 +852,10 @@ pub(crate) fn breach_of(err: &SqlError, cpu_ms: u64) -> Option<(FailureReason, S
                 "a value or result was too big for the store's limits: {}",
                 err.message
             ),
+        )),
+        SQLITE_NOMEM => Some((
+            FailureReason::Memory,
+            format!("a SQL statement ran out of memory: {}", err.message),
         )),
         SQLITE_INTERRUPT => Some((
             FailureReason::CpuTime,

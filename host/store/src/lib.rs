@@ -25,6 +25,7 @@ pub mod open_files;
 pub mod quotas;
 pub mod schedules;
 pub mod spare;
+pub mod sql_memory;
 pub mod sqlite;
 pub mod store;
 mod vfs;

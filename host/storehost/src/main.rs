@@ -23,6 +23,8 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or_default() {
         Command::Serve(args) => {
             logging::init();
+            // Before anything opens a database: SQLite takes an allocator only before it starts.
+            storehost_store::sql_memory::install();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
