@@ -263,3 +263,29 @@ async fn many_short_statements_together_are_held_to_the_calls_cpu_quota() {
     let (status, _) = ask(&host, "looper", "ping", json!({})).await;
     assert_eq!(status, 200, "the store goes on");
 }
+
+/// A result is counted at what it costs the host's memory, not only its values' bytes: a
+/// million rows of one `NULL` each are refused like any result past the cap. Before, they
+/// counted as 8 MB and took about 100 MB of the host's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_of_many_small_rows_is_counted_at_what_it_costs_the_host() {
+    let host = abuse_host(RetryPolicy::default()).await;
+    // Time enough for the guest to take a million rows, so only the cap stops them.
+    let quotas = Quotas {
+        cpu_ms_per_call: 30_000,
+        ..Quotas::default()
+    };
+    host.add_store_with("nulls", "abuse", &[], quotas).await;
+    let (status, answer) = ask(&host, "nulls", "nulls", json!({"n": 1_000})).await;
+    assert_eq!(
+        (status, &answer["out"]["rows"]),
+        (200, &json!(1_000)),
+        "{answer}"
+    );
+    let (status, answer) = ask(&host, "nulls", "nulls", json!({"n": 1_000_000})).await;
+    let error = answer["out"]["error"].as_str().unwrap_or_default();
+    assert!(
+        status == 200 && error.contains("larger than"),
+        "{status}: {answer}"
+    );
+}

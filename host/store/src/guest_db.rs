@@ -44,8 +44,13 @@ const SQLITE_ABORT: i32 = 4;
 /// exact text of a host statement gets its own (authorized) compilation, never the host's.
 const GUEST_STATEMENT_PREFIX: &str = "/*guest*/ ";
 
-/// The largest result a guest query may return through the host, in bytes.
+/// The largest result a guest query may return through the host, in bytes of the host's
+/// memory (see [`value_size`] and [`ROW_SIZE`]).
 const MAX_RESULT_BYTES: usize = 32 << 20;
+
+/// What a row of a result costs the host beyond its values: its `Vec` and the allocator's
+/// bookkeeping of the allocation behind it.
+const ROW_SIZE: usize = std::mem::size_of::<Vec<Value>>() + 16;
 
 const MODE_HOST: u8 = 0;
 const MODE_GUEST_WRITE: u8 = 1;
@@ -755,9 +760,10 @@ impl GuestDb {
         let mut bytes = 0usize;
         while let Some(row) = rows.next().map_err(sql_error)? {
             let mut values = Vec::with_capacity(columns.len());
+            bytes += ROW_SIZE;
             // Counted value by value, so the host's copies of one wide row stop at the cap
             // (checked after the row, a row of 200 values of 8 MB each was copied whole). The
-            // row SQLite computes is bounded only by SQLITE_LIMIT_COLUMN × SQLITE_LIMIT_LENGTH.
+            // row SQLite computes is bounded by the statement's heap (`sql_memory`).
             for index in 0..columns.len() {
                 let value = row.get_ref(index).map_err(sql_error)?;
                 bytes += value_size(&value);
@@ -941,6 +947,13 @@ fn authorize(mode: u8, ctx: &AuthContext<'_>) -> Authorization {
                 Authorization::Deny
             }
         }
+        // The host's names are the host's for every kind of object: an index or trigger of a
+        // guest table named `_host_…` would stand in for one the host makes `IF NOT EXISTS`,
+        // or block a table a later host adds (tables and indexes share one namespace).
+        AuthAction::CreateIndex { index_name, .. } if host_table(index_name) => Authorization::Deny,
+        AuthAction::CreateTrigger { trigger_name, .. } if host_table(trigger_name) => {
+            Authorization::Deny
+        }
         AuthAction::Insert { table_name }
         | AuthAction::Delete { table_name }
         | AuthAction::Update { table_name, .. }
@@ -1030,10 +1043,13 @@ fn from_sqlite(value: ValueRef<'_>) -> Value {
     }
 }
 
+/// What one value of a result costs the host: its bytes and the `Value` holding them (a
+/// million rows of a `NULL` were counted as 8 MB and took about 100 MB).
 fn value_size(value: &ValueRef<'_>) -> usize {
+    let held = std::mem::size_of::<Value>();
     match value {
-        ValueRef::Text(t) | ValueRef::Blob(t) => t.len() + 8,
-        _ => 8,
+        ValueRef::Text(t) | ValueRef::Blob(t) => t.len() + held,
+        _ => held,
     }
 }
 
@@ -1211,6 +1227,21 @@ mod tests {
         let err = guest(&db, "INSERT INTO t VALUES (1)").unwrap_err();
         assert_eq!(err.code, SQLITE_AUTH, "{err:?}");
         assert_eq!(db.cursor().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_guest_cannot_take_a_host_name_for_an_index_or_trigger() {
+        let (_dir, db) = db();
+        guest(&db, "CREATE TABLE t (x)").unwrap();
+        for statement in [
+            "CREATE INDEX _host_task_runs_next ON t (x)",
+            "CREATE INDEX _HOST_later ON t (x)",
+            "CREATE TRIGGER _host_t AFTER INSERT ON t BEGIN SELECT 1; END",
+        ] {
+            let err = guest(&db, statement).unwrap_err();
+            assert_eq!(err.code, SQLITE_AUTH, "{statement}: {err:?}");
+        }
+        guest(&db, "CREATE INDEX t_x ON t (x)").unwrap();
     }
 
     #[test]
