@@ -512,6 +512,20 @@ async fn a_store_config_the_host_cannot_use_is_refused_naming_the_field() {
     let (_, store) = host.get("/v1/stores/configured").await;
     assert_eq!(store["config"], json!({"mode": "calm"}), "{store}");
 
+    // A body of another kind is named as such (serde named the Rust type it expected).
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/configured",
+            Some(json!([{"plugin": "writer"}])),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        body["error"]["message"], "the request body must be a JSON object; it is an array",
+        "{body}"
+    );
+
     let (status, body) = host
         .call(
             reqwest::Method::PUT,

@@ -286,6 +286,23 @@ async fn the_outbox_empties_as_emitted_events_reach_the_log() {
     );
 }
 
+/// `storehost_store_event_commits_total` of store `id`, from `/metrics`.
+async fn event_commits(host: &TestHost, id: &str) -> u64 {
+    let text = host
+        .client
+        .get(format!("{}/metrics", host.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("storehost_store_event_commits_total{{store_id=\"{id}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trapping_handler_leaves_no_trace_is_retried_dead_lettered_and_retried_later() {
     let host = TestHost::start().await;
@@ -340,6 +357,7 @@ async fn a_trapping_handler_leaves_no_trace_is_retried_dead_lettered_and_retried
         )
         .await;
     assert_eq!(status, 200, "{body}");
+    let commits_before = event_commits(&host, "flaky-1").await;
     let (status, body) = host
         .post(
             &format!("/v1/stores/flaky-1/dead-letters/{risky}/retry"),
@@ -350,6 +368,11 @@ async fn a_trapping_handler_leaves_no_trace_is_retried_dead_lettered_and_retried
     assert_eq!(
         host.query("flaky-1", "risky", json!({})).await["ids"],
         json!([1])
+    );
+    assert_eq!(
+        event_commits(&host, "flaky-1").await,
+        commits_before + 1,
+        "the retry's commit is counted"
     );
     let (_, letters) = host.get("/v1/stores/flaky-1/dead-letters").await;
     assert_eq!(letters["deadLetters"][0]["status"], "resolved");
@@ -488,7 +511,8 @@ async fn an_event_whose_caller_went_away_mid_append_is_still_processed() {
 
 /// A query's arguments come as `?args=JSON` or as plain parameters (`?key=k`, the form
 /// `messages?conversationId=` takes in the product's contract), which reach the plugin as a
-/// JSON object of strings; both at once, or `args` that is not JSON, are refused.
+/// JSON object of strings; both at once, `args` that is not JSON, or a parameter given twice
+/// (which took the last, silently) are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_arguments_come_as_json_or_as_plain_parameters() {
     let host = TestHost::start().await;
@@ -507,6 +531,7 @@ async fn query_arguments_come_as_json_or_as_plain_parameters() {
     for refused in [
         "/v1/stores/asked/query/get?args=%7B%7D&key=k",
         "/v1/stores/asked/query/get?args=not-json",
+        "/v1/stores/asked/query/get?key=other&key=k",
     ] {
         let (status, body) = host.get(refused).await;
         assert_eq!(status, 400, "{refused}: {body}");

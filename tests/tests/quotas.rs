@@ -294,10 +294,21 @@ async fn provisioning_beyond_max_stores_is_refused_clearly() {
             .await;
         assert_eq!(status, 201);
     }
-    let (status, body) = host
-        .call(reqwest::Method::PUT, "/v1/stores/cap-3", Some(json!({})))
-        .await;
-    assert_eq!(status, 503, "{body}");
+    let response = host
+        .client
+        .put(format!("{}/v1/stores/cap-3", host.url))
+        .bearer_auth(storehost_tests::TOKEN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(
+        response.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"30"[..]),
+        "a client is told when to try again"
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "at_capacity");
     assert!(
         body["error"]["message"]

@@ -139,7 +139,8 @@ fn store_ids_are_trimmed_deduplicated_and_the_duplicate_is_warned_about() {
 /// exactly the stores that run: the embedded default's demo stores are left out, so two ids
 /// fit `MAX_INSTANCES_PER_SERVER=2`. Before, the three demo stores ran too (taking three of
 /// the slots, and undeletable: "declared in the config file" with no file), and this host
-/// refused to start.
+/// refused to start. The replaced service's reconcile interval without a registry to reconcile
+/// against is warned about (it was ignored without a word).
 #[test]
 fn without_a_config_file_store_ids_are_the_only_stores() {
     let dir = tempfile::tempdir().unwrap();
@@ -149,8 +150,14 @@ fn without_a_config_file_store_ids_are_the_only_stores() {
         &[
             ("STORE_IDS", "ws-one,ws-two"),
             ("MAX_INSTANCES_PER_SERVER", "2"),
+            ("WORKSPACE_RECONCILE_INTERVAL_MS", "60000"),
         ],
     );
     assert_eq!(monitored(&server.url), ["ws-one", "ws-two"]);
+    let log = server.run_log();
+    assert!(
+        log.contains("WORKSPACE_RECONCILE_INTERVAL_MS is set, but no registry is configured"),
+        "log:\n{log}"
+    );
     server.stop_cleanly();
 }

@@ -53,13 +53,28 @@ impl<T: DeserializeOwned + Default> FromRequest<AppState> for OptionalJsonBody<T
     }
 }
 
-/// Parses a JSON body, naming the place of a value of the wrong kind.
+/// Parses a JSON object body, naming the place of a value of the wrong kind.
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut json = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut json).map_err(|err| {
         let field = err.path().to_string();
         let err = err.into_inner();
-        if field == "." || err.is_syntax() || err.is_eof() {
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if err.is_data() && first != Some(&b'{') {
+            // Serde would name the Rust type it expected, or read an array as the fields in
+            // order.
+            let given = match first {
+                Some(b'[') => "an array",
+                Some(b'"') => "a string",
+                Some(b't' | b'f') => "a boolean",
+                Some(b'n') => "null",
+                _ => "a number",
+            };
+            ApiError::bad_request(
+                "invalid_json",
+                format!("the request body must be a JSON object; it is {given}"),
+            )
+        } else if field == "." || err.is_syntax() || err.is_eof() {
             invalid_json(&err)
         } else {
             ApiError::bad_request(

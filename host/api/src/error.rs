@@ -152,17 +152,22 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The wait a refusal at `max_stores` asks for (the webhook's 503 asks the same).
+pub const AT_CAPACITY_RETRY_SECS: u64 = 30;
+
 impl From<ControlError> for ApiError {
     fn from(err: ControlError) -> Self {
         match err {
             ControlError::UnknownPlugin { .. } => {
                 Self::bad_request("unknown_plugin", err.to_string())
             }
+            // Room comes when a store is removed: as the webhook's 503 does, ask for a wait.
             ControlError::AtCapacity { .. } => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "at_capacity",
                 err.to_string(),
-            ),
+            )
+            .retry_after(AT_CAPACITY_RETRY_SECS),
             ControlError::ShuttingDown => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",

@@ -377,16 +377,27 @@ fn parse_payload(body: &[u8]) -> Result<Payload, WebhookError> {
             )));
         }
     };
-    let instance_id = object
-        .get("instanceId")
-        .and_then(|id| id.as_str())
-        .map(str::trim)
-        .filter(|id| !id.is_empty())
-        .ok_or_else(|| {
-            WebhookError::InvalidPayload(
+    let instance_id = match object.get("instanceId") {
+        Some(serde_json::Value::String(id)) if !id.trim().is_empty() => id.trim(),
+        // Given, but not as a string: say what it was (a number is not taken for its digits).
+        Some(
+            other @ (serde_json::Value::Number(_)
+            | serde_json::Value::Bool(_)
+            | serde_json::Value::Array(_)
+            | serde_json::Value::Object(_)),
+        ) => {
+            return Err(WebhookError::InvalidPayload(format!(
+                "instanceId is required as a string naming the workspace's store; got {}: send \"instanceId\":\"{}\" instead",
+                json_kind(other),
+                other.to_string().trim_matches('"')
+            )));
+        }
+        _ => {
+            return Err(WebhookError::InvalidPayload(
                 "instanceId is required: a non-empty string naming the workspace's store".into(),
-            )
-        })?;
+            ));
+        }
+    };
     Ok(Payload {
         event,
         instance_id: instance_id.to_owned(),
@@ -395,6 +406,18 @@ fn parse_payload(body: &[u8]) -> Result<Payload, WebhookError> {
             .and_then(|u| u.as_str())
             .map(str::to_owned),
     })
+}
+
+/// What kind of JSON value `value` is, for messages.
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 /// Standard Webhooks: `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, any of several.
@@ -577,6 +600,13 @@ mod tests {
         assert!(
             reason(br#"{"event":"workspace.created","instanceId":"  "}"#)
                 .starts_with("instanceId is required")
+        );
+        let number = reason(br#"{"event":"workspace.created","instanceId":42}"#);
+        assert!(
+            number.starts_with("instanceId is required as a string")
+                && number.contains("got a number")
+                && number.contains(r#""instanceId":"42""#),
+            "{number}"
         );
     }
 }

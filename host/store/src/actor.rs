@@ -1501,6 +1501,7 @@ impl Actor {
         match self.attempt_dead_letter(&event).await {
             Ok(()) => {
                 tracing::info!(seq, "dead letter retried successfully");
+                self.shared.metrics.add_event_commit();
                 self.shared.status().events_processed += 1;
                 Ok(())
             }

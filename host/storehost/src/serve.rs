@@ -204,7 +204,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             state = state.with_reconciler(reconciler.clone());
             Some(reconciler.spawn())
         }
-        None => None,
+        None => {
+            if interval_from_env {
+                tracing::warn!(
+                    "WORKSPACE_RECONCILE_INTERVAL_MS is set, but no registry is configured \
+                     (AUTH_WORKER_INTERNAL_URL or [registry] url): no reconciler runs"
+                );
+            }
+            None
+        }
     };
     let _config_watcher = match &config_path {
         Some(path) => {

@@ -384,10 +384,22 @@ pub(crate) fn ensure_within_log(
 pub async fn query(
     State(state): State<AppState>,
     Path((id, name)): Path<(String, String)>,
-    Query(mut params): Query<std::collections::BTreeMap<String, String>>,
+    Query(pairs): Query<Vec<(String, String)>>,
     Extension(RequestId(request_id)): Extension<RequestId>,
 ) -> Result<impl IntoResponse, ApiError> {
     let store = running_store(&state, &id).await?;
+    let mut params = std::collections::BTreeMap::new();
+    for (key, value) in pairs {
+        if params.contains_key(&key) {
+            return Err(ApiError::bad_request(
+                "invalid_args",
+                format!(
+                    "parameter {key:?} is given more than once; give it once, or pass a list in ?args=JSON"
+                ),
+            ));
+        }
+        params.insert(key, value);
+    }
     let args = match params.remove("args") {
         Some(_) if !params.is_empty() => {
             return Err(ApiError::bad_request(

@@ -95,9 +95,10 @@ fn refusal(err: &WebhookError) -> Response {
         StatusCode::from_u16(err.status_code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = ApiError::new(status, err.code(), err.to_string()).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("30"));
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(crate::error::AT_CAPACITY_RETRY_SECS),
+        );
     }
     response
 }
