@@ -74,6 +74,9 @@ impl Which {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // As the server does, before anything opens a database: the figures include the
+    // allocator that bounds guest statements' memory.
+    storehost_store::sql_memory::install();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
