@@ -4,7 +4,8 @@
 //!
 //! The bound is SQLite's allocator, which the server gives SQLite before anything opens a
 //! database. A test process whose other tests open databases on other threads could race it,
-//! so this binary holds one test, which installs it first.
+//! so every test of this binary installs it first thing (the first install runs while the
+//! others wait for it, before any of them uses SQLite).
 
 use serde_json::{Value, json};
 use storehost_store::Quotas;
@@ -66,7 +67,7 @@ async fn a_statement_computing_a_huge_row_fails_without_taking_the_hosts_memory(
     let grew_mb = status_kb("VmHWM").saturating_sub(before) / 1024;
     let error = answer["out"]["error"].as_str().unwrap_or_default();
     assert!(
-        status == 200 && error.contains("out of memory"),
+        status == 200 && error.contains("bytes beyond the store's page cache"),
         "{status} (the resident set grew {grew_mb} MB): {answer}"
     );
     // The statement may take 64 MiB beyond the page cache; the whole row is 1.6 GB.
@@ -77,4 +78,60 @@ async fn a_statement_computing_a_huge_row_fails_without_taking_the_hosts_memory(
 
     let (status, answer) = ask_sql(&host, "wide", "SELECT 1").await;
     assert_eq!(status, 200, "the store goes on: {answer}");
+}
+
+/// A statement that runs out of memory while reading a table makes SQLite roll back the whole
+/// transaction (the batch of events it ran in). A plugin that ignores the error and answers
+/// success has nothing kept to answer for: its invocation fails as `memory` (and is
+/// dead-lettered), what it emitted is dropped, and the batch's other events are done again,
+/// each once. Before, the host's writes after such a call committed one by one: its emitted
+/// event reached the log although nothing of its invocation was kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_ignoring_a_statement_out_of_memory_keeps_nothing() {
+    assert!(storehost_store::sql_memory::install());
+    let host = TestHost::start_with(TestHostOptions::default()).await;
+    host.deploy("abuse", programs::ABUSE).await;
+    host.add_store("swallow", "abuse", &[]).await;
+    host.append("swallow", "exec", json!({"sql": "CREATE TABLE t (x)"}))
+        .await;
+    host.settle("swallow").await;
+
+    let columns: Vec<String> = (0..20)
+        .map(|i| format!("randomblob(7999000) AS c{i}"))
+        .collect();
+    let wide = format!("SELECT {} FROM t", columns.join(", "));
+    let events = vec![
+        json!({"type": "exec", "payload": {"sql": "INSERT INTO t VALUES (1)"}}),
+        json!({"type": "swallow", "payload": {"sql": wide}}),
+        json!({"type": "exec", "payload": {"sql": "INSERT INTO t VALUES (2)"}}),
+    ];
+    let (status, body) = host
+        .post("/v1/stores/swallow/events", json!({"events": events}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let swallowed_seq = body["seqs"][1].clone();
+    host.settle("swallow").await;
+
+    let (_, letters) = host.get("/v1/stores/swallow/dead-letters").await;
+    let letter = &letters["deadLetters"][0];
+    assert_eq!(letter["seq"], swallowed_seq, "{letters}");
+    assert_eq!(letter["reason"], "memory", "{letters}");
+    let (_, log) = host.get("/v1/stores/swallow/events?limit=100").await;
+    let types: Vec<&str> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|event| event["type"].as_str().unwrap())
+        .collect();
+    assert!(
+        !types.contains(&"swallowed"),
+        "nothing of the failed invocation reached the log: {types:?}"
+    );
+    let (status, answer) = ask_sql(&host, "swallow", "SELECT x FROM t ORDER BY x").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["out"]["rows"],
+        json!(["[Value::Integer(1)]", "[Value::Integer(2)]"]),
+        "the batch's other events, each once"
+    );
 }

@@ -188,7 +188,12 @@ async fn a_store_cannot_schedule_past_its_tasks_room() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impossible_cron_expression_is_charged_the_time_it_takes() {
     let host = abuse_host(RetryPolicy::default()).await;
-    host.add_store("dreamer", "abuse", &[]).await;
+    // The charge is measured, not the limit: the searches may take their time.
+    let quotas = Quotas {
+        cpu_ms_per_call: 60_000,
+        ..Quotas::default()
+    };
+    host.add_store_with("dreamer", "abuse", &[], quotas).await;
     let cpu = |view: Value| view["usage"]["cpuMs"].as_u64().unwrap();
     let before = cpu(host.get("/v1/stores/dreamer").await.1);
     host.append(
@@ -217,7 +222,7 @@ async fn an_impossible_cron_expression_is_charged_the_time_it_takes() {
 /// A call of many statements, each well under the call's CPU quota, stops when their time
 /// together reaches it: the guest's SQL counts against `cpu_ms_per_call` as its own code does,
 /// and each statement may run only for what the call has left. Before, a call's time in SQL
-/// was one tick of the CPU meter per statement: 40 statements of 31 ms made a 1,244 ms call
+/// was one tick of the CPU meter per statement: 50 statements of 18 ms made a 905 ms call
 /// under a 100 ms quota.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_short_statements_together_are_held_to_the_calls_cpu_quota() {
@@ -227,12 +232,12 @@ async fn many_short_statements_together_are_held_to_the_calls_cpu_quota() {
         "abuse",
         &[],
         Quotas {
-            cpu_ms_per_call: 100,
+            cpu_ms_per_call: 200,
             ..Quotas::default()
         },
     )
     .await;
-    // Each statement counts 100,000 rows: milliseconds here, well under the quota alone; 50 of
+    // Each statement counts 100,000 rows: about 20 ms here, well under the quota alone; 50 of
     // them take several times the quota (and were 50 ticks of the meter before).
     let (status, answer) = ask(
         &host,

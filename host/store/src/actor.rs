@@ -1308,7 +1308,17 @@ impl Actor {
             call_sandbox(sandbox, call).await
         };
         metrics.observe_invocation(started.elapsed());
-        lock(&db).leave_guest();
+        let lost = {
+            let db = lock(&db);
+            db.leave_guest();
+            db.take_lost_transaction()
+        };
+        // A plugin that handled the error of the statement SQLite rolled its transaction back
+        // on has nothing kept to answer for: the invocation failed (and the batch it ran in).
+        let result = match (result, lost) {
+            (Ok(()), Some(err)) => Err(lost_transaction(&err, cpu_ms)),
+            (result, _) => result,
+        };
         let Some(sandbox) = self.sandbox.as_mut() else {
             // The demoted call's task died with the sandbox (a panic in the host): the next
             // call instantiates a fresh one.
@@ -1768,6 +1778,21 @@ fn limits_of(settings: &StoreSettings) -> Limits {
 
 fn host_error(what: &str, err: &rusqlite::Error) -> InvocationError {
     InvocationError::new(FailureReason::HostError, format!("{what}: {err}"))
+}
+
+/// The failure of an invocation whose transaction SQLite rolled back on statement `err`,
+/// though the plugin went on and answered success.
+fn lost_transaction(err: &storehost_runtime::SqlError, cpu_ms: u64) -> InvocationError {
+    let (reason, detail) = guest_db::breach_of(err, cpu_ms).unwrap_or((
+        FailureReason::HostError,
+        format!("a SQL statement failed: {}", err.message),
+    ));
+    InvocationError::new(
+        reason,
+        format!(
+            "{detail}; SQLite rolled back the invocation's transaction on it, so nothing of the invocation was kept, though the plugin went on and answered success"
+        ),
+    )
 }
 
 /// A storage failure while committing: a full disk is the tenant's quota, anything else the host's.

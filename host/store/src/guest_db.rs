@@ -155,9 +155,15 @@ pub struct GuestDb {
     deadline: Arc<std::sync::Mutex<Option<Instant>>>,
     /// How long one guest statement may run (the call's CPU quota); set in guest mode.
     statement_budget: std::cell::Cell<Option<Duration>>,
+    /// What the guest's call has left of its CPU time, as its sandbox last said: a statement
+    /// that only reads may run that long (see [`GuestDb::limit_statements`]).
+    call_left: std::cell::Cell<Option<Duration>>,
     /// Whether the guest entered inside a host transaction: its statements then run only
     /// while that transaction lasts (see [`GuestDb::prepare_guest`]).
     guest_in_transaction: std::cell::Cell<bool>,
+    /// The guest statement's error on which SQLite rolled back the transaction the guest
+    /// entered in, since the guest entered (see [`GuestDb::take_lost_transaction`]).
+    lost_transaction: std::cell::RefCell<Option<SqlError>>,
     /// The savepoint of the invocation in progress (see [`GuestDb::savepoint`]).
     savepoint: std::cell::Cell<Savepoint>,
     page_size: u64,
@@ -256,7 +262,9 @@ impl GuestDb {
             mode,
             deadline,
             statement_budget: std::cell::Cell::new(None),
+            call_left: std::cell::Cell::new(None),
             guest_in_transaction: std::cell::Cell::new(false),
+            lost_transaction: std::cell::RefCell::new(None),
             savepoint: std::cell::Cell::new(Savepoint::None),
             page_size,
             // What SQLite gives a new connection (`cache_size = -2000`), so a store on the
@@ -414,7 +422,9 @@ impl GuestDb {
     /// (interrupted past it by the progress handler).
     pub(crate) fn enter_guest(&self, writable: bool, budget: Duration) {
         self.statement_budget.set(Some(budget));
+        self.call_left.set(None);
         self.guest_in_transaction.set(!self.conn.is_autocommit());
+        self.lost_transaction.take();
         let mode = if writable {
             MODE_GUEST_WRITE
         } else {
@@ -423,19 +433,32 @@ impl GuestDb {
         self.mode.store(mode, Ordering::Relaxed);
     }
 
-    /// Lets the guest's next statements run for `left` at most: what its call has left of its
-    /// CPU time. Nothing changes outside a guest call.
+    /// What the guest's call has left of its CPU time: the guest's next statements that only
+    /// read may run that long. One that writes may still run for the call's whole quota (the
+    /// call is then charged and stopped after it): SQLite rolls back the whole transaction
+    /// when it interrupts a write, and with it the batch of other events' work, so a write
+    /// that began near the end of its call's time would cost them all. Nothing changes
+    /// outside a guest call.
     pub(crate) fn limit_statements(&self, left: Duration) {
         if self.statement_budget.get().is_some() {
-            self.statement_budget
-                .set(Some(left.max(Duration::from_millis(1))));
+            self.call_left.set(Some(left.max(Duration::from_millis(1))));
         }
+    }
+
+    /// The error of the guest statement on which SQLite rolled back the transaction the guest
+    /// entered in (an interrupted write, memory or disk running out, an I/O error), if one
+    /// did since the guest entered. The invocation then failed, whatever the guest answered:
+    /// the host's own writes after it (its progress, what it emitted) would each commit on
+    /// their own.
+    pub(crate) fn take_lost_transaction(&self) -> Option<SqlError> {
+        self.lost_transaction.take()
     }
 
     /// Back to host mode: the host's own statements run unrestricted.
     pub(crate) fn leave_guest(&self) {
         self.mode.store(MODE_HOST, Ordering::Relaxed);
         self.statement_budget.set(None);
+        self.call_left.set(None);
         self.guest_in_transaction.set(false);
         self.set_deadline(None);
     }
@@ -478,6 +501,16 @@ impl GuestDb {
     fn set_deadline(&self, deadline: Option<Instant>) {
         if let Ok(mut d) = self.deadline.lock() {
             *d = deadline;
+        }
+    }
+
+    /// Ends the guest statement's time `left` from now, if it would end later.
+    fn tighten_deadline(&self, left: Duration) {
+        let by = Instant::now() + left;
+        if let Ok(mut deadline) = self.deadline.lock()
+            && deadline.is_some_and(|d| d > by)
+        {
+            *deadline = Some(by);
         }
     }
 
@@ -614,19 +647,32 @@ impl GuestDb {
     ) -> Result<T, SqlError> {
         let _temp = TempScope::enter(&self.temp);
         self.temp.take_refused();
-        let heap = self.cache_quota.get().saturating_add(STATEMENT_HEAP);
+        // The cache may still grow to its quota; what it holds already is in the count.
+        let cache = sqlite::cache_bytes(&self.conn).unwrap_or(0);
+        let heap = self
+            .cache_quota
+            .get()
+            .saturating_sub(cache)
+            .saturating_add(STATEMENT_HEAP);
         let result = {
             let _heap = StatementHeap::enter(heap);
             StatementHeap::take_refused();
             self.guest_statement_in_scope(statement, run)
         };
+        if let Err(err) = &result
+            && self.guest_in_transaction.get()
+            && self.conn.is_autocommit()
+            && self.lost_transaction.borrow().is_none()
+        {
+            *self.lost_transaction.borrow_mut() = Some(err.clone());
+        }
         match result {
             Err(err) if err.code == SQLITE_NOMEM && StatementHeap::take_refused() => {
                 Err(SqlError {
                     code: SQLITE_NOMEM,
                     message: format!(
                         "out of memory: the statement needed more than {heap} bytes of the host's \
-                     memory (the store's page cache and {STATEMENT_HEAP} bytes more), the most \
+                     memory ({STATEMENT_HEAP} bytes beyond the store's page cache), the most \
                      one statement may take; nothing of it was kept. Select fewer or smaller \
                      values per row"
                     ),
@@ -790,9 +836,9 @@ impl GuestDb {
             return Err(SqlError {
                 code: SQLITE_ABORT,
                 message: "this invocation's transaction was rolled back by an earlier error \
-                          (a statement over its CPU budget or the temporary files' share of \
-                          the disk quota, or an I/O error); no further \
-                          statement runs in it, and none of its writes are kept"
+                          (a write over its CPU budget, a statement out of memory or past the \
+                          temporary files' share of the disk quota, or an I/O error); no \
+                          further statement runs in it, and none of its writes are kept"
                     .into(),
             });
         }
@@ -805,6 +851,11 @@ impl GuestDb {
         // The authorizer judges a statement when it is compiled; one compiled during an event
         // comes back from the cache without being judged again, so a query checks here that
         // it does not write.
+        if prepared.readonly()
+            && let Some(left) = self.call_left.get()
+        {
+            self.tighten_deadline(left);
+        }
         if self.mode.load(Ordering::Relaxed) == MODE_GUEST_READ && !prepared.readonly() {
             return Err(SqlError {
                 code: SQLITE_AUTH,
@@ -1519,6 +1570,48 @@ mod tests {
             "an interrupted write ends the whole transaction"
         );
         assert!(db.connection().is_autocommit());
+    }
+
+    /// A statement that only reads stops at what its call has left of its CPU time; one that
+    /// writes runs on (up to the call's quota), since SQLite would roll the whole transaction
+    /// back on interrupting it. Either way the transaction stays, and one that SQLite did roll
+    /// back is reported once.
+    #[test]
+    fn a_read_stops_at_what_its_call_has_left_and_a_write_does_not() {
+        let (_dir, db) = db();
+        guest(&db, "CREATE TABLE t (x)").unwrap();
+        db.begin().unwrap();
+        db.savepoint();
+        db.enter_guest(true, statement_budget(60_000));
+        db.limit_statements(Duration::from_millis(1));
+        let err = db
+            .guest_query(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000) SELECT count(*) FROM c",
+                vec![],
+            )
+            .unwrap_err();
+        assert_eq!(err.code, SQLITE_INTERRUPT, "{err:?}");
+        db.guest_execute(
+            "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 200000) SELECT x FROM c",
+            vec![],
+        )
+        .unwrap();
+        assert!(db.take_lost_transaction().is_none());
+        db.leave_guest();
+        assert!(db.rollback_to_savepoint(), "the transaction stays open");
+        db.commit().unwrap();
+
+        db.begin().unwrap();
+        db.savepoint();
+        db.enter_guest(true, statement_budget(20));
+        let _ = db.guest_execute(
+            "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c",
+            vec![],
+        );
+        db.leave_guest();
+        let lost = db.take_lost_transaction().expect("reported");
+        assert_eq!(lost.code, SQLITE_INTERRUPT, "{lost:?}");
+        assert!(db.take_lost_transaction().is_none(), "once");
     }
 
     /// The savepoint opens with the invocation's first write, whichever way it writes; an

@@ -166,6 +166,13 @@ impl Plugin for Abuse {
             return Ok(());
         }
         let args: Json = serde_json::from_str(&event.payload).unwrap_or(Json::Null);
+        // Runs `sql`, ignores how it went, emits `swallowed` and answers success.
+        if event.event_type == "swallow" {
+            let statement = args.get("sql").and_then(Json::as_str).unwrap_or("SELECT 1");
+            let _ = sql::query(statement, params![]);
+            events::emit_json("swallowed", "{}")?;
+            return Ok(());
+        }
         let answer = act(&event.event_type, &args)?;
         // (Its check may be interrupted on a huge schema; the table is created anyway.)
         let _ = sql::execute(
