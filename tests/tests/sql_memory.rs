@@ -30,6 +30,17 @@ async fn ask_sql(host: &TestHost, store: &str, sql: &str) -> (u16, Value) {
     .await
 }
 
+/// Quotas giving a statement time enough to compute a huge row (a read may run for what its
+/// call has left of its CPU time), so only memory stops it.
+fn only_memory_stops() -> Quotas {
+    Quotas {
+        cpu_ms_per_call: 60_000,
+        cpu_ms_per_minute: 120_000,
+        wall_ms_per_call: 120_000,
+        ..Quotas::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_computing_a_huge_row_fails_without_taking_the_hosts_memory() {
     assert!(
@@ -38,14 +49,8 @@ async fn a_statement_computing_a_huge_row_fails_without_taking_the_hosts_memory(
     );
     let host = TestHost::start_with(TestHostOptions::default()).await;
     host.deploy("abuse", programs::ABUSE).await;
-    // Time enough to compute the whole row, so only memory stops it.
-    let quotas = Quotas {
-        cpu_ms_per_call: 60_000,
-        cpu_ms_per_minute: 120_000,
-        wall_ms_per_call: 120_000,
-        ..Quotas::default()
-    };
-    host.add_store_with("wide", "abuse", &[], quotas).await;
+    host.add_store_with("wide", "abuse", &[], only_memory_stops())
+        .await;
 
     // A value as large as a value may be is fine.
     let (status, answer) = ask_sql(&host, "wide", "SELECT length(randomblob(7999000))").await;
@@ -83,15 +88,16 @@ async fn a_statement_computing_a_huge_row_fails_without_taking_the_hosts_memory(
 /// A statement that runs out of memory while reading a table makes SQLite roll back the whole
 /// transaction (the batch of events it ran in). A plugin that ignores the error and answers
 /// success has nothing kept to answer for: its invocation fails as `memory` (and is
-/// dead-lettered), what it emitted is dropped, and the batch's other events are done again,
-/// each once. Before, the host's writes after such a call committed one by one: its emitted
+/// dead-lettered), what it emitted is dropped, and the batch's other events (the one before
+/// it, when it ran in its batch) are done again, each once. Before, the host's writes after such a call committed one by one: its emitted
 /// event reached the log although nothing of its invocation was kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_ignoring_a_statement_out_of_memory_keeps_nothing() {
     assert!(storehost_store::sql_memory::install());
     let host = TestHost::start_with(TestHostOptions::default()).await;
     host.deploy("abuse", programs::ABUSE).await;
-    host.add_store("swallow", "abuse", &[]).await;
+    host.add_store_with("swallow", "abuse", &[], only_memory_stops())
+        .await;
     host.append("swallow", "exec", json!({"sql": "CREATE TABLE t (x)"}))
         .await;
     host.settle("swallow").await;

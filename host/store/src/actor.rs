@@ -1308,16 +1308,17 @@ impl Actor {
             call_sandbox(sandbox, call).await
         };
         metrics.observe_invocation(started.elapsed());
-        let lost = {
+        let (lost, cause) = {
             let db = lock(&db);
+            let lost = db.transaction_lost();
             db.leave_guest();
-            db.take_lost_transaction()
+            (lost, db.take_lost_transaction())
         };
-        // A plugin that handled the error of the statement SQLite rolled its transaction back
-        // on has nothing kept to answer for: the invocation failed (and the batch it ran in).
-        let result = match (result, lost) {
-            (Ok(()), Some(err)) => Err(lost_transaction(&err, cpu_ms)),
-            (result, _) => result,
+        // A plugin that handled the error SQLite rolled its transaction back on has nothing
+        // kept to answer for: the invocation failed (and the batch it ran in).
+        let result = match result {
+            Ok(()) if lost => Err(lost_transaction(cause.as_ref(), cpu_ms)),
+            result => result,
         };
         let Some(sandbox) = self.sandbox.as_mut() else {
             // The demoted call's task died with the sandbox (a panic in the host): the next
@@ -1780,13 +1781,16 @@ fn host_error(what: &str, err: &rusqlite::Error) -> InvocationError {
     InvocationError::new(FailureReason::HostError, format!("{what}: {err}"))
 }
 
-/// The failure of an invocation whose transaction SQLite rolled back on statement `err`,
-/// though the plugin went on and answered success.
-fn lost_transaction(err: &storehost_runtime::SqlError, cpu_ms: u64) -> InvocationError {
-    let (reason, detail) = guest_db::breach_of(err, cpu_ms).unwrap_or((
-        FailureReason::HostError,
-        format!("a SQL statement failed: {}", err.message),
-    ));
+/// The failure of an invocation whose transaction SQLite rolled back (on error `cause`, when
+/// known), though the plugin went on and answered success.
+fn lost_transaction(cause: Option<&storehost_runtime::SqlError>, cpu_ms: u64) -> InvocationError {
+    let (reason, detail) = match cause {
+        Some(err) => guest_db::breach_of(err, cpu_ms).unwrap_or((
+            FailureReason::HostError,
+            format!("a SQL statement failed: {}", err.message),
+        )),
+        None => (FailureReason::HostError, "a write failed".to_owned()),
+    };
     InvocationError::new(
         reason,
         format!(

@@ -445,11 +445,17 @@ impl GuestDb {
         }
     }
 
-    /// The error of the guest statement on which SQLite rolled back the transaction the guest
-    /// entered in (an interrupted write, memory or disk running out, an I/O error), if one
-    /// did since the guest entered. The invocation then failed, whatever the guest answered:
-    /// the host's own writes after it (its progress, what it emitted) would each commit on
-    /// their own.
+    /// Whether SQLite rolled back the transaction the guest entered in (an interrupted write,
+    /// memory or disk running out, an I/O error), during a guest statement or a capability's
+    /// write. The invocation then failed, whatever the guest answered: the host's own writes
+    /// after it (its progress, what it emitted) would each commit on their own. Asked before
+    /// [`GuestDb::leave_guest`].
+    pub(crate) fn transaction_lost(&self) -> bool {
+        self.guest_in_transaction.get() && self.conn.is_autocommit()
+    }
+
+    /// The error on which SQLite rolled back the transaction the guest entered in, if it did
+    /// since the guest entered (see [`GuestDb::transaction_lost`]).
     pub(crate) fn take_lost_transaction(&self) -> Option<SqlError> {
         self.lost_transaction.take()
     }
@@ -485,6 +491,12 @@ impl GuestDb {
         self.set_deadline(None);
         let result = write(&self.conn);
         self.mode.store(previous, Ordering::Relaxed);
+        if self.transaction_lost() && self.lost_transaction.borrow().is_none() {
+            // A capability's write that failed (the disk full, an I/O error) can end the
+            // whole transaction too.
+            let (code, message) = sqlite::last_error(&self.conn);
+            *self.lost_transaction.borrow_mut() = Some(SqlError { code, message });
+        }
         Ok(result)
     }
 
@@ -660,8 +672,7 @@ impl GuestDb {
             self.guest_statement_in_scope(statement, run)
         };
         if let Err(err) = &result
-            && self.guest_in_transaction.get()
-            && self.conn.is_autocommit()
+            && self.transaction_lost()
             && self.lost_transaction.borrow().is_none()
         {
             *self.lost_transaction.borrow_mut() = Some(err.clone());
@@ -1580,13 +1591,16 @@ mod tests {
     fn a_read_stops_at_what_its_call_has_left_and_a_write_does_not() {
         let (_dir, db) = db();
         guest(&db, "CREATE TABLE t (x)").unwrap();
+        guest(&db, "INSERT INTO t VALUES (0)").unwrap();
         db.begin().unwrap();
         db.savepoint();
         db.enter_guest(true, statement_budget(60_000));
         db.limit_statements(Duration::from_millis(1));
+        // It reads a table: SQLite would end the transaction on any other interrupted
+        // statement that does.
         let err = db
             .guest_query(
-                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000) SELECT count(*) FROM c",
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000) SELECT count(*) FROM c, t",
                 vec![],
             )
             .unwrap_err();
@@ -1612,6 +1626,35 @@ mod tests {
         let lost = db.take_lost_transaction().expect("reported");
         assert_eq!(lost.code, SQLITE_INTERRUPT, "{lost:?}");
         assert!(db.take_lost_transaction().is_none(), "once");
+    }
+
+    /// A capability's write that makes SQLite end the transaction (the disk quota reached by
+    /// a one-row insert, which SQLite undoes by rolling everything back) is reported as the
+    /// guest's statements are.
+    #[test]
+    fn a_capability_write_that_ends_the_transaction_is_reported() {
+        let (_dir, db) = db();
+        guest(&db, "CREATE TABLE t (x)").unwrap();
+        db.set_disk_quota(db.size_bytes().unwrap() + 8 * 4096)
+            .unwrap();
+        db.begin().unwrap();
+        db.savepoint();
+        db.enter_guest(true, statement_budget(60_000));
+        db.guest_execute("INSERT INTO t VALUES (1)", vec![])
+            .unwrap();
+        let written = db
+            .as_host(|conn| conn.execute("INSERT INTO t VALUES (zeroblob(1000000))", []))
+            .unwrap();
+        let err = written.unwrap_err();
+        assert_eq!(
+            err.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DiskFull),
+            "{err}"
+        );
+        assert!(db.transaction_lost(), "SQLite rolled the transaction back");
+        db.leave_guest();
+        let lost = db.take_lost_transaction().expect("reported");
+        assert_eq!(lost.code, SQLITE_FULL, "{lost:?}");
     }
 
     /// The savepoint opens with the invocation's first write, whichever way it writes; an

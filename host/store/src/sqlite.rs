@@ -310,6 +310,27 @@ pub(crate) fn cap_page_cache_bytes(conn: &Connection, bytes: u64) -> rusqlite::R
     conn.pragma_update(None, "cache_size", -kib)
 }
 
+/// The primary result code and message of the last call on `conn` that failed (SQLite keeps
+/// them until the next call), for host code that only learns afterwards what a failure did.
+#[allow(unsafe_code)]
+pub(crate) fn last_error(conn: &Connection) -> (i32, String) {
+    // SAFETY: the handle is open for the borrow of `conn`; SQLite's message is a
+    // NUL-terminated string it owns until the next call, copied here before any other.
+    unsafe {
+        let handle = conn.handle();
+        let code = rusqlite::ffi::sqlite3_errcode(handle) & 0xff;
+        let message = rusqlite::ffi::sqlite3_errmsg(handle);
+        let message = if message.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(message)
+                .to_string_lossy()
+                .into_owned()
+        };
+        (code, message)
+    }
+}
+
 /// The bytes of heap `conn`'s page cache holds now (SQLite's `SQLITE_DBSTATUS_CACHE_USED`;
 /// cheap: SQLite counts the pages, it reads nothing).
 #[allow(unsafe_code)]
