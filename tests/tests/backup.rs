@@ -622,3 +622,84 @@ async fn a_follower_naming_the_log_epoch_is_told_a_restore_replaced_the_log() {
         .collect();
     assert_eq!(keys, (0..25).map(|i| format!("new{i}")).collect::<Vec<_>>());
 }
+
+/// A store's plugin runs while its backup is taken, and may swap a directory of its `/data`
+/// for a link out of it (`../../victim`) between the backup's listing and its copy. The
+/// backup never follows such a link: no file of another store reaches the archive. Before,
+/// the copy went by path and followed the link; 7 or 8 of 20 swapped entries held the
+/// victim's databases within two backups (helper 27), and a restore of that archive put
+/// them in the racing store's `/data`; or the copy met an entry gone since the listing and the
+/// backup failed with a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_never_follows_links_out_of_the_stores_files() {
+    let host = host().await;
+    host.deploy("racer", programs::LINK_RACER).await;
+    host.add_store("victim", "writer", &[]).await;
+    host.append(
+        "victim",
+        "kv.put",
+        json!({"key": "k", "value": "victims-secret"}),
+    )
+    .await;
+    host.settle("victim").await;
+    let quotas = storehost_store::Quotas {
+        cpu_ms_per_call: 9_000,
+        cpu_ms_per_minute: 600_000,
+        ..storehost_store::Quotas::default()
+    };
+    host.add_store_with("racer", "racer", &[], quotas).await;
+    let (status, prepared) = host
+        .get(&format!(
+            "/v1/stores/racer/query/prepare?args={}",
+            storehost_tests::urlencode(
+                &json!({"entries": 20, "target": "../../victim", "mb": 8}).to_string()
+            )
+        ))
+        .await;
+    assert_eq!(status, 200, "{prepared}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapping = tokio::spawn({
+        let (url, client, stop) = (host.url.clone(), host.client.clone(), stop.clone());
+        async move {
+            let args = storehost_tests::urlencode(&json!({"entries": 20, "ms": 2_000}).to_string());
+            let mut swaps = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let answer: Value = client
+                    .get(format!("{url}/v1/stores/racer/query/swap?args={args}"))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                swaps += answer["swaps"].as_u64().unwrap_or(0);
+            }
+            swaps
+        }
+    });
+    let mut outside = Vec::new();
+    for _ in 0..6 {
+        let (archive, _) = backup(&host, "racer").await;
+        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(&archive[..]));
+        for entry in tar.entries().unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path().unwrap().display().to_string();
+            // The swapped entries are empty directories: any file in one came from elsewhere.
+            if path.starts_with("files/e") && entry.header().entry_type().is_file() {
+                outside.push(path);
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapping.await.unwrap();
+    assert!(
+        swaps > 0,
+        "the plugin swapped its entries while the backups ran"
+    );
+    assert!(
+        outside.is_empty(),
+        "the racer's backups hold files from outside its /data: {outside:?}"
+    );
+}

@@ -334,22 +334,64 @@ fn snapshot_db(source: &Path, target: &Path) -> rusqlite::Result<()> {
     target.close().map_err(|(_, err)| err)
 }
 
-/// Copies the regular files under `from` to `to` (symlinks and special files are skipped).
+/// Copies the regular files under `from` (a store's files directory) to `to` (symlinks and
+/// special files are skipped).
+///
+/// The store's plugin keeps running meanwhile and may swap any entry for a symbolic link
+/// between the listing and the copy: `../../victim` in place of a directory led a path-based
+/// copy into another store's directory (its databases ended up in this store's backup). So
+/// every directory and file is opened through its parent's handle with cap-std, which never
+/// resolves a path outside the directory it starts from, and copied only if what was opened
+/// is the very directory or regular file the listing showed (same device and inode).
 fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    let entries = match std::fs::read_dir(from) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+    let root = match cap_std::fs::Dir::open_ambient_dir(from, cap_std::ambient_authority()) {
+        Ok(root) => root,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            return std::fs::create_dir_all(to);
+        }
         Err(err) => return Err(err),
     };
-    for entry in entries {
+    copy_dir(&root, to, 0)
+}
+
+/// How deep [`copy_tree`] follows directories; deeper, the backup fails saying so.
+const MAX_COPY_DEPTH: usize = 256;
+
+/// [`copy_tree`]'s walk of one directory, opened as `dir`, `depth` levels below the root.
+fn copy_dir(dir: &cap_std::fs::Dir, to: &Path, depth: usize) -> io::Result<()> {
+    use cap_std::fs::MetadataExt;
+    if depth > MAX_COPY_DEPTH {
+        return Err(io::Error::other(format!(
+            "the store's files nest more than {MAX_COPY_DEPTH} directories deep; the backup \
+             copies no deeper (flatten the plugin's directories)"
+        )));
+    }
+    std::fs::create_dir_all(to)?;
+    for entry in dir.entries()? {
         let entry = entry?;
-        let kind = entry.file_type()?;
+        // What the listing showed, not following a link.
+        let listed = match entry.metadata() {
+            Ok(listed) => listed,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err),
+        };
+        let same = |opened: &cap_std::fs::Metadata| {
+            opened.dev() == listed.dev() && opened.ino() == listed.ino()
+        };
         let target = to.join(entry.file_name());
-        if kind.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else if kind.is_file() {
-            std::fs::copy(entry.path(), &target)?;
+        if listed.is_dir() {
+            // A directory swapped for a link since the listing: not followed, skipped.
+            let Ok(sub) = entry.open_dir() else { continue };
+            if same(&sub.dir_metadata()?) {
+                copy_dir(&sub, &target, depth + 1)?;
+            }
+        } else if listed.is_file() {
+            let Ok(mut file) = entry.open() else { continue };
+            let opened = file.metadata()?;
+            if opened.is_file() && same(&opened) {
+                let mut out = std::fs::File::create(&target)?;
+                io::copy(&mut file, &mut out)?;
+            }
         }
     }
     Ok(())
