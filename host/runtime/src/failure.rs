@@ -89,13 +89,36 @@ pub struct InvocationError {
 pub const MAX_MESSAGE_BYTES: usize = 4096;
 
 impl InvocationError {
-    /// An error with `reason` and `message` (cut to [`MAX_MESSAGE_BYTES`]).
+    /// An error with `reason` and `message` (cut to [`MAX_MESSAGE_BYTES`], on one line: see
+    /// [`one_line`]).
     pub fn new(reason: FailureReason, message: impl Into<String>) -> Self {
+        let message = cut_message(message.into());
         Self {
             reason,
-            message: cut_message(message.into()),
+            message: match one_line(&message) {
+                std::borrow::Cow::Borrowed(_) => message,
+                std::borrow::Cow::Owned(escaped) => escaped,
+            },
         }
     }
+}
+
+/// `text` with its control characters escaped (a line feed as `\n`): a plugin's text (its log
+/// lines, its errors) reaches the host's log, where a line feed would start a line of the
+/// plugin's making that reads as the host's own (`… ERROR … store removed store_id=victim`).
+pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
 }
 
 /// `message`, cut to [`MAX_MESSAGE_BYTES`] at a character boundary, saying how much was cut.
@@ -116,6 +139,17 @@ fn cut_message(mut message: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plugins_text_stays_on_one_line() {
+        assert_eq!(one_line("plain é"), "plain é");
+        assert_eq!(
+            one_line("oops\n2026-12-07 ERROR store removed\r\x1b[0m"),
+            "oops\\n2026-12-07 ERROR store removed\\r\\u{1b}[0m"
+        );
+        let err = InvocationError::new(FailureReason::PluginError, "a\nb");
+        assert_eq!(err.message, "a\\nb");
+    }
 
     #[test]
     fn a_long_message_is_cut_at_a_character_boundary_and_says_so() {

@@ -518,7 +518,9 @@ impl Actor {
                     request_id,
                     reply,
                 } = *query;
-                let span = tracing::info_span!("query", %name, request_id = request_id.as_deref());
+                let shown = storehost_runtime::failure::one_line(&name);
+                let span =
+                    tracing::info_span!("query", name = %shown, request_id = request_id.as_deref());
                 let answer = match self.budget_left().and_then(|()| self.ensure_db()) {
                     Ok(()) => self.query(&name, &args).instrument(span).await,
                     Err(err) => Err(err),

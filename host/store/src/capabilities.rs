@@ -306,6 +306,7 @@ impl HostCapabilities for StoreCapabilities {
             }
             message.truncate(end);
         }
+        let message = storehost_runtime::failure::one_line(&message);
         let store_id = self.store_id.as_str();
         match level {
             LogLevel::Trace => tracing::trace!(target: "guest", store_id, "{message}"),
