@@ -34,6 +34,11 @@ pub trait LlmBackend: Send + Sync + std::fmt::Debug + 'static {
 
 /// Most events one invocation may emit.
 pub const MAX_EMITS_PER_CALL: usize = 10_000;
+/// The most text a chat completion request may hold (its messages, tool calls and tools): the
+/// host holds it (and the provider's copies of it) outside the guest's memory quota, and the
+/// offline provider matches its rules over all of it on the host's time (8 MiB took 1.5 s of
+/// CPU, charged 2–5 ms).
+pub const MAX_LLM_REQUEST_BYTES: usize = 1 << 20;
 /// Largest payload of one emitted event, in bytes (the API's default body limit).
 pub const MAX_EMITTED_PAYLOAD: usize = 1 << 20;
 /// Most bytes (types and payloads) one invocation may emit: they stay in the host's memory
@@ -88,6 +93,30 @@ impl GuestLogLimit {
         }
         true
     }
+}
+
+/// The bytes of text in a chat request: its messages, their tool calls, the tools offered
+/// (what the host and its provider copy and send).
+fn request_bytes(request: &ChatRequest) -> usize {
+    let messages: usize = request
+        .messages
+        .iter()
+        .map(|message| {
+            message.content.as_ref().map_or(0, String::len)
+                + message.tool_call_id.as_ref().map_or(0, String::len)
+                + message
+                    .tool_calls
+                    .iter()
+                    .map(|call| call.id.len() + call.name.len() + call.arguments.len())
+                    .sum::<usize>()
+        })
+        .sum();
+    let tools: usize = request
+        .tools
+        .iter()
+        .map(|tool| tool.name.len() + tool.description.len() + tool.parameters.len())
+        .sum();
+    messages + tools
 }
 
 /// One store's grant to its guest. Created per sandbox; reset per invocation.
@@ -369,6 +398,16 @@ impl HostCapabilities for StoreCapabilities {
                 status: None,
             })));
         };
+        let size = request_bytes(&request);
+        if size > MAX_LLM_REQUEST_BYTES {
+            return Box::pin(std::future::ready(Err(LlmError {
+                class: ErrorClass::InvalidRequest,
+                message: format!(
+                    "the request holds {size} bytes of text; a request holds at most {MAX_LLM_REQUEST_BYTES} (send less of the conversation)"
+                ),
+                status: None,
+            })));
+        }
         self.llm_calls += 1;
         let Some((budget, limit)) = self.llm_budget() else {
             return llm.complete(&self.store_id, request);
@@ -417,5 +456,66 @@ mod tests {
             "{passed}"
         );
         assert!(limit.dropped.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    }
+
+    /// A backend that answers every request, counting them.
+    #[derive(Debug, Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl LlmBackend for Counting {
+        fn complete(&self, _store: &StoreId, _request: ChatRequest) -> LlmFuture {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Box::pin(std::future::ready(Err(LlmError {
+                class: ErrorClass::Transient,
+                message: "answered".into(),
+                status: None,
+            })))
+        }
+    }
+
+    /// A request holding more text than a request may is refused before it reaches the
+    /// provider, saying how much it held (the offline provider spent 1.5 s of the host's CPU
+    /// on 8 MiB, charged to no one).
+    #[tokio::test]
+    async fn a_request_holding_too_much_text_never_reaches_the_provider() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = GuestDb::open(
+            &dir.path().join("store.db"),
+            crate::Durability::Process,
+            1 << 30,
+        )
+        .unwrap();
+        let backend = Arc::new(Counting::default());
+        let mut capabilities = StoreCapabilities::new(
+            StoreId::new("asker").unwrap(),
+            Arc::new(Mutex::new(db)),
+            Arc::default(),
+            1_000,
+            Some(backend.clone()),
+        );
+        let request = |bytes: usize| ChatRequest {
+            messages: vec![storehost_runtime::llm::Message {
+                role: storehost_runtime::llm::Role::User,
+                content: Some("x".repeat(bytes)),
+                tool_calls: Vec::new(),
+                tool_call_id: None,
+            }],
+            tools: Vec::new(),
+            max_tokens: None,
+            temperature: None,
+        };
+        let err = capabilities
+            .llm_complete(request(MAX_LLM_REQUEST_BYTES + 1))
+            .await
+            .unwrap_err();
+        assert_eq!(err.class, ErrorClass::InvalidRequest, "{}", err.message);
+        assert!(err.message.contains("1048577 bytes"), "{}", err.message);
+        assert_eq!(backend.0.load(std::sync::atomic::Ordering::Relaxed), 0);
+        let err = capabilities
+            .llm_complete(request(MAX_LLM_REQUEST_BYTES))
+            .await
+            .unwrap_err();
+        assert_eq!(err.message, "answered");
+        assert_eq!(backend.0.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 }
