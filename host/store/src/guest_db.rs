@@ -884,13 +884,19 @@ impl GuestDb {
     }
 }
 
-/// Reads every dead letter from a connection to `store.db`.
-pub(crate) fn list_dead_letters(conn: &Connection) -> rusqlite::Result<Vec<DeadLetter>> {
+/// Reads up to `limit` dead letters of events after `after`, in order, from a connection to
+/// `store.db`.
+pub(crate) fn list_dead_letters(
+    conn: &Connection,
+    after: u64,
+    limit: usize,
+) -> rusqlite::Result<Vec<DeadLetter>> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq, type, reason, error, attempts, failed_at, status, resolved_at
-         FROM _host_dead_letters ORDER BY seq",
+         FROM _host_dead_letters WHERE seq > ?1 ORDER BY seq LIMIT ?2",
     )?;
-    let rows = stmt.query_map([], dead_letter_from_row)?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![after, limit], dead_letter_from_row)?;
     rows.collect()
 }
 

@@ -736,9 +736,18 @@ impl Store {
     }
 
     /// Every dead letter of the store, oldest first.
-    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+    pub async fn dead_letters(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         let shared = self.shared.clone();
-        Ok(blocking(move || shared.reader.with(guest_db::list_dead_letters)).await??)
+        Ok(blocking(move || {
+            shared
+                .reader
+                .with(|conn| guest_db::list_dead_letters(conn, after, limit))
+        })
+        .await??)
     }
 
     /// The store's scheduled tasks and its latest executions.
