@@ -580,3 +580,58 @@ async fn a_store_can_be_put_without_a_body_and_bearer_is_matched_in_any_case() {
     .await;
     assert_eq!(status, 401, "a wrong token is still refused");
 }
+
+/// A connection that sends nothing is closed after the header read timeout (before, only a
+/// request that had begun was timed: 1,024 silent connections held every connection permit
+/// and shut everyone out), and HTTP/2 is not spoken (one connection held 200 streams, each a
+/// reader of a log with megabytes in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_closed_and_http2_is_not_spoken() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
+    let options = storehost_api::ServeOptions {
+        header_read_timeout: std::time::Duration::from_millis(300),
+        ..storehost_api::ServeOptions::default()
+    };
+    tokio::spawn(storehost_api::serve(
+        listener,
+        app,
+        options,
+        std::future::pending(),
+    ));
+
+    let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(30), silent.read(&mut byte))
+        .await
+        .expect("the server closes a connection that sends nothing");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+
+    let mut h2 = tokio::net::TcpStream::connect(address).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        h2.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 "),
+        "an HTTP/2 preface gets no HTTP/2 answer: {:?}",
+        String::from_utf8_lossy(&answer[..answer.len().min(40)])
+    );
+
+    // A request that comes is answered as ever.
+    let mut asking = tokio::net::TcpStream::connect(address).await.unwrap();
+    asking
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut asking).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, "hello");
+}
