@@ -364,3 +364,48 @@ async fn a_stream_opened_with_a_store_token_ends_when_the_token_is_revoked() {
         "the stream ends without the event appended after the revocation"
     );
 }
+
+/// A store serves at most `MAX_FOLLOWERS` event streams and long-polls at once; one more gets
+/// 429 `too_many_followers`, and a place comes back when a stream closes. Before, one store
+/// token could open streams until the host served no other connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_serves_a_bounded_number_of_followers() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("followed", "writer", &[]).await;
+    let url = format!("{}/v1/stores/followed/events/stream", host.url);
+    let open = || async {
+        host.client
+            .get(&url)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+    };
+    let mut streams = Vec::new();
+    for _ in 0..storehost_store::MAX_FOLLOWERS {
+        let response = open().await;
+        assert_eq!(response.status().as_u16(), 200);
+        streams.push(response);
+    }
+    let refused = open().await;
+    assert_eq!(refused.status().as_u16(), 429);
+    assert!(refused.headers().get("retry-after").is_some());
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_followers", "{body}");
+    let (status, body) = host.get("/v1/stores/followed/events?waitMs=100").await;
+    assert_eq!(status, 429, "a long-poll is a follower too: {body}");
+    let (status, body) = host.get("/v1/stores/followed/events").await;
+    assert_eq!(status, 200, "a plain read is not: {body}");
+
+    drop(streams.pop());
+    let mut reopened = false;
+    for _ in 0..100 {
+        if open().await.status().as_u16() == 200 {
+            reopened = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reopened, "a closed stream gives its place back");
+}

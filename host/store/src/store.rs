@@ -323,6 +323,24 @@ pub(crate) struct Shared {
     pub(crate) files_opened: Arc<tokio::sync::Notify>,
     /// How many lines its guest may log, over all its calls and sandboxes.
     pub(crate) guest_log: Arc<crate::capabilities::GuestLogLimit>,
+    /// Event streams and long-polls open on the store ([`Store::follow`]).
+    followers: std::sync::atomic::AtomicUsize,
+}
+
+/// How many event streams and long-polls one store serves at once: each holds a connection
+/// and up to a page of the log in the host's memory, and one store token opening 1,024
+/// streams took every connection the host serves (and 1.4 GB of memory unread).
+pub const MAX_FOLLOWERS: usize = 64;
+
+/// A place among a store's followers ([`Store::follow`]), given back when dropped.
+pub struct Follower(Arc<Shared>);
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.0
+            .followers
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -494,6 +512,7 @@ impl Store {
             emits_held: Mutex::new(0),
             files_opened,
             guest_log: Arc::default(),
+            followers: std::sync::atomic::AtomicUsize::new(0),
         });
         let (commands, inbox) = mpsc::channel(64);
         // Stores run apart from the API's threads (see `Runtime::guest_executor`).
@@ -698,6 +717,19 @@ impl Store {
     /// The newest `seq` in the log.
     pub fn head(&self) -> u64 {
         *self.shared.head.borrow()
+    }
+
+    /// A place among the store's followers (an event stream, a long-poll), held until it is
+    /// dropped; `None` while [`MAX_FOLLOWERS`] are open.
+    pub fn follow(&self) -> Option<Follower> {
+        use std::sync::atomic::Ordering;
+        self.shared
+            .followers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < MAX_FOLLOWERS).then_some(open + 1)
+            })
+            .ok()?;
+        Some(Follower(self.shared.clone()))
     }
 
     /// The history the store's event log holds: a restore starts another (see

@@ -304,6 +304,11 @@ pub async fn read(
     let wait = params
         .wait_ms
         .map(|ms| Duration::from_millis(ms.min(MAX_WAIT_MS)));
+    // A long-poll holds its place among the store's followers while it waits.
+    let _follower = match wait {
+        Some(_) => Some(follow(&store)?),
+        None => None,
+    };
     // A long-poll ends as the host starts shutting down (it answers what it has, as when its
     // wait runs out): a shutdown does not wait out the longest `waitMs`.
     let mut shutting_down = state.shutting_down.subscribe();
@@ -330,6 +335,26 @@ pub async fn read(
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,
     ))
+}
+
+/// A place among `store`'s followers (an event stream, a long-poll), or 429
+/// `too_many_followers` when it serves as many as it may.
+pub(crate) fn follow(
+    store: &storehost_store::Store,
+) -> Result<storehost_store::Follower, ApiError> {
+    store.follow().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_followers",
+            format!(
+                "store {} already serves {} event streams and long-polls at once, the most it \
+                 may; close one (a consumer needs one stream), or read without waitMs",
+                store.id(),
+                storehost_store::MAX_FOLLOWERS
+            ),
+        )
+        .retry_after(1)
+    })
 }
 
 /// Refuses to follow the log from past its end, or from another history of it: a follower

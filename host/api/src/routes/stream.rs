@@ -77,6 +77,7 @@ pub async fn stream(
         None => params.last_event_id.or(params.after).unwrap_or(0),
     };
     super::events::ensure_within_log(&store, after, params.log_epoch)?;
+    let follower = super::events::follow(&store)?;
     // A store token is checked again as the stream goes on: revoking it ends the stream.
     let store_token = crate::auth::bearer_of(&headers)
         .ok()
@@ -89,6 +90,7 @@ pub async fn stream(
             buffered: VecDeque::new(),
             shutting_down: state.shutting_down.subscribe(),
             store_token: store_token.map(|token| (state.clone(), token)),
+            _follower: follower,
         },
         Cursor::next,
     );
@@ -103,6 +105,8 @@ struct Cursor {
     shutting_down: tokio::sync::watch::Receiver<bool>,
     /// The store token the stream was opened with (none for the admin token).
     store_token: Option<(AppState, String)>,
+    /// The stream's place among the store's followers, given back when it ends.
+    _follower: storehost_store::Follower,
 }
 
 impl Cursor {
