@@ -306,8 +306,8 @@ pub async fn read(
         .map(|ms| Duration::from_millis(ms.min(MAX_WAIT_MS)));
     // A long-poll holds its place among the store's followers while it waits.
     let _follower = match wait {
-        Some(_) => Some(follow(&store)?),
-        None => None,
+        Some(wait) if !wait.is_zero() => Some(follow(&store)?),
+        _ => None,
     };
     // A long-poll ends as the host starts shutting down (it answers what it has, as when its
     // wait runs out): a shutdown does not wait out the longest `waitMs`.
