@@ -635,3 +635,33 @@ async fn a_silent_connection_is_closed_and_http2_is_not_spoken() {
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert_eq!(body, "hello");
 }
+
+/// A request body that does not arrive in time gets 408 `body_too_slow` and the connection
+/// goes: a client trickling a body held one of the host's connections for as long as it
+/// liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_trickles_in_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("tenant", "writer", &[]).await;
+    let address = host.url.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "POST /v1/stores/tenant/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"type\""
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (head, body) = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        read_answer(&mut stream),
+    )
+    .await
+    .expect("an answer once the body's time is up");
+    assert!(head.starts_with("http/1.1 408"), "{head}");
+    assert!(body.contains("body_too_slow"), "{body}");
+}

@@ -703,3 +703,43 @@ async fn a_backup_never_follows_links_out_of_the_stores_files() {
         "the racer's backups hold files from outside its /data: {outside:?}"
     );
 }
+
+/// A file with many names (hard links, which cost the `files` quota an entry each) is in the
+/// backup once. Before, every name was copied in full: a 512 MiB file with 130,000 links fit a
+/// 1 GiB quota and would have been 64 TiB of copies on the disk every store shares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_with_many_names_is_backed_up_once() {
+    let host = host().await;
+    host.deploy("racer", programs::LINK_RACER).await;
+    host.add_store("linker", "racer", &[]).await;
+    let ask = |name: &'static str, args: Value| {
+        let host = &host;
+        async move {
+            host.get(&format!(
+                "/v1/stores/linker/query/{name}?args={}",
+                storehost_tests::urlencode(&args.to_string())
+            ))
+            .await
+        }
+    };
+    let (status, body) = ask(
+        "prepare",
+        json!({"entries": 0, "target": "nowhere", "mb": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = ask("hard_links", json!({"links": 20})).await;
+    assert_eq!(status, 200, "{body}");
+
+    let (archive, _) = backup(&host, "linker").await;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(&archive[..]));
+    let mut copied = 0;
+    for entry in tar.entries().unwrap() {
+        let entry = entry.unwrap();
+        let path = entry.path().unwrap().display().to_string();
+        if path.starts_with("files/") && entry.header().entry_type().is_file() {
+            copied += entry.header().size().unwrap();
+        }
+    }
+    assert_eq!(copied, 2 << 20, "the file's bytes once, not once per name");
+}

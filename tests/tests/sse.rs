@@ -365,43 +365,59 @@ async fn a_stream_opened_with_a_store_token_ends_when_the_token_is_revoked() {
     );
 }
 
-/// A store serves at most `MAX_FOLLOWERS` event streams and long-polls at once; one more gets
-/// 429 `too_many_followers`, and a place comes back when a stream closes. Before, one store
-/// token could open streams until the host served no other connection.
+/// A store serves at most `MAX_FOLLOWERS` event streams and long-polls of its tenants at
+/// once; one more gets 429 `too_many_followers`, and a place comes back when a stream closes.
+/// The admin's take no place. Before, one store token could open streams until the host
+/// served no other connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_serves_a_bounded_number_of_followers() {
     let host = TestHost::start().await;
     host.deploy("writer", programs::WRITER).await;
     host.add_store("followed", "writer", &[]).await;
-    let url = format!("{}/v1/stores/followed/events/stream", host.url);
-    let open = || async {
+    let (status, issued) = host
+        .call(reqwest::Method::POST, "/v1/stores/followed/tokens", None)
+        .await;
+    assert!(status == 200 || status == 201, "{issued}");
+    let token = issued["token"].as_str().unwrap().to_owned();
+    let get_as = |path: &str, token: &str| {
         host.client
-            .get(&url)
-            .bearer_auth(TOKEN)
+            .get(format!("{}/v1/stores/followed/{path}", host.url))
+            .bearer_auth(token)
             .send()
-            .await
-            .unwrap()
     };
+    let open = || get_as("events/stream", &token);
     let mut streams = Vec::new();
     for _ in 0..storehost_store::MAX_FOLLOWERS {
-        let response = open().await;
+        let response = open().await.unwrap();
         assert_eq!(response.status().as_u16(), 200);
         streams.push(response);
     }
-    let refused = open().await;
+    let refused = open().await.unwrap();
     assert_eq!(refused.status().as_u16(), 429);
     assert!(refused.headers().get("retry-after").is_some());
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "too_many_followers", "{body}");
-    let (status, body) = host.get("/v1/stores/followed/events?waitMs=100").await;
-    assert_eq!(status, 429, "a long-poll is a follower too: {body}");
-    let (status, body) = host.get("/v1/stores/followed/events").await;
-    assert_eq!(status, 200, "a plain read is not: {body}");
+    let status = |response: reqwest::Result<reqwest::Response>| response.unwrap().status().as_u16();
+    assert_eq!(
+        status(get_as("events?waitMs=100", &token).await),
+        429,
+        "a long-poll is a follower too"
+    );
+    assert_eq!(
+        status(get_as("events", &token).await),
+        200,
+        "a plain read is not"
+    );
+    assert_eq!(
+        status(get_as("events/stream", TOKEN).await),
+        200,
+        "the admin's stream takes no place"
+    );
 
     drop(streams.pop());
     let mut reopened = false;
     for _ in 0..100 {
-        if open().await.status().as_u16() == 200 {
+        if status(open().await) == 200 {
             reopened = true;
             break;
         }

@@ -43,14 +43,16 @@ pub async fn serve(
 ) {
     // HTTP/1.1 only: hyper-util's automatic builder also spoke HTTP/2 (a dependency's feature
     // turned it on), whatever it was told, and one HTTP/2 connection held 200 streams, each a
-    // reader of the log with megabytes in flight (helper 27: 1 GB of host memory).
+    // reader of the log with megabytes in flight (helper 27: 1 GB of host memory). It also
+    // waited for a connection's first bytes, to tell the versions apart, with no timeout:
+    // 1,024 connections that sent nothing shut everyone out. hyper's HTTP/1 server times the
+    // headers from the connection's start.
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
-    let (closing, _) = tokio::sync::watch::channel(());
     let permits = Arc::new(Semaphore::new(options.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
@@ -79,24 +81,7 @@ pub async fn serve(
             .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
         let service = TowerToHyperService::new(app);
         let (builder, watcher) = (builder.clone(), graceful.watcher());
-        let first_byte_within = options.header_read_timeout;
-        let mut closing = closing.subscribe();
         tokio::spawn(async move {
-            // The header read timeout runs once a request has begun: a connection that sends
-            // nothing would hold its permit for ever (1,024 silent ones shut everyone out).
-            // One still silent when the shutdown begins is closed then.
-            let mut first = [0u8; 1];
-            let started = tokio::select! {
-                started = tokio::time::timeout(first_byte_within, stream.peek(&mut first)) => {
-                    matches!(started, Ok(Ok(n)) if n > 0)
-                }
-                _ = closing.changed() => false,
-            };
-            if !started {
-                tracing::debug!(%peer, "closing a connection that sent nothing");
-                drop(permit);
-                return;
-            }
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             if let Err(err) = watcher.watch(connection).await {
                 tracing::debug!("connection ended with an error: {err}");
@@ -105,7 +90,6 @@ pub async fn serve(
         });
     }
     drop(listener);
-    closing.send_replace(());
     if tokio::time::timeout(options.shutdown_grace, graceful.shutdown())
         .await
         .is_err()

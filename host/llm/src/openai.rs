@@ -314,7 +314,8 @@ impl Inner {
                 class = error.class.as_str(),
                 status = error.status,
                 "LLM call failed, retrying: {}",
-                error.message
+                // The provider's message may echo the plugin's text: kept on one line.
+                error.message.escape_debug()
             );
             tokio::time::sleep(delay).await;
         }

@@ -92,13 +92,15 @@ impl InvocationError {
     /// An error with `reason` and `message` (cut to [`MAX_MESSAGE_BYTES`], on one line: see
     /// [`one_line`]).
     pub fn new(reason: FailureReason, message: impl Into<String>) -> Self {
-        let message = cut_message(message.into());
+        let message = message.into();
+        // Escaped, then cut: escaping can make a message several times longer.
+        let message = match one_line(&message) {
+            std::borrow::Cow::Borrowed(_) => message,
+            std::borrow::Cow::Owned(escaped) => escaped,
+        };
         Self {
             reason,
-            message: match one_line(&message) {
-                std::borrow::Cow::Borrowed(_) => message,
-                std::borrow::Cow::Owned(escaped) => escaped,
-            },
+            message: cut_message(message),
         }
     }
 }
@@ -149,6 +151,12 @@ mod tests {
         );
         let err = InvocationError::new(FailureReason::PluginError, "a\nb");
         assert_eq!(err.message, "a\\nb");
+        let nuls = InvocationError::new(FailureReason::PluginError, "\0".repeat(MAX_MESSAGE_BYTES));
+        assert!(
+            nuls.message.len() < MAX_MESSAGE_BYTES + 100,
+            "cut after escaping: {} bytes",
+            nuls.message.len()
+        );
     }
 
     #[test]

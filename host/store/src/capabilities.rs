@@ -95,14 +95,18 @@ impl GuestLogLimit {
     }
 }
 
-/// The bytes of text in a chat request: its messages, their tool calls, the tools offered
-/// (what the host and its provider copy and send).
+/// The bytes of a chat request: the text of its messages, their tool calls and the tools
+/// offered, and 64 for each of those (what the host and its provider copy and send).
 fn request_bytes(request: &ChatRequest) -> usize {
+    // What each message, call and tool costs beyond its text (a request of a million empty
+    // messages is no small request).
+    const ITEM: usize = 64;
     let messages: usize = request
         .messages
         .iter()
         .map(|message| {
-            message.content.as_ref().map_or(0, String::len)
+            ITEM + message.tool_calls.len() * ITEM
+                + message.content.as_ref().map_or(0, String::len)
                 + message.tool_call_id.as_ref().map_or(0, String::len)
                 + message
                     .tool_calls
@@ -114,7 +118,7 @@ fn request_bytes(request: &ChatRequest) -> usize {
     let tools: usize = request
         .tools
         .iter()
-        .map(|tool| tool.name.len() + tool.description.len() + tool.parameters.len())
+        .map(|tool| ITEM + tool.name.len() + tool.description.len() + tool.parameters.len())
         .sum();
     messages + tools
 }
@@ -327,7 +331,8 @@ impl HostCapabilities for StoreCapabilities {
         if !self.log_limit.admit(&self.store_id) {
             return;
         }
-        let mut message = message;
+        // Escaped, then cut: escaping can make a line several times longer.
+        let mut message = storehost_runtime::failure::one_line(&message).into_owned();
         if message.len() > MAX_LOG_LINE {
             let mut end = MAX_LOG_LINE;
             while !message.is_char_boundary(end) {
@@ -335,7 +340,6 @@ impl HostCapabilities for StoreCapabilities {
             }
             message.truncate(end);
         }
-        let message = storehost_runtime::failure::one_line(&message);
         let store_id = self.store_id.as_str();
         match level {
             LogLevel::Trace => tracing::trace!(target: "guest", store_id, "{message}"),
@@ -505,17 +509,23 @@ mod tests {
             temperature: None,
         };
         let err = capabilities
-            .llm_complete(request(MAX_LLM_REQUEST_BYTES + 1))
+            .llm_complete(request(MAX_LLM_REQUEST_BYTES - 64 + 1))
             .await
             .unwrap_err();
         assert_eq!(err.class, ErrorClass::InvalidRequest, "{}", err.message);
         assert!(err.message.contains("1048577 bytes"), "{}", err.message);
         assert_eq!(backend.0.load(std::sync::atomic::Ordering::Relaxed), 0);
         let err = capabilities
-            .llm_complete(request(MAX_LLM_REQUEST_BYTES))
+            .llm_complete(request(MAX_LLM_REQUEST_BYTES - 64))
             .await
             .unwrap_err();
         assert_eq!(err.message, "answered");
+        assert_eq!(backend.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // Each message counts, empty or not.
+        let mut empty = request(0);
+        empty.messages = vec![empty.messages[0].clone(); 20_000];
+        let err = capabilities.llm_complete(empty).await.unwrap_err();
+        assert_eq!(err.class, ErrorClass::InvalidRequest, "{}", err.message);
         assert_eq!(backend.0.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 }

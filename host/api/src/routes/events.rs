@@ -282,6 +282,7 @@ impl<'a> EventOut<'a> {
 pub async fn read(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     params: Result<Query<ReadParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let store = running_store(&state, &id).await?;
@@ -306,7 +307,7 @@ pub async fn read(
         .map(|ms| Duration::from_millis(ms.min(MAX_WAIT_MS)));
     // A long-poll holds its place among the store's followers while it waits.
     let _follower = match wait {
-        Some(wait) if !wait.is_zero() => Some(follow(&store)?),
+        Some(wait) if !wait.is_zero() => follow(&state, &headers, &store)?,
         _ => None,
     };
     // A long-poll ends as the host starts shutting down (it answers what it has, as when its
@@ -338,11 +339,17 @@ pub async fn read(
 }
 
 /// A place among `store`'s followers (an event stream, a long-poll), or 429
-/// `too_many_followers` when it serves as many as it may.
+/// `too_many_followers` when it serves as many as it may. The admin token's followers take no
+/// place: a tenant holding them all must not keep the operator from following its log.
 pub(crate) fn follow(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
     store: &storehost_store::Store,
-) -> Result<storehost_store::Follower, ApiError> {
-    store.follow().ok_or_else(|| {
+) -> Result<Option<storehost_store::Follower>, ApiError> {
+    if crate::auth::bearer_of(headers).is_ok_and(|token| state.is_admin(token)) {
+        return Ok(None);
+    }
+    store.follow().map(Some).ok_or_else(|| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_followers",

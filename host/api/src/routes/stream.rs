@@ -77,7 +77,7 @@ pub async fn stream(
         None => params.last_event_id.or(params.after).unwrap_or(0),
     };
     super::events::ensure_within_log(&store, after, params.log_epoch)?;
-    let follower = super::events::follow(&store)?;
+    let follower = super::events::follow(&state, &headers, &store)?;
     // A store token is checked again as the stream goes on: revoking it ends the stream.
     let store_token = crate::auth::bearer_of(&headers)
         .ok()
@@ -105,8 +105,9 @@ struct Cursor {
     shutting_down: tokio::sync::watch::Receiver<bool>,
     /// The store token the stream was opened with (none for the admin token).
     store_token: Option<(AppState, String)>,
-    /// The stream's place among the store's followers, given back when it ends.
-    _follower: storehost_store::Follower,
+    /// The stream's place among the store's followers, given back when it ends (none for
+    /// the admin token's).
+    _follower: Option<storehost_store::Follower>,
 }
 
 impl Cursor {

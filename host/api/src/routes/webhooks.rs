@@ -55,12 +55,15 @@ pub async fn workspaces(
         }
     }
     // Read after the rate limit, and no more than an ordinary request body.
-    let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
-        body,
-        state.max_body_bytes,
-    ))
-    .await
-    {
+    let collected = tokio::time::timeout(
+        crate::body::body_deadline(state.max_body_bytes),
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, state.max_body_bytes)),
+    )
+    .await;
+    let Ok(collected) = collected else {
+        return crate::body::body_too_slow(state.max_body_bytes).into_response();
+    };
+    let body = match collected {
         Ok(collected) => collected.to_bytes(),
         Err(_) => {
             return ApiError::new(

@@ -6,7 +6,9 @@
 //! - `prepare {entries, target, mb}`: makes `e0…` (empty directories) with a link `l<i>` to
 //!   `target` beside each, and one file `bulk` of `mb` MiB so a backup takes a while;
 //! - `swap {entries, ms}`: for `ms` ms, renames each `e<i>` to `d<i>` and `l<i>` to `e<i>`, and
-//!   back, over and over; every entry is a directory again when it answers `{swaps}`.
+//!   back, over and over; every entry is a directory again when it answers `{swaps}`;
+//! - `hard_links {links}`: gives `bulk` `links` more names (`h<i>`), hard links that cost the
+//!   `files` quota an entry each, not the file's bytes.
 #![forbid(unsafe_code)]
 
 use serde_json::{Value as Json, json};
@@ -44,6 +46,27 @@ fn link(target: &str, name: &str) -> Result<(), String> {
 
 #[cfg(not(target_arch = "wasm32"))]
 fn link(_target: &str, _name: &str) -> Result<(), String> {
+    Err("only in a sandbox".into())
+}
+
+/// `links` hard links `h<i>` to `/data/bulk`.
+#[cfg(target_arch = "wasm32")]
+fn hard_links(links: u64) -> Result<Json, String> {
+    let dir = test_programs::files_dir()?;
+    for i in 0..links {
+        dir.link_at(
+            wasi::filesystem::types::PathFlags::empty(),
+            "bulk",
+            &dir,
+            &format!("h{i}"),
+        )
+        .map_err(|err| format!("h{i}: {err:?}"))?;
+    }
+    Ok(json!({"links": links}))
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn hard_links(_links: u64) -> Result<Json, String> {
     Err("only in a sandbox".into())
 }
 
@@ -92,6 +115,7 @@ impl Plugin for LinkRacer {
         match name {
             "prepare" => prepare(&args),
             "swap" => Ok(swap(&args)),
+            "hard_links" => hard_links(num(&args, "links", 10)),
             other => Err(format!("unknown query {other}")),
         }
     }
