@@ -132,20 +132,28 @@ impl FromRequest<AppState> for RawBody {
 /// How long a body of `limit` bytes may take to arrive: 30 s, and a second more per MiB it
 /// may hold. A client trickling a body (or sending none after its headers) held its
 /// connection, one of `max_connections`, for as long as it liked.
-pub(crate) fn body_deadline(limit: usize) -> std::time::Duration {
+fn body_deadline(limit: usize) -> std::time::Duration {
     std::time::Duration::from_secs(30 + (limit >> 20) as u64)
 }
 
-/// The answer to a body that did not arrive within [`body_deadline`].
-pub(crate) fn body_too_slow(limit: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::REQUEST_TIMEOUT,
-        "body_too_slow",
-        format!(
-            "the request body did not arrive within {} s; send it at once",
-            body_deadline(limit).as_secs()
-        ),
-    )
+/// The body, up to `limit` bytes, once it has arrived within [`body_deadline`] (else 408
+/// `body_too_slow`); the inner error is `Limited`'s: too large, or unreadable.
+pub(crate) async fn collect_within(
+    body: Body,
+    limit: usize,
+) -> Result<Result<bytes::Bytes, axum::BoxError>, ApiError> {
+    let deadline = body_deadline(limit);
+    match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
+        Ok(collected) => Ok(collected.map(http_body_util::Collected::to_bytes)),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_too_slow",
+            format!(
+                "the request body did not arrive within {} s; send it at once",
+                deadline.as_secs()
+            ),
+        )),
+    }
 }
 
 /// The body, up to `limit` bytes; a larger one is refused with `what_to_do`.
@@ -154,11 +162,8 @@ async fn read_limited(
     limit: usize,
     what_to_do: &str,
 ) -> Result<bytes::Bytes, ApiError> {
-    let collected = tokio::time::timeout(body_deadline(limit), Limited::new(body, limit).collect())
-        .await
-        .map_err(|_| body_too_slow(limit))?;
-    match collected {
-        Ok(collected) => Ok(collected.to_bytes()),
+    match collect_within(body, limit).await? {
+        Ok(bytes) => Ok(bytes),
         Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",

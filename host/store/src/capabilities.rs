@@ -105,13 +105,12 @@ fn request_bytes(request: &ChatRequest) -> usize {
         .messages
         .iter()
         .map(|message| {
-            ITEM + message.tool_calls.len() * ITEM
-                + message.content.as_ref().map_or(0, String::len)
+            ITEM + message.content.as_ref().map_or(0, String::len)
                 + message.tool_call_id.as_ref().map_or(0, String::len)
                 + message
                     .tool_calls
                     .iter()
-                    .map(|call| call.id.len() + call.name.len() + call.arguments.len())
+                    .map(|call| ITEM + call.id.len() + call.name.len() + call.arguments.len())
                     .sum::<usize>()
         })
         .sum();

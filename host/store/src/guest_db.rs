@@ -454,6 +454,14 @@ impl GuestDb {
         self.guest_in_transaction.get() && self.conn.is_autocommit()
     }
 
+    /// Records `cause()` as what ended the transaction the guest entered in, if it just ended
+    /// and nothing ended it before.
+    fn note_if_lost(&self, cause: impl FnOnce() -> SqlError) {
+        if self.transaction_lost() && self.lost_transaction.borrow().is_none() {
+            *self.lost_transaction.borrow_mut() = Some(cause());
+        }
+    }
+
     /// The error on which SQLite rolled back the transaction the guest entered in, if it did
     /// since the guest entered (see [`GuestDb::transaction_lost`]).
     pub(crate) fn take_lost_transaction(&self) -> Option<SqlError> {
@@ -491,12 +499,12 @@ impl GuestDb {
         self.set_deadline(None);
         let result = write(&self.conn);
         self.mode.store(previous, Ordering::Relaxed);
-        if self.transaction_lost() && self.lost_transaction.borrow().is_none() {
-            // A capability's write that failed (the disk full, an I/O error) can end the
-            // whole transaction too.
+        // A capability's write that failed (the disk full, an I/O error) can end the whole
+        // transaction too.
+        self.note_if_lost(|| {
             let (code, message) = sqlite::last_error(&self.conn);
-            *self.lost_transaction.borrow_mut() = Some(SqlError { code, message });
-        }
+            SqlError { code, message }
+        });
         Ok(result)
     }
 
@@ -671,11 +679,8 @@ impl GuestDb {
             StatementHeap::take_refused();
             self.guest_statement_in_scope(statement, run)
         };
-        if let Err(err) = &result
-            && self.transaction_lost()
-            && self.lost_transaction.borrow().is_none()
-        {
-            *self.lost_transaction.borrow_mut() = Some(err.clone());
+        if let Err(err) = &result {
+            self.note_if_lost(|| err.clone());
         }
         match result {
             Err(err) if err.code == SQLITE_NOMEM && StatementHeap::take_refused() => {

@@ -55,16 +55,12 @@ pub async fn workspaces(
         }
     }
     // Read after the rate limit, and no more than an ordinary request body.
-    let collected = tokio::time::timeout(
-        crate::body::body_deadline(state.max_body_bytes),
-        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, state.max_body_bytes)),
-    )
-    .await;
-    let Ok(collected) = collected else {
-        return crate::body::body_too_slow(state.max_body_bytes).into_response();
+    let collected = match crate::body::collect_within(body, state.max_body_bytes).await {
+        Ok(collected) => collected,
+        Err(too_slow) => return too_slow.into_response(),
     };
     let body = match collected {
-        Ok(collected) => collected.to_bytes(),
+        Ok(bytes) => bytes,
         Err(_) => {
             return ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
