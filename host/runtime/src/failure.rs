@@ -92,16 +92,11 @@ impl InvocationError {
     /// An error with `reason` and `message` (cut to [`MAX_MESSAGE_BYTES`], on one line: see
     /// [`one_line`]).
     pub fn new(reason: FailureReason, message: impl Into<String>) -> Self {
-        let message = message.into();
-        // Escaped, then cut: escaping can make a message several times longer.
-        let message = match one_line(&message) {
-            std::borrow::Cow::Borrowed(_) => message,
-            std::borrow::Cow::Owned(escaped) => escaped,
-        };
-        Self {
-            reason,
-            message: cut_message(message),
+        let (mut message, cut) = one_line_within(&message.into(), MAX_MESSAGE_BYTES);
+        if cut > 0 {
+            message.push_str(&format!("… ({cut} more bytes cut)"));
         }
+        Self { reason, message }
     }
 }
 
@@ -123,19 +118,26 @@ pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(escaped)
 }
 
-/// `message`, cut to [`MAX_MESSAGE_BYTES`] at a character boundary, saying how much was cut.
-fn cut_message(mut message: String) -> String {
-    if message.len() <= MAX_MESSAGE_BYTES {
-        return message;
+/// [`one_line`] of at most `max` bytes of `text`, and how many bytes of `text` were left out.
+/// Escaping can make text several times longer, so the escaped text is what is cut (at a
+/// character boundary); the work is bounded by `max`, not by `text`: a plugin logs 5 MiB
+/// lines, and scanning or copying each whole took the host longer than the call's CPU charge
+/// for it.
+pub fn one_line_within(text: &str, max: usize) -> (String, usize) {
+    let mut kept = String::with_capacity(text.len().min(max));
+    for (at, c) in text.char_indices() {
+        let before = kept.len();
+        if c.is_control() {
+            kept.extend(c.escape_default());
+        } else {
+            kept.push(c);
+        }
+        if kept.len() > max {
+            kept.truncate(before);
+            return (kept, text.len() - at);
+        }
     }
-    let total = message.len();
-    let mut end = MAX_MESSAGE_BYTES;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    message.truncate(end);
-    message.push_str(&format!("… ({} more bytes cut)", total - end));
-    message
+    (kept, 0)
 }
 
 #[cfg(test)]
@@ -157,6 +159,15 @@ mod tests {
             "cut after escaping: {} bytes",
             nuls.message.len()
         );
+    }
+
+    #[test]
+    fn text_is_cut_after_escaping_and_the_cut_is_counted_in_the_input() {
+        assert_eq!(one_line_within("abc", 3), ("abc".to_owned(), 0));
+        assert_eq!(one_line_within("a\nb", 3), ("a\\n".to_owned(), 1));
+        assert_eq!(one_line_within("éé", 3), ("é".to_owned(), 2));
+        let (kept, cut) = one_line_within(&"x".repeat(5 << 20), 100);
+        assert_eq!((kept.len(), cut), (100, (5 << 20) - 100));
     }
 
     #[test]

@@ -330,15 +330,7 @@ impl HostCapabilities for StoreCapabilities {
         if !self.log_limit.admit(&self.store_id) {
             return;
         }
-        // Escaped, then cut: escaping can make a line several times longer.
-        let mut message = storehost_runtime::failure::one_line(&message).into_owned();
-        if message.len() > MAX_LOG_LINE {
-            let mut end = MAX_LOG_LINE;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-        }
+        let (message, _) = storehost_runtime::failure::one_line_within(&message, MAX_LOG_LINE);
         let store_id = self.store_id.as_str();
         match level {
             LogLevel::Trace => tracing::trace!(target: "guest", store_id, "{message}"),
