@@ -189,6 +189,10 @@ async fn the_dashboard_shows_every_store_with_its_state_and_last_failure() {
     );
     assert!(row.contains("/ 1.0 GiB"), "disk against its quota: {row}");
     assert!(
+        row.contains("/ 4.0 GiB"),
+        "the event log against its quota: {row}"
+    );
+    assert!(
         row.contains("0 B / 64 MiB"),
         "its files directory against its quota: {row}"
     );

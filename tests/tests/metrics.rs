@@ -594,4 +594,11 @@ async fn disk_figures_count_the_log_as_it_grows_also_while_the_store_is_paused()
         ) as u64,
         after["eventLogBytes"].as_u64().unwrap()
     );
+    assert_eq!(
+        scraped.get(
+            "storehost_store_event_log_quota_bytes",
+            &[("store_id", "growing")]
+        ) as u64,
+        storehost_store::quotas::DEFAULT_EVENT_LOG
+    );
 }

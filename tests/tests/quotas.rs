@@ -835,3 +835,112 @@ async fn a_retried_dead_letters_emitted_events_follow_the_event_rate() {
         "the emitted events wait for the rate: {status}"
     );
 }
+
+/// The log keeps every event, so a tenant could fill the disk every store shares with big
+/// appends: past its `event_log` quota an append gets 507 `event_log_full` saying what to do,
+/// nothing of it kept, and a raised quota takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_log_at_its_quota_refuses_appends_until_the_quota_is_raised() {
+    const QUOTA: u64 = 1 << 20;
+    const VALUE: usize = 64 << 10;
+    let host = TestHost::start_with(TestHostOptions {
+        max_body_bytes: 1 << 20,
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("writer", programs::WRITER).await;
+    let quotas = Quotas {
+        event_log: QUOTA,
+        ..Quotas::default()
+    };
+    host.add_store_with("logged", "writer", &[], quotas).await;
+    let put = |n: usize| json!({"type": "kv.put", "payload": {"key": format!("k{n}"), "value": "x".repeat(VALUE)}});
+    let mut accepted = 0;
+    let (status, body) = loop {
+        let (status, body) = host.post("/v1/stores/logged/events", put(accepted)).await;
+        if status != 202 {
+            break (status, body);
+        }
+        accepted += 1;
+        assert!(
+            (accepted * VALUE) as u64 <= QUOTA,
+            "the log took {accepted} events of {VALUE} bytes under a quota of {QUOTA}"
+        );
+    };
+    assert_eq!(status, 507, "{body}");
+    assert_eq!(body["error"]["code"], "event_log_full", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("event_log quota is {QUOTA} bytes"))
+            && message.contains("raise the store's event_log quota"),
+        "{message}"
+    );
+    let (_, store) = host.get("/v1/stores/logged").await;
+    assert_eq!(
+        store["head"], accepted,
+        "the refused event was kept: {store}"
+    );
+
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/logged",
+            Some(json!({"quotas": {"event_log": 64 << 20}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["quotas"]["event_log"], 64 << 20);
+    let (status, body) = host.post("/v1/stores/logged/events", put(accepted)).await;
+    assert_eq!(status, 202, "{body}");
+    host.settle("logged").await;
+    assert_eq!(
+        host.query("logged", "count", json!({})).await,
+        json!({"kv": accepted + 1, "applied": accepted + 1})
+    );
+}
+
+/// A plugin's emitted events go to the same log: an emit past the quota is refused to the
+/// plugin, whose invocation (here, not handling it) fails with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emit_past_the_event_log_quota_is_refused_to_the_plugin() {
+    let host = TestHost::start_with(TestHostOptions {
+        retry: RetryPolicy {
+            attempts: 1,
+            ..RetryPolicy::default()
+        },
+        max_body_bytes: 1 << 20,
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("writer", programs::WRITER).await;
+    let quotas = Quotas {
+        event_log: 1 << 20,
+        ..Quotas::default()
+    };
+    host.add_store_with("emitter", "writer", &[], quotas).await;
+    // 600 KiB enter the log with the event; emitting as much again would pass 1 MiB.
+    let big = "x".repeat(600 << 10);
+    let seq = host
+        .append(
+            "emitter",
+            "kv.emit",
+            json!({"type": "echo", "payload": {"text": big}}),
+        )
+        .await;
+    host.settle("emitter").await;
+    let (_, letters) = host.get("/v1/stores/emitter/dead-letters").await;
+    let letter = &letters["deadLetters"][0];
+    assert_eq!(letter["seq"], seq, "{letters}");
+    assert!(
+        letter["error"]
+            .as_str()
+            .unwrap()
+            .contains("the store's event log is full: its event_log quota left room for"),
+        "{letter}"
+    );
+    let (_, store) = host.get("/v1/stores/emitter").await;
+    assert_eq!(
+        store["head"], seq,
+        "the refused emit reached the log: {store}"
+    );
+}

@@ -118,6 +118,11 @@ impl From<StoreError> for ApiError {
                 err.to_string(),
             )
             .retry_after(retry_after_ms.div_ceil(1_000).max(1)),
+            StoreError::EventLogFull { .. } => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "event_log_full",
+                err.to_string(),
+            ),
             StoreError::BatchOverBurst { .. } => Self::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "batch_over_burst",

@@ -20,7 +20,7 @@ use storehost_runtime::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::capabilities::{MAX_EMITS_PER_CALL, StoreCapabilities};
+use crate::capabilities::{EmitRoom, StoreCapabilities};
 use crate::closing;
 use crate::event_log::LoggedEvent;
 use crate::guest_db::{self, DeadLetter, GuestDb, OutboxEntry};
@@ -135,6 +135,10 @@ pub(crate) struct Actor {
     /// the least CPU priority ([`Actor::call_demoted`]).
     penalized: bool,
     outbox: Outbox,
+    /// Bytes of events invocations emitted since the outbox was last drained: not in the
+    /// log's size yet, but on their way to it (counted until the next drain even when their
+    /// invocation's transaction rolled back).
+    unlogged_bytes: u64,
 }
 
 /// Emitted events on their way from `store.db`'s outbox to the log. The actor is the only
@@ -211,6 +215,7 @@ impl Actor {
             next_due: None,
             penalized: false,
             outbox: Outbox::default(),
+            unlogged_bytes: 0,
         }
     }
 
@@ -459,6 +464,14 @@ impl Actor {
             .max_pending
             .load(std::sync::atomic::Ordering::Relaxed);
         usize::try_from(max.saturating_sub(pending)).unwrap_or(usize::MAX)
+    }
+
+    /// How many bytes of events the store's log takes before its `event_log` quota: the room
+    /// an invocation's emitted events may fill, less what earlier invocations emitted that is
+    /// not in the log yet.
+    fn log_room(&self) -> u64 {
+        let held = self.shared.log.file_bytes() + self.unlogged_bytes;
+        self.settings.quotas.event_log.saturating_sub(held)
     }
 
     /// Whether an event waits to be processed (reading the next ones from the log when none
@@ -1297,7 +1310,10 @@ impl Actor {
             Priority::Normal
         };
         let wall = Duration::from_millis(self.settings.quotas.wall_ms_per_call);
-        let emit_room = self.queue_room();
+        let emit_room = EmitRoom {
+            events: self.queue_room(),
+            log_bytes: self.log_room(),
+        };
         let sandbox = self.sandbox().await?;
         sandbox.set_priority(priority);
         sandbox.host_mut().start_invocation(wall, emit_room);
@@ -1342,6 +1358,12 @@ impl Actor {
         self.penalized = result
             .as_ref()
             .is_err_and(|err| err.reason != FailureReason::PluginError);
+        if result.is_ok() {
+            self.unlogged_bytes += emitted
+                .iter()
+                .map(|(event_type, payload)| (event_type.len() + payload.len()) as u64)
+                .sum::<u64>();
+        }
         result.map(|()| emitted)
     }
 
@@ -1425,6 +1447,8 @@ impl Actor {
             None => self.lock_db().outbox()?,
         };
         let Some(last) = unsent.last().map(|entry| entry.id) else {
+            // Nothing committed waits: what was counted on its way rolled back.
+            self.unlogged_bytes = 0;
             self.outbox.unsent = Some(unsent);
             return Ok(());
         };
@@ -1437,6 +1461,7 @@ impl Actor {
         };
         self.outbox.unsent = Some(Vec::new());
         self.outbox.sent_through = Some(last);
+        self.unlogged_bytes = 0;
         self.shared.head.send_if_modified(|h| {
             let grew = head > *h;
             *h = (*h).max(head);
@@ -1455,7 +1480,7 @@ impl Actor {
             Ok(sandbox) => {
                 sandbox
                     .host_mut()
-                    .start_invocation(wall, MAX_EMITS_PER_CALL);
+                    .start_invocation(wall, EmitRoom::UNBOUNDED);
                 let before = sandbox.usage();
                 lock(&db).enter_guest(false, guest_db::statement_budget(cpu_ms));
                 let started = Instant::now();

@@ -139,9 +139,26 @@ pub struct StoreCapabilities {
     emitted_bytes: usize,
     /// The store's allowance of log lines, across calls.
     log_limit: Arc<GuestLogLimit>,
-    /// How many events the store's queue takes before `max_pending_events` (set per
-    /// invocation): emitted events wait in it like appended ones.
-    emit_room: usize,
+    /// What the current invocation may emit.
+    emit_room: EmitRoom,
+}
+
+/// What one invocation may emit, set as it begins.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EmitRoom {
+    /// How many events the store's queue takes before `max_pending_events`: emitted events
+    /// wait in it like appended ones.
+    pub(crate) events: usize,
+    /// How many bytes of events the store's log takes before its `event_log` quota.
+    pub(crate) log_bytes: u64,
+}
+
+impl EmitRoom {
+    /// Room for as much as one call may emit.
+    pub(crate) const UNBOUNDED: Self = Self {
+        events: MAX_EMITS_PER_CALL,
+        log_bytes: u64::MAX,
+    };
 }
 
 impl StoreCapabilities {
@@ -167,7 +184,7 @@ impl StoreCapabilities {
             llm_calls: 0,
             wall: None,
             emitted_bytes: 0,
-            emit_room: MAX_EMITS_PER_CALL,
+            emit_room: EmitRoom::UNBOUNDED,
             log_limit: Arc::default(),
         }
     }
@@ -219,11 +236,18 @@ impl StoreCapabilities {
     }
 
     /// Clears what the previous invocation left; the new one may run for `wall_limit` and
-    /// emit up to `emit_room` events (the room left in the store's queue).
-    pub(crate) fn start_invocation(&mut self, wall_limit: std::time::Duration, emit_room: usize) {
+    /// emit what `emit_room` has room for.
+    pub(crate) fn start_invocation(
+        &mut self,
+        wall_limit: std::time::Duration,
+        emit_room: EmitRoom,
+    ) {
         self.emitted.clear();
         self.emitted_bytes = 0;
-        self.emit_room = emit_room.min(MAX_EMITS_PER_CALL);
+        self.emit_room = EmitRoom {
+            events: emit_room.events.min(MAX_EMITS_PER_CALL),
+            ..emit_room
+        };
         self.breach = None;
         self.log_lines = 0;
         self.wall = Some((std::time::Instant::now() + wall_limit, wall_limit));
@@ -303,10 +327,16 @@ impl HostCapabilities for StoreCapabilities {
                 .get_or_insert((FailureReason::Memory, message.clone()));
             return Err(message);
         }
-        if self.emitted.len() >= self.emit_room {
+        if self.emitted.len() >= self.emit_room.events {
             return Err(format!(
                 "the store's queue is full: max_pending_events left room for {} more events when this call began, and it has emitted them; emit fewer, or raise the quota",
-                self.emit_room
+                self.emit_room.events
+            ));
+        }
+        if bytes as u64 > self.emit_room.log_bytes {
+            return Err(format!(
+                "the store's event log is full: its event_log quota left room for {} bytes of events when this call began, and this event would take the call's emits to {bytes}; emit less, or raise the quota",
+                self.emit_room.log_bytes
             ));
         }
         if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(&payload) {

@@ -26,6 +26,10 @@ pub struct Quotas {
     /// Page cache the store's database may keep in the host's memory while the store is
     /// awake, in bytes (SQLite's own default, 2000 KiB, unless set). Hibernating hands it back.
     pub db_cache: u64,
+    /// Most the store's event log (`events.db` and its write-ahead log) may hold on disk, in
+    /// bytes. The log keeps every event, so without it a tenant's appends (or its plugin's
+    /// emits) would fill the disk every store shares.
+    pub event_log: u64,
     /// Sustained ingress rate, in events per second.
     pub events_per_second: u32,
     /// Ingress burst above the sustained rate, in events.
@@ -40,6 +44,9 @@ pub struct Quotas {
 /// i.e. 2000 KiB), so a store costs what it did before the quota existed.
 pub const DEFAULT_DB_CACHE: u64 = 2000 << 10;
 
+/// The `event_log` quota unless set: 4 GiB, four times the default `disk`.
+pub const DEFAULT_EVENT_LOG: u64 = 4 << 30;
+
 impl Default for Quotas {
     fn default() -> Self {
         Self {
@@ -51,6 +58,7 @@ impl Default for Quotas {
             disk: 1 << 30,
             files: 64 << 20,
             db_cache: DEFAULT_DB_CACHE,
+            event_log: DEFAULT_EVENT_LOG,
             events_per_second: 1_000,
             burst: 2_000,
             max_pending_events: 100_000,
@@ -81,7 +89,7 @@ pub struct QuotaProblem {
 
 impl Quotas {
     /// Every value no store could run under: a zero limit (a call with no CPU time, a store
-    /// that takes no event), or memory, disk or page cache below 64 KiB. Config files and the
+    /// that takes no event), or memory, disk, page cache or event log below 64 KiB. Config files and the
     /// API refuse such quotas alike.
     pub fn problems(&self) -> Vec<QuotaProblem> {
         const AT_LEAST_ONE: &str = "it must be at least 1 (zero would stop the store from working)";
@@ -90,6 +98,7 @@ impl Quotas {
             ("memory", self.memory),
             ("disk", self.disk),
             ("db_cache", self.db_cache),
+            ("event_log", self.event_log),
         ]
         .map(|(key, value)| (key, value, MIN_SIZE_QUOTA, AT_LEAST_PAGE));
         let counts = [
@@ -126,12 +135,16 @@ mod tests {
         let quotas = Quotas {
             memory: 1024,
             db_cache: 4096,
+            event_log: 60 << 10,
             fuel_per_call: Some(0),
             burst: 0,
             ..Quotas::default()
         };
         let keys: Vec<_> = quotas.problems().iter().map(|p| p.key).collect();
-        assert_eq!(keys, ["memory", "db_cache", "fuel_per_call", "burst"]);
+        assert_eq!(
+            keys,
+            ["memory", "db_cache", "event_log", "fuel_per_call", "burst"]
+        );
         let unmetered = Quotas {
             fuel_per_call: None,
             ..Quotas::default()

@@ -159,6 +159,21 @@ pub enum StoreError {
         /// When a retry can succeed.
         retry_after_ms: u64,
     },
+    /// The store's event log holds its `event_log` quota: nothing more is kept until the quota
+    /// is raised (the log keeps every event, so waiting frees no room).
+    #[error(
+        "store {store}'s event log holds {held} bytes and its event_log quota is {quota} bytes, so these {bytes} bytes of events were not kept; raise the store's event_log quota (PUT /v1/stores/{store} with {{\"quotas\":{{\"event_log\":…}}}} or in its config), then send them again"
+    )]
+    EventLogFull {
+        /// The store.
+        store: StoreId,
+        /// What the log holds on disk.
+        held: u64,
+        /// The quota.
+        quota: u64,
+        /// The events refused (their types, payloads and keys).
+        bytes: u64,
+    },
     /// More events in one request than the store's burst: no wait lets them in together.
     #[error(
         "store {store} takes at most {burst} events at once (its burst), and this request has {events}; split it into batches of {burst} or fewer"
@@ -311,6 +326,8 @@ pub(crate) struct Shared {
     pub(crate) cursor: watch::Sender<u64>,
     pub(crate) status: Mutex<StoreStatus>,
     pub(crate) max_pending: std::sync::atomic::AtomicU64,
+    /// The store's `event_log` quota, in bytes.
+    pub(crate) event_log_quota: std::sync::atomic::AtomicU64,
     pub(crate) metrics: Arc<StoreMetrics>,
     ingress: Mutex<Ingress>,
     reader: sqlite::LazyReader,
@@ -506,6 +523,7 @@ impl Store {
             cursor: watch::Sender::new(cursor),
             status: Mutex::new(status),
             max_pending: settings.quotas.max_pending_events.into(),
+            event_log_quota: settings.quotas.event_log.into(),
             metrics: Arc::default(),
             ingress: Mutex::new(Ingress::new(&settings.quotas)),
             reader: sqlite::LazyReader::new(&dir.store_db()).signalling(files_opened.clone()),
@@ -586,7 +604,11 @@ impl Store {
         if self.commands.is_closed() {
             return Err(StoreError::Stopped(self.shared.id.clone()));
         }
-        if let Err(refused) = self.admit_all(events.len()) {
+        let bytes = events.iter().map(event_bytes).sum();
+        if let Err(refused) = self
+            .log_room(bytes)
+            .and_then(|()| self.admit_all(events.len()))
+        {
             // A client retrying events the log already holds (its first request timed out,
             // say) gets their seqs, not a 429 for events that were accepted.
             return match self.already_appended(&events).await {
@@ -619,6 +641,25 @@ impl Store {
         })
         .await??;
         Ok(seqs)
+    }
+
+    /// Refuses `bytes` more of events when the log would pass its `event_log` quota. Checked
+    /// before each append, so appends at the same moment may pass it by their own events.
+    fn log_room(&self, bytes: u64) -> Result<(), StoreError> {
+        let quota = self
+            .shared
+            .event_log_quota
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let held = self.shared.log.file_bytes();
+        if held.saturating_add(bytes) > quota {
+            return Err(StoreError::EventLogFull {
+                store: self.shared.id.clone(),
+                held,
+                quota,
+                bytes,
+            });
+        }
+        Ok(())
     }
 
     /// Admits `count` more events: within the ingress rate (taken from it) and the queue's
@@ -822,6 +863,10 @@ impl Store {
             settings.quotas.max_pending_events,
             std::sync::atomic::Ordering::Relaxed,
         );
+        self.shared.event_log_quota.store(
+            settings.quotas.event_log,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.send(Command::Update(Box::new(settings))).await
     }
 
@@ -857,6 +902,13 @@ impl Store {
             .await
             .map_err(|_| StoreError::Stopped(self.shared.id.clone()))
     }
+}
+
+/// What an event takes of the `event_log` quota as it arrives: its type, payload and key (the
+/// log's own bookkeeping comes on top, and shows in its size afterwards).
+fn event_bytes(event: &NewEvent) -> u64 {
+    let key = event.idempotency_key.as_ref().map_or(0, String::len);
+    (event.event_type.len() + event.payload.len() + key) as u64
 }
 
 /// The one clock every store's ingress limiter reads. Making a clock costs tens of

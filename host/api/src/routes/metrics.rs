@@ -164,6 +164,7 @@ struct StoreSample {
     disk_bytes: u64,
     disk_quota: u64,
     event_log_bytes: u64,
+    event_log_quota: u64,
     files_bytes: u64,
     files_quota: u64,
     db_cache_bytes: u64,
@@ -213,6 +214,7 @@ impl Snapshot {
                 disk_bytes: status.usage.disk_bytes,
                 disk_quota: view.quotas.disk,
                 event_log_bytes: status.usage.event_log_bytes,
+                event_log_quota: view.quotas.event_log,
                 files_bytes: status.usage.files_bytes,
                 files_quota: view.quotas.files,
                 db_cache_bytes: status.usage.db_cache_bytes,
@@ -421,8 +423,15 @@ impl Collector for Snapshot {
             e,
             stores,
             "store_event_log_bytes",
-            "Size of the store's event log (events.db; the log keeps every event).",
+            "Size of the store's event log (events.db and its WAL, which the event_log quota caps; the log keeps every event).",
             |s| s.event_log_bytes,
+        )?;
+        per_store_gauge(
+            e,
+            stores,
+            "store_event_log_quota_bytes",
+            "The store's event_log quota.",
+            |s| s.event_log_quota,
         )?;
         per_store_gauge(
             e,

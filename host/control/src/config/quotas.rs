@@ -16,7 +16,7 @@ pub const UNMETERED: &str = "unmetered";
 
 /// Some or all fields of [`Quotas`]; an absent field keeps the value it overrides.
 ///
-/// Sizes (`memory`, `disk`, `files`, `db_cache`) accept an integer of bytes or a string like `"64MiB"`;
+/// Sizes (`memory`, `disk`, `files`, `db_cache`, `event_log`) accept an integer of bytes or a string like `"64MiB"`;
 /// `fuel_per_call` accepts an integer or `"unmetered"`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -42,6 +42,9 @@ pub struct QuotasOverride {
     /// Page cache of the store's database while it is awake, in bytes.
     #[serde(deserialize_with = "size::deserialize_option")]
     pub db_cache: Option<u64>,
+    /// Most the store's event log may hold on disk, in bytes.
+    #[serde(deserialize_with = "size::deserialize_option")]
+    pub event_log: Option<u64>,
     /// Sustained ingress rate, in events per second.
     pub events_per_second: Option<u32>,
     /// Ingress burst above the sustained rate, in events.
@@ -64,6 +67,7 @@ impl QuotasOverride {
             disk: self.disk.unwrap_or(base.disk),
             files: self.files.unwrap_or(base.files),
             db_cache: self.db_cache.unwrap_or(base.db_cache),
+            event_log: self.event_log.unwrap_or(base.event_log),
             events_per_second: self.events_per_second.unwrap_or(base.events_per_second),
             burst: self.burst.unwrap_or(base.burst),
             max_pending_events: self.max_pending_events.unwrap_or(base.max_pending_events),
