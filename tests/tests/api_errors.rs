@@ -636,6 +636,57 @@ async fn a_silent_connection_is_closed_and_http2_is_not_spoken() {
     assert_eq!(body, "hello");
 }
 
+/// A client that stops reading its answer loses the connection once a write has waited
+/// `write_timeout` for it, and the host lets the answer go: before, the answer stayed in the
+/// host's memory for as long as the client kept the connection (100 unread 16 MiB query
+/// answers held 1.6 GB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_the_client_does_not_read_is_let_go() {
+    use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (dropped_tx, dropped) = tokio::sync::oneshot::channel::<()>();
+    let dropped_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(dropped_tx)));
+    let app = axum::Router::new().route(
+        "/big",
+        axum::routing::get(move || {
+            // The answer's chunks, 1 MiB each, holding `dropped_tx` until the host drops them.
+            let guard = dropped_tx.lock().unwrap().take();
+            let chunks = futures::stream::iter(0..64).map(move |_| {
+                let _held = &guard;
+                Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(vec![b'x'; 1 << 20]))
+            });
+            async move { axum::body::Body::from_stream(chunks) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let options = storehost_api::ServeOptions {
+        write_timeout: std::time::Duration::from_millis(300),
+        ..storehost_api::ServeOptions::default()
+    };
+    tokio::spawn(storehost_api::serve(
+        listener,
+        app,
+        options,
+        std::future::pending(),
+    ));
+
+    let mut stalled = tokio::net::TcpStream::connect(address).await.unwrap();
+    stalled
+        .write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    stalled.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // The client reads no more, and keeps the connection open.
+    tokio::time::timeout(std::time::Duration::from_secs(30), dropped)
+        .await
+        .expect("the unread answer is let go once its write times out")
+        .unwrap_err();
+    drop(stalled);
+}
+
 /// A request body that does not arrive in time gets 408 `body_too_slow` and the connection
 /// goes: a client trickling a body held one of the host's connections for as long as it
 /// liked.

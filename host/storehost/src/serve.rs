@@ -254,6 +254,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let options = ServeOptions {
         max_connections: config.http.max_connections,
         header_read_timeout: config.http.header_read_timeout(),
+        write_timeout: config.http.write_timeout(),
         shutdown_grace: config.http.shutdown_grace(),
     };
     let draining = state.clone();

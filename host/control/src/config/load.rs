@@ -436,6 +436,7 @@ impl Problems for HttpConfig {
             zero("max_body_bytes", self.max_body_bytes),
             zero("max_connections", self.max_connections as u64),
             zero("header_read_timeout_ms", self.header_read_timeout_ms),
+            zero("write_timeout_ms", self.write_timeout_ms),
         ]
         .into_iter()
         .flatten()

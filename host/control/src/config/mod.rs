@@ -82,6 +82,9 @@ pub struct HttpConfig {
     pub max_connections: usize,
     /// Time a client has to send its request headers, in milliseconds.
     pub header_read_timeout_ms: u64,
+    /// Time a response may wait for the client to read it, in milliseconds: a write that
+    /// makes no progress this long closes the connection.
+    pub write_timeout_ms: u64,
     /// Time in-flight requests get to finish on shutdown, in milliseconds.
     pub shutdown_grace_ms: u64,
 }
@@ -92,6 +95,7 @@ impl Default for HttpConfig {
             max_body_bytes: 1 << 20,
             max_connections: 1024,
             header_read_timeout_ms: 10_000,
+            write_timeout_ms: 30_000,
             shutdown_grace_ms: 10_000,
         }
     }
@@ -101,6 +105,11 @@ impl HttpConfig {
     /// `header_read_timeout_ms` as a duration.
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_millis(self.header_read_timeout_ms)
+    }
+
+    /// `write_timeout_ms` as a duration.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
     }
 
     /// `shutdown_grace_ms` as a duration.
