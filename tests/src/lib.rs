@@ -287,6 +287,22 @@ impl TestHost {
         (status, json)
     }
 
+    /// A new token of `store` (as the admin issues it): the token and its id.
+    pub async fn issue_token(&self, store: &str) -> (String, u64) {
+        let (status, issued) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/stores/{store}/tokens"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 201, "{issued}");
+        (
+            issued["token"].as_str().unwrap().to_owned(),
+            issued["id"].as_u64().unwrap(),
+        )
+    }
+
     /// `GET path` as admin.
     pub async fn get(&self, path: &str) -> (u16, Value) {
         self.call(reqwest::Method::GET, path, None).await

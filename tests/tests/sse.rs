@@ -333,28 +333,12 @@ async fn bad_stream_requests_get_clear_errors() {
 /// A stream opened with a store token ends once that token is revoked: the event appended
 /// after the revocation is not delivered. It used to flow on for as long as the connection
 /// lasted, the token being checked only when the stream opened.
-/// A new store token of `store`: the token and its id.
-async fn issue_token(host: &TestHost, store: &str) -> (String, u64) {
-    let (status, issued) = host
-        .call(
-            reqwest::Method::POST,
-            &format!("/v1/stores/{store}/tokens"),
-            None,
-        )
-        .await;
-    assert_eq!(status, 201, "{issued}");
-    (
-        issued["token"].as_str().unwrap().to_owned(),
-        issued["id"].as_u64().unwrap(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_opened_with_a_store_token_ends_when_the_token_is_revoked() {
     let host = TestHost::start().await;
     host.deploy("writer", programs::WRITER).await;
     host.add_store("watched", "writer", &[]).await;
-    let (token, token_id) = issue_token(&host, "watched").await;
+    let (token, token_id) = host.issue_token("watched").await;
 
     let mut stream = EventStream::open_as(&host, "watched", "?after=0", None, &token).await;
     let seq = host.append("watched", "note", json!({"n": 1})).await;
@@ -385,7 +369,7 @@ async fn a_store_serves_a_bounded_number_of_followers() {
     let host = TestHost::start().await;
     host.deploy("writer", programs::WRITER).await;
     host.add_store("followed", "writer", &[]).await;
-    let (token, _) = issue_token(&host, "followed").await;
+    let (token, _) = host.issue_token("followed").await;
     let get_as = |path: &str, token: &str| {
         host.client
             .get(format!("{}/v1/stores/followed/{path}", host.url))

@@ -294,3 +294,82 @@ async fn a_result_of_many_small_rows_is_counted_at_what_it_costs_the_host() {
         "{status}: {answer}"
     );
 }
+
+/// A client that asks for big answers and reads them slowly enough keeps them in the host's
+/// memory (the write timeout sees its progress): 100 unread 16 MiB query answers took 1.6 GB.
+/// A store's clients may leave 64 MiB of answers unread at once; past it a query gets 429
+/// `answers_unread`, while another store's answers go on, and the room comes back as the
+/// answers are read or their connections close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_client_leaves_unread_are_bounded_per_store() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const ANSWER: u64 = 16_000_000;
+    let host = abuse_host(RetryPolicy::default()).await;
+    // The answer takes its plugin five times its size of linear memory to make.
+    let roomy = Quotas {
+        memory: 256 << 20,
+        ..Quotas::default()
+    };
+    host.add_store_with("hoarder", "abuse", &[], roomy.clone())
+        .await;
+    host.add_store_with("neighbour", "abuse", &[], roomy).await;
+    let (token, _) = host.issue_token("hoarder").await;
+    let path = |store: &str| {
+        format!(
+            "/v1/stores/{store}/query/pad?args={}",
+            urlencode(&json!({"bytes": ANSWER}).to_string())
+        )
+    };
+    let address = host.url.trim_start_matches("http://").to_owned();
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stream
+            .write_all(
+                format!(
+                    "GET {} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\r\n",
+                    path("hoarder")
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        // Reads nothing more, and keeps the connection.
+        stalled.push(stream);
+    }
+    let ask_as = |store: &str, token: &str| {
+        host.client
+            .get(format!("{}{}", host.url, path(store)))
+            .bearer_auth(token)
+            .send()
+    };
+    let refused = ask_as("hoarder", &token).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "answers_unread", "{body}");
+
+    let (neighbours, _) = host.issue_token("neighbour").await;
+    let answered = ask_as("neighbour", &neighbours).await.unwrap();
+    assert_eq!(answered.status().as_u16(), 200);
+    assert!(answered.bytes().await.unwrap().len() as u64 > ANSWER);
+
+    drop(stalled);
+    let mut status = 0;
+    for _ in 0..100 {
+        let response = ask_as("hoarder", &token).await.unwrap();
+        status = response.status().as_u16();
+        if status == 200 {
+            assert!(response.bytes().await.unwrap().len() as u64 > ANSWER);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status, 200,
+        "the room came back once the connections closed"
+    );
+}

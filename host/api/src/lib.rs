@@ -2,6 +2,7 @@
 //! here; every route calls the control plane or a store.
 #![forbid(unsafe_code)]
 
+pub mod answers;
 pub mod auth;
 pub mod body;
 pub mod error;
@@ -70,6 +71,10 @@ pub fn app(state: AppState) -> Router {
             "/v1/stores/{id}/dead-letters/{seq}/retry",
             post(routes::stores::retry_dead_letter),
         )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            answers::hold_until_read,
+        ))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_tenant,

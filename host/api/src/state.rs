@@ -39,6 +39,8 @@ pub struct AppState {
     pub(crate) webhook_limiter: Option<Arc<SourceLimiter>>,
     pub(crate) reconciler: Option<Arc<Reconciler>>,
     pub(crate) metrics: Arc<crate::routes::metrics::HostCounters>,
+    /// Answers the host's clients have not read yet, in KiB (see [`crate::answers`]).
+    pub(crate) unread_answers: Arc<tokio::sync::Semaphore>,
     bypass_token_sha256: Option<[u8; 32]>,
 }
 
@@ -63,6 +65,7 @@ impl AppState {
             webhook_limiter: None,
             reconciler: None,
             metrics: Arc::default(),
+            unread_answers: crate::answers::host_allowance(),
             bypass_token_sha256: None,
         }
     }

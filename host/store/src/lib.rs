@@ -38,6 +38,7 @@ pub use quotas::Quotas;
 pub use spare::SpareStores;
 pub use sqlite::{Durability, VFS as SQLITE_VFS};
 pub use store::{
-    EmitsHeld, Follower, MAX_FOLLOWERS, RetryPolicy, Store, StoreError, StorePlugin, StoreRuntime,
-    StoreSettings, StoreState, StoreStatus, is_disk_full, is_storage_full,
+    EmitsHeld, Follower, MAX_FOLLOWERS, MAX_UNREAD_ANSWER_KIB, RetryPolicy, Store, StoreError,
+    StorePlugin, StoreRuntime, StoreSettings, StoreState, StoreStatus, is_disk_full,
+    is_storage_full,
 };

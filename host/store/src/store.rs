@@ -342,12 +342,19 @@ pub(crate) struct Shared {
     pub(crate) guest_log: Arc<crate::capabilities::GuestLogLimit>,
     /// Event streams and long-polls open on the store ([`Store::follow`]).
     followers: std::sync::atomic::AtomicUsize,
+    /// The store's answers its clients have not read yet, in KiB ([`Store::unread_answers`]).
+    unread_answers: Arc<tokio::sync::Semaphore>,
 }
 
 /// How many event streams and long-polls one store serves at once: each holds a connection
 /// and up to a page of the log in the host's memory, and one store token opening 1,024
 /// streams took every connection the host serves (and 1.4 GB of memory unread).
 pub const MAX_FOLLOWERS: usize = 64;
+
+/// How much of its answers (query answers, pages of its log, dead letters) a store's clients
+/// may leave unread at once, in KiB: an answer stays in the host's memory until its client
+/// reads it, and a client reading slowly enough keeps its connection for as long as it likes.
+pub const MAX_UNREAD_ANSWER_KIB: usize = 64 << 10;
 
 /// A place among a store's followers ([`Store::follow`]), given back when dropped.
 pub struct Follower(Arc<Shared>);
@@ -531,6 +538,7 @@ impl Store {
             files_opened,
             guest_log: Arc::default(),
             followers: std::sync::atomic::AtomicUsize::new(0),
+            unread_answers: Arc::new(tokio::sync::Semaphore::new(MAX_UNREAD_ANSWER_KIB)),
         });
         let (commands, inbox) = mpsc::channel(64);
         // Stores run apart from the API's threads (see `Runtime::guest_executor`).
@@ -771,6 +779,12 @@ impl Store {
             })
             .ok()?;
         Some(Follower(self.shared.clone()))
+    }
+
+    /// The store's allowance of answers its clients have not read yet, in KiB (see
+    /// [`MAX_UNREAD_ANSWER_KIB`]): the API holds permits of it until an answer is written.
+    pub fn unread_answers(&self) -> Arc<tokio::sync::Semaphore> {
+        self.shared.unread_answers.clone()
     }
 
     /// The history the store's event log holds: a restore starts another (see

@@ -28,6 +28,8 @@ fn act(kind: &str, args: &Json) -> Result<Json, String> {
             }
             json!({"scheduled": n})
         }
+        // Answers `bytes` bytes of padding (a query answer the size the client asks for).
+        "pad" => json!({"pad": "x".repeat(num(args, "bytes", 0) as usize)}),
         // Lists the store's tasks (host reads them all).
         "sched_list" => {
             let tasks = scheduler::scheduled();
