@@ -32,7 +32,7 @@ use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, FsError, FsResult};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 
 use crate::lock;
-use crate::sandbox::charge_moving;
+use crate::sandbox::{BYTES_PER_CPU_MS, charge_moving};
 
 /// The most directory listings one sandbox's guest holds at once: wasmtime-wasi reads a whole
 /// directory (names and types) into the host's memory when a listing starts.
@@ -161,12 +161,12 @@ pub(crate) struct FilesState {
     /// Directory listings the guest holds (each keeps the whole listing in the host's memory).
     listings: usize,
     refused: Arc<AtomicBool>,
-    /// CPU ticks owed for the bytes positioned writes moved, the one file call whose size
-    /// the guest chooses (see [`crate::sandbox::BYTES_PER_CPU_MS`]), and for the time its
-    /// syncs kept the disk busy.
+    /// CPU ticks owed for positioned writes, the one file call whose size the guest chooses
+    /// (the bytes they moved, see [`crate::sandbox::BYTES_PER_CPU_MS`], or the time they took
+    /// when more), and for the time its syncs kept the disk busy.
     owed: Arc<AtomicU64>,
-    /// Microseconds of sync charged so far, whole ticks of which went to `owed`.
-    synced_micros: u64,
+    /// Microseconds of writes and syncs charged so far, whole ticks of which went to `owed`.
+    spent_micros: u64,
 }
 
 impl FilesState {
@@ -178,12 +178,26 @@ impl FilesState {
             listings: 0,
             refused: Arc::default(),
             owed,
-            synced_micros: 0,
+            spent_micros: 0,
         }
     }
 
     fn moved(&self, bytes: usize) {
         charge_moving(&self.owed, bytes);
+    }
+
+    /// Charges a positioned write of `bytes` that took `took`: the bytes it moved, or the
+    /// time it took when that is more. The kernel holds back a process that dirties pages
+    /// faster than the disk takes them (a 5 MiB write took over 100 ms while the disk was
+    /// busy, charged 5 ms by its bytes alone), and that disk is the one every store's commits
+    /// wait on.
+    fn wrote(&mut self, bytes: usize, took: std::time::Duration) {
+        let by_bytes = std::time::Duration::from_millis(bytes as u64 / BYTES_PER_CPU_MS);
+        if took > by_bytes {
+            self.spent(took);
+        } else {
+            self.moved(bytes);
+        }
     }
 
     /// Charges a `sync` or `sync-data` that took `took` as CPU time. Waiting for the disk is
@@ -193,11 +207,17 @@ impl FilesState {
     /// as one). That tick is left out of the charge, so a sync costs what it took; the
     /// fractions of a millisecond add up across syncs.
     fn synced(&mut self, took: std::time::Duration) {
+        self.spent(took);
+    }
+
+    /// Charges host work that took `took`, less the one tick the epoch already counts for
+    /// the call; fractions of a millisecond add up across calls.
+    fn spent(&mut self, took: std::time::Duration) {
         let charged = took.saturating_sub(std::time::Duration::from_millis(1));
         let micros = u64::try_from(charged.as_micros()).unwrap_or(u64::MAX);
-        let before = self.synced_micros;
-        self.synced_micros = before.saturating_add(micros);
-        let ticks = self.synced_micros / 1_000 - before / 1_000;
+        let before = self.spent_micros;
+        self.spent_micros = before.saturating_add(micros);
+        let ticks = self.spent_micros / 1_000 - before / 1_000;
         if ticks > 0 {
             self.owed.fetch_add(ticks, Ordering::Relaxed);
         }
@@ -576,8 +596,10 @@ impl HostDescriptor for FilesView<'_> {
         let end = |len: usize| offset.saturating_add(len as u64);
         let growth = end(buf.len()).saturating_sub(before);
         self.files.reserve(growth)?;
-        self.files.moved(buf.len());
-        match self.fs.write(fd, buf, offset).await {
+        let (bytes, started) = (buf.len(), std::time::Instant::now());
+        let wrote = self.fs.write(fd, buf, offset).await;
+        self.files.wrote(bytes, started.elapsed());
+        match wrote {
             Ok(written) => {
                 // A short write added less than was reserved.
                 let added = offset.saturating_add(written).saturating_sub(before);
@@ -946,6 +968,24 @@ impl Pollable for QuotaStream {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A positioned write is charged the bytes it moved, or the time it took when that is
+    /// more (the kernel held it back while the disk was busy).
+    #[test]
+    fn writes_are_charged_their_bytes_or_their_time_whichever_is_more() {
+        let owed = Arc::new(AtomicU64::new(0));
+        let mut files = FilesState::new(Arc::new(FilesUsage::unlimited()), owed.clone());
+        files.wrote(5 << 20, Duration::from_micros(900));
+        assert_eq!(owed.load(Ordering::Relaxed), 5, "5 MiB written at once");
+        files.wrote(5 << 20, Duration::from_millis(120));
+        assert_eq!(
+            owed.load(Ordering::Relaxed),
+            5 + 119,
+            "5 MiB held back 120 ms"
+        );
+        files.wrote(10, Duration::from_micros(10));
+        assert_eq!(owed.load(Ordering::Relaxed), 124, "a small quick write");
+    }
 
     /// A sync is charged what it took beyond the one epoch tick that sees it, and the
     /// fractions of a millisecond add up across syncs rather than being lost on each.
