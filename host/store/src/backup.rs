@@ -133,6 +133,14 @@ pub enum RestoreError {
     /// The archive reads, but is not a valid backup (manifest, checksums, databases).
     #[error("{0}")]
     Invalid(String),
+    /// The archive unpacks to more than the store may hold.
+    #[error(
+        "the archive unpacks to more than {limit} bytes, what the store's disk, event_log and files quotas hold together (and a MiB more); raise them (PUT /v1/stores/{{id}} with quotas), then restore again"
+    )]
+    TooLarge {
+        /// The most it could have unpacked to.
+        limit: u64,
+    },
     /// The host could not write the unpacked files.
     #[error("could not unpack the archive: {0}")]
     Io(#[from] io::Error),
@@ -526,8 +534,10 @@ fn entry_target(path: &Path) -> Result<String, RestoreError> {
 /// Unpacks `archive` (a `.tar.gz` or `.tar`) into the empty directory `into` and checks all of
 /// it: the manifest, every file against its size and SHA-256, no file missing or extra, and both
 /// databases (integrity, a gap-free log matching the manifest's seq range, the cursor). Returns
-/// the manifest; on error `into` may hold partial files (the caller deletes it).
-pub fn unpack(archive: &Path, into: &Path) -> Result<Manifest, RestoreError> {
+/// the manifest; on error `into` may hold partial files (the caller deletes it). The files it
+/// holds may add up to `limit` bytes at most: a small archive can unpack to any size, and
+/// unpacking fills the disk every store shares.
+pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, RestoreError> {
     let mut file = BufReader::new(File::open(archive)?);
     let mut magic = [0u8; 2];
     let peeked = {
@@ -554,6 +564,7 @@ pub fn unpack(archive: &Path, into: &Path) -> Result<Manifest, RestoreError> {
     let mut tar = tar::Archive::new(reader);
     let mut manifest_bytes: Option<Vec<u8>> = None;
     let mut unpacked: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    let mut room = limit;
     for entry in tar.entries().map_err(unreadable)? {
         let mut entry = entry.map_err(unreadable)?;
         let path = entry.path().map_err(unreadable)?.into_owned();
@@ -604,12 +615,18 @@ pub fn unpack(archive: &Path, into: &Path) -> Result<Manifest, RestoreError> {
                 .create_new(true)
                 .open(&target)?,
         ));
-        copy_entry(&mut entry, &mut writer).map_err(|err| match err {
-            CopyError::Read(err) => unreadable(err),
-            CopyError::Write(err) => RestoreError::Io(err),
+        copy_entry(&mut (&mut entry).take(room.saturating_add(1)), &mut writer).map_err(|err| {
+            match err {
+                CopyError::Read(err) => unreadable(err),
+                CopyError::Write(err) => RestoreError::Io(err),
+            }
         })?;
         writer.flush()?;
-        unpacked.insert(name, writer.finish());
+        let (size, sha256) = writer.finish();
+        room = room
+            .checked_sub(size)
+            .ok_or(RestoreError::TooLarge { limit })?;
+        unpacked.insert(name, (size, sha256));
     }
     // Read to the end of the compressed stream so its checksum is verified too.
     io::copy(&mut tar.into_inner(), &mut io::sink()).map_err(unreadable)?;
@@ -892,8 +909,15 @@ mod tests {
             .collect();
         assert_eq!(paths, ["events.db", "files/notes/a.txt", "store.db"]);
 
+        // It unpacks to exactly its files' bytes: a byte less of room refuses it.
+        let total: u64 = archive.manifest.files.iter().map(|f| f.size).sum();
+        let cramped = ScratchDir::new(data.path(), "restore", &id).unwrap();
+        assert!(matches!(
+            unpack(&archive.path, cramped.path(), total - 1),
+            Err(RestoreError::TooLarge { limit }) if limit == total - 1
+        ));
         let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
-        let manifest = unpack(&archive.path, into.path()).unwrap();
+        let manifest = unpack(&archive.path, into.path(), total).unwrap();
         assert_eq!(manifest, archive.manifest);
         assert_eq!(
             std::fs::read_to_string(into.path().join("files/notes/a.txt")).unwrap(),
@@ -920,7 +944,7 @@ mod tests {
         std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
         let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
         assert!(matches!(
-            unpack(&truncated, into.path()),
+            unpack(&truncated, into.path(), u64::MAX),
             Err(RestoreError::Unreadable(_) | RestoreError::Invalid(_))
         ));
 
@@ -930,13 +954,13 @@ mod tests {
         let corrupt = work.path().join("corrupt.tar.gz");
         std::fs::write(&corrupt, &flipped).unwrap();
         let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
-        assert!(unpack(&corrupt, into.path()).is_err());
+        assert!(unpack(&corrupt, into.path(), u64::MAX).is_err());
 
         let empty = work.path().join("empty");
         std::fs::write(&empty, b"").unwrap();
         let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
         assert!(matches!(
-            unpack(&empty, into.path()),
+            unpack(&empty, into.path(), u64::MAX),
             Err(RestoreError::Unreadable(_))
         ));
     }

@@ -182,6 +182,11 @@ fn restore_error(err: RestoreFailure) -> ApiError {
             "invalid_backup",
             format!("{message}; the store's data was not changed"),
         ),
+        RestoreFailure::Archive(RestoreError::TooLarge { .. }) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "archive_too_large",
+            format!("{err}; the store's data was not changed"),
+        ),
         RestoreFailure::Archive(RestoreError::Io(err)) => ApiError::internal(err),
         RestoreFailure::Control(err) => err.into(),
     }

@@ -133,15 +133,20 @@ impl Orchestrator {
         scratch: &ScratchDir,
         allow_different_store: bool,
     ) -> Result<RestoreReport, RestoreFailure> {
-        if self.get(id).await.is_none() {
+        let Some(view) = self.view(id).await else {
             return Err(RestoreFailure::NotFound(id.clone()));
-        }
+        };
+        // What the store may hold, and a MiB for the databases' own pages beyond their quotas.
+        let quotas = &view.quotas;
+        let limit = [quotas.disk, quotas.event_log, quotas.files, 1 << 20]
+            .into_iter()
+            .fold(0u64, u64::saturating_add);
         let staged = scratch.path().join("data");
         let manifest = {
             let (archive, staged) = (archive.to_owned(), staged.clone());
             tokio::task::spawn_blocking(move || {
                 std::fs::create_dir(&staged)?;
-                backup::unpack(&archive, &staged)
+                backup::unpack(&archive, &staged, limit)
             })
             .await
             .map_err(join_error)??
