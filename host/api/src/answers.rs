@@ -6,10 +6,8 @@
 //! answer of [`COUNTED_FROM_BYTES`] or more holds a share of its store's allowance
 //! ([`storehost_store::MAX_UNREAD_ANSWER_KIB`]) and of the host's ([`MAX_UNREAD_ANSWERS_KIB`])
 //! until its last byte is written or its connection is gone; an answer that finds no room is
-//! refused, and its memory let go at once. An event stream's page of the log holds its share
-//! while the stream sends it, and waits for room before it is sent. The admin token's answers
-//! hold none (a tenant using its store's allowance must not keep the operator from reading the
-//! store).
+//! refused, and its memory let go at once. The admin token's answers hold none (a tenant using
+//! its store's allowance must not keep the operator from reading the store).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,29 +45,6 @@ impl AsRef<[u8]> for Held {
     fn as_ref(&self) -> &[u8] {
         &self.bytes
     }
-}
-
-/// The room `bytes` of an answer of `store` take in the store's and the host's allowance,
-/// waited for (a page of an event stream); none for fewer than [`COUNTED_FROM_BYTES`]. An
-/// answer larger than a store's whole allowance waits for all of it.
-pub(crate) async fn room_for(
-    state: &AppState,
-    store: &storehost_store::Store,
-    bytes: u64,
-) -> Option<[OwnedSemaphorePermit; 2]> {
-    if bytes < COUNTED_FROM_BYTES {
-        return None;
-    }
-    let max = storehost_store::MAX_UNREAD_ANSWER_KIB as u64;
-    let kib = u32::try_from(bytes.div_ceil(1024).min(max)).unwrap_or(u32::MAX);
-    let of_store = store.unread_answers().acquire_many_owned(kib).await.ok()?;
-    let of_host = state
-        .unread_answers
-        .clone()
-        .acquire_many_owned(kib)
-        .await
-        .ok()?;
-    Some([of_store, of_host])
 }
 
 /// Middleware on the tenant routes: see the module's documentation. Answers of unknown size

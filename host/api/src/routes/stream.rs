@@ -83,14 +83,11 @@ pub async fn stream(
         .ok()
         .filter(|token| !state.is_admin(token))
         .map(str::to_owned);
-    let counted = store_token.is_some().then(|| state.clone());
     let events = futures::stream::unfold(
         Cursor {
             store,
             after,
             buffered: VecDeque::new(),
-            counted,
-            _room: None,
             shutting_down: state.shutting_down.subscribe(),
             store_token: store_token.map(|token| (state.clone(), token)),
             _follower: follower,
@@ -105,11 +102,6 @@ struct Cursor {
     store: Store,
     after: u64,
     buffered: VecDeque<LoggedEvent>,
-    /// The host, when the page buffered counts among the store's unread answers (see
-    /// [`crate::answers`]): a tenant's streams, not the admin's.
-    counted: Option<AppState>,
-    /// The room the page buffered takes among them, given back as the next is read.
-    _room: Option<[tokio::sync::OwnedSemaphorePermit; 2]>,
     shutting_down: tokio::sync::watch::Receiver<bool>,
     /// The store token the stream was opened with (none for the admin token).
     store_token: Option<(AppState, String)>,
@@ -143,19 +135,7 @@ impl Cursor {
                 return None;
             }
             match read {
-                Ok(events) => {
-                    self._room = None;
-                    if let Some(state) = &self.counted {
-                        let bytes: u64 = events.iter().map(|e| e.payload.len() as u64).sum();
-                        let room = crate::answers::room_for(state, &self.store, bytes);
-                        self._room = tokio::select! {
-                            room = room => room,
-                            () = self.store.stopped() => return None,
-                            _ = self.shutting_down.wait_for(|down| *down) => return None,
-                        };
-                    }
-                    self.buffered.extend(events);
-                }
+                Ok(events) => self.buffered.extend(events),
                 Err(err) => {
                     tracing::warn!(store_id = %self.store.id(), "event stream ended: {err}");
                     return None;
