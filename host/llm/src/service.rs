@@ -28,7 +28,14 @@ pub struct LlmLimits {
     pub queue_wait_ms: u64,
     /// The calls-per-minute quota of a store whose quota was never set.
     pub default_calls_per_minute: u32,
+    /// Most tokens one completion may ask for: a plugin asking for more (or for no limit)
+    /// asks for this many, since what a completion costs, and how long it takes, grows with
+    /// its length.
+    pub max_tokens: u32,
 }
+
+/// The default of [`LlmLimits::max_tokens`].
+pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 
 impl Default for LlmLimits {
     fn default() -> Self {
@@ -36,6 +43,7 @@ impl Default for LlmLimits {
             max_concurrent: 16,
             queue_wait_ms: 2_000,
             default_calls_per_minute: 60,
+            max_tokens: DEFAULT_MAX_TOKENS,
         }
     }
 }
@@ -59,6 +67,7 @@ struct Inner {
     provider: Arc<dyn Provider>,
     slots: Arc<Semaphore>,
     max_concurrent: usize,
+    max_tokens: u32,
     queue_wait: Duration,
     stores: Mutex<Stores>,
 }
@@ -102,6 +111,7 @@ impl LlmService {
                 slots: Arc::new(Semaphore::new(max_concurrent)),
                 max_concurrent,
                 queue_wait: Duration::from_millis(limits.queue_wait_ms),
+                max_tokens: limits.max_tokens.max(1),
                 stores: Mutex::new(Stores {
                     default_per_minute: limits.default_calls_per_minute,
                     by_id: HashMap::new(),
@@ -163,8 +173,10 @@ impl LlmService {
     pub fn complete(
         &self,
         store_id: &str,
-        req: ChatRequest,
+        mut req: ChatRequest,
     ) -> BoxFuture<'static, Result<Completion, LlmError>> {
+        let cap = self.inner.max_tokens;
+        req.max_tokens = Some(req.max_tokens.map_or(cap, |asked| asked.min(cap)));
         let admitted = self.admit(store_id);
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {

@@ -127,6 +127,7 @@ async fn the_host_wide_cap_refuses_a_call_when_no_slot_frees_in_time() {
             max_concurrent: 1,
             queue_wait_ms: 50,
             default_calls_per_minute: 100,
+            ..LlmLimits::default()
         },
     );
     let held = tokio::spawn(service.complete("store-a", hello()));
@@ -159,6 +160,7 @@ async fn calls_beyond_the_cap_wait_for_a_slot_and_never_overlap() {
             max_concurrent: 2,
             queue_wait_ms: 30_000,
             default_calls_per_minute: 100,
+            ..LlmLimits::default()
         },
     );
     let calls: Vec<_> = (0..5)
@@ -176,4 +178,32 @@ async fn calls_beyond_the_cap_wait_for_a_slot_and_never_overlap() {
         2,
         "never more than max_concurrent at the server"
     );
+}
+
+/// A plugin chooses how long a completion may be, and a completion costs (and takes) more the
+/// longer it is: the host's `max_tokens` caps what it asks for, and asks for that when it
+/// names no limit.
+#[tokio::test]
+async fn a_completion_asks_for_at_most_the_hosts_max_tokens() {
+    let server = FakeLlm::start(vec![Reply::Json(200, text("ok"))]).await;
+    let service = LlmService::new(
+        provider(&server),
+        LlmLimits {
+            max_tokens: 500,
+            ..LlmLimits::default()
+        },
+    );
+    for asked in [None, Some(100_000), Some(200)] {
+        let request = ChatRequest {
+            max_tokens: asked,
+            ..hello()
+        };
+        settle(service.complete("store-a", request)).await.unwrap();
+    }
+    let sent: Vec<_> = server
+        .received()
+        .iter()
+        .map(|request| request.body["max_tokens"].clone())
+        .collect();
+    assert_eq!(sent, [500, 500, 200]);
 }

@@ -68,6 +68,9 @@ pub struct LlmConfig {
     pub max_concurrent: usize,
     /// How long a call waits for one of those slots before failing `rate_limited`, in ms.
     pub queue_wait_ms: u64,
+    /// Most tokens one completion may ask for (a plugin asking for more, or for no limit,
+    /// asks for this many).
+    pub max_tokens: u32,
     /// `stub`: the rules, as JSON text.
     pub stub_rules: Option<String>,
     /// `stub`: a file holding the rules JSON; after loading, relative paths are already
@@ -91,6 +94,7 @@ impl Default for LlmConfig {
             backoff_max_ms: openai.backoff_max_ms,
             max_concurrent: limits.max_concurrent,
             queue_wait_ms: limits.queue_wait_ms,
+            max_tokens: limits.max_tokens,
             stub_rules: None,
             stub_rules_file: None,
         }
@@ -158,6 +162,7 @@ impl HostConfig {
             max_concurrent: self.llm.max_concurrent,
             queue_wait_ms: self.llm.queue_wait_ms,
             default_calls_per_minute: self.default_quotas().llm_calls_per_minute,
+            max_tokens: self.llm.max_tokens,
         };
         Ok(LlmService::new(self.llm_provider(env)?, limits))
     }
@@ -307,6 +312,9 @@ queue_wait_ms = 0
         let (line, message) = only_error("[llm]\n\nmax_concurrent = 0\n");
         assert_eq!(line, 3);
         assert!(message.contains("at least 1"), "{message}");
+        let (line, message) = only_error("[llm]\nmax_tokens = 0\n");
+        assert_eq!(line, 2);
+        assert!(message.contains("max_tokens = 0"), "{message}");
 
         let (_, message) = only_error("[llm]\nbackoff_base_ms = 500\nbackoff_max_ms = 100\n");
         assert!(message.contains("at least backoff_base_ms"), "{message}");

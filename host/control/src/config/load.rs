@@ -611,6 +611,7 @@ impl Problems for LlmConfig {
             ("timeout_ms", self.timeout_ms),
             ("deadline_ms", self.deadline_ms),
             ("max_concurrent", self.max_concurrent as u64),
+            ("max_tokens", u64::from(self.max_tokens)),
         ] {
             if value == 0 {
                 problems.push((
