@@ -234,10 +234,18 @@ impl Tail {
         self.after + self.events.len() as u64
     }
 
-    /// The events after `after` (which must not be before the tail), up to `limit`.
-    fn read(&self, after: u64, limit: usize) -> Vec<LoggedEvent> {
+    /// The events after `after` (which must not be before the tail), up to `limit` and
+    /// `max_bytes` of payloads (one event at least).
+    fn read(&self, after: u64, limit: usize, max_bytes: usize) -> Vec<LoggedEvent> {
         let skip = usize::try_from(after - self.after).unwrap_or(usize::MAX);
-        self.events.iter().skip(skip).take(limit).cloned().collect()
+        let mut page = PageBytes::new(max_bytes);
+        self.events
+            .iter()
+            .skip(skip)
+            .take(limit)
+            .take_while(|event| page.takes(event))
+            .cloned()
+            .collect()
     }
 
     fn push(&mut self, event: LoggedEvent) {
@@ -259,6 +267,33 @@ impl Tail {
             + event.payload.len()
             + event.source.len()
             + event.request_id.as_ref().map_or(0, String::len)
+    }
+}
+
+/// The payload bytes a page of the log has room for: it takes events until their payloads
+/// reach its limit, and always one.
+struct PageBytes {
+    left: usize,
+    full: bool,
+}
+
+impl PageBytes {
+    fn new(max_bytes: usize) -> Self {
+        Self {
+            left: max_bytes,
+            full: false,
+        }
+    }
+
+    /// Whether the page takes `event` (after it, the page may be full).
+    fn takes(&mut self, event: &LoggedEvent) -> bool {
+        if self.full {
+            return false;
+        }
+        let bytes = event.payload.len();
+        self.full = bytes >= self.left;
+        self.left = self.left.saturating_sub(bytes);
+        true
     }
 }
 
@@ -570,28 +605,60 @@ impl EventLog {
         })
     }
 
-    /// Up to `limit` events with `seq > after`, in order.
+    /// Up to `limit` events with `seq > after`, in order, and up to [`MAX_READ_BYTES`] of
+    /// payloads (one event at least).
     pub fn read_after(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<LoggedEvent>> {
-        match self.read_recent(after, limit) {
+        self.read_after_within(after, limit, MAX_READ_BYTES)
+    }
+
+    /// [`Self::read_after`] with pages of at most `max_bytes` of payloads (one event at
+    /// least).
+    pub fn read_after_within(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> rusqlite::Result<Vec<LoggedEvent>> {
+        match self.read_recent_within(after, limit, max_bytes) {
             Some(events) => Ok(events),
-            None => self.read_on_disk(after, limit),
+            None => self.read_on_disk_within(after, limit, max_bytes),
         }
     }
 
     /// [`Self::read_after`] when the memory holds the answer (`after` is within the tail of
     /// the log): never touches the file, so it may run on an async worker.
     pub fn read_recent(&self, after: u64, limit: usize) -> Option<Vec<LoggedEvent>> {
+        self.read_recent_within(after, limit, MAX_READ_BYTES)
+    }
+
+    /// [`Self::read_recent`] with pages of at most `max_bytes` of payloads.
+    pub fn read_recent_within(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Option<Vec<LoggedEvent>> {
         match &*lock(&self.tail) {
-            Some(tail) if after >= tail.after => Some(tail.read(after, limit)),
+            Some(tail) if after >= tail.after => Some(tail.read(after, limit, max_bytes)),
             _ => None,
         }
     }
 
-    /// Up to `limit` events from the file; a page stops once its payloads reach
-    /// [`MAX_READ_BYTES`] (one event at least), so a read of big events holds a few MB of
-    /// the host's memory, not `limit` of them (1,000 events of 1 MB each were 3 GB per
-    /// request with the answer's JSON).
+    #[cfg(test)]
     fn read_on_disk(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<LoggedEvent>> {
+        self.read_on_disk_within(after, limit, MAX_READ_BYTES)
+    }
+
+    /// Up to `limit` events from the file; a page stops once its payloads reach `max_bytes`
+    /// (one event at least), so a read of big events holds a few MB of the host's memory,
+    /// not `limit` of them (1,000 events of 1 MB each were 3 GB per request with the
+    /// answer's JSON).
+    fn read_on_disk_within(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> rusqlite::Result<Vec<LoggedEvent>> {
         self.reader.with(|conn| {
             let mut stmt = conn.prepare_cached(READ_AFTER)?;
             let rows = stmt.query_map(params![after], |row| {
@@ -605,12 +672,12 @@ impl EventLog {
                 })
             })?;
             let mut events = Vec::with_capacity(limit.min(READ_CAPACITY));
-            let mut bytes = 0;
+            let mut page = PageBytes::new(max_bytes);
             for row in rows.take(limit) {
                 let event = row?;
-                bytes += event.payload.len();
+                page.takes(&event);
                 events.push(event);
-                if bytes >= MAX_READ_BYTES {
+                if page.full {
                     break;
                 }
             }
@@ -817,6 +884,30 @@ mod tests {
             "the oldest events left the tail"
         );
         assert_tail_matches_the_file(&log);
+    }
+
+    /// A page holds events until their payloads reach its bytes (one event at least), from
+    /// the tail in memory as from the file.
+    #[test]
+    fn a_page_stops_once_its_payloads_reach_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(&dir.path().join("events.db"), Durability::Process).unwrap();
+        let big = |n: usize| NewEvent {
+            payload: format!("\"{}\"", "x".repeat(n)),
+            ..event("big", None)
+        };
+        // The tail keeps 128 KiB: events of 20 KB stay in it.
+        log.append((0..5).map(|_| big(20_000)).collect(), "api")
+            .unwrap();
+        let seqs = |page: Vec<LoggedEvent>| page.iter().map(|e| e.seq).collect::<Vec<_>>();
+        let recent = log.read_recent_within(0, 10, 50_000).unwrap();
+        assert_eq!(seqs(recent), [1, 2, 3], "the third reaches 50 KB");
+        let on_disk = log.read_on_disk_within(1, 10, 50_000).unwrap();
+        assert_eq!(seqs(on_disk), [2, 3, 4]);
+        let one = log.read_on_disk_within(0, 10, 10).unwrap();
+        assert_eq!(seqs(one), [1], "one event at least");
+        let one = log.read_recent_within(0, 10, 10).unwrap();
+        assert_eq!(seqs(one), [1]);
     }
 
     /// A hibernating store forgets its tail (its memory is handed back); reads go to the file

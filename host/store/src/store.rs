@@ -751,16 +751,28 @@ impl Store {
         limit: usize,
         wait: Option<Duration>,
     ) -> Result<Vec<LoggedEvent>, StoreError> {
+        self.read_within(after, limit, crate::event_log::MAX_READ_BYTES, wait)
+            .await
+    }
+
+    /// [`Store::read`] with pages of at most `max_bytes` of payloads (one event at least).
+    pub async fn read_within(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+        wait: Option<Duration>,
+    ) -> Result<Vec<LoggedEvent>, StoreError> {
         if let Some(wait) = wait {
             let mut head = self.shared.head.subscribe();
             let _ = tokio::time::timeout(wait, head.wait_for(|&head| head > after)).await;
         }
         // The end of the log is in memory: no thread hop for a follower keeping up.
-        if let Some(events) = self.shared.log.read_recent(after, limit) {
+        if let Some(events) = self.shared.log.read_recent_within(after, limit, max_bytes) {
             return Ok(events);
         }
         let shared = self.shared.clone();
-        Ok(blocking(move || shared.log.read_after(after, limit)).await??)
+        Ok(blocking(move || shared.log.read_after_within(after, limit, max_bytes)).await??)
     }
 
     /// The newest `seq` in the log.

@@ -33,6 +33,11 @@ const WAIT: Duration = Duration::from_secs(30);
 /// How often a comment keeps an idle connection (and proxies on the way) alive.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// Most payload bytes of the log one stream holds at once (one event at least): a stream
+/// holds its page while it sends it, and a store serves 64 streams (a page of the log read
+/// through `GET …/events` is 4 MiB, but that answer counts among the store's unread answers).
+pub const PAGE_BYTES: usize = 256 << 10;
+
 /// `?after=SEQ&logEpoch=EPOCH`
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -120,7 +125,7 @@ impl Cursor {
                 return Some((Ok(message(&event)), self));
             }
             let read = tokio::select! {
-                read = self.store.read(self.after, BATCH, Some(WAIT)) => read,
+                read = self.store.read_within(self.after, BATCH, PAGE_BYTES, Some(WAIT)) => read,
                 () = self.store.stopped() => return None,
                 _ = self.shutting_down.wait_for(|down| *down) => return None,
             };
