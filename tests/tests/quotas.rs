@@ -931,6 +931,7 @@ async fn an_emit_past_the_event_log_quota_is_refused_to_the_plugin() {
     let (_, letters) = host.get("/v1/stores/emitter/dead-letters").await;
     let letter = &letters["deadLetters"][0];
     assert_eq!(letter["seq"], seq, "{letters}");
+    assert_eq!(letter["reason"], "disk_full", "{letter}");
     assert!(
         letter["error"]
             .as_str()

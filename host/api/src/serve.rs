@@ -55,7 +55,11 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
-        .keep_alive(true);
+        .keep_alive(true)
+        // Queued writes, never copied into hyper's own buffer: an answer's bytes hold their
+        // place among the unread answers until written (see `crate::answers`), which a copy
+        // would give back at once.
+        .writev(true);
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(options.max_connections.max(1)));
     tokio::pin!(shutdown);

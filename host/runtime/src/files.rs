@@ -32,7 +32,7 @@ use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, FsError, FsResult};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 
 use crate::lock;
-use crate::sandbox::{BYTES_PER_CPU_MS, charge_moving};
+use crate::sandbox::BYTES_PER_CPU_MS;
 
 /// The most directory listings one sandbox's guest holds at once: wasmtime-wasi reads a whole
 /// directory (names and types) into the host's memory when a listing starts.
@@ -182,10 +182,6 @@ impl FilesState {
         }
     }
 
-    fn moved(&self, bytes: usize) {
-        charge_moving(&self.owed, bytes);
-    }
-
     /// Charges a positioned write of `bytes` that took `took`: the bytes it moved, or the
     /// time it took when that is more. The kernel holds back a process that dirties pages
     /// faster than the disk takes them (a 5 MiB write took over 100 ms while the disk was
@@ -193,11 +189,8 @@ impl FilesState {
     /// wait on.
     fn wrote(&mut self, bytes: usize, took: std::time::Duration) {
         let by_bytes = std::time::Duration::from_millis(bytes as u64 / BYTES_PER_CPU_MS);
-        if took > by_bytes {
-            self.spent(took);
-        } else {
-            self.moved(bytes);
-        }
+        // `spent` leaves out the tick the epoch counts; the bytes' charge is owed whole.
+        self.spent(took.max(by_bytes + std::time::Duration::from_millis(1)));
     }
 
     /// Charges a `sync` or `sync-data` that took `took` as CPU time. Waiting for the disk is
@@ -977,14 +970,20 @@ mod tests {
         let mut files = FilesState::new(Arc::new(FilesUsage::unlimited()), owed.clone());
         files.wrote(5 << 20, Duration::from_micros(900));
         assert_eq!(owed.load(Ordering::Relaxed), 5, "5 MiB written at once");
+        files.wrote(5 << 20, Duration::from_micros(5_500));
+        assert_eq!(
+            owed.load(Ordering::Relaxed),
+            10,
+            "5 MiB in 5.5 ms: its bytes"
+        );
         files.wrote(5 << 20, Duration::from_millis(120));
         assert_eq!(
             owed.load(Ordering::Relaxed),
-            5 + 119,
+            10 + 119,
             "5 MiB held back 120 ms"
         );
         files.wrote(10, Duration::from_micros(10));
-        assert_eq!(owed.load(Ordering::Relaxed), 124, "a small quick write");
+        assert_eq!(owed.load(Ordering::Relaxed), 129, "a small quick write");
     }
 
     /// A sync is charged what it took beyond the one epoch tick that sees it, and the

@@ -135,10 +135,6 @@ pub(crate) struct Actor {
     /// the least CPU priority ([`Actor::call_demoted`]).
     penalized: bool,
     outbox: Outbox,
-    /// Bytes of events invocations emitted since the outbox was last drained: not in the
-    /// log's size yet, but on their way to it (counted until the next drain even when their
-    /// invocation's transaction rolled back).
-    unlogged_bytes: u64,
 }
 
 /// Emitted events on their way from `store.db`'s outbox to the log. The actor is the only
@@ -215,7 +211,6 @@ impl Actor {
             next_due: None,
             penalized: false,
             outbox: Outbox::default(),
-            unlogged_bytes: 0,
         }
     }
 
@@ -468,9 +463,19 @@ impl Actor {
 
     /// How many bytes of events the store's log takes before its `event_log` quota: the room
     /// an invocation's emitted events may fill, less what earlier invocations emitted that is
-    /// not in the log yet.
+    /// not in the log yet (staged in the open batch, or committed to the outbox).
     fn log_room(&self) -> u64 {
-        let held = self.shared.log.file_bytes() + self.unlogged_bytes;
+        let staged = self
+            .batch
+            .as_ref()
+            .map_or(&[][..], |batch| &batch.staged[..]);
+        let unsent = self.outbox.unsent.as_deref().unwrap_or_default();
+        let on_the_way: usize = staged
+            .iter()
+            .chain(unsent)
+            .map(|entry| entry.event_type.len() + entry.payload.len())
+            .sum();
+        let held = self.shared.log.file_bytes() + on_the_way as u64;
         self.settings.quotas.event_log.saturating_sub(held)
     }
 
@@ -1358,12 +1363,6 @@ impl Actor {
         self.penalized = result
             .as_ref()
             .is_err_and(|err| err.reason != FailureReason::PluginError);
-        if result.is_ok() {
-            self.unlogged_bytes += emitted
-                .iter()
-                .map(|(event_type, payload)| (event_type.len() + payload.len()) as u64)
-                .sum::<u64>();
-        }
         result.map(|()| emitted)
     }
 
@@ -1447,8 +1446,6 @@ impl Actor {
             None => self.lock_db().outbox()?,
         };
         let Some(last) = unsent.last().map(|entry| entry.id) else {
-            // Nothing committed waits: what was counted on its way rolled back.
-            self.unlogged_bytes = 0;
             self.outbox.unsent = Some(unsent);
             return Ok(());
         };
@@ -1461,7 +1458,6 @@ impl Actor {
         };
         self.outbox.unsent = Some(Vec::new());
         self.outbox.sent_through = Some(last);
-        self.unlogged_bytes = 0;
         self.shared.head.send_if_modified(|h| {
             let grew = head > *h;
             *h = (*h).max(head);

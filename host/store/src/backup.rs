@@ -40,6 +40,10 @@ use crate::dir::StoreDir;
 use crate::id::StoreId;
 use crate::sqlite::now_ms;
 
+/// What each unpacked file and directory counts against a restore's room besides its bytes,
+/// as the `files` quota counts it.
+const ENTRY_BYTES: u64 = storehost_runtime::files::ENTRY_BYTES;
+
 /// The `format` every manifest carries.
 pub const FORMAT: &str = "storehost-store-backup";
 /// The newest manifest format this host writes and reads.
@@ -135,7 +139,7 @@ pub enum RestoreError {
     Invalid(String),
     /// The archive unpacks to more than the store may hold.
     #[error(
-        "the archive unpacks to more than {limit} bytes, what the store's disk, event_log and files quotas hold together (and a MiB more); raise them (PUT /v1/stores/{{id}} with quotas), then restore again"
+        "the archive unpacks to more than {limit} bytes (4 KiB counted for each file and directory), what the store's disk, event_log and files quotas hold together and a MiB more; raise them (through PUT /v1/stores/<id>, or in the config file for a store it declares), then restore again"
     )]
     TooLarge {
         /// The most it could have unpacked to.
@@ -571,6 +575,10 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
         let name = entry_target(&path)?;
         match entry.header().entry_type() {
             tar::EntryType::Directory if name == "files" || name.starts_with("files/") => {
+                // Entries are not free: millions of empty ones fit a small archive.
+                room = room
+                    .checked_sub(ENTRY_BYTES)
+                    .ok_or(RestoreError::TooLarge { limit })?;
                 std::fs::create_dir_all(into.join(&name))?;
                 continue;
             }
@@ -624,7 +632,7 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
         writer.flush()?;
         let (size, sha256) = writer.finish();
         room = room
-            .checked_sub(size)
+            .checked_sub(size.saturating_add(ENTRY_BYTES))
             .ok_or(RestoreError::TooLarge { limit })?;
         unpacked.insert(name, (size, sha256));
     }
@@ -909,8 +917,13 @@ mod tests {
             .collect();
         assert_eq!(paths, ["events.db", "files/notes/a.txt", "store.db"]);
 
-        // It unpacks to exactly its files' bytes: a byte less of room refuses it.
-        let total: u64 = archive.manifest.files.iter().map(|f| f.size).sum();
+        // It unpacks to its files' bytes and 4 KiB each: a byte less of room refuses it.
+        let total: u64 = archive
+            .manifest
+            .files
+            .iter()
+            .map(|f| f.size + ENTRY_BYTES)
+            .sum();
         let cramped = ScratchDir::new(data.path(), "restore", &id).unwrap();
         assert!(matches!(
             unpack(&archive.path, cramped.path(), total - 1),

@@ -334,10 +334,14 @@ impl HostCapabilities for StoreCapabilities {
             ));
         }
         if bytes as u64 > self.emit_room.log_bytes {
-            return Err(format!(
+            let message = format!(
                 "the store's event log is full: its event_log quota left room for {} bytes of events when this call began, and this event would take the call's emits to {bytes}; emit less, or raise the quota",
                 self.emit_room.log_bytes
-            ));
+            );
+            // A call that fails on it fails as `disk_full`, as a full files quota does.
+            self.breach
+                .get_or_insert((FailureReason::DiskFull, message.clone()));
+            return Err(message);
         }
         if let Err(err) = serde_json::from_str::<serde::de::IgnoredAny>(&payload) {
             return Err(format!(
