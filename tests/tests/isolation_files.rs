@@ -375,3 +375,53 @@ async fn raw_wasi_calls_meet_the_same_limits() {
         "{message}"
     );
 }
+
+/// A guest nests directories at most `MAX_DIR_DEPTH` (64) levels below `/data`, whether it
+/// makes them or moves them there: past that it is refused with `name-too-long`. Its 64
+/// levels of 200-byte names are a path of 12.8 KB, longer than `PATH_MAX`, which the store's
+/// start measured by path and failed on ("file name too long"): it starts again, counting
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_nests_directories_64_deep_at_most_and_its_store_starts_again() {
+    use storehost_runtime::files::{ENTRY_BYTES, MAX_DIR_DEPTH};
+    let dir = tempfile::tempdir().unwrap();
+    let options = storehost_tests::TestHostOptions {
+        data_dir: Some(dir.path().join("data")),
+        ..storehost_tests::TestHostOptions::default()
+    };
+    let first = TestHost::start_with(options.clone()).await;
+    first.deploy("raw_fs", programs::RAW_FS).await;
+    first.add_store("deep", "raw_fs", &[]).await;
+
+    let (_, message) = raw_fs(&first, "deep", "deep_dirs").await;
+    assert!(
+        message.starts_with(&format!(
+            "made {MAX_DIR_DEPTH} directories, then: name-too-long"
+        )),
+        "{message}"
+    );
+    // A tree 4 levels high fits under the 60th level, not under the 61st; a lone directory
+    // does.
+    let (_, message) = raw_fs(&first, "deep", "deep_move").await;
+    assert!(
+        message.starts_with(
+            "under 60: moved; back: moved; under 61: name-too-long; empty under 61: moved"
+        ),
+        "{message}"
+    );
+    // The 64 levels, and the chain of 61, the tree of 4 and the lone directory.
+    let made = (64 + 61 + 4 + 1) * ENTRY_BYTES;
+    let (_, status) = first.get("/v1/stores/deep").await;
+    assert_eq!(status["usage"]["filesBytes"], made, "{status}");
+    first.stop().await;
+
+    let second = TestHost::start_with(options).await;
+    second.deploy("raw_fs", programs::RAW_FS).await;
+    second.add_store("deep", "raw_fs", &[]).await;
+    let (_, status) = second.get("/v1/stores/deep").await;
+    assert_eq!(status["state"], "running", "{status}");
+    assert_eq!(
+        status["usage"]["filesBytes"], made,
+        "measured afresh: {status}"
+    );
+}

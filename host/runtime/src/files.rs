@@ -9,7 +9,7 @@
 //! done. A stream opened for writing is one of ours, which reserves what each write adds and
 //! writes at once, so no write is ever under way in the background while another call is
 //! counted. A guest holds at most [`MAX_OPEN_FILES`] files and [`MAX_LISTINGS`] directory
-//! listings at once.
+//! listings at once, and nests directories at most [`MAX_DIR_DEPTH`] levels deep.
 //!
 //! A file removed while the guest holds it open keeps its bytes on disk: they are given back
 //! once it is closed. Where the count cannot tell (a removed file that could not be compared
@@ -18,7 +18,8 @@
 //! little: what the directory holds stays within the quota.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::os::fd::AsFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -34,6 +35,8 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use crate::lock;
 use crate::sandbox::BYTES_PER_CPU_MS;
 
+mod tree;
+
 /// The most directory listings one sandbox's guest holds at once: wasmtime-wasi reads a whole
 /// directory (names and types) into the host's memory when a listing starts.
 pub const MAX_LISTINGS: usize = 16;
@@ -45,20 +48,41 @@ pub const ENTRY_BYTES: u64 = 4096;
 /// host's own open files, which every store's databases need too.
 pub const MAX_OPEN_FILES: usize = 64;
 
+/// The most levels of directories below `/data`: a directory the guest would make (or move)
+/// deeper is refused with `name-too-long`. Deep enough for any layout a plugin keeps; it
+/// bounds what each level costs the host: the climb through `..` by which a new directory's
+/// depth is learnt (one open per level), and the open file per level that the tools walking
+/// a store's files hold (removing a purged store's directory, the backup's copy, which goes
+/// no deeper than 256). It is not what keeps paths under the system's `PATH_MAX`: 64 levels
+/// of 255-byte names are 16 KiB, so the host reaches the files through handles, not paths.
+pub const MAX_DIR_DEPTH: usize = 64;
+
 /// What a store's files directory holds and may hold, in bytes (each file, directory and link
 /// counted as its length plus [`ENTRY_BYTES`]). One per store, shared by its sandboxes.
 #[derive(Debug)]
 pub struct FilesUsage {
     used: AtomicU64,
     limit: AtomicU64,
+    /// The directory measured (the guest's `/data`), which depths are counted from; `None`
+    /// when there was none (no directory the guest may make then).
+    root: Option<tree::Identity>,
 }
 
 impl FilesUsage {
-    /// Counts what `dir` holds now, under a quota of `limit` bytes.
+    /// Counts what `dir` holds now, under a quota of `limit` bytes. Every level is counted,
+    /// also those deeper than [`MAX_DIR_DEPTH`] (made before there was a cap, or by an
+    /// operator) or than `PATH_MAX`: the walk holds two directories open and no stack frame
+    /// per level, so depth costs it nothing, and a store whose files could not be counted
+    /// could not start.
     pub fn measure(dir: &Path, limit: u64) -> io::Result<Self> {
+        let (used, root) = match bytes_in(dir)? {
+            Some((used, root)) => (used, Some(root)),
+            None => (0, None),
+        };
         Ok(Self {
-            used: AtomicU64::new(bytes_in(dir)?),
+            used: AtomicU64::new(used),
             limit: AtomicU64::new(limit),
+            root,
         })
     }
 
@@ -67,6 +91,7 @@ impl FilesUsage {
         Self {
             used: AtomicU64::new(0),
             limit: AtomicU64::new(u64::MAX),
+            root: None,
         }
     }
 
@@ -119,33 +144,47 @@ fn removed(file: &std::fs::File) -> bool {
     file.metadata().is_ok_and(|meta| meta.nlink() == 0)
 }
 
-/// Bytes under `dir` as the quota counts them; symbolic links are counted, not followed, and
-/// a file with several names counts its bytes once.
-fn bytes_in(dir: &Path) -> io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
+/// Bytes under `dir` as the quota counts them, with `dir`'s identity; `None` when there is no
+/// `dir`. Symbolic links are counted, not followed, and a file with several names counts its
+/// bytes once. The tree is walked through handles (see [`tree`]): its paths may be longer
+/// than `PATH_MAX`.
+fn bytes_in(dir: &Path) -> io::Result<Option<(u64, tree::Identity)>> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let root = match rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(root) => root,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(err) => return Err(err.into()),
+    };
     let mut total = 0u64;
     let mut linked = std::collections::HashSet::new();
-    let mut pending: Vec<PathBuf> = vec![dir.to_path_buf()];
-    while let Some(next) = pending.pop() {
-        let entries = match std::fs::read_dir(&next) {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-            Err(err) => return Err(err),
+    tree::walk(root.as_fd(), |entry| {
+        let Some(stat) = entry.stat()? else {
+            return Ok(tree::Visit::Skip);
         };
-        for entry in entries {
-            let entry = entry?;
-            let meta = entry.path().symlink_metadata()?;
-            total = total.saturating_add(ENTRY_BYTES);
-            if meta.is_dir() {
-                pending.push(entry.path());
-            } else if meta.is_file()
-                && (meta.nlink() <= 1 || linked.insert((meta.dev(), meta.ino())))
-            {
-                total = total.saturating_add(meta.len());
-            }
+        total = total.saturating_add(ENTRY_BYTES);
+        let kind = FileType::from_raw_mode(stat.st_mode);
+        if kind == FileType::RegularFile
+            && (stat.st_nlink <= 1 || linked.insert((stat.st_dev, stat.st_ino)))
+        {
+            total = total.saturating_add(u64::try_from(stat.st_size).unwrap_or(0));
         }
-    }
-    Ok(total)
+        Ok(if kind == FileType::Directory {
+            tree::Visit::Descend
+        } else {
+            tree::Visit::Skip
+        })
+    })
+    .map_err(|err| {
+        io::Error::new(
+            err.kind(),
+            format!("could not count what {} holds: {err}", dir.display()),
+        )
+    })?;
+    Ok(Some((total, tree::identity(&root)?)))
 }
 
 /// One sandbox's side of its store's files: the shared count, the files its guest holds open,
@@ -163,10 +202,11 @@ pub(crate) struct FilesState {
     refused: Arc<AtomicBool>,
     /// CPU ticks owed for positioned writes, the one file call whose size the guest chooses
     /// (the bytes they moved, see [`crate::sandbox::BYTES_PER_CPU_MS`], or the time they took
-    /// when more), and for the time its syncs kept the disk busy.
+    /// when more), and for the time its syncs kept the disk busy and its moves of directories
+    /// took to walk.
     owed: Arc<AtomicU64>,
-    /// Microseconds of writes and syncs charged so far, whole ticks of which went to `owed`.
-    spent_micros: u64,
+    /// Microseconds of such calls charged so far, whole ticks of which went to `owed`.
+    busy_micros: u64,
 }
 
 impl FilesState {
@@ -178,7 +218,7 @@ impl FilesState {
             listings: 0,
             refused: Arc::default(),
             owed,
-            spent_micros: 0,
+            busy_micros: 0,
         }
     }
 
@@ -189,28 +229,23 @@ impl FilesState {
     /// wait on.
     fn wrote(&mut self, bytes: usize, took: std::time::Duration) {
         let by_bytes = std::time::Duration::from_millis(bytes as u64 / BYTES_PER_CPU_MS);
-        // `spent` leaves out the tick the epoch counts; the bytes' charge is owed whole.
-        self.spent(took.max(by_bytes + std::time::Duration::from_millis(1)));
+        // `busy_for` leaves out the tick the epoch counts; the bytes' charge is owed whole.
+        self.busy_for(took.max(by_bytes + std::time::Duration::from_millis(1)));
     }
 
-    /// Charges a `sync` or `sync-data` that took `took` as CPU time. Waiting for the disk is
-    /// not the host's CPU, but it is the disk every store's commits wait on: a guest syncing
-    /// in a loop would otherwise hold it for its whole `wall_ms_per_call` at the price of one
-    /// epoch tick per call (the ticks that meter guest code count a host call spanning many
-    /// as one). That tick is left out of the charge, so a sync costs what it took; the
-    /// fractions of a millisecond add up across syncs.
-    fn synced(&mut self, took: std::time::Duration) {
-        self.spent(took);
-    }
-
-    /// Charges host work that took `took`, less the one tick the epoch already counts for
-    /// the call; fractions of a millisecond add up across calls.
-    fn spent(&mut self, took: std::time::Duration) {
+    /// Charges a call that kept the host busy for `took` (a `sync` or `sync-data`, the walk
+    /// of a directory moved deeper) as CPU time. Waiting for the disk is not the host's CPU,
+    /// but it is the disk every store's commits wait on: a guest syncing in a loop would
+    /// otherwise hold it for its whole `wall_ms_per_call` at the price of one epoch tick per
+    /// call (the ticks that meter guest code count a host call spanning many as one). That
+    /// tick is left out of the charge, so a call costs what it took; the fractions of a
+    /// millisecond add up across calls.
+    fn busy_for(&mut self, took: std::time::Duration) {
         let charged = took.saturating_sub(std::time::Duration::from_millis(1));
         let micros = u64::try_from(charged.as_micros()).unwrap_or(u64::MAX);
-        let before = self.spent_micros;
-        self.spent_micros = before.saturating_add(micros);
-        let ticks = self.spent_micros / 1_000 - before / 1_000;
+        let before = self.busy_micros;
+        self.busy_micros = before.saturating_add(micros);
+        let ticks = self.busy_micros / 1_000 - before / 1_000;
         if ticks > 0 {
             self.owed.fetch_add(ticks, Ordering::Relaxed);
         }
@@ -414,6 +449,126 @@ impl FilesView<'_> {
         Ok(self.fs.table.push(metered)?)
     }
 
+    /// How many levels below `/data` the directory `dir` lies (0: it is `/data`); `None` when
+    /// deeper than [`MAX_DIR_DEPTH`] (or not under `/data`).
+    fn depth_of(&mut self, dir: &Resource<types::Descriptor>) -> FsResult<Option<usize>> {
+        let Descriptor::Dir(dir) = self.fs.table.get(dir)? else {
+            return Err(ErrorCode::NotDirectory.into());
+        };
+        let Some(root) = self.files.usage.root else {
+            return Ok(None);
+        };
+        Ok(tree::depth_below(dir.dir.as_fd(), root, MAX_DIR_DEPTH)?)
+    }
+
+    /// How many levels below `/data` the directory lies that holds (or would hold) the entry
+    /// at `path` under `dir`; `None` when deeper than [`MAX_DIR_DEPTH`]. A path through other
+    /// directories (`a/b/name`) is resolved as the call about to be made resolves it; one
+    /// that leads to no directory fails as that call would.
+    async fn depth_of_parent(
+        &mut self,
+        dir: &Resource<types::Descriptor>,
+        path: &str,
+    ) -> FsResult<Option<usize>> {
+        let Some((parent, _)) = path.trim_end_matches('/').rsplit_once('/') else {
+            return self.depth_of(dir);
+        };
+        let opened = self
+            .fs
+            .open_at(
+                Resource::new_borrow(dir.rep()),
+                types::PathFlags::SYMLINK_FOLLOW,
+                if parent.is_empty() { "/" } else { parent }.to_owned(),
+                types::OpenFlags::DIRECTORY,
+                types::DescriptorFlags::READ,
+            )
+            .await?;
+        let depth = self.depth_of(&opened);
+        drop(self.fs.table.delete(opened)?);
+        depth
+    }
+
+    /// Refuses a call that makes a directory at `path` under `dir` unless it lies at most
+    /// [`MAX_DIR_DEPTH`] levels below `/data`.
+    async fn may_make_dir(
+        &mut self,
+        dir: &Resource<types::Descriptor>,
+        path: &str,
+    ) -> FsResult<()> {
+        match self.depth_of_parent(dir, path).await? {
+            Some(parent) if parent < MAX_DIR_DEPTH => Ok(()),
+            _ => Err(ErrorCode::NameTooLong.into()),
+        }
+    }
+
+    /// Refuses moving the entry at `old_path` under `old_dir` to `new_path` under `new_dir`
+    /// when it is a directory and it, or one it holds, would then lie deeper than
+    /// [`MAX_DIR_DEPTH`]. A move that takes it no deeper is let through at the cost of two
+    /// climbs; one that does walks the directories it holds as deep as the cap allows (their
+    /// number is bounded by the `files` quota, and the walk's time is charged as CPU).
+    async fn may_move(
+        &mut self,
+        old_dir: &Resource<types::Descriptor>,
+        old_path: &str,
+        new_dir: &Resource<types::Descriptor>,
+        new_path: &str,
+    ) -> FsResult<()> {
+        let moved = self
+            .stat_at(old_dir, types::PathFlags::empty(), old_path)
+            .await;
+        if moved.is_none_or(|moved| moved.type_ != DescriptorType::Directory) {
+            // Files and links add no level (a link to a directory is not walked into).
+            return Ok(());
+        }
+        let Some(to) = self.depth_of_parent(new_dir, new_path).await? else {
+            return Err(ErrorCode::NameTooLong.into());
+        };
+        if to >= MAX_DIR_DEPTH {
+            return Err(ErrorCode::NameTooLong.into());
+        }
+        // `None`: deeper than the cap now (from before there was one), so shallower after.
+        if let Some(from) = self.depth_of_parent(old_dir, old_path).await?
+            && from >= to
+        {
+            return Ok(());
+        }
+        // What the moved directory holds may lie this many levels below it.
+        let room = MAX_DIR_DEPTH - (to + 1);
+        let opened = self
+            .fs
+            .open_at(
+                Resource::new_borrow(old_dir.rep()),
+                types::PathFlags::empty(),
+                old_path.to_owned(),
+                types::OpenFlags::DIRECTORY,
+                types::DescriptorFlags::READ,
+            )
+            .await?;
+        let moved = match self.fs.table.delete(opened)? {
+            Descriptor::Dir(dir) => dir.dir,
+            Descriptor::File(_) => return Err(ErrorCode::NotDirectory.into()),
+        };
+        let started = std::time::Instant::now();
+        let walked = tokio::task::spawn_blocking(move || {
+            tree::walk(moved.as_fd(), |entry| {
+                Ok(if entry.kind != rustix::fs::FileType::Directory {
+                    tree::Visit::Skip
+                } else if entry.depth > room {
+                    tree::Visit::Stop
+                } else {
+                    tree::Visit::Descend
+                })
+            })
+        })
+        .await
+        .map_err(FsError::trap)?;
+        self.files.busy_for(started.elapsed());
+        match walked? {
+            tree::Walked::Whole => Ok(()),
+            tree::Walked::Stopped => Err(ErrorCode::NameTooLong.into()),
+        }
+    }
+
     /// What removing the entry at `path` under `dir` would free: its entry, and its bytes when
     /// it is a file's last name. A file the guest holds open keeps its bytes on disk until it
     /// is closed: they are given back then ([`Removal::done`]).
@@ -517,7 +672,7 @@ impl HostDescriptor for FilesView<'_> {
     async fn sync_data(&mut self, fd: Resource<types::Descriptor>) -> FsResult<()> {
         let started = std::time::Instant::now();
         let synced = self.fs.sync_data(fd).await;
-        self.files.synced(started.elapsed());
+        self.files.busy_for(started.elapsed());
         synced
     }
 
@@ -622,7 +777,7 @@ impl HostDescriptor for FilesView<'_> {
     async fn sync(&mut self, fd: Resource<types::Descriptor>) -> FsResult<()> {
         let started = std::time::Instant::now();
         let synced = self.fs.sync(fd).await;
-        self.files.synced(started.elapsed());
+        self.files.busy_for(started.elapsed());
         synced
     }
 
@@ -631,6 +786,7 @@ impl HostDescriptor for FilesView<'_> {
         fd: Resource<types::Descriptor>,
         path: String,
     ) -> FsResult<()> {
+        self.may_make_dir(&fd, &path).await?;
         self.files.reserve(ENTRY_BYTES)?;
         let made = self.fs.create_directory_at(fd, path).await;
         self.files.entry_made(made)
@@ -752,6 +908,7 @@ impl HostDescriptor for FilesView<'_> {
         new_fd: Resource<types::Descriptor>,
         new_path: String,
     ) -> FsResult<()> {
+        self.may_move(&fd, &old_path, &new_fd, &new_path).await?;
         // Renaming an entry onto itself (or a hard link of it) replaces nothing.
         let replaced = self.identity_at(&new_fd, &new_path).await;
         let moved = self.identity_at(&fd, &old_path).await;
@@ -992,21 +1149,68 @@ mod tests {
     fn syncs_are_charged_their_time_beyond_one_tick_and_fractions_add_up() {
         let owed = Arc::new(AtomicU64::new(0));
         let mut files = FilesState::new(Arc::new(FilesUsage::unlimited()), owed.clone());
-        files.synced(Duration::from_millis(40));
+        files.busy_for(Duration::from_millis(40));
         assert_eq!(owed.load(Ordering::Relaxed), 39, "a 40 ms sync");
-        files.synced(Duration::from_micros(800));
+        files.busy_for(Duration::from_micros(800));
         assert_eq!(
             owed.load(Ordering::Relaxed),
             39,
             "under a tick: the epoch sees it"
         );
         for _ in 0..4 {
-            files.synced(Duration::from_micros(1_250));
+            files.busy_for(Duration::from_micros(1_250));
         }
         assert_eq!(
             owed.load(Ordering::Relaxed),
             40,
             "four syncs of 1.25 ms: 0.25 ms each beyond their tick, 1 ms in all"
+        );
+    }
+
+    /// A tree whose paths are longer than `PATH_MAX` (300 levels of a 15-byte name, 4,800
+    /// bytes) is counted whole: a store whose guest made one, a directory at a time through
+    /// the handle of the one above, failed to start ("file name too long") while its files
+    /// were measured by path. (Not 2,100 levels of `a/`: removing a directory costs this
+    /// kernel time in proportion to its depth, and the test took 7 s.)
+    #[test]
+    fn a_tree_deeper_than_path_max_is_measured_whole() {
+        use rustix::fs::{Mode, OFlags, mkdirat, openat};
+        const LEVELS: usize = 300;
+        const NAME: &str = "deep-directory-";
+        let scratch = tempfile::tempdir().unwrap();
+        std::fs::write(scratch.path().join("top"), [1u8; 10]).unwrap();
+        let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let mut here = rustix::fs::open(scratch.path(), dir_flags, Mode::empty()).unwrap();
+        for _ in 0..LEVELS {
+            mkdirat(&here, NAME, Mode::from_raw_mode(0o755)).unwrap();
+            here = openat(&here, NAME, dir_flags, Mode::empty()).unwrap();
+        }
+        let bottom = openat(
+            &here,
+            "bottom",
+            OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .unwrap();
+        rustix::io::write(&bottom, &[2u8; 1_000]).unwrap();
+        drop(bottom);
+        let by_path = scratch
+            .path()
+            .join(format!("{NAME}/").repeat(LEVELS))
+            .join("bottom");
+        assert_eq!(
+            std::fs::symlink_metadata(&by_path)
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::ENAMETOOLONG),
+            "the bottom is out of a path's reach"
+        );
+
+        let usage = FilesUsage::measure(scratch.path(), u64::MAX).unwrap();
+        assert_eq!(
+            usage.used(),
+            (LEVELS as u64 + 2) * ENTRY_BYTES + 10 + 1_000,
+            "every directory and both files"
         );
     }
 }

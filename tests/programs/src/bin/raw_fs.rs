@@ -6,7 +6,14 @@
 //!   `check-write` permits;
 //! - `listings`: starts 64 listings of `/data` and keeps them all;
 //! - `create_through_link`: makes a link `link` → `target`, then 100 times creates the file
-//!   through the link and renames it away, each time a new file.
+//!   through the link and renames it away, each time a new file;
+//! - `deep_dirs`: makes a directory with a 200-byte name in the one it made before, each
+//!   through the handle of the one above (as a path, 64 levels are 12.8 KB, longer than the
+//!   host's `PATH_MAX`), until it is refused;
+//! - `deep_move`: makes a chain of 61 directories `c/c/…` and a tree `tree/x/x/x` 4 levels
+//!   high, and moves the tree under the chain's 60th level (its deepest directory then 64
+//!   levels down), back, and under the 61st (65 levels down); then an empty directory under
+//!   the 61st. It answers each outcome.
 #![forbid(unsafe_code)]
 
 use serde_json::Value as Json;
@@ -69,6 +76,49 @@ impl Misbehaviour for RawFs {
                             .map_err(|err| format!("rename: {err:?}"))?;
                     }
                     Err("made 100 files through a link".into())
+                }
+                Some("deep_dirs") => {
+                    let name = "d".repeat(200);
+                    let mut here = dir;
+                    for made in 0..1_000 {
+                        if let Err(err) = here.create_directory_at(&name) {
+                            return Err(format!("made {made} directories, then: {}", err.name()));
+                        }
+                        here = here
+                            .open_at(
+                                PathFlags::empty(),
+                                &name,
+                                OpenFlags::DIRECTORY,
+                                DescriptorFlags::READ,
+                            )
+                            .map_err(|err| format!("open level {}: {err:?}", made + 1))?;
+                    }
+                    Err("made 1000 directories".into())
+                }
+                Some("deep_move") => {
+                    let chain = |levels: usize| vec!["c"; levels].join("/");
+                    dir.create_directory_at("c")
+                        .map_err(|err| format!("c: {err:?}"))?;
+                    for level in 2..=61 {
+                        dir.create_directory_at(&chain(level))
+                            .map_err(|err| format!("chain level {level}: {err:?}"))?;
+                    }
+                    for made in ["tree", "tree/x", "tree/x/x", "tree/x/x/x", "empty"] {
+                        dir.create_directory_at(made)
+                            .map_err(|err| format!("{made}: {err:?}"))?;
+                    }
+                    let outcome = |from: &str, to: String| match dir.rename_at(from, &dir, &to) {
+                        Ok(()) => "moved".to_owned(),
+                        Err(err) => err.name().to_owned(),
+                    };
+                    let under_60 = outcome("tree", format!("{}/tree", chain(60)));
+                    let back = outcome(&format!("{}/tree", chain(60)), "tree".into());
+                    let under_61 = outcome("tree", format!("{}/tree", chain(61)));
+                    let empty_under_61 = outcome("empty", format!("{}/empty", chain(61)));
+                    Err(format!(
+                        "under 60: {under_60}; back: {back}; under 61: {under_61}; \
+                         empty under 61: {empty_under_61}"
+                    ))
                 }
                 other => Err(format!("unknown kind {other:?}")),
             }
