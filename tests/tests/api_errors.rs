@@ -581,6 +581,22 @@ async fn a_store_can_be_put_without_a_body_and_bearer_is_matched_in_any_case() {
     assert_eq!(status, 401, "a wrong token is still refused");
 }
 
+/// Serves `app` alone on a loopback port with `options`; answers its address.
+async fn serve_alone(
+    app: axum::Router,
+    options: storehost_api::ServeOptions,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(storehost_api::serve(
+        listener,
+        app,
+        options,
+        std::future::pending(),
+    ));
+    address
+}
+
 /// A connection that sends nothing is closed after the header read timeout (before, only a
 /// request that had begun was timed: 1,024 silent connections held every connection permit
 /// and shut everyone out), and HTTP/2 is not spoken (one connection held 200 streams, each a
@@ -588,19 +604,15 @@ async fn a_store_can_be_put_without_a_body_and_bearer_is_matched_in_any_case() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_closed_and_http2_is_not_spoken() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
     let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
-    let options = storehost_api::ServeOptions {
-        header_read_timeout: std::time::Duration::from_millis(300),
-        ..storehost_api::ServeOptions::default()
-    };
-    tokio::spawn(storehost_api::serve(
-        listener,
+    let address = serve_alone(
         app,
-        options,
-        std::future::pending(),
-    ));
+        storehost_api::ServeOptions {
+            header_read_timeout: std::time::Duration::from_millis(300),
+            ..storehost_api::ServeOptions::default()
+        },
+    )
+    .await;
 
     let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
     let mut byte = [0u8; 1];
@@ -658,18 +670,14 @@ async fn an_answer_the_client_does_not_read_is_let_go() {
             async move { axum::body::Body::from_stream(chunks) }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let options = storehost_api::ServeOptions {
-        write_timeout: std::time::Duration::from_millis(300),
-        ..storehost_api::ServeOptions::default()
-    };
-    tokio::spawn(storehost_api::serve(
-        listener,
+    let address = serve_alone(
         app,
-        options,
-        std::future::pending(),
-    ));
+        storehost_api::ServeOptions {
+            write_timeout: std::time::Duration::from_millis(300),
+            ..storehost_api::ServeOptions::default()
+        },
+    )
+    .await;
 
     let mut stalled = tokio::net::TcpStream::connect(address).await.unwrap();
     stalled

@@ -104,18 +104,11 @@ impl InvocationError {
 /// lines, its errors) reaches the host's log, where a line feed would start a line of the
 /// plugin's making that reads as the host's own (`… ERROR … store removed store_id=victim`).
 pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
-        return std::borrow::Cow::Borrowed(text);
+    if text.chars().any(char::is_control) {
+        std::borrow::Cow::Owned(one_line_within(text, usize::MAX).0)
+    } else {
+        std::borrow::Cow::Borrowed(text)
     }
-    let mut escaped = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if c.is_control() {
-            escaped.extend(c.escape_default());
-        } else {
-            escaped.push(c);
-        }
-    }
-    std::borrow::Cow::Owned(escaped)
 }
 
 /// [`one_line`] of at most `max` bytes of `text`, and how many bytes of `text` were left out.
