@@ -54,7 +54,9 @@ pub const MAX_OPEN_FILES: usize = 64;
 /// depth is learnt (one open per level), and the open file per level that the tools walking
 /// a store's files hold (removing a purged store's directory, the backup's copy, which goes
 /// no deeper than 256). It is not what keeps paths under the system's `PATH_MAX`: 64 levels
-/// of 255-byte names are 16 KiB, so the host reaches the files through handles, not paths.
+/// of 255-byte names are 16 KiB, so the host must reach the files through handles, not paths
+/// (its count does; the backup still writes, lists and packs its copy by path, and fails on
+/// such a store).
 pub const MAX_DIR_DEPTH: usize = 64;
 
 /// What a store's files directory holds and may hold, in bytes (each file, directory and link
@@ -513,10 +515,18 @@ impl FilesView<'_> {
         new_dir: &Resource<types::Descriptor>,
         new_path: &str,
     ) -> FsResult<()> {
+        // An entry that cannot be looked at is not moved: the move's own lookup may still
+        // succeed where this one fails (a path over PATH_MAX, which the rename resolves
+        // through its parent directory), and letting it through skipped the cap.
         let moved = self
-            .stat_at(old_dir, types::PathFlags::empty(), old_path)
-            .await;
-        if moved.is_none_or(|moved| moved.type_ != DescriptorType::Directory) {
+            .fs
+            .stat_at(
+                Resource::new_borrow(old_dir.rep()),
+                types::PathFlags::empty(),
+                old_path.to_owned(),
+            )
+            .await?;
+        if moved.type_ != DescriptorType::Directory {
             // Files and links add no level (a link to a directory is not walked into).
             return Ok(());
         }
@@ -526,7 +536,8 @@ impl FilesView<'_> {
         if to >= MAX_DIR_DEPTH {
             return Err(ErrorCode::NameTooLong.into());
         }
-        // `None`: deeper than the cap now (from before there was one), so shallower after.
+        // `None`: deeper than the cap now (from before there was one): walked below, so it
+        // moves only if it then fits.
         if let Some(from) = self.depth_of_parent(old_dir, old_path).await?
             && from >= to
         {

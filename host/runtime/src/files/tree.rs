@@ -35,8 +35,9 @@ fn parent_of(dir: impl AsFd) -> io::Result<std::os::fd::OwnedFd> {
 }
 
 /// How many levels below the directory `root` the directory `dir` lies (0: it is `root`), if
-/// at most `limit`; `None` when deeper. Climbs `..` from `dir`, at most `limit` times. A
-/// directory removed while open has no `..`: the error is "no such file or directory".
+/// at most `limit`; `None` when deeper. Climbs `..` from `dir`, at most `limit` times. (The
+/// `..` of a directory removed while open is still its former parent on Linux; nothing can
+/// be made in a removed directory, so its depth matters to no one.)
 pub(crate) fn depth_below(
     dir: BorrowedFd<'_>,
     root: Identity,

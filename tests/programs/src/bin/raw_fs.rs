@@ -13,7 +13,8 @@
 //! - `deep_move`: makes a chain of 61 directories `c/c/…` and a tree `tree/x/x/x` 4 levels
 //!   high, and moves the tree under the chain's 60th level (its deepest directory then 64
 //!   levels down), back, and under the 61st (65 levels down); then an empty directory under
-//!   the 61st. It answers each outcome.
+//!   the 61st, and the tree again under the 61st through a path longer than PATH_MAX. It
+//!   answers each outcome.
 #![forbid(unsafe_code)]
 
 use serde_json::Value as Json;
@@ -115,9 +116,12 @@ impl Misbehaviour for RawFs {
                     let back = outcome(&format!("{}/tree", chain(60)), "tree".into());
                     let under_61 = outcome("tree", format!("{}/tree", chain(61)));
                     let empty_under_61 = outcome("empty", format!("{}/empty", chain(61)));
+                    // The same move, the tree named through a path longer than PATH_MAX.
+                    let padded = format!("{}tree", "./".repeat(2_100));
+                    let padded_under_61 = outcome(&padded, format!("{}/tree", chain(61)));
                     Err(format!(
                         "under 60: {under_60}; back: {back}; under 61: {under_61}; \
-                         empty under 61: {empty_under_61}"
+                         empty under 61: {empty_under_61}; padded under 61: {padded_under_61}"
                     ))
                 }
                 other => Err(format!("unknown kind {other:?}")),
