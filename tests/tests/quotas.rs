@@ -85,6 +85,75 @@ async fn ingress_over_the_rate_gets_429_with_retry_after() {
     assert_eq!(store["head"], 3, "refused events were not written");
 }
 
+/// Bytes count as well as events: a store's `ingress_bytes_per_second` (with a burst of twice
+/// that, at least 1 MiB) refuses large events that its event rate alone would let through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_over_the_byte_rate_gets_429_and_a_body_over_its_burst_413() {
+    let host = TestHost::start_with(TestHostOptions {
+        max_body_bytes: 4 << 20,
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("writer", programs::WRITER).await;
+    let quotas = Quotas {
+        ingress_bytes_per_second: 64 << 10,
+        ..Quotas::default()
+    };
+    host.add_store_with("narrow", "writer", &[], quotas).await;
+    host.add_store("wide", "writer", &[]).await;
+    let events = |count: usize, bytes: usize| {
+        let events: Vec<_> = (0..count)
+            .map(|i| json!({"type": "note", "payload": format!("{i}{}", "x".repeat(bytes))}))
+            .collect();
+        json!({ "events": events })
+    };
+
+    // 16 events of 60,000 bytes: within the 1 MiB burst.
+    let (status, body) = host
+        .post("/v1/stores/narrow/events", events(16, 60_000))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    // The burst is spent; 200 KB more wait for the rate (64 KiB a second).
+    let response = host
+        .client
+        .post(format!("{}/v1/stores/narrow/events", host.url))
+        .bearer_auth(TOKEN)
+        .json(&events(1, 200_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 429);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("65536 bytes of events per second (burst 1048576 bytes)"),
+        "{message}"
+    );
+
+    // More than the burst at once never passes, and says what to do; another store's quota
+    // (16 MiB a second by default) takes it.
+    let (status, body) = host
+        .post("/v1/stores/narrow/events", events(25, 60_000))
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "batch_over_burst");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("at most 1048576 bytes of events at once")
+            && message.contains("raise the store's ingress_bytes_per_second"),
+        "{message}"
+    );
+    let (status, body) = host
+        .post("/v1/stores/wide/events", events(25, 60_000))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    host.settle("narrow").await;
+    let (_, store) = host.get("/v1/stores/narrow").await;
+    assert_eq!(store["head"], 16, "refused events were not written");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_gets_429_and_nothing_queued_is_lost() {
     let host = TestHost::start().await;

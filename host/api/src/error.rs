@@ -123,7 +123,7 @@ impl From<StoreError> for ApiError {
                 "event_log_full",
                 err.to_string(),
             ),
-            StoreError::BatchOverBurst { .. } => Self::new(
+            StoreError::BatchOverBurst { .. } | StoreError::BytesOverBurst { .. } => Self::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "batch_over_burst",
                 err.to_string(),

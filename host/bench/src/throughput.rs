@@ -83,6 +83,7 @@ async fn measure(stores: usize, events: usize, cores: usize) -> anyhow::Result<O
     let quotas = Quotas {
         events_per_second: 10_000_000,
         burst: 10_000_000,
+        ingress_bytes_per_second: 1 << 40,
         max_pending_events: 100_000_000,
         cpu_ms_per_minute: 60_000_000,
         ..Quotas::default()

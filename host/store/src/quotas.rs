@@ -34,6 +34,11 @@ pub struct Quotas {
     pub events_per_second: u32,
     /// Ingress burst above the sustained rate, in events.
     pub burst: u32,
+    /// Sustained ingress rate in bytes of events (types, payloads and idempotency keys) per
+    /// second; a burst of twice that, and at least [`MIN_INGRESS_BURST`], may arrive at once.
+    /// Without it a store's 1 MiB events at `events_per_second` would keep the host parsing
+    /// and writing a gigabyte a second for one tenant.
+    pub ingress_bytes_per_second: u64,
     /// Maximum events accepted but not yet processed.
     pub max_pending_events: u64,
     /// LLM calls per minute.
@@ -61,11 +66,19 @@ impl Default for Quotas {
             event_log: DEFAULT_EVENT_LOG,
             events_per_second: 1_000,
             burst: 2_000,
+            ingress_bytes_per_second: DEFAULT_INGRESS_BYTES_PER_SECOND,
             max_pending_events: 100_000,
             llm_calls_per_minute: 60,
         }
     }
 }
+
+/// The `ingress_bytes_per_second` quota unless set: 16 MiB a second.
+pub const DEFAULT_INGRESS_BYTES_PER_SECOND: u64 = 16 << 20;
+
+/// The least byte burst a store's ingress allows whatever its `ingress_bytes_per_second`: one
+/// request of the default `[http] max_body_bytes` always fits.
+pub const MIN_INGRESS_BURST: u64 = 1 << 20;
 
 /// What each file, directory and link in a store's files directory counts against its
 /// `files` quota besides its bytes (a filesystem block): empty files are not free, so a guest
@@ -89,8 +102,8 @@ pub struct QuotaProblem {
 
 impl Quotas {
     /// Every value no store could run under: a zero limit (a call with no CPU time, a store
-    /// that takes no event), or memory, disk, page cache or event log below 64 KiB. Config files and the
-    /// API refuse such quotas alike.
+    /// that takes no event), or memory, disk, page cache, event log or byte rate below 64 KiB.
+    /// Config files and the API refuse such quotas alike.
     pub fn problems(&self) -> Vec<QuotaProblem> {
         const AT_LEAST_ONE: &str = "it must be at least 1 (zero would stop the store from working)";
         const AT_LEAST_PAGE: &str = "it must be at least 64KiB (65536 bytes, one page)";
@@ -99,6 +112,7 @@ impl Quotas {
             ("disk", self.disk),
             ("db_cache", self.db_cache),
             ("event_log", self.event_log),
+            ("ingress_bytes_per_second", self.ingress_bytes_per_second),
         ]
         .map(|(key, value)| (key, value, MIN_SIZE_QUOTA, AT_LEAST_PAGE));
         let counts = [
@@ -136,6 +150,7 @@ mod tests {
             memory: 1024,
             db_cache: 4096,
             event_log: 60 << 10,
+            ingress_bytes_per_second: 1024,
             fuel_per_call: Some(0),
             burst: 0,
             ..Quotas::default()
@@ -143,7 +158,14 @@ mod tests {
         let keys: Vec<_> = quotas.problems().iter().map(|p| p.key).collect();
         assert_eq!(
             keys,
-            ["memory", "db_cache", "event_log", "fuel_per_call", "burst"]
+            [
+                "memory",
+                "db_cache",
+                "event_log",
+                "ingress_bytes_per_second",
+                "fuel_per_call",
+                "burst"
+            ]
         );
         let unmetered = Quotas {
             fuel_per_call: None,

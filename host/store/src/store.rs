@@ -22,7 +22,7 @@ use crate::event_log::{EventLog, LoggedEvent, NewEvent};
 use crate::guest_db::{self, DeadLetter, GuestDb};
 use crate::id::StoreId;
 use crate::metrics::StoreMetrics;
-use crate::quotas::Quotas;
+use crate::quotas::{MIN_INGRESS_BURST, Quotas};
 use crate::sqlite::{self, Durability};
 
 /// A compiled plugin, as stores use it.
@@ -145,17 +145,14 @@ pub enum StoreError {
         /// Whether the store is paused (its queue drains only once it is resumed).
         paused: bool,
     },
-    /// The store's ingress rate (`events_per_second` + `burst`) is used up.
-    #[error(
-        "store {store} accepts {per_second} events per second (burst {burst}); retry in {retry_after_ms} ms"
-    )]
+    /// The store's ingress rate (`events_per_second` + `burst`, or `ingress_bytes_per_second`)
+    /// is used up.
+    #[error("store {store} accepts {rate}; retry in {retry_after_ms} ms")]
     RateLimited {
         /// The store.
         store: StoreId,
-        /// The sustained rate.
-        per_second: u32,
-        /// The burst.
-        burst: u32,
+        /// The rate that is used up, in words: "1000 events per second (burst 2000)".
+        rate: String,
         /// When a retry can succeed.
         retry_after_ms: u64,
     },
@@ -185,6 +182,18 @@ pub enum StoreError {
         events: usize,
         /// The burst.
         burst: u32,
+    },
+    /// More bytes of events in one request than the store's byte burst: no wait lets them in.
+    #[error(
+        "store {store} takes at most {burst} bytes of events at once (twice its ingress_bytes_per_second quota, and at least 1 MiB), and this request has {bytes}; split it into smaller batches, or raise the store's ingress_bytes_per_second quota"
+    )]
+    BytesOverBurst {
+        /// The store.
+        store: StoreId,
+        /// The bytes of events in the request.
+        bytes: u64,
+        /// The byte burst.
+        burst: u64,
     },
     /// No dead letter with that `seq`.
     #[error("store {store} has no dead letter with seq {seq}")]
@@ -615,7 +624,7 @@ impl Store {
         let bytes = events.iter().map(event_bytes).sum();
         if let Err(refused) = self
             .log_room(bytes)
-            .and_then(|()| self.admit_all(events.len()))
+            .and_then(|()| self.admit_all(events.len(), bytes))
         {
             // A client retrying events the log already holds (its first request timed out,
             // say) gets their seqs, not a 429 for events that were accepted.
@@ -670,10 +679,10 @@ impl Store {
         Ok(())
     }
 
-    /// Admits `count` more events: within the ingress rate (taken from it) and the queue's
-    /// depth.
-    fn admit_all(&self, count: usize) -> Result<(), StoreError> {
-        self.admit(count)?;
+    /// Admits `count` more events of `bytes` in all: within the ingress rates (taken from
+    /// them) and the queue's depth.
+    fn admit_all(&self, count: usize, bytes: u64) -> Result<(), StoreError> {
+        self.admit(count, bytes)?;
         let pending = self.head().saturating_sub(*self.shared.cursor.borrow());
         let max = self
             .shared
@@ -715,31 +724,70 @@ impl Store {
         }
     }
 
-    /// Takes `count` events from the store's ingress rate, or says when to retry.
-    fn admit(&self, count: usize) -> Result<(), StoreError> {
+    /// Takes `count` events of `bytes` in all from the store's ingress rates, or says when to
+    /// retry. The bytes go first: events refused for their bytes take nothing of the event rate
+    /// (events refused for their count have taken their bytes, as a client over its rate
+    /// would).
+    fn admit(&self, count: usize, bytes: u64) -> Result<(), StoreError> {
         let ingress = self
             .shared
             .ingress
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if bytes > 0 {
+            match ingress.bytes.check_n(kib_cells(bytes)) {
+                Ok(Ok(())) => {}
+                Ok(Err(not_until)) => {
+                    return Err(self.rate_limited(
+                        &ingress,
+                        not_until,
+                        format!(
+                            "{} bytes of events per second (burst {} bytes)",
+                            ingress.bytes_per_second, ingress.bytes_burst
+                        ),
+                    ));
+                }
+                Err(_) => {
+                    return Err(StoreError::BytesOverBurst {
+                        store: self.shared.id.clone(),
+                        bytes,
+                        burst: ingress.bytes_burst,
+                    });
+                }
+            }
+        }
         let n = u32::try_from(count).ok().and_then(NonZeroU32::new);
         let Some(n) = n else { return Ok(()) };
         match ingress.limiter.check_n(n) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(ingress.limiter.clock().now());
-                Err(StoreError::RateLimited {
-                    store: self.shared.id.clone(),
-                    per_second: ingress.per_second,
-                    burst: ingress.burst,
-                    retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
-                })
-            }
+            Ok(Err(not_until)) => Err(self.rate_limited(
+                &ingress,
+                not_until,
+                format!(
+                    "{} events per second (burst {})",
+                    ingress.per_second, ingress.burst
+                ),
+            )),
             Err(_) => Err(StoreError::BatchOverBurst {
                 store: self.shared.id.clone(),
                 events: count,
                 burst: ingress.burst,
             }),
+        }
+    }
+
+    /// The refusal of a request over the `rate` described, retried once `not_until` allows.
+    fn rate_limited(
+        &self,
+        ingress: &Ingress,
+        not_until: governor::NotUntil<governor::clock::QuantaInstant>,
+        rate: String,
+    ) -> StoreError {
+        let wait = not_until.wait_time_from(ingress.limiter.clock().now());
+        StoreError::RateLimited {
+            store: self.shared.id.clone(),
+            rate,
+            retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
         }
     }
 
@@ -878,8 +926,7 @@ impl Store {
                 .ingress
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let (per_second, burst) = event_rate(&settings.quotas);
-            if (ingress.per_second, ingress.burst) != (per_second.get(), burst.get()) {
+            if !ingress.follows(&settings.quotas) {
                 // Only a changed quota refills the bucket (a reload's pass over every store
                 // changes nothing here).
                 *ingress = Ingress::new(&settings.quotas);
@@ -943,11 +990,16 @@ fn event_bytes(event: &NewEvent) -> u64 {
 pub(crate) static RATE_CLOCK: std::sync::LazyLock<DefaultClock> =
     std::sync::LazyLock::new(DefaultClock::default);
 
-/// A store's ingress rate limiter with the quota it was built from.
+/// A store's ingress rate limiters (events and their bytes) with the quotas they were built
+/// from.
 struct Ingress {
     limiter: DefaultDirectRateLimiter,
     per_second: u32,
     burst: u32,
+    /// Counts KiB (a cell each).
+    bytes: DefaultDirectRateLimiter,
+    bytes_per_second: u64,
+    bytes_burst: u64,
 }
 
 /// A store's event rate as its limiters take it: `events_per_second` (at least 1), and a
@@ -958,9 +1010,31 @@ pub(crate) fn event_rate(quotas: &Quotas) -> (NonZeroU32, NonZeroU32) {
     (per_second, burst)
 }
 
+/// A store's byte rate and burst as its limiter takes them, in bytes: `ingress_bytes_per_second`
+/// (at least 1 KiB) and twice that, at least [`MIN_INGRESS_BURST`].
+fn byte_rate(quotas: &Quotas) -> (u64, u64) {
+    let per_second = quotas.ingress_bytes_per_second.max(1024);
+    (
+        per_second,
+        per_second.saturating_mul(2).max(MIN_INGRESS_BURST),
+    )
+}
+
+/// `bytes` in whole KiB, as the byte limiter counts them (at least one, at most `u32::MAX`).
+fn kib_cells(bytes: u64) -> NonZeroU32 {
+    NonZeroU32::new(u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX))
+        .unwrap_or(NonZeroU32::MIN)
+}
+
 impl Ingress {
     fn new(quotas: &Quotas) -> Self {
         let (per_second, burst) = event_rate(quotas);
+        let (bytes_per_second, bytes_burst) = byte_rate(quotas);
+        // Refilled one KiB at a time, every 1/rate-in-KiB of a second.
+        let bytes_quota =
+            GovernorQuota::with_period(Duration::from_secs(1) / kib_cells(bytes_per_second).get())
+                .unwrap_or_else(|| GovernorQuota::per_second(NonZeroU32::MAX))
+                .allow_burst(kib_cells(bytes_burst));
         Self {
             limiter: RateLimiter::direct_with_clock(
                 GovernorQuota::per_second(per_second).allow_burst(burst),
@@ -968,7 +1042,21 @@ impl Ingress {
             ),
             per_second: per_second.get(),
             burst: burst.get(),
+            bytes: RateLimiter::direct_with_clock(bytes_quota, RATE_CLOCK.clone()),
+            bytes_per_second,
+            bytes_burst,
         }
+    }
+
+    /// Whether these limiters were built from `quotas`' rates (only a changed quota refills
+    /// them).
+    fn follows(&self, quotas: &Quotas) -> bool {
+        let (per_second, burst) = event_rate(quotas);
+        (
+            self.per_second,
+            self.burst,
+            (self.bytes_per_second, self.bytes_burst),
+        ) == (per_second.get(), burst.get(), byte_rate(quotas))
     }
 }
 

@@ -16,7 +16,7 @@ pub const UNMETERED: &str = "unmetered";
 
 /// Some or all fields of [`Quotas`]; an absent field keeps the value it overrides.
 ///
-/// Sizes (`memory`, `disk`, `files`, `db_cache`, `event_log`) accept an integer of bytes or a string like `"64MiB"`;
+/// Sizes (`memory`, `disk`, `files`, `db_cache`, `event_log`, `ingress_bytes_per_second`) accept an integer of bytes or a string like `"64MiB"`;
 /// `fuel_per_call` accepts an integer or `"unmetered"`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -49,6 +49,9 @@ pub struct QuotasOverride {
     pub events_per_second: Option<u32>,
     /// Ingress burst above the sustained rate, in events.
     pub burst: Option<u32>,
+    /// Sustained ingress rate, in bytes of events per second.
+    #[serde(deserialize_with = "size::deserialize_option")]
+    pub ingress_bytes_per_second: Option<u64>,
     /// Maximum events accepted but not yet processed.
     pub max_pending_events: Option<u64>,
     /// LLM calls per minute.
@@ -70,6 +73,9 @@ impl QuotasOverride {
             event_log: self.event_log.unwrap_or(base.event_log),
             events_per_second: self.events_per_second.unwrap_or(base.events_per_second),
             burst: self.burst.unwrap_or(base.burst),
+            ingress_bytes_per_second: self
+                .ingress_bytes_per_second
+                .unwrap_or(base.ingress_bytes_per_second),
             max_pending_events: self.max_pending_events.unwrap_or(base.max_pending_events),
             llm_calls_per_minute: self
                 .llm_calls_per_minute

@@ -162,7 +162,7 @@ fn unknown_keys_are_reported_with_the_known_ones() {
         errors[1].to_string(),
         "storehost.toml:5:1: unknown key \"memroy\" in [stores.acme.quotas]; expected one of: \
          memory, fuel_per_call, cpu_ms_per_call, wall_ms_per_call, cpu_ms_per_minute, disk, files, db_cache, event_log, \
-         events_per_second, burst, max_pending_events, llm_calls_per_minute (did you mean \"memory\"?)"
+         events_per_second, burst, ingress_bytes_per_second, max_pending_events, llm_calls_per_minute (did you mean \"memory\"?)"
     );
     let (kind, line, column, message) = only_error("[http]\n  timeout = 5\n");
     assert_eq!((kind, line, column), (ConfigErrorKind::UnknownKey, 2, 3));
