@@ -648,6 +648,78 @@ async fn a_silent_connection_is_closed_and_http2_is_not_spoken() {
     assert_eq!(body, "hello");
 }
 
+/// One client address holds at most `max_connections_per_ip` connections: the next is
+/// answered 503 `too_many_connections` (with what to do) and closed, and a place comes back
+/// when one of its connections closes. Before, one client holding idle keep-alive connections
+/// (asking for `/health` now and then, no token needed) could take all `max_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share_of_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
+    let address = serve_alone(
+        app,
+        storehost_api::ServeOptions {
+            max_connections_per_ip: 2,
+            ..storehost_api::ServeOptions::default()
+        },
+    )
+    .await;
+    let ask = |keep_alive: bool| async move {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let connection = if keep_alive { "keep-alive" } else { "close" };
+        stream
+            .write_all(
+                format!("GET / HTTP/1.1\r\nhost: x\r\nconnection: {connection}\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        let answer = read_answer(&mut stream).await;
+        (stream, answer)
+    };
+
+    let (first, (head, _)) = ask(true).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let (_second, (head, _)) = ask(true).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let (mut third, (head, body)) = ask(true).await;
+    assert!(head.starts_with("http/1.1 503"), "{head}");
+    assert!(head.contains("retry-after: 1"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], "too_many_connections");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_connections_per_ip"),
+        "{body}"
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        third.read_to_end(&mut rest),
+    )
+    .await
+    .expect("the refused connection is closed");
+    assert!(closed.is_ok() && rest.is_empty(), "{closed:?} {rest:?}");
+
+    // A connection that closes gives its place back.
+    drop(first);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, (head, body)) = ask(false).await;
+        if head.starts_with("http/1.1 200") {
+            assert_eq!(body, "hello");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no place came back: {head}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A client that stops reading its answer loses the connection once a write has waited
 /// `write_timeout` for it, and the host lets the answer go: before, the answer stayed in the
 /// host's memory for as long as the client kept the connection (100 unread 16 MiB query

@@ -1,11 +1,15 @@
-//! Serving the router from our own accept loop: a connection cap, a header read timeout, a
-//! write timeout and a graceful shutdown with a deadline (`axum::serve` has none of them).
+//! Serving the router from our own accept loop: a connection cap (also per client address),
+//! a header read timeout, a write timeout and a graceful shutdown with a deadline
+//! (`axum::serve` has none of them).
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use axum::response::IntoResponse;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -17,6 +21,10 @@ use tokio::sync::Semaphore;
 pub struct ServeOptions {
     /// Most connections open at once; more wait in the accept queue.
     pub max_connections: usize,
+    /// Most connections open at once from one client address (an IPv6 address's /64); more
+    /// are answered 503 `too_many_connections` and closed. 0: no cap per address (behind a
+    /// reverse proxy, every client has the proxy's address).
+    pub max_connections_per_ip: usize,
     /// How long a client may take to send its request headers.
     pub header_read_timeout: Duration,
     /// How long a response may wait for the client to read it: a write to the connection
@@ -30,12 +38,24 @@ impl Default for ServeOptions {
     fn default() -> Self {
         Self {
             max_connections: 1024,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             header_read_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
         }
     }
 }
+
+/// `max_connections_per_ip` unless set: a quarter of the default `max_connections`, so one
+/// client (holding idle keep-alive connections, say, each asking for `/health` now and then)
+/// cannot take every connection the host serves.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+
+/// Connections over their address's cap being answered at once; more are closed unanswered.
+const MAX_REFUSALS: usize = 64;
+
+/// The longest a refused connection is kept for its answer.
+const REFUSAL_TIME: Duration = Duration::from_secs(2);
 
 /// Serves `app` on `listener` until `shutdown` resolves, then waits up to the grace period for
 /// open connections to finish.
@@ -62,6 +82,8 @@ pub async fn serve(
         .writev(true);
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let per_address = PerAddress::default();
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -83,6 +105,23 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let slot = match options.max_connections_per_ip {
+            0 => None,
+            max => match per_address.take(peer.ip(), max) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::debug!("{peer}: refused, {max} connections from its address are open");
+                    // Its refusal holds none of `max_connections`, and only one of a few places
+                    // (else the connection is just closed): refusing must not be a way to
+                    // take the connections this cap keeps for others.
+                    drop(permit);
+                    if let Ok(place) = refusals.clone().try_acquire_owned() {
+                        refuse(&builder, stream, max, options.header_read_timeout, place);
+                    }
+                    continue;
+                }
+            },
+        };
         // A client that stops reading holds its response in the host's memory (a query's
         // answer may be 16 MiB; 100 unread ones took 1.6 GB): once a write has waited this
         // long for the client, the connection closes and the response is let go.
@@ -99,7 +138,7 @@ pub async fn serve(
             if let Err(err) = watcher.watch(connection).await {
                 tracing::debug!("connection ended with an error: {err}");
             }
-            drop(permit);
+            drop((permit, slot));
         });
     }
     drop(listener);
@@ -110,6 +149,137 @@ pub async fn serve(
         tracing::warn!(
             "some connections were still open {} ms after shutdown began; closing them",
             options.shutdown_grace.as_millis()
+        );
+    }
+}
+
+/// Answers the one request of a connection over its address's cap with 503
+/// `too_many_connections` (through hyper, so the request is read and the client sees the
+/// answer rather than a reset), then closes it.
+fn refuse(
+    builder: &hyper::server::conn::http1::Builder,
+    stream: tokio::net::TcpStream,
+    max: usize,
+    timeout: Duration,
+    place: tokio::sync::OwnedSemaphorePermit,
+) {
+    let message = format!(
+        "{max} connections from this address are open to the host already (its [http] \
+         max_connections_per_ip): reuse them (keep-alive) or close some, then retry. Behind a \
+         reverse proxy every client has the proxy's address: raise the cap, or set it to 0"
+    );
+    let app = Router::new().fallback(move || async move {
+        let mut response = crate::error::ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            message,
+        )
+        .retry_after(1)
+        .into_response();
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        response
+    });
+    let mut builder = builder.clone();
+    builder.keep_alive(false);
+    tokio::spawn(async move {
+        let connection =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+        // Its whole time is bounded: a client that sends nothing, or reads nothing, goes.
+        let _ = tokio::time::timeout(timeout.min(REFUSAL_TIME), connection).await;
+        drop(place);
+    });
+}
+
+/// The connections open from each client address, against `max_connections_per_ip`.
+#[derive(Clone, Default)]
+struct PerAddress(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One connection's place in its address's count, given back when dropped.
+struct AddressSlot {
+    table: PerAddress,
+    address: IpAddr,
+}
+
+impl PerAddress {
+    /// A place for one more connection from `ip`, unless `max` are open from its address.
+    fn take(&self, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let address = client_address(ip);
+        let mut open = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(address).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            table: self.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .table
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// The address a connection counts against: an IPv4 address (also one mapped into IPv6), or
+/// an IPv6 address's /64, which one client is commonly given whole.
+fn client_address(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !u128::from(u64::MAX);
+            IpAddr::V6(Ipv6Addr::from(prefix))
+        }
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_holds_at_most_its_cap_and_gets_places_back() {
+        let table = PerAddress::default();
+        let one: IpAddr = "10.0.0.1".parse().unwrap();
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = table.take(one, 2).unwrap();
+        let _second = table.take(one, 2).unwrap();
+        assert!(table.take(one, 2).is_none());
+        assert!(table.take(other, 2).is_some(), "another address is apart");
+        drop(first);
+        assert!(table.take(one, 2).is_some());
+    }
+
+    #[test]
+    fn an_ipv6_client_counts_by_its_64_and_a_mapped_ipv4_as_itself() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        assert_eq!(client_address(a), client_address(b));
+        assert_ne!(
+            client_address(a),
+            client_address("2001:db8:1:3::1".parse().unwrap())
+        );
+        assert_eq!(
+            client_address("::ffff:10.0.0.1".parse().unwrap()),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
         );
     }
 }

@@ -253,6 +253,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let options = ServeOptions {
         max_connections: config.http.max_connections,
+        max_connections_per_ip: config.http.max_connections_per_ip,
         header_read_timeout: config.http.header_read_timeout(),
         write_timeout: config.http.write_timeout(),
         shutdown_grace: config.http.shutdown_grace(),

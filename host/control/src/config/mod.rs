@@ -80,6 +80,8 @@ pub struct HttpConfig {
     pub max_body_bytes: u64,
     /// Most connections served at once.
     pub max_connections: usize,
+    /// Most connections served at once from one client address (0: no such cap).
+    pub max_connections_per_ip: usize,
     /// Time a client has to send its request headers, in milliseconds.
     pub header_read_timeout_ms: u64,
     /// Time a response may wait for the client to read it, in milliseconds: a write that
@@ -94,6 +96,7 @@ impl Default for HttpConfig {
         Self {
             max_body_bytes: 1 << 20,
             max_connections: 1024,
+            max_connections_per_ip: 256,
             header_read_timeout_ms: 10_000,
             write_timeout_ms: 30_000,
             shutdown_grace_ms: 10_000,
