@@ -881,8 +881,12 @@ impl Actor {
         for schedule in due {
             let flow = match schedules::plan(&schedule, now, window) {
                 None => Flow::Continue,
-                Some(DuePlan::Missed { occurrences, next }) => {
-                    self.record_missed(&schedule, &occurrences, next);
+                Some(DuePlan::Missed {
+                    occurrences,
+                    next,
+                    skipped_before,
+                }) => {
+                    self.record_missed(&schedule, &occurrences, next, skipped_before);
                     Flow::Continue
                 }
                 Some(DuePlan::Run(at)) => self.run_task(&schedule, at).await,
@@ -895,14 +899,26 @@ impl Actor {
         Flow::Continue
     }
 
-    fn record_missed(&self, schedule: &Schedule, occurrences: &[i64], next: Option<i64>) {
+    fn record_missed(
+        &self,
+        schedule: &Schedule,
+        occurrences: &[i64],
+        next: Option<i64>,
+        skipped_before: Option<i64>,
+    ) {
         let now = sqlite::now_ms();
         let written = (|| {
             let db = self.lock_db();
             db.begin()?;
-            let result =
-                schedules::record_missed(db.connection(), schedule, occurrences, next, now)
-                    .and_then(|()| db.commit());
+            let result = schedules::record_missed(
+                db.connection(),
+                schedule,
+                occurrences,
+                next,
+                skipped_before,
+                now,
+            )
+            .and_then(|()| db.commit());
             if result.is_err() {
                 db.rollback();
             }
@@ -912,6 +928,7 @@ impl Actor {
             Ok(()) => tracing::warn!(
                 task_id = schedule.task_id,
                 missed = occurrences.len(),
+                skipped_before,
                 "task occurrences older than the catch-up window were recorded as missed"
             ),
             Err(err) => tracing::error!(

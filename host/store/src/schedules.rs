@@ -432,10 +432,15 @@ pub enum DuePlan {
     Missed {
         occurrences: Vec<i64>,
         next: Option<i64>,
+        /// Set when the outage held more than [`MAX_MISSED_RECORDED`] occurrences: those after
+        /// the last listed and before this time were missed too, and get no row each.
+        skipped_before: Option<i64>,
     },
 }
 
-/// Most missed occurrences recorded one by one for one schedule (the rest are only skipped).
+/// Most missed occurrences recorded one by one for one schedule and outage; the last of them
+/// says until when the rest were skipped. A schedule every second over a week's outage would
+/// otherwise write 600,000 rows in one transaction before the store could do anything else.
 const MAX_MISSED_RECORDED: usize = 100;
 
 /// How late an occurrence may be found and still run, whatever the catch-up window: one due
@@ -467,6 +472,7 @@ pub fn plan(schedule: &Schedule, now: i64, window_ms: i64) -> Option<DuePlan> {
     }
     let mut occurrences = vec![due];
     let mut cursor = due;
+    let mut skipped_before = None;
     loop {
         match schedule.spec.occurrence_after(due, cursor) {
             Some(next) if next < oldest_allowed => {
@@ -475,29 +481,46 @@ pub fn plan(schedule: &Schedule, now: i64, window_ms: i64) -> Option<DuePlan> {
                     cursor = next;
                 } else {
                     // Skip the rest of the outage instead of walking every occurrence in it.
+                    skipped_before = Some(oldest_allowed);
                     cursor = oldest_allowed.saturating_sub(1).max(next);
                 }
             }
             // The first occurrence inside the window runs on the next pass (a catch-up run).
-            next => return Some(DuePlan::Missed { occurrences, next }),
+            next => {
+                return Some(DuePlan::Missed {
+                    occurrences,
+                    next,
+                    skipped_before,
+                });
+            }
         }
     }
 }
 
-/// Records missed occurrences and moves the schedule on (one transaction, by the caller).
+/// Records missed occurrences and moves the schedule on (one transaction, by the caller). The
+/// last occurrence's `error` says until when more were skipped, when `skipped_before` is set.
 pub fn record_missed(
     conn: &Connection,
     schedule: &Schedule,
     occurrences: &[i64],
     next: Option<i64>,
+    skipped_before: Option<i64>,
     now: i64,
 ) -> rusqlite::Result<()> {
-    for due in occurrences {
+    for (index, due) in occurrences.iter().enumerate() {
+        let skipped = skipped_before.filter(|_| index + 1 == occurrences.len());
+        let note = skipped.map(|before| {
+            format!(
+                "the occurrences after this one and before {before} (ms since the Unix epoch, \
+                 when the catch-up window began) were missed too; at most \
+                 {MAX_MISSED_RECORDED} of an outage are recorded one by one"
+            )
+        });
         conn.prepare_cached(
-            "INSERT OR IGNORE INTO _host_task_runs (task_id, scheduled_for, status, attempts, finished_at)
-             VALUES (?1, ?2, 'missed', 0, ?3)",
+            "INSERT OR IGNORE INTO _host_task_runs (task_id, scheduled_for, status, attempts, finished_at, error)
+             VALUES (?1, ?2, 'missed', 0, ?3, ?4)",
         )?
-        .execute(params![schedule.task_id, due, now])?;
+        .execute(params![schedule.task_id, due, now, note])?;
     }
     let current = schedule.next_run_at;
     match next {
@@ -628,6 +651,7 @@ mod tests {
             Some(DuePlan::Missed {
                 occurrences: vec![now - 60 * MINUTE, now - 40 * MINUTE, now - 20 * MINUTE],
                 next: Some(now),
+                skipped_before: None,
             })
         );
         // A one-shot task far in the past is missed and not rescheduled.
@@ -636,7 +660,8 @@ mod tests {
             plan(&s, now, window),
             Some(DuePlan::Missed {
                 occurrences: vec![now - 60 * MINUTE],
-                next: None
+                next: None,
+                skipped_before: None,
             })
         );
         // Not due yet: nothing to do.
@@ -662,6 +687,7 @@ mod tests {
             Some(DuePlan::Missed {
                 occurrences: (1..=5).rev().map(|m| now - m * MINUTE).collect(),
                 next: Some(now),
+                skipped_before: None,
             })
         );
     }
@@ -670,12 +696,44 @@ mod tests {
     fn a_long_outage_records_a_bounded_number_of_missed_occurrences() {
         let now = 100_000 * MINUTE;
         let s = schedule(Spec::Every(MINUTE as u64), now - 50_000 * MINUTE);
-        let Some(DuePlan::Missed { occurrences, next }) = plan(&s, now, 10 * MINUTE) else {
+        let Some(DuePlan::Missed {
+            occurrences,
+            next,
+            skipped_before,
+        }) = plan(&s, now, 10 * MINUTE)
+        else {
             panic!("expected missed occurrences");
         };
         assert_eq!(occurrences.len(), MAX_MISSED_RECORDED);
-        let next = next.unwrap();
-        assert!(next >= now - 10 * MINUTE && next <= now + MINUTE, "{next}");
+        let next_run = next.unwrap();
+        assert!(
+            next_run >= now - 10 * MINUTE && next_run <= now + MINUTE,
+            "{next_run}"
+        );
+        assert_eq!(skipped_before, Some(now - 10 * MINUTE));
+
+        // The last row recorded says until when the rest were skipped; the others say nothing.
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        record_missed(&conn, &s, &occurrences, next, skipped_before, now).unwrap();
+        let notes: Vec<(i64, Option<String>)> = conn
+            .prepare("SELECT scheduled_for, error FROM _host_task_runs ORDER BY scheduled_for")
+            .unwrap()
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(notes.len(), MAX_MISSED_RECORDED);
+        assert!(
+            notes[..MAX_MISSED_RECORDED - 1]
+                .iter()
+                .all(|(_, note)| note.is_none())
+        );
+        let last = notes.last().unwrap().1.as_deref().unwrap();
+        assert!(
+            last.contains(&format!("before {}", now - 10 * MINUTE)) && last.contains("missed too"),
+            "{last}"
+        );
     }
 
     #[test]

@@ -136,14 +136,40 @@ pub async fn restore(
     })))
 }
 
+/// How long the upload of an archive may pause: no byte for this long → 408 `body_too_slow`.
+/// (An archive may take hours to arrive, so the whole upload has no deadline; a client that
+/// sent its headers and then nothing held its connection for ever.)
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Writes the request body to `path`; returns its length. Over [`MAX_RESTORE_BYTES`] → 413.
 async fn receive(body: Body, path: &std::path::Path) -> Result<u64, ApiError> {
+    receive_pausing(body, path, UPLOAD_IDLE).await
+}
+
+/// [`receive`], with a body that pauses for `idle` refused.
+async fn receive_pausing(
+    body: Body,
+    path: &std::path::Path,
+    idle: std::time::Duration,
+) -> Result<u64, ApiError> {
     let mut file = tokio::fs::File::create(path)
         .await
         .map_err(ApiError::internal)?;
     let mut body = body;
     let mut received: u64 = 0;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let Ok(frame) = tokio::time::timeout(idle, body.frame()).await else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_too_slow",
+                format!(
+                    "the archive stopped arriving: no byte for {} s after {received} bytes; \
+                     send it again without pausing (the store's data was not changed)",
+                    idle.as_secs()
+                ),
+            ));
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|err| {
             ApiError::bad_request(
                 "body_unreadable",
@@ -189,5 +215,45 @@ fn restore_error(err: RestoreFailure) -> ApiError {
         ),
         RestoreFailure::Archive(RestoreError::Io(err)) => ApiError::internal(err),
         RestoreFailure::Control(err) => err.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upload that stops arriving is refused once it has paused `idle`, whatever it sent
+    /// before; one that keeps arriving is taken whole, however long it takes.
+    #[tokio::test]
+    async fn an_upload_that_pauses_is_refused_and_a_steady_one_taken() {
+        use futures::StreamExt;
+        let path = std::env::temp_dir().join(format!("storehost-upload-{}", std::process::id()));
+        let chunk = || Ok::<_, std::io::Error>(Bytes::from_static(b"0123456789"));
+        let idle = std::time::Duration::from_millis(200);
+
+        let steady = futures::stream::iter(0..10).then(move |_| async move {
+            tokio::time::sleep(idle / 4).await;
+            chunk()
+        });
+        let received = receive_pausing(Body::from_stream(steady), &path, idle).await;
+        assert_eq!(
+            received.unwrap(),
+            100,
+            "a steady upload slower than idle in all"
+        );
+
+        let stalled = futures::stream::iter([chunk()]).chain(futures::stream::pending());
+        let refused = receive_pausing(Body::from_stream(stalled), &path, idle)
+            .await
+            .unwrap_err()
+            .into_response();
+        assert_eq!(refused.status(), StatusCode::REQUEST_TIMEOUT);
+        let body = refused.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains("body_too_slow") && body.contains("after 10 bytes"),
+            "{body}"
+        );
+        let _ = std::fs::remove_file(&path);
     }
 }
