@@ -743,3 +743,47 @@ async fn a_file_with_many_names_is_backed_up_once() {
     }
     assert_eq!(copied, 2 << 20, "the file's bytes once, not once per name");
 }
+
+/// What `hostile {kind}` on the `raw_fs` program in `store` answered (its error message).
+async fn raw_fs(host: &TestHost, store: &str, kind: &str) -> String {
+    let args = storehost_tests::urlencode(&json!({ "kind": kind }).to_string());
+    let (_, body) = host
+        .get(&format!("/v1/stores/{store}/query/hostile?args={args}"))
+        .await;
+    body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A guest makes each directory through the handle of the one above, so its files may lie
+/// deeper than a path reaches: 24 levels of 200-byte names are 4.8 KB, past `PATH_MAX`. Such a
+/// store backs up, and its backup restores with the deep file in place. Before, the backup
+/// copied the files by path and answered 500 ("file name too long").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_deeper_than_path_max_are_backed_up_and_restored() {
+    let host = host().await;
+    host.deploy("raw_fs", programs::RAW_FS).await;
+    host.add_store("deep", "raw_fs", &[]).await;
+    let message = raw_fs(&host, "deep", "deep_file").await;
+    assert_eq!(message, "wrote bottom.txt 24 levels down");
+
+    let (archive, _) = backup(&host, "deep").await;
+    let bottom = format!(
+        "files/{}bottom.txt",
+        format!("{}/", "d".repeat(200)).repeat(24)
+    );
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(&archive[..]));
+    let paths: Vec<String> = tar
+        .entries()
+        .unwrap()
+        .map(|entry| entry.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert!(paths.contains(&bottom), "{paths:?}");
+
+    host.add_store("copy", "raw_fs", &[]).await;
+    let (status, body) = restore(&host, "copy", "?allowDifferentStore=true", archive).await;
+    assert_eq!(status, 200, "{body}");
+    let message = raw_fs(&host, "copy", "read_deep_file").await;
+    assert_eq!(message, "bottom.txt holds \"at the bottom\"");
+}

@@ -25,10 +25,14 @@
 //!
 //! The guest's `files/` directory is copied as it is at backup time (file by file, not part of
 //! the SQLite snapshot).
+//!
+//! Its tree may lie deeper than a path reaches (see `backup/handles.rs`): the copy, the packing
+//! and the unpacking open every directory and file by name through its parent's handle.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -39,6 +43,9 @@ use sha2::{Digest, Sha256};
 use crate::dir::StoreDir;
 use crate::id::StoreId;
 use crate::sqlite::now_ms;
+
+mod handles;
+use handles::DirChain;
 
 /// What each unpacked file and directory counts against a restore's room besides its bytes,
 /// as the `files` quota counts it.
@@ -242,7 +249,17 @@ fn create_from<H>(
         snapshot_db(&dir.store_db(), &snapshot.join("store.db"))?;
         snapshot_db(&dir.events_db(), &snapshot.join("events.db"))?;
     }
-    copy_tree(&dir.files, &snapshot.join("files"))?;
+    let root = handles::open_dir(rustix::fs::CWD, &snapshot)?;
+    let mut files = copy_tree(&dir.files, &root)?;
+    for name in ["events.db", "store.db"] {
+        let (size, sha256) = hash_file(handles::open_file(&root, name)?)?;
+        files.push(ManifestFile {
+            path: name.to_owned(),
+            size,
+            sha256,
+        });
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
 
     let cursor: u64 = Connection::open(snapshot.join("store.db"))?.query_row(
         "SELECT last_seq FROM _host_cursor WHERE id = 1",
@@ -255,15 +272,6 @@ fn create_from<H>(
         |row| Ok((row.get(0)?, row.get(1)?)),
     )?;
 
-    let mut files = Vec::new();
-    for relative in list_files(&snapshot)? {
-        let (size, sha256) = hash_file(&snapshot.join(&relative))?;
-        files.push(ManifestFile {
-            path: relative,
-            size,
-            sha256,
-        });
-    }
     let created_at = now_ms();
     let manifest = Manifest {
         format: FORMAT.to_owned(),
@@ -288,8 +296,11 @@ fn create_from<H>(
         created_at,
         manifest_json.as_slice(),
     )?;
+    // In sorted order, so each directory of the snapshot is opened once.
+    let mut snapshot_dirs = DirChain::new(root);
     for entry in &manifest.files {
-        let file = File::open(snapshot.join(&entry.path))?;
+        let (dirs, name) = handles::split(&entry.path);
+        let file = handles::open_file(snapshot_dirs.reach(&dirs, false)?, name)?;
         append(
             &mut tar,
             &entry.path,
@@ -346,39 +357,45 @@ fn snapshot_db(source: &Path, target: &Path) -> rusqlite::Result<()> {
     target.close().map_err(|(_, err)| err)
 }
 
-/// Copies the regular files under `from` (a store's files directory) to `to` (symlinks and
-/// special files are skipped).
+/// Copies the regular files under `from` (a store's files directory) into a new directory
+/// `files` in `snapshot` (symlinks and special files are skipped), and answers what it copied:
+/// each file's path in the archive (`files/...`), size and SHA-256.
 ///
 /// The store's plugin keeps running meanwhile and may swap any entry for a symbolic link
 /// between the listing and the copy: `../../victim` in place of a directory led a path-based
 /// copy into another store's directory (its databases ended up in this store's backup). So
 /// every directory and file is opened through its parent's handle with cap-std, which never
 /// resolves a path outside the directory it starts from, and copied only if what was opened
-/// is the very directory or regular file the listing showed (same device and inode).
-fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+/// is the very directory or regular file the listing showed (same device and inode). The copy
+/// is made through handles too, and hashed as it is written.
+fn copy_tree(from: &Path, snapshot: &OwnedFd) -> io::Result<Vec<ManifestFile>> {
+    let to = handles::make_dir(snapshot, "files")?;
+    let mut copied = Vec::new();
     let root = match cap_std::fs::Dir::open_ambient_dir(from, cap_std::ambient_authority()) {
         Ok(root) => root,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            return std::fs::create_dir_all(to);
-        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(copied),
         Err(err) => return Err(err),
     };
-    copy_dir(&root, to, 0, &mut std::collections::HashSet::new())
+    let mut linked = std::collections::HashSet::new();
+    copy_dir(&root, &to, Path::new("files"), 0, &mut linked, &mut copied)?;
+    Ok(copied)
 }
 
 /// How deep [`copy_tree`] follows directories; deeper, the backup fails saying so.
 const MAX_COPY_DEPTH: usize = 256;
 
-/// [`copy_tree`]'s walk of one directory, opened as `dir`, `depth` levels below the root;
-/// `linked` holds the files with several names already copied. A file is copied under its
-/// first name only: the `files` quota counts its bytes once, and a 512 MiB file with 130,000
-/// hard links (4 KiB of quota each) would have been 64 TiB of copies on the disk every store
-/// shares.
+/// [`copy_tree`]'s walk of one directory, opened as `dir`, `depth` levels below the root, into
+/// `to`, which is `at` in the archive; `linked` holds the files with several names already
+/// copied. A file is copied under its first name only: the `files` quota counts its bytes once,
+/// and a 512 MiB file with 130,000 hard links (4 KiB of quota each) would have been 64 TiB of
+/// copies on the disk every store shares.
 fn copy_dir(
     dir: &cap_std::fs::Dir,
-    to: &Path,
+    to: &OwnedFd,
+    at: &Path,
     depth: usize,
     linked: &mut std::collections::HashSet<(u64, u64)>,
+    copied: &mut Vec<ManifestFile>,
 ) -> io::Result<()> {
     use cap_std::fs::MetadataExt;
     if depth > MAX_COPY_DEPTH {
@@ -387,7 +404,6 @@ fn copy_dir(
              copies no deeper (flatten the plugin's directories)"
         )));
     }
-    std::fs::create_dir_all(to)?;
     for entry in dir.entries()? {
         let entry = entry?;
         // What the listing showed, not following a link.
@@ -399,57 +415,45 @@ fn copy_dir(
         let same = |opened: &cap_std::fs::Metadata| {
             opened.dev() == listed.dev() && opened.ino() == listed.ino()
         };
-        let target = to.join(entry.file_name());
+        let name = entry.file_name();
         if listed.is_dir() {
             // A directory swapped for a link since the listing: not followed, skipped.
             let Ok(sub) = entry.open_dir() else { continue };
             if same(&sub.dir_metadata()?) {
-                copy_dir(&sub, &target, depth + 1, linked)?;
+                let made = handles::make_dir(to, name.as_os_str())?;
+                copy_dir(&sub, &made, &at.join(&name), depth + 1, linked, copied)?;
             }
         } else if listed.is_file() {
             let Ok(mut file) = entry.open() else { continue };
             let opened = file.metadata()?;
             let again = opened.nlink() > 1 && !linked.insert((opened.dev(), opened.ino()));
             if opened.is_file() && same(&opened) && !again {
-                let mut out = std::fs::File::create(&target)?;
+                let path = at.join(&name);
+                let path = path.to_str().ok_or_else(|| {
+                    io::Error::other(format!(
+                        "{} is not a UTF-8 file name; rename it to back the store up",
+                        path.display()
+                    ))
+                })?;
+                let out = handles::create_file(to, name.as_os_str())?;
+                let mut out = HashingWriter::new(BufWriter::new(out));
                 io::copy(&mut file, &mut out)?;
+                out.flush()?;
+                let (size, sha256) = out.finish();
+                copied.push(ManifestFile {
+                    path: path.to_owned(),
+                    size,
+                    sha256,
+                });
             }
         }
     }
     Ok(())
 }
 
-/// Every regular file under `root`, as `/`-separated relative paths, sorted.
-fn list_files(root: &Path) -> io::Result<Vec<String>> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> io::Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            let kind = entry.file_type()?;
-            if kind.is_dir() {
-                walk(root, &entry.path(), out)?;
-            } else if kind.is_file() {
-                let path = entry.path();
-                let relative = path.strip_prefix(root).map_err(io::Error::other)?;
-                let text = relative.to_str().ok_or_else(|| {
-                    io::Error::other(format!(
-                        "{} is not a UTF-8 file name; rename it to back the store up",
-                        relative.display()
-                    ))
-                })?;
-                out.push(text.replace(std::path::MAIN_SEPARATOR, "/"));
-            }
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    walk(root, root, &mut out)?;
-    out.sort();
-    Ok(out)
-}
-
-fn hash_file(path: &Path) -> io::Result<(u64, String)> {
+fn hash_file(file: File) -> io::Result<(u64, String)> {
     let mut writer = HashingWriter::new(io::sink());
-    io::copy(&mut BufReader::new(File::open(path)?), &mut writer)?;
+    io::copy(&mut BufReader::new(file), &mut writer)?;
     Ok(writer.finish())
 }
 
@@ -566,6 +570,7 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
     let unreadable = |err: io::Error| RestoreError::Unreadable(err.to_string());
 
     let mut tar = tar::Archive::new(reader);
+    let mut unpacked_dirs = DirChain::new(handles::open_dir(rustix::fs::CWD, into)?);
     let mut manifest_bytes: Option<Vec<u8>> = None;
     let mut unpacked: BTreeMap<String, (u64, String)> = BTreeMap::new();
     let mut room = limit;
@@ -579,7 +584,8 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
                 room = room
                     .checked_sub(ENTRY_BYTES)
                     .ok_or(RestoreError::TooLarge { limit })?;
-                std::fs::create_dir_all(into.join(&name))?;
+                let dirs: Vec<&str> = name.split('/').collect();
+                make_dirs(&mut unpacked_dirs, &name, &dirs)?;
                 continue;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {}
@@ -613,16 +619,10 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
                 "the archive holds {name} twice"
             )));
         }
-        let target = into.join(&name);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let mut writer = HashingWriter::new(BufWriter::new(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&target)?,
-        ));
+        let (dirs, file_name) = handles::split(&name);
+        let parent = make_dirs(&mut unpacked_dirs, &name, &dirs)?;
+        let file = handles::create_file(parent, file_name).map_err(|err| collision(&name, err))?;
+        let mut writer = HashingWriter::new(BufWriter::new(file));
         copy_entry(&mut (&mut entry).take(room.saturating_add(1)), &mut writer).map_err(|err| {
             match err {
                 CopyError::Read(err) => unreadable(err),
@@ -650,6 +650,37 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
     check_databases(into, &manifest)?;
     std::fs::create_dir_all(into.join("files"))?;
     Ok(manifest)
+}
+
+/// The directory `dirs` names in a restore, made where missing, for archive entry `name`
+/// (a file in it, or that directory itself).
+fn make_dirs<'a>(
+    unpacked_dirs: &'a mut DirChain,
+    name: &str,
+    dirs: &[&str],
+) -> Result<&'a OwnedFd, RestoreError> {
+    // `files` and the directories below it: a backup holds none deeper than it copies.
+    if dirs.len() > MAX_COPY_DEPTH + 1 {
+        return Err(RestoreError::Invalid(format!(
+            "archive entry {name} lies more than {MAX_COPY_DEPTH} directories deep in files/; a backup never holds one that deep"
+        )));
+    }
+    unpacked_dirs
+        .reach(dirs, true)
+        .map_err(|err| collision(name, err))
+}
+
+/// Why archive entry `name` could not be unpacked: another entry took its name or one of its
+/// directories' as something else (a file and a directory of one name), or the host failed.
+fn collision(name: &str, err: io::Error) -> RestoreError {
+    match err.kind() {
+        io::ErrorKind::AlreadyExists | io::ErrorKind::NotADirectory => {
+            RestoreError::Invalid(format!(
+                "archive entry {name} collides with another entry that makes one of its names a file and a directory both; a backup never holds such a pair"
+            ))
+        }
+        _ => RestoreError::Io(err),
+    }
 }
 
 enum CopyError {
@@ -942,6 +973,131 @@ mod tests {
         )
         .unwrap();
         assert_eq!(log.head().unwrap(), 5);
+    }
+
+    /// The directory `levels` names below `top`, each opened through the one above (a path
+    /// to it may be longer than `PATH_MAX`).
+    fn descend(top: &Path, levels: &[String]) -> cap_std::fs::Dir {
+        let mut here =
+            cap_std::fs::Dir::open_ambient_dir(top, cap_std::ambient_authority()).unwrap();
+        for name in levels {
+            here = here.open_dir(name).unwrap();
+        }
+        here
+    }
+
+    /// A guest makes each directory through the handle of the one above, so its files may lie
+    /// deeper than a path reaches: 20 levels of 250-byte names are 5 KB, past `PATH_MAX`
+    /// (4,096 bytes). Such a store backs up and restores whole. Before, the copy, the hashing,
+    /// the packing and the unpacking went by path and failed "file name too long" (the backup
+    /// answered 500).
+    #[test]
+    fn files_deeper_than_path_max_back_up_and_restore() {
+        let data = tempfile::tempdir().unwrap();
+        let id = StoreId::new("acme").unwrap();
+        let dir = store_dir(data.path(), &id, 3, 3);
+        let levels: Vec<String> = (0..20)
+            .map(|level| format!("{level:02}{}", "d".repeat(248)))
+            .collect();
+        let mut here = descend(&dir.files, &[]);
+        for (level, name) in levels.iter().enumerate() {
+            here.create_dir(name).unwrap();
+            here = here.open_dir(name).unwrap();
+            if level == 9 {
+                here.write("midway.txt", "halfway down").unwrap();
+            }
+        }
+        here.write("bottom.txt", "at the bottom").unwrap();
+        let deep = format!("files/{}", levels.join("/"));
+        let midway = format!("files/{}/midway.txt", levels[..10].join("/"));
+        let bottom = format!("{deep}/bottom.txt");
+        assert!(bottom.len() > 4096);
+
+        let work = ScratchDir::new(data.path(), "backup", &id).unwrap();
+        let archive = create_from(&dir, &id, plugin(), work.path(), || ()).unwrap();
+        let paths: Vec<_> = archive
+            .manifest
+            .files
+            .iter()
+            .map(|f| f.path.as_str())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "events.db",
+                bottom.as_str(),
+                midway.as_str(),
+                "files/notes/a.txt",
+                "store.db"
+            ]
+        );
+        let listed = &archive.manifest.files[1];
+        assert_eq!(
+            (listed.size, listed.sha256.as_str()),
+            (13, hex::encode(Sha256::digest("at the bottom")).as_str())
+        );
+        assert!(
+            !work.path().join("snapshot").exists(),
+            "the copy is deleted"
+        );
+
+        let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
+        let manifest = unpack(&archive.path, into.path(), u64::MAX).unwrap();
+        assert_eq!(manifest, archive.manifest);
+        let restored = into.path().join("files");
+        assert_eq!(
+            descend(&restored, &levels)
+                .read_to_string("bottom.txt")
+                .unwrap(),
+            "at the bottom"
+        );
+        assert_eq!(
+            descend(&restored, &levels[..10])
+                .read_to_string("midway.txt")
+                .unwrap(),
+            "halfway down"
+        );
+        assert_eq!(
+            std::fs::read_to_string(restored.join("notes/a.txt")).unwrap(),
+            "hello"
+        );
+        // The scratch directory's removal goes through handles too (std's, on Linux).
+        let scratch = into.path().to_owned();
+        drop(into);
+        assert!(!scratch.exists());
+    }
+
+    /// An archive whose entries would nest deeper than a backup copies, or make one name a
+    /// file and a directory both, is refused as invalid (and unpacks nothing unbounded).
+    #[test]
+    fn entries_too_deep_or_colliding_are_refused() {
+        let data = tempfile::tempdir().unwrap();
+        let id = StoreId::new("acme").unwrap();
+        let archive_of = |paths: &[String]| {
+            let path = data.path().join("hostile.tar");
+            let mut tar = tar::Builder::new(File::create(&path).unwrap());
+            for entry in paths {
+                append(&mut tar, entry, 1, 0, &b"x"[..]).unwrap();
+            }
+            tar.into_inner().unwrap();
+            path
+        };
+        let too_deep = format!("files/{}x", "d/".repeat(MAX_COPY_DEPTH + 1));
+        let collide = ["files/a".to_owned(), "files/a/b".to_owned()];
+        // At the depth a backup copies to, the refusal is for what else it lacks.
+        let deepest = format!("files/{}x", "d/".repeat(MAX_COPY_DEPTH));
+        for (paths, says) in [
+            (vec![deepest], "no manifest.json"),
+            (vec![too_deep], "directories deep"),
+            (collide.to_vec(), "a file and a directory both"),
+        ] {
+            let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
+            let refused = unpack(&archive_of(&paths), into.path(), u64::MAX);
+            assert!(
+                matches!(&refused, Err(RestoreError::Invalid(message)) if message.contains(says)),
+                "{refused:?}"
+            );
+        }
     }
 
     #[test]

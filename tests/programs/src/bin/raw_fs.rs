@@ -14,7 +14,10 @@
 //!   high, and moves the tree under the chain's 60th level (its deepest directory then 64
 //!   levels down), back, and under the 61st (65 levels down); then an empty directory under
 //!   the 61st, and the tree again under the 61st through a path longer than PATH_MAX. It
-//!   answers each outcome.
+//!   answers each outcome;
+//! - `deep_file`: makes 24 directories with a 200-byte name each in the one above (as a path,
+//!   4.8 KB, longer than the host's `PATH_MAX`) and the file `bottom.txt` in the deepest;
+//! - `read_deep_file`: answers what `deep_file`'s `bottom.txt` holds.
 #![forbid(unsafe_code)]
 
 use serde_json::Value as Json;
@@ -22,6 +25,10 @@ use storehost_guest_sdk::export_plugin;
 use test_programs::{Hostile, Misbehaviour};
 
 struct RawFs;
+
+/// How deep `deep_file` makes its file.
+#[cfg(target_arch = "wasm32")]
+const DEEP_FILE_LEVELS: usize = 24;
 
 impl Misbehaviour for RawFs {
     fn misbehave(input: Json) -> Result<(), String> {
@@ -122,6 +129,62 @@ impl Misbehaviour for RawFs {
                     Err(format!(
                         "under 60: {under_60}; back: {back}; under 61: {under_61}; \
                          empty under 61: {empty_under_61}; padded under 61: {padded_under_61}"
+                    ))
+                }
+                Some("deep_file") => {
+                    let name = "d".repeat(200);
+                    let mut here = dir;
+                    for level in 1..=DEEP_FILE_LEVELS {
+                        here.create_directory_at(&name)
+                            .map_err(|err| format!("make level {level}: {err:?}"))?;
+                        here = here
+                            .open_at(
+                                PathFlags::empty(),
+                                &name,
+                                OpenFlags::DIRECTORY,
+                                DescriptorFlags::READ,
+                            )
+                            .map_err(|err| format!("open level {level}: {err:?}"))?;
+                    }
+                    let file = here
+                        .open_at(
+                            PathFlags::empty(),
+                            "bottom.txt",
+                            OpenFlags::CREATE,
+                            DescriptorFlags::WRITE,
+                        )
+                        .map_err(|err| format!("create bottom.txt: {err:?}"))?;
+                    file.write(b"at the bottom", 0)
+                        .map_err(|err| format!("write bottom.txt: {err:?}"))?;
+                    Err(format!("wrote bottom.txt {DEEP_FILE_LEVELS} levels down"))
+                }
+                Some("read_deep_file") => {
+                    let name = "d".repeat(200);
+                    let mut here = dir;
+                    for level in 1..=DEEP_FILE_LEVELS {
+                        here = here
+                            .open_at(
+                                PathFlags::empty(),
+                                &name,
+                                OpenFlags::DIRECTORY,
+                                DescriptorFlags::READ,
+                            )
+                            .map_err(|err| format!("open level {level}: {err:?}"))?;
+                    }
+                    let file = here
+                        .open_at(
+                            PathFlags::empty(),
+                            "bottom.txt",
+                            OpenFlags::empty(),
+                            DescriptorFlags::READ,
+                        )
+                        .map_err(|err| format!("open bottom.txt: {err:?}"))?;
+                    let (bytes, _) = file
+                        .read(64, 0)
+                        .map_err(|err| format!("read bottom.txt: {err:?}"))?;
+                    Err(format!(
+                        "bottom.txt holds {:?}",
+                        String::from_utf8_lossy(&bytes)
                     ))
                 }
                 other => Err(format!("unknown kind {other:?}")),
