@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -59,6 +60,11 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 /// The largest manifest accepted.
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// Longest name an archive entry may have: [`MAX_COPY_DEPTH`] directories of 255 bytes below
+/// `files/`, and a file in the deepest. (The tar crate reads a GNU long name whole into memory,
+/// whatever size its header claims: a few MB of gzip could have asked for gigabytes.)
+const MAX_ENTRY_NAME_BYTES: u64 = ((MAX_COPY_DEPTH as u64) + 2) * 256;
 
 /// What an archive holds, written as `manifest.json`, its first entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -574,9 +580,37 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
     let mut manifest_bytes: Option<Vec<u8>> = None;
     let mut unpacked: BTreeMap<String, (u64, String)> = BTreeMap::new();
     let mut room = limit;
-    for entry in tar.entries().map_err(unreadable)? {
+    // Raw entries: a GNU long name (how the packer writes a path longer than 100 bytes) is read
+    // here, within its bound, and names the entry after it.
+    let mut long_name: Option<PathBuf> = None;
+    for entry in tar.entries().map_err(unreadable)?.raw(true) {
         let mut entry = entry.map_err(unreadable)?;
-        let path = entry.path().map_err(unreadable)?.into_owned();
+        if entry.header().entry_type().is_gnu_longname() {
+            if long_name.is_some() {
+                return Err(RestoreError::Invalid(
+                    "the archive gives one entry two long names".into(),
+                ));
+            }
+            let mut bytes = Vec::new();
+            (&mut entry)
+                .take(MAX_ENTRY_NAME_BYTES + 1)
+                .read_to_end(&mut bytes)
+                .map_err(unreadable)?;
+            if bytes.len() as u64 > MAX_ENTRY_NAME_BYTES {
+                return Err(RestoreError::Invalid(format!(
+                    "an archive entry's name is longer than {MAX_ENTRY_NAME_BYTES} bytes; a backup never holds one"
+                )));
+            }
+            while bytes.last() == Some(&0) {
+                bytes.pop();
+            }
+            long_name = Some(PathBuf::from(std::ffi::OsString::from_vec(bytes)));
+            continue;
+        }
+        let path = match long_name.take() {
+            Some(path) => path,
+            None => entry.path().map_err(unreadable)?.into_owned(),
+        };
         let name = entry_target(&path)?;
         match entry.header().entry_type() {
             tar::EntryType::Directory if name == "files" || name.starts_with("files/") => {
@@ -635,6 +669,11 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
             .checked_sub(size.saturating_add(ENTRY_BYTES))
             .ok_or(RestoreError::TooLarge { limit })?;
         unpacked.insert(name, (size, sha256));
+    }
+    if long_name.is_some() {
+        return Err(RestoreError::Unreadable(
+            "it ends with a long name that names no entry (truncated?)".into(),
+        ));
     }
     // Read to the end of the compressed stream so its checksum is verified too.
     io::copy(&mut tar.into_inner(), &mut io::sink()).map_err(unreadable)?;
@@ -1132,6 +1171,33 @@ mod tests {
             unpack(&empty, into.path(), u64::MAX),
             Err(RestoreError::Unreadable(_))
         ));
+    }
+
+    /// A GNU long name is read within its bound: the tar crate read one whole into memory,
+    /// whatever size its header claimed, before the entry reached the checks.
+    #[test]
+    fn a_long_name_past_its_bound_is_refused() {
+        let data = tempfile::tempdir().unwrap();
+        let id = StoreId::new("acme").unwrap();
+        let archive = data.path().join("long-name.tar");
+        let mut tar = tar::Builder::new(File::create(&archive).unwrap());
+        let name = vec![b'a'; 1 << 20];
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::GNULongName);
+        header.set_size(name.len() as u64);
+        tar.append_data(&mut header, "././@LongLink", name.as_slice())
+            .unwrap();
+        append(&mut tar, "files/x", 1, 0, &b"x"[..]).unwrap();
+        tar.into_inner().unwrap().sync_all().unwrap();
+
+        let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
+        match unpack(&archive, into.path(), u64::MAX) {
+            Err(RestoreError::Invalid(message)) => assert!(
+                message.contains(&format!("longer than {MAX_ENTRY_NAME_BYTES} bytes")),
+                "{message}"
+            ),
+            other => panic!("expected the long name refused, got {other:?}"),
+        }
     }
 
     #[test]
