@@ -306,7 +306,7 @@ fn create_from<H>(
     let mut snapshot_dirs = DirChain::new(root);
     for entry in &manifest.files {
         let (dirs, name) = handles::split(&entry.path);
-        let file = handles::open_file(snapshot_dirs.reach(&dirs, false)?, name)?;
+        let file = handles::open_file(snapshot_dirs.reach(&dirs, false)?.0, name)?;
         append(
             &mut tar,
             &entry.path,
@@ -375,7 +375,7 @@ fn snapshot_db(source: &Path, target: &Path) -> rusqlite::Result<()> {
 /// is the very directory or regular file the listing showed (same device and inode). The copy
 /// is made through handles too, and hashed as it is written.
 fn copy_tree(from: &Path, snapshot: &OwnedFd) -> io::Result<Vec<ManifestFile>> {
-    let to = handles::make_dir(snapshot, "files")?;
+    let (to, _) = handles::make_dir(snapshot, "files")?;
     let mut copied = Vec::new();
     let root = match cap_std::fs::Dir::open_ambient_dir(from, cap_std::ambient_authority()) {
         Ok(root) => root,
@@ -426,7 +426,7 @@ fn copy_dir(
             // A directory swapped for a link since the listing: not followed, skipped.
             let Ok(sub) = entry.open_dir() else { continue };
             if same(&sub.dir_metadata()?) {
-                let made = handles::make_dir(to, name.as_os_str())?;
+                let (made, _) = handles::make_dir(to, name.as_os_str())?;
                 copy_dir(&sub, &made, &at.join(&name), depth + 1, linked, copied)?;
             }
         } else if listed.is_file() {
@@ -577,6 +577,8 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
 
     let mut tar = tar::Archive::new(reader);
     let mut unpacked_dirs = DirChain::new(handles::open_dir(rustix::fs::CWD, into)?);
+    // `files` itself, the guest's /data, is no entry of its quota: made here, it takes no room.
+    unpacked_dirs.reach(&["files"], true)?;
     let mut manifest_bytes: Option<Vec<u8>> = None;
     let mut unpacked: BTreeMap<String, (u64, String)> = BTreeMap::new();
     let mut room = limit;
@@ -619,7 +621,7 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
                     .checked_sub(ENTRY_BYTES)
                     .ok_or(RestoreError::TooLarge { limit })?;
                 let dirs: Vec<&str> = name.split('/').collect();
-                make_dirs(&mut unpacked_dirs, &name, &dirs)?;
+                make_dirs(&mut unpacked_dirs, &name, &dirs, &mut room, limit)?;
                 continue;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {}
@@ -654,7 +656,7 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
             )));
         }
         let (dirs, file_name) = handles::split(&name);
-        let parent = make_dirs(&mut unpacked_dirs, &name, &dirs)?;
+        let parent = make_dirs(&mut unpacked_dirs, &name, &dirs, &mut room, limit)?;
         let file = handles::create_file(parent, file_name).map_err(|err| collision(&name, err))?;
         let mut writer = HashingWriter::new(BufWriter::new(file));
         copy_entry(&mut (&mut entry).take(room.saturating_add(1)), &mut writer).map_err(|err| {
@@ -692,11 +694,13 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
 }
 
 /// The directory `dirs` names in a restore, made where missing, for archive entry `name`
-/// (a file in it, or that directory itself).
+/// (a file in it, or that directory itself), each directory made taken from `room`.
 fn make_dirs<'a>(
     unpacked_dirs: &'a mut DirChain,
     name: &str,
     dirs: &[&str],
+    room: &mut u64,
+    limit: u64,
 ) -> Result<&'a OwnedFd, RestoreError> {
     // `files` and the directories below it: a backup holds none deeper than it copies.
     if dirs.len() > MAX_COPY_DEPTH + 1 {
@@ -704,9 +708,15 @@ fn make_dirs<'a>(
             "archive entry {name} lies more than {MAX_COPY_DEPTH} directories deep in files/; a backup never holds one that deep"
         )));
     }
-    unpacked_dirs
+    let (dir, made) = unpacked_dirs
         .reach(dirs, true)
-        .map_err(|err| collision(name, err))
+        .map_err(|err| collision(name, err))?;
+    // The directories a file's path makes count like those named by entries of their own:
+    // one entry of a small archive could otherwise make hundreds.
+    *room = room
+        .checked_sub(made.saturating_mul(ENTRY_BYTES))
+        .ok_or(RestoreError::TooLarge { limit })?;
+    Ok(dir)
 }
 
 /// Why archive entry `name` could not be unpacked: another entry took its name or one of its
@@ -987,13 +997,15 @@ mod tests {
             .collect();
         assert_eq!(paths, ["events.db", "files/notes/a.txt", "store.db"]);
 
-        // It unpacks to its files' bytes and 4 KiB each: a byte less of room refuses it.
+        // It unpacks to its files' bytes and 4 KiB each, and 4 KiB for the directory notes/:
+        // a byte less of room refuses it.
         let total: u64 = archive
             .manifest
             .files
             .iter()
             .map(|f| f.size + ENTRY_BYTES)
-            .sum();
+            .sum::<u64>()
+            + ENTRY_BYTES;
         let cramped = ScratchDir::new(data.path(), "restore", &id).unwrap();
         assert!(matches!(
             unpack(&archive.path, cramped.path(), total - 1),
@@ -1198,6 +1210,30 @@ mod tests {
             ),
             other => panic!("expected the long name refused, got {other:?}"),
         }
+    }
+
+    /// The directories a file entry's path makes count against the restore's room like
+    /// directory entries: one entry used to make up to 256 of them for nothing.
+    #[test]
+    fn directories_a_path_makes_count_against_the_room() {
+        let data = tempfile::tempdir().unwrap();
+        let id = StoreId::new("acme").unwrap();
+        let archive = data.path().join("deep.tar");
+        let mut tar = tar::Builder::new(File::create(&archive).unwrap());
+        let path = format!("files/{}x", "d/".repeat(100));
+        append(&mut tar, &path, 1, 0, &b"x"[..]).unwrap();
+        tar.into_inner().unwrap().sync_all().unwrap();
+
+        // Room for the file and 50 directories: its path makes 101.
+        let limit = 1 + ENTRY_BYTES * 51;
+        let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
+        assert!(
+            matches!(
+                unpack(&archive, into.path(), limit),
+                Err(RestoreError::TooLarge { .. })
+            ),
+            "the path's directories are counted"
+        );
     }
 
     #[test]

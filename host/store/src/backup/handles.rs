@@ -22,17 +22,19 @@ pub(super) fn open_dir(parent: impl AsFd, name: impl rustix::path::Arg) -> io::R
     Ok(openat(parent, name, flags, Mode::empty())?)
 }
 
-/// Makes the directory `name` in `parent` unless it is one already, and opens it.
+/// Makes the directory `name` in `parent` unless it is one already, and opens it; `true` when
+/// it was made.
 pub(super) fn make_dir(
     parent: impl AsFd,
     name: impl rustix::path::Arg + Copy,
-) -> io::Result<OwnedFd> {
-    match mkdirat(&parent, name, Mode::from_bits_truncate(0o777)) {
-        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+) -> io::Result<(OwnedFd, bool)> {
+    let made = match mkdirat(&parent, name, Mode::from_bits_truncate(0o777)) {
+        Ok(()) => true,
+        Err(rustix::io::Errno::EXIST) => false,
         Err(err) => return Err(err.into()),
-    }
+    };
     // Something else of that name is refused here: `open_dir` opens only a directory.
-    open_dir(parent, name)
+    Ok((open_dir(parent, name)?, made))
 }
 
 /// Creates the regular file `name` in `parent`, which must not hold that name yet.
@@ -65,10 +67,11 @@ impl DirChain {
         }
     }
 
-    /// The directory `names` leads to from the root (the root itself when empty); with `make`,
-    /// those missing are made on the way. A name that is something other than a directory is
-    /// an error.
-    pub(super) fn reach(&mut self, names: &[&str], make: bool) -> io::Result<&OwnedFd> {
+    /// The directory `names` leads to from the root (the root itself when empty), and how many
+    /// directories were made on the way: with `make`, those missing are. A name that is
+    /// something other than a directory is an error.
+    pub(super) fn reach(&mut self, names: &[&str], make: bool) -> io::Result<(&OwnedFd, u64)> {
+        let mut made_here = 0;
         let shared = self
             .open
             .iter()
@@ -79,13 +82,18 @@ impl DirChain {
         for name in &names[shared..] {
             let parent = self.open.last().map_or(&self.root, |(_, dir)| dir);
             let dir = if make {
-                make_dir(parent, *name)?
+                let (dir, made) = make_dir(parent, *name)?;
+                made_here += u64::from(made);
+                dir
             } else {
                 open_dir(parent, *name)?
             };
             self.open.push(((*name).to_owned(), dir));
         }
-        Ok(self.open.last().map_or(&self.root, |(_, dir)| dir))
+        Ok((
+            self.open.last().map_or(&self.root, |(_, dir)| dir),
+            made_here,
+        ))
     }
 }
 
