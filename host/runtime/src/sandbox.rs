@@ -788,14 +788,20 @@ impl<H: HostCapabilities> llm::Host for InstanceState<H> {
         &mut self,
         request: llm::ChatRequest,
     ) -> wasmtime::Result<Result<llm::Completion, llm::LlmError>> {
+        let started = std::time::Instant::now();
         let answer = self.host.llm_complete(request);
+        let asking = started.elapsed();
         // No guest code runs while the answer is awaited: let another store use the slot.
         let held = take_slot(&self.slot).is_some();
-        let result = answer.await;
+        let (result, answering) = timing_polls(answer).await;
         if held {
             let slot = self.scheduler.resume_as(self.priority).await;
             put_slot(&self.slot, slot);
         }
+        // The host's own work for the call (the offline provider's matching, a vendor's answer
+        // parsed) is the store's CPU time; the wait for the vendor is not.
+        let ticks = u64::try_from((asking + answering).as_millis()).unwrap_or(u64::MAX);
+        self.cpu.owed.fetch_add(ticks, Ordering::Relaxed);
         Ok(result)
     }
 }
@@ -806,9 +812,43 @@ impl<H: HostCapabilities> clock::Host for InstanceState<H> {
     }
 }
 
+/// Awaits `future`, answering its output and the time its polls took: the work done for it,
+/// not the time it waited.
+async fn timing_polls<F: Future>(future: F) -> (F::Output, Duration) {
+    let mut future = std::pin::pin!(future);
+    let mut busy = Duration::ZERO;
+    let output = std::future::poll_fn(|cx| {
+        let started = std::time::Instant::now();
+        let poll = future.as_mut().poll(cx);
+        busy += started.elapsed();
+        poll
+    })
+    .await;
+    (output, busy)
+}
+
 #[cfg(test)]
 mod tests {
     use super::panic_message;
+
+    /// A call's polls are timed and its waits are not: the offline LLM provider matches its
+    /// rules inside a poll (up to a fifth of a second of the host's CPU, which the store's
+    /// CPU time did not count), a vendor's answer is awaited between polls.
+    #[tokio::test]
+    async fn the_time_polls_take_is_counted_and_the_waits_are_not() {
+        let work_then_wait = async {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+            7
+        };
+        let (output, busy) = super::timing_polls(work_then_wait).await;
+        assert_eq!(output, 7);
+        assert!(
+            busy >= std::time::Duration::from_millis(30)
+                && busy < std::time::Duration::from_millis(500),
+            "{busy:?}"
+        );
+    }
 
     #[test]
     fn reads_the_panic_message_and_location_from_guest_stderr() {
