@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 use storehost_api::{AppState, ServeOptions};
 use storehost_control::config::StoreSpec;
-use storehost_control::{HostSettings, Orchestrator, StoreSource};
+use storehost_control::{HostSettings, Orchestrator, Seams, StoreSource};
 use storehost_runtime::RuntimeOptions;
 use storehost_store::{Durability, Quotas, RetryPolicy, Store, StoreId, StoreRuntime};
 
@@ -106,6 +106,8 @@ pub struct TestHostOptions {
     /// Spare store directories kept ready (2 by default, so most tests' stores start from one;
     /// the server's default is `DEFAULT_SPARE_STORES`).
     pub spare_stores: usize,
+    /// Where desired state is kept and which stores run here (`host.db`, every store).
+    pub seams: Seams,
 }
 
 impl Default for TestHostOptions {
@@ -130,6 +132,7 @@ impl Default for TestHostOptions {
             close_files_after: Duration::ZERO,
             pool_slots: None,
             spare_stores: 2,
+            seams: Seams::default(),
         }
     }
 }
@@ -169,7 +172,7 @@ impl TestHost {
         })
         .expect("runtime");
         let orchestrator = Arc::new(
-            Orchestrator::new(
+            Orchestrator::with_seams(
                 runtime,
                 HostSettings {
                     data_dir: data_dir.clone(),
@@ -188,6 +191,7 @@ impl TestHost {
                     close_files_after: options.close_files_after,
                     spare_stores: options.spare_stores,
                 },
+                options.seams.clone(),
             )
             .expect("orchestrator"),
         );

@@ -1,9 +1,16 @@
 //! The orchestrator starting many stores at once (what a config edit, a start and a restore
 //! do): every store gets the answer `ensure_running` would give it, in order, and `max_stores`
-//! holds across the batches opened in parallel.
+//! holds across the batches opened in parallel. Also its seam to several hosts: placement and
+//! where desired state is kept.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 use serde_json::json;
-use storehost_control::{ControlError, Provisioned, StoreSource};
+use storehost_control::config::StoreSpec;
+use storehost_control::{
+    ControlError, DesiredState, Placed, Placement, Provisioned, Seams, StoreSource,
+};
 use storehost_store::StoreId;
 use storehost_tests::TestHost;
 use storehost_tests::control::ControlHostOptions;
@@ -649,4 +656,282 @@ async fn a_removal_host_db_could_not_finish_is_finished_at_the_next_start() {
     let third = start().await;
     assert_eq!(third.orchestrator.restore_persisted().await.unwrap(), 1);
     assert_eq!(third.get("/v1/stores/leaving").await.0, 404);
+}
+
+/// Places `elsewhere-1` on host `host-b` and `elsewhere-2` on a host it does not name; every
+/// other store runs here.
+#[derive(Debug)]
+struct TwoElsewhere;
+
+impl Placement for TwoElsewhere {
+    fn place(&self, id: &StoreId) -> Placed {
+        match id.as_str() {
+            "elsewhere-1" => Placed::Elsewhere {
+                host: Some("host-b".into()),
+            },
+            "elsewhere-2" => Placed::Elsewhere { host: None },
+            _ => Placed::Here,
+        }
+    }
+}
+
+/// The seam to several hosts (SPEC §10): a store the placement runs on another host is
+/// started by no source — API, config, webhook, reconciler, a restore at start-up — each told
+/// why, while the others start; its desired state is left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_placed_on_another_host_is_started_by_no_source() {
+    use storehost_control::config::Secret;
+    use storehost_control::webhook::{WebhookSettings, Webhooks};
+    use storehost_tests::{TestHostOptions, programs};
+    let host = TestHost::start_configured(
+        TestHostOptions {
+            seams: Seams {
+                placement: Arc::new(TwoElsewhere),
+                ..Seams::default()
+            },
+            ..TestHostOptions::default()
+        },
+        &[("writer", programs::WRITER)],
+        |orchestrator, state| {
+            let settings = WebhookSettings {
+                secret: Some(Secret::new("placement-secret")),
+                require_signature: false,
+                tolerance: std::time::Duration::from_secs(300),
+                replay_retention: std::time::Duration::from_secs(3600),
+            };
+            state.with_webhooks(
+                Arc::new(Webhooks::new(orchestrator.clone(), settings)),
+                10_000,
+            )
+        },
+    )
+    .await;
+    let orchestrator = &host.orchestrator;
+    let defaults = orchestrator.settings().defaults.clone();
+
+    // The API: 421, naming the store and where it runs.
+    let (status, body) = host
+        .call(reqwest::Method::PUT, "/v1/stores/elsewhere-1", None)
+        .await;
+    assert_eq!(status, 421, "{body}");
+    assert_eq!(body["error"]["code"], "placed_elsewhere", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("store elsewhere-1 is placed on host \"host-b\""),
+        "{message}"
+    );
+    let (status, body) = host
+        .call(reqwest::Method::PUT, "/v1/stores/elsewhere-2", None)
+        .await;
+    assert_eq!(status, 421, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("store elsewhere-2 is placed on another host"),
+        "{body}"
+    );
+    let (status, body) = host
+        .call(reqwest::Method::PUT, "/v1/stores/here-1", None)
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(host.get("/v1/stores/elsewhere-1").await.0, 404);
+
+    // The config (a start, or an edit): refused, and no failed store of this host's.
+    let answers = orchestrator
+        .ensure_running_many(vec![
+            (id("elsewhere-1"), defaults.clone(), StoreSource::Config),
+            (id("here-2"), defaults.clone(), StoreSource::Config),
+        ])
+        .await;
+    assert!(
+        matches!(&answers[0].1, Err(ControlError::PlacedElsewhere { id: placed, host: Some(on) })
+            if placed.as_str() == "elsewhere-1" && on == "host-b"),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[1].1, Ok(Provisioned::Created)),
+        "{answers:?}"
+    );
+    assert!(orchestrator.failed_start(&id("elsewhere-1")).is_none());
+    assert_eq!(host.get("/v1/stores").await.1["failed"], json!([]));
+
+    // A webhook: 421 (not kept for replays); the reconciler: refused too.
+    let webhook = |instance: &str| {
+        host.client
+            .post(format!("{}/webhooks/workspaces", host.url))
+            .header("x-webhook-secret", "placement-secret")
+            .json(&json!({"event": "workspace.created", "instanceId": instance}))
+            .send()
+    };
+    let answer = webhook("elsewhere-1").await.unwrap();
+    assert_eq!(answer.status(), 421);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "placed_elsewhere", "{body}");
+    let answer = webhook("here-3").await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let answer = orchestrator
+        .start_if_new(&id("elsewhere-1"), StoreSource::Registry)
+        .await;
+    assert!(
+        matches!(answer, Err(ControlError::PlacedElsewhere { .. })),
+        "{answer:?}"
+    );
+
+    // A restore at start-up starts what is placed here and leaves the rest kept.
+    orchestrator
+        .registry()
+        .put(&id("elsewhere-1"), StoreSource::Api, &defaults)
+        .unwrap();
+    orchestrator
+        .registry()
+        .put(&id("here-4"), StoreSource::Api, &defaults)
+        .unwrap();
+    // here-1 and here-3 (running), here-4 (started); not elsewhere-1.
+    assert_eq!(orchestrator.restore_persisted().await.unwrap(), 3);
+    assert!(orchestrator.get(&id("elsewhere-1")).await.is_none());
+    assert!(
+        orchestrator
+            .registry()
+            .get(&id("elsewhere-1"))
+            .unwrap()
+            .is_some(),
+        "its desired state is kept"
+    );
+    let running: Vec<String> = orchestrator
+        .ids()
+        .await
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(running, ["here-1", "here-2", "here-3", "here-4"]);
+}
+
+/// Desired state kept in memory, as another backend (etcd) would keep it off this host.
+#[derive(Debug, Default)]
+struct MemoryDesiredState {
+    specs: Mutex<BTreeMap<StoreId, (StoreSource, StoreSpec)>>,
+    paused: Mutex<BTreeSet<StoreId>>,
+    removals: Mutex<BTreeMap<StoreId, bool>>,
+}
+
+impl DesiredState for MemoryDesiredState {
+    fn all(&self) -> Result<Vec<(StoreId, StoreSource, StoreSpec)>, ControlError> {
+        let specs = self.specs.lock().unwrap();
+        Ok(specs
+            .iter()
+            .map(|(id, (source, spec))| (id.clone(), *source, spec.clone()))
+            .collect())
+    }
+
+    fn get(&self, id: &StoreId) -> Result<Option<(StoreSource, StoreSpec)>, ControlError> {
+        Ok(self.specs.lock().unwrap().get(id).cloned())
+    }
+
+    fn put(&self, id: &StoreId, source: StoreSource, spec: &StoreSpec) -> Result<(), ControlError> {
+        let kept = (source, spec.clone());
+        self.specs.lock().unwrap().insert(id.clone(), kept);
+        Ok(())
+    }
+
+    fn forget_spec(&self, id: &StoreId) -> Result<(), ControlError> {
+        self.specs.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    fn delete(&self, id: &StoreId) -> Result<(), ControlError> {
+        self.specs.lock().unwrap().remove(id);
+        self.paused.lock().unwrap().remove(id);
+        self.removals.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    fn set_paused(&self, id: &StoreId, paused: bool) -> Result<(), ControlError> {
+        let mut kept = self.paused.lock().unwrap();
+        if paused {
+            kept.insert(id.clone());
+        } else {
+            kept.remove(id);
+        }
+        Ok(())
+    }
+
+    fn is_paused(&self, id: &StoreId) -> Result<bool, ControlError> {
+        Ok(self.paused.lock().unwrap().contains(id))
+    }
+
+    fn begin_removal(&self, id: &StoreId, purge: bool) -> Result<(), ControlError> {
+        self.removals.lock().unwrap().insert(id.clone(), purge);
+        Ok(())
+    }
+
+    fn cancel_removal(&self, id: &StoreId) -> Result<(), ControlError> {
+        self.removals.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    fn removals(&self) -> Result<Vec<(StoreId, bool)>, ControlError> {
+        let removals = self.removals.lock().unwrap();
+        Ok(removals
+            .iter()
+            .map(|(id, purge)| (id.clone(), *purge))
+            .collect())
+    }
+}
+
+/// The other half of the seam: an orchestrator built with another desired state keeps
+/// stores' specs and pauses there, not in `host.db`, and a host on another data directory
+/// restores them from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_state_kept_off_the_host_brings_the_stores_back_on_another() {
+    use storehost_tests::{TestHostOptions, programs};
+    let desired = Arc::new(MemoryDesiredState::default());
+    let start = || {
+        TestHost::start_configured(
+            TestHostOptions {
+                seams: Seams {
+                    desired_state: Some(desired.clone()),
+                    ..Seams::default()
+                },
+                ..TestHostOptions::default()
+            },
+            &[("writer", programs::WRITER)],
+            |_, state| state,
+        )
+    };
+    let first = start().await;
+    let (status, body) = first
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/kept-off",
+            Some(json!({"config": {"tier": "gold"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = first
+        .call(reqwest::Method::POST, "/v1/stores/kept-off/pause", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(desired.get(&id("kept-off")).unwrap().is_some());
+    assert!(desired.is_paused(&id("kept-off")).unwrap());
+    assert!(
+        first.orchestrator.registry().all().unwrap().is_empty(),
+        "host.db keeps no spec"
+    );
+    first.stop().await;
+
+    // Another host (its own data directory) on the same desired state.
+    let second = start().await;
+    assert_eq!(second.orchestrator.restore_persisted().await.unwrap(), 1);
+    let (status, view) = second.get("/v1/stores/kept-off").await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["source"], "api", "{view}");
+    assert_eq!(view["config"]["tier"], "gold", "{view}");
+    assert_eq!(view["state"], "paused", "{view}");
+    let (status, body) = second
+        .call(reqwest::Method::DELETE, "/v1/stores/kept-off", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(desired.all().unwrap().is_empty());
+    assert!(!desired.is_paused(&id("kept-off")).unwrap());
 }

@@ -196,6 +196,12 @@ impl From<ControlError> for ApiError {
             ControlError::ConfigOwned(refusal) => {
                 Self::new(StatusCode::CONFLICT, "config_owned", refusal)
             }
+            // Another host runs it: the client asked the wrong host.
+            ControlError::PlacedElsewhere { .. } => Self::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "placed_elsewhere",
+                err.to_string(),
+            ),
             other => Self::internal(other),
         }
     }

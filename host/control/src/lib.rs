@@ -7,6 +7,7 @@ pub mod llm_backend;
 pub mod orchestrator;
 pub mod reconciler;
 pub mod registry;
+pub mod seam;
 pub mod tokens;
 pub mod watcher;
 pub mod webhook;
@@ -15,3 +16,4 @@ pub use orchestrator::{
     ControlError, HostSettings, Orchestrator, Provisioned, ProvisioningActivity, StoreSource,
     StoreView, Transition,
 };
+pub use seam::{DesiredState, Placed, Placement, Seams, SingleHost};

@@ -1,8 +1,17 @@
 //! The one place that turns desired state into running stores.
 //!
-//! Every source of desired state (config file, `STORE_IDS`, the admin API) calls
-//! [`Orchestrator::ensure_running`] or [`Orchestrator::remove`]; both are idempotent and
-//! serialised, so calling them twice or concurrently for the same store is safe.
+//! The sources of desired state hold an `Arc<Orchestrator>` and call it directly: the config
+//! file and `STORE_IDS` (at start and through the watcher) [`Orchestrator::ensure_running_many`]
+//! and [`Orchestrator::remove`]; webhooks and the reconciler [`Orchestrator::start_if_new`]
+//! and [`Orchestrator::remove_unowned`]; the admin API [`Orchestrator::edit_own`],
+//! [`Orchestrator::remove_unowned`] and [`Orchestrator::set_paused`]; a config reload
+//! [`Orchestrator::set_defaults`]. Every change is serialised by one change lock and
+//! idempotent, so calling twice or concurrently for the same store is safe; the rest of its
+//! methods read (views, sources, failures) or manage plugins, tokens and backups.
+//!
+//! The seam to several hosts (SPEC §10) is below the orchestrator, not between it and the
+//! sources: it keeps desired state only through a [`DesiredState`] and asks a [`Placement`]
+//! before every start ([`crate::seam`]; by default `host.db` and one host running every store).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,6 +29,7 @@ use tokio::sync::{Mutex, RwLock};
 
 use crate::config::{OwnSettings, StoreSpec};
 use crate::registry::Registry;
+use crate::seam::{DesiredState, Placed, Placement, Seams};
 
 pub mod backup;
 
@@ -188,6 +198,17 @@ pub enum ControlError {
     /// The config file or `STORE_IDS` declares the store: only it removes the store.
     #[error("{0}")]
     ConfigOwned(String),
+    /// The [`Placement`] runs the store on another host: this one does not start it.
+    #[error(
+        "store {id} is placed on {}, not on this host, which does not start it; send the request to the host that runs it",
+        host.as_deref().map_or_else(|| "another host".to_owned(), |host| format!("host {host:?}"))
+    )]
+    PlacedElsewhere {
+        /// The store.
+        id: StoreId,
+        /// The host that runs it, when the placement knows which.
+        host: Option<String>,
+    },
 }
 
 impl ControlError {
@@ -303,12 +324,18 @@ pub struct Orchestrator {
     changes: Mutex<()>,
     /// Set once the host shuts down: no store starts after it (see [`Orchestrator::stop_starting`]).
     stopping: std::sync::atomic::AtomicBool,
-    registry: Registry,
+    /// This host's `host.db`: tokens, plugin records, webhook answers, orphan records.
+    registry: Arc<Registry>,
+    /// Where desired state is kept (`host.db` by default).
+    desired: Arc<dyn DesiredState>,
+    /// Whether this host runs a store; asked before every start.
+    placement: Arc<dyn Placement>,
     spares: Arc<SpareStores>,
     activity: std::sync::Mutex<ProvisioningActivity>,
     history: std::sync::Mutex<BTreeMap<StoreId, std::collections::VecDeque<Transition>>>,
-    /// Stores whose removal host.db records as under way ([`Registry::begin_removal`]) and
-    /// that are not forgotten yet: a start of one of them cancels it.
+    /// Stores whose removal desired state records as under way
+    /// ([`DesiredState::begin_removal`]) and that are not forgotten yet: a start of one of
+    /// them cancels it.
     removing: std::sync::Mutex<std::collections::BTreeSet<StoreId>>,
 }
 
@@ -354,13 +381,25 @@ impl std::fmt::Debug for Orchestrator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Orchestrator")
             .field("settings", &self.settings)
+            .field("placement", &self.placement)
             .finish_non_exhaustive()
     }
 }
 
 impl Orchestrator {
-    /// An orchestrator running no stores yet, with its registry in `DATA_DIR/host.db`.
+    /// An orchestrator running no stores yet, with its registry in `DATA_DIR/host.db`, which
+    /// keeps desired state too, on a host that runs every store ([`Seams::default`]).
     pub fn new(runtime: Arc<StoreRuntime>, settings: HostSettings) -> Result<Self, ControlError> {
+        Self::with_seams(runtime, settings, Seams::default())
+    }
+
+    /// [`Orchestrator::new`] keeping desired state in `seams.desired_state` (when set) and
+    /// starting only the stores `seams.placement` places here.
+    pub fn with_seams(
+        runtime: Arc<StoreRuntime>,
+        settings: HostSettings,
+        seams: Seams,
+    ) -> Result<Self, ControlError> {
         std::fs::create_dir_all(&settings.data_dir)?;
         let files = open_files::wanted(settings.max_stores, settings.spare_stores);
         match open_files::reserve(files, std::fs::File::open(&settings.data_dir)?) {
@@ -369,7 +408,10 @@ impl Orchestrator {
                 "could not grow the file table to {files} files (opening files may then wait while it grows): {err}"
             ),
         }
-        let registry = Registry::open(&settings.data_dir.join("host.db"))?;
+        let registry = Arc::new(Registry::open(&settings.data_dir.join("host.db"))?);
+        let desired = seams
+            .desired_state
+            .unwrap_or_else(|| registry.clone() as Arc<dyn DesiredState>);
         let interrupted = storehost_store::backup::recover_interrupted(&settings.data_dir)?;
         if interrupted.backups_removed > 0 {
             tracing::warn!(
@@ -398,6 +440,8 @@ impl Orchestrator {
             changes: Mutex::new(()),
             stopping: std::sync::atomic::AtomicBool::new(false),
             registry,
+            desired,
+            placement: seams.placement,
             spares,
             activity: std::sync::Mutex::default(),
             history: std::sync::Mutex::default(),
@@ -808,7 +852,12 @@ impl Orchestrator {
                 }
                 Ok(Admission::Done(done)) => answered.push((index, id, Ok(done))),
                 Err(err) => {
-                    if source.is_config_owned() && !self.stores.read().await.contains_key(&id) {
+                    // Another host's store is not this host's failure.
+                    let placed_elsewhere = matches!(err, ControlError::PlacedElsewhere { .. });
+                    if source.is_config_owned()
+                        && !placed_elsewhere
+                        && !self.stores.read().await.contains_key(&id)
+                    {
                         // A store the config declares that cannot start (its plugin, its
                         // quotas): a failed store of the config's, shown with why.
                         self.record(&id, "provisioning", Some(source.as_str().to_owned()));
@@ -864,9 +913,8 @@ impl Orchestrator {
                 // A store the config declares is the config's to start again.
                 Some(source) if source.is_config_owned() => Some((OwnSettings::default(), source)),
                 _ => self
-                    .registry
-                    .get(id)
-                    .map_err(ControlError::from)?
+                    .desired
+                    .get(id)?
                     .map(|(source, spec)| (OwnSettings::of(&spec, &defaults), source)),
             },
         };
@@ -899,7 +947,7 @@ impl Orchestrator {
                 "{refusal}; its start failed ({why}), and the host tries again at the config's next change or its next start"
             )));
         }
-        Ok(match self.registry.get(id)? {
+        Ok(match self.desired.get(id)? {
             Some((owner, kept)) => {
                 let own = OwnSettings::of(&kept, &self.defaults());
                 Some((self.spec_with(own), owner))
@@ -957,14 +1005,14 @@ impl Orchestrator {
                 store.update(self.store_settings(spec, plugin)).await?;
             }
             let owner = if taken_over {
-                self.registry.forget_spec(id)?;
+                self.desired.forget_spec(id)?;
                 tracing::info!(store_id = %id, from = current_source.as_str(), to = source.as_str(), "the config now declares the store: it owns it");
                 source
             } else {
                 current_source
             };
             if owner.persisted() {
-                self.registry.put(id, owner, spec)?;
+                self.desired.put(id, owner, spec)?;
             }
             if let Some(entry) = self.stores.write().await.get_mut(id) {
                 entry.spec = spec.clone();
@@ -974,6 +1022,14 @@ impl Orchestrator {
             tracing::info!(store_id = %id, "store settings updated");
             return Ok(Admission::Done(Provisioned::Updated));
         }
+        // Every start comes through here (new stores from any source, those restored at
+        // start-up, failed ones started again): another host's store is not started here.
+        if let Placed::Elsewhere { host } = self.placement.place(id) {
+            return Err(ControlError::PlacedElsewhere {
+                id: id.clone(),
+                host,
+            });
+        }
         if self.stores.read().await.len() + admitted >= self.settings.max_stores {
             return Err(ControlError::AtCapacity {
                 max: self.settings.max_stores,
@@ -981,12 +1037,12 @@ impl Orchestrator {
         }
         if self.removing().contains(id) {
             // A store whose removal failed, started again: its removal is off.
-            self.registry.cancel_removal(id)?;
+            self.desired.cancel_removal(id)?;
             self.removing().remove(id);
         }
         self.record(id, "provisioning", Some(source.as_str().to_owned()));
         let mut settings = self.store_settings(spec, plugin);
-        settings.start_paused = self.registry.is_paused(id)?;
+        settings.start_paused = self.desired.is_paused(id)?;
         Ok(Admission::Start(Box::new(settings)))
     }
 
@@ -1023,11 +1079,11 @@ impl Orchestrator {
             }
         };
         if source.persisted()
-            && let Err(err) = self.registry.put(id, source, &spec)
+            && let Err(err) = self.desired.put(id, source, &spec)
         {
             store.stop().await;
             self.record(id, "failed", Some(err.to_string()));
-            return Err(err.into());
+            return Err(err);
         }
         self.stores.write().await.insert(
             id.clone(),
@@ -1150,7 +1206,7 @@ impl Orchestrator {
         // Recorded before anything of it stops or moves: a host killed before host.db forgets
         // it finishes the removal at its next start, instead of starting it again without
         // its files.
-        self.registry.begin_removal(id, purge)?;
+        self.desired.begin_removal(id, purge)?;
         self.removing().insert(id.clone());
         let entry = self.stores.write().await.remove(id);
         let Some(entry) = entry else {
@@ -1224,7 +1280,7 @@ impl Orchestrator {
         // Tokens first: a row left behind finishes the removal at the next start, and does
         // not bring the old tokens back.
         self.registry.revoke_all_store_tokens(id)?;
-        self.registry.delete(id)?;
+        self.desired.delete(id)?;
         self.removing().remove(id);
         // A removed store's history goes with it (the map stays bounded by running stores).
         self.history
@@ -1277,14 +1333,14 @@ impl Orchestrator {
             return Ok(());
         }
         let running = self.sources().await;
-        for (id, purge) in self.registry.removals()? {
+        for (id, purge) in self.desired.removals()? {
             let config_failed = self
                 .failed_start(&id)
                 .and_then(|(_, owner)| owner)
                 .is_some_and(StoreSource::is_config_owned);
             if running.contains_key(&id) || config_failed {
                 tracing::info!(store_id = %id, "the config declares the store again: its unfinished removal is off");
-                self.registry.cancel_removal(&id)?;
+                self.desired.cancel_removal(&id)?;
                 continue;
             }
             self.removing().insert(id.clone());
@@ -1319,7 +1375,7 @@ impl Orchestrator {
         let running = self.sources().await;
         let defaults = self.defaults();
         let mut wanted = Vec::new();
-        for (id, source, spec) in self.registry.all()? {
+        for (id, source, spec) in self.desired.all()? {
             if removing.contains(&id) {
                 // Its removal failed again just now: a failed store, not started.
                 continue;
@@ -1332,7 +1388,7 @@ impl Orchestrator {
                 // Declared in the config (or STORE_IDS) since the host last ran: the config
                 // decides its spec now.
                 tracing::info!(store_id = %id, was = source.as_str(), "the config now declares the store: it owns it");
-                self.registry.forget_spec(&id)?;
+                self.desired.forget_spec(&id)?;
                 continue;
             }
             // What it did not set itself follows today's defaults.
@@ -1347,6 +1403,9 @@ impl Orchestrator {
             match answer {
                 Ok(_) => started += 1,
                 Err(ControlError::ShuttingDown) => not_started += 1,
+                Err(err @ ControlError::PlacedElsewhere { .. }) => {
+                    tracing::info!(store_id = %id, "not restored here: {err}");
+                }
                 Err(err) => tracing::error!(store_id = %id, "could not restore the store: {err}"),
             }
         }
@@ -1414,7 +1473,7 @@ impl Orchestrator {
             .await
             .ok_or_else(|| ControlError::NotFound(id.clone()))?;
         // Remembered first: a pause the host forgot would end at the next start.
-        self.registry.set_paused(id, paused)?;
+        self.desired.set_paused(id, paused)?;
         store.set_paused(paused).await?;
         self.record(id, if paused { "paused" } else { "resumed" }, None);
         Ok(store)

@@ -1,5 +1,6 @@
 //! The host registry (`DATA_DIR/host.db`): the stores added at run time, so a restart brings
-//! back exactly the same set.
+//! back exactly the same set. It is the single host's [`DesiredState`](crate::seam::DesiredState);
+//! its tokens, plugin records, webhook answers and orphan records are this host's own.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,6 +17,12 @@ pub struct Registry {
     conn: Mutex<Connection>,
     /// Store tokens (see `tokens.rs`).
     pub(crate) tokens: crate::tokens::TokenCache,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
 }
 
 /// A store's spec as `host.db` keeps it: whole, as it ran then, and what the store set itself

@@ -121,6 +121,9 @@ pub enum WebhookError {
     /// The host is shutting down and starts no more stores.
     #[error("{0}")]
     ShuttingDown(String),
+    /// The store is placed on another host: this one does not start it.
+    #[error("{0}")]
+    PlacedElsewhere(String),
     /// The host failed (details in the log).
     #[error("{0}")]
     Internal(String),
@@ -137,6 +140,7 @@ impl WebhookError {
             WebhookError::ConfigOwned(_) | WebhookError::ConfigStartFailed(_) => 409,
             WebhookError::AtCapacity(_) | WebhookError::ShuttingDown(_) => 503,
             WebhookError::DiskFull(_) => 507,
+            WebhookError::PlacedElsewhere(_) => 421,
         }
     }
 
@@ -151,6 +155,7 @@ impl WebhookError {
             WebhookError::AtCapacity(_) => "at_capacity",
             WebhookError::DiskFull(_) => "disk_full",
             WebhookError::ShuttingDown(_) => "shutting_down",
+            WebhookError::PlacedElsewhere(_) => "placed_elsewhere",
             WebhookError::Internal(_) => "internal",
         }
     }
@@ -308,6 +313,10 @@ impl Webhooks {
                     }
                     Err(err @ ControlError::ShuttingDown) => {
                         Err(WebhookError::ShuttingDown(err.to_string()))
+                    }
+                    // Not kept for replays: the store may be placed here later.
+                    Err(err @ ControlError::PlacedElsewhere { .. }) => {
+                        Err(WebhookError::PlacedElsewhere(err.to_string()))
                     }
                     // The config declares it and its start failed: the config restarts it.
                     Err(ControlError::ConfigOwned(refusal)) => {
