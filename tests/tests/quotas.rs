@@ -154,6 +154,82 @@ async fn ingress_over_the_byte_rate_gets_429_and_a_body_over_its_burst_413() {
     assert_eq!(store["head"], 16, "refused events were not written");
 }
 
+/// The byte rate counts bytes, not requests, and takes nothing from requests refused anyway:
+/// two thousand tiny requests pass a 64 KiB/s rate's 1 MiB burst (each was charged a whole
+/// KiB), and neither a batch over the event burst nor a full queue's refusals use up the
+/// bytes the next accepted request needs (helper 35).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_rate_counts_bytes_and_nothing_refused_anyway() {
+    let host = TestHost::start_with(TestHostOptions {
+        max_body_bytes: 4 << 20,
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("writer", programs::WRITER).await;
+    let narrow = Quotas {
+        ingress_bytes_per_second: 64 << 10,
+        events_per_second: 100_000,
+        burst: 100_000,
+        ..Quotas::default()
+    };
+    host.add_store_with("tiny", "writer", &[], narrow.clone())
+        .await;
+    for i in 0..2_000 {
+        let (status, body) = host
+            .post(
+                "/v1/stores/tiny/events",
+                json!({"type": "note", "payload": i}),
+            )
+            .await;
+        assert_eq!(status, 202, "request {i}: {body}");
+    }
+
+    let big = |bytes: usize| json!({"type": "note", "payload": "x".repeat(bytes)});
+    let few = Quotas {
+        events_per_second: 1,
+        burst: 7,
+        max_pending_events: 8,
+        ..narrow
+    };
+    host.add_store_with("refused", "writer", &[], few).await;
+    // Eight events of 120 KB: over the event burst, refused at once.
+    let eight: Vec<_> = (0..8).map(|_| big(120_000)).collect();
+    let (status, body) = host
+        .post("/v1/stores/refused/events", json!({"events": eight}))
+        .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "batch_over_burst");
+    // Paused with its queue full, its refusals take nothing either.
+    let (status, _) = host.post("/v1/stores/refused/pause", json!({})).await;
+    assert_eq!(status, 200);
+    host.wait_for_status("refused", |s| s["state"] == "paused")
+        .await;
+    let five: Vec<_> = (0..5)
+        .map(|i| json!({"type": "note", "payload": i}))
+        .collect();
+    let (status, body) = host
+        .post("/v1/stores/refused/events", json!({"events": five}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    for _ in 0..5 {
+        let four: Vec<_> = (0..4).map(|_| big(150_000)).collect();
+        let (status, body) = host
+            .post("/v1/stores/refused/events", json!({"events": four}))
+            .await;
+        assert_eq!(status, 429, "{body}");
+        assert_eq!(body["error"]["code"], "queue_full");
+    }
+    // The whole byte burst is still there (and two of the event burst): two events of 450 KB
+    // pass.
+    let (status, body) = host
+        .post(
+            "/v1/stores/refused/events",
+            json!({"events": [big(450_000), big(450_000)]}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_gets_429_and_nothing_queued_is_lost() {
     let host = TestHost::start().await;
@@ -662,6 +738,38 @@ async fn a_store_that_emitted_past_its_event_rate_waits_for_it() {
         "the new rate ended the 8 s wait (it took {:?})",
         raised.elapsed()
     );
+}
+
+/// The bytes a plugin emits follow the store's `ingress_bytes_per_second` as its events
+/// follow the event rate: 8 events of 500 KB from one small append leave the store waiting
+/// until a 64 KiB/s rate has caught up. Before, only their count was budgeted, and a plugin
+/// turned a few bytes of appends into 75 MB/s of log against a 64 KiB/s quota (helper 35).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_emitted_past_its_byte_rate_waits_for_it() {
+    let host = TestHost::start().await;
+    host.deploy("emit_loop", programs::EMIT_LOOP).await;
+    let quotas = Quotas {
+        ingress_bytes_per_second: 64 << 10,
+        ..Quotas::default()
+    };
+    host.add_store_with("big-emitter", "emit_loop", &[], quotas)
+        .await;
+    let first = host
+        .append(
+            "big-emitter",
+            "misbehave",
+            json!({"events": 8, "padBytes": 500_000}),
+        )
+        .await;
+    let status = host
+        .wait_for_status("big-emitter", |s| s["state"] == "throttled")
+        .await;
+    assert_eq!(status["head"].as_u64(), Some(first + 8), "{status}");
+    assert_eq!(status["cursor"].as_u64(), Some(first), "{status}");
+    // 4 MB emitted, a 1 MiB burst: about 3 MB at 64 KiB a second to wait.
+    let waiting = status["waitingUntil"].as_i64().unwrap() - storehost_store::sqlite::now_ms();
+    assert!(waiting > 20_000, "waits {waiting} ms: {status}");
+    assert_eq!(status["errorsCount"], 0, "nothing failed: {status}");
 }
 
 /// A store paused while it waits for its budget stays paused when the wait is over: it

@@ -126,6 +126,10 @@ pub(crate) struct Actor {
     /// once they are committed (a rolled-back invocation costs nothing), waited for like the
     /// CPU budget, so what the plugin adds to the log follows the rate a client's appends do.
     emit_budget: Budget,
+    /// The bytes of those events, against `ingress_bytes_per_second` (and its burst) alike:
+    /// a plugin emitting 1 MiB events at the event rate would otherwise write the log at a
+    /// gigabyte a second, whatever the quota lets clients append.
+    emit_bytes_budget: Budget,
     consecutive_failures: u32,
     breaker_trips: u32,
     /// The earliest due time of the store's schedules (ms since the Unix epoch).
@@ -188,6 +192,7 @@ impl Actor {
     ) -> Self {
         let settings_cpu_per_minute = settings.quotas.cpu_ms_per_minute;
         let emit_budget = Budget::events(&settings.quotas);
+        let emit_bytes_budget = Budget::bytes(&settings.quotas);
         let paused = settings.start_paused;
         Self {
             shared,
@@ -206,6 +211,7 @@ impl Actor {
             paused,
             cpu_budget: Budget::cpu(settings_cpu_per_minute),
             emit_budget,
+            emit_bytes_budget,
             consecutive_failures: 0,
             breaker_trips: 0,
             next_due: None,
@@ -470,12 +476,8 @@ impl Actor {
             .as_ref()
             .map_or(&[][..], |batch| &batch.staged[..]);
         let unsent = self.outbox.unsent.as_deref().unwrap_or_default();
-        let on_the_way: usize = staged
-            .iter()
-            .chain(unsent)
-            .map(|entry| entry.event_type.len() + entry.payload.len())
-            .sum();
-        let held = self.shared.log.file_bytes() + on_the_way as u64;
+        let on_the_way: u64 = staged.iter().chain(unsent).map(OutboxEntry::bytes).sum();
+        let held = self.shared.log.file_bytes() + on_the_way;
         self.settings.quotas.event_log.saturating_sub(held)
     }
 
@@ -598,6 +600,7 @@ impl Actor {
         self.cpu_budget
             .set_per_minute(settings.quotas.cpu_ms_per_minute);
         self.emit_budget.set_events(&settings.quotas);
+        self.emit_bytes_budget.set_bytes(&settings.quotas);
         if let Some(llm) = &settings.llm {
             llm.set_calls_per_minute(&self.shared.id, settings.quotas.llm_calls_per_minute);
         }
@@ -735,12 +738,20 @@ impl Actor {
         Flow::Continue
     }
 
+    /// Charges committed emits to the budgets of the events and the bytes the plugin adds.
+    fn charge_emits(&mut self, staged: &[OutboxEntry]) {
+        self.emit_budget.charge(staged.len() as u64);
+        self.emit_bytes_budget
+            .charge(staged.iter().map(OutboxEntry::bytes).sum());
+    }
+
     /// How long the store must wait before its next event or task: until its CPU budget is no
     /// longer overdrawn, nor its budget of emitted events.
     fn budget_wait(&mut self) -> Option<Duration> {
         let cpu = self.cpu_budget.wait_needed();
         let emits = self.emit_budget.wait_needed();
-        cpu.max(emits)
+        let emitted_bytes = self.emit_bytes_budget.wait_needed();
+        cpu.max(emits).max(emitted_bytes)
     }
 
     async fn rest(&mut self, state: StoreState, delay: Duration) -> Flow {
@@ -1058,7 +1069,7 @@ impl Actor {
         match outcome {
             Ok(staged) => {
                 self.note_disk();
-                self.emit_budget.charge(staged.len() as u64);
+                self.charge_emits(&staged);
                 self.outbox.committed(staged);
             }
             Err(err) => {
@@ -1239,7 +1250,7 @@ impl Actor {
         }
         drop(db);
         self.note_disk();
-        self.emit_budget.charge(batch.staged.len() as u64);
+        self.charge_emits(&batch.staged);
         self.outbox.committed(batch.staged);
         // The invocations may have scheduled or cancelled tasks.
         self.refresh_next_due();
@@ -1424,7 +1435,7 @@ impl Actor {
         // Like any committed invocation: its disk use shows, and what it emitted counts
         // against the event rate (a retry is no way around it).
         self.note_disk();
-        self.emit_budget.charge(staged.len() as u64);
+        self.charge_emits(&staged);
         self.outbox.committed(staged);
         // The invocation may have scheduled or cancelled tasks.
         self.refresh_next_due();
@@ -1710,6 +1721,22 @@ impl Budget {
             f64::from(burst.get()),
             f64::from(per_second.get()) / 1_000.0,
         )
+    }
+
+    /// The store's byte rate as the ingress limiter takes it, in bytes.
+    fn bytes(quotas: &crate::quotas::Quotas) -> Self {
+        let (capacity, per_ms) = Self::byte_rate(quotas);
+        Self::new(capacity, per_ms)
+    }
+
+    fn byte_rate(quotas: &crate::quotas::Quotas) -> (f64, f64) {
+        let (per_second, burst) = crate::store::byte_rate(quotas);
+        (f64::from(burst), f64::from(per_second) / 1_000.0)
+    }
+
+    fn set_bytes(&mut self, quotas: &crate::quotas::Quotas) {
+        let (capacity, per_ms) = Self::byte_rate(quotas);
+        self.set(capacity, per_ms);
     }
 
     fn set_per_minute(&mut self, per_minute_ms: u64) {

@@ -123,6 +123,14 @@ pub struct OutboxEntry {
     pub at: i64,
 }
 
+impl OutboxEntry {
+    /// What it takes of the store's quotas counted in bytes (`event_log`,
+    /// `ingress_bytes_per_second`): its type and payload.
+    pub fn bytes(&self) -> u64 {
+        (self.event_type.len() + self.payload.len()) as u64
+    }
+}
+
 /// Why a capability could not write the host's tables during a guest call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum HostWriteRefused {

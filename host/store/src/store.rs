@@ -679,10 +679,11 @@ impl Store {
         Ok(())
     }
 
-    /// Admits `count` more events of `bytes` in all: within the ingress rates (taken from
-    /// them) and the queue's depth.
+    /// Admits `count` more events of `bytes` in all: within the queue's depth and the ingress
+    /// rates (taken from them).
     fn admit_all(&self, count: usize, bytes: u64) -> Result<(), StoreError> {
-        self.admit(count, bytes)?;
+        // A full queue is refused before any rate is taken: a client retrying a paused store's
+        // full queue used up the rate its first accepted request then needed.
         let pending = self.head().saturating_sub(*self.shared.cursor.borrow());
         let max = self
             .shared
@@ -696,7 +697,7 @@ impl Store {
                 paused: self.shared.status().state == StoreState::Paused,
             });
         }
-        Ok(())
+        self.admit(count, bytes)
     }
 
     /// The seqs of `events` when each carries an idempotency key the log already holds.
@@ -725,41 +726,45 @@ impl Store {
     }
 
     /// Takes `count` events of `bytes` in all from the store's ingress rates, or says when to
-    /// retry. The bytes go first: events refused for their bytes take nothing of the event rate
-    /// (events refused for their count have taken their bytes, as a client over its rate
-    /// would).
+    /// retry. What no wait lets in is refused before anything is taken; then the bytes go
+    /// first, so events refused for their bytes take nothing of the event rate (events refused
+    /// for their count have taken their bytes, as a client over its rate would).
     fn admit(&self, count: usize, bytes: u64) -> Result<(), StoreError> {
         let ingress = self
             .shared
             .ingress
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if bytes > 0 {
-            match ingress.bytes.check_n(kib_cells(bytes)) {
-                Ok(Ok(())) => {}
-                Ok(Err(not_until)) => {
-                    return Err(self.rate_limited(
-                        &ingress,
-                        not_until,
-                        format!(
-                            "{} bytes of events per second (burst {} bytes)",
-                            ingress.bytes_per_second, ingress.bytes_burst
-                        ),
-                    ));
-                }
-                Err(_) => {
-                    return Err(StoreError::BytesOverBurst {
-                        store: self.shared.id.clone(),
-                        bytes,
-                        burst: ingress.bytes_burst,
-                    });
-                }
-            }
+        let Some(n) = u32::try_from(count).ok().and_then(NonZeroU32::new) else {
+            return Ok(());
+        };
+        if n.get() > ingress.burst {
+            return Err(StoreError::BatchOverBurst {
+                store: self.shared.id.clone(),
+                events: count,
+                burst: ingress.burst,
+            });
         }
-        let n = u32::try_from(count).ok().and_then(NonZeroU32::new);
-        let Some(n) = n else { return Ok(()) };
+        if bytes > ingress.bytes_burst {
+            return Err(StoreError::BytesOverBurst {
+                store: self.shared.id.clone(),
+                bytes,
+                burst: ingress.bytes_burst,
+            });
+        }
+        if let Some(cells) = NonZeroU32::new(u32::try_from(bytes).unwrap_or(u32::MAX))
+            && let Ok(Err(not_until)) = ingress.bytes.check_n(cells)
+        {
+            return Err(self.rate_limited(
+                &ingress,
+                not_until,
+                format!(
+                    "{} bytes of events per second (burst {} bytes)",
+                    ingress.bytes_per_second, ingress.bytes_burst
+                ),
+            ));
+        }
         match ingress.limiter.check_n(n) {
-            Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => Err(self.rate_limited(
                 &ingress,
                 not_until,
@@ -768,11 +773,7 @@ impl Store {
                     ingress.per_second, ingress.burst
                 ),
             )),
-            Err(_) => Err(StoreError::BatchOverBurst {
-                store: self.shared.id.clone(),
-                events: count,
-                burst: ingress.burst,
-            }),
+            Ok(Ok(())) | Err(_) => Ok(()),
         }
     }
 
@@ -996,7 +997,7 @@ struct Ingress {
     limiter: DefaultDirectRateLimiter,
     per_second: u32,
     burst: u32,
-    /// Counts KiB (a cell each).
+    /// Counts bytes (a cell each).
     bytes: DefaultDirectRateLimiter,
     bytes_per_second: u64,
     bytes_burst: u64,
@@ -1010,31 +1011,29 @@ pub(crate) fn event_rate(quotas: &Quotas) -> (NonZeroU32, NonZeroU32) {
     (per_second, burst)
 }
 
-/// A store's byte rate and burst as its limiter takes them, in bytes: `ingress_bytes_per_second`
-/// (at least 1 KiB) and twice that, at least [`MIN_INGRESS_BURST`].
-fn byte_rate(quotas: &Quotas) -> (u64, u64) {
-    let per_second = quotas.ingress_bytes_per_second.max(1024);
+/// A store's byte rate and burst as its limiter takes them, in bytes (a cell each):
+/// `ingress_bytes_per_second` between 1 KiB and [`MAX_BYTE_RATE`], and a burst of twice that,
+/// at least [`MIN_INGRESS_BURST`].
+pub(crate) fn byte_rate(quotas: &Quotas) -> (u32, u32) {
+    let per_second = quotas.ingress_bytes_per_second.clamp(1024, MAX_BYTE_RATE);
+    let burst = per_second.saturating_mul(2).max(MIN_INGRESS_BURST);
     (
-        per_second,
-        per_second.saturating_mul(2).max(MIN_INGRESS_BURST),
+        u32::try_from(per_second).unwrap_or(u32::MAX),
+        u32::try_from(burst).unwrap_or(u32::MAX),
     )
 }
 
-/// `bytes` in whole KiB, as the byte limiter counts them (at least one, at most `u32::MAX`).
-fn kib_cells(bytes: u64) -> NonZeroU32 {
-    NonZeroU32::new(u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX))
-        .unwrap_or(NonZeroU32::MIN)
-}
+/// The fastest byte rate the limiter keeps (a cell a nanosecond); a higher quota is as good as
+/// none.
+const MAX_BYTE_RATE: u64 = 1_000_000_000;
 
 impl Ingress {
     fn new(quotas: &Quotas) -> Self {
         let (per_second, burst) = event_rate(quotas);
         let (bytes_per_second, bytes_burst) = byte_rate(quotas);
-        // Refilled one KiB at a time, every 1/rate-in-KiB of a second.
         let bytes_quota =
-            GovernorQuota::with_period(Duration::from_secs(1) / kib_cells(bytes_per_second).get())
-                .unwrap_or_else(|| GovernorQuota::per_second(NonZeroU32::MAX))
-                .allow_burst(kib_cells(bytes_burst));
+            GovernorQuota::per_second(NonZeroU32::new(bytes_per_second).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(bytes_burst).unwrap_or(NonZeroU32::MIN));
         Self {
             limiter: RateLimiter::direct_with_clock(
                 GovernorQuota::per_second(per_second).allow_burst(burst),
@@ -1043,8 +1042,8 @@ impl Ingress {
             per_second: per_second.get(),
             burst: burst.get(),
             bytes: RateLimiter::direct_with_clock(bytes_quota, RATE_CLOCK.clone()),
-            bytes_per_second,
-            bytes_burst,
+            bytes_per_second: u64::from(bytes_per_second),
+            bytes_burst: u64::from(bytes_burst),
         }
     }
 
@@ -1052,11 +1051,18 @@ impl Ingress {
     /// them).
     fn follows(&self, quotas: &Quotas) -> bool {
         let (per_second, burst) = event_rate(quotas);
+        let (bytes_per_second, bytes_burst) = byte_rate(quotas);
         (
             self.per_second,
             self.burst,
-            (self.bytes_per_second, self.bytes_burst),
-        ) == (per_second.get(), burst.get(), byte_rate(quotas))
+            self.bytes_per_second,
+            self.bytes_burst,
+        ) == (
+            per_second.get(),
+            burst.get(),
+            u64::from(bytes_per_second),
+            u64::from(bytes_burst),
+        )
     }
 }
 

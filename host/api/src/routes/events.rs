@@ -71,10 +71,21 @@ pub async fn append(
         // A refusal over the rate answers once the store could take an event again: a client
         // that retries at once — a loop without backoff, the usual flood — then sends at the
         // store's own rate instead of keeping the host busy refusing it.
-        Err(err @ StoreError::RateLimited { retry_after_ms, .. }) => {
+        Err(StoreError::RateLimited {
+            store,
+            rate,
+            retry_after_ms,
+        }) => {
             let wait = Duration::from_millis(retry_after_ms).min(MAX_REFUSAL_DELAY);
             tokio::time::sleep(wait).await;
-            return Err(err.into());
+            // The wait the answer names is what is left of it once answered.
+            let waited = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+            return Err(StoreError::RateLimited {
+                store,
+                rate,
+                retry_after_ms: retry_after_ms.saturating_sub(waited).max(1),
+            }
+            .into());
         }
         Err(err) => return Err(err.into()),
     };
