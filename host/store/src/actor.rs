@@ -1731,7 +1731,7 @@ impl Budget {
 
     fn byte_rate(quotas: &crate::quotas::Quotas) -> (f64, f64) {
         let (per_second, burst) = crate::store::byte_rate(quotas);
-        (f64::from(burst), f64::from(per_second) / 1_000.0)
+        (burst as f64, per_second as f64 / 1_000.0)
     }
 
     fn set_bytes(&mut self, quotas: &crate::quotas::Quotas) {

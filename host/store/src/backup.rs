@@ -61,6 +61,9 @@ pub const MANIFEST: &str = "manifest.json";
 /// The largest manifest accepted.
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
+/// Longest name of one file or directory (Linux's `NAME_MAX`).
+const MAX_NAME_BYTES: usize = 255;
+
 /// Longest name an archive entry may have: [`MAX_COPY_DEPTH`] directories of 255 bytes below
 /// `files/`, and a file in the deepest. (The tar crate reads a GNU long name whole into memory,
 /// whatever size its header claims: a few MB of gzip could have asked for gigabytes.)
@@ -517,12 +520,23 @@ fn entry_target(path: &Path) -> Result<String, RestoreError> {
     let mut parts = Vec::new();
     for component in path.components() {
         match component {
-            Component::Normal(part) => parts.push(part.to_str().ok_or_else(|| {
-                RestoreError::Invalid(format!(
-                    "archive entry {} is not a UTF-8 path; a backup never holds one",
-                    path.display()
-                ))
-            })?),
+            Component::Normal(part) => {
+                let part = part.to_str().ok_or_else(|| {
+                    RestoreError::Invalid(format!(
+                        "archive entry {} is not a UTF-8 path; a backup never holds one",
+                        path.display()
+                    ))
+                })?;
+                // No file system takes such a name (a long GNU name may carry either), and
+                // the host's refusal of it would be its own failure, a 500.
+                if part.len() > MAX_NAME_BYTES || part.contains('\0') {
+                    return Err(RestoreError::Invalid(format!(
+                        "archive entry {} has a name longer than {MAX_NAME_BYTES} bytes or holding a NUL; a backup never holds one",
+                        path.display()
+                    )));
+                }
+                parts.push(part);
+            }
             Component::CurDir => {}
             _ => {
                 return Err(RestoreError::Invalid(format!(
@@ -616,10 +630,8 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
         let name = entry_target(&path)?;
         match entry.header().entry_type() {
             tar::EntryType::Directory if name == "files" || name.starts_with("files/") => {
-                // Entries are not free: millions of empty ones fit a small archive.
-                room = room
-                    .checked_sub(ENTRY_BYTES)
-                    .ok_or(RestoreError::TooLarge { limit })?;
+                // Entries are not free (millions of empty ones fit a small archive): each
+                // directory made takes its 4 KiB of the room, whichever entry makes it.
                 let dirs: Vec<&str> = name.split('/').collect();
                 make_dirs(&mut unpacked_dirs, &name, &dirs, &mut room, limit)?;
                 continue;
@@ -1234,6 +1246,55 @@ mod tests {
             ),
             "the path's directories are counted"
         );
+    }
+
+    /// A directory entry takes 4 KiB of the room once, whether it or a file's path makes the
+    /// directory; names no file system takes are refused as invalid, not failed as the host's
+    /// error.
+    #[test]
+    fn directory_entries_count_once_and_impossible_names_are_invalid() {
+        let data = tempfile::tempdir().unwrap();
+        let id = StoreId::new("acme").unwrap();
+        let archive = data.path().join("dirs.tar");
+        let mut tar = tar::Builder::new(File::create(&archive).unwrap());
+        for dir in ["files", "files/a", "files/a/b"] {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_size(0);
+            tar.append_data(&mut header, dir, io::empty()).unwrap();
+        }
+        append(&mut tar, "files/a/b/x", 1, 0, &b"x"[..]).unwrap();
+        tar.into_inner().unwrap().sync_all().unwrap();
+        // Room for a/, a/b/ and x: the archive then only lacks its manifest.
+        let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
+        match unpack(&archive, into.path(), 3 * ENTRY_BYTES + 1) {
+            Err(RestoreError::Invalid(message)) => {
+                assert!(message.contains("no manifest.json"), "{message}")
+            }
+            other => panic!("expected only the manifest missing, got {other:?}"),
+        }
+
+        for name in [format!("files/{}", "n".repeat(256)), "files/a\0b".into()] {
+            let archive = data.path().join("names.tar");
+            let mut tar = tar::Builder::new(File::create(&archive).unwrap());
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::GNULongName);
+            header.set_size(name.len() as u64);
+            tar.append_data(&mut header, "././@LongLink", name.as_bytes())
+                .unwrap();
+            append(&mut tar, "files/placeholder", 1, 0, &b"x"[..]).unwrap();
+            tar.into_inner().unwrap().sync_all().unwrap();
+            let into = ScratchDir::new(data.path(), "restore", &id).unwrap();
+            match unpack(&archive, into.path(), u64::MAX) {
+                Err(RestoreError::Invalid(message)) => {
+                    assert!(
+                        message.contains("longer than 255 bytes or holding a NUL"),
+                        "{message}"
+                    )
+                }
+                other => panic!("expected {name:?} refused as invalid, got {other:?}"),
+            }
+        }
     }
 
     #[test]
