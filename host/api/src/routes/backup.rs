@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::json;
-use storehost_control::orchestrator::backup::RestoreFailure;
+use storehost_control::orchestrator::backup::{RestoreFailure, archive_limit};
 use storehost_store::backup::{RestoreError, ScratchDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -18,7 +18,8 @@ use super::parse_store_id;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// The largest archive a restore accepts.
+/// The largest archive a restore accepts, whatever the store's quotas (less when they are
+/// smaller: see `archive_limit`).
 pub const MAX_RESTORE_BYTES: u64 = 16 << 30;
 
 /// `GET /v1/stores/{id}/backup` → the archive (`application/gzip`), with its seq range in
@@ -97,9 +98,10 @@ pub async fn restore(
             format!("{err}; the only parameter is allowDifferentStore=true|false"),
         )
     })?;
-    if state.orchestrator.get(&id).await.is_none() {
+    let Some(view) = state.orchestrator.view(&id).await else {
         return Err(ApiError::unknown_store(id.as_str()));
-    }
+    };
+    let max = archive_limit(&view.quotas).min(MAX_RESTORE_BYTES);
     let data_dir = state.orchestrator.settings().data_dir.clone();
     let scratch_id = id.clone();
     let scratch =
@@ -108,7 +110,18 @@ pub async fn restore(
             .map_err(ApiError::internal)?
             .map_err(ApiError::internal)?;
     let upload = scratch.path().join("upload");
-    let received = receive(body, &upload).await?;
+    let received = receive(body, &upload, max).await.map_err(|err| match err {
+        Received::TooLarge => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the archive is larger than {max} bytes, more than store {id}'s quotas (disk, \
+                 event_log and files) could hold once unpacked; raise them first, or send the \
+                 archive of this store"
+            ),
+        ),
+        Received::Refused(err) => err,
+    })?;
     if received == 0 {
         return Err(ApiError::bad_request(
             "empty_body",
@@ -141,17 +154,33 @@ pub async fn restore(
 /// sent its headers and then nothing held its connection for ever.)
 const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Writes the request body to `path`; returns its length. Over [`MAX_RESTORE_BYTES`] → 413.
-async fn receive(body: Body, path: &std::path::Path) -> Result<u64, ApiError> {
-    receive_pausing(body, path, UPLOAD_IDLE).await
+/// Why an upload was not received.
+#[derive(Debug)]
+enum Received {
+    /// It held more than the most asked for.
+    TooLarge,
+    /// It could not be read or kept.
+    Refused(ApiError),
+}
+
+impl From<ApiError> for Received {
+    fn from(err: ApiError) -> Self {
+        Self::Refused(err)
+    }
+}
+
+/// Writes the request body to `path`, up to `max` bytes; returns its length.
+async fn receive(body: Body, path: &std::path::Path, max: u64) -> Result<u64, Received> {
+    receive_pausing(body, path, max, UPLOAD_IDLE).await
 }
 
 /// [`receive`], with a body that pauses for `idle` refused.
 async fn receive_pausing(
     body: Body,
     path: &std::path::Path,
+    max: u64,
     idle: std::time::Duration,
-) -> Result<u64, ApiError> {
+) -> Result<u64, Received> {
     let mut file = tokio::fs::File::create(path)
         .await
         .map_err(ApiError::internal)?;
@@ -159,7 +188,7 @@ async fn receive_pausing(
     let mut received: u64 = 0;
     loop {
         let Ok(frame) = tokio::time::timeout(idle, body.frame()).await else {
-            return Err(ApiError::new(
+            return Err(Received::Refused(ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "body_too_slow",
                 format!(
@@ -167,7 +196,7 @@ async fn receive_pausing(
                      send it again without pausing (the store's data was not changed)",
                     idle.as_secs()
                 ),
-            ));
+            )));
         };
         let Some(frame) = frame else { break };
         let frame = frame.map_err(|err| {
@@ -180,12 +209,8 @@ async fn receive_pausing(
             continue;
         };
         received += data.len() as u64;
-        if received > MAX_RESTORE_BYTES {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("the archive is larger than {MAX_RESTORE_BYTES} bytes"),
-            ));
+        if received > max {
+            return Err(Received::TooLarge);
         }
         file.write_all(&data).await.map_err(ApiError::internal)?;
     }
@@ -225,7 +250,7 @@ mod tests {
     /// An upload that stops arriving is refused once it has paused `idle`, whatever it sent
     /// before; one that keeps arriving is taken whole, however long it takes.
     #[tokio::test]
-    async fn an_upload_that_pauses_is_refused_and_a_steady_one_taken() {
+    async fn an_upload_that_pauses_or_grows_past_its_limit_is_refused() {
         use futures::StreamExt;
         let path = std::env::temp_dir().join(format!("storehost-upload-{}", std::process::id()));
         let chunk = || Ok::<_, std::io::Error>(Bytes::from_static(b"0123456789"));
@@ -235,18 +260,23 @@ mod tests {
             tokio::time::sleep(idle / 4).await;
             chunk()
         });
-        let received = receive_pausing(Body::from_stream(steady), &path, idle).await;
+        let received = receive_pausing(Body::from_stream(steady), &path, u64::MAX, idle).await;
         assert_eq!(
             received.unwrap(),
             100,
             "a steady upload slower than idle in all"
         );
+        let ten = futures::stream::iter((0..10).map(move |_| chunk()));
+        let over = receive_pausing(Body::from_stream(ten), &path, 50, idle).await;
+        assert!(matches!(over, Err(Received::TooLarge)), "{over:?}");
 
         let stalled = futures::stream::iter([chunk()]).chain(futures::stream::pending());
-        let refused = receive_pausing(Body::from_stream(stalled), &path, idle)
-            .await
-            .unwrap_err()
-            .into_response();
+        let Err(Received::Refused(refused)) =
+            receive_pausing(Body::from_stream(stalled), &path, u64::MAX, idle).await
+        else {
+            panic!("a pausing upload is refused");
+        };
+        let refused = refused.into_response();
         assert_eq!(refused.status(), StatusCode::REQUEST_TIMEOUT);
         let body = refused.into_body().collect().await.unwrap().to_bytes();
         let body = String::from_utf8_lossy(&body);

@@ -12,6 +12,25 @@ use storehost_store::{Store, StoreError, StoreId, StoreState, sqlite::now_ms};
 
 use super::{ControlError, Orchestrator};
 
+/// What a restore may unpack for a store under `quotas`: what the store may hold, and a MiB for
+/// the databases' own pages beyond their quotas.
+pub fn restore_limit(quotas: &storehost_store::Quotas) -> u64 {
+    [quotas.disk, quotas.event_log, quotas.files, 1 << 20]
+        .into_iter()
+        .fold(0u64, u64::saturating_add)
+}
+
+/// The largest archive a restore for a store under `quotas` takes: what it may unpack, and
+/// what packing adds at most (a tar header is smaller than the 4 KiB each entry counts, and
+/// compression adds a fraction of a percent to data it cannot shrink), the manifest and a
+/// margin. A larger upload could not be restored, and filled the disk while it arrived.
+pub fn archive_limit(quotas: &storehost_store::Quotas) -> u64 {
+    let unpacked = restore_limit(quotas);
+    unpacked
+        .saturating_add(unpacked / 256)
+        .saturating_add(8 << 20)
+}
+
 /// Why a restore was refused or failed. In every case but `Control` the store's data is
 /// untouched; on `Control` the store runs on its previous data again when that was possible.
 #[derive(Debug, thiserror::Error)]
@@ -136,11 +155,7 @@ impl Orchestrator {
         let Some(view) = self.view(id).await else {
             return Err(RestoreFailure::NotFound(id.clone()));
         };
-        // What the store may hold, and a MiB for the databases' own pages beyond their quotas.
-        let quotas = &view.quotas;
-        let limit = [quotas.disk, quotas.event_log, quotas.files, 1 << 20]
-            .into_iter()
-            .fold(0u64, u64::saturating_add);
+        let limit = restore_limit(&view.quotas);
         let staged = scratch.path().join("data");
         let manifest = {
             let (archive, staged) = (archive.to_owned(), staged.clone());
