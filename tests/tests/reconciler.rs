@@ -597,6 +597,52 @@ async fn a_next_link_to_another_host_fails_the_pass_without_sending_the_token() 
     );
 }
 
+/// A registry page is read up to 16 MiB: a larger answer fails the pass, saying so, instead
+/// of being read whole into the host's memory (with or without a length given first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_page_larger_than_16_mib_fails_the_pass() {
+    use futures::StreamExt;
+    let huge = || {
+        format!(
+            r#"{{"workspaces":[{{"instanceId":"big","name":"{}"}}]}}"#,
+            "x".repeat(storehost_control::reconciler::MAX_PAGE_BYTES)
+        )
+    };
+    let app = axum::Router::new()
+        .route("/internal/workspaces", get(move || async move { huge() }))
+        .route(
+            "/chunked/internal/workspaces",
+            get(move || async move {
+                let chunks = futures::stream::iter(
+                    huge()
+                        .into_bytes()
+                        .chunks(1 << 20)
+                        .map(|c| {
+                            Ok::<_, std::convert::Infallible>(axum::body::Bytes::copy_from_slice(c))
+                        })
+                        .collect::<Vec<_>>(),
+                );
+                axum::body::Body::from_stream(chunks.boxed())
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    for registry in [url.clone(), format!("{url}/chunked")] {
+        let s = setup(settings(&registry, Duration::ZERO, Duration::ZERO), 100).await;
+        let err = s.reconciler.run_pass().await.unwrap_err().to_string();
+        assert!(
+            err.contains("larger than 16777216 bytes"),
+            "{registry}: {err}"
+        );
+        assert!(
+            running(&s.host).await.is_empty(),
+            "a failed pass adds nothing"
+        );
+    }
+}
+
 /// An `https://` registry is reached over TLS (the pass used to refuse it after the config
 /// had accepted the URL): the first bytes the registry's port receives are a TLS handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,42 @@ const BACKOFF_BASE: Duration = Duration::from_secs(5);
 /// Most registry pages followed in one pass (a loop of `next` links ends there).
 const MAX_PAGES: usize = 10_000;
 
+/// Largest page of the registry's list a pass reads (a page of 100,000 entries is a few MB):
+/// a larger answer — a registry gone wrong, or something else at its address — was read whole
+/// into the host's memory, which every store shares.
+pub const MAX_PAGE_BYTES: usize = 16 << 20;
+
+/// The body of a registry page, refused past [`MAX_PAGE_BYTES`] as soon as it passes them.
+async fn read_page(
+    mut response: reqwest::Response,
+    url: &reqwest::Url,
+) -> Result<Vec<u8>, ReconcileError> {
+    let too_large = || {
+        ReconcileError::Registry(format!(
+            "GET {url}: the answer is larger than {MAX_PAGE_BYTES} bytes; a pass reads no \
+             larger page (page the list with `next` links)"
+        ))
+    };
+    if response
+        .content_length()
+        .is_some_and(|length| length > MAX_PAGE_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|err| ReconcileError::Registry(format!("GET {url}: {err}")))?
+    {
+        if body.len() + chunk.len() > MAX_PAGE_BYTES {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// The wait before the next pass after `failures` failed passes in a row: 5 s, doubling with
 /// each further failure, never longer than the regular `interval`.
 pub fn backoff(failures: u32, interval: Duration) -> Duration {
@@ -495,9 +531,11 @@ impl Reconciler {
                     }
                 )));
             }
-            let page: serde_json::Value = response.json().await.map_err(|err| {
+            let body = read_page(response, &url).await?;
+            let page: serde_json::Value = serde_json::from_slice(&body).map_err(|err| {
                 ReconcileError::Registry(format!("GET {url}: the answer is not JSON: {err}"))
             })?;
+            drop(body);
             let workspaces = page
                 .get("workspaces")
                 .and_then(|w| w.as_array())
