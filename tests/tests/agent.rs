@@ -1492,3 +1492,41 @@ mod fake_llm {
         (status, [("content-type", "application/json")], reply.body).into_response()
     }
 }
+
+/// The host's work for an LLM call is the store's CPU time: an offline provider with 2,000
+/// rules to match against a 55 KB message takes far more of the host than a 100 ms
+/// `cpu_ms_per_call`, and the call fails as `cpu_time` (a dead letter), while the same call
+/// on a store with room for it is answered. Before, that work was charged to no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_work_of_an_llm_call_is_the_stores_cpu_time() {
+    let rules: Vec<Value> = (0..2_000)
+        .map(|i| json!({"match": format!("never-{i}"), "matchType": "includes", "response": "no"}))
+        .collect();
+    let host = agent_host(stub(
+        json!({"rules": rules, "defaultResponse": "matched nothing"}),
+    ))
+    .await;
+    let narrow = Quotas {
+        cpu_ms_per_call: 100,
+        ..Quotas::default()
+    };
+    host.add_store_with("ws-narrow", "agent", &[], narrow).await;
+    let wide = Quotas {
+        cpu_ms_per_call: 20_000,
+        wall_ms_per_call: 60_000,
+        ..Quotas::default()
+    };
+    host.add_store_with("ws-wide", "agent", &[], wide).await;
+    let long = "a question ".repeat(5_000);
+    chat(&host, "ws-narrow", "m1", "user", &long).await;
+    chat(&host, "ws-wide", "m1", "user", &long).await;
+    host.settle("ws-narrow").await;
+    host.settle("ws-wide").await;
+
+    let (_, letters) = host.get("/v1/stores/ws-narrow/dead-letters").await;
+    assert_eq!(letters["deadLetters"][0]["reason"], "cpu_time", "{letters}");
+    let events = all_events(&host, "ws-wide").await;
+    let (_, received, completed) = one_response(&events, "m1");
+    assert_eq!(received["payload"]["message"], "matched nothing");
+    assert_eq!(completed["payload"]["success"], true);
+}
