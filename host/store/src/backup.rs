@@ -607,16 +607,11 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
                     "the archive gives one entry two long names".into(),
                 ));
             }
-            let mut bytes = Vec::new();
-            (&mut entry)
-                .take(MAX_ENTRY_NAME_BYTES + 1)
-                .read_to_end(&mut bytes)
-                .map_err(unreadable)?;
-            if bytes.len() as u64 > MAX_ENTRY_NAME_BYTES {
-                return Err(RestoreError::Invalid(format!(
+            let mut bytes = read_within(&mut entry, MAX_ENTRY_NAME_BYTES, || {
+                format!(
                     "an archive entry's name is longer than {MAX_ENTRY_NAME_BYTES} bytes; a backup never holds one"
-                )));
-            }
+                )
+            })?;
             while bytes.last() == Some(&0) {
                 bytes.pop();
             }
@@ -649,17 +644,9 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
                     "the archive holds two manifests".into(),
                 ));
             }
-            let mut bytes = Vec::new();
-            (&mut entry)
-                .take(MAX_MANIFEST_BYTES + 1)
-                .read_to_end(&mut bytes)
-                .map_err(unreadable)?;
-            if bytes.len() as u64 > MAX_MANIFEST_BYTES {
-                return Err(RestoreError::Invalid(format!(
-                    "manifest.json is larger than {MAX_MANIFEST_BYTES} bytes"
-                )));
-            }
-            manifest_bytes = Some(bytes);
+            manifest_bytes = Some(read_within(&mut entry, MAX_MANIFEST_BYTES, || {
+                format!("manifest.json is larger than {MAX_MANIFEST_BYTES} bytes")
+            })?);
             continue;
         }
         if unpacked.contains_key(&name) {
@@ -703,6 +690,24 @@ pub fn unpack(archive: &Path, into: &Path, limit: u64) -> Result<Manifest, Resto
     check_databases(into, &manifest)?;
     std::fs::create_dir_all(into.join("files"))?;
     Ok(manifest)
+}
+
+/// An archive entry read whole, if it holds at most `max` bytes; a larger one is invalid,
+/// saying `too_large`.
+fn read_within(
+    entry: &mut impl Read,
+    max: u64,
+    too_large: impl FnOnce() -> String,
+) -> Result<Vec<u8>, RestoreError> {
+    let mut bytes = Vec::new();
+    entry
+        .take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|err| RestoreError::Unreadable(err.to_string()))?;
+    if bytes.len() as u64 > max {
+        return Err(RestoreError::Invalid(too_large()));
+    }
+    Ok(bytes)
 }
 
 /// The directory `dirs` names in a restore, made where missing, for archive entry `name`
