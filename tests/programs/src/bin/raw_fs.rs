@@ -132,20 +132,7 @@ impl Misbehaviour for RawFs {
                     ))
                 }
                 Some("deep_file") => {
-                    let name = "d".repeat(200);
-                    let mut here = dir;
-                    for level in 1..=DEEP_FILE_LEVELS {
-                        here.create_directory_at(&name)
-                            .map_err(|err| format!("make level {level}: {err:?}"))?;
-                        here = here
-                            .open_at(
-                                PathFlags::empty(),
-                                &name,
-                                OpenFlags::DIRECTORY,
-                                DescriptorFlags::READ,
-                            )
-                            .map_err(|err| format!("open level {level}: {err:?}"))?;
-                    }
+                    let here = deep_dir(dir, true)?;
                     let file = here
                         .open_at(
                             PathFlags::empty(),
@@ -159,18 +146,7 @@ impl Misbehaviour for RawFs {
                     Err(format!("wrote bottom.txt {DEEP_FILE_LEVELS} levels down"))
                 }
                 Some("read_deep_file") => {
-                    let name = "d".repeat(200);
-                    let mut here = dir;
-                    for level in 1..=DEEP_FILE_LEVELS {
-                        here = here
-                            .open_at(
-                                PathFlags::empty(),
-                                &name,
-                                OpenFlags::DIRECTORY,
-                                DescriptorFlags::READ,
-                            )
-                            .map_err(|err| format!("open level {level}: {err:?}"))?;
-                    }
+                    let here = deep_dir(dir, false)?;
                     let file = here
                         .open_at(
                             PathFlags::empty(),
@@ -193,6 +169,33 @@ impl Misbehaviour for RawFs {
         #[cfg(not(target_arch = "wasm32"))]
         Err(format!("only runs as a component (input {input})"))
     }
+}
+
+/// The directory [`DEEP_FILE_LEVELS`] levels of 200-byte names below `dir`, each opened
+/// through the one above (and made first, with `make`).
+#[cfg(target_arch = "wasm32")]
+fn deep_dir(
+    dir: wasi::filesystem::types::Descriptor,
+    make: bool,
+) -> Result<wasi::filesystem::types::Descriptor, String> {
+    use wasi::filesystem::types::{DescriptorFlags, OpenFlags, PathFlags};
+    let name = "d".repeat(200);
+    let mut here = dir;
+    for level in 1..=DEEP_FILE_LEVELS {
+        if make {
+            here.create_directory_at(&name)
+                .map_err(|err| format!("make level {level}: {err:?}"))?;
+        }
+        here = here
+            .open_at(
+                PathFlags::empty(),
+                &name,
+                OpenFlags::DIRECTORY,
+                DescriptorFlags::READ,
+            )
+            .map_err(|err| format!("open level {level}: {err:?}"))?;
+    }
+    Ok(here)
 }
 
 export_plugin!(Hostile<RawFs>);
