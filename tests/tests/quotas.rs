@@ -330,6 +330,93 @@ async fn consecutive_failures_open_the_circuit_and_the_store_probes_later() {
     assert_eq!(status["cursor"], 3, "{status}");
 }
 
+/// A run of bad events (each failing every attempt, while the plugin handles other events
+/// well) lengthens the circuit's rest once per event, not once per attempt: three of them,
+/// three attempts each, rest about 2 s in all before the good event behind them is processed.
+/// Doubling per attempt rested 25.5 s (100 ms doubled over nine failures, 12.8 s before the
+/// good event alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_bad_events_lengthens_the_rest_once_per_event() {
+    let host = TestHost::start_with(TestHostOptions {
+        retry: RetryPolicy {
+            attempts: 3,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(10),
+            breaker_failures: 2,
+            breaker_base_delay: Duration::from_millis(100),
+            breaker_max_delay: Duration::from_secs(60),
+        },
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("flaky", programs::FLAKY).await;
+    host.add_store("poisoned", "flaky", &[("fail", "trap")])
+        .await;
+    let started = std::time::Instant::now();
+    for id in 0..3 {
+        host.append("poisoned", "risky", json!({"id": id})).await;
+    }
+    host.append("poisoned", "harmless", json!({})).await;
+    let status = host.wait_for_status("poisoned", |s| s["cursor"] == 4).await;
+    let took = started.elapsed();
+    assert_eq!(status["deadLettered"], 3, "{status}");
+    assert_eq!(
+        status["state"], "running",
+        "the good event closed the circuit: {status}"
+    );
+    assert!(
+        took < Duration::from_secs(12),
+        "the rests add up to about 2 s (100 + 100 + 3 × 200 + 3 × 400 ms); they took {took:?}"
+    );
+}
+
+/// A store resting with its circuit open probes at once when the operator changes it: here a
+/// config edit that fixes the plugin's failures ends a rest of a minute, the waiting event is
+/// processed, and the circuit is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_fix_ends_the_circuits_rest_at_once() {
+    let host = TestHost::start_with(TestHostOptions {
+        retry: RetryPolicy {
+            attempts: 1,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(10),
+            breaker_failures: 2,
+            breaker_base_delay: Duration::from_secs(60),
+            breaker_max_delay: Duration::from_secs(60),
+        },
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("flaky", programs::FLAKY).await;
+    host.add_store("resting", "flaky", &[("fail", "trap")])
+        .await;
+    for id in 0..3 {
+        host.append("resting", "risky", json!({"id": id})).await;
+    }
+    let status = host
+        .wait_for_status("resting", |s| s["state"] == "backoff")
+        .await;
+    assert_eq!(status["cursor"], 2, "the third event waits: {status}");
+
+    let (code, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/resting",
+            Some(json!({"plugin": "flaky", "config": {"fail": "no"}})),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    // Within the 30 s `wait_for_status` allows, far less than the minute's rest.
+    let status = host.wait_for_status("resting", |s| s["cursor"] == 3).await;
+    assert_eq!(status["deadLettered"], 2, "{status}");
+    assert_eq!(
+        host.query("resting", "risky", json!({})).await,
+        json!({"ids": [2]}),
+        "the waiting event went through under the new config"
+    );
+    assert_eq!(status["state"], "running", "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_over_its_cpu_budget_waits_while_others_go_on() {
     let host = TestHost::start().await;

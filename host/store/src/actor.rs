@@ -590,6 +590,11 @@ impl Actor {
         // A lower memory limit only stops growth: a guest already past it would keep what it
         // has. A new sandbox starts under the new limit.
         let memory_lowered = settings.quotas.memory < self.settings.quotas.memory;
+        if plugin_changed || config_changed {
+            // The failures so far were the old plugin's or config's: the circuit closes.
+            self.consecutive_failures = 0;
+            self.breaker_trips = 0;
+        }
         if plugin_changed || config_changed || memory_lowered {
             // The next invocation instantiates the new plugin or config: a hot swap between events.
             self.sandbox = None;
@@ -670,12 +675,12 @@ impl Actor {
                         self.dead_letter(&event, &err, attempt);
                     }
                     if self.breaker_should_open(&policy) {
-                        if self.open_circuit(&policy).await == Flow::Stop {
+                        if self.open_circuit(&policy, attempt == 1).await == Flow::Stop {
                             return Flow::Stop;
                         }
                     } else if !exhausted {
                         self.shared.status().state = StoreState::Retrying;
-                        if self.wait(policy.delay_after(attempt), false).await == Flow::Stop {
+                        if self.wait(policy.delay_after(attempt)).await == Flow::Stop {
                             return Flow::Stop;
                         }
                     }
@@ -694,9 +699,15 @@ impl Actor {
     }
 
     /// Too many failures in a row: the store rests (state `backoff`), then probes with its next
-    /// invocation. Each consecutive opening doubles the rest.
-    async fn open_circuit(&mut self, policy: &crate::store::RetryPolicy) -> Flow {
-        self.breaker_trips += 1;
+    /// invocation. The rest doubles for each further event or task that fails as the probe
+    /// (`new_work`: the failure was its first attempt); a retry of the same one that fails
+    /// rests as long again. So a run of bad events lengthens the rest once per event, not once
+    /// per attempt, while a plugin that fails everything still rests longer and longer.
+    /// A settings change or a pause ends the rest (see [`Actor::apply`]).
+    async fn open_circuit(&mut self, policy: &crate::store::RetryPolicy, new_work: bool) -> Flow {
+        if new_work || self.breaker_trips == 0 {
+            self.breaker_trips += 1;
+        }
         self.consecutive_failures = 0;
         let delay = policy.breaker_delay(self.breaker_trips);
         tracing::warn!(
@@ -761,8 +772,10 @@ impl Actor {
             let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
             status.waiting_until = Some(sqlite::now_ms().saturating_add(delay_ms));
         }
-        // A throttled store looks at its budgets again after a settings change or a pause.
-        let flow = self.wait(delay, state == StoreState::Throttled).await;
+        // A settings change or a pause ends the rest: a throttled store looks at its budgets
+        // again, a store whose circuit is open probes at once (a new plugin, config or quota
+        // may be the operator's fix).
+        let flow = self.wait(delay).await;
         let mut status = self.shared.status();
         if status.state == state {
             status.state = StoreState::Running;
@@ -771,10 +784,10 @@ impl Actor {
         flow
     }
 
-    /// Waits `delay` while still answering commands (a stop ends the wait; with `until_change`
-    /// a settings change or a pause does too). A wait longer than `idle_timeout` gives the
+    /// Waits `delay` while still answering commands (a stop, a settings change or a pause
+    /// ends the wait). A wait longer than `idle_timeout` gives the
     /// sandbox back once the store has been idle that long ([`Actor::release_sandbox`]).
-    async fn wait(&mut self, delay: Duration, until_change: bool) -> Flow {
+    async fn wait(&mut self, delay: Duration) -> Flow {
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         let idle = self
@@ -796,7 +809,7 @@ impl Actor {
                         if self.handle(command).await == Flow::Stop {
                             return Flow::Stop;
                         }
-                        if until_change && changes {
+                        if changes {
                             return Flow::Continue;
                         }
                         // A command (a query) may have instantiated the sandbox again: the
@@ -986,12 +999,12 @@ impl Actor {
                         self.task_failed(schedule, due, &err, attempt, started_at);
                     }
                     if self.breaker_should_open(&policy) {
-                        if self.open_circuit(&policy).await == Flow::Stop {
+                        if self.open_circuit(&policy, attempt == 1).await == Flow::Stop {
                             return Flow::Stop;
                         }
                     } else if !exhausted {
                         self.shared.status().state = StoreState::Retrying;
-                        if self.wait(policy.delay_after(attempt), false).await == Flow::Stop {
+                        if self.wait(policy.delay_after(attempt)).await == Flow::Stop {
                             return Flow::Stop;
                         }
                     }

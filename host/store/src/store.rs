@@ -41,8 +41,9 @@ pub struct RetryPolicy {
     pub max_delay: Duration,
     /// Consecutive failed invocations that open the store's circuit (state `backoff`).
     pub breaker_failures: u32,
-    /// How long the circuit stays open the first time; doubles each time it opens again
-    /// without a success in between.
+    /// How long the circuit stays open the first time; doubles for each further event or
+    /// task that fails as its probe, without a success in between (a retry of the same one
+    /// rests as long again).
     pub breaker_base_delay: Duration,
     /// The longest the circuit stays open.
     pub breaker_max_delay: Duration,
@@ -67,7 +68,7 @@ impl RetryPolicy {
         doubling(self.base_delay, attempt, self.max_delay)
     }
 
-    /// How long the circuit stays open when it opens for the `trip`-th time in a row (1-based).
+    /// How long the circuit stays open after `trip` escalations in a row (1-based).
     pub fn breaker_delay(&self, trip: u32) -> Duration {
         doubling(self.breaker_base_delay, trip, self.breaker_max_delay)
     }

@@ -133,8 +133,8 @@ pub struct RetryConfig {
     pub max_delay_ms: u64,
     /// Consecutive failed invocations of one store that open its circuit (state `backoff`).
     pub circuit_breaker_failures: u32,
-    /// How long an open circuit rests the store the first time, in milliseconds; doubles each
-    /// time it opens again before a success.
+    /// How long an open circuit rests the store the first time, in milliseconds; doubles for
+    /// each further event or task that fails as its probe before a success.
     pub circuit_breaker_base_ms: u64,
     /// Longest rest of an open circuit, in milliseconds (at least `circuit_breaker_base_ms`).
     pub circuit_breaker_max_ms: u64,
