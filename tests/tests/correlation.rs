@@ -156,3 +156,70 @@ async fn a_request_id_reaches_the_events_and_the_plugins_log_lines() {
     assert_eq!(response.headers()["x-request-id"], "lost-1");
     server.terminate();
 }
+
+/// A plugin cannot write lines of its own making into the host's log: in the human format,
+/// where a line feed would start a new line, a guest log line holding a line feed, a carriage
+/// return and a terminal escape stays one line with them escaped, and no line reads as the
+/// host's own report about another store. The log, a file here, has no colour codes either,
+/// and a filter or a format the host cannot use is named in it, not silently replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_log_line_stays_one_line_in_the_hosts_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("storehost.toml");
+    std::fs::write(
+        &config,
+        writer_config(std::path::Path::new(programs::WRITER), &["forger"]),
+    )
+    .unwrap();
+    let server = ServerProcess::spawn(
+        &dir.path().join("data"),
+        &["--config", &config.display().to_string()],
+        &[
+            ("STOREHOST_LOG_FORMAT", "human"),
+            ("STOREHOST_LOG", "info,storehost=loud"),
+        ],
+    );
+    let forged =
+        "2026-12-07T09:00:00.000000Z ERROR storehost_control: store removed store_id=victim";
+    let message = format!("innocent\n{forged}\r\u{1b}[2Kmore");
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/stores/forger/events", server.url))
+        .bearer_auth(PROCESS_TOKEN)
+        .json(&json!({"type": "kv.log", "payload": {"message": message}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+
+    let escaped = format!("innocent\\n{forged}\\r\\u{{1b}}[2Kmore");
+    let mut log = String::new();
+    for _ in 0..200 {
+        log = std::fs::read_to_string(&server.log).unwrap_or_default();
+        if log.contains(&escaped) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let line = log
+        .lines()
+        .find(|line| line.contains(&escaped))
+        .unwrap_or_else(|| panic!("no guest line with {escaped:?} escaped; log:\n{log}"));
+    assert!(
+        line.contains("forger") && line.contains("innocent"),
+        "one line, with the store's id: {line}"
+    );
+    assert!(
+        !log.lines().any(|line| line.starts_with(forged)),
+        "a line of the plugin's making: {log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "a terminal escape reached the log: {log}"
+    );
+    assert!(
+        log.contains("STOREHOST_LOG=\"info,storehost=loud\" is not a log filter")
+            && log.contains("STOREHOST_LOG_FORMAT=\"human\" is not a log format"),
+        "{log}"
+    );
+    server.terminate();
+}
