@@ -658,6 +658,62 @@ async fn a_removal_host_db_could_not_finish_is_finished_at_the_next_start() {
     assert_eq!(third.get("/v1/stores/leaving").await.0, 404);
 }
 
+/// A start cut short by a signal (the host told to stop before its stores started) finishes
+/// no removal host.db records as under way: the config may declare such a store again, and
+/// the stores it declares had not started, so the store's files would be archived from under
+/// it. The files stay, and the next whole start finishes the removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_cut_short_finishes_no_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let first = host_on(&data).await;
+    let (status, body) = first
+        .call(reqwest::Method::PUT, "/v1/stores/kept", None)
+        .await;
+    assert_eq!(status, 201, "{body}");
+    first
+        .append("kept", "kv.put", json!({"key": "k", "value": 1}))
+        .await;
+    first.settle("kept").await;
+    first.stop().await;
+    // A removal begun, and the host killed before it archived anything.
+    let kept = StoreId::new("kept").unwrap();
+    storehost_control::registry::Registry::open(&data.join("host.db"))
+        .unwrap()
+        .begin_removal(&kept, false)
+        .unwrap();
+
+    let second = host_on(&data).await;
+    second.orchestrator.stop_starting();
+    second.orchestrator.restore_persisted().await.unwrap();
+    assert!(
+        data.join("stores/kept/store.db").exists(),
+        "a start cut short archived the store's files"
+    );
+    assert_eq!(archived(&data, "kept"), 0);
+    second.stop().await;
+
+    let third = host_on(&data).await;
+    assert_eq!(third.orchestrator.restore_persisted().await.unwrap(), 0);
+    assert!(
+        !data.join("stores/kept").exists(),
+        "the next start finished it"
+    );
+    assert_eq!(third.get("/v1/stores/kept").await.0, 404);
+    assert_eq!(archived(&data, "kept"), 1, "its data is in the archive");
+}
+
+/// How many archives of store `id` `DATA_DIR/archive` holds.
+fn archived(data: &std::path::Path, id: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(data.join("archive")) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+        .filter(|name| name.starts_with(&format!("{id}-")))
+        .count()
+}
+
 /// Places `elsewhere-1` on host `host-b` and `elsewhere-2` on a host it does not name; every
 /// other store runs here.
 #[derive(Debug)]
