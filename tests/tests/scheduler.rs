@@ -387,3 +387,88 @@ async fn without_a_catch_up_window_a_recurring_task_still_runs() {
     );
     assert!(runs(&host).await.len() >= 2);
 }
+
+/// A recurring task on a store that fills its disk quota: its executions fail as `disk_full`
+/// and are recorded as failed (none half-applied), its schedule goes on meanwhile, and once
+/// the quota is raised live the next executions commit again; no occurrence runs twice. A
+/// neighbour's task runs throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_on_a_full_disk_fails_cleanly_and_runs_again_when_space_returns() {
+    let host = TestHost::start().await;
+    host.deploy("ticker", programs::TICKER).await;
+    let cramped = storehost_store::Quotas {
+        disk: 256 << 10,
+        ..storehost_store::Quotas::default()
+    };
+    host.add_store_with("clock", "ticker", &[], cramped).await;
+    host.add_store("neighbour", "ticker", &[]).await;
+    for store in ["clock", "neighbour"] {
+        host.append(
+            store,
+            "schedule",
+            json!({"taskId": "grow", "everyMs": 1000, "payload": {"padBytes": 64 << 10}}),
+        )
+        .await;
+    }
+
+    let tasks = wait_for_tasks(&host, |t| {
+        executions(t, "grow")
+            .iter()
+            .any(|run| run["status"] == "failed")
+    })
+    .await;
+    let failed: Vec<_> = executions(&tasks, "grow")
+        .into_iter()
+        .filter(|run| run["status"] == "failed")
+        .collect();
+    assert!(
+        failed.iter().all(|run| run["reason"] == "disk_full"),
+        "{failed:?}"
+    );
+    let before = runs(&host).await.len();
+    assert!(
+        before < 4,
+        "256 KiB hold a few rows of 64 KiB, not more: {before}"
+    );
+    let succeeded = |tasks: &Value| {
+        executions(tasks, "grow")
+            .iter()
+            .filter(|run| run["status"] == "completed")
+            .count()
+    };
+    assert_eq!(
+        succeeded(&tasks),
+        before,
+        "each committed execution is a row, each failed one none"
+    );
+
+    let (code, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/clock",
+            Some(json!({"quotas": {"disk": 64 << 20}})),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    wait_for_tasks(&host, |t| succeeded(t) >= before + 3).await;
+    let rows = runs(&host).await;
+    let mut occurrences: Vec<_> = rows.iter().map(|r| r["scheduledFor"].clone()).collect();
+    let count = occurrences.len();
+    occurrences.sort_by_key(|o| o.as_i64());
+    occurrences.dedup();
+    assert_eq!(
+        occurrences.len(),
+        count,
+        "an occurrence ran twice: {rows:?}"
+    );
+
+    let (_, neighbour) = host.get("/v1/stores/neighbour/tasks").await;
+    assert!(
+        executions(&neighbour, "grow")
+            .iter()
+            .filter(|run| run["status"] == "completed")
+            .count()
+            >= 3,
+        "{neighbour}"
+    );
+}

@@ -7,7 +7,8 @@
 //!
 //! `run_task` inserts `(task_id, scheduled_for, execution_id)` into `runs` and emits
 //! `task.ran {taskId, scheduledFor}`. When the payload says `{"fail": true}` it inserts, then
-//! answers `Err` (so nothing of it commits). When it says `{"sleepMs": N}` it first writes a
+//! answers `Err` (so nothing of it commits). When it says `{"padBytes": N}` its row carries N
+//! bytes more (a store filling its disk). When it says `{"sleepMs": N}` it first writes a
 //! marker line to `/data/started.log` (outside the transaction) and sleeps N ms — a window in
 //! which the host can be killed between the claim and the commit.
 //!
@@ -48,11 +49,13 @@ struct TaskPayload {
     #[serde(default)]
     fail: bool,
     sleep_ms: Option<u64>,
+    #[serde(default)]
+    pad_bytes: u32,
 }
 
 fn create_table() -> Result<(), String> {
     sql::execute(
-        "CREATE TABLE IF NOT EXISTS runs (task_id TEXT, scheduled_for INTEGER, execution_id TEXT)",
+        "CREATE TABLE IF NOT EXISTS runs (task_id TEXT, scheduled_for INTEGER, execution_id TEXT, pad BLOB)",
         params![],
     )?;
     Ok(())
@@ -97,11 +100,12 @@ impl Plugin for Ticker {
         }
         create_table()?;
         sql::execute(
-            "INSERT INTO runs (task_id, scheduled_for, execution_id) VALUES (?1, ?2, ?3)",
+            "INSERT INTO runs (task_id, scheduled_for, execution_id, pad) VALUES (?1, ?2, ?3, zeroblob(?4))",
             params![
                 task.task_id.clone(),
                 task.scheduled_for_ms,
-                task.execution_id.clone()
+                task.execution_id.clone(),
+                i64::from(payload.pad_bytes)
             ],
         )?;
         events::emit(
