@@ -169,9 +169,9 @@ async fn a_store_cannot_schedule_past_its_tasks_room() {
     let letter = &letters["deadLetters"][0];
     assert_eq!(letter["seq"], seq, "{letters}");
     assert!(
-        letter["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("bytes of payloads, more than 16777216")),
+        letter["error"].as_str().is_some_and(
+            |e| e.contains("bytes of payloads and cron expressions, more than 16777216")
+        ),
         "{letter}"
     );
     let (_, tasks) = host.get("/v1/stores/hoarder/tasks").await;
@@ -180,6 +180,41 @@ async fn a_store_cannot_schedule_past_its_tasks_room() {
         json!([]),
         "nothing of the failed event was kept"
     );
+}
+
+/// A cron expression is at most 1 KiB: croner takes any number of empty list items, so a
+/// yearly schedule padded with 4 MiB of commas was valid, and 64 of them kept 256 MiB that
+/// every `GET …/tasks` (a store token is enough) read into the host's memory whole, 1.3 GB
+/// for four at once, past the 16 MiB the tasks' payloads were held to. A padded expression
+/// within the bound is still taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_expression_is_bounded() {
+    let host = abuse_host(RetryPolicy::default()).await;
+    host.add_store("padder", "abuse", &[]).await;
+    for pad in [4 << 20, 1_000] {
+        host.append("padder", "cron", json!({"pad": pad})).await;
+    }
+    host.settle("padder").await;
+    let answers = host.query("padder", "out", json!({})).await;
+    let last = |i: usize| answers[i]["answer"]["out"]["last"].clone();
+    assert!(
+        last(0).as_str().is_some_and(
+            |err| err.contains("a cron expression is at most 1024 bytes (got 4194315)")
+        ),
+        "{answers}"
+    );
+    assert!(
+        last(1).as_i64().is_some(),
+        "1,011 bytes are taken: {answers}"
+    );
+    let (_, tasks) = host.get("/v1/stores/padder/tasks").await;
+    let specs: Vec<usize> = tasks["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["spec"].as_str().unwrap().len())
+        .collect();
+    assert_eq!(specs, [1_011], "{tasks}");
 }
 
 /// Scheduling a cron expression that never matches (the host searches thousands of years for

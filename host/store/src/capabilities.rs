@@ -208,13 +208,13 @@ impl StoreCapabilities {
         schedules::validate(task_id, payload)?;
         let spec = Spec::parse(trigger)?;
         let now = crate::sqlite::now_ms();
-        let saved =
-            self.db().as_host(
-                |conn| match schedules::check_room(conn, task_id, payload.len())? {
-                    Ok(()) => schedules::upsert(conn, task_id, &spec, payload, now).map(Ok),
-                    Err(refused) => Ok(Err(refused)),
-                },
-            );
+        let bytes = payload.len() + spec.text().len();
+        let saved = self
+            .db()
+            .as_host(|conn| match schedules::check_room(conn, task_id, bytes)? {
+                Ok(()) => schedules::upsert(conn, task_id, &spec, payload, now).map(Ok),
+                Err(refused) => Ok(Err(refused)),
+            });
         match saved {
             Err(refused) => Err(format!("tasks cannot be scheduled here: {refused}")),
             Ok(Ok(Err(no_room))) => Err(no_room),

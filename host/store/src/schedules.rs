@@ -21,6 +21,10 @@ pub const MIN_INTERVAL_MS: u64 = 1_000;
 pub const MAX_TASK_ID_BYTES: usize = 200;
 /// The largest task payload, in bytes.
 pub const MAX_PAYLOAD_BYTES: usize = 64 << 10;
+/// The longest cron expression a plugin may schedule: a stored one is read back and parsed
+/// again each time it is due or listed, and croner takes any number of empty list items
+/// (`0,,,,… 0 1 1 *`), so without a bound a store kept 256 MiB of one yearly schedule.
+pub const MAX_CRON_BYTES: usize = 1024;
 /// How many executions `GET …/tasks` shows.
 pub const RECENT_RUNS: usize = 50;
 
@@ -65,6 +69,11 @@ impl Spec {
     /// Validates what the plugin asked for.
     pub fn parse(trigger: &Trigger) -> Result<Self, String> {
         match trigger {
+            Trigger::Cron(expression) if expression.len() > MAX_CRON_BYTES => Err(format!(
+                "a cron expression is at most {MAX_CRON_BYTES} bytes (got {}); use ranges and \
+                 steps (`*/5`, `1-5`) rather than long lists",
+                expression.len()
+            )),
             Trigger::Cron(expression) => Self::cron(expression),
             Trigger::EveryMs(ms) if *ms < MIN_INTERVAL_MS => Err(format!(
                 "an interval of {ms} ms is too short; the shortest is {MIN_INTERVAL_MS} ms"
@@ -111,7 +120,8 @@ impl Spec {
         }
     }
 
-    fn text(&self) -> String {
+    /// The spec as stored (`spec` column).
+    pub(crate) fn text(&self) -> String {
         match self {
             Self::Cron(_, expression) => expression.clone(),
             Self::Every(ms) => ms.to_string(),
@@ -250,20 +260,21 @@ pub fn validate(task_id: &str, payload: &str) -> Result<(), String> {
 
 /// The most tasks one store may have scheduled…
 pub const MAX_TASKS: u64 = 10_000;
-/// …and the most bytes their payloads may hold together: `scheduler.scheduled()` and
-/// `GET /v1/stores/{id}/tasks` read them all into the host's memory (3,000 tasks of 60 KB made
-/// one listing take 600 MB).
+/// …and the most bytes their payloads and cron expressions may hold together:
+/// `scheduler.scheduled()` and `GET /v1/stores/{id}/tasks` read them all into the host's
+/// memory (3,000 tasks of 60 KB made one listing take 600 MB).
 pub const MAX_PAYLOADS_BYTES: u64 = 16 << 20;
 
-/// Whether task `task_id` (new, or replacing the one of that id) with a payload of
-/// `payload_bytes` fits within [`MAX_TASKS`] and [`MAX_PAYLOADS_BYTES`]: `Err` says why not.
+/// Whether task `task_id` (new, or replacing the one of that id) with a payload and a stored
+/// spec of `bytes` together fits within [`MAX_TASKS`] and [`MAX_PAYLOADS_BYTES`]: `Err` says
+/// why not.
 pub fn check_room(
     conn: &Connection,
     task_id: &str,
-    payload_bytes: usize,
+    bytes: usize,
 ) -> rusqlite::Result<Result<(), String>> {
-    let (others, bytes): (u64, u64) = conn.query_row(
-        "SELECT count(*), coalesce(sum(octet_length(payload)), 0)
+    let (others, held): (u64, u64) = conn.query_row(
+        "SELECT count(*), coalesce(sum(octet_length(payload) + octet_length(spec)), 0)
          FROM _host_schedules WHERE task_id != ?1",
         [task_id],
         |row| Ok((row.get(0)?, row.get(1)?)),
@@ -273,10 +284,10 @@ pub fn check_room(
             "the store has {others} other tasks scheduled, the most it may have is {MAX_TASKS}; cancel some before scheduling `{task_id}`"
         )));
     }
-    let total = bytes.saturating_add(payload_bytes as u64);
+    let total = held.saturating_add(bytes as u64);
     if total > MAX_PAYLOADS_BYTES {
         return Ok(Err(format!(
-            "the store's tasks would hold {total} bytes of payloads, more than {MAX_PAYLOADS_BYTES}; keep task payloads small (an id to look up) or cancel tasks"
+            "the store's tasks would hold {total} bytes of payloads and cron expressions, more than {MAX_PAYLOADS_BYTES}; keep task payloads small (an id to look up) or cancel tasks"
         )));
     }
     Ok(Ok(()))
@@ -734,6 +745,35 @@ mod tests {
             last.contains(&format!("before {}", now - 10 * MINUTE)) && last.contains("missed too"),
             "{last}"
         );
+    }
+
+    /// The tasks' room counts their cron expressions with their payloads: 16 tasks of a
+    /// 1 KiB expression and a 1 MiB − 1 KiB payload fill it, a 17th is refused.
+    #[test]
+    fn the_tasks_room_counts_cron_expressions() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let expression = format!("0{} 0 0 1 1 *", ",".repeat(MAX_CRON_BYTES - 11));
+        let spec = Spec::parse(&Trigger::Cron(expression)).unwrap();
+        let payload = "x".repeat((1 << 20) - MAX_CRON_BYTES);
+        let bytes = payload.len() + spec.text().len();
+        assert_eq!(bytes, 1 << 20);
+        for i in 0..16 {
+            let id = format!("t{i}");
+            check_room(&conn, &id, bytes).unwrap().unwrap();
+            upsert(&conn, &id, &spec, &payload, 0).unwrap();
+        }
+        let refused = check_room(&conn, "t16", bytes).unwrap().unwrap_err();
+        assert!(
+            refused.contains("17825792 bytes of payloads and cron expressions"),
+            "{refused}"
+        );
+        // Replacing a task counts it once.
+        check_room(&conn, "t3", bytes).unwrap().unwrap();
+
+        let too_long = format!("0{} 0 0 1 1 *", ",".repeat(MAX_CRON_BYTES - 10));
+        let err = Spec::parse(&Trigger::Cron(too_long)).unwrap_err();
+        assert!(err.contains("at most 1024 bytes (got 1025)"), "{err}");
     }
 
     #[test]

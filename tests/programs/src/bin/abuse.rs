@@ -35,12 +35,18 @@ fn act(kind: &str, args: &Json) -> Result<Json, String> {
             let tasks = scheduler::scheduled();
             json!({"tasks": tasks.len()})
         }
-        // Schedules one cron task `times` times with expression `expr`.
+        // Schedules one cron task `times` times with expression `expr`, or with `pad` commas
+        // padding a yearly one (`0,,,… 0 0 1 1 *`: croner skips empty list items).
         "cron" => {
-            let expr = args
-                .get("expr")
-                .and_then(Json::as_str)
-                .unwrap_or("* * * * *");
+            let padded = args
+                .get("pad")
+                .and_then(Json::as_u64)
+                .map(|pad| format!("0{} 0 0 1 1 *", ",".repeat(pad as usize)));
+            let expr = padded.as_deref().unwrap_or_else(|| {
+                args.get("expr")
+                    .and_then(Json::as_str)
+                    .unwrap_or("* * * * *")
+            });
             let times = num(args, "times", 1);
             let mut last = Json::Null;
             for _ in 0..times {
