@@ -376,6 +376,43 @@ async fn raw_wasi_calls_meet_the_same_limits() {
     );
 }
 
+/// A directory listing is charged the time the host takes to read it (wasmtime-wasi reads
+/// it whole, on a blocking thread the CPU meter does not see, which counted one tick for
+/// it): a call starting 150 listings of 4,000 entries (about 10 ms each here) fails as
+/// `cpu_time` under a 300 ms `cpu_ms_per_call`. Before, it was charged about 150 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_listings_are_charged_their_time() {
+    let host = TestHost::start().await;
+    host.deploy("raw_fs", programs::RAW_FS).await;
+    host.add_store("lister", "raw_fs", &[]).await;
+    let hostile = |args: Value| {
+        let args = storehost_tests::urlencode(&args.to_string());
+        format!("/v1/stores/lister/query/hostile?args={args}")
+    };
+    for start in (0..4_000).step_by(500) {
+        let (_, body) = host
+            .get(&hostile(json!({"kind": "make_many", "start": start})))
+            .await;
+        assert_eq!(body["error"]["message"], "made 500 files", "{body}");
+    }
+    let (code, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/lister",
+            Some(json!({"quotas": {"cpu_ms_per_call": 300}})),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let (status, body) = host
+        .get(&hostile(json!({"kind": "relist", "times": 150})))
+        .await;
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("more than 300 ms of CPU time"),
+        "the listings were not charged: {status} {message}"
+    );
+}
+
 /// A guest nests directories at most `MAX_DIR_DEPTH` (64) levels below `/data`, whether it
 /// makes them or moves them there: past that it is refused with `name-too-long`. Its 64
 /// levels of 200-byte names are a path of 12.8 KB, longer than `PATH_MAX`, which the store's

@@ -17,7 +17,11 @@
 //!   answers each outcome;
 //! - `deep_file`: makes 24 directories with a 200-byte name each in the one above (as a path,
 //!   4.8 KB, longer than the host's `PATH_MAX`) and the file `bottom.txt` in the deepest;
-//! - `read_deep_file`: answers what `deep_file`'s `bottom.txt` holds.
+//! - `read_deep_file`: answers what `deep_file`'s `bottom.txt` holds;
+//! - `make_many`: makes 500 files with 100-byte names in `many/`, numbered from the input's
+//!   `start`;
+//! - `relist`: starts and drops a listing of `many/` the input's `times` times (the host
+//!   reads each listing whole), and says how long that took.
 #![forbid(unsafe_code)]
 
 use serde_json::Value as Json;
@@ -66,6 +70,41 @@ impl Misbehaviour for RawFs {
                         }
                     }
                     Err(format!("held {} listings", held.len()))
+                }
+                Some(kind @ ("make_many" | "relist")) => {
+                    let _ = dir.create_directory_at("many");
+                    let many = dir
+                        .open_at(
+                            PathFlags::empty(),
+                            "many",
+                            OpenFlags::DIRECTORY,
+                            DescriptorFlags::READ | DescriptorFlags::MUTATE_DIRECTORY,
+                        )
+                        .map_err(|err| format!("open many: {err:?}"))?;
+                    if kind == "make_many" {
+                        let start = input["start"].as_u64().unwrap_or(0);
+                        for i in start..start + 500 {
+                            let name = format!("{i:08}-{}", "n".repeat(91));
+                            many.open_at(
+                                PathFlags::empty(),
+                                &name,
+                                OpenFlags::CREATE,
+                                DescriptorFlags::WRITE,
+                            )
+                            .map_err(|err| format!("made {i} files, then: {err:?}"))?;
+                        }
+                        return Err("made 500 files".to_owned());
+                    }
+                    let times = input["times"].as_u64().unwrap_or(100);
+                    let started = storehost_guest_sdk::clock::now_ms();
+                    for _ in 0..times {
+                        let listing = many
+                            .read_directory()
+                            .map_err(|err| format!("listing: {err:?}"))?;
+                        drop(listing);
+                    }
+                    let took = storehost_guest_sdk::clock::now_ms() - started;
+                    Err(format!("listed {times} times in {took} ms"))
                 }
                 Some("create_through_link") => {
                     dir.symlink_at("target", "link")
