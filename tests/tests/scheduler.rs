@@ -472,3 +472,34 @@ async fn a_task_on_a_full_disk_fails_cleanly_and_runs_again_when_space_returns()
         "{neighbour}"
     );
 }
+
+/// A store keeps the records of its latest 1,000 task executions, not of every one: tasks
+/// that run again as soon as they end made 1,500 records here, and the host's bookkeeping
+/// would otherwise grow without end (a task due every second recorded 86,400 a day into the
+/// store's own database, against its disk quota). The latest executions are still shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_task_execution_records_are_dropped() {
+    let host = ticker_host().await;
+    for i in 0..5 {
+        host.append(
+            "clock",
+            "schedule",
+            json!({"taskId": format!("loop-{i}"), "onceAtMs": now_ms(), "payload": {"again": true}}),
+        )
+        .await;
+    }
+    host.wait_for_status("clock", |s| s["tasksExecuted"].as_u64() >= Some(1_500))
+        .await;
+    // Through the host's VFS: the store has the file open.
+    let db =
+        storehost_store::sqlite::open_reader(&host.data_dir.join("stores/clock/store.db")).unwrap();
+    let records: usize = db
+        .query_row("SELECT count(*) FROM _host_task_runs", [], |row| row.get(0))
+        .unwrap();
+    assert!(
+        (1_000..=1_000 + 100 + 16 + 5).contains(&records),
+        "{records} execution records"
+    );
+    let (_, tasks) = host.get("/v1/stores/clock/tasks").await;
+    assert_eq!(tasks["executions"].as_array().unwrap().len(), 50, "{tasks}");
+}

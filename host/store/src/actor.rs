@@ -134,6 +134,9 @@ pub(crate) struct Actor {
     breaker_trips: u32,
     /// The earliest due time of the store's schedules (ms since the Unix epoch).
     next_due: Option<i64>,
+    /// Task executions recorded since the old records were last pruned
+    /// ([`schedules::prune_runs`]).
+    runs_recorded: usize,
     /// Whether the last invocation breached a quota or trapped: the store is then demoted
     /// until one succeeds, its calls running in the demoted stores' slots on the threads with
     /// the least CPU priority ([`Actor::call_demoted`]).
@@ -215,6 +218,7 @@ impl Actor {
             consecutive_failures: 0,
             breaker_trips: 0,
             next_due: None,
+            runs_recorded: 0,
             penalized: false,
             outbox: Outbox::default(),
         }
@@ -911,6 +915,7 @@ impl Actor {
                     skipped_before,
                 }) => {
                     self.record_missed(&schedule, &occurrences, next, skipped_before);
+                    self.runs_recorded += occurrences.len();
                     Flow::Continue
                 }
                 Some(DuePlan::Run(at)) => self.run_task(&schedule, at).await,
@@ -919,8 +924,33 @@ impl Actor {
                 return Flow::Stop;
             }
         }
+        if self.runs_recorded >= schedules::PRUNE_EVERY {
+            self.prune_runs();
+        }
         self.refresh_next_due();
         Flow::Continue
+    }
+
+    /// Drops the execution records past the latest [`schedules::KEPT_RUNS`]: a task due every
+    /// second recorded 86,400 a day, which filled the store's disk quota with the host's
+    /// bookkeeping in time.
+    fn prune_runs(&mut self) {
+        self.runs_recorded = 0;
+        let db = self.lock_db();
+        let pruned = db
+            .begin()
+            .and_then(|()| schedules::prune_runs(db.connection()))
+            .and_then(|pruned| db.commit().map(|()| pruned));
+        match pruned {
+            Ok(0) => {}
+            Ok(pruned) => tracing::debug!(pruned, "dropped old task execution records"),
+            Err(err) => {
+                db.rollback();
+                tracing::warn!(
+                    "could not drop old task execution records (tried again later): {err}"
+                );
+            }
+        }
     }
 
     fn record_missed(
@@ -965,6 +995,7 @@ impl Actor {
     /// Runs the execution of `schedule` due at `due`: retried with backoff like an event, then
     /// recorded as failed; its effects, its claim and the schedule's advance commit together.
     async fn run_task(&mut self, schedule: &Schedule, due: i64) -> Flow {
+        self.runs_recorded += 1;
         let policy = self.settings.retry.clone();
         let started_at = sqlite::now_ms();
         let mut attempt = 0;

@@ -27,6 +27,11 @@ pub const MAX_PAYLOAD_BYTES: usize = 64 << 10;
 pub const MAX_CRON_BYTES: usize = 1024;
 /// How many executions `GET …/tasks` shows.
 pub const RECENT_RUNS: usize = 50;
+/// How many finished executions a store keeps on record (the latest); older ones are
+/// dropped every [`PRUNE_EVERY`] executions.
+pub const KEPT_RUNS: usize = 1_000;
+/// Executions (run, failed or missed) between two prunings of the old records.
+pub const PRUNE_EVERY: usize = 100;
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS _host_schedules (
@@ -599,6 +604,18 @@ fn view_in(conn: &Connection, recent: usize) -> rusqlite::Result<TasksView> {
     })
 }
 
+/// Drops the records of finished executions older than the latest [`KEPT_RUNS`]; answers how
+/// many. A claim in flight (`running`) stays. An execution whose record is gone is not due
+/// again: its schedule moved past it when it was recorded.
+pub fn prune_runs(conn: &Connection) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM _host_task_runs WHERE status != 'running' AND finished_at < (
+             SELECT finished_at FROM _host_task_runs WHERE status != 'running'
+             ORDER BY finished_at DESC LIMIT 1 OFFSET ?1)",
+    )?
+    .execute([KEPT_RUNS as i64 - 1])
+}
+
 /// Whether an execution of `(task_id, due)` was already recorded.
 pub fn run_status(conn: &Connection, task_id: &str, due: i64) -> rusqlite::Result<Option<String>> {
     conn.prepare_cached(
@@ -774,6 +791,38 @@ mod tests {
         let too_long = format!("0{} 0 0 1 1 *", ",".repeat(MAX_CRON_BYTES - 10));
         let err = Spec::parse(&Trigger::Cron(too_long)).unwrap_err();
         assert!(err.contains("at most 1024 bytes (got 1025)"), "{err}");
+    }
+
+    /// Only the latest [`KEPT_RUNS`] finished executions stay on record; one in flight stays
+    /// whatever its age.
+    #[test]
+    fn old_execution_records_are_dropped() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        assert!(claim(&conn, "in-flight", 0, 0).unwrap());
+        for i in 0..KEPT_RUNS as i64 + 250 {
+            finish(&conn, "t", i, "completed", 1, Some(i), None, 10 + i).unwrap();
+        }
+        assert_eq!(prune_runs(&conn).unwrap(), 250);
+        let (count, oldest): (usize, i64) = conn
+            .query_row(
+                "SELECT count(*), min(scheduled_for) FROM _host_task_runs WHERE status != 'running'",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((count, oldest), (KEPT_RUNS, 250));
+        assert_eq!(
+            run_status(&conn, "in-flight", 0).unwrap().as_deref(),
+            Some("running")
+        );
+        assert_eq!(prune_runs(&conn).unwrap(), 0);
+        let shown = view(&conn, RECENT_RUNS).unwrap().executions;
+        assert_eq!(
+            shown[0].scheduled_for,
+            KEPT_RUNS as i64 + 249,
+            "the latest first"
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! `run_task` inserts `(task_id, scheduled_for, execution_id)` into `runs` and emits
 //! `task.ran {taskId, scheduledFor}`. When the payload says `{"fail": true}` it inserts, then
 //! answers `Err` (so nothing of it commits). When it says `{"padBytes": N}` its row carries N
-//! bytes more (a store filling its disk). When it says `{"sleepMs": N}` it first writes a
+//! bytes more (a store filling its disk). When it says `{"again": true}` the run schedules the
+//! task again, once, 1 ms after its own due time (so it runs again at once). When it says
+//! `{"sleepMs": N}` it first writes a
 //! marker line to `/data/started.log` (outside the transaction) and sleeps N ms — a window in
 //! which the host can be killed between the claim and the commit.
 //!
@@ -51,6 +53,8 @@ struct TaskPayload {
     sleep_ms: Option<u64>,
     #[serde(default)]
     pad_bytes: u32,
+    #[serde(default)]
+    again: bool,
 }
 
 fn create_table() -> Result<(), String> {
@@ -114,6 +118,13 @@ impl Plugin for Ticker {
         )?;
         if payload.fail {
             return Err(format!("task {} failed on purpose", task.task_id));
+        }
+        if payload.again {
+            scheduler::once(
+                &task.task_id,
+                task.scheduled_for_ms + 1,
+                &json!({"again": true}),
+            )?;
         }
         Ok(())
     }
