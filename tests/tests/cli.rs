@@ -765,3 +765,58 @@ async fn a_long_poll_is_answered_when_the_server_shuts_down() {
         server.run_log()
     );
 }
+
+/// One host per data directory: a second `serve` on a directory a running host holds exits 1
+/// at once, naming the holder, and touches nothing: the first host's stores and `host.db` stay
+/// as they were (before, the second host started, its removal archived a store the first was
+/// running, and both took appends into a hibernated store's log). Once the first host stops,
+/// the directory starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_host_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("storehost.toml");
+    std::fs::write(
+        &config,
+        writer_config(std::path::Path::new(programs::WRITER), &["held"]),
+    )
+    .unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let first = ServerProcess::spawn(&data, &args, &[]);
+    let http = reqwest::Client::new();
+    let append = |url: String| {
+        http.post(format!("{url}/v1/stores/held/events"))
+            .bearer_auth(PROCESS_TOKEN)
+            .json(&json!({"type": "kv.put", "payload": {"key": "k", "value": 1}}))
+            .send()
+    };
+    assert_eq!(append(first.url.clone()).await.unwrap().status(), 202);
+
+    let mut second = ServerProcess::spawn_starting(&data, &args, &[]);
+    let status = second.wait_exit(Duration::from_secs(60));
+    let log = second.run_log();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+    assert!(
+        log.contains("is in use by another storehost (pid ")
+            && log.contains("stop that host first, or give this one another --data-dir"),
+        "{log}"
+    );
+    assert!(!log.contains("store started"), "{log}");
+    assert!(!data.join("archive").exists());
+    assert_eq!(append(first.url.clone()).await.unwrap().status(), 202);
+    first.stop_cleanly();
+
+    let again = ServerProcess::spawn(&data, &args, &[]);
+    let (status, body) = {
+        let response = http
+            .get(format!("{}/v1/stores/held", again.url))
+            .bearer_auth(PROCESS_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["head"], 2, "both appends kept: {body}");
+    again.stop_cleanly();
+}

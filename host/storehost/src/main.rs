@@ -6,6 +6,7 @@ mod admin_token;
 mod check;
 mod cli;
 mod ctl;
+mod data_dir_lock;
 mod logging;
 mod serve;
 
