@@ -72,6 +72,8 @@ pub struct Watched {
     pub host: TestHost,
     /// What applies the config's edits.
     pub reloader: Arc<ConfigReloader>,
+    /// How many times the host has read a plugin file the config names.
+    pub plugin_reads: Arc<std::sync::atomic::AtomicUsize>,
     _watch: ConfigWatcher,
 }
 
@@ -97,9 +99,14 @@ pub async fn watched_with(
 ) -> (Watched, Vec<(storehost_store::StoreId, String)>) {
     let config = config::load_file(path).unwrap_or_else(|e| panic!("{e}"));
     let mut reloader = None;
+    let plugin_reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reads = plugin_reads.clone();
     let host = TestHost::start_control(options, |orchestrator, state| {
-        let read_plugin: watcher::PluginReader = Arc::new(|_name, source| match source {
-            PluginSource::File(path) => std::fs::read(path),
+        let read_plugin: watcher::PluginReader = Arc::new(move |_name, source| match source {
+            PluginSource::File(path) => {
+                reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                std::fs::read(path)
+            }
             PluginSource::Builtin => Err(std::io::ErrorKind::NotFound.into()),
         });
         reloader = Some(Arc::new(ConfigReloader::new(
@@ -134,10 +141,13 @@ pub async fn watched_with(
         .filter_map(|(id, answer)| Some((id, answer.err()?.to_string())))
         .collect();
     let reloader = reloader.unwrap();
-    let watch = watcher::watch(reloader.clone()).expect("watch the config directory");
+    let watch = watcher::watch(reloader.clone())
+        .await
+        .expect("watch the config directory");
     let watched = Watched {
         host,
         reloader,
+        plugin_reads,
         _watch: watch,
     };
     (watched, failed)

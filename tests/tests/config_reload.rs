@@ -320,6 +320,52 @@ async fn a_plugin_file_rewritten_on_disk_is_deployed_live() {
     .await;
 }
 
+/// A plugin file first named by an edit, in a directory the watch did not follow before, is
+/// followed from then on: rewritten, it is deployed. And the host reads its plugin files only
+/// when something changed: its own reads are no edits. Before, the opens of its reads were
+/// taken for edits, so after the first edit it read the config and every plugin file about
+/// ten times a second for ever, and a file named by an edit was deployed again only by luck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_file_named_by_an_edit_is_followed_and_the_hosts_own_reads_are_no_edits() {
+    let (dir, path) = config_file();
+    std::fs::write(&path, config_with(&["base"], "")).unwrap();
+    let w = watched(&path, 100).await;
+    let host = &w.host;
+
+    let late = dir.path().join("later").join("late.wasm");
+    std::fs::create_dir_all(late.parent().unwrap()).unwrap();
+    std::fs::write(&late, std::fs::read(programs::WRITER).unwrap()).unwrap();
+    save_by_rename(
+        &path,
+        &config_with(
+            &["base"],
+            "[plugins.late]\npath = \"later/late.wasm\"\n[stores.on-late]\nplugin = \"late\"\n",
+        ),
+    );
+    eventually("the store of the new plugin starts", || async {
+        ids(host).await.contains(&"on-late".to_owned())
+    })
+    .await;
+    let writer_sha = store_sha_of(host, "on-late").await;
+
+    // Nothing changes for a while: nothing is read again.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let plugin_reads = || w.plugin_reads.load(std::sync::atomic::Ordering::Relaxed);
+    let reads = (w.reloader.reads(), plugin_reads());
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        (w.reloader.reads(), plugin_reads()),
+        reads,
+        "the host read its config or plugin files again with nothing changed"
+    );
+
+    std::fs::write(&late, std::fs::read(programs::FLAKY).unwrap()).unwrap();
+    eventually("the rewritten plugin file is deployed", || async {
+        store_sha_of(host, "on-late").await != writer_sha
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_binary_applies_config_edits_live_and_reports_a_broken_one() {
     use storehost_tests::process::{PROCESS_TOKEN, ServerProcess};

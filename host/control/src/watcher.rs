@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::RecursiveMode;
+use notify::event::{AccessKind, AccessMode, EventKind, MetadataKind, ModifyKind};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use sha2::{Digest, Sha256};
 use storehost_store::StoreId;
@@ -96,8 +97,8 @@ pub struct ConfigReloader {
     orchestrator: Arc<Orchestrator>,
     read_plugin: PluginReader,
     listener: ReloadListener,
-    /// The plugin files the config named when watching began.
-    plugin_files: Vec<PathBuf>,
+    /// How many times the config file was read.
+    reads: std::sync::atomic::AtomicU64,
     /// The last good config (with the environment applied) and the hash of the last content read.
     current: tokio::sync::Mutex<Loaded>,
 }
@@ -132,16 +133,8 @@ impl ConfigReloader {
         let path = path.into();
         let hash = std::fs::read(&path).map(|b| hash(&b)).unwrap_or_default();
         let file = config::load_file(&path).unwrap_or_else(|_| running.clone());
-        let plugin_files = running
-            .plugin_sources()
-            .into_values()
-            .filter_map(|source| match source {
-                PluginSource::File(path) => Some(path),
-                PluginSource::Builtin => None,
-            })
-            .collect();
         Self {
-            plugin_files,
+            reads: std::sync::atomic::AtomicU64::new(0),
             path,
             orchestrator,
             read_plugin,
@@ -159,9 +152,21 @@ impl ConfigReloader {
         &self.path
     }
 
+    /// How many times [`ConfigReloader::reload`] read the config file.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The plugin files the running config names.
+    pub async fn plugin_files(&self) -> Vec<PathBuf> {
+        plugin_files(&self.current.lock().await.running)
+    }
+
     /// Reads the file and applies what changed. Reloads run one at a time.
     pub async fn reload(&self) -> ReloadOutcome {
         let mut current = self.current.lock().await;
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bytes = match tokio::fs::read(&self.path).await {
             Ok(bytes) => bytes,
             Err(err) => {
@@ -416,6 +421,18 @@ fn warn_restart_only(previous: &HostConfig, next: &HostConfig) -> Vec<&'static s
     changed
 }
 
+/// The plugin files `config` names.
+fn plugin_files(config: &HostConfig) -> Vec<PathBuf> {
+    config
+        .plugin_sources()
+        .into_values()
+        .filter_map(|source| match source {
+            PluginSource::File(path) => Some(path),
+            PluginSource::Builtin => None,
+        })
+        .collect()
+}
+
 fn hash(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
@@ -460,11 +477,43 @@ fn split(path: &Path) -> Option<(PathBuf, std::ffi::OsString)> {
     Some((dir, path.file_name()?.to_owned()))
 }
 
+/// Whether a file event can mean new content: not the opens, reads and closes without a
+/// write that the host's own reads of the file cause (reacting to those re-read the config
+/// and its plugin files about ten times a second, for ever, after the first edit).
+fn may_change_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)) => false,
+        _ => true,
+    }
+}
+
+/// The files a watch reacts to: the config file, and the plugin files its running config
+/// names (each as its canonical directory and file name).
+struct Watched {
+    config: (PathBuf, std::ffi::OsString),
+    plugins: BTreeSet<(PathBuf, std::ffi::OsString)>,
+}
+
+impl Watched {
+    fn change(&self, path: &Path) -> Option<Change> {
+        let changed = split(path)?;
+        if changed == self.config {
+            Some(Change::Config)
+        } else if self.plugins.contains(&changed) {
+            Some(Change::Plugin)
+        } else {
+            None
+        }
+    }
+}
+
 /// Watches `reloader`'s file and the plugin files its config names (through their parent
 /// directories): a config edit reloads it; a plugin file written anew is deployed (stores using
-/// it switch after their in-flight invocation). Plugin files named only by later edits are
-/// picked up at those edits.
-pub fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notify::Error> {
+/// it switch after their in-flight invocation). After each reload the watch follows the plugin
+/// files the config names then, in whatever directory.
+pub async fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notify::Error> {
     let path = reloader.path().to_owned();
     let config = split(&path).ok_or_else(|| {
         notify::Error::generic(&format!(
@@ -472,43 +521,40 @@ pub fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notify::Err
             path.display()
         ))
     })?;
-    let plugins: BTreeSet<(PathBuf, std::ffi::OsString)> = reloader
-        .plugin_files
-        .iter()
-        .filter_map(|p| split(p))
-        .collect();
-    let mut directories: BTreeSet<PathBuf> = plugins.iter().map(|(dir, _)| dir.clone()).collect();
-    directories.insert(config.0.clone());
+    let config_dir = config.0.clone();
+    let watched = Arc::new(std::sync::Mutex::new(Watched {
+        config,
+        plugins: BTreeSet::new(),
+    }));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Change>();
-    let mut debouncer =
-        new_debouncer(
-            DEBOUNCE,
-            None,
-            move |result: DebounceEventResult| match result {
-                Ok(events) => {
-                    for changed in events
-                        .iter()
-                        .flat_map(|e| e.paths.iter())
-                        .filter_map(|p| split(p))
-                    {
-                        if changed == config {
-                            let _ = tx.send(Change::Config);
-                        } else if plugins.contains(&changed) {
-                            let _ = tx.send(Change::Plugin);
-                        }
+    let seen = watched.clone();
+    let debouncer = new_debouncer(
+        DEBOUNCE,
+        None,
+        move |result: DebounceEventResult| match result {
+            Ok(events) => {
+                let watched = seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for event in events.iter().filter(|e| may_change_content(&e.kind)) {
+                    for change in event.paths.iter().filter_map(|p| watched.change(p)) {
+                        let _ = tx.send(change);
                     }
                 }
-                Err(errors) => {
-                    for err in errors {
-                        tracing::warn!("config watch error: {err}");
-                    }
+            }
+            Err(errors) => {
+                for err in errors {
+                    tracing::warn!("config watch error: {err}");
                 }
-            },
-        )?;
-    for directory in &directories {
-        debouncer.watch(directory, RecursiveMode::NonRecursive)?;
-    }
+            }
+        },
+    )?;
+    let debouncer = Arc::new(std::sync::Mutex::new(debouncer));
+    let mut directories = BTreeSet::new();
+    watch_directory(&debouncer, &mut directories, &config_dir)?;
+    follow_plugin_files(&reloader, &watched, &debouncer, &mut directories).await;
     tracing::info!(path = %path.display(), "watching the config file and its plugin files for edits");
+    let watching = debouncer.clone();
     let task = tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             let mut config_changed = first == Change::Config;
@@ -517,6 +563,7 @@ pub fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notify::Err
             }
             if config_changed {
                 reloader.reload().await;
+                follow_plugin_files(&reloader, &watched, &watching, &mut directories).await;
             } else {
                 reloader.refresh_plugins().await;
             }
@@ -526,6 +573,57 @@ pub fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notify::Err
         _debouncer: Box::new(debouncer),
         task,
     })
+}
+
+type Debouncer = notify_debouncer_full::Debouncer<
+    notify::RecommendedWatcher,
+    notify_debouncer_full::RecommendedCache,
+>;
+
+/// Watches `directory` unless it is watched already.
+fn watch_directory(
+    debouncer: &std::sync::Mutex<Debouncer>,
+    directories: &mut BTreeSet<PathBuf>,
+    directory: &Path,
+) -> Result<(), notify::Error> {
+    if directories.contains(directory) {
+        return Ok(());
+    }
+    debouncer
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .watch(directory, RecursiveMode::NonRecursive)?;
+    directories.insert(directory.to_owned());
+    Ok(())
+}
+
+/// Makes the watch react to the plugin files the running config names now, watching their
+/// directories. A directory that cannot be watched (it does not exist yet) is said in the
+/// log; the next config edit tries again.
+async fn follow_plugin_files(
+    reloader: &ConfigReloader,
+    watched: &std::sync::Mutex<Watched>,
+    debouncer: &std::sync::Mutex<Debouncer>,
+    directories: &mut BTreeSet<PathBuf>,
+) {
+    let plugins: BTreeSet<_> = reloader
+        .plugin_files()
+        .await
+        .iter()
+        .filter_map(|p| split(p))
+        .collect();
+    for (directory, _) in &plugins {
+        if let Err(err) = watch_directory(debouncer, directories, directory) {
+            tracing::warn!(
+                directory = %directory.display(),
+                "cannot watch a plugin file's directory; edits of its plugin files are not deployed until the next config edit: {err}"
+            );
+        }
+    }
+    watched
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .plugins = plugins;
 }
 
 #[cfg(test)]

@@ -231,7 +231,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 read_plugin,
                 listener,
             ));
-            match watcher::watch(reloader) {
+            match watcher::watch(reloader).await {
                 Ok(watch) => Some(watch),
                 Err(err) => {
                     tracing::error!(path = %path.display(), "cannot watch the config file; edits apply only at the next start: {err}");
