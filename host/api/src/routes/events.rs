@@ -28,15 +28,55 @@ pub const MAX_WAIT_MS: u64 = 30_000;
 /// Longest an append refused over the store's ingress rate waits before it answers.
 const MAX_REFUSAL_DELAY: Duration = Duration::from_secs(1);
 
-/// One event in a batch.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+/// One event in a batch: a JSON object only (serde's derive would also read an array as the
+/// fields in order, so `["t", {…}, "key", null]` was taken as an event).
+#[derive(Debug)]
 struct EventIn<'a> {
-    #[serde(rename = "type")]
     event_type: String,
-    #[serde(borrow)]
     payload: Option<&'a RawValue>,
     idempotency_key: Option<String>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for EventIn<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(EventVisitor(std::marker::PhantomData))
+    }
+}
+
+struct EventVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for EventVisitor<'a> {
+    type Value = EventIn<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an event object {\"type\", \"payload\", \"idempotencyKey\"}")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error as _;
+        const FIELDS: &[&str] = &["type", "payload", "idempotencyKey"];
+        let (mut event_type, mut payload, mut idempotency_key) = (None, None, None);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match key.as_ref() {
+                "type" if event_type.is_some() => return Err(A::Error::duplicate_field("type")),
+                "type" => event_type = Some(map.next_value::<String>()?),
+                "payload" if payload.is_some() => {
+                    return Err(A::Error::duplicate_field("payload"));
+                }
+                "payload" => payload = Some(map.next_value::<Option<&'de RawValue>>()?),
+                "idempotencyKey" if idempotency_key.is_some() => {
+                    return Err(A::Error::duplicate_field("idempotencyKey"));
+                }
+                "idempotencyKey" => idempotency_key = Some(map.next_value::<Option<String>>()?),
+                other => return Err(A::Error::unknown_field(other, FIELDS)),
+            }
+        }
+        Ok(EventIn {
+            event_type: event_type.ok_or_else(|| A::Error::missing_field("type"))?,
+            payload: payload.flatten(),
+            idempotency_key: idempotency_key.flatten(),
+        })
+    }
 }
 
 /// An append body, read in one pass: either one event (`type`, `payload`, `idempotencyKey`)
@@ -103,6 +143,15 @@ pub async fn append(
 pub fn parse_append(body: &[u8]) -> Result<(bool, Vec<NewEvent>), ApiError> {
     const SHAPE: &str = "send {\"type\": \"...\", \"payload\": {...}, \"idempotencyKey\"?: \"...\"} or {\"events\": [ ... ]}";
     let invalid = |message: String| ApiError::bad_request("invalid_event", message);
+    // Serde's derive would read an array as the fields in order.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+    {
+        return Err(invalid(format!(
+            "the request body must be a JSON object; {SHAPE}"
+        )));
+    }
     let parsed: AppendBody = serde_json::from_slice(body).map_err(|err| match err.classify() {
         // The shape can be wrong before the parser reaches a syntax error further on.
         Category::Data => match serde_json::from_slice::<serde_json::Value>(body) {
@@ -527,6 +576,21 @@ mod tests {
                 "unknown field `extra`",
             ),
             (r#"{"events":[]}"#, "1 to 1000 events"),
+            // Arrays in place of objects were read as the fields in order.
+            (
+                r#"["arr.Type",{"x":1},"key-1",null]"#,
+                "the request body must be a JSON object",
+            ),
+            (" []", "the request body must be a JSON object"),
+            (
+                r#"{"events":[["t",{"x":1},"k"]]}"#,
+                "invalid type: sequence, expected an event object",
+            ),
+            (
+                r#"{"events":[{"type":"a","type":"b"}]}"#,
+                "duplicate field `type`",
+            ),
+            (r#"{"events":[{"payload":{}}]}"#, "missing field `type`"),
             (r#"{"type":""}"#, "must be 1 to 200 characters"),
             (
                 r#"{"events":[{"type":"a"},{"type":"b","idempotencyKey":""}]}"#,
