@@ -452,6 +452,21 @@ async fn requests_the_router_refuses_get_the_json_error_envelope() {
             "bad_request",
             "purge",
         ),
+        // A misspelt parameter archived the data it was meant to purge.
+        (
+            reqwest::Method::DELETE,
+            "/v1/stores/plain?Purge=true",
+            400,
+            "bad_request",
+            "unknown field `Purge`",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/v1/stores/plain/backup?allowOtherStore=true",
+            400,
+            "invalid_query",
+            "the only parameter is allowDifferentStore",
+        ),
         (
             reqwest::Method::PATCH,
             "/v1/stores/plain",

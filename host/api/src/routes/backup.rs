@@ -77,7 +77,7 @@ pub async fn download(
 
 /// `?allowDifferentStore=true`
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RestoreParams {
     #[serde(default)]
     allow_different_store: bool,

@@ -168,8 +168,10 @@ fn checked_config(config: BTreeMap<String, String>) -> Result<BTreeMap<String, S
     }
 }
 
-/// `?purge=true`
+/// `?purge=true`; any other parameter is refused (a misspelt `Purge=true` archived the data
+/// it was meant to delete).
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RemoveParams {
     #[serde(default)]
     purge: bool,
