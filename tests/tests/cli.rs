@@ -93,6 +93,13 @@ fn plugin_check_tells_a_plugin_from_anything_else() {
         stderr.contains("not a valid WebAssembly component"),
         "{stderr}"
     );
+    // Not WebAssembly at all: the parser's error (two byte arrays, a byte a line) is one line
+    // here, as in the log and `/health`.
+    std::fs::write(&junk, b"garbage\n").unwrap();
+    let (status, _, stderr) = run_storehost(&["plugin", "check", &junk.display().to_string()]);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("bad magic number"), "{stderr}");
 }
 
 async fn call(url: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {

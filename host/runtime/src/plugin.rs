@@ -59,9 +59,9 @@ impl<H: HostCapabilities> Plugin<H> {
         let instance_pre = runtime
             .linker
             .instantiate_pre(&component)
-            .map_err(|err| PluginError::World(format!("{err:#}")))?;
+            .map_err(|err| PluginError::World(one_line(&err)))?;
         let pre =
-            PluginPre::new(instance_pre).map_err(|err| PluginError::World(format!("{err:#}")))?;
+            PluginPre::new(instance_pre).map_err(|err| PluginError::World(one_line(&err)))?;
         Ok(Arc::new(Self {
             sha256,
             size: wasm.len(),
@@ -99,7 +99,17 @@ fn compile<H: HostCapabilities>(
     runtime: &Runtime<H>,
     wasm: &[u8],
 ) -> Result<Component, PluginError> {
-    Component::new(&runtime.engine, wasm).map_err(|err| PluginError::Compile(format!("{err:#}")))
+    Component::new(&runtime.engine, wasm).map_err(|err| PluginError::Compile(one_line(&err)))
+}
+
+/// `err` with its causes, on one line: wasmtime's parser writes some of its errors over many
+/// lines (a bad magic number as two byte arrays, a byte a line), which the log, `/health` and
+/// an API answer show whole.
+fn one_line(err: &impl std::fmt::Display) -> String {
+    format!("{err:#}")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Looks the compiled artifact up by content and engine; recompiles on any mismatch.
