@@ -151,7 +151,7 @@ pub enum ControlError {
     },
     /// The host already runs `max_stores` stores.
     #[error(
-        "this host already runs its maximum of {max} stores (max_stores / MAX_INSTANCES_PER_SERVER); remove a store or raise the limit"
+        "this host already runs its maximum of {max} stores (max_stores / MAX_INSTANCES_PER_SERVER); remove a store, or raise the limit and restart the host (the sandbox pool is sized for it at start, so a live edit of max_stores waits for the restart)"
     )]
     AtCapacity {
         /// The limit.
