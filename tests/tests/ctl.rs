@@ -383,6 +383,48 @@ fn a_backup_file_restores_the_store() {
     assert_eq!(missing.code, 2, "{}", missing.stderr);
 }
 
+/// A file to upload that is a directory, or missing, is a usage error (exit 2) naming the path,
+/// before anything is sent. Before, a directory opened, its read failed inside the upload, and
+/// `plugin deploy` and `restore` exited 3 saying the server could not be reached.
+#[test]
+fn a_directory_or_a_missing_file_to_upload_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::spawn(&dir.path().join("data"), &[], &[]);
+    let url = server.url.as_str();
+    let dir = dir.path();
+    let folder = dir.join("a-folder");
+    std::fs::create_dir(&folder).unwrap();
+    let folder = folder.to_str().unwrap();
+
+    for (args, what) in [
+        (
+            vec!["plugin", "deploy", "writer", folder],
+            "the plugin's .wasm file",
+        ),
+        (vec!["restore", "demo-alpha", folder], "an archive"),
+    ] {
+        let run = ctl(dir, url, &args);
+        assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
+        assert!(
+            run.stderr
+                .contains(&format!("{folder} is a directory, not a file"))
+                && run.stderr.contains(what),
+            "{args:?}: {}",
+            run.stderr
+        );
+    }
+    let missing = ctl(dir, url, &["plugin", "deploy", "writer", "no-such.wasm"]);
+    assert_eq!(missing.code, 2, "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("cannot read no-such.wasm"),
+        "{}",
+        missing.stderr
+    );
+    // Nothing was deployed.
+    let listed = ok(&ctl(dir, url, &["--json", "plugin", "list"])).json();
+    assert!(!listed.to_string().contains("\"writer\""), "{listed}");
+}
+
 #[test]
 fn exit_codes_tell_usage_refusal_and_unreachable_apart() {
     let dir = tempfile::tempdir().unwrap();

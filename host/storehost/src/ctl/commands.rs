@@ -262,7 +262,7 @@ fn show_store(view: &Value) {
 fn plugin(client: &Client, json_out: bool, command: PluginCommand) -> Result<(), CtlError> {
     match command {
         PluginCommand::Deploy { name, file } => {
-            let (reader, length) = open_input(&file)?;
+            let (reader, length) = open_input(&file, "the plugin's .wasm file")?;
             let bar = progress(length, &format!("uploading {}", file.display()));
             let body = reqwest::blocking::Body::sized(ProgressReader::new(reader, &bar), length);
             let response = client.send(
@@ -574,7 +574,7 @@ fn restore(
     file: &Path,
     allow_different_store: bool,
 ) -> Result<(), CtlError> {
-    let (reader, length) = open_input(file)?;
+    let (reader, length) = open_input(file, "an archive `storehost ctl backup` wrote")?;
     let bar = progress(length, &format!("restoring {id}"));
     let mut path = format!("/v1/stores/{}/backup", segment(id));
     if allow_different_store {
@@ -760,14 +760,28 @@ fn tokens(client: &Client, json_out: bool, command: TokensCommand) -> Result<(),
     }
 }
 
-/// Opens a local file to upload, with its length; a missing file is a usage error.
-fn open_input(path: &Path) -> Result<(File, u64), CtlError> {
-    let file = File::open(path)
-        .map_err(|err| CtlError::Usage(format!("cannot read {}: {err}", path.display())))?;
-    let length = file
-        .metadata()
-        .map_err(|err| CtlError::Usage(format!("cannot read {}: {err}", path.display())))?
-        .len();
+/// Opens a local file to upload (`what` it should be, for the message), with its length. A
+/// missing or unreadable file, a directory or another kind of file is a usage error: a
+/// directory opened, and its read failing inside the upload looked like an unreachable server.
+fn open_input(path: &Path, what: &str) -> Result<(File, u64), CtlError> {
+    let cannot_read =
+        |err: std::io::Error| CtlError::Usage(format!("cannot read {}: {err}", path.display()));
+    // The kind is checked before opening: opening a named pipe would wait for a writer.
+    let kind = std::fs::metadata(path).map_err(cannot_read)?.file_type();
+    if kind.is_dir() {
+        return Err(CtlError::Usage(format!(
+            "{} is a directory, not a file; pass {what}",
+            path.display()
+        )));
+    }
+    if !kind.is_file() {
+        return Err(CtlError::Usage(format!(
+            "{} is not a regular file; pass {what}",
+            path.display()
+        )));
+    }
+    let file = File::open(path).map_err(cannot_read)?;
+    let length = file.metadata().map_err(cannot_read)?.len();
     Ok((file, length))
 }
 
