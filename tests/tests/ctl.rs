@@ -383,6 +383,81 @@ fn a_backup_file_restores_the_store() {
     assert_eq!(missing.code, 2, "{}", missing.stderr);
 }
 
+/// `backup -o` names the archive: a directory (with a trailing slash or without) is refused
+/// before anything is downloaded, saying what to pass, and no `.partial` file is left beside
+/// it; nor is one left when the server refuses. Before, the whole backup was downloaded to
+/// `DIR.partial`, which stayed behind when renaming it onto the directory failed.
+#[test]
+fn a_backup_to_a_directory_is_refused_before_downloading_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::spawn(&dir.path().join("data"), &[], &[]);
+    let url = server.url.as_str();
+    let dir = dir.path();
+    let out = dir.join("backups");
+    std::fs::create_dir(&out).unwrap();
+    let out_arg = out.to_str().unwrap();
+
+    for target in [out_arg.to_owned(), format!("{out_arg}/")] {
+        let run = ctl(dir, url, &["backup", "demo-alpha", "-o", &target]);
+        assert_eq!(run.code, 2, "{target}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("is a directory")
+                && run.stderr.contains("backups/demo-alpha.tar.gz"),
+            "{target}: {}",
+            run.stderr
+        );
+    }
+    let missing_dir = dir.join("not-yet");
+    let run = ctl(
+        dir,
+        url,
+        &[
+            "backup",
+            "demo-alpha",
+            "-o",
+            &format!("{}/", missing_dir.display()),
+        ],
+    );
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let refused = ctl(
+        dir,
+        url,
+        &[
+            "backup",
+            "no-such-store",
+            "-o",
+            &format!("{out_arg}/x.tar.gz"),
+        ],
+    );
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("store_not_found"),
+        "{}",
+        refused.stderr
+    );
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .chain(std::fs::read_dir(&out).unwrap())
+        .map(|entry| entry.unwrap().file_name())
+        .filter(|name| name.to_string_lossy().ends_with(".partial"))
+        .collect();
+    assert!(left.is_empty(), "partial files left: {left:?}");
+    assert!(!missing_dir.exists());
+
+    let into = ctl(
+        dir,
+        url,
+        &[
+            "backup",
+            "demo-alpha",
+            "-o",
+            &format!("{out_arg}/demo-alpha.tar.gz"),
+        ],
+    );
+    assert!(ok(&into).stdout.contains("written to"), "{}", into.stdout);
+    assert!(out.join("demo-alpha.tar.gz").is_file());
+}
+
 /// A file to upload that is a directory, or missing, is a usage error (exit 2) naming the path,
 /// before anything is sent. Before, a directory opened, its read failed inside the upload, and
 /// `plugin deploy` and `restore` exited 3 saying the server could not be reached.

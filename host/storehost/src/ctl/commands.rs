@@ -487,55 +487,21 @@ fn print_event(json_out: bool, event: &Value) {
 }
 
 fn backup(client: &Client, json_out: bool, id: &str, target: &Path) -> Result<(), CtlError> {
-    let partial = partial_path(target)?;
-    let response =
-        client.send(client.request(Method::GET, &format!("/v1/stores/{}/backup", segment(id))))?;
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let length = response.content_length();
-    let (first, last, cursor) = (
-        header("x-backup-seq-first").unwrap_or_default(),
-        header("x-backup-seq-last").unwrap_or_default(),
-        header("x-backup-cursor").unwrap_or_default(),
-    );
-    let bar = progress(length.unwrap_or(0), &format!("backing up {id}"));
-    let written = (|| -> Result<u64, CtlError> {
-        let file = File::create(&partial)
-            .map_err(|err| CtlError::Usage(format!("cannot write {}: {err}", partial.display())))?;
-        let mut writer = std::io::BufWriter::new(file);
-        let mut reader = ProgressReader::new(response, &bar);
-        let copied = std::io::copy(&mut reader, &mut writer).map_err(|err| {
-            CtlError::Unreachable(format!("the backup download was cut off: {err}"))
-        })?;
-        let file = writer
-            .into_inner()
-            .map_err(|err| CtlError::Usage(format!("cannot write {}: {err}", partial.display())))?;
-        file.sync_all()
-            .map_err(|err| CtlError::Usage(format!("cannot write {}: {err}", partial.display())))?;
-        Ok(copied)
-    })();
-    bar.finish_and_clear();
-    let written = match written {
-        Ok(written) => written,
-        Err(err) => {
-            let _ = std::fs::remove_file(&partial);
-            return Err(err);
-        }
-    };
-    if length.is_some_and(|length| length != written) {
+    let partial = partial_path(id, target)?;
+    // The file is made before the request, so a place that cannot be written to is said
+    // before the server builds and sends the backup.
+    let file = File::create(&partial)
+        .map_err(|err| CtlError::Usage(format!("cannot write {}: {err}", partial.display())))?;
+    let downloaded = download_backup(client, id, file, &partial, target);
+    if downloaded.is_err() {
         let _ = std::fs::remove_file(&partial);
-        return Err(CtlError::Unreachable(format!(
-            "the backup download was cut off after {written} of {} bytes; try again",
-            length.unwrap_or(0)
-        )));
     }
-    std::fs::rename(&partial, target)
-        .map_err(|err| CtlError::Usage(format!("cannot write {}: {err}", target.display())))?;
+    let Downloaded {
+        written,
+        first,
+        last,
+        cursor,
+    } = downloaded?;
     if json_out {
         println!(
             "{}",
@@ -557,8 +523,86 @@ fn backup(client: &Client, json_out: bool, id: &str, target: &Path) -> Result<()
     Ok(())
 }
 
+/// A backup written whole: its size and what its headers said it holds.
+struct Downloaded {
+    written: u64,
+    first: String,
+    last: String,
+    cursor: String,
+}
+
+/// Downloads `id`'s backup into `file` (at `partial`) and renames it to `target` once complete;
+/// on an error the caller removes `partial`.
+fn download_backup(
+    client: &Client,
+    id: &str,
+    file: File,
+    partial: &Path,
+    target: &Path,
+) -> Result<Downloaded, CtlError> {
+    let response =
+        client.send(client.request(Method::GET, &format!("/v1/stores/{}/backup", segment(id))))?;
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    let (first, last, cursor) = (
+        header("x-backup-seq-first"),
+        header("x-backup-seq-last"),
+        header("x-backup-cursor"),
+    );
+    let length = response.content_length();
+    let cannot_write =
+        |err: std::io::Error| CtlError::Usage(format!("cannot write {}: {err}", partial.display()));
+    let bar = progress(length.unwrap_or(0), &format!("backing up {id}"));
+    let written = (|| -> Result<u64, CtlError> {
+        let mut writer = std::io::BufWriter::new(file);
+        let mut reader = ProgressReader::new(response, &bar);
+        let copied = std::io::copy(&mut reader, &mut writer).map_err(|err| {
+            CtlError::Unreachable(format!("the backup download was cut off: {err}"))
+        })?;
+        let file = writer
+            .into_inner()
+            .map_err(|err| cannot_write(err.into_error()))?;
+        file.sync_all().map_err(cannot_write)?;
+        Ok(copied)
+    })();
+    bar.finish_and_clear();
+    let written = written?;
+    if let Some(length) = length.filter(|length| *length != written) {
+        return Err(CtlError::Unreachable(format!(
+            "the backup download was cut off after {written} of {length} bytes; try again"
+        )));
+    }
+    std::fs::rename(partial, target)
+        .map_err(|err| CtlError::Usage(format!("cannot write {}: {err}", target.display())))?;
+    Ok(Downloaded {
+        written,
+        first,
+        last,
+        cursor,
+    })
+}
+
 /// `FILE.partial` beside `target` (the download lands there and is renamed when complete).
-fn partial_path(target: &Path) -> Result<std::path::PathBuf, CtlError> {
+/// `-o` names the archive itself: a directory, or a path ending in a separator, is refused
+/// (before, the whole backup was downloaded beside it and then could not be renamed).
+fn partial_path(id: &str, target: &Path) -> Result<std::path::PathBuf, CtlError> {
+    let ends_in_separator = target
+        .as_os_str()
+        .to_string_lossy()
+        .ends_with(std::path::is_separator);
+    if target.is_dir() || ends_in_separator {
+        return Err(CtlError::Usage(format!(
+            "-o {} is a directory; -o names the archive to write, e.g. -o {}",
+            target.display(),
+            target.join(format!("{id}.tar.gz")).display()
+        )));
+    }
     let name = target
         .file_name()
         .ok_or_else(|| CtlError::Usage(format!("-o {} is not a file name", target.display())))?;
