@@ -694,6 +694,67 @@ fn a_token_from_ctl_tokens_create_reaches_only_its_store_until_revoked() {
     assert!(again.stderr.contains("token_not_found"), "{}", again.stderr);
 }
 
+/// `ctl events tail` without `--after` starts at the log's end, showing only the events that
+/// come after it started, with the admin token and with a store token alike. Before, it read
+/// where the log ends from the store's view, an admin route: with a store token it exited 1
+/// with 403 "this route needs the admin token" unless `--after` was given.
+#[test]
+fn a_tail_without_after_shows_only_new_events_with_a_store_token_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path());
+    let url = server.url.as_str();
+    let dir = dir.path();
+    ok(&ctl(
+        dir,
+        url,
+        &["stores", "add", "tail-new", "--plugin", "writer"],
+    ));
+    let store_token = ok(&ctl(dir, url, &["tokens", "create", "tail-new"]))
+        .stdout
+        .trim()
+        .to_owned();
+    let post = |key: &str| {
+        let payload = format!(r#"{{"key":"{key}","value":1}}"#);
+        ok(&ctl(
+            dir,
+            url,
+            &["events", "post", "tail-new", "kv.put", &payload],
+        ));
+    };
+    for i in 1..=5 {
+        post(&format!("old-{i}"));
+    }
+
+    for (who, token) in [("admin", PROCESS_TOKEN), ("store", store_token.as_str())] {
+        let mut tail = command(dir)
+            .args(["ctl", "--server", url, "--token", token, "--json"])
+            .args(["events", "tail", "tail-new", "--count", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The tail has found the log's end once it shows an event posted after; until then,
+        // events posted before it did are (rightly) not shown.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut posted = 0;
+        while tail.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "{who}: the tail showed nothing");
+            posted += 1;
+            post(&format!("new-{who}-{posted}"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let output = tail.wait_with_output().unwrap();
+        assert!(output.status.success(), "{who}: {output:?}");
+        let event: Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|err| panic!("{who}: not one event ({err}): {output:?}"));
+        let key = event["payload"]["key"].as_str().unwrap_or_default();
+        assert!(
+            key.starts_with(&format!("new-{who}-")),
+            "{who}: the tail showed an event from before it started: {event}"
+        );
+    }
+}
+
 /// `ctl plugin list` shows every plugin the host has: the deployed `writer` with the SHA-256 of
 /// its file and the number of stores using it, as a table and as `--json`.
 #[test]

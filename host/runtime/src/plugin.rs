@@ -60,8 +60,7 @@ impl<H: HostCapabilities> Plugin<H> {
             .linker
             .instantiate_pre(&component)
             .map_err(|err| PluginError::World(one_line(&err)))?;
-        let pre =
-            PluginPre::new(instance_pre).map_err(|err| PluginError::World(one_line(&err)))?;
+        let pre = PluginPre::new(instance_pre).map_err(|err| PluginError::World(one_line(&err)))?;
         Ok(Arc::new(Self {
             sha256,
             size: wasm.len(),

@@ -390,6 +390,9 @@ pub async fn read(
         "next": next,
         "logEpoch": epoch.epoch,
         "logEpochAfter": epoch.after,
+        // Where the log ends as the answer is made (at least `next`): a follower starting
+        // from now (`ctl events tail`) reads it with a store token too.
+        "head": store.head().max(next),
     }))
     .map_err(ApiError::internal)?;
     Ok((
