@@ -576,6 +576,28 @@ async fn dead_letters_are_listed_a_page_at_a_time() {
     let (_, all) = host.get("/v1/stores/pages/dead-letters").await;
     assert_eq!(listed(&all), seqs, "a page of 100 by default");
 
+    // A seq past any the store holds, even past SQLite's integers (i64::MAX), is an empty
+    // page to list after and an unknown dead letter to retry (they were 500 `internal`).
+    for past in [seqs[2] + 1, 1 << 63, u64::MAX] {
+        let (status, page) = host
+            .get(&format!("/v1/stores/pages/dead-letters?after={past}"))
+            .await;
+        assert_eq!(status, 200, "after={past}: {page}");
+        assert_eq!(
+            page,
+            json!({"deadLetters": [], "next": null}),
+            "after={past}"
+        );
+        let (status, body) = host
+            .post(
+                &format!("/v1/stores/pages/dead-letters/{past}/retry"),
+                json!({}),
+            )
+            .await;
+        assert_eq!(status, 404, "retry {past}: {body}");
+        assert_eq!(body["error"]["code"], "dead_letter_not_found", "{body}");
+    }
+
     for bad in ["limit=0", "limit=1001", "lmit=5", "after=-1"] {
         let (status, body) = host
             .get(&format!("/v1/stores/pages/dead-letters?{bad}"))

@@ -638,6 +638,10 @@ impl GuestDb {
 
     /// One dead letter.
     pub fn dead_letter(&self, seq: u64) -> rusqlite::Result<Option<DeadLetter>> {
+        // SQLite's integers stop at i64::MAX, and so do the seqs it keeps.
+        let Ok(seq) = i64::try_from(seq) else {
+            return Ok(None);
+        };
         self.conn
             .query_row(
                 "SELECT seq, type, reason, error, attempts, failed_at, status, resolved_at
@@ -908,6 +912,8 @@ pub(crate) fn list_dead_letters(
         "SELECT seq, type, reason, error, attempts, failed_at, status, resolved_at
          FROM _host_dead_letters WHERE seq > ?1 ORDER BY seq LIMIT ?2",
     )?;
+    // SQLite's integers stop at i64::MAX, and so do the seqs it keeps: none is after it.
+    let after = i64::try_from(after).unwrap_or(i64::MAX);
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let rows = stmt.query_map(params![after, limit], dead_letter_from_row)?;
     rows.collect()
