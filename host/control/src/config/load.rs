@@ -98,21 +98,15 @@ fn check_document(
     let webhook = c.optional_section::<WebhookConfig>(doc, &top, "webhook", &[]);
     let registry = c.optional_section::<RegistryConfig>(doc, &top, "registry", &[]);
     let llm = check_llm(c, doc, origin);
-    let defaults = check_defaults(c, doc);
     let known_plugins = known_plugin_names(doc);
+    let defaults = check_defaults(c, doc, &known_plugins);
     let plugins = check_plugins(c, doc, origin);
     let stores = check_stores(c, doc, &known_plugins);
 
-    let defaults = defaults?;
-    if let Some(span) = c.value_span(doc, "defaults", "plugin")
-        && !known_plugins.contains(&defaults.plugin)
-    {
-        c.unknown_plugin(span, &defaults.plugin, "[defaults] plugin", &known_plugins);
-    }
     let config = HostConfig {
         http: http?,
         retry: retry?,
-        defaults,
+        defaults: defaults?,
         plugins: plugins?,
         stores: stores?,
         webhook: webhook?,
@@ -139,8 +133,12 @@ fn check_document(
     Some(config)
 }
 
-/// Checks `[defaults]` and `[defaults.quotas]`.
-fn check_defaults(c: &mut Checker<'_>, doc: &DeTable<'_>) -> Option<DefaultsConfig> {
+/// Checks `[defaults]` (its plugin among `known_plugins`) and `[defaults.quotas]`.
+fn check_defaults(
+    c: &mut Checker<'_>,
+    doc: &DeTable<'_>,
+    known_plugins: &BTreeSet<String>,
+) -> Option<DefaultsConfig> {
     let top = Section::top();
     let Some(value) = doc.get("defaults") else {
         return Some(DefaultsConfig::default());
@@ -149,42 +147,64 @@ fn check_defaults(c: &mut Checker<'_>, doc: &DeTable<'_>) -> Option<DefaultsConf
     let table = c.as_table(value, &section)?;
     let defaults = c.section::<DefaultsConfig>(table, value.span(), &section, &["quotas"]);
     let quotas = c.quotas(table, &section);
+    // The plugin is checked whatever the quotas hold, as a store's is.
+    let defaults = defaults?;
+    if let Some(plugin_value) = table.get("plugin")
+        && !known_plugins.contains(&defaults.plugin)
+    {
+        let span = plugin_value.span();
+        c.unknown_plugin(span, &defaults.plugin, "[defaults] plugin", known_plugins);
+        return None;
+    }
     Some(DefaultsConfig {
         quotas: quotas?,
-        ..defaults?
+        ..defaults
     })
 }
 
 /// Checks `[llm]`, and the stub rules it gives (inline or in a file, resolved against
 /// `origin`'s directory) so that bad rules are reported at their key.
 fn check_llm(c: &mut Checker<'_>, doc: &DeTable<'_>, origin: &Path) -> Option<LlmConfig> {
-    let mut llm = c.optional_section::<LlmConfig>(doc, &Section::top(), "llm", &[])?;
-    if let (Some(rules), Some(span)) = (&llm.stub_rules, c.value_span(doc, "llm", "stub_rules"))
-        && let Err(err) = StubProvider::from_json(rules)
-    {
-        c.error(
-            Kind::InvalidValue,
-            span,
-            format!("invalid stub_rules in [llm]: {}", err.message),
-        );
-        return None;
-    }
-    if let Some(path) = &llm.stub_rules_file {
-        let path = HostConfig::resolve_against(origin, path);
-        if let (Err(err), Some(span)) = (
-            StubProvider::from_file(&path),
-            c.value_span(doc, "llm", "stub_rules_file"),
-        ) {
-            c.error(
-                Kind::InvalidValue,
-                span,
-                format!("invalid stub_rules_file in [llm]: {}", err.message),
-            );
-            return None;
+    let llm = c.optional_section::<LlmConfig>(doc, &Section::top(), "llm", &[]);
+    // The rules are read from the text, not from the section, so that another key's mistake
+    // does not hide theirs. Both given is the section's error, and neither is checked then.
+    let table = doc.get("llm").and_then(|llm| llm.get_ref().as_table());
+    let text_of = |key: &str| {
+        let value = table?.get(key)?;
+        Some((value.get_ref().as_str()?, value.span()))
+    };
+    let mut rules_valid = true;
+    let mut rules_file = None;
+    match (text_of("stub_rules"), text_of("stub_rules_file")) {
+        (Some((rules, span)), None) => {
+            if let Err(err) = StubProvider::from_json(rules) {
+                c.error(
+                    Kind::InvalidValue,
+                    span,
+                    format!("invalid stub_rules in [llm]: {}", err.message),
+                );
+                rules_valid = false;
+            }
         }
+        (None, Some((path, span))) => {
+            let path = HostConfig::resolve_against(origin, Path::new(path));
+            if let Err(err) = StubProvider::from_file(&path) {
+                c.error(
+                    Kind::InvalidValue,
+                    span,
+                    format!("invalid stub_rules_file in [llm]: {}", err.message),
+                );
+                rules_valid = false;
+            }
+            rules_file = Some(path);
+        }
+        _ => {}
+    }
+    let mut llm = llm?;
+    if let Some(path) = rules_file {
         llm.stub_rules_file = Some(path);
     }
-    Some(llm)
+    rules_valid.then_some(llm)
 }
 
 /// The names stores may use: the built-in plugin and every validly named `[plugins.<name>]`.

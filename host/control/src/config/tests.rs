@@ -641,3 +641,31 @@ fn an_unknown_key_hides_no_range_error() {
         "{messages:#?}"
     );
 }
+
+/// One run lists every error: a bad value beside them hides neither `[defaults] plugin`
+/// naming an unknown plugin nor `[llm] stub_rules` that do not parse (each used to show only
+/// once the other was fixed).
+#[test]
+fn another_mistake_hides_neither_the_default_plugin_nor_the_stub_rules() {
+    for (text, expected) in [
+        (
+            "[defaults]\nplugin = \"nope\"\n[defaults.quotas]\nmemory = 1\n",
+            [(2, "unknown plugin \"nope\""), (4, "memory")],
+        ),
+        (
+            "[llm]\nprovider = \"gpt\"\nstub_rules = \"{\"\n",
+            [(2, "provider"), (3, "invalid stub_rules")],
+        ),
+    ] {
+        let errors = errors(text);
+        let found: Vec<(usize, &str)> = errors
+            .iter()
+            .map(|e| (e.line().unwrap(), e.message.as_str()))
+            .collect();
+        assert_eq!(errors.len(), 2, "{text}: {found:#?}");
+        for ((line, message), (expected_line, words)) in found.iter().zip(expected) {
+            assert_eq!(*line, expected_line, "{text}: {found:#?}");
+            assert!(message.contains(words), "{text}: {found:#?}");
+        }
+    }
+}
