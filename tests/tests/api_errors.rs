@@ -415,6 +415,30 @@ async fn quotas_no_store_could_run_under_are_refused_with_what_is_accepted() {
         message.contains("lots") && message.contains("64MiB"),
         "{message}"
     );
+    // Every refusal in one answer, each naming its quota and what it accepts, in a config
+    // file's words (it was the first only, naming no quota: "invalid value: integer `-5`,
+    // expected u32").
+    let (status, body) = host
+        .call(
+            reqwest::Method::PUT,
+            "/v1/stores/steady",
+            Some(json!({"quotas": {"burst": -5, "memory": "x", "fuel": 1, "cpu_ms_per_call": 0}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_quotas", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    for expected in [
+        "quotas.burst: integer `-5`, expected a whole number from 0 to 4294967295",
+        "quotas.memory: string \"x\", expected a size",
+        "\"64MiB\"",
+        "quotas.fuel: unknown field `fuel`, expected one of",
+        "cpu_ms_per_call = 0 is out of range",
+        "nothing was changed",
+    ] {
+        assert!(message.contains(expected), "{expected:?} in {message}");
+    }
+    assert!(!message.contains("u32"), "{message}");
 
     let (status, body) = host
         .call(

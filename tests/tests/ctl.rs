@@ -537,6 +537,33 @@ fn exit_codes_tell_usage_refusal_and_unreachable_apart() {
         "{}",
         not_found.stderr
     );
+    // A quota refused is named, with what was typed and what it accepts: `1e3` and a number
+    // past 64 bits went as JSON floats (refused as "floating point `1000.0`, expected u32").
+    let refused_quota = ctl(
+        dir,
+        &server.url,
+        &[
+            "stores",
+            "add",
+            "q-store",
+            "--quota",
+            "events_per_second=1e3",
+            "--quota",
+            "memory=99999999999999999999999",
+        ],
+    );
+    assert_eq!(refused_quota.code, 1, "{}", refused_quota.stderr);
+    for expected in [
+        "invalid_quotas",
+        "quotas.events_per_second: invalid type: string \"1e3\", expected a whole number from 0 to 4294967295",
+        "quotas.memory: string \"99999999999999999999999\", expected a size (it does not fit in 64 bits)",
+    ] {
+        assert!(
+            refused_quota.stderr.contains(expected),
+            "{expected:?} in {}",
+            refused_quota.stderr
+        );
+    }
     let wrong_token = command(dir)
         .args([
             "ctl",

@@ -106,7 +106,7 @@ pub async fn put(
                 });
                 let names: Vec<String> = changes.keys().cloned().collect();
                 let base = own.clone().over(defaults).quotas;
-                let quotas = merge_quotas(&base, changes)?;
+                let quotas = merge_quotas(&base, &changes)?;
                 own.set_quotas(&quotas, &names);
             }
             Ok((own, source))
@@ -126,23 +126,19 @@ pub async fn put(
 
 /// Applies the quota fields given over `base`, in the forms a config file takes (sizes as
 /// bytes or `"64MiB"`, fuel as a number or `"unmetered"`/`null`); unknown fields, wrong types
-/// and values no store could run under ([`Quotas::problems`]) are errors.
+/// and values no store could run under ([`Quotas::problems`]) are errors, all of them named in
+/// one answer.
 fn merge_quotas(
     base: &Quotas,
-    changes: serde_json::Map<String, Value>,
+    changes: &serde_json::Map<String, Value>,
 ) -> Result<Quotas, ApiError> {
-    let changes: QuotasOverride = serde_json::from_value(Value::Object(changes)).map_err(|err| {
-        ApiError::bad_request(
-            "invalid_quotas",
-            format!(
-                "invalid quotas: {err} (sizes are bytes or a string like \"64MiB\", times are milliseconds, fuel_per_call is a number or \"unmetered\")"
-            ),
-        )
-    })?;
+    let (changes, refused) = QuotasOverride::from_json_fields(changes);
     let quotas = changes.apply_to(base);
-    let problems = quotas.problems();
+    let problems: Vec<String> = refused
+        .into_iter()
+        .chain(quotas.problems().iter().map(ToString::to_string))
+        .collect();
     if !problems.is_empty() {
-        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
         return Err(ApiError::bad_request(
             "invalid_quotas",
             format!(

@@ -920,7 +920,7 @@ fn deserialize_table<T: DeserializeOwned>(
 }
 
 /// Rewrites serde's type names into words an operator reads.
-fn humanize(message: &str) -> String {
+pub(super) fn humanize(message: &str) -> String {
     let message = message.trim_end();
     message
         .strip_prefix("invalid value: ")

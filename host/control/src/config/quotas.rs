@@ -83,6 +83,32 @@ impl QuotasOverride {
         }
     }
 
+    /// Reads overrides given as JSON fields (the `quotas` of `PUT /v1/stores/{id}`) as a config
+    /// file's are read: each field alone, so that every refusal names its quota and says what
+    /// it accepts, in the config file's words. The overrides of the fields accepted, and one
+    /// message per field refused (an unknown one included).
+    pub fn from_json_fields(
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> (Self, Vec<String>) {
+        let mut accepted = serde_json::Map::new();
+        let mut refused = Vec::new();
+        for (name, value) in fields {
+            let alone = serde_json::Map::from_iter([(name.clone(), value.clone())]);
+            match serde_json::from_value::<Self>(alone.into()) {
+                Ok(_) => {
+                    accepted.insert(name.clone(), value.clone());
+                }
+                Err(err) => refused.push(format!(
+                    "quotas.{name}: {}",
+                    super::load::humanize(&err.to_string())
+                )),
+            }
+        }
+        // Each field was read alone, so all of them together read as well.
+        let overrides = serde_json::from_value(accepted.into()).unwrap_or_default();
+        (overrides, refused)
+    }
+
     /// Every value set here that no store could run under (see [`Quotas::problems`]; a value
     /// left unset keeps a default, which is fine).
     pub fn problems(&self) -> Vec<QuotaProblem> {

@@ -852,10 +852,7 @@ fn store_body(
         let mut map = Map::new();
         for pair in quotas {
             let (key, value) = key_value("--quota", pair)?;
-            // Numbers stay numbers; anything else is sent as text for the server to judge.
-            let value = serde_json::from_str::<Value>(value)
-                .unwrap_or_else(|_| Value::String(value.to_owned()));
-            map.insert(key.to_owned(), value);
+            map.insert(key.to_owned(), quota_value(value));
         }
         body.insert("quotas".into(), Value::Object(map));
     }
@@ -868,6 +865,20 @@ fn store_body(
         body.insert("config".into(), Value::Object(map));
     }
     Ok(Value::Object(body))
+}
+
+/// A `--quota` value as JSON: a whole number as an integer, `null` (back to the default) as
+/// null, and anything else — `64MiB`, `unmetered`, `1e3`, a number past 64 bits — as the text
+/// typed, for the server to judge and quote (read as JSON, `1e3` went as the float 1000.0).
+fn quota_value(typed: &str) -> Value {
+    if typed == "null" {
+        return Value::Null;
+    }
+    typed
+        .parse::<u64>()
+        .map(Value::from)
+        .or_else(|_| typed.parse::<i64>().map(Value::from))
+        .unwrap_or_else(|_| Value::String(typed.to_owned()))
 }
 
 /// `PUT /v1/stores/{id}`: the store's view, and whether it was created.
@@ -1059,6 +1070,42 @@ mod tests {
                 "could not add ws-bad: disk full",
                 "removals blocked: the registry lacks 3 of the 4 running stores"
             ]
+        );
+    }
+
+    /// A quota typed as a whole number of up to 64 bits goes as a JSON integer; anything else
+    /// goes as typed, for the server to quote in its refusal. Before, every value was read as
+    /// JSON: `1e3` went as the float 1000.0 and 99999999999999999999999 as 1e+23.
+    #[test]
+    fn quotas_go_as_integers_when_typed_as_whole_numbers_else_as_typed() {
+        let body = store_body(
+            None,
+            &[
+                "burst=50",
+                "max_pending_events=18446744073709551615",
+                "events_per_second=-5",
+                "fuel_per_call=null",
+                "memory=64MiB",
+                "cpu_ms_per_call=1e3",
+                "disk=99999999999999999999999",
+                "wall_ms_per_call=1.5",
+            ]
+            .map(String::from),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            body["quotas"],
+            json!({
+                "burst": 50,
+                "max_pending_events": u64::MAX,
+                "events_per_second": -5,
+                "fuel_per_call": null,
+                "memory": "64MiB",
+                "cpu_ms_per_call": "1e3",
+                "disk": "99999999999999999999999",
+                "wall_ms_per_call": "1.5",
+            })
         );
     }
 }
