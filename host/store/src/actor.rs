@@ -931,15 +931,16 @@ impl Actor {
         Flow::Continue
     }
 
-    /// Drops the execution records past the latest [`schedules::KEPT_RUNS`]: a task due every
-    /// second recorded 86,400 a day, which filled the store's disk quota with the host's
-    /// bookkeeping in time.
+    /// Drops the execution records past the latest [`schedules::KEPT_RUNS`] and the catch-up
+    /// window: a task due every second recorded 86,400 a day, which filled the store's disk
+    /// quota with the host's bookkeeping in time.
     fn prune_runs(&mut self) {
         self.runs_recorded = 0;
+        let window = i64::try_from(self.settings.task_catch_up.as_millis()).unwrap_or(i64::MAX);
         let db = self.lock_db();
         let pruned = db
             .begin()
-            .and_then(|()| schedules::prune_runs(db.connection()))
+            .and_then(|()| schedules::prune_runs(db.connection(), sqlite::now_ms(), window))
             .and_then(|pruned| db.commit().map(|()| pruned));
         match pruned {
             Ok(0) => {}

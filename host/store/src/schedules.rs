@@ -32,6 +32,8 @@ pub const RECENT_RUNS: usize = 50;
 pub const KEPT_RUNS: usize = 1_000;
 /// Executions (run, failed or missed) between two prunings of the old records.
 pub const PRUNE_EVERY: usize = 100;
+/// The most records one pruning drops.
+pub const PRUNE_BATCH: usize = 10_000;
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS _host_schedules (
@@ -604,16 +606,24 @@ fn view_in(conn: &Connection, recent: usize) -> rusqlite::Result<TasksView> {
     })
 }
 
-/// Drops the records of finished executions older than the latest [`KEPT_RUNS`]; answers how
-/// many. A claim in flight (`running`) stays. An execution whose record is gone is not due
-/// again: its schedule moved past it when it was recorded.
-pub fn prune_runs(conn: &Connection) -> rusqlite::Result<usize> {
+/// Drops records of finished executions beyond the latest [`KEPT_RUNS`], at most
+/// [`PRUNE_BATCH`] at a time (a store upgraded with millions of them is not stalled for
+/// seconds); answers how many. A record is what makes an occurrence run once (`claim`), so
+/// only those scheduled before the catch-up window (`window_ms`, at least
+/// [`LATE_NOT_MISSED_MS`], before `now`) go: the same occurrence due again — a one-shot task
+/// scheduled anew at a time it already ran — is then older than the window, recorded as
+/// missed, never run. A claim in flight (`running`) stays.
+pub fn prune_runs(conn: &Connection, now: i64, window_ms: i64) -> rusqlite::Result<usize> {
+    let before = now.saturating_sub(window_ms.max(LATE_NOT_MISSED_MS));
     conn.prepare_cached(
-        "DELETE FROM _host_task_runs WHERE status != 'running' AND finished_at < (
-             SELECT finished_at FROM _host_task_runs WHERE status != 'running'
-             ORDER BY finished_at DESC LIMIT 1 OFFSET ?1)",
+        "DELETE FROM _host_task_runs WHERE (task_id, scheduled_for) IN (
+             SELECT task_id, scheduled_for FROM _host_task_runs
+             WHERE status != 'running' AND scheduled_for < ?2 AND finished_at < (
+                 SELECT finished_at FROM _host_task_runs WHERE status != 'running'
+                 ORDER BY finished_at DESC LIMIT 1 OFFSET ?1)
+             ORDER BY finished_at LIMIT ?3)",
     )?
-    .execute([KEPT_RUNS as i64 - 1])
+    .execute(params![KEPT_RUNS as i64 - 1, before, PRUNE_BATCH as i64])
 }
 
 /// Whether an execution of `(task_id, due)` was already recorded.
@@ -793,8 +803,9 @@ mod tests {
         assert!(err.contains("at most 1024 bytes (got 1025)"), "{err}");
     }
 
-    /// Only the latest [`KEPT_RUNS`] finished executions stay on record; one in flight stays
-    /// whatever its age.
+    /// Only the latest [`KEPT_RUNS`] finished executions stay on record, and of the older ones
+    /// those scheduled within the catch-up window stay too (the record keeps them from running
+    /// twice); one in flight stays whatever its age.
     #[test]
     fn old_execution_records_are_dropped() {
         let conn = Connection::open_in_memory().unwrap();
@@ -803,7 +814,17 @@ mod tests {
         for i in 0..KEPT_RUNS as i64 + 250 {
             finish(&conn, "t", i, "completed", 1, Some(i), None, 10 + i).unwrap();
         }
-        assert_eq!(prune_runs(&conn).unwrap(), 250);
+        // A window reaching back to occurrence 200: the 50 after it stay.
+        let now = 200 + 10 * MINUTE;
+        assert_eq!(prune_runs(&conn, now, 10 * MINUTE).unwrap(), 200);
+        assert_eq!(
+            run_status(&conn, "t", 200).unwrap().as_deref(),
+            Some("completed")
+        );
+        assert_eq!(run_status(&conn, "t", 199).unwrap(), None);
+        // Once the window has moved on, all but the latest KEPT_RUNS go, at most PRUNE_BATCH
+        // at a time.
+        assert_eq!(prune_runs(&conn, 100 * MINUTE, 0).unwrap(), 50);
         let (count, oldest): (usize, i64) = conn
             .query_row(
                 "SELECT count(*), min(scheduled_for) FROM _host_task_runs WHERE status != 'running'",
@@ -816,7 +837,7 @@ mod tests {
             run_status(&conn, "in-flight", 0).unwrap().as_deref(),
             Some("running")
         );
-        assert_eq!(prune_runs(&conn).unwrap(), 0);
+        assert_eq!(prune_runs(&conn, 100 * MINUTE, 0).unwrap(), 0);
         let shown = view(&conn, RECENT_RUNS).unwrap().executions;
         assert_eq!(
             shown[0].scheduled_for,
