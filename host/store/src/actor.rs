@@ -132,6 +132,9 @@ pub(crate) struct Actor {
     emit_bytes_budget: Budget,
     consecutive_failures: u32,
     breaker_trips: u32,
+    /// The event or task execution whose failure last lengthened the circuit's rest: a retry
+    /// of it (after a pause too) rests as long again.
+    breaker_work: Option<String>,
     /// The earliest due time of the store's schedules (ms since the Unix epoch).
     next_due: Option<i64>,
     /// Task executions recorded since the old records were last pruned
@@ -217,6 +220,7 @@ impl Actor {
             emit_bytes_budget,
             consecutive_failures: 0,
             breaker_trips: 0,
+            breaker_work: None,
             next_due: None,
             runs_recorded: 0,
             penalized: false,
@@ -633,6 +637,7 @@ impl Actor {
 
     async fn process_in_span(&mut self, event: LoggedEvent) -> Flow {
         let policy = self.settings.retry.clone();
+        let work = format!("event {}", event.seq);
         let mut attempt = 0;
         loop {
             // A store over a budget (CPU time, emitted events) waits with its processed events
@@ -679,7 +684,7 @@ impl Actor {
                         self.dead_letter(&event, &err, attempt);
                     }
                     if self.breaker_should_open(&policy) {
-                        if self.open_circuit(&policy, attempt == 1).await == Flow::Stop {
+                        if self.open_circuit(&policy, work.clone()).await == Flow::Stop {
                             return Flow::Stop;
                         }
                     } else if !exhausted {
@@ -703,14 +708,15 @@ impl Actor {
     }
 
     /// Too many failures in a row: the store rests (state `backoff`), then probes with its next
-    /// invocation. The rest doubles for each further event or task that fails as the probe
-    /// (`new_work`: the failure was its first attempt); a retry of the same one that fails
-    /// rests as long again. So a run of bad events lengthens the rest once per event, not once
-    /// per attempt, while a plugin that fails everything still rests longer and longer.
-    /// A settings change or a pause ends the rest (see [`Actor::apply`]).
-    async fn open_circuit(&mut self, policy: &crate::store::RetryPolicy, new_work: bool) -> Flow {
-        if new_work || self.breaker_trips == 0 {
+    /// invocation. The rest doubles for each further event or task execution (`work`) that
+    /// fails as the probe; a retry of the same one that fails (after a pause too) rests as long
+    /// again. So a run of bad events lengthens the rest once per event, not once per attempt,
+    /// while a plugin that fails everything still rests longer and longer. A settings change
+    /// or a pause ends the rest (see [`Actor::apply`]).
+    async fn open_circuit(&mut self, policy: &crate::store::RetryPolicy, work: String) -> Flow {
+        if self.breaker_trips == 0 || self.breaker_work.as_ref() != Some(&work) {
             self.breaker_trips += 1;
+            self.breaker_work = Some(work);
         }
         self.consecutive_failures = 0;
         let delay = policy.breaker_delay(self.breaker_trips);
@@ -998,6 +1004,7 @@ impl Actor {
     async fn run_task(&mut self, schedule: &Schedule, due: i64) -> Flow {
         self.runs_recorded += 1;
         let policy = self.settings.retry.clone();
+        let work = format!("task {}@{due}", schedule.task_id);
         let started_at = sqlite::now_ms();
         let mut attempt = 0;
         loop {
@@ -1031,7 +1038,7 @@ impl Actor {
                         self.task_failed(schedule, due, &err, attempt, started_at);
                     }
                     if self.breaker_should_open(&policy) {
-                        if self.open_circuit(&policy, attempt == 1).await == Flow::Stop {
+                        if self.open_circuit(&policy, work.clone()).await == Flow::Stop {
                             return Flow::Stop;
                         }
                     } else if !exhausted {

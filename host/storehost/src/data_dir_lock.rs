@@ -21,6 +21,17 @@ pub struct DataDirLock {
     _file: File,
 }
 
+/// This process's lock, held until it exits: the runtime's teardown after `serve` returns
+/// still closes stores' files.
+static HELD: std::sync::OnceLock<DataDirLock> = std::sync::OnceLock::new();
+
+/// Locks `data_dir` for the rest of this process's life (see [`DataDirLock::acquire`]).
+pub fn hold(data_dir: &Path, listen: &str) -> anyhow::Result<()> {
+    let lock = DataDirLock::acquire(data_dir, listen)?;
+    HELD.set(lock)
+        .map_err(|_| anyhow!("this process already holds a data directory"))
+}
+
 impl DataDirLock {
     /// Locks `data_dir` for this process, writing its pid and `listen` address into the lock
     /// file so that a second host can say who holds it. Fails, saying so, while another
@@ -36,7 +47,13 @@ impl DataDirLock {
             .with_context(|| format!("could not open the lock file {}", path.display()))?;
         if let Err(err) = flock(&file, FlockOperation::NonBlockingLockExclusive) {
             if err != rustix::io::Errno::WOULDBLOCK {
-                return Err(anyhow!("could not lock {}: {err}", path.display()));
+                // A file system without locks (some network and FUSE mounts): the host runs,
+                // and says that nothing keeps a second one off the directory.
+                tracing::warn!(
+                    "could not lock {} ({err}): nothing keeps a second host off this data directory; run one host on it",
+                    path.display()
+                );
+                return Ok(Self { _file: file });
             }
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);

@@ -54,8 +54,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         )
     })?;
     // Held until the process ends: nothing of the directory is read before it.
-    let _data_dir_lock =
-        crate::data_dir_lock::DataDirLock::acquire(&config.data_dir, &config.listen.to_string())?;
+    crate::data_dir_lock::hold(&config.data_dir, &config.listen.to_string())?;
 
     let specs = config.store_specs();
     // The engine's memory ceiling and fuel metering are fixed now, so they cover the stores

@@ -474,7 +474,15 @@ fn log_head(client: &Client, id: &str) -> Result<u64, CtlError> {
         &format!("/v1/stores/{}/events?after=0&limit=1", segment(id)),
         None,
     )?;
-    Ok(page["head"].as_u64().unwrap_or(0))
+    match page["head"].as_u64() {
+        Some(head) => Ok(head),
+        // A server from before reads answered the head: its store view says it.
+        None => Ok(
+            client.json(Method::GET, &format!("/v1/stores/{}", segment(id)), None)?["head"]
+                .as_u64()
+                .unwrap_or(0),
+        ),
+    }
 }
 
 fn print_event(json_out: bool, event: &Value) {
