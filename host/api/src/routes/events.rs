@@ -145,8 +145,9 @@ pub fn parse_append(body: &[u8]) -> Result<(bool, Vec<NewEvent>), ApiError> {
     let invalid = |message: String| ApiError::bad_request("invalid_event", message);
     // Serde's derive would read an array as the fields in order.
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    // (`Value`, not `IgnoredAny`: skipping a string does not check that it is UTF-8.)
     if first.is_some_and(|b| *b != b'{')
-        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+        && serde_json::from_slice::<serde_json::Value>(body).is_ok()
     {
         return Err(invalid(format!(
             "the request body must be a JSON object; {SHAPE}"
@@ -566,6 +567,13 @@ mod tests {
         ] {
             assert_eq!(refusal(body).code(), "invalid_json", "{body}");
         }
+        // Found by the `append_body` fuzz target: an array, and not JSON (a key that is not
+        // UTF-8).
+        let not_utf8 = b"[{\"t\xc9ype\":\"a\"}]";
+        assert_eq!(
+            parse_append(not_utf8).expect_err("not JSON").code(),
+            "invalid_json"
+        );
         for (body, says) in [
             (r#"{"payload":{}}"#, "`type`"),
             (r#"{"type":3}"#, "invalid type"),
