@@ -1,7 +1,8 @@
 //! A store's files directory as its guest sees it (`/data`): wasmtime-wasi's filesystem with
 //! the store's `files` quota and an open-file cap in front of it.
 //!
-//! Every call of `wasi:filesystem/types` goes to wasmtime-wasi's own implementation; the ones
+//! Every call of `wasi:filesystem/types` but a directory listing (read a few entries at a time,
+//! see [`listing`]) goes to wasmtime-wasi's own implementation; the ones
 //! that make the directory hold more (writes, a larger length, new files, directories and
 //! links) first reserve what they add from the store's [`FilesUsage`], and are refused with
 //! `insufficient-space` (the guest's "No space left on device") when it has no room. The ones
@@ -34,11 +35,13 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 
 use crate::lock;
 use crate::sandbox::BYTES_PER_CPU_MS;
+use listing::Listing;
 
+mod listing;
 mod tree;
 
-/// The most directory listings one sandbox's guest holds at once: wasmtime-wasi reads a whole
-/// directory (names and types) into the host's memory when a listing starts.
+/// The most directory listings one sandbox's guest holds at once: each holds one of the host's
+/// open files, and up to [`listing::READ_AHEAD`] entries read ahead.
 pub const MAX_LISTINGS: usize = 16;
 
 /// What each file, directory and link counts besides its bytes: one filesystem block.
@@ -199,7 +202,7 @@ pub(crate) struct FilesState {
     open: Vec<Weak<std::fs::File>>,
     /// Files removed while the guest held them open (shared with its write streams).
     removed_open: RemovedOpen,
-    /// Directory listings the guest holds (each keeps the whole listing in the host's memory).
+    /// Directory listings the guest holds.
     listings: usize,
     refused: Arc<AtomicBool>,
     /// CPU ticks owed for positioned writes, the one file call whose size the guest chooses
@@ -780,15 +783,15 @@ impl HostDescriptor for FilesView<'_> {
         if self.files.listings >= MAX_LISTINGS {
             return Err(ErrorCode::Quota.into());
         }
-        // wasmtime-wasi reads the whole listing at once, an entry and its metadata at a time,
-        // on a blocking thread the epoch does not see: the call is charged the time it took
-        // (100 listings of 15,000 entries took 4.5 s of the host's CPU, charged 100 ms).
-        let started = std::time::Instant::now();
-        let listing = self.fs.read_directory(fd).await;
-        self.files.busy_for(started.elapsed());
-        let listing = listing?;
+        let Descriptor::Dir(dir) = self.fs.table.get(&fd)? else {
+            return Err(ErrorCode::NotDirectory.into());
+        };
+        let listing = Listing::start(dir.dir.clone()).await?;
+        let listing = self.fs.table.push(listing)?;
         self.files.listings += 1;
-        Ok(listing)
+        // The guest's handle is typed as wasmtime-wasi's listing; every call on it comes here,
+        // and the table checks the type of what it finds under it.
+        Ok(Resource::new_own(listing.rep()))
     }
 
     async fn sync(&mut self, fd: Resource<types::Descriptor>) -> FsResult<()> {
@@ -1019,11 +1022,24 @@ impl HostDirectoryEntryStream for FilesView<'_> {
         &mut self,
         stream: Resource<types::DirectoryEntryStream>,
     ) -> FsResult<Option<types::DirectoryEntry>> {
-        self.fs.read_directory_entry(stream).await
+        let listing = self
+            .fs
+            .table
+            .get_mut(&Resource::<Listing>::new_borrow(stream.rep()))?;
+        // Reading the next batch from the disk is done on a blocking thread the epoch does
+        // not see: the call is charged the time it took.
+        let started = std::time::Instant::now();
+        let next = listing.next().await;
+        self.files.busy_for(started.elapsed());
+        next
     }
 
     fn drop(&mut self, stream: Resource<types::DirectoryEntryStream>) -> wasmtime::Result<()> {
-        HostDirectoryEntryStream::drop(&mut self.fs, stream)?;
+        drop(
+            self.fs
+                .table
+                .delete(Resource::<Listing>::new_own(stream.rep()))?,
+        );
         self.files.listings = self.files.listings.saturating_sub(1);
         Ok(())
     }

@@ -20,8 +20,10 @@
 //! - `read_deep_file`: answers what `deep_file`'s `bottom.txt` holds;
 //! - `make_many`: makes 500 files with 100-byte names in `many/`, numbered from the input's
 //!   `start`;
-//! - `relist`: starts and drops a listing of `many/` the input's `times` times (the host
-//!   reads each listing whole), and says how long that took.
+//! - `relist`: reads a listing of `many/` whole the input's `times` times, and says how many
+//!   entries each held and how long that took;
+//! - `interleave`: starts 16 listings of `many/` at once and reads them an entry from each in
+//!   turn, and says how many entries each gave.
 #![forbid(unsafe_code)]
 
 use serde_json::Value as Json;
@@ -71,7 +73,7 @@ impl Misbehaviour for RawFs {
                     }
                     Err(format!("held {} listings", held.len()))
                 }
-                Some(kind @ ("make_many" | "relist")) => {
+                Some(kind @ ("make_many" | "relist" | "interleave")) => {
                     let _ = dir.create_directory_at("many");
                     let many = dir
                         .open_at(
@@ -95,16 +97,46 @@ impl Misbehaviour for RawFs {
                         }
                         return Err("made 500 files".to_owned());
                     }
+                    if kind == "interleave" {
+                        let listings = (0..16)
+                            .map(|_| many.read_directory())
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|err| format!("listing: {err:?}"))?;
+                        let mut counts = vec![0; listings.len()];
+                        let mut ended = vec![false; listings.len()];
+                        while ended.contains(&false) {
+                            for (i, listing) in listings.iter().enumerate() {
+                                if ended[i] {
+                                    continue;
+                                }
+                                match listing.read_directory_entry() {
+                                    Ok(Some(_)) => counts[i] += 1,
+                                    Ok(None) => ended[i] = true,
+                                    Err(err) => return Err(format!("entry: {err:?}")),
+                                }
+                            }
+                        }
+                        return Err(format!("read 16 listings of {counts:?} entries"));
+                    }
                     let times = input["times"].as_u64().unwrap_or(100);
                     let started = storehost_guest_sdk::clock::now_ms();
+                    let mut entries = 0;
                     for _ in 0..times {
                         let listing = many
                             .read_directory()
                             .map_err(|err| format!("listing: {err:?}"))?;
-                        drop(listing);
+                        entries = 0;
+                        while let Some(_) = listing
+                            .read_directory_entry()
+                            .map_err(|err| format!("entry: {err:?}"))?
+                        {
+                            entries += 1;
+                        }
                     }
                     let took = storehost_guest_sdk::clock::now_ms() - started;
-                    Err(format!("listed {times} times in {took} ms"))
+                    Err(format!(
+                        "listed {times} times {entries} entries in {took} ms"
+                    ))
                 }
                 Some("create_through_link") => {
                     dir.symlink_at("target", "link")
