@@ -358,13 +358,7 @@ async fn a_schedule_behind_by_several_occurrences_catches_up_once_and_moves_on()
 /// task never ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_catch_up_window_a_recurring_task_still_runs() {
-    let host = TestHost::start_with(TestHostOptions {
-        task_catch_up: Duration::ZERO,
-        ..TestHostOptions::default()
-    })
-    .await;
-    host.deploy("ticker", programs::TICKER).await;
-    host.add_store("clock", "ticker", &[]).await;
+    let host = clock_without_catch_up().await;
     host.append(
         "clock",
         "schedule",
@@ -499,13 +493,7 @@ async fn executed(host: &TestHost, at_least: u64) {
 /// against its disk quota). The latest executions are still shown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_task_execution_records_are_dropped() {
-    let host = TestHost::start_with(TestHostOptions {
-        task_catch_up: Duration::ZERO,
-        ..TestHostOptions::default()
-    })
-    .await;
-    host.deploy("ticker", programs::TICKER).await;
-    host.add_store("clock", "ticker", &[]).await;
+    let host = clock_without_catch_up().await;
     schedule_loops(&host, "early", 5).await;
     executed(&host, 1_200).await;
     for i in 0..5 {
@@ -531,4 +519,17 @@ async fn old_task_execution_records_are_dropped() {
     );
     let (_, tasks) = host.get("/v1/stores/clock/tasks").await;
     assert_eq!(tasks["executions"].as_array().unwrap().len(), 50, "{tasks}");
+}
+
+/// A host without a catch-up window (`task_catch_up_ms = 0`) running the store `clock` with
+/// the ticker plugin.
+async fn clock_without_catch_up() -> TestHost {
+    let host = TestHost::start_with(TestHostOptions {
+        task_catch_up: Duration::ZERO,
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("ticker", programs::TICKER).await;
+    host.add_store("clock", "ticker", &[]).await;
+    host
 }
