@@ -703,6 +703,74 @@ async fn a_start_cut_short_finishes_no_removal() {
     assert_eq!(archived(&data, "kept"), 1, "its data is in the archive");
 }
 
+/// A store the config file (or `STORE_IDS`) started, dropped from it while the host was down,
+/// is removed at the next start as a live edit would have removed it: its data archived, its
+/// pause and tokens gone, so a store created later under its id starts empty, running, and
+/// unreachable with the old tokens. Before, its directory stayed in place for no one, and the
+/// next store of that id (a webhook's, say) took over its events, its pause and its tokens. A
+/// store the config still declares keeps its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_store_dropped_while_the_host_was_down_is_archived_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let first = host_on(&data).await;
+    let defaults = first.orchestrator.defaults();
+    for (name, source) in [("dropped", StoreSource::Config), ("kept", StoreSource::Env)] {
+        first
+            .orchestrator
+            .ensure_running(&id(name), defaults.clone(), source)
+            .await
+            .unwrap();
+        first
+            .append(name, "kv.put", json!({"key": "k", "value": name}))
+            .await;
+        first.settle(name).await;
+    }
+    let (old_token, _) = first.issue_token("dropped").await;
+    first
+        .orchestrator
+        .set_paused(&id("dropped"), true)
+        .await
+        .unwrap();
+    first.stop().await;
+
+    // Only `kept` is declared now.
+    let second = host_on(&data).await;
+    second
+        .orchestrator
+        .ensure_running(&id("kept"), defaults.clone(), StoreSource::Env)
+        .await
+        .unwrap();
+    second.orchestrator.restore_persisted().await.unwrap();
+    assert!(
+        !data.join("stores/dropped").exists(),
+        "its files were left in place"
+    );
+    assert_eq!(archived(&data, "dropped"), 1, "its data is in the archive");
+    assert_eq!(archived(&data, "kept"), 0);
+    let (_, body) = second.get("/v1/stores/kept").await;
+    assert_eq!(body["head"], 1, "the declared store keeps its data: {body}");
+
+    let (status, body) = second
+        .call(reqwest::Method::PUT, "/v1/stores/dropped", None)
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (_, body) = second.get("/v1/stores/dropped").await;
+    assert_eq!(
+        body["head"], 0,
+        "a new store under its id starts empty: {body}"
+    );
+    assert_eq!(body["state"], "running", "{body}");
+    let status = reqwest::Client::new()
+        .get(format!("{}/v1/stores/dropped/events?after=0", second.url))
+        .bearer_auth(&old_token)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 401, "the old store's token opens the new one");
+}
+
 /// How many archives of store `id` `DATA_DIR/archive` holds.
 fn archived(data: &std::path::Path, id: &str) -> usize {
     let Ok(entries) = std::fs::read_dir(data.join("archive")) else {
@@ -869,6 +937,7 @@ struct MemoryDesiredState {
     specs: Mutex<BTreeMap<StoreId, (StoreSource, StoreSpec)>>,
     paused: Mutex<BTreeSet<StoreId>>,
     removals: Mutex<BTreeMap<StoreId, bool>>,
+    config_stores: Mutex<BTreeSet<StoreId>>,
 }
 
 impl DesiredState for MemoryDesiredState {
@@ -899,6 +968,7 @@ impl DesiredState for MemoryDesiredState {
         self.specs.lock().unwrap().remove(id);
         self.paused.lock().unwrap().remove(id);
         self.removals.lock().unwrap().remove(id);
+        self.config_stores.lock().unwrap().remove(id);
         Ok(())
     }
 
@@ -932,6 +1002,15 @@ impl DesiredState for MemoryDesiredState {
             .iter()
             .map(|(id, purge)| (id.clone(), *purge))
             .collect())
+    }
+
+    fn started_by_config(&self, id: &StoreId) -> Result<(), ControlError> {
+        self.config_stores.lock().unwrap().insert(id.clone());
+        Ok(())
+    }
+
+    fn config_stores(&self) -> Result<Vec<StoreId>, ControlError> {
+        Ok(self.config_stores.lock().unwrap().iter().cloned().collect())
     }
 }
 

@@ -396,6 +396,40 @@ async fn after_the_grace_period_an_orphan_is_removed_and_archived() {
     );
 }
 
+/// A store removed and created again under its id while the registry lacks it gets a grace
+/// period of its own: when the registry began to lack the old one is forgotten with it.
+/// Before, the new store inherited that time, and a pass past the old one's grace period
+/// removed the new one at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_created_again_gets_a_grace_period_of_its_own() {
+    let (url, registry) = registry(&["stay-a", "stay-b", "again-c"]).await;
+    let grace = Duration::from_secs(2);
+    let s = setup(settings(&url, grace, Duration::ZERO), 100).await;
+    let host = &s.host;
+    s.reconciler.run_pass().await.unwrap();
+    set_ids(&registry, &["stay-a", "stay-b"]);
+    let report = s.reconciler.run_pass().await.unwrap();
+    assert_eq!(report.result.pending_removals, ["again-c"]);
+    tokio::time::sleep(grace + Duration::from_millis(500)).await;
+    let (status, body) = host
+        .call(reqwest::Method::DELETE, "/v1/stores/again-c", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = host
+        .call(reqwest::Method::PUT, "/v1/stores/again-c", None)
+        .await;
+    assert_eq!(status, 201, "{body}");
+
+    let report = s.reconciler.run_pass().await.unwrap();
+    assert!(
+        report.result.removed.is_empty(),
+        "the new store was removed at once: {:?}",
+        report.result.removed
+    );
+    assert_eq!(report.result.pending_removals, ["again-c"]);
+    assert!(running(host).await.contains(&"again-c".to_owned()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_registry_removes_nothing_and_counts_failures() {
     let (url, registry) = registry(&["up-a", "up-b"]).await;

@@ -1006,6 +1006,7 @@ impl Orchestrator {
             }
             let owner = if taken_over {
                 self.desired.forget_spec(id)?;
+                self.desired.started_by_config(id)?;
                 tracing::info!(store_id = %id, from = current_source.as_str(), to = source.as_str(), "the config now declares the store: it owns it");
                 source
             } else {
@@ -1078,9 +1079,12 @@ impl Orchestrator {
                 return Err(err.into());
             }
         };
-        if source.persisted()
-            && let Err(err) = self.desired.put(id, source, &spec)
-        {
+        let recorded = if source.persisted() {
+            self.desired.put(id, source, &spec)
+        } else {
+            self.desired.started_by_config(id)
+        };
+        if let Err(err) = recorded {
             store.stop().await;
             self.record(id, "failed", Some(err.to_string()));
             return Err(err);
@@ -1322,6 +1326,34 @@ impl Orchestrator {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Removes, as an edit of the running config would have, the stores the config file or
+    /// `STORE_IDS` started when the host last ran and declares no more (dropped while the host
+    /// was down): their files are archived ([`Orchestrator::finish_removals`] does it), their
+    /// tokens revoked and their pause forgotten. Before, their files stayed in place,
+    /// running for no one, and the next store of that id, from any source, took over their
+    /// data, their pause and the tokens issued for them.
+    async fn remove_undeclared(&self) -> Result<(), ControlError> {
+        if self.is_stopping() {
+            // A start cut short: which stores the config declares did not all start.
+            return Ok(());
+        }
+        let running = self.sources().await;
+        for id in self.desired.config_stores()? {
+            let declared = running.get(&id).is_some_and(|s| s.is_config_owned())
+                || self
+                    .failed_start(&id)
+                    .and_then(|(_, owner)| owner)
+                    .is_some_and(StoreSource::is_config_owned);
+            // Kept for another owner since (host.db restores it).
+            if declared || running.contains_key(&id) || self.desired.get(&id)?.is_some() {
+                continue;
+            }
+            tracing::info!(store_id = %id, "the config no longer declares the store (it did when the host last ran): removing it, its data archived");
+            self.desired.begin_removal(&id, false)?;
+        }
+        Ok(())
+    }
+
     /// Finishes the removals host.db records as under way (the host stopped, or could not
     /// forget the store, before one was done): each store's files are archived (or deleted)
     /// if they are still in place, and the store forgotten. One the config declares again,
@@ -1370,6 +1402,7 @@ impl Orchestrator {
     /// begun before the host stopped are finished first.
     pub async fn restore_persisted(&self) -> Result<usize, ControlError> {
         self.restore_plugins().await?;
+        self.remove_undeclared().await?;
         self.finish_removals().await?;
         let removing = self.removing().clone();
         let running = self.sources().await;

@@ -78,6 +78,10 @@ impl Registry {
                 id TEXT PRIMARY KEY,
                 purge INTEGER NOT NULL,
                 asked_at INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS config_stores (
+                id TEXT PRIMARY KEY,
+                started_at INTEGER NOT NULL
             )",
         )?;
         let tokens = crate::tokens::TokenCache::load(&conn)?;
@@ -111,11 +115,12 @@ impl Registry {
         Ok(())
     }
 
-    /// Forgets a store (its pause and its removal under way included), in one transaction.
+    /// Forgets a store (its pause, its removal under way, whether the config declared it and
+    /// since when the registry has been missing it included), in one transaction.
     pub fn delete(&self, id: &StoreId) -> rusqlite::Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        for table in ["stores", "paused", "removals"] {
+        for table in ["stores", "paused", "removals", "config_stores", "orphans"] {
             tx.execute(&format!("DELETE FROM {table} WHERE id = ?1"), [id.as_str()])?;
         }
         tx.commit()
@@ -132,6 +137,36 @@ impl Registry {
             params![id.as_str(), purge, now_ms()],
         )?;
         Ok(())
+    }
+
+    /// Records that store `id`, declared by the config file or `STORE_IDS`, has started (kept
+    /// until it is removed): a host that finds it no longer declared at its next start removes
+    /// it ([`Registry::config_stores`]).
+    pub fn started_by_config(&self, id: &StoreId) -> rusqlite::Result<()> {
+        self.conn().execute(
+            "INSERT INTO config_stores (id, started_at) VALUES (?1, ?2)
+             ON CONFLICT (id) DO NOTHING",
+            params![id.as_str(), now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// The stores the config file or `STORE_IDS` declared and started, and not removed since.
+    pub fn config_stores(&self) -> rusqlite::Result<Vec<StoreId>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id FROM config_stores ORDER BY id")?;
+        let rows = stmt.query_map([], |row| row.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let id = row?;
+            match StoreId::new(&id) {
+                Ok(id) => out.push(id),
+                Err(_) => {
+                    tracing::error!(store_id = %id, "skipping an unreadable config store entry")
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Store `id` is not being removed after all (the config declares it again).

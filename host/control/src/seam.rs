@@ -61,7 +61,8 @@ pub trait DesiredState: Send + Sync + std::fmt::Debug {
     /// Forgets store `id`'s owner and spec (the config file or `STORE_IDS` now declares it),
     /// keeping its pause.
     fn forget_spec(&self, id: &StoreId) -> Result<(), ControlError>;
-    /// Forgets all of store `id` (removed): spec, pause and removal under way, as one change.
+    /// Forgets all of store `id` (removed): spec, pause, removal under way and record of the
+    /// config's start, as one change.
     fn delete(&self, id: &StoreId) -> Result<(), ControlError>;
     /// Keeps that store `id` is paused, or no longer is, whatever its owner.
     fn set_paused(&self, id: &StoreId, paused: bool) -> Result<(), ControlError>;
@@ -74,6 +75,11 @@ pub trait DesiredState: Send + Sync + std::fmt::Debug {
     fn cancel_removal(&self, id: &StoreId) -> Result<(), ControlError>;
     /// The removals begun and not finished, each with its `purge`.
     fn removals(&self) -> Result<Vec<(StoreId, bool)>, ControlError>;
+    /// Keeps that store `id`, which the config file or `STORE_IDS` declares, has started: a
+    /// host whose config no longer declares it at its next start removes it.
+    fn started_by_config(&self, id: &StoreId) -> Result<(), ControlError>;
+    /// The stores the config started and not removed since.
+    fn config_stores(&self) -> Result<Vec<StoreId>, ControlError>;
 }
 
 /// `host.db` is today's desired state; its tokens, plugin records, webhook answers and
@@ -117,6 +123,14 @@ impl DesiredState for Registry {
 
     fn removals(&self) -> Result<Vec<(StoreId, bool)>, ControlError> {
         Ok(Registry::removals(self)?)
+    }
+
+    fn started_by_config(&self, id: &StoreId) -> Result<(), ControlError> {
+        Ok(Registry::started_by_config(self, id)?)
+    }
+
+    fn config_stores(&self) -> Result<Vec<StoreId>, ControlError> {
+        Ok(Registry::config_stores(self)?)
     }
 }
 
