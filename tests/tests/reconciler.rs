@@ -430,6 +430,41 @@ async fn a_store_created_again_gets_a_grace_period_of_its_own() {
     assert!(running(host).await.contains(&"again-c".to_owned()));
 }
 
+/// A registry that does not answer fails a manual pass with a message that says it timed out
+/// and which setting bounds the wait (it said only "error sending request"), and a pass the
+/// registry failed does not hold back the operator's next one for
+/// `MANUAL_RECONCILE_MIN_INTERVAL_MS` (the 60 s began before the pass, and a retry right after
+/// the registry was fixed got 429); a pass that succeeded does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_registry_is_named_and_its_failure_does_not_hold_back_a_retry() {
+    let (url, registry) = registry(&["ws-a"]).await;
+    let hold = Arc::new(tokio::sync::Semaphore::new(0));
+    registry.lock().unwrap().hold = Some(hold.clone());
+    let mut settings = settings(&url, Duration::ZERO, Duration::from_secs(60));
+    settings.request_timeout = Duration::from_millis(300);
+    let s = setup(settings, 100).await;
+    let token = [("x-server-token", BYPASS)];
+
+    let (status, body, _) = manual(&s.host, &token).await;
+    assert_eq!(status, 502, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no answer within 300 ms") && message.contains("request_timeout_ms"),
+        "{message}"
+    );
+
+    registry.lock().unwrap().hold = None;
+    hold.add_permits(1);
+    let (status, body, _) = manual(&s.host, &token).await;
+    assert_eq!(
+        status, 200,
+        "the retry after a failed pass was held back: {body}"
+    );
+    assert_eq!(running(&s.host).await, ["ws-a"]);
+    let (status, body, _) = manual(&s.host, &token).await;
+    assert_eq!(status, 429, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_registry_removes_nothing_and_counts_failures() {
     let (url, registry) = registry(&["up-a", "up-b"]).await;

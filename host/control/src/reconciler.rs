@@ -27,10 +27,33 @@ const MAX_PAGES: usize = 10_000;
 /// into the host's memory, which every store shares.
 pub const MAX_PAGE_BYTES: usize = 16 << 20;
 
+/// A request to the registry that failed, with why: every cause reqwest's own message leaves
+/// out (the refused connection, the unknown host), and the timeout that ended a request when
+/// one did ("error sending request" was all an operator saw of a registry that hung).
+fn request_failed(url: &reqwest::Url, err: &reqwest::Error, timeout: Duration) -> ReconcileError {
+    let mut why = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        if !why.contains(&inner_text) {
+            why = format!("{why}: {inner_text}");
+        }
+        cause = inner.source();
+    }
+    if err.is_timeout() {
+        why = format!(
+            "no answer within {} ms (the registry's request_timeout_ms): {why}",
+            timeout.as_millis()
+        );
+    }
+    ReconcileError::Registry(format!("GET {url}: {why}"))
+}
+
 /// The body of a registry page, refused past [`MAX_PAGE_BYTES`] as soon as it passes them.
 async fn read_page(
     mut response: reqwest::Response,
     url: &reqwest::Url,
+    timeout: Duration,
 ) -> Result<Vec<u8>, ReconcileError> {
     let too_large = || {
         ReconcileError::Registry(format!(
@@ -48,7 +71,7 @@ async fn read_page(
     while let Some(chunk) = response
         .chunk()
         .await
-        .map_err(|err| ReconcileError::Registry(format!("GET {url}: {err}")))?
+        .map_err(|err| request_failed(url, &err, timeout))?
     {
         if body.len() + chunk.len() > MAX_PAGE_BYTES {
             return Err(too_large());
@@ -304,7 +327,16 @@ impl Reconciler {
             }
             *last = Some(Instant::now());
         }
-        self.pass_locked(guard).await
+        let passed = self.pass_locked(guard).await;
+        if matches!(passed, Err(ReconcileError::Registry(_))) {
+            // The registry failed: the operator who fixes it may try again at once (the
+            // scheduled passes back off meanwhile).
+            *self
+                .last_manual
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
+        passed
     }
 
     /// One pass; refused while another runs.
@@ -519,7 +551,7 @@ impl Reconciler {
             let response = request
                 .send()
                 .await
-                .map_err(|err| ReconcileError::Registry(format!("GET {url}: {err}")))?;
+                .map_err(|err| request_failed(&url, &err, self.settings.request_timeout))?;
             let status = response.status();
             if !status.is_success() {
                 return Err(ReconcileError::Registry(format!(
@@ -531,7 +563,7 @@ impl Reconciler {
                     }
                 )));
             }
-            let body = read_page(response, &url).await?;
+            let body = read_page(response, &url, self.settings.request_timeout).await?;
             let page: serde_json::Value = serde_json::from_slice(&body).map_err(|err| {
                 ReconcileError::Registry(format!("GET {url}: the answer is not JSON: {err}"))
             })?;
