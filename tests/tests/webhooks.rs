@@ -299,6 +299,63 @@ async fn signed_webhooks_are_verified_and_a_replayed_id_gets_the_first_answer() 
     assert_eq!(status, 200);
 }
 
+/// Webhooks are applied in the order of their payloads' `timestamp`: a `workspace.created`
+/// delayed (or retried after a refusal) past the `workspace.deleted` that followed it changes
+/// nothing and is answered with the store's state, where it brought the deleted workspace's
+/// store back. And a delivery is its `webhook-id` with its body: two messages a sender gave
+/// one unsigned id are both applied, where the second got the first's answer and was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_older_than_the_last_applied_changes_nothing_and_ids_go_with_bodies() {
+    let host = host().await;
+    let at = |event: &str, id: &str, timestamp: &str| {
+        json!({"event": event, "instanceId": id, "timestamp": timestamp}).to_string()
+    };
+    let created = at("workspace.created", "ws-order", "2026-12-07T12:00:00Z");
+    let (status, body) = post(&host, &secret_header(), &created).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("monitoring_started"))
+    );
+    let deleted = at("workspace.deleted", "ws-order", "2026-12-07T12:00:10.5Z");
+    let (status, body) = post(&host, &secret_header(), &deleted).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("monitoring_stopped"))
+    );
+
+    // The creation again, retried late (and one of the same instant in another zone's time).
+    for late in [
+        created,
+        at("workspace.created", "ws-order", "2026-12-07T13:00:10+01:00"),
+    ] {
+        let (status, body) = post(&host, &secret_header(), &late).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("already_stopped")),
+            "{late}"
+        );
+        assert!(
+            !running(&host, "ws-order").await,
+            "{late} brought the store back"
+        );
+    }
+    let again = at("workspace.created", "ws-order", "2026-12-07T12:05:00Z");
+    let (status, body) = post(&host, &secret_header(), &again).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("monitoring_started"))
+    );
+
+    let mut first = secret_header();
+    first.push(("webhook-id", "reused".to_owned()));
+    for id in ["ws-plain-a", "ws-plain-b"] {
+        let (status, body) = post(&host, &first, &event("workspace.created", id)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["storeId"], id, "{body}");
+        assert!(running(&host, id).await, "{id}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_that_requires_signatures_refuses_the_shared_secret() {
     let host = host_with(

@@ -79,6 +79,11 @@ impl Registry {
                 purge INTEGER NOT NULL,
                 asked_at INTEGER NOT NULL
             );
+            CREATE TABLE IF NOT EXISTS webhook_order (
+                id TEXT PRIMARY KEY,
+                event_at INTEGER NOT NULL,
+                received_at INTEGER NOT NULL
+            );
             CREATE TABLE IF NOT EXISTS config_stores (
                 id TEXT PRIMARY KEY,
                 started_at INTEGER NOT NULL
@@ -334,6 +339,39 @@ impl Registry {
         )?;
         conn.execute(
             "DELETE FROM webhook_answers WHERE received_at < ?1",
+            [not_before],
+        )?;
+        Ok(())
+    }
+
+    /// The `timestamp` of the latest webhook applied to store `id` (ms since the Unix epoch),
+    /// if one was received at or after `not_before`.
+    pub fn webhook_event_at(&self, id: &StoreId, not_before: i64) -> rusqlite::Result<Option<i64>> {
+        self.conn()
+            .query_row(
+                "SELECT event_at FROM webhook_order WHERE id = ?1 AND received_at >= ?2",
+                params![id.as_str(), not_before],
+                |row| row.get(0),
+            )
+            .optional()
+    }
+
+    /// Records that a webhook of `timestamp` `event_at` was applied to store `id` (kept if it
+    /// is the latest), and forgets records received before `not_before`.
+    pub fn record_webhook_event_at(
+        &self,
+        id: &StoreId,
+        event_at: i64,
+        not_before: i64,
+    ) -> rusqlite::Result<()> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO webhook_order (id, event_at, received_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET event_at = MAX(event_at, ?2), received_at = ?3",
+            params![id.as_str(), event_at, now_ms()],
+        )?;
+        conn.execute(
+            "DELETE FROM webhook_order WHERE received_at < ?1",
             [not_before],
         )?;
         Ok(())

@@ -207,7 +207,15 @@ impl Webhooks {
     pub async fn handle(&self, request: WebhookRequest<'_>) -> WebhookResult {
         let now = now_ms();
         self.authenticate(&request, now / 1000)?;
-        let replay_id = request.id.map(str::trim).filter(|id| !id.is_empty());
+        // A delivery is its id and its body: a sender that gave two messages one id (an id
+        // that is not signed with them, beside X-Webhook-Secret) has each applied, where the
+        // second got the first's answer and was lost.
+        let replay_id = request
+            .id
+            .map(str::trim)
+            .filter(|id| !id.is_empty())
+            .map(|id| format!("{id} {}", hex::encode(Sha256::digest(request.body))));
+        let replay_id = replay_id.as_deref();
         let _serial = self.deliveries.lock().await;
         let not_before = now.saturating_sub(
             i64::try_from(self.settings.replay_retention.as_millis()).unwrap_or(i64::MAX),
@@ -227,7 +235,7 @@ impl Webhooks {
                 Err(err) => return Err(internal("reading webhook answers", &err)),
             }
         }
-        let result = self.apply(request.body, now).await;
+        let result = self.apply(request.body, now, not_before).await;
         if let Some(id) = replay_id {
             let remember = match &result {
                 Ok(_) => Some(200),
@@ -280,8 +288,12 @@ impl Webhooks {
         }
     }
 
-    /// Parses the payload and starts or stops its store.
-    async fn apply(&self, body: &[u8], now: i64) -> WebhookResult {
+    /// Parses the payload and starts or stops its store, unless a later webhook (by the
+    /// payloads' `timestamp`) was applied to it since `not_before`: one delayed, or retried
+    /// after a failure, arriving after the one that followed it (a `workspace.created` after
+    /// its `workspace.deleted` brought the workspace's store back) changes nothing, and is
+    /// answered with the store's state.
+    async fn apply(&self, body: &[u8], now: i64, not_before: i64) -> WebhookResult {
         let payload = parse_payload(body)?;
         let id = StoreId::new(&payload.instance_id).map_err(|err| {
             WebhookError::InvalidStoreId(format!(
@@ -296,6 +308,45 @@ impl Webhooks {
             received_at: received_at.clone(),
         };
         let orchestrator = &self.orchestrator;
+        if let Some(at) = payload.timestamp {
+            match orchestrator.registry().webhook_event_at(&id, not_before) {
+                Ok(Some(latest)) if at < latest => {
+                    tracing::info!(
+                        store_id = %id,
+                        timestamp = %rfc3339(at),
+                        latest = %rfc3339(latest),
+                        "a webhook older than the latest applied to the store: it changes nothing"
+                    );
+                    return Ok(accepted(if orchestrator.spec(&id).await.is_some() {
+                        WebhookStatus::AlreadyMonitored
+                    } else {
+                        WebhookStatus::AlreadyStopped
+                    }));
+                }
+                Ok(_) => {}
+                Err(err) => return Err(internal("reading the order of webhooks", &err)),
+            }
+        }
+        let applied = self.change(&id, &payload, accepted).await;
+        if applied.is_ok()
+            && let Some(at) = payload.timestamp
+            && let Err(err) = orchestrator
+                .registry()
+                .record_webhook_event_at(&id, at, not_before)
+        {
+            tracing::error!(store_id = %id, "could not record the webhook's timestamp: {err}");
+        }
+        applied
+    }
+
+    /// Starts or stops store `id` as `payload` asks.
+    async fn change(
+        &self,
+        id: &StoreId,
+        payload: &Payload,
+        accepted: impl Fn(WebhookStatus) -> WebhookAccepted,
+    ) -> WebhookResult {
+        let (orchestrator, id) = (&self.orchestrator, id.clone());
         match payload.event {
             Event::Created => {
                 // A store whose start failed is tried again, as its owner had it.
@@ -359,6 +410,9 @@ struct Payload {
     event: Event,
     instance_id: String,
     user_id: Option<String>,
+    /// When the event happened (ms since the Unix epoch), from an RFC 3339 `timestamp`;
+    /// `None` without one.
+    timestamp: Option<i64>,
 }
 
 /// Checks a webhook body the way a delivery is checked before it changes anything, and
@@ -414,6 +468,13 @@ fn parse_payload(body: &[u8]) -> Result<Payload, WebhookError> {
             .get("userId")
             .and_then(|u| u.as_str())
             .map(str::to_owned),
+        // Not required (the service this replaces did not read it): one that is not RFC 3339
+        // puts the webhook in no order.
+        timestamp: object
+            .get("timestamp")
+            .and_then(|t| t.as_str())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t.trim()).ok())
+            .map(|t| t.timestamp_millis()),
     })
 }
 
