@@ -417,6 +417,86 @@ async fn a_config_fix_ends_the_circuits_rest_at_once() {
     assert_eq!(status["state"], "running", "{status}");
 }
 
+/// A pause ends the circuit's rest and the resume probes at once, but a pause and resume do
+/// not lengthen the rest: it is tied to the event that failed, and the probe that fails after
+/// the resume is the same event, so the store rests as long again (20 s here), not twice as
+/// long (40 s, then 80 s) as it would for a new event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_and_resume_end_the_circuits_rest_without_lengthening_it() {
+    let rest = Duration::from_secs(20);
+    let host = TestHost::start_with(TestHostOptions {
+        retry: RetryPolicy {
+            attempts: 5,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(10),
+            breaker_failures: 2,
+            breaker_base_delay: rest,
+            breaker_max_delay: Duration::from_secs(300),
+        },
+        ..TestHostOptions::default()
+    })
+    .await;
+    host.deploy("flaky", programs::FLAKY).await;
+    host.add_store("stubborn", "flaky", &[("fail", "trap")])
+        .await;
+    host.append("stubborn", "risky", json!({"id": 1})).await;
+    // Two failed attempts open the circuit; the event's next attempt waits for the rest.
+    let status = host
+        .wait_for_status("stubborn", |s| s["state"] == "backoff")
+        .await;
+    assert_eq!(status["errorsCount"], 2, "{status}");
+    let rest_ms = i64::try_from(rest.as_millis()).unwrap();
+    let remaining = |status: &Value| {
+        status["waitingUntil"].as_i64().expect("resting") - storehost_store::sqlite::now_ms()
+    };
+    assert!(remaining(&status) <= rest_ms, "{status}");
+    let mut resting_until = status["waitingUntil"].as_i64().unwrap();
+
+    for round in 1..=2 {
+        let (code, body) = host.post("/v1/stores/stubborn/pause", json!({})).await;
+        assert_eq!(code, 200, "{body}");
+        let status = host
+            .wait_for_status("stubborn", |s| s["state"] == "paused")
+            .await;
+        assert_eq!(
+            status["waitingUntil"],
+            Value::Null,
+            "the pause ended the rest (round {round}): {status}"
+        );
+
+        let resumed = std::time::Instant::now();
+        let (code, body) = host.post("/v1/stores/stubborn/resume", json!({})).await;
+        assert_eq!(code, 200, "{body}");
+        let errors = 2 + round;
+        let status = host
+            .wait_for_status("stubborn", |s| {
+                s["errorsCount"] == errors && s["state"] == "backoff"
+            })
+            .await;
+        assert!(
+            resumed.elapsed() < rest / 2,
+            "the resume probed at once, not after the rest's remainder: it took {:?}",
+            resumed.elapsed()
+        );
+        let until = status["waitingUntil"].as_i64().expect("resting again");
+        assert!(until > resting_until, "a new rest began: {status}");
+        // Set to now + the rest when it began, so at most the rest from now; doubled it
+        // would be about twice that.
+        assert!(
+            remaining(&status) <= rest_ms + 1_000,
+            "round {round}: the same event's failed probe rests {} ms; the rest is {rest_ms} ms",
+            remaining(&status)
+        );
+        resting_until = until;
+    }
+    let (_, status) = host.get("/v1/stores/stubborn").await;
+    assert_eq!(status["cursor"], 0, "{status}");
+    assert_eq!(
+        status["deadLettered"], 0,
+        "each resume gave the event its attempts anew: {status}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_over_its_cpu_budget_waits_while_others_go_on() {
     let host = TestHost::start().await;
