@@ -480,3 +480,41 @@ async fn a_guest_nests_directories_64_deep_at_most_and_its_store_starts_again() 
         "measured afresh: {status}"
     );
 }
+
+/// A guest syncing a file in a loop is charged the time its syncs take as CPU time, through
+/// `sync` as through `sync-data`: each sync here writes back 4,096 pages the guest dirtied
+/// cheaply (about 35 ms a sync on this machine's disk, which takes a small sync in 0.1 ms), so
+/// the epoch ticks alone would count it as one tick. The guest stops by itself once its
+/// syncs have taken 500 ms: charged their time, it fails as `cpu_time` under a 600 ms
+/// `cpu_ms_per_call` before that (the dirtying is charged about as much again), long before
+/// its 30 s `wall_ms_per_call`; charged a tick each, it was charged about 400 ms and answered
+/// how long it had synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncs_in_a_loop_are_charged_their_time_as_cpu_time() {
+    let host = TestHost::start().await;
+    host.deploy("raw_fs", programs::RAW_FS).await;
+    let quotas = Quotas {
+        cpu_ms_per_call: 600,
+        wall_ms_per_call: 30_000,
+        ..Quotas::default()
+    };
+    host.add_store_with("syncer", "raw_fs", &[], quotas).await;
+    for call in ["sync", "sync_data"] {
+        let args = json!({"kind": "sync_loop", "call": call, "pages": 4_096, "sync_ms": 500});
+        let args = storehost_tests::urlencode(&args.to_string());
+        let started = std::time::Instant::now();
+        let (status, body) = host
+            .get(&format!("/v1/stores/syncer/query/hostile?args={args}"))
+            .await;
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("more than 600 ms of CPU time"),
+            "{call}: the syncs' time was not charged: {status} {body}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "{call}: failed only after {:?}",
+            started.elapsed()
+        );
+    }
+}

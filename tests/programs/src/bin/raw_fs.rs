@@ -24,6 +24,11 @@
 //!   entries each held and how long that took;
 //! - `interleave`: starts 16 listings of `many/` at once and reads them an entry from each in
 //!   turn, and says how many entries each gave.
+//! - `sync_loop`: dirties `pages` pages of the file `synced` (one byte in every other 4 KiB
+//!   page, each through a stream of its own: cheap for the guest, a write to the disk each for
+//!   the sync), then syncs it with `call` (`sync` or `sync_data`), again and again until its
+//!   syncs have taken `sync_ms` in all, and says how many it made and how long they and the
+//!   dirtying took.
 #![forbid(unsafe_code)]
 
 use serde_json::Value as Json;
@@ -136,6 +141,48 @@ impl Misbehaviour for RawFs {
                     let took = storehost_guest_sdk::clock::now_ms() - started;
                     Err(format!(
                         "listed {times} times {entries} entries in {took} ms"
+                    ))
+                }
+                Some("sync_loop") => {
+                    let file = dir
+                        .open_at(
+                            PathFlags::empty(),
+                            "synced",
+                            OpenFlags::CREATE,
+                            DescriptorFlags::READ | DescriptorFlags::WRITE,
+                        )
+                        .map_err(|err| format!("open: {err:?}"))?;
+                    let pages = input["pages"].as_u64().unwrap_or(1_024);
+                    let budget =
+                        std::time::Duration::from_millis(input["sync_ms"].as_u64().unwrap_or(500));
+                    let full = match input["call"].as_str() {
+                        Some("sync") => true,
+                        Some("sync_data") => false,
+                        other => return Err(format!("unknown call {other:?}")),
+                    };
+                    let (mut syncs, mut syncing, mut dirtying) =
+                        (0, std::time::Duration::ZERO, std::time::Duration::ZERO);
+                    while syncing < budget {
+                        let started = std::time::Instant::now();
+                        for page in 0..pages {
+                            let stream = file
+                                .write_via_stream(page * 8_192)
+                                .map_err(|err| format!("stream: {err:?}"))?;
+                            stream
+                                .write(&[syncs as u8])
+                                .map_err(|err| format!("write: {err:?}"))?;
+                        }
+                        dirtying += started.elapsed();
+                        let started = std::time::Instant::now();
+                        let synced = if full { file.sync() } else { file.sync_data() };
+                        synced.map_err(|err| format!("sync: {err:?}"))?;
+                        syncing += started.elapsed();
+                        syncs += 1;
+                    }
+                    Err(format!(
+                        "synced {syncs} times in {} ms, dirtying took {} ms",
+                        syncing.as_millis(),
+                        dirtying.as_millis()
                     ))
                 }
                 Some("create_through_link") => {
