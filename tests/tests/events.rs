@@ -143,6 +143,68 @@ async fn a_burst_commits_in_groups_and_a_failed_event_loses_only_its_own_writes(
     );
 }
 
+/// Events commit in batches of up to 128, and a batch the events stop arriving in before it
+/// fills commits then: 30 events appended at once, and the 30 they emit, show as processed
+/// (cursor, count, the emitted events in the log) at once, with nothing else asking the store
+/// to commit (no query, no task, no other append), each applied once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_events_stop_arriving_in_commits_without_filling() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("trickle", "writer", &[]).await;
+
+    let events: Vec<_> = (0..30)
+        .map(|i| {
+            json!({"type": "kv.emit", "payload": {"type": "kv.put", "payload": {"key": format!("k{i}"), "value": i}}})
+        })
+        .collect();
+    let appended = std::time::Instant::now();
+    let (status, body) = host
+        .post("/v1/stores/trickle/events", json!({"events": events}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    // Only the store's status is read until everything shows as processed: it asks the
+    // store for nothing, so a commit can only come from the store itself.
+    let status = host.wait_for_status("trickle", |s| s["cursor"] == 60).await;
+    assert!(
+        appended.elapsed() < std::time::Duration::from_secs(5),
+        "60 events took {:?} to show as processed",
+        appended.elapsed()
+    );
+    assert_eq!(status["eventsProcessed"], 60, "{status}");
+    assert_eq!(status["head"], 60, "{status}");
+    let (_, page) = host.get("/v1/stores/trickle/events?after=30").await;
+    let emitted: Vec<_> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap(),
+                e["source"].as_str().unwrap().to_owned(),
+                e["payload"]["key"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<_> = (0..30)
+        .map(|i| (31 + i, "plugin".to_owned(), format!("k{i}")))
+        .collect();
+    assert_eq!(
+        emitted, expected,
+        "each emitted event logged once, in order"
+    );
+
+    assert_eq!(
+        host.query("trickle", "applied", json!({})).await["seqs"],
+        json!((1..=60).collect::<Vec<u64>>()),
+        "every event applied once, in seq order"
+    );
+    assert_eq!(
+        host.query("trickle", "count", json!({})).await,
+        json!({"kv": 30, "applied": 60})
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_returns_the_first_seq_and_appends_nothing() {
     let host = TestHost::start().await;
