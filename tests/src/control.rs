@@ -77,6 +77,13 @@ pub struct Watched {
     _watch: ConfigWatcher,
 }
 
+impl Watched {
+    /// The directories the watch is on now.
+    pub fn watched_directories(&self) -> Vec<PathBuf> {
+        self._watch.directories()
+    }
+}
+
 /// Starts a host on the config at `path`: its plugins deployed, its stores running, and the
 /// file watched (edits apply live). Every store of the config must start.
 pub async fn watched(path: &Path, max_stores: usize) -> Watched {
@@ -89,6 +96,25 @@ pub async fn watched(path: &Path, max_stores: usize) -> Watched {
     watched
 }
 
+/// Called with a plugin file's path each time the host has read it, before the host uses the
+/// bytes: a test changes the file there to race the host's reads against its watch.
+pub type AfterPluginRead = Arc<dyn Fn(&Path) + Send + Sync>;
+
+/// [`watched`], with `after_read` called after each read of a plugin file the config names.
+pub async fn watched_after_reads(
+    path: &Path,
+    max_stores: usize,
+    after_read: AfterPluginRead,
+) -> Watched {
+    let options = ControlHostOptions {
+        max_stores,
+        ..ControlHostOptions::default()
+    };
+    let (watched, failed) = start_watched(path, options, |_, state| state, Some(after_read)).await;
+    assert!(failed.is_empty(), "config stores did not start: {failed:?}");
+    watched
+}
+
 /// [`watched`] with `options`, `configure` adding parts (webhooks…) to its API state, and the
 /// config's stores started as `storehost serve` starts them: one that cannot start is a failed
 /// store (answered with why), and the others go on.
@@ -96,6 +122,15 @@ pub async fn watched_with(
     path: &Path,
     options: ControlHostOptions,
     configure: impl FnOnce(&Arc<Orchestrator>, AppState) -> AppState,
+) -> (Watched, Vec<(storehost_store::StoreId, String)>) {
+    start_watched(path, options, configure, None).await
+}
+
+async fn start_watched(
+    path: &Path,
+    options: ControlHostOptions,
+    configure: impl FnOnce(&Arc<Orchestrator>, AppState) -> AppState,
+    after_read: Option<AfterPluginRead>,
 ) -> (Watched, Vec<(storehost_store::StoreId, String)>) {
     let config = config::load_file(path).unwrap_or_else(|e| panic!("{e}"));
     let mut reloader = None;
@@ -105,7 +140,11 @@ pub async fn watched_with(
         let read_plugin: watcher::PluginReader = Arc::new(move |_name, source| match source {
             PluginSource::File(path) => {
                 reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                std::fs::read(path)
+                let bytes = std::fs::read(path);
+                if let Some(after_read) = &after_read {
+                    after_read(path);
+                }
+                bytes
             }
             PluginSource::Builtin => Err(std::io::ErrorKind::NotFound.into()),
         });

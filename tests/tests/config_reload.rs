@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use storehost_control::watcher::ReloadOutcome;
 use storehost_store::StoreId;
 use storehost_tests::TestHost;
-use storehost_tests::control::{eventually, watched};
+use storehost_tests::control::{AfterPluginRead, eventually, watched, watched_after_reads};
 use storehost_tests::programs;
 
 fn header() -> String {
@@ -766,4 +766,204 @@ async fn an_edit_of_the_defaults_reaches_the_stores_added_at_run_time() {
         own_of("chooser").quotas.keys().collect::<Vec<_>>(),
         ["cpu_ms_per_call"]
     );
+}
+
+/// A config naming the plugin `swap` at `plugin`, run by the store `on-swap`.
+fn swap_config(plugin: &Path) -> String {
+    config_with(
+        &[],
+        &format!("[plugins.swap]\npath = {plugin:?}\n[stores.on-swap]\nplugin = \"swap\"\n"),
+    )
+}
+
+/// A plugin directory removed and made again (`rm -rf plugins && mkdir plugins`, then the
+/// plugin written into it) is watched again: the plugin written at once is deployed, so is one
+/// written after a pause, and so is the next rewrite in place. Before, the watch ended with
+/// the first directory and nothing written into the new one was seen until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_directory_removed_and_made_again_is_watched_again() {
+    let (_dir, path) = config_file();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let plugins = elsewhere.path().join("plugins");
+    let plugin = plugins.join("swap.wasm");
+    std::fs::create_dir(&plugins).unwrap();
+    let writer = std::fs::read(programs::WRITER).unwrap();
+    std::fs::write(&plugin, &writer).unwrap();
+    std::fs::write(&path, swap_config(&plugin)).unwrap();
+    let w = watched(&path, 10).await;
+    let host = &w.host;
+    assert_eq!(store_sha(host).await, storehost_tests::sha256sum(&writer));
+
+    let deployed = |note: &str| {
+        let bytes = storehost_tests::with_custom_section(&writer, note);
+        (storehost_tests::sha256sum(&bytes), bytes)
+    };
+    let (first_sha, first) = deployed("first");
+    std::fs::remove_dir_all(&plugins).unwrap();
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(&plugin, &first).unwrap();
+    eventually(
+        "the plugin written into the new directory is deployed",
+        || async { store_sha(host).await == first_sha },
+    )
+    .await;
+
+    // Removed, and made again once the host has seen it gone; the plugin comes later still.
+    let (second_sha, second) = deployed("second");
+    std::fs::remove_dir_all(&plugins).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    std::fs::create_dir(&plugins).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    std::fs::write(&plugin, &second).unwrap();
+    eventually("the plugin written after a pause is deployed", || async {
+        store_sha(host).await == second_sha
+    })
+    .await;
+
+    let (third_sha, third) = deployed("third");
+    std::fs::write(&plugin, &third).unwrap();
+    eventually("the plugin rewritten in place is deployed", || async {
+        store_sha(host).await == third_sha
+    })
+    .await;
+    eventually("the error of the missing plugin clears", || async {
+        health(host).await["config"]["lastError"].is_null()
+    })
+    .await;
+}
+
+/// The config file deleted and written again applies, and so does one written into its
+/// directory removed and made again, at once or after a pause: the watch outlives both.
+/// While the file is missing `/health` says so and the last good config keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_file_deleted_or_its_directory_made_again_is_still_watched() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("conf");
+    std::fs::create_dir(&dir).unwrap();
+    let path = dir.join("storehost.toml");
+    std::fs::write(&path, config_with(&["first"], "")).unwrap();
+    let w = watched(&path, 10).await;
+    let host = &w.host;
+    let missing = || async {
+        health(host).await["config"]["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot read the config file"))
+    };
+
+    std::fs::remove_file(&path).unwrap();
+    eventually("the missing config is reported", missing).await;
+    assert_eq!(ids(host).await, ["first"], "the last good config runs on");
+    std::fs::write(&path, config_with(&["second"], "")).unwrap();
+    eventually("the config written again applies", || async {
+        ids(host).await == ["second"]
+    })
+    .await;
+
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(&path, config_with(&["third"], "")).unwrap();
+    eventually("the config in the directory made again applies", || async {
+        ids(host).await == ["third"]
+    })
+    .await;
+
+    std::fs::remove_dir_all(&dir).unwrap();
+    eventually("the removed directory is reported", missing).await;
+    std::fs::create_dir(&dir).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    save_by_rename(&path, &config_with(&["fourth"], ""));
+    eventually("the config written after a pause applies", || async {
+        ids(host).await == ["fourth"] && health(host).await["config"]["lastError"].is_null()
+    })
+    .await;
+}
+
+/// A plugin file changed in a directory an edit names for the first time, after the reload
+/// read it but before the watch on that directory began, is not missed: once the directory
+/// is watched its plugin files are read again and the changed one is deployed. The test
+/// writes the file right after the host's read, inside that window; before, the change was
+/// seen only at the file's next write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_changed_before_its_new_directory_is_watched_is_deployed() {
+    let (_dir, path) = config_file();
+    std::fs::write(&path, config_with(&["base"], "")).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let late = elsewhere.path().join("later").join("late.wasm");
+    std::fs::create_dir(late.parent().unwrap()).unwrap();
+    std::fs::write(&late, std::fs::read(programs::WRITER).unwrap()).unwrap();
+    let flaky = std::fs::read(programs::FLAKY).unwrap();
+    let flaky_sha = storehost_tests::sha256sum(&flaky);
+    let raced = std::sync::atomic::AtomicBool::new(false);
+    let target = late.clone();
+    let after_read: AfterPluginRead = std::sync::Arc::new(move |read: &Path| {
+        if read == target && !raced.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            std::fs::write(read, &flaky).unwrap();
+        }
+    });
+    let w = watched_after_reads(&path, 10, after_read).await;
+    let host = &w.host;
+
+    save_by_rename(
+        &path,
+        &config_with(
+            &["base"],
+            &format!("[plugins.late]\npath = {late:?}\n[stores.on-late]\nplugin = \"late\"\n"),
+        ),
+    );
+    eventually(
+        "the version written during the reload is deployed",
+        || async { store_sha_of(host, "on-late").await == flaky_sha },
+    )
+    .await;
+}
+
+/// A directory no longer named by the config is no longer watched: once an edit drops the
+/// last plugin in it, the watch is on the config's directory and the other plugins' again,
+/// and writes there read nothing. Before, each directory a config had ever named stayed
+/// watched until the host stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_directory_the_config_no_longer_names_is_unwatched() {
+    let (_dir, path) = config_file();
+    std::fs::write(&path, config_with(&["base"], "")).unwrap();
+    let w = watched(&path, 10).await;
+    let host = &w.host;
+    let at_start = w.watched_directories();
+    assert_eq!(
+        at_start.len(),
+        2,
+        "the config's and the writer's: {at_start:?}"
+    );
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let later = elsewhere.path().join("later");
+    let late = later.join("late.wasm");
+    std::fs::create_dir(&later).unwrap();
+    std::fs::write(&late, std::fs::read(programs::WRITER).unwrap()).unwrap();
+    let later = std::fs::canonicalize(&later).unwrap();
+    save_by_rename(
+        &path,
+        &config_with(
+            &["base"],
+            &format!("[plugins.late]\npath = {late:?}\n[stores.on-late]\nplugin = \"late\"\n"),
+        ),
+    );
+    eventually("the new plugin's directory is watched", || async {
+        w.watched_directories().contains(&later)
+    })
+    .await;
+
+    save_by_rename(&path, &config_with(&["base"], ""));
+    eventually("the edit removes the plugin's store", || async {
+        ids(host).await == ["base"]
+    })
+    .await;
+    eventually("the directory named no more is not watched", || async {
+        w.watched_directories() == at_start
+    })
+    .await;
+    let plugin_reads = || w.plugin_reads.load(std::sync::atomic::Ordering::Relaxed);
+    let reads = (w.reloader.reads(), plugin_reads());
+    std::fs::write(&late, std::fs::read(programs::FLAKY).unwrap()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!((w.reloader.reads(), plugin_reads()), reads);
 }

@@ -6,13 +6,14 @@
 //! reload whose content hash did not change does nothing, and an edit that does not parse (or
 //! names a plugin that cannot load) keeps the last good config running.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use notify::RecursiveMode;
 use notify::event::{AccessKind, AccessMode, EventKind, MetadataKind, ModifyKind};
+use notify_debouncer_full::file_id::{FileId, get_file_id};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use sha2::{Digest, Sha256};
 use storehost_store::StoreId;
@@ -202,7 +203,7 @@ impl ConfigReloader {
         next.env = current.running.env.clone();
         let mut summary = ReloadSummary::default();
         if let Err(message) = self
-            .deploy_changed_plugins(&current.running, &next, &mut summary)
+            .deploy_changed_plugins(&current.running, &next, None, &mut summary)
             .await
         {
             let outcome = ReloadOutcome::Refused(format!(
@@ -223,10 +224,19 @@ impl ConfigReloader {
     /// Deploys every plugin file of the running config whose bytes changed (the config itself
     /// is not re-read). A file that cannot be read or loaded keeps the running version.
     pub async fn refresh_plugins(&self) -> ReloadOutcome {
+        self.refresh(None).await
+    }
+
+    /// [`ConfigReloader::refresh_plugins`] for those of `files` the running config names.
+    pub async fn refresh_plugin_files(&self, files: &BTreeSet<PathBuf>) -> ReloadOutcome {
+        self.refresh(Some(files)).await
+    }
+
+    async fn refresh(&self, only: Option<&BTreeSet<PathBuf>>) -> ReloadOutcome {
         let current = self.current.lock().await;
         let mut summary = ReloadSummary::default();
         let outcome = match self
-            .deploy_changed_plugins(&current.running, &current.running, &mut summary)
+            .deploy_changed_plugins(&current.running, &current.running, only, &mut summary)
             .await
         {
             Err(message) => ReloadOutcome::Refused(format!(
@@ -264,18 +274,22 @@ impl ConfigReloader {
 
     /// Deploys every file plugin of `next` whose file changed since it was last deployed from
     /// it, or that `previous` did not name (see [`Orchestrator::deploy_plugin_file`]: a version
-    /// uploaded through the API since runs until its file changes). A plugin that cannot be
-    /// read or loaded refuses the whole edit.
+    /// uploaded through the API since runs until its file changes). Only the files in `only`,
+    /// when given. A plugin that cannot be read or loaded refuses the whole edit.
     async fn deploy_changed_plugins(
         &self,
         previous: &HostConfig,
         next: &HostConfig,
+        only: Option<&BTreeSet<PathBuf>>,
         summary: &mut ReloadSummary,
     ) -> Result<(), String> {
         let named_before = previous.plugin_sources();
         for (name, source) in next.plugin_sources() {
-            if source == PluginSource::Builtin {
+            let PluginSource::File(file) = &source else {
                 // Compiled into the binary: deployed at start, it never changes.
+                continue;
+            };
+            if only.is_some_and(|only| !only.contains(file)) {
                 continue;
             }
             let reader = self.read_plugin.clone();
@@ -284,10 +298,7 @@ impl ConfigReloader {
                 .await
                 .map_err(|err| format!("reading plugin {name:?} failed: {err}"))?
                 .map_err(|err| {
-                    let path = match &source {
-                        PluginSource::File(path) => path.display().to_string(),
-                        PluginSource::Builtin => "(built in)".into(),
-                    };
+                    let path = file.display();
                     format!(
                         "plugin {name:?}: cannot read {path}: {err}; fix the path in [plugins.{name}]"
                     )
@@ -439,7 +450,7 @@ fn hash(bytes: &[u8]) -> [u8; 32] {
 
 /// A running watch on a config file; dropping it stops watching.
 pub struct ConfigWatcher {
-    _debouncer: Box<dyn std::any::Any + Send>,
+    watches: Arc<std::sync::Mutex<Watches>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -455,26 +466,59 @@ impl Drop for ConfigWatcher {
     }
 }
 
+impl ConfigWatcher {
+    /// The directories watched now: each one the config file or a plugin file of the running
+    /// config is in, or, while one of those does not exist, its nearest existing ancestor.
+    pub fn directories(&self) -> Vec<PathBuf> {
+        lock(&self.watches).on.keys().cloned().collect()
+    }
+}
+
 /// How long file events settle before a reload (editors write in several steps).
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// What a file event asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Change {
     /// The config file changed.
     Config,
     /// A plugin file the config names changed.
     Plugin,
+    /// A directory at this path was made, removed or renamed, and it is (or is an ancestor of)
+    /// the directory of a watched file: a watch may have ended with it, or one that was
+    /// missing may be back.
+    Directory(PathBuf),
+    /// The watch lost events: anything may have changed.
+    Rescan,
 }
 
-/// `path`'s directory (canonical when it exists) and file name.
+/// `path` with its symbolic links resolved as far as it exists: a directory keeps the same
+/// name while it is removed and made again.
+fn canonical(path: &Path) -> PathBuf {
+    let mut existing = path;
+    let mut below = Vec::new();
+    loop {
+        if let Ok(mut resolved) = std::fs::canonicalize(existing) {
+            resolved.extend(below.iter().rev());
+            return resolved;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                below.push(name);
+                existing = parent;
+            }
+            _ => return path.to_owned(),
+        }
+    }
+}
+
+/// `path`'s directory (canonical as far as it exists) and file name.
 fn split(path: &Path) -> Option<(PathBuf, std::ffi::OsString)> {
     let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-        _ => PathBuf::from("."),
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
     };
-    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-    Some((dir, path.file_name()?.to_owned()))
+    Some((canonical(dir), path.file_name()?.to_owned()))
 }
 
 /// Whether a file event can mean new content: not the opens, reads and closes without a
@@ -489,6 +533,15 @@ fn may_change_content(kind: &EventKind) -> bool {
     }
 }
 
+/// Whether a file event makes, removes or renames what is at its path (a directory among
+/// others). The host's own reads and writes never do this to the directories it watches.
+fn may_move_directories(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Create(_) | EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+    )
+}
+
 /// The files a watch reacts to: the config file, and the plugin files its running config
 /// names (each as its canonical directory and file name).
 struct Watched {
@@ -497,22 +550,161 @@ struct Watched {
 }
 
 impl Watched {
-    fn change(&self, path: &Path) -> Option<Change> {
-        let changed = split(path)?;
-        if changed == self.config {
-            Some(Change::Config)
-        } else if self.plugins.contains(&changed) {
-            Some(Change::Plugin)
-        } else {
-            None
+    /// The directories the watched files are in.
+    fn directories(&self) -> BTreeSet<PathBuf> {
+        std::iter::once(&self.config.0)
+            .chain(self.plugins.iter().map(|(directory, _)| directory))
+            .cloned()
+            .collect()
+    }
+
+    /// What an event asks for.
+    fn changes(&self, event: &notify::Event) -> Vec<Change> {
+        if event.need_rescan() {
+            return vec![Change::Rescan];
+        }
+        let mut changes = Vec::new();
+        if may_change_content(&event.kind) {
+            for path in &event.paths {
+                let Some(changed) = split(path) else { continue };
+                if changed == self.config {
+                    changes.push(Change::Config);
+                } else if self.plugins.contains(&changed) {
+                    changes.push(Change::Plugin);
+                }
+            }
+        }
+        if may_move_directories(&event.kind) {
+            for path in event.paths.iter().map(|p| canonical(p)) {
+                if self.directories().iter().any(|d| d.starts_with(&path)) {
+                    changes.push(Change::Directory(path));
+                }
+            }
+        }
+        changes
+    }
+}
+
+type Debouncer = notify_debouncer_full::Debouncer<
+    notify::RecommendedWatcher,
+    notify_debouncer_full::RecommendedCache,
+>;
+
+/// The directories a watch is on: each directory of a watched file, or, while one does not
+/// exist, its nearest existing ancestor, whose events tell when it is made again.
+struct Watches {
+    debouncer: Debouncer,
+    /// Each watched directory, and which directory it was when its watch began: one removed
+    /// and made again under the same name needs a watch of its own.
+    on: BTreeMap<PathBuf, FileId>,
+}
+
+/// How many times [`Watches::follow`] looks again at directories being made while it adds
+/// watches, before it leaves the rest to their events.
+const FOLLOW_ROUNDS: usize = 8;
+
+impl Watches {
+    /// Watches each of `directories` (or its nearest existing ancestor while it does not
+    /// exist) and stops watching any other directory. Answers the directories whose watch
+    /// began now, with the errors of those that could not be watched.
+    fn follow(
+        &mut self,
+        directories: &BTreeSet<PathBuf>,
+    ) -> (BTreeSet<PathBuf>, Vec<notify::Error>) {
+        let mut began = BTreeSet::new();
+        let mut errors = Vec::new();
+        let mut targets = nearest_existing(directories);
+        for _ in 0..FOLLOW_ROUNDS {
+            errors.clear();
+            for (directory, id) in &targets {
+                if self.on.get(directory) == Some(id) {
+                    continue;
+                }
+                match self.debouncer.watch(directory, RecursiveMode::NonRecursive) {
+                    Ok(()) => {
+                        self.on.insert(directory.clone(), *id);
+                        began.insert(directory.clone());
+                    }
+                    Err(err) => errors.push(err),
+                }
+            }
+            let stale: Vec<PathBuf> = self
+                .on
+                .keys()
+                .filter(|directory| !targets.contains_key(*directory))
+                .cloned()
+                .collect();
+            for directory in stale {
+                self.stop(&directory);
+                began.remove(&directory);
+            }
+            // A directory made (or removed) between looking for it and the watch beginning on
+            // its parent sent its event to no watch: look again until nothing moved.
+            let now = nearest_existing(directories);
+            if now == targets {
+                break;
+            }
+            targets = now;
+        }
+        (began, errors)
+    }
+
+    /// Forgets the watches on `moved` and below: they ended with it, or are on another
+    /// directory than their name now says. [`Watches::follow`] begins them again.
+    fn forget_under(&mut self, moved: &Path) {
+        let ended: Vec<PathBuf> = self
+            .on
+            .keys()
+            .filter(|directory| directory.starts_with(moved))
+            .cloned()
+            .collect();
+        for directory in ended {
+            self.stop(&directory);
         }
     }
+
+    /// Forgets every watch (after lost events).
+    fn forget_all(&mut self) {
+        let all: Vec<PathBuf> = self.on.keys().cloned().collect();
+        for directory in all {
+            self.stop(&directory);
+        }
+    }
+
+    fn stop(&mut self, directory: &Path) {
+        // A watch whose directory was removed has ended already: nothing to stop.
+        if let Err(err) = self.debouncer.unwatch(directory) {
+            tracing::debug!(directory = %directory.display(), "watch already ended: {err}");
+        }
+        self.on.remove(directory);
+    }
+}
+
+/// Each of `directories`, or its nearest existing ancestor while it does not exist, with the
+/// identity of the directory found.
+fn nearest_existing(directories: &BTreeSet<PathBuf>) -> BTreeMap<PathBuf, FileId> {
+    directories
+        .iter()
+        .filter_map(|directory| {
+            directory
+                .ancestors()
+                .find_map(|d| Some((d.to_owned(), get_file_id(d).ok()?)))
+        })
+        .collect()
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Watches `reloader`'s file and the plugin files its config names (through their parent
 /// directories): a config edit reloads it; a plugin file written anew is deployed (stores using
 /// it switch after their in-flight invocation). After each reload the watch follows the plugin
-/// files the config names then, in whatever directory.
+/// files the config names then, in whatever directory, and stops watching the directories it
+/// no longer names. A directory removed and made again is watched again, and the files of a
+/// directory whose watch just began are read again, so a change made before is not missed.
 pub async fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notify::Error> {
     let path = reloader.path().to_owned();
     let config = split(&path).ok_or_else(|| {
@@ -522,6 +714,9 @@ pub async fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notif
         ))
     })?;
     let config_dir = config.0.clone();
+    if !config_dir.is_dir() {
+        return Err(notify::Error::path_not_found().add_path(config_dir));
+    }
     let watched = Arc::new(std::sync::Mutex::new(Watched {
         config,
         plugins: BTreeSet::new(),
@@ -533,13 +728,9 @@ pub async fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notif
         None,
         move |result: DebounceEventResult| match result {
             Ok(events) => {
-                let watched = seen
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                for event in events.iter().filter(|e| may_change_content(&e.kind)) {
-                    for change in event.paths.iter().filter_map(|p| watched.change(p)) {
-                        let _ = tx.send(change);
-                    }
+                let watched = lock(&seen);
+                for change in events.iter().flat_map(|event| watched.changes(event)) {
+                    let _ = tx.send(change);
                 }
             }
             Err(errors) => {
@@ -549,81 +740,120 @@ pub async fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notif
             }
         },
     )?;
-    let debouncer = Arc::new(std::sync::Mutex::new(debouncer));
-    let mut directories = BTreeSet::new();
-    watch_directory(&debouncer, &mut directories, &config_dir)?;
-    follow_plugin_files(&reloader, &watched, &debouncer, &mut directories).await;
+    let watches = Arc::new(std::sync::Mutex::new(Watches {
+        debouncer,
+        on: BTreeMap::new(),
+    }));
+    let (_, mut errors) = follow_plugin_files(&reloader, &watched, &watches).await;
+    if !lock(&watches).on.contains_key(&config_dir) {
+        let err = errors.pop();
+        return Err(err.unwrap_or_else(|| notify::Error::path_not_found().add_path(config_dir)));
+    }
+    warn_unwatched(errors);
     tracing::info!(path = %path.display(), "watching the config file and its plugin files for edits");
-    let watching = debouncer.clone();
+    let watching = watches.clone();
     let task = tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
-            let mut config_changed = first == Change::Config;
+            let mut changes = vec![first];
             while let Ok(next) = rx.try_recv() {
-                config_changed |= next == Change::Config;
+                changes.push(next);
             }
-            if config_changed {
-                reloader.reload().await;
-                follow_plugin_files(&reloader, &watched, &watching, &mut directories).await;
-            } else {
-                reloader.refresh_plugins().await;
-            }
+            apply(&reloader, &watched, &watching, changes).await;
         }
     });
-    Ok(ConfigWatcher {
-        _debouncer: Box::new(debouncer),
-        task,
-    })
+    Ok(ConfigWatcher { watches, task })
 }
 
-type Debouncer = notify_debouncer_full::Debouncer<
-    notify::RecommendedWatcher,
-    notify_debouncer_full::RecommendedCache,
->;
-
-/// Watches `directory` unless it is watched already.
-fn watch_directory(
-    debouncer: &std::sync::Mutex<Debouncer>,
-    directories: &mut BTreeSet<PathBuf>,
-    directory: &Path,
-) -> Result<(), notify::Error> {
-    if directories.contains(directory) {
-        return Ok(());
+/// Reloads, re-watches and deploys what `changes` ask for.
+async fn apply(
+    reloader: &ConfigReloader,
+    watched: &std::sync::Mutex<Watched>,
+    watches: &std::sync::Mutex<Watches>,
+    changes: Vec<Change>,
+) {
+    let (mut reload, mut refresh, mut moved) = (false, false, false);
+    for change in changes {
+        match change {
+            Change::Config => reload = true,
+            Change::Plugin => refresh = true,
+            Change::Rescan => {
+                (reload, refresh, moved) = (true, true, true);
+                lock(watches).forget_all();
+            }
+            Change::Directory(path) => {
+                moved = true;
+                {
+                    let watched = lock(watched);
+                    // The files in it are gone, or may be back.
+                    reload |= watched.config.0.starts_with(&path);
+                    refresh |= watched.plugins.iter().any(|(d, _)| d.starts_with(&path));
+                }
+                lock(watches).forget_under(&path);
+            }
+        }
     }
-    debouncer
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .watch(directory, RecursiveMode::NonRecursive)?;
-    directories.insert(directory.to_owned());
-    Ok(())
+    if reload {
+        reloader.reload().await;
+    }
+    let mut began = BTreeSet::new();
+    if reload || moved {
+        let (now, errors) = follow_plugin_files(reloader, watched, watches).await;
+        warn_unwatched(errors);
+        began = now;
+        let config_dir = lock(watched).config.0.clone();
+        if began.contains(&config_dir)
+            && matches!(reloader.reload().await, ReloadOutcome::Applied(_))
+        {
+            // The config was written before its directory's watch began.
+            let (now, errors) = follow_plugin_files(reloader, watched, watches).await;
+            warn_unwatched(errors);
+            began.extend(now);
+        }
+    }
+    if refresh {
+        reloader.refresh_plugins().await;
+    } else if !began.is_empty() {
+        // A plugin file written after the reload read it and before its directory's watch
+        // began sent its events to no watch: read those files again.
+        let files: BTreeSet<PathBuf> = reloader
+            .plugin_files()
+            .await
+            .into_iter()
+            .filter(|file| split(file).is_some_and(|(directory, _)| began.contains(&directory)))
+            .collect();
+        if !files.is_empty() {
+            reloader.refresh_plugin_files(&files).await;
+        }
+    }
 }
 
-/// Makes the watch react to the plugin files the running config names now, watching their
-/// directories. A directory that cannot be watched (it does not exist yet) is said in the
-/// log; the next config edit tries again.
+fn warn_unwatched(errors: Vec<notify::Error>) {
+    for err in errors {
+        tracing::warn!(
+            "cannot watch a directory of the config or its plugin files; edits there apply at the next config edit: {err}"
+        );
+    }
+}
+
+/// Makes the watch react to the config file and the plugin files the running config names
+/// now, watching their directories (and no other). Answers the directories whose watch began.
 async fn follow_plugin_files(
     reloader: &ConfigReloader,
     watched: &std::sync::Mutex<Watched>,
-    debouncer: &std::sync::Mutex<Debouncer>,
-    directories: &mut BTreeSet<PathBuf>,
-) {
+    watches: &std::sync::Mutex<Watches>,
+) -> (BTreeSet<PathBuf>, Vec<notify::Error>) {
     let plugins: BTreeSet<_> = reloader
         .plugin_files()
         .await
         .iter()
         .filter_map(|p| split(p))
         .collect();
-    for (directory, _) in &plugins {
-        if let Err(err) = watch_directory(debouncer, directories, directory) {
-            tracing::warn!(
-                directory = %directory.display(),
-                "cannot watch a plugin file's directory; edits of its plugin files are not deployed until the next config edit: {err}"
-            );
-        }
-    }
-    watched
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .plugins = plugins;
+    let directories = {
+        let mut watched = lock(watched);
+        watched.plugins = plugins;
+        watched.directories()
+    };
+    lock(watches).follow(&directories)
 }
 
 #[cfg(test)]
