@@ -398,6 +398,12 @@ async fn directory_listings_are_read_as_asked_and_charged_their_time() {
             .await;
         assert_eq!(body["error"]["message"], "made 500 files", "{body}");
     }
+    // `/data` itself, a handle wasmtime-wasi opens only to reach what is under it.
+    let (_, body) = host.get(&hostile(json!({"kind": "list_root"}))).await;
+    assert_eq!(
+        body["error"]["message"], r#"the root holds ["many"]"#,
+        "{body}"
+    );
     let (_, body) = host.get(&hostile(json!({"kind": "interleave"}))).await;
     assert_eq!(
         body["error"]["message"],

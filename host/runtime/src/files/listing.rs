@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use rustix::fs::{AtFlags, Dir, FileType, statat};
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, openat, statat};
 use wasmtime_wasi::p2::bindings::filesystem::types::{DescriptorType, DirectoryEntry, ErrorCode};
 use wasmtime_wasi::p2::{FsError, FsResult};
 
@@ -33,12 +33,22 @@ pub(crate) struct Listing {
 
 impl Listing {
     /// Starts listing the directory `dir` is open on, from its first entry, through a handle
-    /// of its own (so that neither moves the other's position).
+    /// of its own (so that neither moves the other's position). Opened for reading whatever
+    /// `dir` was opened as: `/data` itself is an `O_PATH` handle, which rustix's
+    /// `Dir::read_from` copied, and which cannot be read (`bad-descriptor`).
     pub(crate) async fn start(dir: Arc<std::fs::File>) -> FsResult<Self> {
-        let dir = tokio::task::spawn_blocking(move || Dir::read_from(dir.as_fd()))
-            .await
-            .map_err(FsError::trap)?
-            .map_err(io::Error::from)?;
+        let dir = tokio::task::spawn_blocking(move || {
+            let own = openat(
+                dir.as_fd(),
+                c".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            Dir::new(own)
+        })
+        .await
+        .map_err(FsError::trap)?
+        .map_err(io::Error::from)?;
         Ok(Self {
             dir: Some(dir),
             ahead: VecDeque::new(),
@@ -181,6 +191,24 @@ mod tests {
             listing.next().await.unwrap().is_none(),
             "ended, and stays so"
         );
+    }
+
+    /// `/data` is an `O_PATH` handle (wasmtime-wasi opens its preopens so): its listing is
+    /// read through a handle opened for reading.
+    #[tokio::test]
+    async fn a_directory_held_by_an_o_path_handle_is_listed() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("only"), b"").unwrap();
+        let path_only = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(dir.path())
+            .unwrap();
+        let mut listing = Listing::start(Arc::new(path_only)).await.unwrap();
+        let entry = listing.next().await.unwrap().expect("an entry");
+        assert_eq!(entry.name, "only");
+        assert!(listing.next().await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -23,7 +23,9 @@
 //! - `relist`: reads a listing of `many/` whole the input's `times` times, and says how many
 //!   entries each held and how long that took;
 //! - `interleave`: starts 16 listings of `many/` at once and reads them an entry from each in
-//!   turn, and says how many entries each gave.
+//!   turn, and says how many entries each gave;
+//! - `list_root`: lists `/data` itself (the preopen) through its own handle, and names what it
+//!   holds.
 //! - `sync_loop`: dirties `pages` pages of the file `synced` (one byte in every other 4 KiB
 //!   page, each through a stream of its own: cheap for the guest, a write to the disk each for
 //!   the sync), then syncs it with `call` (`sync` or `sync_data`), again and again until its
@@ -77,6 +79,20 @@ impl Misbehaviour for RawFs {
                         }
                     }
                     Err(format!("held {} listings", held.len()))
+                }
+                Some("list_root") => {
+                    let listing = dir
+                        .read_directory()
+                        .map_err(|err| format!("listing: {err:?}"))?;
+                    let mut names = Vec::new();
+                    while let Some(entry) = listing
+                        .read_directory_entry()
+                        .map_err(|err| format!("entry: {err:?}"))?
+                    {
+                        names.push(entry.name);
+                    }
+                    names.sort();
+                    Err(format!("the root holds {names:?}"))
                 }
                 Some(kind @ ("make_many" | "relist" | "interleave")) => {
                     let _ = dir.create_directory_at("many");
