@@ -771,6 +771,68 @@ async fn a_config_store_dropped_while_the_host_was_down_is_archived_at_the_next_
     assert_eq!(status, 401, "the old store's token opens the new one");
 }
 
+/// A host started without most of the stores its config ran (more than half of them gone at
+/// once: `STORE_IDS` left out, another `--config`) archives none of them and revokes no
+/// token: they show as failed stores saying why, a `DELETE` archives one, and a start with
+/// the config that declares them runs them with their data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_stores_gone_all_at_once_are_held_back_not_archived() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let first = host_on(&data).await;
+    let defaults = first.orchestrator.defaults();
+    let names = ["env-a", "env-b", "env-c"];
+    for name in names {
+        first
+            .orchestrator
+            .ensure_running(&id(name), defaults.clone(), StoreSource::Env)
+            .await
+            .unwrap();
+        first
+            .append(name, "kv.put", json!({"key": "k", "value": name}))
+            .await;
+        first.settle(name).await;
+    }
+    first.stop().await;
+
+    // Started without STORE_IDS.
+    let second = host_on(&data).await;
+    second.orchestrator.restore_persisted().await.unwrap();
+    for name in names {
+        assert!(
+            data.join("stores").join(name).exists(),
+            "{name} was archived"
+        );
+        let (_, body) = second.get(&format!("/v1/stores/{name}")).await;
+        assert_eq!(body["error"]["code"], "store_failed", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("3 of the 3 stores")),
+            "{name} does not say why: {body}"
+        );
+    }
+    let (status, body) = second
+        .call(reqwest::Method::DELETE, "/v1/stores/env-c", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(archived(&data, "env-c"), 1);
+    second.stop().await;
+
+    let third = host_on(&data).await;
+    for name in ["env-a", "env-b"] {
+        third
+            .orchestrator
+            .ensure_running(&id(name), defaults.clone(), StoreSource::Env)
+            .await
+            .unwrap();
+        let (_, body) = third.get(&format!("/v1/stores/{name}")).await;
+        assert_eq!(body["head"], 1, "{name} kept its data: {body}");
+    }
+    third.orchestrator.restore_persisted().await.unwrap();
+    assert_eq!(archived(&data, "env-a") + archived(&data, "env-b"), 0);
+}
+
 /// How many archives of store `id` `DATA_DIR/archive` holds.
 fn archived(data: &std::path::Path, id: &str) -> usize {
     let Ok(entries) = std::fs::read_dir(data.join("archive")) else {

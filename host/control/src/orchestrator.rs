@@ -1332,22 +1332,64 @@ impl Orchestrator {
     /// tokens revoked and their pause forgotten. Before, their files stayed in place,
     /// running for no one, and the next store of that id, from any source, took over their
     /// data, their pause and the tokens issued for them.
+    ///
+    /// Unless most of them went at once (more than half, and more than one): a host started
+    /// by mistake without its `STORE_IDS` or with another `--config` would archive every
+    /// store and revoke their tokens for good. Those are held back as failed stores saying
+    /// why, which a start with the right config runs again and a `DELETE` archives. A store
+    /// placed on another host is that host's to run or remove.
     async fn remove_undeclared(&self) -> Result<(), ControlError> {
         if self.is_stopping() {
             // A start cut short: which stores the config declares did not all start.
             return Ok(());
         }
         let running = self.sources().await;
-        for id in self.desired.config_stores()? {
-            let declared = running.get(&id).is_some_and(|s| s.is_config_owned())
+        let recorded = self.desired.config_stores()?;
+        let mut dropped = Vec::new();
+        for id in &recorded {
+            let declared = running.get(id).is_some_and(|s| s.is_config_owned())
                 || self
-                    .failed_start(&id)
+                    .failed_start(id)
                     .and_then(|(_, owner)| owner)
                     .is_some_and(StoreSource::is_config_owned);
-            // Kept for another owner since (host.db restores it).
-            if declared || running.contains_key(&id) || self.desired.get(&id)?.is_some() {
+            // Kept for another owner since (host.db restores it), or another host's.
+            if declared
+                || running.contains_key(id)
+                || self.desired.get(id)?.is_some()
+                || matches!(self.placement.place(id), Placed::Elsewhere { .. })
+            {
                 continue;
             }
+            dropped.push(id.clone());
+        }
+        if dropped.len() > 1 && dropped.len() * 2 > recorded.len() {
+            let why = format!(
+                "{} of the {} stores the config file or STORE_IDS ran when the host last ran are \
+                 no longer declared: not archived, in case the host was started without its \
+                 STORE_IDS or with another --config",
+                dropped.len(),
+                recorded.len()
+            );
+            tracing::error!(
+                "{why}; start it with the config that declares them, or remove each (DELETE /v1/stores/{{id}}) to archive its data"
+            );
+            for id in dropped {
+                self.record(
+                    &id,
+                    "released",
+                    Some("no longer declared by the config".into()),
+                );
+                self.record(
+                    &id,
+                    "failed",
+                    Some(format!(
+                        "{why}; start the host with the config that declares it, or remove it (DELETE /v1/stores/{id}) to archive its data"
+                    )),
+                );
+            }
+            return Ok(());
+        }
+        for id in dropped {
             tracing::info!(store_id = %id, "the config no longer declares the store (it did when the host last ran): removing it, its data archived");
             self.desired.begin_removal(&id, false)?;
         }

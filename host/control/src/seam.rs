@@ -75,10 +75,11 @@ pub trait DesiredState: Send + Sync + std::fmt::Debug {
     fn cancel_removal(&self, id: &StoreId) -> Result<(), ControlError>;
     /// The removals begun and not finished, each with its `purge`.
     fn removals(&self) -> Result<Vec<(StoreId, bool)>, ControlError>;
-    /// Keeps that store `id`, which the config file or `STORE_IDS` declares, has started: a
-    /// host whose config no longer declares it at its next start removes it.
+    /// Keeps that store `id`, which this host's config file or `STORE_IDS` declares, has
+    /// started: the host, when its config no longer declares it at its next start, removes it.
+    /// Kept per host (each host has its own config).
     fn started_by_config(&self, id: &StoreId) -> Result<(), ControlError>;
-    /// The stores the config started and not removed since.
+    /// The stores this host's config started and not removed since.
     fn config_stores(&self) -> Result<Vec<StoreId>, ControlError>;
 }
 
