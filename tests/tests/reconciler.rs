@@ -432,9 +432,10 @@ async fn a_store_created_again_gets_a_grace_period_of_its_own() {
 
 /// A registry that does not answer fails a manual pass with a message that says it timed out
 /// and which setting bounds the wait (it said only "error sending request"), and a pass the
-/// registry failed does not hold back the operator's next one for
+/// registry failed holds back the operator's next one for 5 s, not for
 /// `MANUAL_RECONCILE_MIN_INTERVAL_MS` (the 60 s began before the pass, and a retry right after
-/// the registry was fixed got 429); a pass that succeeded does.
+/// the registry was fixed got 429 for a minute); a pass that succeeded holds it back the whole
+/// interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_registry_is_named_and_its_failure_does_not_hold_back_a_retry() {
     let (url, registry) = registry(&["ws-a"]).await;
@@ -455,6 +456,14 @@ async fn a_hanging_registry_is_named_and_its_failure_does_not_hold_back_a_retry(
 
     registry.lock().unwrap().hold = None;
     hold.add_permits(1);
+    let (status, body, retry_after) = manual(&s.host, &token).await;
+    assert_eq!(status, 429, "{body}");
+    let wait: u64 = retry_after.expect("Retry-After").parse().unwrap();
+    assert!(
+        (1..=5).contains(&wait),
+        "held back {wait} s after a failed pass"
+    );
+    tokio::time::sleep(Duration::from_secs(wait)).await;
     let (status, body, _) = manual(&s.host, &token).await;
     assert_eq!(
         status, 200,

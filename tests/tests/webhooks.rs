@@ -346,6 +346,40 @@ async fn a_webhook_older_than_the_last_applied_changes_nothing_and_ids_go_with_b
         (200, Some("monitoring_started"))
     );
 
+    // Stamped far ahead of the host's clock: applied, but in no order (it would hold back
+    // every later webhook of the store).
+    let ahead = at("workspace.created", "ws-ahead", "2099-01-01T00:00:00Z");
+    let (status, body) = post(&host, &secret_header(), &ahead).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("monitoring_started"))
+    );
+    let now = at("workspace.deleted", "ws-ahead", "2026-12-07T12:00:00Z");
+    let (status, body) = post(&host, &secret_header(), &now).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("monitoring_stopped")),
+        "{body}"
+    );
+
+    // An answer kept under the id alone, by a host before ids went with bodies.
+    let kept = storehost_control::registry::WebhookAnswer {
+        status: 200,
+        body: json!({"Ok": {"status": "monitoring_started", "storeId": "ws-kept", "receivedAt": "2026-12-07T00:00:00.000Z"}}).to_string(),
+    };
+    host.orchestrator
+        .registry()
+        .record_webhook_answer("legacy-id", &kept, 0)
+        .unwrap();
+    let mut legacy = secret_header();
+    legacy.push(("webhook-id", "legacy-id".to_owned()));
+    let (status, body) = post(&host, &legacy, &event("workspace.deleted", "ws-kept")).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("monitoring_started")),
+        "{body}"
+    );
+
     let mut first = secret_header();
     first.push(("webhook-id", "reused".to_owned()));
     for id in ["ws-plain-a", "ws-plain-b"] {

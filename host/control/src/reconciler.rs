@@ -329,12 +329,17 @@ impl Reconciler {
         }
         let passed = self.pass_locked(guard).await;
         if matches!(passed, Err(ReconcileError::Registry(_))) {
-            // The registry failed: the operator who fixes it may try again at once (the
-            // scheduled passes back off meanwhile).
+            // The registry failed: the operator who fixes it may try again after the first
+            // backoff's wait, not the whole interval (the scheduled passes back off meanwhile).
+            let held_back = self
+                .settings
+                .manual_min_interval
+                .saturating_sub(BACKOFF_BASE);
             *self
                 .last_manual
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Instant::now().checked_sub(held_back);
         }
         passed
     }

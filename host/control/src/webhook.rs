@@ -221,7 +221,16 @@ impl Webhooks {
             i64::try_from(self.settings.replay_retention.as_millis()).unwrap_or(i64::MAX),
         );
         if let Some(id) = replay_id {
-            match self.orchestrator.registry().webhook_answer(id, not_before) {
+            let registry = self.orchestrator.registry();
+            // An answer kept under the id alone (before ids went with bodies).
+            let legacy = request.id.map(str::trim).unwrap_or_default();
+            let kept = registry
+                .webhook_answer(id, not_before)
+                .and_then(|answer| match answer {
+                    Some(answer) => Ok(Some(answer)),
+                    None => registry.webhook_answer(legacy, not_before),
+                });
+            match kept {
                 Ok(Some(answer)) => {
                     if let Ok(first) = serde_json::from_str::<WebhookResult>(&answer.body) {
                         tracing::info!(
@@ -308,7 +317,17 @@ impl Webhooks {
             received_at: received_at.clone(),
         };
         let orchestrator = &self.orchestrator;
-        if let Some(at) = payload.timestamp {
+        let tolerance = i64::try_from(self.settings.tolerance.as_millis()).unwrap_or(i64::MAX);
+        let timestamp = payload.timestamp.filter(|&at| {
+            // One stamped ahead of the host's clock (a sender's clock skewed, a typo) would
+            // hold back every later webhook of the store: it is put in no order.
+            let ahead = at > now.saturating_add(tolerance);
+            if ahead {
+                tracing::warn!(store_id = %id, timestamp = %rfc3339(at), "a webhook's timestamp is ahead of the host's clock by more than the tolerance: it is applied in no order");
+            }
+            !ahead
+        });
+        if let Some(at) = timestamp {
             match orchestrator.registry().webhook_event_at(&id, not_before) {
                 Ok(Some(latest)) if at < latest => {
                     tracing::info!(
@@ -329,7 +348,7 @@ impl Webhooks {
         }
         let applied = self.change(&id, &payload, accepted).await;
         if applied.is_ok()
-            && let Some(at) = payload.timestamp
+            && let Some(at) = timestamp
             && let Err(err) = orchestrator
                 .registry()
                 .record_webhook_event_at(&id, at, not_before)
