@@ -110,7 +110,8 @@ pub async fn watched_after_reads(
         max_stores,
         ..ControlHostOptions::default()
     };
-    let (watched, failed) = start_watched(path, options, |_, state| state, Some(after_read)).await;
+    let (watched, failed) =
+        start_watched(path, options, |_, state| state, Some(after_read), None).await;
     assert!(failed.is_empty(), "config stores did not start: {failed:?}");
     watched
 }
@@ -123,7 +124,23 @@ pub async fn watched_with(
     options: ControlHostOptions,
     configure: impl FnOnce(&Arc<Orchestrator>, AppState) -> AppState,
 ) -> (Watched, Vec<(storehost_store::StoreId, String)>) {
-    start_watched(path, options, configure, None).await
+    start_watched(path, options, configure, None, None).await
+}
+
+/// [`watched`], with `edit` called once the config's stores have started and before the watch
+/// begins: an edit saved while the host starts.
+pub async fn watched_edited_during_start(
+    path: &Path,
+    max_stores: usize,
+    edit: Box<dyn FnOnce() + Send>,
+) -> Watched {
+    let options = ControlHostOptions {
+        max_stores,
+        ..ControlHostOptions::default()
+    };
+    let (watched, failed) = start_watched(path, options, |_, state| state, None, Some(edit)).await;
+    assert!(failed.is_empty(), "config stores did not start: {failed:?}");
+    watched
 }
 
 async fn start_watched(
@@ -131,30 +148,27 @@ async fn start_watched(
     options: ControlHostOptions,
     configure: impl FnOnce(&Arc<Orchestrator>, AppState) -> AppState,
     after_read: Option<AfterPluginRead>,
+    during_start: Option<Box<dyn FnOnce() + Send>>,
 ) -> (Watched, Vec<(storehost_store::StoreId, String)>) {
+    // Read before it is parsed, as `storehost serve` reads it.
+    let loaded = std::fs::read(path).unwrap();
     let config = config::load_file(path).unwrap_or_else(|e| panic!("{e}"));
-    let mut reloader = None;
     let plugin_reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let reads = plugin_reads.clone();
-    let host = TestHost::start_control(options, |orchestrator, state| {
-        let read_plugin: watcher::PluginReader = Arc::new(move |_name, source| match source {
-            PluginSource::File(path) => {
-                reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let bytes = std::fs::read(path);
-                if let Some(after_read) = &after_read {
-                    after_read(path);
-                }
-                bytes
+    let read_plugin: watcher::PluginReader = Arc::new(move |_name, source| match source {
+        PluginSource::File(path) => {
+            reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let bytes = std::fs::read(path);
+            if let Some(after_read) = &after_read {
+                after_read(path);
             }
-            PluginSource::Builtin => Err(std::io::ErrorKind::NotFound.into()),
-        });
-        reloader = Some(Arc::new(ConfigReloader::new(
-            path,
-            config.clone(),
-            orchestrator.clone(),
-            read_plugin,
-            state.config_reload_listener(),
-        )));
+            bytes
+        }
+        PluginSource::Builtin => Err(std::io::ErrorKind::NotFound.into()),
+    });
+    let mut listener = None;
+    let host = TestHost::start_control(options, |orchestrator, state| {
+        listener = Some(state.config_reload_listener());
         configure(orchestrator, state)
     })
     .await;
@@ -179,7 +193,20 @@ async fn start_watched(
         .into_iter()
         .filter_map(|(id, answer)| Some((id, answer.err()?.to_string())))
         .collect();
-    let reloader = reloader.unwrap();
+    if let Some(edit) = during_start {
+        edit();
+    }
+    // Made once the stores have started, as `storehost serve` makes it.
+    let reloader = Arc::new(
+        ConfigReloader::new(
+            path,
+            config.clone(),
+            host.orchestrator.clone(),
+            read_plugin,
+            listener.unwrap(),
+        )
+        .loaded_from(&loaded),
+    );
     let watch = watcher::watch(reloader.clone())
         .await
         .expect("watch the config directory");

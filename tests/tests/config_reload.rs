@@ -961,9 +961,45 @@ async fn a_plugin_directory_the_config_no_longer_names_is_unwatched() {
         w.watched_directories() == at_start
     })
     .await;
-    let plugin_reads = || w.plugin_reads.load(std::sync::atomic::Ordering::Relaxed);
-    let reads = (w.reloader.reads(), plugin_reads());
-    std::fs::write(&late, std::fs::read(programs::FLAKY).unwrap()).unwrap();
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    assert_eq!((w.reloader.reads(), plugin_reads()), reads);
+}
+
+/// A config edit and a plugin file rewritten while the host starts its stores (after it read
+/// the config, before its watch began) are applied once the watch begins. Before, the
+/// reloader took the file as it was when the watch was set up for what ran, so the edit
+/// counted as applied until the next one, and the plugin ran its old version until its file
+/// was written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_saved_while_the_host_starts_are_applied_once_the_watch_begins() {
+    let (dir, path) = config_file();
+    let plugin = dir.path().join("plugins").join("writer.wasm");
+    std::fs::create_dir_all(plugin.parent().unwrap()).unwrap();
+    std::fs::write(&plugin, std::fs::read(programs::WRITER).unwrap()).unwrap();
+    let config = |stores: &str| {
+        format!(
+            "[plugins.writer]\npath = \"plugins/writer.wasm\"\n[defaults]\nplugin = \"writer\"\n{stores}"
+        )
+    };
+    std::fs::write(&path, config("[stores.first]\n")).unwrap();
+    let (edited, rewritten) = (path.clone(), plugin.clone());
+    let edit = config("[stores.first]\n[stores.second]\n");
+    let w = storehost_tests::control::watched_edited_during_start(
+        &path,
+        100,
+        Box::new(move || {
+            std::fs::write(&edited, edit).unwrap();
+            std::fs::write(&rewritten, std::fs::read(programs::FLAKY).unwrap()).unwrap();
+        }),
+    )
+    .await;
+    let host = &w.host;
+    let flaky_sha = storehost_tests::sha256sum(&std::fs::read(programs::FLAKY).unwrap());
+    eventually("the edit saved during the start applies", || async {
+        ids(host).await == ["first", "second"]
+    })
+    .await;
+    eventually(
+        "the plugin rewritten during the start is deployed",
+        || async { store_sha_of(host, "first").await == flaky_sha },
+    )
+    .await;
 }

@@ -148,6 +148,16 @@ impl ConfigReloader {
         }
     }
 
+    /// This reloader, knowing that `running` was loaded from `bytes` (read before the host
+    /// started its stores): an edit saved while they started differs from them, and the watch's
+    /// first look applies it. Without this the file is taken as it is when the reloader is
+    /// made, and such an edit counted as applied until the next one.
+    #[must_use]
+    pub fn loaded_from(mut self, bytes: &[u8]) -> Self {
+        self.current.get_mut().hash = hash(bytes);
+        self
+    }
+
     /// The config file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -753,6 +763,16 @@ pub async fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notif
     tracing::info!(path = %path.display(), "watching the config file and its plugin files for edits");
     let watching = watches.clone();
     let task = tokio::spawn(async move {
+        // Edits saved before the watch began (while the host started its stores, say) sent
+        // their events to no watch: the config and every plugin file are looked at once, after
+        // the time events take to settle (a file being written as the watch began is read
+        // whole), together with the events of that time.
+        tokio::time::sleep(DEBOUNCE).await;
+        let mut changes = vec![Change::Config, Change::Plugin];
+        while let Ok(next) = rx.try_recv() {
+            changes.push(next);
+        }
+        apply(&reloader, &watched, &watching, changes).await;
         while let Some(first) = rx.recv().await {
             let mut changes = vec![first];
             while let Ok(next) = rx.try_recv() {

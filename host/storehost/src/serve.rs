@@ -26,6 +26,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Before anything starts: a signal during start-up stops the stores already started
     // cleanly, instead of killing the process.
     let mut signals = ShutdownSignals::listen()?;
+    // The file's bytes are read before it is parsed: an edit saved from then on is one the
+    // watch applies (see `ConfigReloader::loaded_from`).
+    let loaded_bytes = args
+        .config
+        .as_ref()
+        .and_then(|path| std::fs::read(path).ok());
     let (mut config, config_path) = match &args.config {
         Some(path) => (
             config::load_file(path).map_err(|errors| anyhow!("invalid config:\n{errors}"))?,
@@ -223,13 +229,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 PluginSource::Builtin => Ok(crate::BUILTIN_AGENT.to_vec()),
                 PluginSource::File(path) => std::fs::read(path),
             });
-            let reloader = Arc::new(ConfigReloader::new(
+            let reloader = ConfigReloader::new(
                 path.clone(),
                 config.clone(),
                 orchestrator.clone(),
                 read_plugin,
                 listener,
-            ));
+            );
+            let reloader = Arc::new(match &loaded_bytes {
+                Some(bytes) => reloader.loaded_from(bytes),
+                None => reloader,
+            });
             match watcher::watch(reloader).await {
                 Ok(watch) => Some(watch),
                 Err(err) => {
