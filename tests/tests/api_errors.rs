@@ -139,6 +139,21 @@ async fn bad_requests_are_refused_clearly_and_write_nothing() {
     assert_eq!(status, 400, "{body}");
     let (status, body) = host.get("/v1/stores/tenant/events?after=minus-one").await;
     assert_eq!(status, 400, "{body}");
+    // A wait over the longest is refused as a limit over the largest is, not cut short.
+    for path in [
+        "/v1/stores/tenant/events?limit=1001",
+        "/v1/stores/tenant/events?waitMs=30001",
+    ] {
+        let (status, body) = host.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_query", "{path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("limit must be 1 to 1000")
+                || message.contains("waitMs must be 0 to 30000"),
+            "{path}: {message}"
+        );
+    }
     // A misspelt parameter is refused, not ignored (`wait_ms` answered at once, not waiting).
     for path in [
         "/v1/stores/tenant/events?after=0&wait_ms=3000",

@@ -23,7 +23,7 @@ use crate::state::AppState;
 pub const MAX_EVENTS_PER_REQUEST: usize = 1_000;
 /// Most events one read returns.
 pub const MAX_READ_LIMIT: usize = 1_000;
-/// Longest long-poll wait.
+/// Longest long-poll wait; a longer `waitMs` is refused.
 pub const MAX_WAIT_MS: u64 = 30_000;
 /// Longest an append refused over the store's ingress rate waits before it answers.
 const MAX_REFUSAL_DELAY: Duration = Duration::from_secs(1);
@@ -362,10 +362,19 @@ pub async fn read(
             format!("limit must be 1 to {MAX_READ_LIMIT}"),
         ));
     }
+    // Refused rather than cut short, as `limit` is: a client asking for a longer wait would
+    // otherwise take the early answer for one that waited as long as it asked.
+    if params.wait_ms.is_some_and(|ms| ms > MAX_WAIT_MS) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!(
+                "waitMs must be 0 to {MAX_WAIT_MS}; to wait longer, read again after= the \
+                 answer's next"
+            ),
+        ));
+    }
     ensure_within_log(&store, params.after, params.log_epoch)?;
-    let wait = params
-        .wait_ms
-        .map(|ms| Duration::from_millis(ms.min(MAX_WAIT_MS)));
+    let wait = params.wait_ms.map(Duration::from_millis);
     // A long-poll holds its place among the store's followers while it waits.
     let _follower = match wait {
         Some(wait) if !wait.is_zero() => follow(&state, &headers, &store)?,
