@@ -51,12 +51,13 @@ async fn ingress_over_the_rate_gets_429_with_retry_after() {
     assert!(retry_after >= 1);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "rate_limited");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("1 events per second"), "{body}");
+    // The message names the wait `Retry-After` does, in its whole seconds (it said "retry in
+    // 1 ms": what was left of the wait the refusal had already made).
     assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("1 events per second"),
-        "{body}"
+        message.contains(&format!("retry in {retry_after} s")),
+        "{message} (Retry-After: {retry_after})"
     );
 
     // A batch larger than the burst can never pass (and no wait is offered); other stores

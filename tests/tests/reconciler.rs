@@ -224,6 +224,9 @@ async fn a_manual_pass_needs_a_token_reports_its_result_and_is_paced() {
         assert_eq!(status, 429, "{body}");
         let secs: u64 = retry_after.expect("Retry-After").parse().unwrap();
         assert!((1..=60).contains(&secs), "{secs}");
+        // The message names the wait the header does (it rounded down where the header rounds up).
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("retry in {secs} s")), "{message}");
     }
 
     let (_, health) = host.get("/health").await;

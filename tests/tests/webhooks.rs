@@ -444,20 +444,28 @@ async fn a_source_over_its_rate_gets_429_with_retry_after() {
     )
     .await;
     let mut statuses = Vec::new();
-    let mut retry_after = None;
+    let mut refusals = Vec::new();
     for i in 0..6 {
         let body = event("workspace.created", &format!("ws-rate-{i}"));
-        let (status, _, headers) =
+        let (status, answer, headers) =
             send(&host, reqwest::Method::POST, &secret_header(), &body).await;
         statuses.push(status);
         if status == 429 {
-            retry_after = headers.get("retry-after").cloned();
+            refusals.push((answer, headers.get("retry-after").cloned()));
         }
     }
     assert_eq!(&statuses[..3], &[200, 200, 200], "{statuses:?}");
     assert!(statuses[3..].iter().all(|s| *s == 429), "{statuses:?}");
-    let secs: u64 = retry_after.unwrap().to_str().unwrap().parse().unwrap();
-    assert!(secs >= 1);
+    for (answer, retry_after) in refusals {
+        let secs: u64 = retry_after.unwrap().to_str().unwrap().parse().unwrap();
+        // Three a minute: the next is let in at most 20 s after the first.
+        assert!((1..=20).contains(&secs), "{secs}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("retry after {secs} s")),
+            "{message}"
+        );
+    }
     assert_eq!(
         host.orchestrator.len().await,
         3,

@@ -106,18 +106,17 @@ impl From<StoreError> for ApiError {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", err.to_string())
                     .retry_after(1)
             }
-            StoreError::RateLimited { retry_after_ms, .. } => Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                err.to_string(),
-            )
-            .retry_after(retry_after_ms.div_ceil(1_000).max(1)),
-            StoreError::CpuBudgetUsed { retry_after_ms, .. } => Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "cpu_budget_used",
-                err.to_string(),
-            )
-            .retry_after(retry_after_ms.div_ceil(1_000).max(1)),
+            // The message names the wait in the header's whole seconds (it named the
+            // milliseconds left, "retry in 1 ms", beside `Retry-After: 1`).
+            StoreError::RateLimited { .. } | StoreError::CpuBudgetUsed { .. } => {
+                let code = if matches!(err, StoreError::RateLimited { .. }) {
+                    "rate_limited"
+                } else {
+                    "cpu_budget_used"
+                };
+                let secs = err.retry_after_secs().unwrap_or(1);
+                Self::new(StatusCode::TOO_MANY_REQUESTS, code, err.to_string()).retry_after(secs)
+            }
             StoreError::EventLogFull { .. } => Self::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 "event_log_full",

@@ -221,7 +221,7 @@ pub enum ReconcileError {
     /// A manual pass ran too recently.
     #[error(
         "a manual reconcile ran less than MANUAL_RECONCILE_MIN_INTERVAL_MS ago; retry in {} s",
-        retry_after.as_secs().max(1)
+        whole_seconds(*retry_after)
     )]
     TooSoon {
         /// When the next manual pass is allowed.
@@ -236,6 +236,24 @@ pub enum ReconcileError {
         "the host could not record which stores the registry lacks ({0}); the missing stores it added stay, nothing was removed"
     )]
     Host(String),
+}
+
+impl ReconcileError {
+    /// The whole seconds a `TooSoon` asks to wait: what its message says, and so what an
+    /// HTTP answer's `Retry-After` must say.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ReconcileError::TooSoon { retry_after } => Some(whole_seconds(*retry_after)),
+            _ => None,
+        }
+    }
+}
+
+/// `wait` rounded up to whole seconds, at least one: a client waiting less than asked would
+/// be refused again.
+fn whole_seconds(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
 }
 
 /// Keeps the running stores in line with the authoritative registry.

@@ -148,7 +148,10 @@ pub enum StoreError {
     },
     /// The store's ingress rate (`events_per_second` + `burst`, or `ingress_bytes_per_second`)
     /// is used up.
-    #[error("store {store} accepts {rate}; retry in {retry_after_ms} ms")]
+    #[error(
+        "store {store} accepts {rate}; retry in {} s",
+        whole_seconds(*retry_after_ms)
+    )]
     RateLimited {
         /// The store.
         store: StoreId,
@@ -207,7 +210,8 @@ pub enum StoreError {
     /// The store used its CPU budget (`cpu_ms_per_minute`): a query or a retry waits until it
     /// refills.
     #[error(
-        "store {store} used its CPU budget ({per_minute_ms} ms per minute); retry in {retry_after_ms} ms"
+        "store {store} used its CPU budget ({per_minute_ms} ms per minute); retry in {} s",
+        whole_seconds(*retry_after_ms)
     )]
     CpuBudgetUsed {
         /// The store.
@@ -1093,6 +1097,18 @@ impl StoreError {
         }
     }
 
+    /// The whole seconds to wait before retrying, when the error asks for a wait: what its
+    /// message says, and so what an HTTP answer's `Retry-After` must say.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            StoreError::RateLimited { retry_after_ms, .. }
+            | StoreError::CpuBudgetUsed { retry_after_ms, .. } => {
+                Some(whole_seconds(*retry_after_ms))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the store's own files could not be written because their disk is full (the
     /// filesystem, not the `disk` quota, which guest writes meet as `disk_full` failures).
     pub fn is_disk_full(&self) -> bool {
@@ -1102,6 +1118,12 @@ impl StoreError {
             _ => false,
         }
     }
+}
+
+/// `ms` rounded up to whole seconds, at least one: `Retry-After` takes whole seconds, and a
+/// client waiting less than asked would be refused again.
+fn whole_seconds(ms: u64) -> u64 {
+    ms.div_ceil(1_000).max(1)
 }
 
 /// Whether SQLite failed because the filesystem (or a quota) had no room left.

@@ -61,12 +61,12 @@ pub async fn reconcile(State(state): State<AppState>) -> Result<Response, ApiErr
             "reconcile_running",
             err.to_string(),
         )),
-        Err(ReconcileError::TooSoon { retry_after }) => {
-            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        Err(err @ ReconcileError::TooSoon { .. }) => {
+            let secs = err.retry_after_secs().unwrap_or(1);
             Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "reconcile_too_soon",
-                ReconcileError::TooSoon { retry_after }.to_string(),
+                err.to_string(),
             )
             .retry_after(secs))
         }

@@ -36,15 +36,16 @@ pub async fn workspaces(
         );
         if let Err(not_until) = limiter.check_key(&source) {
             let wait = not_until.wait_time_from(limiter.clock().now());
+            // Rounded up: a sender retrying after the floor of 1.5 s would be refused again.
+            let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
             return ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 format!(
-                    "too many webhooks from {source}; retry after {} s (limit: [webhook] requests_per_minute)",
-                    wait.as_secs().max(1)
+                    "too many webhooks from {source}; retry after {secs} s (limit: [webhook] requests_per_minute)"
                 ),
             )
-            .retry_after(wait.as_secs().max(1))
+            .retry_after(secs)
             .into_response();
         }
         if CALLS
