@@ -23,6 +23,8 @@ pub struct ControlHostOptions {
     pub idle_timeout: Option<Duration>,
     /// How much longer a hibernated store waits before it closes its files.
     pub close_files_after: Duration,
+    /// The config file the host runs (`None`: the embedded default); [`watched_with`] sets it.
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for ControlHostOptions {
@@ -32,6 +34,7 @@ impl Default for ControlHostOptions {
             data_dir: None,
             idle_timeout: None,
             close_files_after: Duration::ZERO,
+            config_file: None,
         }
     }
 }
@@ -49,6 +52,7 @@ impl TestHost {
                 data_dir: options.data_dir,
                 idle_timeout: options.idle_timeout,
                 close_files_after: options.close_files_after,
+                config_file: options.config_file,
                 ..TestHostOptions::default()
             },
             &[("writer", programs::WRITER)],
@@ -153,6 +157,10 @@ async fn start_watched(
     // Read before it is parsed, as `storehost serve` reads it.
     let loaded = std::fs::read(path).unwrap();
     let config = config::load_file(path).unwrap_or_else(|e| panic!("{e}"));
+    let options = ControlHostOptions {
+        config_file: Some(path.to_owned()),
+        ..options
+    };
     let plugin_reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let reads = plugin_reads.clone();
     let read_plugin: watcher::PluginReader = Arc::new(move |_name, source| match source {

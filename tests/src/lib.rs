@@ -108,6 +108,8 @@ pub struct TestHostOptions {
     pub spare_stores: usize,
     /// Where desired state is kept and which stores run here (`host.db`, every store).
     pub seams: Seams,
+    /// The config file the host runs, as `--config` names it (`None`: the embedded default).
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for TestHostOptions {
@@ -133,6 +135,7 @@ impl Default for TestHostOptions {
             pool_slots: None,
             spare_stores: 2,
             seams: Seams::default(),
+            config_file: None,
         }
     }
 }
@@ -190,6 +193,7 @@ impl TestHost {
                     idle_timeout: options.idle_timeout,
                     close_files_after: options.close_files_after,
                     spare_stores: options.spare_stores,
+                    config_file: options.config_file.clone(),
                 },
                 options.seams.clone(),
             )

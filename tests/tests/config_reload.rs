@@ -466,8 +466,11 @@ async fn the_api_does_not_remove_a_store_the_config_declares() {
         assert_eq!(status, 409, "{body}");
         assert_eq!(body["error"]["code"], "config_owned", "{body}");
         let message = body["error"]["message"].as_str().unwrap();
+        // It names the file the host runs, not the embedded default it does not.
         assert!(
-            message.contains("config file") && message.contains("remove it there"),
+            message.contains(&format!("config file {}", path.display()))
+                && message.contains("remove it there")
+                && !message.contains("embedded default"),
             "{message}"
         );
     }
@@ -502,8 +505,11 @@ async fn the_api_does_not_change_a_store_the_config_declares() {
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "config_owned", "{body}");
     let message = body["error"]["message"].as_str().unwrap();
+    // It names the file the host runs (it spoke of the embedded default to a host with one).
     assert!(
-        message.contains("change them in the config file"),
+        message.contains(&format!("config file {}", path.display()))
+            && message.contains("change them there")
+            && !message.contains("embedded default"),
         "{message}"
     );
     let (_, view) = host.get("/v1/stores/declared").await;
@@ -691,7 +697,7 @@ async fn the_config_takes_over_a_store_it_declares_after_another_source_started_
         .sources()
         .await
         .get(&id)
-        .and_then(|source| source.removal_refused(&id));
+        .and_then(|source| source.removal_refused(&id, Some(&path)));
     assert!(
         refusal.is_some(),
         "webhooks and the API may not remove it now"

@@ -536,11 +536,12 @@ async fn a_full_host_answers_503_and_a_config_owned_store_is_not_deleted() {
     )
     .await;
     assert_eq!(status, 409, "{answer}");
+    // A host without a config file runs the embedded default's stores, and says so.
+    let message = answer["error"]["message"].as_str().unwrap();
     assert!(
-        answer["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("config file")
+        message.contains("declared in the embedded default config")
+            && message.contains("--config FILE"),
+        "{message}"
     );
     assert!(running(&host, "from-config").await);
 }

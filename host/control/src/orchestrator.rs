@@ -14,7 +14,7 @@
 //! before every start ([`crate::seam`]; by default `host.db` and one host running every store).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::StreamExt as _;
@@ -90,15 +90,21 @@ impl StoreSource {
     }
 
     /// For a config-owned store: why a webhook or the API may not remove it, and where to
-    /// remove it instead. `None` for any other source.
-    pub fn removal_refused(self, id: &StoreId) -> Option<String> {
-        match self {
-            StoreSource::Config => Some(format!(
-                "store {id} is declared in the config file and stays; remove it there to stop it \
-                 (a host started without --config runs the embedded default's stores: start it \
-                 with --config FILE declaring the stores to run)"
+    /// remove it instead, naming the config the host runs (`config_file`, or the embedded
+    /// default without one). `None` for any other source.
+    pub fn removal_refused(self, id: &StoreId, config_file: Option<&Path>) -> Option<String> {
+        match (self, config_file) {
+            (StoreSource::Config, Some(file)) => Some(format!(
+                "store {id} is declared in the config file {} and stays; remove it there to \
+                 stop it",
+                file.display()
             )),
-            StoreSource::Env => Some(format!(
+            (StoreSource::Config, None) => Some(format!(
+                "store {id} is declared in the embedded default config (the host was started \
+                 without --config) and stays; to stop it, start the host with --config FILE \
+                 declaring the stores to run"
+            )),
+            (StoreSource::Env, _) => Some(format!(
                 "store {id} is named in the STORE_IDS environment variable and stays; remove it \
                  there and restart the host to stop it"
             )),
@@ -107,20 +113,32 @@ impl StoreSource {
     }
 
     /// For a config-owned store: why the API may not change its plugin, quotas or config (the
-    /// config would undo the change at the next start). `None` for any other source.
-    pub fn change_refused(self, id: &StoreId) -> Option<String> {
-        match self {
-            StoreSource::Config => Some(format!(
-                "store {id} is declared in the config file, which decides its plugin, quotas and \
-                 config; change them in the config file (a host started without --config runs the \
-                 embedded default's stores: start it with --config FILE declaring them); a change \
-                 through the API would be undone at the next start"
+    /// config would undo the change at the next start), naming the config the host runs
+    /// (`config_file`, or the embedded default without one). `None` for any other source.
+    pub fn change_refused(self, id: &StoreId, config_file: Option<&Path>) -> Option<String> {
+        let undone = "a change through the API would be undone at the next start";
+        match (self, config_file) {
+            (StoreSource::Config, Some(file)) => Some(format!(
+                "store {id} is declared in the config file {}, which decides its plugin, quotas \
+                 and config; change them there; {undone}",
+                file.display()
             )),
-            StoreSource::Env => Some(format!(
-                "store {id} is named in the STORE_IDS environment variable and runs the [defaults] \
-                 of the host's config, which decide its plugin, quotas and config; change them in \
-                 the config file (a host started without --config: start it with one); a change \
-                 through the API would be undone at the next start"
+            (StoreSource::Config, None) => Some(format!(
+                "store {id} is declared in the embedded default config (the host was started \
+                 without --config), which decides its plugin, quotas and config; to change them, \
+                 start the host with --config FILE declaring the store; {undone}"
+            )),
+            (StoreSource::Env, Some(file)) => Some(format!(
+                "store {id} is named in the STORE_IDS environment variable and runs the \
+                 [defaults] of the config file {}, which decide its plugin, quotas and config; \
+                 change them there; {undone}",
+                file.display()
+            )),
+            (StoreSource::Env, None) => Some(format!(
+                "store {id} is named in the STORE_IDS environment variable and runs the \
+                 [defaults] of the embedded default config (the host was started without \
+                 --config), which decide its plugin, quotas and config; to change them, start \
+                 the host with --config FILE; {undone}"
             )),
             _ => None,
         }
@@ -263,6 +281,9 @@ pub struct HostSettings {
     pub close_files_after: std::time::Duration,
     /// How many new-store directories are kept ready in `stores/.spare/` (0: none).
     pub spare_stores: usize,
+    /// The config file the host was started with (`None`: the embedded default), named when
+    /// a change to a store it declares is refused.
+    pub config_file: Option<PathBuf>,
 }
 
 /// A running store with the spec it runs under.
@@ -939,7 +960,7 @@ impl Orchestrator {
             return Ok(None);
         }
         if let Some((failure, Some(owner))) = self.failed_start(id)
-            && let Some(refusal) = owner.removal_refused(id)
+            && let Some(refusal) = owner.removal_refused(id, self.settings.config_file.as_deref())
         {
             // Not started: the config is the one to start it again.
             let why = failure.detail.unwrap_or_default();
@@ -1199,7 +1220,7 @@ impl Orchestrator {
             && let Some(refusal) = self
                 .source(id)
                 .await
-                .and_then(|source| source.removal_refused(id))
+                .and_then(|source| source.removal_refused(id, self.settings.config_file.as_deref()))
         {
             return Err(ControlError::ConfigOwned(refusal));
         }

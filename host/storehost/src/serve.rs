@@ -122,6 +122,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             idle_timeout: config.idle_timeout(),
             close_files_after: config.close_files_after(),
             spare_stores: config.spare_stores,
+            config_file: config_path.clone(),
         },
     )?);
 

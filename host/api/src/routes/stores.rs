@@ -84,7 +84,8 @@ pub async fn put(
         .edit_own(&id, |current, defaults| {
             let (mut own, source) = match current {
                 Some((own, source)) => {
-                    if let Some(refusal) = source.change_refused(&id) {
+                    let config_file = state.orchestrator.settings().config_file.as_deref();
+                    if let Some(refusal) = source.change_refused(&id, config_file) {
                         return Err(ApiError::new(StatusCode::CONFLICT, "config_owned", refusal));
                     }
                     (own, source)
