@@ -220,6 +220,7 @@ async fn stores_are_created_updated_and_removed_through_the_api() {
         )
         .await;
     assert_eq!(status, 201, "{body}");
+    assert_eq!(body["change"], "created");
     assert_eq!(body["quotas"]["cpu_ms_per_call"], 500);
     assert_eq!(body["plugin"]["name"], "writer");
     assert_eq!(body["plugin"]["sha256"].as_str().unwrap().len(), 64);
@@ -231,11 +232,22 @@ async fn stores_are_created_updated_and_removed_through_the_api() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(body["change"], "updated");
     assert_eq!(
         body["quotas"]["cpu_ms_per_call"], 500,
         "an update keeps what it does not change"
     );
     assert_eq!(body["config"], json!({"k": "v"}));
+    // The same PUT again changes nothing, and the answer tells it from an update (both 200).
+    let (status, body) = host
+        .call(
+            put.clone(),
+            "/v1/stores/acme-1",
+            Some(json!({"config": {"k": "v"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["change"], "unchanged", "{body}");
 
     host.append("acme-1", "kv.put", json!({"key": "a", "value": 1}))
         .await;

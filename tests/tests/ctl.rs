@@ -132,6 +132,53 @@ fn stores_are_listed_added_shown_paused_and_removed() {
         "{}",
         add.stdout
     );
+    // Added again as it is, nothing changes, and ctl says so (it said "updated"); a new
+    // quota is an update.
+    let again = ctl(
+        dir,
+        url,
+        &[
+            "stores",
+            "add",
+            "ctl-store",
+            "--quota",
+            "events_per_second=50",
+        ],
+    );
+    assert!(
+        ok(&again).stdout.contains("store ctl-store unchanged"),
+        "{}",
+        again.stdout
+    );
+    let raised = ctl(
+        dir,
+        url,
+        &[
+            "stores",
+            "add",
+            "ctl-store",
+            "--quota",
+            "events_per_second=60",
+        ],
+    );
+    assert!(
+        ok(&raised).stdout.contains("store ctl-store updated"),
+        "{}",
+        raised.stdout
+    );
+    let lowered = ctl(
+        dir,
+        url,
+        &[
+            "--json",
+            "stores",
+            "add",
+            "ctl-store",
+            "--quota",
+            "events_per_second=50",
+        ],
+    );
+    assert_eq!(ok(&lowered).json()["change"], "updated");
     let shown = ctl(dir, url, &["--json", "stores", "show", "ctl-store"]);
     let view = ok(&shown).json();
     assert_eq!(view["plugin"]["name"], "writer");
@@ -899,7 +946,7 @@ fn many_stores_are_added_at_once_and_a_refused_one_does_not_stop_the_rest() {
     let answer = ok(&run).json();
     assert_eq!(
         answer,
-        json!([{"id": "bulk-two", "status": "updated"}, {"id": "bulk-three", "status": "created"}])
+        json!([{"id": "bulk-two", "status": "unchanged"}, {"id": "bulk-three", "status": "created"}])
     );
     let list = ctl(dir, url, &["--json", "stores", "list"]).json();
     let mut ids: Vec<&str> = list["stores"]

@@ -71,7 +71,7 @@ where
     T::deserialize(deserializer).map(Some)
 }
 
-/// `PUT /v1/stores/{id}` → 201 created, 200 updated.
+/// `PUT /v1/stores/{id}` → 201 created, 200 updated or unchanged (`change` says which).
 pub async fn put(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -118,11 +118,18 @@ pub async fn put(
         .view(&id)
         .await
         .ok_or_else(|| ApiError::unknown_store(id.as_str()))?;
-    let status = match outcome {
-        Provisioned::Created => StatusCode::CREATED,
-        Provisioned::Updated | Provisioned::Unchanged => StatusCode::OK,
+    let (status, change) = match outcome {
+        Provisioned::Created => (StatusCode::CREATED, "created"),
+        Provisioned::Updated => (StatusCode::OK, "updated"),
+        Provisioned::Unchanged => (StatusCode::OK, "unchanged"),
     };
-    Ok((status, Json(view)))
+    // The store's view as `GET` shows it, and what this PUT did: 200 alone does not tell an
+    // update from a PUT of what the store already ran (`ctl stores add` said "updated").
+    let mut body = serde_json::to_value(view).map_err(ApiError::internal)?;
+    if let Some(fields) = body.as_object_mut() {
+        fields.insert("change".into(), Value::from(change));
+    }
+    Ok((status, Json(body)))
 }
 
 /// Applies the quota fields given over `base`, in the forms a config file takes (sizes as

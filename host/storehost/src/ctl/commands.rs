@@ -121,11 +121,11 @@ fn stores(client: &Client, json_out: bool, command: StoresCommand) -> Result<(),
         } => {
             let body = store_body(plugin, &quotas, &config)?;
             if let [id] = ids.as_slice() {
-                let (view, created) = put_store(client, id, &body)?;
+                let (view, change) = put_store(client, id, &body)?;
                 if json_out {
                     output::json(&view);
                 } else {
-                    println!("{}", added_line(&view, created));
+                    println!("{}", added_line(&view, change));
                 }
                 return Ok(());
             }
@@ -889,8 +889,8 @@ fn quota_value(typed: &str) -> Value {
         .unwrap_or_else(|_| Value::String(typed.to_owned()))
 }
 
-/// `PUT /v1/stores/{id}`: the store's view, and whether it was created.
-fn put_store(client: &Client, id: &str, body: &Value) -> Result<(Value, bool), CtlError> {
+/// `PUT /v1/stores/{id}`: the store's view, and what the PUT did to it.
+fn put_store(client: &Client, id: &str, body: &Value) -> Result<(Value, &'static str), CtlError> {
     let path = format!("/v1/stores/{}", segment(id));
     let response = client.send(
         client
@@ -902,14 +902,26 @@ fn put_store(client: &Client, id: &str, body: &Value) -> Result<(Value, bool), C
     let view: Value = response
         .json()
         .map_err(|err| client.transport_error(&err))?;
-    Ok((view, created))
+    let change = change_of(&view, created);
+    Ok((view, change))
 }
 
-fn added_line(view: &Value, created: bool) -> String {
+/// What a PUT did: `created`, `updated` or `unchanged`, as the answer's `change` says; a
+/// server from before `change` told only created (201) from the rest (200, "updated").
+fn change_of(view: &Value, created: bool) -> &'static str {
+    match view["change"].as_str() {
+        Some("unchanged") => "unchanged",
+        Some("created") => "created",
+        Some("updated") => "updated",
+        _ if created => "created",
+        _ => "updated",
+    }
+}
+
+fn added_line(view: &Value, change: &str) -> String {
     format!(
-        "store {} {} (plugin {}, state {})",
+        "store {} {change} (plugin {}, state {})",
         output::cell(&view["id"]),
-        if created { "created" } else { "updated" },
         output::cell(&view["plugin"]["name"]),
         output::cell(&view["state"]),
     )
@@ -939,9 +951,9 @@ fn add_many(client: &Client, json_out: bool, ids: &[String], body: &Value) -> Re
     let mut failed = 0;
     for id in ids {
         let outcome = match put_store(client, id, body) {
-            Ok((view, created)) => {
-                report(added_line(&view, created), false);
-                json!({"id": id, "status": if created { "created" } else { "updated" }})
+            Ok((view, change)) => {
+                report(added_line(&view, change), false);
+                json!({"id": id, "status": change})
             }
             Err(err @ CtlError::Unreachable(_)) => {
                 bar.abandon();
