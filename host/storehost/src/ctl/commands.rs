@@ -710,8 +710,10 @@ fn reconcile(client: &Client, json_out: bool) -> Result<(), CtlError> {
 fn reconcile_report(body: &Value) -> (Vec<String>, Vec<String>) {
     let result = &body["result"];
     let count = |key: &str| result[key].as_array().map_or(0, Vec::len);
+    // A server from before `skippedEntries` skipped none it told of.
+    let skipped = result["skippedEntries"].as_u64().unwrap_or(0);
     let mut lines = vec![format!(
-        "reconcile {} in {} ms: {} added, {} removed, {} failed adds, {} failed removals, {} pending removal ({} in the registry, {} monitored); drift {}",
+        "reconcile {} in {} ms: {} added, {} removed, {} failed adds, {} failed removals, {} pending removal ({} in the registry, {} entries skipped, {} monitored); drift {}",
         output::cell(&body["status"]),
         output::cell(&body["durationMs"]),
         count("added"),
@@ -720,6 +722,7 @@ fn reconcile_report(body: &Value) -> (Vec<String>, Vec<String>) {
         count("failedRemovals"),
         count("pendingRemovals"),
         output::cell(&result["authoritativeCount"]),
+        skipped,
         output::cell(&result["monitoredCount"]),
         output::cell(&body["driftCount"]),
     )];
@@ -744,6 +747,12 @@ fn reconcile_report(body: &Value) -> (Vec<String>, Vec<String>) {
                 output::cell(&failed["error"])
             ));
         }
+    }
+    if skipped > 0 {
+        warnings.push(format!(
+            "{skipped} registry entries were skipped: their instanceId is missing or not a valid \
+             store id, so no store was added for them; fix them in the registry"
+        ));
     }
     if !result["removalsBlocked"].is_null() {
         warnings.push(output::cell(&result["removalsBlocked"]));
@@ -1047,9 +1056,10 @@ mod tests {
 
     use super::*;
 
-    /// Blocked removals and what failed are said, as warnings, and long id lists are cut
-    /// short. Before, the arrays were printed raw inside the summary line (every id of a
-    /// large pass on one line) and a pass whose removals the guard held back looked clean.
+    /// Blocked removals, what failed and the registry entries skipped are said, as warnings,
+    /// and long id lists are cut short. Before, the arrays were printed raw inside the summary
+    /// line (every id of a large pass on one line), a pass whose removals the guard held back
+    /// looked clean, and skipped entries were left out.
     #[test]
     fn a_reconcile_report_says_what_was_held_back_and_counts_the_ids() {
         let added: Vec<String> = (0..25).map(|i| format!("ws-{i:02}")).collect();
@@ -1066,12 +1076,13 @@ mod tests {
                 "removalsBlocked": "removals blocked: the registry lacks 3 of the 4 running stores",
                 "authoritativeCount": 26,
                 "monitoredCount": 4,
+                "skippedEntries": 2,
             }
         });
         let (lines, warnings) = reconcile_report(&body);
         assert_eq!(
             lines[0],
-            "reconcile completed in 12 ms: 25 added, 0 removed, 1 failed adds, 0 failed removals, 3 pending removal (26 in the registry, 4 monitored); drift 29"
+            "reconcile completed in 12 ms: 25 added, 0 removed, 1 failed adds, 0 failed removals, 3 pending removal (26 in the registry, 2 entries skipped, 4 monitored); drift 29"
         );
         assert!(
             lines[1].starts_with("added: ws-00, ws-01,")
@@ -1088,6 +1099,7 @@ mod tests {
             warnings,
             [
                 "could not add ws-bad: disk full",
+                "2 registry entries were skipped: their instanceId is missing or not a valid store id, so no store was added for them; fix them in the registry",
                 "removals blocked: the registry lacks 3 of the 4 running stores"
             ]
         );
