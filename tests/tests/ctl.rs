@@ -217,6 +217,14 @@ fn stores_are_listed_added_shown_paused_and_removed() {
     let gone = ctl(dir, url, &["stores", "show", "ctl-store"]);
     assert_eq!(gone.code, 1, "{}", gone.stderr);
     assert!(gone.stderr.contains("store_not_found"), "{}", gone.stderr);
+    // The server's hint reaches a ctl user as the ctl command (it said PUT /v1/stores/…).
+    assert!(
+        gone.stderr
+            .contains("create it with storehost ctl stores add ctl-store")
+            && !gone.stderr.contains("PUT"),
+        "{}",
+        gone.stderr
+    );
 }
 
 #[test]

@@ -44,7 +44,7 @@ pub(crate) fn not_running(state: &AppState, id: &StoreId) -> ApiError {
     // A store the config declares is the config's to start again or remove.
     let next = match owner {
         _ if removing => {
-            "its removal is not finished: fix the cause, then DELETE it again (a restart of the host finishes the removal too); a PUT starts it again instead".to_owned()
+            format!("its removal is not finished: fix the cause, then DELETE /v1/stores/{id} again (a restart of the host finishes the removal too); a PUT /v1/stores/{id} starts it again instead")
         }
         Some(StoreSource::Config) => {
             "fix the cause, then change the config file (any change) or restart the host to start it again; remove it from the config to drop it".to_owned()
@@ -53,7 +53,7 @@ pub(crate) fn not_running(state: &AppState, id: &StoreId) -> ApiError {
             "fix the cause, then restart the host to start it again; remove it from STORE_IDS to drop it".to_owned()
         }
         _ => format!(
-            "fix the cause, then PUT /v1/stores/{id} (or restart the host) to start it again, or DELETE it"
+            "fix the cause, then PUT /v1/stores/{id} (or restart the host) to start it again, or DELETE /v1/stores/{id}"
         ),
     };
     ApiError::new(

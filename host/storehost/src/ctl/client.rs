@@ -129,7 +129,7 @@ impl Client {
         Err(CtlError::Refused {
             status: status.as_u16(),
             code,
-            message,
+            message: with_ctl_commands(&message),
         })
     }
 
@@ -173,5 +173,92 @@ impl Client {
             "cannot reach the server at {}: {detail}; is `storehost serve` running there? (set --server or STOREHOST_URL)",
             self.base
         ))
+    }
+}
+
+/// A server message with its API hints put as the ctl commands that do the same, for a ctl
+/// user (it told them to `PUT /v1/stores/ID`): `PUT /v1/stores/ID` becomes `storehost ctl
+/// stores add ID` (`… with {"quotas":{"NAME":…}}` adding `--quota NAME=…`), and `DELETE
+/// /v1/stores/ID` becomes `storehost ctl stores remove ID`. Other paths stay as they are.
+pub(crate) fn with_ctl_commands(message: &str) -> String {
+    const HINTS: [(&str, &str); 2] = [
+        ("PUT /v1/stores/", "storehost ctl stores add"),
+        ("DELETE /v1/stores/", "storehost ctl stores remove"),
+    ];
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some((at, path, command)) = HINTS
+        .iter()
+        .filter_map(|(path, command)| rest.find(path).map(|at| (at, *path, *command)))
+        .min_by_key(|(at, ..)| *at)
+    {
+        let after = &rest[at + path.len()..];
+        // A store id, or a placeholder such as `<id>`.
+        let id_len = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '<' | '>')))
+            .unwrap_or(after.len());
+        let (id, tail) = after.split_at(id_len);
+        if id.is_empty() || tail.starts_with(['/', '?']) {
+            // Another route (`/v1/stores/ID/backup`…): no one command to name.
+            out.push_str(&rest[..at + path.len()]);
+            rest = after;
+            continue;
+        }
+        out.push_str(&rest[..at]);
+        out.push_str(command);
+        out.push(' ');
+        out.push_str(id);
+        rest = tail;
+        if command.ends_with("add")
+            && let Some((quota, tail)) = rest
+                .strip_prefix(" with {\"quotas\":{\"")
+                .and_then(|quota| quota.split_once("\":…}}"))
+            && !quota.contains(['"', ' '])
+        {
+            out.push_str(&format!(" --quota {quota}=…"));
+            rest = tail;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The API's hints, as the server words them, reach a ctl user as ctl commands.
+    #[test]
+    fn api_hints_become_ctl_commands() {
+        assert_eq!(
+            with_ctl_commands(
+                "store \"nope-1\" does not exist on this host; create it with PUT /v1/stores/nope-1"
+            ),
+            "store \"nope-1\" does not exist on this host; create it with storehost ctl stores add nope-1"
+        );
+        assert_eq!(
+            with_ctl_commands(
+                "fix the cause, then PUT /v1/stores/s_1 (or restart the host) to start it again, or DELETE /v1/stores/s_1"
+            ),
+            "fix the cause, then storehost ctl stores add s_1 (or restart the host) to start it again, or storehost ctl stores remove s_1"
+        );
+        assert_eq!(
+            with_ctl_commands(
+                "raise the store's event_log quota (PUT /v1/stores/abc with {\"quotas\":{\"event_log\":…}} or in its config), then send them again"
+            ),
+            "raise the store's event_log quota (storehost ctl stores add abc --quota event_log=… or in its config), then send them again"
+        );
+        assert_eq!(
+            with_ctl_commands("raise them (through PUT /v1/stores/<id>, or in the config file)"),
+            "raise them (through storehost ctl stores add <id>, or in the config file)"
+        );
+        for untouched in [
+            "restore with PUT /v1/stores/abc/backup",
+            "GET /v1/stores/abc",
+            "PUT /v1/stores/?x",
+            "a PUT starts it",
+        ] {
+            assert_eq!(with_ctl_commands(untouched), untouched);
+        }
     }
 }
