@@ -715,17 +715,11 @@ async fn a_config_store_dropped_while_the_host_was_down_is_archived_at_the_next_
     let data = dir.path().join("data");
     let first = host_on(&data).await;
     let defaults = first.orchestrator.defaults();
-    for (name, source) in [("dropped", StoreSource::Config), ("kept", StoreSource::Env)] {
-        first
-            .orchestrator
-            .ensure_running(&id(name), defaults.clone(), source)
-            .await
-            .unwrap();
-        first
-            .append(name, "kv.put", json!({"key": "k", "value": name}))
-            .await;
-        first.settle(name).await;
-    }
+    start_with_an_event(
+        &first,
+        &[("dropped", StoreSource::Config), ("kept", StoreSource::Env)],
+    )
+    .await;
     let (old_token, _) = first.issue_token("dropped").await;
     first
         .orchestrator
@@ -782,17 +776,7 @@ async fn config_stores_gone_all_at_once_are_held_back_not_archived() {
     let first = host_on(&data).await;
     let defaults = first.orchestrator.defaults();
     let names = ["env-a", "env-b", "env-c"];
-    for name in names {
-        first
-            .orchestrator
-            .ensure_running(&id(name), defaults.clone(), StoreSource::Env)
-            .await
-            .unwrap();
-        first
-            .append(name, "kv.put", json!({"key": "k", "value": name}))
-            .await;
-        first.settle(name).await;
-    }
+    start_with_an_event(&first, &names.map(|name| (name, StoreSource::Env))).await;
     first.stop().await;
 
     // Started without STORE_IDS.
@@ -831,6 +815,20 @@ async fn config_stores_gone_all_at_once_are_held_back_not_archived() {
     }
     third.orchestrator.restore_persisted().await.unwrap();
     assert_eq!(archived(&data, "env-a") + archived(&data, "env-b"), 0);
+}
+
+/// Starts each of `stores` on `host` as declared by its source, on the defaults, with one
+/// event applied.
+async fn start_with_an_event(host: &TestHost, stores: &[(&str, StoreSource)]) {
+    for &(name, source) in stores {
+        host.orchestrator
+            .ensure_running(&id(name), host.orchestrator.defaults(), source)
+            .await
+            .unwrap();
+        host.append(name, "kv.put", json!({"key": "k", "value": name}))
+            .await;
+        host.settle(name).await;
+    }
 }
 
 /// How many archives of store `id` `DATA_DIR/archive` holds.
