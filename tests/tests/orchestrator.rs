@@ -817,6 +817,54 @@ async fn config_stores_gone_all_at_once_are_held_back_not_archived() {
     assert_eq!(archived(&data, "env-a") + archived(&data, "env-b"), 0);
 }
 
+/// A config store this host ran, placed on another host since, is that host's: the next start
+/// here does not archive it as undeclared (its files stay for the host that runs it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_store_placed_elsewhere_since_is_not_archived_as_undeclared() {
+    use storehost_tests::{TestHostOptions, programs};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let first = host_on(&data).await;
+    start_with_an_event(
+        &first,
+        &[
+            ("elsewhere-1", StoreSource::Config),
+            ("here-1", StoreSource::Config),
+        ],
+    )
+    .await;
+    first.stop().await;
+
+    let second = TestHost::start_configured(
+        TestHostOptions {
+            data_dir: Some(data.clone()),
+            seams: Seams {
+                placement: Arc::new(TwoElsewhere),
+                ..Seams::default()
+            },
+            ..TestHostOptions::default()
+        },
+        &[("writer", programs::WRITER)],
+        |_, state| state,
+    )
+    .await;
+    second
+        .orchestrator
+        .ensure_running(
+            &id("here-1"),
+            second.orchestrator.defaults(),
+            StoreSource::Config,
+        )
+        .await
+        .unwrap();
+    second.orchestrator.restore_persisted().await.unwrap();
+    assert!(
+        data.join("stores/elsewhere-1/store.db").exists(),
+        "another host's store was archived"
+    );
+    assert_eq!(archived(&data, "elsewhere-1"), 0);
+}
+
 /// Starts each of `stores` on `host` as declared by its source, on the defaults, with one
 /// event applied.
 async fn start_with_an_event(host: &TestHost, stores: &[(&str, StoreSource)]) {
