@@ -1175,6 +1175,13 @@ impl Orchestrator {
             .collect()
     }
 
+    /// Whether the store's last start failed and the config (or `STORE_IDS`) asked for it.
+    fn config_start_failed(&self, id: &StoreId) -> bool {
+        self.failed_start(id)
+            .and_then(|(_, owner)| owner)
+            .is_some_and(StoreSource::is_config_owned)
+    }
+
     /// A store whose last start failed (it does not run): the failure, and the source that
     /// asked for it.
     pub fn failed_start(&self, id: &StoreId) -> Option<(Transition, Option<StoreSource>)> {
@@ -1369,10 +1376,7 @@ impl Orchestrator {
         let mut dropped = Vec::new();
         for id in &recorded {
             let declared = running.get(id).is_some_and(|s| s.is_config_owned())
-                || self
-                    .failed_start(id)
-                    .and_then(|(_, owner)| owner)
-                    .is_some_and(StoreSource::is_config_owned);
+                || self.config_start_failed(id);
             // Kept for another owner since (host.db restores it), or another host's.
             if declared
                 || running.contains_key(id)
@@ -1429,11 +1433,7 @@ impl Orchestrator {
         }
         let running = self.sources().await;
         for (id, purge) in self.desired.removals()? {
-            let config_failed = self
-                .failed_start(&id)
-                .and_then(|(_, owner)| owner)
-                .is_some_and(StoreSource::is_config_owned);
-            if running.contains_key(&id) || config_failed {
+            if running.contains_key(&id) || self.config_start_failed(&id) {
                 tracing::info!(store_id = %id, "the config declares the store again: its unfinished removal is off");
                 self.desired.cancel_removal(&id)?;
                 continue;
@@ -1476,11 +1476,9 @@ impl Orchestrator {
                 // Its removal failed again just now: a failed store, not started.
                 continue;
             }
-            let failed_config_start = self
-                .failed_start(&id)
-                .and_then(|(_, owner)| owner)
-                .is_some_and(StoreSource::is_config_owned);
-            if failed_config_start || running.get(&id).is_some_and(|s| s.is_config_owned()) {
+            if self.config_start_failed(&id)
+                || running.get(&id).is_some_and(|s| s.is_config_owned())
+            {
                 // Declared in the config (or STORE_IDS) since the host last ran: the config
                 // decides its spec now.
                 tracing::info!(store_id = %id, was = source.as_str(), "the config now declares the store: it owns it");
