@@ -683,22 +683,37 @@ impl Actor {
                     if exhausted {
                         self.dead_letter(&event, &err, attempt);
                     }
-                    if self.breaker_should_open(&policy) {
-                        if self.open_circuit(&policy, work.clone()).await == Flow::Stop {
-                            return Flow::Stop;
-                        }
-                    } else if !exhausted {
-                        self.shared.status().state = StoreState::Retrying;
-                        if self.wait(policy.delay_after(attempt)).await == Flow::Stop {
-                            return Flow::Stop;
-                        }
-                    }
-                    if exhausted {
-                        return Flow::Continue;
+                    if let Some(flow) = self.after_failure(&policy, &work, attempt, exhausted).await
+                    {
+                        return flow;
                     }
                 }
             }
         }
+    }
+
+    /// What follows a failed attempt of `work` (an event or a task execution), once it is
+    /// recorded, and dead-lettered or recorded as failed when its attempts are `exhausted`:
+    /// the circuit opens if the failures say so, or the store waits for the retry. `Some`
+    /// ends the work's loop with that flow; `None` tries it again.
+    async fn after_failure(
+        &mut self,
+        policy: &crate::store::RetryPolicy,
+        work: &str,
+        attempt: u32,
+        exhausted: bool,
+    ) -> Option<Flow> {
+        if self.breaker_should_open(policy) {
+            if self.open_circuit(policy, work.to_owned()).await == Flow::Stop {
+                return Some(Flow::Stop);
+            }
+        } else if !exhausted {
+            self.shared.status().state = StoreState::Retrying;
+            if self.wait(policy.delay_after(attempt)).await == Flow::Stop {
+                return Some(Flow::Stop);
+            }
+        }
+        exhausted.then_some(Flow::Continue)
     }
 
     /// Whether the last failure opens the circuit: K failures in a row, or any failure of the
@@ -1037,18 +1052,9 @@ impl Actor {
                     if exhausted {
                         self.task_failed(schedule, due, &err, attempt, started_at);
                     }
-                    if self.breaker_should_open(&policy) {
-                        if self.open_circuit(&policy, work.clone()).await == Flow::Stop {
-                            return Flow::Stop;
-                        }
-                    } else if !exhausted {
-                        self.shared.status().state = StoreState::Retrying;
-                        if self.wait(policy.delay_after(attempt)).await == Flow::Stop {
-                            return Flow::Stop;
-                        }
-                    }
-                    if exhausted {
-                        return Flow::Continue;
+                    if let Some(flow) = self.after_failure(&policy, &work, attempt, exhausted).await
+                    {
+                        return flow;
                     }
                 }
             }
