@@ -499,3 +499,35 @@ async fn an_api_deploy_racing_an_edit_dropping_a_store_removes_it_and_the_upload
     }
     assert_no_sandbox_left(host).await;
 }
+
+/// The same version uploaded twice at once (a deploy retried while the first is under way):
+/// both are answered 2xx, and the one file kept for it holds its bytes. Before, both wrote one
+/// temporary file, and the second's rename found it gone: a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_version_uploaded_twice_at_once_is_deployed_for_both() {
+    let host = TestHost::start_control(ControlHostOptions::default(), |_, state| state).await;
+    add_busy_store(&host, "kept", "writer").await;
+    for round in 0..ROUNDS {
+        let version = Version::of_round(round);
+        let bytes = storehost_tests::with_custom_section(&version.bytes(), &format!("r{round}"));
+        let (first, second) = tokio::join!(put_plugin(&host, "writer", bytes.clone()), async {
+            stagger(round, false).await;
+            put_plugin(&host, "writer", bytes.clone()).await
+        });
+        let sha256 = sha256sum(&bytes);
+        for (status, body) in [&first, &second] {
+            assert_eq!(*status, 200, "round {round}: {body}");
+            assert_eq!(body["sha256"], sha256, "round {round}: {body}");
+        }
+        let kept = host.data_dir.join(format!("plugins/{sha256}.wasm"));
+        assert_eq!(std::fs::read(&kept).unwrap(), bytes, "round {round}");
+        assert_eq!(behaviour(&host, "kept").await, version, "round {round}");
+    }
+    let temporary: Vec<_> = std::fs::read_dir(host.data_dir.join("plugins"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name())
+        .filter(|name| name.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(temporary.is_empty(), "temporary files left: {temporary:?}");
+}

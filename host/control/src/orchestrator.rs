@@ -618,7 +618,11 @@ impl Orchestrator {
         let plugin = self.compile_plugin(wasm.clone()).await?;
         let sha256 = plugin.sha256().to_owned();
         let target = dir.join(format!("{sha256}.wasm"));
-        let temp = dir.join(format!(".{sha256}.wasm.tmp"));
+        // A temporary name of this write's own: two uploads of the same bytes at once wrote
+        // one temporary file together, and the second's rename found it gone (a 500).
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let temp = dir.join(format!(".{sha256}.{write}.wasm.tmp"));
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             if target.exists() {
                 return Ok(());
