@@ -202,7 +202,7 @@ async fn a_hot_swap_and_roll_back_under_load_lose_nothing_and_duplicate_nothing(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_uploaded_plugin_and_its_stores_come_back_after_a_restart() {
+async fn an_uploaded_plugin_and_its_stores_come_back_after_a_restart_without_a_crashed_write() {
     let dir = tempfile::tempdir().unwrap();
     let options = ControlHostOptions {
         data_dir: Some(dir.path().join("data")),
@@ -232,9 +232,18 @@ async fn an_uploaded_plugin_and_its_stores_come_back_after_a_restart() {
             .exists(),
         "kept content-addressed"
     );
+    // An upload's write cut short by a crash leaves its temporary file behind.
+    let leftover = dir
+        .path()
+        .join(format!("data/plugins/.{}.7.wasm.tmp", "ab".repeat(32)));
+    std::fs::write(&leftover, &flaky[..100]).unwrap();
 
     let host = TestHost::start_control(options, |_, state| state).await;
     assert_eq!(host.orchestrator.restore_persisted().await.unwrap(), 1);
+    assert!(
+        !leftover.exists(),
+        "a crashed upload's temporary file is deleted at start"
+    );
     let (_, view) = host.get("/v1/stores/on-uploaded").await;
     assert_eq!(view["plugin"]["name"], "uploaded");
     assert_eq!(view["plugin"]["sha256"], storehost_tests::sha256sum(&flaky));

@@ -681,6 +681,10 @@ impl Orchestrator {
     /// Deploys again every plugin uploaded through the API before a restart (their bytes are
     /// checked against their hash). Returns how many.
     pub async fn restore_plugins(&self) -> Result<usize, ControlError> {
+        let dir = self.settings.data_dir.join("plugins");
+        tokio::task::spawn_blocking(move || delete_unfinished_uploads(&dir))
+            .await
+            .map_err(|err| StoreError::Internal(format!("plugin cleanup task failed: {err}")))?;
         let mut restored = 0;
         for (name, sha256) in self.registry.plugins()? {
             if self.is_stopping() {
@@ -1690,5 +1694,31 @@ fn only_answer(
     match answers.pop() {
         Some((_, answer)) => answer,
         None => Err(StoreError::Internal("no answer for the store".into()).into()),
+    }
+}
+
+/// Deletes the temporary files of uploads that a crash cut short in `dir`
+/// (`DATA_DIR/plugins`, see [`Orchestrator::deploy_plugin_persisted`]): the host restores
+/// plugins before it serves, so no upload is under way.
+fn delete_unfinished_uploads(dir: &std::path::Path) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
+        Err(err) => {
+            tracing::warn!(dir = %dir.display(), "could not look for unfinished plugin uploads: {err}");
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(".wasm.tmp") {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(file = %name, "deleted an upload a crash cut short"),
+                Err(err) => {
+                    tracing::warn!(file = %name, "could not delete an upload a crash cut short: {err}")
+                }
+            }
+        }
     }
 }
