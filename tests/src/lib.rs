@@ -110,6 +110,9 @@ pub struct TestHostOptions {
     pub seams: Seams,
     /// The config file the host runs, as `--config` names it (`None`: the embedded default).
     pub config_file: Option<PathBuf>,
+    /// Files all guests together may hold open (`None`: what the server would allow, from
+    /// the open-file limit and `max_stores`).
+    pub guest_open_files: Option<usize>,
 }
 
 impl Default for TestHostOptions {
@@ -136,6 +139,7 @@ impl Default for TestHostOptions {
             spare_stores: 2,
             seams: Seams::default(),
             config_file: None,
+            guest_open_files: None,
         }
     }
 }
@@ -172,6 +176,9 @@ impl TestHost {
             cache_dir: Some(target_dir().join("test-plugin-cache")),
             max_concurrent_invocations: options.max_concurrent_invocations,
             cpu_limits: options.cpu_limits,
+            guest_open_files: options.guest_open_files.unwrap_or_else(|| {
+                storehost_store::open_files::for_guests(options.max_stores, options.spare_stores)
+            }),
         })
         .expect("runtime");
         let orchestrator = Arc::new(

@@ -46,6 +46,7 @@ pub fn test_host_runtime_options(max_stores: usize) -> RuntimeOptions {
         cache_dir: None,
         max_concurrent_invocations: 2,
         cpu_limits: true,
+        guest_open_files: storehost_store::open_files::for_guests(max_stores, 2),
     }
 }
 

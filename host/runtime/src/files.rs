@@ -10,7 +10,8 @@
 //! done. A stream opened for writing is one of ours, which reserves what each write adds and
 //! writes at once, so no write is ever under way in the background while another call is
 //! counted. A guest holds at most [`MAX_OPEN_FILES`] files and [`MAX_LISTINGS`] directory
-//! listings at once, and nests directories at most [`MAX_DIR_DEPTH`] levels deep.
+//! listings at once, all guests of a host together at most what their [`GuestOpenFiles`]
+//! allows, and a guest nests directories at most [`MAX_DIR_DEPTH`] levels deep.
 //!
 //! A file removed while the guest holds it open keeps its bytes on disk: they are given back
 //! once it is closed. Where the count cannot tell (a removed file that could not be compared
@@ -21,7 +22,7 @@
 use std::io;
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
@@ -61,6 +62,62 @@ pub const MAX_OPEN_FILES: usize = 64;
 /// (its count does; the backup still writes, lists and packs its copy by path, and fails on
 /// such a store).
 pub const MAX_DIR_DEPTH: usize = 64;
+
+/// The host's open files that all guests together may hold: each file, directory or
+/// listing a guest keeps open is one of the host's own open files, which every store's
+/// databases, event appends, provisioning and the API's accept need too. The per-guest caps
+/// ([`MAX_OPEN_FILES`], [`MAX_LISTINGS`]) keep one guest from taking them; this keeps many
+/// from taking them together (a few hundred guests holding 80 each used up a 20,000-file
+/// limit, and every other store's next open failed with "too many open files"). A guest open
+/// past it is refused with WASI's `quota`, as past its own cap. One per runtime, shared by
+/// every sandbox.
+#[derive(Debug)]
+pub struct GuestOpenFiles {
+    held: AtomicUsize,
+    limit: usize,
+}
+
+impl GuestOpenFiles {
+    /// Room for `limit` open files and listings, all guests together.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            held: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Files and listings guests hold now (one closed since counts until its guest's next
+    /// open, listing or close, or until its sandbox is dropped).
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// The most they may hold.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Counts one more if there is room; `false` (and nothing counted) if not.
+    fn take_one(&self) -> bool {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (held < self.limit).then_some(held + 1)
+            })
+            .is_ok()
+    }
+
+    /// Counts `count` fewer.
+    fn give_back(&self, count: usize) {
+        if count == 0 {
+            return;
+        }
+        let _ = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                Some(held.saturating_sub(count))
+            });
+    }
+}
 
 /// What a store's files directory holds and may hold, in bytes (each file, directory and link
 /// counted as its length plus [`ENTRY_BYTES`]). One per store, shared by its sandboxes.
@@ -194,9 +251,16 @@ fn bytes_in(dir: &Path) -> io::Result<Option<(u64, tree::Identity)>> {
 
 /// One sandbox's side of its store's files: the shared count, the files its guest holds open,
 /// and whether the current call was refused for want of space.
+///
+/// Every entry of `open`, every listing and every open under way holds one of the host-wide
+/// [`GuestOpenFiles`]: what drops out of them gives it back, and so does the drop of this
+/// state, everything it held, however its sandbox ended (hibernation, a trap, a plugin swap,
+/// a removal, a call cut off in the middle of an open by its wall time).
 #[derive(Debug)]
 pub(crate) struct FilesState {
     usage: Arc<FilesUsage>,
+    /// The host's open files all guests share.
+    shared_open: Arc<GuestOpenFiles>,
     /// The host files behind the guest's open descriptors and the streams made from them (a
     /// stream keeps its file open after its descriptor is dropped).
     open: Vec<Weak<std::fs::File>>,
@@ -204,6 +268,8 @@ pub(crate) struct FilesState {
     removed_open: RemovedOpen,
     /// Directory listings the guest holds.
     listings: usize,
+    /// Opens and listings under way, each holding the share of the host's open files it took.
+    opening: usize,
     refused: Arc<AtomicBool>,
     /// CPU ticks owed for positioned writes, the one file call whose size the guest chooses
     /// (the bytes they moved, see [`crate::sandbox::BYTES_PER_CPU_MS`], or the time they took
@@ -215,12 +281,18 @@ pub(crate) struct FilesState {
 }
 
 impl FilesState {
-    pub(crate) fn new(usage: Arc<FilesUsage>, owed: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(
+        usage: Arc<FilesUsage>,
+        shared_open: Arc<GuestOpenFiles>,
+        owed: Arc<AtomicU64>,
+    ) -> Self {
         Self {
             usage,
+            shared_open,
             open: Vec::new(),
             removed_open: RemovedOpen::default(),
             listings: 0,
+            opening: 0,
             refused: Arc::default(),
             owed,
             busy_micros: 0,
@@ -293,11 +365,45 @@ impl FilesState {
         made
     }
 
-    /// Files the guest holds open now.
+    /// Files the guest holds open now; those it closed since give back their share of the
+    /// host's open files.
     fn open_count(&mut self) -> usize {
         self.release_closed();
+        let before = self.open.len();
         self.open.retain(|file| file.strong_count() > 0);
+        self.shared_open.give_back(before - self.open.len());
         self.open.len()
+    }
+
+    /// Takes one of the host's open files for a file or listing the guest is about to open
+    /// (after its own cap was checked), or refuses it with `quota` when all guests together
+    /// hold what they may. A call that then opens nothing gives it back.
+    fn take_shared_open(&mut self) -> FsResult<()> {
+        self.open_count();
+        if self.shared_open.take_one() {
+            self.opening += 1;
+            Ok(())
+        } else {
+            Err(ErrorCode::Quota.into())
+        }
+    }
+
+    /// An open under way opened nothing: its share goes back.
+    fn open_failed(&mut self) {
+        self.opening = self.opening.saturating_sub(1);
+        self.shared_open.give_back(1);
+    }
+
+    /// An open under way opened `file`, which holds its share from now on.
+    fn opened(&mut self, file: &Arc<std::fs::File>) {
+        self.opening = self.opening.saturating_sub(1);
+        self.open.push(Arc::downgrade(file));
+    }
+
+    /// A listing under way started, and holds its share from now on.
+    fn listing_started(&mut self) {
+        self.opening = self.opening.saturating_sub(1);
+        self.listings += 1;
     }
 
     /// Gives back the bytes of removed files the guest has closed since (all of them once the
@@ -353,6 +459,13 @@ impl RemovedOpen {
 impl Drop for FilesState {
     fn drop(&mut self) {
         self.release_closed();
+        // The sandbox's table, which held the files and listings, is gone already.
+        self.shared_open.give_back(
+            self.open
+                .len()
+                .saturating_add(self.listings)
+                .saturating_add(self.opening),
+        );
     }
 }
 
@@ -786,9 +899,23 @@ impl HostDescriptor for FilesView<'_> {
         let Descriptor::Dir(dir) = self.fs.table.get(&fd)? else {
             return Err(ErrorCode::NotDirectory.into());
         };
-        let listing = Listing::start(dir.dir.clone()).await?;
-        let listing = self.fs.table.push(listing)?;
-        self.files.listings += 1;
+        let dir = dir.dir.clone();
+        self.files.take_shared_open()?;
+        let listing = match Listing::start(dir).await {
+            Ok(listing) => listing,
+            Err(err) => {
+                self.files.open_failed();
+                return Err(err);
+            }
+        };
+        let listing = match self.fs.table.push(listing) {
+            Ok(listing) => listing,
+            Err(err) => {
+                self.files.open_failed();
+                return Err(err.into());
+            }
+        };
+        self.files.listing_started();
         // The guest's handle is typed as wasmtime-wasi's listing; every call on it comes here,
         // and the table checks the type of what it finds under it.
         Ok(Resource::new_own(listing.rep()))
@@ -878,10 +1005,15 @@ impl HostDescriptor for FilesView<'_> {
             0
         };
         self.files.reserve(entry)?;
+        if let Err(err) = self.files.take_shared_open() {
+            self.files.usage.release(entry);
+            return Err(err);
+        }
         let opened = match self.fs.open_at(fd, path_flags, path, oflags, flags).await {
             Ok(opened) => opened,
             Err(err) => {
                 self.files.usage.release(entry);
+                self.files.open_failed();
                 return Err(err);
             }
         };
@@ -891,16 +1023,24 @@ impl HostDescriptor for FilesView<'_> {
         {
             self.files.usage.release(old.size);
         }
-        let host_file = match self.fs.table.get(&opened)? {
-            Descriptor::File(file) => &file.file,
-            Descriptor::Dir(dir) => &dir.dir,
+        let host_file = match self.fs.table.get(&opened) {
+            Ok(Descriptor::File(file)) => file.file.clone(),
+            Ok(Descriptor::Dir(dir)) => dir.dir.clone(),
+            Err(err) => {
+                self.files.open_failed();
+                return Err(err.into());
+            }
         };
-        self.files.open.push(Arc::downgrade(host_file));
+        self.files.opened(&host_file);
         Ok(opened)
     }
 
     fn drop(&mut self, fd: Resource<types::Descriptor>) -> wasmtime::Result<()> {
-        HostDescriptor::drop(&mut self.fs, fd)
+        HostDescriptor::drop(&mut self.fs, fd)?;
+        // Its share of the host's open files goes back at once (unless a stream still holds
+        // the file: then at the guest's next open, close or listing).
+        self.files.open_count();
+        Ok(())
     }
 
     async fn readlink_at(
@@ -1041,6 +1181,7 @@ impl HostDirectoryEntryStream for FilesView<'_> {
                 .delete(Resource::<Listing>::new_own(stream.rep()))?,
         );
         self.files.listings = self.files.listings.saturating_sub(1);
+        self.files.shared_open.give_back(1);
         Ok(())
     }
 }
@@ -1157,7 +1298,11 @@ mod tests {
     #[test]
     fn writes_are_charged_their_bytes_or_their_time_whichever_is_more() {
         let owed = Arc::new(AtomicU64::new(0));
-        let mut files = FilesState::new(Arc::new(FilesUsage::unlimited()), owed.clone());
+        let mut files = FilesState::new(
+            Arc::new(FilesUsage::unlimited()),
+            Arc::new(GuestOpenFiles::new(usize::MAX)),
+            owed.clone(),
+        );
         files.wrote(5 << 20, Duration::from_micros(900));
         assert_eq!(owed.load(Ordering::Relaxed), 5, "5 MiB written at once");
         files.wrote(5 << 20, Duration::from_micros(5_500));
@@ -1181,7 +1326,11 @@ mod tests {
     #[test]
     fn syncs_are_charged_their_time_beyond_one_tick_and_fractions_add_up() {
         let owed = Arc::new(AtomicU64::new(0));
-        let mut files = FilesState::new(Arc::new(FilesUsage::unlimited()), owed.clone());
+        let mut files = FilesState::new(
+            Arc::new(FilesUsage::unlimited()),
+            Arc::new(GuestOpenFiles::new(usize::MAX)),
+            owed.clone(),
+        );
         files.busy_for(Duration::from_millis(40));
         assert_eq!(owed.load(Ordering::Relaxed), 39, "a 40 ms sync");
         files.busy_for(Duration::from_micros(800));
@@ -1198,6 +1347,95 @@ mod tests {
             40,
             "four syncs of 1.25 ms: 0.25 ms each beyond their tick, 1 ms in all"
         );
+    }
+
+    /// A sandbox's files state on `shared`, as a sandbox makes it.
+    fn sandbox_files(shared: &Arc<GuestOpenFiles>) -> FilesState {
+        FilesState::new(
+            Arc::new(FilesUsage::unlimited()),
+            shared.clone(),
+            Arc::default(),
+        )
+    }
+
+    /// What `open_at` does once wasmtime-wasi opened `file` for the guest: the share is
+    /// taken first (or the open refused), then held by the file's entry.
+    fn guest_opens(files: &mut FilesState, file: &Arc<std::fs::File>) -> FsResult<()> {
+        files.take_shared_open()?;
+        files.opened(file);
+        Ok(())
+    }
+
+    fn refused_with_quota(result: FsResult<()>) -> bool {
+        result.is_err_and(|err| err.downcast_ref() == Some(&ErrorCode::Quota))
+    }
+
+    /// All guests together hold at most the host-wide count: a guest under its own cap is
+    /// refused with `quota` once the others hold the rest, and a file one of them closed
+    /// goes back at its next open (or close), when the other can open again.
+    #[test]
+    fn guests_together_hold_at_most_the_shared_count_and_closed_files_go_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = || Arc::new(std::fs::File::open(dir.path()).unwrap());
+        let shared = Arc::new(GuestOpenFiles::new(3));
+        let (mut first, mut second) = (sandbox_files(&shared), sandbox_files(&shared));
+        let held: Vec<_> = (0..2).map(|_| file()).collect();
+        for held in &held {
+            guest_opens(&mut first, held).unwrap();
+        }
+        let other = file();
+        guest_opens(&mut second, &other).unwrap();
+        assert_eq!(shared.held(), 3);
+        assert!(
+            refused_with_quota(guest_opens(&mut second, &file())),
+            "the fourth open of all guests"
+        );
+        assert_eq!(shared.held(), 3, "a refused open takes nothing");
+
+        drop(held);
+        assert_eq!(first.open_count(), 0, "the first guest closed both");
+        assert_eq!(shared.held(), 1, "they went back");
+        guest_opens(&mut second, &file()).unwrap();
+        assert_eq!(shared.held(), 2);
+    }
+
+    /// Listings count with files, and a sandbox's state gives back everything it held when
+    /// it is dropped (hibernation, a trap, a plugin swap, a removal), its files still open
+    /// or not, and an open cut off half-way.
+    #[test]
+    fn a_dropped_sandbox_gives_back_every_file_and_listing_it_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = || Arc::new(std::fs::File::open(dir.path()).unwrap());
+        let shared = Arc::new(GuestOpenFiles::new(100));
+        let mut files = sandbox_files(&shared);
+        // An open cut off by the call's wall time, neither done nor failed.
+        files.take_shared_open().unwrap();
+        for _ in 0..2 {
+            files.take_shared_open().unwrap();
+            files.listing_started();
+        }
+        let kept: Vec<_> = (0..5).map(|_| file()).collect();
+        for file in &kept {
+            guest_opens(&mut files, file).unwrap();
+        }
+        // Closed at once, and not settled: no open or close came after it.
+        guest_opens(&mut files, &file()).unwrap();
+        let mut neighbour = sandbox_files(&shared);
+        let neighbours = file();
+        guest_opens(&mut neighbour, &neighbours).unwrap();
+        assert_eq!(
+            shared.held(),
+            1 + 2 + 5 + 1 + 1,
+            "an open under way, two listings, six files (one closed since) and the neighbour's"
+        );
+        drop(files);
+        assert_eq!(
+            shared.held(),
+            1,
+            "all of it, also what it had not settled; the neighbour's stays"
+        );
+        drop(neighbour);
+        assert_eq!(shared.held(), 0);
     }
 
     /// A tree whose paths are longer than `PATH_MAX` (300 levels of a 15-byte name, 4,800

@@ -23,7 +23,7 @@ pub mod llm {
     };
 }
 pub use failure::{FailureReason, InvocationError};
-pub use files::FilesUsage;
+pub use files::{FilesUsage, GuestOpenFiles};
 pub use host::{CapabilityError, HostCapabilities, LlmFuture, LogLevel};
 pub use plugin::{Plugin, PluginError};
 pub use runtime::{DEMOTED_NICE, Runtime, RuntimeOptions};

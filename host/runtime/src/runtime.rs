@@ -11,6 +11,7 @@ use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::bindings::Plugin as PluginWorld;
+use crate::files::GuestOpenFiles;
 use crate::host::HostCapabilities;
 use crate::sandbox::InstanceState;
 use crate::scheduler::SlotScheduler;
@@ -37,6 +38,11 @@ pub struct RuntimeOptions {
     /// limiting costs: `cpu_ms_per_call` is then not enforced and a spinning guest is only
     /// stopped by its wall time.
     pub cpu_limits: bool,
+    /// The most files, directories and directory listings all guests together hold open at
+    /// once (each is one of the host's open files, see [`GuestOpenFiles`]); past it a guest's
+    /// open is refused with WASI's `quota`. No bound by default: the host sets what its
+    /// open-file limit leaves beside its own files.
+    pub guest_open_files: usize,
 }
 
 impl Default for RuntimeOptions {
@@ -48,6 +54,7 @@ impl Default for RuntimeOptions {
             cache_dir: None,
             max_concurrent_invocations: std::thread::available_parallelism().map_or(2, |n| n.get()),
             cpu_limits: true,
+            guest_open_files: usize::MAX,
         }
     }
 }
@@ -60,6 +67,7 @@ pub struct Runtime<H: HostCapabilities> {
     pub(crate) scheduler: Arc<SlotScheduler>,
     pub(crate) ticker: Arc<EpochTicker>,
     pub(crate) guests: GuestExecutor,
+    pub(crate) open_files: Arc<GuestOpenFiles>,
     _host: PhantomData<fn() -> H>,
 }
 
@@ -108,6 +116,7 @@ impl<H: HostCapabilities> Runtime<H> {
         let ticker = Arc::new(EpochTicker::start(engine.clone()));
         let scheduler = SlotScheduler::new(options.max_concurrent_invocations);
         let guests = GuestExecutor::start(options.max_concurrent_invocations)?;
+        let open_files = Arc::new(GuestOpenFiles::new(options.guest_open_files));
         Ok(Arc::new(Self {
             engine,
             linker,
@@ -115,6 +124,7 @@ impl<H: HostCapabilities> Runtime<H> {
             options,
             ticker,
             guests,
+            open_files,
             _host: PhantomData,
         }))
     }
@@ -140,6 +150,12 @@ impl<H: HostCapabilities> Runtime<H> {
         let live = self.ticker.shared.sandboxes.load(Ordering::Relaxed);
         let total = usize::try_from(self.options.max_live_sandboxes.max(1)).unwrap_or(usize::MAX);
         (live, total)
+    }
+
+    /// Files and listings all guests hold open now, and the most they may (see
+    /// [`RuntimeOptions::guest_open_files`]).
+    pub fn guest_open_files(&self) -> (usize, usize) {
+        (self.open_files.held(), self.open_files.limit())
     }
 
     /// Where stores run their work: guest invocations and the synchronous SQLite work around

@@ -176,6 +176,7 @@ impl<H: HostCapabilities> Sandbox<H> {
             // Without a files directory nothing reaches the quota: there is nothing to write.
             files: FilesState::new(
                 files_usage.unwrap_or_else(|| Arc::new(FilesUsage::unlimited())),
+                plugin.open_files.clone(),
                 cpu.owed.clone(),
             ),
             host,

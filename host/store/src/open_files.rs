@@ -37,6 +37,21 @@ pub fn wanted(stores: usize, spares: usize) -> usize {
         .saturating_add(HOST)
 }
 
+/// The fewest files all guests together may hold open (see [`for_guests`]): four guests at
+/// their own cap. A host whose open-file limit leaves less beside its own files still lets
+/// its guests open some, and says at start that it is short.
+pub const GUESTS_AT_LEAST: usize = 4 * storehost_runtime::files::MAX_OPEN_FILES;
+
+/// How many files, directories and listings all guests together may hold open on a host
+/// running `stores` stores and keeping `spares` spare directories: what the open-file limit
+/// leaves beside the host's own files ([`wanted`], which the host grows its file table to
+/// at start), and at least [`GUESTS_AT_LEAST`].
+pub fn for_guests(stores: usize, spares: usize) -> usize {
+    limit()
+        .saturating_sub(wanted(stores, spares))
+        .max(GUESTS_AT_LEAST)
+}
+
 /// The most files this process may hold open (its soft `RLIMIT_NOFILE`; `usize::MAX` when
 /// unlimited).
 pub fn limit() -> usize {

@@ -12,7 +12,7 @@ use storehost_control::watcher::{self, ConfigReloader};
 use storehost_control::webhook::{WebhookSettings, Webhooks};
 use storehost_control::{ControlError, HostSettings, Orchestrator, StoreSource};
 use storehost_runtime::RuntimeOptions;
-use storehost_store::{StoreId, StoreRuntime, sqlite::now_ms};
+use storehost_store::{StoreId, StoreRuntime, open_files, sqlite::now_ms};
 
 use crate::admin_token::{self, TokenOrigin};
 use crate::cli::ServeArgs;
@@ -92,6 +92,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             config.max_stores
         );
     }
+    let guest_open_files = open_files::for_guests(config.max_stores, config.spare_stores);
+    let host_files = open_files::wanted(config.max_stores, config.spare_stores);
+    if guest_open_files > open_files::limit().saturating_sub(host_files) {
+        tracing::warn!(
+            "the open-file limit ({}, ulimit -n) leaves plugins no room beside the {host_files} files the host may hold for max_stores = {} awake stores: they may still hold {guest_open_files} files together, and while most stores are awake the host's own opens (databases, event appends, new stores, connections) may fail with \"too many open files\"; raise the limit to at least {}",
+            open_files::limit(),
+            config.max_stores,
+            host_files.saturating_add(guest_open_files)
+        );
+    }
     let runtime = StoreRuntime::new(RuntimeOptions {
         max_live_sandboxes: u32::try_from(config.max_stores)
             .unwrap_or(u32::MAX)
@@ -99,6 +109,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_memory_bytes: max_memory,
         fuel: quotas.iter().any(|quotas| quotas.fuel_per_call.is_some()),
         cache_dir: Some(config.data_dir.join("cache")),
+        guest_open_files,
         ..RuntimeOptions::default()
     })
     .map_err(|err| anyhow!("could not start the wasm runtime: {err:#}"))?;

@@ -141,6 +141,8 @@ struct Snapshot {
     slots_total: u64,
     sandboxes_live: u64,
     sandboxes_total: u64,
+    guest_files_held: u64,
+    guest_files_total: u64,
     webhooks: BTreeMap<String, u64>,
     reconcile: Option<ReconcileSample>,
     reloads: [u64; RELOAD_OUTCOMES.len()],
@@ -227,6 +229,7 @@ impl Snapshot {
         *states.entry("failed".to_owned()).or_default() += orchestrator.failed().len() as u64;
         let (slots_in_use, slots_total) = orchestrator.runtime().invocation_slots();
         let (sandboxes_live, sandboxes_total) = orchestrator.runtime().sandbox_slots();
+        let (guest_files_held, guest_files_total) = orchestrator.runtime().guest_open_files();
         let reconcile = state.reconciler.as_ref().map(|r| {
             let status = r.status();
             ReconcileSample {
@@ -249,6 +252,8 @@ impl Snapshot {
             slots_total: slots_total as u64,
             sandboxes_live: sandboxes_live as u64,
             sandboxes_total: sandboxes_total as u64,
+            guest_files_held: guest_files_held as u64,
+            guest_files_total: guest_files_total as u64,
             webhooks: state.metrics.webhooks(),
             reconcile,
             reloads: std::array::from_fn(|i| state.metrics.reloads[i].load(Ordering::Relaxed)),
@@ -565,6 +570,18 @@ impl Collector for Snapshot {
             "sandbox_slots",
             "Pool slots in all (sandboxes that may be live at once).",
             self.sandboxes_total,
+        )?;
+        gauge(
+            e,
+            "guest_open_files_in_use",
+            "Files, directories and listings all plugins hold open now, each one of the host's open files.",
+            self.guest_files_held,
+        )?;
+        gauge(
+            e,
+            "guest_open_files",
+            "Most files, directories and listings all plugins together may hold open (what the open-file limit leaves beside the host's own files).",
+            self.guest_files_total,
         )?;
         family(
             e,
