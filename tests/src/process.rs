@@ -65,7 +65,22 @@ impl ServerProcess {
     /// Starts `storehost serve` on a free port with data in `data_dir`, optional extra args
     /// (e.g. `--config`) and environment; waits until it listens.
     pub fn spawn(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut server = Self::spawn_starting(data_dir, extra_args, env);
+        Self::listening(Self::launch(data_dir, extra_args, env, None))
+    }
+
+    /// [`ServerProcess::spawn`] with the server's open-file limit (`ulimit -n`, soft and
+    /// hard) set to `open_files`, through util-linux's `prlimit`.
+    pub fn spawn_with_open_file_limit(
+        data_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        open_files: u64,
+    ) -> Self {
+        Self::listening(Self::launch(data_dir, extra_args, env, Some(open_files)))
+    }
+
+    /// Waits until `server` listens (at most 60 s), and fills in its `url`.
+    fn listening(mut server: Self) -> Self {
         let deadline = Instant::now() + Duration::from_secs(60);
         server.url = loop {
             if let Ok(url) = server.listening.recv_timeout(Duration::from_millis(100)) {
@@ -88,6 +103,16 @@ impl ServerProcess {
     /// [`ServerProcess::spawn`] without waiting for the server to listen (it may be starting
     /// its stores): `url` stays empty.
     pub fn spawn_starting(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(data_dir, extra_args, env, None)
+    }
+
+    /// Starts the server, under an open-file limit of `open_files` when given.
+    fn launch(
+        data_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        open_files: Option<u64>,
+    ) -> Self {
         std::fs::create_dir_all(data_dir).expect("data dir");
         let log = data_dir.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
@@ -96,7 +121,17 @@ impl ServerProcess {
             .open(&log)
             .expect("log file");
         let log_start = log_file.metadata().map_or(0, |meta| meta.len() as usize);
-        let mut command = Command::new(storehost_bin());
+        let mut command = match open_files {
+            Some(limit) => {
+                let mut command = Command::new("prlimit");
+                command
+                    .arg(format!("--nofile={limit}:{limit}"))
+                    .arg("--")
+                    .arg(storehost_bin());
+                command
+            }
+            None => Command::new(storehost_bin()),
+        };
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -151,6 +186,12 @@ impl ServerProcess {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// How many files the server process holds open now (its `/proc/PID/fd`).
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map_or(0, |entries| entries.count())
     }
 
     /// Whether the server printed that it listens.

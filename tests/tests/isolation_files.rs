@@ -1,13 +1,14 @@
 //! A store's files directory (`/data`) is bounded like its database: the `files` quota caps
 //! what the guest keeps there (bytes written plus 4 KiB per file, directory or link), and a
-//! guest holds only a few files open at once, so one tenant can neither fill the filesystem
-//! the stores share nor use up the host's open files.
+//! guest holds only a few files open at once, and all guests together only what the host's
+//! open-file limit leaves beside its own files, so tenants can neither fill the filesystem the
+//! stores share nor use up the host's open files, alone or together.
 
 use std::path::Path;
 
 use serde_json::{Value, json};
 use storehost_store::Quotas;
-use storehost_tests::{TestHost, programs};
+use storehost_tests::{TestHost, TestHostOptions, programs};
 
 /// The `files` quota of the cramped stores below.
 const FILES_QUOTA: u64 = 1 << 20;
@@ -517,4 +518,303 @@ async fn syncs_in_a_loop_are_charged_their_time_as_cpu_time() {
             "{call}: the syncs' time was not charged: {status} {body}"
         );
     }
+}
+
+/// What `hoard` answers from a guest that holds all it may: its own caps (64 files, 16
+/// listings) reached.
+const HOARDS_ALL: &str =
+    "holds 64 files and 16 listings; the next open: quota, the next listing: quota";
+
+/// What `hoard` answers from a guest refused every open because the others hold what all
+/// guests together may.
+const HOARDS_NONE: &str =
+    "holds 0 files and 0 listings; the next open: quota, the next listing: quota";
+
+/// Files and listings one guest holds at its own caps.
+const ONE_GUEST_AT_ITS_CAPS: usize = 64 + 16;
+
+/// The files and listings a `hoard` answer says its guest holds.
+fn hoarded(message: &str) -> usize {
+    let numbers: Vec<usize> = message
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .take(2)
+        .collect();
+    assert_eq!(numbers.len(), 2, "not a hoard answer: {message}");
+    numbers.iter().sum()
+}
+
+/// A file or listing a guest holds goes back to the others however its sandbox ends: when it
+/// closes it, when the sandbox traps, when its store switches to a new version of its plugin,
+/// when the store is removed, and when it hibernates. Here all guests together may hold one
+/// guest's worth (80): each time the other guest then holds all of it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guests_open_files_go_back_to_the_others_however_its_sandbox_ends() {
+    let options = TestHostOptions {
+        guest_open_files: Some(ONE_GUEST_AT_ITS_CAPS),
+        ..TestHostOptions::default()
+    };
+    let host = TestHost::start_with(options).await;
+    host.deploy("raw_fs", programs::RAW_FS).await;
+    host.add_store("first", "raw_fs", &[]).await;
+    host.add_store("second", "raw_fs", &[]).await;
+    assert_eq!(raw_fs(&host, "first", "hoard").await.1, HOARDS_ALL);
+    assert_eq!(raw_fs(&host, "second", "hoard").await.1, HOARDS_NONE);
+    host.wait_for_gauge("storehost_guest_open_files_in_use", 80)
+        .await;
+
+    // Closed by the guest.
+    assert_eq!(raw_fs(&host, "first", "release").await.1, "released");
+    assert_eq!(
+        raw_fs(&host, "second", "hoard").await.1,
+        HOARDS_ALL,
+        "after a close"
+    );
+
+    // A trap: the sandbox is dropped, with what it held.
+    let (status, message) = raw_fs(&host, "second", "panic").await;
+    assert!(message.contains("asked to panic"), "{status}: {message}");
+    assert_eq!(
+        raw_fs(&host, "first", "hoard").await.1,
+        HOARDS_ALL,
+        "after a trap"
+    );
+
+    // A new version of the plugin: the store's next call runs in a new sandbox, the old one
+    // dropped with what it held.
+    let wasm = std::fs::read(programs::RAW_FS).unwrap();
+    host.orchestrator
+        .deploy_plugin(
+            "raw_fs",
+            storehost_tests::with_custom_section(&wasm, "version 2"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        raw_fs(&host, "first", "hoard").await.1,
+        HOARDS_ALL,
+        "its new sandbox holds what its old one did"
+    );
+    assert_eq!(raw_fs(&host, "second", "hoard").await.1, HOARDS_NONE);
+
+    // A removal.
+    let (status, body) = host
+        .call(reqwest::Method::DELETE, "/v1/stores/first", None)
+        .await;
+    assert!(status < 300, "{status}: {body}");
+    assert_eq!(
+        raw_fs(&host, "second", "hoard").await.1,
+        HOARDS_ALL,
+        "after a removal"
+    );
+    host.stop().await;
+
+    // Hibernation.
+    let options = TestHostOptions {
+        guest_open_files: Some(ONE_GUEST_AT_ITS_CAPS),
+        idle_timeout: Some(std::time::Duration::from_millis(200)),
+        ..TestHostOptions::default()
+    };
+    let host = TestHost::start_with(options).await;
+    host.deploy("raw_fs", programs::RAW_FS).await;
+    host.add_store("sleeper", "raw_fs", &[]).await;
+    assert_eq!(raw_fs(&host, "sleeper", "hoard").await.1, HOARDS_ALL);
+    host.wait_for_status("sleeper", |status| status["state"] == "hibernated")
+        .await;
+    host.wait_for_gauge("storehost_guest_open_files_in_use", 0)
+        .await;
+    host.add_store("waker", "raw_fs", &[]).await;
+    let (_, message) = raw_fs(&host, "waker", "hoard").await;
+    assert_eq!(message, HOARDS_ALL, "after a hibernation");
+}
+
+/// Many tenants together cannot use up the host's open files either. The real server runs
+/// under an open-file limit of its own files for `max_stores` awake stores (`ulimit -n`) plus
+/// 300, which is what its plugins together may hold; 24 stores whose plugins each hold all
+/// they may (80 files and listings), unbounded, would take more than the limit leaves.
+/// They hold the 300 between them and are refused with `quota` past that, and meanwhile a
+/// well-behaved store is provisioned and takes and processes events (before the host-wide
+/// count, its databases' opens failed with "too many open files"). Removing two of the
+/// hoarding stores gives their files back: another plugin can then hold all it may.
+#[test]
+fn tenants_together_cannot_use_up_the_hosts_open_files() {
+    use storehost_store::open_files;
+    use storehost_tests::process::{PROCESS_TOKEN, ServerProcess};
+    const MAX_STORES: usize = 30;
+    const FOR_GUESTS: usize = 300;
+    const HOARDERS: usize = 24;
+    let limit = open_files::wanted(MAX_STORES, 0) + FOR_GUESTS;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("storehost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "max_stores = {MAX_STORES}\nspare_stores = 0\nidle_timeout_ms = 0\n\
+             [defaults]\nplugin = \"writer\"\n\
+             [plugins.writer]\npath = {:?}\n[plugins.raw_fs]\npath = {:?}\n",
+            programs::WRITER,
+            programs::RAW_FS
+        ),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::new();
+    let call = |url: &str, method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut request = client
+            .request(method, format!("{url}{path}"))
+            .bearer_auth(PROCESS_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        runtime.block_on(async {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap();
+            (
+                status,
+                serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
+            )
+        })
+    };
+    let hoard = |url: &str, store: &str| {
+        let args = storehost_tests::urlencode(&json!({"kind": "hoard"}).to_string());
+        let (_, body) = call(
+            url,
+            reqwest::Method::GET,
+            &format!("/v1/stores/{store}/query/hostile?args={args}"),
+            None,
+        );
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let gauge = |url: &str, name: &str| {
+        let text = runtime.block_on(async {
+            client
+                .get(format!("{url}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        });
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|value| value.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("no gauge {name}"))
+    };
+
+    let server = ServerProcess::spawn_with_open_file_limit(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        &[],
+        limit as u64,
+    );
+    let url = server.url.clone();
+    assert_eq!(gauge(&url, "storehost_guest_open_files"), FOR_GUESTS);
+    let hoarders: Vec<String> = (0..HOARDERS).map(|n| format!("hoarder-{n:02}")).collect();
+    for id in &hoarders {
+        let (status, body) = call(
+            &url,
+            reqwest::Method::PUT,
+            &format!("/v1/stores/{id}"),
+            Some(json!({"plugin": "raw_fs"})),
+        );
+        assert_eq!(status, 201, "{id}: {body}");
+    }
+    let room = limit.saturating_sub(server.open_files());
+    assert!(
+        HOARDERS * ONE_GUEST_AT_ITS_CAPS > room,
+        "the hoarders could not use up the {room} files left; the test proves nothing"
+    );
+    let hoards: Vec<String> = hoarders.iter().map(|id| hoard(&url, id)).collect();
+
+    // A store provisioned now starts, and takes and processes events.
+    let (status, body) = call(
+        &url,
+        reqwest::Method::PUT,
+        "/v1/stores/calm",
+        Some(json!({})),
+    );
+    let log_tail = || {
+        let log = server.run_log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    };
+    assert_eq!(
+        status,
+        201,
+        "a new store beside the hoarders: {body}; the log ends:\n{}",
+        log_tail()
+    );
+    for n in 0..3 {
+        let (status, body) = call(
+            &url,
+            reqwest::Method::POST,
+            "/v1/stores/calm/events",
+            Some(
+                json!({"type": "kv.put", "payload": {"key": format!("k{n}"), "value": format!("value {n}")}}),
+            ),
+        );
+        assert_eq!(
+            status,
+            202,
+            "an event beside the hoarders: {body}; the log ends:\n{}",
+            log_tail()
+        );
+    }
+    let mut processed = Value::Null;
+    for _ in 0..600 {
+        let (_, status) = call(&url, reqwest::Method::GET, "/v1/stores/calm", None);
+        if status["eventsProcessed"].as_u64() >= Some(3) {
+            processed = status;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        processed["eventsProcessed"].as_u64() >= Some(3),
+        "the events were not processed: {processed}"
+    );
+    assert_eq!(processed["deadLettered"], 0, "{processed}");
+    let args = storehost_tests::urlencode(&json!({"key": "k2"}).to_string());
+    let (status, body) = call(
+        &url,
+        reqwest::Method::GET,
+        &format!("/v1/stores/calm/query/get?args={args}"),
+        None,
+    );
+    assert_eq!((status, &body["value"]), (200, &json!("value 2")), "{body}");
+
+    // The hoarders hold what plugins may together, the first ones all they may each, and
+    // the rest are refused with `quota`.
+    let held: Vec<usize> = hoards.iter().map(|message| hoarded(message)).collect();
+    assert_eq!(held.iter().sum::<usize>(), FOR_GUESTS, "{hoards:#?}");
+    assert_eq!(hoards[0], HOARDS_ALL);
+    assert_eq!(hoards[HOARDERS - 1], HOARDS_NONE);
+    assert_eq!(gauge(&url, "storehost_guest_open_files_in_use"), FOR_GUESTS);
+
+    // Removed hoarders give theirs back: one refused before now holds all it may.
+    for id in &hoarders[..2] {
+        let (status, body) = call(
+            &url,
+            reqwest::Method::DELETE,
+            &format!("/v1/stores/{id}"),
+            None,
+        );
+        assert!(status < 300, "{id}: {status} {body}");
+    }
+    let given_back = FOR_GUESTS - 2 * ONE_GUEST_AT_ITS_CAPS;
+    for _ in 0..600 {
+        if gauge(&url, "storehost_guest_open_files_in_use") == given_back {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(gauge(&url, "storehost_guest_open_files_in_use"), given_back);
+    assert_eq!(hoard(&url, &hoarders[HOARDERS - 1]), HOARDS_ALL);
+    server.stop_cleanly();
 }

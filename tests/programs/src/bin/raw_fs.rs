@@ -31,6 +31,11 @@
 //!   the sync), then syncs it with `call` (`sync` or `sync_data`), again and again until its
 //!   syncs have taken `sync_ms` in all, and says how many it made and how long they and the
 //!   dirtying took.
+//! - `hoard`: opens the file `hoarded` again and again, then starts listings of `/data`, each
+//!   until refused, and keeps them all, also after the call (until `release`, or the end of
+//!   its sandbox); it says how many of each it holds and how the next was refused;
+//! - `release`: closes what `hoard` kept;
+//! - `panic`: panics (the sandbox traps, and is dropped with what it holds).
 #![forbid(unsafe_code)]
 
 use serde_json::Value as Json;
@@ -80,6 +85,45 @@ impl Misbehaviour for RawFs {
                     }
                     Err(format!("held {} listings", held.len()))
                 }
+                Some("hoard") => {
+                    let (files, listings, open_refused, listing_refused) =
+                        HOARD.with_borrow_mut(|hoard| {
+                            let open_refused = loop {
+                                match dir.open_at(
+                                    PathFlags::empty(),
+                                    "hoarded",
+                                    OpenFlags::CREATE,
+                                    DescriptorFlags::READ,
+                                ) {
+                                    Ok(file) => hoard.files.push(file),
+                                    Err(err) => break err,
+                                }
+                            };
+                            let listing_refused = loop {
+                                match dir.read_directory() {
+                                    Ok(listing) => hoard.listings.push(listing),
+                                    Err(err) => break err,
+                                }
+                            };
+                            (
+                                hoard.files.len(),
+                                hoard.listings.len(),
+                                open_refused,
+                                listing_refused,
+                            )
+                        });
+                    Err(format!(
+                        "holds {files} files and {listings} listings; the next open: {}, \
+                         the next listing: {}",
+                        open_refused.name(),
+                        listing_refused.name()
+                    ))
+                }
+                Some("release") => {
+                    HOARD.with_borrow_mut(|hoard| *hoard = Hoard::default());
+                    Err("released".into())
+                }
+                Some("panic") => panic!("raw_fs: asked to panic"),
                 Some("list_root") => {
                     let listing = dir
                         .read_directory()
@@ -303,6 +347,19 @@ impl Misbehaviour for RawFs {
         #[cfg(not(target_arch = "wasm32"))]
         Err(format!("only runs as a component (input {input})"))
     }
+}
+
+/// What `hoard` keeps open across calls.
+#[cfg(target_arch = "wasm32")]
+#[derive(Default)]
+struct Hoard {
+    files: Vec<wasi::filesystem::types::Descriptor>,
+    listings: Vec<wasi::filesystem::types::DirectoryEntryStream>,
+}
+
+#[cfg(target_arch = "wasm32")]
+thread_local! {
+    static HOARD: std::cell::RefCell<Hoard> = std::cell::RefCell::default();
 }
 
 /// The directory [`DEEP_FILE_LEVELS`] levels of 200-byte names below `dir`, each opened
