@@ -202,7 +202,8 @@ async fn a_hot_swap_and_roll_back_under_load_lose_nothing_and_duplicate_nothing(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_uploaded_plugin_and_its_stores_come_back_after_a_restart_without_a_crashed_write() {
+async fn an_uploaded_plugin_and_its_stores_come_back_after_a_restart_and_a_crashed_uploads_file_goes()
+ {
     let dir = tempfile::tempdir().unwrap();
     let options = ControlHostOptions {
         data_dir: Some(dir.path().join("data")),
@@ -235,7 +236,7 @@ async fn an_uploaded_plugin_and_its_stores_come_back_after_a_restart_without_a_c
     // An upload's write cut short by a crash leaves its temporary file behind.
     let leftover = dir
         .path()
-        .join(format!("data/plugins/.{}.7.wasm.tmp", "ab".repeat(32)));
+        .join(format!("data/plugins/.{}.wasm.4242.7.tmp", "ab".repeat(32)));
     std::fs::write(&leftover, &flaky[..100]).unwrap();
 
     let host = TestHost::start_control(options, |_, state| state).await;

@@ -446,6 +446,7 @@ impl Orchestrator {
                 "a restore did not finish in the last run; its scratch directory is kept there"
             );
         }
+        delete_unfinished_uploads(&settings.data_dir.join("plugins"));
         let spares = SpareStores::open(
             &settings.data_dir,
             settings.durability,
@@ -618,19 +619,14 @@ impl Orchestrator {
         let plugin = self.compile_plugin(wasm.clone()).await?;
         let sha256 = plugin.sha256().to_owned();
         let target = dir.join(format!("{sha256}.wasm"));
-        // A temporary name of this write's own: two uploads of the same bytes at once wrote
-        // one temporary file together, and the second's rename found it gone (a 500).
-        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let temp = dir.join(format!(".{sha256}.{write}.wasm.tmp"));
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             if target.exists() {
                 return Ok(());
             }
             std::fs::create_dir_all(&dir)?;
-            std::fs::write(&temp, &wasm)?;
-            std::fs::File::open(&temp)?.sync_all()?;
-            std::fs::rename(&temp, &target)
+            // Through a temporary file of this upload's own: two uploads of the same bytes at
+            // once wrote one together, and the second's rename found it gone (a 500).
+            storehost_runtime::write_atomically(&target, &wasm)
         })
         .await
         .map_err(|err| StoreError::Internal(format!("plugin write task failed: {err}")))??;
@@ -681,10 +677,6 @@ impl Orchestrator {
     /// Deploys again every plugin uploaded through the API before a restart (their bytes are
     /// checked against their hash). Returns how many.
     pub async fn restore_plugins(&self) -> Result<usize, ControlError> {
-        let dir = self.settings.data_dir.join("plugins");
-        tokio::task::spawn_blocking(move || delete_unfinished_uploads(&dir))
-            .await
-            .map_err(|err| StoreError::Internal(format!("plugin cleanup task failed: {err}")))?;
         let mut restored = 0;
         for (name, sha256) in self.registry.plugins()? {
             if self.is_stopping() {
@@ -1697,9 +1689,9 @@ fn only_answer(
     }
 }
 
-/// Deletes the temporary files of uploads that a crash cut short in `dir`
-/// (`DATA_DIR/plugins`, see [`Orchestrator::deploy_plugin_persisted`]): the host restores
-/// plugins before it serves, so no upload is under way.
+/// Deletes the temporary files of uploads that a crash cut short in `dir` (`DATA_DIR/plugins`,
+/// see [`Orchestrator::deploy_plugin_persisted`] and [`storehost_runtime::write_atomically`]):
+/// done as the orchestrator is made, before anything can upload.
 fn delete_unfinished_uploads(dir: &std::path::Path) {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -1712,7 +1704,7 @@ fn delete_unfinished_uploads(dir: &std::path::Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') && name.ends_with(".wasm.tmp") {
+        if name.starts_with('.') && name.ends_with(".tmp") {
             match std::fs::remove_file(entry.path()) {
                 Ok(()) => tracing::info!(file = %name, "deleted an upload a crash cut short"),
                 Err(err) => {

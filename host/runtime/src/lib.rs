@@ -25,7 +25,7 @@ pub mod llm {
 pub use failure::{FailureReason, InvocationError};
 pub use files::{FilesUsage, GuestOpenFiles};
 pub use host::{CapabilityError, HostCapabilities, LlmFuture, LogLevel};
-pub use plugin::{Plugin, PluginError};
+pub use plugin::{Plugin, PluginError, write_atomically};
 pub use runtime::{DEMOTED_NICE, Runtime, RuntimeOptions};
 pub use sandbox::{Limits, Sandbox, SandboxFiles, SandboxOptions, Usage};
 pub use scheduler::Priority;

@@ -5,6 +5,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
@@ -172,24 +173,75 @@ fn store_artifact(
     let bytes = component
         .serialize()
         .map_err(|err| std::io::Error::other(format!("{err:#}")))?;
-    write_atomically(dir, artifact, &bytes)?;
-    write_atomically(
-        dir,
-        checksum,
-        hex::encode(Sha256::digest(&bytes)).as_bytes(),
-    )
+    write_atomically(artifact, &bytes)?;
+    write_atomically(checksum, hex::encode(Sha256::digest(&bytes)).as_bytes())
 }
 
-fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp: PathBuf = dir.join(format!(
-        ".tmp-{}-{}",
+/// Writes `bytes` to `path` whole or not at all: through a temporary file of this write's own
+/// in the same directory (`.<name>.<pid>.<n>.tmp`), synced, then renamed over `path`. Two
+/// writes of one path at once each rename a whole file (with one temporary name for both, the
+/// second's rename found it gone); a write that fails deletes its temporary file.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp: PathBuf = path.with_file_name(format!(
+        ".{name}.{}.{}.tmp",
         std::process::id(),
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("artifact")
+        WRITES.fetch_add(1, Ordering::Relaxed)
     ));
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)
+    let written = fs::File::create(&tmp).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    });
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a directory holds besides `keep`.
+    fn others(dir: &Path, keep: &str) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name != keep)
+            .collect()
+    }
+
+    /// Writes of one path at once each land whole (they shared one temporary file, and the
+    /// second's rename failed), and a write that fails leaves no temporary file behind.
+    #[test]
+    fn writes_at_once_each_land_whole_and_a_failed_one_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plugin.wasm");
+        std::thread::scope(|scope| {
+            for n in 0..8u8 {
+                let path = &path;
+                scope.spawn(move || {
+                    for _ in 0..50 {
+                        write_atomically(path, &[n; 4096]).unwrap();
+                    }
+                });
+            }
+        });
+        let written = fs::read(&path).unwrap();
+        assert!(written.len() == 4096 && written.iter().all(|b| *b == written[0]));
+        assert_eq!(others(dir.path(), "plugin.wasm"), Vec::<String>::new());
+
+        // A directory with something in it cannot be renamed over.
+        let blocked = dir.path().join("blocked");
+        fs::create_dir(&blocked).unwrap();
+        fs::write(blocked.join("inside"), b"x").unwrap();
+        assert!(write_atomically(&blocked, b"bytes").is_err());
+        assert_eq!(
+            others(dir.path(), "plugin.wasm"),
+            vec!["blocked".to_owned()],
+            "the failed write's temporary file is gone"
+        );
+    }
 }
