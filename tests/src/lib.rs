@@ -177,7 +177,11 @@ impl TestHost {
             max_concurrent_invocations: options.max_concurrent_invocations,
             cpu_limits: options.cpu_limits,
             guest_open_files: options.guest_open_files.unwrap_or_else(|| {
-                storehost_store::open_files::for_guests(options.max_stores, options.spare_stores)
+                storehost_store::open_files::for_guests(
+                    options.max_stores,
+                    options.spare_stores,
+                    ServeOptions::default().max_connections,
+                )
             }),
         })
         .expect("runtime");

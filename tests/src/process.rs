@@ -121,6 +121,8 @@ impl ServerProcess {
             .open(&log)
             .expect("log file");
         let log_start = log_file.metadata().map_or(0, |meta| meta.len() as usize);
+        // The limit is set by util-linux's `prlimit` (on every Debian machine): setting it in
+        // the child before exec would need `unsafe`, which the project forbids.
         let mut command = match open_files {
             Some(limit) => {
                 let mut command = Command::new("prlimit");
@@ -149,7 +151,17 @@ impl ServerProcess {
         for (key, value) in env {
             command.env(key, value);
         }
-        let mut child = command.spawn().expect("spawn storehost");
+        let mut child = command.spawn().unwrap_or_else(|err| {
+            panic!(
+                "could not start {:?}{}: {err}",
+                command.get_program(),
+                if open_files.is_some() {
+                    " (util-linux's prlimit sets the open-file limit)"
+                } else {
+                    ""
+                }
+            )
+        });
         let stdout = child.stdout.take().expect("stdout");
         let (tx, listening) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -186,12 +198,6 @@ impl ServerProcess {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-    }
-
-    /// How many files the server process holds open now (its `/proc/PID/fd`).
-    pub fn open_files(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .map_or(0, |entries| entries.count())
     }
 
     /// Whether the server printed that it listens.

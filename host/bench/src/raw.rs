@@ -46,7 +46,11 @@ pub fn test_host_runtime_options(max_stores: usize) -> RuntimeOptions {
         cache_dir: None,
         max_concurrent_invocations: 2,
         cpu_limits: true,
-        guest_open_files: storehost_store::open_files::for_guests(max_stores, 2),
+        guest_open_files: storehost_store::open_files::for_guests(
+            max_stores,
+            2,
+            storehost_api::ServeOptions::default().max_connections,
+        ),
     }
 }
 

@@ -75,7 +75,15 @@ pub const MAX_DIR_DEPTH: usize = 64;
 pub struct GuestOpenFiles {
     held: AtomicUsize,
     limit: usize,
+    /// Opens and listings refused because all guests together held `limit`.
+    refused: AtomicU64,
+    /// When the last refusal was logged, in milliseconds after `made` (`u64::MAX`: never).
+    warned_at_ms: AtomicU64,
+    made: std::time::Instant,
 }
+
+/// At most one log line a minute says that guests were refused for the host-wide count.
+const REFUSAL_WARNING_EVERY_MS: u64 = 60_000;
 
 impl GuestOpenFiles {
     /// Room for `limit` open files and listings, all guests together.
@@ -83,11 +91,14 @@ impl GuestOpenFiles {
         Self {
             held: AtomicUsize::new(0),
             limit,
+            refused: AtomicU64::new(0),
+            warned_at_ms: AtomicU64::new(u64::MAX),
+            made: std::time::Instant::now(),
         }
     }
 
-    /// Files and listings guests hold now (one closed since counts until its guest's next
-    /// open, listing or close, or until its sandbox is dropped).
+    /// Files and listings guests hold now, and opens under way (one closed since counts
+    /// until its guest's next open, listing or close, or the end of the call that closed it).
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
@@ -95,6 +106,35 @@ impl GuestOpenFiles {
     /// The most they may hold.
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// Opens and listings refused so far because all guests together held [`Self::limit`].
+    pub fn refusals(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Counts a refusal, and says so in the log (at most once a minute): the guest only sees
+    /// WASI's `quota`, the same as past its own cap.
+    fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let now = u64::try_from(self.made.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        let last = self.warned_at_ms.load(Ordering::Relaxed);
+        let due = last == u64::MAX || now.saturating_sub(last) >= REFUSAL_WARNING_EVERY_MS;
+        if due
+            && self
+                .warned_at_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                held = self.held(),
+                limit = self.limit,
+                refused = self.refusals(),
+                "plugins together hold all the open files the host's open-file limit leaves them: \
+                 further guest opens get WASI `quota` until some are closed; raise `ulimit -n` \
+                 (or lower max_stores) to give them more"
+            );
+        }
     }
 
     /// Counts one more if there is room; `false` (and nothing counted) if not.
@@ -114,6 +154,7 @@ impl GuestOpenFiles {
         let _ = self
             .held
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                debug_assert!(held >= count, "{count} given back of {held} held");
                 Some(held.saturating_sub(count))
             });
     }
@@ -365,13 +406,9 @@ impl FilesState {
         made
     }
 
-    /// Files the guest holds open now; those it closed since give back their share of the
-    /// host's open files.
+    /// Files the guest holds open now.
     fn open_count(&mut self) -> usize {
         self.release_closed();
-        let before = self.open.len();
-        self.open.retain(|file| file.strong_count() > 0);
-        self.shared_open.give_back(before - self.open.len());
         self.open.len()
     }
 
@@ -384,6 +421,7 @@ impl FilesState {
             self.opening += 1;
             Ok(())
         } else {
+            self.shared_open.refused();
             Err(ErrorCode::Quota.into())
         }
     }
@@ -406,10 +444,16 @@ impl FilesState {
         self.listings += 1;
     }
 
-    /// Gives back the bytes of removed files the guest has closed since (all of them once the
-    /// sandbox is gone: its table, which holds the files, is dropped before this state).
+    /// Gives back what the files the guest has closed since held: their share of the host's
+    /// open files, and the bytes of those it had removed (all of them once the sandbox is
+    /// gone: its table, which holds the files, is dropped before this state). Done at every
+    /// open, close and listing, and when each call returns: a file whose last holder was a
+    /// stream dropped after its descriptor goes back then.
     pub(crate) fn release_closed(&mut self) {
         self.removed_open.release_closed(&self.usage);
+        let before = self.open.len();
+        self.open.retain(|file| file.strong_count() > 0);
+        self.shared_open.give_back(before - self.open.len());
     }
 }
 
@@ -1027,6 +1071,8 @@ impl HostDescriptor for FilesView<'_> {
             Ok(Descriptor::File(file)) => file.file.clone(),
             Ok(Descriptor::Dir(dir)) => dir.dir.clone(),
             Err(err) => {
+                // Not the descriptor wasmtime-wasi just made: nothing holds its file open.
+                drop(self.fs.table.delete(opened));
                 self.files.open_failed();
                 return Err(err.into());
             }
@@ -1371,8 +1417,9 @@ mod tests {
     }
 
     /// All guests together hold at most the host-wide count: a guest under its own cap is
-    /// refused with `quota` once the others hold the rest, and a file one of them closed
-    /// goes back at its next open (or close), when the other can open again.
+    /// refused with `quota` once the others hold the rest (and the refusal is counted), and
+    /// a file one of them closed goes back by the end of the call, when the other can open
+    /// again.
     #[test]
     fn guests_together_hold_at_most_the_shared_count_and_closed_files_go_back() {
         let dir = tempfile::tempdir().unwrap();
@@ -1391,10 +1438,17 @@ mod tests {
             "the fourth open of all guests"
         );
         assert_eq!(shared.held(), 3, "a refused open takes nothing");
+        assert_eq!(shared.refusals(), 1);
 
         drop(held);
-        assert_eq!(first.open_count(), 0, "the first guest closed both");
-        assert_eq!(shared.held(), 1, "they went back");
+        // What each call's end does (a file a stream held last closes with no later open).
+        first.release_closed();
+        assert_eq!(
+            shared.held(),
+            1,
+            "the first guest closed both: they went back"
+        );
+        assert_eq!(first.open_count(), 0);
         guest_opens(&mut second, &file()).unwrap();
         assert_eq!(shared.held(), 2);
     }

@@ -152,10 +152,10 @@ impl<H: HostCapabilities> Runtime<H> {
         (live, total)
     }
 
-    /// Files and listings all guests hold open now, and the most they may (see
+    /// The files and listings all guests hold open, and the most they may (see
     /// [`RuntimeOptions::guest_open_files`]).
-    pub fn guest_open_files(&self) -> (usize, usize) {
-        (self.open_files.held(), self.open_files.limit())
+    pub fn guest_open_files(&self) -> &GuestOpenFiles {
+        &self.open_files
     }
 
     /// Where stores run their work: guest invocations and the synchronous SQLite work around

@@ -37,19 +37,27 @@ pub fn wanted(stores: usize, spares: usize) -> usize {
         .saturating_add(HOST)
 }
 
-/// The fewest files all guests together may hold open (see [`for_guests`]): four guests at
-/// their own cap. A host whose open-file limit leaves less beside its own files still lets
-/// its guests open some, and says at start that it is short.
+/// The fewest files all guests together may hold open (see [`for_guests`]): four guests with
+/// all the files they may each hold open (listings aside). A host whose open-file limit leaves
+/// less beside its own files still lets its guests open some, and says at start that it is
+/// short.
 pub const GUESTS_AT_LEAST: usize = 4 * storehost_runtime::files::MAX_OPEN_FILES;
 
 /// How many files, directories and listings all guests together may hold open on a host
-/// running `stores` stores and keeping `spares` spare directories: what the open-file limit
-/// leaves beside the host's own files ([`wanted`], which the host grows its file table to
-/// at start), and at least [`GUESTS_AT_LEAST`].
-pub fn for_guests(stores: usize, spares: usize) -> usize {
+/// running `stores` stores, keeping `spares` spare directories and serving up to
+/// `connections` API connections at once: what the open-file limit leaves beside the host's
+/// own files ([`wanted`], which the host grows its file table to at start) and its
+/// connections' sockets, and at least [`GUESTS_AT_LEAST`] (see [`room_for_guests`]).
+pub fn for_guests(stores: usize, spares: usize, connections: usize) -> usize {
+    room_for_guests(stores, spares, connections).max(GUESTS_AT_LEAST)
+}
+
+/// What the open-file limit leaves guests beside the host's own files and connections (see
+/// [`for_guests`]); less than [`GUESTS_AT_LEAST`] on a host whose limit is short.
+pub fn room_for_guests(stores: usize, spares: usize, connections: usize) -> usize {
     limit()
         .saturating_sub(wanted(stores, spares))
-        .max(GUESTS_AT_LEAST)
+        .saturating_sub(connections)
 }
 
 /// The most files this process may hold open (its soft `RLIMIT_NOFILE`; `usize::MAX` when

@@ -92,14 +92,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             config.max_stores
         );
     }
-    let guest_open_files = open_files::for_guests(config.max_stores, config.spare_stores);
-    let host_files = open_files::wanted(config.max_stores, config.spare_stores);
-    if guest_open_files > open_files::limit().saturating_sub(host_files) {
+    let connections = config.http.max_connections;
+    let guest_open_files =
+        open_files::for_guests(config.max_stores, config.spare_stores, connections);
+    if open_files::room_for_guests(config.max_stores, config.spare_stores, connections)
+        < open_files::GUESTS_AT_LEAST
+    {
+        let host_files = open_files::wanted(config.max_stores, config.spare_stores);
         tracing::warn!(
-            "the open-file limit ({}, ulimit -n) leaves plugins no room beside the {host_files} files the host may hold for max_stores = {} awake stores: they may still hold {guest_open_files} files together, and while most stores are awake the host's own opens (databases, event appends, new stores, connections) may fail with \"too many open files\"; raise the limit to at least {}",
+            "the open-file limit ({}, ulimit -n) leaves plugins less than {} files beside the {host_files} the host may hold for max_stores = {} awake stores and its {connections} connections: they may still hold {guest_open_files} together, and while most stores are awake the host's own opens (databases, event appends, new stores, connections) may fail with \"too many open files\"; raise the limit to at least {}",
             open_files::limit(),
+            open_files::GUESTS_AT_LEAST,
             config.max_stores,
-            host_files.saturating_add(guest_open_files)
+            host_files
+                .saturating_add(connections)
+                .saturating_add(guest_open_files)
         );
     }
     let runtime = StoreRuntime::new(RuntimeOptions {

@@ -143,6 +143,7 @@ struct Snapshot {
     sandboxes_total: u64,
     guest_files_held: u64,
     guest_files_total: u64,
+    guest_files_refused: u64,
     webhooks: BTreeMap<String, u64>,
     reconcile: Option<ReconcileSample>,
     reloads: [u64; RELOAD_OUTCOMES.len()],
@@ -229,7 +230,7 @@ impl Snapshot {
         *states.entry("failed".to_owned()).or_default() += orchestrator.failed().len() as u64;
         let (slots_in_use, slots_total) = orchestrator.runtime().invocation_slots();
         let (sandboxes_live, sandboxes_total) = orchestrator.runtime().sandbox_slots();
-        let (guest_files_held, guest_files_total) = orchestrator.runtime().guest_open_files();
+        let guest_files = orchestrator.runtime().guest_open_files();
         let reconcile = state.reconciler.as_ref().map(|r| {
             let status = r.status();
             ReconcileSample {
@@ -252,8 +253,9 @@ impl Snapshot {
             slots_total: slots_total as u64,
             sandboxes_live: sandboxes_live as u64,
             sandboxes_total: sandboxes_total as u64,
-            guest_files_held: guest_files_held as u64,
-            guest_files_total: guest_files_total as u64,
+            guest_files_held: guest_files.held() as u64,
+            guest_files_total: guest_files.limit() as u64,
+            guest_files_refused: guest_files.refusals(),
             webhooks: state.metrics.webhooks(),
             reconcile,
             reloads: std::array::from_fn(|i| state.metrics.reloads[i].load(Ordering::Relaxed)),
@@ -582,6 +584,16 @@ impl Collector for Snapshot {
             "guest_open_files",
             "Most files, directories and listings all plugins together may hold open (what the open-file limit leaves beside the host's own files).",
             self.guest_files_total,
+        )?;
+        family(
+            e,
+            "guest_open_files_refused",
+            "Plugin opens and listings refused with WASI quota because all plugins together held storehost_guest_open_files.",
+            MetricType::Counter,
+            [(
+                Vec::<(&str, &str)>::new(),
+                ConstCounter::new(self.guest_files_refused),
+            )],
         )?;
         family(
             e,
