@@ -66,6 +66,44 @@ async fn a_guest_cannot_open_anything_outside_its_files_directory() {
     );
 }
 
+/// A guest reaches no network: `wasi:sockets` is linked (wasmtime-wasi links it with the rest),
+/// and the host refuses every socket and name lookup, so a plugin can neither reach the
+/// host's own services on loopback (the API, a database) nor hold sockets beside its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cannot_open_a_socket_or_look_up_a_name() {
+    let host = TestHost::start().await;
+    host.deploy("escape", programs::ESCAPE).await;
+    host.add_store("escaper", "escape", &[]).await;
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    service.set_nonblocking(true).unwrap();
+    let port = service.local_addr().unwrap().port();
+    // Refused at the first step, by the host: no socket is made, so none holds a host file.
+    // (A lookup the host does not allow is a `permanent-resolver-failure` in wasmtime-wasi.)
+    let probes = [
+        ("tcp", "create refused: access-denied"),
+        ("udp", "create refused: access-denied"),
+        ("lookup", "resolve refused: permanent-resolver-failure"),
+    ];
+    for (op, _) in probes {
+        host.append("escaper", "probe.net", json!({"op": op, "port": port}))
+            .await;
+    }
+
+    let results = host.probes("escaper").await;
+    assert_eq!(results.len(), probes.len(), "{results:#?}");
+    for (result, (op, refusal)) in results.iter().zip(probes) {
+        assert_eq!(
+            result["allowed"], false,
+            "{op} reached the network: {result}"
+        );
+        assert_eq!(result["detail"], refusal, "{op}: {result}");
+    }
+    assert!(
+        service.accept().is_err(),
+        "nothing connected to the host's loopback service"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_sql_cannot_attach_another_store_or_touch_host_tables() {
     let host = TestHost::start().await;

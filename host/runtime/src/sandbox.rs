@@ -158,6 +158,12 @@ impl<H: HostCapabilities> Sandbox<H> {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         let mut wasi = WasiCtxBuilder::new();
         wasi.stderr(stderr.clone()).stdout(stderr.clone());
+        // No network: wasmtime-wasi links `wasi:sockets` with the rest, and a socket would be
+        // one of the host's open files outside every count. Said here, not left to its
+        // defaults (which allow no socket in this version).
+        wasi.allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
         let mut files_usage = None;
         if let Some(files) = &options.files {
             files_usage = Some(files.usage.clone());

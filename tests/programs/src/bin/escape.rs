@@ -18,6 +18,9 @@
 //!   (`count` times: write `bytes` bytes to
 //!   `<path>.next` and rename it over `path`), `rename_dir_over` (hold `path` open and try
 //!   `count` times to rename a directory over it) and `delete` (remove the file at `path`);
+//! - `probe.net {op, port?}` reaches for the network through `wasi:sockets` directly: `tcp`
+//!   makes a TCP socket and connects it to `127.0.0.1:<port>`, `udp` makes a UDP socket and
+//!   binds it, `lookup` resolves `localhost`;
 //! - `probe.sql {sql, mode?}` runs the statement with `sql::query` (`mode: "query"`, the default
 //!   for statements starting with SELECT, WITH, VALUES or PRAGMA) or `sql::execute`.
 //!
@@ -53,6 +56,13 @@ struct FsProbe {
     bytes: u64,
     #[serde(default)]
     count: u32,
+}
+
+#[derive(Deserialize)]
+struct NetProbe {
+    op: String,
+    #[serde(default)]
+    port: u16,
 }
 
 #[derive(Deserialize)]
@@ -241,6 +251,57 @@ fn probe_sql(probe: &SqlProbe) -> Outcome {
     }
 }
 
+/// What a `probe.net` reached; a refusal names the step refused (`create`, `connect`, `bind`,
+/// `resolve`) and the `wasi:sockets` error code.
+fn probe_net(probe: &NetProbe) -> Outcome {
+    use wasi::sockets::network::{ErrorCode, IpAddressFamily, IpSocketAddress, Ipv4SocketAddress};
+    let refused =
+        |step: &'static str| move |err: ErrorCode| format!("{step} refused: {}", err.name());
+    let network = wasi::sockets::instance_network::instance_network();
+    let loopback = |port| {
+        IpSocketAddress::Ipv4(Ipv4SocketAddress {
+            port,
+            address: (127, 0, 0, 1),
+        })
+    };
+    match probe.op.as_str() {
+        "tcp" => {
+            let socket = wasi::sockets::tcp_create_socket::create_tcp_socket(IpAddressFamily::Ipv4)
+                .map_err(refused("create"))?;
+            socket
+                .start_connect(&network, loopback(probe.port))
+                .map_err(refused("connect"))?;
+            socket.subscribe().block();
+            socket
+                .finish_connect()
+                .map(|_| format!("connected to 127.0.0.1:{}", probe.port))
+                .map_err(refused("connect"))
+        }
+        "udp" => {
+            let socket = wasi::sockets::udp_create_socket::create_udp_socket(IpAddressFamily::Ipv4)
+                .map_err(refused("create"))?;
+            socket
+                .start_bind(&network, loopback(0))
+                .map_err(refused("bind"))?;
+            socket.subscribe().block();
+            socket
+                .finish_bind()
+                .map(|()| "bound a UDP socket".to_owned())
+                .map_err(refused("bind"))
+        }
+        "lookup" => {
+            let addresses = wasi::sockets::ip_name_lookup::resolve_addresses(&network, "localhost")
+                .map_err(refused("resolve"))?;
+            addresses.subscribe().block();
+            addresses
+                .resolve_next_address()
+                .map(|address| format!("resolved localhost: {address:?}"))
+                .map_err(refused("resolve"))
+        }
+        other => Err(format!("unknown net probe {other:?}")),
+    }
+}
+
 fn ensure_schema() -> Result<(), SqlError> {
     sql::execute(
         "CREATE TABLE IF NOT EXISTS probes (
@@ -265,6 +326,11 @@ impl Plugin for Escape {
             "probe.sql" => {
                 let probe: SqlProbe = event.payload_json()?;
                 ("sql".to_owned(), probe.sql.clone(), probe_sql(&probe))
+            }
+            "probe.net" => {
+                let probe: NetProbe = event.payload_json()?;
+                let target = format!("127.0.0.1:{}", probe.port);
+                (format!("net.{}", probe.op), target, probe_net(&probe))
             }
             _ => return Ok(()),
         };
