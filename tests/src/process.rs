@@ -263,3 +263,65 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// An admin client for tests that drive a [`ServerProcess`] from a plain (not async) test:
+/// each call blocks until the server answered.
+pub struct BlockingAdmin {
+    runtime: tokio::runtime::Runtime,
+    client: reqwest::Client,
+}
+
+impl Default for BlockingAdmin {
+    fn default() -> Self {
+        Self {
+            runtime: tokio::runtime::Runtime::new().expect("a runtime for the admin client"),
+            client: reqwest::Client::new(),
+        }
+    }
+}
+
+impl BlockingAdmin {
+    /// `method` `url``path` with [`PROCESS_TOKEN`] and `body` as JSON: the status and the
+    /// answer (as JSON, or as a string when it is not JSON).
+    pub fn call(
+        &self,
+        url: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{url}{path}"))
+            .bearer_auth(PROCESS_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        self.runtime.block_on(async {
+            let response = request.send().await.expect("the server answers");
+            let status = response.status().as_u16();
+            let text = response.text().await.expect("the answer's body");
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+            )
+        })
+    }
+
+    /// The value of the metric `name` (a sample without labels) in `url`'s `GET /metrics`.
+    pub fn metric(&self, url: &str, name: &str) -> usize {
+        let text = self.runtime.block_on(async {
+            let response = self
+                .client
+                .get(format!("{url}/metrics"))
+                .send()
+                .await
+                .expect("the server answers");
+            response.text().await.expect("the metrics")
+        });
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+    }
+}

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use storehost_control::config::Secret;
 use storehost_control::webhook::{WebhookSettings, Webhooks};
 use storehost_store::StoreId;
-use storehost_tests::control::{ControlHostOptions, watched};
+use storehost_tests::control::{ControlHostOptions, Watched, watched};
 use storehost_tests::{TOKEN, TestHost, programs, sha256sum};
 
 /// Deploy and removal raced this many times per test.
@@ -424,6 +424,21 @@ async fn a_plugin_file_rewritten_racing_a_workspace_deleted_webhook_removes_the_
     assert_no_sandbox_left(host).await;
 }
 
+/// Declares the store `gone-{round}` beside `kept-cfg` in the config at `path`, and waits until
+/// it runs and holds an event; answers its id.
+async fn declare_busy_store(w: &Watched, path: &Path, plugin: &Path, round: usize) -> String {
+    let gone = format!("gone-{round}");
+    replace(path, config(plugin, &["kept-cfg", &gone]).as_bytes());
+    w.reloader.reload().await;
+    w.host
+        .wait_for_status(&gone, |view| view["state"] == "running")
+        .await;
+    w.host
+        .append(&gone, "kv.put", json!({"key": "k", "value": 1}))
+        .await;
+    gone
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_file_rewritten_with_an_edit_dropping_a_store_removes_it_and_switches_the_others()
 {
@@ -433,13 +448,7 @@ async fn a_plugin_file_rewritten_with_an_edit_dropping_a_store_removes_it_and_sw
     let host = &w.host;
 
     for round in 0..ROUNDS {
-        let gone = format!("gone-{round}");
-        replace(&path, config(&plugin, &["kept-cfg", &gone]).as_bytes());
-        w.reloader.reload().await;
-        host.wait_for_status(&gone, |view| view["state"] == "running")
-            .await;
-        host.append(&gone, "kv.put", json!({"key": "k", "value": 1}))
-            .await;
+        let gone = declare_busy_store(&w, &path, &plugin, round).await;
         let version = Version::of_round(round);
         // The plugin file and the config change together; the watch and the reloads asked
         // here see them in either order.
@@ -472,13 +481,7 @@ async fn an_api_deploy_racing_an_edit_dropping_a_store_removes_it_and_the_upload
     let host = &w.host;
 
     for round in 0..ROUNDS {
-        let gone = format!("gone-{round}");
-        replace(&path, config(&plugin, &["kept-cfg", &gone]).as_bytes());
-        w.reloader.reload().await;
-        host.wait_for_status(&gone, |view| view["state"] == "running")
-            .await;
-        host.append(&gone, "kv.put", json!({"key": "k", "value": 1}))
-            .await;
+        let gone = declare_busy_store(&w, &path, &plugin, round).await;
         let version = Version::of_round(round);
         replace(&path, config(&plugin, &["kept-cfg"]).as_bytes());
         let (deployed, _) = tokio::join!(

@@ -479,7 +479,7 @@ async fn a_plugin_file_truncated_on_disk_keeps_the_previous_version_running() {
 
 #[test]
 fn a_store_with_a_broken_database_fails_at_start_while_the_others_run() {
-    use storehost_tests::process::{PROCESS_TOKEN, ServerProcess};
+    use storehost_tests::process::{BlockingAdmin, ServerProcess};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let path = dir.path().join("storehost.toml");
@@ -492,25 +492,8 @@ fn a_store_with_a_broken_database_fails_at_start_while_the_others_run() {
     )
     .unwrap();
     let args = ["--config", path.to_str().unwrap()];
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let client = reqwest::Client::new();
-    let call = |url: &str, method: reqwest::Method, path: &str, body: Option<Value>| {
-        let mut request = client
-            .request(method, format!("{url}{path}"))
-            .bearer_auth(PROCESS_TOKEN);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        runtime.block_on(async {
-            let response = request.send().await.unwrap();
-            let status = response.status().as_u16();
-            let text = response.text().await.unwrap();
-            (
-                status,
-                serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
-            )
-        })
-    };
+    let admin = BlockingAdmin::default();
+    let call = |url: &str, method, path: &str, body| admin.call(url, method, path, body);
 
     let server = ServerProcess::spawn(&data, &args, &[]);
     for id in ["disk-a", "disk-bad", "disk-c"] {

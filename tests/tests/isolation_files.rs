@@ -639,7 +639,7 @@ async fn a_guests_open_files_go_back_to_the_others_however_its_sandbox_ends() {
 #[test]
 fn tenants_together_cannot_use_up_the_hosts_open_files() {
     use storehost_store::open_files;
-    use storehost_tests::process::{PROCESS_TOKEN, ServerProcess};
+    use storehost_tests::process::{BlockingAdmin, ServerProcess};
     const MAX_STORES: usize = 30;
     const FOR_GUESTS: usize = 300;
     const HOARDERS: usize = 24;
@@ -660,25 +660,8 @@ fn tenants_together_cannot_use_up_the_hosts_open_files() {
         ),
     )
     .unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let client = reqwest::Client::new();
-    let call = |url: &str, method: reqwest::Method, path: &str, body: Option<Value>| {
-        let mut request = client
-            .request(method, format!("{url}{path}"))
-            .bearer_auth(PROCESS_TOKEN);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        runtime.block_on(async {
-            let response = request.send().await.unwrap();
-            let status = response.status().as_u16();
-            let text = response.text().await.unwrap();
-            (
-                status,
-                serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
-            )
-        })
-    };
+    let admin = BlockingAdmin::default();
+    let call = |url: &str, method, path: &str, body| admin.call(url, method, path, body);
     let hoard = |url: &str, store: &str| {
         let args = storehost_tests::urlencode(&json!({"kind": "hoard"}).to_string());
         let (_, body) = call(
@@ -692,22 +675,7 @@ fn tenants_together_cannot_use_up_the_hosts_open_files() {
             .unwrap_or_default()
             .to_owned()
     };
-    let gauge = |url: &str, name: &str| {
-        let text = runtime.block_on(async {
-            client
-                .get(format!("{url}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        });
-        text.lines()
-            .find_map(|line| line.strip_prefix(&format!("{name} ")))
-            .and_then(|value| value.parse::<usize>().ok())
-            .unwrap_or_else(|| panic!("no gauge {name}"))
-    };
+    let gauge = |url: &str, name: &str| admin.metric(url, name);
 
     let server = ServerProcess::spawn_with_open_file_limit(
         &dir.path().join("data"),
