@@ -241,3 +241,27 @@ where
     }
     panic!("gave up waiting until {what}");
 }
+
+/// `state` answering provisioning webhooks on `orchestrator` with the secret `secret` (a
+/// signature is checked when sent, not required; 5 minutes' tolerance, replays kept an hour),
+/// up to `per_minute` a minute: what the tests that post webhooks start with.
+pub fn with_webhooks(
+    orchestrator: &Arc<Orchestrator>,
+    state: AppState,
+    secret: &str,
+    per_minute: u32,
+) -> AppState {
+    let settings = storehost_control::webhook::WebhookSettings {
+        secret: Some(config::Secret::new(secret)),
+        require_signature: false,
+        tolerance: Duration::from_secs(300),
+        replay_retention: Duration::from_secs(3600),
+    };
+    state.with_webhooks(
+        Arc::new(storehost_control::webhook::Webhooks::new(
+            orchestrator.clone(),
+            settings,
+        )),
+        per_minute,
+    )
+}

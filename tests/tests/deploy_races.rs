@@ -11,8 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use storehost_control::config::Secret;
-use storehost_control::webhook::{WebhookSettings, Webhooks};
 use storehost_store::StoreId;
 use storehost_tests::control::{ControlHostOptions, Watched, watched};
 use storehost_tests::{TOKEN, TestHost, programs, sha256sum};
@@ -109,16 +107,7 @@ fn with_webhooks(
     orchestrator: &Arc<storehost_control::Orchestrator>,
     state: storehost_api::AppState,
 ) -> storehost_api::AppState {
-    let settings = WebhookSettings {
-        secret: Some(Secret::new(SECRET)),
-        require_signature: false,
-        tolerance: Duration::from_secs(300),
-        replay_retention: Duration::from_secs(3600),
-    };
-    state.with_webhooks(
-        Arc::new(Webhooks::new(orchestrator.clone(), settings)),
-        10_000,
-    )
+    storehost_tests::control::with_webhooks(orchestrator, state, SECRET, 10_000)
 }
 
 /// A deploy's answer: 200 with the version's sha256.

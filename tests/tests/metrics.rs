@@ -4,15 +4,13 @@
 //! reload counters count what happened.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 use storehost_control::config::Secret;
 use storehost_control::reconciler::{Reconciler, ReconcilerSettings};
 use storehost_control::watcher::{ReloadOutcome, ReloadSummary};
-use storehost_control::webhook::{WebhookSettings, Webhooks};
-use storehost_tests::control::ControlHostOptions;
+use storehost_tests::control::{ControlHostOptions, with_webhooks};
 use storehost_tests::{TestHost, programs};
 
 /// One sample: metric name and its labels, sorted.
@@ -424,20 +422,8 @@ async fn webhook_reconcile_and_config_reload_counters_count_what_happened() {
                 request_timeout: Duration::from_secs(10),
             },
         );
-        let state = state
-            .with_webhooks(
-                Arc::new(Webhooks::new(
-                    orchestrator.clone(),
-                    WebhookSettings {
-                        secret: Some(Secret::new(SECRET)),
-                        require_signature: false,
-                        tolerance: Duration::from_secs(300),
-                        replay_retention: Duration::from_secs(3600),
-                    },
-                )),
-                10_000,
-            )
-            .with_reconciler(reconciler.clone());
+        let state =
+            with_webhooks(orchestrator, state, SECRET, 10_000).with_reconciler(reconciler.clone());
         parts = Some((reconciler, state.config_reload_listener()));
         state
     })

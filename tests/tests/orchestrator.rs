@@ -912,8 +912,7 @@ impl Placement for TwoElsewhere {
 /// why, while the others start; its desired state is left as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_placed_on_another_host_is_started_by_no_source() {
-    use storehost_control::config::Secret;
-    use storehost_control::webhook::{WebhookSettings, Webhooks};
+    use storehost_tests::control::with_webhooks;
     use storehost_tests::{TestHostOptions, programs};
     let host = TestHost::start_configured(
         TestHostOptions {
@@ -924,18 +923,7 @@ async fn a_store_placed_on_another_host_is_started_by_no_source() {
             ..TestHostOptions::default()
         },
         &[("writer", programs::WRITER)],
-        |orchestrator, state| {
-            let settings = WebhookSettings {
-                secret: Some(Secret::new("placement-secret")),
-                require_signature: false,
-                tolerance: std::time::Duration::from_secs(300),
-                replay_retention: std::time::Duration::from_secs(3600),
-            };
-            state.with_webhooks(
-                Arc::new(Webhooks::new(orchestrator.clone(), settings)),
-                10_000,
-            )
-        },
+        |orchestrator, state| with_webhooks(orchestrator, state, "placement-secret", 10_000),
     )
     .await;
     let orchestrator = &host.orchestrator;

@@ -12,9 +12,11 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use storehost_control::config::Secret;
 use storehost_control::reconciler::{Reconciler, ReconcilerSettings};
-use storehost_control::webhook::{WebhookSettings, Webhooks, signature_header};
+use storehost_control::webhook::signature_header;
 use storehost_store::StoreId;
-use storehost_tests::control::{ControlHostOptions, Watched, eventually, watched_with};
+use storehost_tests::control::{
+    ControlHostOptions, Watched, eventually, watched_with, with_webhooks,
+};
 use storehost_tests::{TestHost, programs, writer_config};
 
 const SECRET: &str = "whsec_c2hhcmVkLXNlY3JldC1mb3ItdGVzdHM=";
@@ -79,16 +81,7 @@ async fn config_host(path: &Path, data: &Path) -> Watched {
         ..ControlHostOptions::default()
     };
     let (watched, failed) = watched_with(path, options, |orchestrator, state| {
-        let webhooks = WebhookSettings {
-            secret: Some(Secret::new(SECRET)),
-            require_signature: false,
-            tolerance: Duration::from_secs(300),
-            replay_retention: Duration::from_secs(3600),
-        };
-        state.with_webhooks(
-            Arc::new(Webhooks::new(orchestrator.clone(), webhooks)),
-            10_000,
-        )
+        with_webhooks(orchestrator, state, SECRET, 10_000)
     })
     .await;
     for (id, err) in failed {

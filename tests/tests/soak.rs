@@ -17,10 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use storehost_control::config::Secret;
-use storehost_control::webhook::{WebhookSettings, Webhooks};
 use storehost_store::Quotas;
-use storehost_tests::control::ControlHostOptions;
+use storehost_tests::control::{ControlHostOptions, with_webhooks};
 use storehost_tests::{TestHost, programs};
 
 const SECRET: &str = "soak-webhook-secret";
@@ -113,20 +111,7 @@ async fn many_stores_under_mixed_load_lose_nothing_and_fail_nowhere_unexpected()
                 close_files_after: Duration::from_secs(2),
                 ..ControlHostOptions::default()
             },
-            |orchestrator, state| {
-                state.with_webhooks(
-                    Arc::new(Webhooks::new(
-                        orchestrator.clone(),
-                        WebhookSettings {
-                            secret: Some(Secret::new(SECRET)),
-                            require_signature: false,
-                            tolerance: Duration::from_secs(300),
-                            replay_retention: Duration::from_secs(3600),
-                        },
-                    )),
-                    1_000_000,
-                )
-            },
+            |orchestrator, state| with_webhooks(orchestrator, state, SECRET, 1_000_000),
         )
         .await,
     );

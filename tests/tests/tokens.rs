@@ -3,16 +3,11 @@
 //! else: not B's, not an admin route, not the operations or webhook routes. Revoked, forged and
 //! missing tokens reach nothing. Tokens are stored hashed and survive a restart.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use reqwest::Method;
 use serde_json::{Value, json};
 use storehost_control::StoreSource;
-use storehost_control::config::Secret;
-use storehost_control::webhook::{WebhookSettings, Webhooks};
 use storehost_store::StoreId;
-use storehost_tests::control::ControlHostOptions;
+use storehost_tests::control::{ControlHostOptions, with_webhooks};
 use storehost_tests::{TOKEN, TestHost, TestHostOptions, programs};
 
 /// Who may use a route.
@@ -149,16 +144,7 @@ async fn create_token(host: &TestHost, store: &str) -> (u64, String) {
 /// production: the webhook route refuses a bearer token with 401).
 async fn host() -> TestHost {
     TestHost::start_control(ControlHostOptions::default(), |orchestrator, state| {
-        let settings = WebhookSettings {
-            secret: Some(Secret::new("webhook-secret")),
-            require_signature: false,
-            tolerance: Duration::from_secs(300),
-            replay_retention: Duration::from_secs(3600),
-        };
-        state.with_webhooks(
-            Arc::new(Webhooks::new(orchestrator.clone(), settings)),
-            10_000,
-        )
+        with_webhooks(orchestrator, state, "webhook-secret", 10_000)
     })
     .await
 }
