@@ -222,8 +222,12 @@ pub fn recover_interrupted(data_dir: &Path) -> io::Result<Interrupted> {
         } else if let Some(rest) = name.strip_prefix(".restore-") {
             let archive = data_dir.join("archive");
             std::fs::create_dir_all(&archive)?;
-            let kept = archive.join(format!("interrupted-restore-{rest}-{}", now_ms()));
-            std::fs::rename(entry.path(), &kept)?;
+            let kept = crate::dir::into_archive(
+                &format!("interrupted-restore-{rest}"),
+                now_ms(),
+                |name| std::fs::rename(entry.path(), archive.join(name)),
+            )?;
+            let kept = archive.join(kept);
             found.restores_archived.push(kept);
         }
     }
@@ -917,8 +921,10 @@ pub fn swap_in(data_dir: &Path, id: &StoreId, staged: &Path) -> io::Result<Optio
     sync_dir(&stores)?;
     let archive = data_dir.join("archive");
     std::fs::create_dir_all(&archive)?;
-    let kept = archive.join(format!("{id}-before-restore-{}", now_ms()));
-    std::fs::rename(staged, &kept)?;
+    let kept = crate::dir::into_archive(&format!("{id}-before-restore"), now_ms(), |name| {
+        std::fs::rename(staged, archive.join(name))
+    })?;
+    let kept = archive.join(kept);
     Ok(Some(kept))
 }
 

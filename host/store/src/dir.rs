@@ -65,7 +65,8 @@ pub fn prepare(
     Ok((dir, open))
 }
 
-/// Moves the store's directory to `DATA_DIR/archive/<id>-<millis>` (data kept), or deletes it.
+/// Moves the store's directory to `DATA_DIR/archive/<id>-<millis>` (see [`into_archive`]; data
+/// kept), or deletes it.
 pub fn remove(data_dir: &Path, id: &StoreId, purge: bool) -> io::Result<Option<PathBuf>> {
     let data = Dir::open_ambient_dir(data_dir, ambient_authority())?;
     let Ok(stores) = data.open_dir("stores") else {
@@ -80,8 +81,9 @@ pub fn remove(data_dir: &Path, id: &StoreId, purge: bool) -> io::Result<Option<P
     }
     data.create_dir_all("archive")?;
     let archive = data.open_dir("archive")?;
-    let name = format!("{id}-{}", crate::sqlite::now_ms());
-    stores.rename(id.as_str(), &archive, &name)?;
+    let name = into_archive(id.as_str(), crate::sqlite::now_ms(), |name| {
+        stores.rename(id.as_str(), &archive, name)
+    })?;
     // Tidying only: the archive is whole without it (a directory whose permissions broke
     // cannot be opened, and is archived all the same).
     let tidied = archive.open_dir(&name).and_then(|kept| {
@@ -93,6 +95,37 @@ pub fn remove(data_dir: &Path, id: &StoreId, purge: bool) -> io::Result<Option<P
         tracing::warn!(store_id = %id, "archived, but could not drop its empty WAL files: {err}");
     }
     Ok(Some(data_dir.join("archive").join(name)))
+}
+
+/// Moves something into the archive with `rename(name)` under the name `<stem>-<millis>`, or
+/// `<stem>-<millis>-<n>` while that is taken (by a directory with something in it, which a
+/// rename does not replace: the same store archived twice in one millisecond, or after the
+/// clock was set back); answers the name used. Nothing kept in the archive is ever replaced.
+pub fn into_archive(
+    stem: &str,
+    millis: i64,
+    mut rename: impl FnMut(&str) -> io::Result<()>,
+) -> io::Result<String> {
+    let mut n = 0;
+    loop {
+        let name = match n {
+            0 => format!("{stem}-{millis}"),
+            n => format!("{stem}-{millis}-{n}"),
+        };
+        match rename(&name) {
+            Ok(()) => return Ok(name),
+            Err(err)
+                if n < 1000
+                    && matches!(
+                        err.kind(),
+                        io::ErrorKind::AlreadyExists | io::ErrorKind::DirectoryNotEmpty
+                    ) =>
+            {
+                n += 1;
+            }
+            Err(err) => return Err(err),
+        }
+    }
 }
 
 /// Deletes `<db>-wal` and `<db>-shm` when the WAL is empty: the database file then holds
@@ -130,6 +163,46 @@ fn ensure_real_dir(parent: &Dir, name: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Archived twice in one millisecond (or after the clock was set back), a store's data
+    /// takes the next free name: the rename used to fail, and with it the store's removal.
+    #[test]
+    fn an_archive_name_taken_already_gets_a_number_and_nothing_is_replaced() {
+        let data = tempfile::tempdir().unwrap();
+        let archive = data.path().join("archive");
+        std::fs::create_dir(&archive).unwrap();
+        let mut names = Vec::new();
+        for n in 0..3 {
+            let from = data.path().join(format!("acme-data-{n}"));
+            std::fs::create_dir(&from).unwrap();
+            std::fs::write(from.join("events.db"), format!("copy {n}")).unwrap();
+            names.push(
+                into_archive("acme", 1_700_000_000_000, |name| {
+                    std::fs::rename(&from, archive.join(name))
+                })
+                .unwrap(),
+            );
+        }
+        assert_eq!(
+            names,
+            [
+                "acme-1700000000000",
+                "acme-1700000000000-1",
+                "acme-1700000000000-2"
+            ]
+        );
+        for (n, name) in names.iter().enumerate() {
+            assert_eq!(
+                std::fs::read_to_string(archive.join(name).join("events.db")).unwrap(),
+                format!("copy {n}")
+            );
+        }
+        // Any other failure is answered as it is.
+        let missing = into_archive("acme", 1, |name| {
+            std::fs::rename(data.path().join("gone"), archive.join(name))
+        });
+        assert_eq!(missing.unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
 
     #[test]
     fn creates_the_store_directory_and_refuses_a_planted_symlink() {

@@ -319,9 +319,9 @@ impl Orchestrator {
 /// Moves the data that failed to open aside and the kept previous data back in place.
 fn roll_back(data_dir: &Path, id: &StoreId, previous: &Path) -> std::io::Result<()> {
     let current = data_dir.join("stores").join(id.as_str());
-    let failed = data_dir
-        .join("archive")
-        .join(format!("{id}-failed-restore-{}", now_ms()));
-    std::fs::rename(&current, failed)?;
+    let archive = data_dir.join("archive");
+    storehost_store::dir::into_archive(&format!("{id}-failed-restore"), now_ms(), |name| {
+        std::fs::rename(&current, archive.join(name))
+    })?;
     std::fs::rename(previous, current)
 }
