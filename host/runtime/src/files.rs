@@ -1213,10 +1213,10 @@ impl HostDirectoryEntryStream for FilesView<'_> {
             .table
             .get_mut(&Resource::<Listing>::new_borrow(stream.rep()))?;
         // Reading the next batch from the disk is done on a blocking thread the epoch does
-        // not see: the call is charged the time it took.
-        let started = std::time::Instant::now();
+        // not see: the call is charged the time the reading took there (not the wait for the
+        // thread, which other stores' work may fill).
         let next = listing.next().await;
-        self.files.busy_for(started.elapsed());
+        self.files.busy_for(listing.take_read_time());
         next
     }
 

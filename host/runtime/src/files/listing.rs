@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, openat, statat};
 use wasmtime_wasi::p2::bindings::filesystem::types::{DescriptorType, DirectoryEntry, ErrorCode};
@@ -29,6 +30,9 @@ pub(crate) struct Listing {
     dir: Option<Dir>,
     /// Entries read and not yet taken, each an entry or why it could not be read.
     ahead: VecDeque<Result<DirectoryEntry, ErrorCode>>,
+    /// How long reading from the disk took since [`Listing::take_read_time`] was last asked,
+    /// timed on the blocking thread: not the wait for one, which other stores' work may fill.
+    read_time: Duration,
 }
 
 impl Listing {
@@ -52,6 +56,7 @@ impl Listing {
         Ok(Self {
             dir: Some(dir),
             ahead: VecDeque::new(),
+            read_time: Duration::ZERO,
         })
     }
 
@@ -60,17 +65,28 @@ impl Listing {
         if self.ahead.is_empty()
             && let Some(dir) = self.dir.take()
         {
-            let (dir, read) = tokio::task::spawn_blocking(move || read_ahead(dir))
-                .await
-                .map_err(FsError::trap)?;
+            let (dir, read, took) = tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let (dir, read) = read_ahead(dir);
+                (dir, read, started.elapsed())
+            })
+            .await
+            .map_err(FsError::trap)?;
             self.dir = dir;
             self.ahead = read;
+            self.read_time += took;
         }
         match self.ahead.pop_front() {
             None => Ok(None),
             Some(Ok(entry)) => Ok(Some(entry)),
             Some(Err(code)) => Err(code.into()),
         }
+    }
+
+    /// How long reading from the disk took since this was last asked (what the guest is
+    /// charged for its listing).
+    pub(crate) fn take_read_time(&mut self) -> Duration {
+        std::mem::take(&mut self.read_time)
     }
 
     /// Entries read ahead of the guest.
@@ -209,6 +225,43 @@ mod tests {
         let entry = listing.next().await.unwrap().expect("an entry");
         assert_eq!(entry.name, "only");
         assert!(listing.next().await.unwrap().is_none());
+    }
+
+    /// A listing is charged its reading on the blocking thread, not its wait for one (other
+    /// stores' work may keep every blocking thread busy): here the only one is held 200 ms.
+    #[test]
+    fn a_listing_is_charged_its_reading_not_its_wait_for_a_thread() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            for name in ["a", "b", "c"] {
+                std::fs::write(dir.path().join(name), b"").unwrap();
+            }
+            let mut listing = listing_of(dir.path()).await;
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let busy = tokio::task::spawn_blocking(move || held.recv());
+            let reading = tokio::spawn(async move {
+                let first = listing.next().await;
+                (listing, first)
+            });
+            let waited = std::time::Duration::from_millis(200);
+            tokio::time::sleep(waited).await;
+            release.send(()).unwrap();
+            let (mut listing, first) = reading.await.unwrap();
+            assert!(first.unwrap().is_some());
+            busy.await.unwrap().unwrap();
+            let charged = listing.take_read_time();
+            assert!(
+                !charged.is_zero() && charged < waited,
+                "charged {charged:?} after waiting {waited:?} for the thread"
+            );
+            assert!(listing.take_read_time().is_zero(), "charged once");
+        });
     }
 
     #[tokio::test]
