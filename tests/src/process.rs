@@ -76,7 +76,18 @@ impl ServerProcess {
         env: &[(&str, &str)],
         open_files: u64,
     ) -> Self {
-        Self::listening(Self::launch(data_dir, extra_args, env, Some(open_files)))
+        Self::spawn_with_open_file_limits(data_dir, extra_args, env, open_files, open_files)
+    }
+
+    /// [`ServerProcess::spawn`] with the server's soft and hard open-file limits set.
+    pub fn spawn_with_open_file_limits(
+        data_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        soft: u64,
+        hard: u64,
+    ) -> Self {
+        Self::listening(Self::launch(data_dir, extra_args, env, Some((soft, hard))))
     }
 
     /// Waits until `server` listens (at most 60 s), and fills in its `url`.
@@ -111,7 +122,7 @@ impl ServerProcess {
         data_dir: &Path,
         extra_args: &[&str],
         env: &[(&str, &str)],
-        open_files: Option<u64>,
+        open_files: Option<(u64, u64)>,
     ) -> Self {
         std::fs::create_dir_all(data_dir).expect("data dir");
         let log = data_dir.with_extension("log");
@@ -124,10 +135,10 @@ impl ServerProcess {
         // The limit is set by util-linux's `prlimit` (on every Debian machine): setting it in
         // the child before exec would need `unsafe`, which the project forbids.
         let mut command = match open_files {
-            Some(limit) => {
+            Some((soft, hard)) => {
                 let mut command = Command::new("prlimit");
                 command
-                    .arg(format!("--nofile={limit}:{limit}"))
+                    .arg(format!("--nofile={soft}:{hard}"))
                     .arg("--")
                     .arg(storehost_bin());
                 command

@@ -795,3 +795,45 @@ fn tenants_together_cannot_use_up_the_hosts_open_files() {
     assert_eq!(hoard(&url, &hoarders[HOARDERS - 1]), HOARDS_ALL);
     server.stop_cleanly();
 }
+
+/// A host started with a soft open-file limit below its hard one (1,024 on many systems, where
+/// the hard limit is far higher) raises it to the hard one, and sizes what plugins may hold
+/// together from that: started at 1,100 files, 30 stores' files and 16 connections would have
+/// left plugins nothing.
+#[test]
+fn a_host_raises_its_open_file_limit_to_the_most_the_system_allows() {
+    use storehost_store::open_files;
+    use storehost_tests::process::{BlockingAdmin, ServerProcess};
+    const MAX_STORES: usize = 30;
+    const CONNECTIONS: usize = 16;
+    const HARD: usize = 6_000;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("storehost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "max_stores = {MAX_STORES}\nspare_stores = 0\n[http]\nmax_connections = {CONNECTIONS}\n"
+        ),
+    )
+    .unwrap();
+    let server = ServerProcess::spawn_with_open_file_limits(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        &[],
+        1_100,
+        HARD as u64,
+    );
+    let admin = BlockingAdmin::default();
+    assert_eq!(
+        admin.metric(&server.url, "storehost_guest_open_files"),
+        HARD - open_files::wanted(MAX_STORES, 0) - CONNECTIONS
+    );
+    assert!(
+        server
+            .run_log()
+            .contains("raised the open-file limit (ulimit -n) to the most the system allows"),
+        "{}",
+        server.run_log()
+    );
+    server.stop_cleanly();
+}

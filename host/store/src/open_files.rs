@@ -60,6 +60,25 @@ pub fn room_for_guests(stores: usize, spares: usize, connections: usize) -> usiz
         .saturating_sub(connections)
 }
 
+/// Raises this process's open-file limit (its soft `RLIMIT_NOFILE`) to the most the system
+/// lets it (the hard limit), as servers holding many files do: many systems start a process
+/// with 1,024 however many it may hold, fewer than a host of 100 awake stores needs. Answers
+/// the limit before and after, or why it could not be raised (the limit then stays as it was).
+pub fn raise_limit() -> io::Result<(usize, usize)> {
+    let before = limit();
+    let rlimit = getrlimit(Resource::Nofile);
+    if rlimit.current != rlimit.maximum {
+        rustix::process::setrlimit(
+            Resource::Nofile,
+            rustix::process::Rlimit {
+                current: rlimit.maximum,
+                maximum: rlimit.maximum,
+            },
+        )?;
+    }
+    Ok((before, limit()))
+}
+
 /// The most files this process may hold open (its soft `RLIMIT_NOFILE`; `usize::MAX` when
 /// unlimited).
 pub fn limit() -> usize {

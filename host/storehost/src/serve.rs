@@ -92,6 +92,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             config.max_stores
         );
     }
+    match open_files::raise_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(
+                before,
+                after,
+                "raised the open-file limit (ulimit -n) to the most the system allows"
+            );
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(
+            limit = open_files::limit(),
+            "could not raise the open-file limit (ulimit -n) to the most the system allows: {err}"
+        ),
+    }
     let connections = config.http.max_connections;
     let guest_open_files =
         open_files::for_guests(config.max_stores, config.spare_stores, connections);
