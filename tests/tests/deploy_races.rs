@@ -170,7 +170,14 @@ fn archived(data_dir: &Path, id: &str) -> usize {
                 .file_name()
                 .to_string_lossy()
                 .strip_prefix(&format!("{id}-"))
-                .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit()))
+                // `<millis>`, or `<millis>-<n>` for a second archive in the same millisecond.
+                .is_some_and(|rest| {
+                    let numbers: Vec<&str> = rest.split('-').collect();
+                    numbers.len() <= 2
+                        && numbers
+                            .iter()
+                            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                })
         })
         .count()
 }

@@ -220,14 +220,12 @@ pub fn recover_interrupted(data_dir: &Path) -> io::Result<Interrupted> {
             std::fs::remove_dir_all(entry.path())?;
             found.backups_removed += 1;
         } else if let Some(rest) = name.strip_prefix(".restore-") {
-            let archive = data_dir.join("archive");
-            std::fs::create_dir_all(&archive)?;
-            let kept = crate::dir::into_archive(
+            let kept = crate::dir::path_into_archive(
+                &entry.path(),
+                &data_dir.join("archive"),
                 &format!("interrupted-restore-{rest}"),
                 now_ms(),
-                |name| std::fs::rename(entry.path(), archive.join(name)),
             )?;
-            let kept = archive.join(kept);
             found.restores_archived.push(kept);
         }
     }
@@ -885,7 +883,7 @@ fn check_databases(dir: &Path, manifest: &Manifest) -> Result<(), RestoreError> 
 
 /// Puts the verified store directory `staged` (inside `DATA_DIR/stores/`) in place of store
 /// `id`'s directory in one atomic rename (an exchange), then moves the replaced data to
-/// `DATA_DIR/archive/<id>-before-restore-<ms>` and returns that path (`None` when the store had
+/// `DATA_DIR/archive/<id>-before-restore-<ms>` (see [`crate::dir::into_archive`]) and returns that path (`None` when the store had
 /// no directory). The store must be stopped.
 pub fn swap_in(data_dir: &Path, id: &StoreId, staged: &Path) -> io::Result<Option<PathBuf>> {
     let stores = data_dir.join("stores");
@@ -919,12 +917,12 @@ pub fn swap_in(data_dir: &Path, id: &StoreId, staged: &Path) -> io::Result<Optio
         Err(err) => return Err(err.into()),
     }
     sync_dir(&stores)?;
-    let archive = data_dir.join("archive");
-    std::fs::create_dir_all(&archive)?;
-    let kept = crate::dir::into_archive(&format!("{id}-before-restore"), now_ms(), |name| {
-        std::fs::rename(staged, archive.join(name))
-    })?;
-    let kept = archive.join(kept);
+    let kept = crate::dir::path_into_archive(
+        staged,
+        &data_dir.join("archive"),
+        &format!("{id}-before-restore"),
+        now_ms(),
+    )?;
     Ok(Some(kept))
 }
 

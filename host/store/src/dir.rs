@@ -4,6 +4,7 @@
 //! an opened directory that refuses to follow symlinks out of it.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use cap_std::ambient_authority;
@@ -81,9 +82,13 @@ pub fn remove(data_dir: &Path, id: &StoreId, purge: bool) -> io::Result<Option<P
     }
     data.create_dir_all("archive")?;
     let archive = data.open_dir("archive")?;
-    let name = into_archive(id.as_str(), crate::sqlite::now_ms(), |name| {
-        stores.rename(id.as_str(), &archive, name)
-    })?;
+    let name = into_archive(
+        &stores,
+        Path::new(id.as_str()),
+        &archive,
+        id.as_str(),
+        crate::sqlite::now_ms(),
+    )?;
     // Tidying only: the archive is whole without it (a directory whose permissions broke
     // cannot be opened, and is archived all the same).
     let tidied = archive.open_dir(&name).and_then(|kept| {
@@ -97,22 +102,33 @@ pub fn remove(data_dir: &Path, id: &StoreId, purge: bool) -> io::Result<Option<P
     Ok(Some(data_dir.join("archive").join(name)))
 }
 
-/// Moves something into the archive with `rename(name)` under the name `<stem>-<millis>`, or
-/// `<stem>-<millis>-<n>` while that is taken (by a directory with something in it, which a
-/// rename does not replace: the same store archived twice in one millisecond, or after the
-/// clock was set back); answers the name used. Nothing kept in the archive is ever replaced.
+/// Moves `from` (in the directory `from_dir`) into the directory `archive` under the name
+/// `<stem>-<millis>`, or `<stem>-<millis>-<n>` while that is taken (the same store archived
+/// twice in one millisecond, or after the clock was set back); answers the name used. The
+/// rename never replaces what is there (`RENAME_NOREPLACE`; where a filesystem lacks it, a
+/// plain rename, which replaces no directory with something in it).
 pub fn into_archive(
+    from_dir: impl AsFd,
+    from: &Path,
+    archive: impl AsFd,
     stem: &str,
     millis: i64,
-    mut rename: impl FnMut(&str) -> io::Result<()>,
 ) -> io::Result<String> {
+    use rustix::fs::{RenameFlags, renameat, renameat_with};
     let mut n = 0;
     loop {
         let name = match n {
             0 => format!("{stem}-{millis}"),
             n => format!("{stem}-{millis}-{n}"),
         };
-        match rename(&name) {
+        let renamed = match renameat_with(&from_dir, from, &archive, &name, RenameFlags::NOREPLACE)
+        {
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                renameat(&from_dir, from, &archive, &name)
+            }
+            renamed => renamed,
+        };
+        match renamed.map_err(io::Error::from) {
             Ok(()) => return Ok(name),
             Err(err)
                 if n < 1000
@@ -126,6 +142,25 @@ pub fn into_archive(
             Err(err) => return Err(err),
         }
     }
+}
+
+/// [`into_archive`] by paths: moves `from` into the directory `archive` (made if missing);
+/// answers where it now is.
+pub fn path_into_archive(
+    from: &Path,
+    archive: &Path,
+    stem: &str,
+    millis: i64,
+) -> io::Result<PathBuf> {
+    std::fs::create_dir_all(archive)?;
+    let name = into_archive(
+        rustix::fs::CWD,
+        from,
+        std::fs::File::open(archive)?,
+        stem,
+        millis,
+    )?;
+    Ok(archive.join(name))
 }
 
 /// Deletes `<db>-wal` and `<db>-shm` when the WAL is empty: the database file then holds
@@ -165,30 +200,38 @@ mod tests {
     use super::*;
 
     /// Archived twice in one millisecond (or after the clock was set back), a store's data
-    /// takes the next free name: the rename used to fail, and with it the store's removal.
+    /// takes the next free name: the rename used to fail, and with it the store's removal (or
+    /// replace an empty directory of that name).
     #[test]
     fn an_archive_name_taken_already_gets_a_number_and_nothing_is_replaced() {
         let data = tempfile::tempdir().unwrap();
         let archive = data.path().join("archive");
         std::fs::create_dir(&archive).unwrap();
         let mut names = Vec::new();
+        let archive_dir = std::fs::File::open(&archive).unwrap();
+        // Something taken already that a plain rename would replace: an empty directory.
+        std::fs::create_dir(archive.join("acme-1700000000000")).unwrap();
         for n in 0..3 {
             let from = data.path().join(format!("acme-data-{n}"));
             std::fs::create_dir(&from).unwrap();
             std::fs::write(from.join("events.db"), format!("copy {n}")).unwrap();
             names.push(
-                into_archive("acme", 1_700_000_000_000, |name| {
-                    std::fs::rename(&from, archive.join(name))
-                })
+                into_archive(
+                    rustix::fs::CWD,
+                    &from,
+                    &archive_dir,
+                    "acme",
+                    1_700_000_000_000,
+                )
                 .unwrap(),
             );
         }
         assert_eq!(
             names,
             [
-                "acme-1700000000000",
                 "acme-1700000000000-1",
-                "acme-1700000000000-2"
+                "acme-1700000000000-2",
+                "acme-1700000000000-3"
             ]
         );
         for (n, name) in names.iter().enumerate() {
@@ -198,9 +241,13 @@ mod tests {
             );
         }
         // Any other failure is answered as it is.
-        let missing = into_archive("acme", 1, |name| {
-            std::fs::rename(data.path().join("gone"), archive.join(name))
-        });
+        let missing = into_archive(
+            rustix::fs::CWD,
+            &data.path().join("gone"),
+            &archive_dir,
+            "acme",
+            1,
+        );
         assert_eq!(missing.unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 

@@ -64,7 +64,7 @@ pub struct RestoreReport {
     pub store_id: StoreId,
     /// The manifest of the restored backup.
     pub manifest: Manifest,
-    /// Where the replaced data was kept (`DATA_DIR/archive/<id>-before-restore-<ms>`).
+    /// Where the replaced data was kept (`DATA_DIR/archive/<id>-before-restore-<ms>`, with `-<n>` after it when that name was taken).
     pub previous_data: Option<String>,
     /// Things the operator should know (the backup was taken with another plugin version…).
     pub warnings: Vec<String>,
@@ -319,9 +319,11 @@ impl Orchestrator {
 /// Moves the data that failed to open aside and the kept previous data back in place.
 fn roll_back(data_dir: &Path, id: &StoreId, previous: &Path) -> std::io::Result<()> {
     let current = data_dir.join("stores").join(id.as_str());
-    let archive = data_dir.join("archive");
-    storehost_store::dir::into_archive(&format!("{id}-failed-restore"), now_ms(), |name| {
-        std::fs::rename(&current, archive.join(name))
-    })?;
+    storehost_store::dir::path_into_archive(
+        &current,
+        &data_dir.join("archive"),
+        &format!("{id}-failed-restore"),
+        now_ms(),
+    )?;
     std::fs::rename(previous, current)
 }
