@@ -131,8 +131,9 @@ impl GuestOpenFiles {
                 limit = self.limit,
                 refused = self.refusals(),
                 "plugins together hold all the open files the host's open-file limit leaves them: \
-                 further guest opens get WASI `quota` until some are closed; raise `ulimit -n` \
-                 (or lower max_stores) to give them more"
+                 further guest opens get WASI `quota` until some are closed; raise the hard open-file limit \
+                 (systemd LimitNOFILE=, ulimit -Hn: the host raises its own to it at start) or \
+                 lower max_stores to give them more"
             );
         }
     }
@@ -1071,7 +1072,8 @@ impl HostDescriptor for FilesView<'_> {
             Ok(Descriptor::File(file)) => file.file.clone(),
             Ok(Descriptor::Dir(dir)) => dir.dir.clone(),
             Err(err) => {
-                // Not the descriptor wasmtime-wasi just made: nothing holds its file open.
+                // Not what wasmtime-wasi makes (it always pushes a descriptor); should it ever
+                // be, nothing holds it open uncounted.
                 drop(self.fs.table.delete(opened));
                 self.files.open_failed();
                 return Err(err.into());
@@ -1084,7 +1086,7 @@ impl HostDescriptor for FilesView<'_> {
     fn drop(&mut self, fd: Resource<types::Descriptor>) -> wasmtime::Result<()> {
         HostDescriptor::drop(&mut self.fs, fd)?;
         // Its share of the host's open files goes back at once (unless a stream still holds
-        // the file: then at the guest's next open, close or listing).
+        // the file: then once the stream is dropped too, by the end of that call).
         self.files.open_count();
         Ok(())
     }

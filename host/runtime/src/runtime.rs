@@ -41,7 +41,7 @@ pub struct RuntimeOptions {
     /// The most files, directories and directory listings all guests together hold open at
     /// once (each is one of the host's open files, see [`GuestOpenFiles`]); past it a guest's
     /// open is refused with WASI's `quota`. No bound by default: the host sets what its
-    /// open-file limit leaves beside its own files.
+    /// open-file limit leaves beside its own files and its API connections.
     pub guest_open_files: usize,
 }
 

@@ -65,16 +65,36 @@ pub fn room_for_guests(stores: usize, spares: usize, connections: usize) -> usiz
 /// with 1,024 however many it may hold, fewer than a host of 100 awake stores needs. Answers
 /// the limit before and after, or why it could not be raised (the limit then stays as it was).
 pub fn raise_limit() -> io::Result<(usize, usize)> {
+    use rustix::process::{Rlimit, setrlimit};
     let before = limit();
-    let rlimit = getrlimit(Resource::Nofile);
-    if rlimit.current != rlimit.maximum {
-        rustix::process::setrlimit(
+    let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
+    if current != maximum {
+        let raised = setrlimit(
             Resource::Nofile,
-            rustix::process::Rlimit {
-                current: rlimit.maximum,
-                maximum: rlimit.maximum,
+            Rlimit {
+                current: maximum,
+                maximum,
             },
-        )?;
+        );
+        if raised == Err(rustix::io::Errno::PERM) {
+            // A hard limit above the system's most open files per process (`fs.nr_open`,
+            // lowered since the limit was set) is refused whole: both go to that most.
+            let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok());
+            let most = nr_open
+                .zip(maximum)
+                .map(|(nr_open, hard)| nr_open.min(hard));
+            setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: most,
+                    maximum: most,
+                },
+            )?;
+        } else {
+            raised?;
+        }
     }
     Ok((before, limit()))
 }

@@ -114,7 +114,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     {
         let host_files = open_files::wanted(config.max_stores, config.spare_stores);
         tracing::warn!(
-            "the open-file limit ({}, ulimit -n) leaves plugins less than {} files beside the {host_files} the host may hold for max_stores = {} awake stores and its {connections} connections: they may still hold {guest_open_files} together, and while most stores are awake the host's own opens (databases, event appends, new stores, connections) may fail with \"too many open files\"; raise the limit to at least {}",
+            "the open-file limit ({}, ulimit -n) leaves plugins less than {} files beside the {host_files} the host may hold for max_stores = {} awake stores and its {connections} connections: they may still hold {guest_open_files} together, and while most stores are awake the host's own opens (databases, event appends, new stores, connections) may fail with \"too many open files\"; raise the hard open-file limit (systemd LimitNOFILE=, ulimit -Hn) to at least {}",
             open_files::limit(),
             open_files::GUESTS_AT_LEAST,
             config.max_stores,

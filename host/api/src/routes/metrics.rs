@@ -582,7 +582,7 @@ impl Collector for Snapshot {
         gauge(
             e,
             "guest_open_files",
-            "Most files, directories and listings all plugins together may hold open (what the open-file limit leaves beside the host's own files).",
+            "Most files, directories and listings all plugins together may hold open (what the open-file limit leaves beside the host's own files and its API connections).",
             self.guest_files_total,
         )?;
         family(

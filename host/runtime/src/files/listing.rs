@@ -245,6 +245,7 @@ mod tests {
             let mut listing = listing_of(dir.path()).await;
             let (release, held) = std::sync::mpsc::channel::<()>();
             let busy = tokio::task::spawn_blocking(move || held.recv());
+            let reading_started = std::time::Instant::now();
             let reading = tokio::spawn(async move {
                 let first = listing.next().await;
                 (listing, first)
@@ -254,6 +255,10 @@ mod tests {
             release.send(()).unwrap();
             let (mut listing, first) = reading.await.unwrap();
             assert!(first.unwrap().is_some());
+            assert!(
+                reading_started.elapsed() >= waited,
+                "the read waited for the thread"
+            );
             busy.await.unwrap().unwrap();
             let charged = listing.take_read_time();
             assert!(
