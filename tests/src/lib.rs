@@ -299,11 +299,30 @@ impl TestHost {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.expect("request");
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("body");
-        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, json)
+        answer(request).await
+    }
+
+    /// `PUT /v1/plugins/{name}` with `bytes` as the admin; answers status and JSON.
+    pub async fn upload_plugin(&self, name: &str, bytes: Vec<u8>) -> (u16, Value) {
+        self.upload_plugin_as(name, bytes, Some(TOKEN)).await
+    }
+
+    /// `PUT /v1/plugins/{name}` with `bytes` and the bearer `token`, or none.
+    pub async fn upload_plugin_as(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .put(format!("{}/v1/plugins/{name}", self.url))
+            .header("content-type", "application/wasm")
+            .body(bytes);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        answer(request).await
     }
 
     /// A new token of `store` (as the admin issues it): the token and its id.
@@ -434,6 +453,15 @@ impl Drop for TestHost {
             let _ = shutdown.send(());
         }
     }
+}
+
+/// Sends `request`: its status and JSON body (a body that is not JSON as a string).
+async fn answer(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, json)
 }
 
 /// Prints what a reliability test checked where `cargo test` shows it although the test

@@ -1183,20 +1183,8 @@ async fn the_notes_agent_example_deploys_over_http_and_uses_its_tools() {
     })
     .await;
     let wasm = std::fs::read(programs::NOTES_AGENT_EXAMPLE).unwrap();
-    let response = host
-        .client
-        .put(format!("{}/v1/plugins/notes-agent", host.url))
-        .bearer_auth(storehost_tests::TOKEN)
-        .body(wasm)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        response.status().as_u16(),
-        201,
-        "{}",
-        response.text().await.unwrap()
-    );
+    let (status, body) = host.upload_plugin("notes-agent", wasm).await;
+    assert_eq!(status, 201, "{body}");
     let (status, body) = host
         .call(
             reqwest::Method::PUT,

@@ -368,14 +368,8 @@ async fn an_answer_given_before_the_body_was_read_closes_the_connection_and_says
     // The same through a pooling client: every request after a refused upload is answered.
     let writer = std::fs::read(programs::WRITER).unwrap();
     for _ in 0..20 {
-        let refused = host
-            .client
-            .put(format!("{}/v1/plugins/sneaky", host.url))
-            .body(writer.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(refused.status(), 401);
+        let (status, _) = host.upload_plugin_as("sneaky", writer.clone(), None).await;
+        assert_eq!(status, 401);
         let (status, _) = host.get("/v1/plugins").await;
         assert_eq!(status, 200);
     }

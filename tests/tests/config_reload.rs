@@ -604,15 +604,8 @@ async fn an_upload_over_a_config_plugin_runs_until_the_file_changes() {
     assert_eq!(from_file, storehost_tests::sha256sum(&original));
 
     let uploaded = storehost_tests::with_custom_section(&original, "uploaded");
-    let response = reqwest::Client::new()
-        .put(format!("{}/v1/plugins/writer", host.url))
-        .bearer_auth(storehost_tests::TOKEN)
-        .header("content-type", "application/wasm")
-        .body(uploaded.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
+    let (status, body) = host.upload_plugin("writer", uploaded.clone()).await;
+    assert_eq!(status, 200, "{body}");
     let uploaded_sha = storehost_tests::sha256sum(&uploaded);
     eventually("the upload runs", || async {
         store_sha_of(host, "on-file").await == uploaded_sha

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use storehost_store::StoreId;
 use storehost_tests::control::{ControlHostOptions, Watched, watched};
-use storehost_tests::{TOKEN, TestHost, programs, sha256sum};
+use storehost_tests::{TestHost, programs, sha256sum};
 
 /// Deploy and removal raced this many times per test.
 const ROUNDS: usize = 24;
@@ -66,20 +66,6 @@ async fn behaviour(host: &TestHost, id: &str) -> Version {
         assert_eq!(answer, json!({}), "neither version answers so: {answer}");
         Version::Trivial
     }
-}
-
-async fn put_plugin(host: &TestHost, name: &str, bytes: Vec<u8>) -> (u16, Value) {
-    let response = host
-        .client
-        .put(format!("{}/v1/plugins/{name}", host.url))
-        .bearer_auth(TOKEN)
-        .header("content-type", "application/wasm")
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 async fn delete_store(host: &TestHost, id: &str) -> (u16, Value) {
@@ -234,7 +220,7 @@ async fn an_api_deploy_racing_an_api_delete_removes_the_store_and_switches_the_o
         ..ControlHostOptions::default()
     };
     let host = TestHost::start_control(options.clone(), |_, state| state).await;
-    let (status, body) = put_plugin(&host, "raced", Version::Writer.bytes()).await;
+    let (status, body) = host.upload_plugin("raced", Version::Writer.bytes()).await;
     assert_eq!(status, 201, "{body}");
     add_busy_store(&host, "kept", "raced").await;
 
@@ -246,7 +232,7 @@ async fn an_api_deploy_racing_an_api_delete_removes_the_store_and_switches_the_o
         let (deployed, deleted) = tokio::join!(
             async {
                 stagger(round, true).await;
-                put_plugin(&host, "raced", version.bytes()).await
+                host.upload_plugin("raced", version.bytes()).await
             },
             async {
                 stagger(round, false).await;
@@ -296,7 +282,7 @@ async fn an_api_deploy_racing_a_workspace_deleted_webhook_removes_the_store() {
         let (deployed, deleted) = tokio::join!(
             async {
                 stagger(round, true).await;
-                put_plugin(&host, "writer", version.bytes()).await
+                host.upload_plugin("writer", version.bytes()).await
             },
             async {
                 stagger(round, false).await;
@@ -483,7 +469,7 @@ async fn an_api_deploy_racing_an_edit_dropping_a_store_removes_it_and_the_upload
         let (deployed, _) = tokio::join!(
             async {
                 stagger(round, true).await;
-                put_plugin(host, "writer", version.bytes()).await
+                host.upload_plugin("writer", version.bytes()).await
             },
             async {
                 stagger(round, false).await;
@@ -509,9 +495,9 @@ async fn the_same_version_uploaded_twice_at_once_is_deployed_for_both() {
     for round in 0..ROUNDS {
         let version = Version::of_round(round);
         let bytes = storehost_tests::with_custom_section(&version.bytes(), &format!("r{round}"));
-        let (first, second) = tokio::join!(put_plugin(&host, "writer", bytes.clone()), async {
+        let (first, second) = tokio::join!(host.upload_plugin("writer", bytes.clone()), async {
             stagger(round, false).await;
-            put_plugin(&host, "writer", bytes.clone()).await
+            host.upload_plugin("writer", bytes.clone()).await
         });
         let sha256 = sha256sum(&bytes);
         for (status, body) in [&first, &second] {

@@ -5,31 +5,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use serde_json::{Value, json};
+use serde_json::json;
 use storehost_tests::control::{ControlHostOptions, eventually};
-use storehost_tests::{TOKEN, TestHost, programs};
+use storehost_tests::{TestHost, programs};
 
 async fn host() -> TestHost {
     TestHost::start_control(ControlHostOptions::default(), |_, state| state).await
-}
-
-async fn put_plugin(
-    host: &TestHost,
-    name: &str,
-    bytes: Vec<u8>,
-    token: Option<&str>,
-) -> (u16, Value) {
-    let mut request = host
-        .client
-        .put(format!("{}/v1/plugins/{name}", host.url))
-        .header("content-type", "application/wasm")
-        .body(bytes);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,11 +18,11 @@ async fn a_component_is_validated_content_addressed_and_listed() {
     let host = host().await;
     let writer = std::fs::read(programs::WRITER).unwrap();
 
-    let (status, body) = put_plugin(&host, "counter", writer.clone(), Some(TOKEN)).await;
+    let (status, body) = host.upload_plugin("counter", writer.clone()).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["sha256"], storehost_tests::sha256sum(&writer));
     assert_eq!(body["size"], writer.len());
-    let (status, _) = put_plugin(&host, "counter", writer.clone(), Some(TOKEN)).await;
+    let (status, _) = host.upload_plugin("counter", writer.clone()).await;
     assert_eq!(status, 200, "deploying an existing name replaces it");
 
     let (status, list) = host.get("/v1/plugins").await;
@@ -69,7 +50,7 @@ async fn a_component_is_validated_content_addressed_and_listed() {
         (b"definitely not wasm".to_vec(), "junk"),
         (core_module, "a core module, not a component"),
     ] {
-        let (status, body) = put_plugin(&host, "broken", bytes, Some(TOKEN)).await;
+        let (status, body) = host.upload_plugin("broken", bytes).await;
         assert_eq!(status, 422, "{what}: {body}");
         assert_eq!(body["error"]["code"], "invalid_plugin");
         assert!(
@@ -80,11 +61,11 @@ async fn a_component_is_validated_content_addressed_and_listed() {
             "the message says how to build a plugin: {body}"
         );
     }
-    let (status, body) = put_plugin(&host, "Bad Name", writer.clone(), Some(TOKEN)).await;
+    let (status, body) = host.upload_plugin("Bad Name", writer.clone()).await;
     assert_eq!(status, 400, "{body}");
-    let (status, _) = put_plugin(&host, "empty", Vec::new(), Some(TOKEN)).await;
+    let (status, _) = host.upload_plugin("empty", Vec::new()).await;
     assert_eq!(status, 400);
-    let (status, _) = put_plugin(&host, "sneaky", writer, None).await;
+    let (status, _) = host.upload_plugin_as("sneaky", writer, None).await;
     assert_eq!(status, 401);
     let (_, list) = host.get("/v1/plugins").await;
     let names: Vec<&str> = list["plugins"]
@@ -105,7 +86,7 @@ async fn a_hot_swap_and_roll_back_under_load_lose_nothing_and_duplicate_nothing(
     let host = Arc::new(host().await);
     let writer = std::fs::read(programs::WRITER).unwrap();
     let flaky = std::fs::read(programs::FLAKY).unwrap();
-    put_plugin(&host, "swap", writer.clone(), Some(TOKEN)).await;
+    host.upload_plugin("swap", writer.clone()).await;
     host.add_store("swapping", "swap", &[]).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -138,7 +119,7 @@ async fn a_hot_swap_and_roll_back_under_load_lose_nothing_and_duplicate_nothing(
     .await;
 
     // Swap to another component (flaky ignores kv.put), then roll back to the writer's bytes.
-    let (status, body) = put_plugin(&host, "swap", flaky.clone(), Some(TOKEN)).await;
+    let (status, body) = host.upload_plugin("swap", flaky.clone()).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["stores"], json!(["swapping"]));
     let (_, view) = host.get("/v1/stores/swapping").await;
@@ -149,7 +130,7 @@ async fn a_hot_swap_and_roll_back_under_load_lose_nothing_and_duplicate_nothing(
     })
     .await;
 
-    let (status, _) = put_plugin(&host, "swap", writer.clone(), Some(TOKEN)).await;
+    let (status, _) = host.upload_plugin("swap", writer.clone()).await;
     assert_eq!(status, 200);
     let (_, view) = host.get("/v1/stores/swapping").await;
     assert_eq!(
@@ -211,7 +192,7 @@ async fn an_uploaded_plugin_and_its_stores_come_back_after_a_restart_and_a_crash
     };
     let flaky = std::fs::read(programs::FLAKY).unwrap();
     let first = TestHost::start_control(options.clone(), |_, state| state).await;
-    let (status, _) = put_plugin(&first, "uploaded", flaky.clone(), Some(TOKEN)).await;
+    let (status, _) = first.upload_plugin("uploaded", flaky.clone()).await;
     assert_eq!(status, 201);
     let (status, _) = first
         .call(
@@ -260,7 +241,7 @@ async fn an_uploaded_plugin_and_its_stores_come_back_after_a_restart_and_a_crash
 async fn an_upload_that_cannot_be_saved_switches_no_store() {
     let host = host().await;
     let trivial = std::fs::read(programs::TRIVIAL).unwrap();
-    let (status, _) = put_plugin(&host, "swapped", trivial.clone(), Some(TOKEN)).await;
+    let (status, _) = host.upload_plugin("swapped", trivial.clone()).await;
     assert_eq!(status, 201);
     let (status, _) = host
         .call(
@@ -276,7 +257,7 @@ async fn an_upload_that_cannot_be_saved_switches_no_store() {
     std::fs::remove_dir_all(&plugins).unwrap();
     std::fs::write(&plugins, b"in the way").unwrap();
     let writer = std::fs::read(programs::WRITER).unwrap();
-    let (status, body) = put_plugin(&host, "swapped", writer, Some(TOKEN)).await;
+    let (status, body) = host.upload_plugin("swapped", writer).await;
     assert!(status >= 500, "{status} {body}");
     let (_, view) = host.get("/v1/stores/on-swapped").await;
     assert_eq!(
