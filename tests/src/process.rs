@@ -319,6 +319,28 @@ impl BlockingAdmin {
         })
     }
 
+    /// `POST /webhooks/workspaces` with `body`, authenticated by `X-Webhook-Secret: secret`:
+    /// the status and the answer.
+    pub fn webhook(
+        &self,
+        url: &str,
+        secret: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        self.runtime.block_on(async {
+            let response = self
+                .client
+                .post(format!("{url}/webhooks/workspaces"))
+                .header("x-webhook-secret", secret)
+                .json(body)
+                .send()
+                .await
+                .expect("the server answers");
+            let status = response.status().as_u16();
+            (status, response.json().await.expect("a JSON answer"))
+        })
+    }
+
     /// The value of the metric `name` (a sample without labels) in `url`'s `GET /metrics`.
     pub fn metric(&self, url: &str, name: &str) -> usize {
         let text = self.runtime.block_on(async {

@@ -544,9 +544,10 @@ async fn a_paused_store_stays_paused_across_a_restart() {
         None,
     )
     .await;
-    assert_eq!(
-        view["state"], "running",
-        "a store never paused runs: {view}"
+    // Not paused: running, or asleep already (it opened with nothing to do).
+    assert!(
+        view["state"] == "running" || view["state"] == "hibernated",
+        "a store never paused is not paused: {view}"
     );
 
     let (status, _) = call(
@@ -576,11 +577,11 @@ async fn a_paused_store_stays_paused_across_a_restart() {
         None,
     )
     .await;
-    assert_eq!(
-        (&beta["state"], &api["state"]),
-        (&json!("running"), &json!("paused")),
-        "the resumed store runs after the next restart, the other stays paused"
+    assert!(
+        beta["state"] == "running" || beta["state"] == "hibernated",
+        "the resumed store is not paused after the next restart: {beta}"
     );
+    assert_eq!(api["state"], "paused", "the other stays paused: {api}");
     server.stop_cleanly();
 }
 

@@ -531,7 +531,9 @@ fn a_store_with_a_broken_database_fails_at_start_while_the_others_run() {
         health["stores"]["failed"], 1,
         "/health counts the failed store: {health}"
     );
-    assert_eq!(health["stores"]["running"], 2, "{health}");
+    // The other two run, or already sleep: they opened with nothing to do.
+    let up = |state: &str| health["stores"][state].as_u64().unwrap_or(0);
+    assert_eq!(up("running") + up("hibernated"), 2, "{health}");
     assert_eq!(
         health["monitoredStoreIds"],
         json!(["disk-a", "disk-c"]),

@@ -548,3 +548,103 @@ async fn a_paused_store_gives_its_sandbox_and_files_back_and_stays_paused() {
         json!({"value": "three"})
     );
 }
+
+/// A host that restarts opens each store's files to recover it; a store with nothing to do
+/// then goes straight to hibernation with its files closed, a paused one closes them and stays
+/// paused, and one with a task due stays awake and runs it. Before, every store held its files
+/// and caches for `idle_timeout` + `close_files_after` after each restart (30 minutes by
+/// default: 0.5 MB and 8 files per store), and the stores past the open-file limit failed to
+/// start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_hosts_idle_stores_sleep_with_their_files_closed_and_wake_on_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Long enough that nothing hibernates or closes its files by being idle in this test.
+    let options = || TestHostOptions {
+        data_dir: Some(data.clone()),
+        idle_timeout: Some(Duration::from_secs(120)),
+        close_files_after: Duration::from_secs(120),
+        ..TestHostOptions::default()
+    };
+    let first = TestHost::start_with(options()).await;
+    first.deploy("writer", programs::WRITER).await;
+    first.deploy("ticker", programs::TICKER).await;
+    for id in ["quiet", "resting"] {
+        first.add_store(id, "writer", &[]).await;
+        first
+            .append(id, "kv.put", json!({"key": "k", "value": "before"}))
+            .await;
+        first.settle(id).await;
+    }
+    let (status, body) = first.post("/v1/stores/resting/pause", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    first
+        .append(
+            "resting",
+            "kv.put",
+            json!({"key": "k", "value": "while paused"}),
+        )
+        .await;
+    // Due while the host is down (inside the catch-up window), and due after it restarts.
+    let soon = now_ms() + 5_000;
+    let later = soon + 10_000;
+    for (id, at) in [("due-now", soon), ("due-later", later)] {
+        first.add_store(id, "ticker", &[]).await;
+        first
+            .append(id, "schedule", json!({"taskId": "t", "onceAtMs": at}))
+            .await;
+        first.settle(id).await;
+    }
+    assert!(
+        now_ms() < soon,
+        "this machine was too slow for the test's timing"
+    );
+    first.stop().await;
+    let down = u64::try_from(soon + 200 - now_ms()).unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(down)).await;
+
+    let second = TestHost::start_with(options()).await;
+    second.deploy("writer", programs::WRITER).await;
+    second.deploy("ticker", programs::TICKER).await;
+    second.orchestrator.restore_persisted().await.unwrap();
+    let stores = second.data_dir.join("stores");
+    hibernated(&second, "quiet").await;
+    files_closed(&stores.join("quiet")).await;
+    let (_, resting) = second.get("/v1/stores/resting").await;
+    assert_eq!(resting["state"], "paused", "{resting}");
+    files_closed(&stores.join("resting")).await;
+    let sleeping = hibernated(&second, "due-later").await;
+    assert_eq!(sleeping["nextTaskDueAt"], later, "{sleeping}");
+    files_closed(&stores.join("due-later")).await;
+    assert!(
+        now_ms() < later,
+        "this machine was too slow for the test's timing"
+    );
+    // The due task ran at once, its store awake.
+    let ran = second
+        .wait_for_status("due-now", |s| s["tasksExecuted"] == 1)
+        .await;
+    assert_eq!(ran["state"], "running", "{ran}");
+
+    // Each wakes as a hibernated store does, with what it had.
+    second
+        .append("quiet", "kv.put", json!({"key": "k", "value": "after"}))
+        .await;
+    second.settle("quiet").await;
+    assert_eq!(
+        second.query("quiet", "applied", json!({})).await["seqs"],
+        json!([1, 2])
+    );
+    let (status, body) = second.post("/v1/stores/resting/resume", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    second.settle("resting").await;
+    assert_eq!(
+        second.query("resting", "get", json!({"key": "k"})).await,
+        json!({"value": "while paused"})
+    );
+    // The sleeping store's timer wakes it for its task.
+    let ran = second
+        .wait_for_status("due-later", |s| s["tasksExecuted"] == 1)
+        .await;
+    assert!(now_ms() >= later, "{ran}");
+}

@@ -846,3 +846,90 @@ fn a_host_raises_its_open_file_limit_to_the_most_the_system_allows() {
     );
     server.stop_cleanly();
 }
+
+/// A host out of open files refuses a new store with 503 `out_of_files` and `Retry-After`
+/// (it answered 500 "internal error"), and a restart brings every store back and leaves room
+/// for more: a store opened at start with nothing to do closes its files at once. Before, each
+/// held its files for the first `idle_timeout` + `close_files_after` after a restart (30
+/// minutes by default), so a host near its limit restarted with no room for a new store, and
+/// past it some of its stores failed to start.
+#[test]
+fn a_host_out_of_open_files_refuses_new_stores_clearly_and_restarts_with_room() {
+    use storehost_tests::process::{BlockingAdmin, ServerProcess};
+    const LIMIT: u64 = 400;
+    const SECRET: &str = "provisioning-secret";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("storehost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "max_stores = 1000\nspare_stores = 0\n\
+             idle_timeout_ms = 600000\nclose_files_after_ms = 600000\n\
+             [http]\nmax_connections = 16\n\
+             [defaults]\nplugin = \"writer\"\n[plugins.writer]\npath = {:?}\n",
+            programs::WRITER
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let args = ["--config", config.to_str().unwrap()];
+    let admin = BlockingAdmin::default();
+    let put = |url: &str, id: &str| {
+        admin.call(url, reqwest::Method::PUT, &format!("/v1/stores/{id}"), None)
+    };
+
+    let env = [("WEBHOOK_SECRET", SECRET)];
+    let server = ServerProcess::spawn_with_open_file_limit(&data, &args, &env, LIMIT);
+    let mut created = Vec::new();
+    let (status, refusal) = loop {
+        let id = format!("s-{:04}", created.len());
+        let (status, body) = put(&server.url, &id);
+        if status != 201 {
+            break (status, body);
+        }
+        created.push(id);
+        assert!(created.len() < 400, "{LIMIT} open files never ran out");
+    };
+    assert_eq!(status, 503, "{refusal}");
+    assert_eq!(refusal["error"]["code"], "out_of_files", "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("open-file limit") && message.contains("Retry"),
+        "{message}"
+    );
+    assert!(created.len() >= 10, "only {} stores fit", created.len());
+    // A provisioning service's webhook is told the same.
+    let created_by_webhook = json!({
+        "event": "workspace.created", "instanceId": "from-webhook",
+        "userId": "u", "timestamp": "2026-12-07T19:00:00Z"
+    });
+    let (status, refusal) = admin.webhook(&server.url, SECRET, &created_by_webhook);
+    assert_eq!(status, 503, "{refusal}");
+    assert_eq!(refusal["error"]["code"], "out_of_files", "{refusal}");
+    server.stop_cleanly();
+
+    let server = ServerProcess::spawn_with_open_file_limit(&data, &args, &[], LIMIT);
+    let (_, health) = admin.call(&server.url, reqwest::Method::GET, "/health", None);
+    let stores = &health["stores"];
+    assert_eq!(stores.get("failed"), None, "{health}");
+    let counted: u64 = stores
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert_eq!(counted, created.len() as u64, "{health}");
+    // Room for new stores again, and the old ones wake to events.
+    let (status, body) = put(&server.url, "newcomer");
+    assert_eq!(status, 201, "{body}");
+    for id in [&created[0], created.last().unwrap()] {
+        let (status, body) = admin.call(
+            &server.url,
+            reqwest::Method::POST,
+            &format!("/v1/stores/{id}/events"),
+            Some(json!({"type": "kv.put", "payload": {"key": "k", "value": 1}})),
+        );
+        assert_eq!(status, 202, "{id}: {body}");
+    }
+    server.stop_cleanly();
+}

@@ -48,6 +48,24 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
+    /// 503 `out_of_files`: a store's files could not be opened because the host holds as many
+    /// files open as it may (`err` says which).
+    fn out_of_files(err: &dyn std::fmt::Display) -> Self {
+        tracing::error!("a store's files could not be opened: {err}");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "out_of_files",
+            format!(
+                "the host holds as many files open as it may, so the store's files could not be \
+                 opened ({err}). Retry once other stores have closed theirs; the operator can \
+                 raise the host's hard open-file limit (systemd LimitNOFILE=, ulimit -Hn: the \
+                 host log at start says how high) or have idle stores close their files sooner \
+                 (close_files_after_ms)"
+            ),
+        )
+        .retry_after(OUT_OF_FILES_RETRY_SECS)
+    }
+
     /// Adds a `Retry-After` header.
     pub fn retry_after(mut self, secs: u64) -> Self {
         self.retry_after_secs = Some(secs);
@@ -151,10 +169,16 @@ impl From<StoreError> for ApiError {
                 ),
             )
             .retry_after(5),
+            StoreError::Directory(_) | StoreError::Storage(_) if err.is_out_of_files() => {
+                Self::out_of_files(&err)
+            }
             other => Self::internal(other),
         }
     }
 }
+
+/// The wait a refusal for want of open files asks for.
+pub const OUT_OF_FILES_RETRY_SECS: u64 = 5;
 
 /// The wait a refusal at `max_stores` asks for (the webhook's 503 asks the same).
 pub const AT_CAPACITY_RETRY_SECS: u64 = 30;
@@ -191,6 +215,7 @@ impl From<ControlError> for ApiError {
                 plugin.to_string(),
             ),
             ControlError::Store(store) => store.into(),
+            ControlError::Files(_) if err.is_out_of_files() => Self::out_of_files(&err),
             // The config file (or STORE_IDS) would bring it back, empty after a purge.
             ControlError::ConfigOwned(refusal) => {
                 Self::new(StatusCode::CONFLICT, "config_owned", refusal)

@@ -39,7 +39,9 @@ pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
 
     // Stores that close their files as soon as they hibernate (`close_files_after_ms = 0`):
     // what a long-idle store costs, and its wake.
-    let host = start(samples + quiet_samples + sleepers + 20, Duration::ZERO).await;
+    let data = storehost_tests::scratch_dir()?;
+    let max_stores = samples + quiet_samples + sleepers + 20;
+    let host = start_on(Some(data.path()), max_stores, Duration::ZERO).await;
     for i in 0..10 {
         let store = provision(&host, &format!("warm-{i:02}")).await?;
         event_round(&host, &store).await?;
@@ -90,6 +92,7 @@ pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
     let deep = cold_wakes(&host, "files closed", samples).await?;
     let quiet_cold = quiet_wakes(&host, quiet_samples).await?;
     host.stop().await;
+    let restart = restart(data.path(), max_stores).await?;
     let quiet_awake = quiet_events_to_an_awake_store(quiet_samples).await?;
 
     // Stores that keep their files open while they hibernate (the first `close_files_after_ms`).
@@ -167,6 +170,22 @@ pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
     });
     table.push(Row {
         figure: format!(
+            "host restart with {} stores (each processed events, then slept): every store opened and recovered, as before the API listens",
+            thousands(restart.stores as f64)
+        ),
+        unit: "s",
+        p50: format!("{:.2}", restart.took.as_secs_f64()),
+        p99: "—".to_owned(),
+        reference: format!(
+            "after it: RSS +{} MB, {} more open files (stores with nothing to do sleep with their files closed)",
+            thousands(restart.rss_added as f64 / 1_048_576.0),
+            restart.fds_added
+        ),
+        ratio: "—".to_owned(),
+        target: "—",
+    });
+    table.push(Row {
+        figure: format!(
             "RSS with {} stores of which {active} active (awake, sandbox live), the rest hibernated with files closed",
             thousands((sleepers + active) as f64)
         ),
@@ -187,10 +206,51 @@ pub async fn run(quick: bool, table: &mut Table) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a host restart on the sleeping stores' data cost.
+struct Restart {
+    stores: usize,
+    took: Duration,
+    rss_added: u64,
+    fds_added: usize,
+}
+
+/// Starts a host again on `data` (its stores all stopped) and times the opening of every
+/// store it had, as `storehost serve` opens them before it listens; then measures what the
+/// host holds once it settled.
+async fn restart(data: &std::path::Path, max_stores: usize) -> anyhow::Result<Restart> {
+    settle_heap().await;
+    let (rss_before, fds_before) = (rss_bytes()?, open_fds()?);
+    let host = start_on(Some(data), max_stores, Duration::ZERO).await;
+    eprintln!("restart: opening every store again");
+    let started = Instant::now();
+    let stores = host.orchestrator.restore_persisted().await?;
+    let took = started.elapsed();
+    wait_all_hibernated(&host, "", stores).await?;
+    settle_heap().await;
+    let measured = Restart {
+        stores,
+        took,
+        rss_added: rss_bytes()?.saturating_sub(rss_before),
+        fds_added: open_fds()?.saturating_sub(fds_before),
+    };
+    host.stop().await;
+    Ok(measured)
+}
+
 /// A host whose stores hibernate after [`IDLE`] and close their files `close_files_after`
 /// later, with the trivial plugin deployed.
 async fn start(max_stores: usize, close_files_after: Duration) -> TestHost {
+    start_on(None, max_stores, close_files_after).await
+}
+
+/// [`start`] on the data directory `data` (a scratch one when `None`).
+async fn start_on(
+    data: Option<&std::path::Path>,
+    max_stores: usize,
+    close_files_after: Duration,
+) -> TestHost {
     let host = TestHost::start_with(TestHostOptions {
+        data_dir: data.map(|dir| dir.join("data")),
         max_stores,
         pool_slots: Some(POOL_SLOTS),
         idle_timeout: Some(IDLE),

@@ -239,6 +239,16 @@ impl ControlError {
             _ => false,
         }
     }
+
+    /// Whether the host had as many files open as it may (see
+    /// [`StoreError::is_out_of_files`]).
+    pub fn is_out_of_files(&self) -> bool {
+        match self {
+            ControlError::Store(err) => err.is_out_of_files(),
+            ControlError::Files(err) => storehost_store::is_out_of_files(err),
+            _ => false,
+        }
+    }
 }
 
 /// New stores of one [`Orchestrator::ensure_running_many`] call opened at once: opening is

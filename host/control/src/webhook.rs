@@ -118,6 +118,9 @@ pub enum WebhookError {
     /// The filesystem of the data directory is full: the store could not be created.
     #[error("{0}")]
     DiskFull(String),
+    /// The host has as many files open as it may: the store could not be opened.
+    #[error("{0}")]
+    OutOfFiles(String),
     /// The host is shutting down and starts no more stores.
     #[error("{0}")]
     ShuttingDown(String),
@@ -138,7 +141,9 @@ impl WebhookError {
             WebhookError::InvalidPayload(_) => 400,
             WebhookError::InvalidStoreId(_) => 422,
             WebhookError::ConfigOwned(_) | WebhookError::ConfigStartFailed(_) => 409,
-            WebhookError::AtCapacity(_) | WebhookError::ShuttingDown(_) => 503,
+            WebhookError::AtCapacity(_)
+            | WebhookError::OutOfFiles(_)
+            | WebhookError::ShuttingDown(_) => 503,
             WebhookError::DiskFull(_) => 507,
             WebhookError::PlacedElsewhere(_) => 421,
         }
@@ -154,6 +159,7 @@ impl WebhookError {
             WebhookError::ConfigOwned(_) | WebhookError::ConfigStartFailed(_) => "config_owned",
             WebhookError::AtCapacity(_) => "at_capacity",
             WebhookError::DiskFull(_) => "disk_full",
+            WebhookError::OutOfFiles(_) => "out_of_files",
             WebhookError::ShuttingDown(_) => "shutting_down",
             WebhookError::PlacedElsewhere(_) => "placed_elsewhere",
             WebhookError::Internal(_) => "internal",
@@ -398,6 +404,15 @@ impl Webhooks {
                             "the host's disk is full, so store {id} could not be created ({err}); \
                              free space on the filesystem of its data directory, then send the \
                              webhook again"
+                        )))
+                    }
+                    Err(err) if err.is_out_of_files() => {
+                        tracing::error!(store_id = %id, "workspace.created: {err}");
+                        Err(WebhookError::OutOfFiles(format!(
+                            "the host has as many files open as it may, so store {id} could \
+                             not be created ({err}); send the webhook again in a few seconds, \
+                             once stores have closed files (the host's open-file limit may \
+                             need raising: its log says)"
                         )))
                     }
                     Err(err) => Err(internal("starting the store", &err)),

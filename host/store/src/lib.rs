@@ -40,5 +40,5 @@ pub use sqlite::{Durability, VFS as SQLITE_VFS};
 pub use store::{
     EmitsHeld, Follower, MAX_FOLLOWERS, MAX_UNREAD_ANSWER_KIB, RetryPolicy, Store, StoreError,
     StorePlugin, StoreRuntime, StoreSettings, StoreState, StoreStatus, is_disk_full,
-    is_storage_full,
+    is_out_of_files, is_storage_full,
 };

@@ -14,6 +14,9 @@
 
 use std::io;
 use std::os::fd::AsFd;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use rustix::process::{Resource, getrlimit};
 
@@ -97,6 +100,33 @@ pub fn raise_limit() -> io::Result<(usize, usize)> {
         }
     }
     Ok((before, limit()))
+}
+
+/// When an open of a store file through SQLite last failed for want of file descriptors
+/// (milliseconds since [`EPOCH`], 0: never), noted by the VFS ([`note_ran_out`]).
+static RAN_OUT_AT: AtomicU64 = AtomicU64::new(0);
+
+/// The start of [`RAN_OUT_AT`]'s clock.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// How long after an open failed for want of file descriptors another SQLite open failure is
+/// taken for the same cause.
+const RAN_OUT_LATELY: Duration = Duration::from_secs(2);
+
+/// Notes that an open failed with `EMFILE` or `ENFILE` (this process, or the system, holds
+/// as many files open as it may).
+pub(crate) fn note_ran_out() {
+    let at = EPOCH.elapsed().as_millis().max(1);
+    RAN_OUT_AT.store(u64::try_from(at).unwrap_or(u64::MAX), Ordering::Relaxed);
+}
+
+/// Whether an open failed for want of file descriptors in the last two seconds: SQLite says
+/// only "unable to open database file" when an open fails, whatever the reason, so a store
+/// whose database could not be opened asks this (the VFS sees the open's `errno`).
+pub fn ran_out_lately() -> bool {
+    let at = RAN_OUT_AT.load(Ordering::Relaxed);
+    at != 0
+        && EPOCH.elapsed().as_millis().saturating_sub(u128::from(at)) <= RAN_OUT_LATELY.as_millis()
 }
 
 /// The most files this process may hold open (its soft `RLIMIT_NOFILE`; `usize::MAX` when

@@ -488,6 +488,8 @@ impl Store {
         spares: Option<&crate::spare::SpareStores>,
     ) -> Result<Self, StoreError> {
         let (dir, spare) = dir::prepare(data_dir, &id, spares)?;
+        // Files it had before: the host restarting, a failed store started again, a restore.
+        let existing = spare.is_none() && dir.events_db().exists();
         let (log, db) = match spare {
             Some(open) => (
                 EventLog::adopt(&dir.events_db(), durability, open.events)?,
@@ -571,7 +573,7 @@ impl Store {
             cursor,
         ));
         let span = tracing::info_span!("store", store_id = %id);
-        let handle = executor.spawn(tracing::Instrument::instrument(actor.run(), span));
+        let handle = executor.spawn(tracing::Instrument::instrument(actor.run(existing), span));
         Ok(Self {
             shared,
             commands,
@@ -1118,6 +1120,31 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// Whether a file could not be opened because the host had as many open as it may
+    /// (`EMFILE`, or the system's `ENFILE`): the store's directory, or one of its databases
+    /// (SQLite says only "unable to open database file", so an open of one that failed on
+    /// that lately counts, see [`crate::open_files::ran_out_lately`]).
+    pub fn is_out_of_files(&self) -> bool {
+        match self {
+            StoreError::Directory(err) => is_out_of_files(err),
+            StoreError::Storage(err) => {
+                err.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen)
+                    && crate::open_files::ran_out_lately()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether an I/O error says this process (`EMFILE`) or the system (`ENFILE`) has as many
+/// files open as it may.
+pub fn is_out_of_files(err: &std::io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(code) if code == rustix::io::Errno::MFILE.raw_os_error()
+            || code == rustix::io::Errno::NFILE.raw_os_error()
+    )
 }
 
 /// `ms` rounded up to whole seconds, at least one: `Retry-After` takes whole seconds, and a

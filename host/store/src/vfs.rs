@@ -286,6 +286,7 @@ unsafe extern "C" fn open(
             if rc == ffi::SQLITE_OK {
                 temp::wrap(file, budget);
             } else {
+                note_failed_open();
                 (*file).pMethods = std::ptr::null();
             }
             return rc;
@@ -293,7 +294,11 @@ unsafe extern "C" fn open(
     }
     if flags & ffi::SQLITE_OPEN_MAIN_DB == 0 || name.is_null() {
         // SAFETY: SQLite allocated `szOsFile` bytes at `file`, more than the base needs.
-        return unsafe { base_open(base, name, file, flags, out_flags) };
+        let rc = unsafe { base_open(base, name, file, flags, out_flags) };
+        if rc != ffi::SQLITE_OK {
+            note_failed_open();
+        }
+        return rc;
     }
     let main = file.cast::<MainFile>();
     // SAFETY: `file` has room for a `MainFile` and then the base's file (`szOsFile`), and is
@@ -301,6 +306,9 @@ unsafe extern "C" fn open(
     let inner = unsafe { inner_of(file) };
     // SAFETY: as above; the base writes its file at `inner`.
     let rc = unsafe { base_open(base, name, inner, flags, out_flags) };
+    if rc != ffi::SQLITE_OK {
+        note_failed_open();
+    }
     // SAFETY: `main` is ours to initialize; SQLite reads `pMethods` only after a success.
     unsafe {
         main.write(MainFile {
@@ -343,6 +351,18 @@ unsafe extern "C" fn open(
     }
 }
 
+/// After the base VFS's open failed: notes it when the cause was a lack of file descriptors
+/// (its `errno`, which the base leaves as the failed `open` set it), so the store can say so
+/// ([`crate::open_files::ran_out_lately`]).
+fn note_failed_open() {
+    if std::io::Error::last_os_error()
+        .raw_os_error()
+        .is_some_and(|code| code == libc::EMFILE || code == libc::ENFILE)
+    {
+        crate::open_files::note_ran_out();
+    }
+}
+
 /// The base's file inside a main or temporary file.
 ///
 /// # Safety
@@ -382,13 +402,16 @@ fn attach(path: &CStr, read_only: bool) -> Result<(Key, Arc<Node>), c_int> {
 fn lock_for_process(path: &CStr, read_only: bool) -> Result<OwnedFd, c_int> {
     use rustix::fs::{Mode, OFlags};
     let open = |flags| rustix::fs::open(path, flags | OFlags::CLOEXEC, Mode::empty());
+    let cannot_open = |err: rustix::io::Errno| {
+        if err == rustix::io::Errno::MFILE || err == rustix::io::Errno::NFILE {
+            crate::open_files::note_ran_out();
+        }
+        ffi::SQLITE_CANTOPEN
+    };
     let (fd, kind) = match open(OFlags::RDWR) {
         Ok(fd) => (fd, libc::F_WRLCK),
-        Err(_) if read_only => (
-            open(OFlags::RDONLY).map_err(|_| ffi::SQLITE_CANTOPEN)?,
-            libc::F_RDLCK,
-        ),
-        Err(_) => return Err(ffi::SQLITE_CANTOPEN),
+        Err(_) if read_only => (open(OFlags::RDONLY).map_err(cannot_open)?, libc::F_RDLCK),
+        Err(err) => return Err(cannot_open(err)),
     };
     // SAFETY: a zeroed `flock` is valid (plain integers); the fields are set below.
     let mut range: libc::flock = unsafe { std::mem::zeroed() };

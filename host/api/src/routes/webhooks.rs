@@ -95,10 +95,13 @@ fn refusal(err: &WebhookError) -> Response {
         StatusCode::from_u16(err.status_code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = ApiError::new(status, err.code(), err.to_string()).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            header::HeaderValue::from(crate::error::AT_CAPACITY_RETRY_SECS),
-        );
+        let wait = match err {
+            WebhookError::OutOfFiles(_) => crate::error::OUT_OF_FILES_RETRY_SECS,
+            _ => crate::error::AT_CAPACITY_RETRY_SECS,
+        };
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(wait));
     }
     response
 }
