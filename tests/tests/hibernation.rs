@@ -587,7 +587,7 @@ async fn a_restarted_hosts_idle_stores_sleep_with_their_files_closed_and_wake_on
         .await;
     // Due while the host is down (inside the catch-up window), and due after it restarts.
     let soon = now_ms() + 5_000;
-    let later = soon + 10_000;
+    let later = soon + 25_000;
     for (id, at) in [("due-now", soon), ("due-later", later)] {
         first.add_store(id, "ticker", &[]).await;
         first

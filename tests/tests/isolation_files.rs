@@ -919,6 +919,19 @@ fn a_host_out_of_open_files_refuses_new_stores_clearly_and_restarts_with_room() 
         .filter_map(Value::as_u64)
         .sum();
     assert_eq!(counted, created.len() as u64, "{health}");
+    // Every one of them goes to sleep with its files closed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, health) = admin.call(&server.url, reqwest::Method::GET, "/health", None);
+        if health["stores"]["hibernated"] == created.len() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all asleep: {health}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     // Room for new stores again, and the old ones wake to events.
     let (status, body) = put(&server.url, "newcomer");
     assert_eq!(status, 201, "{body}");

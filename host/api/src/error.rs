@@ -215,7 +215,9 @@ impl From<ControlError> for ApiError {
                 plugin.to_string(),
             ),
             ControlError::Store(store) => store.into(),
-            ControlError::Files(_) if err.is_out_of_files() => Self::out_of_files(&err),
+            ControlError::Files(_) | ControlError::Registry(_) if err.is_out_of_files() => {
+                Self::out_of_files(&err)
+            }
             // The config file (or STORE_IDS) would bring it back, empty after a purge.
             ControlError::ConfigOwned(refusal) => {
                 Self::new(StatusCode::CONFLICT, "config_owned", refusal)

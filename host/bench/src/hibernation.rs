@@ -218,9 +218,9 @@ struct Restart {
 /// store it had, as `storehost serve` opens them before it listens; then measures what the
 /// host holds once it settled.
 async fn restart(data: &std::path::Path, max_stores: usize) -> anyhow::Result<Restart> {
+    let host = start_on(Some(data), max_stores, Duration::ZERO).await;
     settle_heap().await;
     let (rss_before, fds_before) = (rss_bytes()?, open_fds()?);
-    let host = start_on(Some(data), max_stores, Duration::ZERO).await;
     eprintln!("restart: opening every store again");
     let started = Instant::now();
     let stores = host.orchestrator.restore_persisted().await?;

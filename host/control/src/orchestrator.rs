@@ -246,6 +246,10 @@ impl ControlError {
         match self {
             ControlError::Store(err) => err.is_out_of_files(),
             ControlError::Files(err) => storehost_store::is_out_of_files(err),
+            ControlError::Registry(err) => {
+                err.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen)
+                    && storehost_store::open_files::ran_out_lately()
+            }
             _ => false,
         }
     }

@@ -286,29 +286,37 @@ unsafe extern "C" fn open(
             if rc == ffi::SQLITE_OK {
                 temp::wrap(file, budget);
             } else {
-                note_failed_open();
+                note_failed_open(rc);
                 (*file).pMethods = std::ptr::null();
             }
             return rc;
         }
     }
     if flags & ffi::SQLITE_OPEN_MAIN_DB == 0 || name.is_null() {
-        // SAFETY: SQLite allocated `szOsFile` bytes at `file`, more than the base needs.
-        let rc = unsafe { base_open(base, name, file, flags, out_flags) };
-        if rc != ffi::SQLITE_OK {
-            note_failed_open();
-        }
-        return rc;
+        // SAFETY: SQLite allocated `szOsFile` bytes at `file`, more than the base needs; the
+        // base opened (or not) the file there.
+        return unsafe {
+            not_read_only_for_want_of_files(
+                base_open(base, name, file, flags, out_flags),
+                file,
+                flags,
+                out_flags,
+            )
+        };
     }
     let main = file.cast::<MainFile>();
     // SAFETY: `file` has room for a `MainFile` and then the base's file (`szOsFile`), and is
     // aligned for SQLite's file structures (8 bytes), which is all `MainFile` needs.
     let inner = unsafe { inner_of(file) };
-    // SAFETY: as above; the base writes its file at `inner`.
-    let rc = unsafe { base_open(base, name, inner, flags, out_flags) };
-    if rc != ffi::SQLITE_OK {
-        note_failed_open();
-    }
+    // SAFETY: as above; the base writes its file at `inner`, which it opened (or not).
+    let rc = unsafe {
+        not_read_only_for_want_of_files(
+            base_open(base, name, inner, flags, out_flags),
+            inner,
+            flags,
+            out_flags,
+        )
+    };
     // SAFETY: `main` is ours to initialize; SQLite reads `pMethods` only after a success.
     unsafe {
         main.write(MainFile {
@@ -351,16 +359,59 @@ unsafe extern "C" fn open(
     }
 }
 
-/// After the base VFS's open failed: notes it when the cause was a lack of file descriptors
-/// (its `errno`, which the base leaves as the failed `open` set it), so the store can say so
-/// ([`crate::open_files::ran_out_lately`]).
-fn note_failed_open() {
-    if std::io::Error::last_os_error()
-        .raw_os_error()
-        .is_some_and(|code| code == libc::EMFILE || code == libc::ENFILE)
-    {
+/// After the base VFS's open answered `rc`: a failed open is noted when its cause was a lack
+/// of file descriptors ([`note_failed_open`]). And the unix VFS, refused a read-write open,
+/// tries again read-only and answers that file (`SQLITE_OPEN_READONLY` in `out_flags`): when
+/// the refusal was for want of file descriptors (another thread closed one in between), the
+/// store's database would be open read-only and fail every write until it is closed again.
+/// That file is closed and the open fails instead, as `SQLITE_CANTOPEN`.
+///
+/// # Safety
+/// Called at once after the base's open, `file` being where it opened its file (when `rc`
+/// is `SQLITE_OK`) and `out_flags` what SQLite passed (possibly null).
+unsafe fn not_read_only_for_want_of_files(
+    rc: c_int,
+    file: *mut ffi::sqlite3_file,
+    flags: c_int,
+    out_flags: *const c_int,
+) -> c_int {
+    if rc != ffi::SQLITE_OK {
+        note_failed_open(rc);
+        return rc;
+    }
+    // SAFETY: SQLite's `pOutFlags` is null or points to an int the base has set.
+    let read_only = !out_flags.is_null() && unsafe { *out_flags } & ffi::SQLITE_OPEN_READONLY != 0;
+    if flags & ffi::SQLITE_OPEN_READWRITE == 0 || !read_only || !errno_says_out_of_files() {
+        return rc;
+    }
+    crate::open_files::note_ran_out();
+    // SAFETY: the open succeeded, so the base set the file's methods; SQLite calls no
+    // `xClose` on a file whose open failed, so it is closed here, and `pMethods` is null
+    // afterwards as SQLite expects of a failed open.
+    unsafe {
+        if let Some(close) = (*(*file).pMethods).xClose {
+            close(file);
+        }
+        (*file).pMethods = std::ptr::null();
+    }
+    ffi::SQLITE_CANTOPEN
+}
+
+/// After the base VFS's open failed with `rc`: notes it when the cause was a lack of file
+/// descriptors (its `errno`, which the base leaves as the failed `open` set it), so the store
+/// can say so ([`crate::open_files::ran_out_lately`]).
+fn note_failed_open(rc: c_int) {
+    if rc & 0xff == ffi::SQLITE_CANTOPEN && errno_says_out_of_files() {
         crate::open_files::note_ran_out();
     }
+}
+
+/// Whether `errno` is `EMFILE` or `ENFILE`: this process, or the system, holds as many files
+/// open as it may.
+fn errno_says_out_of_files() -> bool {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .is_some_and(|code| code == libc::EMFILE || code == libc::ENFILE)
 }
 
 /// The base's file inside a main or temporary file.
