@@ -246,10 +246,7 @@ impl ControlError {
         match self {
             ControlError::Store(err) => err.is_out_of_files(),
             ControlError::Files(err) => storehost_store::is_out_of_files(err),
-            ControlError::Registry(err) => {
-                err.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen)
-                    && storehost_store::open_files::ran_out_lately()
-            }
+            ControlError::Registry(err) => storehost_store::cannot_open_for_want_of_files(err),
             _ => false,
         }
     }

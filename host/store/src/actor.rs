@@ -396,10 +396,9 @@ impl Actor {
 
     /// A store that opened the files it had before (the host restarting, a failed store
     /// started again, a restore) with nothing to do — no event waiting, no task due, no
-    /// command (a query, say) come in meanwhile — goes
-    /// straight to hibernation with its files closed, as if it had been idle for
-    /// `idle_timeout` and `close_files_after` (a paused one closes its files and stays
-    /// paused); its next event, query or due task wakes it. Otherwise every store of a host
+    /// command (a query, say) come in meanwhile — goes straight to hibernation with its files
+    /// closed, as if it had been idle for `idle_timeout` and `close_files_after` (a paused one
+    /// closes its files and stays paused); its next event, query or due task wakes it. Otherwise every store of a host
     /// that restarts held its files and SQLite caches for the first `idle_timeout` +
     /// `close_files_after` (30 minutes by default): 2,496 stores took 1.3 GB and 20,000 open
     /// files, and the stores past the open-file limit failed to start. A host without

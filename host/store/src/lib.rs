@@ -39,6 +39,6 @@ pub use spare::SpareStores;
 pub use sqlite::{Durability, VFS as SQLITE_VFS};
 pub use store::{
     EmitsHeld, Follower, MAX_FOLLOWERS, MAX_UNREAD_ANSWER_KIB, RetryPolicy, Store, StoreError,
-    StorePlugin, StoreRuntime, StoreSettings, StoreState, StoreStatus, is_disk_full,
-    is_out_of_files, is_storage_full,
+    StorePlugin, StoreRuntime, StoreSettings, StoreState, StoreStatus,
+    cannot_open_for_want_of_files, is_disk_full, is_out_of_files, is_storage_full,
 };

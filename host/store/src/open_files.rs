@@ -123,7 +123,7 @@ pub(crate) fn note_ran_out() {
 /// Whether an open failed for want of file descriptors in the last two seconds: SQLite says
 /// only "unable to open database file" when an open fails, whatever the reason, so a store
 /// whose database could not be opened asks this (the VFS sees the open's `errno`).
-pub fn ran_out_lately() -> bool {
+pub(crate) fn ran_out_lately() -> bool {
     let at = RAN_OUT_AT.load(Ordering::Relaxed);
     at != 0
         && EPOCH.elapsed().as_millis().saturating_sub(u128::from(at)) <= RAN_OUT_LATELY.as_millis()

@@ -1123,18 +1123,22 @@ impl StoreError {
 
     /// Whether a file could not be opened because the host had as many open as it may
     /// (`EMFILE`, or the system's `ENFILE`): the store's directory, or one of its databases
-    /// (SQLite says only "unable to open database file", so an open of one that failed on
-    /// that lately counts, see [`crate::open_files::ran_out_lately`]).
+    /// ([`cannot_open_for_want_of_files`]).
     pub fn is_out_of_files(&self) -> bool {
         match self {
             StoreError::Directory(err) => is_out_of_files(err),
-            StoreError::Storage(err) => {
-                err.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen)
-                    && crate::open_files::ran_out_lately()
-            }
+            StoreError::Storage(err) => cannot_open_for_want_of_files(err),
             _ => false,
         }
     }
+}
+
+/// Whether SQLite could not open a database file because the host had as many files open as
+/// it may: it says only "unable to open database file", so one that failed so lately counts
+/// (see [`crate::open_files::ran_out_lately`]).
+pub fn cannot_open_for_want_of_files(err: &rusqlite::Error) -> bool {
+    err.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen)
+        && crate::open_files::ran_out_lately()
 }
 
 /// Whether an I/O error says this process (`EMFILE`) or the system (`ENFILE`) has as many
