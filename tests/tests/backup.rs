@@ -492,6 +492,49 @@ async fn a_hibernated_store_is_backed_up_asleep_and_restored() {
     );
 }
 
+/// A paused store restored from a backup with events waiting stays paused through the
+/// restore: nothing is processed until it is resumed, and then every event once. Before, the
+/// restored store started unpaused and was paused only once it had opened, by which time it
+/// had processed an event the operator had held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_store_restored_with_events_waiting_processes_none_until_resumed() {
+    let host = host().await;
+    host.add_store("held", "writer", &[]).await;
+    for i in 1..=5 {
+        host.post("/v1/stores/held/events", put(&format!("k{i}"), i))
+            .await;
+    }
+    host.settle("held").await;
+    let (status, _) = host.post("/v1/stores/held/pause", json!({})).await;
+    assert_eq!(status, 200);
+    for i in 6..=25 {
+        host.post("/v1/stores/held/events", put(&format!("k{i}"), i))
+            .await;
+    }
+    let (archive, last) = backup(&host, "held").await;
+    assert_eq!(last, 25);
+
+    // Restored again and again: whether the store got to an event before the pause reached
+    // it was a race.
+    for round in 0..20 {
+        let (status, report) = restore(&host, "held", "", archive.clone()).await;
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["state"], "paused", "{report}");
+        let (_, view) = host.get("/v1/stores/held").await;
+        assert_eq!(
+            (&view["state"], &view["head"], &view["cursor"]),
+            (&json!("paused"), &json!(25), &json!(5)),
+            "round {round}: the restored store processed nothing while paused: {view}"
+        );
+    }
+    assert_eq!(applied(&host, "held").await, (1..=5).collect::<Vec<u64>>());
+
+    let (status, _) = host.post("/v1/stores/held/resume", json!({})).await;
+    assert_eq!(status, 200);
+    host.settle("held").await;
+    assert_eq!(applied(&host, "held").await, (1..=25).collect::<Vec<u64>>());
+}
+
 /// While a backup copies the two databases it holds the plugin's emitted events back: the
 /// store goes on processing, but what it emits waits in its outbox, so the log copy holds no
 /// event emitted by work the `store.db` copy lacks. Let go, they reach the log once. Before,

@@ -8,7 +8,7 @@ use serde::Serialize;
 use storehost_store::backup::{
     self, BackupArchive, BackupError, Manifest, ManifestPlugin, RestoreError, ScratchDir,
 };
-use storehost_store::{Store, StoreError, StoreId, StoreState, sqlite::now_ms};
+use storehost_store::{Store, StoreError, StoreId, StoreSettings, sqlite::now_ms};
 
 use super::{ControlError, Orchestrator};
 
@@ -195,7 +195,9 @@ impl Orchestrator {
                 plugin.sha256()
             ));
         }
-        let was_paused = old_store.status().state == StoreState::Paused;
+        // What a restart would open it as (a pause is kept in host.db before it reaches the
+        // store), under the change lock that every pause and resume takes.
+        let was_paused = self.desired.is_paused(id)?;
         // Another history of the log: followers that name the epoch they read learn that
         // seqs after the backup's last are handed out again.
         let epoch = {
@@ -294,7 +296,12 @@ impl Orchestrator {
         plugin: std::sync::Arc<storehost_store::StorePlugin>,
         paused: bool,
     ) -> Result<(), ControlError> {
-        let settings = self.store_settings(spec, plugin);
+        // Opened paused, not paused once open: its actor starts at once, and would process
+        // a waiting event or a due task before a pause sent afterwards reached it.
+        let settings = StoreSettings {
+            start_paused: paused,
+            ..self.store_settings(spec, plugin)
+        };
         let (open_id, data_dir, durability) = (
             id.clone(),
             self.settings.data_dir.clone(),
@@ -305,9 +312,6 @@ impl Orchestrator {
         })
         .await
         .map_err(join_error)??;
-        if paused {
-            store.set_paused(true).await?;
-        }
         if let Some(entry) = self.stores.write().await.get_mut(id) {
             entry.store = store;
             entry.since = now_ms();
