@@ -114,7 +114,8 @@ impl From<StoreError> for ApiError {
                     FailureReason::PluginError => {
                         (StatusCode::UNPROCESSABLE_ENTITY, "plugin_error")
                     }
-                    FailureReason::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+                    // An invocation past a per-call cap (the events one call may emit) is
+                    // a breach like the others, not a wait: the same call fails the same way.
                     FailureReason::HostError => return Self::internal(failure),
                     reason => (StatusCode::BAD_GATEWAY, reason_code(reason)),
                 };
