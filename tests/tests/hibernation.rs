@@ -549,6 +549,57 @@ async fn a_paused_store_gives_its_sandbox_and_files_back_and_stays_paused() {
     );
 }
 
+/// Events waiting in a log that cannot be read for a while (here its file is gone; in life
+/// the host is out of open files or the disk fails) are read again every second and processed
+/// once they can be. Before, a store whose read failed went to sleep with its files closed
+/// and nothing left to wake it: its events waited for the next append, however long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_waiting_in_a_log_that_could_not_be_read_are_processed_once_it_can_be() {
+    let host = host_with(TestHostOptions::default()).await;
+    host.add_store("unread", "writer", &[]).await;
+    host.append("unread", "kv.put", json!({"key": "k0", "value": 0}))
+        .await;
+    host.settle("unread").await;
+    let (status, body) = host.post("/v1/stores/unread/pause", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    for i in 1..=5 {
+        host.append(
+            "unread",
+            "kv.put",
+            json!({"key": format!("k{i}"), "value": i}),
+        )
+        .await;
+    }
+    let dir = host.data_dir.join("stores/unread");
+    files_closed(&dir).await;
+
+    let (log, away) = (dir.join("events.db"), dir.join("events.db.away"));
+    std::fs::rename(&log, &away).unwrap();
+    let (status, body) = host.post("/v1/stores/unread/resume", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    // Long enough for the store to fail its read, go idle and close what it had open.
+    tokio::time::sleep(IDLE * 4).await;
+    let (_, view) = host.get("/v1/stores/unread").await;
+    assert_eq!(
+        (&view["head"], &view["cursor"]),
+        (&json!(6), &json!(1)),
+        "nothing was read while the log was away: {view}"
+    );
+
+    std::fs::rename(&away, &log).unwrap();
+    host.settle("unread").await;
+    let (_, view) = host.get("/v1/stores/unread").await;
+    assert_eq!(
+        (&view["eventsProcessed"], &view["errorsCount"]),
+        (&json!(6), &json!(0)),
+        "{view}"
+    );
+    assert_eq!(
+        host.query("unread", "get", json!({"key": "k5"})).await,
+        json!({"value": "5"})
+    );
+}
+
 /// A host that restarts opens each store's files to recover it; a store with nothing to do
 /// then goes straight to hibernation with its files closed, a paused one closes them and stays
 /// paused, and one with a task due stays awake and runs it. Before, every store held its files

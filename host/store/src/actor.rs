@@ -30,6 +30,8 @@ use crate::store::{Shared, StoreError, StoreSettings, StoreState};
 
 /// How many events the actor reads from the log at a time.
 const READ_BATCH: usize = 256;
+/// How soon a read of the event log that failed is tried again.
+const LOG_RETRY: Duration = Duration::from_secs(1);
 /// How many due schedules the actor picks up at a time (events are served in between).
 const DUE_BATCH: usize = 16;
 /// The most events one transaction commits...
@@ -120,6 +122,10 @@ pub(crate) struct Actor {
     /// so the event that lost it fails on its own rather than taking the others with it again.
     solo_through: u64,
     pending: VecDeque<LoggedEvent>,
+    /// The last read of the waiting events failed (their file missing, the host out of open
+    /// files): they are read again every [`LOG_RETRY`], as nothing else would wake the store
+    /// for them.
+    log_unread: bool,
     paused: bool,
     cpu_budget: Budget,
     /// The events its invocations emitted, against `events_per_second` + `burst`: charged
@@ -214,6 +220,7 @@ impl Actor {
             batch: None,
             solo_through: 0,
             pending: VecDeque::new(),
+            log_unread: false,
             paused,
             cpu_budget: Budget::cpu(settings_cpu_per_minute),
             emit_budget,
@@ -296,6 +303,12 @@ impl Actor {
             // One timer for both the next due task and the next step down when idle (every
             // loop turn starts the idle wait afresh): a timer is 136 bytes of this future.
             let due_in = self.due_in().filter(|_| !self.paused);
+            // (A log read again is due like a task: the next turn reads it.)
+            let due_in = match (due_in, self.log_unread && !self.paused) {
+                (Some(due), true) => Some(due.min(LOG_RETRY)),
+                (None, true) => Some(LOG_RETRY),
+                (due, false) => due,
+            };
             let idle_in = self.idle_in();
             let idle_first = match (due_in, idle_in) {
                 (Some(due), Some(idle)) => idle < due,
@@ -527,8 +540,19 @@ impl Actor {
     fn event_waiting(&mut self) -> bool {
         if self.pending.is_empty() && *self.shared.head.borrow() > self.cursor {
             match self.shared.log.read_after(self.cursor, READ_BATCH) {
-                Ok(events) => self.pending.extend(events),
-                Err(err) => tracing::error!("could not read the event log: {err}"),
+                Ok(events) => {
+                    if std::mem::take(&mut self.log_unread) {
+                        tracing::info!("the event log can be read again");
+                    }
+                    self.pending.extend(events);
+                }
+                Err(err) => {
+                    if !std::mem::replace(&mut self.log_unread, true) {
+                        tracing::error!(
+                            "could not read the event log (trying again every second): {err}"
+                        );
+                    }
+                }
             }
         }
         !self.pending.is_empty()
