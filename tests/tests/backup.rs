@@ -535,6 +535,58 @@ async fn a_paused_store_restored_with_events_waiting_processes_none_until_resume
     assert_eq!(applied(&host, "held").await, (1..=25).collect::<Vec<u64>>());
 }
 
+/// A restore whose replaced data cannot be moved into `DATA_DIR/archive/` (here a file is in
+/// the way; in life a full disk) keeps that data where the swap left it, beside the stores,
+/// and says where: the restore itself is done. Before, the restore answered an error although
+/// the store ran on the restored data, and the replaced data, left in the restore's scratch
+/// directory, was deleted with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_data_that_cannot_be_archived_is_kept_and_the_restore_stands() {
+    let host = host().await;
+    host.add_store("unarchived", "writer", &[]).await;
+    for i in 1..=3 {
+        host.post("/v1/stores/unarchived/events", put(&format!("k{i}"), i))
+            .await;
+    }
+    host.settle("unarchived").await;
+    let (archive, last) = backup(&host, "unarchived").await;
+    assert_eq!(last, 3);
+    for i in 4..=6 {
+        host.post("/v1/stores/unarchived/events", put(&format!("k{i}"), i))
+            .await;
+    }
+    host.settle("unarchived").await;
+    std::fs::write(host.data_dir.join("archive"), "not a directory").unwrap();
+
+    let (status, report) = restore(&host, "unarchived", "", archive).await;
+    assert_eq!(status, 200, "{report}");
+    let previous = std::path::PathBuf::from(report["previousData"].as_str().unwrap());
+    assert!(
+        previous.starts_with(host.data_dir.join("stores")),
+        "kept beside the stores: {report}"
+    );
+    let kept = rusqlite::Connection::open(previous.join("events.db")).unwrap();
+    let head: u64 = kept
+        .query_row("SELECT max(seq) FROM events", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(head, 6, "the replaced data is all there");
+    assert!(
+        report["warnings"][0]
+            .as_str()
+            .is_some_and(|warning| warning.contains("could not be moved into the archive")),
+        "{report}"
+    );
+    let (_, view) = host.get("/v1/stores/unarchived").await;
+    assert_eq!(
+        (&view["state"], &view["head"]),
+        (&json!("running"), &json!(3)),
+        "{view}"
+    );
+    let (_, health) = host.get("/health").await;
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(applied(&host, "unarchived").await, vec![1, 2, 3]);
+}
+
 /// While a backup copies the two databases it holds the plugin's emitted events back: the
 /// store goes on processing, but what it emits waits in its outbox, so the log copy holds no
 /// event emitted by work the `store.db` copy lacks. Let go, they reach the log once. Before,

@@ -167,9 +167,13 @@ pub enum RestoreError {
 }
 
 /// A directory for one backup or restore inside `DATA_DIR/stores/` (the same filesystem as the
-/// stores, so a restore's final rename is atomic); deleted when dropped.
+/// stores, so a restore's final rename is atomic); deleted when dropped, unless kept
+/// ([`ScratchDir::keep`]).
 #[derive(Debug)]
-pub struct ScratchDir(tempfile::TempDir);
+pub struct ScratchDir {
+    dir: tempfile::TempDir,
+    keep: std::sync::atomic::AtomicBool,
+}
 
 impl ScratchDir {
     /// Creates `DATA_DIR/stores/.<purpose>-<id>-XXXXXX`. The leading dot keeps it apart from
@@ -180,12 +184,30 @@ impl ScratchDir {
         tempfile::Builder::new()
             .prefix(&format!(".{purpose}-{id}-"))
             .tempdir_in(stores)
-            .map(Self)
+            .map(|dir| Self {
+                dir,
+                keep: false.into(),
+            })
     }
 
     /// Its path.
     pub fn path(&self) -> &Path {
-        self.0.path()
+        self.dir.path()
+    }
+
+    /// Keeps the directory when dropped: it holds data that must outlive the operation (a
+    /// store's replaced data that could not be archived). The next start archives it
+    /// ([`recover_interrupted`]).
+    pub fn keep(&self) {
+        self.keep.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if *self.keep.get_mut() {
+            self.dir.disable_cleanup(true);
+        }
     }
 }
 
@@ -885,6 +907,10 @@ fn check_databases(dir: &Path, manifest: &Manifest) -> Result<(), RestoreError> 
 /// `id`'s directory in one atomic rename (an exchange), then moves the replaced data to
 /// `DATA_DIR/archive/<id>-before-restore-<ms>` (see [`crate::dir::into_archive`]) and returns that path (`None` when the store had
 /// no directory). The store must be stopped.
+///
+/// An error means nothing moved. Once the directories are exchanged the store's data is the
+/// restored one: should the replaced data then not move into the archive (a full disk), it
+/// stays at `staged`, whose path is returned, and the caller must keep it.
 pub fn swap_in(data_dir: &Path, id: &StoreId, staged: &Path) -> io::Result<Option<PathBuf>> {
     let stores = data_dir.join("stores");
     let current = stores.join(id.as_str());
@@ -916,14 +942,21 @@ pub fn swap_in(data_dir: &Path, id: &StoreId, staged: &Path) -> io::Result<Optio
         }
         Err(err) => return Err(err.into()),
     }
-    sync_dir(&stores)?;
-    let kept = crate::dir::path_into_archive(
+    if let Err(err) = sync_dir(&stores) {
+        tracing::warn!(store_id = %id, "the swapped directories may not survive a power loss: {err}");
+    }
+    match crate::dir::path_into_archive(
         staged,
         &data_dir.join("archive"),
         &format!("{id}-before-restore"),
         now_ms(),
-    )?;
-    Ok(Some(kept))
+    ) {
+        Ok(kept) => Ok(Some(kept)),
+        Err(err) => {
+            tracing::error!(store_id = %id, kept = %staged.display(), "could not move the replaced data into the archive; it stays where it is, and the next start archives it: {err}");
+            Ok(Some(staged.to_owned()))
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -946,7 +979,11 @@ mod tests {
         let restore = ScratchDir::new(data.path(), "restore", &id).unwrap();
         std::fs::write(restore.path().join("previous"), "old data").unwrap();
         // A crash: neither scratch directory is cleaned up by its owner.
-        let (backup, restore) = (backup.0.keep(), restore.0.keep());
+        let left = |scratch: ScratchDir| {
+            scratch.keep();
+            scratch.path().to_owned()
+        };
+        let (backup, restore) = (left(backup), left(restore));
 
         let found = recover_interrupted(data.path()).unwrap();
         assert_eq!(found.backups_removed, 1);

@@ -225,14 +225,27 @@ impl Orchestrator {
                 .map_err(join_error)?
         };
         let previous = match swapped {
-            Ok(previous) => previous,
+            Ok(previous) => {
+                if previous
+                    .as_ref()
+                    .is_some_and(|previous| previous.starts_with(scratch.path()))
+                {
+                    // The replaced data could not be archived: it outlives the restore.
+                    scratch.keep();
+                    warnings.push(format!(
+                        "the replaced data could not be moved into the archive (the host log says why); it is kept at {}, and the host's next start archives it",
+                        scratch.path().display()
+                    ));
+                }
+                previous
+            }
             Err(err) => {
                 // Nothing moved: the store goes on with its own data.
                 let reopened = self.reopen(id, &spec, plugin.clone(), was_paused).await;
-                self.record(id, "failed", Some(format!("restore failed: {err}")));
-                if let Err(reopen) = reopened {
+                if let Err(reopen) = &reopened {
                     tracing::error!(store_id = %id, "could not start the store again after a failed restore: {reopen}");
                 }
+                self.after_failed_restore(id, reopened.is_ok(), &err).await;
                 return Err(ControlError::Files(err).into());
             }
         };
@@ -242,6 +255,7 @@ impl Orchestrator {
             Err(err) => {
                 // The restored data does not open: put the previous data back.
                 tracing::error!(store_id = %id, "the restored data does not open; putting the previous data back: {err}");
+                let mut running_again = false;
                 if let Some(previous) = &previous {
                     let rolled_back = {
                         let (data_dir, id, previous) =
@@ -251,19 +265,18 @@ impl Orchestrator {
                             .map_err(join_error)?
                     };
                     match rolled_back {
-                        Ok(()) => {
-                            if let Err(reopen) =
-                                self.reopen(id, &spec, plugin.clone(), was_paused).await
-                            {
+                        Ok(()) => match self.reopen(id, &spec, plugin.clone(), was_paused).await {
+                            Ok(()) => running_again = true,
+                            Err(reopen) => {
                                 tracing::error!(store_id = %id, "could not start the store on its previous data: {reopen}");
                             }
-                        }
+                        },
                         Err(io) => {
                             tracing::error!(store_id = %id, previous = %previous.display(), "could not put the previous data back: {io}")
                         }
                     }
                 }
-                self.record(id, "failed", Some(format!("restore failed: {err}")));
+                self.after_failed_restore(id, running_again, &err).await;
                 return Err(err.into());
             }
         }
@@ -286,6 +299,26 @@ impl Orchestrator {
             warnings,
             paused: was_paused,
         })
+    }
+
+    /// Records a restore of store `id` that failed with `why` once the store had stopped. Run
+    /// again on its own data, the store shows the failure as a `restore_failed` transition;
+    /// not running, it becomes a failed store (listed under `failed`, its routes answering 503
+    /// `store_failed`, a `PUT` or a restart starting it again) instead of an entry whose every
+    /// route answered `store_stopped` until the host restarted.
+    async fn after_failed_restore(
+        &self,
+        id: &StoreId,
+        running_again: bool,
+        why: &(dyn std::fmt::Display + Sync),
+    ) {
+        let detail = Some(format!("restore failed: {why}"));
+        if running_again {
+            self.record(id, "restore_failed", detail);
+        } else {
+            self.stores.write().await.remove(id);
+            self.record(id, "failed", detail);
+        }
     }
 
     /// Opens store `id` on its current files and puts it in place of its entry.
