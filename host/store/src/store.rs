@@ -641,9 +641,12 @@ impl Store {
                 None => Err(refused),
             };
         }
-        if self.shared.log.is_closed() {
+        if self.shared.log.is_closed() && !crate::open_files::ran_out_lately() {
             // The append opens the log again: the actor wakes meanwhile (see
-            // `Actor::wake_early`). When its inbox is full, the event wakes it as before.
+            // `Actor::wake_early`). When its inbox is full, the event wakes it as before. Not
+            // while the host is short of open files: the actor's opens could take the ones
+            // the append needs, and a store woken for an append that then failed would hold
+            // its files until it slept again, one more store for every retry.
             let _ = self.commands.try_send(Command::Wake);
         }
         let shared = self.shared.clone();
