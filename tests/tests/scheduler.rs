@@ -112,6 +112,43 @@ async fn a_one_shot_task_runs_once_and_its_effects_commit_with_it() {
 
 /// A query is read-only: cancelling a task from one fails the query as the plugin's `trap`
 /// (the import has no error to answer), saying why, and the task stays scheduled.
+/// A task cancelled by another task due at the same time does not run: each execution reads
+/// its schedule again when it claims it. Before, both were read together when they fell due,
+/// and the cancelled one ran from that read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_cancelled_by_a_task_due_with_it_does_not_run() {
+    let host = ticker_host().await;
+    let at = now_ms() + 1_500;
+    let (status, body) = host
+        .post(
+            "/v1/stores/clock/events",
+            json!({"events": [
+                {"type": "schedule", "payload": {"taskId": "a-canceller", "onceAtMs": at, "payload": {"cancel": "b-cancelled"}}},
+                {"type": "schedule", "payload": {"taskId": "b-cancelled", "onceAtMs": at, "payload": {}}},
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let tasks = wait_for_tasks(&host, |t| !executions(t, "a-canceller").is_empty()).await;
+    assert_eq!(executions(&tasks, "a-canceller")[0]["status"], "completed");
+    let runs = runs(&host).await;
+    assert_eq!(
+        runs.iter().map(|run| &run["taskId"]).collect::<Vec<_>>(),
+        vec!["a-canceller"],
+        "the cancelled task did not run: {runs:?}"
+    );
+    let (_, tasks) = host.get("/v1/stores/clock/tasks").await;
+    assert!(executions(&tasks, "b-cancelled").is_empty(), "{tasks}");
+    assert!(
+        !tasks["schedules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|schedule| schedule["taskId"] == "b-cancelled"),
+        "{tasks}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_cannot_cancel_a_task() {
     let host = ticker_host().await;

@@ -1119,7 +1119,8 @@ impl Actor {
     }
 
     /// One attempt of a task execution. `Ok(false)`: it had already run (its claim exists), so
-    /// only the schedule moved on.
+    /// only the schedule moved on; or its schedule changed since it was read, so it is not
+    /// run (the next pass reads the new one).
     async fn attempt_task(
         &mut self,
         schedule: &Schedule,
@@ -1132,10 +1133,23 @@ impl Actor {
             let db = self.lock_db();
             db.begin()
                 .map_err(|err| host_error("could not begin the transaction", &err))?;
-            schedules::claim(db.connection(), &schedule.task_id, due, sqlite::now_ms())
+            // Read with others that fell due together, or before a retry's wait: a task or
+            // event that ran meanwhile may have cancelled or replaced it.
+            schedules::still_as_read(db.connection(), schedule).and_then(|current| {
+                if current {
+                    schedules::claim(db.connection(), &schedule.task_id, due, sqlite::now_ms())
+                        .map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
         };
         let claimed = match claimed {
-            Ok(claimed) => claimed,
+            Ok(Some(claimed)) => claimed,
+            Ok(None) => {
+                self.lock_db().rollback();
+                return Ok(false);
+            }
             Err(err) => {
                 self.lock_db().rollback();
                 return Err(storage_failure("could not claim the task execution", &err));

@@ -372,6 +372,27 @@ fn schedule_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Schedul
     }
 }
 
+/// Whether `schedule` is still stored as it was read (the plugin may have cancelled or
+/// replaced it since, from another task or event due before it ran).
+pub fn still_as_read(conn: &Connection, schedule: &Schedule) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT 1 FROM _host_schedules WHERE task_id = ?1 AND kind = ?2 AND spec = ?3
+             AND payload = ?4 AND next_run_at IS ?5",
+    )?
+    .query_row(
+        params![
+            schedule.task_id,
+            schedule.spec.kind(),
+            schedule.spec.text(),
+            schedule.payload,
+            schedule.next_run_at
+        ],
+        |_| Ok(()),
+    )
+    .optional()
+    .map(|row| row.is_some())
+}
+
 /// Claims the execution `(task_id, due)`; `false` when it was claimed (and committed) before.
 pub fn claim(conn: &Connection, task_id: &str, due: i64, now: i64) -> rusqlite::Result<bool> {
     let claimed = conn

@@ -12,7 +12,8 @@
 //! task again, once, 1 ms after its own due time (so it runs again at once). When it says
 //! `{"sleepMs": N}` it first writes a
 //! marker line to `/data/started.log` (outside the transaction) and sleeps N ms — a window in
-//! which the host can be killed between the claim and the commit.
+//! which the host can be killed between the claim and the commit. When it says
+//! `{"cancel": "other"}` the run cancels task `other`.
 //!
 //! Queries: `runs` → `{"runs": [{"taskId", "scheduledFor", "executionId"}]}`,
 //! `scheduled` → what `scheduler::scheduled()` answers, `cancel {taskId}` → tries to cancel a
@@ -55,6 +56,7 @@ struct TaskPayload {
     pad_bytes: u32,
     #[serde(default)]
     again: bool,
+    cancel: Option<String>,
 }
 
 fn create_table() -> Result<(), String> {
@@ -118,6 +120,9 @@ impl Plugin for Ticker {
         )?;
         if payload.fail {
             return Err(format!("task {} failed on purpose", task.task_id));
+        }
+        if let Some(other) = &payload.cancel {
+            scheduler::cancel(other);
         }
         if payload.again {
             scheduler::once(
