@@ -570,3 +570,58 @@ async fn clock_without_catch_up() -> TestHost {
     host.add_store("clock", "ticker", &[]).await;
     host
 }
+
+/// A stored schedule that no longer reads (here edited by hand; in life one a newer version
+/// wrote, or a backup's) is skipped, and holds nothing up: the store's events are processed
+/// and its other tasks run. Before, its due time — still counted as the store's next — made
+/// the store run pass after pass over due tasks without a wait, and its events never ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_schedule_that_no_longer_reads_holds_nothing_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let options = || TestHostOptions {
+        data_dir: Some(data.clone()),
+        ..TestHostOptions::default()
+    };
+    let first = TestHost::start_with(options()).await;
+    first.deploy("ticker", programs::TICKER).await;
+    first.add_store("clock", "ticker", &[]).await;
+    first
+        .append(
+            "clock",
+            "schedule",
+            json!({"taskId": "broken", "everyMs": 60_000, "payload": {}}),
+        )
+        .await;
+    first.settle("clock").await;
+    first.stop().await;
+    let edited = rusqlite::Connection::open(data.join("stores/clock/store.db"))
+        .unwrap()
+        .execute(
+            "UPDATE _host_schedules SET kind = 'cron', spec = 'no cron at all', next_run_at = ?1
+             WHERE task_id = 'broken'",
+            [now_ms() - 1_000],
+        )
+        .unwrap();
+    assert_eq!(edited, 1);
+
+    let host = TestHost::start_with(options()).await;
+    host.deploy("ticker", programs::TICKER).await;
+    host.orchestrator.restore_persisted().await.unwrap();
+    let at = now_ms() + 1_000;
+    host.append(
+        "clock",
+        "schedule",
+        json!({"taskId": "fine", "onceAtMs": at, "payload": {}}),
+    )
+    .await;
+    host.settle("clock").await;
+    let tasks = wait_for_tasks(&host, |t| !executions(t, "fine").is_empty()).await;
+    assert_eq!(
+        executions(&tasks, "fine")[0]["status"],
+        "completed",
+        "{tasks}"
+    );
+    host.append("clock", "noop", json!({})).await;
+    host.settle("clock").await;
+}

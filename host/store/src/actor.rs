@@ -984,6 +984,7 @@ impl Actor {
             }
         };
         let window = i64::try_from(self.settings.task_catch_up.as_millis()).unwrap_or(i64::MAX);
+        let mut moved = false;
         for schedule in due {
             let flow = match schedules::plan(&schedule, now, window) {
                 None => Flow::Continue,
@@ -992,11 +993,14 @@ impl Actor {
                     next,
                     skipped_before,
                 }) => {
-                    self.record_missed(&schedule, &occurrences, next, skipped_before);
+                    moved |= self.record_missed(&schedule, &occurrences, next, skipped_before);
                     self.runs_recorded += occurrences.len();
                     Flow::Continue
                 }
-                Some(DuePlan::Run(at)) => self.run_task(&schedule, at).await,
+                Some(DuePlan::Run(at)) => {
+                    moved = true;
+                    self.run_task(&schedule, at).await
+                }
             };
             if flow == Flow::Stop {
                 return Flow::Stop;
@@ -1006,6 +1010,12 @@ impl Actor {
             self.prune_runs();
         }
         self.refresh_next_due();
+        if !moved && self.next_due.is_some_and(|due| due <= now) {
+            // Nothing due could move: a stored schedule that no longer reads (skipped), or a
+            // disk too full to record what was missed. The next pass is in a second, not at
+            // once: passes without a wait held the store's thread and starved its events.
+            self.next_due = Some(now + 1_000);
+        }
         Flow::Continue
     }
 
@@ -1032,13 +1042,15 @@ impl Actor {
         }
     }
 
+    /// Records `schedule`'s `occurrences` as missed and moves it to `next`; false when that
+    /// could not be written (logged).
     fn record_missed(
         &self,
         schedule: &Schedule,
         occurrences: &[i64],
         next: Option<i64>,
         skipped_before: Option<i64>,
-    ) {
+    ) -> bool {
         let now = sqlite::now_ms();
         let written = (|| {
             let db = self.lock_db();
@@ -1058,16 +1070,22 @@ impl Actor {
             result
         })();
         match written {
-            Ok(()) => tracing::warn!(
-                task_id = schedule.task_id,
-                missed = occurrences.len(),
-                skipped_before,
-                "task occurrences older than the catch-up window were recorded as missed"
-            ),
-            Err(err) => tracing::error!(
-                task_id = schedule.task_id,
-                "could not record missed occurrences: {err}"
-            ),
+            Ok(()) => {
+                tracing::warn!(
+                    task_id = schedule.task_id,
+                    missed = occurrences.len(),
+                    skipped_before,
+                    "task occurrences older than the catch-up window were recorded as missed"
+                );
+                true
+            }
+            Err(err) => {
+                tracing::error!(
+                    task_id = schedule.task_id,
+                    "could not record missed occurrences (tried again in a second): {err}"
+                );
+                false
+            }
         }
     }
 
