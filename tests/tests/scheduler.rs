@@ -625,3 +625,38 @@ async fn a_stored_schedule_that_no_longer_reads_holds_nothing_up() {
     host.append("clock", "noop", json!({})).await;
     host.settle("clock").await;
 }
+
+/// Tasks that are always due — more of them, each taking longer, than their interval leaves
+/// room for — still leave the store's events a turn: after each pass over due tasks the
+/// events waiting run. Before, due tasks always went first and the events never ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_always_due_leave_the_events_a_turn() {
+    let host = ticker_host().await;
+    // 400 tasks of at least 5 ms each, every second: a pass takes two seconds or more, so
+    // some task is always due.
+    let events: Vec<Value> = (0..400)
+        .map(|n| {
+            json!({"type": "schedule", "payload": {
+                "taskId": format!("busy-{n:03}"), "everyMs": 1000, "payload": {"sleepMs": 5}
+            }})
+        })
+        .collect();
+    let (status, body) = host
+        .post("/v1/stores/clock/events", json!({ "events": events }))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    host.settle("clock").await;
+    wait_for_tasks(&host, |t| t["executions"].as_array().unwrap().len() >= 10).await;
+
+    let seq = host.append("clock", "noop", json!({})).await;
+    let store = host
+        .orchestrator
+        .get(&storehost_store::StoreId::new("clock").unwrap())
+        .await
+        .unwrap();
+    assert!(
+        store.wait_processed(seq, Duration::from_secs(30)).await,
+        "the event waited behind the tasks: {:?}",
+        store.status()
+    );
+}

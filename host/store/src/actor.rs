@@ -126,6 +126,9 @@ pub(crate) struct Actor {
     /// files): they are read again every [`LOG_RETRY`], as nothing else would wake the store
     /// for them.
     log_unread: bool,
+    /// Due tasks ran last: waiting events get the next turn, so tasks that are always due
+    /// (thousands of them, each taking a while) cannot hold the store's events back for good.
+    events_turn: bool,
     paused: bool,
     cpu_budget: Budget,
     /// The events its invocations emitted, against `events_per_second` + `burst`: charged
@@ -221,6 +224,7 @@ impl Actor {
             solo_through: 0,
             pending: VecDeque::new(),
             log_unread: false,
+            events_turn: false,
             paused,
             cpu_budget: Budget::cpu(settings_cpu_per_minute),
             emit_budget,
@@ -278,8 +282,10 @@ impl Actor {
                     return;
                 }
             }
-            // Due tasks go before queued events, so a deep queue never delays a schedule.
-            if !self.paused && self.task_due() {
+            // Due tasks go before queued events, so a deep queue never delays a schedule; but
+            // after a pass over due tasks the events waiting get a turn (a run of them until a
+            // task is due again, at least one).
+            if !self.paused && self.task_due() && !(self.events_turn && self.event_waiting()) {
                 if !self.flush() {
                     continue;
                 }
@@ -289,9 +295,11 @@ impl Actor {
                 if Box::pin(self.run_due_tasks()).await == Flow::Stop {
                     return;
                 }
+                self.events_turn = true;
                 continue;
             }
             if !self.paused && self.event_waiting() {
+                self.events_turn = false;
                 if Box::pin(self.process_waiting()).await == Flow::Stop {
                     return;
                 }
