@@ -309,10 +309,11 @@ async fn missed_occurrences_run_once_inside_the_catch_up_window_and_are_recorded
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_task_is_retried_then_recorded_as_failed_without_effects() {
     let host = ticker_host().await;
+    let at = now_ms();
     host.append(
         "clock",
         "schedule",
-        json!({"taskId": "doomed", "onceAtMs": now_ms(), "payload": {"fail": true}}),
+        json!({"taskId": "doomed", "onceAtMs": at, "payload": {"fail": true}}),
     )
     .await;
     let tasks = wait_for_tasks(&host, |t| !executions(t, "doomed").is_empty()).await;
@@ -338,6 +339,22 @@ async fn a_failing_task_is_retried_then_recorded_as_failed_without_effects() {
             .all(|e| e["type"] != "task.ran"),
         "{log}"
     );
+
+    // Scheduled again for the same time (a user's "try again"), it runs: its failed record
+    // does not count as the execution having happened. Before, the claim found that record,
+    // and the task was dropped without a trace.
+    host.append(
+        "clock",
+        "schedule",
+        json!({"taskId": "doomed", "onceAtMs": at, "payload": {}}),
+    )
+    .await;
+    let tasks = wait_for_tasks(&host, |t| {
+        executions(t, "doomed")[0]["status"] == "completed"
+    })
+    .await;
+    assert_eq!(executions(&tasks, "doomed").len(), 1, "{tasks}");
+    assert_eq!(runs(&host).await.len(), 1);
 }
 
 /// A schedule that fell several occurrences behind (its store paused, as after downtime) runs

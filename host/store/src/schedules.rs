@@ -1,11 +1,12 @@
 //! Scheduled tasks: the plugin's schedules and the record of every execution, kept in the
 //! store's own database (`_host_schedules`, `_host_task_runs`).
 //!
-//! An execution is named by `(task_id, scheduled_for)`. Running one claims that key with
-//! `INSERT OR IGNORE` inside the same transaction as the plugin's effects and the schedule's
-//! advance, so an execution commits exactly once: a crash before the commit takes the claim
-//! with it and the execution runs again after the restart; a claim that is already there means
-//! the execution happened and is skipped.
+//! An execution is named by `(task_id, scheduled_for)`. Running one claims that key with an
+//! insert that a committed execution's record ignores (`INSERT … ON CONFLICT`; a `failed` or
+//! `missed` record, which committed nothing, is taken over) inside the same transaction as the
+//! plugin's effects and the schedule's advance, so an execution commits exactly once: a crash
+//! before the commit takes the claim with it and the execution runs again after the restart; a
+//! completed execution's record means it happened, and it is skipped.
 
 use std::str::FromStr as _;
 
@@ -394,11 +395,16 @@ pub fn still_as_read(conn: &Connection, schedule: &Schedule) -> rusqlite::Result
 }
 
 /// Claims the execution `(task_id, due)`; `false` when it was claimed (and committed) before.
+/// An execution recorded as `failed` or `missed` never committed its effects: the plugin
+/// scheduling the task again for the same time runs it (the record is taken over).
 pub fn claim(conn: &Connection, task_id: &str, due: i64, now: i64) -> rusqlite::Result<bool> {
     let claimed = conn
         .prepare_cached(
-            "INSERT OR IGNORE INTO _host_task_runs (task_id, scheduled_for, status, attempts, started_at)
-             VALUES (?1, ?2, 'running', 0, ?3)",
+            "INSERT INTO _host_task_runs (task_id, scheduled_for, status, attempts, started_at)
+             VALUES (?1, ?2, 'running', 0, ?3)
+             ON CONFLICT (task_id, scheduled_for) DO UPDATE SET status = 'running',
+                 attempts = 0, started_at = ?3, finished_at = NULL, reason = NULL, error = NULL
+             WHERE _host_task_runs.status IN ('failed', 'missed')",
         )?
         .execute(params![task_id, due, now])?;
     Ok(claimed > 0)
