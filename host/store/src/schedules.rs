@@ -197,6 +197,8 @@ pub struct Schedule {
     pub payload: String,
     /// When it is due next, if ever.
     pub next_run_at: Option<i64>,
+    /// When the plugin scheduled it (last).
+    pub scheduled_at: i64,
 }
 
 impl Schedule {
@@ -331,7 +333,8 @@ pub fn cancel(conn: &Connection, task_id: &str) -> rusqlite::Result<bool> {
 /// Every schedule, by task id.
 pub fn list(conn: &Connection) -> rusqlite::Result<Vec<Schedule>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT task_id, kind, spec, payload, next_run_at FROM _host_schedules ORDER BY task_id",
+        "SELECT task_id, kind, spec, payload, next_run_at, updated_at FROM _host_schedules
+         ORDER BY task_id",
     )?;
     let rows = stmt.query_map([], schedule_from_row)?;
     rows.filter_map(|row| row.transpose()).collect()
@@ -340,7 +343,7 @@ pub fn list(conn: &Connection) -> rusqlite::Result<Vec<Schedule>> {
 /// Schedules due at `now`, earliest first.
 pub fn due(conn: &Connection, now: i64, limit: usize) -> rusqlite::Result<Vec<Schedule>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT task_id, kind, spec, payload, next_run_at FROM _host_schedules
+        "SELECT task_id, kind, spec, payload, next_run_at, updated_at FROM _host_schedules
          WHERE next_run_at IS NOT NULL AND next_run_at <= ?1
          ORDER BY next_run_at, task_id LIMIT ?2",
     )?;
@@ -365,6 +368,7 @@ fn schedule_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Schedul
             spec: parsed,
             payload: row.get(3)?,
             next_run_at: row.get(4)?,
+            scheduled_at: row.get(5)?,
         })),
         Err(err) => {
             tracing::error!(task_id, "skipping a stored schedule: {err}");
@@ -498,11 +502,16 @@ pub const LATE_NOT_MISSED_MS: i64 = 10_000;
 ///
 /// Occurrences missed within the window (at least [`LATE_NOT_MISSED_MS`]) run once, as one
 /// catch-up execution for the latest of them; occurrences older than it are recorded as
-/// `missed`.
+/// `missed`. A one-shot task scheduled for a time already past runs, however late.
 pub fn plan(schedule: &Schedule, now: i64, window_ms: i64) -> Option<DuePlan> {
     let due = schedule.next_run_at?;
     if due > now {
         return None;
+    }
+    if matches!(schedule.spec, Spec::Once(_)) && schedule.scheduled_at >= due {
+        // Asked for a time already past: it runs, however late (the plugin world says so),
+        // as nothing was missed.
+        return Some(DuePlan::Run(due));
     }
     let oldest_allowed = now.saturating_sub(window_ms.max(LATE_NOT_MISSED_MS));
     if due >= oldest_allowed {
@@ -674,6 +683,7 @@ mod tests {
             spec,
             payload: "{}".into(),
             next_run_at: Some(next),
+            scheduled_at: next - MINUTE,
         }
     }
 
@@ -729,6 +739,12 @@ mod tests {
                 skipped_before: None,
             })
         );
+        // Unless it was scheduled for a time already past: then it runs, however late.
+        let s = Schedule {
+            scheduled_at: now - 59 * MINUTE,
+            ..schedule(Spec::Once(now - 60 * MINUTE), now - 60 * MINUTE)
+        };
+        assert_eq!(plan(&s, now, window), Some(DuePlan::Run(now - 60 * MINUTE)));
         // Not due yet: nothing to do.
         let s = schedule(Spec::Every(MINUTE as u64), now + 1);
         assert_eq!(plan(&s, now, window), None);
