@@ -362,6 +362,36 @@ async fn a_webhook_older_than_the_last_applied_changes_nothing_and_ids_go_with_b
         "{body}"
     );
 
+    // Stamped a little ahead (a sender's clock four minutes fast, within the tolerance), then
+    // deleted by a sender whose clock is right: the deletion applies. Before, it was taken for
+    // older than the creation and the deleted workspace's store kept running.
+    let stamp = |offset_secs: i64| {
+        (chrono::Utc::now() + chrono::Duration::seconds(offset_secs))
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    let fast = at("workspace.created", "ws-skewed", &stamp(240));
+    let (status, body) = post(&host, &secret_header(), &fast).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("monitoring_started"))
+    );
+    let right = at("workspace.deleted", "ws-skewed", &stamp(0));
+    let (status, body) = post(&host, &secret_header(), &right).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("monitoring_stopped")),
+        "{body}"
+    );
+    assert!(!running(&host, "ws-skewed").await);
+    // And a creation older than that deletion still changes nothing.
+    let late = at("workspace.created", "ws-skewed", &stamp(-60));
+    let (status, body) = post(&host, &secret_header(), &late).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("already_stopped")),
+        "{body}"
+    );
+
     // An answer kept under the id alone, by a host before ids went with bodies.
     let kept = storehost_control::registry::WebhookAnswer {
         status: 200,

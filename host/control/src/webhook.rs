@@ -303,11 +303,13 @@ impl Webhooks {
         }
     }
 
-    /// Parses the payload and starts or stops its store, unless a later webhook (by the
-    /// payloads' `timestamp`) was applied to it since `not_before`: one delayed, or retried
-    /// after a failure, arriving after the one that followed it (a `workspace.created` after
-    /// its `workspace.deleted` brought the workspace's store back) changes nothing, and is
-    /// answered with the store's state.
+    /// Parses the payload and starts or stops its store. A `workspace.created` older (by the
+    /// payloads' `timestamp`) than a webhook applied to the store since `not_before` — one
+    /// delayed, or retried after a failure, arriving after the `workspace.deleted` that
+    /// followed it, which brought the deleted workspace's store back — changes nothing, and
+    /// is answered with the store's state. A `workspace.deleted` always applies: stamped by a
+    /// sender whose clock is behind the one that stamped the creation (within the tolerance),
+    /// it was taken for older and the deleted workspace's store kept running.
     async fn apply(&self, body: &[u8], now: i64, not_before: i64) -> WebhookResult {
         let payload = parse_payload(body)?;
         let id = StoreId::new(&payload.instance_id).map_err(|err| {
@@ -333,7 +335,7 @@ impl Webhooks {
             }
             !ahead
         });
-        if let Some(at) = timestamp {
+        if let Some(at) = timestamp.filter(|_| matches!(payload.event, Event::Created)) {
             match orchestrator.registry().webhook_event_at(&id, not_before) {
                 Ok(Some(latest)) if at < latest => {
                     tracing::info!(
