@@ -184,6 +184,41 @@ async fn bad_payloads_get_400_with_the_reason_and_invalid_ids_422() {
     );
 }
 
+/// An `instanceId` with spaces around it is refused, not trimmed: the reconciler reads the
+/// registry's `" ws-1 "` as it is (invalid, skipped), so a trimmed `ws-1` would be an orphan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_id_with_spaces_around_it_is_refused_not_trimmed() {
+    let host = host().await;
+    for padded in [" ws-1 ", "ws-1 ", "\tws-1", "ws-1\n"] {
+        let (status, answer) =
+            post(&host, &secret_header(), &event("workspace.created", padded)).await;
+        assert_eq!(status, 422, "{padded:?}: {answer}");
+        assert_eq!(answer["error"]["code"], "invalid_store_id", "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("3 to 64 characters")
+                && message.contains("spaces around it")
+                && message.contains(r#"send "ws-1""#),
+            "the message names the rule, the spaces and the id without them: {message}"
+        );
+    }
+    assert!(!running(&host, "ws-1").await);
+    assert!(host.orchestrator.is_empty().await, "nothing was created");
+
+    // Nor does a padded `workspace.deleted` remove the store of the id without the spaces.
+    let (status, answer) = post(&host, &secret_header(), &event("workspace.created", "ws-1")).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = post(
+        &host,
+        &secret_header(),
+        &event("workspace.deleted", " ws-1 "),
+    )
+    .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["code"], "invalid_store_id", "{answer}");
+    assert!(running(&host, "ws-1").await, "ws-1 still runs");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn created_already_monitored_deleted_already_stopped() {
     let host = host().await;

@@ -312,12 +312,7 @@ impl Webhooks {
     /// it was taken for older and the deleted workspace's store kept running.
     async fn apply(&self, body: &[u8], now: i64, not_before: i64) -> WebhookResult {
         let payload = parse_payload(body)?;
-        let id = StoreId::new(&payload.instance_id).map_err(|err| {
-            WebhookError::InvalidStoreId(format!(
-                "instanceId {:?} is not a valid store id: {STORE_ID_RULE}",
-                err.given
-            ))
-        })?;
+        let id = store_id(&payload.instance_id)?;
         let received_at = rfc3339(now);
         let accepted = |status| WebhookAccepted {
             status,
@@ -454,7 +449,28 @@ struct Payload {
 /// Checks a webhook body the way a delivery is checked before it changes anything, and
 /// answers the store id it names (the fuzz targets and tools use this).
 pub fn check_payload(body: &[u8]) -> Result<String, WebhookError> {
-    parse_payload(body).map(|payload| payload.instance_id)
+    let payload = parse_payload(body)?;
+    store_id(&payload.instance_id).map(|id| id.to_string())
+}
+
+/// The store `instanceId` names, taken as it is: one with spaces around it is refused saying
+/// so, not trimmed (the reconciler reads the registry's ids as they are, and would take the
+/// trimmed id's store for an orphan).
+fn store_id(instance_id: &str) -> Result<StoreId, WebhookError> {
+    StoreId::new(instance_id).map_err(|err| {
+        let trimmed = instance_id.trim();
+        let padded = if trimmed.len() == instance_id.len() {
+            String::new()
+        } else {
+            format!(
+                " (it has spaces around it: send {trimmed:?} if that is the workspace's id, as the registry lists it)"
+            )
+        };
+        WebhookError::InvalidStoreId(format!(
+            "instanceId {:?} is not a valid store id{padded}: {STORE_ID_RULE}",
+            err.given
+        ))
+    })
 }
 
 /// `{"event","instanceId","userId","timestamp"}` with the reasons of the service this replaces.
@@ -477,7 +493,8 @@ fn parse_payload(body: &[u8]) -> Result<Payload, WebhookError> {
         }
     };
     let instance_id = match object.get("instanceId") {
-        Some(serde_json::Value::String(id)) if !id.trim().is_empty() => id.trim(),
+        // Not trimmed: `store_id` refuses `" ws-1 "` saying why.
+        Some(serde_json::Value::String(id)) if !id.trim().is_empty() => id.as_str(),
         // Given, but not as a string: say what it was (a number is not taken for its digits).
         Some(
             other @ (serde_json::Value::Number(_)
