@@ -629,6 +629,22 @@ async fn dead_letters_are_listed_a_page_at_a_time() {
         .await;
     assert_eq!(listed(&second), seqs[2..]);
     assert_eq!(second["next"], serde_json::Value::Null, "the last page");
+    // A last page exactly full says it is the last too (it gave `next`, and an empty page).
+    let (_, full) = host
+        .get(&format!(
+            "/v1/stores/pages/dead-letters?after={}&limit=2",
+            seqs[0]
+        ))
+        .await;
+    assert_eq!(listed(&full), seqs[1..]);
+    assert_eq!(
+        full["next"],
+        serde_json::Value::Null,
+        "an exactly full last page: {full}"
+    );
+    let (_, whole) = host.get("/v1/stores/pages/dead-letters?limit=3").await;
+    assert_eq!(listed(&whole), seqs);
+    assert_eq!(whole["next"], serde_json::Value::Null, "{whole}");
     let (_, all) = host.get("/v1/stores/pages/dead-letters").await;
     assert_eq!(listed(&all), seqs, "a page of 100 by default");
 

@@ -259,9 +259,14 @@ pub async fn dead_letters(
         ));
     }
     let store = running_store(&state, &id).await?;
-    let letters = store.dead_letters(page.after, limit).await?;
-    let next = (letters.len() == limit)
-        .then(|| letters.last().map(|letter| letter.seq))
+    // One more than the page: `next` only when a letter is left for it (an exactly full last
+    // page says it is the last).
+    let mut letters = store.dead_letters(page.after, limit + 1).await?;
+    let next = (letters.len() > limit)
+        .then(|| {
+            letters.truncate(limit);
+            letters.last().map(|letter| letter.seq)
+        })
         .flatten();
     Ok(Json(json!({ "deadLetters": letters, "next": next })))
 }
