@@ -704,6 +704,28 @@ async fn a_store_that_failed_to_start_is_shown_and_can_be_removed() {
         "{}",
         String::from_utf8_lossy(&shown.stderr)
     );
+    // A backup or a restore of it says why too, as pause and tokens do (they said 404
+    // "create it with PUT").
+    for method in [reqwest::Method::GET, reqwest::Method::PUT] {
+        let (status, body) = call(
+            server.url.clone(),
+            method.clone(),
+            "/v1/stores/api-bad/backup",
+        )
+        .await;
+        assert_eq!(status, 503, "{method} backup: {body}");
+        assert_eq!(
+            body["error"]["code"], "store_failed",
+            "{method} backup: {body}"
+        );
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("could not start"),
+            "{method} backup: {body}"
+        );
+    }
 
     let (status, body) = call(
         server.url.clone(),

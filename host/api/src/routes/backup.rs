@@ -10,11 +10,12 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::json;
+use storehost_control::ControlError;
 use storehost_control::orchestrator::backup::{RestoreFailure, archive_limit};
 use storehost_store::backup::{RestoreError, ScratchDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::parse_store_id;
+use super::{not_running, parse_store_id};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -23,13 +24,22 @@ use crate::state::AppState;
 pub const MAX_RESTORE_BYTES: u64 = 16 << 30;
 
 /// `GET /v1/stores/{id}/backup` → the archive (`application/gzip`), with its seq range in
-/// `X-Backup-*` headers.
+/// `X-Backup-*` headers; 404 no such store, 503 `store_failed` for one whose start failed.
 pub async fn download(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_store_id(&id)?;
-    let (scratch, archive) = state.orchestrator.backup_store(&id).await?;
+    let (scratch, archive) =
+        state
+            .orchestrator
+            .backup_store(&id)
+            .await
+            .map_err(|err| match err {
+                // A store whose start failed says so, as its other routes do.
+                ControlError::NotFound(id) => not_running(&state, &id),
+                err => err.into(),
+            })?;
     let file = tokio::fs::File::open(&archive.path)
         .await
         .map_err(ApiError::internal)?;
@@ -84,7 +94,8 @@ pub struct RestoreParams {
 }
 
 /// `PUT /v1/stores/{id}/backup` (body: an archive from `GET`) → 200 with what was restored;
-/// 400 unreadable archive, 409 backup of another store, 422 invalid backup, 404 no such store.
+/// 400 unreadable archive, 409 backup of another store, 422 invalid backup, 404 no such store,
+/// 503 `store_failed` for one whose start failed.
 pub async fn restore(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -99,7 +110,7 @@ pub async fn restore(
         )
     })?;
     let Some(view) = state.orchestrator.view(&id).await else {
-        return Err(ApiError::unknown_store(id.as_str()));
+        return Err(not_running(&state, &id));
     };
     let max = archive_limit(&view.quotas).min(MAX_RESTORE_BYTES);
     let data_dir = state.orchestrator.settings().data_dir.clone();
@@ -132,7 +143,7 @@ pub async fn restore(
         .orchestrator
         .restore_store(&id, &upload, &scratch, params.allow_different_store)
         .await
-        .map_err(restore_error)?;
+        .map_err(|err| restore_error(&state, err))?;
     Ok(Json(json!({
         "storeId": report.store_id,
         "status": "restored",
@@ -218,9 +229,9 @@ async fn receive_pausing(
     Ok(received)
 }
 
-fn restore_error(err: RestoreFailure) -> ApiError {
+fn restore_error(state: &AppState, err: RestoreFailure) -> ApiError {
     match err {
-        RestoreFailure::NotFound(id) => ApiError::unknown_store(id.as_str()),
+        RestoreFailure::NotFound(id) => not_running(state, &id),
         RestoreFailure::StoreMismatch { .. } => {
             ApiError::new(StatusCode::CONFLICT, "store_mismatch", err.to_string())
         }
