@@ -263,7 +263,37 @@ pub struct Reconciler {
     client: reqwest::Client,
     pass: tokio::sync::Mutex<()>,
     status: std::sync::Mutex<ReconcilerStatus>,
-    last_manual: std::sync::Mutex<Option<Instant>>,
+    manual: std::sync::Mutex<ManualPacing>,
+}
+
+/// When the next manual pass may run: the moment its wait began and how long it lasts. No
+/// `Instant` is moved back: where one before the clock's origin cannot be represented (as on
+/// Windows, whose clock starts at boot), a "last pass" backdated by more than the machine had
+/// run was `None`, and turned the pacing off.
+#[derive(Debug, Default)]
+struct ManualPacing {
+    wait: Option<(Instant, Duration)>,
+}
+
+impl ManualPacing {
+    /// Admits a manual pass at `now` and holds the next back for `min_interval`; or answers
+    /// how much longer the caller must wait.
+    fn admit(&mut self, now: Instant, min_interval: Duration) -> Result<(), Duration> {
+        if let Some((since, wait)) = self.wait {
+            let waited = now.saturating_duration_since(since);
+            if waited < wait {
+                return Err(wait - waited);
+            }
+        }
+        self.wait = Some((now, min_interval));
+        Ok(())
+    }
+
+    /// The registry failed the pass admitted last: the operator who fixes it may try again
+    /// after the first backoff's wait, not the whole `min_interval`.
+    fn registry_failed(&mut self, now: Instant, min_interval: Duration) {
+        self.wait = Some((now, BACKOFF_BASE.min(min_interval)));
+    }
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -290,7 +320,7 @@ impl Reconciler {
                 enabled: true,
                 ..ReconcilerStatus::default()
             }),
-            last_manual: std::sync::Mutex::new(None),
+            manual: std::sync::Mutex::new(ManualPacing::default()),
         })
     }
 
@@ -330,36 +360,22 @@ impl Reconciler {
     /// A pass asked for by an operator: refused while one runs, or too soon after the last.
     pub async fn run_manual(&self) -> Result<PassReport, ReconcileError> {
         let guard = self.pass.try_lock().map_err(|_| ReconcileError::Busy)?;
-        {
-            let mut last = self
-                .last_manual
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(at) = *last {
-                let since = at.elapsed();
-                if since < self.settings.manual_min_interval {
-                    return Err(ReconcileError::TooSoon {
-                        retry_after: self.settings.manual_min_interval - since,
-                    });
-                }
-            }
-            *last = Some(Instant::now());
-        }
+        self.manual_pacing()
+            .admit(Instant::now(), self.settings.manual_min_interval)
+            .map_err(|retry_after| ReconcileError::TooSoon { retry_after })?;
         let passed = self.pass_locked(guard).await;
         if matches!(passed, Err(ReconcileError::Registry(_))) {
-            // The registry failed: the operator who fixes it may try again after the first
-            // backoff's wait, not the whole interval (the scheduled passes back off meanwhile).
-            let held_back = self
-                .settings
-                .manual_min_interval
-                .saturating_sub(BACKOFF_BASE);
-            *self
-                .last_manual
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                Instant::now().checked_sub(held_back);
+            // The scheduled passes back off meanwhile.
+            self.manual_pacing()
+                .registry_failed(Instant::now(), self.settings.manual_min_interval);
         }
         passed
+    }
+
+    fn manual_pacing(&self) -> std::sync::MutexGuard<'_, ManualPacing> {
+        self.manual
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// One pass; refused while another runs.
@@ -675,6 +691,38 @@ mod tests {
         assert_eq!(settings.token.unwrap().expose(), "bypass");
 
         assert!(ReconcilerSettings::from_config(&HostConfig::default(), false).is_none());
+    }
+
+    /// A wait longer than an `Instant` can be moved back paces manual passes still: a "last
+    /// pass" backdated by it did not exist, and switched the pacing off. Where the clock
+    /// starts at boot and `Instant` is unsigned (Windows), that is any wait longer than the
+    /// machine has run; on Linux (signed seconds) only a wait like `Duration::MAX`, as here.
+    #[test]
+    fn manual_passes_are_paced_however_far_back_the_clock_goes() {
+        let now = Instant::now();
+        let secs = Duration::from_secs;
+        let older_than_the_clock = Duration::MAX;
+        let mut pacing = ManualPacing::default();
+        assert_eq!(pacing.admit(now, older_than_the_clock), Ok(()));
+        assert_eq!(
+            pacing.admit(now + secs(1), older_than_the_clock),
+            Err(older_than_the_clock - secs(1))
+        );
+        // After a failed registry, the first backoff's wait.
+        pacing.registry_failed(now + secs(1), older_than_the_clock);
+        assert_eq!(
+            pacing.admit(now + secs(2), older_than_the_clock),
+            Err(secs(4))
+        );
+        assert_eq!(pacing.admit(now + secs(6), older_than_the_clock), Ok(()));
+        assert!(pacing.admit(now + secs(7), older_than_the_clock).is_err());
+
+        // A minimum shorter than the backoff's wait holds back no longer after a failure.
+        let mut pacing = ManualPacing::default();
+        assert_eq!(pacing.admit(now, secs(2)), Ok(()));
+        pacing.registry_failed(now, secs(2));
+        assert_eq!(pacing.admit(now + secs(1), secs(2)), Err(secs(1)));
+        assert_eq!(pacing.admit(now + secs(2), secs(2)), Ok(()));
     }
 
     #[test]
