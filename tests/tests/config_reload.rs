@@ -97,17 +97,17 @@ async fn edits_add_and_remove_stores_live_by_rename_and_by_in_place_write() {
     .await;
 
     // In-place write (truncate and write the same inode).
-    std::fs::write(&path, config_with(&["cfg-four"], "")).unwrap();
+    std::fs::write(&path, config_with(&["cfg-three", "cfg-four"], "")).unwrap();
     eventually("the in-place write applies", || async {
-        ids(host).await == ["cfg-four"]
+        ids(host).await == ["cfg-four", "cfg-three"]
     })
     .await;
 
     // A store added through the API is not the config's to remove.
     host.add_store("api-owned", "writer", &[]).await;
-    std::fs::write(&path, config_with(&["cfg-five"], "")).unwrap();
+    std::fs::write(&path, config_with(&["cfg-four", "cfg-five"], "")).unwrap();
     eventually("the next write applies", || async {
-        ids(host).await == ["api-owned", "cfg-five"]
+        ids(host).await == ["api-owned", "cfg-five", "cfg-four"]
     })
     .await;
     let config_status = &health(host).await["config"];
@@ -1001,4 +1001,187 @@ async fn edits_saved_while_the_host_starts_are_applied_once_the_watch_begins() {
         || async { store_sha_of(host, "first").await == flaky_sha },
     )
     .await;
+}
+
+/// Opens `path` truncated, as `cat > FILE` does, and writes `parts` to it one by one, `pause`
+/// apart: a paste into `cat`, or a script's `echo … >` then `>>`.
+async fn write_in_steps(path: &Path, parts: &[&str], pause: std::time::Duration) {
+    use std::io::Write as _;
+    let mut file = std::fs::File::create(path).unwrap();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(pause).await;
+        }
+        file.write_all(part.as_bytes()).unwrap();
+        file.flush().unwrap();
+    }
+}
+
+/// What `DATA_DIR/archive` holds (nothing when it does not exist).
+fn archived(host: &TestHost) -> Vec<String> {
+    match std::fs::read_dir(host.data_dir.join("archive")) {
+        Ok(entries) => entries
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(err) => panic!("cannot list the archive: {err}"),
+    }
+}
+
+/// Four config stores, each with an event, and a token of the last one.
+async fn four_stores_with_events(host: &TestHost, stores: &[&str; 4]) -> String {
+    for id in stores {
+        host.append(id, "kv.put", json!({"key": "k", "value": id}))
+            .await;
+        host.settle(id).await;
+    }
+    host.issue_token(stores[3]).await.0
+}
+
+/// Every store of `stores` runs with the event [`four_stores_with_events`] gave it, and
+/// `token` still reads the last one's events: nothing was archived, emptied or revoked.
+async fn still_whole(host: &TestHost, stores: &[&str; 4], token: &str) {
+    assert_eq!(archived(host), Vec::<String>::new(), "nothing is archived");
+    for id in stores {
+        assert_eq!(
+            host.query(id, "get", json!({"key": "k"})).await["value"],
+            *id,
+            "store {id} keeps its data"
+        );
+    }
+    let response = host
+        .client
+        .get(format!(
+            "{}/v1/stores/{}/events?after=0",
+            host.url, stores[3]
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "the store token still works: {body}");
+    assert_eq!(body["events"].as_array().map(Vec::len), Some(1), "{body}");
+}
+
+/// A config written in two steps 150 ms apart (helper 57 finding 2): the debounced event comes
+/// about 100 ms after the first, whose content (valid TOML, one store fewer) was applied and
+/// archived that store; the second step brought it back empty. An edit applies once the file
+/// has stayed the same for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_written_in_steps_applies_once_it_stops_changing() {
+    let (_dir, path) = config_file();
+    let stores = ["step-one", "step-two", "step-three", "step-four"];
+    std::fs::write(&path, config_with(&stores, "")).unwrap();
+    let w = watched(&path, 100).await;
+    let host = &w.host;
+    let token = four_stores_with_events(host, &stores).await;
+
+    // The first step lacks step-four (one store of four: no mass removal); the second adds
+    // step-five, to tell when the whole file applied.
+    let whole = config_with(
+        &[
+            "step-one",
+            "step-two",
+            "step-three",
+            "step-four",
+            "step-five",
+        ],
+        "",
+    );
+    let (first, rest) = whole.split_at(whole.find("[stores.step-four]").unwrap());
+    write_in_steps(&path, &[first, rest], std::time::Duration::from_millis(150)).await;
+    eventually("the whole file applies", || async {
+        ids(host).await.contains(&"step-five".to_owned())
+    })
+    .await;
+    still_whole(host, &stores, &token).await;
+    assert!(health(host).await["config"]["lastError"].is_null());
+}
+
+/// A config truncated and written again with a pause longer than a reload waits for the file
+/// to settle (helper 57 finding 2): its first part, declaring one store of four, would remove
+/// the other three. Removing more than half of the config's stores at once is held back, as
+/// at start, so nothing is archived, no data lost, no token revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_cut_short_for_a_while_archives_none_of_its_stores() {
+    let (_dir, path) = config_file();
+    let stores = ["cut-one", "cut-two", "cut-three", "cut-four"];
+    std::fs::write(&path, config_with(&stores, "")).unwrap();
+    let w = watched(&path, 100).await;
+    let host = &w.host;
+    let token = four_stores_with_events(host, &stores).await;
+
+    let whole = config_with(
+        &["cut-one", "cut-two", "cut-three", "cut-four", "cut-five"],
+        "",
+    );
+    let (first, rest) = whole.split_at(whole.find("[stores.cut-two]").unwrap());
+    write_in_steps(&path, &[first, rest], std::time::Duration::from_millis(400)).await;
+    eventually("the whole file applies", || async {
+        ids(host).await.contains(&"cut-five".to_owned())
+            && health(host).await["config"]["lastError"].is_null()
+    })
+    .await;
+    still_whole(host, &stores, &token).await;
+}
+
+/// An edit that removes three of the config's four stores (helper 57 finding 2) holds those
+/// removals back: they keep running, the rest of the edit applies, `/health` names them and
+/// says how to confirm; saving the file again as it is (a `touch`) removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_removing_most_stores_is_held_until_the_file_is_saved_again() {
+    let (_dir, path) = config_file();
+    let stores = ["most-one", "most-two", "most-three", "most-four"];
+    std::fs::write(&path, config_with(&stores, "")).unwrap();
+    let w = watched(&path, 100).await;
+    let host = &w.host;
+    let token = four_stores_with_events(host, &stores).await;
+
+    save_by_rename(&path, &config_with(&["most-one", "most-new"], ""));
+    eventually("the held removals are reported", || async {
+        health(host).await["config"]["lastError"].is_string()
+    })
+    .await;
+    let error = health(host).await["config"]["lastError"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for held in ["most-two", "most-three", "most-four"] {
+        assert!(error.contains(held), "names {held}: {error}");
+    }
+    assert!(
+        error.contains("3 of the 4 stores") && error.contains(&format!("touch {}", path.display())),
+        "says how many and how to confirm: {error}"
+    );
+    assert_eq!(
+        ids(host).await,
+        [
+            "most-four",
+            "most-new",
+            "most-one",
+            "most-three",
+            "most-two"
+        ],
+        "the rest of the edit applied"
+    );
+    still_whole(host, &stores, &token).await;
+    // Events of the same save seen late are no confirmation.
+    assert_eq!(w.reloader.reload().await, ReloadOutcome::Unchanged);
+    assert_eq!(ids(host).await.len(), 5);
+
+    // Saved again as it is: confirmed.
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(1))
+        .unwrap();
+    eventually("the confirmed removals apply", || async {
+        ids(host).await == ["most-new", "most-one"]
+    })
+    .await;
+    assert_eq!(archived(host).len(), 3, "their data is archived");
+    assert!(health(host).await["config"]["lastError"].is_null());
 }

@@ -2,9 +2,12 @@
 //!
 //! The parent directory is watched, not the file: editors that save by writing a temporary
 //! file and renaming it over the original replace the file's inode, and a watch on the file
-//! itself goes silent after the first such save. Events are debounced, the file is re-read, a
-//! reload whose content hash did not change does nothing, and an edit that does not parse (or
-//! names a plugin that cannot load) keeps the last good config running.
+//! itself goes silent after the first such save. Events are debounced, the file is re-read
+//! until its content has stayed the same for [`SETTLE`] (a file written in several steps is not
+//! applied half-written), a reload whose content hash did not change does nothing, and an edit
+//! that does not parse (or names a plugin that cannot load) keeps the last good config running.
+//! An edit that would remove most of the config's stores at once holds those removals back
+//! until the file is saved again as it is.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -47,6 +50,19 @@ pub struct ReloadSummary {
     pub plugins_deployed: Vec<String>,
     /// Stores that could not be started, changed or stopped, with why.
     pub failed: Vec<(StoreId, String)>,
+    /// Stores the edit no longer declares that were not removed: more than half of the
+    /// config's stores at once (see [`ConfigReloader::reload`]).
+    pub held: Option<HeldRemovals>,
+}
+
+/// Removals an edit asked for and a reload held back: they keep running, data and tokens
+/// intact, until the file is saved again as it is (or declares them again).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldRemovals {
+    /// The stores held back.
+    pub stores: Vec<StoreId>,
+    /// Why, and how to remove them or keep them (for the log and `/health`).
+    pub message: String,
 }
 
 impl ReloadSummary {
@@ -62,10 +78,11 @@ impl ReloadSummary {
         }
     }
 
-    /// One line for the log and `/health`, when some store failed.
+    /// One line for the log and `/health`, when some store failed or removals were held back.
     pub fn failures(&self) -> Option<String> {
+        let held = self.held.as_ref().map(|held| held.message.clone());
         if self.failed.is_empty() {
-            return None;
+            return held;
         }
         let shown: Vec<String> = self
             .failed
@@ -82,7 +99,10 @@ impl ReloadSummary {
         if more > 0 {
             line.push_str(&format!(" (and {more} more)"));
         }
-        Some(line)
+        Some(match held {
+            Some(held) => format!("{held}; {line}"),
+            None => line,
+        })
     }
 }
 
@@ -112,6 +132,47 @@ struct Loaded {
     file: HostConfig,
     /// Hash of the content last read (good or not).
     hash: [u8; 32],
+    /// The removals the last applied edit held back, with the content and modification time
+    /// it was read with: the same content saved again confirms them.
+    held: Option<Held>,
+}
+
+/// Removals a reload held back, and the file as it was read then.
+struct Held {
+    stores: BTreeSet<StoreId>,
+    hash: [u8; 32],
+    modified: Option<std::time::SystemTime>,
+}
+
+impl Loaded {
+    /// Whether `read` is the content whose removals were held back, saved again since: the
+    /// operator confirms them.
+    fn confirms(&self, read: &FileRead) -> bool {
+        self.held
+            .as_ref()
+            .is_some_and(|held| held.hash == read.hash && held.modified != read.modified)
+    }
+}
+
+/// The config file's content as one read found it.
+struct FileRead {
+    bytes: Vec<u8>,
+    hash: [u8; 32],
+    modified: Option<std::time::SystemTime>,
+}
+
+/// Reads the file at `path` (through its symbolic links), with its modification time.
+async fn read_file(path: &Path) -> std::io::Result<FileRead> {
+    let bytes = tokio::fs::read(path).await?;
+    let modified = tokio::fs::metadata(path)
+        .await
+        .and_then(|metadata| metadata.modified())
+        .ok();
+    Ok(FileRead {
+        hash: hash(&bytes),
+        bytes,
+        modified,
+    })
 }
 
 impl std::fmt::Debug for ConfigReloader {
@@ -144,6 +205,7 @@ impl ConfigReloader {
                 file,
                 running,
                 hash,
+                held: None,
             }),
         }
     }
@@ -174,13 +236,26 @@ impl ConfigReloader {
     }
 
     /// Reads the file and applies what changed. Reloads run one at a time.
+    ///
+    /// An edit applies once the file's content has stayed the same for [`SETTLE`]: a file
+    /// written in several steps (`cat > storehost.toml` and a paste, a script's `>` then `>>`)
+    /// is first read empty or cut short, which can be valid TOML declaring fewer stores, and
+    /// applying it would archive the others. A file still changing after [`SETTLE_AT_MOST`]
+    /// is left for its next change.
+    ///
+    /// An edit that would remove more than half of the stores the config runs, and more than
+    /// one, holds those removals back, as a start does (a file cut short, or another file
+    /// copied over it, looks like that): they keep running, the rest of the edit applies, and
+    /// `/health` says which and how to go on. Saving the same content again (`touch` will do)
+    /// confirms them; declaring them again keeps them.
     pub async fn reload(&self) -> ReloadOutcome {
         let mut current = self.current.lock().await;
         self.reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let bytes = match tokio::fs::read(&self.path).await {
-            Ok(bytes) => bytes,
-            Err(err) => {
+        let read = match self.read_settled(&current).await {
+            Ok(Some(read)) => read,
+            Ok(None) => return ReloadOutcome::Unchanged,
+            Err(Unsettled::Unreadable(err)) => {
                 // Forget the content read last, so the same file coming back is applied again
                 // (and clears this error) instead of being skipped as unchanged.
                 current.hash = [0; 32];
@@ -191,13 +266,26 @@ impl ConfigReloader {
                 self.report(&outcome);
                 return outcome;
             }
+            Err(Unsettled::StillChanging) => {
+                // The content read last stays known: the file is read again at its next change.
+                let outcome = ReloadOutcome::Refused(format!(
+                    "{}: the config file was still being written {} s after it changed (it \
+                     changed at every look, {} ms apart); the edit was not applied yet: it \
+                     applies once the file stops changing; the last good config keeps running",
+                    self.path.display(),
+                    SETTLE_AT_MOST.as_secs(),
+                    SETTLE.as_millis()
+                ));
+                self.report(&outcome);
+                return outcome;
+            }
         };
-        let content_hash = hash(&bytes);
-        if content_hash == current.hash {
-            return ReloadOutcome::Unchanged;
-        }
-        current.hash = content_hash;
-        let text = String::from_utf8_lossy(&bytes);
+        let confirmed = match &current.held {
+            Some(held) if current.confirms(&read) => held.stores.clone(),
+            _ => BTreeSet::new(),
+        };
+        current.hash = read.hash;
+        let text = String::from_utf8_lossy(&read.bytes);
         let mut next = match config::parse_str(&text, &self.path) {
             Ok(next) => next,
             Err(errors) => {
@@ -222,13 +310,62 @@ impl ConfigReloader {
             self.report(&outcome);
             return outcome;
         }
-        self.apply_stores(&current.running, &next, &mut summary)
+        let held = self
+            .apply_stores(&current.running, &next, &confirmed, &mut summary)
             .await;
+        current.held = None;
+        if !held.is_empty() {
+            // They run as the config last declared them, and the next edit weighs their
+            // removal again.
+            keep_declared(&current.running, &mut next, &held);
+            current.held = Some(Held {
+                stores: held,
+                hash: read.hash,
+                modified: read.modified,
+            });
+        }
         current.running = next;
         current.file = file;
         let outcome = ReloadOutcome::Applied(summary);
         self.report(&outcome);
         outcome
+    }
+
+    /// The file once its content has stayed the same for [`SETTLE`] (or it could not be read
+    /// twice in a row); `None` when that is the content `current` was read from (and not a
+    /// save confirming its held removals).
+    async fn read_settled(&self, current: &Loaded) -> Result<Option<FileRead>, Unsettled> {
+        let unchanged = |read: &std::io::Result<FileRead>| {
+            read.as_ref()
+                .is_ok_and(|read| read.hash == current.hash && !current.confirms(read))
+        };
+        let mut read = read_file(&self.path).await;
+        if unchanged(&read) {
+            return Ok(None);
+        }
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(SETTLE).await;
+            let again = read_file(&self.path).await;
+            let settled = match (&read, &again) {
+                (Ok(read), Ok(again)) => read.hash == again.hash,
+                // Missing while an editor replaces it, say: one failure is not reported.
+                (Err(_), Err(_)) => true,
+                _ => false,
+            };
+            read = again;
+            if settled {
+                break;
+            }
+            if started.elapsed() >= SETTLE_AT_MOST {
+                return Err(Unsettled::StillChanging);
+            }
+        }
+        // Changed and changed back while it settled: nothing to do.
+        if unchanged(&read) {
+            return Ok(None);
+        }
+        read.map(Some).map_err(Unsettled::Unreadable)
     }
 
     /// Deploys every plugin file of the running config whose bytes changed (the config itself
@@ -327,31 +464,50 @@ impl ConfigReloader {
         Ok(())
     }
 
-    /// Starts, changes and stops stores so the running ones follow `next`.
+    /// Starts, changes and stops stores so the running ones follow `next`, except removals
+    /// of more than half of the config's stores (and more than one) at once, not counting
+    /// those in `confirmed`: those stay, and are answered.
     async fn apply_stores(
         &self,
         previous: &HostConfig,
         next: &HostConfig,
+        confirmed: &BTreeSet<StoreId>,
         summary: &mut ReloadSummary,
-    ) {
+    ) -> BTreeSet<StoreId> {
         let before = previous.store_specs();
         let after = next.store_specs();
         let sources = self.orchestrator.sources().await;
-        let gone: BTreeSet<&StoreId> = before
-            .keys()
-            .filter(|id| !after.contains_key(*id))
-            .collect();
-        for id in gone {
-            // A store the config no longer names is stopped only if the config (or STORE_IDS)
-            // still owns it; one taken over by the API or a webhook stays. One whose start
-            // failed is forgotten too.
+        // The config's stores: those it declared that it (or STORE_IDS) still owns, running or
+        // failed. A store taken over by the API or a webhook since is not the config's to stop.
+        let mut owned = BTreeSet::new();
+        for id in before.keys() {
             let owner = match sources.get(id) {
                 Some(source) => Some(*source),
                 None => self.orchestrator.source(id).await,
             };
-            if !owner.is_some_and(|s| s.is_config_owned()) {
-                continue;
+            if owner.is_some_and(|s| s.is_config_owned()) {
+                owned.insert(id);
             }
+        }
+        // A store the config no longer names is stopped only if the config still owns it.
+        // One whose start failed is forgotten too.
+        let gone: Vec<&StoreId> = owned
+            .iter()
+            .copied()
+            .filter(|id| !after.contains_key(*id))
+            .collect();
+        let unconfirmed: BTreeSet<StoreId> = gone
+            .iter()
+            .filter(|id| !confirmed.contains(**id))
+            .map(|id| (*id).clone())
+            .collect();
+        let held = if unconfirmed.len() > 1 && unconfirmed.len() * 2 > owned.len() {
+            summary.held = Some(self.hold(&unconfirmed, owned.len()));
+            unconfirmed
+        } else {
+            BTreeSet::new()
+        };
+        for id in gone.into_iter().filter(|id| !held.contains(*id)) {
             match self.orchestrator.remove(id, false).await {
                 Ok(true) => summary.removed.push(id.clone()),
                 Ok(false) => {}
@@ -385,6 +541,53 @@ impl ConfigReloader {
         // Stores added at run time take the new `[defaults]` for what they did not set.
         let answers = self.orchestrator.set_defaults(next.default_spec()).await;
         summary.count(answers);
+        held
+    }
+
+    /// What the log and `/health` say of the removals of `held`, of the `owned` stores the
+    /// config ran, held back: why, and how to go on.
+    fn hold(&self, held: &BTreeSet<StoreId>, owned: usize) -> HeldRemovals {
+        let shown: Vec<String> = held.iter().take(10).map(ToString::to_string).collect();
+        let more = held.len().saturating_sub(shown.len());
+        let mut names = shown.join(", ");
+        if more > 0 {
+            names.push_str(&format!(" and {more} more"));
+        }
+        let message = format!(
+            "{} of the {owned} stores the config file ran are no longer declared by this edit \
+             ({names}): not removed, their data not archived, in case the file was saved \
+             half-written or is another file; they keep running and the rest of the edit \
+             applied. To remove them, save the file again as it is (`touch {}` will do); to \
+             keep them, declare them again",
+            held.len(),
+            self.path.display()
+        );
+        HeldRemovals {
+            stores: held.iter().cloned().collect(),
+            message,
+        }
+    }
+}
+
+/// Declares in `next` the stores of `held` as `previous` declared them (with the plugin file
+/// each names, if `next` dropped it): they keep running, and the config still owns them.
+fn keep_declared(previous: &HostConfig, next: &mut HostConfig, held: &BTreeSet<StoreId>) {
+    for id in held {
+        let Some(store) = previous.stores.get(id) else {
+            continue;
+        };
+        let plugin = store
+            .plugin
+            .clone()
+            .unwrap_or_else(|| previous.defaults.plugin.clone());
+        if let Some(file) = previous.plugins.get(&plugin) {
+            next.plugins
+                .entry(plugin.clone())
+                .or_insert_with(|| file.clone());
+        }
+        let mut store = store.clone();
+        store.plugin = Some(plugin);
+        next.stores.insert(id.clone(), store);
     }
 }
 
@@ -486,6 +689,21 @@ impl ConfigWatcher {
 
 /// How long file events settle before a reload (editors write in several steps).
 const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// How long the config file's content must stay the same before an edit of it applies: the
+/// debounced events come about [`DEBOUNCE`] after the first write, not once the writer is done.
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// How long a reload waits for the config file to stop changing.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(5);
+
+/// Why a reload found no settled content to apply.
+enum Unsettled {
+    /// The file could not be read.
+    Unreadable(std::io::Error),
+    /// The file kept changing for [`SETTLE_AT_MOST`].
+    StillChanging,
+}
 
 /// What a file event asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]

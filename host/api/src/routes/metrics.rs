@@ -70,7 +70,7 @@ impl HostCounters {
     pub fn count_reload(&self, outcome: &ReloadOutcome) {
         let index = match outcome {
             ReloadOutcome::Unchanged => return,
-            ReloadOutcome::Applied(summary) if summary.failed.is_empty() => 0,
+            ReloadOutcome::Applied(summary) if summary.failures().is_none() => 0,
             ReloadOutcome::Applied(_) => 1,
             ReloadOutcome::Refused(_) => 2,
         };
@@ -644,7 +644,7 @@ impl Collector for Snapshot {
         family(
             e,
             "config_reloads",
-            "Reloads of the watched config file, by outcome (partial: applied, some stores failed).",
+            "Reloads of the watched config file, by outcome (partial: applied, some stores failed or removals were held back).",
             MetricType::Counter,
             RELOAD_OUTCOMES
                 .iter()
@@ -654,7 +654,7 @@ impl Collector for Snapshot {
         gauge(
             e,
             "config_last_reload_successful",
-            "1 when the last config load or edit applied cleanly, 0 when it was refused or some store failed.",
+            "1 when the last config load or edit applied cleanly, 0 when it was refused, some store failed or removals were held back.",
             u64::from(self.config_ok),
         )
     }
