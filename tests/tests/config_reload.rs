@@ -1185,3 +1185,144 @@ async fn an_edit_removing_most_stores_is_held_until_the_file_is_saved_again() {
     assert_eq!(archived(host).len(), 3, "their data is archived");
     assert!(health(host).await["config"]["lastError"].is_null());
 }
+
+/// Polls `check` for at most `within`: whether it came to hold. Shorter than the watch's
+/// periodic look, so only an event the watch saw can make it hold.
+async fn within<F, Fut>(within: std::time::Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    check().await
+}
+
+/// Writes `text` into a new directory `name` of `dir` and points `dir/..data` at it, as the
+/// kubelet updates a ConfigMap volume: `..data_tmp` made, renamed over `..data`, the old
+/// directory removed.
+fn kubelet_update(dir: &Path, name: &str, text: &str) {
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    std::fs::create_dir(dir.join(name)).unwrap();
+    std::fs::write(dir.join(name).join("storehost.toml"), text).unwrap();
+    std::os::unix::fs::symlink(name, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old)).unwrap();
+    }
+}
+
+/// A config mounted from a Kubernetes ConfigMap (helper 57 finding 1): `storehost.toml ->
+/// ..data/storehost.toml`, `..data -> ..2024_A`. An update renames a new `..data` over the old
+/// one and removes the old directory; the file's own link never changes. Before, the watch
+/// matched no event of that and kept watching the removed directory: no update applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_update_by_symlink_swap_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    kubelet_update(dir.path(), "..2024_A", &config_with(&["map-one"], ""));
+    std::os::unix::fs::symlink("..data/storehost.toml", dir.path().join("storehost.toml")).unwrap();
+    let path = dir.path().join("storehost.toml");
+    let w = watched(&path, 100).await;
+    let host = &w.host;
+    // The watch looks at the file once as it begins: the change below is to come after.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    kubelet_update(
+        dir.path(),
+        "..2024_B",
+        &config_with(&["map-one", "map-two"], ""),
+    );
+    assert!(
+        within(std::time::Duration::from_secs(3), || async {
+            ids(host).await == ["map-one", "map-two"]
+        })
+        .await,
+        "the ConfigMap update applies; stores: {:?}",
+        ids(host).await
+    );
+    // The watch follows the new directory: the next update applies too.
+    kubelet_update(
+        dir.path(),
+        "..2024_C",
+        &config_with(&["map-one", "map-two", "map-three"], ""),
+    );
+    assert!(
+        within(std::time::Duration::from_secs(3), || async {
+            ids(host).await.len() == 3
+        })
+        .await,
+        "the second update applies; stores: {:?}",
+        ids(host).await
+    );
+    assert!(health(host).await["config"]["lastError"].is_null());
+}
+
+/// A config in a directory reached through a link a deploy flips (`ln -sfn releases/43
+/// current`, a new link renamed over the old) (helper 57 finding 1): the path leads to
+/// another file, in a directory the watch did not watch. Before, nothing applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_directory_link_flipped_by_a_deploy_applies() {
+    let root = tempfile::tempdir().unwrap();
+    for (release, stores) in [
+        ("42", &["rel-one"][..]),
+        ("43", &["rel-one", "rel-two"][..]),
+    ] {
+        let release = root.path().join("releases").join(release);
+        std::fs::create_dir_all(&release).unwrap();
+        std::fs::write(release.join("storehost.toml"), config_with(stores, "")).unwrap();
+    }
+    std::os::unix::fs::symlink("releases/42", root.path().join("current")).unwrap();
+    let path = root.path().join("current").join("storehost.toml");
+    let w = watched(&path, 100).await;
+    let host = &w.host;
+    // The watch looks at the file once as it begins: the change below is to come after.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    std::os::unix::fs::symlink("releases/43", root.path().join("current.new")).unwrap();
+    std::fs::rename(root.path().join("current.new"), root.path().join("current")).unwrap();
+    assert!(
+        within(std::time::Duration::from_secs(3), || async {
+            ids(host).await == ["rel-one", "rel-two"]
+        })
+        .await,
+        "the flipped release's config applies; stores: {:?}",
+        ids(host).await
+    );
+}
+
+/// A change no watched directory reports (helper 57 finding 1's fallback): the file written
+/// in place through a hard link in another directory, whose events go to that directory
+/// only. The watch's periodic look finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_watch_does_not_see_is_found_by_its_periodic_look() {
+    let (dir, path) = config_file();
+    std::fs::write(&path, config_with(&["seen-one"], "")).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let alias = elsewhere.path().join("alias.toml");
+    std::fs::hard_link(&path, &alias).unwrap();
+    let w = watched(&path, 100).await;
+    let host = &w.host;
+    // The watch looks at the file once as it begins: the change below is to come after.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    std::fs::write(&alias, config_with(&["seen-one", "seen-two"], "")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        config_with(&["seen-one", "seen-two"], ""),
+        "the same file"
+    );
+    assert!(
+        within(std::time::Duration::from_secs(15), || async {
+            ids(host).await == ["seen-one", "seen-two"]
+        })
+        .await,
+        "the periodic look applies it; stores: {:?}",
+        ids(host).await
+    );
+    drop(dir);
+}

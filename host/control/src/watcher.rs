@@ -2,14 +2,20 @@
 //!
 //! The parent directory is watched, not the file: editors that save by writing a temporary
 //! file and renaming it over the original replace the file's inode, and a watch on the file
-//! itself goes silent after the first such save. Events are debounced, the file is re-read
-//! until its content has stayed the same for [`SETTLE`] (a file written in several steps is not
-//! applied half-written), a reload whose content hash did not change does nothing, and an edit
-//! that does not parse (or names a plugin that cannot load) keeps the last good config running.
-//! An edit that would remove most of the config's stores at once holds those removals back
-//! until the file is saved again as it is.
+//! itself goes silent after the first such save. The directory of each symbolic link on the
+//! file's path is watched too, and the path resolved again when one changes: a Kubernetes
+//! ConfigMap update (`storehost.toml -> ..data/storehost.toml`, `..data` renamed to point at a
+//! new directory) or a deploy flipping a `current` link points it at another file. The file is
+//! also looked at every [`LOOK_EVERY`], in case its change sent no event a watch saw.
+//!
+//! Events are debounced, the file is re-read until its content has stayed the same for
+//! [`SETTLE`] (a file written in several steps is not applied half-written), a reload whose
+//! content hash did not change does nothing, and an edit that does not parse (or names a
+//! plugin that cannot load) keeps the last good config running. An edit that would remove
+//! most of the config's stores at once holds those removals back until the file is saved
+//! again as it is.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -228,6 +234,19 @@ impl ConfigReloader {
     /// How many times [`ConfigReloader::reload`] read the config file.
     pub fn reads(&self) -> u64 {
         self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the file's content differs from what [`ConfigReloader::reload`] read last (or
+    /// is its held removals saved again), without applying it: what a watch's periodic look
+    /// asks. Not counted in [`ConfigReloader::reads`].
+    pub async fn changed_since_read(&self) -> bool {
+        let read = read_file(&self.path).await;
+        let current = self.current.lock().await;
+        match read {
+            Ok(read) => read.hash != current.hash || current.confirms(&read),
+            // Reported already, unless the content was readable last time.
+            Err(_) => current.hash != [0; 32],
+        }
     }
 
     /// The plugin files the running config names.
@@ -697,6 +716,14 @@ const SETTLE: Duration = Duration::from_millis(300);
 /// How long a reload waits for the config file to stop changing.
 const SETTLE_AT_MOST: Duration = Duration::from_secs(5);
 
+/// How often a watch looks whether the config file changed without an event it saw (a file
+/// changed through a hard link elsewhere, a symbolic link outside the watched directories,
+/// lost events): the file is read and its hash compared, nothing more while it is the same.
+const LOOK_EVERY: Duration = Duration::from_secs(5);
+
+/// Most symbolic links followed while resolving one path (the kernel's own limit).
+const MAX_LINKS: usize = 40;
+
 /// Why a reload found no settled content to apply.
 enum Unsettled {
     /// The file could not be read.
@@ -740,6 +767,74 @@ fn canonical(path: &Path) -> PathBuf {
     }
 }
 
+/// A file as a watch follows it: where its path leads now, every symbolic link on the way
+/// (the file's own too) resolved, as that directory and file name; and each symbolic link met
+/// on the way, as its directory and name. Replacing one of those links points the path at
+/// another file: a Kubernetes ConfigMap update renames `..data` over itself to point at a new
+/// directory (`storehost.toml -> ..data/storehost.toml`), a deploy flips `current`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FollowedPath {
+    file: (PathBuf, std::ffi::OsString),
+    links: BTreeSet<(PathBuf, std::ffi::OsString)>,
+}
+
+impl FollowedPath {
+    /// `path` resolved as far as it exists, with the links met (at most [`MAX_LINKS`]
+    /// followed: a loop of links leaves the rest of the path as it is written).
+    fn resolve(path: &Path) -> Option<Self> {
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        let mut pending: VecDeque<PathBuf> = absolute
+            .components()
+            .map(|part| PathBuf::from(part.as_os_str()))
+            .collect();
+        let mut resolved = PathBuf::new();
+        let mut links = BTreeSet::new();
+        let mut followed = 0;
+        while let Some(part) = pending.pop_front() {
+            match part.components().next() {
+                Some(std::path::Component::Normal(name)) => {
+                    let next = resolved.join(name);
+                    match std::fs::read_link(&next) {
+                        Ok(target) if followed < MAX_LINKS => {
+                            followed += 1;
+                            links.insert((resolved.clone(), name.to_owned()));
+                            // Relative to the link's directory; an absolute one starts over.
+                            for part in target.components().rev() {
+                                pending.push_front(PathBuf::from(part.as_os_str()));
+                            }
+                        }
+                        _ => resolved = next,
+                    }
+                }
+                Some(std::path::Component::ParentDir) => {
+                    resolved.pop();
+                }
+                Some(std::path::Component::CurDir) | None => {}
+                // The root (or a Windows prefix): replaces what was resolved so far.
+                Some(_) => resolved.push(&part),
+            }
+        }
+        let name = resolved.file_name()?.to_owned();
+        let directory = resolved.parent().map(Path::to_owned)?;
+        Some(Self {
+            file: (directory, name),
+            links,
+        })
+    }
+
+    /// The directories whose events can change what the path leads to: the file's, and each
+    /// link's.
+    fn directories(&self) -> impl Iterator<Item = &PathBuf> {
+        std::iter::once(&self.file.0).chain(self.links.iter().map(|(directory, _)| directory))
+    }
+
+    /// Whether `changed` (a directory and name, as [`split`] gives) is the file or one of
+    /// the links on its path.
+    fn is_on_path(&self, changed: &(PathBuf, std::ffi::OsString)) -> bool {
+        *changed == self.file || self.links.contains(changed)
+    }
+}
+
 /// `path`'s directory (canonical as far as it exists) and file name.
 fn split(path: &Path) -> Option<(PathBuf, std::ffi::OsString)> {
     let dir = match path.parent() {
@@ -770,17 +865,18 @@ fn may_move_directories(kind: &EventKind) -> bool {
     )
 }
 
-/// The files a watch reacts to: the config file, and the plugin files its running config
-/// names (each as its canonical directory and file name).
+/// The files a watch reacts to: the config file (with the symbolic links on its path), and
+/// the plugin files its running config names (each as its canonical directory and file name).
 struct Watched {
-    config: (PathBuf, std::ffi::OsString),
+    config: FollowedPath,
     plugins: BTreeSet<(PathBuf, std::ffi::OsString)>,
 }
 
 impl Watched {
-    /// The directories the watched files are in.
+    /// The directories the watched files (and the config's links) are in.
     fn directories(&self) -> BTreeSet<PathBuf> {
-        std::iter::once(&self.config.0)
+        self.config
+            .directories()
             .chain(self.plugins.iter().map(|(directory, _)| directory))
             .cloned()
             .collect()
@@ -795,7 +891,9 @@ impl Watched {
         if may_change_content(&event.kind) {
             for path in &event.paths {
                 let Some(changed) = split(path) else { continue };
-                if changed == self.config {
+                if self.config.is_on_path(&changed) {
+                    // The file, or a link its path goes through (which may now lead to
+                    // another file): read it again, and watch where its path leads now.
                     changes.push(Change::Config);
                 } else if self.plugins.contains(&changed) {
                     changes.push(Change::Plugin);
@@ -933,15 +1031,18 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// files the config names then, in whatever directory, and stops watching the directories it
 /// no longer names. A directory removed and made again is watched again, and the files of a
 /// directory whose watch just began are read again, so a change made before is not missed.
+/// A symbolic link on the config's path replaced (a ConfigMap update, a deploy's `current`
+/// flipped) reloads it from where the path leads now, and the watch follows it there. Every
+/// [`LOOK_EVERY`] the config file is read and reloaded if it changed without an event.
 pub async fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notify::Error> {
     let path = reloader.path().to_owned();
-    let config = split(&path).ok_or_else(|| {
+    let config = FollowedPath::resolve(&path).ok_or_else(|| {
         notify::Error::generic(&format!(
             "{} does not name a file; pass the config file's path",
             path.display()
         ))
     })?;
-    let config_dir = config.0.clone();
+    let config_dir = config.file.0.clone();
     if !config_dir.is_dir() {
         return Err(notify::Error::path_not_found().add_path(config_dir));
     }
@@ -991,11 +1092,32 @@ pub async fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notif
             changes.push(next);
         }
         apply(&reloader, &watched, &watching, changes).await;
-        while let Some(first) = rx.recv().await {
-            let mut changes = vec![first];
-            while let Ok(next) = rx.try_recv() {
-                changes.push(next);
-            }
+        let mut look =
+            tokio::time::interval_at(tokio::time::Instant::now() + LOOK_EVERY, LOOK_EVERY);
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let changes = tokio::select! {
+                first = rx.recv() => {
+                    let Some(first) = first else { break };
+                    let mut changes = vec![first];
+                    while let Ok(next) = rx.try_recv() {
+                        changes.push(next);
+                    }
+                    changes
+                }
+                _ = look.tick() => {
+                    let moved = FollowedPath::resolve(&path)
+                        .is_some_and(|now| now != lock(&watched).config);
+                    if !moved && !reloader.changed_since_read().await {
+                        continue;
+                    }
+                    tracing::info!(
+                        path = %path.display(),
+                        "the config file changed without an event the watch saw; reading it again"
+                    );
+                    vec![Change::Config]
+                }
+            };
             apply(&reloader, &watched, &watching, changes).await;
         }
     });
@@ -1023,7 +1145,7 @@ async fn apply(
                 {
                     let watched = lock(watched);
                     // The files in it are gone, or may be back.
-                    reload |= watched.config.0.starts_with(&path);
+                    reload |= watched.config.directories().any(|d| d.starts_with(&path));
                     refresh |= watched.plugins.iter().any(|(d, _)| d.starts_with(&path));
                 }
                 lock(watches).forget_under(&path);
@@ -1038,11 +1160,12 @@ async fn apply(
         let (now, errors) = follow_plugin_files(reloader, watched, watches).await;
         warn_unwatched(errors);
         began = now;
-        let config_dir = lock(watched).config.0.clone();
-        if began.contains(&config_dir)
+        let config_dirs: Vec<PathBuf> = lock(watched).config.directories().cloned().collect();
+        if config_dirs.iter().any(|d| began.contains(d))
             && matches!(reloader.reload().await, ReloadOutcome::Applied(_))
         {
-            // The config was written before its directory's watch began.
+            // The config was written (or a link on its path replaced) before the watch of its
+            // directory began.
             let (now, errors) = follow_plugin_files(reloader, watched, watches).await;
             warn_unwatched(errors);
             began.extend(now);
@@ -1073,8 +1196,9 @@ fn warn_unwatched(errors: Vec<notify::Error>) {
     }
 }
 
-/// Makes the watch react to the config file and the plugin files the running config names
-/// now, watching their directories (and no other). Answers the directories whose watch began.
+/// Makes the watch react to the config file (where its path leads now) and the plugin files
+/// the running config names now, watching their directories (and no other). Answers the
+/// directories whose watch began.
 async fn follow_plugin_files(
     reloader: &ConfigReloader,
     watched: &std::sync::Mutex<Watched>,
@@ -1086,8 +1210,12 @@ async fn follow_plugin_files(
         .iter()
         .filter_map(|p| split(p))
         .collect();
+    let config = FollowedPath::resolve(reloader.path());
     let directories = {
         let mut watched = lock(watched);
+        if let Some(config) = config {
+            watched.config = config;
+        }
         watched.plugins = plugins;
         watched.directories()
     };
@@ -1097,6 +1225,34 @@ async fn follow_plugin_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ConfigMap volume's layout: the path leads through both links to the data directory,
+    /// and both links (in the mounted directory) are on it; a loop of links ends.
+    #[test]
+    fn a_path_through_links_is_resolved_with_each_link_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir(root.join("..2024_A")).unwrap();
+        std::os::unix::fs::symlink("..2024_A", root.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/storehost.toml", root.join("storehost.toml")).unwrap();
+        let followed = FollowedPath::resolve(&root.join("storehost.toml")).unwrap();
+        assert_eq!(
+            followed.file,
+            (root.join("..2024_A"), "storehost.toml".into())
+        );
+        assert_eq!(
+            followed.links,
+            BTreeSet::from([
+                (root.clone(), "..data".into()),
+                (root.clone(), "storehost.toml".into())
+            ])
+        );
+
+        std::os::unix::fs::symlink("loop-b", root.join("loop-a")).unwrap();
+        std::os::unix::fs::symlink("loop-a", root.join("loop-b")).unwrap();
+        let looped = FollowedPath::resolve(&root.join("loop-a")).unwrap();
+        assert_eq!(looped.links.len(), 2);
+    }
 
     /// An edit of a key the running host cannot take live is named in the log, not passed
     /// over as if applied: `[llm]` (the backend is built at start), hibernation's timings
