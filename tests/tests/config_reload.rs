@@ -366,6 +366,46 @@ async fn a_plugin_file_named_by_an_edit_is_followed_and_the_hosts_own_reads_are_
     .await;
 }
 
+/// An edit naming a plugin file that is not there yet (a deploy copying the config before the
+/// plugin) is refused with why, and tried again until the file arrives: then it applies, with
+/// no save of its own. Before, the refused edit's content counted as read, and it was lost
+/// until the config file's bytes changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_refused_for_a_plugin_not_there_yet_applies_once_the_file_arrives() {
+    let (dir, path) = config_file();
+    std::fs::write(&path, config_with(&["base"], "")).unwrap();
+    let w = watched(&path, 100).await;
+    let host = &w.host;
+
+    save_by_rename(
+        &path,
+        &config_with(
+            &["base"],
+            "[plugins.early]\npath = \"later/early.wasm\"\n[stores.on-early]\nplugin = \"early\"\n",
+        ),
+    );
+    eventually("the edit is refused", || async {
+        health(host).await["config"]["lastError"]
+            .as_str()
+            .is_some_and(|error| error.contains("early.wasm"))
+    })
+    .await;
+    assert!(!ids(host).await.contains(&"on-early".to_owned()));
+
+    let plugin = dir.path().join("later").join("early.wasm");
+    std::fs::create_dir_all(plugin.parent().unwrap()).unwrap();
+    std::fs::write(&plugin, std::fs::read(programs::WRITER).unwrap()).unwrap();
+    eventually("the edit applies once its plugin is there", || async {
+        ids(host).await.contains(&"on-early".to_owned())
+    })
+    .await;
+    assert!(
+        health(host).await["config"]["lastError"].is_null(),
+        "{}",
+        health(host).await
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_binary_applies_config_edits_live_and_reports_a_broken_one() {
     use storehost_tests::process::{PROCESS_TOKEN, ServerProcess};

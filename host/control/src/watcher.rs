@@ -141,6 +141,10 @@ struct Loaded {
     /// The removals the last applied edit held back, with the content and modification time
     /// it was read with: the same content saved again confirms them.
     held: Option<Held>,
+    /// Why the last edit was refused, when a plugin file it names could not be read or loaded:
+    /// such an edit is read again at each of the watch's looks (the file may arrive after the
+    /// config naming it), and the same refusal is not reported again.
+    waits_for_plugin: Option<String>,
 }
 
 /// Removals a reload held back, and the file as it was read then.
@@ -212,6 +216,7 @@ impl ConfigReloader {
                 running,
                 hash,
                 held: None,
+                waits_for_plugin: None,
             }),
         }
     }
@@ -247,6 +252,12 @@ impl ConfigReloader {
             // Reported already, unless the content was readable last time.
             Err(_) => current.hash != [0; 32],
         }
+    }
+
+    /// Whether the last edit was refused for a plugin file it names: the watch's looks try it
+    /// again.
+    pub async fn waits_for_plugin(&self) -> bool {
+        self.current.lock().await.waits_for_plugin.is_some()
     }
 
     /// The plugin files the running config names.
@@ -308,6 +319,7 @@ impl ConfigReloader {
         let mut next = match config::parse_str(&text, &self.path) {
             Ok(next) => next,
             Err(errors) => {
+                current.waits_for_plugin = None;
                 let outcome = ReloadOutcome::Refused(format!(
                     "{errors}\n(the edit was not applied; the last good config keeps running)"
                 ));
@@ -323,12 +335,22 @@ impl ConfigReloader {
             .deploy_changed_plugins(&current.running, &next, None, &mut summary)
             .await
         {
+            // Read again at the watch's next look: a deploy may copy the plugin file after the
+            // config naming it. Before, the edit was lost until the file's bytes changed.
+            current.hash = [0; 32];
+            if current.waits_for_plugin.as_ref() == Some(&message) {
+                return ReloadOutcome::Unchanged;
+            }
+            current.waits_for_plugin = Some(message.clone());
             let outcome = ReloadOutcome::Refused(format!(
-                "{message}\n(the edit was not applied; the last good config keeps running)"
+                "{message}\n(the edit was not applied; the last good config keeps running, and \
+                 the host tries the edit again every {} s until the plugin loads)",
+                LOOK_EVERY.as_secs()
             ));
             self.report(&outcome);
             return outcome;
         }
+        current.waits_for_plugin = None;
         let held = self
             .apply_stores(&current.running, &next, &confirmed, &mut summary)
             .await;
@@ -1111,10 +1133,12 @@ pub async fn watch(reloader: Arc<ConfigReloader>) -> Result<ConfigWatcher, notif
                     if !moved && !reloader.changed_since_read().await {
                         continue;
                     }
-                    tracing::info!(
-                        path = %path.display(),
-                        "the config file changed without an event the watch saw; reading it again"
-                    );
+                    if !reloader.waits_for_plugin().await {
+                        tracing::info!(
+                            path = %path.display(),
+                            "the config file changed without an event the watch saw; reading it again"
+                        );
+                    }
                     vec![Change::Config]
                 }
             };
