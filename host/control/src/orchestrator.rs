@@ -1398,7 +1398,7 @@ impl Orchestrator {
             }
             dropped.push(id.clone());
         }
-        if dropped.len() > 1 && dropped.len() * 2 > recorded.len() {
+        if removes_most(dropped.len(), recorded.len()) {
             let why = format!(
                 "{} of the {} stores the config file or STORE_IDS ran when the host last ran are \
                  no longer declared: not archived, in case the host was started without its \
@@ -1691,6 +1691,14 @@ impl Orchestrator {
 }
 
 /// The answer of a batch of one store.
+/// Whether removing `removed` of the config's `of` stores at once is removing most of them
+/// (more than half, and more than one): what a config cut short, another file, or a start
+/// without `STORE_IDS` looks like. Such removals are held back, at a start
+/// ([`Orchestrator::remove_undeclared`]) as on a live edit (the config watcher).
+pub(crate) fn removes_most(removed: usize, of: usize) -> bool {
+    removed > 1 && removed * 2 > of
+}
+
 fn only_answer(
     mut answers: Vec<(StoreId, Result<Provisioned, ControlError>)>,
 ) -> Result<Provisioned, ControlError> {

@@ -542,7 +542,7 @@ impl ConfigReloader {
             .filter(|id| !confirmed.contains(**id))
             .map(|id| (*id).clone())
             .collect();
-        let held = if unconfirmed.len() > 1 && unconfirmed.len() * 2 > owned.len() {
+        let held = if crate::orchestrator::removes_most(unconfirmed.len(), owned.len()) {
             summary.held = Some(self.hold(&unconfirmed, owned.len()));
             unconfirmed
         } else {

@@ -312,10 +312,10 @@ impl Actor {
             // loop turn starts the idle wait afresh): a timer is 136 bytes of this future.
             let due_in = self.due_in().filter(|_| !self.paused);
             // (A log read again is due like a task: the next turn reads it.)
-            let due_in = match (due_in, self.log_unread && !self.paused) {
-                (Some(due), true) => Some(due.min(LOG_RETRY)),
-                (None, true) => Some(LOG_RETRY),
-                (due, false) => due,
+            let due_in = if self.log_unread && !self.paused {
+                Some(due_in.map_or(LOG_RETRY, |due| due.min(LOG_RETRY)))
+            } else {
+                due_in
             };
             let idle_in = self.idle_in();
             let idle_first = match (due_in, idle_in) {
