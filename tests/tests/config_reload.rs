@@ -1222,6 +1222,11 @@ async fn an_edit_removing_most_stores_is_held_until_the_file_is_saved_again() {
         ids(host).await == ["most-new", "most-one"]
     })
     .await;
+    // A removed store leaves the list before its files reach the archive.
+    eventually("their data reaches the archive", || async {
+        archived(host).len() >= 3
+    })
+    .await;
     assert_eq!(archived(host).len(), 3, "their data is archived");
     assert!(health(host).await["config"]["lastError"].is_null());
 }
