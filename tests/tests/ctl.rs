@@ -336,7 +336,12 @@ fn a_backup_file_restores_the_store() {
         backup.stdout
     );
     assert!(std::fs::metadata(&file).unwrap().len() > 0);
-    assert!(!dir.join("round-trip.tar.gz.partial").exists());
+    let partials: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .filter(|name| name.to_string_lossy().ends_with(".partial"))
+        .collect();
+    assert!(partials.is_empty(), "{partials:?}");
 
     for i in 6..=8 {
         let payload = format!(r#"{{"key":"k{i}","value":{i}}}"#);
@@ -966,4 +971,215 @@ fn many_stores_are_added_at_once_and_a_refused_one_does_not_stop_the_rest() {
         .collect();
     ids.sort_unstable();
     assert_eq!(ids, ["bulk-one", "bulk-three", "bulk-two"]);
+}
+
+/// Waits up to `within` for `child` to exit.
+fn exited(child: &mut std::process::Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// A tail whose reader is gone (`| head -n1`, a closed ssh session) ends, with 0, at the next
+/// event. Before, each event's write failed unseen and the tail followed the stream for
+/// nobody, holding one of the store's 64 follower slots, and a pipeline waiting for it hung.
+#[test]
+fn a_tail_whose_reader_is_gone_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path());
+    let url = server.url.as_str();
+    let dir = dir.path();
+    ok(&ctl(
+        dir,
+        url,
+        &["stores", "add", "piped", "--plugin", "writer"],
+    ));
+    let mut tail = command(dir)
+        .args(["ctl", "--server", url, "--token", PROCESS_TOKEN, "--json"])
+        .args(["events", "tail", "piped", "--after", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let post = |i: u32| {
+        let payload = format!(r#"{{"key":"k{i}","value":{i}}}"#);
+        ok(&ctl(
+            dir,
+            url,
+            &["events", "post", "piped", "kv.put", &payload],
+        ));
+    };
+    post(1);
+    let mut reader = BufReader::new(tail.stdout.take().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.contains("\"k1\""), "{first}");
+    drop(reader);
+    post(2);
+    post(3);
+    let status = exited(&mut tail, Duration::from_secs(20));
+    if status.is_none() {
+        let _ = tail.kill();
+    }
+    let status = status.expect("the tail went on after its reader was gone");
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+/// What a tenant puts in an event's type or payload (an escape sequence that clears the
+/// screen, retitles the window or writes the clipboard) reaches the operator's terminal as
+/// `\uXXXX` text, in tables and in `--json` (where it is JSON's own escape: the line still
+/// parses to the same type). Before, the type was printed raw.
+#[test]
+fn tenant_text_cannot_drive_the_operators_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path());
+    let url = server.url.as_str();
+    let dir = dir.path();
+    ok(&ctl(
+        dir,
+        url,
+        &["stores", "add", "hostile", "--plugin", "writer"],
+    ));
+    let kind = "x\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31m";
+    ok(&ctl(
+        dir,
+        url,
+        &[
+            "events",
+            "post",
+            "hostile",
+            kind,
+            r#"{"note":"\u001b[5m\u009b"}"#,
+        ],
+    ));
+    let table = ctl(
+        dir,
+        url,
+        &["events", "tail", "hostile", "--after", "0", "--count", "1"],
+    );
+    let json = ctl(
+        dir,
+        url,
+        &[
+            "--json", "events", "tail", "hostile", "--after", "0", "--count", "1",
+        ],
+    );
+    for run in [&table, &json] {
+        let shown = &ok(run).stdout;
+        assert!(
+            !shown.contains(['\u{1b}', '\u{7}', '\u{9b}']),
+            "a control character reached the terminal: {shown:?}"
+        );
+        assert!(shown.contains("\\u001b"), "{shown:?}");
+    }
+    assert!(
+        table.stdout.contains("x\\u001b]0;pwned\\u0007"),
+        "{}",
+        table.stdout
+    );
+    assert_eq!(
+        json.json()["type"],
+        kind,
+        "the JSON line means what was sent"
+    );
+    assert_eq!(json.json()["payload"]["note"], "\u{1b}[5m\u{9b}");
+}
+
+/// A backup whose local file cannot be written (here a file size limit; a full disk alike)
+/// exits 2 — a local file, as the exit codes say — and leaves no partial file. Before, it
+/// exited 3, "the backup download was cut off", which a script reads as the server down.
+#[test]
+fn a_backup_that_cannot_be_written_locally_exits_2_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path());
+    let url = server.url.as_str();
+    let dir = dir.path();
+    ok(&ctl(
+        dir,
+        url,
+        &["stores", "add", "big", "--plugin", "writer"],
+    ));
+    // Payloads that do not compress: the archive is far over the limit below.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    for i in 0..40 {
+        let noise: String = (0..4_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                char::from(b'a' + (state % 26) as u8)
+            })
+            .collect();
+        let payload = format!(r#"{{"key":"k{i}","value":"{noise}"}}"#);
+        ok(&ctl(
+            dir,
+            url,
+            &["events", "post", "big", "kv.put", &payload],
+        ));
+    }
+    let out = dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let target = out.join("big.tar.gz");
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 16; exec \"$0\" ctl --server {url} --token {PROCESS_TOKEN} backup big -o {}",
+        target.display()
+    );
+    let output = Command::new("sh")
+        .args(["-c", &script])
+        .arg(storehost_bin())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot write"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    // Without the limit the same backup is written, and only its owner can read it.
+    let backup = ctl(dir, url, &["backup", "big", "-o", target.to_str().unwrap()]);
+    ok(&backup);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+}
+
+/// Each backup downloads into a file of its own: one named `FILE.partial` beside `-o` (a
+/// backup under way at the same time, before) is neither truncated nor renamed onto the
+/// archive. Before, a second backup truncated the first's `.partial` and the first renamed it
+/// into place with both downloads mixed in it.
+#[test]
+fn a_backup_leaves_another_backups_partial_file_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(dir.path());
+    let url = server.url.as_str();
+    let dir = dir.path();
+    let target = dir.join("demo.tar.gz");
+    let other = dir.join("demo.tar.gz.partial");
+    std::fs::write(&other, b"another download under way").unwrap();
+    ok(&ctl(
+        dir,
+        url,
+        &["backup", "demo-alpha", "-o", target.to_str().unwrap()],
+    ));
+    assert_eq!(
+        std::fs::read(&other).unwrap(),
+        b"another download under way"
+    );
+    let archive = std::fs::read(&target).unwrap();
+    assert_eq!(&archive[..2], &[0x1f, 0x8b], "a gzip archive");
+    let restore = ctl(
+        dir,
+        url,
+        &["restore", "demo-alpha", target.to_str().unwrap()],
+    );
+    ok(&restore);
 }

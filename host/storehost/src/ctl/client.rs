@@ -11,6 +11,10 @@ use serde_json::Value;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an event stream may stay silent: the server sends a keep-alive every 15 s, so a
+/// stream silent for three of them has a server frozen (stopped, deadlocked) or a proxy
+/// holding a dead connection open, and is dropped and opened again.
+const STREAM_SILENT_FOR: Duration = Duration::from_secs(45);
 
 /// Why a `ctl` command failed, by exit code.
 #[derive(Debug)]
@@ -67,6 +71,8 @@ pub struct Client {
     base: String,
     token: String,
     http: reqwest::blocking::Client,
+    /// For event streams: each read waits at most [`STREAM_SILENT_FOR`].
+    streams: reqwest::blocking::Client,
 }
 
 impl Client {
@@ -83,12 +89,30 @@ impl Client {
                 "--server {server:?} must be the server's base URL, like http://127.0.0.1:8080"
             )));
         }
-        let http = reqwest::blocking::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(None)
-            .build()
-            .map_err(|err| CtlError::Usage(format!("cannot set up the HTTP client: {err}")))?;
-        Ok(Self { base, token, http })
+        // A blocking client's own timeout bounds each wait (for the answer, for each read of
+        // its body) rather than the whole request: none for transfers of any length, the
+        // silence a stream may keep for streams.
+        let client = |timeout: Option<Duration>| {
+            reqwest::blocking::Client::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(timeout)
+                .build()
+                .map_err(|err| CtlError::Usage(format!("cannot set up the HTTP client: {err}")))
+        };
+        Ok(Self {
+            base,
+            token,
+            http: client(None)?,
+            streams: client(Some(STREAM_SILENT_FOR))?,
+        })
+    }
+
+    /// `method path` with the admin token for an event stream: a read waiting longer than
+    /// [`STREAM_SILENT_FOR`] fails, ending the stream.
+    pub fn stream_request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.streams
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
     }
 
     /// `method path` with the admin token, no timeout (for long transfers and streams).

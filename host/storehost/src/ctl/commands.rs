@@ -10,11 +10,13 @@ use reqwest::Method;
 use serde_json::{Map, Value, json};
 
 use super::client::{Client, CtlError};
-use super::output;
+use super::output::{self, outln};
 use super::{CtlCommand, EventsCommand, PluginCommand, StoresCommand, TokensCommand};
 
-/// How long `events tail` keeps trying to reconnect after its stream drops.
-const RECONNECT_FOR: Duration = Duration::from_secs(30);
+/// How long `events tail` keeps trying to reconnect after its stream drops: long enough for a
+/// restart of a busy host (a graceful stop waits for invocations under way and closes every
+/// store; a start opens them all before it listens), which outlasted the 30 s it was.
+const RECONNECT_FOR: Duration = Duration::from_secs(120);
 
 /// Runs one subcommand.
 pub fn run(client: &Client, json_out: bool, command: CtlCommand) -> Result<(), CtlError> {
@@ -57,7 +59,7 @@ fn stores(client: &Client, json_out: bool, command: StoresCommand) -> Result<(),
             let stores = body["stores"].as_array().cloned().unwrap_or_default();
             let failed = body["failed"].as_array().cloned().unwrap_or_default();
             if stores.is_empty() && failed.is_empty() {
-                println!("no stores; add one with `storehost ctl stores add ID`");
+                outln!("no stores; add one with `storehost ctl stores add ID`");
                 return Ok(());
             }
             // A store whose start failed: no counts, the start's error as its failure.
@@ -125,7 +127,7 @@ fn stores(client: &Client, json_out: bool, command: StoresCommand) -> Result<(),
                 if json_out {
                     output::json(&view);
                 } else {
-                    println!("{}", added_line(&view, change));
+                    outln!("{}", added_line(&view, change));
                 }
                 return Ok(());
             }
@@ -140,7 +142,7 @@ fn stores(client: &Client, json_out: bool, command: StoresCommand) -> Result<(),
             if json_out {
                 output::json(&body);
             } else {
-                println!(
+                outln!(
                     "store {} removed; its data was {}",
                     output::cell(&body["storeId"]),
                     output::cell(&body["data"])
@@ -167,7 +169,7 @@ fn pause_or_resume(
     if json_out {
         output::json(&body);
     } else {
-        println!(
+        outln!(
             "store {} is {}",
             output::cell(&body["storeId"]),
             output::cell(&body["state"])
@@ -279,7 +281,7 @@ fn plugin(client: &Client, json_out: bool, command: PluginCommand) -> Result<(),
                 output::json(&answer);
             } else {
                 let stores = answer["stores"].as_array().cloned().unwrap_or_default();
-                println!(
+                outln!(
                     "plugin {} deployed: sha256 {}, {}; {} store(s) switch to it{}",
                     output::cell(&answer["name"]),
                     output::cell(&answer["sha256"]),
@@ -353,9 +355,9 @@ fn events(client: &Client, json_out: bool, command: EventsCommand) -> Result<(),
                 Some(&event),
             )?;
             if json_out {
-                println!("{body}");
+                outln!("{body}");
             } else {
-                println!("seq {}", output::cell(&body["seq"]));
+                outln!("seq {}", output::cell(&body["seq"]));
             }
             Ok(())
         }
@@ -401,7 +403,7 @@ fn tail(
     loop {
         let epoch_param = epoch.map(|e| format!("&logEpoch={e}")).unwrap_or_default();
         let request = client
-            .request(
+            .stream_request(
                 Method::GET,
                 &format!(
                     "/v1/stores/{}/events/stream?after={last}{epoch_param}",
@@ -428,6 +430,20 @@ fn tail(
                     return Err(CtlError::Unreachable(message));
                 }
                 std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            // A server starting or busy (503), or the store's followers at their limit for a
+            // moment (429), when reconnecting: tried again within the same while.
+            Err(
+                refused @ CtlError::Refused {
+                    status: 429 | 503, ..
+                },
+            ) if connected => {
+                let since = *dropped_at.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > RECONNECT_FOR {
+                    return Err(refused);
+                }
+                std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
             Err(other) => return Err(other),
@@ -486,33 +502,25 @@ fn log_head(client: &Client, id: &str) -> Result<u64, CtlError> {
 }
 
 fn print_event(json_out: bool, event: &Value) {
-    let mut stdout = std::io::stdout().lock();
-    let _ = if json_out {
-        writeln!(stdout, "{event}")
+    if json_out {
+        outln!("{event}");
     } else {
-        writeln!(
-            stdout,
+        outln!(
             "{:>6}  {}  {:<6}  {}  {}",
             output::cell(&event["seq"]),
             output::time(&event["at"]),
             output::cell(&event["source"]),
             output::cell(&event["type"]),
             event["payload"]
-        )
-    };
-    let _ = stdout.flush();
+        );
+    }
 }
 
 fn backup(client: &Client, json_out: bool, id: &str, target: &Path) -> Result<(), CtlError> {
-    let partial = partial_path(id, target)?;
     // The file is made before the request, so a place that cannot be written to is said
     // before the server builds and sends the backup.
-    let file = File::create(&partial)
-        .map_err(|err| CtlError::Usage(format!("cannot write {}: {err}", partial.display())))?;
-    let downloaded = download_backup(client, id, file, &partial, target);
-    if downloaded.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
+    let partial = partial_file(id, target)?;
+    let downloaded = download_backup(client, id, partial, target);
     let Downloaded {
         written,
         first,
@@ -520,7 +528,7 @@ fn backup(client: &Client, json_out: bool, id: &str, target: &Path) -> Result<()
         cursor,
     } = downloaded?;
     if json_out {
-        println!(
+        outln!(
             "{}",
             json!({
                 "storeId": id,
@@ -531,7 +539,7 @@ fn backup(client: &Client, json_out: bool, id: &str, target: &Path) -> Result<()
             })
         );
     } else {
-        println!(
+        outln!(
             "backup of {id} written to {} ({}): events {first}..={last}, processed up to {cursor}",
             target.display(),
             output::bytes(written)
@@ -548,13 +556,12 @@ struct Downloaded {
     cursor: String,
 }
 
-/// Downloads `id`'s backup into `file` (at `partial`) and renames it to `target` once complete;
-/// on an error the caller removes `partial`.
+/// Downloads `id`'s backup into `partial` and renames it to `target` once complete; on an
+/// error `partial` is deleted as it drops.
 fn download_backup(
     client: &Client,
     id: &str,
-    file: File,
-    partial: &Path,
+    partial: tempfile::NamedTempFile,
     target: &Path,
 ) -> Result<Downloaded, CtlError> {
     let response =
@@ -573,19 +580,34 @@ fn download_backup(
         header("x-backup-cursor"),
     );
     let length = response.content_length();
-    let cannot_write =
-        |err: std::io::Error| CtlError::Usage(format!("cannot write {}: {err}", partial.display()));
+    // A local file that cannot be written (a full disk, a file size limit) is exit 2, not
+    // the server's fault: a script told "3: unreachable" would retry a healthy server.
+    let cannot_write = |err: std::io::Error| {
+        CtlError::Usage(format!("cannot write {}: {err}", partial.path().display()))
+    };
     let bar = progress(length.unwrap_or(0), &format!("backing up {id}"));
     let written = (|| -> Result<u64, CtlError> {
-        let mut writer = std::io::BufWriter::new(file);
+        let mut writer = std::io::BufWriter::new(partial.as_file());
         let mut reader = ProgressReader::new(response, &bar);
-        let copied = std::io::copy(&mut reader, &mut writer).map_err(|err| {
-            CtlError::Unreachable(format!("the backup download was cut off: {err}"))
-        })?;
-        let file = writer
-            .into_inner()
-            .map_err(|err| cannot_write(err.into_error()))?;
-        file.sync_all().map_err(cannot_write)?;
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut copied = 0u64;
+        loop {
+            let read = match reader.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(read) => read,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    return Err(CtlError::Unreachable(format!(
+                        "the backup download was cut off: {err}"
+                    )));
+                }
+            };
+            writer.write_all(&chunk[..read]).map_err(cannot_write)?;
+            copied += read as u64;
+        }
+        writer.flush().map_err(cannot_write)?;
+        drop(writer);
+        partial.as_file().sync_all().map_err(cannot_write)?;
         Ok(copied)
     })();
     bar.finish_and_clear();
@@ -595,8 +617,9 @@ fn download_backup(
             "the backup download was cut off after {written} of {length} bytes; try again"
         )));
     }
-    std::fs::rename(partial, target)
-        .map_err(|err| CtlError::Usage(format!("cannot write {}: {err}", target.display())))?;
+    partial.persist(target).map_err(|err| {
+        CtlError::Usage(format!("cannot write {}: {}", target.display(), err.error))
+    })?;
     Ok(Downloaded {
         written,
         first,
@@ -605,10 +628,15 @@ fn download_backup(
     })
 }
 
-/// `FILE.partial` beside `target` (the download lands there and is renamed when complete).
-/// `-o` names the archive itself: a directory, or a path ending in a separator, is refused
-/// (before, the whole backup was downloaded beside it and then could not be renamed).
-fn partial_path(id: &str, target: &Path) -> Result<std::path::PathBuf, CtlError> {
+/// A new file beside `target`, named after it, that the download lands in and that is renamed
+/// onto `target` when complete (deleted if not). Its name is its own: two backups to one `-o`
+/// at once (overlapping cron runs) each write their own file, where a fixed `FILE.partial`
+/// was truncated by the second and renamed into place by the first with both downloads mixed
+/// in it. Readable by its owner alone (0600), like the admin token: it holds all of a
+/// tenant's data. `-o` names the archive itself: a directory, or a path ending in a separator,
+/// is refused (before, the whole backup was downloaded beside it and then could not be
+/// renamed).
+fn partial_file(id: &str, target: &Path) -> Result<tempfile::NamedTempFile, CtlError> {
     let ends_in_separator = target
         .as_os_str()
         .to_string_lossy()
@@ -623,9 +651,23 @@ fn partial_path(id: &str, target: &Path) -> Result<std::path::PathBuf, CtlError>
     let name = target
         .file_name()
         .ok_or_else(|| CtlError::Usage(format!("-o {} is not a file name", target.display())))?;
-    let mut partial = name.to_os_string();
-    partial.push(".partial");
-    Ok(target.with_file_name(partial))
+    let dir = match target.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut prefix = name.to_os_string();
+    prefix.push(".");
+    tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .map_err(|err| {
+            CtlError::Usage(format!(
+                "cannot write {}: {err}",
+                dir.join(format!("{}.*.partial", name.to_string_lossy()))
+                    .display()
+            ))
+        })
 }
 
 fn restore(
@@ -670,7 +712,7 @@ fn restore(
         output::json(&report);
         return Ok(());
     }
-    println!(
+    outln!(
         "store {} restored from the backup of {} taken {}: events {}..={}, processed up to {}; state {}",
         output::cell(&report["storeId"]),
         output::cell(&report["restoredFrom"]["storeId"]),
@@ -681,7 +723,7 @@ fn restore(
         output::cell(&report["state"]),
     );
     if let Some(previous) = report["previousData"].as_str() {
-        println!("the replaced data is kept in {previous}");
+        outln!("the replaced data is kept in {previous}");
     }
     for warning in report["warnings"].as_array().cloned().unwrap_or_default() {
         eprintln!("warning: {}", output::cell(&warning));
@@ -697,7 +739,7 @@ fn reconcile(client: &Client, json_out: bool) -> Result<(), CtlError> {
     }
     let (lines, warnings) = reconcile_report(&body);
     for line in lines {
-        println!("{line}");
+        outln!("{line}");
     }
     for warning in warnings {
         eprintln!("warning: {warning}");
@@ -785,7 +827,7 @@ fn tokens(client: &Client, json_out: bool, command: TokensCommand) -> Result<(),
             if json_out {
                 output::json(&body);
             } else {
-                println!("{}", output::cell(&body["token"]));
+                outln!("{}", output::cell(&body["token"]));
                 eprintln!(
                     "token {} of store {}: shown this once (only its hash is kept); it reaches only this store's events, queries, tasks and dead letters",
                     output::cell(&body["id"]),
@@ -823,7 +865,7 @@ fn tokens(client: &Client, json_out: bool, command: TokensCommand) -> Result<(),
             if json_out {
                 output::json(&body);
             } else {
-                println!("token {token_id} of store {id} revoked");
+                outln!("token {token_id} of store {id} revoked");
             }
             Ok(())
         }
@@ -953,7 +995,7 @@ fn add_many(client: &Client, json_out: bool, ids: &[String], body: &Value) -> Re
         if failure {
             eprintln!("{line}");
         } else {
-            println!("{line}");
+            outln!("{line}");
         }
     };
     let mut results = Vec::with_capacity(ids.len());
@@ -988,7 +1030,7 @@ fn add_many(client: &Client, json_out: bool, ids: &[String], body: &Value) -> Re
         )));
     }
     if !json_out {
-        println!("{} stores added or updated", ids.len());
+        outln!("{} stores added or updated", ids.len());
     }
     Ok(())
 }

@@ -1,6 +1,47 @@
 //! How `storehost ctl` shows things to people: aligned tables, times, sizes.
 
+use std::io::Write;
+
 use serde_json::Value;
+
+/// `println!` for `ctl`: through [`line`], so a reader gone (`| head`) ends the command
+/// quietly and what a tenant wrote cannot drive the terminal.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::ctl::output::line(&format!($($arg)*))
+    };
+}
+pub(crate) use outln;
+
+/// Writes `text` and a newline to stdout, every control character in it but newlines and tabs
+/// written as its `\uXXXX` escape: what a tenant put in an event type or payload (an escape
+/// sequence clearing the screen, retitling the window, writing the clipboard) is shown, not
+/// obeyed. The escape is JSON's own, so `--json` output means the same (control characters
+/// appear only inside its strings, and serde leaves DEL and the C1 range raw). A reader gone
+/// (`| head`, a closed ssh session) ends the command quietly, as it ends `cat`: before,
+/// `events tail` went on following the stream for nobody and the other commands panicked.
+pub(crate) fn line(text: &str) {
+    let mut shown = String::with_capacity(text.len() + 1);
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            shown.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            shown.push(c);
+        }
+    }
+    shown.push('\n');
+    let mut stdout = std::io::stdout().lock();
+    if let Err(err) = stdout
+        .write_all(shown.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        if err.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {err}");
+        std::process::exit(2);
+    }
+}
 
 /// Prints `rows` under `headers`, each column as wide as its widest cell.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
@@ -19,7 +60,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{cell:<width$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        outln!("{}", out.trim_end());
     };
     line(headers.to_vec());
     for row in rows {
@@ -31,15 +72,16 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
 pub fn fields(pairs: &[(&str, String)]) {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     for (key, value) in pairs {
-        println!("{:<width$} {value}", format!("{key}:"));
+        outln!("{:<width$} {value}", format!("{key}:"));
     }
 }
 
-/// A JSON value as a table cell: strings without quotes, `-` for null.
+/// A JSON value as a table cell: strings without quotes (a newline in one as `\\n`, keeping
+/// the row one line), `-` for null.
 pub fn cell(value: &Value) -> String {
     match value {
         Value::Null => "-".to_owned(),
-        Value::String(text) => text.clone(),
+        Value::String(text) => text.replace('\n', "\\n"),
         other => other.to_string(),
     }
 }
@@ -92,7 +134,7 @@ pub fn bytes(count: u64) -> String {
 
 /// Prints `value` as pretty JSON.
 pub fn json(value: &Value) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
     );
@@ -101,6 +143,12 @@ pub fn json(value: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cell_keeps_its_row_on_one_line() {
+        assert_eq!(cell(&Value::from("two\nlines")), "two\\nlines");
+        assert_eq!(cell(&Value::Null), "-");
+    }
 
     #[test]
     fn times_and_sizes_read_well() {
