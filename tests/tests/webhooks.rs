@@ -538,6 +538,44 @@ async fn a_source_over_its_rate_gets_429_with_retry_after() {
     );
 }
 
+/// Requests that fail authentication are paced apart from those that pass: a flood of
+/// forgeries from the address the provisioning service also sends from (a shared load
+/// balancer, here loopback) leaves its webhooks their budget, and guessing the secret is paced
+/// all the same. Before, one budget per address: the sixth forgery below took the real
+/// webhooks' place and they answered 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgeries_from_a_shared_address_leave_real_webhooks_their_budget() {
+    let host = host_with(
+        settings(Some(SECRET), false),
+        3,
+        ControlHostOptions::default(),
+    )
+    .await;
+    let wrong = vec![("x-webhook-secret", "not-the-secret".to_owned())];
+    let mut forged = Vec::new();
+    for i in 0..6 {
+        let body = event("workspace.created", &format!("ws-forged-{i}"));
+        let (status, answer, headers) = send(&host, reqwest::Method::POST, &wrong, &body).await;
+        forged.push(status);
+        if status == 429 {
+            assert!(headers.contains_key("retry-after"), "{answer}");
+            let message = answer["error"]["message"].as_str().unwrap();
+            assert!(message.contains("failing authentication"), "{message}");
+        }
+    }
+    assert_eq!(forged, [401, 401, 401, 429, 429, 429]);
+    for i in 0..3 {
+        let body = event("workspace.created", &format!("ws-real-{i}"));
+        let (status, answer, _) = send(&host, reqwest::Method::POST, &secret_header(), &body).await;
+        assert_eq!(status, 200, "real webhook {i}: {answer}");
+    }
+    assert_eq!(
+        host.orchestrator.len().await,
+        3,
+        "the forgeries provisioned nothing"
+    );
+}
+
 /// A webhook that reaches a host shutting down gets 503 `shutting_down`, which the
 /// provisioning service retries, and starts nothing. Before, it was a 500 `internal`,
 /// logged as a failure of the host.

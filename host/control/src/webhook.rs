@@ -61,6 +61,10 @@ pub struct WebhookRequest<'a> {
     pub body: &'a [u8],
 }
 
+/// A webhook request whose credentials [`Webhooks::authenticate`] accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct Authenticated<'a>(WebhookRequest<'a>);
+
 /// What a webhook did to its store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -208,11 +212,22 @@ impl Webhooks {
         }
     }
 
-    /// Authenticates and applies one webhook. A `webhook-id` seen before (within the retention)
+    /// Checks the signature (when sent or required) or the shared secret: what
+    /// [`Webhooks::handle`] takes. Done first, so a caller can pace requests that fail it apart
+    /// from those that pass (a flood of forgeries must not use up a real sender's budget).
+    pub fn authenticate<'a>(
+        &self,
+        request: WebhookRequest<'a>,
+    ) -> Result<Authenticated<'a>, WebhookError> {
+        self.check_credentials(&request, now_ms() / 1000)?;
+        Ok(Authenticated(request))
+    }
+
+    /// Applies one authenticated webhook. A `webhook-id` seen before (within the retention)
     /// gets its first answer again and changes nothing.
-    pub async fn handle(&self, request: WebhookRequest<'_>) -> WebhookResult {
+    pub async fn handle(&self, request: Authenticated<'_>) -> WebhookResult {
+        let Authenticated(request) = request;
         let now = now_ms();
-        self.authenticate(&request, now / 1000)?;
         // A delivery is its id and its body: a sender that gave two messages one id (an id
         // that is not signed with them, beside X-Webhook-Secret) has each applied, where the
         // second got the first's answer and was lost.
@@ -276,7 +291,7 @@ impl Webhooks {
     }
 
     /// Checks the signature (when sent or required) or the shared secret.
-    fn authenticate(
+    fn check_credentials(
         &self,
         request: &WebhookRequest<'_>,
         now_secs: i64,

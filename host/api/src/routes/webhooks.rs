@@ -1,5 +1,6 @@
 //! `POST /webhooks/workspaces`: provisioning webhooks (SPEC §6). Authentication, replays and
-//! store changes are the control plane's; this route paces callers and maps the answers.
+//! store changes are the control plane's; this route paces callers (those that authenticate
+//! apart from those that do not) and maps the answers.
 
 use std::net::SocketAddr;
 
@@ -27,35 +28,8 @@ pub async fn workspaces(
     let Some(webhooks) = state.webhooks.clone() else {
         return refusal(&WebhookError::NotConfigured);
     };
-    if let Some(limiter) = &state.webhook_limiter {
-        // Keyed by the connection's address; without one (a server that does not record
-        // it), every caller shares one budget.
-        let source = peer.map_or_else(
-            || "unknown".to_owned(),
-            |Extension(ConnectInfo(addr))| addr.ip().to_string(),
-        );
-        if let Err(not_until) = limiter.check_key(&source) {
-            let wait = not_until.wait_time_from(limiter.clock().now());
-            // Rounded up: a sender retrying after the floor of 1.5 s would be refused again.
-            let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-            return ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!(
-                    "too many webhooks from {source}; retry after {secs} s (limit: [webhook] requests_per_minute)"
-                ),
-            )
-            .retry_after(secs)
-            .into_response();
-        }
-        if CALLS
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            .is_multiple_of(PRUNE_EVERY)
-        {
-            limiter.retain_recent();
-        }
-    }
-    // Read after the rate limit, and no more than an ordinary request body.
+    // Read before pacing, and no more than an ordinary request body: the pace depends on
+    // whether the request authenticates.
     let collected = match crate::body::collect_within(body, state.max_body_bytes).await {
         Ok(collected) => collected,
         Err(too_slow) => return too_slow.into_response(),
@@ -82,10 +56,57 @@ pub async fn workspaces(
         signature: text("webhook-signature"),
         body: &body,
     };
+    // Keyed by the connection's address (without one, a server that does not record it,
+    // every caller shares one budget) and by whether the request authenticated: forgeries
+    // sent through the load balancer the provisioning service also comes through do not use
+    // up its budget, and guessing the secret is paced all the same.
+    let source = peer.map_or_else(
+        || "unknown".to_owned(),
+        |Extension(ConnectInfo(addr))| addr.ip().to_string(),
+    );
+    let request = match webhooks.authenticate(request) {
+        Ok(request) => request,
+        Err(err @ WebhookError::Unauthorized(_)) => {
+            let key = format!("{source} unauthenticated");
+            let what = format!("requests failing authentication from {source}");
+            return match pace(&state, &key, &what) {
+                Some(refused) => refused,
+                None => refusal(&err),
+            };
+        }
+        Err(err) => return refusal(&err),
+    };
+    if let Some(refused) = pace(&state, &source, &format!("webhooks from {source}")) {
+        return refused;
+    }
     match webhooks.handle(request).await {
         Ok(accepted) => Json(accepted).into_response(),
         Err(err) => refusal(&err),
     }
+}
+
+/// Counts one call against `key`'s budget: the 429 to answer when it is spent.
+fn pace(state: &AppState, key: &str, what: &str) -> Option<Response> {
+    let limiter = state.webhook_limiter.as_ref()?;
+    if CALLS
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .is_multiple_of(PRUNE_EVERY)
+    {
+        limiter.retain_recent();
+    }
+    let not_until = limiter.check_key(&key.to_owned()).err()?;
+    let wait = not_until.wait_time_from(limiter.clock().now());
+    // Rounded up: a sender retrying after the floor of 1.5 s would be refused again.
+    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    Some(
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many {what}; retry after {secs} s (limit: [webhook] requests_per_minute)"),
+        )
+        .retry_after(secs)
+        .into_response(),
+    )
 }
 
 static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

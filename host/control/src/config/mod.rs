@@ -176,7 +176,8 @@ pub struct WebhookConfig {
     pub require_signature: bool,
     /// Largest difference between a signed webhook's timestamp and the host's clock, in seconds.
     pub tolerance_secs: u64,
-    /// Webhook calls accepted per source address per minute (more get 429 with `Retry-After`).
+    /// Webhook calls accepted per source address per minute (more get 429 with `Retry-After`);
+    /// calls failing authentication are counted apart, with a budget of their own.
     pub requests_per_minute: u32,
     /// How long the answer to a `webhook-id` is kept to answer its replays, in hours.
     pub replay_retention_hours: u64,
