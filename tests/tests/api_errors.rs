@@ -856,3 +856,84 @@ async fn a_body_that_trickles_in_is_cut_off() {
     assert!(head.starts_with("http/1.1 408"), "{head}");
     assert!(body.contains("body_too_slow"), "{body}");
 }
+
+/// Store tokens' event streams across stores take at most half of the host's connections:
+/// past that a stream gets 429 `too_many_followers` + `Retry-After`, and `/health`, the admin
+/// API and other tenants keep their connections. Before, each store capped its own followers
+/// (64) and two stores' streams took all 128 connections here: `/health` waited in the
+/// kernel's backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_across_stores_leave_the_host_connections() {
+    let mut api = None;
+    let host = TestHost::start_configured(
+        storehost_tests::TestHostOptions::default(),
+        &[],
+        |_, state| {
+            api = Some(state.clone());
+            state
+        },
+    )
+    .await;
+    host.deploy("writer", programs::WRITER).await;
+    let mut tokens = Vec::new();
+    for store in ["crowd-a", "crowd-b"] {
+        host.add_store(store, "writer", &[]).await;
+        tokens.push((store, host.issue_token(store).await.0));
+    }
+    let max_connections = 128;
+    let address = serve_alone(
+        storehost_api::app(api.unwrap().with_connection_limit(max_connections)),
+        storehost_api::ServeOptions {
+            max_connections,
+            max_connections_per_ip: 0,
+            ..storehost_api::ServeOptions::default()
+        },
+    )
+    .await;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let mut streams = Vec::new();
+    let mut refused = 0;
+    for (store, token) in &tokens {
+        for _ in 0..64 {
+            let response = client
+                .get(format!("http://{address}/v1/stores/{store}/events/stream"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            match response.status().as_u16() {
+                200 => streams.push(response),
+                429 => {
+                    assert!(response.headers().contains_key("retry-after"));
+                    let body = response.text().await.unwrap();
+                    assert!(body.contains("too_many_followers"), "{body}");
+                    refused += 1;
+                }
+                other => panic!("stream of {store}: {other}"),
+            }
+        }
+    }
+    assert_eq!(streams.len(), max_connections / 2, "{refused} refused");
+    let health = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        client.get(format!("http://{address}/health")).send(),
+    )
+    .await
+    .expect("/health answers while the streams are open")
+    .unwrap();
+    assert_eq!(health.status(), 200);
+    // A stream closed gives its place back.
+    streams.pop();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (store, token) = &tokens[1];
+    let again = client
+        .get(format!("http://{address}/v1/stores/{store}/events/stream"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+}

@@ -509,6 +509,82 @@ async fn long_poll_returns_as_soon_as_an_event_arrives() {
     assert_eq!(page["events"][0]["payload"], json!({"hello": true}));
 }
 
+/// Starts `GET /v1/stores/{store}/events?after=0&waitMs=8000` with `token`: its status, body
+/// and how long it took.
+fn spawn_poll(
+    host: &TestHost,
+    store: &str,
+    token: &str,
+) -> tokio::task::JoinHandle<(u16, String, std::time::Duration)> {
+    let client = host.client.clone();
+    let url = format!("{}/v1/stores/{store}/events?after=0&waitMs=8000", host.url);
+    let token = token.to_owned();
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let response = client.get(url).bearer_auth(token).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap(), started.elapsed())
+    })
+}
+
+/// A long-poll whose store is removed while it waits ends at once with 503 `store_stopped`,
+/// and never answers the events of a store created again under the same id (another tenant,
+/// at the same path). Before, the poll waited out its `waitMs` and then read whatever file
+/// was at the path: 200 with the new store's events, to a client whose token was revoked
+/// with the old store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_outliving_its_store_never_answers_the_next_stores_events() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("poll-gone", "writer", &[]).await;
+    let (token, _) = host.issue_token("poll-gone").await;
+    let poll = spawn_poll(&host, "poll-gone", &token);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, body) = host
+        .call(reqwest::Method::DELETE, "/v1/stores/poll-gone", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    host.add_store("poll-gone", "writer", &[]).await;
+    host.append("poll-gone", "new.tenant.secret", json!({}))
+        .await;
+    let (status, body, took) = poll.await.unwrap();
+    assert!(
+        !body.contains("new.tenant.secret"),
+        "the old store's poll answered the new store's event: {body}"
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("store_stopped"), "{body}");
+    assert!(
+        took < std::time::Duration::from_secs(6),
+        "the poll waited out its waitMs after its store was removed: {took:?}"
+    );
+}
+
+/// A store token revoked while its long-poll waits gets 401, not the event that wakes the
+/// poll (the event stream ends alike). Before, the revoked holder got the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_whose_token_is_revoked_meanwhile_gets_nothing() {
+    let host = TestHost::start().await;
+    host.deploy("writer", programs::WRITER).await;
+    host.add_store("poll-revoked", "writer", &[]).await;
+    let (token, token_id) = host.issue_token("poll-revoked").await;
+    let poll = spawn_poll(&host, "poll-revoked", &token);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, body) = host
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/stores/poll-revoked/tokens/{token_id}"),
+            None,
+        )
+        .await;
+    assert!(status == 200 || status == 204, "{status}: {body}");
+    host.append("poll-revoked", "after.revocation", json!({}))
+        .await;
+    let (status, body, _) = poll.await.unwrap();
+    assert!(!body.contains("after.revocation"), "{body}");
+    assert_eq!(status, 401, "{body}");
+}
+
 /// A request that goes away while its append commits (the client hung up, the server timed
 /// it out) does not strand the event: once kept, it is processed without waiting for another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

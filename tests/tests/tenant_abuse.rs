@@ -60,6 +60,70 @@ async fn a_megabytes_long_plugin_error_is_cut_and_the_store_moves_on() {
     assert_eq!(letters["deadLetters"][0]["seq"], bad, "{letters}");
 }
 
+/// A store whose plugin filled its disk quota records why its events fail and moves on: the
+/// host's dead letters may go past the quota (by a reserve). Before, once the dead letters'
+/// page was full too (at once for one whose error needs an overflow page), the dead letter's
+/// insert failed, the event went back to the head of the queue and was retried for ever:
+/// the event behind it (a cleanup, here a ping) never ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_at_its_disk_quota_still_dead_letters_and_moves_on() {
+    let host = abuse_host(RetryPolicy {
+        attempts: 2,
+        base_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(10),
+        breaker_failures: 1_000,
+        ..RetryPolicy::default()
+    })
+    .await;
+    host.add_store_with(
+        "full",
+        "abuse",
+        &[],
+        Quotas {
+            disk: 512 << 10,
+            ..Quotas::default()
+        },
+    )
+    .await;
+    host.append("full", "exec", json!({"sql": "CREATE TABLE fill (b BLOB)"}))
+        .await;
+    // 30 KB a statement, 25 of them, then rows of 1,000 and of 50 bytes: the quota is reached
+    // and what is left of it taken, down to the last page, by the rows and the failures'
+    // dead letters.
+    let fill = |rows: u32, bytes: u32| {
+        json!({"type": "exec", "payload": {"sql": format!(
+            "INSERT INTO fill SELECT randomblob({bytes}) FROM \
+             (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {rows}) SELECT x FROM c)"
+        )}})
+    };
+    let batches = [(25, 10, 3_000), (50, 1, 1_000), (50, 1, 50), (50, 1, 50)];
+    for (events, rows, bytes) in batches {
+        let events: Vec<Value> = (0..events).map(|_| fill(rows, bytes)).collect();
+        let (status, body) = host
+            .post("/v1/stores/full/events", json!({"events": events}))
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let bad = host.append("full", "fail", json!({"bytes": 4_000})).await;
+    let ping = host.append("full", "ping", json!({})).await;
+    host.wait_for_status("full", |status| status["cursor"] == ping)
+        .await;
+    let (_, letters) = host.get("/v1/stores/full/dead-letters?limit=1000").await;
+    let dead: Vec<u64> = letters["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|letter| letter["seq"].as_u64())
+        .collect();
+    assert!(dead.contains(&bad), "{letters}");
+    let full = letters["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|letter| letter["reason"] == "disk_full");
+    assert!(full, "the fill reached the quota: {letters}");
+}
+
 /// A `CREATE TABLE` whose foreign key names one of the host's tables is undone even when the
 /// host's check cannot finish within the statement's CPU budget (the guest first declares
 /// thousands of foreign keys to make it slow). Before, the interrupted check skipped the undo,

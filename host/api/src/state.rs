@@ -41,6 +41,9 @@ pub struct AppState {
     pub(crate) metrics: Arc<crate::routes::metrics::HostCounters>,
     /// Answers the host's clients have not read yet, in KiB (see [`crate::answers`]).
     pub(crate) unread_answers: Arc<tokio::sync::Semaphore>,
+    /// Places for store tokens' event streams and long-polls across all stores (see
+    /// [`AppState::with_connection_limit`]).
+    pub(crate) followers: Arc<tokio::sync::Semaphore>,
     bypass_token_sha256: Option<[u8; 32]>,
 }
 
@@ -66,8 +69,20 @@ impl AppState {
             reconciler: None,
             metrics: Arc::default(),
             unread_answers: crate::answers::host_allowance(),
+            followers: Arc::new(tokio::sync::Semaphore::new(followers_within(1024))),
             bypass_token_sha256: None,
         }
+    }
+
+    /// Sizes the host-wide cap on store tokens' event streams and long-polls for a server
+    /// taking at most `max_connections` (half of them): each store serves at most
+    /// [`storehost_store::MAX_FOLLOWERS`], but 16 stores' followers took every connection,
+    /// and `/health`, the admin API and every other tenant waited in the kernel's backlog.
+    pub fn with_connection_limit(mut self, max_connections: usize) -> Self {
+        self.followers = Arc::new(tokio::sync::Semaphore::new(followers_within(
+            max_connections,
+        )));
+        self
     }
 
     /// Serves `POST /webhooks/workspaces` with `webhooks`, at most `requests_per_minute` calls
@@ -146,4 +161,10 @@ impl AppState {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.shutting_down.send_replace(true);
     }
+}
+
+/// The store tokens' followers a server of `max_connections` takes at once: half of them
+/// (one at least), so as many are left for everything else.
+fn followers_within(max_connections: usize) -> usize {
+    (max_connections / 2).max(1)
 }

@@ -154,6 +154,8 @@ pub(crate) struct Actor {
     /// the least CPU priority ([`Actor::call_demoted`]).
     penalized: bool,
     outbox: Outbox,
+    /// Changes when the wall clock steps ([`crate::clock`]): the due timer is set again.
+    clock_steps: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Emitted events on their way from `store.db`'s outbox to the log. The actor is the only
@@ -236,6 +238,7 @@ impl Actor {
             runs_recorded: 0,
             penalized: false,
             outbox: Outbox::default(),
+            clock_steps: crate::clock::steps(),
         }
     }
 
@@ -344,6 +347,8 @@ impl Actor {
                 }
                 // A file opened again: the next turn's `idle_in` counts down to closing it.
                 () = files_opened.notified() => {}
+                // The wall clock stepped: the next turn sets the due timer from it again.
+                _ = self.clock_steps.changed() => {}
             }
         }
     }
@@ -915,8 +920,7 @@ impl Actor {
     }
 
     fn dead_letter(&mut self, event: &LoggedEvent, err: &InvocationError, attempts: u32) {
-        let result = (|| {
-            let db = self.lock_db();
+        let result = self.lock_db().past_quota(|db| {
             db.begin()?;
             let written = db
                 .record_dead_letter(
@@ -932,7 +936,7 @@ impl Actor {
                 db.rollback();
             }
             written
-        })();
+        });
         match result {
             Ok(()) => {
                 self.note_disk();
@@ -1060,8 +1064,7 @@ impl Actor {
         skipped_before: Option<i64>,
     ) -> bool {
         let now = sqlite::now_ms();
-        let written = (|| {
-            let db = self.lock_db();
+        let written = self.lock_db().past_quota(|db| {
             db.begin()?;
             let result = schedules::record_missed(
                 db.connection(),
@@ -1076,7 +1079,7 @@ impl Actor {
                 db.rollback();
             }
             result
-        })();
+        });
         match written {
             Ok(()) => {
                 tracing::warn!(
@@ -1248,8 +1251,7 @@ impl Actor {
         started_at: i64,
     ) {
         let now = sqlite::now_ms();
-        let written = (|| {
-            let db = self.lock_db();
+        let written = self.lock_db().past_quota(|db| {
             db.begin()?;
             let conn = db.connection();
             let result = schedules::finish(
@@ -1268,7 +1270,7 @@ impl Actor {
                 db.rollback();
             }
             result
-        })();
+        });
         match written {
             Ok(()) => {
                 tracing::error!(task_id = schedule.task_id, due, reason = %err.reason, "task execution failed after {attempts} attempts: {}", err.message)

@@ -27,6 +27,11 @@ use crate::vfs::{TempBudget, TempScope};
 pub const HOST_TABLE_PREFIX: &str = "_host";
 
 /// SQLite's result code for an authorizer refusal.
+/// How far past its disk quota a store's database may grow for the host's records of what
+/// became of the tenant's work (see [`GuestDb::past_quota`]): each record's error is cut to a
+/// few KB, so this is room for many.
+pub const HOST_RESERVE_BYTES: u64 = 1 << 20;
+
 const SQLITE_AUTH: i32 = 23;
 /// SQLite's result code for "database or disk is full".
 const SQLITE_FULL: i32 = 13;
@@ -299,6 +304,33 @@ impl GuestDb {
         let pages = (bytes / self.page_size.max(1)).max(1);
         self.conn
             .pragma_update(None, "max_page_count", pages.to_string())
+    }
+
+    /// Runs `write`, the host's own record of what became of the tenant's work (a dead letter,
+    /// a failed or missed task), with the database allowed [`HOST_RESERVE_BYTES`] past its
+    /// disk quota. A store whose plugin filled its quota still records why its events fail
+    /// and moves on: before, the dead letter's insert failed for want of a page, the event
+    /// went back to the head of the queue, and the store retried it for ever, every event
+    /// behind it (a cleanup among them) waiting. The quota is set back after (SQLite keeps it
+    /// at the size reached, never below), so the plugin gains nothing.
+    pub fn past_quota<T>(
+        &self,
+        write: impl FnOnce(&Self) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let quota: u64 = self
+            .conn
+            .pragma_query_value(None, "max_page_count", |row| row.get(0))?;
+        let reserve = HOST_RESERVE_BYTES / self.page_size.max(1);
+        self.conn
+            .pragma_update(None, "max_page_count", (quota + reserve).to_string())?;
+        let written = write(self);
+        if let Err(err) = self
+            .conn
+            .pragma_update(None, "max_page_count", quota.to_string())
+        {
+            tracing::error!("could not set the disk quota back after a host record: {err}");
+        }
+        written
     }
 
     /// Lets the connection keep at most `bytes` of page cache (the `db_cache` quota): a

@@ -14,6 +14,7 @@ mod actor;
 pub mod backup;
 pub mod capabilities;
 mod checkpoint;
+pub mod clock;
 mod closing;
 pub mod dir;
 pub mod event_log;

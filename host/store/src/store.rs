@@ -825,14 +825,34 @@ impl Store {
     ) -> Result<Vec<LoggedEvent>, StoreError> {
         if let Some(wait) = wait {
             let mut head = self.shared.head.subscribe();
-            let _ = tokio::time::timeout(wait, head.wait_for(|&head| head > after)).await;
+            // A store stopping (removed, restored) ends the wait: its head moves no more.
+            tokio::select! {
+                _ = tokio::time::timeout(wait, head.wait_for(|&head| head > after)) => {}
+                () = self.stopped() => {}
+            }
         }
+        self.ensure_running()?;
         // The end of the log is in memory: no thread hop for a follower keeping up.
         if let Some(events) = self.shared.log.read_recent_within(after, limit, max_bytes) {
             return Ok(events);
         }
         let shared = self.shared.clone();
-        Ok(blocking(move || shared.log.read_after_within(after, limit, max_bytes)).await??)
+        let events =
+            blocking(move || shared.log.read_after_within(after, limit, max_bytes)).await??;
+        self.ensure_running().map(|()| events)
+    }
+
+    /// [`StoreError::Stopped`] once the store's actor has stopped. A read opens the store's
+    /// files by path when they are closed: one reaching a stopped store may find another
+    /// store's files there (the id removed and created again meanwhile), so what it read is
+    /// not answered. Before, a long-poll that outlived its store's removal answered the new
+    /// store's events to the old one's client.
+    fn ensure_running(&self) -> Result<(), StoreError> {
+        if self.commands.is_closed() {
+            Err(StoreError::Stopped(self.shared.id.clone()))
+        } else {
+            Ok(())
+        }
     }
 
     /// The newest `seq` in the log.
@@ -900,24 +920,28 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.ensure_running()?;
         let shared = self.shared.clone();
-        Ok(blocking(move || {
+        let letters = blocking(move || {
             shared
                 .reader
                 .with(|conn| guest_db::list_dead_letters(conn, after, limit))
         })
-        .await??)
+        .await??;
+        self.ensure_running().map(|()| letters)
     }
 
     /// The store's scheduled tasks and its latest executions.
     pub async fn tasks(&self) -> Result<crate::schedules::TasksView, StoreError> {
+        self.ensure_running()?;
         let shared = self.shared.clone();
-        Ok(blocking(move || {
+        let tasks = blocking(move || {
             shared
                 .reader
                 .with(|conn| crate::schedules::view(conn, crate::schedules::RECENT_RUNS))
         })
-        .await??)
+        .await??;
+        self.ensure_running().map(|()| tasks)
     }
 
     /// Delivers a dead-lettered event to the plugin once more; on success its effects commit

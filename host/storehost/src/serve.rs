@@ -217,7 +217,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         orchestrator.clone(),
         &token,
         config.http.max_body_bytes as usize,
-    );
+    )
+    .with_connection_limit(config.http.max_connections);
     if let Ok(mut status) = state.config_status().write() {
         *status = ConfigStatus {
             path: config_path.as_ref().map(|p| p.display().to_string()),

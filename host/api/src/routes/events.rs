@@ -387,6 +387,21 @@ pub async fn read(
         read = store.read(params.after, limit, wait) => read?,
         _ = shutting_down.wait_for(|down| *down), if wait.is_some() => Vec::new(),
     };
+    // A store token revoked while the poll waited gets nothing (the event stream checks the
+    // same after each wait). Before, the revoked holder got the events that woke the poll.
+    if wait.is_some()
+        && let Ok(token) = crate::auth::bearer_of(&headers)
+        && !state.is_admin(token)
+        && state
+            .orchestrator
+            .registry()
+            .verify_store_token(token)
+            .is_none()
+    {
+        return Err(ApiError::unauthorized(
+            "the token was revoked while the read waited",
+        ));
+    }
     let next = events.last().map_or(params.after, |e| e.seq);
     let mut out = Vec::with_capacity(events.len());
     for event in &events {
@@ -411,18 +426,19 @@ pub async fn read(
     ))
 }
 
-/// A place among `store`'s followers (an event stream, a long-poll), or 429
-/// `too_many_followers` when it serves as many as it may. The admin token's followers take no
-/// place: a tenant holding them all must not keep the operator from following its log.
+/// A place among `store`'s followers (an event stream, a long-poll), and among the host's,
+/// or 429 `too_many_followers` when either serves as many as it may. The admin token's
+/// followers take no place: a tenant holding them all must not keep the operator from
+/// following its log.
 pub(crate) fn follow(
     state: &AppState,
     headers: &axum::http::HeaderMap,
     store: &storehost_store::Store,
-) -> Result<Option<storehost_store::Follower>, ApiError> {
+) -> Result<Option<Following>, ApiError> {
     if crate::auth::bearer_of(headers).is_ok_and(|token| state.is_admin(token)) {
         return Ok(None);
     }
-    store.follow().map(Some).ok_or_else(|| {
+    let store_place = store.follow().ok_or_else(|| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_followers",
@@ -434,7 +450,27 @@ pub(crate) fn follow(
             ),
         )
         .retry_after(1)
-    })
+    })?;
+    let host_place = state.followers.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_followers",
+            "the host serves as many event streams and long-polls as it may (half of \
+             [http] max_connections, so the rest stay free for other requests); retry later, \
+             or read without waitMs",
+        )
+        .retry_after(5)
+    })?;
+    Ok(Some(Following {
+        _store: store_place,
+        _host: host_place,
+    }))
+}
+
+/// A follower's places among its store's followers and the host's, given back when dropped.
+pub(crate) struct Following {
+    _store: storehost_store::Follower,
+    _host: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Refuses to follow the log from past its end, or from another history of it: a follower

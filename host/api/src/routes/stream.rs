@@ -112,7 +112,7 @@ struct Cursor {
     store_token: Option<(AppState, String)>,
     /// The stream's place among the store's followers, given back when it ends (none for
     /// the admin token's).
-    _follower: Option<storehost_store::Follower>,
+    _follower: Option<super::events::Following>,
 }
 
 impl Cursor {
