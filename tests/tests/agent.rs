@@ -1518,3 +1518,29 @@ async fn the_host_work_of_an_llm_call_is_the_stores_cpu_time() {
     assert_eq!(received["payload"]["message"], "matched nothing");
     assert_eq!(completed["payload"]["success"], true);
 }
+
+/// A system message after a request is answered as itself: the demo rules do not match the
+/// request before it again and create its task a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_system_message_does_not_replay_the_previous_request() {
+    let host = agent_host(backend(Arc::new(StubProvider::demo()))).await;
+    host.add_store("ws-note", "agent", &[]).await;
+    chat(
+        &host,
+        "ws-note",
+        "u1",
+        "user",
+        "create a task to water the plants",
+    )
+    .await;
+    host.settle("ws-note").await;
+    chat(&host, "ws-note", "s1", "system", "note").await;
+    host.settle("ws-note").await;
+
+    let tasks = host.query("ws-note", "tasks", json!({})).await;
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 1, "{tasks}");
+    let events = all_events(&host, "ws-note").await;
+    let (_, received, completed) = one_response(&events, "s1");
+    assert_eq!(completed["payload"]["success"], true);
+    assert_eq!(received["payload"]["llmMetadata"]["toolCalls"], json!([]));
+}

@@ -5,18 +5,21 @@
 //! "toolCalls"?}],"defaultResponse"?}`, `toolCalls` in the OpenAI shape
 //! `[{"id"?,"type":"function","function":{"name","arguments":"<JSON text>"}}]`.
 //!
-//! - The text matched is the content of the last `user` message (when there is none, of the
-//!   last message with content). Rules are tried in order; the first match answers.
+//! - The text matched is the content of the latest turn: the last message with content that is
+//!   neither a `tool` result nor an assistant message calling tools — usually the user's
+//!   request, but a `system` (or assistant) message after it is matched itself, so the request
+//!   before it is not answered, nor its tool calls made, a second time. Rules are tried in
+//!   order; the first match answers.
 //! - `exact`: the whole text, surrounding whitespace ignored, case-sensitive. `includes`: a
 //!   substring, case-insensitive. `regex`: the `regex` crate's syntax (add `(?i)` for
 //!   case-insensitive), searched anywhere in the text unless anchored.
-//! - A rule with `toolCalls` answers with those calls while no `tool` message follows the last
-//!   user message, and with its `response` once tool results are there.
+//! - A rule with `toolCalls` answers with those calls while no `tool` message follows the
+//!   matched message, and with its `response` once tool results are there.
 //! - In a `regex` rule, `$1`, `${1}` and `${name}` in `response` and in the string values of
 //!   the tool calls' `arguments` are replaced by the capture groups (`$$` is a literal `$`).
 //!   Captures are inserted into argument values, not into JSON text, so they cannot break it.
 //! - In any rule's `response`, `{{toolResults}}` is replaced by the contents of the tool
-//!   results after the last user message, one per line.
+//!   results after the matched message, one per line.
 //! - `defaultResponse` answers when no rule matches; it defaults to [`DEFAULT_RESPONSE`].
 
 use std::path::Path;
@@ -280,9 +283,13 @@ impl Provider for StubProvider {
 impl Rules {
     fn answer(&self, req: &ChatRequest) -> Completion {
         let messages = &req.messages;
+        // The latest turn: the last message with text that is neither a tool result nor the
+        // model's own call of tools. A system or assistant message after the user's request
+        // is what is answered now; matching the earlier request again would replay its tool
+        // calls (the history holds no tool messages to show they were made).
         let asked = messages
             .iter()
-            .rposition(|m| m.role == Role::User && m.content.is_some())
+            .rposition(|m| m.role != Role::Tool && m.tool_calls.is_empty() && m.content.is_some())
             .or_else(|| messages.iter().rposition(|m| m.content.is_some()));
         let (text, after) = match asked {
             Some(i) => (
@@ -667,6 +674,31 @@ mod tests {
         let (name, args) = call(&ask(&demo, "show task t-42"));
         assert_eq!(name, "get_task_by_id");
         assert_eq!(args, serde_json::json!({"id": "t-42"}));
+    }
+
+    #[test]
+    fn a_system_message_after_a_request_does_not_replay_its_tool_calls() {
+        let demo = StubProvider::demo();
+        let conversation = |latest: Message| ChatRequest {
+            messages: vec![
+                Message::system("You manage tasks."),
+                Message::user("create a task to water the plants"),
+                Message::assistant("Done! I created the task \"water the plants\"."),
+                latest,
+            ],
+            ..ChatRequest::default()
+        };
+        let completion = demo.answer(&conversation(Message::system("note")));
+        assert!(completion.tool_calls.is_empty(), "{completion:?}");
+        assert!(
+            completion
+                .content
+                .unwrap()
+                .contains("offline demo assistant")
+        );
+        // The request that is the latest turn is answered as before.
+        let again = demo.answer(&conversation(Message::user("create a task to buy milk")));
+        assert_eq!(call(&again).1["title"], "buy milk");
     }
 
     #[test]
