@@ -1519,6 +1519,260 @@ async fn the_host_work_of_an_llm_call_is_the_stores_cpu_time() {
     assert_eq!(completed["payload"]["success"], true);
 }
 
+/// A long conversation is sent to the model as its newest part that fits: after twenty
+/// messages of 60 KB (more than the 1 MiB the host lets a request hold, taken together), the
+/// conversation is still answered. Before, every later message got "The language model
+/// refused the request" until fifty newer ones had pushed the long ones out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_conversation_is_sent_as_its_newest_part_that_fits() {
+    let rules = json!({
+        "rules": [
+            {"match": "hello", "matchType": "exact", "response": "Hello!"},
+            // What the model sees of a message cut for being too long.
+            {"match": "cut here: (\\d+) more bytes", "matchType": "regex", "response": "cut ${1}"},
+        ],
+        "defaultResponse": "Noted."
+    });
+    let host = agent_host_with(
+        stub(rules),
+        TestHostOptions {
+            max_body_bytes: 2 << 20,
+            ..TestHostOptions::default()
+        },
+    )
+    .await;
+    host.add_store("ws-long", "agent", &[]).await;
+    for i in 0..20 {
+        let text = format!("{i} {}", "lorem ipsum ".repeat(5_000));
+        chat(&host, "ws-long", &format!("big-{i}"), "user", &text).await;
+    }
+    chat(&host, "ws-long", "after", "user", "hello").await;
+    host.settle("ws-long").await;
+
+    let events = all_events(&host, "ws-long").await;
+    for i in 0..20 {
+        let (_, received, completed) = one_response(&events, &format!("big-{i}"));
+        assert_eq!(completed["payload"]["success"], true, "{i}: {received}");
+    }
+    let (_, received, completed) = one_response(&events, "after");
+    assert_eq!(received["payload"]["message"], "Hello!", "{received}");
+    assert_eq!(completed["payload"]["success"], true);
+
+    // One message too long for a request on its own is cut, not refused.
+    let huge = "x".repeat(1_100_000);
+    chat(&host, "ws-long", "huge", "user", &huge).await;
+    host.settle("ws-long").await;
+    let events = all_events(&host, "ws-long").await;
+    let (_, received, completed) = one_response(&events, "huge");
+    assert_eq!(completed["payload"]["success"], true, "{received}");
+    let reply = received["payload"]["message"].as_str().unwrap();
+    let left_out: usize = reply.strip_prefix("cut ").unwrap().parse().unwrap();
+    assert!(
+        (1_000_000..1_100_000).contains(&left_out),
+        "most of it left out: {reply}"
+    );
+    let (_, letters) = host.get("/v1/stores/ws-long/dead-letters").await;
+    assert_eq!(letters["deadLetters"], json!([]), "{letters}");
+}
+
+/// A tool's answer is bounded: `list_tasks` over many tasks answers the first ones that fit,
+/// with how many more there are and the offset to read on from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_tasks_answers_a_bounded_page_saying_more_exist() {
+    let rules = json!({
+        "rules": [{
+            "match": "list",
+            "matchType": "includes",
+            "toolCalls": [{"type": "function", "function": {"name": "list_tasks", "arguments": "{}"}}],
+            "response": "{{toolResults}}"
+        }]
+    });
+    let host = agent_host(stub(rules)).await;
+    host.add_store("ws-many", "agent", &[]).await;
+    for batch in 0..4 {
+        let events: Vec<Value> = (0..50)
+            .map(|i| {
+                let n = batch * 50 + i;
+                json!({"type": "v2.TaskCreated", "payload": {
+                    "id": format!("t{n:03}"),
+                    "title": format!("Task {n:03} {}", "with a long title ".repeat(10)),
+                }})
+            })
+            .collect();
+        let (status, body) = host
+            .post("/v1/stores/ws-many/events", json!({"events": events}))
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    chat(&host, "ws-many", "m1", "user", "list my tasks").await;
+    host.settle("ws-many").await;
+
+    let events = all_events(&host, "ws-many").await;
+    let (_, received, completed) = one_response(&events, "m1");
+    assert_eq!(completed["payload"]["success"], true);
+    let text = received["payload"]["message"].as_str().unwrap();
+    assert!(text.len() <= 16 * 1024, "{} bytes", text.len());
+    let page: Value = serde_json::from_str(text).expect("a whole JSON answer, not a cut one");
+    let shown = page["tasks"].as_array().unwrap().len();
+    assert!(shown > 10 && shown < 200, "{shown} shown");
+    assert_eq!(page["count"], 200);
+    assert_eq!(page["more"], 200 - shown);
+    assert_eq!(page["nextOffset"], shown);
+    assert_eq!(page["tasks"][0]["id"], "t000");
+    assert!(page["note"].as_str().unwrap().contains("offset"), "{page}");
+}
+
+/// A reply longer than an event may hold (1 MiB) is cut with a marker, stored and emitted:
+/// the message gets its one `LLMResponseCompleted`. Before, the emit failed, the message was
+/// retried with new model calls and dead-lettered, with no response at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_too_long_for_an_event_is_cut_and_the_message_still_completes() {
+    let host = agent_host(stub(
+        json!({"rules": [], "defaultResponse": "y".repeat(1_100_000)}),
+    ))
+    .await;
+    host.add_store("ws-wordy", "agent", &[]).await;
+    chat(&host, "ws-wordy", "m1", "user", "tell me everything").await;
+    host.settle("ws-wordy").await;
+
+    let (_, letters) = host.get("/v1/stores/ws-wordy/dead-letters").await;
+    assert_eq!(letters["deadLetters"], json!([]), "{letters}");
+    let events = all_events(&host, "ws-wordy").await;
+    let (_, received, completed) = one_response(&events, "m1");
+    assert_eq!(completed["payload"]["success"], true);
+    let reply = received["payload"]["message"].as_str().unwrap();
+    assert!(reply.len() <= 128 * 1024, "{} bytes", reply.len());
+    assert!(reply.starts_with("yyyy"), "{}", &reply[..20]);
+    assert!(
+        reply.ends_with("more bytes not shown]"),
+        "{}",
+        &reply[reply.len() - 80..]
+    );
+    let messages = host
+        .query("ws-wordy", "messages", json!({"conversationId": "conv-1"}))
+        .await;
+    assert_eq!(
+        messages["messages"][1]["message"], reply,
+        "stored as emitted"
+    );
+}
+
+/// The metadata trace stays bounded however long the model's tool-call arguments are: past a
+/// budget a call is traced with the length of its arguments, and the reply (here the polite
+/// one, as the conversation outgrew what a request may hold) is emitted with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_tool_call_arguments_are_traced_by_their_length() {
+    let server = FakeLlm::start(|request| {
+        let padding = ["a", "b", "c"][request.index.min(2)].repeat(600_000);
+        Reply::tool_calls(&[("list_tasks", json!({"padding": padding}))])
+    })
+    .await;
+    let host = agent_host(openai(&server, |_| {})).await;
+    host.add_store("ws-args", "agent", &[]).await;
+    chat(&host, "ws-args", "m1", "user", "go").await;
+    host.settle("ws-args").await;
+
+    let (_, letters) = host.get("/v1/stores/ws-args/dead-letters").await;
+    assert_eq!(letters["deadLetters"], json!([]), "{letters}");
+    let events = all_events(&host, "ws-args").await;
+    let (_, received, completed) = one_response(&events, "m1");
+    assert_eq!(completed["payload"]["success"], false);
+    let calls = received["payload"]["llmMetadata"]["toolCalls"]
+        .as_array()
+        .unwrap();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    for call in calls {
+        assert_eq!(call["name"], "list_tasks");
+        assert_eq!(call["ok"], false, "an unknown argument is refused");
+        assert!(call["argumentsBytes"].as_u64().unwrap() > 600_000, "{call}");
+        assert_eq!(call.get("arguments"), None);
+    }
+}
+
+/// A recurring task's run may not create recurring tasks: a prompt that asks for one (here
+/// the demo rules' "remind me to stretch every hour", run every second) would otherwise add
+/// a schedule on every run, without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recurring_run_does_not_create_more_recurring_tasks() {
+    let host = agent_host(backend(Arc::new(StubProvider::demo()))).await;
+    host.add_store("ws-breed", "agent", &[]).await;
+    host.append(
+        "ws-breed",
+        "v1.RecurringTaskCreated",
+        json!({"id": "rt-stretch", "name": "Stretch", "prompt": "remind me to stretch every hour",
+               "intervalHours": 1.0 / 3600.0}),
+    )
+    .await;
+    wait_for_events(&host, "ws-breed", |events| {
+        of_type(events, "v1.TaskExecutionCompleted").len() >= 2
+    })
+    .await;
+    host.append(
+        "ws-breed",
+        "v1.RecurringTaskDisabled",
+        json!({"id": "rt-stretch"}),
+    )
+    .await;
+    host.settle("ws-breed").await;
+
+    let recurring = host.query("ws-breed", "recurring-tasks", json!({})).await;
+    let recurring = recurring["recurringTasks"].as_array().unwrap();
+    assert_eq!(recurring.len(), 1, "{recurring:#?}");
+    let events = all_events(&host, "ws-breed").await;
+    assert_eq!(
+        of_type(&events, "v1.RecurringTaskCreated").len(),
+        1,
+        "only the client's"
+    );
+    let executions = host
+        .query(
+            "ws-breed",
+            "executions",
+            json!({"recurringTaskId": "rt-stretch"}),
+        )
+        .await;
+    let call = &executions["executions"][0]["llmMetadata"]["toolCalls"][0];
+    assert_eq!(call["name"], "create_recurring_task");
+    assert_eq!(call["ok"], false, "refused in a run: {call}");
+
+    // In a chat the tool is there, but not for more than once a minute.
+    chat(
+        &host,
+        "ws-breed",
+        "m1",
+        "user",
+        "remind me to stretch every hour",
+    )
+    .await;
+    host.settle("ws-breed").await;
+    let recurring = host.query("ws-breed", "recurring-tasks", json!({})).await;
+    assert_eq!(recurring["recurringTasks"].as_array().unwrap().len(), 2);
+}
+
+/// The tool refuses a schedule more often than once a minute, saying so to the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_recurring_task_refuses_a_schedule_under_a_minute() {
+    let rules = json!({
+        "rules": [{
+            "match": "every second",
+            "matchType": "includes",
+            "toolCalls": [{"type": "function", "function": {"name": "create_recurring_task",
+                "arguments": "{\"name\":\"Tick\",\"prompt\":\"Tick\",\"intervalHours\":0.005}"}}],
+            "response": "{{toolResults}}"
+        }]
+    });
+    let host = agent_host(stub(rules)).await;
+    host.add_store("ws-tick", "agent", &[]).await;
+    chat(&host, "ws-tick", "m1", "user", "tick every second").await;
+    host.settle("ws-tick").await;
+    let events = all_events(&host, "ws-tick").await;
+    let (_, received, _) = one_response(&events, "m1");
+    let reply = received["payload"]["message"].as_str().unwrap();
+    assert!(reply.contains("at most once a minute"), "{reply}");
+    let recurring = host.query("ws-tick", "recurring-tasks", json!({})).await;
+    assert_eq!(recurring["recurringTasks"], json!([]));
+}
+
 /// A system message after a request is answered as itself: the demo rules do not match the
 /// request before it again and create its task a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

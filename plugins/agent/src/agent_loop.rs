@@ -8,6 +8,7 @@ use serde_json::{Map, Value as Json, json};
 use storehost_guest_sdk::llm::{self, ChatRequest, ErrorClass, LlmError, Message};
 use storehost_guest_sdk::{config, log};
 
+use crate::limits;
 use crate::tools::{self, ToolContext, ToolFailure};
 
 /// Plugin config key: the most model calls one run of the loop makes.
@@ -106,7 +107,8 @@ impl Outcome {
     }
 }
 
-/// What the loop noted on the way, for the metadata.
+/// What the loop noted on the way, for the metadata. It stays small whatever the model sends
+/// (it is emitted with the reply): see [`Trace::call`].
 #[derive(Debug, Default)]
 struct Trace {
     model: Option<String>,
@@ -114,6 +116,31 @@ struct Trace {
     prompt_tokens: u64,
     completion_tokens: u64,
     tool_calls: Vec<Json>,
+    /// Bytes of arguments traced in full so far.
+    argument_bytes: usize,
+    /// Tool calls made but not listed (past [`limits::TRACE_CALLS`]).
+    calls_omitted: u64,
+}
+
+impl Trace {
+    /// Notes a tool call: with its arguments while they fit in
+    /// [`limits::TRACE_ARGUMENTS_BYTES`], then with their length only; past
+    /// [`limits::TRACE_CALLS`] calls, only counted.
+    fn call(&mut self, name: &str, arguments: &str, ok: bool) {
+        if self.tool_calls.len() >= limits::TRACE_CALLS {
+            self.calls_omitted += 1;
+            return;
+        }
+        let name = limits::truncate(name, limits::NAME_BYTES);
+        if self.argument_bytes + arguments.len() <= limits::TRACE_ARGUMENTS_BYTES {
+            self.argument_bytes += arguments.len();
+            self.tool_calls
+                .push(json!({"name": name, "arguments": arguments, "ok": ok}));
+        } else {
+            self.tool_calls
+                .push(json!({"name": name, "argumentsBytes": arguments.len(), "ok": ok}));
+        }
+    }
 }
 
 /// Runs the loop on `messages` (system prompt first, then the conversation).
@@ -124,7 +151,7 @@ pub fn run(
     mut messages: Vec<Message>,
     settings: &Settings,
 ) -> Result<Outcome, String> {
-    let tools = tools::definitions();
+    let tools = tools::definitions(ctx);
     let mut trace = Trace::default();
     let mut repeats: HashMap<(String, String), u32> = HashMap::new();
     let mut iterations = 0;
@@ -140,8 +167,11 @@ pub fn run(
             Ok(completion) => completion,
             Err(err) => return Ok(llm_failed(&err, iterations, trace)),
         };
-        trace.model = Some(completion.model.clone());
-        trace.finish_reason = Some(completion.finish_reason.clone());
+        trace.model = Some(limits::truncate(&completion.model, limits::NAME_BYTES));
+        trace.finish_reason = Some(limits::truncate(
+            &completion.finish_reason,
+            limits::NAME_BYTES,
+        ));
         trace.prompt_tokens += u64::from(completion.prompt_tokens);
         trace.completion_tokens += u64::from(completion.completion_tokens);
         if completion.tool_calls.is_empty() {
@@ -152,20 +182,21 @@ pub fn run(
             return Ok(finish(reply, true, iterations, Stop::FinalAnswer, trace));
         }
         let calls = completion.tool_calls.clone();
-        messages.push(Message::tool_calls(completion.content, calls.clone()));
+        let content = completion
+            .content
+            .map(|text| limits::truncate(&text, limits::MESSAGE_BYTES));
+        messages.push(Message::tool_calls(content, calls.clone()));
         for call in calls {
             let seen = repeats
                 .entry((call.name.clone(), canonical(&call.arguments)))
                 .or_default();
             *seen += 1;
             if *seen >= STUCK_REPEATS {
+                let tool = limits::truncate(&call.name, limits::NAME_BYTES);
                 let reply = format!(
-                    "I'm sorry, I kept repeating the same step ({}) without getting anywhere, so I stopped. Please rephrase your request or break it into smaller steps.",
-                    call.name
+                    "I'm sorry, I kept repeating the same step ({tool}) without getting anywhere, so I stopped. Please rephrase your request or break it into smaller steps."
                 );
-                let stop = Stop::StuckLoop {
-                    tool: call.name.clone(),
-                };
+                let stop = Stop::StuckLoop { tool };
                 return Ok(finish(reply, false, iterations, stop, trace));
             }
             let (result, ok) = match tools::call(ctx, &call.name, &call.arguments) {
@@ -175,10 +206,9 @@ pub fn run(
                     return Err(format!("tool {} failed: {problem}", call.name));
                 }
             };
-            trace
-                .tool_calls
-                .push(json!({"name": call.name, "arguments": call.arguments, "ok": ok}));
-            messages.push(Message::tool_result(call.id, result.to_string()));
+            trace.call(&call.name, &call.arguments, ok);
+            let result = limits::truncate(&result.to_string(), limits::TOOL_RESULT_BYTES);
+            messages.push(Message::tool_result(call.id, result));
         }
     }
     let reply = format!(
@@ -224,7 +254,14 @@ pub fn polite_reply(class: ErrorClass) -> String {
     .to_owned()
 }
 
+/// The outcome; a reply longer than [`limits::REPLY_BYTES`] is cut (it is stored and emitted,
+/// and an emitted payload holds at most 1 MiB).
 fn finish(reply: String, success: bool, iterations: u32, stop: Stop, trace: Trace) -> Outcome {
+    let reply = if reply.len() > limits::REPLY_BYTES {
+        limits::truncate(&reply, limits::REPLY_BYTES)
+    } else {
+        reply
+    };
     let mut metadata = Map::new();
     metadata.insert("stopReason".into(), json!(stop.as_str()));
     metadata.insert("iterations".into(), json!(iterations));
@@ -233,6 +270,9 @@ fn finish(reply: String, success: bool, iterations: u32, stop: Stop, trace: Trac
     metadata.insert("promptTokens".into(), json!(trace.prompt_tokens));
     metadata.insert("completionTokens".into(), json!(trace.completion_tokens));
     metadata.insert("toolCalls".into(), Json::Array(trace.tool_calls));
+    if trace.calls_omitted > 0 {
+        metadata.insert("toolCallsOmitted".into(), json!(trace.calls_omitted));
+    }
     match &stop {
         Stop::LlmError { class, status } => {
             metadata.insert("errorClass".into(), json!(class.as_str()));
@@ -273,6 +313,25 @@ mod tests {
             canonical(r#"{"a":"x","b":1}"#)
         );
         assert_eq!(canonical(" not json "), "not json");
+    }
+
+    #[test]
+    fn the_trace_lists_arguments_within_its_budget_and_counts_calls_past_its_limit() {
+        let mut trace = Trace::default();
+        let big = "x".repeat(limits::TRACE_ARGUMENTS_BYTES);
+        trace.call("a", "{}", true);
+        trace.call("b", &big, true);
+        for _ in 0..limits::TRACE_CALLS {
+            trace.call("c", "{}", false);
+        }
+        assert_eq!(trace.tool_calls[0]["arguments"], "{}");
+        assert_eq!(trace.tool_calls[1]["argumentsBytes"], big.len());
+        assert_eq!(trace.tool_calls[1].get("arguments"), None);
+        assert_eq!(trace.tool_calls.len(), limits::TRACE_CALLS);
+        assert_eq!(trace.calls_omitted, 2);
+        let outcome = finish("y".repeat(1 << 20), true, 1, Stop::FinalAnswer, trace);
+        assert!(outcome.reply.len() <= limits::REPLY_BYTES);
+        assert_eq!(outcome.metadata["toolCallsOmitted"], 2);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use storehost_guest_sdk::{Event, clock, config, events, log, params, query_args}
 
 use crate::agent_loop::{self, Settings};
 use crate::ids;
+use crate::limits;
 use crate::tasks::PLUGIN_SOURCE;
 use crate::timestamp::Timestamp;
 use crate::tools::ToolContext;
@@ -34,7 +35,7 @@ pub const QUERY_MESSAGES: &str = "messages";
 
 /// Plugin config key: replaces the built-in system prompt of chats.
 pub const SYSTEM_PROMPT_KEY: &str = "AGENT_SYSTEM_PROMPT";
-/// How many of a conversation's latest messages the model sees.
+/// The most of a conversation's latest messages the model sees (fewer when they are long).
 const HISTORY_LIMIT: i64 = 50;
 /// Longest conversation title, in characters (taken from its first message).
 const TITLE_CHARS: usize = 80;
@@ -226,9 +227,10 @@ fn respond(conversation_id: &str, message_id: &str) -> Result<(), String> {
         &json!({"conversationId": conversation_id, "userMessageId": message_id}),
     )?;
     let now_ms = clock::now_ms();
-    let mut messages = vec![Message::text(Role::System, system_prompt(now_ms))];
+    let prompt = limits::truncate(&system_prompt(now_ms), limits::MESSAGE_BYTES);
+    let mut messages = vec![Message::text(Role::System, prompt)];
     messages.extend(history(conversation_id)?);
-    let mut ctx = ToolContext::new(message_id, now_ms);
+    let mut ctx = ToolContext::for_chat(message_id, now_ms);
     let outcome = agent_loop::run(&mut ctx, messages, &Settings::from_config())?;
 
     let reply_id = ids::reply_to(message_id);
@@ -277,27 +279,42 @@ fn system_prompt(now_ms: i64) -> String {
     }
 }
 
-/// The latest messages of the conversation, oldest first, as the model sees them.
+/// The latest messages of the conversation, oldest first, as the model sees them: at most
+/// [`HISTORY_LIMIT`] of them, the newest that fit in [`limits::HISTORY_BYTES`] (the message
+/// being answered, the newest, always), each cut to [`limits::MESSAGE_BYTES`].
 fn history(conversation_id: &str) -> Result<Vec<Message>, String> {
+    // Only as much of each text as could be sent is read (`substr` counts characters, and a
+    // character is at least one byte).
     let rows = sql::query(
-        "SELECT role, content FROM (
-             SELECT rowid, role, content FROM messages WHERE conversation_id = ?1
-             ORDER BY rowid DESC LIMIT ?2
-         ) ORDER BY rowid",
-        params![conversation_id, HISTORY_LIMIT],
+        "SELECT role, substr(content, 1, ?3) AS content, length(CAST(content AS BLOB)) AS bytes
+         FROM messages WHERE conversation_id = ?1
+         ORDER BY rowid DESC LIMIT ?2",
+        params![conversation_id, HISTORY_LIMIT, limits::MESSAGE_BYTES as i64],
     )?;
     let mut messages = Vec::with_capacity(rows.len());
+    let mut total = 0;
     for row in &rows {
         let role: String = row.get("role")?;
         let content: String = row.get("content")?;
+        let bytes: i64 = row.get("bytes")?;
         let role = match ChatRole::parse(&role) {
             Some(ChatRole::User) => Role::User,
             Some(ChatRole::Assistant) => Role::Assistant,
             Some(ChatRole::System) => Role::System,
             None => continue,
         };
+        let content = limits::truncate_known(
+            &content,
+            usize::try_from(bytes).unwrap_or(usize::MAX),
+            limits::MESSAGE_BYTES,
+        );
+        if !messages.is_empty() && total + content.len() > limits::HISTORY_BYTES {
+            break;
+        }
+        total += content.len();
         messages.push(Message::text(role, content));
     }
+    messages.reverse();
     Ok(messages)
 }
 

@@ -9,12 +9,14 @@
 //! - [`conversations`]: `v1.ChatMessageSent` → `conversations`, `messages`, and the reply.
 //! - [`recurring`]: `v1.RecurringTask*` → `recurring_tasks`, schedules, and each execution.
 //! - [`agent_loop`] and [`tools`]: the loop and the tools the model may call.
+//! - `limits`: the sizes that keep requests to the model and emitted events within the host's.
 #![forbid(unsafe_code)]
 
 pub mod agent_loop;
 mod args;
 pub mod conversations;
 mod ids;
+mod limits;
 pub mod recurring;
 pub mod tasks;
 mod timestamp;

@@ -5,7 +5,9 @@
 //!   the end of the previous execution), `cron` for a cron expression. Deleting or disabling it
 //!   cancels the schedule; enabling or changing the schedule schedules it again.
 //! - An execution runs the loop on the task's prompt with a fresh context (no chat conversation:
-//!   a schedule that ran for months must not drag its whole history into every call). It emits
+//!   a schedule that ran for months must not drag its whole history into every call), and
+//!   without `create_recurring_task` (a prompt like "remind me to stretch every hour" would
+//!   otherwise add a schedule on every run). It emits
 //!   `v1.TaskExecutionStarted`, then `v1.TaskExecutionCompleted` or `v1.TaskExecutionFailed`, and
 //!   `v1.RecurringTaskUpdated {nextExecutionAt}`, and records the execution in `executions`.
 //! - A failed loop (an LLM error, the iteration limit, a stuck loop) is an outcome, not a crash:
@@ -22,6 +24,7 @@ use storehost_guest_sdk::sql::{self, Row, SqlError};
 use storehost_guest_sdk::{Event, Task, clock, events, log, params, query_args};
 
 use crate::agent_loop::{self, Settings};
+use crate::limits;
 use crate::tasks::PLUGIN_SOURCE;
 use crate::timestamp::{Timestamp, iso8601_from_epoch_ms};
 use crate::tools::ToolContext;
@@ -49,6 +52,10 @@ pub const QUERY_RECURRING_TASKS: &str = "recurring-tasks";
 pub const QUERY_EXECUTIONS: &str = "executions";
 
 const MS_PER_HOUR: f64 = 3_600_000.0;
+/// The shortest interval `create_recurring_task` accepts: one minute. Every run costs model
+/// calls, and a model that misreads "every 5 minutes" must not set up a run every second. (A
+/// client's `v1.RecurringTaskCreated` is taken as given: the scheduler's own limit applies.)
+pub const MIN_INTERVAL_HOURS: f64 = 1.0 / 60.0;
 /// How many executions the `executions` query answers when not told.
 const DEFAULT_EXECUTIONS_LIMIT: i64 = 100;
 
@@ -116,6 +123,31 @@ impl Schedule {
             (Some(hours), None) => Ok(Self::Interval(hours)),
             (None, Some("")) => Err("cron must not be empty".to_owned()),
             (None, Some(expression)) => Ok(Self::Cron(expression.to_owned())),
+        }
+    }
+
+    /// Whether the schedule runs at most once a minute (what the model may set up): an
+    /// interval of at least [`MIN_INTERVAL_HOURS`], or a cron expression whose seconds field,
+    /// if it has one, is a single second.
+    pub fn at_most_once_a_minute(&self) -> Result<(), String> {
+        match self {
+            Self::Interval(hours) if *hours < MIN_INTERVAL_HOURS - 1e-9 => Err(format!(
+                "intervalHours {hours} is under a minute; a recurring task runs at most once a minute (intervalHours 0.0167 or more)"
+            )),
+            Self::Cron(expression) => {
+                let fields: Vec<&str> = expression.split_whitespace().collect();
+                let fixed_second = fields
+                    .first()
+                    .is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+                if fields.len() > 5 && !fixed_second {
+                    Err(format!(
+                        "cron {expression:?} runs more than once a minute; a recurring task runs at most once a minute: use 5 fields (minute hour day month weekday), like \"*/5 * * * *\""
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            Self::Interval(_) => Ok(()),
         }
     }
 
@@ -593,10 +625,16 @@ pub fn run(due: &Task) -> Result<(), String> {
         }),
     )?;
     let messages = vec![
-        Message::text(Role::System, run_prompt(&task, started_ms)),
-        Message::text(Role::User, task.prompt.clone()),
+        Message::text(
+            Role::System,
+            limits::truncate(&run_prompt(&task, started_ms), limits::MESSAGE_BYTES),
+        ),
+        Message::text(
+            Role::User,
+            limits::truncate(&task.prompt, limits::MESSAGE_BYTES),
+        ),
     ];
-    let mut ctx = ToolContext::new(execution_id, started_ms);
+    let mut ctx = ToolContext::for_execution(execution_id, started_ms);
     let outcome = agent_loop::run(&mut ctx, messages, &Settings::from_config())?;
     let finished_at = Timestamp::from_epoch_ms(clock::now_ms());
 
@@ -759,6 +797,32 @@ mod tests {
             (None, Some("  "), "must not be empty"),
         ] {
             let err = Schedule::from_fields(hours, cron).unwrap_err();
+            assert!(err.contains(expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_model_may_schedule_at_most_once_a_minute() {
+        for ok in [
+            Schedule::Interval(1.0 / 60.0),
+            Schedule::Interval(24.0),
+            Schedule::Cron("* * * * *".into()),
+            Schedule::Cron("30 */5 * * * *".into()),
+        ] {
+            assert_eq!(ok.at_most_once_a_minute(), Ok(()), "{ok:?}");
+        }
+        for (bad, expected) in [
+            (Schedule::Interval(1.0 / 3600.0), "under a minute"),
+            (
+                Schedule::Cron("*/1 * * * * *".into()),
+                "more than once a minute",
+            ),
+            (
+                Schedule::Cron("0,30 * * * * *".into()),
+                "more than once a minute",
+            ),
+        ] {
+            let err = bad.at_most_once_a_minute().unwrap_err();
             assert!(err.contains(expected), "{err}");
         }
     }

@@ -13,7 +13,8 @@ use storehost_guest_sdk::events;
 use storehost_guest_sdk::llm::ToolDefinition;
 
 use crate::ids;
-use crate::recurring::{self, Created, NewRecurringTask, Schedule};
+use crate::limits;
+use crate::recurring::{self, Created, MIN_INTERVAL_HOURS, NewRecurringTask, Schedule};
 use crate::tasks::{self, DEFAULT_STATUS, NewTask, Task, TaskChanges};
 use crate::timestamp::Timestamp;
 
@@ -45,15 +46,30 @@ pub struct ToolContext {
     derived: u32,
     /// The time the tools stamp on what they write.
     now: Timestamp,
+    /// Whether `create_recurring_task` is offered: not in a recurring task's execution, whose
+    /// prompt (often the very request that created it, like "remind me to stretch every hour")
+    /// would otherwise create another schedule on every run, without bound.
+    may_schedule: bool,
 }
 
 impl ToolContext {
-    /// A context for a loop started by `origin` at `now_ms`.
-    pub fn new(origin: &str, now_ms: i64) -> Self {
+    /// A context for a loop answering chat message `message_id` at `now_ms`.
+    pub fn for_chat(message_id: &str, now_ms: i64) -> Self {
+        Self::new(message_id, now_ms, true)
+    }
+
+    /// A context for execution `execution_id` of a recurring task, at `now_ms`: it may not
+    /// create recurring tasks.
+    pub fn for_execution(execution_id: &str, now_ms: i64) -> Self {
+        Self::new(execution_id, now_ms, false)
+    }
+
+    fn new(origin: &str, now_ms: i64, may_schedule: bool) -> Self {
         Self {
             origin: origin.to_owned(),
             derived: 0,
             now: Timestamp::from_epoch_ms(now_ms),
+            may_schedule,
         }
     }
 
@@ -73,8 +89,20 @@ impl ToolContext {
     }
 }
 
-/// The tools offered to the model.
-pub fn definitions() -> Vec<ToolDefinition> {
+/// The tools offered to the model in `ctx` (a recurring task's execution is not offered
+/// `create_recurring_task`).
+pub fn definitions(ctx: &ToolContext) -> Vec<ToolDefinition> {
+    let mut tools = all_definitions();
+    if !ctx.may_schedule {
+        tools.retain(|tool| tool.name != CREATE_RECURRING_TASK);
+    }
+    tools
+}
+
+/// The tool that creates recurring tasks (see [`ToolContext::for_execution`]).
+const CREATE_RECURRING_TASK: &str = "create_recurring_task";
+
+fn all_definitions() -> Vec<ToolDefinition> {
     let status = json!({"type": "string", "enum": STATUSES, "description": "The task's status."});
     let id = json!({"type": "string", "description": "The task's id, as list_tasks or create_task answered it."});
     let tool = |name: &str, description: &str, parameters: Json| ToolDefinition {
@@ -134,26 +162,27 @@ pub fn definitions() -> Vec<ToolDefinition> {
         ),
         tool(
             "list_tasks",
-            "List the user's tasks (oldest first), optionally only those with a status.",
+            "List the user's tasks (oldest first), optionally only those with a status. A long list comes in pages: when `more` is in the answer, call again with its `nextOffset` as `offset`.",
             json!({
                 "type": "object",
                 "properties": {
                     "status": status,
                     "includeArchived": {"type": "boolean", "description": "Also list archived tasks."},
+                    "offset": {"type": "integer", "minimum": 0, "description": "Skip this many tasks (from a previous answer's nextOffset)."},
                 },
                 "additionalProperties": false,
             }),
         ),
         tool(
             "create_recurring_task",
-            "Create a recurring task: on its schedule, the assistant runs `prompt` on its own and records the result. Give either intervalHours or cron.",
+            "Create a recurring task: on its schedule, the assistant runs `prompt` on its own and records the result. Give either intervalHours or cron; it runs at most once a minute.",
             json!({
                 "type": "object",
                 "properties": {
                     "name": {"type": "string", "description": "A short name."},
                     "prompt": {"type": "string", "description": "What to do each time, as an instruction to the assistant."},
-                    "intervalHours": {"type": "number", "exclusiveMinimum": 0, "description": "Run every this many hours."},
-                    "cron": {"type": "string", "description": "Or: a cron expression in UTC, like \"0 9 * * MON-FRI\"."},
+                    "intervalHours": {"type": "number", "minimum": MIN_INTERVAL_HOURS, "description": "Run every this many hours (at least one minute: 0.0167)."},
+                    "cron": {"type": "string", "description": "Or: a cron expression in UTC with 5 fields, like \"0 9 * * MON-FRI\"."},
                 },
                 "required": ["name", "prompt"],
                 "additionalProperties": false,
@@ -170,7 +199,10 @@ pub fn call(ctx: &mut ToolContext, name: &str, arguments: &str) -> Result<Json, 
         "archive_task" => archive_task(ctx, args(name, arguments)?),
         "get_task_by_id" => get_task_by_id(args(name, arguments)?),
         "list_tasks" => list_tasks(args(name, arguments)?),
-        "create_recurring_task" => create_recurring_task(ctx, args(name, arguments)?),
+        CREATE_RECURRING_TASK if !ctx.may_schedule => Err(ToolFailure::Rejected(
+            "create_recurring_task is not available while a recurring task runs: a run may not create more schedules (each run would add another). Carry out this run's instruction with the other tools".into(),
+        )),
+        CREATE_RECURRING_TASK => create_recurring_task(ctx, args(name, arguments)?),
         other => Err(ToolFailure::Rejected(format!(
             "there is no tool named `{other}`; the tools are create_task, update_task, archive_task, get_task_by_id, list_tasks and create_recurring_task"
         ))),
@@ -343,16 +375,54 @@ struct ListTasks {
     status: Option<String>,
     #[serde(default)]
     include_archived: bool,
+    #[serde(default)]
+    offset: usize,
 }
 
+/// The most bytes of tasks one `list_tasks` answer holds (under the cap on any tool result).
+const LIST_BYTES: usize = limits::TOOL_RESULT_BYTES - 1024;
+/// The most bytes of a title or description a task listing shows (`get_task_by_id` shows
+/// it all).
+const LISTED_TEXT_BYTES: usize = 500;
+
+/// Lists the tasks from `offset` on, as many as fit in [`LIST_BYTES`]; when more are left,
+/// `more` says how many and `nextOffset` where to go on.
 fn list_tasks(args: ListTasks) -> Result<Json, ToolFailure> {
     let status = checked_status(args.status.as_deref())?;
-    let tasks: Vec<Json> = tasks::list(args.include_archived)?
-        .iter()
+    let matching: Vec<Task> = tasks::list(args.include_archived)?
+        .into_iter()
         .filter(|task| status.is_none_or(|s| task.status == s))
-        .map(task_json)
         .collect();
-    Ok(json!({ "count": tasks.len(), "tasks": tasks }))
+    let mut listed = Vec::new();
+    let mut bytes = 0;
+    for task in matching.iter().skip(args.offset) {
+        let mut item = task_json(task);
+        if task.title.len() > LISTED_TEXT_BYTES {
+            item["title"] = json!(limits::truncate(&task.title, LISTED_TEXT_BYTES));
+        }
+        if let Some(description) = &task.description
+            && description.len() > LISTED_TEXT_BYTES
+        {
+            item["description"] = json!(limits::truncate(description, LISTED_TEXT_BYTES));
+        }
+        let size = item.to_string().len() + 1;
+        if bytes + size > LIST_BYTES {
+            break;
+        }
+        bytes += size;
+        listed.push(item);
+    }
+    let next_offset = args.offset.saturating_add(listed.len());
+    let mut answer = json!({ "count": matching.len(), "tasks": listed });
+    if next_offset < matching.len() {
+        answer["more"] = json!(matching.len() - next_offset);
+        answer["nextOffset"] = json!(next_offset);
+        answer["note"] = json!(format!(
+            "{} more tasks are not shown; call list_tasks with offset {next_offset} for the next ones, or narrow by status",
+            matching.len() - next_offset
+        ));
+    }
+    Ok(answer)
 }
 
 #[derive(Debug, Deserialize)]
@@ -373,6 +443,7 @@ fn create_recurring_task(
     let name = non_empty("name", &args.name)?;
     let prompt = non_empty("prompt", &args.prompt)?;
     let schedule = Schedule::from_fields(args.interval_hours, args.cron.as_deref())
+        .and_then(|schedule| schedule.at_most_once_a_minute().map(|()| schedule))
         .map_err(ToolFailure::Rejected)?;
     let id = ctx.next_id("rt", |id| Ok(recurring::get(id)?.is_some()))?;
     let new = NewRecurringTask {
