@@ -106,6 +106,8 @@ fn completion_to_wit(completion: provider::Completion) -> wit::Completion {
     }
 }
 
+/// The error as the plugin gets it. Its message is the provider's: the OpenAI-compatible
+/// provider keeps the operator's endpoint out of it (the host log names it instead).
 fn error_to_wit(err: &provider::LlmError) -> wit::LlmError {
     use provider::ErrorClass as P;
     use wit::ErrorClass as W;

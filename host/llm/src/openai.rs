@@ -189,8 +189,27 @@ impl Provider for OpenAiProvider {
     }
 }
 
+/// What to do about a `base_url` holding a user name or password; the URL itself is not
+/// repeated, since it holds a secret.
+pub const CREDENTIALS_IN_BASE_URL: &str = "has a user name or password in it (user:secret@host); credentials do not belong in the URL, which is logged: give the API root without them, and put the API key in the environment variable that api_key_env names (it is sent as Authorization: Bearer)";
+
+/// Whether `base_url` carries credentials (`https://user:secret@host/v1`): an `@` in the part
+/// between `//` and the path.
+pub fn base_url_has_credentials(base_url: &str) -> bool {
+    base_url
+        .split_once("//")
+        .and_then(|(_, rest)| rest.split(['/', '?', '#']).next())
+        .is_some_and(|authority| authority.contains('@'))
+}
+
 /// `base_url` without its trailing '/', or why it cannot be used.
 fn validate_base_url(base_url: &str) -> Result<String, LlmError> {
+    if base_url_has_credentials(base_url) {
+        return Err(LlmError::new(
+            ErrorClass::NotConfigured,
+            format!("LLM base_url {CREDENTIALS_IN_BASE_URL}"),
+        ));
+    }
     let trimmed = base_url.trim().trim_end_matches('/');
     let rest = trimmed
         .strip_prefix("http://")
@@ -223,7 +242,49 @@ enum Attempt {
 }
 
 impl Inner {
+    /// [`Self::call`], with the endpoint kept out of the error: the message goes to the
+    /// tenant's plugin, while the endpoint is the operator's business (and a reqwest or TLS
+    /// error may still name it). The host log gets the failure with the endpoint.
     async fn complete(&self, req: ChatRequest) -> Result<Completion, LlmError> {
+        self.call(req).await.map_err(|mut error| {
+            tracing::warn!(
+                endpoint = %self.endpoint,
+                class = error.class.as_str(),
+                status = error.status,
+                "LLM call failed: {}",
+                // The provider's message may echo the plugin's text: kept on one line.
+                error.message.escape_debug()
+            );
+            error.message = self.without_endpoint(&error.message);
+            error
+        })
+    }
+
+    /// `message` with the endpoint, the base URL and the server's host replaced by "the LLM
+    /// server".
+    fn without_endpoint(&self, message: &str) -> String {
+        let mut names = vec![self.endpoint.clone()];
+        if let Some(base) = self.endpoint.strip_suffix("/chat/completions") {
+            names.push(base.to_owned());
+        }
+        if let Ok(url) = reqwest::Url::parse(&self.endpoint)
+            && let Some(host) = url.host_str()
+        {
+            if let Some(port) = url.port() {
+                names.push(format!("{host}:{port}"));
+            }
+            // A bare name like "llm" could be part of ordinary words; a dotted name or an
+            // address cannot.
+            if host.contains(['.', ':']) {
+                names.push(host.to_owned());
+            }
+        }
+        names.iter().fold(message.to_owned(), |text, name| {
+            text.replace(name.as_str(), "the LLM server")
+        })
+    }
+
+    async fn call(&self, req: ChatRequest) -> Result<Completion, LlmError> {
         let key = match &self.api_key {
             ApiKey::NotUsed => None,
             ApiKey::Present(key) => Some(key.as_str()),
@@ -251,8 +312,8 @@ impl Inner {
                     error: LlmError::new(
                         ErrorClass::Timeout,
                         format!(
-                            "no answer from {} before the call's deadline of {} ms (deadline_ms); the server is slow or overloaded: raise deadline_ms, or use a faster model or server",
-                            self.endpoint, self.config.deadline_ms
+                            "no answer from the LLM server before the call's deadline of {} ms (deadline_ms); the server is slow or overloaded: raise deadline_ms, or use a faster model or server",
+                            self.config.deadline_ms
                         ),
                     ),
                     retry_after: None,
@@ -261,8 +322,8 @@ impl Inner {
                     error: LlmError::new(
                         ErrorClass::Timeout,
                         format!(
-                            "no answer from {} within {} ms (timeout_ms); the server is slow or overloaded: raise timeout_ms, or use a faster model or server",
-                            self.endpoint, self.config.timeout_ms
+                            "no answer from the LLM server within {} ms (timeout_ms); the server is slow or overloaded: raise timeout_ms, or use a faster model or server",
+                            self.config.timeout_ms
                         ),
                     ),
                     retry_after: None,
@@ -309,6 +370,7 @@ impl Inner {
                 ));
             }
             tracing::warn!(
+                endpoint = %self.endpoint,
                 attempt = attempts,
                 delay_ms = delay.as_millis() as u64,
                 class = error.class.as_str(),
@@ -360,7 +422,7 @@ impl Inner {
         }
         let response = match request.send().await {
             Ok(response) => response,
-            Err(err) => return self.send_failed(&err),
+            Err(err) => return self.send_failed(err),
         };
         let status = response.status().as_u16();
         let retry_after = retry_after(response.headers());
@@ -370,8 +432,7 @@ impl Inner {
                 return Attempt::Done(Err(LlmError::new(
                     ErrorClass::InvalidResponse,
                     format!(
-                        "the answer from {} is larger than {} MiB; check that base_url points to a chat-completions API",
-                        self.endpoint,
+                        "the answer from the LLM server is larger than {} MiB; check that base_url points to a chat-completions API",
                         MAX_RESPONSE_BYTES >> 20
                     ),
                 )
@@ -386,9 +447,8 @@ impl Inner {
                             ErrorClass::Transient
                         },
                         format!(
-                            "the answer from {} broke off: {}",
-                            self.endpoint,
-                            error_chain(&err)
+                            "the answer from the LLM server broke off: {}",
+                            error_chain(&err.without_url())
                         ),
                     )
                     .with_status(status),
@@ -403,8 +463,7 @@ impl Inner {
                         LlmError::new(
                             ErrorClass::InvalidResponse,
                             format!(
-                                "the answer from {} is not a chat completion: {problem}; check that base_url is the API root of an OpenAI-compatible server (like http://host:port/v1)",
-                                self.endpoint
+                                "the answer from the LLM server is not a chat completion: {problem}; check that base_url is the API root of an OpenAI-compatible server (like http://host:port/v1)"
                             ),
                         )
                     })
@@ -415,7 +474,7 @@ impl Inner {
         let error = |class, advice: &str| {
             LlmError::new(
                 class,
-                format!("{} answered HTTP {status}: {said}; {advice}", self.endpoint),
+                format!("the LLM server answered HTTP {status}: {said}; {advice}"),
             )
             .with_status(status)
         };
@@ -462,8 +521,11 @@ impl Inner {
     }
 
     /// Classifies a request that got no answer.
-    fn send_failed(&self, err: &reqwest::Error) -> Attempt {
-        let detail = error_chain(err);
+    fn send_failed(&self, err: reqwest::Error) -> Attempt {
+        // reqwest names the URL in its message: the endpoint goes to the host log, not to
+        // the plugin (see `complete`).
+        let err = err.without_url();
+        let detail = error_chain(&err);
         let (class, advice) = if err.is_timeout() {
             (
                 ErrorClass::Timeout,
@@ -477,10 +539,7 @@ impl Inner {
         } else if err.is_builder() {
             return Attempt::Done(Err(LlmError::new(
                 ErrorClass::NotConfigured,
-                format!(
-                    "cannot build a request to {}: {detail}; check base_url",
-                    self.endpoint
-                ),
+                format!("cannot build a request to the LLM server: {detail}; check base_url"),
             )));
         } else {
             (
@@ -491,7 +550,7 @@ impl Inner {
         Attempt::Retry {
             error: LlmError::new(
                 class,
-                format!("request to {} failed: {detail}; {advice}", self.endpoint),
+                format!("request to the LLM server failed: {detail}; {advice}"),
             ),
             retry_after: None,
         }
@@ -752,6 +811,53 @@ mod tests {
             assert_eq!(err.class, ErrorClass::NotConfigured);
             assert!(err.message.contains("api.openai.com"), "{}", err.message);
         }
+    }
+
+    /// A base URL carrying credentials is refused, saying where the key goes instead and
+    /// without repeating the secret (the URL is logged at start and named in errors).
+    #[test]
+    fn base_urls_with_credentials_are_refused_without_repeating_them() {
+        for bad in [
+            "https://user:s3cret@api.example.com/v1",
+            "http://s3cret@127.0.0.1:8080/v1",
+        ] {
+            let err = validate_base_url(bad).unwrap_err();
+            assert_eq!(err.class, ErrorClass::NotConfigured);
+            assert!(!err.message.contains("s3cret"), "{}", err.message);
+            assert!(err.message.contains("api_key_env"), "{}", err.message);
+        }
+        // An '@' in the path is not a credential.
+        validate_base_url("http://127.0.0.1:8080/v1/@team").unwrap();
+    }
+
+    /// The error of a call to an endpoint that cannot be reached names neither the endpoint
+    /// nor its host: the message goes to the tenant's plugin (reqwest's own message names the
+    /// URL).
+    #[tokio::test]
+    async fn an_error_message_does_not_name_the_endpoint() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        let provider = OpenAiProvider::with_env(
+            OpenAiConfig {
+                base_url: format!("http://{address}/v1"),
+                api_key_env: None,
+                max_retries: 0,
+                ..OpenAiConfig::default()
+            },
+            |_| None,
+        )
+        .unwrap();
+        let req = ChatRequest {
+            messages: vec![crate::Message::user("hi")],
+            ..ChatRequest::default()
+        };
+        let err = provider.complete(req).await.unwrap_err();
+        assert_eq!(err.class, ErrorClass::Transient, "{}", err.message);
+        for named in ["127.0.0.1", &address.port().to_string(), "/v1"] {
+            assert!(!err.message.contains(named), "{named}: {}", err.message);
+        }
+        assert!(err.message.contains("the LLM server"), "{}", err.message);
     }
 
     /// Retry `n` waits a random time in `[0, min(backoff_max, backoff_base * 2^(n-1))]`: never

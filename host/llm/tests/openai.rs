@@ -247,6 +247,11 @@ async fn server_errors_are_retried_then_reported_as_transient() {
         "{}",
         err.message
     );
+    assert!(
+        !err.message.contains("127.0.0.1"),
+        "the message, which the plugin gets, does not name the endpoint: {}",
+        err.message
+    );
     assert_eq!(server.count(), 3, "max_retries + 1 requests");
 }
 

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use storehost_llm::StubProvider;
+use storehost_llm::openai::{CREDENTIALS_IN_BASE_URL, base_url_has_credentials};
 use storehost_store::id::{STORE_ID_RULE, StoreId};
 
 use super::error::{ConfigError, ConfigErrorKind as Kind, ConfigErrors};
@@ -266,7 +267,18 @@ pub fn apply_env(config: &mut HostConfig, env: &dyn Env) -> Result<EnvReport, Co
             ),
         }
     }
-    if let Some(url) = reader.http_url("LLM_BASE_URL") {
+    if reader
+        .env
+        .var("LLM_BASE_URL")
+        .is_some_and(|url| base_url_has_credentials(&url))
+    {
+        // The value is not echoed: it holds a secret.
+        reader.errors.push(ConfigError::env(
+            "LLM_BASE_URL",
+            Kind::InvalidEnv,
+            format!("LLM_BASE_URL {CREDENTIALS_IN_BASE_URL}"),
+        ));
+    } else if let Some(url) = reader.http_url("LLM_BASE_URL") {
         next.llm.base_url = url;
     }
     if let Some(model) = reader.text("LLM_MODEL") {

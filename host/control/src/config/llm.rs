@@ -305,6 +305,18 @@ queue_wait_ms = 0
         assert_eq!(line, 3);
         assert!(message.contains("http://"), "{message}");
 
+        let (line, message) =
+            only_error("[llm]\nbase_url = \"https://user:s3cret@api.example.com/v1\"\n");
+        assert_eq!(line, 2);
+        assert!(
+            message.contains("user name or password") && message.contains("api_key_env"),
+            "says what is wrong and where the key goes: {message}"
+        );
+        assert!(
+            !message.contains("s3cret"),
+            "the secret is not repeated: {message}"
+        );
+
         let (line, message) = only_error("[llm]\napi_key_env = \"sk-abc123-not-a-name\"\n");
         assert_eq!(line, 2);
         assert!(message.contains("not the key itself"), "{message}");
@@ -435,6 +447,11 @@ queue_wait_ms = 0
             ("LLM_BASE_URL", "api.openai.com/v1", "http:// or https://"),
             ("LLM_API_KEY_ENV", "sk-123", "not the key itself"),
             (
+                "LLM_BASE_URL",
+                "https://user:s3cret@api.example.com/v1",
+                "put the API key in the environment variable",
+            ),
+            (
                 "LLM_STUB_RESPONSES",
                 r#"{"rules":[{"match":"a","matchType":"exact"}]}"#,
                 "rules[0].response: is missing",
@@ -452,6 +469,7 @@ queue_wait_ms = 0
             );
             let message = errors.to_string();
             assert!(message.contains(expected), "{variable}: {message}");
+            assert!(!message.contains("s3cret"), "{variable}: {message}");
             assert_eq!(config, HostConfig::default(), "nothing applied");
         }
     }

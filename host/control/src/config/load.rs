@@ -12,6 +12,7 @@ use std::path::Path;
 
 use serde::de::{DeserializeOwned, IntoDeserializer};
 use storehost_llm::StubProvider;
+use storehost_llm::openai::{CREDENTIALS_IN_BASE_URL, base_url_has_credentials};
 use storehost_store::id::{STORE_ID_RULE, StoreId};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
@@ -603,7 +604,10 @@ impl Problems for LlmConfig {
             .base_url
             .strip_prefix("http://")
             .or_else(|| self.base_url.strip_prefix("https://"));
-        if rest.is_none_or(|rest| rest.is_empty() || rest.starts_with('/'))
+        if base_url_has_credentials(&self.base_url) {
+            // The value is not echoed: it holds a secret.
+            problems.push(("base_url", format!("base_url {CREDENTIALS_IN_BASE_URL}")));
+        } else if rest.is_none_or(|rest| rest.is_empty() || rest.starts_with('/'))
             || self.base_url.chars().any(char::is_whitespace)
         {
             problems.push((
