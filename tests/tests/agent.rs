@@ -637,6 +637,51 @@ async fn persistent_rate_limiting_gets_a_polite_reply() {
     assert!(reply.contains("too many requests"), "{reply}");
 }
 
+/// A 429 asking for a wait longer than the invocation has left for its LLM call (the default
+/// `wall_ms_per_call` of 10 s leaves about 9) is a `rate_limited` error with its status at
+/// once. The provider used to wait 20 s, since that fit its own `deadline_ms` (60 s), holding
+/// a host-wide LLM slot, until the invocation's budget cut the call as a `timeout` with no
+/// status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_longer_than_the_invocation_has_left_is_rate_limited_at_once() {
+    let server =
+        FakeLlm::start(|_| Reply::error(429, "slow down").with_header("retry-after", "20")).await;
+    let started = std::time::Instant::now();
+    let (received, completed, requests) = chat_through(&server, |c| {
+        c.timeout_ms = 30_000;
+        c.deadline_ms = 60_000;
+    })
+    .await;
+    assert_failed(&received, &completed, "rate_limited", Some(429));
+    assert_eq!(requests, 1, "no retry inside the 20 s asked for");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "answered without waiting: {:?}",
+        started.elapsed()
+    );
+}
+
+/// An attempt that hangs is retried within the invocation's wall time: with `timeout_ms`
+/// (30 s) longer than the invocation has left for the call (about 9 s), an attempt that may be
+/// retried gets half of what is left, and the retry is answered. The first attempt used to
+/// get all of it, and the call ended as a `timeout` with no retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_attempt_is_retried_within_the_invocations_wall_time() {
+    let server = FakeLlm::start(|request| match request.index {
+        0 => Reply::text("much too late").after(Duration::from_secs(20)),
+        _ => Reply::text("Second time lucky."),
+    })
+    .await;
+    let (received, completed, requests) = chat_through(&server, |c| {
+        c.timeout_ms = 30_000;
+        c.deadline_ms = 60_000;
+    })
+    .await;
+    assert_eq!(requests, 2);
+    assert_eq!(received["payload"]["message"], "Second time lucky.");
+    assert_eq!(completed["payload"]["success"], true, "{received}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_server_is_a_transient_error_after_the_retries() {
     let server = FakeLlm::start(|_| Reply::error(500, "boom")).await;
@@ -1319,6 +1364,7 @@ mod fake_llm {
         status: u16,
         body: String,
         delay: Duration,
+        headers: Vec<(&'static str, &'static str)>,
     }
 
     impl Reply {
@@ -1355,12 +1401,19 @@ mod fake_llm {
                 status,
                 body: body.to_owned(),
                 delay: Duration::ZERO,
+                headers: Vec::new(),
             }
         }
 
         /// The same answer, sent after `delay`.
         pub fn after(self, delay: Duration) -> Self {
             Self { delay, ..self }
+        }
+
+        /// The same answer, with the header `name: value` too.
+        pub fn with_header(mut self, name: &'static str, value: &'static str) -> Self {
+            self.headers.push((name, value));
+            self
         }
 
         fn completion(message: Value, finish_reason: &str) -> Self {
@@ -1477,7 +1530,12 @@ mod fake_llm {
             Some(pending)
         };
         let status = StatusCode::from_u16(reply.status).unwrap();
-        (status, [("content-type", "application/json")], reply.body).into_response()
+        let mut response =
+            (status, [("content-type", "application/json")], reply.body).into_response();
+        for (name, value) in reply.headers {
+            response.headers_mut().insert(name, value.parse().unwrap());
+        }
+        response
     }
 }
 

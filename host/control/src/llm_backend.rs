@@ -35,10 +35,15 @@ impl LlmBackend for ServiceBackend {
         self.service.remove_store(store.as_str());
     }
 
-    fn complete(&self, store: &StoreId, request: wit::ChatRequest) -> LlmFuture {
+    fn complete(
+        &self,
+        store: &StoreId,
+        request: wit::ChatRequest,
+        deadline: Option<std::time::Instant>,
+    ) -> LlmFuture {
         let answer = self
             .service
-            .complete(store.as_str(), request_from_wit(request));
+            .complete_by(store.as_str(), request_from_wit(request), deadline);
         Box::pin(async move {
             answer
                 .await

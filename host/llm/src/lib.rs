@@ -20,6 +20,8 @@ pub mod service;
 pub mod stub;
 pub mod types;
 
+use std::time::Instant;
+
 use futures::future::BoxFuture;
 
 pub use error::{ErrorClass, LlmError};
@@ -33,4 +35,17 @@ pub trait Provider: Send + Sync {
     /// Answers `req`. The future owns what it needs (it borrows nothing from `self`), so
     /// callers can move it into a task or a guest call.
     fn complete(&self, req: ChatRequest) -> BoxFuture<'static, Result<Completion, LlmError>>;
+
+    /// Answers `req` by `deadline`, when the caller has one (a plugin's call: what its
+    /// invocation has left of its wall time). A provider that retries fits its attempts and
+    /// waits into it, so that a retry can still happen and a failure keeps its class; the
+    /// default ignores it (the caller cuts the call at its deadline).
+    fn complete_by(
+        &self,
+        req: ChatRequest,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<'static, Result<Completion, LlmError>> {
+        let _ = deadline;
+        self.complete(req)
+    }
 }

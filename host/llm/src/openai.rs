@@ -1,9 +1,12 @@
 //! The OpenAI-compatible HTTP backend: `POST {base_url}/chat/completions`, as spoken by
 //! OpenAI, vLLM, Ollama and llama.cpp's server.
 //!
-//! Each attempt has its own timeout and the whole call a deadline. 429, 5xx, 408, timeouts and
-//! connection failures are retried with full-jitter exponential backoff (a 429's `Retry-After`
-//! is honoured when it fits in the deadline); 401/403 and other 4xx are not.
+//! Each attempt has its own timeout and the whole call a deadline: `deadline_ms`, or the
+//! caller's (a plugin's invocation's wall time) when that comes first. 429, 5xx, 408, timeouts
+//! and connection failures are retried with full-jitter exponential backoff; 401/403 and other
+//! 4xx are not. An attempt that may be retried gets at most half of what is left of the call,
+//! so a hung attempt leaves time for its retry; a 429's `Retry-After` is honoured when it takes
+//! at most half of what is left, and otherwise the call ends at once as `rate_limited`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -184,10 +187,58 @@ impl OpenAiProvider {
 
 impl Provider for OpenAiProvider {
     fn complete(&self, req: ChatRequest) -> BoxFuture<'static, Result<Completion, LlmError>> {
+        self.complete_by(req, None)
+    }
+
+    fn complete_by(
+        &self,
+        req: ChatRequest,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<'static, Result<Completion, LlmError>> {
         let inner = Arc::clone(&self.inner);
-        Box::pin(async move { inner.complete(req).await })
+        Box::pin(async move { inner.complete(req, deadline).await })
     }
 }
+
+/// When a call must end: its own `deadline_ms`, or its caller's deadline when that comes
+/// first.
+#[derive(Debug, Clone, Copy)]
+enum Deadline {
+    /// `deadline_ms` after the call began.
+    Own { at: Instant, ms: u64 },
+    /// The caller's, `ms` after the call began.
+    Caller { at: Instant, ms: u128 },
+}
+
+impl Deadline {
+    fn at(self) -> Instant {
+        match self {
+            Self::Own { at, .. } | Self::Caller { at, .. } => at,
+        }
+    }
+
+    /// The deadline, as an error message names it.
+    fn describe(self) -> String {
+        match self {
+            Self::Own { ms, .. } => format!("the call's deadline of {ms} ms (deadline_ms)"),
+            Self::Caller { ms, .. } => format!(
+                "the end of the {ms} ms its caller allowed (for a plugin: what its invocation had left of wall_ms_per_call)"
+            ),
+        }
+    }
+
+    /// What to raise for more time.
+    fn advice(self) -> &'static str {
+        match self {
+            Self::Own { .. } => "raise deadline_ms",
+            Self::Caller { .. } => "raise the store's wall_ms_per_call",
+        }
+    }
+}
+
+/// The shortest time an attempt that may be retried gets (unless less is left): halving what
+/// is left must not end in a burst of attempts too short to be answered.
+const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 
 /// What to do about a `base_url` holding a user name or password; the URL itself is not
 /// repeated, since it holds a secret.
@@ -245,8 +296,12 @@ impl Inner {
     /// [`Self::call`], with the endpoint kept out of the error: the message goes to the
     /// tenant's plugin, while the endpoint is the operator's business (and a reqwest or TLS
     /// error may still name it). The host log gets the failure with the endpoint.
-    async fn complete(&self, req: ChatRequest) -> Result<Completion, LlmError> {
-        self.call(req).await.map_err(|mut error| {
+    async fn complete(
+        &self,
+        req: ChatRequest,
+        caller_deadline: Option<Instant>,
+    ) -> Result<Completion, LlmError> {
+        self.call(req, caller_deadline).await.map_err(|mut error| {
             tracing::warn!(
                 endpoint = %self.endpoint,
                 class = error.class.as_str(),
@@ -284,7 +339,11 @@ impl Inner {
         })
     }
 
-    async fn call(&self, req: ChatRequest) -> Result<Completion, LlmError> {
+    async fn call(
+        &self,
+        req: ChatRequest,
+        caller_deadline: Option<Instant>,
+    ) -> Result<Completion, LlmError> {
         let key = match &self.api_key {
             ApiKey::NotUsed => None,
             ApiKey::Present(key) => Some(key.as_str()),
@@ -299,32 +358,55 @@ impl Inner {
         };
         let body = self.request_body(req)?;
         let started = Instant::now();
-        let deadline = started + Duration::from_millis(self.config.deadline_ms);
+        let own_deadline = started + Duration::from_millis(self.config.deadline_ms);
+        let deadline = match caller_deadline {
+            Some(caller) if caller < own_deadline => Deadline::Caller {
+                at: caller,
+                ms: caller.saturating_duration_since(started).as_millis(),
+            },
+            _ => Deadline::Own {
+                at: own_deadline,
+                ms: self.config.deadline_ms,
+            },
+        };
         let per_attempt = Duration::from_millis(self.config.timeout_ms);
         let mut attempts: u32 = 0;
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let timeout = per_attempt.min(remaining);
+            let remaining = deadline.at().saturating_duration_since(Instant::now());
+            // An attempt that may be retried gets at most half of what is left (but at least
+            // MIN_ATTEMPT), so a hung attempt leaves time for the retry that may fix it; the
+            // last one gets all of it.
+            let share = if attempts < self.config.max_retries {
+                (remaining / 2).max(MIN_ATTEMPT.min(remaining))
+            } else {
+                remaining
+            };
+            let timeout = per_attempt.min(share);
             attempts += 1;
             let outcome = match tokio::time::timeout(timeout, self.attempt(&body, key)).await {
                 Ok(outcome) => outcome,
-                Err(_) if timeout < per_attempt => Attempt::Retry {
-                    error: LlmError::new(
-                        ErrorClass::Timeout,
-                        format!(
-                            "no answer from the LLM server before the call's deadline of {} ms (deadline_ms); the server is slow or overloaded: raise deadline_ms, or use a faster model or server",
-                            self.config.deadline_ms
-                        ),
-                    ),
-                    retry_after: None,
-                },
                 Err(_) => Attempt::Retry {
                     error: LlmError::new(
                         ErrorClass::Timeout,
-                        format!(
-                            "no answer from the LLM server within {} ms (timeout_ms); the server is slow or overloaded: raise timeout_ms, or use a faster model or server",
-                            self.config.timeout_ms
-                        ),
+                        if timeout == per_attempt {
+                            format!(
+                                "no answer from the LLM server within {} ms (timeout_ms); the server is slow or overloaded: raise timeout_ms, or use a faster model or server",
+                                self.config.timeout_ms
+                            )
+                        } else if timeout == remaining {
+                            format!(
+                                "no answer from the LLM server before {}; the server is slow or overloaded: {}, or use a faster model or server",
+                                deadline.describe(),
+                                deadline.advice()
+                            )
+                        } else {
+                            format!(
+                                "no answer from the LLM server within {} ms, half of what was left before {}, so that a retry had time; the server is slow or overloaded: {}, or use a faster model or server",
+                                timeout.as_millis(),
+                                deadline.describe(),
+                                deadline.advice()
+                            )
+                        },
                     ),
                     retry_after: None,
                 },
@@ -343,16 +425,21 @@ impl Inner {
                     ),
                 ));
             }
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let remaining = deadline.at().saturating_duration_since(Instant::now());
             let delay = match retry_after {
-                Some(wait) if wait > remaining => {
+                // Waiting more than half of what is left would leave the attempt after it
+                // less time than the wait: the error, with its class and status, is more use
+                // to the caller now than a timeout later (the wait would also hold a host-wide
+                // LLM slot).
+                Some(wait) if wait > remaining / 2 => {
                     return Err(LlmError {
-                        class: ErrorClass::RateLimited,
+                        class: error.class,
                         message: format!(
-                            "{}; the server asks to wait {} ms (Retry-After) but only {} ms of the call's deadline are left, so storehost did not wait: try again later",
+                            "{}; the server asks to wait {} ms (Retry-After) but only {} ms are left before {}, so storehost did not wait: try again later",
                             error.message,
                             wait.as_millis(),
-                            remaining.as_millis()
+                            remaining.as_millis(),
+                            deadline.describe()
                         ),
                         status: error.status,
                     });
@@ -364,8 +451,8 @@ impl Inner {
                 return Err(gave_up(
                     error,
                     format!(
-                        "gave up after {attempts} attempts in {elapsed} ms: the call's deadline of {} ms (deadline_ms) left no time for another",
-                        self.config.deadline_ms
+                        "gave up after {attempts} attempts in {elapsed} ms: {} left no time for another",
+                        deadline.describe()
                     ),
                 ));
             }

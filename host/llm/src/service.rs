@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use governor::clock::{Clock, DefaultClock};
@@ -167,13 +167,24 @@ impl LlmService {
         self.inner.max_concurrent - self.inner.slots.available_permits()
     }
 
-    /// A chat completion for store `store_id`. The store's quota is charged now; the
-    /// returned future waits for a host-wide slot (up to `queue_wait_ms`) and then calls the
-    /// provider, holding the slot until the answer.
+    /// A chat completion for store `store_id`, with no deadline but the provider's own.
     pub fn complete(
         &self,
         store_id: &str,
+        req: ChatRequest,
+    ) -> BoxFuture<'static, Result<Completion, LlmError>> {
+        self.complete_by(store_id, req, None)
+    }
+
+    /// A chat completion for store `store_id`, answered by `deadline` if there is one. The
+    /// store's quota is charged now; the returned future waits for a host-wide slot (up to
+    /// `queue_wait_ms`, and not past the deadline) and then calls the provider, holding the
+    /// slot until the answer.
+    pub fn complete_by(
+        &self,
+        store_id: &str,
         mut req: ChatRequest,
+        deadline: Option<Instant>,
     ) -> BoxFuture<'static, Result<Completion, LlmError>> {
         let cap = self.inner.max_tokens;
         req.max_tokens = Some(req.max_tokens.map_or(cap, |asked| asked.min(cap)));
@@ -181,10 +192,15 @@ impl LlmService {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
             admitted?;
-            let slot = if inner.queue_wait.is_zero() {
+            let queue_wait = deadline.map_or(inner.queue_wait, |deadline| {
+                inner
+                    .queue_wait
+                    .min(deadline.saturating_duration_since(Instant::now()))
+            });
+            let slot = if queue_wait.is_zero() {
                 Arc::clone(&inner.slots).try_acquire_owned().ok()
             } else {
-                tokio::time::timeout(inner.queue_wait, Arc::clone(&inner.slots).acquire_owned())
+                tokio::time::timeout(queue_wait, Arc::clone(&inner.slots).acquire_owned())
                     .await
                     .ok()
                     .and_then(Result::ok)
@@ -195,11 +211,11 @@ impl LlmService {
                     format!(
                         "the host is already running its maximum of {} LLM calls at once (max_concurrent) and none finished within {} ms; try again shortly, or raise max_concurrent in [llm]",
                         inner.max_concurrent,
-                        inner.queue_wait.as_millis()
+                        queue_wait.as_millis()
                     ),
                 ));
             };
-            inner.provider.complete(req).await
+            inner.provider.complete_by(req, deadline).await
         })
     }
 

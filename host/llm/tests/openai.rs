@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use storehost_llm::{
@@ -226,6 +226,83 @@ async fn a_retry_after_beyond_the_deadline_is_not_waited_for() {
         1,
         "no second request inside the hour asked for"
     );
+}
+
+/// Runs `provider.complete_by(req, deadline)`, which must end by `deadline` (and a little).
+async fn call_by(
+    provider: &OpenAiProvider,
+    req: ChatRequest,
+    deadline: Instant,
+) -> Result<storehost_llm::Completion, LlmError> {
+    let answer = tokio::time::timeout_at(
+        (deadline + Duration::from_millis(500)).into(),
+        provider.complete_by(req, Some(deadline)),
+    )
+    .await
+    .expect("the call ended by the caller's deadline");
+    assert!(Instant::now() <= deadline + Duration::from_millis(100));
+    answer
+}
+
+/// A caller's deadline shorter than `timeout_ms` still leaves time for a retry: the first
+/// attempt, which may be retried, gets half of what is left, and when it hangs the second is
+/// answered. It used to get all of it.
+#[tokio::test]
+async fn a_hung_attempt_is_retried_within_the_callers_deadline() {
+    let server = FakeLlm::start(vec![Reply::Hang, Reply::Json(200, text("second try"))]).await;
+    let provider = provider(OpenAiConfig {
+        timeout_ms: 30_000,
+        deadline_ms: 60_000,
+        ..config(&server)
+    });
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let answer = call_by(&provider, hello(), deadline).await.unwrap();
+    assert_eq!(answer.content.as_deref(), Some("second try"));
+    assert_eq!(server.count(), 2);
+}
+
+/// A 429 whose `Retry-After` (20 s) does not fit the caller's deadline (5 s) is `rate_limited`
+/// with its status at once, though it fits `deadline_ms` (60 s); a call that no attempt can
+/// finish in time is a `timeout` naming the caller's deadline.
+#[tokio::test]
+async fn a_retry_after_beyond_the_callers_deadline_is_rate_limited_at_once() {
+    let server = FakeLlm::start(vec![Reply::JsonWithHeader(
+        429,
+        "retry-after",
+        "20",
+        json!({"error": {"message": "Rate limit reached"}}),
+    )])
+    .await;
+    let limited = provider(OpenAiConfig {
+        deadline_ms: 60_000,
+        ..config(&server)
+    });
+    let started = Instant::now();
+    let err = call_by(&limited, hello(), started + Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::RateLimited, "{}", err.message);
+    assert_eq!(err.status, Some(429));
+    assert!(err.message.contains("Retry-After"), "{}", err.message);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(server.count(), 1);
+
+    let hung = FakeLlm::start(vec![Reply::Hang]).await;
+    let slow = provider(OpenAiConfig {
+        timeout_ms: 30_000,
+        deadline_ms: 60_000,
+        max_retries: 1,
+        ..config(&hung)
+    });
+    let err = call_by(
+        &slow,
+        hello(),
+        Instant::now() + Duration::from_millis(1_500),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Timeout, "{}", err.message);
+    assert!(err.message.contains("wall_ms_per_call"), "{}", err.message);
 }
 
 #[tokio::test]

@@ -17,9 +17,15 @@ use crate::schedules::{self, Spec};
 /// Where a store's `llm` calls go: the host's provider, behind its quotas. Implemented by the
 /// control plane (which owns the providers); the store only forwards.
 pub trait LlmBackend: Send + Sync + std::fmt::Debug + 'static {
-    /// Starts one completion for `store`. Quota refusals come back as a ready `rate-limited`
-    /// error.
-    fn complete(&self, store: &StoreId, request: ChatRequest) -> LlmFuture;
+    /// Starts one completion for `store`, to be answered by `deadline` when there is one (the
+    /// provider fits its retries and waits into it). Quota refusals come back as a ready
+    /// `rate-limited` error.
+    fn complete(
+        &self,
+        store: &StoreId,
+        request: ChatRequest,
+        deadline: Option<std::time::Instant>,
+    ) -> LlmFuture;
 
     /// Sets `store`'s `llm_calls_per_minute` (when it starts and whenever its quotas change).
     fn set_calls_per_minute(&self, store: &StoreId, per_minute: u32) {
@@ -256,12 +262,19 @@ impl StoreCapabilities {
     /// How long an `llm` call may wait now: what the invocation has left of its wall time,
     /// less a reserve (a quarter of the limit, at most a second) for the plugin to record the
     /// outcome — so a slow model gives the plugin a `timeout` error it can answer with,
-    /// instead of the whole invocation failing as `wall_time` with nothing kept.
-    fn llm_budget(&self) -> Option<(std::time::Duration, std::time::Duration)> {
+    /// instead of the whole invocation failing as `wall_time` with nothing kept. Also the
+    /// reserve and the limit.
+    fn llm_budget(
+        &self,
+    ) -> Option<(
+        std::time::Duration,
+        std::time::Duration,
+        std::time::Duration,
+    )> {
         let (deadline, limit) = self.wall?;
         let reserve = (limit / 4).min(std::time::Duration::from_secs(1));
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        Some((left.saturating_sub(reserve), limit))
+        Some((left.saturating_sub(reserve), reserve, limit))
     }
 
     /// The events emitted by the current invocation, in order.
@@ -438,8 +451,8 @@ impl HostCapabilities for StoreCapabilities {
             })));
         }
         self.llm_calls += 1;
-        let Some((budget, limit)) = self.llm_budget() else {
-            return llm.complete(&self.store_id, request);
+        let Some((budget, reserve, limit)) = self.llm_budget() else {
+            return llm.complete(&self.store_id, request, None);
         };
         let too_late = move || LlmError {
             class: ErrorClass::Timeout,
@@ -453,9 +466,13 @@ impl HostCapabilities for StoreCapabilities {
         if budget.is_zero() {
             return Box::pin(std::future::ready(Err(too_late())));
         }
-        let call = llm.complete(&self.store_id, request);
+        // The provider is given the budget as its deadline, so it ends the call there with
+        // its own error (a 429 keeps its class and status); this cut, a little into the
+        // reserve, is for providers that ignore it.
+        let deadline = std::time::Instant::now() + budget;
+        let call = llm.complete(&self.store_id, request, Some(deadline));
         Box::pin(async move {
-            tokio::time::timeout(budget, call)
+            tokio::time::timeout_at((deadline + reserve / 4).into(), call)
                 .await
                 .unwrap_or_else(|_| Err(too_late()))
         })
@@ -492,7 +509,12 @@ mod tests {
     struct Counting(std::sync::atomic::AtomicUsize);
 
     impl LlmBackend for Counting {
-        fn complete(&self, _store: &StoreId, _request: ChatRequest) -> LlmFuture {
+        fn complete(
+            &self,
+            _store: &StoreId,
+            _request: ChatRequest,
+            _deadline: Option<std::time::Instant>,
+        ) -> LlmFuture {
             self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Box::pin(std::future::ready(Err(LlmError {
                 class: ErrorClass::Transient,
