@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use storehost_control::llm_backend::ServiceBackend;
-use storehost_llm::{LlmLimits, LlmService, OpenAiConfig, OpenAiProvider, Provider, StubProvider};
+use storehost_llm::{
+    LlmLimits, LlmService, MaxTokensField, OpenAiConfig, OpenAiProvider, Provider, StubProvider,
+};
 use storehost_store::{LlmBackend, Quotas};
 use storehost_tests::{TestHost, TestHostOptions, programs};
 
@@ -37,6 +39,7 @@ fn openai(server: &FakeLlm, tweak: impl FnOnce(&mut OpenAiConfig)) -> Arc<dyn Ll
         max_retries: 2,
         backoff_base_ms: 10,
         backoff_max_ms: 50,
+        max_tokens_field: MaxTokensField::MaxTokens,
     };
     tweak(&mut config);
     backend(Arc::new(

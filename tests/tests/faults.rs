@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use storehost_control::config::Secret;
 use storehost_control::llm_backend::ServiceBackend;
 use storehost_control::reconciler::{Reconciler, ReconcilerSettings};
-use storehost_llm::{LlmLimits, LlmService, OpenAiConfig, OpenAiProvider};
+use storehost_llm::{LlmLimits, LlmService, MaxTokensField, OpenAiConfig, OpenAiProvider};
 use storehost_store::{LlmBackend, Quotas};
 use storehost_tests::control::{ControlHostOptions, eventually, watched};
 use storehost_tests::fs::{Tmpfs, fill};
@@ -276,6 +276,7 @@ async fn an_llm_endpoint_resetting_connections_is_a_transient_error_and_another_
         max_retries: 2,
         backoff_base_ms: 10,
         backoff_max_ms: 50,
+        max_tokens_field: MaxTokensField::MaxTokens,
     })
     .expect("valid provider");
     let llm: Arc<dyn LlmBackend> = ServiceBackend::new(Arc::new(LlmService::new(

@@ -25,7 +25,7 @@ use std::time::Instant;
 use futures::future::BoxFuture;
 
 pub use error::{ErrorClass, LlmError};
-pub use openai::{OpenAiConfig, OpenAiProvider};
+pub use openai::{MaxTokensField, OpenAiConfig, OpenAiProvider};
 pub use service::{LlmLimits, LlmService};
 pub use stub::{DEMO_RULES_JSON, StubProvider, StubRulesError};
 pub use types::{ChatRequest, Completion, Message, Role, ToolCall, ToolDef};

@@ -43,6 +43,30 @@ pub struct OpenAiConfig {
     pub backoff_base_ms: u64,
     /// ...up to this many milliseconds. Each actual wait is random below the bound.
     pub backoff_max_ms: u64,
+    /// The request field that carries the most tokens the answer may have.
+    pub max_tokens_field: MaxTokensField,
+}
+
+/// The request field that carries the most tokens the answer may have.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaxTokensField {
+    /// `max_tokens`: vLLM, Ollama, llama.cpp and OpenAI's older chat models.
+    #[default]
+    MaxTokens,
+    /// `max_completion_tokens`: OpenAI's newer models; its o-series reasoning models refuse
+    /// `max_tokens`.
+    MaxCompletionTokens,
+}
+
+impl MaxTokensField {
+    /// The field's name in the request body (`"max_completion_tokens"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxTokens => "max_tokens",
+            Self::MaxCompletionTokens => "max_completion_tokens",
+        }
+    }
 }
 
 /// Default `base_url`: OpenAI's API.
@@ -63,6 +87,7 @@ impl Default for OpenAiConfig {
             max_retries: 3,
             backoff_base_ms: 250,
             backoff_max_ms: 8_000,
+            max_tokens_field: MaxTokensField::MaxTokens,
         }
     }
 }
@@ -470,7 +495,7 @@ impl Inner {
         }
     }
 
-    /// The JSON body of `req`, with the model.
+    /// The JSON body of `req`, with the model, and its token limit in `max_tokens_field`.
     fn request_body(&self, req: ChatRequest) -> Result<serde_json::Value, LlmError> {
         let mut body = serde_json::to_value(&req).map_err(|err| {
             LlmError::new(
@@ -483,6 +508,12 @@ impl Inner {
                 "model".to_owned(),
                 serde_json::Value::String(self.config.model.clone()),
             );
+            let field = self.config.max_tokens_field;
+            if field != MaxTokensField::MaxTokens
+                && let Some(limit) = object.remove(MaxTokensField::MaxTokens.as_str())
+            {
+                object.insert(field.as_str().to_owned(), limit);
+            }
         }
         Ok(body)
     }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use storehost_llm::{
-    ChatRequest, ErrorClass, LlmError, Message, OpenAiConfig, OpenAiProvider, Provider, ToolCall,
-    ToolDef,
+    ChatRequest, ErrorClass, LlmError, MaxTokensField, Message, OpenAiConfig, OpenAiProvider,
+    Provider, ToolCall, ToolDef,
 };
 use support::{FakeLlm, Reply, completion, text};
 
@@ -23,6 +23,7 @@ fn config(server: &FakeLlm) -> OpenAiConfig {
         max_retries: 3,
         backoff_base_ms: 1,
         backoff_max_ms: 5,
+        max_tokens_field: MaxTokensField::MaxTokens,
     }
 }
 
@@ -127,6 +128,25 @@ async fn tool_calls_are_parsed_and_the_request_has_the_openai_shape() {
             "temperature": 0.5,
         })
     );
+}
+
+/// With `max_tokens_field = max_completion_tokens` the token limit goes in that field, which
+/// OpenAI's o-series models want (they refuse `max_tokens`).
+#[tokio::test]
+async fn the_token_limit_goes_in_the_configured_field() {
+    let server = FakeLlm::start(vec![Reply::Json(200, text("short"))]).await;
+    let provider = provider(OpenAiConfig {
+        max_tokens_field: MaxTokensField::MaxCompletionTokens,
+        ..config(&server)
+    });
+    let request = ChatRequest {
+        max_tokens: Some(300),
+        ..hello()
+    };
+    call(&provider, request).await.unwrap();
+    let sent = &server.received()[0].body;
+    assert_eq!(sent["max_completion_tokens"], 300, "{sent}");
+    assert!(sent.get("max_tokens").is_none(), "{sent}");
 }
 
 #[tokio::test]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use storehost_llm::{
-    ChatRequest, ErrorClass, LlmLimits, LlmService, Message, OpenAiConfig, OpenAiProvider,
-    StubProvider,
+    ChatRequest, ErrorClass, LlmLimits, LlmService, MaxTokensField, Message, OpenAiConfig,
+    OpenAiProvider, StubProvider,
 };
 use support::{FakeLlm, Reply, text};
 
@@ -22,6 +22,7 @@ fn provider(server: &FakeLlm) -> Arc<OpenAiProvider> {
         max_retries: 0,
         backoff_base_ms: 1,
         backoff_max_ms: 1,
+        max_tokens_field: MaxTokensField::MaxTokens,
     };
     Arc::new(OpenAiProvider::with_env(config, |_| None).unwrap())
 }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use storehost_llm::openai::{DEFAULT_API_KEY_ENV, DEFAULT_BASE_URL, DEFAULT_MODEL};
 use storehost_llm::{
-    ErrorClass, LlmError, LlmLimits, LlmService, OpenAiConfig, OpenAiProvider, Provider,
-    StubProvider,
+    ErrorClass, LlmError, LlmLimits, LlmService, MaxTokensField, OpenAiConfig, OpenAiProvider,
+    Provider, StubProvider,
 };
 
 use super::HostConfig;
@@ -64,6 +64,9 @@ pub struct LlmConfig {
     pub backoff_base_ms: u64,
     /// ...up to this many milliseconds.
     pub backoff_max_ms: u64,
+    /// `openai`: the request field carrying the token limit, `"max_tokens"` (the default) or
+    /// `"max_completion_tokens"` (OpenAI's o-series models refuse `max_tokens`).
+    pub max_tokens_field: MaxTokensField,
     /// Most LLM calls in flight on the host at once (any provider).
     pub max_concurrent: usize,
     /// How long a call waits for one of those slots before failing `rate_limited`, in ms.
@@ -92,6 +95,7 @@ impl Default for LlmConfig {
             max_retries: openai.max_retries,
             backoff_base_ms: openai.backoff_base_ms,
             backoff_max_ms: openai.backoff_max_ms,
+            max_tokens_field: openai.max_tokens_field,
             max_concurrent: limits.max_concurrent,
             queue_wait_ms: limits.queue_wait_ms,
             max_tokens: limits.max_tokens,
@@ -113,6 +117,7 @@ impl LlmConfig {
             max_retries: self.max_retries,
             backoff_base_ms: self.backoff_base_ms,
             backoff_max_ms: self.backoff_max_ms,
+            max_tokens_field: self.max_tokens_field,
         }
     }
 }
@@ -270,6 +275,7 @@ deadline_ms = 9000
 max_retries = 1
 backoff_base_ms = 10
 backoff_max_ms = 100
+max_tokens_field = "max_completion_tokens"
 max_concurrent = 4
 queue_wait_ms = 0
 "#,
@@ -287,6 +293,7 @@ queue_wait_ms = 0
         assert_eq!((openai.timeout_ms, openai.deadline_ms), (5000, 9000));
         assert_eq!(openai.max_retries, 1);
         assert_eq!((openai.backoff_base_ms, openai.backoff_max_ms), (10, 100));
+        assert_eq!(openai.max_tokens_field, MaxTokensField::MaxCompletionTokens);
         assert_eq!((llm.max_concurrent, llm.queue_wait_ms), (4, 0));
         assert!(config.describe_llm().contains("llama3.1"));
         config.llm_provider(&MapEnv::default()).unwrap();
@@ -330,6 +337,13 @@ queue_wait_ms = 0
 
         let (_, message) = only_error("[llm]\nbackoff_base_ms = 500\nbackoff_max_ms = 100\n");
         assert!(message.contains("at least backoff_base_ms"), "{message}");
+
+        let (line, message) = only_error("[llm]\nmax_tokens_field = \"tokens\"\n");
+        assert_eq!(line, 2);
+        assert!(
+            message.contains("max_tokens") && message.contains("max_completion_tokens"),
+            "{message}"
+        );
 
         let (line, message) = only_error("[llm]\nmodle = \"x\"\n");
         assert_eq!(line, 2);
