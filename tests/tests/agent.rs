@@ -706,6 +706,20 @@ async fn a_server_that_does_not_answer_in_time_is_a_timeout() {
     assert_eq!(requests, 2);
 }
 
+/// An answer the model stopped at the token limit reaches the plugin with its finish reason
+/// (the plugin world's `completion.finish-reason`), so the plugin can tell it from a final
+/// answer: the agent records it in `llmMetadata.finishReason`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_finish_reason_of_a_cut_answer_reaches_the_plugin() {
+    let server = FakeLlm::start(|_| Reply::finished("The first half of an ans", "length")).await;
+    let (received, _, requests) = chat_through(&server, |_| {}).await;
+    assert_eq!(requests, 1);
+    assert_eq!(
+        received["payload"]["llmMetadata"]["finishReason"], "length",
+        "{received}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_that_is_not_json_is_an_invalid_response() {
     let server = FakeLlm::start(|_| Reply::raw(200, "<html>surprise</html>")).await;
@@ -1374,6 +1388,15 @@ mod fake_llm {
         /// A final answer in text.
         pub fn text(content: &str) -> Self {
             Self::completion(json!({"role": "assistant", "content": content}), "stop")
+        }
+
+        /// A text answer the model stopped for `finish_reason` (`"length"`: cut at the token
+        /// limit).
+        pub fn finished(content: &str, finish_reason: &str) -> Self {
+            Self::completion(
+                json!({"role": "assistant", "content": content}),
+                finish_reason,
+            )
         }
 
         /// An answer calling `calls` (name, arguments) in order.

@@ -896,6 +896,25 @@ mod tests {
         assert_eq!(completion.model, "m");
     }
 
+    /// The server's finish reason is kept, also for an empty answer (a content filter's), so
+    /// the plugin can tell a cut or filtered answer from a final one.
+    #[test]
+    fn the_finish_reason_is_kept() {
+        for (body, reason) in [
+            (
+                br#"{"choices":[{"message":{"content":"half an ans"},"finish_reason":"length"}]}"#
+                    .as_slice(),
+                "length",
+            ),
+            (
+                br#"{"choices":[{"message":{"content":""},"finish_reason":"content_filter"}]}"#,
+                "content_filter",
+            ),
+        ] {
+            assert_eq!(parse_completion(body, "m").unwrap().finish_reason, reason);
+        }
+    }
+
     #[test]
     fn a_200_carrying_an_error_object_is_an_invalid_response() {
         let problem =
