@@ -12,7 +12,9 @@ use wasmtime::component::Component;
 
 use crate::bindings::PluginPre;
 use crate::host::HostCapabilities;
-use crate::runtime::Runtime;
+use crate::runtime::{
+    CORE_INSTANCES_PER_SANDBOX, MEMORIES_PER_SANDBOX, Runtime, TABLES_PER_SANDBOX,
+};
 use crate::sandbox::InstanceState;
 
 /// A plugin that could not be loaded.
@@ -23,6 +25,12 @@ pub enum PluginError {
         "not a valid WebAssembly component: {0}; build plugins with `cargo build --target wasm32-wasip2`"
     )]
     Compile(String),
+    /// The component needs more core instances, linear memories or tables than one sandbox
+    /// may hold: every sandbox must fit in its share of the host's pool.
+    #[error(
+        "the component needs more than one plugin may have: {0}; a plugin built with `cargo build --target wasm32-wasip2` has 3 core module instances, 1 linear memory and 2 tables, and a plugin may have at most {CORE_INSTANCES_PER_SANDBOX} core module instances, {MEMORIES_PER_SANDBOX} linear memories and {TABLES_PER_SANDBOX} tables"
+    )]
+    Limits(String),
     /// The component does not implement the `storehost:plugin/plugin` world.
     #[error("the component does not implement the storehost:plugin@0.1.0 world: {0}")]
     World(String),
@@ -101,7 +109,18 @@ fn compile<H: HostCapabilities>(
     runtime: &Runtime<H>,
     wasm: &[u8],
 ) -> Result<Component, PluginError> {
-    Component::new(&runtime.engine, wasm).map_err(|err| PluginError::Compile(one_line(&err)))
+    Component::new(&runtime.engine, wasm).map_err(|err| {
+        // wasmtime checks a component against the pool's limits after compiling it, with an
+        // error of no type of its own; every such error names the pooling allocator.
+        if err
+            .chain()
+            .any(|cause| cause.to_string().contains("pooling allocator"))
+        {
+            PluginError::Limits(one_line(&err))
+        } else {
+            PluginError::Compile(one_line(&err))
+        }
+    })
 }
 
 /// `err` with its causes, on one line: wasmtime's parser writes some of its errors over many

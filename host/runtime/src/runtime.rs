@@ -19,6 +19,17 @@ use crate::scheduler::SlotScheduler;
 /// How often the epoch advances: the granularity of CPU-time accounting and of yields.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
+/// The core module instances one sandbox may hold: a Rust wasip2 plugin instantiates 3 (its
+/// own module and wit-component's two shims), and one more is headroom.
+pub const CORE_INSTANCES_PER_SANDBOX: u32 = 4;
+
+/// The linear memories one sandbox may hold: a Rust wasip2 plugin defines 1, and one more is
+/// headroom. The `memory` quota bounds them together.
+pub const MEMORIES_PER_SANDBOX: u32 = 2;
+
+/// The tables one sandbox may hold: a Rust wasip2 plugin defines 2, and one more is headroom.
+pub const TABLES_PER_SANDBOX: u32 = 3;
+
 /// Host-wide settings of the runtime.
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
@@ -87,13 +98,18 @@ impl<H: HostCapabilities> Runtime<H> {
         config.epoch_interruption(options.cpu_limits);
         config.consume_fuel(options.fuel);
         config.concurrency_support(false);
-        // One Rust wasip2 component: 3 core instances, 2 tables, 1 memory, 1 stack (ENGINEERING.md).
+        // Every sandbox fits in its share of the pool: a plugin needing more than one share is
+        // refused when it is loaded (see `PluginError::Limits`), so no store can take the
+        // memories, instances or tables other stores' sandboxes need.
         let slots = options.max_live_sandboxes.max(1);
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(slots)
-            .total_core_instances(slots.saturating_mul(4))
-            .total_memories(slots.saturating_mul(2))
-            .total_tables(slots.saturating_mul(3))
+            .total_core_instances(slots.saturating_mul(CORE_INSTANCES_PER_SANDBOX))
+            .total_memories(slots.saturating_mul(MEMORIES_PER_SANDBOX))
+            .total_tables(slots.saturating_mul(TABLES_PER_SANDBOX))
+            .max_core_instances_per_component(CORE_INSTANCES_PER_SANDBOX)
+            .max_memories_per_component(MEMORIES_PER_SANDBOX)
+            .max_tables_per_component(TABLES_PER_SANDBOX)
             .total_stacks(slots)
             .max_memory_size(usize::try_from(options.max_memory_bytes).unwrap_or(usize::MAX));
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));

@@ -82,7 +82,7 @@ pub struct SandboxOptions {
 pub struct Usage {
     /// CPU time used by guest code, in milliseconds (epoch ticks).
     pub cpu_ms: u64,
-    /// The largest linear memory the guest reached, in bytes.
+    /// The most linear memory the guest held, all its memories together, in bytes.
     pub memory_peak: u64,
     /// Fuel consumed (0 when the runtime does not meter fuel).
     pub fuel: u64,
@@ -446,7 +446,8 @@ impl<H: HostCapabilities> Sandbox<H> {
             return InvocationError::new(
                 FailureReason::Memory,
                 format!(
-                    "the guest asked for {refused} bytes of linear memory; its quota is {} bytes",
+                    "the guest asked for {refused} bytes of linear memory, all its memories \
+                     together; its quota is {} bytes",
                     state.limiter.limit
                 ),
             );
@@ -547,10 +548,22 @@ fn put_slot(cell: &Mutex<Option<Slot>>, slot: Slot) {
 
 /// Refuses memory growth past the quota and remembers that it did, so the trap that follows
 /// (a Rust guest aborts with `unreachable`) is classified as `memory`, not `panic`.
+///
+/// The quota bounds all the sandbox's linear memories together: wasmtime asks about each
+/// memory alone, and a component may define several (one per core module it instantiates; the
+/// pool allows [`crate::runtime::MEMORIES_PER_SANDBOX`]), each of which could otherwise grow to
+/// the whole quota.
 struct MemoryLimiter {
     limit: usize,
+    /// What the refused growth would have brought all memories to, in bytes.
     refused: Option<usize>,
+    /// The bytes of all the sandbox's memories (they live as long as its store).
+    total: usize,
+    /// The most `total` reached.
     peak: usize,
+    /// The last growth granted, and `peak` before it: wasmtime may still fail that growth
+    /// (past the pool's largest memory), and then says so without saying which.
+    last_granted: Option<(usize, usize)>,
 }
 
 impl MemoryLimiter {
@@ -558,7 +571,9 @@ impl MemoryLimiter {
         Self {
             limit: usize::try_from(limit).unwrap_or(usize::MAX),
             refused: None,
+            total: 0,
             peak: 0,
+            last_granted: None,
         }
     }
 }
@@ -566,16 +581,28 @@ impl MemoryLimiter {
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limit {
-            self.refused = Some(desired);
+        let growth = desired.saturating_sub(current);
+        let total = self.total.saturating_add(growth);
+        if total > self.limit {
+            self.refused = Some(total);
             return Ok(false);
         }
-        self.peak = self.peak.max(desired);
+        self.last_granted = Some((growth, self.peak));
+        self.total = total;
+        self.peak = self.peak.max(total);
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        if let Some((growth, peak)) = self.last_granted.take() {
+            self.total = self.total.saturating_sub(growth);
+            self.peak = peak;
+        }
+        Ok(())
     }
 
     fn table_growing(
@@ -836,7 +863,27 @@ async fn timing_polls<F: Future>(future: F) -> (F::Output, Duration) {
 
 #[cfg(test)]
 mod tests {
-    use super::panic_message;
+    use super::{MemoryLimiter, panic_message};
+    use wasmtime::ResourceLimiter as _;
+
+    /// A component may define several memories: each grows within the quota alone, and
+    /// together they may not pass it.
+    #[test]
+    fn all_memories_count_together_against_the_quota() {
+        let mut limiter = MemoryLimiter::new(10 << 20);
+        assert!(limiter.memory_growing(0, 6 << 20, None).unwrap());
+        assert!(!limiter.memory_growing(0, 6 << 20, None).unwrap());
+        assert_eq!(limiter.refused, Some(12 << 20));
+        assert!(limiter.memory_growing(0, 3 << 20, None).unwrap());
+        assert!(limiter.memory_growing(6 << 20, 7 << 20, None).unwrap());
+        assert_eq!((limiter.total, limiter.peak), (10 << 20, 10 << 20));
+        // Granted, then failed by wasmtime (past the pool's largest memory): not held.
+        limiter
+            .memory_grow_failed(wasmtime::format_err!("past the pool's memory"))
+            .unwrap();
+        assert_eq!((limiter.total, limiter.peak), (9 << 20, 9 << 20));
+        assert!(!limiter.memory_growing(3 << 20, 5 << 20, None).unwrap());
+    }
 
     /// A call's polls are timed and its waits are not: the offline LLM provider matches its
     /// rules inside a poll (up to a fifth of a second of the host's CPU, which the store's
