@@ -1,14 +1,19 @@
 //! One store's sandbox: a wasmtime `Store` and plugin instance, with its limits enforced and
 //! every failure classified.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::bindings::Plugin as PluginInstance;
@@ -31,8 +36,13 @@ pub const MAX_HANDLES: usize = 4096;
 /// What wasmtime's error says when a guest asks for a handle past [`MAX_HANDLES`].
 const HANDLE_LIMIT_ERROR: &str = "store handle limit exceeded";
 
-/// How much of the guest's stderr is kept (panic messages are read from it).
-const STDERR_CAPACITY: usize = 64 << 10;
+/// How much of the guest's output in one call is kept: its last bytes, where a panicking
+/// guest writes its message (see [`GuestOutput`]).
+const OUTPUT_TAIL: usize = 64 << 10;
+
+/// The most one write to the guest's stdout or stderr may carry (what `check-write` permits):
+/// each write is a short host call, timed by the epoch ticks like guest code.
+const OUTPUT_WRITE_PERMIT: usize = 64 << 10;
 
 /// The per-invocation limits of one sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,7 +121,7 @@ pub struct Sandbox<H: HostCapabilities> {
     scheduler: Arc<SlotScheduler>,
     /// After `store`: fields drop in order, and the epoch must advance until the store is gone.
     _ticking: crate::runtime::Ticking,
-    stderr: MemoryOutputPipe,
+    output: GuestOutput,
     limits: Limits,
     fuel_metered: bool,
     fuel_used: u64,
@@ -155,9 +165,9 @@ impl<H: HostCapabilities> Sandbox<H> {
         let ticking = plugin.ticker.keep_ticking();
         let engine = plugin.pre.engine();
         let fuel_metered = plugin.fuel_metered;
-        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        let output = GuestOutput::default();
         let mut wasi = WasiCtxBuilder::new();
-        wasi.stderr(stderr.clone()).stdout(stderr.clone());
+        wasi.stderr(output.clone()).stdout(output.clone());
         // No network: wasmtime-wasi links `wasi:sockets` with the rest, and a socket would be
         // one of the host's open files outside every count. Said here, not left to its
         // defaults (which allow no socket in this version).
@@ -269,7 +279,7 @@ impl<H: HostCapabilities> Sandbox<H> {
             instance,
             scheduler,
             _ticking: ticking,
-            stderr,
+            output,
             limits: options.limits,
             fuel_metered,
             fuel_used: 0,
@@ -279,35 +289,35 @@ impl<H: HostCapabilities> Sandbox<H> {
 
     /// Delivers one event to the plugin's `handle-event`.
     pub async fn handle_event(&mut self, event: &Event) -> Result<(), InvocationError> {
-        let mark = self.begin_call()?;
+        self.begin_call()?;
         let slot = self.take_turn().await;
         let wall = self.wall_limit();
         let call = self.instance.call_handle_event(&mut self.store, event);
         let outcome = tokio::time::timeout(wall, call).await;
         drop(take_slot(&slot));
-        self.finish_call(mark, outcome)
+        self.finish_call(outcome)
     }
 
     /// Runs one scheduled task through the plugin's `run-task`.
     pub async fn run_task(&mut self, task: &TaskRun) -> Result<(), InvocationError> {
-        let mark = self.begin_call()?;
+        self.begin_call()?;
         let slot = self.take_turn().await;
         let wall = self.wall_limit();
         let call = self.instance.call_run_task(&mut self.store, task);
         let outcome = tokio::time::timeout(wall, call).await;
         drop(take_slot(&slot));
-        self.finish_call(mark, outcome)
+        self.finish_call(outcome)
     }
 
     /// Answers a named query through the plugin's `query`.
     pub async fn query(&mut self, name: &str, args: &str) -> Result<String, InvocationError> {
-        let mark = self.begin_call()?;
+        self.begin_call()?;
         let slot = self.take_turn().await;
         let wall = self.wall_limit();
         let call = self.instance.call_query(&mut self.store, name, args);
         let outcome = tokio::time::timeout(wall, call).await;
         drop(take_slot(&slot));
-        self.finish_call(mark, outcome)
+        self.finish_call(outcome)
     }
 
     /// The capabilities this sandbox was given (for the store to read what a call buffered).
@@ -357,8 +367,8 @@ impl<H: HostCapabilities> Sandbox<H> {
         Duration::from_millis(self.limits.wall_ms_per_call)
     }
 
-    /// Resets per-call meters; returns where this call's stderr output starts.
-    fn begin_call(&mut self) -> Result<usize, InvocationError> {
+    /// Resets per-call meters and the guest's output.
+    fn begin_call(&mut self) -> Result<(), InvocationError> {
         if self.poisoned {
             return Err(InvocationError::new(
                 FailureReason::HostError,
@@ -379,12 +389,12 @@ impl<H: HostCapabilities> Sandbox<H> {
         let _ = state.host.take_breach();
         let _ = state.files.take_refused();
         self.store.set_epoch_deadline(1);
-        Ok(self.stderr.contents().len())
+        self.output.clear();
+        Ok(())
     }
 
     fn finish_call<R>(
         &mut self,
-        stderr_mark: usize,
         outcome: Result<wasmtime::Result<Result<R, String>>, tokio::time::error::Elapsed>,
     ) -> Result<R, InvocationError> {
         if self.fuel_metered {
@@ -413,7 +423,7 @@ impl<H: HostCapabilities> Sandbox<H> {
             }),
             Ok(Err(err)) => {
                 self.poisoned = true;
-                Err(self.classify_trap(&err, stderr_mark, breach))
+                Err(self.classify_trap(&err, breach))
             }
             Err(_elapsed) => {
                 // Dropping the in-flight call poisons the store (ENGINEERING.md).
@@ -432,7 +442,6 @@ impl<H: HostCapabilities> Sandbox<H> {
     fn classify_trap(
         &self,
         err: &wasmtime::Error,
-        stderr_mark: usize,
         breach: Option<(FailureReason, String)>,
     ) -> InvocationError {
         let state = self.store.data();
@@ -470,9 +479,7 @@ impl<H: HostCapabilities> Sandbox<H> {
             ),
             Some(Trap::Interrupt) => InvocationError::new(FailureReason::CpuTime, "interrupted"),
             Some(Trap::UnreachableCodeReached) => {
-                let output = self.stderr.contents();
-                let since = output.get(stderr_mark..).unwrap_or_default();
-                match panic_message(&String::from_utf8_lossy(since)) {
+                match panic_message(&String::from_utf8_lossy(&self.output.contents())) {
                     Some(message) => InvocationError::new(FailureReason::Panic, message),
                     None => InvocationError::new(
                         FailureReason::Trap,
@@ -612,6 +619,89 @@ impl ResourceLimiter for MemoryLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
+    }
+}
+
+/// The guest's stdout and stderr: the last [`OUTPUT_TAIL`] bytes written in the current call
+/// (cleared as each call begins), read only for a panic's message, which a panicking guest
+/// writes last. Writes never fail: a pipe of fixed size kept across a sandbox's calls filled
+/// up after a few dozen events of a plugin printing a line each, and from then on every print
+/// failed (Rust's `println!` panics when it cannot write) and so did the event.
+#[derive(Clone, Default)]
+struct GuestOutput(Arc<Mutex<VecDeque<u8>>>);
+
+impl GuestOutput {
+    fn clear(&self) {
+        crate::lock(&self.0).clear();
+    }
+
+    /// What the guest wrote last in the current call.
+    fn contents(&self) -> Vec<u8> {
+        crate::lock(&self.0).iter().copied().collect()
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let kept = &bytes[bytes.len().saturating_sub(OUTPUT_TAIL)..];
+        let mut tail = crate::lock(&self.0);
+        let excess = (tail.len() + kept.len()).saturating_sub(OUTPUT_TAIL);
+        tail.drain(..excess);
+        tail.extend(kept);
+    }
+}
+
+#[async_trait::async_trait]
+impl OutputStream for GuestOutput {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(OUTPUT_WRITE_PERMIT)
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for GuestOutput {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for GuestOutput {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
     }
 }
 
@@ -863,7 +953,7 @@ async fn timing_polls<F: Future>(future: F) -> (F::Output, Duration) {
 
 #[cfg(test)]
 mod tests {
-    use super::{MemoryLimiter, panic_message};
+    use super::{GuestOutput, MemoryLimiter, OUTPUT_TAIL, panic_message};
     use wasmtime::ResourceLimiter as _;
 
     /// A component may define several memories: each grows within the quota alone, and
@@ -883,6 +973,24 @@ mod tests {
             .unwrap();
         assert_eq!((limiter.total, limiter.peak), (9 << 20, 9 << 20));
         assert!(!limiter.memory_growing(3 << 20, 5 << 20, None).unwrap());
+    }
+
+    /// Output never fills up: each call keeps the tail of what it wrote.
+    #[test]
+    fn guest_output_keeps_the_tail_of_each_call() {
+        let output = GuestOutput::default();
+        for n in 0..1_000 {
+            output.push(format!("line {n}: {}\n", "x".repeat(1_000)).as_bytes());
+        }
+        let kept = output.contents();
+        assert_eq!(kept.len(), OUTPUT_TAIL);
+        assert!(String::from_utf8_lossy(&kept).ends_with(&format!("{}\n", "x".repeat(1_000))));
+        assert!(String::from_utf8_lossy(&kept).contains("line 999: "));
+        output.push(&vec![b'y'; 3 * OUTPUT_TAIL]);
+        assert_eq!(output.contents(), vec![b'y'; OUTPUT_TAIL]);
+        output.clear();
+        output.push(b"panicked at here");
+        assert_eq!(output.contents(), b"panicked at here");
     }
 
     /// A call's polls are timed and its waits are not: the offline LLM provider matches its
